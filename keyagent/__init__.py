@@ -1,0 +1,37 @@
+"""keyagent: a credential agent for the Conduce REST API.
+
+Tools fetch an API key from a running agent without ever seeing the password::
+
+    import keyagent
+    key = keyagent.get_key(host="app.conduce.com")
+
+or let the agent's key authenticate a ``requests`` call without handling it::
+
+    requests.get(url, auth=keyagent.AgentAuth(host="app.conduce.com"))
+
+This module imports nothing heavy: a tool that only fetches a key pays for ``socket`` and
+``json``, not for ``requests``, ``keyring`` or ``platformdirs``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from keyagent.errors import *  # noqa: F403  # the exception leaves are public API
+from keyagent.errors import KeyagentError
+
+__version__ = "0.1.0"
+
+__all__ = ["AgentAuth", "Client", "KeyagentError", "__version__", "get_key"]
+
+if TYPE_CHECKING:
+    from keyagent.client import AgentAuth, Client, get_key
+
+
+def __getattr__(name: str) -> Any:
+    # The client module is only loaded by tools that use it (PEP 562).
+    if name in {"Client", "get_key", "AgentAuth"}:
+        from keyagent import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'keyagent' has no attribute {name!r}")

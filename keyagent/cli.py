@@ -1,0 +1,457 @@
+"""``keyagent-ctl``: parse the command line, call the client, print. Nothing else.
+
+Exit codes (stable, documented in the README):
+
+* 0 — success
+* 1 — the agent answered with an error (nothing found, locked, bad passphrase, ...)
+* 2 — no agent reachable (as ``ssh-add``)
+* 64 — usage error (``EX_USAGE``; argparse's own 2 would collide with "no agent")
+* 127 — ``exec``: the command was not found; 126 — it could not be run
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TextIO
+
+from keyagent.client import Client
+from keyagent.errors import AgentUnreachable, KeyagentError
+
+EXIT_OK, EXIT_AGENT_ERROR, EXIT_NO_AGENT, EXIT_USAGE = 0, 1, 2, 64
+DEFAULT_ENV_NAME = "CONDUCE_API_KEY"
+
+
+class UsageError(Exception):
+    """The command line is wrong; exit 64 with the message."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _duration(text: str) -> float:
+    from keyagent.duration import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    selectors = _Parser(add_help=False)
+    # SUPPRESS, so "--user" after the verb (conduce-api style) and before it both work.
+    selectors.add_argument(
+        "--host", default=argparse.SUPPRESS, help="Conduce host (default: $KEYAGENT_HOST)"
+    )
+    selectors.add_argument(
+        "--user", default=argparse.SUPPRESS, help="account e-mail (default: $KEYAGENT_USER)"
+    )
+
+    parser: argparse.ArgumentParser = _Parser(
+        prog="keyagent-ctl",
+        description="Talk to a running keyagent: hold, fetch and manage Conduce API keys.",
+        epilog="Exit status: 0 ok, 1 the agent refused, 2 no agent, 64 usage error.",
+        parents=[selectors],
+    )
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="agent socket (default: $KEYAGENT_SOCK, else the per-user default)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def command(name: str, help: str, *aliases: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help, aliases=list(aliases), parents=[selectors], description=help
+        )
+
+    p = command("status", "show the agent's state")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    command("hello", "check that an agent answers, and its protocol version")
+
+    p = command("add", "hand an API key to the agent (read from stdin, or prompted)")
+    p.add_argument("--description", "-D")
+    p.add_argument("--lifetime", "-t", type=_duration, help="e.g. 3600, 15m, 8h")
+    p.add_argument("--persist", action="store_true", help="also keep it in the OS keyring")
+
+    p = command("get", "print the newest matching key, alone, on stdout")
+    p.add_argument("--key-id")
+
+    p = command("list", "list held keys (never the secrets)", "ls")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--remote", action="store_true", help="also ask the Conduce service")
+
+    p = command("forget", "drop a key from the agent's memory")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("key_id", nargs="?", metavar="KEY_ID")
+    group.add_argument("--all", action="store_true", help="forget every key")
+    p.add_argument("--persist", action="store_true", help="also delete it from the OS keyring")
+
+    command("lock", "lock the agent with a passphrase (prompted, or from stdin)")
+    command("unlock", "unlock the agent (passphrase prompted, or from stdin)")
+    command("stop", "stop the agent")
+
+    p = command("exec", "run a command with the key in its environment")
+    p.add_argument(
+        "--env",
+        default=DEFAULT_ENV_NAME,
+        metavar="NAME",
+        help=f"variable to set (default: {DEFAULT_ENV_NAME})",
+    )
+    p.add_argument("--key-id")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+
+    p = command("login", "log in to Conduce; the agent keeps the session, not the password")
+    p.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from stdin instead of prompting",
+    )
+    command("logout", "drop the Conduce session from the agent")
+
+    p = command("create", "create an API key on Conduce and hold it", "create-api-key")
+    p.add_argument("--description", "-D")
+    p.add_argument("--lifetime", "-t", type=_duration)
+    p.add_argument("--persist", action="store_true", help="also keep it in the OS keyring")
+    p.add_argument(
+        "--print", action="store_true", dest="reveal", help="print the new key on stdout"
+    )
+
+    p = command("list-api-keys", "list the account's API keys on Conduce (masked)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command("remove", "delete an API key on Conduce, then forget it", "remove-api-key")
+    p.add_argument("key", metavar="KEY_ID|KEY")
+    return parser
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _selectors(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """--host/--user, else $KEYAGENT_HOST/$KEYAGENT_USER; either may be missing."""
+    host = getattr(args, "host", None) or os.environ.get("KEYAGENT_HOST") or None
+    user = getattr(args, "user", None) or os.environ.get("KEYAGENT_USER") or None
+    return host, user
+
+
+def _account(args: argparse.Namespace) -> tuple[str, str]:
+    """The account a command acts on: both host and user are needed."""
+    host, user = _selectors(args)
+    if host is None or user is None:
+        missing = " and ".join(n for n, v in (("--host", host), ("--user", user)) if v is None)
+        raise UsageError(f"{missing} needed (or set KEYAGENT_HOST / KEYAGENT_USER)")
+    return host, user
+
+
+def read_secret(prompt: str, stdin: TextIO, *, whole: bool = False, prompt_tty: bool = True) -> str:
+    """A secret from a pipe (first line, or all of it), or typed without echo at a terminal."""
+    if prompt_tty and stdin.isatty():
+        value = getpass.getpass(prompt)
+    else:
+        value = stdin.read() if whole else stdin.readline()
+        value = value.strip() if whole else value.rstrip("\r\n")
+    if not value:
+        raise UsageError(f"empty input for: {prompt.strip().rstrip(':')}")
+    return value
+
+
+def _print_json(value: Any, out: TextIO) -> None:
+    json.dump(value, out, indent=2, sort_keys=True)
+    out.write("\n")
+
+
+def _table(rows: list[list[str]], out: TextIO) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        out.write(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            + "\n"
+        )
+
+
+def _print_keys(keys: list[dict[str, Any]], out: TextIO) -> None:
+    if not keys:
+        out.write("no keys held\n")
+        return
+    rows = [["KEY_ID", "HOST", "USER", "EXPIRES", "SOURCE", "DESCRIPTION"]]
+    for key in keys:
+        source = str(key.get("source", ""))
+        if key.get("stale"):
+            source += " (stale)"
+        rows.append(
+            [
+                str(key.get("key_id") or key.get("masked") or ""),
+                str(key.get("host", "")),
+                str(key.get("user", "")),
+                str(key.get("expires") or "never"),
+                source,
+                str(key.get("description") or ""),
+            ]
+        )
+    _table(rows, out)
+
+
+def _print_remote(keys: list[dict[str, Any]], out: TextIO) -> None:
+    if not keys:
+        out.write("no API keys on the service\n")
+        return
+    rows = [["KEY", "CREATED", "HELD", "KEY_ID", "DESCRIPTION"]]
+    for key in keys:
+        rows.append(
+            [
+                str(key.get("masked", "")),
+                str(key.get("created") or "?"),
+                "yes" if key.get("held") else "no",
+                str(key.get("key_id") or "-"),
+                str(key.get("description") or ""),
+            ]
+        )
+    _table(rows, out)
+
+
+# --- commands ----------------------------------------------------------------------------
+
+Handler = Callable[[argparse.Namespace, Client, TextIO, TextIO], int]
+
+
+def cmd_hello(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
+    result = client.hello()
+    out.write(f"keyagent {result.get('version')} protocol {result.get('protocol')}\n")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
+    status = client.status()
+    if args.json:
+        _print_json(status, out)
+        return EXIT_OK
+    out.write(
+        f"agent pid {status.get('pid')} on {status.get('socket')}, version"
+        f" {status.get('version')}, up {status.get('uptime')}s\n"
+        f"locked: {'yes' if status.get('locked') else 'no'}\n"
+        f"keys held: {status.get('keys')}\n"
+    )
+    for session in status.get("sessions") or []:
+        state = (
+            "expired"
+            if session.get("expired")
+            else ("logged in" if session.get("logged_in") else "logged out")
+        )
+        out.write(
+            f"session {session.get('user')}@{session.get('host')}: {state}"
+            f" since {session.get('since') or '?'}\n"
+        )
+    return EXIT_OK
+
+
+def cmd_add(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
+    host, user = _account(args)
+    key = read_secret("API key: ", stdin, whole=True)
+    held = client.add(
+        host,
+        user,
+        key,
+        description=args.description,
+        lifetime=args.lifetime,
+        persist=args.persist or None,
+    )
+    expires = f", expires {held['expires']}" if held.get("expires") else ""
+    out.write(f"added key {held['key_id']} for {user}@{host}{expires}\n")
+    return EXIT_OK
+
+
+def cmd_get(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
+    host, user = _selectors(args)
+    out.write(client.get(host, user, args.key_id) + "\n")
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
+    if args.remote:
+        account = _account(args)
+        result = client.call("list", host=account[0], user=account[1], remote=True)
+        if args.json:
+            _print_json(result, out)
+            return EXIT_OK
+        _print_remote(list(result.get("remote", [])), out)
+        stale = [key for key in result.get("keys", []) if key.get("stale")]
+        if stale:
+            out.write("\nheld here but no longer on the service (stale):\n")
+            _print_keys(stale, out)
+        return EXIT_OK
+    host, user = _selectors(args)
+    keys = client.list(host, user)
+    if args.json:
+        _print_json({"keys": keys}, out)
+    else:
+        _print_keys(keys, out)
+    return EXIT_OK
+
+
+def cmd_list_api_keys(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
+    args.remote = True
+    return cmd_list(args, client, stdin, out)
+
+
+def cmd_forget(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
+    count = client.forget(args.key_id, all=args.all or None, persist=args.persist or None)
+    out.write(f"forgot {count} key{'s' if count != 1 else ''}\n")
+    return EXIT_OK
+
+
+def cmd_lock(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
+    passphrase = read_secret("Lock passphrase: ", stdin)
+    if stdin.isatty() and getpass.getpass("Again: ") != passphrase:
+        raise UsageError("the passphrases differ; nothing was locked")
+    client.lock(passphrase)
+    out.write("agent locked\n")
+    return EXIT_OK
+
+
+def cmd_unlock(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
+    client.unlock(read_secret("Unlock passphrase: ", stdin))
+    out.write("agent unlocked\n")
+    return EXIT_OK
+
+
+def cmd_stop(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
+    client.stop()
+    out.write("agent stopped\n")
+    return EXIT_OK
+
+
+def cmd_exec(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise UsageError("exec needs a command: keyagent-ctl exec -- CMD ARGS...")
+    if not args.env or "=" in args.env or "\0" in args.env:
+        raise UsageError("--env needs a variable name")
+    host, user = _selectors(args)
+    key = client.get(host, user, args.key_id)
+    client.close()
+    environment = dict(os.environ)
+    environment[args.env] = key
+    out.flush()
+    # exec, not spawn: the command takes over this process, so signals reach it directly
+    # and its exit status is ours, with no wrapper holding the key in between.
+    try:
+        os.execvpe(argv[0], argv, environment)
+    except FileNotFoundError:
+        sys.stderr.write(f"keyagent-ctl: {argv[0]}: command not found\n")
+        return 127
+    except OSError as error:
+        sys.stderr.write(f"keyagent-ctl: {argv[0]}: {os.strerror(error.errno or 0)}\n")
+        return 126
+
+
+def cmd_login(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
+    host, user = _account(args)
+    if args.password_stdin:
+        password = read_secret("Password: ", stdin, prompt_tty=False)
+    elif stdin.isatty():
+        password = getpass.getpass(f"Password for {user} on {host}: ")
+    else:
+        raise UsageError("no terminal to prompt on; pipe the password with --password-stdin")
+    client.login(host, user, password)
+    out.write(f"logged in as {user} on {host}\n")
+    return EXIT_OK
+
+
+def cmd_logout(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
+    host, user = _account(args)
+    client.logout(host, user)
+    out.write(f"logged out {user} on {host}\n")
+    return EXIT_OK
+
+
+def cmd_create(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
+    host, user = _account(args)
+    created = client.create(
+        host,
+        user,
+        description=args.description,
+        lifetime=args.lifetime,
+        reveal=args.reveal or None,
+        persist=args.persist or None,
+    )
+    if args.reveal:
+        out.write(f"{created['key']}\n")
+    else:
+        out.write(f"created key {created['key_id']} for {user}@{host}; held by the agent\n")
+    return EXIT_OK
+
+
+def cmd_remove(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
+    host, user = _selectors(args)
+    target: str = args.key
+    is_id = 4 <= len(target) <= 12 and all(c in "0123456789abcdefABCDEF" for c in target)
+    result = client.remove(
+        key_id=target if is_id else None, key=None if is_id else target, host=host, user=user
+    )
+    out.write(f"removed key {result.get('key_id')} on the service and forgot it\n")
+    return EXIT_OK
+
+
+HANDLERS: dict[str, Handler] = {
+    "hello": cmd_hello,
+    "status": cmd_status,
+    "add": cmd_add,
+    "get": cmd_get,
+    "list": cmd_list,
+    "ls": cmd_list,
+    "forget": cmd_forget,
+    "lock": cmd_lock,
+    "unlock": cmd_unlock,
+    "stop": cmd_stop,
+    "exec": cmd_exec,
+    "login": cmd_login,
+    "logout": cmd_logout,
+    "create": cmd_create,
+    "create-api-key": cmd_create,
+    "list-api-keys": cmd_list_api_keys,
+    "remove": cmd_remove,
+    "remove-api-key": cmd_remove,
+}
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """Run one ``keyagent-ctl`` command; returns the exit status."""
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    try:
+        with Client(args.socket) as client:
+            return HANDLERS[args.command](args, client, stdin, stdout)
+    except UsageError as error:
+        stderr.write(f"keyagent-ctl: {error}\n")
+        return EXIT_USAGE
+    except AgentUnreachable as error:
+        stderr.write(f"keyagent-ctl: {error.message}\n")
+        return EXIT_NO_AGENT
+    except KeyagentError as error:
+        stderr.write(f"keyagent-ctl: {error.message} [{error.code}]\n")
+        return EXIT_AGENT_ERROR
+    except KeyboardInterrupt:
+        stderr.write("\n")
+        return 130

@@ -1,0 +1,274 @@
+"""The blocking client: what ``keyagent-ctl`` and other tools use to talk to the agent.
+
+Imports only the standard library's ``socket`` and ``json`` (and ``platformdirs`` when no
+socket path is given and ``KEYAGENT_SOCK`` is unset), so fetching a key stays cheap.
+
+Errors come back as the same :mod:`keyagent.errors` leaf the agent raised; a missing or
+dead agent is :class:`~keyagent.errors.AgentUnreachable`, with the path and the reason.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from typing import Any
+
+from keyagent import paths, protocol
+from keyagent.errors import AgentUnreachable, ProtocolError
+
+DEFAULT_TIMEOUT = 60.0
+"""Seconds to wait for a reply: a login or a held-back unlock can take a while."""
+
+
+class Client:
+    """A connection to the agent. Reuse one for many requests; close it (or use ``with``)."""
+
+    def __init__(self, socket_path: str | None = None, *, timeout: float | None = DEFAULT_TIMEOUT):
+        self.socket_path = paths.socket_path(socket_path)
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._buffer = b""
+        self._next_id = 0
+
+    def __repr__(self) -> str:
+        return f"Client({self.socket_path!r})"
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._buffer = b""
+
+    # --- transport -----------------------------------------------------------------------
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError as error:
+            sock.close()
+            reason = os.strerror(error.errno) if error.errno else type(error).__name__
+            hint = 'start one with eval "$(keyagent)" or set KEYAGENT_SOCK'
+            if error.errno == errno.EACCES:
+                hint = "the socket belongs to another user; set KEYAGENT_SOCK to your own agent"
+            raise AgentUnreachable(f"no agent at {self.socket_path} ({reason}); {hint}") from None
+        return sock
+
+    def _live_socket(self) -> socket.socket:
+        """The open connection, or a new one if the agent closed the old one (idle timeout)."""
+        sock = self._sock
+        if sock is not None and not self._buffer:
+            try:
+                closed = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            except BlockingIOError:
+                closed = False
+            except OSError:
+                closed = True
+            if closed:
+                self.close()
+                sock = None
+        if sock is None:
+            sock = self._sock = self._connect()
+        return sock
+
+    def _read_line(self, sock: socket.socket) -> bytes:
+        while b"\n" not in self._buffer:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                self.close()
+                raise AgentUnreachable(
+                    f"the agent at {self.socket_path} did not answer within {self.timeout:g}s;"
+                    " check it with keyagent-ctl status"
+                ) from None
+            except OSError as error:
+                self.close()
+                raise AgentUnreachable(
+                    f"lost the connection to {self.socket_path} ({os.strerror(error.errno or 0)});"
+                    " retry"
+                ) from None
+            if not chunk:
+                self.close()
+                raise AgentUnreachable(
+                    f"the agent at {self.socket_path} closed the connection; retry"
+                )
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        """Send one request and return its result; raise the agent's error as its leaf."""
+        sock = self._live_socket()
+        self._next_id += 1
+        request_id = self._next_id
+        message = protocol.encode_request(
+            op, request_id, {k: v for k, v in args.items() if v is not None}
+        )
+        try:
+            sock.sendall(message)
+        except OSError as error:
+            self.close()
+            raise AgentUnreachable(
+                f"could not send to {self.socket_path} ({os.strerror(error.errno or 0)}); retry"
+            ) from None
+        try:
+            reply = protocol.parse_reply(self._read_line(sock))
+        except ValueError:
+            self.close()
+            raise ProtocolError() from None
+        if reply.id != request_id:
+            # A refusal (busy, forbidden, too_large) carries no id; anything else is a bug.
+            if reply.error is not None and reply.id is None:
+                self.close()
+                raise reply.error
+            self.close()
+            raise ProtocolError()
+        if reply.error is not None:
+            raise reply.error
+        return dict(reply.result)
+
+    # --- operations ----------------------------------------------------------------------
+
+    def hello(self) -> dict[str, Any]:
+        return self.call("hello")
+
+    def status(self) -> dict[str, Any]:
+        return self.call("status")
+
+    def add(
+        self,
+        host: str,
+        user: str,
+        key: str,
+        *,
+        description: str | None = None,
+        lifetime: float | None = None,
+        persist: bool | None = None,
+    ) -> dict[str, Any]:
+        """Hand a key to the agent; returns it as listed (without the secret)."""
+        return self.call(
+            "add",
+            host=host,
+            user=user,
+            key=key,
+            description=description,
+            lifetime=lifetime,
+            persist=persist,
+        )
+
+    def get(
+        self, host: str | None = None, user: str | None = None, key_id: str | None = None
+    ) -> str:
+        """The secret of the newest matching key."""
+        result = self.call("get", host=host, user=user, key_id=key_id)
+        key = result.get("key")
+        if not isinstance(key, str):
+            raise ProtocolError()
+        return key
+
+    def list(
+        self, host: str | None = None, user: str | None = None, *, remote: bool | None = None
+    ) -> list[dict[str, Any]]:
+        keys = self.call("list", host=host, user=user, remote=remote).get("keys")
+        if not isinstance(keys, list):
+            raise ProtocolError()
+        return keys
+
+    def forget(
+        self, key_id: str | None = None, *, all: bool | None = None, persist: bool | None = None
+    ) -> int:
+        result = self.call("forget", key_id=key_id, all=all, persist=persist)
+        return int(result.get("forgotten", 0))
+
+    def lock(self, passphrase: str) -> None:
+        self.call("lock", passphrase=passphrase)
+
+    def unlock(self, passphrase: str) -> None:
+        self.call("unlock", passphrase=passphrase)
+
+    def stop(self) -> None:
+        self.call("stop")
+        self.close()
+
+    def login(self, host: str, user: str, password: str) -> dict[str, Any]:
+        return self.call("login", host=host, user=user, password=password)
+
+    def logout(self, host: str, user: str) -> dict[str, Any]:
+        return self.call("logout", host=host, user=user)
+
+    def create(
+        self,
+        host: str,
+        user: str,
+        *,
+        description: str | None = None,
+        lifetime: float | None = None,
+        reveal: bool | None = None,
+        persist: bool | None = None,
+    ) -> dict[str, Any]:
+        return self.call(
+            "create",
+            host=host,
+            user=user,
+            description=description,
+            lifetime=lifetime,
+            reveal=reveal,
+            persist=persist,
+        )
+
+    def remove(
+        self,
+        *,
+        key_id: str | None = None,
+        key: str | None = None,
+        host: str | None = None,
+        user: str | None = None,
+    ) -> dict[str, Any]:
+        return self.call("remove", key_id=key_id, key=key, host=host, user=user)
+
+
+def get_key(
+    host: str | None = None,
+    user: str | None = None,
+    key_id: str | None = None,
+    *,
+    socket_path: str | None = None,
+) -> str:
+    """Fetch the newest matching API key from the running agent."""
+    with Client(socket_path) as client:
+        return client.get(host, user, key_id)
+
+
+class AgentAuth:
+    """A ``requests`` auth callable that asks the agent for the key on every request.
+
+    The tool never stores the key: ``requests.get(url, auth=AgentAuth(host=...))``. It is a
+    plain callable, so this module does not import ``requests``.
+    """
+
+    def __init__(
+        self,
+        host: str | None = None,
+        user: str | None = None,
+        key_id: str | None = None,
+        *,
+        socket_path: str | None = None,
+    ) -> None:
+        self.host, self.user, self.key_id = host, user, key_id
+        self.socket_path = socket_path
+
+    def __repr__(self) -> str:
+        return f"AgentAuth(host={self.host!r}, user={self.user!r}, key_id={self.key_id!r})"
+
+    def __call__(self, request: Any) -> Any:
+        key = get_key(self.host, self.user, self.key_id, socket_path=self.socket_path)
+        request.headers["Authorization"] = f"Bearer {key}"
+        return request

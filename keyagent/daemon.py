@@ -1,0 +1,340 @@
+"""``keyagent``: the daemon's command line, process set-up and hardening, in ssh-agent's image.
+
+* ``eval "$(keyagent)"`` — start in the background, print shell lines that export
+  ``KEYAGENT_SOCK`` and ``KEYAGENT_PID``.
+* ``keyagent -D`` / ``-d`` — stay in the foreground (``-d``: debug log on stderr).
+* ``keyagent CMD ARGS...`` — run CMD with the variables set; the agent exits with it.
+* ``keyagent -k`` — stop the agent named by ``KEYAGENT_PID`` and print the unset lines.
+
+The socket is bound before any fork, so a started agent is already reachable when the
+shell lines are printed, and a refusal (live agent, unsafe directory) is reported by the
+command itself with exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import logging.handlers
+import os
+import resource
+import shlex
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from typing import NoReturn, TextIO
+
+from keyagent import __version__, paths
+from keyagent.agent import Agent
+from keyagent.duration import parse_duration
+from keyagent.server import (
+    Limits,
+    Server,
+    SocketSetupError,
+    bind_listener,
+    check_private_dir,
+    file_identity,
+)
+
+log = logging.getLogger("keyagent")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 64
+
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+DEFAULTS = Limits()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive whole number")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="keyagent",
+        description="Hold Conduce sessions and API keys in memory; serve them on a Unix socket.",
+        epilog='Start with: eval "$(keyagent)". Stop with: eval "$(keyagent -k)".',
+    )
+    syntax = parser.add_mutually_exclusive_group()
+    syntax.add_argument(
+        "-s", dest="syntax", action="store_const", const="sh", help="print Bourne-shell commands"
+    )
+    syntax.add_argument(
+        "-c", dest="syntax", action="store_const", const="csh", help="print C-shell commands"
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("-D", dest="foreground", action="store_true", help="stay in the foreground")
+    mode.add_argument(
+        "-d",
+        dest="debug",
+        action="store_true",
+        help="stay in the foreground and log debug messages to stderr",
+    )
+    mode.add_argument(
+        "-k", dest="kill", action="store_true", help="stop the agent named by $KEYAGENT_PID"
+    )
+    parser.add_argument(
+        "-a",
+        dest="socket",
+        metavar="PATH",
+        help="bind the socket at PATH (its directory must be private)",
+    )
+    parser.add_argument(
+        "-t",
+        dest="lifetime",
+        type=_duration,
+        metavar="LIFE",
+        help="default key lifetime: seconds or e.g. 15m, 8h, 2d",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=_duration,
+        default=DEFAULTS.idle_timeout,
+        metavar="SECONDS",
+        help="close connections idle this long",
+    )
+    parser.add_argument(
+        "--line-timeout",
+        type=_duration,
+        default=DEFAULTS.line_timeout,
+        metavar="SECONDS",
+        help="a request line must be complete this soon",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=DEFAULTS.max_connections,
+        metavar="N",
+        help="connections served at once; more are answered 'busy'",
+    )
+    parser.add_argument("--version", action="version", version=f"keyagent {__version__}")
+    parser.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        metavar="CMD ARGS",
+        help="run CMD with the agent's variables set; stop when it exits",
+    )
+    return parser
+
+
+# --- shell lines -------------------------------------------------------------------------
+
+
+def shell_syntax(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    return "csh" if os.environ.get("SHELL", "").endswith("csh") else "sh"
+
+
+def env_lines(syntax: str, socket_path: str, pid: int) -> str:
+    quoted = shlex.quote(socket_path)
+    if syntax == "csh":
+        return (
+            f"setenv {paths.SOCKET_ENV} {quoted};\n"
+            f"setenv {paths.PID_ENV} {pid};\n"
+            f"echo Agent pid {pid};\n"
+        )
+    return (
+        f"{paths.SOCKET_ENV}={quoted}; export {paths.SOCKET_ENV};\n"
+        f"{paths.PID_ENV}={pid}; export {paths.PID_ENV};\n"
+        f"echo Agent pid {pid};\n"
+    )
+
+
+def unset_lines(syntax: str, pid: int) -> str:
+    if syntax == "csh":
+        return (
+            f"unsetenv {paths.SOCKET_ENV};\nunsetenv {paths.PID_ENV};\n"
+            f"echo Agent pid {pid} killed;\n"
+        )
+    return f"unset {paths.SOCKET_ENV};\nunset {paths.PID_ENV};\necho Agent pid {pid} killed;\n"
+
+
+def kill_agent(syntax: str, out: TextIO, err: TextIO) -> int:
+    raw = os.environ.get(paths.PID_ENV, "")
+    if not raw.isdigit() or int(raw) <= 1:
+        err.write(f"keyagent: {paths.PID_ENV} is not set to an agent's pid; nothing to kill\n")
+        return EXIT_FAILURE
+    pid = int(raw)
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        err.write(f"keyagent: no process {pid}; the agent is already gone\n")
+        return EXIT_FAILURE
+    except PermissionError:
+        err.write(f"keyagent: process {pid} is not yours; check {paths.PID_ENV}\n")
+        return EXIT_FAILURE
+    out.write(unset_lines(syntax, pid))
+    return EXIT_OK
+
+
+# --- process hardening -------------------------------------------------------------------
+
+
+def harden(max_connections: int) -> None:
+    """No core dumps, no ptrace by other processes of the user, enough descriptors."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    libc = ctypes.CDLL(None, use_errno=True)
+    # Non-dumpable: no core file, and /proc/<pid>/mem and ptrace are closed to the user's
+    # other processes, which could otherwise read every key out of memory.
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        log.warning("could not make the agent non-dumpable: %s", os.strerror(ctypes.get_errno()))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + 64
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < wanted:
+            log.warning(
+                "descriptor limit %d allows fewer than %d connections", target, max_connections
+            )
+
+
+def die_with_parent(parent: int) -> None:
+    """In command mode: get SIGTERM when the command (our parent) exits."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the command exited before the line above took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def configure_logging(*, debug: bool, foreground: bool) -> None:
+    root = logging.getLogger("keyagent")
+    root.handlers.clear()
+    root.propagate = False
+    handler: logging.Handler
+    if foreground:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("keyagent[%(process)d]: %(levelname)s: %(message)s"))
+        root.setLevel(logging.DEBUG if debug else logging.INFO)
+    else:
+        try:
+            handler = logging.handlers.SysLogHandler(
+                address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_AUTHPRIV
+            )
+            handler.setFormatter(logging.Formatter("keyagent[%(process)d]: %(message)s"))
+        except OSError:
+            handler = logging.NullHandler()
+        root.setLevel(logging.WARNING)
+    root.addHandler(handler)
+
+
+def _detach_stdio() -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    if devnull > 2:
+        os.close(devnull)
+
+
+# --- main --------------------------------------------------------------------------------
+
+
+def serve(
+    args: argparse.Namespace,
+    listener_path: str,
+    bound: tuple[int, int] | None,
+    listener: socket.socket,
+) -> int:
+    harden(args.max_connections)
+    agent = Agent(socket_path=listener_path, default_lifetime=args.lifetime)
+    limits = Limits(
+        max_connections=args.max_connections,
+        idle_timeout=args.idle_timeout,
+        line_timeout=args.line_timeout,
+    )
+    server = Server(agent, listener, limits=limits)
+    server.install_signal_handlers()
+    try:
+        server.serve_forever()
+    finally:
+        listener.close()
+        # Remove the socket only if it is still the one we bound: a newer agent may have
+        # replaced a socket it found unanswered.
+        if bound is not None and file_identity(listener_path) == bound:
+            os.unlink(listener_path)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    syntax = shell_syntax(args.syntax)
+    if args.kill:
+        return kill_agent(syntax, sys.stdout, sys.stderr)
+    foreground = args.foreground or args.debug
+    if foreground and args.command:
+        sys.stderr.write("keyagent: -D/-d and a command exclude each other\n")
+        return EXIT_USAGE
+    configure_logging(debug=args.debug, foreground=True)  # until we know where logs go
+    path = os.path.abspath(args.socket) if args.socket else paths.default_socket_path()
+    try:
+        if not args.socket:
+            # The runtime directory itself (XDG: owned by the user, mode 0700) must be safe
+            # too, or whoever owns it could swap our directory inside it.
+            check_private_dir(os.path.dirname(os.path.dirname(path)))
+        listener = bind_listener(path)
+    except SocketSetupError as error:
+        sys.stderr.write(f"keyagent: {error}\n")
+        return EXIT_FAILURE
+    bound = file_identity(path)
+
+    if foreground:
+        sys.stdout.write(env_lines(syntax, path, os.getpid()))
+        sys.stdout.flush()
+        return serve(args, path, bound, listener)
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    parent = os.getpid()
+    child = os.fork()
+    if child == 0:
+        try:
+            if args.command:
+                die_with_parent(parent)
+            else:
+                os.setsid()
+            os.chdir("/")
+            configure_logging(debug=False, foreground=False)
+            _detach_stdio()
+            code = serve(args, path, bound, listener)
+        except BaseException:  # noqa: BLE001  # the child must never return into the parent's code
+            code = EXIT_FAILURE
+        os._exit(code)
+
+    listener.close()
+    if args.command:
+        os.environ[paths.SOCKET_ENV] = path
+        os.environ[paths.PID_ENV] = str(child)
+        try:
+            os.execvp(args.command[0], args.command)
+        except OSError as error:
+            sys.stderr.write(f"keyagent: {args.command[0]}: {os.strerror(error.errno or 0)}\n")
+            os.kill(child, signal.SIGTERM)
+            return 127
+    sys.stdout.write(env_lines(syntax, path, child))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""Protocol v1: one UTF-8 JSON object per line, both ways. No I/O here.
+
+A request line becomes a validated :class:`Request`; a result or an error becomes a reply
+line. Every argument of every operation is checked here, before the agent sees it, so the
+agent can trust types and ranges. Error messages name the argument and the expected shape but
+never echo a value: values may be secrets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from keyagent.errors import BadRequest, KeyagentError, TooLarge, UnknownOp
+
+PROTOCOL_VERSION: Final = 1
+MAX_LINE: Final = 64 * 1024
+"""The longest request line the agent reads, in bytes, without its newline."""
+
+MAX_LIFETIME: Final = 10 * 365 * 24 * 3600.0
+"""Ten years: longer than any sane lifetime, short enough for datetime arithmetic."""
+
+Scalar = str | int | float | bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A validated request: its echoed ``id``, its ``op`` and its typed arguments."""
+
+    id: Scalar
+    op: str
+    args: Mapping[str, Any]
+
+    def __repr__(self) -> str:
+        # Arguments may hold a key, a password or a passphrase: show only their names.
+        return f"Request(id={self.id!r}, op={self.op!r}, args={sorted(self.args)!r})"
+
+
+class InvalidRequest(Exception):
+    """A line that is not a valid request; carries the error and whatever ``id`` was readable."""
+
+    def __init__(self, error: KeyagentError, request_id: Scalar = None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.request_id = request_id
+
+
+# --- argument validators ---------------------------------------------------------------------
+
+Validator = Callable[[str, object], object]
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_TOKEN = re.compile(r"[\x00-\x20\x7f-\x9f\ud800-\udfff]")  # no whitespace either
+_KEY_ID = re.compile(r"[0-9a-f]{4,12}")
+
+
+def _text(max_len: int, *, min_len: int = 1, forbid: re.Pattern[str] = _CONTROL) -> Validator:
+    def check(name: str, value: object) -> object:
+        if not isinstance(value, str):
+            raise BadRequest(f"argument '{name}' must be a string")
+        if not min_len <= len(value) <= max_len:
+            raise BadRequest(f"argument '{name}' must be {min_len} to {max_len} characters long")
+        if forbid.search(value):
+            raise BadRequest(f"argument '{name}' must not contain control characters")
+        return value
+
+    return check
+
+
+def _key_id(name: str, value: object) -> object:
+    if not isinstance(value, str) or not _KEY_ID.fullmatch(value.lower()):
+        raise BadRequest(f"argument '{name}' must be 4 to 12 hex characters of a key id")
+    return value.lower()
+
+
+def _boolean(name: str, value: object) -> object:
+    if not isinstance(value, bool):
+        raise BadRequest(f"argument '{name}' must be true or false")
+    return value
+
+
+def _lifetime(name: str, value: object) -> object:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRequest(f"argument '{name}' must be a number of seconds")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0 or seconds > MAX_LIFETIME:
+        raise BadRequest(
+            f"argument '{name}' must be a positive number of seconds, at most ten years"
+        )
+    return seconds
+
+
+HOST = _text(255, forbid=_TOKEN)
+USER = _text(320)
+KEY = _text(8192, forbid=_TOKEN)
+DESCRIPTION = _text(1024, min_len=0)
+PASSPHRASE = _text(1024)
+PASSWORD = _text(4096, forbid=re.compile(r"[\x00\ud800-\udfff]"))
+
+# name -> (validator, required)
+Spec = Mapping[str, tuple[Validator, bool]]
+
+OPS: Final[Mapping[str, Spec]] = {
+    "hello": {},
+    "status": {},
+    "add": {
+        "host": (HOST, True),
+        "user": (USER, True),
+        "key": (KEY, True),
+        "description": (DESCRIPTION, False),
+        "lifetime": (_lifetime, False),
+        "persist": (_boolean, False),
+    },
+    "get": {"host": (HOST, False), "user": (USER, False), "key_id": (_key_id, False)},
+    "list": {"host": (HOST, False), "user": (USER, False), "remote": (_boolean, False)},
+    "forget": {"key_id": (_key_id, False), "all": (_boolean, False), "persist": (_boolean, False)},
+    "lock": {"passphrase": (PASSPHRASE, True)},
+    "unlock": {"passphrase": (PASSPHRASE, True)},
+    "stop": {},
+    "login": {"host": (HOST, True), "user": (USER, True), "password": (PASSWORD, True)},
+    "logout": {"host": (HOST, True), "user": (USER, True)},
+    "create": {
+        "host": (HOST, True),
+        "user": (USER, True),
+        "description": (DESCRIPTION, False),
+        "lifetime": (_lifetime, False),
+        "reveal": (_boolean, False),
+        "persist": (_boolean, False),
+    },
+    "remove": {
+        "key_id": (_key_id, False),
+        "key": (KEY, False),
+        "host": (HOST, False),
+        "user": (USER, False),
+    },
+}
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Two parsers that disagree on which duplicate wins are a classic smuggling vector;
+    # refusing duplicates removes the question.
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        raise ValueError("duplicate member name")
+    return members
+
+
+_decoder = json.JSONDecoder(object_pairs_hook=_unique_members, parse_constant=_reject_constant)
+
+
+def _printable(name: str) -> str:
+    """An op or argument name fit to quote back: short and without control characters."""
+    return name if len(name) <= 32 and not _CONTROL.search(name) else "?"
+
+
+def _is_scalar(value: object) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def parse_request(line: bytes) -> Request:
+    """Turn one request line (without its newline) into a validated :class:`Request`.
+
+    Raises :class:`InvalidRequest` carrying ``too_large``, ``bad_request`` or ``unknown_op``.
+    """
+    if len(line) > MAX_LINE:
+        raise InvalidRequest(TooLarge())
+    try:
+        text = line.decode("utf-8")
+        message = _decoder.decode(text)
+    except UnicodeDecodeError:
+        raise InvalidRequest(
+            BadRequest("the request is not valid UTF-8; send UTF-8 JSON")
+        ) from None
+    except (ValueError, RecursionError):
+        raise InvalidRequest(
+            BadRequest("the request is not valid JSON; send one JSON object per line")
+        ) from None
+    if not isinstance(message, dict):
+        raise InvalidRequest(BadRequest('the request must be a JSON object with an "op" member'))
+    request_id = message.pop("id", None)
+    if not _is_scalar(request_id):
+        raise InvalidRequest(BadRequest('the request "id" must be a JSON scalar'))
+    op = message.pop("op", None)
+    if not isinstance(op, str):
+        raise InvalidRequest(
+            BadRequest('the request needs an "op" string; send {"op": "hello"} to list them'),
+            request_id,
+        )
+    spec = OPS.get(op)
+    if spec is None:
+        shown = _printable(op)
+        raise InvalidRequest(
+            UnknownOp(f'unknown operation \'{shown}\'; send {{"op": "hello"}} to list them'),
+            request_id,
+        )
+    try:
+        args = _validate(op, spec, message)
+    except BadRequest as error:
+        raise InvalidRequest(error, request_id) from None
+    return Request(request_id, op, args)
+
+
+def _validate(op: str, spec: Spec, given: dict[str, Any]) -> dict[str, Any]:
+    args: dict[str, Any] = {}
+    for name, value in given.items():
+        entry = spec.get(name)
+        if entry is None:
+            shown = _printable(name)
+            raise BadRequest(f"operation '{op}' takes no argument '{shown}'; see docs/protocol.md")
+        args[name] = entry[0](name, value)
+    for name, (_, required) in spec.items():
+        if required and name not in args:
+            raise BadRequest(f"operation '{op}' needs the argument '{name}'")
+    return args
+
+
+# --- encoding --------------------------------------------------------------------------------
+
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+def encode_result(request_id: Scalar, result: Mapping[str, Any]) -> bytes:
+    """The reply line for a successful request."""
+    return (_encode({"id": request_id, "ok": True, "result": result}) + "\n").encode()
+
+
+def encode_error(request_id: Scalar, error: KeyagentError) -> bytes:
+    """The reply line for a failed request."""
+    return (_encode({"id": request_id, "ok": False, "error": error.to_wire()}) + "\n").encode()
+
+
+def encode_request(op: str, request_id: Scalar, args: Mapping[str, Any]) -> bytes:
+    """A request line, as a client sends it."""
+    return (_encode({"id": request_id, "op": op, **args}) + "\n").encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A decoded reply, as a client reads it."""
+
+    id: Scalar
+    ok: bool
+    result: Mapping[str, Any]
+    error: KeyagentError | None
+
+
+def parse_reply(line: bytes) -> Reply:
+    """Decode one reply line; raises ``ValueError`` when it is not a protocol v1 reply."""
+    from keyagent.errors import from_code  # local: keeps the hot server path lean
+
+    message = json.loads(line)
+    if not isinstance(message, dict) or not isinstance(message.get("ok"), bool):
+        raise ValueError("not a protocol v1 reply")
+    request_id = message.get("id")
+    if message["ok"]:
+        result = message.get("result")
+        if not isinstance(result, dict):
+            raise ValueError("reply without a result object")
+        return Reply(request_id, True, result, None)
+    error = message.get("error")
+    if not isinstance(error, dict) or not isinstance(error.get("code"), str):
+        raise ValueError("error reply without a code")
+    text = error.get("message")
+    return Reply(
+        request_id, False, {}, from_code(error["code"], text if isinstance(text, str) else None)
+    )

@@ -1,0 +1,731 @@
+"""The event loop: one thread, one ``epoll``, non-blocking sockets.
+
+Bytes in, framing, limits and the peer check live here; meaning lives in :mod:`agent`.
+Slow work (:class:`~keyagent.agent.Deferred`) goes to a few daemon worker threads, and
+their results come back through a wake-up socket, so the loop never blocks on a network,
+a keyring or a key derivation. Deadlines — key expiry, idle connections, half-sent
+lines, held-back replies — sit in one heap whose earliest entry is the poll timeout:
+nothing polls, nothing sleeps.
+
+Defensive defaults sit where data enters: the peer uid is checked on accept, before a
+single byte is read; a line is capped at 64 KiB before it is parsed; a client that stops
+reading its replies stops being read from; a connection beyond the cap gets one ``busy``
+line and is closed.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import heapq
+import itertools
+import logging
+import os
+import queue
+import selectors
+import signal
+import socket
+import stat
+import struct
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+
+from keyagent import protocol
+from keyagent.agent import Agent, Deferred, Delayed, Outcome, Peer, Stop
+from keyagent.errors import (
+    Busy,
+    Forbidden,
+    Internal,
+    KeyagentError,
+    Timeout,
+    TooLarge,
+)
+
+log = logging.getLogger("keyagent.server")
+
+_UCRED = struct.Struct("3i")
+_RECV_SIZE = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Resource limits; each one bounds what a single client can cost everyone else."""
+
+    max_connections: int = 1024
+    idle_timeout: float = 300.0
+    """A connection with no request for this long is closed."""
+    line_timeout: float = 10.0
+    """A request line must be complete this long after its first byte (slowloris)."""
+    max_pending_output: int = 1024 * 1024
+    """Stop reading a client whose unread replies exceed this many bytes."""
+    stop_grace: float = 2.0
+    """How long ``stop`` waits for its own reply to drain before exiting anyway."""
+    workers: int = 4
+
+
+class Connection:
+    """One client: its socket, buffers and state."""
+
+    __slots__ = (
+        "busy",
+        "closed",
+        "eof",
+        "events",
+        "inbuf",
+        "last_active",
+        "line_started",
+        "outbuf",
+        "peer",
+        "sock",
+    )
+
+    def __init__(self, sock: socket.socket, peer: Peer, now: float) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.busy = False  # a reply is owed (deferred or delayed); later lines wait
+        self.closed = False
+        self.eof = False
+        self.events = 0
+        self.last_active = now
+        self.line_started = now
+
+    def __repr__(self) -> str:
+        return f"<Connection pid={self.peer.pid} fd={self.sock.fileno()}>"
+
+
+class _Workers:
+    """A few daemon threads for blocking work. Daemon, so a hung call never blocks exit."""
+
+    def __init__(self, count: int, deliver: Callable[[Callable[[], None]], None]) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._deliver = deliver
+        self._threads = [
+            threading.Thread(target=self._run, name=f"keyagent-worker-{n}", daemon=True)
+            for n in range(count)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+    def stop(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+
+
+class Server:
+    """Serve ``agent`` on ``listener`` until stopped by a signal or a ``stop`` request."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        listener: socket.socket,
+        *,
+        limits: Limits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.agent = agent
+        self.listener = listener
+        self.limits = limits or Limits()
+        self.clock = clock
+        self.uid = os.geteuid()
+        self.connections: dict[int, Connection] = {}
+        self._selector = selectors.DefaultSelector()
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        # Connections in order of last activity, and those holding half a line in order of
+        # when it started: the first of each is the next idle or line deadline. Dicts keep
+        # order and remove in O(1), so a closed connection leaves nothing behind.
+        self._by_activity: dict[Connection, None] = {}
+        self._half_lines: dict[Connection, None] = {}
+        self._seq = itertools.count()
+        self._queues: dict[str, collections.deque[Callable[[], None]]] = {}
+        self._completed: collections.deque[Callable[[], None]] = collections.deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._signals: collections.deque[int] = collections.deque()
+        self._workers: _Workers | None = None
+        self._running = False
+        self._stop_deadline: float | None = None
+        self._stop_waiting: Connection | None = None
+        self._reserve_fd: int | None = None
+        self.on_ready: Callable[[], None] | None = None
+
+    # --- life cycle ----------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        """TERM, INT and HUP stop the agent cleanly; USR1 forgets every key."""
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals.append(signum)
+
+    def serve_forever(self) -> None:
+        self.listener.setblocking(False)
+        self._selector.register(self.listener, selectors.EVENT_READ, None)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self._workers = _Workers(self.limits.workers, self._deliver)
+        self._running = True
+        if self.on_ready is not None:
+            self.on_ready()
+        log.info("serving on %s (pid %d)", self.agent.socket_path, os.getpid())
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+
+    def _loop(self) -> None:
+        select = self._selector.select
+        listener, wake = self.listener, self._wake_r
+        while self._running:
+            events = select(self._poll_timeout())
+            for key, mask in events:
+                fileobj = key.fileobj
+                if fileobj is listener:
+                    self._accept()
+                elif fileobj is wake:
+                    self._drain_wakeups()
+                else:
+                    conn: Connection = key.data
+                    if mask & selectors.EVENT_WRITE and not conn.closed:
+                        self._flush(conn)
+                    if mask & selectors.EVENT_READ and not conn.closed:
+                        self._read(conn)
+            self._run_timers()
+
+    def _poll_timeout(self) -> float | None:
+        now = self.clock()
+        candidates = []
+        next_expiry = self.agent.reap()
+        if next_expiry is not None:
+            candidates.append(next_expiry)
+        if self._timers:
+            candidates.append(self._timers[0][0])
+        if self._by_activity:
+            candidates.append(next(iter(self._by_activity)).last_active + self.limits.idle_timeout)
+        if self._half_lines:
+            candidates.append(next(iter(self._half_lines)).line_started + self.limits.line_timeout)
+        if self._stop_deadline is not None:
+            candidates.append(self._stop_deadline)
+        if not candidates:
+            return None
+        return max(0.0, min(candidates) - now)
+
+    def _shutdown(self) -> None:
+        for conn in list(self.connections.values()):
+            self._close(conn)
+        if self._workers is not None:
+            self._workers.stop()
+        self._selector.close()
+        if self._reserve_fd is not None:
+            os.close(self._reserve_fd)
+        self._wake_r.close()
+        self._wake_w.close()
+        log.info("stopped")
+
+    def request_stop(self) -> None:
+        """Stop accepting now and leave the loop (from the loop's own thread)."""
+        self._running = False
+
+    # --- timers --------------------------------------------------------------------------
+
+    def _call_at(self, deadline: float, callback: Callable[[], None]) -> None:
+        heapq.heappush(self._timers, (deadline, next(self._seq), callback))
+
+    def _run_timers(self) -> None:
+        timers = self._timers
+        if self._stop_deadline is not None:
+            waiting = self._stop_waiting
+            if (
+                self.clock() >= self._stop_deadline
+                or waiting is None
+                or waiting.closed
+                or (not waiting.outbuf)
+            ):
+                self._running = False
+        now = self.clock()
+        while timers and timers[0][0] <= now:
+            _, _, callback = heapq.heappop(timers)
+            callback()
+        self._expire_connections(now)
+
+    # --- wake-ups: signals and finished work ---------------------------------------------
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self._signals:
+            self._handle_signal(self._signals.popleft())
+        while self._completed:
+            self._completed.popleft()()
+
+    def _handle_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGUSR1:
+            forgotten = len(self.agent.held_keys.clear())
+            log.info("%s: forgot %d key(s)", name, forgotten)
+            return
+        log.info("%s: stopping", name)
+        self._running = False
+
+    def _deliver(self, callback: Callable[[], None]) -> None:
+        """Hand a callback from a worker thread to the loop (thread-safe)."""
+        self._completed.append(callback)
+        # If the wake-up socket is full, the loop is already awake: nothing is lost.
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    # --- accepting -----------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        for _ in range(64):  # bounded, so a connect storm cannot starve existing clients
+            try:
+                sock, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as error:
+                if error.errno in (errno.EMFILE, errno.ENFILE):
+                    self._shed_one()
+                    continue
+                log.warning("accept failed: %s", os.strerror(error.errno or 0))
+                return
+            self._admit(sock)
+
+    def _shed_one(self) -> None:
+        """Out of file descriptors: free the reserve, answer one client ``busy``, re-arm."""
+        if self._reserve_fd is None:
+            return
+        os.close(self._reserve_fd)
+        self._reserve_fd = None
+        try:
+            sock, _ = self.listener.accept()
+        except OSError:
+            pass
+        else:
+            self._refuse(sock, Busy())
+            log.warning("out of file descriptors; refused a client")
+        try:
+            self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            log.warning("could not re-open the reserve descriptor")
+
+    def _admit(self, sock: socket.socket) -> None:
+        try:
+            pid, uid, gid = _UCRED.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+            )
+        except OSError:
+            sock.close()
+            return
+        # The socket's mode and its directory already keep others out; this check is the
+        # one that holds even if they are loosened. Root is not exempt: an agent started
+        # by one user serves that user only.
+        if uid != self.uid:
+            log.warning("refused connection from uid %d (pid %d)", uid, pid)
+            self._refuse(sock, Forbidden())
+            return
+        if (
+            len(self.connections) >= self.limits.max_connections
+            or not self._running
+            or (self._stop_deadline is not None)
+        ):
+            log.warning(
+                "refused connection from pid %d: %d connections open", pid, len(self.connections)
+            )
+            self._refuse(sock, Busy())
+            return
+        sock.setblocking(False)
+        now = self.clock()
+        conn = Connection(sock, Peer(pid, uid, gid), now)
+        self.connections[sock.fileno()] = conn
+        conn.events = selectors.EVENT_READ
+        self._selector.register(sock, selectors.EVENT_READ, conn)
+        self._by_activity[conn] = None
+        log.debug("connection from pid %d", pid)
+
+    @staticmethod
+    def _refuse(sock: socket.socket, error: KeyagentError) -> None:
+        try:
+            sock.setblocking(False)
+            sock.send(protocol.encode_error(None, error))
+        except OSError:
+            pass  # the refused client is gone or not reading; nothing more is owed
+        finally:
+            sock.close()
+
+    # --- reading and framing -------------------------------------------------------------
+
+    def _read(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(_RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(conn)
+            return
+        if not data:
+            conn.eof = True
+            del conn.inbuf[conn.inbuf.rfind(b"\n") + 1 :]  # a half line at the end is no request
+            self._half_lines.pop(conn, None)
+            self._settle(conn)
+            return
+        self._touch(conn)
+        conn.inbuf += data
+        self._process(conn)
+
+    def _touch(self, conn: Connection) -> None:
+        conn.last_active = self.clock()
+        del self._by_activity[conn]
+        self._by_activity[conn] = None
+
+    def _process(self, conn: Connection) -> None:
+        """Answer each complete line in turn, until one must wait or the client must read."""
+        inbuf = conn.inbuf
+        limit = self.limits.max_pending_output
+        while not conn.busy and not conn.closed and len(conn.outbuf) < limit:
+            end = inbuf.find(b"\n")
+            if end < 0:
+                if len(inbuf) > protocol.MAX_LINE:
+                    self._fatal(conn, TooLarge())
+                    return
+                break
+            if end > protocol.MAX_LINE:
+                self._fatal(conn, TooLarge())
+                return
+            line = bytes(inbuf[:end])
+            del inbuf[: end + 1]
+            self._half_lines.pop(conn, None)
+            self._handle_line(conn, line)
+        if conn.closed:
+            return
+        if inbuf and b"\n" not in inbuf and conn not in self._half_lines:
+            conn.line_started = self.clock()
+            self._half_lines[conn] = None
+        self._settle(conn)
+
+    def _handle_line(self, conn: Connection, line: bytes) -> None:
+        try:
+            request = protocol.parse_request(line)
+        except protocol.InvalidRequest as invalid:
+            self._send(conn, protocol.encode_error(invalid.request_id, invalid.error))
+            return
+        self._complete(conn, request.id, lambda: self.agent.handle(request, conn.peer))
+
+    def _complete(
+        self, conn: Connection, request_id: protocol.Scalar, produce: Callable[[], Outcome]
+    ) -> None:
+        """Run one step of a request and act on its outcome."""
+        try:
+            outcome = produce()
+        except KeyagentError as error:
+            self._reply(conn, protocol.encode_error(request_id, error))
+            return
+        except Exception as error:  # noqa: BLE001  # one bad request must not stop the agent
+            log_internal(error)
+            self._reply(conn, protocol.encode_error(request_id, Internal()))
+            return
+        if isinstance(outcome, dict):
+            self._reply(conn, protocol.encode_result(request_id, outcome))
+        elif isinstance(outcome, Deferred):
+            conn.busy = True
+            self._defer(conn, request_id, outcome)
+        elif isinstance(outcome, Delayed):
+            conn.busy = True
+            then = outcome.then
+            encoded = (
+                protocol.encode_error(request_id, then)
+                if isinstance(then, KeyagentError)
+                else protocol.encode_result(request_id, then)
+            )
+            self._call_at(self.clock() + outcome.seconds, lambda: self._reply(conn, encoded))
+        elif isinstance(outcome, Stop):
+            self._reply(conn, protocol.encode_result(request_id, outcome.result))
+            self._begin_stop(conn)
+
+    def _reply(self, conn: Connection, line: bytes) -> None:
+        """Send a reply; if it ends a wait, go on with the lines that queued behind it."""
+        if conn.closed:
+            return
+        self._send(conn, line)
+        if conn.busy:
+            conn.busy = False
+            self._touch(conn)
+            self._process(conn)
+
+    # --- deferred work -------------------------------------------------------------------
+
+    def _defer(self, conn: Connection, request_id: protocol.Scalar, deferred: Deferred) -> None:
+        def run() -> None:  # on a worker thread
+            try:
+                value = deferred.work()
+            except KeyagentError as error:
+                failure = error
+                self._deliver(lambda: finished(lambda: _fail(deferred, failure)))
+            except Exception as error:  # noqa: BLE001  # reported as internal, never raised
+                log_internal(error)
+                self._deliver(lambda: finished(_raise_internal))
+            else:
+                self._deliver(lambda: finished(lambda: deferred.finish(value)))
+
+        def finished(produce: Callable[[], Outcome]) -> None:  # on the loop
+            self._complete(conn, request_id, produce)
+            if deferred.queue is not None:
+                self._next_in_queue(deferred.queue)
+
+        if deferred.queue is None:
+            self._start(run)
+            return
+        waiting = self._queues.setdefault(deferred.queue, collections.deque())
+        waiting.append(run)
+        if len(waiting) == 1:
+            self._start(run)
+
+    def _next_in_queue(self, name: str) -> None:
+        waiting = self._queues[name]
+        waiting.popleft()
+        if waiting:
+            self._start(waiting[0])
+        else:
+            del self._queues[name]
+
+    def _start(self, run: Callable[[], None]) -> None:
+        assert self._workers is not None  # noqa: S101  # set before the loop starts
+        self._workers.submit(run)
+
+    # --- writing -------------------------------------------------------------------------
+
+    def _send(self, conn: Connection, data: bytes) -> None:
+        if conn.closed:
+            return
+        if not conn.outbuf:
+            try:
+                sent = conn.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._close(conn)
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+        conn.outbuf += data
+
+    def _flush(self, conn: Connection) -> None:
+        try:
+            sent = conn.sock.send(conn.outbuf)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(conn)
+            return
+        del conn.outbuf[:sent]
+        self._touch(conn)
+        if not conn.outbuf and conn.inbuf and not conn.busy:
+            self._process(conn)  # reading resumed: answer what waited behind the backlog
+        else:
+            self._settle(conn)
+
+    def _settle(self, conn: Connection) -> None:
+        """Close a finished connection, or register exactly the events it now needs."""
+        if conn.closed:
+            return
+        if conn.eof and not conn.busy and not conn.outbuf and b"\n" not in conn.inbuf:
+            self._close(conn)
+            return
+        want = 0
+        if (
+            not conn.eof
+            and len(conn.outbuf) < self.limits.max_pending_output
+            and (not conn.busy or len(conn.inbuf) <= protocol.MAX_LINE)
+        ):
+            want |= selectors.EVENT_READ
+        if conn.outbuf:
+            want |= selectors.EVENT_WRITE
+        if want != conn.events:
+            if want == 0:
+                self._selector.unregister(conn.sock)
+            elif conn.events == 0:
+                self._selector.register(conn.sock, want, conn)
+            else:
+                self._selector.modify(conn.sock, want, conn)
+            conn.events = want
+
+    def _fatal(self, conn: Connection, error: KeyagentError) -> None:
+        """Send one error line and close: the stream can no longer be framed."""
+        log.warning("closing connection from pid %d: %s", conn.peer.pid, error.code)
+        self._send(conn, protocol.encode_error(None, error))
+        self._close(conn)
+
+    def _close(self, conn: Connection) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        if conn.events:
+            self._selector.unregister(conn.sock)
+            conn.events = 0
+        self.connections.pop(conn.sock.fileno(), None)
+        self._by_activity.pop(conn, None)
+        self._half_lines.pop(conn, None)
+        conn.sock.close()
+        conn.inbuf.clear()
+        conn.outbuf.clear()
+
+    def _expire_connections(self, now: float) -> None:
+        """Close connections past their idle or half-line deadline (oldest first)."""
+        line_cutoff = now - self.limits.line_timeout
+        while self._half_lines:
+            conn = next(iter(self._half_lines))
+            if conn.line_started > line_cutoff:
+                break
+            self._fatal(conn, Timeout())
+        idle_cutoff = now - self.limits.idle_timeout
+        while self._by_activity:
+            conn = next(iter(self._by_activity))
+            if conn.last_active > idle_cutoff:
+                break
+            if conn.busy:  # the client is waiting on us, not idle
+                self._touch(conn)
+                continue
+            log.debug("closing idle connection from pid %d", conn.peer.pid)
+            self._close(conn)
+
+    # --- stopping ------------------------------------------------------------------------
+
+    def _begin_stop(self, conn: Connection) -> None:
+        """Stop accepting; leave once ``conn`` has its reply, or after the grace period."""
+        self._stop_deadline = self.clock() + self.limits.stop_grace
+        self._stop_waiting = conn
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(self.listener)
+
+
+def _fail(deferred: Deferred, error: KeyagentError) -> Outcome:
+    if deferred.fail is not None:
+        return deferred.fail(error)
+    raise error
+
+
+def _raise_internal() -> Outcome:
+    raise Internal()
+
+
+def log_internal(error: BaseException) -> None:
+    """Log an unexpected exception by type and frames only.
+
+    The message is left out on purpose: a ``KeyError`` or ``ValueError`` raised while a
+    secret was at hand may quote the secret.
+    """
+    frames = traceback.extract_tb(error.__traceback__)
+    where = "; ".join(f"{frame.filename}:{frame.lineno} in {frame.name}" for frame in frames)
+    log.error("internal error %s at %s", type(error).__name__, where or "?")
+
+
+# --- binding the socket safely ---------------------------------------------------------------
+
+
+class SocketSetupError(Exception):
+    """The socket cannot be set up safely; the message says why and what to do."""
+
+
+def check_private_dir(directory: str) -> None:
+    """Create ``directory`` 0700 if missing; refuse one that is not ours alone."""
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as error:
+        raise SocketSetupError(
+            f"cannot create {directory}: {os.strerror(error.errno or 0)}; "
+            "create it (mode 0700) or choose another path with -a"
+        ) from None
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode):
+        raise SocketSetupError(f"{directory} is not a directory; remove it or use -a PATH")
+    if info.st_uid != os.geteuid():
+        raise SocketSetupError(
+            f"{directory} is owned by uid {info.st_uid}, not by you (uid {os.geteuid()}); "
+            "another user may be intercepting the agent: remove it or use -a PATH"
+        )
+    if info.st_mode & 0o077:
+        raise SocketSetupError(
+            f"{directory} is accessible to group or others (mode {stat.S_IMODE(info.st_mode):04o});"
+            f" run chmod 700 {directory} or use -a PATH in a private directory"
+        )
+
+
+def agent_answers(path: str, timeout: float = 2.0) -> bool:
+    """True if an agent answers ``hello`` on ``path``; False if the socket is dead."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(timeout)
+    try:
+        probe.connect(path)
+        probe.sendall(protocol.encode_request("hello", 0, {}))
+        return probe.recv(4096).startswith(b"{")
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        # Connected but no answer (hung, or not ours): not safe to take the path over.
+        return True
+    finally:
+        probe.close()
+
+
+def bind_listener(path: str, backlog: int = 1024) -> socket.socket:
+    """Bind a 0600 listening socket at ``path`` in a private directory.
+
+    A live agent at ``path`` is an error; a dead socket left by a crashed agent is replaced.
+    The umask is set before ``bind`` so the socket never exists with looser permissions.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    check_private_dir(directory)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(info.st_mode):
+            raise SocketSetupError(f"{path} exists and is not a socket; remove it or use -a")
+        if agent_answers(path):
+            raise SocketSetupError(
+                f"an agent is already running on {path}; use it, or stop it with keyagent -k"
+            )
+        log.info("replacing stale socket %s", path)
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(path)
+    except OSError as error:
+        listener.close()
+        raise SocketSetupError(f"cannot bind {path}: {os.strerror(error.errno or 0)}") from None
+    finally:
+        os.umask(old_umask)
+    listener.listen(backlog)
+    return listener
+
+
+def file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, to tell at exit whether the socket file is still ours."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino

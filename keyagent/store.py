@@ -1,0 +1,246 @@
+"""The keys the agent holds, their lifetimes, and the lock. No I/O, no clock of its own.
+
+Time comes in as arguments: ``now`` is a monotonic reading (for deadlines), ``wall`` a
+POSIX timestamp (for the ISO dates shown to people). Expiry follows OpenSSH's reaper:
+:meth:`KeyStore.reap` drops what is due and returns the next deadline, which the server
+turns into its poll timeout. Lookups also skip keys already past their deadline, so a key
+never outlives its lifetime even if the loop wakes late.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import hmac
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from keyagent.errors import Ambiguous, Locked, NotFound, NotLocked
+
+Source = Literal["added", "created", "keyring"]
+
+
+def key_id_for(secret: str) -> str:
+    """The public name of a key: the first 12 hex characters of its SHA-256."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:12]
+
+
+def iso(timestamp: float | None) -> str | None:
+    """A POSIX timestamp as ISO 8601 in UTC, to the second."""
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(slots=True, kw_only=True)
+class HeldKey:
+    """One API key in memory. Its ``secret`` is left out of ``repr`` and of :meth:`listing`."""
+
+    key_id: str
+    host: str
+    user: str
+    secret: str = field(repr=False)
+    description: str = ""
+    created: str | None = None
+    added: float
+    deadline: float | None = None
+    """Monotonic time at which the key expires, or None to keep it until forgotten."""
+    expires: float | None = None
+    """The same moment as a POSIX timestamp, for display."""
+    source: Source = "added"
+    persisted: bool = False
+
+    def listing(self) -> dict[str, Any]:
+        """The key as ``list`` shows it: everything but the secret."""
+        return {
+            "key_id": self.key_id,
+            "host": self.host,
+            "user": self.user,
+            "description": self.description,
+            "created": self.created,
+            "added": iso(self.added),
+            "expires": iso(self.expires),
+            "source": self.source,
+            "persisted": self.persisted,
+        }
+
+    def alive(self, now: float) -> bool:
+        return self.deadline is None or now < self.deadline
+
+
+class KeyStore:
+    """Held keys by key id, newest last, with a heap of expiry deadlines."""
+
+    def __init__(self) -> None:
+        # Insertion order is "added" order: re-adding a key moves it to the end, so the
+        # newest match is found by walking backwards, usually in one step.
+        self._keys: dict[str, HeldKey] = {}
+        self._deadlines: list[tuple[float, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def put(
+        self,
+        *,
+        host: str,
+        user: str,
+        secret: str,
+        now: float,
+        wall: float,
+        lifetime: float | None = None,
+        description: str | None = None,
+        created: str | None = None,
+        source: Source = "added",
+        persisted: bool = False,
+    ) -> HeldKey:
+        """Hold ``secret``; holding the same secret again updates its entry in place."""
+        key_id = key_id_for(secret)
+        held = self._keys.pop(key_id, None)
+        if held is None:
+            held = HeldKey(
+                key_id=key_id, host=host, user=user, secret=secret, added=wall, source=source
+            )
+        else:
+            held.host, held.user, held.added = host, user, wall
+            # The source says where a key came from; only a restored key takes a new one.
+            if held.source == "keyring":
+                held.source = source
+        if description is not None:
+            held.description = description
+        if created is not None:
+            held.created = created
+        held.persisted = held.persisted or persisted
+        if lifetime is None:
+            held.deadline = held.expires = None
+        else:
+            held.deadline, held.expires = now + lifetime, wall + lifetime
+            heapq.heappush(self._deadlines, (held.deadline, key_id))
+        self._keys[key_id] = held
+        return held
+
+    def matching(
+        self,
+        now: float,
+        host: str | None = None,
+        user: str | None = None,
+        key_id: str | None = None,
+    ) -> Iterator[HeldKey]:
+        """Live keys that match every given selector, newest first."""
+        if key_id is not None and len(key_id) == 12:
+            exact = self._keys.get(key_id)
+            candidates: Iterator[HeldKey] = iter([exact] if exact else [])
+        else:
+            candidates = reversed(self._keys.values())
+        for held in candidates:
+            if (
+                (host is None or held.host == host)
+                and (user is None or held.user == user)
+                and (key_id is None or held.key_id.startswith(key_id))
+                and held.alive(now)
+            ):
+                yield held
+
+    def newest(
+        self,
+        now: float,
+        host: str | None = None,
+        user: str | None = None,
+        key_id: str | None = None,
+    ) -> HeldKey:
+        """The one key a ``get`` means: the newest match, or the single one a key id names."""
+        found = self.matching(now, host, user, key_id)
+        first = next(found, None)
+        if first is None:
+            raise NotFound(_not_found_message(host, user, key_id))
+        if key_id is not None and len(key_id) < 12 and next(found, None) is not None:
+            raise Ambiguous(f"key id '{key_id}' matches several keys; give more of its characters")
+        return first
+
+    def discard(self, key_id: str) -> HeldKey | None:
+        """Drop one key by its full id; returns it, or None if it was not held."""
+        return self._keys.pop(key_id, None)
+
+    def clear(self) -> list[HeldKey]:
+        """Drop every key; returns them."""
+        dropped = list(self._keys.values())
+        self._keys.clear()
+        self._deadlines.clear()
+        return dropped
+
+    def reap(self, now: float) -> tuple[list[HeldKey], float | None]:
+        """Drop the keys whose deadline has passed; return them and the next deadline."""
+        expired: list[HeldKey] = []
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            deadline, key_id = heapq.heappop(heap)
+            held = self._keys.get(key_id)
+            # A stale heap entry: the key was forgotten, or re-added with another lifetime.
+            if held is not None and held.deadline == deadline:
+                del self._keys[key_id]
+                expired.append(held)
+        return expired, (heap[0][0] if heap else None)
+
+
+def _not_found_message(host: str | None, user: str | None, key_id: str | None) -> str:
+    wanted = [
+        f"{name} {value}"
+        for name, value in (("key id", key_id), ("host", host), ("user", user))
+        if value is not None
+    ]
+    scope = f" for {', '.join(wanted)}" if wanted else ""
+    return f"no key is held{scope}; add one with keyagent-ctl add or keyagent-ctl create"
+
+
+# --- the lock --------------------------------------------------------------------------------
+
+# scrypt with n=2**14, r=8, p=1 costs ~16 MiB and tens of milliseconds: enough to make
+# guessing slow, cheap enough to run on a worker thread for each attempt.
+SCRYPT_N, SCRYPT_R, SCRYPT_P, SCRYPT_LEN = 2**14, 8, 1, 32
+
+
+def derive(passphrase: str, salt: bytes) -> bytes:
+    """The salted scrypt hash of a lock passphrase. Slow on purpose: run it off the loop."""
+    return hashlib.scrypt(
+        passphrase.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=SCRYPT_LEN
+    )
+
+
+def new_salt() -> bytes:
+    return os.urandom(16)
+
+
+@dataclass(slots=True)
+class Lock:
+    """Whether the agent is locked, and the salted hash that unlocks it (never the passphrase)."""
+
+    salt: bytes | None = field(default=None, repr=False)
+    digest: bytes | None = field(default=None, repr=False)
+    failures: int = 0
+
+    @property
+    def locked(self) -> bool:
+        return self.digest is not None
+
+    def engage(self, salt: bytes, digest: bytes) -> None:
+        if self.locked:
+            raise Locked("the agent is already locked; run keyagent-ctl unlock first")
+        self.salt, self.digest, self.failures = salt, digest, 0
+
+    def try_release(self, candidate: bytes) -> bool:
+        """Unlock if ``candidate`` is the stored hash (constant-time); count failures."""
+        if self.digest is None:
+            raise NotLocked()
+        if hmac.compare_digest(candidate, self.digest):
+            self.salt = self.digest = None
+            self.failures = 0
+            return True
+        self.failures += 1
+        return False
+
+    def failure_delay(self) -> float:
+        """How long to hold back the reply to a failed unlock: doubling from 0.1 s, cap 10 s."""
+        return min(10.0, 0.1 * 2.0 ** max(0, self.failures - 1))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 from typing import Any
 
@@ -66,10 +67,10 @@ class Client:
         """The open connection, or a new one if the agent closed the old one (idle timeout)."""
         sock = self._sock
         if sock is not None and not self._buffer:
+            # Readable with nothing buffered can only mean EOF (or a stray byte): peek.
             try:
-                closed = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-            except BlockingIOError:
-                closed = False
+                readable, _, _ = select.select([sock], [], [], 0)
+                closed = bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
             except OSError:
                 closed = True
             if closed:

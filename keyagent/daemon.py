@@ -23,7 +23,7 @@ import shlex
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn, TextIO
 
 from keyagent import __version__, paths
@@ -256,7 +256,9 @@ def serve(
     listener_path: str,
     bound: tuple[int, int] | None,
     listener: socket.socket,
+    on_ready: Callable[[], None],
 ) -> int:
+    """Harden, set up, call ``on_ready`` (signals are handled by then), serve until stopped."""
     harden(args.max_connections)
     agent = Agent(socket_path=listener_path, default_lifetime=args.lifetime)
     limits = Limits(
@@ -266,6 +268,7 @@ def serve(
     )
     server = Server(agent, listener, limits=limits)
     server.install_signal_handlers()
+    server.on_ready = on_ready
     try:
         server.serve_forever()
     finally:
@@ -300,15 +303,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     bound = file_identity(path)
 
     if foreground:
-        sys.stdout.write(env_lines(syntax, path, os.getpid()))
-        sys.stdout.flush()
-        return serve(args, path, bound, listener)
 
+        def announce() -> None:
+            sys.stdout.write(env_lines(syntax, path, os.getpid()))
+            sys.stdout.flush()
+
+        return serve(args, path, bound, listener, announce)
+
+    # Background: the child tells the parent through a pipe once it handles signals, so the
+    # printed pid is never one that a quick "keyagent -k" would kill the hard way.
+    ready_r, ready_w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
     parent = os.getpid()
     child = os.fork()
     if child == 0:
+        os.close(ready_r)
         try:
             if args.command:
                 die_with_parent(parent)
@@ -316,13 +326,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 os.setsid()
             os.chdir("/")
             configure_logging(debug=False, foreground=False)
-            _detach_stdio()
-            code = serve(args, path, bound, listener)
+
+            def ready() -> None:
+                os.write(ready_w, b"R")
+                os.close(ready_w)
+                _detach_stdio()
+
+            code = serve(args, path, bound, listener, ready)
         except BaseException:  # noqa: BLE001  # the child must never return into the parent's code
             code = EXIT_FAILURE
         os._exit(code)
 
+    os.close(ready_w)
     listener.close()
+    with os.fdopen(ready_r, "rb") as ready_pipe:
+        if ready_pipe.read(1) != b"R":
+            sys.stderr.write("keyagent: the agent failed to start; run keyagent -d to see why\n")
+            return EXIT_FAILURE
     if args.command:
         os.environ[paths.SOCKET_ENV] = path
         os.environ[paths.PID_ENV] = str(child)

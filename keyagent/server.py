@@ -363,9 +363,13 @@ class Server:
 
     @staticmethod
     def _refuse(sock: socket.socket, error: KeyagentError) -> None:
+        """Send one error line and close, without reading a request from this peer."""
         try:
             sock.setblocking(False)
             sock.send(protocol.encode_error(None, error))
+            # Discard what the peer already sent: closing with unread input makes the peer
+            # see a reset instead of an orderly end after our line.
+            sock.recv(protocol.MAX_LINE)
         except OSError:
             pass  # the refused client is gone or not reading; nothing more is owed
         finally:

@@ -1,0 +1,130 @@
+"""Fixtures shared by the tests that start real agent processes."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from keyagent import cli
+from keyagent.testing.agent import AgentProcess
+
+AgentFactory = Callable[..., AgentProcess]
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path) -> Iterator[AgentFactory]:
+    """Start agents with chosen flags; each is stopped at the end of the test."""
+    started: list[AgentProcess] = []
+
+    def start(*args: str, name: str = "agent", env: dict[str, str] | None = None) -> AgentProcess:
+        directory = tmp_path / name
+        process = AgentProcess(directory, args, env=env).start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def agent(agent_factory: AgentFactory) -> AgentProcess:
+    """A running agent with default settings."""
+    return agent_factory()
+
+
+class Raw:
+    """A bare socket to the agent, for sending bytes a real client never would."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def line(self) -> bytes:
+        """The next reply line (without newline); b"" if the agent closed the connection."""
+        while b"\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                rest, self.buffer = self.buffer, b""
+                return rest
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line
+
+    def closed_by_peer(self) -> bool:
+        """Wait (up to the socket timeout) for the agent to close; True if it did."""
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return True
+                self.buffer += chunk
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def raw(agent: AgentProcess) -> Iterator[Callable[..., Raw]]:
+    """Open bare sockets to the default agent; all are closed at the end."""
+    opened: list[Raw] = []
+
+    def connect(path: str | None = None, timeout: float = 10.0) -> Raw:
+        connection = Raw(path or agent.socket_path, timeout)
+        opened.append(connection)
+        return connection
+
+    yield connect
+    for connection in opened:
+        connection.close()
+
+
+@dataclass
+class CtlResult:
+    code: int
+    out: str
+    err: str
+
+
+def run_ctl(socket_path: str | None, *argv: str, stdin: str = "") -> CtlResult:
+    """Run keyagent-ctl in this process through cli.main(argv)."""
+    out, err = io.StringIO(), io.StringIO()
+    args = ["--socket", socket_path, *argv] if socket_path else list(argv)
+    code = cli.main(args, stdin=io.StringIO(stdin), stdout=out, stderr=err)
+    return CtlResult(code, out.getvalue(), err.getvalue())
+
+
+def run_ctl_process(
+    argv: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    stdin: str = "",
+    timeout: float = 30.0,
+) -> subprocess.CompletedProcess[str]:
+    """Run keyagent-ctl as its own process (python -m keyagent)."""
+    return subprocess.run(
+        [sys.executable, "-m", "keyagent", *argv],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env if env is not None else dict(os.environ),
+        check=False,
+    )

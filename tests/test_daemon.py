@@ -1,0 +1,363 @@
+"""The ``keyagent`` command: start-up modes, socket safety, signals and hardening."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from keyagent import daemon, errors
+from keyagent.client import Client
+from keyagent.testing.agent import AgentProcess, read_line, wait_for_exit
+
+from .conftest import AgentFactory
+
+PY = shlex.quote(sys.executable)
+
+
+def run_shell(script: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def private_dir(tmp_path: Path, name: str = "run") -> Path:
+    directory = tmp_path / name
+    directory.mkdir(mode=0o700)
+    return directory
+
+
+def test_eval_round_trip_starts_and_kills_a_background_agent(tmp_path: Path) -> None:
+    """eval "$(keyagent)" exports a working socket and pid; eval "$(keyagent -k)" stops it."""
+    sock = private_dir(tmp_path) / "agent.sock"
+    result = run_shell(
+        f'eval "$({PY} -m keyagent.daemon -a {sock})" >/dev/null\n'
+        f'echo "pid=$KEYAGENT_PID sock=$KEYAGENT_SOCK"\n'
+        f"{PY} -m keyagent status --json >/dev/null || exit 9\n"
+        f'eval "$({PY} -m keyagent.daemon -k)" >/dev/null\n'
+        f'echo "after=${{KEYAGENT_PID:-unset}}"\n'
+    )
+    assert result.returncode == 0, result.stderr
+    first, after = result.stdout.splitlines()
+    pid = int(first.split()[0].removeprefix("pid="))
+    assert first.split()[1] == f"sock={sock}"
+    assert after == "after=unset"
+    assert wait_for_exit(pid, 10)
+    assert not sock.exists()
+
+
+def test_shell_syntax_flags() -> None:
+    """-s prints Bourne-shell lines and -c prints C-shell lines, each naming socket and pid."""
+    sh = daemon.env_lines("sh", "/run/user/1/keyagent/agent.sock", 42)
+    csh = daemon.env_lines("csh", "/run/user/1/keyagent/agent.sock", 42)
+    assert sh.splitlines()[:2] == [
+        "KEYAGENT_SOCK=/run/user/1/keyagent/agent.sock; export KEYAGENT_SOCK;",
+        "KEYAGENT_PID=42; export KEYAGENT_PID;",
+    ]
+    assert csh.splitlines()[:2] == [
+        "setenv KEYAGENT_SOCK /run/user/1/keyagent/agent.sock;",
+        "setenv KEYAGENT_PID 42;",
+    ]
+    assert "unsetenv KEYAGENT_SOCK;" in daemon.unset_lines("csh", 42)
+    assert "unset KEYAGENT_SOCK;" in daemon.unset_lines("sh", 42)
+
+
+def test_background_agent_prints_csh_lines_with_c(tmp_path: Path) -> None:
+    """keyagent -c starts an agent and prints setenv lines that name it."""
+    sock = private_dir(tmp_path) / "agent.sock"
+    result = subprocess.run(
+        [sys.executable, "-m", "keyagent.daemon", "-c", "-a", str(sock)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"setenv KEYAGENT_SOCK {sock};"
+    pid = int(lines[1].split()[2].rstrip(";"))
+    with Client(str(sock)) as client:
+        assert client.status()["pid"] == pid
+        client.stop()
+    assert wait_for_exit(pid, 10)
+
+
+def test_kill_without_pid_variable_fails_clearly() -> None:
+    """keyagent -k with no KEYAGENT_PID exits 1 and says what is missing."""
+    env = {k: v for k, v in os.environ.items() if k != "KEYAGENT_PID"}
+    result = subprocess.run(
+        [sys.executable, "-m", "keyagent.daemon", "-k"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "KEYAGENT_PID" in result.stderr
+    assert result.stdout == ""
+
+
+def test_command_mode_runs_the_command_and_stops_with_it(tmp_path: Path) -> None:
+    """keyagent CMD runs CMD with the variables set, returns its status, and the agent exits."""
+    sock = private_dir(tmp_path) / "agent.sock"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "keyagent.daemon",
+            "-a",
+            str(sock),
+            "sh",
+            "-c",
+            f'{PY} -m keyagent status --json >/dev/null || exit 9; echo "$KEYAGENT_PID"; exit 7',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 7, result.stderr
+    pid = int(result.stdout.strip())
+    assert wait_for_exit(pid, 10)
+    assert not sock.exists()
+
+
+def test_command_not_found_in_command_mode(tmp_path: Path) -> None:
+    """keyagent with a missing command exits 127 and leaves no agent behind."""
+    sock = private_dir(tmp_path) / "agent.sock"
+    result = subprocess.run(
+        [sys.executable, "-m", "keyagent.daemon", "-a", str(sock), "no-such-command-xyz"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 127
+    assert "no-such-command-xyz" in result.stderr
+
+
+def test_socket_and_directory_modes(agent: AgentProcess) -> None:
+    """The socket is 0600 and its directory 0700, both owned by the agent's user."""
+    sock_info = os.stat(agent.socket_path)
+    dir_info = os.stat(os.path.dirname(agent.socket_path))
+    assert stat.S_ISSOCK(sock_info.st_mode)
+    assert stat.S_IMODE(sock_info.st_mode) == 0o600
+    assert stat.S_IMODE(dir_info.st_mode) == 0o700
+    assert sock_info.st_uid == dir_info.st_uid == os.geteuid()
+
+
+def start_foreground(sock: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """Run keyagent -D where it is expected to refuse (so it exits by itself)."""
+    return subprocess.run(
+        [sys.executable, "-m", "keyagent.daemon", "-D", "-a", str(sock), *extra],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_refuses_a_directory_owned_by_another_user(tmp_path: Path) -> None:
+    """A socket directory owned by someone else is refused with the owner named."""
+    directory = private_dir(tmp_path)
+    os.chown(directory, 65534, 65534)
+    result = start_foreground(directory / "agent.sock")
+    assert result.returncode == 1
+    assert "owned by uid 65534" in result.stderr
+
+
+@pytest.mark.parametrize("mode", [0o770, 0o707, 0o750])
+def test_refuses_a_directory_open_to_group_or_others(tmp_path: Path, mode: int) -> None:
+    """A socket directory with any group or other permission is refused with the fix named."""
+    directory = private_dir(tmp_path)
+    os.chmod(directory, mode)
+    result = start_foreground(directory / "agent.sock")
+    assert result.returncode == 1
+    assert "chmod 700" in result.stderr
+
+
+def test_refuses_to_start_over_a_live_agent(agent: AgentProcess) -> None:
+    """A second agent on the socket of a live one refuses and leaves the first serving."""
+    result = start_foreground(Path(agent.socket_path))
+    assert result.returncode == 1
+    assert "already running" in result.stderr
+    with agent.client() as client:
+        assert client.status()["pid"] == agent.pid
+
+
+def test_replaces_a_stale_socket(tmp_path: Path, agent_factory: AgentFactory) -> None:
+    """A socket file left by a dead agent is replaced by the new agent."""
+    directory = private_dir(tmp_path, "agent")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(directory / "agent.sock"))
+    stale.close()  # bound, never listening: connections are refused, as after a crash
+    agent = agent_factory()
+    with agent.client() as client:
+        assert client.status()["pid"] == agent.pid
+
+
+def test_refuses_a_path_that_is_not_a_socket(tmp_path: Path) -> None:
+    """A regular file where the socket should go is left alone and reported."""
+    directory = private_dir(tmp_path)
+    (directory / "agent.sock").write_text("not a socket")
+    result = start_foreground(directory / "agent.sock")
+    assert result.returncode == 1
+    assert "not a socket" in result.stderr
+    assert (directory / "agent.sock").read_text() == "not a socket"
+
+
+def test_default_socket_is_in_the_runtime_dir_and_found_by_clients(tmp_path: Path) -> None:
+    """Without -a, the agent listens on $XDG_RUNTIME_DIR/keyagent/agent.sock and clients find it."""
+    runtime = private_dir(tmp_path, "xdg")
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    env.pop("KEYAGENT_SOCK", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "keyagent.daemon", "-D"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        expected = runtime / "keyagent" / "agent.sock"
+        assert first.startswith(f"KEYAGENT_SOCK={expected};")
+        status = subprocess.run(
+            [sys.executable, "-m", "keyagent", "status", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert status.returncode == 0, status.stderr
+        assert f'"pid": {process.pid}' in status.stdout
+        assert stat.S_IMODE(os.stat(runtime / "keyagent").st_mode) == 0o700
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+
+
+def test_keyagent_sock_variable_and_socket_flag_precedence(
+    agent_factory: AgentFactory,
+) -> None:
+    """--socket beats $KEYAGENT_SOCK, which beats the default path."""
+    first = agent_factory(name="first")
+    second = agent_factory(name="second")
+    env = {**os.environ, "KEYAGENT_SOCK": first.socket_path}
+    via_env = subprocess.run(
+        [sys.executable, "-m", "keyagent", "status", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert f'"pid": {first.pid}' in via_env.stdout
+    via_flag = subprocess.run(
+        [sys.executable, "-m", "keyagent", "--socket", second.socket_path, "status", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert f'"pid": {second.pid}' in via_flag.stdout
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_stop_signals_exit_cleanly_and_remove_the_socket(
+    agent: AgentProcess, signum: signal.Signals
+) -> None:
+    """TERM, INT and HUP make the agent exit 0 and remove its socket."""
+    assert agent.process is not None
+    os.kill(agent.pid, signum)
+    assert agent.process.wait(10) == 0
+    assert not os.path.exists(agent.socket_path)
+    assert f"{signum.name}: stopping" in agent.log()
+
+
+def test_usr1_forgets_every_key_and_keeps_serving(agent: AgentProcess) -> None:
+    """SIGUSR1 drops all held keys; the agent stays up."""
+    with agent.client() as client:
+        client.add("h", "u", "k1")
+        os.kill(agent.pid, signal.SIGUSR1)
+        # The signal and the next request race; the agent handles signals first once woken,
+        # so wait on the observable effect with a bounded number of round trips.
+        for _ in range(100000):
+            if client.status()["keys"] == 0:
+                break
+        assert client.status()["keys"] == 0
+        assert client.hello()["protocol"] == 1
+
+
+def test_sigkill_leaves_a_stale_socket_that_the_next_agent_replaces(
+    agent_factory: AgentFactory,
+) -> None:
+    """After SIGKILL, clients see 'no agent' and a new agent takes the socket over."""
+    agent = agent_factory()
+    assert agent.process is not None
+    agent.process.kill()
+    agent.process.wait(10)
+    with pytest.raises(errors.AgentUnreachable):
+        Client(agent.socket_path).hello()
+    again = agent_factory()
+    assert again.socket_path == agent.socket_path
+    with again.client() as client:
+        assert client.status()["pid"] == again.pid
+
+
+def test_core_dumps_are_disabled(agent: AgentProcess) -> None:
+    """The agent runs with a core-file size limit of zero, soft and hard."""
+    limits = Path(f"/proc/{agent.pid}/limits").read_text()
+    core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+    assert core.split()[4:6] == ["0", "0"]
+
+
+def test_agent_is_not_dumpable() -> None:
+    """The agent marks itself non-dumpable, so its /proc files belong to root, not its user."""
+    base = Path(tempfile.mkdtemp(prefix="keyagent-nobody-"))  # tmp_path is private to root
+    os.chmod(base, 0o755)
+    directory = base / "nobody"
+    directory.mkdir(mode=0o700)
+    os.chown(directory, 65534, 65534)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: become nobody and run the daemon in this (already loaded) Python
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            sys.stdout = os.fdopen(write_end, "w")  # pytest has replaced the real one
+            code = daemon.main(["-D", "-a", str(directory / "agent.sock")])
+        except BaseException:  # noqa: BLE001  # report through the exit status only
+            code = 3
+        os._exit(code)
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb") as lines:
+            assert read_line(lines.fileno(), 20).startswith(b"KEYAGENT_SOCK=")
+            owner = os.stat(f"/proc/{pid}/environ").st_uid
+            status = Path(f"/proc/{pid}/status").read_text()
+        assert "Uid:\t65534" in status
+        assert owner == 0  # a dumpable process's /proc files would belong to uid 65534
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+        shutil.rmtree(base)

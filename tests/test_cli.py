@@ -1,0 +1,214 @@
+"""keyagent-ctl, through main(argv) in-process and as its own process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from keyagent.store import key_id_for
+from keyagent.testing.agent import AgentProcess, read_line
+
+from .conftest import run_ctl, run_ctl_process
+
+SECRET = "ctl-S3CR3T-0123456789"
+
+
+def test_add_reads_the_key_from_stdin_and_get_prints_it_alone(agent: AgentProcess) -> None:
+    """add takes the key from piped stdin, never argv; get prints only the key."""
+    added = run_ctl(
+        agent.socket_path,
+        "--host",
+        "h.example",
+        "--user",
+        "u@example.com",
+        "add",
+        "--description",
+        "laptop",
+        "--lifetime",
+        "1h",
+        stdin=SECRET + "\n",
+    )
+    assert added.code == 0, added.err
+    assert key_id_for(SECRET) in added.out
+    assert SECRET not in added.out
+    got = run_ctl(agent.socket_path, "get")
+    assert (got.code, got.out) == (0, SECRET + "\n")
+
+
+def test_selectors_work_before_and_after_the_verb_and_from_the_environment(
+    agent: AgentProcess,
+) -> None:
+    """--host/--user may follow the verb (conduce-api style) or come from KEYAGENT_HOST/USER."""
+    run_ctl(agent.socket_path, "add", "--host", "a.example", "--user", "u", stdin="key-a")
+    run_ctl(agent.socket_path, "--host", "b.example", "--user", "u", "add", stdin="key-b")
+    assert run_ctl(agent.socket_path, "get", "--host", "a.example").out == "key-a\n"
+    env = {**os.environ, "KEYAGENT_SOCK": agent.socket_path, "KEYAGENT_HOST": "a.example"}
+    result = run_ctl_process(["get"], env=env)
+    assert result.stdout == "key-a\n"
+
+
+def test_list_table_and_json(agent: AgentProcess) -> None:
+    """list prints a table for people and, with --json, the protocol's key objects."""
+    run_ctl(agent.socket_path, "--host", "h", "--user", "u", "add", "-D", "ci", stdin=SECRET)
+    table = run_ctl(agent.socket_path, "list")
+    assert table.code == 0
+    header, row = table.out.splitlines()
+    assert header.split()[:3] == ["KEY_ID", "HOST", "USER"]
+    assert row.split()[:3] == [key_id_for(SECRET), "h", "u"]
+    as_json = run_ctl(agent.socket_path, "list", "--json")
+    keys = json.loads(as_json.out)["keys"]
+    assert keys[0]["key_id"] == key_id_for(SECRET)
+    assert keys[0]["description"] == "ci"
+    assert SECRET not in table.out + as_json.out
+
+
+def test_status_human_and_json(agent: AgentProcess) -> None:
+    """status names the pid and lock state; --json gives the full object."""
+    human = run_ctl(agent.socket_path, "status")
+    assert f"agent pid {agent.pid}" in human.out
+    assert "locked: no" in human.out
+    status = json.loads(run_ctl(agent.socket_path, "status", "--json").out)
+    assert status["pid"] == agent.pid
+
+
+def test_forget_by_id_and_all(agent: AgentProcess) -> None:
+    """forget KEY_ID drops one key, forget --all the rest."""
+    for key in ("k-one", "k-two", "k-three"):
+        run_ctl(agent.socket_path, "--host", "h", "--user", "u", "add", stdin=key)
+    one = run_ctl(agent.socket_path, "forget", key_id_for("k-one"))
+    assert (one.code, one.out) == (0, "forgot 1 key\n")
+    rest = run_ctl(agent.socket_path, "forget", "--all")
+    assert rest.out == "forgot 2 keys\n"
+
+
+def test_lock_and_unlock_read_the_passphrase_from_stdin(agent: AgentProcess) -> None:
+    """lock/unlock take the passphrase from stdin; a wrong one exits 1 with bad_passphrase."""
+    run_ctl(agent.socket_path, "--host", "h", "--user", "u", "add", stdin=SECRET)
+    assert run_ctl(agent.socket_path, "lock", stdin="pass phrase\n").code == 0
+    locked = run_ctl(agent.socket_path, "get")
+    assert locked.code == 1
+    assert "[locked]" in locked.err
+    assert "unlock" in locked.err
+    wrong = run_ctl(agent.socket_path, "unlock", stdin="nope\n")
+    assert wrong.code == 1
+    assert "[bad_passphrase]" in wrong.err
+    assert run_ctl(agent.socket_path, "unlock", stdin="pass phrase\n").code == 0
+    assert run_ctl(agent.socket_path, "get").out == SECRET + "\n"
+
+
+def test_exit_codes(agent: AgentProcess, tmp_path: Path) -> None:
+    """0 success, 1 agent error, 2 no agent, 64 usage error."""
+    assert run_ctl(agent.socket_path, "status").code == 0
+    assert run_ctl(agent.socket_path, "get").code == 1
+    missing = run_ctl(str(tmp_path / "none.sock"), "status")
+    assert missing.code == 2
+    assert "no agent at" in missing.err
+    assert run_ctl(agent.socket_path, "frobnicate").code == 64
+    assert run_ctl(agent.socket_path, "add", stdin="k").code == 64  # no --host/--user
+    assert (
+        run_ctl(
+            agent.socket_path, "add", "--host", "h", "--user", "u", "--lifetime", "soon", stdin="k"
+        ).code
+        == 64
+    )
+    assert run_ctl(agent.socket_path, "--host", "h", "--user", "u", "add", stdin="").code == 64
+
+
+def test_exit_codes_as_a_process(agent: AgentProcess, tmp_path: Path) -> None:
+    """The installed entry point returns the same codes to the shell."""
+    env = {**os.environ, "KEYAGENT_SOCK": agent.socket_path}
+    assert run_ctl_process(["status"], env=env).returncode == 0
+    assert run_ctl_process(["get"], env=env).returncode == 1
+    env_missing = {**env, "KEYAGENT_SOCK": str(tmp_path / "none.sock")}
+    assert run_ctl_process(["get"], env=env_missing).returncode == 2
+    assert run_ctl_process(["--bogus"], env=env).returncode == 64
+
+
+def test_passwords_and_keys_are_never_taken_from_argv(agent: AgentProcess) -> None:
+    """There is no flag for a key, password or passphrase: such flags are usage errors."""
+    for argv in (["add", "--key", "x"], ["login", "--password", "x"], ["unlock", "x"]):
+        assert run_ctl(agent.socket_path, "--host", "h", "--user", "u", *argv).code == 64
+
+
+def test_exec_puts_the_key_in_the_environment_and_returns_the_status(
+    agent: AgentProcess,
+) -> None:
+    """exec runs the command with the key in CONDUCE_API_KEY (or --env) and exits with it."""
+    run_ctl(agent.socket_path, "--host", "h", "--user", "u", "add", stdin=SECRET)
+    env = {**os.environ, "KEYAGENT_SOCK": agent.socket_path}
+    script = "import os, sys; print(os.environ['{0}']); sys.exit(5)"
+    default = run_ctl_process(
+        ["exec", "--", sys.executable, "-c", script.format("CONDUCE_API_KEY")], env=env
+    )
+    assert (default.returncode, default.stdout) == (5, SECRET + "\n")
+    named = run_ctl_process(
+        ["exec", "--env", "MY_KEY", "--", sys.executable, "-c", script.format("MY_KEY")], env=env
+    )
+    assert (named.returncode, named.stdout) == (5, SECRET + "\n")
+
+
+def test_exec_command_not_found_and_no_key(agent: AgentProcess) -> None:
+    """exec exits 127 for a missing command and 1 when there is no key to give it."""
+    env = {**os.environ, "KEYAGENT_SOCK": agent.socket_path}
+    no_key = run_ctl_process(["exec", "--", "true"], env=env)
+    assert no_key.returncode == 1
+    run_ctl(agent.socket_path, "--host", "h", "--user", "u", "add", stdin=SECRET)
+    missing = run_ctl_process(["exec", "--", "no-such-command-xyz"], env=env)
+    assert missing.returncode == 127
+    assert "command not found" in missing.stderr
+
+
+def test_exec_signals_reach_the_command(agent: AgentProcess) -> None:
+    """exec replaces keyagent-ctl with the command, so a signal to it reaches the command."""
+    run_ctl(agent.socket_path, "--host", "h", "--user", "u", "add", stdin=SECRET)
+    env = {**os.environ, "KEYAGENT_SOCK": agent.socket_path}
+    waiter = (
+        "import signal, sys\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(42))\n"
+        "print('ready', flush=True)\n"
+        "signal.pause()\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "keyagent", "exec", "--", sys.executable, "-c", waiter],
+        env=env,
+        stdout=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    assert read_line(process.stdout.fileno(), 30) == b"ready\n"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(10) == 42
+    process.stdout.close()
+
+
+def test_get_imports_nothing_heavy_when_the_socket_is_known(agent: AgentProcess) -> None:
+    """keyagent-ctl get loads neither requests, keyring nor platformdirs with KEYAGENT_SOCK set."""
+    run_ctl(agent.socket_path, "--host", "h", "--user", "u", "add", stdin=SECRET)
+    probe = (
+        "import sys\n"
+        "from keyagent.cli import main\n"
+        "code = main(['get'])\n"
+        "heavy = sorted(m for m in ('requests', 'keyring', 'platformdirs', 'urllib3')"
+        " if m in sys.modules)\n"
+        "print('heavy:', ','.join(heavy), 'code:', code)\n"
+    )
+    env = {**os.environ, "KEYAGENT_SOCK": agent.socket_path}
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert result.stdout.splitlines()[-1] == "heavy:  code: 0"
+
+
+def test_stop_command(agent: AgentProcess) -> None:
+    """stop makes the agent exit."""
+    assert run_ctl(agent.socket_path, "stop").out == "agent stopped\n"
+    assert agent.process is not None
+    assert agent.process.wait(10) == 0

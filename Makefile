@@ -18,8 +18,8 @@ test: $(STAMP)
 
 ## lint: ruff and mypy, as CI runs them
 lint: $(STAMP)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check keyagent tests bench
+	$(BIN)/ruff format --check keyagent tests bench
 	$(BIN)/mypy
 
 ## check: lint, then test

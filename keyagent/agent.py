@@ -28,7 +28,7 @@ from keyagent.errors import (
     NotLocked,
     UnknownOp,
 )
-from keyagent.protocol import OPS, PROTOCOL_VERSION, Request
+from keyagent.protocol import MAX_LIFETIME, OPS, PROTOCOL_VERSION, Request
 from keyagent.store import KeyStore, Lock, derive, new_salt
 
 log = logging.getLogger("keyagent.agent")
@@ -98,6 +98,8 @@ class Agent:
         default_lifetime: float | None = None,
         clock: Clock | None = None,
     ) -> None:
+        if default_lifetime is not None and not 0 < default_lifetime <= MAX_LIFETIME:
+            raise ValueError("the default lifetime must be positive and at most ten years")
         self.clock = clock or Clock()
         self.socket_path = socket_path
         self.default_lifetime = default_lifetime
@@ -191,7 +193,8 @@ class Agent:
         if everything == (key_id is not None):
             raise BadRequest("forget needs either 'key_id' or 'all': true, not both")
         if everything:
-            forgotten = len(self.held_keys.clear())
+            now = self.clock.monotonic()
+            forgotten = sum(held.alive(now) for held in self.held_keys.clear())
         else:
             held = self.held_keys.newest(self.clock.monotonic(), key_id=key_id)
             self.held_keys.discard(held.key_id)

@@ -29,6 +29,7 @@ from typing import NoReturn, TextIO
 from keyagent import __version__, paths
 from keyagent.agent import Agent
 from keyagent.duration import parse_duration
+from keyagent.protocol import MAX_LIFETIME
 from keyagent.server import (
     Limits,
     Server,
@@ -55,9 +56,12 @@ class _Parser(argparse.ArgumentParser):
 
 def _duration(text: str) -> float:
     try:
-        return parse_duration(text)
+        seconds = parse_duration(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+    if seconds > MAX_LIFETIME:
+        raise argparse.ArgumentTypeError(f"'{text}' is longer than ten years")
+    return seconds
 
 
 def _positive_int(text: str) -> int:

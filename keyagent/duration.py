@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -18,6 +19,6 @@ def parse_duration(text: str) -> float:
             break
         total += float(match[1]) * _UNITS[match[2].lower()]
         position = match.end()
-    if not cleaned or position != len(cleaned) or total <= 0:
+    if not cleaned or position != len(cleaned) or not 0 < total < math.inf:
         raise ValueError(f"'{text}' is not a duration; use seconds or e.g. 90s, 15m, 1h30m, 2d")
     return total

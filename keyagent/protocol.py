@@ -53,7 +53,9 @@ class InvalidRequest(Exception):
 
 Validator = Callable[[str, object], object]
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# Control characters, lone surrogates, and the bidirectional overrides that can make a
+# quoted name display as something else in a terminal.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _TOKEN = re.compile(r"[\x00-\x20\x7f-\x9f\ud800-\udfff]")  # no whitespace either
 _KEY_ID = re.compile(r"[0-9a-f]{4,12}")
 
@@ -86,7 +88,10 @@ def _boolean(name: str, value: object) -> object:
 def _lifetime(name: str, value: object) -> object:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadRequest(f"argument '{name}' must be a number of seconds")
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer with hundreds of digits
+        seconds = math.inf
     if not math.isfinite(seconds) or seconds <= 0 or seconds > MAX_LIFETIME:
         raise BadRequest(
             f"argument '{name}' must be a positive number of seconds, at most ten years"
@@ -165,7 +170,10 @@ def _printable(name: str) -> str:
 
 
 def _is_scalar(value: object) -> bool:
-    return value is None or isinstance(value, str | int | float | bool)
+    # 1e400 parses as infinity, which no reply could echo back as JSON.
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or isinstance(value, str | int | bool)
 
 
 def parse_request(line: bytes) -> Request:
@@ -259,7 +267,10 @@ def parse_reply(line: bytes) -> Reply:
     """Decode one reply line; raises ``ValueError`` when it is not a protocol v1 reply."""
     from keyagent.errors import from_code  # local: keeps the hot server path lean
 
-    message = json.loads(line)
+    try:
+        message = json.loads(line)
+    except RecursionError:
+        raise ValueError("reply nested too deeply") from None
     if not isinstance(message, dict) or not isinstance(message.get("ok"), bool):
         raise ValueError("not a protocol v1 reply")
     request_id = message.get("id")

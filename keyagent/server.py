@@ -280,7 +280,7 @@ class Server:
     def _handle_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if signum == signal.SIGUSR1:
-            forgotten = len(self.agent.held_keys.clear())
+            forgotten = self.agent.process_forget({"all": True})["forgotten"]
             log.info("%s: forgot %d key(s)", name, forgotten)
             return
         log.info("%s: stopping", name)

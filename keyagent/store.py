@@ -119,6 +119,8 @@ class KeyStore:
         else:
             held.deadline, held.expires = now + lifetime, wall + lifetime
             heapq.heappush(self._deadlines, (held.deadline, key_id))
+            if len(self._deadlines) > 2 * len(self._keys) + 64:
+                self._compact()
         self._keys[key_id] = held
         return held
 
@@ -165,11 +167,20 @@ class KeyStore:
         return self._keys.pop(key_id, None)
 
     def clear(self) -> list[HeldKey]:
-        """Drop every key; returns them."""
+        """Drop every key (expired ones not yet reaped included); returns them."""
         dropped = list(self._keys.values())
         self._keys.clear()
         self._deadlines.clear()
         return dropped
+
+    def _compact(self) -> None:
+        """Drop heap entries of forgotten or re-timed keys (re-adding leaves one behind)."""
+        self._deadlines = [
+            (held.deadline, key_id)
+            for key_id, held in self._keys.items()
+            if held.deadline is not None
+        ]
+        heapq.heapify(self._deadlines)
 
     def reap(self, now: float) -> tuple[list[HeldKey], float | None]:
         """Drop the keys whose deadline has passed; return them and the next deadline."""
@@ -243,4 +254,4 @@ class Lock:
 
     def failure_delay(self) -> float:
         """How long to hold back the reply to a failed unlock: doubling from 0.1 s, cap 10 s."""
-        return min(10.0, 0.1 * 2.0 ** max(0, self.failures - 1))
+        return min(10.0, 0.1 * 2.0 ** min(max(0, self.failures - 1), 10))

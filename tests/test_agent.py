@@ -1,0 +1,691 @@
+"""Unit tests for keyagent.agent: every operation through Agent.handle, with a fake clock."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+from typing import Any
+
+import pytest
+
+from keyagent import __version__
+from keyagent.agent import (
+    ALLOWED_WHILE_LOCKED,
+    Agent,
+    Clock,
+    Deferred,
+    Delayed,
+    Outcome,
+    Peer,
+    Stop,
+)
+from keyagent.errors import (
+    Ambiguous,
+    BadPassphrase,
+    BadRequest,
+    KeyagentError,
+    Locked,
+    NotFound,
+    NotLocked,
+    UnknownOp,
+)
+from keyagent.protocol import OPS, PROTOCOL_VERSION, Request, encode_request, parse_request
+from keyagent.store import derive, iso, key_id_for
+
+WALL = 1_700_000_000.0
+PEER = Peer(pid=1, uid=0, gid=0)
+SECRET = "zebra-quokka-7781-S3CR3T"
+PASSPHRASE = "correct horse battery"
+SALT = b"\x07" * 16
+HOST = "app.conduce.com"
+USER = "ada@example.com"
+
+CORE_OPS = ["hello", "status", "add", "get", "list", "forget", "lock", "unlock", "stop"]
+
+# Valid arguments for every protocol op, to build requests that pass validation.
+VALID_ARGS: dict[str, dict[str, Any]] = {
+    "hello": {},
+    "status": {},
+    "add": {"host": HOST, "user": USER, "key": "k-123"},
+    "get": {},
+    "list": {},
+    "forget": {"all": True},
+    "lock": {"passphrase": PASSPHRASE},
+    "unlock": {"passphrase": PASSPHRASE},
+    "stop": {},
+    "login": {"host": HOST, "user": USER, "password": "pw"},
+    "logout": {"host": HOST, "user": USER},
+    "create": {"host": HOST, "user": USER},
+    "remove": {},
+}
+
+
+class FakeTime:
+    """A clock that only moves when told to; monotonic and wall time move together."""
+
+    def __init__(self) -> None:
+        self.monotonic = 1000.0
+        self.wall = WALL
+
+    def advance(self, seconds: float) -> None:
+        self.monotonic += seconds
+        self.wall += seconds
+
+    def clock(self) -> Clock:
+        return Clock(monotonic=lambda: self.monotonic, wall=lambda: self.wall)
+
+
+def request(op: str, request_id: int = 1, **args: Any) -> Request:
+    """A request as the server hands it to the agent: encoded, then parsed and validated."""
+    return parse_request(encode_request(op, request_id, args)[:-1])
+
+
+def call(agent: Agent, op: str, **args: Any) -> Outcome:
+    return agent.handle(request(op, **args), PEER)
+
+
+def result(agent: Agent, op: str, **args: Any) -> dict[str, Any]:
+    outcome = call(agent, op, **args)
+    assert isinstance(outcome, dict)
+    return outcome
+
+
+def deferred(agent: Agent, op: str, **args: Any) -> Deferred:
+    outcome = call(agent, op, **args)
+    assert isinstance(outcome, Deferred)
+    return outcome
+
+
+def is_locked(agent: Agent) -> bool:
+    """The lock state, read through a call so mypy does not narrow it across steps."""
+    return agent.lock.locked
+
+
+def run(job: Deferred) -> Outcome:
+    """What the server does with a Deferred: work on a thread, then finish on the loop."""
+    return job.finish(job.work())
+
+
+def add(agent: Agent, key: str = SECRET, **args: Any) -> dict[str, Any]:
+    return result(
+        agent, "add", host=args.pop("host", HOST), user=args.pop("user", USER), key=key, **args
+    )
+
+
+def colliding_keys() -> tuple[str, str, str]:
+    """Two keys whose key ids share their first four characters, and that prefix."""
+    seen: dict[str, str] = {}
+    for index in itertools.count():
+        key = f"collide-{index}"
+        prefix = key_id_for(key)[:4]
+        if prefix in seen:
+            return seen[prefix], key, prefix
+        seen[prefix] = key
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@pytest.fixture
+def time() -> FakeTime:
+    return FakeTime()
+
+
+@pytest.fixture
+def agent(time: FakeTime) -> Agent:
+    return Agent(socket_path="/run/user/1000/keyagent/socket", clock=time.clock())
+
+
+@pytest.fixture(scope="module")
+def digest() -> bytes:
+    return derive(PASSPHRASE, SALT)
+
+
+@pytest.fixture
+def locked(agent: Agent, digest: bytes) -> Agent:
+    """The agent, holding one key, locked with PASSPHRASE (engaged directly, to skip scrypt)."""
+    add(agent)
+    agent.lock.engage(SALT, digest)
+    return agent
+
+
+# --- dispatch --------------------------------------------------------------------------------
+
+
+def test_agent_serves_the_core_ops_in_protocol_order(agent: Agent) -> None:
+    """agent.ops lists the core ops it has handlers for, in the order OPS defines them."""
+    assert set(CORE_OPS) <= set(agent.ops)
+    assert set(agent.ops) <= set(OPS)
+    assert agent.ops == [op for op in OPS if op in agent.ops]
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_each_protocol_op_is_served_or_unknown(agent: Agent, op: str) -> None:
+    """An op known to the protocol but with no handler here raises UnknownOp naming it."""
+    if op in agent.ops:
+        outcome: Outcome | KeyagentError
+        try:
+            outcome = call(agent, op, **VALID_ARGS[op])
+        except KeyagentError as error:  # e.g. get on an empty agent: NotFound
+            outcome = error
+        assert not isinstance(outcome, UnknownOp)
+        assert isinstance(outcome, dict | Deferred | Delayed | Stop | KeyagentError)
+    else:
+        with pytest.raises(UnknownOp) as caught:
+            call(agent, op, **VALID_ARGS[op])
+        assert f"'{op}'" in caught.value.message
+        assert "not available" in caught.value.message
+
+
+def test_login_is_not_served_by_the_bare_agent(agent: Agent) -> None:
+    """The Conduce ops (login, logout, create, remove) have no handler in the bare agent."""
+    for op in ("login", "logout", "create", "remove"):
+        assert op not in agent.ops
+        with pytest.raises(UnknownOp):
+            call(agent, op, **VALID_ARGS[op])
+
+
+def test_handle_uses_the_validated_args(agent: Agent) -> None:
+    """handle passes the request's validated arguments (a lowercased key id) to the handler."""
+    added = add(agent)
+    got = result(agent, "get", key_id=added["key_id"][:6].upper())
+    assert got["key"] == SECRET
+
+
+# --- hello and status --------------------------------------------------------------------------
+
+
+def test_hello_lists_protocol_version_and_ops(agent: Agent) -> None:
+    """hello answers with the protocol version, the package version and the served ops."""
+    assert result(agent, "hello") == {
+        "protocol": PROTOCOL_VERSION,
+        "version": __version__,
+        "ops": agent.ops,
+    }
+
+
+def test_status_fields(agent: Agent, time: FakeTime) -> None:
+    """status reports pid, socket, version, uptime, lock state, key count and settings."""
+    time.advance(12.3456)
+    assert result(agent, "status") == {
+        "pid": os.getpid(),
+        "socket": "/run/user/1000/keyagent/socket",
+        "version": __version__,
+        "uptime": 12.346,
+        "locked": False,
+        "keys": 0,
+        "default_lifetime": None,
+        "sessions": [],
+    }
+
+
+def test_status_reports_the_default_lifetime(time: FakeTime) -> None:
+    """status shows the default lifetime the agent was started with."""
+    agent = Agent(default_lifetime=900.0, clock=time.clock())
+    assert result(agent, "status")["default_lifetime"] == 900.0
+
+
+def test_status_counts_only_live_keys(agent: Agent, time: FakeTime) -> None:
+    """status counts held keys, leaving out those past their deadline even before reaping."""
+    add(agent, "k1", lifetime=10)
+    add(agent, "k2")
+    assert result(agent, "status")["keys"] == 2
+    time.advance(10)
+    assert result(agent, "status")["keys"] == 1
+
+
+def test_agent_with_real_clock_reports_uptime() -> None:
+    """Without a fake, the agent uses the real clocks and reports a small, non-negative uptime."""
+    status = result(Agent(), "status")
+    assert 0 <= status["uptime"] < 60
+    assert status["socket"] == ""
+
+
+# --- add -------------------------------------------------------------------------------------
+
+
+def test_add_returns_the_listing_without_the_secret(agent: Agent) -> None:
+    """add answers with the key's listing: its id, host, user and dates, never the key."""
+    added = add(agent, description="laptop")
+    assert added == {
+        "key_id": key_id_for(SECRET),
+        "host": HOST,
+        "user": USER,
+        "description": "laptop",
+        "created": None,
+        "added": iso(WALL),
+        "expires": None,
+        "source": "added",
+        "persisted": False,
+    }
+    assert SECRET not in json.dumps(added)
+
+
+def test_add_with_lifetime_sets_expiry(agent: Agent) -> None:
+    """add with a lifetime lists the wall-clock moment the key expires."""
+    assert add(agent, lifetime=90)["expires"] == iso(WALL + 90)
+
+
+def test_add_same_key_twice_keeps_one(agent: Agent, time: FakeTime) -> None:
+    """Adding the same key again updates its entry instead of holding it twice."""
+    add(agent, host="old.example")
+    time.advance(5)
+    again = add(agent, host="new.example")
+    assert again["host"] == "new.example"
+    assert again["added"] == iso(WALL + 5)
+    keys = result(agent, "list")["keys"]
+    assert [entry["host"] for entry in keys] == ["new.example"]
+
+
+def test_default_lifetime_applies_when_none_given(time: FakeTime) -> None:
+    """With a default lifetime, a key added without one expires after the default."""
+    agent = Agent(default_lifetime=30.0, clock=time.clock())
+    assert add(agent)["expires"] == iso(WALL + 30)
+    time.advance(29.999)
+    assert result(agent, "get")["key"] == SECRET
+    time.advance(0.001)
+    with pytest.raises(NotFound):
+        call(agent, "get")
+
+
+def test_explicit_lifetime_overrides_the_default(time: FakeTime) -> None:
+    """A lifetime given with add wins over the agent's default lifetime."""
+    agent = Agent(default_lifetime=30.0, clock=time.clock())
+    assert add(agent, lifetime=120)["expires"] == iso(WALL + 120)
+    time.advance(60)
+    assert result(agent, "get")["key"] == SECRET
+
+
+def test_without_default_lifetime_keys_are_kept(agent: Agent, time: FakeTime) -> None:
+    """Without a default or a given lifetime, a key is held until forgotten."""
+    add(agent)
+    time.advance(10 * 365 * 86400)
+    assert agent.reap() is None
+    assert result(agent, "get")["key"] == SECRET
+
+
+def test_out_of_range_default_lifetime_is_refused_or_harmless(time: FakeTime) -> None:
+    """A default lifetime longer than the protocol allows is refused up front or still lists."""
+    try:
+        agent = Agent(default_lifetime=1e12, clock=time.clock())
+    except ValueError:
+        return
+    add(agent)
+    assert len(result(agent, "list")["keys"]) == 1
+
+
+# --- expiry ----------------------------------------------------------------------------------
+
+
+def test_key_is_served_just_before_its_deadline_and_not_at_it(agent: Agent, time: FakeTime) -> None:
+    """A key with a lifetime is served until just before its deadline, and gone at it."""
+    added = add(agent, lifetime=60)
+    time.advance(59.999)
+    assert result(agent, "get")["key"] == SECRET
+    assert len(result(agent, "list")["keys"]) == 1
+    time.advance(0.001)
+    with pytest.raises(NotFound):
+        call(agent, "get")
+    with pytest.raises(NotFound):
+        call(agent, "get", key_id=added["key_id"])
+    assert result(agent, "list") == {"keys": []}
+
+
+def test_reap_drops_expired_keys_and_returns_the_next_deadline(
+    agent: Agent, time: FakeTime
+) -> None:
+    """agent.reap drops what is due and returns the next monotonic deadline, or None."""
+    add(agent, "k1", lifetime=10)
+    add(agent, "k2", lifetime=20)
+    assert agent.reap() == time.monotonic + 10
+    time.advance(10)
+    assert agent.reap() == time.monotonic + 10
+    assert len(agent.held_keys) == 1
+    time.advance(10)
+    assert agent.reap() is None
+    assert len(agent.held_keys) == 0
+
+
+# --- get -------------------------------------------------------------------------------------
+
+
+def test_get_returns_the_newest_key_and_its_id(agent: Agent) -> None:
+    """get with no selector returns the most recently added key and its key id."""
+    add(agent, "older")
+    add(agent, "newer")
+    assert result(agent, "get") == {"key": "newer", "key_id": key_id_for("newer")}
+
+
+def test_get_by_host_user_and_key_id(agent: Agent) -> None:
+    """get narrows by host, by user and by key id prefix."""
+    add(agent, "k1", host="a.example", user="ada")
+    add(agent, "k2", host="b.example", user="ada")
+    add(agent, "k3", host="a.example", user="bob")
+    assert result(agent, "get", host="b.example")["key"] == "k2"
+    assert result(agent, "get", user="ada")["key"] == "k2"
+    assert result(agent, "get", host="a.example", user="ada")["key"] == "k1"
+    assert result(agent, "get", key_id=key_id_for("k1")[:5])["key"] == "k1"
+
+
+def test_get_without_a_match_is_not_found(agent: Agent) -> None:
+    """get with nothing matching raises NotFound naming the selectors, with no secret."""
+    add(agent)
+    with pytest.raises(NotFound) as caught:
+        call(agent, "get", host="other.example")
+    assert "host other.example" in caught.value.message
+    assert SECRET not in caught.value.message
+
+
+def test_get_with_ambiguous_prefix(agent: Agent) -> None:
+    """get with a key id prefix shared by two keys raises Ambiguous."""
+    first, second, prefix = colliding_keys()
+    add(agent, first)
+    add(agent, second)
+    with pytest.raises(Ambiguous):
+        call(agent, "get", key_id=prefix)
+
+
+# --- list ------------------------------------------------------------------------------------
+
+
+def test_list_shows_keys_oldest_first_without_secrets(agent: Agent, time: FakeTime) -> None:
+    """list shows every live key's listing, oldest first, and never a key."""
+    add(agent, SECRET)
+    time.advance(1)
+    add(agent, "k2", description="second")
+    listed = result(agent, "list")
+    assert [entry["key_id"] for entry in listed["keys"]] == [key_id_for(SECRET), key_id_for("k2")]
+    assert listed["keys"][1]["description"] == "second"
+    assert listed["keys"][1]["added"] == iso(WALL + 1)
+    assert SECRET not in json.dumps(listed)
+    assert all("key" not in entry for entry in listed["keys"])
+
+
+def test_list_filters_by_host_and_user(agent: Agent) -> None:
+    """list narrows by host and by user."""
+    add(agent, "k1", host="a.example", user="ada")
+    add(agent, "k2", host="b.example", user="bob")
+    assert [k["host"] for k in result(agent, "list", host="b.example")["keys"]] == ["b.example"]
+    assert [k["user"] for k in result(agent, "list", user="ada")["keys"]] == ["ada"]
+    assert result(agent, "list", host="a.example", user="bob") == {"keys": []}
+
+
+def test_list_accepts_remote_flag(agent: Agent) -> None:
+    """list accepts the remote flag and still lists held keys."""
+    add(agent)
+    assert len(result(agent, "list", remote=False)["keys"]) == 1
+
+
+def test_readded_key_lists_last(agent: Agent) -> None:
+    """Re-adding an older key moves it to the end of the list."""
+    add(agent, "k1")
+    add(agent, "k2")
+    add(agent, "k1")
+    listed = result(agent, "list")["keys"]
+    assert [entry["key_id"] for entry in listed] == [key_id_for("k2"), key_id_for("k1")]
+
+
+# --- forget ----------------------------------------------------------------------------------
+
+
+def test_forget_by_key_id(agent: Agent) -> None:
+    """forget with a key id drops that key only and reports one forgotten."""
+    add(agent, "k1")
+    add(agent, "k2")
+    assert result(agent, "forget", key_id=key_id_for("k1")) == {"forgotten": 1}
+    with pytest.raises(NotFound):
+        call(agent, "get", key_id=key_id_for("k1"))
+    assert result(agent, "get")["key"] == "k2"
+
+
+def test_forget_by_key_id_prefix(agent: Agent) -> None:
+    """forget accepts a unique key id prefix."""
+    add(agent, "k1")
+    assert result(agent, "forget", key_id=key_id_for("k1")[:4]) == {"forgotten": 1}
+    assert len(agent.held_keys) == 0
+
+
+def test_forget_with_all_false_and_a_key_id(agent: Agent) -> None:
+    """forget with all false and a key id forgets by key id."""
+    add(agent, "k1")
+    assert result(agent, "forget", key_id=key_id_for("k1"), all=False) == {"forgotten": 1}
+
+
+def test_forget_all(agent: Agent) -> None:
+    """forget all drops every key and reports how many."""
+    for key in ("k1", "k2", "k3"):
+        add(agent, key)
+    assert result(agent, "forget", all=True) == {"forgotten": 3}
+    assert result(agent, "list") == {"keys": []}
+    assert result(agent, "forget", all=True) == {"forgotten": 0}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [{}, {"all": False}, {"all": True, "key_id": "abcd"}],
+    ids=["neither", "all-false-alone", "both"],
+)
+def test_forget_needs_exactly_one_of_key_id_and_all(agent: Agent, args: dict[str, Any]) -> None:
+    """forget with neither or both of key_id and all is a bad request that forgets nothing."""
+    add(agent)
+    with pytest.raises(BadRequest, match="either 'key_id' or 'all'"):
+        call(agent, "forget", **args)
+    assert len(agent.held_keys) == 1
+
+
+def test_forget_unknown_key_id_is_not_found(agent: Agent) -> None:
+    """forget of a key id nobody holds raises NotFound and forgets nothing."""
+    add(agent)
+    with pytest.raises(NotFound):
+        call(agent, "forget", key_id=key_id_for("not held"))
+    assert len(agent.held_keys) == 1
+
+
+def test_forget_ambiguous_prefix_forgets_nothing(agent: Agent) -> None:
+    """forget with a prefix shared by two keys raises Ambiguous and keeps both."""
+    first, second, prefix = colliding_keys()
+    add(agent, first)
+    add(agent, second)
+    with pytest.raises(Ambiguous):
+        call(agent, "forget", key_id=prefix)
+    assert len(agent.held_keys) == 2
+
+
+def test_forget_of_an_expired_key_is_not_found(agent: Agent, time: FakeTime) -> None:
+    """A key past its deadline cannot be forgotten by id: it is already gone."""
+    added = add(agent, lifetime=5)
+    time.advance(5)
+    with pytest.raises(NotFound):
+        call(agent, "forget", key_id=added["key_id"])
+
+
+def test_forget_all_counts_only_live_keys(agent: Agent, time: FakeTime) -> None:
+    """forget all reports only keys that were still live, matching what list showed."""
+    add(agent, "k1", lifetime=5)
+    add(agent, "k2")
+    time.advance(5)
+    assert len(result(agent, "list")["keys"]) == 1
+    assert result(agent, "forget", all=True) == {"forgotten": 1}
+
+
+# --- lock ------------------------------------------------------------------------------------
+
+
+def test_lock_is_deferred_and_engages_on_finish(agent: Agent) -> None:
+    """lock returns a Deferred on the lock queue; the agent locks only when it finishes."""
+    job = deferred(agent, "lock", passphrase=PASSPHRASE)
+    assert job.queue == "lock"
+    assert job.fail is None
+    assert is_locked(agent) is False
+    derived = job.work()
+    assert isinstance(derived, bytes)
+    assert len(derived) == 32
+    assert is_locked(agent) is False
+    assert job.finish(derived) == {"locked": True}
+    assert is_locked(agent) is True
+    assert agent.lock.digest == derived
+    salt = agent.lock.salt
+    assert salt is not None
+    assert derive(PASSPHRASE, salt) == derived
+    assert result(agent, "status")["locked"] is True
+
+
+def test_lock_deferred_repr_hides_the_passphrase(agent: Agent) -> None:
+    """The Deferred a lock returns does not show the passphrase in its repr."""
+    job = deferred(agent, "lock", passphrase=PASSPHRASE)
+    assert PASSPHRASE not in repr(job)
+    assert repr(job) == "Deferred(queue='lock')"
+
+
+def test_lock_uses_a_fresh_salt_each_time(agent: Agent) -> None:
+    """Two locks of the same passphrase use different salts."""
+    first = deferred(agent, "lock", passphrase=PASSPHRASE)
+    first.finish(b"\x01" * 32)
+    first_salt = agent.lock.salt
+    agent.lock.try_release(b"\x01" * 32)
+    second = deferred(agent, "lock", passphrase=PASSPHRASE)
+    second.finish(b"\x02" * 32)
+    assert agent.lock.salt != first_salt
+
+
+def test_lock_when_locked_is_refused(locked: Agent) -> None:
+    """A lock request while locked raises Locked."""
+    with pytest.raises(Locked):
+        call(locked, "lock", passphrase="another one")
+
+
+def test_second_lock_finishing_later_is_refused(agent: Agent) -> None:
+    """Of two locks started together, the one that finishes second raises Locked."""
+    first = deferred(agent, "lock", passphrase=PASSPHRASE)
+    second = deferred(agent, "lock", passphrase="other passphrase")
+    assert first.finish(b"\x01" * 32) == {"locked": True}
+    with pytest.raises(Locked, match="already locked"):
+        second.finish(b"\x02" * 32)
+    assert agent.lock.digest == b"\x01" * 32
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_while_locked_only_hello_status_and_unlock_are_served(locked: Agent, op: str) -> None:
+    """While locked, every served op but hello, status and unlock raises Locked."""
+    if op not in locked.ops:
+        with pytest.raises(UnknownOp):
+            call(locked, op, **VALID_ARGS[op])
+    elif op in ALLOWED_WHILE_LOCKED:
+        outcome = call(locked, op, **VALID_ARGS[op])
+        assert isinstance(outcome, dict | Deferred)
+    else:
+        with pytest.raises(Locked) as caught:
+            call(locked, op, **VALID_ARGS[op])
+        assert caught.value.message == Locked.default_message
+    assert locked.lock.locked
+    assert len(locked.held_keys) == 1
+
+
+def test_allowed_while_locked_is_exactly_hello_status_unlock() -> None:
+    """The ops served while locked are exactly hello, status and unlock."""
+    assert frozenset({"hello", "status", "unlock"}) == ALLOWED_WHILE_LOCKED
+
+
+def test_locked_get_refuses_even_a_missing_key(locked: Agent) -> None:
+    """The lock check comes first: a get that would be NotFound raises Locked instead."""
+    with pytest.raises(Locked):
+        call(locked, "get", host="nowhere.example")
+
+
+def test_stop_while_locked_is_refused(locked: Agent) -> None:
+    """stop is not served while locked."""
+    with pytest.raises(Locked):
+        call(locked, "stop")
+
+
+# --- unlock ----------------------------------------------------------------------------------
+
+
+def test_unlock_when_not_locked_is_not_locked(agent: Agent) -> None:
+    """unlock on an unlocked agent raises NotLocked straight away, with no deferred work."""
+    with pytest.raises(NotLocked):
+        call(agent, "unlock", passphrase=PASSPHRASE)
+
+
+def test_unlock_with_the_right_passphrase(locked: Agent) -> None:
+    """unlock with the right passphrase is deferred on the lock queue and unlocks the agent."""
+    job = deferred(locked, "unlock", passphrase=PASSPHRASE)
+    assert job.queue == "lock"
+    assert PASSPHRASE not in repr(job)
+    assert run(job) == {"locked": False}
+    assert locked.lock.locked is False
+    assert result(locked, "get")["key"] == SECRET
+    assert result(locked, "status")["locked"] is False
+
+
+def test_wrong_passphrase_is_delayed_with_growing_delays(locked: Agent) -> None:
+    """Each wrong unlock is a Delayed BadPassphrase, held back 0.1 s, then 0.2 s, then 0.4 s."""
+    delays = []
+    for _ in range(3):
+        outcome = run(deferred(locked, "unlock", passphrase="wrong horse"))
+        assert isinstance(outcome, Delayed)
+        assert isinstance(outcome.then, BadPassphrase)
+        delays.append(outcome.seconds)
+        assert locked.lock.locked
+    assert delays == pytest.approx([0.1, 0.2, 0.4])
+    assert locked.lock.failures == 3
+
+
+def test_right_passphrase_after_failures_resets_the_delay(locked: Agent) -> None:
+    """After a successful unlock the failure count starts over at the next lock."""
+    run(deferred(locked, "unlock", passphrase="wrong horse"))
+    run(deferred(locked, "unlock", passphrase="wrong horse"))
+    assert run(deferred(locked, "unlock", passphrase=PASSPHRASE)) == {"locked": False}
+    assert locked.lock.failures == 0
+    job = deferred(locked, "lock", passphrase="new passphrase")
+    job.finish(b"\x05" * 32)
+    outcome = deferred(locked, "unlock", passphrase="anything").finish(b"\x06" * 32)
+    assert isinstance(outcome, Delayed)
+    assert outcome.seconds == pytest.approx(0.1)
+
+
+def test_wrong_passphrase_error_never_contains_it(locked: Agent) -> None:
+    """The BadPassphrase a wrong unlock yields does not repeat the passphrase tried."""
+    outcome = run(deferred(locked, "unlock", passphrase=SECRET))
+    assert isinstance(outcome, Delayed)
+    assert isinstance(outcome.then, KeyagentError)
+    assert SECRET not in outcome.then.message
+    assert SECRET not in repr(outcome)
+
+
+def test_unlock_raced_by_another_unlock_is_not_locked(locked: Agent, digest: bytes) -> None:
+    """Of two unlocks in flight, the one finishing after the agent unlocked raises NotLocked."""
+    first = deferred(locked, "unlock", passphrase=PASSPHRASE)
+    second = deferred(locked, "unlock", passphrase=PASSPHRASE)
+    assert first.finish(digest) == {"locked": False}
+    with pytest.raises(NotLocked, match="meanwhile"):
+        second.finish(digest)
+
+
+def test_unlock_started_before_a_relock_is_not_locked(locked: Agent, digest: bytes) -> None:
+    """An unlock that began under an earlier lock cannot release a newer lock."""
+    stale = deferred(locked, "unlock", passphrase=PASSPHRASE)
+    assert deferred(locked, "unlock", passphrase=PASSPHRASE).finish(digest) == {"locked": False}
+    deferred(locked, "lock", passphrase=PASSPHRASE).finish(b"\x09" * 32)
+    with pytest.raises(NotLocked, match="meanwhile"):
+        stale.finish(digest)
+    assert locked.lock.locked
+    assert locked.lock.failures == 0
+
+
+# --- stop ------------------------------------------------------------------------------------
+
+
+def test_stop_returns_stop(agent: Agent) -> None:
+    """stop returns a Stop outcome whose result says the agent is stopping."""
+    outcome = call(agent, "stop")
+    assert outcome == Stop({"stopping": True})
+
+
+def test_outcomes_are_frozen() -> None:
+    """Delayed and Stop outcomes cannot be changed once made."""
+    delayed = Delayed(0.1, BadPassphrase())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        delayed.seconds = 0  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Stop({}).result = {"x": 1}  # type: ignore[misc]

@@ -21,15 +21,19 @@ from typing import Any, Final
 
 from keyagent import __version__
 from keyagent.errors import (
+    Ambiguous,
     BadPassphrase,
     BadRequest,
     KeyagentError,
     Locked,
+    NotFound,
     NotLocked,
+    SessionExpired,
     UnknownOp,
 )
 from keyagent.protocol import MAX_LIFETIME, OPS, PROTOCOL_VERSION, Request
-from keyagent.store import KeyStore, Lock, derive, new_salt
+from keyagent.sessions import AccountFactory, Plan, RemoteResult, Session, run_remote
+from keyagent.store import HeldKey, KeyStore, Lock, derive, iso, key_id_for, new_salt
 
 log = logging.getLogger("keyagent.agent")
 
@@ -97,6 +101,8 @@ class Agent:
         socket_path: str = "",
         default_lifetime: float | None = None,
         clock: Clock | None = None,
+        accounts: AccountFactory | None = None,
+        validate_after: float = 300.0,
     ) -> None:
         if default_lifetime is not None and not 0 < default_lifetime <= MAX_LIFETIME:
             raise ValueError("the default lifetime must be positive and at most ten years")
@@ -106,6 +112,9 @@ class Agent:
         self.held_keys = KeyStore()
         self.lock = Lock()
         self.started = self.clock.monotonic()
+        self.sessions: dict[tuple[str, str], Session] = {}
+        self._accounts = accounts
+        self.validate_after = validate_after
         self._handlers: dict[str, Callable[[Mapping[str, Any]], Outcome]] = {
             "hello": self.process_hello,
             "status": self.process_status,
@@ -117,6 +126,13 @@ class Agent:
             "unlock": self.process_unlock,
             "stop": self.process_stop,
         }
+        if accounts is not None:
+            self._handlers.update(
+                login=self.process_login,
+                logout=self.process_logout,
+                create=self.process_create,
+                remove=self.process_remove,
+            )
 
     @property
     def ops(self) -> list[str]:
@@ -159,7 +175,7 @@ class Agent:
             "locked": self.lock.locked,
             "keys": sum(1 for _ in self.held_keys.matching(now)),
             "default_lifetime": self.default_lifetime,
-            "sessions": [],
+            "sessions": [session.state() for session in self.sessions.values()],
         }
 
     def process_add(self, args: Mapping[str, Any]) -> Result:
@@ -182,7 +198,9 @@ class Agent:
         log.debug("served key %s", held.key_id)
         return {"key": held.secret, "key_id": held.key_id}
 
-    def process_list(self, args: Mapping[str, Any]) -> Result:
+    def process_list(self, args: Mapping[str, Any]) -> Outcome:
+        if args.get("remote"):
+            return self._list_remote(args)
         found = self.held_keys.matching(self.clock.monotonic(), args.get("host"), args.get("user"))
         keys = [held.listing() for held in found]
         keys.reverse()  # oldest first reads best in a table
@@ -236,3 +254,203 @@ class Agent:
     def process_stop(self, args: Mapping[str, Any]) -> Outcome:
         log.info("stop requested")
         return Stop({"stopping": True})
+
+    # --- Conduce operations --------------------------------------------------------------
+    # Each runs its network call as a Deferred on the account's queue (one call at a time
+    # per account) and applies the outcome to the store and session on the loop.
+
+    def process_login(self, args: Mapping[str, Any]) -> Outcome:
+        session = self.session_for(args["host"], args["user"])
+        password: str = args["password"]
+
+        def finish(_: None) -> Result:
+            session.proved_alive(self.clock.monotonic(), self.clock.wall())
+            session.since = self.clock.wall()
+            log.info("logged in %s on %s", session.user, session.host)
+            return {"host": session.host, "user": session.user, "session": True}
+
+        return Deferred(
+            work=lambda: session.account.login(password), finish=finish, queue=session.queue
+        )
+
+    def process_logout(self, args: Mapping[str, Any]) -> Outcome:
+        session = self.session_for(args["host"], args["user"])
+
+        def finish(_: None) -> Result:
+            had_session = session.logged_in
+            session.logged_in = session.expired = False
+            session.since = session.checked = session.checked_wall = None
+            log.info("logged out %s on %s", session.user, session.host)
+            return {
+                "host": session.host,
+                "user": session.user,
+                "session": False,
+                "was_logged_in": had_session,
+            }
+
+        return Deferred(work=session.account.logout, finish=finish, queue=session.queue)
+
+    def process_create(self, args: Mapping[str, Any]) -> Outcome:
+        session = self.session_for(args["host"], args["user"])
+        description: str = args.get("description", "created by keyagent")
+        lifetime = args.get("lifetime", self.default_lifetime)
+        plan = self._plan(session)
+
+        def finish(result: RemoteResult[str]) -> Result:
+            self._learn(session, result)
+            held = self.held_keys.put(
+                host=session.host, user=session.user, secret=result.value,
+                now=self.clock.monotonic(), wall=self.clock.wall(), lifetime=lifetime,
+                description=description, created=iso(self.clock.wall()), source="created",
+            )  # fmt: skip
+            log.info("created key %s for %s on %s", held.key_id, session.user, session.host)
+            listing = held.listing()
+            if args.get("reveal"):
+                listing["key"] = held.secret
+            return listing
+
+        return self._remote(
+            session,
+            plan,
+            lambda key: session.account.create_key(description, api_key=key),
+            finish,
+        )
+
+    def _list_remote(self, args: Mapping[str, Any]) -> Outcome:
+        host, user = args.get("host"), args.get("user")
+        if host is None or user is None:
+            raise BadRequest("list with remote: true needs both 'host' and 'user'")
+        session = self.session_for(host, user)
+        plan = self._plan(session)
+
+        def finish(result: RemoteResult[Any]) -> Result:
+            self._learn(session, result)
+            on_service = {key_id_for(listed.key): listed for listed in result.value}
+            mine = list(self.held_keys.matching(self.clock.monotonic(), host, user))
+            held_ids = {held.key_id for held in mine}
+            keys = [
+                {**held.listing(), "stale": held.key_id not in on_service}
+                for held in reversed(mine)
+            ]
+            remote = [
+                {"key_id": key_id, "masked": listed.masked(), "description": listed.description,
+                 "created": listed.created, "held": key_id in held_ids}
+                for key_id, listed in on_service.items()
+            ]  # fmt: skip
+            return {"keys": keys, "remote": remote}
+
+        return self._remote(
+            session, plan, lambda key: session.account.list_keys(api_key=key), finish
+        )
+
+    def process_remove(self, args: Mapping[str, Any]) -> Outcome:
+        key_id, secret = args.get("key_id"), args.get("key")
+        if (key_id is None) == (secret is None):
+            raise BadRequest("remove needs either 'key_id' or 'key', not both")
+        host, user = args.get("host"), args.get("user")
+        now = self.clock.monotonic()
+        held: HeldKey | None
+        if secret is not None:
+            held = next(self.held_keys.matching(now, key_id=key_id_for(secret)), None)
+        else:
+            try:
+                held = self.held_keys.newest(now, host, user, key_id)
+            except NotFound:
+                held = None
+        if held is not None:
+            secret, host, user = held.secret, held.host, held.user
+        if host is None or user is None:
+            raise NotFound(
+                "the agent does not hold that key; give --host and --user to remove a key "
+                "it does not hold"
+            )
+        session = self.session_for(host, user)
+        plan = self._plan(session, avoid=held.key_id if held else None)
+        account = session.account
+
+        def delete(api_key: str | None) -> str:
+            target = secret
+            if target is None:  # a key id the agent does not hold: find it on the service
+                matches = [
+                    listed.key
+                    for listed in account.list_keys(api_key=api_key)
+                    if key_id_for(listed.key).startswith(key_id or "")
+                ]
+                if not matches:
+                    raise NotFound(
+                        f"no API key with id {key_id} on the service for {user}; "
+                        "run keyagent-ctl list --remote"
+                    )
+                if len(matches) > 1:
+                    raise Ambiguous(
+                        f"key id {key_id} matches several keys on the service; give more of it"
+                    )
+                target = matches[0]
+            account.delete_key(target, api_key=api_key)
+            return key_id_for(target)
+
+        def finish(result: RemoteResult[str]) -> Result:
+            self._learn(session, result)
+            removed = self.held_keys.discard(result.value)
+            log.info("removed key %s on %s", result.value, session.host)
+            return {
+                "key_id": result.value,
+                "host": session.host,
+                "user": session.user,
+                "removed": True,
+                "forgotten": 1 if removed else 0,
+            }
+
+        return self._remote(session, plan, delete, finish)
+
+    # --- helpers for remote operations ---------------------------------------------------
+
+    def session_for(self, host: str, user: str) -> Session:
+        """The account's session record, created (logged out) on first use."""
+        session = self.sessions.get((host, user))
+        if session is None:
+            assert self._accounts is not None  # noqa: S101  # only remote ops get here
+            session = Session(host, user, self._accounts(host, user))
+            self.sessions[(host, user)] = session
+        return session
+
+    def _plan(self, session: Session, *, avoid: str | None = None) -> Plan:
+        """Pick credentials on the loop: the live session, else a held key of the account."""
+        now = self.clock.monotonic()
+        api_key = None
+        for held in self.held_keys.matching(now, session.host, session.user):
+            if held.key_id != avoid:
+                api_key = held.secret
+                break
+        else:
+            if avoid is not None:  # the key being removed may still authenticate its removal
+                found = next(self.held_keys.matching(now, key_id=avoid), None)
+                api_key = found.secret if found else None
+        stale = session.checked is None or now - session.checked > self.validate_after
+        return Plan(
+            use_session=session.live, validate_first=session.live and stale, api_key=api_key
+        )
+
+    def _remote(
+        self,
+        session: Session,
+        plan: Plan,
+        call: Callable[[str | None], Any],
+        finish: Callable[[Any], Outcome],
+    ) -> Deferred:
+        def work() -> RemoteResult[Any]:
+            return run_remote(session.account, plan, call, host=session.host, user=session.user)
+
+        def fail(error: KeyagentError) -> Outcome:
+            if isinstance(error, SessionExpired):
+                session.mark_expired()
+                log.info("session of %s on %s expired", session.user, session.host)
+            raise error
+
+        return Deferred(work=work, finish=finish, queue=session.queue, fail=fail)
+
+    def _learn(self, session: Session, result: RemoteResult[Any]) -> None:
+        if result.session_alive:
+            session.proved_alive(self.clock.monotonic(), self.clock.wall())
+        elif result.session_expired:
+            session.mark_expired()

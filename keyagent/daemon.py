@@ -38,6 +38,7 @@ from keyagent.server import (
     check_private_dir,
     file_identity,
 )
+from keyagent.sessions import AccountFactory
 
 log = logging.getLogger("keyagent")
 
@@ -131,6 +132,38 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULTS.max_connections,
         metavar="N",
         help="connections served at once; more are answered 'busy'",
+    )
+    conduce = parser.add_argument_group("Conduce service")
+    conduce.add_argument(
+        "--ca-bundle",
+        metavar="FILE",
+        help="trust this CA bundle for Conduce hosts (beats REQUESTS_CA_BUNDLE)",
+    )
+    conduce.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do not verify TLS certificates (logs a warning on every call)",
+    )
+    conduce.add_argument(
+        "--connect-timeout",
+        type=_duration,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds to wait for a connection (default 5)",
+    )
+    conduce.add_argument(
+        "--read-timeout",
+        type=_duration,
+        default=30.0,
+        metavar="SECONDS",
+        help="seconds to wait for an answer (default 30)",
+    )
+    conduce.add_argument(
+        "--validate-after",
+        type=_duration,
+        default=300.0,
+        metavar="SECONDS",
+        help="check a session idle this long before relying on it (default 300)",
     )
     parser.add_argument("--version", action="version", version=f"keyagent {__version__}")
     parser.add_argument(
@@ -255,6 +288,25 @@ def _detach_stdio() -> None:
 # --- main --------------------------------------------------------------------------------
 
 
+def conduce_accounts(args: argparse.Namespace) -> AccountFactory:
+    """Accounts that talk to the real service; ``requests`` is loaded here, in the daemon only."""
+    from keyagent.conduce import ConduceAccount, HttpSettings
+
+    settings = HttpSettings(
+        verify=args.ca_bundle or True,
+        insecure=args.insecure,
+        connect_timeout=args.connect_timeout,
+        read_timeout=args.read_timeout,
+    )
+    if args.insecure:
+        log.warning("--insecure: TLS certificates of Conduce hosts will not be verified")
+
+    def account(host: str, user: str) -> ConduceAccount:
+        return ConduceAccount(host, user, settings)
+
+    return account
+
+
 def serve(
     args: argparse.Namespace,
     listener_path: str,
@@ -264,7 +316,12 @@ def serve(
 ) -> int:
     """Harden, set up, call ``on_ready`` (signals are handled by then), serve until stopped."""
     harden(args.max_connections)
-    agent = Agent(socket_path=listener_path, default_lifetime=args.lifetime)
+    agent = Agent(
+        socket_path=listener_path,
+        default_lifetime=args.lifetime,
+        accounts=conduce_accounts(args),
+        validate_after=args.validate_after,
+    )
     limits = Limits(
         max_connections=args.max_connections,
         idle_timeout=args.idle_timeout,
@@ -294,6 +351,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write("keyagent: -D/-d and a command exclude each other\n")
         return EXIT_USAGE
     configure_logging(debug=args.debug, foreground=True)  # until we know where logs go
+    if args.ca_bundle:
+        if args.insecure:
+            sys.stderr.write("keyagent: --ca-bundle and --insecure exclude each other\n")
+            return EXIT_USAGE
+        if not os.path.isfile(args.ca_bundle):
+            sys.stderr.write(f"keyagent: CA bundle {args.ca_bundle} is not a readable file\n")
+            return EXIT_FAILURE
+        args.ca_bundle = os.path.abspath(args.ca_bundle)  # the daemon changes directory
     path = os.path.abspath(args.socket) if args.socket else paths.default_socket_path()
     try:
         if not args.socket:

@@ -65,7 +65,8 @@ class Limits:
     """Stop reading a client whose unread replies exceed this many bytes."""
     stop_grace: float = 2.0
     """How long ``stop`` waits for its own reply to drain before exiting anyway."""
-    workers: int = 4
+    workers: int = 32
+    """Threads for blocking work (Conduce calls, key derivation, the keyring), at most."""
 
 
 class Connection:
@@ -101,27 +102,45 @@ class Connection:
 
 
 class _Workers:
-    """A few daemon threads for blocking work. Daemon, so a hung call never blocks exit."""
+    """Daemon threads for blocking work, started on demand up to ``limit``.
 
-    def __init__(self, count: int, deliver: Callable[[Callable[[], None]], None]) -> None:
+    A thread is added whenever no idle one is left, so a Conduce call hung until its
+    timeout never makes an unlock or another account's call wait behind it. Daemon
+    threads, so a hung call never delays exit.
+    """
+
+    def __init__(self, limit: int) -> None:
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._deliver = deliver
-        self._threads = [
-            threading.Thread(target=self._run, name=f"keyagent-worker-{n}", daemon=True)
-            for n in range(count)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._limit = limit
+        self._guard = threading.Lock()
+        self._threads = 0
+        self._idle = 0
 
     def submit(self, job: Callable[[], None]) -> None:
-        self._jobs.put(job)
+        with self._guard:
+            start = self._idle == 0 and self._threads < self._limit
+            if start:
+                self._threads += 1
+            else:
+                self._idle -= 1 if self._idle else 0
+        if start:
+            threading.Thread(
+                target=self._run, args=(job,), name="keyagent-worker", daemon=True
+            ).start()
+        else:
+            self._jobs.put(job)
 
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
+    def _run(self, job: Callable[[], None] | None) -> None:
+        while job is not None:
             job()
+            with self._guard:
+                self._idle += 1
+            job = self._jobs.get()
 
     def stop(self) -> None:
-        for _ in self._threads:
+        with self._guard:
+            count = self._threads
+        for _ in range(count):
             self._jobs.put(None)
 
 
@@ -179,7 +198,7 @@ class Server:
         self._selector.register(self.listener, selectors.EVENT_READ, None)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        self._workers = _Workers(self.limits.workers, self._deliver)
+        self._workers = _Workers(self.limits.workers)
         self._running = True
         if self.on_ready is not None:
             self.on_ready()

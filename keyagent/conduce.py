@@ -1,0 +1,619 @@
+"""The Conduce REST API, as keyagent needs it: log in, check a session, list/create/delete keys.
+
+This is the only module of keyagent that imports :mod:`requests`; everything else sees
+:class:`ConduceAccount`, :class:`RemoteKey` and the errors of :mod:`keyagent.errors`.
+
+Security rules this module keeps:
+
+* TLS verification is always on, unless :attr:`HttpSettings.insecure` is set explicitly, and
+  then every single request logs a warning.
+* The password is sent once, in the login body, and kept nowhere: no attribute, no log record,
+  no exception.
+* Nothing that came back from the service or went to it beyond method, path, status and timing
+  reaches a log record or an exception message: bodies may echo secrets, headers carry them.
+* Every exception raised here is raised outside the ``except`` block that caught the
+  :mod:`requests` failure, so it has neither ``__cause__`` nor ``__context__``: a traceback
+  cannot drag along a request object holding headers, cookies or the login body.
+"""
+
+from __future__ import annotations
+
+import http
+import json
+import logging
+import os
+import random
+import re
+import ssl
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from http.cookiejar import Cookie, DefaultCookiePolicy
+from types import MappingProxyType, TracebackType
+from typing import Final, Literal
+
+import requests
+from requests.cookies import RequestsCookieJar
+
+from keyagent.errors import (
+    BadCredentials,
+    BadRequest,
+    Forbidden,
+    KeyagentError,
+    LoginRequired,
+    NotFound,
+    RemoteError,
+    RemoteUnreachable,
+    SessionExpired,
+    TLSError,
+)
+
+__all__ = ["API_PREFIX", "ConduceAccount", "HttpSettings", "RemoteKey"]
+
+log = logging.getLogger("keyagent.conduce")
+
+API_PREFIX: Final = "/conduce/api/v1/"
+
+# The listed-key object is documented only as "the key and its creation date": accept the
+# spellings a service is likely to use, in order of preference.
+_KEY_FIELDS: Final = ("apikey", "key", "api_key")
+_CREATED_FIELDS: Final = ("created", "created_at", "date")
+
+# Retrying is only ever worth it when a gateway or the service itself says "try again".
+_RETRY_STATUSES: Final = frozenset({502, 503, 504})
+# Full-jitter backoff grows exponentially; cap a single wait so a large retries setting
+# cannot stall a worker thread for minutes.
+_MAX_BACKOFF: Final = 10.0
+
+# A host is a DNS name or IPv4 address, or a bracketed IPv6 address, with an optional port.
+# Anything else (a scheme, a path, user info, whitespace) would let the URL we build point
+# somewhere the user did not name.
+_HOST_RE: Final = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?"
+)
+
+
+@dataclass(frozen=True)
+class RemoteKey:
+    """One API key as the service listed it."""
+
+    key: str = field(repr=False)
+    description: str
+    created: str | None
+    # Unknown fields are kept for callers that know better, but never shown: a field we do
+    # not understand may well hold another secret. Not hashed either: values may be dicts.
+    extra: Mapping[str, object] = field(default_factory=dict, repr=False, hash=False)
+
+    def masked(self) -> str:
+        """The key with all but its first and last four characters hidden.
+
+        Keys shorter than 16 characters are hidden entirely, so that at least half of
+        any key we show stays secret and a short key's length is not revealed either.
+        """
+        if len(self.key) < 16:
+            return "****"
+        return f"{self.key[:4]}…{self.key[-4:]}"
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """How to talk to the service; one instance is shared by all accounts of an agent."""
+
+    verify: str | bool = True
+    """A CA bundle path, or True for the system (or ``REQUESTS_CA_BUNDLE``) trust store."""
+    insecure: bool = False
+    """Explicit opt-out of TLS verification: overrides :attr:`verify`, warns on every request."""
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    retries: int = 2
+    """Extra attempts for safe calls (validate, list) only."""
+    backoff: float = 0.2
+    """Base of the exponential backoff, in seconds; each wait is drawn uniformly below it."""
+
+    def __post_init__(self) -> None:
+        # Fail at configuration time, not on the first request of some worker thread.
+        if self.connect_timeout <= 0 or self.read_timeout <= 0:
+            raise BadRequest("timeouts must be positive numbers of seconds; fix the settings")
+        if self.retries < 0 or self.backoff < 0:
+            raise BadRequest("retries and backoff must not be negative; fix the settings")
+        if self.verify is False and not self.insecure:
+            # Turning verification off must be spelled out as insecure=True, which also
+            # makes every request log a warning; verify=False alone would do it silently.
+            raise BadRequest("to turn TLS verification off, pass --insecure explicitly")
+        if self.verify == "":
+            raise BadRequest("the CA bundle path is empty; pass a file to --ca-bundle")
+
+    @property
+    def effective_verify(self) -> str | bool:
+        """What to pass as ``verify=`` to requests."""
+        return False if self.insecure else self.verify
+
+
+class _RefuseAllCookies(DefaultCookiePolicy):
+    """A policy for the Session's own jar: store nothing, send nothing.
+
+    The session cookie lives in :attr:`ConduceAccount._cookies` and is passed explicitly on
+    cookie-authenticated calls only. Were it kept in the Session's jar, requests would also
+    send it alongside ``Authorization: Bearer`` on API-key calls, and any cookie the service
+    sets on an API-key call would silently join the account's session.
+    """
+
+    def set_ok(self, cookie: Cookie, request: object) -> bool:
+        return False
+
+    def return_ok(self, cookie: Cookie, request: object) -> bool:
+        return False
+
+
+class _NoAuth(requests.auth.AuthBase):
+    """A do-nothing auth that stops requests from reading ``~/.netrc``.
+
+    With ``trust_env`` on, requests fills in Basic auth from ``~/.netrc`` for any request
+    without auth, which would overwrite our ``Authorization: Bearer`` header and send a
+    password we were never given to the service.
+    """
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        return r
+
+
+_Auth = Literal["password", "cookie", "bearer"]
+
+
+class ConduceAccount:
+    """One requests.Session per account (host + user).
+
+    Not thread-safe: the agent makes one call at a time per account, from a worker thread.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        user: str,
+        settings: HttpSettings,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        if not isinstance(host, str) or not _HOST_RE.fullmatch(host):
+            raise BadRequest(
+                "the host must be a name or address with an optional :port; fix --host"
+            )
+        if not isinstance(user, str) or not user or any(c.isspace() for c in user):
+            raise BadRequest("the user must be a non-empty e-mail address; fix --user")
+        self.host: Final = host
+        self.user: Final = user
+        self.settings: Final = settings
+        self._sleep = sleep
+        self._rng = rng
+        self._base = f"https://{host}{API_PREFIX}"
+        self._cookies = RequestsCookieJar()
+        self._session = requests.Session()
+        # trust_env stays on, on purpose: it is what makes HTTPS_PROXY / NO_PROXY work, which
+        # users behind a corporate proxy need. Its two other effects are neutralised:
+        # - REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE replace verify only when the *per-request*
+        #   verify is True or None (Session.merge_environment_settings), so _send passes
+        #   verify= explicitly on every request: an explicit bundle, or False under
+        #   --insecure, wins; with verify=True the inherited bundle is honoured, as curl's is.
+        # - ~/.netrc Basic auth is blocked by a non-empty Session.auth (see _NoAuth).
+        self._session.trust_env = True
+        self._session.verify = settings.effective_verify
+        self._session.auth = _NoAuth()
+        self._session.cookies = RequestsCookieJar(policy=_RefuseAllCookies())
+        self._session.headers["User-Agent"] = "keyagent"
+        self._session.headers["Accept"] = "application/json"
+
+    def __repr__(self) -> str:
+        return (
+            f"ConduceAccount(host={self.host!r}, user={self.user!r}, "
+            f"has_session={self.has_session})"
+        )
+
+    def __enter__(self) -> ConduceAccount:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- session ---------------------------------------------------------------------------
+
+    def login(self, password: str) -> None:
+        """Start a session with the password; keep only the cookies the service sets.
+
+        Never retried: a login is not idempotent as far as lockout counters are concerned.
+        On failure an existing session is left as it was.
+        """
+        if not isinstance(password, str) or not password:
+            raise BadRequest("the password must not be empty; enter it again")
+        body = {"email": self.user, "password": password, "keep": False}
+        response = self._request("POST", "user/login", auth="password", json_body=body)
+        self._check(response, "log in", auth="password")
+        cookies = RequestsCookieJar()
+        cookies.update(response.cookies)
+        if not cookies:
+            raise RemoteError(
+                f"the service at {self.host} accepted the login but sent no session cookie; "
+                "check the host"
+            )
+        self._cookies = cookies
+
+    def logout(self) -> None:
+        """Forget the session locally.
+
+        The API documents no logout endpoint, so no remote call is made: the session simply
+        ages out on the service's side.
+        """
+        self._cookies.clear()
+
+    @property
+    def has_session(self) -> bool:
+        return len(self._cookies) > 0
+
+    def validate(self) -> bool:
+        """Whether the session is still alive: True on 200, False on 401 (session dropped).
+
+        Returns False without any network call when there is no session. Raises on every
+        other failure. Retried like any safe call.
+        """
+        if not self.has_session:
+            return False
+        response = self._request_safely("GET", "user/validate-session", auth="cookie")
+        if response.status_code == 401:
+            self._cookies.clear()
+            log.info("session of %s at %s has expired", self.user, self.host)
+            return False
+        self._check(response, "check the session", auth="cookie")
+        return True
+
+    # --- keys ------------------------------------------------------------------------------
+
+    def list_keys(self, api_key: str | None = None) -> list[RemoteKey]:
+        """The account's API keys, skipping entries that carry no key. Retried when safe."""
+        auth = self._auth_for(api_key)
+        response = self._request_safely("GET", "apikeys/list", auth=auth, api_key=api_key)
+        self._check(response, "list API keys", auth=auth)
+        document = self._json(response)
+        entries: object = document
+        if isinstance(document, dict):
+            # Not what the docs describe, but a wrapped list is a common API shape and
+            # costs nothing to accept.
+            entries = document.get("apikeys", document.get("keys"))
+        if not isinstance(entries, list):
+            raise self._unexpected()
+        return list(_parse_keys(entries))
+
+    def create_key(self, description: str, api_key: str | None = None) -> str:
+        """Create a key and return it. Never retried: a retry could create a second key."""
+        auth = self._auth_for(api_key)
+        response = self._request(
+            "POST", "apikeys/create", auth=auth, api_key=api_key,
+            json_body={"description": description},
+        )  # fmt: skip
+        self._check(response, "create an API key", auth=auth)
+        document = self._json(response)
+        if isinstance(document, dict):
+            for name in _KEY_FIELDS:
+                value = document.get(name)
+                if isinstance(value, str) and value:
+                    return value
+        raise self._unexpected()
+
+    def delete_key(self, key: str, api_key: str | None = None) -> None:
+        """Revoke a key for good. Never retried: the first attempt may have succeeded.
+
+        A 404 is reported as :class:`~keyagent.errors.NotFound`: the service knows no such
+        key for this account, which the caller may want to tell apart from a failure.
+        """
+        if not isinstance(key, str) or not key:
+            raise BadRequest("the key to delete must be a non-empty string")
+        auth = self._auth_for(api_key)
+        response = self._request(
+            "POST", "apikeys/delete", auth=auth, api_key=api_key, json_body={"apikey": key}
+        )
+        if response.status_code == 404:
+            raise NotFound(
+                f"the service at {self.host} has no such API key for {self.user}; "
+                "list the keys to pick another"
+            )
+        self._check(response, "delete an API key", auth=auth)
+
+    def close(self) -> None:
+        """Forget the session and close pooled connections; the account is then unusable."""
+        self._cookies.clear()
+        self._session.close()
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    def _auth_for(self, api_key: str | None) -> _Auth:
+        if api_key is not None:
+            if not isinstance(api_key, str) or not api_key or any(c in api_key for c in "\r\n"):
+                raise BadRequest("the API key must be a non-empty single-line string")
+            return "bearer"
+        if not self.has_session:
+            # Checked before any network traffic: without credentials the call cannot succeed.
+            raise LoginRequired(
+                f"no session for {self.user} at {self.host}; run keyagent-ctl login"
+            )
+        return "cookie"
+
+    def _request_safely(
+        self, method: str, path: str, *, auth: _Auth, api_key: str | None = None
+    ) -> requests.Response:
+        """Send an idempotent request, retrying connection failures and 502/503/504.
+
+        Read timeouts are not retried: a service that hangs would make the caller wait
+        (retries + 1) x read_timeout, with a worker thread blocked all along.
+        """
+        attempt = 0
+        while True:
+            outcome = self._send(method, path, auth=auth, api_key=api_key)
+            if isinstance(outcome, _Failure):
+                if not outcome.retryable or attempt >= self.settings.retries:
+                    raise outcome.error from None  # see _request for why outside an except
+                reason = "connection failure"
+            else:
+                if outcome.status_code not in _RETRY_STATUSES or attempt >= self.settings.retries:
+                    return outcome
+                reason = f"status {outcome.status_code}"
+                outcome.close()
+            # Full jitter: uniform in [0, base * 2^attempt), so clients that failed together
+            # do not come back together.
+            delay = min(_MAX_BACKOFF, self.settings.backoff * (2**attempt)) * self._rng()
+            attempt += 1
+            log.info(
+                "%s %s%s to %s: %s, retry %d of %d in %.3fs",
+                method, API_PREFIX, path, self.host, reason, attempt, self.settings.retries,
+                delay,
+            )  # fmt: skip
+            self._sleep(delay)
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        auth: _Auth,
+        api_key: str | None = None,
+        json_body: Mapping[str, object] | None = None,
+    ) -> requests.Response:
+        """Send one request, never retried."""
+        outcome = self._send(method, path, auth=auth, api_key=api_key, json_body=json_body)
+        if isinstance(outcome, _Failure):
+            # Raised here, outside the except block that caught the requests exception, so
+            # that it is neither the __cause__ nor the __context__ of what the caller sees.
+            raise outcome.error from None
+        return outcome
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        auth: _Auth,
+        api_key: str | None = None,
+        json_body: Mapping[str, object] | None = None,
+    ) -> requests.Response | _Failure:
+        """Send one request; return the response, or the keyagent error a failure maps to."""
+        headers: dict[str, str] = {}
+        cookies: RequestsCookieJar | None = None
+        if auth == "bearer":
+            headers["Authorization"] = f"Bearer {api_key}"
+        elif auth == "cookie":
+            cookies = self._cookies
+        if self.settings.insecure:
+            # On every request, not once: a log reader must see that this very call was
+            # open to interception.
+            log.warning(
+                "TLS verification is off (--insecure): %s %s%s to %s can be intercepted",
+                method, API_PREFIX, path, self.host,
+            )  # fmt: skip
+        started = time.monotonic()
+        try:
+            response = self._session.request(
+                method,
+                self._base + path,
+                headers=headers,
+                cookies=cookies,
+                json=json_body,
+                timeout=(self.settings.connect_timeout, self.settings.read_timeout),
+                # Explicit on every request, see __init__: beats REQUESTS_CA_BUNDLE.
+                verify=self.settings.effective_verify,
+                # A redirect could carry the Authorization header or the login body to a
+                # place the user never named; the API documents none, so none is followed.
+                allow_redirects=False,
+            )
+        except requests.exceptions.RequestException as error:
+            # Only the exception's class is logged: its text names URLs and pools, and
+            # its attributes hold the request with headers and body.
+            log.warning(
+                "%s %s%s to %s failed after %.3fs: %s",
+                method, API_PREFIX, path, self.host, time.monotonic() - started,
+                type(error).__name__,
+            )  # fmt: skip
+            return self._transport_failure(error)
+        except OSError as error:
+            # requests raises a bare OSError, outside its own hierarchy, when the CA
+            # bundle named by verify= does not exist.
+            log.warning(
+                "%s %s%s to %s failed: %s", method, API_PREFIX, path, self.host,
+                type(error).__name__,
+            )  # fmt: skip
+            return self._local_failure()
+        if auth == "cookie" and len(response.cookies) > 0:
+            # The service may refresh or rotate the session cookie on any call; the
+            # Session's own jar refuses it (see _RefuseAllCookies), so keep it here.
+            self._cookies.update(response.cookies)
+        log.debug(
+            "%s %s%s to %s: %d in %.3fs",
+            method, API_PREFIX, path, self.host, response.status_code,
+            time.monotonic() - started,
+        )  # fmt: skip
+        return response
+
+    def _transport_failure(self, error: requests.exceptions.RequestException) -> _Failure:
+        # SSLError is a ConnectionError subclass, so it is tested first.
+        if isinstance(error, requests.exceptions.SSLError):
+            if _is_certificate_failure(error):
+                return _Failure(
+                    TLSError(
+                        f"the TLS certificate of {self.host} could not be verified; "
+                        "check the host or pass --ca-bundle"
+                    )
+                )
+            return _Failure(
+                TLSError(f"the TLS connection to {self.host} failed; check the host and any proxy")
+            )
+        if isinstance(error, requests.exceptions.ConnectTimeout):
+            # Nothing reached the service, so even a non-idempotent call could be retried,
+            # but only safe calls are.
+            return _Failure(
+                RemoteUnreachable(
+                    f"{self.host} did not accept a connection within "
+                    f"{self.settings.connect_timeout:g}s; check the host and network"
+                ),
+                retryable=True,
+            )
+        if isinstance(error, requests.exceptions.Timeout):
+            return _Failure(
+                RemoteUnreachable(
+                    f"{self.host} did not answer within {self.settings.read_timeout:g}s; "
+                    "retry later or raise the read timeout"
+                )
+            )
+        if isinstance(error, requests.exceptions.ConnectionError):
+            return _Failure(
+                RemoteUnreachable(
+                    f"{self.host} could not be reached or dropped the connection; "
+                    "check the host and network"
+                ),
+                retryable=True,
+            )
+        if isinstance(error, requests.exceptions.ChunkedEncodingError):
+            return _Failure(
+                RemoteUnreachable(f"{self.host} dropped the connection mid-answer; retry later")
+            )
+        return _Failure(
+            RemoteError(
+                f"the request to {self.host} failed ({type(error).__name__}); "
+                "see the agent log and retry"
+            )
+        )
+
+    def _local_failure(self) -> _Failure:
+        verify = self.settings.effective_verify
+        if isinstance(verify, str) and not os.path.isfile(verify):
+            return _Failure(TLSError(f"the CA bundle {verify} does not exist; fix --ca-bundle"))
+        return _Failure(
+            RemoteUnreachable(f"the request to {self.host} failed locally; see the agent log")
+        )
+
+    def _check(self, response: requests.Response, operation: str, *, auth: _Auth) -> None:
+        """Raise the keyagent error for a non-2xx answer."""
+        status = response.status_code
+        if 200 <= status < 300:
+            return
+        if status == 401:
+            if auth == "password":
+                raise BadCredentials(
+                    f"{self.host} rejected the password for {self.user}; "
+                    "check them and log in again"
+                )
+            if auth == "bearer":
+                # BadCredentials, not SessionExpired: logging in again would not make the
+                # service accept this key, it was revoked or never existed.
+                raise BadCredentials(
+                    f"{self.host} rejected the API key; use another key or log in with a password"
+                )
+            # The cookie is dead; keeping it would only make every later call fail the same way.
+            self._cookies.clear()
+            raise SessionExpired(
+                f"the session of {self.user} at {self.host} has expired; "
+                "run keyagent-ctl login again"
+            )
+        if status == 403:
+            raise Forbidden(
+                f"{self.host} does not allow {self.user} to {operation}; "
+                "ask the account's administrator"
+            )
+        # The standard phrase, not response.reason: the reason phrase is free text chosen by
+        # the server, and like the body it could echo something it should not.
+        phrase = _reason_phrase(status)
+        raise RemoteError(
+            f"{self.host} answered {status}{' ' + phrase if phrase else ''} "
+            f"when asked to {operation}; retry later"
+        )
+
+    def _json(self, response: requests.Response) -> object:
+        try:
+            document: object = json.loads(response.content)
+        except (ValueError, RecursionError):
+            pass  # raised below, outside the except block, for a context-free exception
+        else:
+            return document
+        raise self._unexpected()
+
+    def _unexpected(self) -> RemoteError:
+        return RemoteError(
+            f"the service at {self.host} sent an unexpected answer; check the host, or retry later"
+        )
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A transport failure already mapped to the error the caller will see."""
+
+    error: KeyagentError
+    retryable: bool = False
+
+
+def _parse_keys(entries: list[object]) -> Iterator[RemoteKey]:
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        key_field = next(
+            (n for n in _KEY_FIELDS if isinstance(entry.get(n), str) and entry[n]), None
+        )
+        if key_field is None:
+            continue
+        created_field = next((n for n in _CREATED_FIELDS if isinstance(entry.get(n), str)), None)
+        description = entry.get("description")
+        used = {key_field, created_field, "description"}
+        extra = {str(name): value for name, value in entry.items() if name not in used}
+        yield RemoteKey(
+            key=entry[key_field],
+            description=description if isinstance(description, str) else "",
+            created=entry[created_field] if created_field is not None else None,
+            extra=MappingProxyType(extra),
+        )
+
+
+def _reason_phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+def _is_certificate_failure(error: BaseException) -> bool:
+    """Whether an SSLError comes from certificate verification rather than, say, a dropped
+    handshake; requests nests the ssl exception in urllib3 exceptions' args and reason."""
+    seen: set[int] = set()
+    pending: list[object] = [error]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen or len(seen) > 32:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return True
+        if isinstance(current, BaseException):
+            pending.extend(current.args)
+            pending.extend(
+                (current.__cause__, current.__context__, getattr(current, "reason", None))
+            )
+    return False

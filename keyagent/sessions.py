@@ -1,0 +1,138 @@
+"""Conduce sessions as the agent tracks them, and how a remote call picks its credentials.
+
+No ``requests`` here: an account is anything shaped like :class:`RemoteAccount`
+(:class:`keyagent.conduce.ConduceAccount` in the daemon, a fake in unit tests).
+
+A remote call prefers the session cookie. A session idle for longer than the validation
+interval is checked first (``user/validate-session``). If the session is missing or turns
+out expired and the agent holds an API key for the account, the key authenticates the call
+instead (``Authorization: Bearer``): any Conduce request accepts one. Only when neither
+works does the caller get ``login_required`` or ``session_expired``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+from keyagent.errors import LoginRequired, SessionExpired
+from keyagent.store import iso
+
+T = TypeVar("T")
+
+
+class ListedKey(Protocol):
+    """A key as the service lists it (see :class:`keyagent.conduce.RemoteKey`)."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def description(self) -> str: ...
+    @property
+    def created(self) -> str | None: ...
+    def masked(self) -> str: ...
+
+
+class RemoteAccount(Protocol):
+    """One Conduce account (host + user); its methods block and run on worker threads."""
+
+    def login(self, password: str) -> None: ...
+    def logout(self) -> None: ...
+    def validate(self) -> bool: ...
+    def list_keys(self, api_key: str | None = None) -> Sequence[ListedKey]: ...
+    def create_key(self, description: str, api_key: str | None = None) -> str: ...
+    def delete_key(self, key: str, api_key: str | None = None) -> None: ...
+    def close(self) -> None: ...
+
+
+AccountFactory = Callable[[str, str], RemoteAccount]
+
+
+@dataclass(slots=True)
+class Session:
+    """What the agent knows of one account's session. The cookie itself stays in ``account``."""
+
+    host: str
+    user: str
+    account: RemoteAccount = field(repr=False)
+    logged_in: bool = False
+    expired: bool = False
+    since: float | None = None
+    """Wall time of the login."""
+    checked: float | None = None
+    """Monotonic time the session last proved alive (login, validation or a call)."""
+    checked_wall: float | None = None
+
+    @property
+    def queue(self) -> str:
+        """Serialisation domain: one remote call at a time per account."""
+        return f"account\0{self.host}\0{self.user}"
+
+    @property
+    def live(self) -> bool:
+        return self.logged_in and not self.expired
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "user": self.user,
+            "logged_in": self.logged_in,
+            "expired": self.expired,
+            "since": iso(self.since),
+            "last_validated": iso(self.checked_wall),
+        }
+
+    def proved_alive(self, now: float, wall: float) -> None:
+        self.logged_in, self.expired = True, False
+        self.checked, self.checked_wall = now, wall
+
+    def mark_expired(self) -> None:
+        if self.logged_in:
+            self.expired = True
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The credentials a remote call may use, decided on the event loop."""
+
+    use_session: bool
+    validate_first: bool
+    api_key: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteResult(Generic[T]):
+    """What a remote call returned, and what it learnt about the session."""
+
+    value: T
+    session_alive: bool
+    session_expired: bool
+
+
+def run_remote(
+    account: RemoteAccount, plan: Plan, call: Callable[[str | None], T], *, host: str, user: str
+) -> RemoteResult[T]:
+    """Run ``call`` (given an API key, or None for the session) with the best credentials.
+
+    Runs on a worker thread. A 401 means the service did not act on the request, so trying
+    again with an API key is safe even for create and delete.
+    """
+    expired = False
+    if plan.use_session:
+        if plan.validate_first and not account.validate():
+            expired = True
+        else:
+            try:
+                return RemoteResult(call(None), session_alive=True, session_expired=False)
+            except SessionExpired:
+                if plan.api_key is None:
+                    raise
+                expired = True
+    if plan.api_key is not None:
+        return RemoteResult(call(plan.api_key), session_alive=False, session_expired=expired)
+    if expired:
+        raise SessionExpired(
+            f"the session of {user} on {host} has expired; run keyagent-ctl login again"
+        )
+    raise LoginRequired(f"no session and no API key for {user} on {host}; run keyagent-ctl login")

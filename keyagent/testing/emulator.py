@@ -1,0 +1,839 @@
+"""A loopback HTTPS emulator of the Conduce service, for tests (as moto is for AWS).
+
+It speaks the part of the API described in ``conduce-rest-api.md`` over real TLS, with a
+throw-away CA made by ``trustme``, so a client under test runs its real TLS verification::
+
+    with ConduceEmulator() as emu:
+        emu.add_user("alice@example.com", "s3cret")
+        account = ConduceAccount(emu.host, "alice@example.com", HttpSettings(verify=emu.ca_path))
+        emu.inject(Fault.status(503), path="apikeys/list", count=1)
+
+Behaviour chosen where the API documentation is silent:
+
+* ``POST user/login`` answers 200 ``{"email": E}`` with ``Set-Cookie: conduce_session=...;
+  Path=/; Secure; HttpOnly; SameSite=Strict``; 401 on an unknown user or a wrong password,
+  400 on a malformed body.
+* Every other endpoint authenticates with ``Authorization: Bearer <key>`` when that header is
+  present (the cookie is then ignored, even if valid), else with the session cookie; 401 when
+  neither authenticates.
+* 403: :meth:`ConduceEmulator.forbid` restricts a user, or a single API key, so that their
+  ``apikeys/*`` calls answer 403 once authenticated. Logging in and ``user/validate-session``
+  stay allowed: they are authentication, not authorisation.
+* ``apikeys/delete`` answers 404 for a key that is not the caller's (or does not exist);
+  a deleted key is revoked for good.
+* Listed key objects carry ``apikey``, ``description``, ``created`` (ISO 8601, UTC) and an
+  extra ``expires: null`` field, so clients get to exercise unknown fields.
+* Unknown paths answer 404, a known path with the wrong method 405.
+
+Faults are injected per path or for all paths with :meth:`ConduceEmulator.inject`; each
+request gets at most one fault: the first matching rule, in injection order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import http
+import json
+import logging
+import secrets
+import shutil
+import socket
+import ssl
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from email.message import Message
+from http.cookies import CookieError, SimpleCookie
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from socketserver import TCPServer
+from types import TracebackType
+from typing import Any, Final, Literal, NoReturn
+from urllib.parse import urlsplit
+
+__all__ = [
+    "API_PREFIX",
+    "SESSION_COOKIE",
+    "ConduceEmulator",
+    "Fault",
+    "FaultKind",
+    "RequestRecord",
+]
+
+log = logging.getLogger("keyagent.testing.emulator")
+
+API_PREFIX: Final = "/conduce/api/v1/"
+SESSION_COOKIE: Final = "conduce_session"
+MAX_BODY: Final = 64 * 1024
+
+FaultKind = Literal["delay", "hang", "status", "reset", "malformed_json", "wrong_certificate"]
+AuthKind = Literal["none", "password", "cookie", "bearer"]
+# idle: between requests; busy: a request is being handled (perhaps hung by a fault);
+# answered: the answer is being written, the connection turns idle right after.
+_ConnectionState = Literal["idle", "busy", "answered"]
+
+# path -> allowed method
+_ROUTES: Final[dict[str, str]] = {
+    "user/login": "POST",
+    "user/validate-session": "GET",
+    "apikeys/list": "GET",
+    "apikeys/create": "POST",
+    "apikeys/delete": "POST",
+}
+
+_MALFORMED_BODY: Final = b"<html><body>502 Bad Gateway</body></html>{not json"
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One misbehaviour; build it with the class methods."""
+
+    kind: FaultKind
+    seconds: float = 0.0
+    code: int = 0
+    body: str | None = None
+    certificate: Literal["untrusted", "wrong_host"] = "untrusted"
+
+    @classmethod
+    def delay(cls, seconds: float) -> Fault:
+        """Wait this long, then answer normally. close() cuts the wait short."""
+        if seconds < 0:
+            raise ValueError("a delay must not be negative")
+        return cls("delay", seconds=seconds)
+
+    @classmethod
+    def hang(cls) -> Fault:
+        """Block until release() or close(); after release() the request is answered
+        normally, after close() the connection is dropped without an answer."""
+        return cls("hang")
+
+    @classmethod
+    def status(cls, code: int, body: str | None = None) -> Fault:
+        """Answer with this status and body (default: a small JSON error object).
+
+        A 2xx code with a custom body makes a well-formed answer of unexpected shape.
+        """
+        if not 200 <= code <= 599:
+            raise ValueError("a status fault needs a final status code, 200 to 599")
+        return cls("status", code=code, body=body)
+
+    @classmethod
+    def reset(cls) -> Fault:
+        """Read the request, then close the TCP connection with a RST and no answer."""
+        return cls("reset")
+
+    @classmethod
+    def malformed_json(cls) -> Fault:
+        """Answer 200 with ``Content-Type: application/json`` and a body that is not JSON."""
+        return cls("malformed_json")
+
+    @classmethod
+    def wrong_certificate(
+        cls, certificate: Literal["untrusted", "wrong_host"] = "untrusted"
+    ) -> Fault:
+        """Present a bad certificate on new TLS connections.
+
+        ``untrusted``: a certificate for the right host from another CA; ``wrong_host``: one
+        from the right CA for another host name. The handshake happens before the request
+        path is known, so this fault applies to all paths and counts connections, not
+        requests; injecting it disconnects idle keep-alive connections so that the next
+        request of any client needs a new handshake.
+        """
+        return cls("wrong_certificate", certificate=certificate)
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One request as the emulator saw it. Never holds a password, key or cookie value."""
+
+    method: str
+    path: str
+    """Relative to ``/conduce/api/v1/`` (``"apikeys/list"``); the full path if outside it."""
+    auth: AuthKind
+    """What the request tried to authenticate with: ``bearer`` whenever an Authorization
+    header was sent, ``password`` for a login, else ``cookie`` if a session cookie was sent."""
+    sent_cookie: bool
+    """Whether a session cookie was sent, whatever authenticated the request."""
+    fault: FaultKind | None = None
+    status: int | None = None
+    """None while in progress, and for requests that got no answer (reset, dropped)."""
+    user: str | None = None
+    """The account the request authenticated as, if it did."""
+
+
+@dataclass
+class _Rule:
+    fault: Fault
+    path: str | None
+    remaining: int | None
+
+
+@dataclass
+class _Key:
+    email: str
+    description: str
+    created: str
+
+
+@dataclass
+class _Reply:
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    user: str | None = None
+
+
+def _json_reply(
+    status: int, document: object, *, user: str | None = None, **headers: str
+) -> _Reply:
+    return _Reply(status, json.dumps(document).encode(), dict(headers), user)
+
+
+def _error_reply(status: int, user: str | None = None) -> _Reply:
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "error"
+    return _json_reply(status, {"error": phrase}, user=user)
+
+
+class _Abort(Exception):
+    """Raised by a handler that has already closed its connection (the reset fault)."""
+
+
+class ConduceEmulator:
+    """A fake Conduce service on ``https://127.0.0.1:PORT``, served from a daemon thread.
+
+    Use it as a context manager, or call :meth:`start` and :meth:`close`. All public methods
+    are thread-safe.
+    """
+
+    def __init__(
+        self,
+        port: int = 0,
+        *,
+        session_lifetime: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        io_timeout: float = 60.0,
+    ) -> None:
+        """
+        :param port: TCP port on 127.0.0.1; 0 picks a free one.
+        :param session_lifetime: seconds a session lives after login, by ``clock``;
+            None for sessions that only end with :meth:`expire_sessions`.
+        :param clock: monotonic seconds; inject a fake one to expire sessions without waiting.
+        :param io_timeout: how long a connection may sit silent before the emulator drops it.
+        """
+        self._port = port
+        self._session_lifetime = session_lifetime
+        self._clock = clock
+        self._io_timeout = io_timeout
+        # One lock guards all state below. It is never held while a handler waits (hang,
+        # delay) or does socket I/O other than a non-blocking shutdown().
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._users: dict[str, bytes] = {}
+        self._sessions: dict[str, tuple[str, float | None]] = {}
+        self._keys: dict[str, _Key] = {}
+        self._revoked: set[str] = set()
+        self._forbidden_users: set[str] = set()
+        self._forbidden_keys: set[str] = set()
+        self._rules: list[_Rule] = []
+        self._requests: list[RequestRecord] = []
+        self._forgotten = 0  # records dropped by clear_requests(): sequence number offset
+        self._hung: set[threading.Event] = set()
+        self._connections: dict[ssl.SSLSocket, _ConnectionState] = {}
+        self._threads: set[threading.Thread] = set()
+        self._stopping = False
+        self._closing = threading.Event()  # set once the listening socket is closed
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._tmpdir: Path | None = None
+        self._contexts: dict[str, ssl.SSLContext] = {}
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> ConduceEmulator:
+        """Make the CAs, bind the port and start serving. Returns self."""
+        if self._server is not None or self._stopping:
+            raise RuntimeError("an emulator can only be started once")
+        # Imported here: only running emulators need it, not importers of keyagent.testing.
+        import trustme
+
+        ca = trustme.CA()
+        other_ca = trustme.CA()
+        certificates = {
+            "good": ca.issue_cert("127.0.0.1", "localhost"),
+            "untrusted": other_ca.issue_cert("127.0.0.1", "localhost"),
+            "wrong_host": ca.issue_cert("not-the-conduce-host.invalid"),
+        }
+        for name, certificate in certificates.items():
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            certificate.configure_cert(context)
+            self._contexts[name] = context
+        self._tmpdir = Path(tempfile.mkdtemp(prefix="conduce-emulator-"))
+        ca.cert_pem.write_to_path(str(self._tmpdir / "ca.pem"))
+        try:
+            self._server = _Server(("127.0.0.1", self._port), self)
+        except BaseException:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            raise
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            # The poll interval bounds how long close() waits for the accept loop to notice.
+            kwargs={"poll_interval": 0.05},
+            name=f"conduce-emulator-{self._server.server_address[1]}",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop serving, release hung requests, drop connections, remove the CA file.
+
+        Idempotent and prompt: nothing waits on a client or on a fault.
+        """
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True  # new connections are refused from here on
+        server, thread = self._server, self._thread
+        if server is not None:
+            # The listening socket goes first, so that a client whose request is cut short
+            # below and who retries meets a refused connection, as with a real dead server,
+            # rather than a half-served handshake.
+            server.shutdown()  # returns once serve_forever has left its loop
+            server.server_close()
+        with self._lock:
+            self._closing.set()  # wakes delayed handlers
+            for event in self._hung:
+                event.set()
+            self._hung.clear()
+            self._disconnect_locked(idle_only=False)
+            self._changed.notify_all()
+            threads = list(self._threads)
+        deadline = time.monotonic() + 5.0
+        for worker in [thread, *threads]:
+            if worker is not None and worker is not threading.current_thread():
+                # Daemon threads: should one still be stuck, it cannot keep the process alive.
+                worker.join(max(0.0, deadline - time.monotonic()))
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    stop = close
+
+    def __enter__(self) -> ConduceEmulator:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def host(self) -> str:
+        """``127.0.0.1:PORT``, as ``--host`` takes it."""
+        if self._server is None:
+            raise RuntimeError("the emulator is not started")
+        return f"127.0.0.1:{self._server.server_address[1]}"
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the emulator is not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """``https://127.0.0.1:PORT`` (no trailing slash; API paths start with /conduce)."""
+        return f"https://{self.host}"
+
+    @property
+    def ca_path(self) -> str:
+        """A PEM file with the CA that signed the emulator's (good) certificate."""
+        if self._tmpdir is None:
+            raise RuntimeError("the emulator is not started")
+        return str(self._tmpdir / "ca.pem")
+
+    # --- accounts and sessions --------------------------------------------------------------
+
+    def add_user(self, email: str, password: str) -> None:
+        """Create (or reset the password of) an account."""
+        with self._lock:
+            self._users[email] = password.encode()
+
+    def add_key(self, email: str, description: str = "") -> str:
+        """Give an existing account an API key without going through the API; returns it."""
+        with self._lock:
+            if email not in self._users:
+                raise KeyError(email)
+            return self._new_key_locked(email, description)
+
+    def api_keys(self, email: str) -> list[str]:
+        """The live API keys of an account, oldest first."""
+        with self._lock:
+            return [key for key, entry in self._keys.items() if entry.email == email]
+
+    def expire_sessions(self, email: str | None = None) -> int:
+        """End the sessions of one account, or of all; returns how many ended."""
+        with self._lock:
+            ended = [
+                token
+                for token, (owner, _) in self._sessions.items()
+                if email is None or owner == email
+            ]
+            for token in ended:
+                del self._sessions[token]
+            return len(ended)
+
+    def session_count(self, email: str | None = None) -> int:
+        """Live (not yet expired) sessions of one account, or of all."""
+        with self._lock:
+            now = self._clock()
+            return sum(
+                1
+                for owner, expires in self._sessions.values()
+                if (email is None or owner == email) and (expires is None or now < expires)
+            )
+
+    def forbid(self, email: str | None = None, *, api_key: str | None = None) -> None:
+        """Make a user's (or one API key's) ``apikeys/*`` calls answer 403."""
+        if (email is None) == (api_key is None):
+            raise ValueError("forbid takes exactly one of email and api_key")
+        with self._lock:
+            if email is not None:
+                self._forbidden_users.add(email)
+            if api_key is not None:
+                self._forbidden_keys.add(api_key)
+
+    def unforbid(self, email: str | None = None, *, api_key: str | None = None) -> None:
+        """Undo :meth:`forbid`."""
+        with self._lock:
+            self._forbidden_users.discard(email or "")
+            self._forbidden_keys.discard(api_key or "")
+
+    # --- faults and observation -------------------------------------------------------------
+
+    def inject(self, fault: Fault, *, path: str | None = None, count: int | None = None) -> None:
+        """Apply ``fault`` to the next ``count`` requests (None: until cleared) to ``path``
+        (relative to /conduce/api/v1/, or the full path; None: every path)."""
+        if count is not None and count < 1:
+            raise ValueError("count must be at least 1, or None for 'until cleared'")
+        if path is not None:
+            path = path.removeprefix(API_PREFIX)
+            if path.startswith("/"):
+                raise ValueError(f"fault paths live under {API_PREFIX}; give e.g. 'apikeys/list'")
+            if fault.kind == "wrong_certificate":
+                raise ValueError("a wrong certificate is served before any path is known")
+        with self._changed:
+            self._rules.append(_Rule(fault, path, count))
+            if fault.kind == "wrong_certificate":
+                # A client that has just read an answer may find its connection still
+                # marked busy for a moment, while the handler finishes its loop. Wait for
+                # those (briefly: they only have a flush left) so that they are dropped too.
+                self._changed.wait_for(
+                    lambda: "answered" not in self._connections.values(), timeout=2.0
+                )
+                self._disconnect_locked(idle_only=True)
+
+    def clear_faults(self) -> None:
+        """Remove all fault rules. Requests already hanging stay hung until release()."""
+        with self._lock:
+            self._rules.clear()
+
+    def release(self) -> int:
+        """Let every hanging request go on; returns how many there were."""
+        with self._lock:
+            hung = list(self._hung)
+            self._hung.clear()
+            for event in hung:
+                event.set()
+            return len(hung)
+
+    @property
+    def requests(self) -> list[RequestRecord]:
+        """A snapshot of the request log, oldest first."""
+        with self._lock:
+            return list(self._requests)
+
+    def clear_requests(self) -> None:
+        """Empty the request log; requests in progress are not logged further."""
+        with self._lock:
+            self._forgotten += len(self._requests)
+            self._requests.clear()
+
+    def wait_for_hung(self, count: int = 1, timeout: float = 5.0) -> bool:
+        """Wait until at least ``count`` requests are hanging; False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self._hung) >= count, timeout)
+
+    def wait_for_requests(self, count: int, timeout: float = 5.0) -> bool:
+        """Wait until the log holds at least ``count`` requests; False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self._requests) >= count, timeout)
+
+    # --- connection plumbing (handler threads) ---------------------------------------------
+
+    def _serve_connection(self, raw: socket.socket, address: Any, server: _Server) -> None:
+        # The TLS handshake happens here, in the connection's own thread: done in the accept
+        # loop (as wrapping the listening socket would), one silent client would stall it.
+        raw.settimeout(self._io_timeout)
+        # http.server writes the head and the body of an answer separately; without
+        # TCP_NODELAY, Nagle and delayed ACKs add ~40 ms to every request on loopback.
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._lock:
+            context = self._contexts[self._certificate_for_next_connection_locked()]
+        connection = context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        with self._lock:
+            if self._stopping:
+                connection.close()
+                return
+            self._connections[connection] = "idle"
+            self._threads.add(threading.current_thread())
+        try:
+            try:
+                connection.do_handshake()
+            except OSError as error:  # ssl.SSLError included: e.g. the client refused our cert
+                log.debug("TLS handshake with %s failed: %s", address, error)
+                return
+            _Handler(connection, address, server)
+        except _Abort:
+            pass
+        except OSError as error:
+            # Clients vanish, faults reset connections, close() shuts them down.
+            log.debug("connection from %s ended: %s", address, error)
+        finally:
+            with self._lock:
+                # Forgotten before closing, under the lock: _disconnect_locked must never
+                # shut down a file descriptor number that a new socket may have reused.
+                self._connections.pop(connection, None)
+                self._threads.discard(threading.current_thread())
+            connection.close()
+
+    def _certificate_for_next_connection_locked(self) -> str:
+        for rule in self._rules:
+            if rule.fault.kind == "wrong_certificate":
+                self._consume_locked(rule)
+                return rule.fault.certificate
+        return "good"
+
+    def _disconnect_locked(self, *, idle_only: bool) -> None:
+        for connection, state in self._connections.items():
+            if idle_only and state != "idle":
+                continue
+            # The plain-socket shutdown, not SSLSocket.shutdown, which would also tear down
+            # the TLS object under the feet of the thread that is using it. The owning
+            # thread sees end-of-file, or an error on write, and ends.
+            with contextlib.suppress(OSError):  # already gone
+                socket.socket.shutdown(connection, socket.SHUT_RDWR)
+
+    def _set_state(self, connection: ssl.SSLSocket, state: _ConnectionState) -> None:
+        with self._lock:
+            if connection in self._connections:
+                self._connections[connection] = state
+                self._changed.notify_all()
+
+    def _consume_locked(self, rule: _Rule) -> None:
+        if rule.remaining is not None:
+            rule.remaining -= 1
+            if rule.remaining <= 0:
+                self._rules.remove(rule)
+
+    def _admit(self, record: RequestRecord) -> tuple[Fault | None, int]:
+        """Log a request and pick its fault; returns the fault and the request's sequence
+        number (its index in the log had clear_requests() never been called)."""
+        with self._lock:
+            fault: Fault | None = None
+            for rule in self._rules:
+                if rule.fault.kind != "wrong_certificate" and rule.path in (None, record.path):
+                    fault = rule.fault
+                    self._consume_locked(rule)
+                    break
+            self._requests.append(replace(record, fault=fault.kind if fault else None))
+            self._changed.notify_all()
+            return fault, self._forgotten + len(self._requests) - 1
+
+    def _finish(self, sequence: int, status: int | None, user: str | None) -> None:
+        with self._lock:
+            index = sequence - self._forgotten
+            if 0 <= index < len(self._requests):  # else clear_requests() dropped it
+                self._requests[index] = replace(self._requests[index], status=status, user=user)
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait, interruptibly by close(); False if the emulator is closing."""
+        return not self._closing.wait(seconds)
+
+    def _hang(self) -> bool:
+        """Wait for release() or close(); False if the emulator is closing."""
+        event = threading.Event()
+        with self._lock:
+            if self._closing.is_set():
+                return False
+            self._hung.add(event)
+            self._changed.notify_all()
+        event.wait()  # no timeout on purpose: release() and close() always set it
+        return not self._closing.is_set()
+
+    # --- the API ------------------------------------------------------------------------------
+
+    def _dispatch(self, method: str, path: str, headers: Message, body: bytes) -> _Reply:
+        allowed = _ROUTES.get(path)
+        if allowed is None:
+            return _error_reply(404)
+        if method != allowed:
+            reply = _error_reply(405)
+            reply.headers["Allow"] = allowed
+            return reply
+        document: dict[str, object] = {}
+        if method == "POST":
+            try:
+                parsed: object = json.loads(body)
+            except (ValueError, RecursionError):
+                return _error_reply(400)
+            if not isinstance(parsed, dict):
+                return _error_reply(400)
+            document = parsed
+        with self._lock:
+            if path == "user/login":
+                return self._login_locked(document)
+            principal = self._authenticate_locked(headers)
+            if principal is None:
+                return _error_reply(401)
+            email, key = principal
+            if path == "user/validate-session":
+                return _json_reply(200, {"email": email}, user=email)
+            if email in self._forbidden_users or (key is not None and key in self._forbidden_keys):
+                return _error_reply(403, email)
+            if path == "apikeys/list":
+                listed = [
+                    {
+                        "apikey": api_key,
+                        "description": entry.description,
+                        "created": entry.created,
+                        "expires": None,
+                    }
+                    for api_key, entry in self._keys.items()
+                    if entry.email == email
+                ]
+                return _json_reply(200, listed, user=email)
+            if path == "apikeys/create":
+                description = document.get("description", "")
+                if not isinstance(description, str):
+                    return _error_reply(400, email)
+                return _json_reply(
+                    200, {"apikey": self._new_key_locked(email, description)}, user=email
+                )
+            # apikeys/delete
+            target = document.get("apikey")
+            if not isinstance(target, str):
+                return _error_reply(400, email)
+            entry = self._keys.get(target)
+            if entry is None or entry.email != email:
+                return _error_reply(404, email)
+            del self._keys[target]
+            self._revoked.add(target)
+            return _json_reply(200, {}, user=email)
+
+    def _login_locked(self, document: dict[str, object]) -> _Reply:
+        email, password = document.get("email"), document.get("password")
+        if not isinstance(email, str) or not isinstance(password, str):
+            return _error_reply(400)
+        expected = self._users.get(email)
+        # compare_digest: no timing hint about the password, even in a fake.
+        if expected is None or not hmac.compare_digest(expected, password.encode()):
+            return _error_reply(401)
+        token = secrets.token_urlsafe(32)
+        lifetime = self._session_lifetime
+        self._sessions[token] = (email, None if lifetime is None else self._clock() + lifetime)
+        cookie = f"{SESSION_COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Strict"
+        return _json_reply(200, {"email": email}, user=email, **{"Set-Cookie": cookie})
+
+    def _authenticate_locked(self, headers: Message) -> tuple[str, str | None] | None:
+        """The (email, api key or None) a request authenticates as, or None."""
+        authorization = headers.get("Authorization")
+        if authorization is not None:
+            scheme, _, key = str(authorization).partition(" ")
+            entry = self._keys.get(key.strip())
+            if scheme.lower() != "bearer" or entry is None or key.strip() in self._revoked:
+                return None
+            return entry.email, key.strip()
+        token = _session_token(headers)
+        if token is None or token not in self._sessions:
+            return None
+        email, expires = self._sessions[token]
+        if expires is not None and self._clock() >= expires:
+            del self._sessions[token]
+            return None
+        return email, None
+
+    def _new_key_locked(self, email: str, description: str) -> str:
+        key = secrets.token_hex(16)
+        created = datetime.now(UTC).isoformat(timespec="seconds")
+        self._keys[key] = _Key(email, description, created)
+        return key
+
+
+def _session_token(headers: Message) -> str | None:
+    raw = headers.get("Cookie")
+    if raw is None:
+        return None
+    jar: SimpleCookie = SimpleCookie()
+    try:
+        jar.load(str(raw))
+    except CookieError:
+        return None
+    morsel = jar.get(SESSION_COOKIE)
+    return None if morsel is None else morsel.value
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # The emulator joins its own handler threads with a deadline in close(); the standard
+    # unbounded join would wait on whatever a handler is blocked on.
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], emulator: ConduceEmulator) -> None:
+        self.emulator = emulator
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind does a reverse DNS lookup (getfqdn) that can stall for
+        # seconds in a sandbox; the name is known.
+        TCPServer.server_bind(self)
+        self.server_name = "127.0.0.1"
+        self.server_port = int(self.server_address[1])
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        self.emulator._serve_connection(request, client_address, self)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Instead of a traceback on stderr; a bug here still shows in the log.
+        log.warning("emulator handler for %s failed", client_address, exc_info=True)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the real service and requests' pool do
+    server_version = "ConduceEmulator/1"
+    sys_version = ""
+    server: _Server
+    connection: ssl.SSLSocket
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # The request line holds method and path only; still debug, not stderr.
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def parse_request(self) -> bool:
+        # Called once a request line has arrived: from here on the connection is busy.
+        self.server.emulator._set_state(self.connection, "busy")
+        return super().parse_request()
+
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.emulator._set_state(self.connection, "idle")
+
+    def do_GET(self) -> None:
+        self._serve()
+
+    def do_POST(self) -> None:
+        self._serve()
+
+    def _serve(self) -> None:
+        full_path = urlsplit(self.path).path
+        path = full_path.removeprefix(API_PREFIX) if full_path.startswith(API_PREFIX) else full_path
+        body = self._read_body()
+        if body is None:
+            return
+        self._handle(path, body)
+
+    def _handle(self, path: str, body: bytes) -> None:
+        emulator = self.server.emulator
+        sent_cookie = _session_token(self.headers) is not None
+        auth: AuthKind = "none"
+        if self.headers.get("Authorization") is not None:
+            auth = "bearer"
+        elif path == "user/login":
+            auth = "password"
+        elif sent_cookie:
+            auth = "cookie"
+        fault, index = emulator._admit(RequestRecord(self.command, path, auth, sent_cookie))
+        reply: _Reply | None = None
+        if fault is None:
+            pass
+        elif fault.kind == "delay":
+            if not emulator._pause(fault.seconds):
+                self._drop(index)
+                return
+        elif fault.kind == "hang":
+            if not emulator._hang():
+                self._drop(index)
+                return
+        elif fault.kind == "status":
+            if fault.body is None:
+                reply = _error_reply(fault.code)
+            else:
+                reply = _Reply(fault.code, fault.body.encode())
+        elif fault.kind == "reset":
+            self._reset(index)
+        elif fault.kind == "malformed_json":
+            reply = _Reply(200, _MALFORMED_BODY)
+        if reply is None:
+            reply = emulator._dispatch(self.command, path, self.headers, body)
+        self._answer(index, reply)
+
+    def _read_body(self) -> bytes | None:
+        if self.headers.get("Transfer-Encoding") is not None:
+            # requests sends a Content-Length for JSON bodies; chunked is not worth emulating.
+            self.close_connection = True
+            self.send_error(411)
+            return None
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY:
+            self.close_connection = True  # the unread body would be taken for a request
+            self.send_error(413 if length > MAX_BODY else 400)
+            return None
+        return self.rfile.read(length) if length else b""
+
+    def _answer(self, index: int, reply: _Reply) -> None:
+        # Logged before the bytes leave, so a client that got the answer finds it logged.
+        self.server.emulator._finish(index, reply.status, reply.user)
+        self.server.emulator._set_state(self.connection, "answered")
+        self.send_response(reply.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply.body)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in reply.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(reply.body)
+
+    def _drop(self, index: int) -> None:
+        self.server.emulator._finish(index, None, None)
+        self.close_connection = True
+
+    def _reset(self, index: int) -> NoReturn:
+        self.server.emulator._finish(index, None, None)
+        self.close_connection = True
+        emulator = self.server.emulator
+        with emulator._lock:
+            # Forgotten first, under the lock, for the same reason as in _serve_connection.
+            emulator._connections.pop(self.connection, None)
+        # SO_LINGER on with a zero timeout turns close() into a RST instead of a FIN (and
+        # skips the TLS close_notify too): the client sees "connection reset by peer".
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # The makefile() objects hold references that would keep the descriptor open.
+        self.rfile.close()
+        self.connection.close()
+        # Unwind out of http.server's loop, which would otherwise flush the dead socket.
+        raise _Abort

@@ -1,0 +1,776 @@
+"""Unit tests of keyagent.conduce against the `responses` fake of requests' transport."""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import responses
+
+from keyagent.conduce import API_PREFIX, ConduceAccount, HttpSettings, RemoteKey
+from keyagent.errors import (
+    BadCredentials,
+    BadRequest,
+    Forbidden,
+    KeyagentError,
+    LoginRequired,
+    NotFound,
+    RemoteError,
+    RemoteUnreachable,
+    SessionExpired,
+    TLSError,
+)
+
+HOST = "app.conduce.test"
+USER = "alice@example.com"
+PASSWORD = "correct horse battery staple"
+COOKIE = "s3ss10n-t0ken-value"
+KEY = "0123456789abcdef0123456789abcdef"
+BASE = f"https://{HOST}{API_PREFIX}"
+LOGIN = BASE + "user/login"
+VALIDATE = BASE + "user/validate-session"
+LIST = BASE + "apikeys/list"
+CREATE = BASE + "apikeys/create"
+DELETE = BASE + "apikeys/delete"
+SECRET_IN_BODY = "LEAKED-SECRET-7f3a9"
+
+
+class Recorder:
+    """Stands in for time.sleep and random.random: no real waiting, waits are recorded."""
+
+    def __init__(self) -> None:
+        self.sleeps: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+    @staticmethod
+    def rng() -> float:
+        return 0.5
+
+
+@pytest.fixture(autouse=True)
+def hermetic_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Keep the caller's CA bundle, proxy and netrc settings out of these tests."""
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+
+
+@pytest.fixture
+def rsps() -> Iterator[responses.RequestsMock]:
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def account(recorder: Recorder) -> Iterator[ConduceAccount]:
+    with ConduceAccount(
+        HOST, USER, HttpSettings(), sleep=recorder.sleep, rng=recorder.rng
+    ) as conduce:
+        yield conduce
+
+
+def add_login(rsps: responses.RequestsMock) -> None:
+    rsps.add(
+        responses.POST,
+        LOGIN,
+        json={"email": USER},
+        headers={"Set-Cookie": f"conduce_session={COOKIE}; Path=/; Secure; HttpOnly"},
+    )
+
+
+def logged_in(account: ConduceAccount, rsps: responses.RequestsMock) -> ConduceAccount:
+    add_login(rsps)
+    account.login(PASSWORD)
+    return account
+
+
+def request_kwargs(call: Any) -> dict[str, Any]:
+    """The keyword arguments requests passed to its adapter for one recorded call."""
+    kwargs: dict[str, Any] = call.request.req_kwargs
+    return kwargs
+
+
+def body_of(call: Any) -> Any:
+    return json.loads(call.request.body)
+
+
+# --- login and session ------------------------------------------------------------------------
+
+
+def test_login_posts_the_documented_body_and_keeps_the_cookie(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """A login sends email, password and keep=false, and its cookie carries later calls."""
+    logged_in(account, rsps)
+    rsps.add(responses.GET, LIST, json=[])
+    assert account.has_session
+    assert account.list_keys() == []
+    assert body_of(rsps.calls[0]) == {"email": USER, "password": PASSWORD, "keep": False}
+    assert rsps.calls[1].request.headers["Cookie"] == f"conduce_session={COOKIE}"
+    assert "Authorization" not in rsps.calls[1].request.headers
+
+
+def test_login_with_bad_credentials_raises_bad_credentials(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """A 401 on login is BadCredentials and leaves the account without a session."""
+    rsps.add(responses.POST, LOGIN, status=401, json={"error": "Unauthorized"})
+    with pytest.raises(BadCredentials, match="log in again"):
+        account.login(PASSWORD)
+    assert not account.has_session
+
+
+def test_login_without_a_cookie_is_an_unexpected_answer(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """A 2xx login answer that sets no cookie is a RemoteError, not a fake session."""
+    rsps.add(responses.POST, LOGIN, json={})
+    with pytest.raises(RemoteError, match="no session cookie"):
+        account.login(PASSWORD)
+    assert not account.has_session
+
+
+def test_login_forbidden_raises_forbidden(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """A 403 on login is Forbidden with a message about the remote account."""
+    rsps.add(responses.POST, LOGIN, status=403)
+    with pytest.raises(Forbidden, match=HOST):
+        account.login(PASSWORD)
+
+
+def test_login_is_never_retried(
+    account: ConduceAccount, rsps: responses.RequestsMock, recorder: Recorder
+) -> None:
+    """A 503 on login fails at once: a login is not retried behind the user's back."""
+    rsps.add(responses.POST, LOGIN, status=503)
+    with pytest.raises(RemoteError, match="503"):
+        account.login(PASSWORD)
+    assert len(rsps.calls) == 1
+    assert recorder.sleeps == []
+
+
+def test_empty_password_is_refused_locally(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """An empty password is a BadRequest raised before any network call."""
+    with pytest.raises(BadRequest):
+        account.login("")
+    assert len(rsps.calls) == 0
+
+
+def test_logout_forgets_the_session_without_a_call(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """logout() drops the cookie locally, after which a session call needs a login."""
+    logged_in(account, rsps)
+    account.logout()
+    assert not account.has_session
+    with pytest.raises(LoginRequired):
+        account.list_keys()
+    assert len(rsps.calls) == 1
+
+
+def test_a_rotated_session_cookie_is_kept(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """A session cookie the service refreshes on a later call replaces the old one."""
+    logged_in(account, rsps)
+    rsps.add(
+        responses.GET,
+        LIST,
+        json=[],
+        headers={"Set-Cookie": "conduce_session=rotated; Path=/; Secure; HttpOnly"},
+    )
+    rsps.add(responses.GET, LIST, json=[])
+    account.list_keys()
+    account.list_keys()
+    assert rsps.calls[2].request.headers["Cookie"] == "conduce_session=rotated"
+
+
+def test_cookies_set_on_api_key_calls_are_ignored(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """A cookie set in answer to an API-key call never becomes the account's session."""
+    rsps.add(
+        responses.GET,
+        LIST,
+        json=[],
+        headers={"Set-Cookie": "conduce_session=planted; Path=/; Secure; HttpOnly"},
+    )
+    account.list_keys(api_key=KEY)
+    assert not account.has_session
+
+
+def test_validate_without_session_makes_no_call(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """validate() is False without a session, and asks nothing of the network."""
+    assert account.validate() is False
+    assert len(rsps.calls) == 0
+
+
+def test_validate_true_on_200(account: ConduceAccount, rsps: responses.RequestsMock) -> None:
+    """validate() is True while the service answers 200, sending the session cookie."""
+    logged_in(account, rsps)
+    rsps.add(responses.GET, VALIDATE, json={})
+    assert account.validate() is True
+    assert rsps.calls[1].request.headers["Cookie"] == f"conduce_session={COOKIE}"
+
+
+def test_validate_false_on_401_drops_the_session(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """validate() turns a 401 into False and forgets the dead cookie."""
+    logged_in(account, rsps)
+    rsps.add(responses.GET, VALIDATE, status=401)
+    assert account.validate() is False
+    assert not account.has_session
+
+
+def test_validate_raises_on_other_errors(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """validate() raises RemoteError on a 500 rather than guessing a session state."""
+    logged_in(account, rsps)
+    rsps.add(responses.GET, VALIDATE, status=500)
+    with pytest.raises(RemoteError, match="500"):
+        account.validate()
+    assert account.has_session
+
+
+def test_validate_is_retried_on_502(
+    account: ConduceAccount, rsps: responses.RequestsMock, recorder: Recorder
+) -> None:
+    """validate() is a safe call: a 502 is retried after a jittered wait."""
+    logged_in(account, rsps)
+    rsps.add(responses.GET, VALIDATE, status=502)
+    rsps.add(responses.GET, VALIDATE, json={})
+    assert account.validate() is True
+    assert recorder.sleeps == [pytest.approx(0.1)]
+
+
+# --- keys ---------------------------------------------------------------------------------------
+
+
+def test_list_keys_parses_defensively(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """Listed keys accept several field spellings, keep unknown fields, skip keyless entries."""
+    logged_in(account, rsps)
+    rsps.add(
+        responses.GET,
+        LIST,
+        json=[
+            {"apikey": KEY, "description": "ci", "created": "2024-01-02T03:04:05Z", "x": 1},
+            {"key": "k2" * 8, "created_at": "2024-02-02"},
+            {"api_key": "k3" * 8, "date": "2024-03-03", "description": 42},
+            {"description": "no key at all"},
+            {"apikey": 12345},
+            {"apikey": ""},
+            "not an object",
+            None,
+        ],
+    )
+    keys = account.list_keys()
+    assert [k.key for k in keys] == [KEY, "k2" * 8, "k3" * 8]
+    assert keys[0] == RemoteKey(KEY, "ci", "2024-01-02T03:04:05Z", {"x": 1})
+    assert keys[1].created == "2024-02-02"
+    assert keys[1].description == ""
+    assert keys[2].created == "2024-03-03"
+    assert keys[2].description == ""  # a non-string description is not trusted
+    assert dict(keys[0].extra) == {"x": 1}
+
+
+def test_list_keys_accepts_a_wrapped_list(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """A list wrapped in an object under "apikeys" is accepted too."""
+    logged_in(account, rsps)
+    rsps.add(responses.GET, LIST, json={"apikeys": [{"apikey": KEY}]})
+    assert [k.key for k in account.list_keys()] == [KEY]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"<html>oops</html>", b'{"apikeys": 3}', b'"a string"', b"[" * 100_000, b"\xff\xfe\x00"],
+)
+def test_list_keys_unexpected_answer(
+    account: ConduceAccount, rsps: responses.RequestsMock, body: bytes
+) -> None:
+    """A 2xx that is not JSON, or not a list of keys, is a RemoteError naming the problem."""
+    logged_in(account, rsps)
+    rsps.add(responses.GET, LIST, body=body, content_type="application/json")
+    with pytest.raises(RemoteError, match="unexpected answer") as caught:
+        account.list_keys()
+    assert caught.value.__context__ is None
+
+
+def test_create_key_posts_the_description_and_returns_the_key(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """create_key sends {"description"} and returns the "apikey" of the answer."""
+    logged_in(account, rsps)
+    rsps.add(responses.POST, CREATE, json={"apikey": KEY})
+    assert account.create_key("laptop") == KEY
+    assert body_of(rsps.calls[1]) == {"description": "laptop"}
+
+
+@pytest.mark.parametrize("document", [{}, {"apikey": ""}, {"apikey": 7}, [KEY], "k"])
+def test_create_key_unexpected_answer(
+    account: ConduceAccount, rsps: responses.RequestsMock, document: object
+) -> None:
+    """A create answer without a key string is a RemoteError."""
+    logged_in(account, rsps)
+    rsps.add(responses.POST, CREATE, json=document)
+    with pytest.raises(RemoteError, match="unexpected answer"):
+        account.create_key("x")
+
+
+def test_delete_key_posts_the_key(account: ConduceAccount, rsps: responses.RequestsMock) -> None:
+    """delete_key sends {"apikey": key} and accepts any 2xx, even an empty body."""
+    logged_in(account, rsps)
+    rsps.add(responses.POST, DELETE, status=204)
+    account.delete_key(KEY)
+    assert body_of(rsps.calls[1]) == {"apikey": KEY}
+
+
+def test_delete_unknown_key_is_not_found(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """A 404 on delete is NotFound: the service has no such key for this account."""
+    logged_in(account, rsps)
+    rsps.add(responses.POST, DELETE, status=404)
+    with pytest.raises(NotFound, match="no such API key"):
+        account.delete_key(KEY)
+
+
+# --- authentication choices ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("operation", ["list", "create", "delete"])
+def test_no_session_and_no_key_is_login_required_without_a_call(
+    account: ConduceAccount, rsps: responses.RequestsMock, operation: str
+) -> None:
+    """Without a session or an API key, key calls raise LoginRequired before any traffic."""
+    with pytest.raises(LoginRequired, match="keyagent-ctl login"):
+        call(account, operation)
+    assert len(rsps.calls) == 0
+
+
+def test_api_key_uses_bearer_and_never_the_cookie(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """With api_key, calls carry Authorization: Bearer and no Cookie, even when logged in."""
+    logged_in(account, rsps)
+    rsps.add(responses.GET, LIST, json=[])
+    rsps.add(responses.POST, CREATE, json={"apikey": "new" * 6})
+    rsps.add(responses.POST, DELETE, json={})
+    account.list_keys(api_key=KEY)
+    account.create_key("d", api_key=KEY)
+    account.delete_key("old" * 6, api_key=KEY)
+    for call in rsps.calls[1:]:
+        assert call.request.headers["Authorization"] == f"Bearer {KEY}"
+        assert "Cookie" not in call.request.headers
+
+
+def test_api_key_works_without_a_session(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """An API key is enough on its own: no login is needed."""
+    rsps.add(responses.GET, LIST, json=[{"apikey": KEY}])
+    assert [k.key for k in account.list_keys(api_key=KEY)] == [KEY]
+
+
+def test_netrc_credentials_never_replace_the_bearer_header(
+    account: ConduceAccount,
+    rsps: responses.RequestsMock,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ~/.netrc entry for the host adds no Basic auth, neither over Bearer nor alone."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine {HOST} login someone password netrc-pass\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    logged_in(account, rsps)
+    rsps.add(responses.GET, LIST, json=[])
+    rsps.add(responses.GET, LIST, json=[])
+    account.list_keys(api_key=KEY)
+    account.list_keys()
+    assert rsps.calls[1].request.headers["Authorization"] == f"Bearer {KEY}"
+    assert "Authorization" not in rsps.calls[2].request.headers
+    assert "Authorization" not in rsps.calls[0].request.headers
+
+
+def test_api_key_with_a_newline_is_refused_locally(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """An API key that could split the header is a BadRequest, sent nowhere."""
+    with pytest.raises(BadRequest):
+        account.list_keys(api_key="abc\r\nX-Evil: 1")
+    assert len(rsps.calls) == 0
+
+
+# --- failure mapping ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("operation", ["list", "create", "delete"])
+def test_session_401_is_session_expired_and_drops_the_cookie(
+    account: ConduceAccount, rsps: responses.RequestsMock, operation: str
+) -> None:
+    """A 401 on a cookie call is SessionExpired, and the dead cookie is forgotten."""
+    logged_in(account, rsps)
+    for method, url in [(responses.GET, LIST), (responses.POST, CREATE), (responses.POST, DELETE)]:
+        rsps.add(method, url, status=401)
+    with pytest.raises(SessionExpired, match="login again"):
+        call(account, operation)
+    assert not account.has_session
+
+
+def test_api_key_401_is_bad_credentials_and_keeps_the_session(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """A 401 on an API-key call says the key was rejected, and leaves the session alone."""
+    logged_in(account, rsps)
+    rsps.add(responses.GET, LIST, status=401)
+    with pytest.raises(BadCredentials, match="rejected the API key"):
+        account.list_keys(api_key=KEY)
+    assert account.has_session
+
+
+@pytest.mark.parametrize("operation", ["list", "create", "delete"])
+def test_403_is_forbidden(
+    account: ConduceAccount, rsps: responses.RequestsMock, operation: str
+) -> None:
+    """A 403 is Forbidden, naming the operation, the user and the host."""
+    logged_in(account, rsps)
+    for method, url in [(responses.GET, LIST), (responses.POST, CREATE), (responses.POST, DELETE)]:
+        rsps.add(method, url, status=403)
+    with pytest.raises(Forbidden) as caught:
+        call(account, operation)
+    assert USER in caught.value.message
+    assert HOST in caught.value.message
+    assert account.has_session
+
+
+def call(account: ConduceAccount, operation: str, api_key: str | None = None) -> object:
+    if operation == "list":
+        return account.list_keys(api_key=api_key)
+    if operation == "create":
+        return account.create_key("x", api_key=api_key)
+    account.delete_key(KEY, api_key=api_key)
+    return None
+
+
+def test_500_reports_status_and_standard_phrase_never_the_body(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """A 500 is a RemoteError with status and standard phrase; body and reason stay out."""
+    logged_in(account, rsps)
+    rsps.add(
+        responses.POST,
+        CREATE,
+        status=500,
+        body=f'{{"error": "boom", "echo": "{SECRET_IN_BODY}", "password": "{PASSWORD}"}}',
+    )
+    with pytest.raises(RemoteError) as caught:
+        account.create_key("x")
+    error = caught.value
+    assert "500 Internal Server Error" in error.message
+    assert SECRET_IN_BODY not in str(error)
+    assert SECRET_IN_BODY not in repr(error)
+    assert PASSWORD not in str(error)
+    assert error.__cause__ is None
+    assert error.__context__ is None
+
+
+def test_unknown_status_has_no_phrase(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """A non-standard status is reported by number alone."""
+    logged_in(account, rsps)
+    rsps.add(responses.POST, DELETE, status=599)
+    with pytest.raises(RemoteError, match=r"answered 599 when"):
+        account.delete_key(KEY)
+
+
+def test_redirects_are_not_followed(account: ConduceAccount, rsps: responses.RequestsMock) -> None:
+    """A 3xx is an error, not a hop that could carry the API key elsewhere."""
+    rsps.add(responses.GET, LIST, status=302, headers={"Location": "https://evil.test/steal"})
+    with pytest.raises(RemoteError, match="302"):
+        account.list_keys(api_key=KEY)
+    assert len(rsps.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("exception", "expected", "match"),
+    [
+        (requests.ConnectionError("refused"), RemoteUnreachable, "could not be reached"),
+        (requests.ConnectTimeout("slow"), RemoteUnreachable, "did not accept a connection"),
+        (requests.ReadTimeout("slow"), RemoteUnreachable, "did not answer within 30s"),
+        (requests.exceptions.SSLError("handshake"), TLSError, "TLS connection"),
+        (
+            requests.exceptions.SSLError(
+                ssl.SSLCertVerificationError(1, "certificate verify failed")
+            ),
+            TLSError,
+            "certificate",
+        ),
+        (requests.exceptions.ChunkedEncodingError("cut"), RemoteUnreachable, "mid-answer"),
+        (requests.exceptions.InvalidHeader("bad"), RemoteError, "InvalidHeader"),
+    ],
+)
+def test_transport_failures_map_to_keyagent_errors(
+    account: ConduceAccount,
+    rsps: responses.RequestsMock,
+    exception: Exception,
+    expected: type[KeyagentError],
+    match: str,
+) -> None:
+    """Each transport failure becomes its keyagent error, with no chained exception."""
+    logged_in(account, rsps)
+    rsps.add(responses.POST, CREATE, body=exception)
+    with pytest.raises(expected, match=match) as caught:
+        account.create_key("x")
+    assert type(caught.value) is expected
+    assert caught.value.__cause__ is None
+    assert caught.value.__context__ is None
+    assert caught.value.__suppress_context__
+
+
+# --- retries ------------------------------------------------------------------------------------
+
+
+def test_list_is_retried_on_503_with_jittered_backoff(
+    account: ConduceAccount, rsps: responses.RequestsMock, recorder: Recorder
+) -> None:
+    """list_keys retries 503 twice, waiting rng() * backoff * 2**attempt each time."""
+    logged_in(account, rsps)
+    rsps.add(responses.GET, LIST, status=503)
+    rsps.add(responses.GET, LIST, status=503)
+    rsps.add(responses.GET, LIST, json=[{"apikey": KEY}])
+    assert [k.key for k in account.list_keys()] == [KEY]
+    assert recorder.sleeps == [pytest.approx(0.1), pytest.approx(0.2)]
+    assert len(rsps.calls) == 4
+
+
+def test_list_gives_up_after_the_configured_retries(
+    account: ConduceAccount, rsps: responses.RequestsMock, recorder: Recorder
+) -> None:
+    """After retries + 1 attempts a persistent 504 is reported as a RemoteError."""
+    logged_in(account, rsps)
+    rsps.add(responses.GET, LIST, status=504)
+    with pytest.raises(RemoteError, match="504 Gateway Timeout"):
+        account.list_keys()
+    assert len(rsps.calls) == 1 + 3
+    assert len(recorder.sleeps) == 2
+
+
+def test_list_is_retried_on_connection_errors(
+    account: ConduceAccount, rsps: responses.RequestsMock, recorder: Recorder
+) -> None:
+    """A refused connection is retried for list_keys, then reported as RemoteUnreachable."""
+    rsps.add(responses.GET, LIST, body=requests.ConnectionError("refused"))
+    with pytest.raises(RemoteUnreachable):
+        account.list_keys(api_key=KEY)
+    assert len(rsps.calls) == 3
+    assert len(recorder.sleeps) == 2
+
+
+def test_list_is_not_retried_on_500_or_read_timeout(
+    account: ConduceAccount, rsps: responses.RequestsMock, recorder: Recorder
+) -> None:
+    """Only 502/503/504 and connection failures are retried: not 500, not a read timeout."""
+    rsps.add(responses.GET, LIST, status=500)
+    rsps.add(responses.GET, LIST, body=requests.ReadTimeout("slow"))
+    with pytest.raises(RemoteError, match="500"):
+        account.list_keys(api_key=KEY)
+    with pytest.raises(RemoteUnreachable):
+        account.list_keys(api_key=KEY)
+    assert len(rsps.calls) == 2
+    assert recorder.sleeps == []
+
+
+def test_retries_zero_means_one_attempt(rsps: responses.RequestsMock, recorder: Recorder) -> None:
+    """retries=0 makes a safe call try exactly once."""
+    rsps.add(responses.GET, LIST, status=503)
+    conduce = ConduceAccount(HOST, USER, HttpSettings(retries=0), sleep=recorder.sleep)
+    with conduce, pytest.raises(RemoteError, match="503"):
+        conduce.list_keys(api_key=KEY)
+    assert len(rsps.calls) == 1
+    assert recorder.sleeps == []
+
+
+@pytest.mark.parametrize("operation", ["create", "delete"])
+@pytest.mark.parametrize("failure", [503, requests.ConnectionError("reset")])
+def test_create_and_delete_are_never_retried(
+    account: ConduceAccount,
+    rsps: responses.RequestsMock,
+    recorder: Recorder,
+    operation: str,
+    failure: int | Exception,
+) -> None:
+    """create and delete fail on the first 503 or connection error: a retry could repeat them."""
+    logged_in(account, rsps)
+    url = CREATE if operation == "create" else DELETE
+    if isinstance(failure, int):
+        rsps.add(responses.POST, url, status=failure)
+    else:
+        rsps.add(responses.POST, url, body=failure)
+    with pytest.raises((RemoteError, RemoteUnreachable)):
+        call(account, operation)
+    assert len(rsps.calls) == 2  # the login and one attempt
+    assert recorder.sleeps == []
+
+
+# --- TLS settings -------------------------------------------------------------------------------
+
+
+def test_every_request_has_explicit_timeouts_and_verification(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """Each request passes timeout=(connect, read) and verify=True, redirects off."""
+    logged_in(account, rsps)
+    rsps.add(responses.GET, LIST, json=[])
+    account.list_keys()
+    for recorded in rsps.calls:
+        kwargs = request_kwargs(recorded)
+        assert kwargs["timeout"] == (5.0, 30.0)
+        assert kwargs["verify"] is True
+
+
+def test_explicit_ca_bundle_beats_requests_ca_bundle(
+    rsps: responses.RequestsMock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An explicit CA bundle is used even when REQUESTS_CA_BUNDLE names another one."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/env/requests-bundle.pem")
+    monkeypatch.setenv("CURL_CA_BUNDLE", "/env/curl-bundle.pem")
+    rsps.add(responses.GET, LIST, json=[])
+    with ConduceAccount(HOST, USER, HttpSettings(verify="/explicit/ca.pem")) as conduce:
+        conduce.list_keys(api_key=KEY)
+    assert request_kwargs(rsps.calls[0])["verify"] == "/explicit/ca.pem"
+
+
+def test_default_verification_honours_requests_ca_bundle(
+    account: ConduceAccount, rsps: responses.RequestsMock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With verify=True, an inherited REQUESTS_CA_BUNDLE is honoured, as curl would."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/env/requests-bundle.pem")
+    rsps.add(responses.GET, LIST, json=[])
+    account.list_keys(api_key=KEY)
+    assert request_kwargs(rsps.calls[0])["verify"] == "/env/requests-bundle.pem"
+
+
+def test_insecure_disables_verification_and_warns_on_every_request(
+    rsps: responses.RequestsMock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """insecure=True sends verify=False (beating REQUESTS_CA_BUNDLE) and warns per request."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/env/requests-bundle.pem")
+    caplog.set_level(logging.WARNING, logger="keyagent.conduce")
+    rsps.add(responses.GET, LIST, json=[])
+    rsps.add(responses.GET, LIST, json=[])
+    settings = HttpSettings(verify="/explicit/ca.pem", insecure=True)
+    with ConduceAccount(HOST, USER, settings) as conduce:
+        conduce.list_keys(api_key=KEY)
+        conduce.list_keys(api_key=KEY)
+    assert [request_kwargs(c)["verify"] for c in rsps.calls] == [False, False]
+    warnings = [r for r in caplog.records if "TLS verification is off" in r.getMessage()]
+    assert len(warnings) == 2
+    assert all(r.levelno == logging.WARNING for r in warnings)
+
+
+def test_verify_false_without_insecure_is_refused() -> None:
+    """Verification can only be turned off through the explicit insecure switch."""
+    with pytest.raises(BadRequest, match="--insecure"):
+        HttpSettings(verify=False)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"connect_timeout": 0},
+        {"read_timeout": -1},
+        {"retries": -1},
+        {"backoff": -0.1},
+        {"verify": ""},
+    ],
+)
+def test_bad_settings_are_refused(settings: dict[str, Any]) -> None:
+    """Nonsensical timeouts, retries, backoff or CA path fail when the settings are made."""
+    with pytest.raises(BadRequest):
+        HttpSettings(**settings)
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["https://app.conduce.com", "app.conduce.com/x", "user@app.conduce.com", "", "a b", "h:x"],
+)
+def test_hosts_with_scheme_path_or_userinfo_are_refused(host: str) -> None:
+    """A host is a name with an optional port: anything that could redirect the URL is refused."""
+    with pytest.raises(BadRequest, match="--host"):
+        ConduceAccount(host, USER, HttpSettings())
+
+
+@pytest.mark.parametrize("host", ["app.conduce.com", "127.0.0.1:8443", "[::1]:8443", "localhost"])
+def test_valid_hosts_are_accepted(host: str) -> None:
+    """Names, addresses and bracketed IPv6 addresses with ports are valid hosts."""
+    ConduceAccount(host, USER, HttpSettings()).close()
+
+
+# --- secrecy ------------------------------------------------------------------------------------
+
+
+def test_secrets_never_reach_logs_or_reprs(
+    account: ConduceAccount, rsps: responses.RequestsMock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Password, cookie and keys appear in no log record (DEBUG) and in no repr."""
+    caplog.set_level(logging.DEBUG)
+    rsps.add(responses.POST, LOGIN, status=401)
+    with pytest.raises(BadCredentials) as bad_login:
+        account.login(PASSWORD)
+    rsps.add(responses.POST, LOGIN, body=requests.ConnectionError(f"echo {PASSWORD}"))
+    with pytest.raises(RemoteUnreachable) as unreachable:
+        account.login(PASSWORD)
+    logged_in(account, rsps)
+    rsps.add(responses.GET, LIST, status=503)
+    rsps.add(responses.GET, LIST, json=[{"apikey": KEY, "description": "d", "secret": "zz"}])
+    rsps.add(responses.POST, CREATE, json={"apikey": KEY})
+    keys = account.list_keys(api_key=KEY)
+    account.create_key("d")
+    assert caplog.records, "the calls above should have been logged"
+    texts = [record.getMessage() for record in caplog.records]
+    texts += [repr(account), repr(keys), repr(bad_login.value), repr(unreachable.value)]
+    texts += [repr(account.settings)]
+    for text in texts:
+        for secret in (PASSWORD, COOKIE, KEY, "zz"):
+            assert secret not in text, (secret, text)
+    # The account holds the cookie, by design, but nothing of the password.
+    assert PASSWORD not in str(vars(account))
+
+
+def test_remote_key_repr_and_masking() -> None:
+    """RemoteKey's repr never shows the key or extras; masked() keeps 4+4 chars of long keys."""
+    remote = RemoteKey(KEY, "ci", None, {"token": "hidden-value"})
+    assert KEY not in repr(remote)
+    assert "hidden-value" not in repr(remote)
+    assert remote.masked() == "0123…cdef"
+    assert RemoteKey("short-key", "", None).masked() == "****"
+    assert RemoteKey("x" * 15, "", None).masked() == "****"
+    assert RemoteKey("abcdefghijklmnop", "", None).masked() == "abcd…mnop"
+    assert hash(remote) == hash(RemoteKey(KEY, "ci", None, {"token": "hidden-value"}))

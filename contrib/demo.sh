@@ -1,37 +1,69 @@
 #!/bin/sh
-# A walk through keyagent with a real agent process: start it, hand it a key, use the key
-# without ever writing it to a file, lock it, and stop it. Run with: make demo
+# keyagent for real: a real agent process talks HTTPS to a local Conduce emulator (a real
+# TLS server with a throw-away CA, standing in for app.conduce.com). The password goes to
+# the agent once; every later step uses the session or a key the agent holds, and no key
+# is ever written to a file. Run with: make demo
 set -eu
 
 workdir=$(mktemp -d)
-trap 'keyagent -k >/dev/null 2>&1 || true; rm -rf "$workdir"' EXIT
+emulator_pid=
+cleanup() {
+  keyagent -k >/dev/null 2>&1 || true
+  [ -n "$emulator_pid" ] && kill "$emulator_pid" 2>/dev/null || true
+  rm -rf "$workdir"
+}
+trap cleanup EXIT INT TERM
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
 
-step 'eval "$(keyagent -a $workdir/agent.sock -t 1h)"'
-eval "$(keyagent -a "$workdir/agent.sock" -t 1h)"
+# A stand-in for the Conduce service, on 127.0.0.1 (python -m keyagent.testing serve).
+printf %s 'demo-password' | python3 -m keyagent.testing serve --password-stdin \
+  >"$workdir/emulator.env" 2>"$workdir/emulator.log" &
+emulator_pid=$!
+tries=0
+until grep -q '^CONDUCE_USER=' "$workdir/emulator.env" 2>/dev/null; do
+  tries=$((tries + 1))
+  [ "$tries" -lt 200 ] || { cat "$workdir/emulator.log"; exit 1; }
+  sleep 0.05
+done
+CONDUCE_HOST=$(sed -n 's/^CONDUCE_HOST=//p' "$workdir/emulator.env")
+CONDUCE_CA_BUNDLE=$(sed -n 's/^CONDUCE_CA_BUNDLE=//p' "$workdir/emulator.env")
+CONDUCE_USER=$(sed -n 's/^CONDUCE_USER=//p' "$workdir/emulator.env")
+echo "Conduce emulator on https://$CONDUCE_HOST (user $CONDUCE_USER)"
+
+step "eval \"\$(keyagent -a \$workdir/agent.sock -t 8h --ca-bundle \$CONDUCE_CA_BUNDLE)\""
+eval "$(keyagent -a "$workdir/agent.sock" -t 8h --ca-bundle "$CONDUCE_CA_BUNDLE")"
+export KEYAGENT_HOST="$CONDUCE_HOST" KEYAGENT_USER="$CONDUCE_USER"
+
+step 'keyagent-ctl login --password-stdin    # once; the agent keeps the session, not the password'
+printf '%s\n' 'demo-password' | keyagent-ctl login --password-stdin
+
+step 'keyagent-ctl create --description "demo laptop"'
+keyagent-ctl create --description "demo laptop"
+
+step 'keyagent-ctl list --remote             # what the service has, masked'
+keyagent-ctl list --remote
+
+step 'keyagent-ctl list                      # what the agent holds'
+keyagent-ctl list
+
+step 'keyagent-ctl exec -- sh -c '\''echo "tool got a ${#CONDUCE_API_KEY}-character key"'\'''
+keyagent-ctl exec -- sh -c 'echo "tool got a ${#CONDUCE_API_KEY}-character key"'
+
+step "python3 -c 'import keyagent; keyagent.get_key()'   # the client library"
+python3 -c 'import keyagent; print("python got a %d-character key" % len(keyagent.get_key()))'
 
 step 'keyagent-ctl status'
 keyagent-ctl status
 
-step "printf %s 'demo-key-…' | keyagent-ctl add --host app.conduce.com --user me@example.com -D demo"
-printf %s "demo-key-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')" |
-  keyagent-ctl add --host app.conduce.com --user me@example.com -D demo
-
-step 'keyagent-ctl list'
-keyagent-ctl list
-
-step 'keyagent-ctl exec -- sh -c '\''echo "the tool sees a key of ${#CONDUCE_API_KEY} characters"'\'''
-keyagent-ctl exec -- sh -c 'echo "the tool sees a key of ${#CONDUCE_API_KEY} characters"'
-
-step "python3 -c 'import keyagent; print(len(keyagent.get_key(host=\"app.conduce.com\")))'"
-python3 -c 'import keyagent; print(len(keyagent.get_key(host="app.conduce.com")))'
-
-step 'echo s3cret | keyagent-ctl lock; keyagent-ctl get'
+step 'echo s3cret | keyagent-ctl lock && keyagent-ctl get'
 echo s3cret | keyagent-ctl lock
-keyagent-ctl get || echo "(exit status $?: locked)"
-
-step 'echo s3cret | keyagent-ctl unlock'
+keyagent-ctl get || echo "(exit status $?: the agent is locked)"
 echo s3cret | keyagent-ctl unlock
 
-step 'eval "$(keyagent -k)"'
+step 'keyagent-ctl remove KEY_ID                 # delete on the service, then forget'
+keyagent-ctl remove "$(keyagent-ctl list --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["keys"][0]["key_id"])')"
+keyagent-ctl list --remote
+
+step 'keyagent-ctl logout && eval "$(keyagent -k)"'
+keyagent-ctl logout
 eval "$(keyagent -k)"

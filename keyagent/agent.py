@@ -73,6 +73,8 @@ class Stop:
 Outcome = Result | Deferred | Delayed | Stop
 
 ALLOWED_WHILE_LOCKED: Final = frozenset({"hello", "status", "unlock"})
+MAX_KEY_ATTEMPTS: Final = 3
+"""Held keys a remote call may try in turn after the service rejects one (e.g. revoked)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,18 +419,13 @@ class Agent:
     def _plan(self, session: Session, *, avoid: str | None = None) -> Plan:
         """Pick credentials on the loop: the live session, else a held key of the account."""
         now = self.clock.monotonic()
-        api_key = None
-        for held in self.held_keys.matching(now, session.host, session.user):
-            if held.key_id != avoid:
-                api_key = held.secret
-                break
-        else:
-            if avoid is not None:  # the key being removed may still authenticate its removal
-                found = next(self.held_keys.matching(now, key_id=avoid), None)
-                api_key = found.secret if found else None
+        held = list(self.held_keys.matching(now, session.host, session.user))
+        # The key being removed comes last: it may still authenticate its own removal.
+        held.sort(key=lambda candidate: candidate.key_id == avoid)
+        api_keys = tuple(candidate.secret for candidate in held[:MAX_KEY_ATTEMPTS])
         stale = session.checked is None or now - session.checked > self.validate_after
         return Plan(
-            use_session=session.live, validate_first=session.live and stale, api_key=api_key
+            use_session=session.live, validate_first=session.live and stale, api_keys=api_keys
         )
 
     def _remote(

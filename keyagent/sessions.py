@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
-from keyagent.errors import LoginRequired, SessionExpired
+from keyagent.errors import BadCredentials, LoginRequired, SessionExpired
 from keyagent.store import iso
 
 T = TypeVar("T")
@@ -98,7 +98,8 @@ class Plan:
 
     use_session: bool
     validate_first: bool
-    api_key: str | None = field(default=None, repr=False)
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    """Held keys of the account, newest first; tried in turn when the service rejects one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,11 +127,16 @@ def run_remote(
             try:
                 return RemoteResult(call(None), session_alive=True, session_expired=False)
             except SessionExpired:
-                if plan.api_key is None:
+                if not plan.api_keys:
                     raise
                 expired = True
-    if plan.api_key is not None:
-        return RemoteResult(call(plan.api_key), session_alive=False, session_expired=expired)
+    for position, api_key in enumerate(plan.api_keys):
+        try:
+            return RemoteResult(call(api_key), session_alive=False, session_expired=expired)
+        except BadCredentials:
+            # A revoked key held here: the service did not act, so the next one may try.
+            if position == len(plan.api_keys) - 1:
+                raise
     if expired:
         raise SessionExpired(
             f"the session of {user} on {host} has expired; run keyagent-ctl login again"

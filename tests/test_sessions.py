@@ -1,0 +1,341 @@
+"""Credential choice for remote calls, and the agent's Conduce handlers, with a fake account."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from keyagent import errors
+from keyagent.agent import Agent, Clock, Deferred, Outcome, Peer
+from keyagent.protocol import Request
+from keyagent.sessions import ListedKey, Plan, RemoteResult, Session, run_remote
+from keyagent.store import key_id_for
+
+PEER = Peer(pid=1, uid=0, gid=0)
+HOST, USER = "conduce.example", "alice@example.com"
+
+
+@dataclass
+class Listed:
+    key: str
+    description: str = ""
+    created: str | None = None
+
+    def masked(self) -> str:
+        return f"{self.key[:4]}…{self.key[-4:]}"
+
+
+@dataclass
+class FakeAccount:
+    """An in-memory Conduce account; ``session_alive`` decides what the cookie can do."""
+
+    password: str = "pw"
+    session: bool = False
+    session_alive: bool = True
+    keys: list[str] = field(default_factory=list)
+    calls: list[tuple[str, str | None]] = field(default_factory=list)
+    fail_next: errors.KeyagentError | None = None
+
+    def _auth(self, name: str, api_key: str | None) -> None:
+        self.calls.append((name, api_key))
+        if self.fail_next is not None:
+            failure, self.fail_next = self.fail_next, None
+            raise failure
+        if api_key is None:
+            if not self.session:
+                raise errors.LoginRequired()
+            if not self.session_alive:
+                self.session = False
+                raise errors.SessionExpired()
+        elif api_key not in self.keys:
+            raise errors.BadCredentials("the service rejected the API key")
+
+    def login(self, password: str) -> None:
+        self.calls.append(("login", None))
+        if password != self.password:
+            raise errors.BadCredentials()
+        self.session, self.session_alive = True, True
+
+    def logout(self) -> None:
+        self.session = False
+
+    def validate(self) -> bool:
+        self.calls.append(("validate", None))
+        if not self.session_alive:
+            self.session = False
+        return self.session and self.session_alive
+
+    def list_keys(self, api_key: str | None = None) -> Sequence[ListedKey]:
+        self._auth("list", api_key)
+        return [Listed(key) for key in self.keys]
+
+    def create_key(self, description: str, api_key: str | None = None) -> str:
+        self._auth("create", api_key)
+        key = f"created-key-{len(self.keys):04d}-abcdefgh"
+        self.keys.append(key)
+        return key
+
+    def delete_key(self, key: str, api_key: str | None = None) -> None:
+        self._auth("delete", api_key)
+        if key not in self.keys:
+            raise errors.NotFound()
+        self.keys.remove(key)
+
+    def close(self) -> None:
+        self.session = False
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def clock(self) -> Clock:
+        return Clock(monotonic=lambda: self.now, wall=lambda: 1_700_000_000.0 + self.now)
+
+
+@pytest.fixture
+def account() -> FakeAccount:
+    return FakeAccount()
+
+
+@pytest.fixture
+def fake_time() -> FakeTime:
+    return FakeTime()
+
+
+@pytest.fixture
+def agent(account: FakeAccount, fake_time: FakeTime) -> Agent:
+    return Agent(clock=fake_time.clock(), accounts=lambda host, user: account, validate_after=60.0)
+
+
+def run(agent: Agent, op: str, **args: Any) -> dict[str, Any]:
+    """Handle one request, completing deferred work inline as the server would."""
+    outcome: Outcome = agent.handle(Request(1, op, args), PEER)
+    while isinstance(outcome, Deferred):
+        try:
+            value = outcome.work()
+        except errors.KeyagentError as error:
+            if outcome.fail is None:
+                raise
+            outcome = outcome.fail(error)
+        else:
+            outcome = outcome.finish(value)
+    assert isinstance(outcome, dict)
+    return outcome
+
+
+def test_run_remote_prefers_the_live_session(account: FakeAccount) -> None:
+    """With a live session, the call goes out with the cookie, not the held key."""
+    account.session = True
+    result = run_remote(
+        account,
+        Plan(use_session=True, validate_first=False, api_keys=("k",)),
+        account.list_keys,
+        host=HOST,
+        user=USER,
+    )
+    assert result.session_alive
+    assert account.calls == [("list", None)]
+
+
+def test_run_remote_falls_back_to_a_key_when_the_session_died(account: FakeAccount) -> None:
+    """A 401 on the session is retried once with the held API key, and reported as expired."""
+    account.session, account.session_alive, account.keys = True, False, ["held"]
+    result: RemoteResult[Any] = run_remote(
+        account,
+        Plan(use_session=True, validate_first=False, api_keys=("held",)),
+        account.list_keys,
+        host=HOST,
+        user=USER,
+    )
+    assert result.session_expired
+    assert not result.session_alive
+    assert account.calls == [("list", None), ("list", "held")]
+
+
+def test_run_remote_validates_an_idle_session_first(account: FakeAccount) -> None:
+    """validate_first checks the session before the call; a dead one is not used at all."""
+    account.session, account.session_alive = True, False
+    with pytest.raises(errors.SessionExpired):
+        run_remote(
+            account,
+            Plan(use_session=True, validate_first=True),
+            account.list_keys,
+            host=HOST,
+            user=USER,
+        )
+    assert account.calls == [("validate", None)]
+
+
+def test_run_remote_without_credentials_needs_login(account: FakeAccount) -> None:
+    """No session and no key: login_required, and nothing is sent."""
+    with pytest.raises(errors.LoginRequired):
+        run_remote(
+            account,
+            Plan(use_session=False, validate_first=False),
+            account.list_keys,
+            host=HOST,
+            user=USER,
+        )
+    assert account.calls == []
+
+
+def test_login_records_the_session_and_status_shows_it(agent: Agent) -> None:
+    """A successful login is shown in status with its time; the password is kept nowhere."""
+    assert run(agent, "login", host=HOST, user=USER, password="pw")["session"] is True
+    (state,) = agent.process_status({})["sessions"]
+    assert state["logged_in"] is True
+    assert state["since"] is not None
+    assert "pw" not in repr(agent.sessions)
+
+
+def test_failed_login_leaves_no_session(agent: Agent) -> None:
+    """A wrong password is bad_credentials and the account stays logged out."""
+    with pytest.raises(errors.BadCredentials):
+        run(agent, "login", host=HOST, user=USER, password="nope")
+    assert agent.sessions[(HOST, USER)].logged_in is False
+
+
+def test_create_holds_the_new_key_and_reveals_only_on_request(
+    agent: Agent, account: FakeAccount
+) -> None:
+    """create stores the key as source 'created'; the secret is in the reply only with reveal."""
+    run(agent, "login", host=HOST, user=USER, password="pw")
+    quiet = run(agent, "create", host=HOST, user=USER, description="d")
+    assert "key" not in quiet
+    assert quiet["source"] == "created"
+    assert quiet["created"] is not None
+    loud = run(agent, "create", host=HOST, user=USER, reveal=True)
+    assert loud["key"] == account.keys[-1]
+    assert run(agent, "get", host=HOST)["key"] == account.keys[-1]
+
+
+def test_expired_session_is_marked_and_reported(agent: Agent, account: FakeAccount) -> None:
+    """A 401 on the session with no key to fall back on is session_expired, shown in status."""
+    run(agent, "login", host=HOST, user=USER, password="pw")
+    account.session_alive = False
+    with pytest.raises(errors.SessionExpired):
+        run(agent, "create", host=HOST, user=USER)
+    assert agent.sessions[(HOST, USER)].expired is True
+
+
+def test_idle_session_is_validated_after_the_interval(
+    agent: Agent, account: FakeAccount, fake_time: FakeTime
+) -> None:
+    """Within validate_after the session is trusted; past it, it is checked first."""
+    run(agent, "login", host=HOST, user=USER, password="pw")
+    run(agent, "list", host=HOST, user=USER, remote=True)
+    fake_time.now += 61
+    run(agent, "list", host=HOST, user=USER, remote=True)
+    assert [name for name, _ in account.calls] == ["login", "list", "validate", "list"]
+
+
+def test_remote_list_merges_held_unheld_and_stale(agent: Agent, account: FakeAccount) -> None:
+    """Remote keys say whether they are held; held keys the service lost are stale."""
+    account.keys = ["on-service-only-000000", "held-and-listed-00000"]
+    run(agent, "add", host=HOST, user=USER, key="held-and-listed-00000")
+    run(agent, "add", host=HOST, user=USER, key="held-but-gone-0000000")
+    result = run(agent, "list", host=HOST, user=USER, remote=True)
+    held = {k["key_id"]: k["held"] for k in result["remote"]}
+    assert held == {
+        key_id_for("on-service-only-000000"): False,
+        key_id_for("held-and-listed-00000"): True,
+    }
+    stale = {k["key_id"]: k["stale"] for k in result["keys"]}
+    assert stale == {
+        key_id_for("held-and-listed-00000"): False,
+        key_id_for("held-but-gone-0000000"): True,
+    }
+    assert "on-service-only-000000" not in repr(result)
+
+
+def test_remote_list_needs_host_and_user(agent: Agent) -> None:
+    """list with remote: true names one account, so host and user are required."""
+    with pytest.raises(errors.BadRequest):
+        run(agent, "list", remote=True)
+
+
+def test_remove_deletes_remotely_then_forgets(agent: Agent, account: FakeAccount) -> None:
+    """remove deletes on the service, then drops the held key; auth prefers another held key."""
+    account.keys = ["first-key-0000000000", "second-key-000000000"]
+    run(agent, "add", host=HOST, user=USER, key="first-key-0000000000")
+    run(agent, "add", host=HOST, user=USER, key="second-key-000000000")
+    result = run(agent, "remove", key_id=key_id_for("first-key-0000000000"))
+    assert result["forgotten"] == 1
+    assert account.keys == ["second-key-000000000"]
+    assert account.calls[-1] == ("delete", "second-key-000000000")
+    with pytest.raises(errors.NotFound):
+        run(agent, "get", key_id=key_id_for("first-key-0000000000"))
+
+
+def test_remove_failure_keeps_the_key(agent: Agent, account: FakeAccount) -> None:
+    """When the service fails the delete, the key stays held."""
+    account.keys = ["only-key-00000000000"]
+    run(agent, "add", host=HOST, user=USER, key="only-key-00000000000")
+    account.fail_next = errors.RemoteError("the service answered 500")
+    with pytest.raises(errors.RemoteError):
+        run(agent, "remove", key="only-key-00000000000")
+    assert run(agent, "get")["key"] == "only-key-00000000000"
+
+
+def test_remove_unheld_key_needs_an_account(agent: Agent) -> None:
+    """A key the agent does not hold can only be removed when host and user are given."""
+    with pytest.raises(errors.NotFound):
+        run(agent, "remove", key_id="abcd1234")
+    with pytest.raises(errors.BadRequest):
+        run(agent, "remove")
+
+
+def test_remove_by_id_of_a_key_only_on_the_service(agent: Agent, account: FakeAccount) -> None:
+    """remove KEY_ID for an unheld key finds it in the service's list and deletes it."""
+    run(agent, "login", host=HOST, user=USER, password="pw")
+    account.keys = ["stranger-key-00000000"]
+    result = run(
+        agent, "remove", key_id=key_id_for("stranger-key-00000000")[:6], host=HOST, user=USER
+    )
+    assert result["forgotten"] == 0
+    assert account.keys == []
+
+
+def test_logout_drops_the_session(agent: Agent, account: FakeAccount) -> None:
+    """logout forgets the session; remote calls then need a login again."""
+    run(agent, "login", host=HOST, user=USER, password="pw")
+    assert run(agent, "logout", host=HOST, user=USER)["was_logged_in"] is True
+    with pytest.raises(errors.LoginRequired):
+        run(agent, "create", host=HOST, user=USER)
+
+
+def test_remote_ops_are_serialised_per_account(agent: Agent) -> None:
+    """Every remote operation of one account runs on the same queue; other accounts differ."""
+    first = agent.handle(Request(1, "login", {"host": HOST, "user": USER, "password": "x"}), PEER)
+    second = agent.handle(Request(2, "create", {"host": HOST, "user": USER}), PEER)
+    other = agent.handle(Request(3, "create", {"host": "other.example", "user": USER}), PEER)
+    assert isinstance(first, Deferred)
+    assert isinstance(second, Deferred)
+    assert isinstance(other, Deferred)
+    assert first.queue == second.queue != other.queue
+
+
+def test_agent_without_accounts_does_not_offer_remote_ops() -> None:
+    """An agent built without an account factory answers unknown_op for Conduce operations."""
+    bare = Agent()
+    assert "login" not in bare.ops
+    with pytest.raises(errors.UnknownOp):
+        bare.handle(Request(1, "login", {"host": HOST, "user": USER, "password": "x"}), PEER)
+
+
+def test_session_repr_and_state_hold_no_cookie() -> None:
+    """A session's repr and status entry carry no account internals."""
+    session = Session(HOST, USER, FakeAccount(password="secret-pw"))
+    assert "secret-pw" not in repr(session)
+    assert set(session.state()) == {
+        "host",
+        "user",
+        "logged_in",
+        "expired",
+        "since",
+        "last_validated",
+    }

@@ -12,6 +12,7 @@ returns an outcome that the server completes later:
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -53,6 +54,10 @@ class Deferred:
     finish: Callable[[Any], Outcome] = field(repr=False)
     queue: str | None = None
     fail: Callable[[KeyagentError], Outcome] | None = field(default=None, repr=False)
+    timeout: float | None = None
+    """Answer with ``timeout_error()`` if the work has not finished this many seconds after
+    it was submitted (queued time included); a result that comes later is discarded."""
+    timeout_error: Callable[[], KeyagentError] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +120,8 @@ class Agent:
         self.lock = Lock()
         self.started = self.clock.monotonic()
         self.sessions: dict[tuple[str, str], Session] = {}
+        self.background: collections.deque[Deferred] = collections.deque()
+        """Work the agent starts on its own; the server runs it with no client waiting."""
         self._accounts = accounts
         self.validate_after = validate_after
         self._handlers: dict[str, Callable[[Mapping[str, Any]], Outcome]] = {

@@ -231,6 +231,8 @@ class Server:
         now = self.clock()
         candidates = []
         next_expiry = self.agent.reap()
+        if self.agent.background:
+            self._submit_background()
         if next_expiry is not None:
             candidates.append(next_expiry)
         if self._timers:
@@ -453,17 +455,28 @@ class Server:
         self._complete(conn, request.id, lambda: self.agent.handle(request, conn.peer))
 
     def _complete(
-        self, conn: Connection, request_id: protocol.Scalar, produce: Callable[[], Outcome]
+        self, conn: Connection | None, request_id: protocol.Scalar, produce: Callable[[], Outcome]
     ) -> None:
-        """Run one step of a request and act on its outcome."""
+        """Run one step of a request (or of internal work, with no ``conn``) and act on it."""
         try:
             outcome = produce()
         except KeyagentError as error:
-            self._reply(conn, protocol.encode_error(request_id, error))
+            if conn is None:
+                log.warning("background work failed: %s", error.message)
+            else:
+                self._reply(conn, protocol.encode_error(request_id, error))
             return
         except Exception as error:  # noqa: BLE001  # one bad request must not stop the agent
             log_internal(error)
-            self._reply(conn, protocol.encode_error(request_id, Internal()))
+            if conn is not None:
+                self._reply(conn, protocol.encode_error(request_id, Internal()))
+            return
+        finally:
+            if self.agent.background:
+                self._submit_background()
+        if conn is None:
+            if isinstance(outcome, Deferred):
+                self._defer(None, None, outcome)
             return
         if isinstance(outcome, dict):
             self._reply(conn, protocol.encode_result(request_id, outcome))
@@ -495,7 +508,12 @@ class Server:
 
     # --- deferred work -------------------------------------------------------------------
 
-    def _defer(self, conn: Connection, request_id: protocol.Scalar, deferred: Deferred) -> None:
+    def _defer(
+        self, conn: Connection | None, request_id: protocol.Scalar, deferred: Deferred
+    ) -> None:
+        """Run ``deferred.work`` on a worker, then its finish step here; ``conn`` None: internal."""
+        settled = False  # replied already (the deadline passed first); touched on the loop only
+
         def run() -> None:  # on a worker thread
             try:
                 value = deferred.work()
@@ -509,10 +527,23 @@ class Server:
                 self._deliver(lambda: finished(lambda: deferred.finish(value)))
 
         def finished(produce: Callable[[], Outcome]) -> None:  # on the loop
-            self._complete(conn, request_id, produce)
             if deferred.queue is not None:
                 self._next_in_queue(deferred.queue)
+            if settled:  # the client was already told it timed out; keep that answer true
+                log.warning("discarded a result that came after its deadline")
+            else:
+                self._complete(conn, request_id, produce)
 
+        def expire() -> None:  # on the loop, at the deadline
+            nonlocal settled
+            if settled or deferred.timeout_error is None:
+                return
+            settled = True
+            error = deferred.timeout_error()
+            self._complete(conn, request_id, lambda: _fail(deferred, error))
+
+        if deferred.timeout is not None:
+            self._call_at(self.clock() + deferred.timeout, expire)
         if deferred.queue is None:
             self._start(run)
             return
@@ -520,6 +551,11 @@ class Server:
         waiting.append(run)
         if len(waiting) == 1:
             self._start(run)
+
+    def _submit_background(self) -> None:
+        """Run work the agent queued on its own (restoring keys, deleting expired ones)."""
+        while self.agent.background:
+            self._defer(None, None, self.agent.background.popleft())
 
     def _next_in_queue(self, name: str) -> None:
         waiting = self._queues[name]

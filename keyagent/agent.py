@@ -107,6 +107,7 @@ class Agent:
         *,
         socket_path: str = "",
         default_lifetime: float | None = None,
+        default_persist: bool = False,
         clock: Clock | None = None,
         accounts: AccountFactory | None = None,
         validate_after: float = 300.0,
@@ -116,6 +117,7 @@ class Agent:
         self.clock = clock or Clock()
         self.socket_path = socket_path
         self.default_lifetime = default_lifetime
+        self.default_persist = default_persist
         self.held_keys = KeyStore()
         self.lock = Lock()
         self.started = self.clock.monotonic()

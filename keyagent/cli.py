@@ -6,6 +6,7 @@ Exit codes (stable, documented in the README):
 * 1 — the agent answered with an error (nothing found, locked, bad passphrase, ...)
 * 2 — no agent reachable (as ``ssh-add``)
 * 64 — usage error (``EX_USAGE``; argparse's own 2 would collide with "no agent")
+* 78 — the configuration file is invalid (``EX_CONFIG``)
 * 127 — ``exec``: the command was not found; 126 — it could not be run
 """
 
@@ -20,9 +21,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TextIO
 
 from keyagent.client import Client
-from keyagent.errors import AgentUnreachable, KeyagentError
+from keyagent.errors import AgentUnreachable, BadConfig, KeyagentError
 
-EXIT_OK, EXIT_AGENT_ERROR, EXIT_NO_AGENT, EXIT_USAGE = 0, 1, 2, 64
+EXIT_OK, EXIT_AGENT_ERROR, EXIT_NO_AGENT, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 64, 78
 DEFAULT_ENV_NAME = "CONDUCE_API_KEY"
 
 
@@ -100,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("unlock", "unlock the agent (passphrase prompted, or from stdin)")
     command("stop", "stop the agent")
 
+    command("config", "print the effective configuration and where each value comes from")
+
     p = command("exec", "run a command with the key in its environment")
     p.add_argument(
         "--env",
@@ -145,11 +148,20 @@ def _selectors(args: argparse.Namespace) -> tuple[str | None, str | None]:
 
 
 def _account(args: argparse.Namespace) -> tuple[str, str]:
-    """The account a command acts on: both host and user are needed."""
+    """The account a command acts on: flags, else environment, else the config file."""
     host, user = _selectors(args)
     if host is None or user is None:
+        # Only now pay for reading the file: get and exec never need it.
+        from keyagent.config import load
+
+        config = load()
+        host, user = host or config.host, user or config.user
+    if host is None or user is None:
         missing = " and ".join(n for n, v in (("--host", host), ("--user", user)) if v is None)
-        raise UsageError(f"{missing} needed (or set KEYAGENT_HOST / KEYAGENT_USER)")
+        raise UsageError(
+            f"{missing} needed (or set KEYAGENT_HOST / KEYAGENT_USER, or host/user in the"
+            " config file)"
+        )
     return host, user
 
 
@@ -330,6 +342,14 @@ def cmd_stop(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextI
     return EXIT_OK
 
 
+def cmd_config(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
+    from keyagent.config import load, render
+
+    flags = {name: getattr(args, name, None) for name in ("host", "user")}
+    out.write(render(load(flags=flags)))
+    return EXIT_OK
+
+
 def cmd_exec(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
@@ -414,6 +434,7 @@ HANDLERS: dict[str, Handler] = {
     "unlock": cmd_unlock,
     "stop": cmd_stop,
     "exec": cmd_exec,
+    "config": cmd_config,
     "login": cmd_login,
     "logout": cmd_logout,
     "create": cmd_create,
@@ -446,6 +467,9 @@ def main(
     except UsageError as error:
         stderr.write(f"keyagent-ctl: {error}\n")
         return EXIT_USAGE
+    except BadConfig as error:
+        stderr.write(f"keyagent-ctl: {error.message}\n")
+        return EXIT_CONFIG
     except AgentUnreachable as error:
         stderr.write(f"keyagent-ctl: {error.message}\n")
         return EXIT_NO_AGENT

@@ -28,6 +28,8 @@ from typing import NoReturn, TextIO
 
 from keyagent import __version__, paths
 from keyagent.agent import Agent
+from keyagent.config import ConfigError
+from keyagent.config import load as load_config
 from keyagent.duration import parse_duration
 from keyagent.protocol import MAX_LIFETIME
 from keyagent.server import (
@@ -46,7 +48,6 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 64
 
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
-DEFAULTS = Limits()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -115,21 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--idle-timeout",
         type=_duration,
-        default=DEFAULTS.idle_timeout,
+        default=None,
         metavar="SECONDS",
         help="close connections idle this long",
     )
     parser.add_argument(
         "--line-timeout",
         type=_duration,
-        default=DEFAULTS.line_timeout,
+        default=None,
         metavar="SECONDS",
         help="a request line must be complete this soon",
     )
     parser.add_argument(
         "--max-connections",
         type=_positive_int,
-        default=DEFAULTS.max_connections,
+        default=None,
         metavar="N",
         help="connections served at once; more are answered 'busy'",
     )
@@ -147,23 +148,28 @@ def build_parser() -> argparse.ArgumentParser:
     conduce.add_argument(
         "--connect-timeout",
         type=_duration,
-        default=5.0,
+        default=None,
         metavar="SECONDS",
         help="seconds to wait for a connection (default 5)",
     )
     conduce.add_argument(
         "--read-timeout",
         type=_duration,
-        default=30.0,
+        default=None,
         metavar="SECONDS",
         help="seconds to wait for an answer (default 30)",
     )
     conduce.add_argument(
         "--validate-after",
         type=_duration,
-        default=300.0,
+        default=None,
         metavar="SECONDS",
         help="check a session idle this long before relying on it (default 300)",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="configuration file (default: $KEYAGENT_CONFIG, else ~/.config/keyagent/config.toml)",
     )
     parser.add_argument("--version", action="version", version=f"keyagent {__version__}")
     parser.add_argument(
@@ -288,6 +294,28 @@ def _detach_stdio() -> None:
 # --- main --------------------------------------------------------------------------------
 
 
+CONFIGURED = (
+    "lifetime", "ca_bundle", "connect_timeout", "read_timeout", "validate_after",
+    "idle_timeout", "line_timeout", "max_connections",
+)  # fmt: skip
+
+
+def apply_config(args: argparse.Namespace) -> None:
+    """Fill every setting not given as a flag from the environment, the file or the default.
+
+    Precedence: flags > environment > config file > built-in defaults.
+    """
+    flags = {name: getattr(args, name) for name in CONFIGURED}
+    if args.insecure:
+        flags["insecure"] = True
+    config = load_config(args.config, flags=flags)
+    for name in CONFIGURED:
+        setattr(args, name, getattr(config, name))
+    if args.insecure:
+        args.ca_bundle = None  # typed --insecure beats a bundle from the file or environment
+    args.persist = config.persist
+
+
 def conduce_accounts(args: argparse.Namespace) -> AccountFactory:
     """Accounts that talk to the real service; ``requests`` is loaded here, in the daemon only."""
     from keyagent.conduce import ConduceAccount, HttpSettings
@@ -319,6 +347,7 @@ def serve(
     agent = Agent(
         socket_path=listener_path,
         default_lifetime=args.lifetime,
+        default_persist=args.persist,
         accounts=conduce_accounts(args),
         validate_after=args.validate_after,
     )
@@ -351,10 +380,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write("keyagent: -D/-d and a command exclude each other\n")
         return EXIT_USAGE
     configure_logging(debug=args.debug, foreground=True)  # until we know where logs go
+    if args.ca_bundle and args.insecure:
+        sys.stderr.write("keyagent: --ca-bundle and --insecure exclude each other\n")
+        return EXIT_USAGE
+    try:
+        apply_config(args)
+    except ConfigError as error:
+        sys.stderr.write(f"keyagent: {error.message}\n")
+        return EXIT_FAILURE
     if args.ca_bundle:
-        if args.insecure:
-            sys.stderr.write("keyagent: --ca-bundle and --insecure exclude each other\n")
-            return EXIT_USAGE
         if not os.path.isfile(args.ca_bundle):
             sys.stderr.write(f"keyagent: CA bundle {args.ca_bundle} is not a readable file\n")
             return EXIT_FAILURE

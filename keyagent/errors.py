@@ -16,6 +16,7 @@ __all__ = [
     "WIRE_CODES",
     "AgentUnreachable",
     "Ambiguous",
+    "BadConfig",
     "BadCredentials",
     "BadPassphrase",
     "BadRequest",
@@ -173,6 +174,11 @@ class AgentUnreachable(KeyagentError):
     default_message = 'no agent is reachable; start one with eval "$(keyagent)"'
 
 
+class BadConfig(KeyagentError):
+    code = "bad_config"
+    default_message = "the configuration is invalid; run keyagent-ctl config to see where"
+
+
 class ProtocolError(KeyagentError):
     code = "bad_reply"
     default_message = "the agent sent a reply this client does not understand; upgrade keyagent"
@@ -203,5 +209,7 @@ def from_code(code: str, message: str | None = None) -> KeyagentError:
 
 
 WIRE_CODES: tuple[str, ...] = tuple(
-    code for code in _BY_CODE if code not in {AgentUnreachable.code, ProtocolError.code}
+    code
+    for code in _BY_CODE
+    if code not in {AgentUnreachable.code, ProtocolError.code, BadConfig.code}
 )

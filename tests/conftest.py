@@ -19,6 +19,12 @@ from keyagent.testing.agent import AgentProcess
 AgentFactory = Callable[..., AgentProcess]
 
 
+@pytest.fixture(autouse=True)
+def no_user_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the developer's own ~/.config/keyagent/config.toml out of every test."""
+    monkeypatch.setenv("KEYAGENT_CONFIG", "/dev/null")
+
+
 @pytest.fixture
 def agent_factory(tmp_path: Path) -> Iterator[AgentFactory]:
     """Start agents with chosen flags; each is stopped at the end of the test."""

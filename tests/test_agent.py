@@ -534,7 +534,7 @@ def test_lock_deferred_repr_hides_the_passphrase(agent: Agent) -> None:
     """The Deferred a lock returns does not show the passphrase in its repr."""
     job = deferred(agent, "lock", passphrase=PASSPHRASE)
     assert PASSPHRASE not in repr(job)
-    assert repr(job) == "Deferred(queue='lock')"
+    assert repr(job) == "Deferred(queue='lock', timeout=None)"
 
 
 def test_lock_uses_a_fresh_salt_each_time(agent: Agent) -> None:

@@ -345,7 +345,7 @@ def test_agent_is_not_dumpable() -> None:
             os.setgid(65534)
             os.setuid(65534)
             sys.stdout = os.fdopen(write_end, "w")  # pytest has replaced the real one
-            code = daemon.main(["-D", "-a", str(directory / "agent.sock")])
+            code = daemon.main(["-D", "--config", "/dev/null", "-a", str(directory / "agent.sock")])
         except BaseException:  # noqa: BLE001  # report through the exit status only
             code = 3
         os._exit(code)

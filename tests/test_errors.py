@@ -55,13 +55,14 @@ def test_every_leaf_is_exported() -> None:
 
 
 def test_wire_codes_are_unique_and_exclude_client_side_codes() -> None:
-    """WIRE_CODES lists each code once and leaves out the client-only no_agent and bad_reply."""
+    """WIRE_CODES lists each code once and leaves out the client-only codes."""
     assert len(WIRE_CODES) == len(set(WIRE_CODES))
     assert AgentUnreachable.code not in WIRE_CODES
     assert ProtocolError.code not in WIRE_CODES
     assert {cls.code for cls in LEAVES} - set(WIRE_CODES) == {
         AgentUnreachable.code,
         ProtocolError.code,
+        errors.BadConfig.code,
     }
 
 

@@ -1,0 +1,526 @@
+"""API keys kept in the OS keyring across agent restarts, through jaraco's ``keyring``.
+
+This is the only module of keyagent that imports ``keyring``, and it does so on first use:
+importing this module stays cheap. Every method of :class:`KeyringStore` blocks (D-Bus, an
+unlock prompt, a slow backend), so the agent calls them on worker threads. A store
+serialises its own calls; two agents sharing one keyring service are not coordinated.
+
+Storage scheme
+--------------
+Everything lives under one service name, ``keyagent`` by default, in two kinds of entry:
+
+``key:<key_id>``
+    One entry per key; ``<key_id>`` is :func:`keyagent.store.key_id_for` of the secret. Its
+    password is compact JSON (``expires`` is POSIX wall time, or null to keep the key until
+    it is forgotten; a monotonic reading would mean nothing after a restart)::
+
+        {"v":1,"key":"<secret>","host":"app.conduce.com","user":"ada@example.com",
+         "description":"laptop","created":"2024-05-01T12:00:00Z","expires":1714567890.0}
+
+``index``
+    Backends cannot enumerate their entries, so this one names them::
+
+        {"v":1,"keys":["<key_id>",...],"pending":["<key_id>",...]}
+
+    ``keys`` are the persisted keys, oldest first (re-saving a key moves it last, as
+    re-adding does in :class:`keyagent.store.KeyStore`). ``pending`` is a small intent log:
+    entries being written or deleted, which must not outlive a crash. When both lists are
+    empty the index entry is deleted, so ``delete_all`` leaves the keyring without a trace.
+
+Each keyring write replaces or deletes one entry whole, and the writes are ordered so that a
+crash between any two of them leaves a consistent view and no secret that the index does not
+name::
+
+    save, new key    index: pending += id -> write entry -> index: pending -= id, keys += id
+    save, known key  write entry (-> index, only to move the id last)
+    delete           index: keys -= id, pending += id -> delete entry -> index: pending -= id
+    delete_all       index: all ids pending -> delete each entry -> delete the index
+
+A reader trusts ``keys`` only: an id gets there after its entry is written and leaves before
+its entry is deleted. :meth:`KeyringStore.load_all` finishes whatever a crash interrupted:
+it deletes the entries of ``pending`` ids, drops ids whose entry is missing, deletes entries
+that do not parse or whose secret does not hash to their id, and deletes expired keys, all
+by the delete protocol above. It logs such repairs by key id only. Entries and an index with
+a newer ``"v"`` are left alone for the keyagent that wrote them.
+
+Backend choice
+--------------
+``KeyringStore()`` uses ``keyring.get_keyring()``. keyagent never picks a store on its own:
+if keyring's automatic choice is one that keyring itself does not recommend (priority below
+1: its ``fail`` backend, the null backend, keyrings.alt's plain-text or password-file
+backends), the store reports :class:`~keyagent.errors.KeyringUnavailable`, unless the user
+named that backend in ``PYTHON_KEYRING_BACKEND``. A chainer is unwrapped to the backend it
+writes to, so reads, writes and deletes all go to one store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import sys
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol, TypeVar
+
+from keyagent.errors import KeyringUnavailable
+from keyagent.store import key_id_for
+
+__all__ = ["FORMAT", "Backend", "KeyringStore", "PersistedKey"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+FORMAT: Final = 1
+"""The ``"v"`` this version writes, in entries and in the index."""
+INDEX: Final = "index"
+ENTRY_PREFIX: Final = "key:"
+ENV_BACKEND: Final = "PYTHON_KEYRING_BACKEND"
+_KEY_ID = re.compile(r"[0-9a-f]{12}")
+
+# Messages: one sentence naming the next step; built from class names and key ids only.
+_FIX = (
+    "install, start and unlock a Secret Service such as gnome-keyring, "
+    f"or choose a keyring backend with {ENV_BACKEND}"
+)
+_NO_BACKEND = f"no OS keyring backend is available; {_FIX}"
+_DISABLED = f"the OS keyring is disabled (keyring's null backend); {_FIX}"
+_LOCKED = (
+    "the OS keyring is locked or its unlock prompt was dismissed; "
+    "unlock your keyring (e.g. log in to gnome-keyring or open it in Seahorse) and try again"
+)
+_NEWER_INDEX = (
+    "the OS keyring holds keyagent data in a newer format; upgrade keyagent to use or change it"
+)
+
+
+class Backend(Protocol):
+    """What the store needs of a keyring backend (``keyring.backend.KeyringBackend``)."""
+
+    def get_password(self, service: str, username: str) -> str | None: ...
+    def set_password(self, service: str, username: str, password: str) -> None: ...
+    def delete_password(self, service: str, username: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PersistedKey:
+    """One key as the keyring keeps it. Its ``secret`` is left out of ``repr``."""
+
+    key_id: str
+    host: str
+    user: str
+    secret: str = field(repr=False)
+    description: str
+    created: str | None
+    expires: float | None
+    """POSIX wall time at which the key expires, or None to keep it until forgotten."""
+
+
+@dataclass(slots=True)
+class _Index:
+    keys: list[str]
+    pending: list[str]
+    stored: bool
+    """Whether an index entry exists in the keyring (even an unreadable one)."""
+
+
+class _NewerFormat(Exception):
+    """An entry written by a newer keyagent: neither loaded nor pruned."""
+
+
+class KeyringStore:
+    """Persisted keys in one keyring service; see the module docstring for the scheme.
+
+    ``backend`` is a ``keyring`` backend instance to use as is (tests pass
+    :class:`keyagent.testing.memory_keyring.MemoryKeyring`), or None for
+    ``keyring.get_keyring()``, vetted as the module docstring describes. Every failure of the
+    keyring, whatever its type, surfaces as :class:`~keyagent.errors.KeyringUnavailable`.
+    """
+
+    def __init__(self, backend: object | None = None, *, service: str = "keyagent") -> None:
+        self._given = backend
+        self.service = service
+        self._lock = threading.RLock()
+        self._verified: Backend | None = None
+
+    def __repr__(self) -> str:
+        return f"KeyringStore(service={self.service!r})"
+
+    # --- public API ---------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Raise KeyringUnavailable unless the keyring is usable now (reads the index)."""
+        with self._lock:
+            self._read_index(self._ready())
+
+    def backend_name(self) -> str:
+        """The dotted class of the backend in use (what ``PYTHON_KEYRING_BACKEND`` takes).
+
+        Works for an unusable backend too (e.g. ``keyring.backends.fail.Keyring``); raises
+        KeyringUnavailable only if keyring cannot load one at all.
+        """
+        with self._lock:
+            chosen, _ = self._resolve()
+            try:
+                return _dotted(type(self._effective(chosen)))
+            except KeyringUnavailable:
+                return _dotted(type(chosen))
+
+    def save(self, key: PersistedKey) -> None:
+        """Persist ``key``, replacing any entry of the same key id."""
+        if key.key_id != key_id_for(key.secret):
+            raise ValueError("PersistedKey.key_id does not match its secret")
+        payload = _encode(key)
+        with self._lock:
+            backend = self._ready()
+            index = self._read_index(backend)
+            entry = ENTRY_PREFIX + key.key_id
+            if key.key_id in index.keys:
+                self._set(backend, entry, payload, f"key {key.key_id}")
+                if index.keys[-1] != key.key_id:
+                    index.keys.remove(key.key_id)
+                    index.keys.append(key.key_id)
+                    self._store_index(backend, index)
+                return
+            if key.key_id not in index.pending:
+                index.pending.append(key.key_id)
+                self._store_index(backend, index)
+            self._set(backend, entry, payload, f"key {key.key_id}")
+            index.pending.remove(key.key_id)
+            index.keys.append(key.key_id)
+            self._store_index(backend, index)
+
+    def load_all(self, now_wall: float) -> tuple[list[PersistedKey], list[str]]:
+        """The live persisted keys, oldest first, and the ids of expired ones, now deleted.
+
+        Also repairs what an interrupted write left behind (see the module docstring).
+        """
+        with self._lock:
+            backend = self._ready()
+            index = self._read_index(backend)
+            live: list[PersistedKey] = []
+            expired: list[str] = []
+            doomed: list[str] = []
+            absent: list[str] = []
+            for key_id in index.keys:
+                raw = self._get(backend, ENTRY_PREFIX + key_id, f"key {key_id}")
+                if raw is None:
+                    log.warning("key %s is in the keyring index but has no entry; dropped", key_id)
+                    absent.append(key_id)
+                    continue
+                try:
+                    key = _decode(key_id, raw)
+                except _NewerFormat:
+                    log.warning("key %s was persisted by a newer keyagent; left alone", key_id)
+                    continue
+                if key is None:
+                    log.warning("the keyring entry of key %s is unreadable; deleted", key_id)
+                    doomed.append(key_id)
+                elif key.expires is not None and key.expires <= now_wall:
+                    log.info("persisted key %s has expired; deleted", key_id)
+                    expired.append(key_id)
+                    doomed.append(key_id)
+                else:
+                    live.append(key)
+            if index.pending:
+                log.info("finishing %d interrupted keyring write(s)", len(index.pending))
+            if doomed or absent or index.pending:
+                try:
+                    self._retire(backend, index, doomed, absent)
+                except KeyringUnavailable:
+                    # The live keys were read; the repairs are retried on the next load.
+                    log.warning("could not tidy the keyring index; will retry on the next load")
+                    return live, []
+            return live, expired
+
+    def delete(self, key_id: str) -> bool:
+        """Delete one persisted key by its full id; False if it was not persisted."""
+        if not _KEY_ID.fullmatch(key_id):
+            return False
+        with self._lock:
+            backend = self._ready()
+            index = self._read_index(backend)
+            persisted = key_id in index.keys
+            if persisted or key_id in index.pending:
+                self._retire(backend, index, [key_id], [])
+            return persisted
+
+    def delete_all(self) -> int:
+        """Delete every persisted key and the index; returns how many keys were persisted."""
+        with self._lock:
+            backend = self._ready()
+            index = self._read_index(backend)
+            count = len(index.keys)
+            if index.keys or index.pending:
+                self._retire(backend, index, index.keys, [])
+            elif index.stored:
+                self._store_index(backend, index)
+            return count
+
+    # --- the write protocol ---------------------------------------------------------------
+
+    def _retire(
+        self, backend: Backend, index: _Index, doomed: Iterable[str], absent: Iterable[str]
+    ) -> None:
+        """Take ids out of ``keys``, delete their entries (and all pending ones), tidy up.
+
+        ``doomed`` ids have an entry to delete; ``absent`` ones are only dropped from the index.
+        """
+        doomed, gone = list(doomed), set(absent)
+        leaving = gone | set(doomed)
+        index.keys = [key_id for key_id in index.keys if key_id not in leaving]
+        index.pending = list(dict.fromkeys([*index.pending, *doomed]))
+        index.pending = [key_id for key_id in index.pending if key_id not in gone]
+        self._store_index(backend, index)
+        for key_id in list(index.pending):
+            self._delete_entry(backend, key_id)
+            index.pending.remove(key_id)
+        self._store_index(backend, index)
+
+    def _read_index(self, backend: Backend) -> _Index:
+        raw = self._get(backend, INDEX, "the index")
+        if raw is None:
+            return _Index([], [], stored=False)
+        try:
+            document = json.loads(raw)
+            version = document["v"]
+            if not isinstance(version, int) or isinstance(version, bool):
+                raise TypeError
+            if version > FORMAT:
+                raise KeyringUnavailable(_NEWER_INDEX)
+            if version != FORMAT:
+                raise ValueError
+            keys = _key_ids(document.get("keys", []))
+            pending = _key_ids(document.get("pending", []))
+            # This module never lists an id in both; should an edited index do so, ``keys``
+            # wins, so that repairs never delete a key the reader was shown.
+            return _Index(keys, [key_id for key_id in pending if key_id not in keys], stored=True)
+        except (ValueError, TypeError, KeyError, IndexError):
+            # Its keys stay in the keyring, unreachable; the next write replaces the index.
+            log.warning(
+                "the keyring index of service %s is unreadable; starting anew", self.service
+            )
+            return _Index([], [], stored=True)
+
+    def _store_index(self, backend: Backend, index: _Index) -> None:
+        if index.keys or index.pending:
+            document = {"v": FORMAT, "keys": index.keys, "pending": index.pending}
+            self._set(backend, INDEX, json.dumps(document, separators=(",", ":")), "the index")
+            index.stored = True
+        elif index.stored:
+            self._delete(backend, INDEX, "the index")
+            index.stored = False
+
+    def _delete_entry(self, backend: Backend, key_id: str) -> None:
+        self._delete(backend, ENTRY_PREFIX + key_id, f"key {key_id}")
+
+    # --- guarded keyring calls ----------------------------------------------------------
+
+    def _guard(self, operation: str, subject: str, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except KeyringUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001  third-party backends raise anything (D-Bus)
+            raise _unavailable(operation, subject, exc) from None
+
+    def _get(self, backend: Backend, username: str, subject: str) -> str | None:
+        value: object = self._guard(
+            "read", subject, lambda: backend.get_password(self.service, username)
+        )
+        if value is not None and not isinstance(value, str):
+            log.warning("the keyring returned a non-string for %s; ignored", subject)
+            return ""
+        return value
+
+    def _set(self, backend: Backend, username: str, password: str, subject: str) -> None:
+        self._guard(
+            "write", subject, lambda: backend.set_password(self.service, username, password)
+        )
+
+    def _delete(self, backend: Backend, username: str, subject: str) -> None:
+        """Delete one entry; one that is already gone is fine."""
+        from keyring.errors import PasswordDeleteError
+
+        try:
+            backend.delete_password(self.service, username)
+        except PasswordDeleteError as exc:
+            # Raised both for "no such entry" and "cannot delete": tell them apart by looking.
+            if self._get(backend, username, subject) is not None:
+                raise _unavailable("delete", subject, exc) from None
+        except Exception as exc:  # noqa: BLE001  third-party backends raise anything (D-Bus)
+            raise _unavailable("delete", subject, exc) from None
+
+    # --- choosing and vetting the backend -------------------------------------------------
+
+    def _ready(self) -> Backend:
+        """The vetted backend to use, or KeyringUnavailable naming the fix."""
+        if self._verified is None:
+            chosen, explicit = self._resolve()
+            self._verified = self._vet(chosen, explicit)
+        return self._verified
+
+    def _resolve(self) -> tuple[object, bool]:
+        """The backend given or chosen by keyring, and whether the user chose it explicitly."""
+        if self._given is not None:
+            return self._given, True
+        import keyring
+
+        try:
+            chosen = keyring.get_keyring()
+        except Exception as exc:  # noqa: BLE001  a bad PYTHON_KEYRING_BACKEND raises anything
+            log.warning("keyring could not load a backend: %s", _dotted(type(exc)))
+            raise KeyringUnavailable(
+                f"keyring could not load its backend ({_dotted(type(exc))}); "
+                f"check {ENV_BACKEND} and keyring's keyringrc.cfg"
+            ) from None
+        return chosen, _named_by_env(chosen)
+
+    def _effective(self, chosen: object) -> object:
+        """The backend that actually stores entries: a chainer's first one, else ``chosen``."""
+        from keyring.backends.chainer import ChainerBackend
+
+        if not isinstance(chosen, ChainerBackend):
+            return chosen
+        chain = self._guard("open", "the chained backends", lambda: list(chosen.backends))
+        if not chain:
+            raise KeyringUnavailable(_NO_BACKEND)
+        # The chainer writes to its first backend but reads from all of them in turn, so a
+        # stale index in a lower one could be read back; use the one it writes to directly.
+        return chain[0]
+
+    def _vet(self, chosen: object, explicit: bool) -> Backend:
+        from keyring.backends import fail, null
+
+        backend = self._effective(chosen)
+        name = _dotted(type(backend))
+        if isinstance(backend, fail.Keyring):
+            raise KeyringUnavailable(_NO_BACKEND)
+        if isinstance(backend, null.Keyring):
+            raise KeyringUnavailable(_DISABLED)
+        if not explicit:
+            # Never fall back to a plain-text store on our own. keyring ranks the backends it
+            # recommends at priority >= 1 (Secret Service, KWallet, macOS, Windows) and picks
+            # a lower one (keyrings.alt's PlaintextKeyring at 0.5, its password-prompting
+            # EncryptedKeyring, fail, null) only when nothing better exists. Such a choice is
+            # accepted only when the user named it in PYTHON_KEYRING_BACKEND, i.e. opted in.
+            backend_class: Any = type(backend)
+            priority = self._guard("open", name, lambda: float(backend_class.priority))
+            if priority < 1 or "plaintext" in type(backend).__name__.lower():
+                raise KeyringUnavailable(
+                    f"keyring would use {name}, which it does not recommend for secrets; "
+                    f"{_FIX}, e.g. {ENV_BACKEND}={name} to accept that one"
+                )
+        missing = [
+            method
+            for method in ("get_password", "set_password", "delete_password")
+            if not callable(getattr(backend, method, None))
+        ]
+        if missing:
+            raise KeyringUnavailable(f"{name} is not a keyring backend; {_FIX}")
+        return backend  # type: ignore[return-value]  # the three methods were checked above
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _dotted(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _named_by_env(chosen: object) -> bool:
+    """Whether PYTHON_KEYRING_BACKEND names the class of ``chosen`` (keyring loaded it so)."""
+    name = os.environ.get(ENV_BACKEND, "").strip()
+    module_name, _, class_name = name.rpartition(".")
+    module = sys.modules.get(module_name) if module_name else None
+    return module is not None and getattr(module, class_name, None) is type(chosen)
+
+
+def _unavailable(operation: str, subject: str, exc: BaseException) -> KeyringUnavailable:
+    """The error to raise for a failed keyring call. Logs the exception's class only: its
+    message could quote what was being stored."""
+    from keyring.errors import InitError, KeyringLocked, NoKeyringError
+
+    kind = _dotted(type(exc))
+    log.warning("keyring %s of %s failed: %s", operation, subject, kind)
+    if isinstance(exc, KeyringLocked) or "locked" in type(exc).__name__.lower():
+        # secretstorage's LockedException can escape keyring's SecretService backend as is.
+        return KeyringUnavailable(_LOCKED)
+    if isinstance(exc, NoKeyringError):
+        return KeyringUnavailable(_NO_BACKEND)
+    if isinstance(exc, InitError):
+        return KeyringUnavailable(f"the OS keyring could not be opened ({kind}); {_FIX}")
+    return KeyringUnavailable(f"the OS keyring failed to {operation} {subject} ({kind}); {_FIX}")
+
+
+def _key_ids(value: object) -> list[str]:
+    if not isinstance(value, list):
+        raise TypeError
+    ids = [item for item in value if isinstance(item, str) and _KEY_ID.fullmatch(item)]
+    if len(ids) != len(value):
+        log.warning(
+            "the keyring index lists %d malformed key id(s); ignored", len(value) - len(ids)
+        )
+    return list(dict.fromkeys(ids))
+
+
+def _encode(key: PersistedKey) -> str:
+    document: dict[str, Any] = {
+        "v": FORMAT,
+        "key": key.secret,
+        "host": key.host,
+        "user": key.user,
+        "description": key.description,
+        "created": key.created,
+        "expires": key.expires,
+    }
+    return json.dumps(document, separators=(",", ":"))
+
+
+def _decode(key_id: str, raw: str) -> PersistedKey | None:
+    """The key an entry holds; None if it is corrupt. Raises _NewerFormat for a newer "v"."""
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    version = document.get("v")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT:
+        raise _NewerFormat
+    secret, host, user = document.get("key"), document.get("host"), document.get("user")
+    description, created = document.get("description", ""), document.get("created")
+    expires = document.get("expires")
+    if (
+        version != FORMAT
+        or isinstance(version, bool)
+        or not isinstance(secret, str)
+        or not secret
+        or not isinstance(host, str)
+        or not isinstance(user, str)
+        or not isinstance(description, str)
+        or not (created is None or isinstance(created, str))
+        or not (
+            expires is None
+            or (
+                isinstance(expires, int | float)
+                and not isinstance(expires, bool)
+                and math.isfinite(expires)
+            )
+        )
+        or key_id_for(secret) != key_id
+    ):
+        return None
+    return PersistedKey(
+        key_id=key_id,
+        host=host,
+        user=user,
+        secret=secret,
+        description=description,
+        created=created,
+        expires=None if expires is None else float(expires),
+    )

@@ -16,7 +16,7 @@ import collections
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -26,12 +26,14 @@ from keyagent.errors import (
     BadPassphrase,
     BadRequest,
     KeyagentError,
+    KeyringUnavailable,
     Locked,
     NotFound,
     NotLocked,
     SessionExpired,
     UnknownOp,
 )
+from keyagent.persist import KeyringStore, PersistedKey
 from keyagent.protocol import MAX_LIFETIME, OPS, PROTOCOL_VERSION, Request
 from keyagent.sessions import AccountFactory, Plan, RemoteResult, Session, run_remote
 from keyagent.store import HeldKey, KeyStore, Lock, derive, iso, key_id_for, new_salt
@@ -111,6 +113,8 @@ class Agent:
         clock: Clock | None = None,
         accounts: AccountFactory | None = None,
         validate_after: float = 300.0,
+        keyring: KeyringStore | None = None,
+        keyring_timeout: float = 10.0,
     ) -> None:
         if default_lifetime is not None and not 0 < default_lifetime <= MAX_LIFETIME:
             raise ValueError("the default lifetime must be positive and at most ten years")
@@ -126,6 +130,8 @@ class Agent:
         """Work the agent starts on its own; the server runs it with no client waiting."""
         self._accounts = accounts
         self.validate_after = validate_after
+        self.keyring = keyring
+        self.keyring_timeout = keyring_timeout
         self._handlers: dict[str, Callable[[Mapping[str, Any]], Outcome]] = {
             "hello": self.process_hello,
             "status": self.process_status,
@@ -169,7 +175,69 @@ class Agent:
         expired, next_deadline = self.held_keys.reap(self.clock.monotonic())
         for held in expired:
             log.info("key %s expired", held.key_id)
+            if held.persisted and self.keyring is not None:
+                # Lifetimes bind the keyring copy too: delete it, with no client waiting.
+                self.background.append(self._keyring(_deleter(held.key_id), _ignore))
         return next_deadline
+
+    def restore(self, keys: Iterable[PersistedKey]) -> int:
+        """Hold keys read back from the OS keyring (at start-up); returns how many."""
+        now, wall = self.clock.monotonic(), self.clock.wall()
+        count = 0
+        for key in keys:
+            lifetime = None if key.expires is None else key.expires - wall
+            if lifetime is not None and lifetime <= 0:
+                continue
+            self.held_keys.put(
+                host=key.host, user=key.user, secret=key.secret, now=now, wall=wall,
+                lifetime=lifetime, description=key.description, created=key.created,
+                source="keyring", persisted=True,
+            )  # fmt: skip
+            count += 1
+        log.info("restored %d key(s) from the OS keyring", count)
+        return count
+
+    # --- the OS keyring ------------------------------------------------------------------
+
+    def _record(
+        self,
+        secret: str,
+        *,
+        host: str,
+        user: str,
+        description: str,
+        created: str | None,
+        lifetime: float | None,
+    ) -> PersistedKey:
+        expires = None if lifetime is None else self.clock.wall() + lifetime
+        return PersistedKey(
+            key_id=key_id_for(secret), host=host, user=user, secret=secret,
+            description=description, created=created, expires=expires,
+        )  # fmt: skip
+
+    def _keyring(
+        self,
+        work: Callable[[KeyringStore], Any],
+        finish: Callable[[Any], Outcome],
+        fail: Callable[[KeyagentError], Outcome] | None = None,
+    ) -> Deferred:
+        """Run ``work`` on the OS keyring, off the loop, one call at a time, with a deadline."""
+        keyring = self.keyring
+        if keyring is None:
+            raise KeyringUnavailable(
+                "this agent has no OS keyring configured; start it without --no-keyring"
+            )
+        return Deferred(
+            work=lambda: work(keyring),
+            finish=finish,
+            queue="keyring",
+            fail=fail,
+            timeout=self.keyring_timeout,
+            timeout_error=lambda: KeyringUnavailable(
+                f"the OS keyring did not answer within {self.keyring_timeout:g} s; it may be "
+                "locked and prompting: unlock it and retry"
+            ),
+        )
 
     # --- operations ----------------------------------------------------------------------
 
@@ -189,18 +257,26 @@ class Agent:
             "sessions": [session.state() for session in self.sessions.values()],
         }
 
-    def process_add(self, args: Mapping[str, Any]) -> Result:
-        held = self.held_keys.put(
-            host=args["host"],
-            user=args["user"],
-            secret=args["key"],
-            now=self.clock.monotonic(),
-            wall=self.clock.wall(),
-            lifetime=args.get("lifetime", self.default_lifetime),
-            description=args.get("description"),
-        )
-        log.info("added key %s for %s@%s", held.key_id, held.user, held.host)
-        return held.listing()
+    def process_add(self, args: Mapping[str, Any]) -> Outcome:
+        lifetime = args.get("lifetime", self.default_lifetime)
+
+        def hold(persisted: bool = False) -> Result:
+            held = self.held_keys.put(
+                host=args["host"], user=args["user"], secret=args["key"],
+                now=self.clock.monotonic(), wall=self.clock.wall(), lifetime=lifetime,
+                description=args.get("description"), persisted=persisted,
+            )  # fmt: skip
+            log.info("added key %s for %s@%s", held.key_id, held.user, held.host)
+            return held.listing()
+
+        if not args.get("persist", self.default_persist):
+            return hold()
+        # Keyring first, memory second: if the keyring refuses, nothing has changed.
+        record = self._record(
+            args["key"], host=args["host"], user=args["user"],
+            description=args.get("description", ""), created=None, lifetime=lifetime,
+        )  # fmt: skip
+        return self._keyring(lambda keyring: keyring.save(record), lambda _: hold(persisted=True))
 
     def process_get(self, args: Mapping[str, Any]) -> Result:
         held = self.held_keys.newest(
@@ -217,19 +293,46 @@ class Agent:
         keys.reverse()  # oldest first reads best in a table
         return {"keys": keys}
 
-    def process_forget(self, args: Mapping[str, Any]) -> Result:
+    def process_forget(self, args: Mapping[str, Any]) -> Outcome:
         everything, key_id = args.get("all", False), args.get("key_id")
         if everything == (key_id is not None):
             raise BadRequest("forget needs either 'key_id' or 'all': true, not both")
+        now = self.clock.monotonic()
         if everything:
-            now = self.clock.monotonic()
-            forgotten = sum(held.alive(now) for held in self.held_keys.clear())
+            targets = None
         else:
-            held = self.held_keys.newest(self.clock.monotonic(), key_id=key_id)
-            self.held_keys.discard(held.key_id)
-            forgotten = 1
-        log.info("forgot %d key(s)", forgotten)
-        return {"forgotten": forgotten}
+            try:
+                targets = [self.held_keys.newest(now, key_id=key_id).key_id]
+            except NotFound:
+                # With persist, a full key id may name a keyring entry the agent no longer
+                # holds (forgotten without --persist, or left over by a failed remove).
+                if not (args.get("persist") and key_id and len(key_id) == 12):
+                    raise
+                targets = [key_id]
+
+        def forget(_: object = None) -> Result:
+            if targets is None:
+                forgotten = sum(held.alive(now) for held in self.held_keys.clear())
+            else:
+                forgotten = sum(self.held_keys.discard(target) is not None for target in targets)
+            log.info("forgot %d key(s)", forgotten)
+            return {"forgotten": forgotten}
+
+        if not args.get("persist"):
+            return forget()
+
+        def unpersist(keyring: KeyringStore) -> int:
+            if targets is None:
+                return keyring.delete_all()
+            return sum(keyring.delete(target) for target in targets)
+
+        def finish(removed: int) -> Result:
+            result = forget()
+            result["unpersisted"] = removed
+            return result
+
+        # Keyring first: if it refuses, the keys stay held and the error says so.
+        return self._keyring(unpersist, finish)
 
     def process_lock(self, args: Mapping[str, Any]) -> Outcome:
         if self.lock.locked:
@@ -307,18 +410,41 @@ class Agent:
         lifetime = args.get("lifetime", self.default_lifetime)
         plan = self._plan(session)
 
-        def finish(result: RemoteResult[str]) -> Result:
+        def finish(result: RemoteResult[str]) -> Outcome:
             self._learn(session, result)
+            created = iso(self.clock.wall())
             held = self.held_keys.put(
                 host=session.host, user=session.user, secret=result.value,
                 now=self.clock.monotonic(), wall=self.clock.wall(), lifetime=lifetime,
-                description=description, created=iso(self.clock.wall()), source="created",
+                description=description, created=created, source="created",
             )  # fmt: skip
             log.info("created key %s for %s on %s", held.key_id, session.user, session.host)
-            listing = held.listing()
-            if args.get("reveal"):
-                listing["key"] = held.secret
-            return listing
+
+            def reply(_: object = None) -> Result:
+                listing = held.listing()
+                if args.get("reveal"):
+                    listing["key"] = held.secret
+                return listing
+
+            if not args.get("persist", self.default_persist):
+                return reply()
+            # The key exists on the service and is held now; only its persistence can fail.
+            record = self._record(
+                held.secret, host=held.host, user=held.user, description=description,
+                created=created, lifetime=lifetime,
+            )  # fmt: skip
+
+            def persisted(_: object) -> Result:
+                held.persisted = True
+                return reply()
+
+            def not_persisted(error: KeyagentError) -> Outcome:
+                raise KeyringUnavailable(
+                    f"created key {held.key_id} and the agent holds it, but it is not in the "
+                    f"OS keyring: {error.message}"
+                )
+
+            return self._keyring(lambda k: k.save(record), persisted, not_persisted)
 
         return self._remote(
             session,
@@ -400,17 +526,28 @@ class Agent:
             account.delete_key(target, api_key=api_key)
             return key_id_for(target)
 
-        def finish(result: RemoteResult[str]) -> Result:
+        def finish(result: RemoteResult[str]) -> Outcome:
             self._learn(session, result)
             removed = self.held_keys.discard(result.value)
             log.info("removed key %s on %s", result.value, session.host)
-            return {
+            reply = {
                 "key_id": result.value,
                 "host": session.host,
                 "user": session.user,
                 "removed": True,
                 "forgotten": 1 if removed else 0,
             }
+            if removed is None or not removed.persisted:
+                return reply
+
+            def left_behind(error: KeyagentError) -> Outcome:
+                raise KeyringUnavailable(
+                    f"removed key {result.value} on the service and from memory, but its OS "
+                    f"keyring entry remains ({error.message}); then run keyagent-ctl forget "
+                    f"--persist {result.value}"
+                )
+
+            return self._keyring(lambda k: k.delete(result.value), lambda _: reply, left_behind)
 
         return self._remote(session, plan, delete, finish)
 
@@ -460,3 +597,11 @@ class Agent:
             session.proved_alive(self.clock.monotonic(), self.clock.wall())
         elif result.session_expired:
             session.mark_expired()
+
+
+def _ignore(_: object) -> Result:
+    return {}
+
+
+def _deleter(key_id: str) -> Callable[[KeyringStore], bool]:
+    return lambda keyring: keyring.delete(key_id)

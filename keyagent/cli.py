@@ -82,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("add", "hand an API key to the agent (read from stdin, or prompted)")
     p.add_argument("--description", "-D")
     p.add_argument("--lifetime", "-t", type=_duration, help="e.g. 3600, 15m, 8h")
-    p.add_argument("--persist", action="store_true", help="also keep it in the OS keyring")
+    p.add_argument(
+        "--persist",
+        action=argparse.BooleanOptionalAction,
+        help="also keep it in the OS keyring (default: persist in the config file)",
+    )
 
     p = command("get", "print the newest matching key, alone, on stdout")
     p.add_argument("--key-id")
@@ -124,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("create", "create an API key on Conduce and hold it", "create-api-key")
     p.add_argument("--description", "-D")
     p.add_argument("--lifetime", "-t", type=_duration)
-    p.add_argument("--persist", action="store_true", help="also keep it in the OS keyring")
+    p.add_argument(
+        "--persist",
+        action=argparse.BooleanOptionalAction,
+        help="also keep it in the OS keyring (default: persist in the config file)",
+    )
     p.add_argument(
         "--print", action="store_true", dest="reveal", help="print the new key on stdout"
     )
@@ -275,7 +283,7 @@ def cmd_add(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO
         key,
         description=args.description,
         lifetime=args.lifetime,
-        persist=args.persist or None,
+        persist=args.persist,
     )
     expires = f", expires {held['expires']}" if held.get("expires") else ""
     out.write(f"added key {held['key_id']} for {user}@{host}{expires}\n")
@@ -402,7 +410,7 @@ def cmd_create(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
         description=args.description,
         lifetime=args.lifetime,
         reveal=args.reveal or None,
-        persist=args.persist or None,
+        persist=args.persist,
     )
     if args.reveal:
         out.write(f"{created['key']}\n")

@@ -23,6 +23,8 @@ import shlex
 import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import NoReturn, TextIO
 
@@ -31,6 +33,8 @@ from keyagent.agent import Agent
 from keyagent.config import ConfigError
 from keyagent.config import load as load_config
 from keyagent.duration import parse_duration
+from keyagent.errors import KeyagentError
+from keyagent.persist import KeyringStore, PersistedKey
 from keyagent.protocol import MAX_LIFETIME
 from keyagent.server import (
     Limits,
@@ -165,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SECONDS",
         help="check a session idle this long before relying on it (default 300)",
+    )
+    parser.add_argument(
+        "--no-keyring",
+        action="store_true",
+        help="never touch the OS keyring: no restoring at start-up, no persisting",
     )
     parser.add_argument(
         "--config",
@@ -335,6 +344,41 @@ def conduce_accounts(args: argparse.Namespace) -> AccountFactory:
     return account
 
 
+RESTORE_TIMEOUT = 5.0
+
+
+def restore_persisted(agent: Agent, keyring: KeyringStore) -> None:
+    """Hold the keys persisted in the OS keyring again, waiting at most RESTORE_TIMEOUT.
+
+    A locked keyring may prompt and block; the agent then starts without those keys rather
+    than not at all.
+    """
+    outcome: list[list[PersistedKey] | KeyagentError] = []
+
+    def load() -> None:
+        try:
+            live, expired = keyring.load_all(time.time())
+        except KeyagentError as error:
+            outcome.append(error)
+        else:
+            if expired:
+                log.info("deleted %d expired key(s) from the OS keyring", len(expired))
+            outcome.append(live)
+
+    loader = threading.Thread(target=load, name="keyagent-restore", daemon=True)
+    loader.start()
+    loader.join(RESTORE_TIMEOUT)
+    if not outcome:
+        log.warning(
+            "the OS keyring did not answer within %gs; persisted keys not restored",
+            RESTORE_TIMEOUT,
+        )
+    elif isinstance(outcome[0], KeyagentError):
+        log.info("persisted keys not restored: %s", outcome[0].message)
+    else:
+        agent.restore(outcome[0])
+
+
 def serve(
     args: argparse.Namespace,
     listener_path: str,
@@ -350,7 +394,10 @@ def serve(
         default_persist=args.persist,
         accounts=conduce_accounts(args),
         validate_after=args.validate_after,
+        keyring=None if args.no_keyring else KeyringStore(),
     )
+    if agent.keyring is not None:
+        restore_persisted(agent, agent.keyring)
     limits = Limits(
         max_connections=args.max_connections,
         idle_timeout=args.idle_timeout,

@@ -301,8 +301,9 @@ class Server:
     def _handle_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if signum == signal.SIGUSR1:
-            forgotten = self.agent.process_forget({"all": True})["forgotten"]
-            log.info("%s: forgot %d key(s)", name, forgotten)
+            # Memory only, like forget --all: persisted copies stay in the OS keyring.
+            self._complete(None, None, lambda: self.agent.process_forget({"all": True}))
+            log.info("%s: forgot every held key", name)
             return
         log.info("%s: stopping", name)
         self._running = False

@@ -1,0 +1,251 @@
+"""The agent's use of the OS keyring, against the in-memory backend from keyagent.testing."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from keyagent import errors
+from keyagent.agent import Agent, Clock, Deferred, Outcome, Peer
+from keyagent.persist import KeyringStore
+from keyagent.protocol import Request
+from keyagent.store import key_id_for
+from keyagent.testing.memory_keyring import MemoryKeyring
+
+PEER = Peer(pid=1, uid=0, gid=0)
+SECRET = "persisted-S3CR3T-0000"
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 500.0
+
+    def clock(self) -> Clock:
+        return Clock(monotonic=lambda: self.now, wall=lambda: 1_700_000_000.0 + self.now)
+
+
+@pytest.fixture
+def backend() -> MemoryKeyring:
+    return MemoryKeyring()
+
+
+@pytest.fixture
+def fake_time() -> FakeTime:
+    return FakeTime()
+
+
+@pytest.fixture
+def agent(backend: MemoryKeyring, fake_time: FakeTime) -> Agent:
+    return Agent(clock=fake_time.clock(), keyring=KeyringStore(backend))
+
+
+def complete(outcome: Outcome) -> Outcome:
+    """Finish deferred work inline, as the server would (without deadlines)."""
+    while isinstance(outcome, Deferred):
+        try:
+            value = outcome.work()
+        except errors.KeyagentError as error:
+            if outcome.fail is None:
+                raise
+            outcome = outcome.fail(error)
+        else:
+            outcome = outcome.finish(value)
+    return outcome
+
+
+def run(agent: Agent, op: str, **args: Any) -> dict[str, Any]:
+    outcome = complete(agent.handle(Request(1, op, args), PEER))
+    assert isinstance(outcome, dict)
+    return outcome
+
+
+def drain_background(agent: Agent) -> None:
+    while agent.background:
+        complete(agent.background.popleft())
+
+
+def keyring_ids(backend: MemoryKeyring) -> set[str]:
+    return {user.removeprefix("key:") for (_, user) in backend.entries() if user.startswith("key:")}
+
+
+def test_add_with_persist_writes_the_keyring_then_holds(
+    agent: Agent, backend: MemoryKeyring
+) -> None:
+    """add persist: true stores the key in the keyring and lists it as persisted."""
+    listed = run(agent, "add", host="h", user="u", key=SECRET, persist=True)
+    assert listed["persisted"] is True
+    assert keyring_ids(backend) == {key_id_for(SECRET)}
+
+
+def test_add_without_persist_touches_no_keyring(agent: Agent, backend: MemoryKeyring) -> None:
+    """Without persist, nothing reaches the keyring."""
+    assert run(agent, "add", host="h", user="u", key=SECRET)["persisted"] is False
+    assert backend.calls == []
+
+
+def test_default_persist_applies_unless_the_request_says_otherwise(
+    backend: MemoryKeyring, fake_time: FakeTime
+) -> None:
+    """An agent configured to persist does so by default; persist: false opts out."""
+    agent = Agent(clock=fake_time.clock(), keyring=KeyringStore(backend), default_persist=True)
+    assert run(agent, "add", host="h", user="u", key=SECRET)["persisted"] is True
+    assert (
+        run(agent, "add", host="h", user="u", key="other-key", persist=False)["persisted"] is False
+    )
+    assert keyring_ids(backend) == {key_id_for(SECRET)}
+
+
+def test_locked_keyring_fails_the_request_and_changes_nothing(
+    agent: Agent, backend: MemoryKeyring
+) -> None:
+    """A locked keyring makes add --persist fail with keyring_unavailable; nothing is held."""
+    backend.locked = True
+    with pytest.raises(errors.KeyringUnavailable) as caught:
+        run(agent, "add", host="h", user="u", key=SECRET, persist=True)
+    assert "unlock" in caught.value.message
+    assert SECRET not in caught.value.message
+    assert run(agent, "list")["keys"] == []
+    assert run(agent, "add", host="h", user="u", key=SECRET)["key_id"] == key_id_for(SECRET)
+
+
+def test_agent_without_keyring_refuses_persist() -> None:
+    """An agent started with --no-keyring answers keyring_unavailable to persist requests."""
+    agent = Agent()
+    with pytest.raises(errors.KeyringUnavailable):
+        run(agent, "add", host="h", user="u", key=SECRET, persist=True)
+
+
+def test_forget_with_persist_deletes_keyring_then_memory(
+    agent: Agent, backend: MemoryKeyring
+) -> None:
+    """forget persist: true deletes the keyring entry and the held key."""
+    run(agent, "add", host="h", user="u", key=SECRET, persist=True)
+    result = run(agent, "forget", key_id=key_id_for(SECRET), persist=True)
+    assert (result["forgotten"], result["unpersisted"]) == (1, 1)
+    assert keyring_ids(backend) == set()
+
+
+def test_plain_forget_keeps_the_keyring_copy(agent: Agent, backend: MemoryKeyring) -> None:
+    """forget without persist drops the key from memory only; a full id can unpersist later."""
+    run(agent, "add", host="h", user="u", key=SECRET, persist=True)
+    run(agent, "forget", key_id=key_id_for(SECRET))
+    assert keyring_ids(backend) == {key_id_for(SECRET)}
+    later = run(agent, "forget", key_id=key_id_for(SECRET), persist=True)
+    assert (later["forgotten"], later["unpersisted"]) == (0, 1)
+    assert keyring_ids(backend) == set()
+
+
+def test_forget_all_with_persist_empties_the_keyring(agent: Agent, backend: MemoryKeyring) -> None:
+    """forget all with persist removes every persisted key from the keyring."""
+    for n in range(3):
+        run(agent, "add", host="h", user="u", key=f"{SECRET}-{n}", persist=True)
+    assert run(agent, "forget", all=True, persist=True)["unpersisted"] == 3
+    assert backend.entries() == {}
+
+
+def test_expired_persisted_key_is_deleted_from_the_keyring(
+    agent: Agent, backend: MemoryKeyring, fake_time: FakeTime
+) -> None:
+    """When a persisted key's lifetime ends, the agent deletes its keyring entry too."""
+    run(agent, "add", host="h", user="u", key=SECRET, persist=True, lifetime=60)
+    fake_time.now += 61
+    agent.reap()
+    assert len(agent.background) == 1
+    drain_background(agent)
+    assert keyring_ids(backend) == set()
+
+
+def test_restore_holds_persisted_keys_with_their_remaining_lifetime(
+    backend: MemoryKeyring, fake_time: FakeTime
+) -> None:
+    """A new agent restores persisted keys as source 'keyring' with the time they had left."""
+    first = Agent(clock=fake_time.clock(), keyring=KeyringStore(backend))
+    run(first, "add", host="h", user="u", key=SECRET, persist=True, lifetime=100)
+    run(first, "add", host="h", user="u", key="forever-key", persist=True)
+    fake_time.now += 40
+    second = Agent(clock=fake_time.clock(), keyring=KeyringStore(backend))
+    live, expired = KeyringStore(backend).load_all(fake_time.clock().wall())
+    assert expired == []
+    assert second.restore(live) == 2
+    keys = {k["key_id"]: k for k in run(second, "list")["keys"]}
+    restored = keys[key_id_for(SECRET)]
+    assert (restored["source"], restored["persisted"]) == ("keyring", True)
+    fake_time.now += 59
+    assert run(second, "get", key_id=key_id_for(SECRET))["key"] == SECRET
+    fake_time.now += 2
+    with pytest.raises(errors.NotFound):
+        run(second, "get", key_id=key_id_for(SECRET))
+
+
+def test_keyring_work_has_a_deadline(agent: Agent, backend: MemoryKeyring) -> None:
+    """A keyring call that blocks gets a timeout error naming the fix, via the Deferred."""
+    backend.block = threading.Event()
+    outcome = agent.handle(
+        Request(1, "add", {"host": "h", "user": "u", "key": SECRET, "persist": True}), PEER
+    )
+    assert isinstance(outcome, Deferred)
+    assert outcome.timeout == agent.keyring_timeout
+    assert outcome.timeout_error is not None
+    assert "unlock" in outcome.timeout_error().message
+    assert outcome.queue == "keyring"
+    backend.block.set()
+
+
+def test_remove_deletes_the_keyring_entry_after_the_service(
+    backend: MemoryKeyring, fake_time: FakeTime
+) -> None:
+    """remove of a persisted key deletes it remotely, from memory and from the keyring."""
+    from .test_sessions import FakeAccount
+
+    account = FakeAccount(keys=[SECRET, "helper-key-0000000000"])
+    agent = Agent(
+        clock=fake_time.clock(), keyring=KeyringStore(backend), accounts=lambda host, user: account
+    )
+    run(agent, "add", host="h", user="u", key="helper-key-0000000000")
+    run(agent, "add", host="h", user="u", key=SECRET, persist=True)
+    run(agent, "remove", key_id=key_id_for(SECRET))
+    assert account.keys == ["helper-key-0000000000"]
+    assert keyring_ids(backend) == set()
+
+
+def test_remove_reports_a_keyring_entry_left_behind(
+    backend: MemoryKeyring, fake_time: FakeTime
+) -> None:
+    """If the keyring fails after the remote delete, the error says what remains and the fix."""
+    from .test_sessions import FakeAccount
+
+    account = FakeAccount(keys=[SECRET, "helper-key-0000000000"])
+    agent = Agent(
+        clock=fake_time.clock(), keyring=KeyringStore(backend), accounts=lambda host, user: account
+    )
+    run(agent, "add", host="h", user="u", key="helper-key-0000000000")
+    run(agent, "add", host="h", user="u", key=SECRET, persist=True)
+    backend.locked = True
+    with pytest.raises(errors.KeyringUnavailable) as caught:
+        run(agent, "remove", key_id=key_id_for(SECRET))
+    assert f"forget --persist {key_id_for(SECRET)}" in caught.value.message
+    assert account.keys == ["helper-key-0000000000"]
+
+
+def test_create_with_persist_keeps_the_key_when_the_keyring_fails(
+    backend: MemoryKeyring, fake_time: FakeTime
+) -> None:
+    """A created key is held even if persisting it fails, and the error says so."""
+    from .test_sessions import FakeAccount
+
+    account = FakeAccount()
+    agent = Agent(
+        clock=fake_time.clock(), keyring=KeyringStore(backend), accounts=lambda host, user: account
+    )
+    run(agent, "login", host="h", user="u", password="pw")
+    backend.locked = True
+    with pytest.raises(errors.KeyringUnavailable) as caught:
+        run(agent, "create", host="h", user="u", persist=True)
+    assert "the agent holds it" in caught.value.message
+    assert run(agent, "get")["key"] == account.keys[0]
+    backend.locked = False
+    created = run(agent, "create", host="h", user="u", persist=True)
+    assert created["persisted"] is True
+    assert key_id_for(account.keys[1]) in keyring_ids(backend)

@@ -45,6 +45,7 @@ from keyagent.server import (
     file_identity,
 )
 from keyagent.sessions import AccountFactory
+from keyagent.systemd import ListenFdsError, Notifier, listen_fds
 
 log = logging.getLogger("keyagent")
 
@@ -405,10 +406,18 @@ def serve(
     )
     server = Server(agent, listener, limits=limits)
     server.install_signal_handlers()
-    server.on_ready = on_ready
+    notifier = Notifier()  # systemd's NOTIFY_SOCKET, if any; does nothing otherwise
+
+    def ready() -> None:
+        on_ready()
+        notifier.ready(f"serving {len(agent.held_keys)} key(s) on {listener_path}")
+
+    server.on_ready = ready
     try:
         server.serve_forever()
     finally:
+        notifier.stopping("stopping")
+        notifier.close()
         listener.close()
         # Remove the socket only if it is still the one we bound: a newer agent may have
         # replaced a socket it found unanswered.
@@ -440,17 +449,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"keyagent: CA bundle {args.ca_bundle} is not a readable file\n")
             return EXIT_FAILURE
         args.ca_bundle = os.path.abspath(args.ca_bundle)  # the daemon changes directory
-    path = os.path.abspath(args.socket) if args.socket else paths.default_socket_path()
     try:
-        if not args.socket:
-            # The runtime directory itself (XDG: owned by the user, mode 0700) must be safe
-            # too, or whoever owns it could swap our directory inside it.
-            check_private_dir(os.path.dirname(os.path.dirname(path)))
-        listener = bind_listener(path)
-    except SocketSetupError as error:
+        inherited = listen_fds()
+    except ListenFdsError as error:
         sys.stderr.write(f"keyagent: {error}\n")
         return EXIT_FAILURE
-    bound = file_identity(path)
+    if inherited:
+        # Socket activation: systemd made the socket (mode, directory, path) and removes it;
+        # we serve it as given. The peer-uid check still applies to every connection.
+        listener, extra = inherited[0], inherited[1:]
+        for sock in extra:
+            log.warning("ignoring extra inherited socket %s", sock.getsockname())
+            sock.close()
+        name = listener.getsockname()
+        path = name if isinstance(name, str) and name else "(inherited socket)"
+        bound = None
+        foreground = True  # a socket-activated service must not fork away from its manager
+    else:
+        path = os.path.abspath(args.socket) if args.socket else paths.default_socket_path()
+        try:
+            if not args.socket:
+                # The runtime directory itself (XDG: owned by the user, mode 0700) must be
+                # safe too, or whoever owns it could swap our directory inside it.
+                check_private_dir(os.path.dirname(os.path.dirname(path)))
+            listener = bind_listener(path)
+        except SocketSetupError as error:
+            sys.stderr.write(f"keyagent: {error}\n")
+            return EXIT_FAILURE
+        bound = file_identity(path)
 
     if foreground:
 

@@ -14,6 +14,8 @@ Security rules this module keeps:
 * Every exception raised here is raised outside the ``except`` block that caught the
   :mod:`requests` failure, so it has neither ``__cause__`` nor ``__context__``: a traceback
   cannot drag along a request object holding headers, cookies or the login body.
+* No more than :data:`MAX_ANSWER` bytes of an answer are ever read: a wrong or hostile host
+  cannot fill the agent's memory.
 """
 
 from __future__ import annotations
@@ -48,11 +50,16 @@ from keyagent.errors import (
     TLSError,
 )
 
-__all__ = ["API_PREFIX", "ConduceAccount", "HttpSettings", "RemoteKey"]
+__all__ = ["API_PREFIX", "MAX_ANSWER", "ConduceAccount", "HttpSettings", "RemoteKey"]
 
 log = logging.getLogger("keyagent.conduce")
 
 API_PREFIX: Final = "/conduce/api/v1/"
+# The API answers with small JSON documents (a key list is a few hundred bytes a key); a
+# longer answer comes from the wrong host or a hostile one, and is refused before it is
+# read whole. The cap applies to the decoded body, so a compressed answer cannot slip past.
+MAX_ANSWER: Final = 1024 * 1024
+_READ_CHUNK: Final = 64 * 1024
 
 # The listed-key object is documented only as "the key and its creation date": accept the
 # spellings a service is likely to use, in order of preference.
@@ -343,7 +350,7 @@ class ConduceAccount:
 
     def _request_safely(
         self, method: str, path: str, *, auth: _Auth, api_key: str | None = None
-    ) -> requests.Response:
+    ) -> _Answer:
         """Send an idempotent request, retrying connection failures and 502/503/504.
 
         Read timeouts are not retried: a service that hangs would make the caller wait
@@ -360,7 +367,6 @@ class ConduceAccount:
                 if outcome.status_code not in _RETRY_STATUSES or attempt >= self.settings.retries:
                     return outcome
                 reason = f"status {outcome.status_code}"
-                outcome.close()
             # Full jitter: uniform in [0, base * 2^attempt), so clients that failed together
             # do not come back together.
             delay = min(_MAX_BACKOFF, self.settings.backoff * (2**attempt)) * self._rng()
@@ -380,7 +386,7 @@ class ConduceAccount:
         auth: _Auth,
         api_key: str | None = None,
         json_body: Mapping[str, object] | None = None,
-    ) -> requests.Response:
+    ) -> _Answer:
         """Send one request, never retried."""
         outcome = self._send(method, path, auth=auth, api_key=api_key, json_body=json_body)
         if isinstance(outcome, _Failure):
@@ -397,8 +403,9 @@ class ConduceAccount:
         auth: _Auth,
         api_key: str | None = None,
         json_body: Mapping[str, object] | None = None,
-    ) -> requests.Response | _Failure:
-        """Send one request; return the response, or the keyagent error a failure maps to."""
+    ) -> _Answer | _Failure:
+        """Send one request and read its answer (up to :data:`MAX_ANSWER` bytes); return it,
+        or the keyagent error a failure maps to."""
         headers: dict[str, str] = {}
         cookies: RequestsCookieJar | None = None
         if auth == "bearer":
@@ -426,7 +433,10 @@ class ConduceAccount:
                 # A redirect could carry the Authorization header or the login body to a
                 # place the user never named; the API documents none, so none is followed.
                 allow_redirects=False,
+                # Streamed, so that _read_capped decides how much of the body is read.
+                stream=True,
             )
+            body = _read_capped(response)
         except requests.exceptions.RequestException as error:
             # Only the exception's class is logged: its text names URLs and pools, and
             # its attributes hold the request with headers and body.
@@ -444,6 +454,19 @@ class ConduceAccount:
                 type(error).__name__,
             )  # fmt: skip
             return self._local_failure()
+        if body is None:
+            log.warning(
+                "%s %s%s to %s: %d with an answer over %d bytes, refused after %.3fs",
+                method, API_PREFIX, path, self.host, response.status_code, MAX_ANSWER,
+                time.monotonic() - started,
+            )  # fmt: skip
+            # Refused whatever the status: not even a session cookie is taken from it.
+            return _Failure(
+                RemoteError(
+                    f"the service at {self.host} sent an oversized answer (over "
+                    f"{MAX_ANSWER // 1024} KiB); check the host, or retry later"
+                )
+            )
         if auth == "cookie" and len(response.cookies) > 0:
             # The service may refresh or rotate the session cookie on any call; the
             # Session's own jar refuses it (see _RefuseAllCookies), so keep it here.
@@ -453,7 +476,7 @@ class ConduceAccount:
             method, API_PREFIX, path, self.host, response.status_code,
             time.monotonic() - started,
         )  # fmt: skip
-        return response
+        return _Answer(response.status_code, response.cookies, body)
 
     def _transport_failure(self, error: requests.exceptions.RequestException) -> _Failure:
         # SSLError is a ConnectionError subclass, so it is tested first.
@@ -512,7 +535,7 @@ class ConduceAccount:
             RemoteUnreachable(f"the request to {self.host} failed locally; see the agent log")
         )
 
-    def _check(self, response: requests.Response, operation: str, *, auth: _Auth) -> None:
+    def _check(self, response: _Answer, operation: str, *, auth: _Auth) -> None:
         """Raise the keyagent error for a non-2xx answer."""
         status = response.status_code
         if 200 <= status < 300:
@@ -548,9 +571,9 @@ class ConduceAccount:
             f"when asked to {operation}; retry later"
         )
 
-    def _json(self, response: requests.Response) -> object:
+    def _json(self, response: _Answer) -> object:
         try:
-            document: object = json.loads(response.content)
+            document: object = json.loads(response.body)
         except (ValueError, RecursionError):
             pass  # raised below, outside the except block, for a context-free exception
         else:
@@ -564,11 +587,38 @@ class ConduceAccount:
 
 
 @dataclass(frozen=True)
+class _Answer:
+    """What is kept of a response: its body is read (under the cap) and the connection is
+    back in the pool, so no caller can read an uncapped body by accident."""
+
+    status_code: int
+    cookies: RequestsCookieJar = field(repr=False)
+    body: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
 class _Failure:
     """A transport failure already mapped to the error the caller will see."""
 
     error: KeyagentError
     retryable: bool = False
+
+
+def _read_capped(response: requests.Response) -> bytes | None:
+    """The decoded body, or None if it is longer than :data:`MAX_ANSWER`.
+
+    The response is closed either way: after a complete read that returns the connection
+    to the pool; when the cap is hit, it drops the connection with the unread rest.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    with response:
+        for chunk in response.iter_content(_READ_CHUNK):
+            size += len(chunk)
+            if size > MAX_ANSWER:
+                return None
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _parse_keys(entries: list[object]) -> Iterator[RemoteKey]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import ssl
@@ -13,7 +14,7 @@ import pytest
 import requests
 import responses
 
-from keyagent.conduce import API_PREFIX, ConduceAccount, HttpSettings, RemoteKey
+from keyagent.conduce import API_PREFIX, MAX_ANSWER, ConduceAccount, HttpSettings, RemoteKey
 from keyagent.errors import (
     BadCredentials,
     BadRequest,
@@ -317,6 +318,57 @@ def test_list_keys_unexpected_answer(
     with pytest.raises(RemoteError, match="unexpected answer") as caught:
         account.list_keys()
     assert caught.value.__context__ is None
+
+
+def test_an_answer_of_exactly_the_cap_is_read(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """An answer of MAX_ANSWER bytes is still read and parsed."""
+    logged_in(account, rsps)
+    padded = b"[" + b" " * (MAX_ANSWER - 2) + b"]"
+    rsps.add(responses.GET, LIST, body=padded, content_type="application/json")
+    assert account.list_keys() == []
+
+
+@pytest.mark.parametrize("encoding", ["identity", "gzip"])
+def test_an_oversized_answer_is_refused_unread(
+    account: ConduceAccount,
+    rsps: responses.RequestsMock,
+    caplog: pytest.LogCaptureFixture,
+    encoding: str,
+) -> None:
+    """An answer over MAX_ANSWER bytes (decoded) is a RemoteError, not retried, body unshown."""
+    caplog.set_level(logging.DEBUG, logger="keyagent.conduce")
+    logged_in(account, rsps)
+    document = json.dumps([{"apikey": SECRET_IN_BODY, "description": "x" * MAX_ANSWER}]).encode()
+    headers = {}
+    if encoding == "gzip":
+        # Small on the wire, over the cap once decoded: the cap must count decoded bytes.
+        document = gzip.compress(document)
+        assert len(document) < MAX_ANSWER // 100
+        headers["Content-Encoding"] = "gzip"
+    rsps.add(responses.GET, LIST, body=document, content_type="application/json", headers=headers)
+    with pytest.raises(RemoteError, match="oversized answer") as caught:
+        account.list_keys()
+    assert caught.value.__context__ is None
+    assert SECRET_IN_BODY not in str(caught.value)
+    assert SECRET_IN_BODY not in caplog.text
+    assert len(rsps.calls) == 2  # the login and one list: a refused answer is not retried
+
+
+def test_an_oversized_login_answer_starts_no_session(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """A login answer over the cap is refused as a whole, its session cookie included."""
+    rsps.add(
+        responses.POST,
+        LOGIN,
+        body=b" " * (MAX_ANSWER + 1),
+        headers={"Set-Cookie": f"conduce_session={COOKIE}; Path=/; Secure; HttpOnly"},
+    )
+    with pytest.raises(RemoteError, match="oversized answer"):
+        account.login(PASSWORD)
+    assert not account.has_session
 
 
 def test_create_key_posts_the_description_and_returns_the_key(

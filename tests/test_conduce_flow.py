@@ -1,4 +1,4 @@
-"""The Conduce life cycle end to end: a real agent process, the HTTPS emulator, keyagent-ctl."""
+"""The Conduce life cycle end to end: real agent and emulator processes, and keyagent-ctl."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from keyagent import errors
 from keyagent.client import Client
 from keyagent.store import key_id_for
 from keyagent.testing.agent import AgentProcess
-from keyagent.testing.emulator import ConduceEmulator, Fault
+from keyagent.testing.emulator import Fault
+from keyagent.testing.emulator_process import Emulator, EmulatorProcess
 
 from .conftest import AgentFactory, CtlResult, run_ctl, run_ctl_process
 
@@ -23,26 +24,25 @@ PASSWORD = "pa55-w0rd-that-must-never-leak"
 
 
 @pytest.fixture
-def emulator() -> Iterator[ConduceEmulator]:
-    """A loopback HTTPS Conduce emulator with one account."""
-    with ConduceEmulator() as emu:
-        emu.add_user(USER, PASSWORD)
+def emulator() -> Iterator[Emulator]:
+    """A loopback HTTPS Conduce emulator process with one account, stopped after the test."""
+    with EmulatorProcess(USER, PASSWORD) as emu:
         yield emu
 
 
 @pytest.fixture
-def conduce_agent(agent_factory: AgentFactory, emulator: ConduceEmulator) -> AgentProcess:
+def conduce_agent(agent_factory: AgentFactory, emulator: Emulator) -> AgentProcess:
     """An agent that trusts the emulator's throw-away CA."""
     return agent_factory(
         "--ca-bundle", emulator.ca_path, "--read-timeout", "5", "--connect-timeout", "5"
     )
 
 
-def ctl(agent: AgentProcess, emu: ConduceEmulator, *argv: str, stdin: str = "") -> CtlResult:
+def ctl(agent: AgentProcess, emu: Emulator, *argv: str, stdin: str = "") -> CtlResult:
     return run_ctl(agent.socket_path, "--host", emu.host, "--user", USER, *argv, stdin=stdin)
 
 
-def login(agent: AgentProcess, emu: ConduceEmulator) -> None:
+def login(agent: AgentProcess, emu: Emulator) -> None:
     result = ctl(agent, emu, "login", "--password-stdin", stdin=PASSWORD + "\n")
     assert result.code == 0, result.err
 
@@ -52,9 +52,7 @@ def held_secret(agent: AgentProcess) -> str:
         return client.get()
 
 
-def test_login_create_list_get_remove_list(
-    conduce_agent: AgentProcess, emulator: ConduceEmulator
-) -> None:
+def test_login_create_list_get_remove_list(conduce_agent: AgentProcess, emulator: Emulator) -> None:
     """The whole API-key life cycle works through the agent, and the service agrees at each step."""
     login(conduce_agent, emulator)
     created = ctl(conduce_agent, emulator, "create", "--description", "laptop")
@@ -76,9 +74,7 @@ def test_login_create_list_get_remove_list(
     assert json.loads(ctl(conduce_agent, emulator, "list", "--json").out)["keys"] == []
 
 
-def test_conduce_api_words_and_flags_work(
-    conduce_agent: AgentProcess, emulator: ConduceEmulator
-) -> None:
+def test_conduce_api_words_and_flags_work(conduce_agent: AgentProcess, emulator: Emulator) -> None:
     """create-api-key, list-api-keys, remove-api-key work with --user/--host after the verb."""
     login(conduce_agent, emulator)
     sock = conduce_agent.socket_path
@@ -94,9 +90,7 @@ def test_conduce_api_words_and_flags_work(
     assert emulator.api_keys(USER) == []
 
 
-def test_wrong_password_is_bad_credentials(
-    conduce_agent: AgentProcess, emulator: ConduceEmulator
-) -> None:
+def test_wrong_password_is_bad_credentials(conduce_agent: AgentProcess, emulator: Emulator) -> None:
     """A rejected login exits 1 with bad_credentials and leaves no session."""
     result = ctl(conduce_agent, emulator, "login", "--password-stdin", stdin="wrong\n")
     assert result.code == 1
@@ -106,7 +100,7 @@ def test_wrong_password_is_bad_credentials(
 
 
 def test_login_needs_a_terminal_or_password_stdin(
-    conduce_agent: AgentProcess, emulator: ConduceEmulator
+    conduce_agent: AgentProcess, emulator: Emulator
 ) -> None:
     """Without a terminal, login refuses to read a password unless --password-stdin is given."""
     result = ctl(conduce_agent, emulator, "login", stdin=PASSWORD)
@@ -115,7 +109,7 @@ def test_login_needs_a_terminal_or_password_stdin(
 
 
 def test_create_without_session_or_key_needs_login(
-    conduce_agent: AgentProcess, emulator: ConduceEmulator
+    conduce_agent: AgentProcess, emulator: Emulator
 ) -> None:
     """With neither a session nor a held key, create answers login_required without a request."""
     result = ctl(conduce_agent, emulator, "create")
@@ -125,7 +119,7 @@ def test_create_without_session_or_key_needs_login(
 
 
 def test_session_expiry_is_detected_and_reported(
-    conduce_agent: AgentProcess, emulator: ConduceEmulator
+    conduce_agent: AgentProcess, emulator: Emulator
 ) -> None:
     """When the service drops the session, the agent says session_expired and status shows it."""
     login(conduce_agent, emulator)
@@ -141,7 +135,7 @@ def test_session_expiry_is_detected_and_reported(
 
 
 def test_held_api_key_stands_in_for_an_expired_session(
-    conduce_agent: AgentProcess, emulator: ConduceEmulator
+    conduce_agent: AgentProcess, emulator: Emulator
 ) -> None:
     """A held API key of the account authenticates remote calls when the session has expired."""
     login(conduce_agent, emulator)
@@ -156,7 +150,7 @@ def test_held_api_key_stands_in_for_an_expired_session(
 
 
 def test_held_api_key_works_without_any_login(
-    conduce_agent: AgentProcess, emulator: ConduceEmulator
+    conduce_agent: AgentProcess, emulator: Emulator
 ) -> None:
     """A key added by hand lets the agent list and create keys with no password at all."""
     seed = emulator.add_key(USER, "seed")
@@ -169,7 +163,7 @@ def test_held_api_key_works_without_any_login(
 
 
 def test_idle_session_is_validated_before_use(
-    agent_factory: AgentFactory, emulator: ConduceEmulator
+    agent_factory: AgentFactory, emulator: Emulator
 ) -> None:
     """A session idle longer than --validate-after is checked with validate-session first."""
     agent = agent_factory("--ca-bundle", emulator.ca_path, "--validate-after", "0.001")
@@ -182,7 +176,7 @@ def test_idle_session_is_validated_before_use(
 
 
 def test_remote_listing_marks_unheld_and_stale_keys(
-    conduce_agent: AgentProcess, emulator: ConduceEmulator
+    conduce_agent: AgentProcess, emulator: Emulator
 ) -> None:
     """Keys only on the service are held: false; keys held but gone from the service are stale."""
     login(conduce_agent, emulator)
@@ -203,7 +197,7 @@ def test_remote_listing_marks_unheld_and_stale_keys(
 
 
 def test_remove_a_key_the_agent_does_not_hold_by_its_id(
-    conduce_agent: AgentProcess, emulator: ConduceEmulator
+    conduce_agent: AgentProcess, emulator: Emulator
 ) -> None:
     """remove KEY_ID finds a key the agent does not hold on the service and deletes it."""
     login(conduce_agent, emulator)
@@ -214,7 +208,7 @@ def test_remove_a_key_the_agent_does_not_hold_by_its_id(
 
 
 def test_failed_remote_delete_keeps_the_local_key(
-    conduce_agent: AgentProcess, emulator: ConduceEmulator
+    conduce_agent: AgentProcess, emulator: Emulator
 ) -> None:
     """If the service fails the delete, the agent keeps the key and says why."""
     login(conduce_agent, emulator)
@@ -230,7 +224,7 @@ def test_failed_remote_delete_keeps_the_local_key(
 
 
 def test_a_hung_service_blocks_no_other_client(
-    conduce_agent: AgentProcess, emulator: ConduceEmulator
+    conduce_agent: AgentProcess, emulator: Emulator
 ) -> None:
     """While one client's Conduce call hangs, other clients' local requests are answered."""
     login(conduce_agent, emulator)
@@ -274,7 +268,7 @@ def test_a_hung_service_blocks_no_other_client(
     ids=["500", "502-create", "503-create", "403", "reset", "malformed-list", "malformed-create"],
 )
 def test_faults_map_to_error_codes_and_the_agent_goes_on(
-    conduce_agent: AgentProcess, emulator: ConduceEmulator, fault: Fault, path: str, code: str
+    conduce_agent: AgentProcess, emulator: Emulator, fault: Fault, path: str, code: str
 ) -> None:
     """Each service failure gives its error code, no body text, and the agent keeps serving."""
     login(conduce_agent, emulator)
@@ -290,9 +284,7 @@ def test_faults_map_to_error_codes_and_the_agent_goes_on(
         assert len([r for r in emulator.requests if r.path == path]) == 2
 
 
-def test_safe_calls_are_retried_on_503(
-    conduce_agent: AgentProcess, emulator: ConduceEmulator
-) -> None:
+def test_safe_calls_are_retried_on_503(conduce_agent: AgentProcess, emulator: Emulator) -> None:
     """A list that meets one 503 is retried and succeeds; create is never retried."""
     login(conduce_agent, emulator)
     emulator.inject(Fault.status(503), path="apikeys/list", count=1)
@@ -302,7 +294,7 @@ def test_safe_calls_are_retried_on_503(
 
 
 def test_slow_service_times_out_as_unreachable(
-    agent_factory: AgentFactory, emulator: ConduceEmulator
+    agent_factory: AgentFactory, emulator: Emulator
 ) -> None:
     """A service slower than --read-timeout is remote_unreachable, and the agent goes on."""
     agent = agent_factory("--ca-bundle", emulator.ca_path, "--read-timeout", "0.3")
@@ -314,9 +306,7 @@ def test_slow_service_times_out_as_unreachable(
     assert ctl(agent, emulator, "status").code == 0
 
 
-def test_wrong_certificate_is_a_tls_error(
-    conduce_agent: AgentProcess, emulator: ConduceEmulator
-) -> None:
+def test_wrong_certificate_is_a_tls_error(conduce_agent: AgentProcess, emulator: Emulator) -> None:
     """A certificate from another CA fails with tls_error, not a silent fallback."""
     emulator.inject(Fault.wrong_certificate("untrusted"))
     result = ctl(conduce_agent, emulator, "login", "--password-stdin", stdin=PASSWORD)
@@ -325,7 +315,7 @@ def test_wrong_certificate_is_a_tls_error(
 
 
 def test_agent_without_the_ca_refuses_the_emulator(
-    agent_factory: AgentFactory, emulator: ConduceEmulator
+    agent_factory: AgentFactory, emulator: Emulator
 ) -> None:
     """TLS verification is on by default: an unknown CA is a tls_error."""
     agent = agent_factory()
@@ -335,7 +325,7 @@ def test_agent_without_the_ca_refuses_the_emulator(
 
 
 def test_explicit_ca_bundle_beats_requests_ca_bundle(
-    agent_factory: AgentFactory, emulator: ConduceEmulator, tmp_path: Path
+    agent_factory: AgentFactory, emulator: Emulator, tmp_path: Path
 ) -> None:
     """--ca-bundle wins over an inherited REQUESTS_CA_BUNDLE that would not trust the host."""
     wrong = tmp_path / "wrong-ca.pem"
@@ -351,12 +341,12 @@ def test_explicit_ca_bundle_beats_requests_ca_bundle(
 
 
 def test_no_password_key_or_cookie_in_log_or_errors(
-    conduce_agent: AgentProcess, emulator: ConduceEmulator
+    conduce_agent: AgentProcess, emulator: Emulator
 ) -> None:
     """After a full flow with faults at debug level, no password, key or cookie is in the log."""
     outputs: list[str] = []
     login(conduce_agent, emulator)
-    tokens = list(emulator._sessions)  # the cookie values the service handed out
+    tokens = emulator.session_tokens()  # the cookie values the service handed out
     for argv in (["create", "--print"], ["list", "--remote"], ["create"]):
         result = ctl(conduce_agent, emulator, *argv)
         outputs.append(result.err)
@@ -381,9 +371,7 @@ def test_no_password_key_or_cookie_in_log_or_errors(
             assert secret not in text
 
 
-def test_password_never_in_argv_of_ctl(
-    conduce_agent: AgentProcess, emulator: ConduceEmulator
-) -> None:
+def test_password_never_in_argv_of_ctl(conduce_agent: AgentProcess, emulator: Emulator) -> None:
     """keyagent-ctl login reads the password from stdin; its argv holds no password."""
     env = {**os.environ, "KEYAGENT_SOCK": conduce_agent.socket_path}
     result = run_ctl_process(

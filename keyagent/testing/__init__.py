@@ -1,7 +1,9 @@
 """Test helpers for keyagent and for projects that use it.
 
 :class:`~keyagent.testing.emulator.ConduceEmulator` is a loopback HTTPS fake of the Conduce
-service; ``python -m keyagent.testing serve`` runs one from the command line.
+service; ``python -m keyagent.testing serve`` runs one from the command line, and
+:class:`~keyagent.testing.emulator_process.EmulatorProcess` runs that command and steers it
+with the same methods as an in-process emulator.
 
 Importing this package is cheap and has no third-party dependency: the names below load
 their module on first use (PEP 562), and ``trustme`` is only imported when an emulator starts.
@@ -14,11 +16,14 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from keyagent.testing.emulator import ConduceEmulator, Fault, RequestRecord
+    from keyagent.testing.emulator_process import Emulator, EmulatorProcess
 
-__all__ = ["ConduceEmulator", "Fault", "RequestRecord"]
+__all__ = ["ConduceEmulator", "Emulator", "EmulatorProcess", "Fault", "RequestRecord"]
 
 _LAZY = {
     "ConduceEmulator": "keyagent.testing.emulator",
+    "Emulator": "keyagent.testing.emulator_process",
+    "EmulatorProcess": "keyagent.testing.emulator_process",
     "Fault": "keyagent.testing.emulator",
     "RequestRecord": "keyagent.testing.emulator",
 }

@@ -5,6 +5,17 @@ It prints one ``KEY=value`` line per setting, then serves::
     CONDUCE_HOST=127.0.0.1:PORT
     CONDUCE_CA_BUNDLE=/tmp/conduce-emulator-.../ca.pem
     CONDUCE_USER=demo@example.com
+    CONDUCE_EMULATOR_CONTROL=/tmp/conduce-emulator-.../control.sock
+    CONDUCE_EMULATOR_TOKEN_FILE=/tmp/conduce-emulator-.../control.token
+
+The last two are the control API (see :mod:`keyagent.testing.emulator`): a Unix socket, and
+a 0600 file with its bearer token. :class:`keyagent.testing.emulator_process.EmulatorProcess`
+reads these lines and drives the emulator through it.
+
+The token is handed over in a file rather than printed because this output is the kind that
+lands in CI logs and test reports; the file sits in the emulator's 0700 directory, next to
+the socket, so exactly the users who can reach the socket can read it, and it is removed
+with the directory when the emulator stops.
 
 The account's password is read from stdin with ``--password-stdin``; without it the account
 gets the fixed password ``demo-password``, which is for demos only: anyone who reads this
@@ -36,8 +47,8 @@ def _parser() -> argparse.ArgumentParser:
         help="run a loopback HTTPS emulator of the Conduce service",
         description=(
             "Serve a Conduce emulator on 127.0.0.1 with a throw-away CA, print "
-            "CONDUCE_HOST, CONDUCE_CA_BUNDLE and CONDUCE_USER lines, and serve until "
-            "SIGINT or SIGTERM."
+            "CONDUCE_HOST, CONDUCE_CA_BUNDLE, CONDUCE_USER, CONDUCE_EMULATOR_CONTROL and "
+            "CONDUCE_EMULATOR_TOKEN_FILE lines, and serve until SIGINT or SIGTERM."
         ),
     )
     serve.add_argument("--port", type=int, default=0, help="TCP port (default: any free one)")
@@ -68,12 +79,15 @@ def serve(port: int, user: str, password: str, session_lifetime: float | None) -
     # promptly is never lost to Python's default handlers.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    with ConduceEmulator(port, session_lifetime=session_lifetime) as emulator:
+    with ConduceEmulator(port, session_lifetime=session_lifetime, control=True) as emulator:
         emulator.add_user(user, password)
+        # One write, control lines last: a reader that has the last line has them all.
         sys.stdout.write(
             f"CONDUCE_HOST={emulator.host}\n"
             f"CONDUCE_CA_BUNDLE={emulator.ca_path}\n"
             f"CONDUCE_USER={user}\n"
+            f"CONDUCE_EMULATOR_CONTROL={emulator.control_path}\n"
+            f"CONDUCE_EMULATOR_TOKEN_FILE={emulator.control_token_path}\n"
         )
         sys.stdout.flush()
         # Event.wait is woken by the handler: on POSIX the wait is interrupted to run it.

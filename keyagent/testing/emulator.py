@@ -27,6 +27,26 @@ Behaviour chosen where the API documentation is silent:
 
 Faults are injected per path or for all paths with :meth:`ConduceEmulator.inject`; each
 request gets at most one fault: the first matching rule, in injection order.
+
+With ``control=True`` the emulator also serves a control API, so that a test can steer an
+emulator running in another process (see :mod:`keyagent.testing.emulator_process`). It
+listens on a Unix socket in the emulator's private temporary directory, not on the HTTPS
+port, because:
+
+* it must keep working while TLS is broken on purpose (``wrong_certificate``), and it must
+  never be subject to faults or show up in :attr:`ConduceEmulator.requests`: a second
+  listener with its own handler gets all of that by construction, with no path special-cased
+  in the emulated API;
+* the directory is ``0700`` and the socket ``0600``, so only the emulator's own user can
+  connect, which no loopback TCP port offers; and no second port can collide or linger.
+
+On top of that, every call needs ``Authorization: Bearer <token>``, a random token made at
+start and written to the ``0600`` file :attr:`ConduceEmulator.control_token_path` (compared
+in constant time; 401 without it). Calls are ``POST /_emulator/<method>`` with a JSON object
+of the method's keyword arguments; the answer is ``{"result": ...}``, or, with status 400,
+``{"error": "ValueError" | "KeyError" | "TypeError", "message": ...}`` for what the
+in-process method would have raised. Faults travel as :meth:`Fault.to_json` objects, request
+records as :meth:`RequestRecord.to_json` objects.
 """
 
 from __future__ import annotations
@@ -36,6 +56,7 @@ import hmac
 import http
 import json
 import logging
+import os
 import secrets
 import shutil
 import socket
@@ -44,20 +65,21 @@ import struct
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.message import Message
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from socketserver import TCPServer
+from socketserver import TCPServer, ThreadingUnixStreamServer
 from types import TracebackType
-from typing import Any, Final, Literal, NoReturn
+from typing import Any, Final, Literal, NoReturn, cast, get_args
 from urllib.parse import urlsplit
 
 __all__ = [
     "API_PREFIX",
+    "CONTROL_PREFIX",
     "SESSION_COOKIE",
     "ConduceEmulator",
     "Fault",
@@ -70,6 +92,9 @@ log = logging.getLogger("keyagent.testing.emulator")
 API_PREFIX: Final = "/conduce/api/v1/"
 SESSION_COOKIE: Final = "conduce_session"
 MAX_BODY: Final = 64 * 1024
+CONTROL_PREFIX: Final = "/_emulator/"
+# Control calls carry a fault body at most; a megabyte leaves room and still bounds memory.
+_MAX_CONTROL_BODY: Final = 1024 * 1024
 
 FaultKind = Literal["delay", "hang", "status", "reset", "malformed_json", "wrong_certificate"]
 AuthKind = Literal["none", "password", "cookie", "bearer"]
@@ -146,6 +171,52 @@ class Fault:
         """
         return cls("wrong_certificate", certificate=certificate)
 
+    def to_json(self) -> dict[str, object]:
+        """This fault as a JSON object, for the control API; :meth:`from_json` reverses it."""
+        return {
+            "kind": self.kind,
+            "seconds": self.seconds,
+            "code": self.code,
+            "body": self.body,
+            "certificate": self.certificate,
+        }
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, object]) -> Fault:
+        """Build a fault from :meth:`to_json`'s object; ValueError if it makes no fault.
+
+        Goes through the class methods, so a fault from the wire is checked like any other.
+        Fields the kind does not use may be left out.
+        """
+        unknown = document.keys() - {"kind", "seconds", "code", "body", "certificate"}
+        if unknown:
+            raise ValueError(f"unknown fault field(s): {', '.join(sorted(unknown))}")
+        kind = document.get("kind")
+        if kind == "delay":
+            seconds = document.get("seconds", 0.0)
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+                raise ValueError("a delay fault needs a number of seconds")
+            return cls.delay(float(seconds))
+        if kind == "hang":
+            return cls.hang()
+        if kind == "status":
+            code, body = document.get("code"), document.get("body")
+            if isinstance(code, bool) or not isinstance(code, int):
+                raise ValueError("a status fault needs an integer code")
+            if body is not None and not isinstance(body, str):
+                raise ValueError("a status fault's body must be a string or null")
+            return cls.status(code, body)
+        if kind == "reset":
+            return cls.reset()
+        if kind == "malformed_json":
+            return cls.malformed_json()
+        if kind == "wrong_certificate":
+            certificate = document.get("certificate", "untrusted")
+            if certificate not in ("untrusted", "wrong_host"):
+                raise ValueError("a certificate fault is 'untrusted' or 'wrong_host'")
+            return cls.wrong_certificate(certificate)
+        raise ValueError(f"unknown fault kind {kind!r}")
+
 
 @dataclass(frozen=True)
 class RequestRecord:
@@ -164,6 +235,44 @@ class RequestRecord:
     """None while in progress, and for requests that got no answer (reset, dropped)."""
     user: str | None = None
     """The account the request authenticated as, if it did."""
+
+    def to_json(self) -> dict[str, object]:
+        """This record as a JSON object, for the control API; :meth:`from_json` reverses it."""
+        return {
+            "method": self.method,
+            "path": self.path,
+            "auth": self.auth,
+            "sent_cookie": self.sent_cookie,
+            "fault": self.fault,
+            "status": self.status,
+            "user": self.user,
+        }
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, object]) -> RequestRecord:
+        """Build a record from :meth:`to_json`'s object; ValueError if it is not one."""
+        method, path, auth = document.get("method"), document.get("path"), document.get("auth")
+        sent_cookie, fault = document.get("sent_cookie"), document.get("fault")
+        status, user = document.get("status"), document.get("user")
+        if not isinstance(method, str) or not isinstance(path, str):
+            raise ValueError("a request record needs a method and a path")
+        if auth not in get_args(AuthKind) or not isinstance(sent_cookie, bool):
+            raise ValueError("a request record needs auth and sent_cookie")
+        if fault is not None and fault not in get_args(FaultKind):
+            raise ValueError(f"unknown fault kind {fault!r}")
+        if status is not None and (isinstance(status, bool) or not isinstance(status, int)):
+            raise ValueError("a request record's status is an integer or null")
+        if user is not None and not isinstance(user, str):
+            raise ValueError("a request record's user is a string or null")
+        return cls(
+            method,
+            path,
+            cast(AuthKind, auth),
+            sent_cookie,
+            cast(FaultKind | None, fault),
+            status,
+            user,
+        )
 
 
 @dataclass
@@ -220,6 +329,7 @@ class ConduceEmulator:
         session_lifetime: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         io_timeout: float = 60.0,
+        control: bool = False,
     ) -> None:
         """
         :param port: TCP port on 127.0.0.1; 0 picks a free one.
@@ -227,11 +337,14 @@ class ConduceEmulator:
             None for sessions that only end with :meth:`expire_sessions`.
         :param clock: monotonic seconds; inject a fake one to expire sessions without waiting.
         :param io_timeout: how long a connection may sit silent before the emulator drops it.
+        :param control: also serve the control API (see the module documentation) on
+            :attr:`control_path`; off by default, as an in-process emulator has no use for it.
         """
         self._port = port
         self._session_lifetime = session_lifetime
         self._clock = clock
         self._io_timeout = io_timeout
+        self._control = control
         # One lock guards all state below. It is never held while a handler waits (hang,
         # delay) or does socket I/O other than a non-blocking shutdown().
         self._lock = threading.Lock()
@@ -254,6 +367,9 @@ class ConduceEmulator:
         self._thread: threading.Thread | None = None
         self._tmpdir: Path | None = None
         self._contexts: dict[str, ssl.SSLContext] = {}
+        self._control_server: _ControlServer | None = None
+        self._control_thread: threading.Thread | None = None
+        self._control_token: str | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -275,11 +391,21 @@ class ConduceEmulator:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             certificate.configure_cert(context)
             self._contexts[name] = context
+        # mkdtemp makes the directory 0700: the CA, the control socket and its token are
+        # for this user only.
         self._tmpdir = Path(tempfile.mkdtemp(prefix="conduce-emulator-"))
         ca.cert_pem.write_to_path(str(self._tmpdir / "ca.pem"))
         try:
             self._server = _Server(("127.0.0.1", self._port), self)
+            if self._control:
+                self._start_control(self._tmpdir)
         except BaseException:
+            # Nothing is serving yet (the control thread starts last), so closing the
+            # sockets is all the undoing there is.
+            for listener in (self._server, self._control_server):
+                if listener is not None:
+                    listener.server_close()
+            self._server = self._control_server = None
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             raise
         self._thread = threading.Thread(
@@ -291,6 +417,25 @@ class ConduceEmulator:
         )
         self._thread.start()
         return self
+
+    def _start_control(self, directory: Path) -> None:
+        token = secrets.token_urlsafe(32)
+        # O_EXCL and an explicit 0600 mode: the token file is never readable by others,
+        # not even for a moment between creating it and a chmod.
+        descriptor = os.open(
+            directory / "control.token", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600
+        )
+        with os.fdopen(descriptor, "w") as token_file:
+            token_file.write(token + "\n")
+        self._control_token = token
+        self._control_server = _ControlServer(str(directory / "control.sock"), self)
+        self._control_thread = threading.Thread(
+            target=self._control_server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="conduce-emulator-control",
+            daemon=True,
+        )
+        self._control_thread.start()
 
     def close(self) -> None:
         """Stop serving, release hung requests, drop connections, remove the CA file.
@@ -308,6 +453,12 @@ class ConduceEmulator:
             # rather than a half-served handshake.
             server.shutdown()  # returns once serve_forever has left its loop
             server.server_close()
+        control = self._control_server
+        if control is not None:
+            # Its handler threads are not joined: they only touch state under the lock, and
+            # one waiting in wait_for_* is woken by _closing below.
+            control.shutdown()
+            control.server_close()
         with self._lock:
             self._closing.set()  # wakes delayed handlers
             for event in self._hung:
@@ -317,7 +468,7 @@ class ConduceEmulator:
             self._changed.notify_all()
             threads = list(self._threads)
         deadline = time.monotonic() + 5.0
-        for worker in [thread, *threads]:
+        for worker in [thread, self._control_thread, *threads]:
             if worker is not None and worker is not threading.current_thread():
                 # Daemon threads: should one still be stuck, it cannot keep the process alive.
                 worker.join(max(0.0, deadline - time.monotonic()))
@@ -362,6 +513,20 @@ class ConduceEmulator:
             raise RuntimeError("the emulator is not started")
         return str(self._tmpdir / "ca.pem")
 
+    @property
+    def control_path(self) -> str:
+        """The Unix socket of the control API (only with ``control=True``)."""
+        if self._control_server is None or self._tmpdir is None:
+            raise RuntimeError("the emulator serves no control API; start it with control=True")
+        return str(self._tmpdir / "control.sock")
+
+    @property
+    def control_token_path(self) -> str:
+        """A 0600 file holding the control API's bearer token and a newline."""
+        if self._control_server is None or self._tmpdir is None:
+            raise RuntimeError("the emulator serves no control API; start it with control=True")
+        return str(self._tmpdir / "control.token")
+
     # --- accounts and sessions --------------------------------------------------------------
 
     def add_user(self, email: str, password: str) -> None:
@@ -402,6 +567,19 @@ class ConduceEmulator:
                 for owner, expires in self._sessions.values()
                 if (email is None or owner == email) and (expires is None or now < expires)
             )
+
+    def session_tokens(self, email: str | None = None) -> list[str]:
+        """The cookie values of the live sessions of one account, or of all, oldest first.
+
+        For tests that check a session never leaks into a log or a message.
+        """
+        with self._lock:
+            now = self._clock()
+            return [
+                token
+                for token, (owner, expires) in self._sessions.items()
+                if (email is None or owner == email) and (expires is None or now < expires)
+            ]
 
     def forbid(self, email: str | None = None, *, api_key: str | None = None) -> None:
         """Make a user's (or one API key's) ``apikeys/*`` calls answer 403."""
@@ -470,14 +648,19 @@ class ConduceEmulator:
             self._requests.clear()
 
     def wait_for_hung(self, count: int = 1, timeout: float = 5.0) -> bool:
-        """Wait until at least ``count`` requests are hanging; False on timeout."""
-        with self._changed:
-            return self._changed.wait_for(lambda: len(self._hung) >= count, timeout)
+        """Wait until at least ``count`` requests are hanging; False on timeout or close()."""
+        return self._wait_for(lambda: len(self._hung) >= count, timeout)
 
     def wait_for_requests(self, count: int, timeout: float = 5.0) -> bool:
-        """Wait until the log holds at least ``count`` requests; False on timeout."""
+        """Wait until the log holds at least ``count`` requests; False on timeout or close()."""
+        return self._wait_for(lambda: len(self._requests) >= count, timeout)
+
+    def _wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         with self._changed:
-            return self._changed.wait_for(lambda: len(self._requests) >= count, timeout)
+            # Also woken by close(), so that a control-API thread waiting on behalf of another
+            # process does not outlive the emulator by up to its timeout.
+            self._changed.wait_for(lambda: predicate() or self._closing.is_set(), timeout)
+            return predicate()
 
     # --- connection plumbing (handler threads) ---------------------------------------------
 
@@ -837,3 +1020,235 @@ class _Handler(BaseHTTPRequestHandler):
         self.connection.close()
         # Unwind out of http.server's loop, which would otherwise flush the dead socket.
         raise _Abort
+
+
+# --- the control API ---------------------------------------------------------------------------
+
+
+class _Arguments:
+    """The keyword arguments of one control call, type-checked as they are taken."""
+
+    def __init__(self, document: Mapping[str, object], allowed: tuple[str, ...]) -> None:
+        # Checked before anything runs: a misspelt argument must not quietly become a default.
+        unknown = document.keys() - set(allowed)
+        if unknown:
+            raise TypeError(f"unexpected argument(s): {', '.join(sorted(unknown))}")
+        self._document = document
+
+    def text(self, name: str, default: str | None = None) -> str:
+        """A string argument; required unless it has a default."""
+        value = self._document.get(name, default)
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a string")
+        return value
+
+    def optional_text(self, name: str, default: str | None = None) -> str | None:
+        value = self._document.get(name, default)
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{name} must be a string or null")
+        return value
+
+    def integer(self, name: str, default: int | None = None) -> int:
+        """An integer argument; required unless it has a default."""
+        value = self._document.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an integer")
+        return value
+
+    def optional_integer(self, name: str) -> int | None:
+        value = self._document.get(name)
+        return None if value is None else self.integer(name)
+
+    def number(self, name: str, default: float) -> float:
+        value = self._document.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{name} must be a number")
+        return float(value)
+
+    def fault(self, name: str) -> Fault:
+        value = self._document.get(name)
+        if not isinstance(value, dict):
+            raise TypeError(f"{name} must be a fault object")
+        return Fault.from_json(value)
+
+
+_ControlCall = Callable[[ConduceEmulator, _Arguments], object]
+
+# name -> (argument names, call); each mirrors the ConduceEmulator method of the same name.
+_CONTROL_CALLS: Final[dict[str, tuple[tuple[str, ...], _ControlCall]]] = {
+    "add_user": (
+        ("email", "password"),
+        lambda emu, args: emu.add_user(args.text("email"), args.text("password")),
+    ),
+    "add_key": (
+        ("email", "description"),
+        lambda emu, args: emu.add_key(args.text("email"), args.text("description", "")),
+    ),
+    "api_keys": (("email",), lambda emu, args: emu.api_keys(args.text("email"))),
+    "expire_sessions": (
+        ("email",),
+        lambda emu, args: emu.expire_sessions(args.optional_text("email")),
+    ),
+    "session_count": (
+        ("email",),
+        lambda emu, args: emu.session_count(args.optional_text("email")),
+    ),
+    "session_tokens": (
+        ("email",),
+        lambda emu, args: emu.session_tokens(args.optional_text("email")),
+    ),
+    "forbid": (
+        ("email", "api_key"),
+        lambda emu, args: emu.forbid(
+            args.optional_text("email"), api_key=args.optional_text("api_key")
+        ),
+    ),
+    "unforbid": (
+        ("email", "api_key"),
+        lambda emu, args: emu.unforbid(
+            args.optional_text("email"), api_key=args.optional_text("api_key")
+        ),
+    ),
+    "inject": (
+        ("fault", "path", "count"),
+        lambda emu, args: emu.inject(
+            args.fault("fault"),
+            path=args.optional_text("path"),
+            count=args.optional_integer("count"),
+        ),
+    ),
+    "clear_faults": ((), lambda emu, args: emu.clear_faults()),
+    "release": ((), lambda emu, args: emu.release()),
+    "requests": ((), lambda emu, args: [record.to_json() for record in emu.requests]),
+    "clear_requests": ((), lambda emu, args: emu.clear_requests()),
+    "wait_for_hung": (
+        ("count", "timeout"),
+        lambda emu, args: emu.wait_for_hung(args.integer("count", 1), args.number("timeout", 5.0)),
+    ),
+    "wait_for_requests": (
+        ("count", "timeout"),
+        lambda emu, args: emu.wait_for_requests(args.integer("count"), args.number("timeout", 5.0)),
+    ),
+}
+
+
+class _ControlServer(ThreadingUnixStreamServer):
+    daemon_threads = True
+    # Not joined on close: see ConduceEmulator.close.
+    block_on_close = False
+
+    def __init__(self, path: str, emulator: ConduceEmulator) -> None:
+        self.emulator = emulator
+        self.path = path
+        super().__init__(path, _ControlHandler)
+
+    def server_bind(self) -> None:
+        super().server_bind()
+        # The directory (0700) already keeps others out; this keeps the socket private
+        # should it ever be moved or the directory's mode be loosened.
+        os.chmod(self.path, 0o600)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.warning("emulator control handler failed", exc_info=True)
+
+
+class _ControlHandler(BaseHTTPRequestHandler):
+    # HTTP/1.0: one call per connection, so that a call blocked in wait_for_* never holds
+    # up another; connecting to a Unix socket costs next to nothing.
+    server_version = "ConduceEmulatorControl/1"
+    sys_version = ""
+    server: _ControlServer
+
+    def setup(self) -> None:
+        super().setup()
+        # A client that connects and goes silent must not pin a thread forever.
+        self.connection.settimeout(self.server.emulator._io_timeout)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # Not address_string(): a Unix socket peer has no address tuple. The request line
+        # carries method and path only; the token travels in a header and is never logged.
+        log.debug("control: " + format, *args)
+
+    def do_POST(self) -> None:
+        self._serve()
+
+    def do_GET(self) -> None:
+        self._serve()
+
+    def do_PUT(self) -> None:
+        self._serve()
+
+    def do_DELETE(self) -> None:
+        self._serve()
+
+    def _serve(self) -> None:
+        # The body is read first, whatever the answer: closing a Unix socket with unread
+        # data makes the peer's next read fail with ECONNRESET instead of seeing our answer.
+        body = self._read_body()
+        if body is None:
+            return
+        if not self._authorised():
+            self._reply(
+                401,
+                {"error": "Unauthorized", "message": "send Authorization: Bearer <control token>"},
+                **{"WWW-Authenticate": "Bearer"},
+            )
+            return
+        if self.command != "POST":
+            self._reply(405, {"error": "MethodNotAllowed", "message": "use POST"}, Allow="POST")
+            return
+        full_path = urlsplit(self.path).path
+        name = (
+            full_path.removeprefix(CONTROL_PREFIX) if full_path.startswith(CONTROL_PREFIX) else ""
+        )
+        entry = _CONTROL_CALLS.get(name)
+        if entry is None:
+            self._reply(404, {"error": "NotFound", "message": f"no control call {full_path}"})
+            return
+        try:
+            document: object = json.loads(body or b"{}")
+        except (ValueError, RecursionError):
+            document = None
+        if not isinstance(document, dict):
+            self._reply(400, {"error": "ValueError", "message": "the body must be a JSON object"})
+            return
+        allowed, call = entry
+        try:
+            result = call(self.server.emulator, _Arguments(document, allowed))
+        except (ValueError, KeyError, TypeError) as error:
+            # What the in-process method would have raised, so the remote caller can raise
+            # the same type. args[0], not str(): str() of a KeyError adds quotes.
+            message = str(error.args[0]) if error.args else ""
+            self._reply(400, {"error": type(error).__name__, "message": message})
+            return
+        self._reply(200, {"result": result})
+
+    def _authorised(self) -> bool:
+        expected = self.server.emulator._control_token
+        scheme, _, token = str(self.headers.get("Authorization") or "").partition(" ")
+        # compare_digest: no timing hint about the token. Bytes, as it refuses non-ASCII str.
+        return (
+            expected is not None
+            and scheme.lower() == "bearer"
+            and hmac.compare_digest(token.strip().encode(), expected.encode())
+        )
+
+    def _read_body(self) -> bytes | None:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= _MAX_CONTROL_BODY:
+            self._reply(400, {"error": "ValueError", "message": "bad or oversized body"})
+            return None
+        return self.rfile.read(length) if length else b""
+
+    def _reply(self, status: int, document: object, **headers: str) -> None:
+        body = json.dumps(document).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)

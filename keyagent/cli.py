@@ -12,16 +12,19 @@ Exit codes (stable, documented in the README):
 
 from __future__ import annotations
 
-import argparse
-import getpass
-import json
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, NoReturn, TextIO
 
 from keyagent.client import Client
 from keyagent.errors import AgentUnreachable, BadConfig, KeyagentError
+
+# argparse, getpass, json and typing are imported where they are used: `keyagent-ctl get`
+# runs in other tools' hot paths and takes a fast path that needs none of them.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable, Sequence
+    from typing import Any, NoReturn, TextIO
 
 EXIT_OK, EXIT_AGENT_ERROR, EXIT_NO_AGENT, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 64, 78
 DEFAULT_ENV_NAME = "CONDUCE_API_KEY"
@@ -31,13 +34,20 @@ class UsageError(Exception):
     """The command line is wrong; exit 64 with the message."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+def _parser_class() -> type[argparse.ArgumentParser]:
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            self.print_usage(sys.stderr)
+            self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+    return Parser
 
 
 def _duration(text: str) -> float:
+    import argparse
+
     from keyagent.duration import parse_duration
 
     try:
@@ -47,6 +57,9 @@ def _duration(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
+    _Parser = _parser_class()  # a class, named as one
     selectors = _Parser(add_help=False)
     # SUPPRESS, so "--user" after the verb (conduce-api style) and before it both work.
     selectors.add_argument(
@@ -176,6 +189,8 @@ def _account(args: argparse.Namespace) -> tuple[str, str]:
 def read_secret(prompt: str, stdin: TextIO, *, whole: bool = False, prompt_tty: bool = True) -> str:
     """A secret from a pipe (first line, or all of it), or typed without echo at a terminal."""
     if prompt_tty and stdin.isatty():
+        import getpass
+
         value = getpass.getpass(prompt)
     else:
         value = stdin.read() if whole else stdin.readline()
@@ -185,7 +200,15 @@ def read_secret(prompt: str, stdin: TextIO, *, whole: bool = False, prompt_tty: 
     return value
 
 
+def _prompt(prompt: str) -> str:
+    import getpass
+
+    return getpass.getpass(prompt)
+
+
 def _print_json(value: Any, out: TextIO) -> None:
+    import json
+
     json.dump(value, out, indent=2, sort_keys=True)
     out.write("\n")
 
@@ -241,7 +264,8 @@ def _print_remote(keys: list[dict[str, Any]], out: TextIO) -> None:
 
 # --- commands ----------------------------------------------------------------------------
 
-Handler = Callable[[argparse.Namespace, Client, TextIO, TextIO], int]
+if TYPE_CHECKING:
+    Handler = Callable[[argparse.Namespace, Client, TextIO, TextIO], int]
 
 
 def cmd_hello(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
@@ -331,7 +355,7 @@ def cmd_forget(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
 
 def cmd_lock(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
     passphrase = read_secret("Lock passphrase: ", stdin)
-    if stdin.isatty() and getpass.getpass("Again: ") != passphrase:
+    if stdin.isatty() and _prompt("Again: ") != passphrase:
         raise UsageError("the passphrases differ; nothing was locked")
     client.lock(passphrase)
     out.write("agent locked\n")
@@ -387,7 +411,7 @@ def cmd_login(args: argparse.Namespace, client: Client, stdin: TextIO, out: Text
     if args.password_stdin:
         password = read_secret("Password: ", stdin, prompt_tty=False)
     elif stdin.isatty():
-        password = getpass.getpass(f"Password for {user} on {host}: ")
+        password = _prompt(f"Password for {user} on {host}: ")
     else:
         raise UsageError("no terminal to prompt on; pipe the password with --password-stdin")
     client.login(host, user, password)
@@ -430,7 +454,7 @@ def cmd_remove(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
     return EXIT_OK
 
 
-HANDLERS: dict[str, Handler] = {
+HANDLERS: dict[str, Handler] = {  # annotation only: Handler exists for the type checker
     "hello": cmd_hello,
     "status": cmd_status,
     "add": cmd_add,
@@ -453,6 +477,45 @@ HANDLERS: dict[str, Handler] = {
 }
 
 
+_GET_OPTIONS = {"--socket": "socket", "--host": "host", "--user": "user", "--key-id": "key_id"}
+
+
+def fast_get_args(argv: Sequence[str]) -> dict[str, str] | None:
+    """The options of a plain ``get``, read without argparse; None for anything else.
+
+    ``get`` runs inside other tools' hot paths, where importing argparse would be most of
+    the cost. Anything unusual (help, an unknown option, a missing value) returns None and
+    takes the ordinary path, so errors read the same either way.
+    """
+    values: dict[str, str] = {}
+    seen_get = False
+    position = 0
+    while position < len(argv):
+        word = argv[position]
+        position += 1
+        if word == "get" and not seen_get:
+            seen_get = True
+            continue
+        name, equals, value = word.partition("=")
+        field = _GET_OPTIONS.get(name)
+        # As argparse has it: --socket before the verb only, --key-id after it only.
+        if (
+            field is None
+            or (field == "socket" and seen_get)
+            or (field == "key_id" and not seen_get)
+        ):
+            return None
+        if not equals:
+            if position >= len(argv):
+                return None
+            value = argv[position]
+            position += 1
+        if not value or value.startswith("-"):
+            return None
+        values[field] = value
+    return values if seen_get else None
+
+
 def main(
     argv: Sequence[str] | None = None,
     *,
@@ -464,11 +527,17 @@ def main(
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    fast = fast_get_args(argv)
+    if fast is not None:
+        from types import SimpleNamespace
+
+        args: Any = SimpleNamespace(**{"command": "get", "key_id": None, "socket": None, **fast})
+    else:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exit_:
+            return int(exit_.code or 0)
     try:
         with Client(args.socket) as client:
             return HANDLERS[args.command](args, client, stdin, stdout)

@@ -12,11 +12,17 @@ from __future__ import annotations
 import errno
 import os
 import select
-import socket
-from typing import Any
 
-from keyagent import paths, protocol
+# _socket, not socket: the wrapper module imports enum, a large part of a tool's start-up.
+from _socket import AF_UNIX, MSG_PEEK, SOCK_STREAM
+from _socket import socket as unix_socket
+
+from keyagent import paths, wire
 from keyagent.errors import AgentUnreachable, ProtocolError
+
+TYPE_CHECKING = False  # typing itself costs a tool's start-up 3 ms
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_TIMEOUT = 60.0
 """Seconds to wait for a reply: a login or a held-back unlock can take a while."""
@@ -28,7 +34,7 @@ class Client:
     def __init__(self, socket_path: str | None = None, *, timeout: float | None = DEFAULT_TIMEOUT):
         self.socket_path = paths.socket_path(socket_path)
         self.timeout = timeout
-        self._sock: socket.socket | None = None
+        self._sock: unix_socket | None = None
         self._buffer = b""
         self._next_id = 0
 
@@ -49,8 +55,8 @@ class Client:
 
     # --- transport -----------------------------------------------------------------------
 
-    def _connect(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def _connect(self) -> unix_socket:
+        sock = unix_socket(AF_UNIX, SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
             sock.connect(self.socket_path)
@@ -63,14 +69,14 @@ class Client:
             raise AgentUnreachable(f"no agent at {self.socket_path} ({reason}); {hint}") from None
         return sock
 
-    def _live_socket(self) -> socket.socket:
+    def _live_socket(self) -> unix_socket:
         """The open connection, or a new one if the agent closed the old one (idle timeout)."""
         sock = self._sock
         if sock is not None and not self._buffer:
             # Readable with nothing buffered can only mean EOF (or a stray byte): peek.
             try:
                 readable, _, _ = select.select([sock], [], [], 0)
-                closed = bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+                closed = bool(readable) and sock.recv(1, MSG_PEEK) == b""
             except OSError:
                 closed = True
             if closed:
@@ -80,7 +86,7 @@ class Client:
             sock = self._sock = self._connect()
         return sock
 
-    def _read_line(self, sock: socket.socket) -> bytes:
+    def _read_line(self, sock: unix_socket) -> bytes:
         while b"\n" not in self._buffer:
             try:
                 chunk = sock.recv(65536)
@@ -110,7 +116,7 @@ class Client:
         sock = self._live_socket()
         self._next_id += 1
         request_id = self._next_id
-        message = protocol.encode_request(
+        message = wire.encode_request(
             op, request_id, {k: v for k, v in args.items() if v is not None}
         )
         try:
@@ -121,7 +127,7 @@ class Client:
                 f"could not send to {self.socket_path} ({os.strerror(error.errno or 0)}); retry"
             ) from None
         try:
-            reply = protocol.parse_reply(self._read_line(sock))
+            reply = wire.parse_reply(self._read_line(sock))
         except ValueError:
             self.close()
             raise ProtocolError() from None

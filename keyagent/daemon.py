@@ -44,7 +44,7 @@ from keyagent.server import (
     check_private_dir,
     file_identity,
 )
-from keyagent.sessions import AccountFactory
+from keyagent.sessions import AccountFactory, LazyAccount, RemoteAccount
 from keyagent.systemd import ListenFdsError, Notifier, listen_fds
 
 log = logging.getLogger("keyagent")
@@ -327,20 +327,27 @@ def apply_config(args: argparse.Namespace) -> None:
 
 
 def conduce_accounts(args: argparse.Namespace) -> AccountFactory:
-    """Accounts that talk to the real service; ``requests`` is loaded here, in the daemon only."""
-    from keyagent.conduce import ConduceAccount, HttpSettings
+    """Accounts that talk to the real service.
 
-    settings = HttpSettings(
-        verify=args.ca_bundle or True,
-        insecure=args.insecure,
-        connect_timeout=args.connect_timeout,
-        read_timeout=args.read_timeout,
-    )
+    ``requests`` is imported by the first Conduce call, on a worker thread: an agent that
+    only serves keys never loads it.
+    """
     if args.insecure:
         log.warning("--insecure: TLS certificates of Conduce hosts will not be verified")
 
-    def account(host: str, user: str) -> ConduceAccount:
+    def real(host: str, user: str) -> RemoteAccount:
+        from keyagent.conduce import ConduceAccount, HttpSettings
+
+        settings = HttpSettings(
+            verify=args.ca_bundle or True,
+            insecure=args.insecure,
+            connect_timeout=args.connect_timeout,
+            read_timeout=args.read_timeout,
+        )
         return ConduceAccount(host, user, settings)
+
+    def account(host: str, user: str) -> RemoteAccount:
+        return LazyAccount(host, user, real)
 
     return account
 

@@ -10,7 +10,9 @@ build messages from key ids, hosts, user names and operation names only.
 
 from __future__ import annotations
 
-from typing import ClassVar
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import ClassVar
 
 __all__ = [
     "WIRE_CODES",

@@ -7,8 +7,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
-import warnings
 
 SOCKET_ENV = "KEYAGENT_SOCK"
 PID_ENV = "KEYAGENT_PID"
@@ -18,6 +16,9 @@ SOCKET_NAME = "agent.sock"
 
 def runtime_dir() -> str:
     """The user's runtime directory: ``$XDG_RUNTIME_DIR`` on Linux, else a private fallback."""
+    import tempfile
+    import warnings
+
     import platformdirs
 
     with warnings.catch_warnings():

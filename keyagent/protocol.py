@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from keyagent.errors import BadRequest, KeyagentError, TooLarge, UnknownOp
+from keyagent.wire import Reply, encode_request, parse_reply
 
 PROTOCOL_VERSION: Final = 1
 MAX_LINE: Final = 64 * 1024
@@ -25,6 +26,21 @@ MAX_LIFETIME: Final = 10 * 365 * 24 * 3600.0
 """Ten years: longer than any sane lifetime, short enough for datetime arithmetic."""
 
 Scalar = str | int | float | bool | None
+
+__all__ = [
+    "MAX_LIFETIME",
+    "MAX_LINE",
+    "OPS",
+    "PROTOCOL_VERSION",
+    "InvalidRequest",
+    "Reply",
+    "Request",
+    "encode_error",
+    "encode_request",
+    "encode_result",
+    "parse_reply",
+    "parse_request",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,43 +262,3 @@ def encode_result(request_id: Scalar, result: Mapping[str, Any]) -> bytes:
 def encode_error(request_id: Scalar, error: KeyagentError) -> bytes:
     """The reply line for a failed request."""
     return (_encode({"id": request_id, "ok": False, "error": error.to_wire()}) + "\n").encode()
-
-
-def encode_request(op: str, request_id: Scalar, args: Mapping[str, Any]) -> bytes:
-    """A request line, as a client sends it."""
-    return (_encode({"id": request_id, "op": op, **args}) + "\n").encode()
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """A decoded reply, as a client reads it."""
-
-    id: Scalar
-    ok: bool
-    result: Mapping[str, Any]
-    error: KeyagentError | None
-
-
-def parse_reply(line: bytes) -> Reply:
-    """Decode one reply line; raises ``ValueError`` when it is not a protocol v1 reply."""
-    from keyagent.errors import from_code  # local: keeps the hot server path lean
-
-    try:
-        message = json.loads(line)
-    except RecursionError:
-        raise ValueError("reply nested too deeply") from None
-    if not isinstance(message, dict) or not isinstance(message.get("ok"), bool):
-        raise ValueError("not a protocol v1 reply")
-    request_id = message.get("id")
-    if message["ok"]:
-        result = message.get("result")
-        if not isinstance(result, dict):
-            raise ValueError("reply without a result object")
-        return Reply(request_id, True, result, None)
-    error = message.get("error")
-    if not isinstance(error, dict) or not isinstance(error.get("code"), str):
-        raise ValueError("error reply without a code")
-    text = error.get("message")
-    return Reply(
-        request_id, False, {}, from_code(error["code"], text if isinstance(text, str) else None)
-    )

@@ -49,6 +49,50 @@ class RemoteAccount(Protocol):
 AccountFactory = Callable[[str, str], RemoteAccount]
 
 
+class LazyAccount:
+    """Builds the real account on its first call, on the worker thread that makes the call.
+
+    Keeps ``requests`` (tens of milliseconds and megabytes to import) out of the agent until
+    a Conduce operation is actually used, and off the event loop when it is.
+    """
+
+    def __init__(self, host: str, user: str, factory: AccountFactory) -> None:
+        self.host, self.user = host, user
+        self._factory = factory
+        self._account: RemoteAccount | None = None
+
+    def __repr__(self) -> str:
+        return f"LazyAccount(host={self.host!r}, user={self.user!r})"
+
+    def _real(self) -> RemoteAccount:
+        if self._account is None:
+            self._account = self._factory(self.host, self.user)
+        return self._account
+
+    def login(self, password: str) -> None:
+        self._real().login(password)
+
+    def logout(self) -> None:
+        if self._account is not None:
+            self._account.logout()
+
+    def validate(self) -> bool:
+        return self._real().validate()
+
+    def list_keys(self, api_key: str | None = None) -> Sequence[ListedKey]:
+        return self._real().list_keys(api_key)
+
+    def create_key(self, description: str, api_key: str | None = None) -> str:
+        return self._real().create_key(description, api_key)
+
+    def delete_key(self, key: str, api_key: str | None = None) -> None:
+        self._real().delete_key(key, api_key)
+
+    def close(self) -> None:
+        if self._account is not None:
+            self._account.close()
+
+
 @dataclass(slots=True)
 class Session:
     """What the agent knows of one account's session. The cookie itself stays in ``account``."""

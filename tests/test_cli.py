@@ -212,3 +212,39 @@ def test_stop_command(agent: AgentProcess) -> None:
     assert run_ctl(agent.socket_path, "stop").out == "agent stopped\n"
     assert agent.process is not None
     assert agent.process.wait(10) == 0
+
+
+def test_fast_path_reads_only_plain_get_invocations() -> None:
+    """get's argparse-free fast path accepts exactly the plain forms and defers the rest."""
+    from keyagent.cli import fast_get_args
+
+    assert fast_get_args(["get"]) == {}
+    assert fast_get_args(
+        ["--socket", "/s", "--host=h", "get", "--user", "u", "--key-id", "ab12"]
+    ) == {"socket": "/s", "host": "h", "user": "u", "key_id": "ab12"}
+    for deferred in (
+        ["get", "--socket", "/s"],
+        ["--key-id", "ab12", "get"],
+        ["get", "-h"],
+        ["get", "--host"],
+        ["get", "--host", "--user"],
+        ["get", "extra"],
+        ["list"],
+        [],
+        ["get", "get"],
+        ["--host", "", "get"],
+    ):
+        assert fast_get_args(deferred) is None, deferred
+
+
+def test_fast_and_full_paths_agree(agent: AgentProcess) -> None:
+    """A get answered by the fast path and one parsed by argparse give the same output."""
+    run_ctl(agent.socket_path, "--host", "a.example", "--user", "u", "add", stdin="key-a")
+    run_ctl(agent.socket_path, "--host", "b.example", "--user", "u", "add", stdin="key-b")
+    fast = run_ctl(agent.socket_path, "get", "--host", "a.example")
+    full = run_ctl(
+        agent.socket_path, "get", "--host", "a.example", "--key-id", key_id_for("key-a")[:6]
+    )
+    assert fast.out == full.out == "key-a\n"
+    missing = run_ctl(agent.socket_path, "get", "--host", "c.example")
+    assert (missing.code, missing.out) == (1, "")

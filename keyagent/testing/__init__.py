@@ -3,7 +3,9 @@
 :class:`~keyagent.testing.emulator.ConduceEmulator` is a loopback HTTPS fake of the Conduce
 service; ``python -m keyagent.testing serve`` runs one from the command line, and
 :class:`~keyagent.testing.emulator_process.EmulatorProcess` runs that command and steers it
-with the same methods as an in-process emulator.
+with the same methods as an in-process emulator. :class:`~keyagent.testing.agent.AgentProcess`
+starts a real agent on a private socket; :class:`~keyagent.testing.memory_keyring.MemoryKeyring`
+is an in-memory ``keyring`` backend with switches to make it locked, failing or blocking.
 
 Importing this package is cheap and has no third-party dependency: the names below load
 their module on first use (PEP 562), and ``trustme`` is only imported when an emulator starts.
@@ -15,12 +17,24 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from keyagent.testing.agent import AgentProcess
     from keyagent.testing.emulator import ConduceEmulator, Fault, RequestRecord
     from keyagent.testing.emulator_process import Emulator, EmulatorProcess
+    from keyagent.testing.memory_keyring import MemoryKeyring
 
-__all__ = ["ConduceEmulator", "Emulator", "EmulatorProcess", "Fault", "RequestRecord"]
+__all__ = [
+    "AgentProcess",
+    "ConduceEmulator",
+    "Emulator",
+    "EmulatorProcess",
+    "Fault",
+    "MemoryKeyring",
+    "RequestRecord",
+]
 
 _LAZY = {
+    "AgentProcess": "keyagent.testing.agent",
+    "MemoryKeyring": "keyagent.testing.memory_keyring",
     "ConduceEmulator": "keyagent.testing.emulator",
     "Emulator": "keyagent.testing.emulator_process",
     "EmulatorProcess": "keyagent.testing.emulator_process",

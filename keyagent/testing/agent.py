@@ -57,7 +57,8 @@ def read_line(stream: int, timeout: float) -> bytes:
 
 
 class AgentProcess:
-    """A ``keyagent -d`` process in the foreground, on a socket in ``directory``."""
+    """A ``keyagent -d`` (or, without ``debug``, ``-D``) process in the foreground, on a socket
+    in ``directory``; its log goes to ``directory/agent.log``."""
 
     def __init__(
         self,
@@ -67,6 +68,7 @@ class AgentProcess:
         env: dict[str, str] | None = None,
         socket_name: str = "agent.sock",
         start_timeout: float = 20.0,
+        debug: bool = True,
     ) -> None:
         self.directory = Path(directory)
         self.socket_path = str(self.directory / socket_name)
@@ -74,6 +76,7 @@ class AgentProcess:
         self.args = list(args)
         self.env = env
         self.start_timeout = start_timeout
+        self.debug = debug
         self.process: subprocess.Popen[bytes] | None = None
 
     @property

@@ -1,0 +1,126 @@
+"""The client's side of the line format: encode one request, decode one reply.
+
+Uses the C halves of the standard library's ``json`` directly (``_json``), because the
+``json`` package imports ``re`` and, through it, ``enum``: together most of a client's
+start-up time. ``keyagent-ctl get`` runs in other tools' hot paths, so it pays only for
+what it uses. The agent's side, with full validation, is :mod:`keyagent.protocol`.
+"""
+
+from __future__ import annotations
+
+import math
+from _json import encode_basestring_ascii, make_scanner
+
+from keyagent.errors import KeyagentError, from_code
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any
+
+    Scalar = str | int | float | bool | None
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class _Context:
+    """The settings ``_json.make_scanner`` reads from a ``JSONDecoder``: plain JSON."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = staticmethod(_reject_constant)
+    memo: dict[str, str]
+
+    def __init__(self) -> None:
+        self.memo = {}
+
+
+_scan: Callable[[str, int], tuple[object, int]] = make_scanner(_Context())  # type: ignore[arg-type]  # the stub wants a JSONDecoder; any object with its settings will do
+_WHITESPACE = " \t\n\r"
+
+
+def _scalar(value: Scalar) -> str:
+    if isinstance(value, str):
+        return str(encode_basestring_ascii(value))
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if value is None:
+        return "null"
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return float.__repr__(value)
+    raise TypeError(f"a request argument must be a JSON scalar, not {type(value).__name__}")
+
+
+def encode_request(op: str, request_id: Scalar, args: Mapping[str, Scalar]) -> bytes:
+    """One request line: ``{"id": ..., "op": ..., ...args}`` and a newline."""
+    members = [f'"id":{_scalar(request_id)}', f'"op":{_scalar(op)}']
+    members.extend(f"{_scalar(name)}:{_scalar(value)}" for name, value in args.items())
+    return ("{" + ",".join(members) + "}\n").encode("ascii")
+
+
+def decode(line: bytes) -> object:
+    """Parse one JSON document; raises ``ValueError`` if it is not exactly one."""
+    try:
+        text = line.decode("utf-8")
+        value, end = _scan(text, len(text) - len(text.lstrip(_WHITESPACE)))
+    except (UnicodeDecodeError, StopIteration, RecursionError):
+        raise ValueError("not a JSON document") from None
+    if text[end:].strip(_WHITESPACE):
+        raise ValueError("extra data after the JSON document")
+    return value
+
+
+class Reply:
+    """A decoded reply: ``result`` when ``ok``, else ``error`` (the agent's error, rebuilt)."""
+
+    __slots__ = ("error", "id", "ok", "result")
+
+    def __init__(
+        self, id: Scalar, ok: bool, result: Mapping[str, Any], error: KeyagentError | None
+    ) -> None:
+        self.id, self.ok, self.result, self.error = id, ok, result, error
+
+    def __repr__(self) -> str:
+        # The result may hold a key: show its member names only.
+        return f"Reply(id={self.id!r}, ok={self.ok!r}, result={sorted(self.result)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Reply):
+            return NotImplemented
+        return (self.id, self.ok, self.result, repr(self.error)) == (
+            other.id,
+            other.ok,
+            other.result,
+            repr(other.error),
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaces
+
+
+def parse_reply(line: bytes) -> Reply:
+    """Decode one reply line; raises ``ValueError`` when it is not a protocol v1 reply."""
+    message = decode(line)
+    if not isinstance(message, dict) or not isinstance(message.get("ok"), bool):
+        raise ValueError("not a protocol v1 reply")
+    request_id = message.get("id")
+    if message["ok"]:
+        result = message.get("result")
+        if not isinstance(result, dict):
+            raise ValueError("reply without a result object")
+        return Reply(request_id, True, result, None)
+    error = message.get("error")
+    if not isinstance(error, dict) or not isinstance(error.get("code"), str):
+        raise ValueError("error reply without a code")
+    text = error.get("message")
+    return Reply(
+        request_id, False, {}, from_code(error["code"], text if isinstance(text, str) else None)
+    )

@@ -393,6 +393,8 @@ def serve(
     bound: tuple[int, int] | None,
     listener: socket.socket,
     on_ready: Callable[[], None],
+    *,
+    notifier: Notifier,
 ) -> int:
     """Harden, set up, call ``on_ready`` (signals are handled by then), serve until stopped."""
     harden(args.max_connections)
@@ -413,7 +415,6 @@ def serve(
     )
     server = Server(agent, listener, limits=limits)
     server.install_signal_handlers()
-    notifier = Notifier()  # systemd's NOTIFY_SOCKET, if any; does nothing otherwise
 
     def ready() -> None:
         on_ready()
@@ -456,6 +457,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"keyagent: CA bundle {args.ca_bundle} is not a readable file\n")
             return EXIT_FAILURE
         args.ca_bundle = os.path.abspath(args.ca_bundle)  # the daemon changes directory
+    # systemd's NOTIFY_SOCKET, read (and removed from the environment) before anything can
+    # inherit it; a Notifier without one does nothing.
+    notifier = Notifier()
     try:
         inherited = listen_fds()
     except ListenFdsError as error:
@@ -491,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(env_lines(syntax, path, os.getpid()))
             sys.stdout.flush()
 
-        return serve(args, path, bound, listener, announce)
+        return serve(args, path, bound, listener, announce, notifier=notifier)
 
     # Background: the child tells the parent through a pipe once it handles signals, so the
     # printed pid is never one that a quick "keyagent -k" would kill the hard way.
@@ -515,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 os.close(ready_w)
                 _detach_stdio()
 
-            code = serve(args, path, bound, listener, ready)
+            code = serve(args, path, bound, listener, ready, notifier=notifier)
         except BaseException:  # noqa: BLE001  # the child must never return into the parent's code
             code = EXIT_FAILURE
         os._exit(code)

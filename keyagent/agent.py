@@ -80,6 +80,8 @@ class Stop:
 Outcome = Result | Deferred | Delayed | Stop
 
 ALLOWED_WHILE_LOCKED: Final = frozenset({"hello", "status", "unlock"})
+MEMOIZABLE: Final = frozenset({"get", "hello"})
+"""Operations whose reply depends only on :meth:`Agent.state_token` and the clock."""
 MAX_KEY_ATTEMPTS: Final = 3
 """Held keys a remote call may try in turn after the service rejects one (e.g. revoked)."""
 
@@ -169,6 +171,10 @@ class Agent:
             raise Locked()
         log.debug("op=%s id=%r pid=%d", request.op, request.id, peer.pid)
         return handler(request.args)
+
+    def state_token(self) -> tuple[int, bool]:
+        """Changes whenever a ``get`` or ``hello`` could be answered differently."""
+        return self.held_keys.version, self.lock.locked
 
     def reap(self) -> float | None:
         """Drop expired keys; return the next monotonic deadline, if any."""

@@ -23,7 +23,7 @@ import itertools
 import logging
 import os
 import queue
-import selectors
+import select
 import signal
 import socket
 import stat
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from keyagent import protocol
-from keyagent.agent import Agent, Deferred, Delayed, Outcome, Peer, Stop
+from keyagent.agent import MEMOIZABLE, Agent, Deferred, Delayed, Outcome, Peer, Stop
 from keyagent.errors import (
     Busy,
     Forbidden,
@@ -49,7 +49,9 @@ from keyagent.errors import (
 log = logging.getLogger("keyagent.server")
 
 _UCRED = struct.Struct("3i")
+_HANGUP = select.EPOLLHUP | select.EPOLLERR
 _RECV_SIZE = 256 * 1024
+MEMO_SIZE = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +163,15 @@ class Server:
         self.clock = clock
         self.uid = os.geteuid()
         self.connections: dict[int, Connection] = {}
-        self._selector = selectors.DefaultSelector()
+        self._epoll = select.epoll()
+        # Replies to idempotent reads (get, hello), by request line, valid while the agent's
+        # state and the earliest key deadline are unchanged. A repeated request then costs a
+        # dictionary lookup instead of parsing, dispatching and encoding.
+        self._memo: dict[bytes, bytes] = {}
+        self._memo_state: object = None
+        self._memo_until = 0.0
+        self._memo_enabled = not log.isEnabledFor(logging.DEBUG)  # debug logs every request
+        self._now = clock()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         # Connections in order of last activity, and those holding half a line in order of
         # when it started: the first of each is the next idle or line deadline. Dicts keep
@@ -195,8 +205,9 @@ class Server:
 
     def serve_forever(self) -> None:
         self.listener.setblocking(False)
-        self._selector.register(self.listener, selectors.EVENT_READ, None)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._epoll.register(self.listener.fileno(), select.EPOLLIN)
+        self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        self._memo_enabled = not log.isEnabledFor(logging.DEBUG)
         self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._workers = _Workers(self.limits.workers)
         self._running = True
@@ -209,21 +220,27 @@ class Server:
             self._shutdown()
 
     def _loop(self) -> None:
-        select = self._selector.select
-        listener, wake = self.listener, self._wake_r
+        poll, clock = self._epoll.poll, self.clock
+        listener, wake = self.listener.fileno(), self._wake_r.fileno()
+        connections = self.connections
         while self._running:
-            events = select(self._poll_timeout())
-            for key, mask in events:
-                fileobj = key.fileobj
-                if fileobj is listener:
+            events = poll(self._poll_timeout())
+            self._now = clock()
+            for fd, mask in events:
+                if fd == listener:
                     self._accept()
-                elif fileobj is wake:
+                elif fd == wake:
                     self._drain_wakeups()
                 else:
-                    conn: Connection = key.data
-                    if mask & selectors.EVENT_WRITE and not conn.closed:
+                    conn = connections.get(fd)
+                    if conn is None:
+                        continue
+                    if mask & _HANGUP:  # both directions gone: nobody to answer
+                        self._close(conn)
+                        continue
+                    if mask & select.EPOLLOUT:
                         self._flush(conn)
-                    if mask & selectors.EVENT_READ and not conn.closed:
+                    if mask & select.EPOLLIN and not conn.closed:
                         self._read(conn)
             self._run_timers()
 
@@ -252,7 +269,7 @@ class Server:
             self._close(conn)
         if self._workers is not None:
             self._workers.stop()
-        self._selector.close()
+        self._epoll.close()
         if self._reserve_fd is not None:
             os.close(self._reserve_fd)
         self._wake_r.close()
@@ -378,8 +395,8 @@ class Server:
         now = self.clock()
         conn = Connection(sock, Peer(pid, uid, gid), now)
         self.connections[sock.fileno()] = conn
-        conn.events = selectors.EVENT_READ
-        self._selector.register(sock, selectors.EVENT_READ, conn)
+        conn.events = select.EPOLLIN
+        self._epoll.register(sock.fileno(), select.EPOLLIN)
         self._by_activity[conn] = None
         log.debug("connection from pid %d", pid)
 
@@ -414,11 +431,44 @@ class Server:
             self._settle(conn)
             return
         self._touch(conn)
+        if (
+            not conn.inbuf
+            and not conn.busy
+            and data.find(b"\n") == len(data) - 1
+            and self._answer_from_memo(conn, data[:-1])
+        ):
+            return
         conn.inbuf += data
         self._process(conn)
 
+    def _answer_from_memo(self, conn: Connection, line: bytes) -> bool:
+        """Send the remembered reply to a repeated read, if it is still the right one."""
+        memo = self._memo
+        if not memo:
+            return False
+        if self._memo_state != self.agent.state_token() or self._now >= self._memo_until:
+            memo.clear()
+            return False
+        reply = memo.get(line)
+        if reply is None:
+            return False
+        self._send(conn, reply)
+        self._settle(conn)
+        return True
+
+    def _remember(self, line: bytes, reply: bytes, state: object) -> None:
+        if not self._memo_enabled or state != self.agent.state_token():
+            return
+        if self._memo_state != state or len(self._memo) >= MEMO_SIZE:
+            self._memo.clear()
+        self._memo_state = state
+        self._memo_until = self.agent.held_keys.next_deadline()
+        self._memo[line] = reply
+
     def _touch(self, conn: Connection) -> None:
-        conn.last_active = self.clock()
+        if conn.closed:  # e.g. the send before this found the client gone
+            return
+        conn.last_active = self._now
         del self._by_activity[conn]
         self._by_activity[conn] = None
 
@@ -452,6 +502,18 @@ class Server:
             request = protocol.parse_request(line)
         except protocol.InvalidRequest as invalid:
             self._send(conn, protocol.encode_error(invalid.request_id, invalid.error))
+            return
+        if request.op in MEMOIZABLE:
+            state = self.agent.state_token()
+            try:
+                outcome = self.agent.handle(request, conn.peer)
+            except KeyagentError as error:
+                reply = protocol.encode_error(request.id, error)
+            else:
+                assert isinstance(outcome, dict)  # noqa: S101  # reads answer at once
+                reply = protocol.encode_result(request.id, outcome)
+            self._remember(line, reply, state)
+            self._send(conn, reply)
             return
         self._complete(conn, request.id, lambda: self.agent.handle(request, conn.peer))
 
@@ -502,7 +564,7 @@ class Server:
         if conn.closed:
             return
         self._send(conn, line)
-        if conn.busy:
+        if conn.busy and not conn.closed:
             conn.busy = False
             self._touch(conn)
             self._process(conn)
@@ -616,16 +678,16 @@ class Server:
             and len(conn.outbuf) < self.limits.max_pending_output
             and (not conn.busy or len(conn.inbuf) <= protocol.MAX_LINE)
         ):
-            want |= selectors.EVENT_READ
+            want |= select.EPOLLIN
         if conn.outbuf:
-            want |= selectors.EVENT_WRITE
+            want |= select.EPOLLOUT
         if want != conn.events:
             if want == 0:
-                self._selector.unregister(conn.sock)
+                self._epoll.unregister(conn.sock.fileno())
             elif conn.events == 0:
-                self._selector.register(conn.sock, want, conn)
+                self._epoll.register(conn.sock.fileno(), want)
             else:
-                self._selector.modify(conn.sock, want, conn)
+                self._epoll.modify(conn.sock.fileno(), want)
             conn.events = want
 
     def _fatal(self, conn: Connection, error: KeyagentError) -> None:
@@ -639,7 +701,7 @@ class Server:
             return
         conn.closed = True
         if conn.events:
-            self._selector.unregister(conn.sock)
+            self._epoll.unregister(conn.sock.fileno())
             conn.events = 0
         self.connections.pop(conn.sock.fileno(), None)
         self._by_activity.pop(conn, None)
@@ -673,8 +735,8 @@ class Server:
         """Stop accepting; leave once ``conn`` has its reply, or after the grace period."""
         self._stop_deadline = self.clock() + self.limits.stop_grace
         self._stop_waiting = conn
-        with contextlib.suppress(KeyError, ValueError):
-            self._selector.unregister(self.listener)
+        with contextlib.suppress(OSError):
+            self._epoll.unregister(self.listener.fileno())
 
 
 def _fail(deferred: Deferred, error: KeyagentError) -> Outcome:

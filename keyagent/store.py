@@ -79,6 +79,8 @@ class KeyStore:
         # newest match is found by walking backwards, usually in one step.
         self._keys: dict[str, HeldKey] = {}
         self._deadlines: list[tuple[float, str]] = []
+        self.version = 0
+        """Changes whenever what a lookup could return changes (for memoised replies)."""
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -98,6 +100,7 @@ class KeyStore:
         persisted: bool = False,
     ) -> HeldKey:
         """Hold ``secret``; holding the same secret again updates its entry in place."""
+        self.version += 1
         key_id = key_id_for(secret)
         held = self._keys.pop(key_id, None)
         if held is None:
@@ -164,14 +167,20 @@ class KeyStore:
 
     def discard(self, key_id: str) -> HeldKey | None:
         """Drop one key by its full id; returns it, or None if it was not held."""
+        self.version += 1
         return self._keys.pop(key_id, None)
 
     def clear(self) -> list[HeldKey]:
         """Drop every key (expired ones not yet reaped included); returns them."""
+        self.version += 1
         dropped = list(self._keys.values())
         self._keys.clear()
         self._deadlines.clear()
         return dropped
+
+    def next_deadline(self) -> float:
+        """The earliest deadline of any held key (maybe one since forgotten: never later)."""
+        return self._deadlines[0][0] if self._deadlines else float("inf")
 
     def _compact(self) -> None:
         """Drop heap entries of forgotten or re-timed keys (re-adding leaves one behind)."""
@@ -193,6 +202,7 @@ class KeyStore:
             if held is not None and held.deadline == deadline:
                 del self._keys[key_id]
                 expired.append(held)
+                self.version += 1
         return expired, (heap[0][0] if heap else None)
 
 

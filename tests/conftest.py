@@ -30,9 +30,11 @@ def agent_factory(tmp_path: Path) -> Iterator[AgentFactory]:
     """Start agents with chosen flags; each is stopped at the end of the test."""
     started: list[AgentProcess] = []
 
-    def start(*args: str, name: str = "agent", env: dict[str, str] | None = None) -> AgentProcess:
+    def start(
+        *args: str, name: str = "agent", env: dict[str, str] | None = None, debug: bool = True
+    ) -> AgentProcess:
         directory = tmp_path / name
-        process = AgentProcess(directory, args, env=env).start()
+        process = AgentProcess(directory, args, env=env, debug=debug).start()
         started.append(process)
         return process
 

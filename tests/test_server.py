@@ -490,3 +490,36 @@ def test_client_reports_a_missing_agent_with_path_and_next_step(tmp_path: os.Pat
         Client(path).hello()
     assert path in caught.value.message
     assert "keyagent" in caught.value.message
+
+
+def test_remembered_replies_never_outlive_the_state_they_answered(
+    agent_factory: AgentFactory,
+) -> None:
+    """Repeated gets (answered from the memo without debug logging) follow every change."""
+    agent = agent_factory(debug=False)
+    line = b'{"id": 1, "op": "get"}\n'
+    raw = Raw(agent.socket_path)
+
+    def ask() -> dict[str, object]:
+        raw.send(line)
+        return reply(raw)
+
+    assert error_code(ask()) == "not_found"
+    with agent.client() as client:
+        client.add("h", "u", "first-key")
+        assert ask()["result"] == {"key": "first-key", "key_id": key_id_for("first-key")}
+        assert ask()["result"] == {"key": "first-key", "key_id": key_id_for("first-key")}
+        client.add("h", "u", "second-key")
+        assert ask()["result"] == {"key": "second-key", "key_id": key_id_for("second-key")}
+        client.lock(PASSPHRASE)
+        assert error_code(ask()) == "locked"
+        client.unlock(PASSPHRASE)
+        client.forget(all=True)
+        assert error_code(ask()) == "not_found"
+        added_at = time.monotonic()
+        client.add("h", "u", "short-lived", lifetime=0.5)
+        while "result" in (answer := ask()):  # each round trip is the wait
+            assert time.monotonic() < added_at + 5, "a remembered reply outlived its key"
+        assert time.monotonic() - added_at >= 0.45
+        assert error_code(answer) == "not_found"
+    raw.close()

@@ -14,16 +14,18 @@ command itself with exit status 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import json
 import logging
 import logging.handlers
 import os
 import resource
+import select
 import shlex
 import signal
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import NoReturn, TextIO
@@ -358,33 +360,75 @@ RESTORE_TIMEOUT = 5.0
 def restore_persisted(agent: Agent, keyring: KeyringStore) -> None:
     """Hold the keys persisted in the OS keyring again, waiting at most RESTORE_TIMEOUT.
 
-    A locked keyring may prompt and block; the agent then starts without those keys rather
-    than not at all.
+    The keyring is read by a short-lived forked child that hands the keys back over a
+    pipe: ``keyring`` and its D-Bus stack (over ten megabytes) then never load into the
+    long-running agent unless a request asks to persist. The child shares the agent's
+    hardening (non-dumpable, no core files). A locked keyring may prompt and block; the
+    agent then starts without those keys rather than not at all.
     """
-    outcome: list[list[PersistedKey] | KeyagentError] = []
-
-    def load() -> None:
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # the reader: no threads exist yet, so forking is safe
+        os.close(read_end)
         try:
             live, expired = keyring.load_all(time.time())
+            payload = {"keys": [vars_of(key) for key in live], "expired": len(expired)}
         except KeyagentError as error:
-            outcome.append(error)
-        else:
-            if expired:
-                log.info("deleted %d expired key(s) from the OS keyring", len(expired))
-            outcome.append(live)
-
-    loader = threading.Thread(target=load, name="keyagent-restore", daemon=True)
-    loader.start()
-    loader.join(RESTORE_TIMEOUT)
-    if not outcome:
+            payload = {"error": error.message}
+        except BaseException:  # noqa: BLE001  # reported to the parent, never raised there
+            payload = {"error": "the OS keyring could not be read"}
+        with os.fdopen(write_end, "w") as pipe:
+            json.dump(payload, pipe)
+        os._exit(0)
+    os.close(write_end)
+    try:
+        data = _read_all(read_end, RESTORE_TIMEOUT)
+    finally:
+        os.close(read_end)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)  # a reader stuck on a prompt is abandoned
+        os.waitpid(child, 0)
+    if data is None:
         log.warning(
             "the OS keyring did not answer within %gs; persisted keys not restored",
             RESTORE_TIMEOUT,
         )
-    elif isinstance(outcome[0], KeyagentError):
-        log.info("persisted keys not restored: %s", outcome[0].message)
-    else:
-        agent.restore(outcome[0])
+        return
+    try:
+        payload = json.loads(data)
+        if "error" in payload:
+            log.info("persisted keys not restored: %s", payload["error"])
+            return
+        keys = [PersistedKey(**fields) for fields in payload["keys"]]
+    except (ValueError, TypeError, KeyError):
+        log.warning("persisted keys not restored: the keyring reader failed")
+        return
+    if payload.get("expired"):
+        log.info("deleted %d expired key(s) from the OS keyring", payload["expired"])
+    agent.restore(keys)
+
+
+def vars_of(key: PersistedKey) -> dict[str, object]:
+    return {
+        "key_id": key.key_id, "host": key.host, "user": key.user, "secret": key.secret,
+        "description": key.description, "created": key.created, "expires": key.expires,
+    }  # fmt: skip
+
+
+def _read_all(fd: int, timeout: float) -> bytes | None:
+    """Everything written to pipe ``fd`` until EOF, or None if that takes over ``timeout``."""
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        readable, _, _ = select.select([fd], [], [], remaining)
+        if readable:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
 
 
 def serve(

@@ -399,6 +399,9 @@ class Server:
         self._epoll.register(sock.fileno(), select.EPOLLIN)
         self._by_activity[conn] = None
         log.debug("connection from pid %d", pid)
+        # A client usually writes its request right after connecting: read it now rather
+        # than on the next wake-up (an empty socket just raises BlockingIOError).
+        self._read(conn)
 
     @staticmethod
     def _refuse(sock: socket.socket, error: KeyagentError) -> None:

@@ -18,8 +18,8 @@ test: $(STAMP)
 
 ## lint: ruff and mypy, as CI runs them
 lint: $(STAMP)
-	$(BIN)/ruff check keyagent tests bench
-	$(BIN)/ruff format --check keyagent tests bench
+	$(BIN)/ruff check keyagent tests bench fuzz
+	$(BIN)/ruff format --check keyagent tests bench fuzz
 	$(BIN)/mypy
 
 ## check: lint, then test

@@ -60,6 +60,9 @@ class Deferred:
     """Answer with ``timeout_error()`` if the work has not finished this many seconds after
     it was submitted (queued time included); a result that comes later is discarded."""
     timeout_error: Callable[[], KeyagentError] | None = field(default=None, repr=False)
+    late: Callable[[Any], object] | None = field(default=None, repr=False)
+    """Called on the loop with the work's result if it succeeds after the deadline, to bring
+    the agent in line with what the work did (the client was told it failed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +229,8 @@ class Agent:
         work: Callable[[KeyringStore], Any],
         finish: Callable[[Any], Outcome],
         fail: Callable[[KeyagentError], Outcome] | None = None,
+        *,
+        late: Callable[[Any], object] | None = None,
     ) -> Deferred:
         """Run ``work`` on the OS keyring, off the loop, one call at a time, with a deadline."""
         keyring = self.keyring
@@ -239,6 +244,7 @@ class Agent:
             queue="keyring",
             fail=fail,
             timeout=self.keyring_timeout,
+            late=late,
             timeout_error=lambda: KeyringUnavailable(
                 f"the OS keyring did not answer within {self.keyring_timeout:g} s; it may be "
                 "locked and prompting: unlock it and retry"
@@ -282,7 +288,12 @@ class Agent:
             args["key"], host=args["host"], user=args["user"],
             description=args.get("description", ""), created=None, lifetime=lifetime,
         )  # fmt: skip
-        return self._keyring(lambda keyring: keyring.save(record), lambda _: hold(persisted=True))
+        # A save that completes after its deadline is undone: the client was told it failed.
+        return self._keyring(
+            lambda keyring: keyring.save(record),
+            lambda _: hold(persisted=True),
+            late=lambda _: self.background.append(self._keyring(_deleter(record.key_id), _ignore)),
+        )
 
     def process_get(self, args: Mapping[str, Any]) -> Result:
         held = self.held_keys.newest(
@@ -337,8 +348,9 @@ class Agent:
             result["unpersisted"] = removed
             return result
 
-        # Keyring first: if it refuses, the keys stay held and the error says so.
-        return self._keyring(unpersist, finish)
+        # Keyring first: if it refuses, the keys stay held and the error says so. If it
+        # deletes after its deadline, memory follows the keyring.
+        return self._keyring(unpersist, finish, late=lambda _: forget())
 
     def process_lock(self, args: Mapping[str, Any]) -> Outcome:
         if self.lock.locked:
@@ -450,7 +462,7 @@ class Agent:
                     f"OS keyring: {error.message}"
                 )
 
-            return self._keyring(lambda k: k.save(record), persisted, not_persisted)
+            return self._keyring(lambda k: k.save(record), persisted, not_persisted, late=persisted)
 
         return self._remote(
             session,

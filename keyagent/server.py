@@ -34,6 +34,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 from keyagent import protocol
 from keyagent.agent import MEMOIZABLE, Agent, Deferred, Delayed, Outcome, Peer, Stop
@@ -590,15 +591,24 @@ class Server:
                 log_internal(error)
                 self._deliver(lambda: finished(_raise_internal))
             else:
-                self._deliver(lambda: finished(lambda: deferred.finish(value)))
+                undo = deferred.late
+                self._deliver(
+                    lambda: finished(
+                        lambda: deferred.finish(value),
+                        None if undo is None else (lambda: _run_late(undo, value)),
+                    )
+                )
 
-        def finished(produce: Callable[[], Outcome]) -> None:  # on the loop
+        def finished(
+            produce: Callable[[], Outcome], late: Callable[[], None] | None = None
+        ) -> None:  # on the loop
             if deferred.queue is not None:
                 self._next_in_queue(deferred.queue)
-            if settled:  # the client was already told it timed out; keep that answer true
-                log.warning("discarded a result that came after its deadline")
-            else:
+            if not settled:
                 self._complete(conn, request_id, produce)
+            elif late is not None:  # the client was told it failed: make that true
+                log.warning("work finished after its deadline; bringing the agent in line")
+                late()
 
         def expire() -> None:  # on the loop, at the deadline
             nonlocal settled
@@ -746,6 +756,13 @@ def _fail(deferred: Deferred, error: KeyagentError) -> Outcome:
     if deferred.fail is not None:
         return deferred.fail(error)
     raise error
+
+
+def _run_late(late: Callable[[Any], object], value: object) -> None:
+    try:
+        late(value)
+    except Exception as error:  # noqa: BLE001  # a repair that fails is logged, never raised
+        log_internal(error)
 
 
 def _raise_internal() -> Outcome:

@@ -9,7 +9,7 @@ what it uses. The agent's side, with full validation, is :mod:`keyagent.protocol
 from __future__ import annotations
 
 import math
-from _json import encode_basestring_ascii, make_scanner
+from _json import encode_basestring, encode_basestring_ascii, make_scanner
 
 from keyagent.errors import KeyagentError, from_code
 
@@ -44,9 +44,9 @@ _scan: Callable[[str, int], tuple[object, int]] = make_scanner(_Context())  # ty
 _WHITESPACE = " \t\n\r"
 
 
-def _scalar(value: Scalar) -> str:
+def _scalar(value: Scalar, quote: Callable[[str], str] = encode_basestring) -> str:
     if isinstance(value, str):
-        return str(encode_basestring_ascii(value))
+        return str(quote(value))
     if value is True:
         return "true"
     if value is False:
@@ -62,9 +62,22 @@ def _scalar(value: Scalar) -> str:
 
 def encode_request(op: str, request_id: Scalar, args: Mapping[str, Scalar]) -> bytes:
     """One request line: ``{"id": ..., "op": ..., ...args}`` and a newline."""
-    members = [f'"id":{_scalar(request_id)}', f'"op":{_scalar(op)}']
-    members.extend(f"{_scalar(name)}:{_scalar(value)}" for name, value in args.items())
-    return ("{" + ",".join(members) + "}\n").encode("ascii")
+    # UTF-8, not \\u escapes: an escaped emoji takes 12 bytes, and a valid long key would no
+    # longer fit in a line. Only a lone surrogate, which UTF-8 cannot carry, needs escapes.
+    try:
+        return _encode(op, request_id, args, encode_basestring).encode("utf-8")
+    except UnicodeEncodeError:
+        return _encode(op, request_id, args, encode_basestring_ascii).encode("ascii")
+
+
+def _encode(
+    op: str, request_id: Scalar, args: Mapping[str, Scalar], quote: Callable[[str], str]
+) -> str:
+    members = [f'"id":{_scalar(request_id, quote)}', f'"op":{_scalar(op, quote)}']
+    members.extend(
+        f"{_scalar(name, quote)}:{_scalar(value, quote)}" for name, value in args.items()
+    )
+    return "{" + ",".join(members) + "}\n"
 
 
 def decode(line: bytes) -> object:

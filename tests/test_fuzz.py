@@ -38,7 +38,7 @@ from keyagent import errors, protocol
 from keyagent.client import Client
 from keyagent.protocol import MAX_LINE, OPS, InvalidRequest, Request
 from keyagent.store import key_id_for
-from keyagent.testing.agent import AgentProcess, read_line
+from keyagent.testing.agent import AgentProcess
 
 FUZZ_DIR = Path(__file__).resolve().parent.parent / "fuzz"
 REPLY_TIMEOUT = 20.0
@@ -73,35 +73,6 @@ def fuzz_settings(max_examples: int) -> settings:
 # --- the agent, and a well-behaved client beside the fuzzer ------------------------------------
 
 
-class QuietAgentProcess(AgentProcess):
-    """``keyagent -D`` (info logging) where AgentProcess runs ``keyagent -d``.
-
-    Debug logging turns the server's memo of repeated reads off (every request is logged on
-    the full path), so the fuzzer must meet an agent run the way people run it, too.
-    """
-
-    def start(self) -> QuietAgentProcess:
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        env = dict(os.environ if self.env is None else self.env)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "keyagent.daemon", "-D", "-a", self.socket_path, *self.args],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                env=env,
-            )
-        assert self.process.stdout is not None
-        try:
-            first = read_line(self.process.stdout.fileno(), self.start_timeout)
-        except TimeoutError:
-            first = b""
-        if not first.startswith(b"KEYAGENT_SOCK="):
-            self.stop()
-            raise AssertionError(f"agent did not start; log:\n{self.log()}")
-        return self
-
-
 @pytest.fixture(scope="module", params=["debug", "quiet"])
 def fuzz_agent(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -118,11 +89,11 @@ def fuzz_agent(
             "NO_PROXY": "",
             "no_proxy": "",
         }
-        kind = AgentProcess if request.param == "debug" else QuietAgentProcess
-        agent = kind(
+        agent = AgentProcess(
             tmp_path_factory.mktemp("fuzz") / "agent",
             ["--connect-timeout", "1", "--read-timeout", "1"],
             env=env,
+            debug=request.param == "debug",
         )
         with agent:
             yield agent

@@ -90,7 +90,15 @@ class AgentProcess:
         env.pop("KEYAGENT_SOCK", None)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "keyagent.daemon", "-d", "-a", self.socket_path, *self.args],
+                [
+                    sys.executable,
+                    "-m",
+                    "keyagent.daemon",
+                    "-d" if self.debug else "-D",
+                    "-a",
+                    self.socket_path,
+                    *self.args,
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=log,

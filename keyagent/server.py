@@ -435,30 +435,30 @@ class Server:
             self._settle(conn)
             return
         self._touch(conn)
-        if (
-            not conn.inbuf
-            and not conn.busy
-            and data.find(b"\n") == len(data) - 1
-            and self._answer_from_memo(conn, data[:-1])
-        ):
-            return
+        if self._memo and not conn.inbuf and not conn.busy and data.find(b"\n") == len(data) - 1:
+            # The hot path: one whole line that may be a repeated read. Kept flat on purpose.
+            if self._memo_state != self.agent.state_token() or self._now >= self._memo_until:
+                self._memo.clear()
+            else:
+                reply = self._memo.get(data[:-1])
+                if reply is not None:
+                    if conn.outbuf:
+                        self._send(conn, reply)
+                        self._settle(conn)
+                        return
+                    try:
+                        sent = conn.sock.send(reply)
+                    except BlockingIOError:
+                        sent = 0
+                    except OSError:
+                        self._close(conn)
+                        return
+                    if sent < len(reply):
+                        conn.outbuf += reply[sent:]
+                        self._settle(conn)
+                    return
         conn.inbuf += data
         self._process(conn)
-
-    def _answer_from_memo(self, conn: Connection, line: bytes) -> bool:
-        """Send the remembered reply to a repeated read, if it is still the right one."""
-        memo = self._memo
-        if not memo:
-            return False
-        if self._memo_state != self.agent.state_token() or self._now >= self._memo_until:
-            memo.clear()
-            return False
-        reply = memo.get(line)
-        if reply is None:
-            return False
-        self._send(conn, reply)
-        self._settle(conn)
-        return True
 
     def _remember(self, line: bytes, reply: bytes, state: object) -> None:
         if not self._memo_enabled or state != self.agent.state_token():

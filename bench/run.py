@@ -219,7 +219,7 @@ def main() -> int:
             "RSS per extra key (10,000 held)", "bytes", "≤ 1024 B", ratio_note="absolute"
         ),
         "hang": Row(
-            "get p99 while a Conduce call hangs / without",
+            "get p99 during a hung Conduce call (2nd column: no hang)",
             "µs",
             "≤ 2×",
             ratio_note="hang / no hang",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
@@ -136,3 +137,47 @@ def run_ctl_process(
         env=env if env is not None else dict(os.environ),
         check=False,
     )
+
+
+NOBODY = 65534
+
+
+def request_as_nobody(path: str, line: bytes, timeout: float = 10.0) -> bytes:
+    """Send ``line`` to the socket at ``path`` from a forked child running as ``nobody``.
+
+    Forking (rather than starting an interpreter as nobody, which may not be able to read
+    the Python install) keeps the test's own modules. Returns the first reply line, or a
+    description of what went wrong in the child.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(path)
+            # The agent may refuse (and close) before this request even arrives.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(line)
+            data = b""
+            while b"\n" not in data and (chunk := sock.recv(4096)):
+                data += chunk
+            os.write(write_end, data or b"<closed without reply>")
+            code = 0
+        except OSError as error:
+            os.write(write_end, f"child failed: {error!r}".encode())
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    answer = b""
+    while chunk := os.read(read_end, 4096):
+        answer += chunk
+    os.close(read_end)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, answer
+    return answer.splitlines()[0]

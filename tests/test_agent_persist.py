@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 import pytest
 
 from keyagent import errors
-from keyagent.agent import Agent, Clock, Deferred, Outcome, Peer
+from keyagent.agent import Agent, Deferred
 from keyagent.persist import KeyringStore
 from keyagent.protocol import Request
 from keyagent.store import key_id_for
 from keyagent.testing.memory_keyring import MemoryKeyring
 
-PEER = Peer(pid=1, uid=0, gid=0)
+from .fakes import PEER, FakeAccount, FakeTime, complete, run
+
 SECRET = "persisted-S3CR3T-0000"
-
-
-class FakeTime:
-    def __init__(self) -> None:
-        self.now = 500.0
-
-    def clock(self) -> Clock:
-        return Clock(monotonic=lambda: self.now, wall=lambda: 1_700_000_000.0 + self.now)
 
 
 @pytest.fixture
@@ -39,26 +31,6 @@ def fake_time() -> FakeTime:
 @pytest.fixture
 def agent(backend: MemoryKeyring, fake_time: FakeTime) -> Agent:
     return Agent(clock=fake_time.clock(), keyring=KeyringStore(backend))
-
-
-def complete(outcome: Outcome) -> Outcome:
-    """Finish deferred work inline, as the server would (without deadlines)."""
-    while isinstance(outcome, Deferred):
-        try:
-            value = outcome.work()
-        except errors.KeyagentError as error:
-            if outcome.fail is None:
-                raise
-            outcome = outcome.fail(error)
-        else:
-            outcome = outcome.finish(value)
-    return outcome
-
-
-def run(agent: Agent, op: str, **args: Any) -> dict[str, Any]:
-    outcome = complete(agent.handle(Request(1, op, args), PEER))
-    assert isinstance(outcome, dict)
-    return outcome
 
 
 def drain_background(agent: Agent) -> None:
@@ -197,8 +169,6 @@ def test_remove_deletes_the_keyring_entry_after_the_service(
     backend: MemoryKeyring, fake_time: FakeTime
 ) -> None:
     """remove of a persisted key deletes it remotely, from memory and from the keyring."""
-    from .test_sessions import FakeAccount
-
     account = FakeAccount(keys=[SECRET, "helper-key-0000000000"])
     agent = Agent(
         clock=fake_time.clock(), keyring=KeyringStore(backend), accounts=lambda host, user: account
@@ -214,8 +184,6 @@ def test_remove_reports_a_keyring_entry_left_behind(
     backend: MemoryKeyring, fake_time: FakeTime
 ) -> None:
     """If the keyring fails after the remote delete, the error says what remains and the fix."""
-    from .test_sessions import FakeAccount
-
     account = FakeAccount(keys=[SECRET, "helper-key-0000000000"])
     agent = Agent(
         clock=fake_time.clock(), keyring=KeyringStore(backend), accounts=lambda host, user: account
@@ -233,8 +201,6 @@ def test_create_with_persist_keeps_the_key_when_the_keyring_fails(
     backend: MemoryKeyring, fake_time: FakeTime
 ) -> None:
     """A created key is held even if persisting it fails, and the error says so."""
-    from .test_sessions import FakeAccount
-
     account = FakeAccount()
     agent = Agent(
         clock=fake_time.clock(), keyring=KeyringStore(backend), accounts=lambda host, user: account

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +17,7 @@ from keyagent.client import Client
 from keyagent.store import key_id_for
 from keyagent.testing.agent import AgentProcess
 
-from .conftest import AgentFactory, Raw
+from .conftest import AgentFactory, Raw, request_as_nobody
 
 SECRET = "S3CR3T-api-key-0123456789abcdef"
 PASSPHRASE = "correct horse battery staple"
@@ -409,40 +407,10 @@ def open_agent() -> Iterator[AgentProcess]:
 def test_peer_from_another_uid_is_refused(open_agent: AgentProcess) -> None:
     """A process of another user gets 'forbidden' even when file permissions let it connect."""
     agent = open_agent
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: become nobody, connect, report what the agent said
-        code = 1
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(10)
-            sock.connect(agent.socket_path)
-            # The agent may refuse (and close) before this request even arrives.
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                sock.sendall(b'{"op": "get"}\n')
-            data = b""
-            while b"\n" not in data and (chunk := sock.recv(4096)):
-                data += chunk
-            os.write(write_end, data or b"<closed without reply>")
-            code = 0
-        except OSError as error:
-            os.write(write_end, f"child failed: {error!r}".encode())
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    answer = b""
-    while chunk := os.read(read_end, 4096):
-        answer += chunk
-    os.close(read_end)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, answer
-    message = json.loads(answer.splitlines()[0])
+    answer = request_as_nobody(agent.socket_path, b'{"op": "get"}\n')
+    message = json.loads(answer)
     assert error_code(message) == "forbidden"
-    assert b"key" not in answer.split(b'"message"')[0]
+    assert b"key" not in answer.split(b'"message"')[0]  # nothing of the store leaks
     assert "refused connection from uid 65534" in agent.log()
 
 

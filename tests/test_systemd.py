@@ -41,6 +41,8 @@ from keyagent import systemd
 from keyagent.client import Client
 from keyagent.testing.agent import read_line, wait_for_exit
 
+from .conftest import request_as_nobody
+
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "contrib" / "systemd"
 SOCKET_UNIT = UNITS / "keyagent.socket"
@@ -652,36 +654,8 @@ def test_socket_activated_daemon_refuses_other_users(
         path = base / "agent.sock"
         process = start_socket_activated(processes, path, base)
         os.chmod(path, 0o666)
-        read_end, write_end = os.pipe()
-        child = os.fork()
-        if child == 0:  # become nobody, connect, report what the agent said
-            code = 1
-            try:
-                os.close(read_end)
-                os.setgroups([])
-                os.setgid(65534)
-                os.setuid(65534)
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(20)
-                sock.connect(str(path))
-                sock.sendall(b'{"op": "status"}\n')
-                data = b""
-                while b"\n" not in data and (chunk := sock.recv(4096)):
-                    data += chunk
-                os.write(write_end, data or b"<closed without reply>")
-                code = 0
-            except OSError as error:
-                os.write(write_end, f"child failed: {error!r}".encode())
-            finally:
-                os._exit(code)
-        os.close(write_end)
-        answer = b""
-        while chunk := os.read(read_end, 4096):
-            answer += chunk
-        os.close(read_end)
-        _, wait_status = os.waitpid(child, 0)
-        assert os.waitstatus_to_exitcode(wait_status) == 0, answer
-        assert json.loads(answer.splitlines()[0])["error"]["code"] == "forbidden"
+        answer = request_as_nobody(str(path), b'{"op": "status"}\n', timeout=20)
+        assert json.loads(answer)["error"]["code"] == "forbidden"
         with Client(str(path), timeout=20) as client:  # its owner is still served
             assert client.status()["pid"] == process.pid
     finally:

@@ -85,6 +85,8 @@ Outcome = Result | Deferred | Delayed | Stop
 ALLOWED_WHILE_LOCKED: Final = frozenset({"hello", "status", "unlock"})
 MEMOIZABLE: Final = frozenset({"get", "hello"})
 """Operations whose reply depends only on :meth:`Agent.state_token` and the clock."""
+MAX_ACCOUNTS: Final = 64
+"""Conduce accounts tracked at once; logged-out ones are forgotten first."""
 MAX_KEY_ATTEMPTS: Final = 3
 """Held keys a remote call may try in turn after the service rejects one (e.g. revoked)."""
 
@@ -371,17 +373,25 @@ class Agent:
             raise NotLocked()
         passphrase: str = args["passphrase"]
 
+        def attempt() -> bytes:  # on a worker, one attempt at a time (the "lock" queue)
+            wait = self.lock.not_before - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)  # a worker thread: only further guesses wait
+            return derive(passphrase, salt)
+
         def finish(candidate: bytes) -> Outcome:
             if self.lock.salt != salt:  # unlocked (and maybe re-locked) meanwhile
                 raise NotLocked("the agent was unlocked by another client meanwhile")
             if self.lock.try_release(candidate):
+                self.lock.not_before = 0.0
                 log.info("agent unlocked")
                 return {"locked": False}
             delay = self.lock.failure_delay()
+            self.lock.not_before = time.monotonic() + delay
             log.warning("failed unlock attempt %d; reply held %.1fs", self.lock.failures, delay)
             return Delayed(delay, BadPassphrase())
 
-        return Deferred(work=lambda: derive(passphrase, salt), finish=finish, queue="lock")
+        return Deferred(work=attempt, finish=finish, queue="lock")
 
     def process_stop(self, args: Mapping[str, Any]) -> Outcome:
         log.info("stop requested")
@@ -406,6 +416,13 @@ class Agent:
         )
 
     def process_logout(self, args: Mapping[str, Any]) -> Outcome:
+        if (args["host"], args["user"]) not in self.sessions:  # nothing to drop: track nothing
+            return {
+                "host": args["host"],
+                "user": args["user"],
+                "session": False,
+                "was_logged_in": False,
+            }
         session = self.session_for(args["host"], args["user"])
 
         def finish(_: None) -> Result:
@@ -576,6 +593,15 @@ class Agent:
         session = self.sessions.get((host, user))
         if session is None:
             assert self._accounts is not None  # noqa: S101  # only remote ops get here
+            if len(self.sessions) >= MAX_ACCOUNTS:
+                # Forget the oldest account without a session; a client cannot make the
+                # agent track any number of accounts it names.
+                idle = next((key for key, old in self.sessions.items() if not old.logged_in), None)
+                if idle is None:
+                    raise BadRequest(
+                        f"the agent already has {MAX_ACCOUNTS} accounts logged in; log out of one"
+                    )
+                del self.sessions[idle]
             session = Session(host, user, self._accounts(host, user))
             self.sessions[(host, user)] = session
         return session

@@ -12,9 +12,10 @@ from __future__ import annotations
 import errno
 import os
 import select
+import sys
 
 # _socket, not socket: the wrapper module imports enum, a large part of a tool's start-up.
-from _socket import AF_UNIX, MSG_PEEK, SOCK_STREAM
+from _socket import AF_UNIX, MSG_PEEK, SO_PEERCRED, SOCK_STREAM, SOL_SOCKET
 from _socket import socket as unix_socket
 
 from keyagent import paths, wire
@@ -67,6 +68,20 @@ class Client:
             if error.errno == errno.EACCES:
                 hint = "the socket belongs to another user; set KEYAGENT_SOCK to your own agent"
             raise AgentUnreachable(f"no agent at {self.socket_path} ({reason}); {hint}") from None
+        # The agent checks who connects; the client checks who listens, before it sends a
+        # key or a password: a socket planted by another user (a predictable runtime path,
+        # a wrong KEYAGENT_SOCK) must get nothing. struct ucred is pid, uid, gid.
+        try:
+            credentials = sock.getsockopt(SOL_SOCKET, SO_PEERCRED, 12)
+        except OSError:
+            credentials = b""
+        uid = int.from_bytes(credentials[4:8], sys.byteorder) if len(credentials) == 12 else -1
+        if uid != os.geteuid():
+            sock.close()
+            raise AgentUnreachable(
+                f"the socket {self.socket_path} is served by uid {uid}, not by you; "
+                "nothing was sent: set KEYAGENT_SOCK to your own agent"
+            )
         return sock
 
     def _live_socket(self) -> unix_socket:

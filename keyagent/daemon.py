@@ -555,10 +555,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if child == 0:
         os.close(ready_r)
         try:
+            # A session of its own, in command mode too: a Ctrl-C at the command's terminal
+            # goes to the foreground process group and must not stop the agent.
+            os.setsid()
             if args.command:
                 die_with_parent(parent)
-            else:
-                os.setsid()
             os.chdir("/")
             configure_logging(debug=False, foreground=False)
 

@@ -53,6 +53,8 @@ _UCRED = struct.Struct("3i")
 _HANGUP = select.EPOLLHUP | select.EPOLLERR
 _RECV_SIZE = 256 * 1024
 MEMO_SIZE = 256
+MAX_QUEUED = 64
+"""Jobs waiting on one queue (an account, the keyring, the lock) before more are refused."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,10 +471,10 @@ class Server:
         self._memo_until = self.agent.held_keys.next_deadline()
         self._memo[line] = reply
 
-    def _touch(self, conn: Connection) -> None:
+    def _touch(self, conn: Connection, now: float | None = None) -> None:
         if conn.closed:  # e.g. the send before this found the client gone
             return
-        conn.last_active = self._now
+        conn.last_active = self._now if now is None else now
         del self._by_activity[conn]
         self._by_activity[conn] = None
 
@@ -602,13 +604,17 @@ class Server:
         def finished(
             produce: Callable[[], Outcome], late: Callable[[], None] | None = None
         ) -> None:  # on the loop
-            if deferred.queue is not None:
-                self._next_in_queue(deferred.queue)
+            nonlocal settled
             if not settled:
+                settled = True  # the deadline, if any, now has nothing left to answer
                 self._complete(conn, request_id, produce)
             elif late is not None:  # the client was told it failed: make that true
                 log.warning("work finished after its deadline; bringing the agent in line")
                 late()
+            # Only now start the next job of the queue: it must see this one's outcome
+            # (a failed unlock sets when the next attempt may run).
+            if deferred.queue is not None:
+                self._next_in_queue(deferred.queue)
 
         def expire() -> None:  # on the loop, at the deadline
             nonlocal settled
@@ -624,6 +630,13 @@ class Server:
             self._start(run)
             return
         waiting = self._queues.setdefault(deferred.queue, collections.deque())
+        if len(waiting) >= MAX_QUEUED:
+            # Whatever blocks this queue (a keyring that never answers) must not make every
+            # later request cost memory for ever: refuse instead of queueing.
+            settled = True
+            error = deferred.timeout_error() if deferred.timeout_error else Busy()
+            self._complete(conn, request_id, lambda: _fail(deferred, error))
+            return
         waiting.append(run)
         if len(waiting) == 1:
             self._start(run)
@@ -737,7 +750,7 @@ class Server:
             if conn.last_active > idle_cutoff:
                 break
             if conn.busy:  # the client is waiting on us, not idle
-                self._touch(conn)
+                self._touch(conn, now)
                 continue
             log.debug("closing idle connection from pid %d", conn.peer.pid)
             self._close(conn)

@@ -122,9 +122,9 @@ class KeyStore:
         else:
             held.deadline, held.expires = now + lifetime, wall + lifetime
             heapq.heappush(self._deadlines, (held.deadline, key_id))
-            if len(self._deadlines) > 2 * len(self._keys) + 64:
-                self._compact()
-        self._keys[key_id] = held
+        self._keys[key_id] = held  # before compacting, which rebuilds the heap from _keys
+        if len(self._deadlines) > 2 * len(self._keys) + 64:
+            self._compact()
         return held
 
     def matching(
@@ -241,6 +241,9 @@ class Lock:
     salt: bytes | None = field(default=None, repr=False)
     digest: bytes | None = field(default=None, repr=False)
     failures: int = 0
+    not_before: float = 0.0
+    """time.monotonic() before which no further unlock attempt is checked, whichever client
+    makes it: the growing delay holds across parallel connections, not just per reply."""
 
     @property
     def locked(self) -> bool:

@@ -366,3 +366,17 @@ def test_agent_is_not_dumpable() -> None:
         os.kill(pid, signal.SIGTERM)
         os.waitpid(pid, 0)
         shutil.rmtree(base)
+
+
+def test_command_mode_agent_has_a_session_of_its_own(tmp_path: Path) -> None:
+    """In command mode the agent leaves the command's process group, so a Ctrl-C at the
+    terminal (sent to the foreground group) cannot stop it."""
+    sock = private_dir(tmp_path) / "agent.sock"
+    result = subprocess.run(
+        [sys.executable, "-m", "keyagent.daemon", "-a", str(sock), "sh", "-c",
+         'echo "$(ps -o pgid= -p "$KEYAGENT_PID") $(ps -o pgid= -p $$)"'],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    agent_group, command_group = result.stdout.split()
+    assert agent_group != command_group

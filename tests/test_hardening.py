@@ -1061,3 +1061,25 @@ def test_no_secret_in_log_errors_argv_environment_or_files(
     ]
     for path in files:
         assert leaks(path.read_bytes()) == [], path
+
+
+def test_a_keyring_request_that_succeeds_gets_exactly_one_reply(
+    keyring_agent: InProcessAgent, closing: contextlib.ExitStack
+) -> None:
+    """A persisted add answered in time gets no second (timeout) reply, and pipelined
+    requests behind it keep their order."""
+    path = keyring_agent.socket_path
+    conn = connect(closing, path)
+    conn.send(
+        request("add", 1, host="h.example", user=USER, key="one-reply-S3CR3T", persist=True)
+        + request("hello", 2)
+    )
+    assert decode(conn.line())["id"] == 1
+    assert decode(conn.line())["id"] == 2
+    # Past the keyring deadline, nothing more may arrive: a third request is answered next.
+    deadline = time.monotonic() + KEYRING_TIMEOUT * 2
+    while time.monotonic() < deadline:  # each round trip is the wait
+        with Client(path) as other:
+            other.hello()
+    conn.send(request("hello", 3))
+    assert decode(conn.line())["id"] == 3

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from itertools import count
+from pathlib import Path
 
 import pytest
 
@@ -491,3 +493,72 @@ def test_remembered_replies_never_outlive_the_state_they_answered(
         assert time.monotonic() - added_at >= 0.45
         assert error_code(answer) == "not_found"
     raw.close()
+
+
+def test_client_refuses_a_socket_served_by_another_user(tmp_path: Path) -> None:
+    """The client checks who listens: a socket planted by another user gets no key at all."""
+    base = Path(tempfile.mkdtemp(prefix="keyagent-planted-"))
+    os.chmod(base, 0o755)
+    os.chown(base, 65534, 65534)  # the other user's directory
+    path = str(base / "agent.sock")
+    ready_r, ready_w = os.pipe()
+    got_r, got_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the other user's fake agent: record whatever a client sends
+        code = 1
+        try:
+            os.close(ready_r)
+            os.close(got_r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(path)
+            os.chmod(path, 0o666)
+            listener.listen(1)
+            os.write(ready_w, b"R")
+            peer, _ = listener.accept()
+            peer.settimeout(10)
+            received = b""
+            while chunk := peer.recv(4096):
+                received += chunk
+            os.write(got_w, received or b"<nothing>")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    os.close(got_w)
+    try:
+        assert os.read(ready_r, 1) == b"R"
+        with pytest.raises(errors.AgentUnreachable) as caught:
+            Client(path).add("h", "u", SECRET)
+        assert "uid 65534" in caught.value.message
+        received = b""
+        while chunk := os.read(got_r, 4096):
+            received += chunk
+        assert received == b"<nothing>"
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        os.close(ready_r)
+        os.close(got_r)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_failed_unlock_delay_holds_across_parallel_connections(
+    agent: AgentProcess, raw: Callable[..., Raw]
+) -> None:
+    """Guesses sent in parallel on fresh connections are spaced by the growing delay too."""
+    with agent.client() as client:
+        client.lock(PASSPHRASE)
+        for _ in range(3):  # the next delays are 0.4 s, then 0.8 s
+            with pytest.raises(errors.BadPassphrase):
+                client.unlock("wrong")
+    guessers = [raw(timeout=30) for _ in range(2)]
+    started = time.monotonic()
+    for guesser in guessers:
+        guesser.send(b'{"op": "unlock", "passphrase": "wrong"}\n')
+    for guesser in guessers:
+        assert error_code(reply(guesser)) == "bad_passphrase"
+    # Without the agent-wide pacing, both would be answered after about 0.8 s.
+    assert time.monotonic() - started >= 0.4 + 0.8 + 0.8

@@ -244,3 +244,19 @@ def test_session_repr_and_state_hold_no_cookie() -> None:
         "since",
         "last_validated",
     }
+
+
+def test_logout_of_an_unknown_account_tracks_nothing(agent: Agent) -> None:
+    """A logout for an account the agent never saw creates no session record."""
+    assert run(agent, "logout", host="never.example", user=USER)["was_logged_in"] is False
+    assert agent.sessions == {}
+
+
+def test_tracked_accounts_are_capped(agent: Agent) -> None:
+    """A client naming ever new accounts cannot grow the agent's session table for ever."""
+    from keyagent.agent import MAX_ACCOUNTS
+
+    for n in range(MAX_ACCOUNTS + 10):
+        with pytest.raises(errors.LoginRequired):
+            run(agent, "create", host=f"h{n}.example", user=USER)
+    assert len(agent.sessions) == MAX_ACCOUNTS

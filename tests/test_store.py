@@ -782,3 +782,18 @@ def test_lock_repr_hides_salt_and_digest(digest: bytes) -> None:
     assert repr(digest) not in text
     assert repr(SALT) not in text
     assert "digest" not in text
+
+
+def test_lifetime_survives_the_deadline_heap_being_compacted() -> None:
+    """Re-adding a key many times (which compacts the deadline heap) keeps its expiry."""
+    store = KeyStore()
+    for n in range(200):
+        store.put(
+            host="h", user="u", secret="same-secret", now=float(n), wall=float(n), lifetime=10.0
+        )
+    assert store.next_deadline() <= 199.0 + 10.0  # never later than the live deadline
+    assert store.reap(208.5)[0] == []  # only stale entries were due
+    assert len(store) == 1
+    expired, _ = store.reap(209.0)
+    assert [held.secret for held in expired] == ["same-secret"]
+    assert len(store) == 0

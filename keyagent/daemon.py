@@ -45,6 +45,7 @@ from keyagent.server import (
     bind_listener,
     check_private_dir,
     file_identity,
+    log_internal,
 )
 from keyagent.sessions import AccountFactory, LazyAccount, RemoteAccount
 from keyagent.systemd import ListenFdsError, Notifier, listen_fds
@@ -375,8 +376,8 @@ def restore_persisted(agent: Agent, keyring: KeyringStore) -> None:
             payload = {"keys": [vars_of(key) for key in live], "expired": len(expired)}
         except KeyagentError as error:
             payload = {"error": error.message}
-        except BaseException:  # noqa: BLE001  # reported to the parent, never raised there
-            payload = {"error": "the OS keyring could not be read"}
+        except BaseException as error:  # noqa: BLE001  # reported to the parent, which logs it
+            payload = {"error": f"the OS keyring could not be read ({type(error).__name__})"}
         with os.fdopen(write_end, "w") as pipe:
             json.dump(payload, pipe)
         os._exit(0)
@@ -569,7 +570,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _detach_stdio()
 
             code = serve(args, path, bound, listener, ready, notifier=notifier)
-        except BaseException:  # noqa: BLE001  # the child must never return into the parent's code
+        except BaseException as error:  # noqa: BLE001  # the child must never return into the parent's code
+            log_internal(error)  # to syslog: the child has no terminal any more
             code = EXIT_FAILURE
         os._exit(code)
 

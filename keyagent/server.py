@@ -51,7 +51,9 @@ log = logging.getLogger("keyagent.server")
 
 _UCRED = struct.Struct("3i")
 _HANGUP = select.EPOLLHUP | select.EPOLLERR
-_RECV_SIZE = 256 * 1024
+# Below glibc's mmap threshold (128 KiB): a larger buffer makes every recv() an mmap and a
+# munmap with their page faults, which measured as a 2-5x slower request.
+_RECV_SIZE = 64 * 1024
 MEMO_SIZE = 256
 MAX_QUEUED = 64
 """Jobs waiting on one queue (an account, the keyring, the lock) before more are refused."""

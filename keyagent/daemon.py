@@ -18,7 +18,6 @@ import contextlib
 import ctypes
 import json
 import logging
-import logging.handlers
 import os
 import resource
 import select
@@ -285,10 +284,10 @@ def configure_logging(*, debug: bool, foreground: bool) -> None:
         handler.setFormatter(logging.Formatter("keyagent[%(process)d]: %(levelname)s: %(message)s"))
         root.setLevel(logging.DEBUG if debug else logging.INFO)
     else:
+        from logging.handlers import SysLogHandler  # background only: the foreground never
+
         try:
-            handler = logging.handlers.SysLogHandler(
-                address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_AUTHPRIV
-            )
+            handler = SysLogHandler(address="/dev/log", facility=SysLogHandler.LOG_AUTHPRIV)
             handler.setFormatter(logging.Formatter("keyagent[%(process)d]: %(message)s"))
         except OSError:
             handler = logging.NullHandler()

@@ -175,7 +175,7 @@ class Server:
         self._memo: dict[bytes, bytes] = {}
         self._memo_state: object = None
         self._memo_until = 0.0
-        self._memo_enabled = not log.isEnabledFor(logging.DEBUG)  # debug logs every request
+        self._memo_enabled = False  # decided in serve_forever, once logging is configured
         self._now = clock()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         # Connections in order of last activity, and those holding half a line in order of
@@ -212,7 +212,7 @@ class Server:
         self.listener.setblocking(False)
         self._epoll.register(self.listener.fileno(), select.EPOLLIN)
         self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
-        self._memo_enabled = not log.isEnabledFor(logging.DEBUG)
+        self._memo_enabled = not log.isEnabledFor(logging.DEBUG)  # debug logs every request
         self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._workers = _Workers(self.limits.workers)
         self._running = True

@@ -17,10 +17,9 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Final
 
 from keyagent import __version__
+from keyagent._record import Frozen, Record, set_field
 from keyagent.errors import (
     Ambiguous,
     BadPassphrase,
@@ -35,52 +34,90 @@ from keyagent.errors import (
 )
 from keyagent.persist import KeyringStore, PersistedKey
 from keyagent.protocol import MAX_LIFETIME, OPS, PROTOCOL_VERSION, Request
-from keyagent.sessions import AccountFactory, Plan, RemoteResult, Session, run_remote
+from keyagent.sessions import Plan, RemoteResult, Session, run_remote
 from keyagent.store import HeldKey, KeyStore, Lock, derive, iso, key_id_for, new_salt
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
+if TYPE_CHECKING:
+    from typing import Any, Final
+
+    from keyagent.sessions import AccountFactory
+
+    Result = dict[str, Any]
 
 log = logging.getLogger("keyagent.agent")
 
-Result = dict[str, Any]
 
-
-@dataclass(frozen=True, slots=True)
-class Deferred:
+class Deferred(Frozen):
     """Run ``work`` on a worker thread, then ``finish(value)`` on the event loop.
 
     ``queue`` names a serialisation domain: jobs with the same queue run one at a time, in
     order (one Conduce account, the lock passphrase). ``finish`` runs even if the client has
     gone, so a key created remotely is never lost because its requester hung up.
+
+    ``timeout``: answer with ``timeout_error()`` if the work has not finished this many
+    seconds after it was submitted (queued time included); a result that comes later is
+    discarded. ``late`` is then called on the loop with that result, to bring the agent in
+    line with what the work did (the client was told it failed).
     """
 
-    work: Callable[[], Any] = field(repr=False)
-    finish: Callable[[Any], Outcome] = field(repr=False)
-    queue: str | None = None
-    fail: Callable[[KeyagentError], Outcome] | None = field(default=None, repr=False)
-    timeout: float | None = None
-    """Answer with ``timeout_error()`` if the work has not finished this many seconds after
-    it was submitted (queued time included); a result that comes later is discarded."""
-    timeout_error: Callable[[], KeyagentError] | None = field(default=None, repr=False)
-    late: Callable[[Any], object] | None = field(default=None, repr=False)
-    """Called on the loop with the work's result if it succeeds after the deadline, to bring
-    the agent in line with what the work did (the client was told it failed)."""
+    __slots__ = ("work", "finish", "queue", "fail", "timeout", "timeout_error", "late")
+    _hidden = frozenset({"work", "finish", "fail", "timeout_error", "late"})
+
+    work: Callable[[], Any]
+    finish: Callable[[Any], Outcome]
+    queue: str | None
+    fail: Callable[[KeyagentError], Outcome] | None
+    timeout: float | None
+    timeout_error: Callable[[], KeyagentError] | None
+    late: Callable[[Any], object] | None
+
+    def __init__(
+        self,
+        work: Callable[[], Any],
+        finish: Callable[[Any], Outcome],
+        *,
+        queue: str | None = None,
+        fail: Callable[[KeyagentError], Outcome] | None = None,
+        timeout: float | None = None,
+        timeout_error: Callable[[], KeyagentError] | None = None,
+        late: Callable[[Any], object] | None = None,
+    ) -> None:
+        set_field(self, "work", work)
+        set_field(self, "finish", finish)
+        set_field(self, "queue", queue)
+        set_field(self, "fail", fail)
+        set_field(self, "timeout", timeout)
+        set_field(self, "timeout_error", timeout_error)
+        set_field(self, "late", late)
 
 
-@dataclass(frozen=True, slots=True)
-class Delayed:
+class Delayed(Frozen):
     """Send ``then`` (a result or an error) after ``seconds``."""
+
+    __slots__ = ("seconds", "then")
 
     seconds: float
     then: Result | KeyagentError
 
+    def __init__(self, seconds: float, then: Result | KeyagentError) -> None:
+        set_field(self, "seconds", seconds)
+        set_field(self, "then", then)
 
-@dataclass(frozen=True, slots=True)
-class Stop:
+
+class Stop(Frozen):
     """Send ``result``, then stop the agent."""
+
+    __slots__ = ("result",)
 
     result: Result
 
+    def __init__(self, result: Result) -> None:
+        set_field(self, "result", result)
 
-Outcome = Result | Deferred | Delayed | Stop
+
+if TYPE_CHECKING:
+    Outcome = Result | Deferred | Delayed | Stop
 
 ALLOWED_WHILE_LOCKED: Final = frozenset({"hello", "status", "unlock"})
 MEMOIZABLE: Final = frozenset({"get", "hello"})
@@ -91,21 +128,33 @@ MAX_KEY_ATTEMPTS: Final = 3
 """Held keys a remote call may try in turn after the service rejects one (e.g. revoked)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Peer:
+class Peer(Frozen):
     """Who is asking: from SO_PEERCRED."""
+
+    __slots__ = ("pid", "uid", "gid")
 
     pid: int
     uid: int
     gid: int
 
+    def __init__(self, pid: int, uid: int, gid: int) -> None:
+        set_field(self, "pid", pid)
+        set_field(self, "uid", uid)
+        set_field(self, "gid", gid)
 
-@dataclass(slots=True)
-class Clock:
+
+class Clock(Record):
     """Monotonic time for deadlines, wall time for dates. Tests pass a fake."""
 
-    monotonic: Callable[[], float] = time.monotonic
-    wall: Callable[[], float] = time.time
+    __slots__ = ("monotonic", "wall")
+
+    def __init__(
+        self,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.monotonic = monotonic
+        self.wall = wall
 
 
 class Agent:
@@ -445,7 +494,7 @@ class Agent:
         lifetime = args.get("lifetime", self.default_lifetime)
         plan = self._plan(session)
 
-        def finish(result: RemoteResult[str]) -> Outcome:
+        def finish(result: RemoteResult) -> Outcome:
             self._learn(session, result)
             created = iso(self.clock.wall())
             held = self.held_keys.put(
@@ -495,7 +544,7 @@ class Agent:
         session = self.session_for(host, user)
         plan = self._plan(session)
 
-        def finish(result: RemoteResult[Any]) -> Result:
+        def finish(result: RemoteResult) -> Result:
             self._learn(session, result)
             on_service = {key_id_for(listed.key): listed for listed in result.value}
             mine = list(self.held_keys.matching(self.clock.monotonic(), host, user))
@@ -561,7 +610,7 @@ class Agent:
             account.delete_key(target, api_key=api_key)
             return key_id_for(target)
 
-        def finish(result: RemoteResult[str]) -> Outcome:
+        def finish(result: RemoteResult) -> Outcome:
             self._learn(session, result)
             removed = self.held_keys.discard(result.value)
             log.info("removed key %s on %s", result.value, session.host)
@@ -625,7 +674,7 @@ class Agent:
         call: Callable[[str | None], Any],
         finish: Callable[[Any], Outcome],
     ) -> Deferred:
-        def work() -> RemoteResult[Any]:
+        def work() -> RemoteResult:
             return run_remote(session.account, plan, call, host=session.host, user=session.user)
 
         def fail(error: KeyagentError) -> Outcome:
@@ -636,7 +685,7 @@ class Agent:
 
         return Deferred(work=work, finish=finish, queue=session.queue, fail=fail)
 
-    def _learn(self, session: Session, result: RemoteResult[Any]) -> None:
+    def _learn(self, session: Session, result: RemoteResult) -> None:
         if result.session_alive:
             session.proved_alive(self.clock.monotonic(), self.clock.wall())
         elif result.session_expired:

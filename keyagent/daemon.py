@@ -14,40 +14,32 @@ command itself with exit status 1.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import json
 import logging
 import os
-import resource
-import select
 import shlex
 import signal
 import socket
 import sys
-import time
-from collections.abc import Callable, Sequence
-from typing import NoReturn, TextIO
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from keyagent import __version__, paths
-from keyagent.agent import Agent
 from keyagent.config import ConfigError
 from keyagent.config import load as load_config
 from keyagent.duration import parse_duration
-from keyagent.errors import KeyagentError
-from keyagent.persist import KeyringStore, PersistedKey
 from keyagent.protocol import MAX_LIFETIME
 from keyagent.server import (
-    Limits,
-    Server,
     SocketSetupError,
     bind_listener,
     check_private_dir,
     file_identity,
-    log_internal,
 )
-from keyagent.sessions import AccountFactory, LazyAccount, RemoteAccount
 from keyagent.systemd import ListenFdsError, Notifier, listen_fds
+
+if TYPE_CHECKING:
+    pass
 
 log = logging.getLogger("keyagent")
 
@@ -244,26 +236,7 @@ def kill_agent(syntax: str, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
-# --- process hardening -------------------------------------------------------------------
-
-
-def harden(max_connections: int) -> None:
-    """No core dumps, no ptrace by other processes of the user, enough descriptors."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    libc = ctypes.CDLL(None, use_errno=True)
-    # Non-dumpable: no core file, and /proc/<pid>/mem and ptrace are closed to the user's
-    # other processes, which could otherwise read every key out of memory.
-    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-        log.warning("could not make the agent non-dumpable: %s", os.strerror(ctypes.get_errno()))
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = max_connections + 64
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        if target < wanted:
-            log.warning(
-                "descriptor limit %d allows fewer than %d connections", target, max_connections
-            )
+# --- process set-up ------------------------------------------------------------------------
 
 
 def die_with_parent(parent: int) -> None:
@@ -274,33 +247,15 @@ def die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def configure_logging(*, debug: bool, foreground: bool) -> None:
+def configure_logging(*, debug: bool) -> None:
+    """Messages of this start-up process go to stderr (the serving process sets up its own)."""
     root = logging.getLogger("keyagent")
     root.handlers.clear()
     root.propagate = False
-    handler: logging.Handler
-    if foreground:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("keyagent[%(process)d]: %(levelname)s: %(message)s"))
-        root.setLevel(logging.DEBUG if debug else logging.INFO)
-    else:
-        from logging.handlers import SysLogHandler  # background only: the foreground never
-
-        try:
-            handler = SysLogHandler(address="/dev/log", facility=SysLogHandler.LOG_AUTHPRIV)
-            handler.setFormatter(logging.Formatter("keyagent[%(process)d]: %(message)s"))
-        except OSError:
-            handler = logging.NullHandler()
-        root.setLevel(logging.WARNING)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("keyagent[%(process)d]: %(levelname)s: %(message)s"))
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
     root.addHandler(handler)
-
-
-def _detach_stdio() -> None:
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    if devnull > 2:
-        os.close(devnull)
 
 
 # --- main --------------------------------------------------------------------------------
@@ -328,158 +283,59 @@ def apply_config(args: argparse.Namespace) -> None:
     args.persist = config.persist
 
 
-def conduce_accounts(args: argparse.Namespace) -> AccountFactory:
-    """Accounts that talk to the real service.
-
-    ``requests`` is imported by the first Conduce call, on a worker thread: an agent that
-    only serves keys never loads it.
-    """
-    if args.insecure:
-        log.warning("--insecure: TLS certificates of Conduce hosts will not be verified")
-
-    def real(host: str, user: str) -> RemoteAccount:
-        from keyagent.conduce import ConduceAccount, HttpSettings
-
-        settings = HttpSettings(
-            verify=args.ca_bundle or True,
-            insecure=args.insecure,
-            connect_timeout=args.connect_timeout,
-            read_timeout=args.read_timeout,
-        )
-        return ConduceAccount(host, user, settings)
-
-    def account(host: str, user: str) -> RemoteAccount:
-        return LazyAccount(host, user, real)
-
-    return account
+SETTINGS = (*CONFIGURED, "insecure", "persist", "no_keyring")
 
 
-RESTORE_TIMEOUT = 5.0
-
-
-def restore_persisted(agent: Agent, keyring: KeyringStore) -> None:
-    """Hold the keys persisted in the OS keyring again, waiting at most RESTORE_TIMEOUT.
-
-    The keyring is read by a short-lived forked child that hands the keys back over a
-    pipe: ``keyring`` and its D-Bus stack (over ten megabytes) then never load into the
-    long-running agent unless a request asks to persist. The child shares the agent's
-    hardening (non-dumpable, no core files). A locked keyring may prompt and block; the
-    agent then starts without those keys rather than not at all.
-    """
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:  # the reader: no threads exist yet, so forking is safe
-        os.close(read_end)
-        try:
-            live, expired = keyring.load_all(time.time())
-            payload = {"keys": [vars_of(key) for key in live], "expired": len(expired)}
-        except KeyagentError as error:
-            payload = {"error": error.message}
-        except BaseException as error:  # noqa: BLE001  # reported to the parent, which logs it
-            payload = {"error": f"the OS keyring could not be read ({type(error).__name__})"}
-        with os.fdopen(write_end, "w") as pipe:
-            json.dump(payload, pipe)
-        os._exit(0)
-    os.close(write_end)
-    try:
-        data = _read_all(read_end, RESTORE_TIMEOUT)
-    finally:
-        os.close(read_end)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child, signal.SIGKILL)  # a reader stuck on a prompt is abandoned
-        os.waitpid(child, 0)
-    if data is None:
-        log.warning(
-            "the OS keyring did not answer within %gs; persisted keys not restored",
-            RESTORE_TIMEOUT,
-        )
-        return
-    try:
-        payload = json.loads(data)
-        if "error" in payload:
-            log.info("persisted keys not restored: %s", payload["error"])
-            return
-        keys = [PersistedKey(**fields) for fields in payload["keys"]]
-    except (ValueError, TypeError, KeyError):
-        log.warning("persisted keys not restored: the keyring reader failed")
-        return
-    if payload.get("expired"):
-        log.info("deleted %d expired key(s) from the OS keyring", payload["expired"])
-    agent.restore(keys)
-
-
-def vars_of(key: PersistedKey) -> dict[str, object]:
-    return {
-        "key_id": key.key_id, "host": key.host, "user": key.user, "secret": key.secret,
-        "description": key.description, "created": key.created, "expires": key.expires,
-    }  # fmt: skip
-
-
-def _read_all(fd: int, timeout: float) -> bytes | None:
-    """Everything written to pipe ``fd`` until EOF, or None if that takes over ``timeout``."""
-    deadline = time.monotonic() + timeout
-    chunks: list[bytes] = []
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return None
-        readable, _, _ = select.select([fd], [], [], remaining)
-        if readable:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
-
-
-def serve(
+def exec_core(
     args: argparse.Namespace,
-    listener_path: str,
+    path: str,
     bound: tuple[int, int] | None,
     listener: socket.socket,
-    on_ready: Callable[[], None],
     *,
+    foreground: bool,
     notifier: Notifier,
-) -> int:
-    """Harden, set up, call ``on_ready`` (signals are handled by then), serve until stopped."""
-    harden(args.max_connections)
-    agent = Agent(
-        socket_path=listener_path,
-        default_lifetime=args.lifetime,
-        default_persist=args.persist,
-        accounts=conduce_accounts(args),
-        validate_after=args.validate_after,
-        keyring=None if args.no_keyring else KeyringStore(),
-    )
-    if agent.keyring is not None:
-        restore_persisted(agent, agent.keyring)
-    limits = Limits(
-        max_connections=args.max_connections,
-        idle_timeout=args.idle_timeout,
-        line_timeout=args.line_timeout,
-    )
-    server = Server(agent, listener, limits=limits)
-    server.install_signal_handlers()
+    announce: str | None = None,
+    ready_fd: int | None = None,
+) -> NoReturn:
+    """Become the serving process (:mod:`keyagent.core`): same pid, a lean interpreter.
 
-    def ready() -> None:
-        # Start-up leaves freed heap behind (argument parsing, configuration, imports);
-        # hand it back to the system before settling in for the session (about 1.5 MiB).
-        with contextlib.suppress(AttributeError, OSError):
-            ctypes.CDLL(None).malloc_trim(0)
-        on_ready()
-        notifier.ready(f"serving {len(agent.held_keys)} key(s) on {listener_path}")
-
-    server.on_ready = ready
-    try:
-        server.serve_forever()
-    finally:
-        notifier.stopping("stopping")
-        notifier.close()
-        listener.close()
-        # Remove the socket only if it is still the one we bound: a newer agent may have
-        # replaced a socket it found unanswered.
-        if bound is not None and file_identity(listener_path) == bound:
-            os.unlink(listener_path)
-    return EXIT_OK
+    The hand-off travels in a memfd whose descriptor is the one argument; the listening
+    socket, the readiness pipe and the descriptor for the shell lines are inherited.
+    """
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    search_path = [package_parent]
+    for entry in sys.path:
+        absolute = os.path.abspath(entry or os.curdir)  # the serving process may chdir
+        if absolute not in search_path:
+            search_path.append(absolute)
+    inherited = [listener.fileno()]
+    handoff: dict[str, object] = {
+        "sys_path": search_path,
+        "socket_path": path,
+        "bound": list(bound) if bound else None,
+        "listener_fd": listener.fileno(),
+        "foreground": foreground,
+        "debug": args.debug,
+        "notify": notifier.address,
+        "settings": {name: getattr(args, name) for name in SETTINGS},
+    }
+    if announce is not None:
+        stdout = sys.stdout.fileno()  # a caller may have replaced sys.stdout
+        handoff["announce"] = {"fd": stdout, "text": announce}
+        inherited.append(stdout)
+    if ready_fd is not None:
+        handoff["ready_fd"] = ready_fd
+        inherited.append(ready_fd)
+    memfd = os.memfd_create("keyagent-handoff", 0)
+    os.write(memfd, json.dumps(handoff).encode())
+    os.lseek(memfd, 0, os.SEEK_SET)
+    inherited.append(memfd)
+    for fd in inherited:
+        os.set_inheritable(fd, True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    serve_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_serve.py")
+    os.execv(sys.executable, [sys.executable, "-I", "-S", serve_script, str(memfd)])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -491,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if foreground and args.command:
         sys.stderr.write("keyagent: -D/-d and a command exclude each other\n")
         return EXIT_USAGE
-    configure_logging(debug=args.debug, foreground=True)  # until we know where logs go
+    configure_logging(debug=args.debug)
     if args.ca_bundle and args.insecure:
         sys.stderr.write("keyagent: --ca-bundle and --insecure exclude each other\n")
         return EXIT_USAGE
@@ -538,12 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         bound = file_identity(path)
 
     if foreground:
-
-        def announce() -> None:
-            sys.stdout.write(env_lines(syntax, path, os.getpid()))
-            sys.stdout.flush()
-
-        return serve(args, path, bound, listener, announce, notifier=notifier)
+        exec_core(
+            args, path, bound, listener, foreground=True, notifier=notifier,
+            announce=env_lines(syntax, path, os.getpid()),
+        )  # fmt: skip
 
     # Background: the child tells the parent through a pipe once it handles signals, so the
     # printed pid is never one that a quick "keyagent -k" would kill the hard way.
@@ -561,18 +415,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command:
                 die_with_parent(parent)
             os.chdir("/")
-            configure_logging(debug=False, foreground=False)
-
-            def ready() -> None:
-                os.write(ready_w, b"R")
-                os.close(ready_w)
-                _detach_stdio()
-
-            code = serve(args, path, bound, listener, ready, notifier=notifier)
+            exec_core(
+                args, path, bound, listener, foreground=False, notifier=notifier,
+                ready_fd=ready_w,
+            )  # fmt: skip
         except BaseException as error:  # noqa: BLE001  # the child must never return into the parent's code
-            log_internal(error)  # to syslog: the child has no terminal any more
-            code = EXIT_FAILURE
-        os._exit(code)
+            sys.stderr.write(f"keyagent: could not start the agent: {error}\n")
+        os._exit(EXIT_FAILURE)
 
     os.close(ready_w)
     listener.close()

@@ -63,17 +63,28 @@ import re
 import sys
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any, Final, Protocol, TypeVar
 
+from keyagent._record import Frozen, Record, set_field
 from keyagent.errors import KeyringUnavailable
 from keyagent.store import key_id_for
 
-__all__ = ["FORMAT", "Backend", "KeyringStore", "PersistedKey"]
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
+if TYPE_CHECKING:
+    from typing import Any, Final, Protocol, TypeVar
+
+    T = TypeVar("T")
+
+    class Backend(Protocol):
+        """What the store needs of a keyring backend (``keyring.backend.KeyringBackend``)."""
+
+        def get_password(self, service: str, username: str) -> str | None: ...
+        def set_password(self, service: str, username: str, password: str) -> None: ...
+        def delete_password(self, service: str, username: str) -> None: ...
+
+
+__all__ = ["FORMAT", "KeyringStore", "PersistedKey"]
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 FORMAT: Final = 1
 """The ``"v"`` this version writes, in entries and in the index."""
@@ -98,34 +109,53 @@ _NEWER_INDEX = (
 )
 
 
-class Backend(Protocol):
-    """What the store needs of a keyring backend (``keyring.backend.KeyringBackend``)."""
+class PersistedKey(Frozen):
+    """One key as the keyring keeps it. Its ``secret`` is left out of ``repr``.
 
-    def get_password(self, service: str, username: str) -> str | None: ...
-    def set_password(self, service: str, username: str, password: str) -> None: ...
-    def delete_password(self, service: str, username: str) -> None: ...
+    ``expires``: POSIX wall time at which the key expires, or None to keep it until
+    forgotten.
+    """
 
-
-@dataclass(frozen=True, slots=True)
-class PersistedKey:
-    """One key as the keyring keeps it. Its ``secret`` is left out of ``repr``."""
+    __slots__ = ("key_id", "host", "user", "secret", "description", "created", "expires")
+    _hidden = frozenset({"secret"})
 
     key_id: str
     host: str
     user: str
-    secret: str = field(repr=False)
+    secret: str
     description: str
     created: str | None
     expires: float | None
-    """POSIX wall time at which the key expires, or None to keep it until forgotten."""
+
+    def __init__(
+        self,
+        *,
+        key_id: str,
+        host: str,
+        user: str,
+        secret: str,
+        description: str,
+        created: str | None,
+        expires: float | None,
+    ) -> None:
+        set_field(self, "key_id", key_id)
+        set_field(self, "host", host)
+        set_field(self, "user", user)
+        set_field(self, "secret", secret)
+        set_field(self, "description", description)
+        set_field(self, "created", created)
+        set_field(self, "expires", expires)
 
 
-@dataclass(slots=True)
-class _Index:
-    keys: list[str]
-    pending: list[str]
-    stored: bool
-    """Whether an index entry exists in the keyring (even an unreadable one)."""
+class _Index(Record):
+    """The index entry; ``stored``: whether one exists in the keyring (even unreadable)."""
+
+    __slots__ = ("keys", "pending", "stored")
+
+    def __init__(self, keys: list[str], pending: list[str], stored: bool) -> None:
+        self.keys = keys
+        self.pending = pending
+        self.stored = stored
 
 
 class _NewerFormat(Exception):

@@ -12,11 +12,14 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Final
 
+from keyagent._record import Frozen, set_field
 from keyagent.errors import BadRequest, KeyagentError, TooLarge, UnknownOp
 from keyagent.wire import Reply, encode_request, parse_reply
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
+if TYPE_CHECKING:
+    from typing import Any, Final
 
 PROTOCOL_VERSION: Final = 1
 MAX_LINE: Final = 64 * 1024
@@ -43,13 +46,19 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(Frozen):
     """A validated request: its echoed ``id``, its ``op`` and its typed arguments."""
+
+    __slots__ = ("id", "op", "args")
 
     id: Scalar
     op: str
     args: Mapping[str, Any]
+
+    def __init__(self, id: Scalar, op: str, args: Mapping[str, Any]) -> None:
+        set_field(self, "id", id)
+        set_field(self, "op", op)
+        set_field(self, "args", args)
 
     def __repr__(self) -> str:
         # Arguments may hold a key, a password or a passphrase: show only their names.

@@ -30,14 +30,12 @@ import stat
 import struct
 import threading
 import time
-import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import FrameType
-from typing import Any
 
 from keyagent import protocol
-from keyagent.agent import MEMOIZABLE, Agent, Deferred, Delayed, Outcome, Peer, Stop
+from keyagent._record import Frozen, set_field
+from keyagent.agent import MEMOIZABLE, Agent, Deferred, Delayed, Peer, Stop
 from keyagent.errors import (
     Busy,
     Forbidden,
@@ -46,6 +44,12 @@ from keyagent.errors import (
     Timeout,
     TooLarge,
 )
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
+if TYPE_CHECKING:
+    from typing import Any
+
+    from keyagent.agent import Outcome
 
 log = logging.getLogger("keyagent.server")
 
@@ -59,21 +63,48 @@ MAX_QUEUED = 64
 """Jobs waiting on one queue (an account, the keyring, the lock) before more are refused."""
 
 
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Resource limits; each one bounds what a single client can cost everyone else."""
+class Limits(Frozen):
+    """Resource limits; each one bounds what a single client can cost everyone else.
 
-    max_connections: int = 1024
-    idle_timeout: float = 300.0
-    """A connection with no request for this long is closed."""
-    line_timeout: float = 10.0
-    """A request line must be complete this long after its first byte (slowloris)."""
-    max_pending_output: int = 1024 * 1024
-    """Stop reading a client whose unread replies exceed this many bytes."""
-    stop_grace: float = 2.0
-    """How long ``stop`` waits for its own reply to drain before exiting anyway."""
-    workers: int = 32
-    """Threads for blocking work (Conduce calls, key derivation, the keyring), at most."""
+    * ``max_connections``: served at once; more are answered ``busy``.
+    * ``idle_timeout``: a connection with no request for this long is closed.
+    * ``line_timeout``: a request line must be complete this long after its first byte
+      (slowloris).
+    * ``max_pending_output``: stop reading a client whose unread replies exceed this many
+      bytes.
+    * ``stop_grace``: how long ``stop`` waits for its own reply to drain before exiting.
+    * ``workers``: threads for blocking work (Conduce calls, key derivation, the keyring),
+      at most.
+    """
+
+    __slots__ = (
+        "max_connections", "idle_timeout", "line_timeout", "max_pending_output", "stop_grace",
+        "workers",
+    )  # fmt: skip
+
+    max_connections: int
+    idle_timeout: float
+    line_timeout: float
+    max_pending_output: int
+    stop_grace: float
+    workers: int
+
+    def __init__(
+        self,
+        *,
+        max_connections: int = 1024,
+        idle_timeout: float = 300.0,
+        line_timeout: float = 10.0,
+        max_pending_output: int = 1024 * 1024,
+        stop_grace: float = 2.0,
+        workers: int = 32,
+    ) -> None:
+        set_field(self, "max_connections", max_connections)
+        set_field(self, "idle_timeout", idle_timeout)
+        set_field(self, "line_timeout", line_timeout)
+        set_field(self, "max_pending_output", max_pending_output)
+        set_field(self, "stop_grace", stop_grace)
+        set_field(self, "workers", workers)
 
 
 class Connection:
@@ -790,6 +821,8 @@ def log_internal(error: BaseException) -> None:
     The message is left out on purpose: a ``KeyError`` or ``ValueError`` raised while a
     secret was at hand may quote the secret.
     """
+    import traceback  # only on this rare path: 0.7 MiB the agent does not keep otherwise
+
     frames = traceback.extract_tb(error.__traceback__)
     where = "; ".join(f"{frame.filename}:{frame.lineno} in {frame.name}" for frame in frames)
     log.error("internal error %s at %s", type(error).__name__, where or "?")

@@ -12,41 +12,39 @@ works does the caller get ``login_required`` or ``session_expired``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
-
+from keyagent._record import Frozen, Record, set_field
 from keyagent.errors import BadCredentials, LoginRequired, SessionExpired
 from keyagent.store import iso
 
-T = TypeVar("T")
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
+if TYPE_CHECKING:
+    # Interfaces for the type checker only: the agent's core never imports typing.
+    from collections.abc import Callable, Sequence
+    from typing import Any, Protocol
 
+    class ListedKey(Protocol):
+        """A key as the service lists it (see :class:`keyagent.conduce.RemoteKey`)."""
 
-class ListedKey(Protocol):
-    """A key as the service lists it (see :class:`keyagent.conduce.RemoteKey`)."""
+        @property
+        def key(self) -> str: ...
+        @property
+        def description(self) -> str: ...
+        @property
+        def created(self) -> str | None: ...
+        def masked(self) -> str: ...
 
-    @property
-    def key(self) -> str: ...
-    @property
-    def description(self) -> str: ...
-    @property
-    def created(self) -> str | None: ...
-    def masked(self) -> str: ...
+    class RemoteAccount(Protocol):
+        """One Conduce account (host + user); its methods block and run on worker threads."""
 
+        def login(self, password: str) -> None: ...
+        def logout(self) -> None: ...
+        def validate(self) -> bool: ...
+        def list_keys(self, api_key: str | None = None) -> Sequence[ListedKey]: ...
+        def create_key(self, description: str, api_key: str | None = None) -> str: ...
+        def delete_key(self, key: str, api_key: str | None = None) -> None: ...
+        def close(self) -> None: ...
 
-class RemoteAccount(Protocol):
-    """One Conduce account (host + user); its methods block and run on worker threads."""
-
-    def login(self, password: str) -> None: ...
-    def logout(self) -> None: ...
-    def validate(self) -> bool: ...
-    def list_keys(self, api_key: str | None = None) -> Sequence[ListedKey]: ...
-    def create_key(self, description: str, api_key: str | None = None) -> str: ...
-    def delete_key(self, key: str, api_key: str | None = None) -> None: ...
-    def close(self) -> None: ...
-
-
-AccountFactory = Callable[[str, str], RemoteAccount]
+    AccountFactory = Callable[[str, str], RemoteAccount]
 
 
 class LazyAccount:
@@ -93,20 +91,36 @@ class LazyAccount:
             self._account.close()
 
 
-@dataclass(slots=True)
-class Session:
+class Session(Record):
     """What the agent knows of one account's session. The cookie itself stays in ``account``."""
 
-    host: str
-    user: str
-    account: RemoteAccount = field(repr=False)
-    logged_in: bool = False
-    expired: bool = False
-    since: float | None = None
-    """Wall time of the login."""
-    checked: float | None = None
-    """Monotonic time the session last proved alive (login, validation or a call)."""
-    checked_wall: float | None = None
+    __slots__ = (
+        "host", "user", "account", "logged_in", "expired", "since", "checked", "checked_wall"
+    )  # fmt: skip
+    _hidden = frozenset({"account"})
+
+    def __init__(
+        self,
+        host: str,
+        user: str,
+        account: RemoteAccount,
+        *,
+        logged_in: bool = False,
+        expired: bool = False,
+        since: float | None = None,
+        checked: float | None = None,
+        checked_wall: float | None = None,
+    ) -> None:
+        self.host = host
+        self.user = user
+        self.account = account
+        self.logged_in = logged_in
+        self.expired = expired
+        self.since = since
+        """Wall time of the login."""
+        self.checked = checked
+        """Monotonic time the session last proved alive (login, validation or a call)."""
+        self.checked_wall = checked_wall
 
     @property
     def queue(self) -> str:
@@ -136,28 +150,46 @@ class Session:
             self.expired = True
 
 
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """The credentials a remote call may use, decided on the event loop."""
+class Plan(Frozen):
+    """The credentials a remote call may use, decided on the event loop.
+
+    ``api_keys``: held keys of the account, newest first; tried in turn when the service
+    rejects one.
+    """
+
+    __slots__ = ("use_session", "validate_first", "api_keys")
+    _hidden = frozenset({"api_keys"})
 
     use_session: bool
     validate_first: bool
-    api_keys: tuple[str, ...] = field(default=(), repr=False)
-    """Held keys of the account, newest first; tried in turn when the service rejects one."""
+    api_keys: tuple[str, ...]
+
+    def __init__(
+        self, use_session: bool, validate_first: bool, api_keys: tuple[str, ...] = ()
+    ) -> None:
+        set_field(self, "use_session", use_session)
+        set_field(self, "validate_first", validate_first)
+        set_field(self, "api_keys", api_keys)
 
 
-@dataclass(frozen=True, slots=True)
-class RemoteResult(Generic[T]):
+class RemoteResult(Frozen):
     """What a remote call returned, and what it learnt about the session."""
 
-    value: T
+    __slots__ = ("value", "session_alive", "session_expired")
+
+    value: Any
     session_alive: bool
     session_expired: bool
 
+    def __init__(self, value: Any, session_alive: bool, session_expired: bool) -> None:
+        set_field(self, "value", value)
+        set_field(self, "session_alive", session_alive)
+        set_field(self, "session_expired", session_expired)
+
 
 def run_remote(
-    account: RemoteAccount, plan: Plan, call: Callable[[str | None], T], *, host: str, user: str
-) -> RemoteResult[T]:
+    account: RemoteAccount, plan: Plan, call: Callable[[str | None], Any], *, host: str, user: str
+) -> RemoteResult:
     """Run ``call`` (given an API key, or None for the session) with the best credentials.
 
     Runs on a worker thread. A 401 means the service did not act on the request, so trying

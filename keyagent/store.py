@@ -9,49 +9,89 @@ never outlives its lifetime even if the loop wakes late.
 
 from __future__ import annotations
 
-import hashlib
 import heapq
-import hmac
 import os
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Literal
 
+from keyagent._record import Record
 from keyagent.errors import Ambiguous, Locked, NotFound, NotLocked
 
-Source = Literal["added", "created", "keyring"]
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from hashlib import _Hash
+    from typing import Any, Literal
+
+    Source = Literal["added", "created", "keyring"]
+
+
+# hashlib loads OpenSSL's libcrypto: over 3 MiB resident for one SHA-256 per added key.
+# The interpreter's own SHA-256 module does the same job; hashlib (for scrypt) loads only
+# when the lock is used.
+def _find_sha256() -> Callable[[bytes], _Hash]:
+    for module in ("_sha2", "_sha256"):  # Python 3.12+, 3.11
+        try:
+            return __import__(module).sha256  # type: ignore[no-any-return]
+        except (ImportError, AttributeError):
+            continue
+    from hashlib import sha256  # a build without them
+
+    return sha256
+
+
+_sha256 = _find_sha256()
 
 
 def key_id_for(secret: str) -> str:
     """The public name of a key: the first 12 hex characters of its SHA-256."""
-    return hashlib.sha256(secret.encode()).hexdigest()[:12]
+    return _sha256(secret.encode()).hexdigest()[:12]
 
 
 def iso(timestamp: float | None) -> str | None:
     """A POSIX timestamp as ISO 8601 in UTC, to the second."""
     if timestamp is None:
         return None
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
-@dataclass(slots=True, kw_only=True)
-class HeldKey:
+class HeldKey(Record):
     """One API key in memory. Its ``secret`` is left out of ``repr`` and of :meth:`listing`."""
 
-    key_id: str
-    host: str
-    user: str
-    secret: str = field(repr=False)
-    description: str = ""
-    created: str | None = None
-    added: float
-    deadline: float | None = None
-    """Monotonic time at which the key expires, or None to keep it until forgotten."""
-    expires: float | None = None
-    """The same moment as a POSIX timestamp, for display."""
-    source: Source = "added"
-    persisted: bool = False
+    __slots__ = (
+        "key_id", "host", "user", "secret", "description", "created", "added", "deadline",
+        "expires", "source", "persisted",
+    )  # fmt: skip
+    _hidden = frozenset({"secret"})
+
+    def __init__(
+        self,
+        *,
+        key_id: str,
+        host: str,
+        user: str,
+        secret: str,
+        added: float,
+        description: str = "",
+        created: str | None = None,
+        deadline: float | None = None,
+        expires: float | None = None,
+        source: Source = "added",
+        persisted: bool = False,
+    ) -> None:
+        self.key_id = key_id
+        self.host = host
+        self.user = user
+        self.secret = secret
+        self.description = description
+        self.created = created
+        self.added = added
+        self.deadline = deadline
+        """Monotonic time at which the key expires, or None to keep it until forgotten."""
+        self.expires = expires
+        """The same moment as a POSIX timestamp, for display."""
+        self.source: Source = source
+        self.persisted = persisted
 
     def listing(self) -> dict[str, Any]:
         """The key as ``list`` shows it: everything but the secret."""
@@ -225,6 +265,8 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P, SCRYPT_LEN = 2**14, 8, 1, 32
 
 def derive(passphrase: str, salt: bytes) -> bytes:
     """The salted scrypt hash of a lock passphrase. Slow on purpose: run it off the loop."""
+    import hashlib  # libcrypto loads when the lock is first used
+
     return hashlib.scrypt(
         passphrase.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=SCRYPT_LEN
     )
@@ -234,16 +276,25 @@ def new_salt() -> bytes:
     return os.urandom(16)
 
 
-@dataclass(slots=True)
-class Lock:
+class Lock(Record):
     """Whether the agent is locked, and the salted hash that unlocks it (never the passphrase)."""
 
-    salt: bytes | None = field(default=None, repr=False)
-    digest: bytes | None = field(default=None, repr=False)
-    failures: int = 0
-    not_before: float = 0.0
-    """time.monotonic() before which no further unlock attempt is checked, whichever client
-    makes it: the growing delay holds across parallel connections, not just per reply."""
+    __slots__ = ("salt", "digest", "failures", "not_before")
+    _hidden = frozenset({"salt", "digest"})
+
+    def __init__(
+        self,
+        salt: bytes | None = None,
+        digest: bytes | None = None,
+        failures: int = 0,
+        not_before: float = 0.0,
+    ) -> None:
+        self.salt = salt
+        self.digest = digest
+        self.failures = failures
+        self.not_before = not_before
+        """time.monotonic() before which no further unlock attempt is checked, whichever
+        client makes it: the growing delay holds across parallel connections."""
 
     @property
     def locked(self) -> bool:
@@ -258,6 +309,8 @@ class Lock:
         """Unlock if ``candidate`` is the stored hash (constant-time); count failures."""
         if self.digest is None:
             raise NotLocked()
+        import hmac  # with hashlib, which derived the candidate
+
         if hmac.compare_digest(candidate, self.digest):
             self.salt = self.digest = None
             self.failures = 0

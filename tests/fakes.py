@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keyagent import errors
-from keyagent.agent import Agent, Clock, Deferred, Outcome, Peer
+from keyagent.agent import Agent, Clock, Deferred, Peer
 from keyagent.protocol import Request
-from keyagent.sessions import ListedKey
+
+if TYPE_CHECKING:
+    from keyagent.agent import Outcome
+    from keyagent.sessions import ListedKey
 
 PEER = Peer(pid=1, uid=0, gid=0)
 

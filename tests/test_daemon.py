@@ -335,36 +335,36 @@ def test_core_dumps_are_disabled(agent: AgentProcess) -> None:
 
 
 def test_agent_is_not_dumpable() -> None:
-    """The agent marks itself non-dumpable, so its /proc files belong to root, not its user."""
+    """The serving process marks itself non-dumpable (exec resets the flag), so its /proc
+    files belong to root, not to the user it runs as."""
     base = Path(tempfile.mkdtemp(prefix="keyagent-nobody-"))  # tmp_path is private to root
     os.chmod(base, 0o755)
     directory = base / "nobody"
     directory.mkdir(mode=0o700)
     os.chown(directory, 65534, 65534)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: become nobody and run the daemon in this (already loaded) Python
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            sys.stdout = os.fdopen(write_end, "w")  # pytest has replaced the real one
-            code = daemon.main(["-D", "--config", "/dev/null", "-a", str(directory / "agent.sock")])
-        except BaseException:  # noqa: BLE001  # report through the exit status only
-            code = 3
-        os._exit(code)
-    os.close(write_end)
+    # The interpreter may live under /root (0700): nobody gets to search directories, and
+    # nothing else, through an ambient capability that survives the daemon's exec.
+    setpriv = [
+        "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+        "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search", "--",
+    ]  # fmt: skip
+    command = [*setpriv, sys.executable, "-m", "keyagent.daemon", "-D", "--config", "/dev/null",
+               "-a", str(directory / "agent.sock")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     try:
-        with os.fdopen(read_end, "rb") as lines:
-            assert read_line(lines.fileno(), 20).startswith(b"KEYAGENT_SOCK=")
-            owner = os.stat(f"/proc/{pid}/environ").st_uid
-            status = Path(f"/proc/{pid}/status").read_text()
+        with subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=str(base), env=env
+        ) as process:
+            try:
+                assert process.stdout is not None
+                assert read_line(process.stdout.fileno(), 20).startswith(b"KEYAGENT_SOCK=")
+                status = Path(f"/proc/{process.pid}/status").read_text()
+                owner = os.stat(f"/proc/{process.pid}/environ").st_uid
+            finally:
+                process.terminate()
         assert "Uid:\t65534" in status
         assert owner == 0  # a dumpable process's /proc files would belong to uid 65534
     finally:
-        os.kill(pid, signal.SIGTERM)
-        os.waitpid(pid, 0)
         shutil.rmtree(base)
 
 

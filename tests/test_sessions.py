@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from keyagent import errors
@@ -49,7 +47,7 @@ def test_run_remote_prefers_the_live_session(account: FakeAccount) -> None:
 def test_run_remote_falls_back_to_a_key_when_the_session_died(account: FakeAccount) -> None:
     """A 401 on the session is retried once with the held API key, and reported as expired."""
     account.session, account.session_alive, account.keys = True, False, ["held"]
-    result: RemoteResult[Any] = run_remote(
+    result: RemoteResult = run_remote(
         account,
         Plan(use_session=True, validate_first=False, api_keys=("held",)),
         account.list_keys,

@@ -859,10 +859,10 @@ def test_user_manager_script_tears_everything_down_on_sigterm(
 
 HARDENING_PROBE = """
 import ctypes, json, mmap, os, socket, sys
-from keyagent import daemon
+from keyagent import core
 
 result = {}
-daemon.harden(1024)  # setrlimit, and prctl(PR_SET_DUMPABLE, 0) through ctypes
+core.harden(1024)  # setrlimit, and prctl(PR_SET_DUMPABLE, 0) through ctypes
 libc = ctypes.CDLL(None, use_errno=True)
 result["dumpable"] = libc.prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE
 compare = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)

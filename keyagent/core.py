@@ -1,0 +1,310 @@
+"""The agent's serving process: a lean interpreter that holds the keys and serves the socket.
+
+:mod:`keyagent.daemon` parses the command line and the configuration, binds the socket,
+forks if asked, and then replaces itself (same pid) with::
+
+    python -I -S .../keyagent/_serve.py FD
+
+where descriptor ``FD`` holds the hand-off: a JSON document with the settings, the
+listening socket's descriptor, and where to report readiness. A fresh interpreter keeps
+everything start-up needed (argparse, tomllib, platformdirs, ``site`` and its ``.pth``
+hooks) out of the process that stays resident; ``-I`` also makes it ignore ``PYTHON*``
+variables and the user's site directory. Modules here and below import only what serving
+needs (docs/performance.md lists the budget); ``requests`` and ``keyring`` load on first use.
+
+Nothing in the hand-off is secret; it is a memfd, not argv or the environment, only so
+that no other process or log sees the agent's paths and settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import resource
+import select
+import signal
+import sys
+import time
+
+from keyagent.agent import Agent
+from keyagent.errors import KeyagentError
+from keyagent.persist import KeyringStore, PersistedKey
+from keyagent.server import Limits, Server, file_identity, log_internal
+from keyagent.sessions import LazyAccount
+from keyagent.systemd import Notifier
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any
+
+    from keyagent.sessions import AccountFactory, RemoteAccount
+
+log = logging.getLogger("keyagent")
+
+EXIT_OK, EXIT_FAILURE = 0, 1
+PR_SET_DUMPABLE = 4
+RESTORE_TIMEOUT = 5.0
+
+
+# --- process hardening -------------------------------------------------------------------
+
+
+def harden(max_connections: int) -> None:
+    """No core dumps, no ptrace by other processes of the user, enough descriptors.
+
+    Runs in the serving process itself: ``execve`` resets the dumpable flag.
+    """
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    libc = ctypes.CDLL(None, use_errno=True)
+    # Non-dumpable: no core file, and /proc/<pid>/mem and ptrace are closed to the user's
+    # other processes, which could otherwise read every key out of memory.
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        log.warning("could not make the agent non-dumpable: %s", os.strerror(ctypes.get_errno()))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + 64
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < wanted:
+            log.warning(
+                "descriptor limit %d allows fewer than %d connections", target, max_connections
+            )
+
+
+def configure_logging(*, debug: bool, foreground: bool) -> None:
+    """Foreground: stderr (``-d``: debug level). Background: warnings to syslog (authpriv)."""
+    root = logging.getLogger("keyagent")
+    root.handlers.clear()
+    root.propagate = False
+    handler: logging.Handler
+    if foreground:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("keyagent[%(process)d]: %(levelname)s: %(message)s"))
+        root.setLevel(logging.DEBUG if debug else logging.INFO)
+    else:
+        from logging.handlers import SysLogHandler  # background only: the foreground never
+
+        try:
+            handler = SysLogHandler(address="/dev/log", facility=SysLogHandler.LOG_AUTHPRIV)
+            handler.setFormatter(logging.Formatter("keyagent[%(process)d]: %(message)s"))
+        except OSError:
+            handler = logging.NullHandler()
+        root.setLevel(logging.WARNING)
+    root.addHandler(handler)
+
+
+def _detach_stdio() -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    if devnull > 2:
+        os.close(devnull)
+
+
+# --- Conduce and the keyring ---------------------------------------------------------------
+
+
+def conduce_accounts(settings: Mapping[str, Any]) -> AccountFactory:
+    """Accounts that talk to the real service.
+
+    ``requests`` is imported by the first Conduce call, on a worker thread: an agent that
+    only serves keys never loads it.
+    """
+    if settings["insecure"]:
+        log.warning("--insecure: TLS certificates of Conduce hosts will not be verified")
+
+    def real(host: str, user: str) -> RemoteAccount:
+        from keyagent.conduce import ConduceAccount, HttpSettings
+
+        http = HttpSettings(
+            verify=settings["ca_bundle"] or True,
+            insecure=settings["insecure"],
+            connect_timeout=settings["connect_timeout"],
+            read_timeout=settings["read_timeout"],
+        )
+        return ConduceAccount(host, user, http)
+
+    def account(host: str, user: str) -> RemoteAccount:
+        return LazyAccount(host, user, real)
+
+    return account
+
+
+def restore_persisted(agent: Agent, keyring: KeyringStore) -> None:
+    """Hold the keys persisted in the OS keyring again, waiting at most RESTORE_TIMEOUT.
+
+    The keyring is read by a short-lived forked child that hands the keys back over a
+    pipe: ``keyring`` and its D-Bus stack (over ten megabytes) then never load into the
+    long-running agent unless a request asks to persist. The child shares the agent's
+    hardening (non-dumpable, no core files). A locked keyring may prompt and block; the
+    agent then starts without those keys rather than not at all.
+    """
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # the reader: no threads exist yet, so forking is safe
+        os.close(read_end)
+        try:
+            live, expired = keyring.load_all(time.time())
+            payload = {"keys": [vars_of(key) for key in live], "expired": len(expired)}
+        except KeyagentError as error:
+            payload = {"error": error.message}
+        except BaseException as error:  # noqa: BLE001  # reported to the parent, which logs it
+            payload = {"error": f"the OS keyring could not be read ({type(error).__name__})"}
+        with os.fdopen(write_end, "w") as pipe:
+            json.dump(payload, pipe)
+        os._exit(0)
+    os.close(write_end)
+    try:
+        data = read_all(read_end, RESTORE_TIMEOUT)
+    finally:
+        os.close(read_end)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)  # a reader stuck on a prompt is abandoned
+        os.waitpid(child, 0)
+    if data is None:
+        log.warning(
+            "the OS keyring did not answer within %gs; persisted keys not restored",
+            RESTORE_TIMEOUT,
+        )
+        return
+    try:
+        payload = json.loads(data)
+        if "error" in payload:
+            log.info("persisted keys not restored: %s", payload["error"])
+            return
+        keys = [PersistedKey(**fields) for fields in payload["keys"]]
+    except (ValueError, TypeError, KeyError):
+        log.warning("persisted keys not restored: the keyring reader failed")
+        return
+    if payload.get("expired"):
+        log.info("deleted %d expired key(s) from the OS keyring", payload["expired"])
+    agent.restore(keys)
+
+
+def vars_of(key: PersistedKey) -> dict[str, object]:
+    return {
+        "key_id": key.key_id, "host": key.host, "user": key.user, "secret": key.secret,
+        "description": key.description, "created": key.created, "expires": key.expires,
+    }  # fmt: skip
+
+
+def read_all(fd: int, timeout: float) -> bytes | None:
+    """Everything written to ``fd`` until EOF, or None if that takes over ``timeout``."""
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        readable, _, _ = select.select([fd], [], [], remaining)
+        if readable:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
+# --- serving -------------------------------------------------------------------------------
+
+
+def serve(
+    settings: Mapping[str, Any],
+    listener_path: str,
+    bound: tuple[int, int] | None,
+    listener: Any,
+    on_ready: Callable[[], None],
+    *,
+    notifier: Notifier,
+) -> int:
+    """Harden, set up, call ``on_ready`` (signals are handled by then), serve until stopped."""
+    harden(settings["max_connections"])
+    agent = Agent(
+        socket_path=listener_path,
+        default_lifetime=settings["lifetime"],
+        default_persist=settings["persist"],
+        accounts=conduce_accounts(settings),
+        validate_after=settings["validate_after"],
+        keyring=None if settings["no_keyring"] else KeyringStore(),
+    )
+    if agent.keyring is not None:
+        restore_persisted(agent, agent.keyring)
+    limits = Limits(
+        max_connections=settings["max_connections"],
+        idle_timeout=settings["idle_timeout"],
+        line_timeout=settings["line_timeout"],
+    )
+    server = Server(agent, listener, limits=limits)
+    server.install_signal_handlers()
+
+    def ready() -> None:
+        # Set-up leaves freed heap behind; hand it back before settling in for the session.
+        with contextlib.suppress(AttributeError, OSError):
+            ctypes.CDLL(None).malloc_trim(0)
+        on_ready()
+        notifier.ready(f"serving {len(agent.held_keys)} key(s) on {listener_path}")
+
+    server.on_ready = ready
+    try:
+        server.serve_forever()
+    finally:
+        notifier.stopping("stopping")
+        notifier.close()
+        listener.close()
+        # Remove the socket only if it is still the one we bound: a newer agent may have
+        # replaced a socket it found unanswered.
+        if bound is not None and file_identity(listener_path) == bound:
+            os.unlink(listener_path)
+    return EXIT_OK
+
+
+def _adopt(fd: int) -> int:
+    """Take an inherited descriptor: close-on-exec again, so commands do not inherit it."""
+    os.set_inheritable(fd, False)
+    return fd
+
+
+def run(handoff: Mapping[str, Any]) -> int:
+    """Serve as the hand-off from :func:`keyagent.daemon.exec_core` describes."""
+    import socket
+
+    foreground = handoff["foreground"]
+    configure_logging(debug=handoff["debug"], foreground=foreground)
+    listener = socket.socket(fileno=_adopt(handoff["listener_fd"]))
+    bound = tuple(handoff["bound"]) if handoff["bound"] else None
+    announce = handoff.get("announce")
+    ready_fd = handoff.get("ready_fd")
+    announce_fd = _adopt(announce["fd"]) if announce else None
+    announce_text = announce["text"].encode() if announce else b""
+    if ready_fd is not None:
+        _adopt(ready_fd)
+
+    def on_ready() -> None:
+        if announce_fd is not None:
+            os.write(announce_fd, announce_text)
+        if ready_fd is not None:
+            os.write(ready_fd, b"R")
+            os.close(ready_fd)
+            _detach_stdio()
+
+    notifier = Notifier(handoff.get("notify"), unset_environment=False)
+    path = handoff["socket_path"]
+    try:
+        return serve(handoff["settings"], path, bound, listener, on_ready, notifier=notifier)
+    except BaseException as error:
+        if foreground:
+            raise
+        log_internal(error)  # to syslog: a background agent has no terminal any more
+        return EXIT_FAILURE
+
+
+def main(argv: list[str]) -> int:
+    """``_serve.py FD``: read the hand-off from descriptor FD, then serve."""
+    fd = int(argv[0])
+    with os.fdopen(_adopt(fd), "rb") as source:
+        handoff = json.loads(source.read())
+    sys.path[:] = handoff["sys_path"]
+    return run(handoff)

@@ -13,7 +13,6 @@ returns an outcome that the server completes later:
 from __future__ import annotations
 
 import collections
-import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -32,6 +31,7 @@ from keyagent.errors import (
     SessionExpired,
     UnknownOp,
 )
+from keyagent.log import get_logger
 from keyagent.persist import KeyringStore, PersistedKey
 from keyagent.protocol import MAX_LIFETIME, OPS, PROTOCOL_VERSION, Request
 from keyagent.sessions import Plan, RemoteResult, Session, run_remote
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
     Result = dict[str, Any]
 
-log = logging.getLogger("keyagent.agent")
+log = get_logger("keyagent.agent")
 
 
 class Deferred(Frozen):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import http
 import json
-import logging
 import os
 import random
 import re
@@ -49,10 +48,11 @@ from keyagent.errors import (
     SessionExpired,
     TLSError,
 )
+from keyagent.log import get_logger
 
 __all__ = ["API_PREFIX", "MAX_ANSWER", "ConduceAccount", "HttpSettings", "RemoteKey"]
 
-log = logging.getLogger("keyagent.conduce")
+log = get_logger("keyagent.conduce")
 
 API_PREFIX: Final = "/conduce/api/v1/"
 # The API answers with small JSON documents (a key list is a few hundred bytes a key); a

@@ -8,8 +8,9 @@ forks if asked, and then replaces itself (same pid) with::
 where descriptor ``FD`` holds the hand-off: a JSON document with the settings, the
 listening socket's descriptor, and where to report readiness. A fresh interpreter keeps
 everything start-up needed (argparse, tomllib, platformdirs, ``site`` and its ``.pth``
-hooks) out of the process that stays resident; ``-I`` also makes it ignore ``PYTHON*``
-variables and the user's site directory. Modules here and below import only what serving
+hooks) out of the process that stays resident. ``-I`` also keeps ``PYTHON*`` variables
+(``PYTHONINSPECT``, ``PYTHONSTARTUP``) from changing how it runs; its module search path
+is the one the daemon had. Modules here and below import only what serving
 needs (docs/performance.md lists the budget); ``requests`` and ``keyring`` load on first use.
 
 Nothing in the hand-off is secret; it is a memfd, not argv or the environment, only so
@@ -21,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
-import logging
 import os
 import resource
 import select
@@ -31,6 +31,7 @@ import time
 
 from keyagent.agent import Agent
 from keyagent.errors import KeyagentError
+from keyagent.log import DEBUG, INFO, WARNING, get_logger, to_stderr, to_syslog
 from keyagent.persist import KeyringStore, PersistedKey
 from keyagent.server import Limits, Server, file_identity, log_internal
 from keyagent.sessions import LazyAccount
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 
     from keyagent.sessions import AccountFactory, RemoteAccount
 
-log = logging.getLogger("keyagent")
+log = get_logger("keyagent")
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 PR_SET_DUMPABLE = 4
@@ -77,24 +78,10 @@ def harden(max_connections: int) -> None:
 
 def configure_logging(*, debug: bool, foreground: bool) -> None:
     """Foreground: stderr (``-d``: debug level). Background: warnings to syslog (authpriv)."""
-    root = logging.getLogger("keyagent")
-    root.handlers.clear()
-    root.propagate = False
-    handler: logging.Handler
     if foreground:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("keyagent[%(process)d]: %(levelname)s: %(message)s"))
-        root.setLevel(logging.DEBUG if debug else logging.INFO)
+        to_stderr(DEBUG if debug else INFO)
     else:
-        from logging.handlers import SysLogHandler  # background only: the foreground never
-
-        try:
-            handler = SysLogHandler(address="/dev/log", facility=SysLogHandler.LOG_AUTHPRIV)
-            handler.setFormatter(logging.Formatter("keyagent[%(process)d]: %(message)s"))
-        except OSError:
-            handler = logging.NullHandler()
-        root.setLevel(logging.WARNING)
-    root.addHandler(handler)
+        to_syslog(WARNING)
 
 
 def _detach_stdio() -> None:

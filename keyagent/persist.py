@@ -56,7 +56,6 @@ writes to, so reads, writes and deletes all go to one store.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import re
@@ -66,6 +65,7 @@ from collections.abc import Callable, Iterable
 
 from keyagent._record import Frozen, Record, set_field
 from keyagent.errors import KeyringUnavailable
+from keyagent.log import get_logger
 from keyagent.store import key_id_for
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
@@ -84,7 +84,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FORMAT", "KeyringStore", "PersistedKey"]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 FORMAT: Final = 1
 """The ``"v"`` this version writes, in entries and in the index."""

@@ -20,7 +20,6 @@ import contextlib
 import errno
 import heapq
 import itertools
-import logging
 import os
 import queue
 import select
@@ -44,6 +43,7 @@ from keyagent.errors import (
     Timeout,
     TooLarge,
 )
+from keyagent.log import DEBUG, get_logger
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
     from keyagent.agent import Outcome
 
-log = logging.getLogger("keyagent.server")
+log = get_logger("keyagent.server")
 
 _UCRED = struct.Struct("3i")
 _HANGUP = select.EPOLLHUP | select.EPOLLERR
@@ -243,7 +243,7 @@ class Server:
         self.listener.setblocking(False)
         self._epoll.register(self.listener.fileno(), select.EPOLLIN)
         self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
-        self._memo_enabled = not log.isEnabledFor(logging.DEBUG)  # debug logs every request
+        self._memo_enabled = not log.isEnabledFor(DEBUG)  # debug logs every request
         self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._workers = _Workers(self.limits.workers)
         self._running = True

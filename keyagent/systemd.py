@@ -20,12 +20,13 @@ The units in ``contrib/systemd/`` use both: ``keyagent.socket`` owns
 from __future__ import annotations
 
 import fcntl
-import logging
 import os
 import socket
 from types import TracebackType
 
-log = logging.getLogger("keyagent.systemd")
+from keyagent.log import get_logger
+
+log = get_logger("keyagent.systemd")
 
 SD_LISTEN_FDS_START = 3
 """The first descriptor passed by socket activation."""

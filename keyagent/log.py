@@ -1,0 +1,127 @@
+"""The agent's loggers: :mod:`logging` in a library, a lean sink in the serving process.
+
+``get_logger(name)`` returns a :class:`Logger` with the usual ``debug`` … ``error``
+methods (``%``-style arguments, formatted only if the level is on). Until
+:func:`to_stderr` or :func:`to_syslog` is called, which only :mod:`keyagent.core` does, a
+record goes to the standard :mod:`logging` logger of the same name, so tests (``caplog``)
+and programs embedding keyagent configure it as usual. In the serving process records go
+straight to stderr or to the ``syslog`` C module: ``logging`` and what it imports
+(``traceback``, ``tokenize``, ``string``, ``weakref``) are over 1 MiB the agent would
+otherwise keep resident. Nothing here formats exceptions: callers log types, never
+messages that might quote a secret (see :func:`keyagent.server.log_internal`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from logging import Logger as StdLogger
+
+__all__ = ["DEBUG", "ERROR", "INFO", "WARNING", "Logger", "get_logger", "to_stderr", "to_syslog"]
+
+DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
+_LEVEL_NAMES = {DEBUG: "DEBUG", INFO: "INFO", WARNING: "WARNING", ERROR: "ERROR"}
+
+
+class _Sink:
+    """Where the serving process's records go, and from which level."""
+
+    __slots__ = ("emit", "level")
+
+    def __init__(self, level: int, emit: Callable[[int, str], None]) -> None:
+        self.level = level
+        self.emit = emit
+
+
+_sink: _Sink | None = None
+
+
+def to_stderr(level: int) -> None:
+    """Send records at ``level`` and above to stderr as ``keyagent[PID]: LEVEL: message``."""
+    prefix = f"keyagent[{os.getpid()}]: "
+
+    def emit(level: int, text: str) -> None:
+        try:
+            sys.stderr.write(f"{prefix}{_LEVEL_NAMES.get(level, level)}: {text}\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass  # a closed terminal must not take the agent down
+
+    global _sink  # noqa: PLW0603  # one process-wide destination, set once at start-up
+    _sink = _Sink(level, emit)
+
+
+def to_syslog(level: int) -> None:
+    """Send records at ``level`` and above to syslog (authpriv), as ``keyagent[PID]``."""
+    import syslog
+
+    syslog.openlog("keyagent", syslog.LOG_PID, syslog.LOG_AUTHPRIV)
+    priorities = {
+        DEBUG: syslog.LOG_DEBUG, INFO: syslog.LOG_INFO, WARNING: syslog.LOG_WARNING,
+        ERROR: syslog.LOG_ERR,
+    }  # fmt: skip
+
+    def emit(level: int, text: str) -> None:
+        syslog.syslog(priorities.get(level, syslog.LOG_ERR), text)
+
+    global _sink  # noqa: PLW0603  # one process-wide destination, set once at start-up
+    _sink = _Sink(level, emit)
+
+
+class Logger:
+    """A named logger; see the module docstring for where its records go."""
+
+    __slots__ = ("_std", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._std: StdLogger | None = None
+
+    def __repr__(self) -> str:
+        return f"Logger({self.name!r})"
+
+    def _standard(self) -> StdLogger:
+        if self._std is None:
+            import logging
+
+            self._std = logging.getLogger(self.name)
+        return self._std
+
+    def isEnabledFor(self, level: int) -> bool:  # the name logging uses
+        sink = _sink
+        if sink is None:
+            return self._standard().isEnabledFor(level)
+        return level >= sink.level
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        sink = _sink
+        if sink is None:
+            std = self._standard()
+            if std.isEnabledFor(level):
+                std.log(level, msg, *args, stacklevel=3)
+        elif level >= sink.level:
+            try:
+                text = msg % args if args else msg
+            except (TypeError, ValueError):
+                text = f"{msg} (unformattable arguments)"
+            sink.emit(level, text)
+
+    def debug(self, msg: str, *args: object) -> None:
+        self.log(DEBUG, msg, *args)
+
+    def info(self, msg: str, *args: object) -> None:
+        self.log(INFO, msg, *args)
+
+    def warning(self, msg: str, *args: object) -> None:
+        self.log(WARNING, msg, *args)
+
+    def error(self, msg: str, *args: object) -> None:
+        self.log(ERROR, msg, *args)
+
+
+def get_logger(name: str) -> Logger:
+    return Logger(name)

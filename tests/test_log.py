@@ -1,0 +1,66 @@
+"""keyagent.log: the standard logging module in a library, a lean sink in the agent."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from keyagent import log
+
+
+@pytest.fixture
+def restore_sink() -> Iterator[None]:
+    """Put the process-wide sink back to 'standard logging' after the test."""
+    yield
+    log._sink = None
+
+
+def test_records_go_to_standard_logging_by_default(caplog: pytest.LogCaptureFixture) -> None:
+    """Without a sink, a record reaches the standard logger of the same name."""
+    caplog.set_level(logging.INFO, logger="keyagent.test")
+    logger = log.get_logger("keyagent.test")
+    logger.info("held %d key(s) for %s", 2, "ops@example.com")
+    logger.debug("not shown at INFO")
+    assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
+        ("keyagent.test", logging.INFO, "held 2 key(s) for ops@example.com")
+    ]
+
+
+def test_stderr_sink_formats_and_filters(
+    restore_sink: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The stderr sink writes `keyagent[PID]: LEVEL: message` from its level up."""
+    log.to_stderr(log.INFO)
+    logger = log.get_logger("keyagent.test")
+    logger.debug("hidden %s", "detail")
+    logger.warning("refused connection from uid %d", 1001)
+    assert not logger.isEnabledFor(log.DEBUG)
+    assert logger.isEnabledFor(log.ERROR)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("keyagent[")
+    assert lines[0].endswith("]: WARNING: refused connection from uid 1001")
+
+
+def test_sink_survives_bad_format_arguments(
+    restore_sink: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A format string that does not fit its arguments is logged as is, never raised."""
+    log.to_stderr(log.DEBUG)
+    log.get_logger("keyagent.test").error("expected a number: %d", "text")
+    assert (
+        capsys.readouterr()
+        .err.rstrip()
+        .endswith("ERROR: expected a number: %d (unformattable arguments)")
+    )
+
+
+def test_syslog_sink_filters_by_level(restore_sink: None) -> None:
+    """The background agent's syslog sink passes warnings and errors only."""
+    log.to_syslog(log.WARNING)
+    logger = log.get_logger("keyagent.test")
+    assert not logger.isEnabledFor(log.INFO)
+    assert logger.isEnabledFor(log.WARNING)
+    logger.warning("a warning goes to syslog (or nowhere without a syslog daemon)")

@@ -19,13 +19,12 @@ that no other process or log sees the agent's paths and settings.
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import ctypes
-import json
 import os
 import resource
 import select
-import signal
 import sys
 import time
 
@@ -36,6 +35,7 @@ from keyagent.persist import KeyringStore, PersistedKey
 from keyagent.server import Limits, Server, file_identity, log_internal
 from keyagent.sessions import LazyAccount
 from keyagent.systemd import Notifier
+from keyagent.wire import decode
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
 if TYPE_CHECKING:
@@ -141,6 +141,8 @@ def restore_persisted(agent: Agent, keyring: KeyringStore) -> None:
             payload = {"error": error.message}
         except BaseException as error:  # noqa: BLE001  # reported to the parent, which logs it
             payload = {"error": f"the OS keyring could not be read ({type(error).__name__})"}
+        import json  # in the short-lived reader only
+
         with os.fdopen(write_end, "w") as pipe:
             json.dump(payload, pipe)
         os._exit(0)
@@ -150,7 +152,9 @@ def restore_persisted(agent: Agent, keyring: KeyringStore) -> None:
     finally:
         os.close(read_end)
         with contextlib.suppress(ProcessLookupError):
-            os.kill(child, signal.SIGKILL)  # a reader stuck on a prompt is abandoned
+            # A reader stuck on a prompt is abandoned. 9 is SIGKILL: the signal module
+            # would load enum into the agent.
+            os.kill(child, 9)
         os.waitpid(child, 0)
     if data is None:
         log.warning(
@@ -159,16 +163,18 @@ def restore_persisted(agent: Agent, keyring: KeyringStore) -> None:
         )
         return
     try:
-        payload = json.loads(data)
-        if "error" in payload:
-            log.info("persisted keys not restored: %s", payload["error"])
+        answer = decode(data)
+        if not isinstance(answer, dict):
+            raise TypeError("not an object")
+        if "error" in answer:
+            log.info("persisted keys not restored: %s", answer["error"])
             return
-        keys = [PersistedKey(**fields) for fields in payload["keys"]]
+        keys = [PersistedKey(**fields) for fields in answer["keys"]]
     except (ValueError, TypeError, KeyError):
         log.warning("persisted keys not restored: the keyring reader failed")
         return
-    if payload.get("expired"):
-        log.info("deleted %d expired key(s) from the OS keyring", payload["expired"])
+    if answer.get("expired"):
+        log.info("deleted %d expired key(s) from the OS keyring", answer["expired"])
     agent.restore(keys)
 
 
@@ -256,11 +262,9 @@ def _adopt(fd: int) -> int:
 
 def run(handoff: Mapping[str, Any]) -> int:
     """Serve as the hand-off from :func:`keyagent.daemon.exec_core` describes."""
-    import socket
-
     foreground = handoff["foreground"]
     configure_logging(debug=handoff["debug"], foreground=foreground)
-    listener = socket.socket(fileno=_adopt(handoff["listener_fd"]))
+    listener = _socket.socket(fileno=_adopt(handoff["listener_fd"]))
     bound = tuple(handoff["bound"]) if handoff["bound"] else None
     announce = handoff.get("announce")
     ready_fd = handoff.get("ready_fd")
@@ -292,6 +296,8 @@ def main(argv: list[str]) -> int:
     """``_serve.py FD``: read the hand-off from descriptor FD, then serve."""
     fd = int(argv[0])
     with os.fdopen(_adopt(fd), "rb") as source:
-        handoff = json.loads(source.read())
+        handoff = decode(source.read())
+    if not isinstance(handoff, dict):
+        raise SystemExit("keyagent: the hand-off from the daemon is not a JSON object")
     sys.path[:] = handoff["sys_path"]
     return run(handoff)

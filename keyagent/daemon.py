@@ -13,6 +13,7 @@ command itself with exit status 1.
 
 from __future__ import annotations
 
+import _socket
 import argparse
 import ctypes
 import json
@@ -20,7 +21,6 @@ import logging
 import os
 import shlex
 import signal
-import socket
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn, TextIO
@@ -290,7 +290,7 @@ def exec_core(
     args: argparse.Namespace,
     path: str,
     bound: tuple[int, int] | None,
-    listener: socket.socket,
+    listener: _socket.socket,
     *,
     foreground: bool,
     notifier: Notifier,
@@ -372,7 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if inherited:
         # Socket activation: systemd made the socket (mode, directory, path) and removes it;
         # we serve it as given. The peer-uid check still applies to every connection.
-        listener, extra = inherited[0], inherited[1:]
+        listener: _socket.socket = inherited[0]
+        extra = inherited[1:]
         for sock in extra:
             log.warning("ignoring extra inherited socket %s", sock.getsockname())
             sock.close()

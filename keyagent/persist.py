@@ -55,10 +55,8 @@ writes to, so reads, writes and deletes all go to one store.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 import sys
 import threading
 from collections.abc import Callable, Iterable
@@ -91,7 +89,13 @@ FORMAT: Final = 1
 INDEX: Final = "index"
 ENTRY_PREFIX: Final = "key:"
 ENV_BACKEND: Final = "PYTHON_KEYRING_BACKEND"
-_KEY_ID = re.compile(r"[0-9a-f]{12}")
+_HEX = "0123456789abcdef"
+
+
+def _is_key_id(text: str) -> bool:
+    """Exactly 12 lowercase hex digits (no ``re``: the agent's core does not import it)."""
+    return len(text) == 12 and not text.strip(_HEX)
+
 
 # Messages: one sentence naming the next step; built from class names and key ids only.
 _FIX = (
@@ -269,7 +273,7 @@ class KeyringStore:
 
     def delete(self, key_id: str) -> bool:
         """Delete one persisted key by its full id; False if it was not persisted."""
-        if not _KEY_ID.fullmatch(key_id):
+        if not _is_key_id(key_id):
             return False
         with self._lock:
             backend = self._ready()
@@ -316,6 +320,8 @@ class KeyringStore:
         if raw is None:
             return _Index([], [], stored=False)
         try:
+            import json  # loads with the keyring, never in an agent that does not use it
+
             document = json.loads(raw)
             version = document["v"]
             if not isinstance(version, int) or isinstance(version, bool):
@@ -339,6 +345,8 @@ class KeyringStore:
     def _store_index(self, backend: Backend, index: _Index) -> None:
         if index.keys or index.pending:
             document = {"v": FORMAT, "keys": index.keys, "pending": index.pending}
+            import json  # loads with the keyring, never in an agent that does not use it
+
             self._set(backend, INDEX, json.dumps(document, separators=(",", ":")), "the index")
             index.stored = True
         elif index.stored:
@@ -490,7 +498,7 @@ def _unavailable(operation: str, subject: str, exc: BaseException) -> KeyringUna
 def _key_ids(value: object) -> list[str]:
     if not isinstance(value, list):
         raise TypeError
-    ids = [item for item in value if isinstance(item, str) and _KEY_ID.fullmatch(item)]
+    ids = [item for item in value if isinstance(item, str) and _is_key_id(item)]
     if len(ids) != len(value):
         log.warning(
             "the keyring index lists %d malformed key id(s); ignored", len(value) - len(ids)
@@ -508,12 +516,16 @@ def _encode(key: PersistedKey) -> str:
         "created": key.created,
         "expires": key.expires,
     }
+    import json  # loads with the keyring, never in an agent that does not use it
+
     return json.dumps(document, separators=(",", ":"))
 
 
 def _decode(key_id: str, raw: str) -> PersistedKey | None:
     """The key an entry holds; None if it is corrupt. Raises _NewerFormat for a newer "v"."""
     try:
+        import json  # loads with the keyring, never in an agent that does not use it
+
         document = json.loads(raw)
     except ValueError:
         return None

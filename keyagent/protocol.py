@@ -8,14 +8,12 @@ never echo a value: values may be secrets.
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections.abc import Callable, Mapping
 
 from keyagent._record import Frozen, set_field
 from keyagent.errors import BadRequest, KeyagentError, TooLarge, UnknownOp
-from keyagent.wire import Reply, encode_request, parse_reply
+from keyagent.wire import Reply, decode_text, encode_request, encoder, parse_reply, scanner
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
 if TYPE_CHECKING:
@@ -78,20 +76,43 @@ class InvalidRequest(Exception):
 
 Validator = Callable[[str, object], object]
 
+
+def _forbidding(chars: str) -> Callable[[str], bool]:
+    """A test for "contains one of ``chars`` or a lone surrogate", in C loops (no ``re``)."""
+    deleted = dict.fromkeys(map(ord, chars))
+
+    def found(value: str) -> bool:
+        if len(value.translate(deleted)) != len(value):
+            return True
+        try:
+            value.encode("utf-8")  # only a surrogate (\ud800-\udfff) cannot be encoded
+        except UnicodeEncodeError:
+            return True
+        return False
+
+    return found
+
+
+def _span(first: str, last: str) -> str:
+    return "".join(map(chr, range(ord(first), ord(last) + 1)))
+
+
 # Control characters, lone surrogates, and the bidirectional overrides that can make a
 # quoted name display as something else in a terminal.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-_TOKEN = re.compile(r"[\x00-\x20\x7f-\x9f\ud800-\udfff]")  # no whitespace either
-_KEY_ID = re.compile(r"[0-9a-f]{4,12}")
+_C0, _C1 = _span("\x00", "\x1f"), _span("\x7f", "\x9f")
+_BIDI = "\u200e\u200f" + _span("\u202a", "\u202e") + _span("\u2066", "\u2069")
+_CONTROL = _forbidding(_C0 + _C1 + _BIDI)
+_TOKEN = _forbidding(_C0 + " " + _C1)  # no whitespace either
+_HEX = "0123456789abcdef"
 
 
-def _text(max_len: int, *, min_len: int = 1, forbid: re.Pattern[str] = _CONTROL) -> Validator:
+def _text(max_len: int, *, min_len: int = 1, forbid: Callable[[str], bool] = _CONTROL) -> Validator:
     def check(name: str, value: object) -> object:
         if not isinstance(value, str):
             raise BadRequest(f"argument '{name}' must be a string")
         if not min_len <= len(value) <= max_len:
             raise BadRequest(f"argument '{name}' must be {min_len} to {max_len} characters long")
-        if forbid.search(value):
+        if forbid(value):
             raise BadRequest(f"argument '{name}' must not contain control characters")
         return value
 
@@ -99,9 +120,10 @@ def _text(max_len: int, *, min_len: int = 1, forbid: re.Pattern[str] = _CONTROL)
 
 
 def _key_id(name: str, value: object) -> object:
-    if not isinstance(value, str) or not _KEY_ID.fullmatch(value.lower()):
+    lowered = value.lower() if isinstance(value, str) else ""
+    if not 4 <= len(lowered) <= 12 or lowered.strip(_HEX):
         raise BadRequest(f"argument '{name}' must be 4 to 12 hex characters of a key id")
-    return value.lower()
+    return lowered
 
 
 def _boolean(name: str, value: object) -> object:
@@ -129,7 +151,7 @@ USER = _text(320)
 KEY = _text(8192, forbid=_TOKEN)
 DESCRIPTION = _text(1024, min_len=0)
 PASSPHRASE = _text(1024)
-PASSWORD = _text(4096, forbid=re.compile(r"[\x00\ud800-\udfff]"))
+PASSWORD = _text(4096, forbid=_forbidding("\x00"))
 
 # name -> (validator, required)
 Spec = Mapping[str, tuple[Validator, bool]]
@@ -173,10 +195,6 @@ OPS: Final[Mapping[str, Spec]] = {
 # --- decoding --------------------------------------------------------------------------------
 
 
-def _reject_constant(name: str) -> object:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # Two parsers that disagree on which duplicate wins are a classic smuggling vector;
     # refusing duplicates removes the question.
@@ -186,12 +204,12 @@ def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return members
 
 
-_decoder = json.JSONDecoder(object_pairs_hook=_unique_members, parse_constant=_reject_constant)
+_scan = scanner(_unique_members)  # NaN and Infinity are refused too
 
 
 def _printable(name: str) -> str:
     """An op or argument name fit to quote back: short and without control characters."""
-    return name if len(name) <= 32 and not _CONTROL.search(name) else "?"
+    return name if len(name) <= 32 and not _CONTROL(name) else "?"
 
 
 def _is_scalar(value: object) -> bool:
@@ -210,7 +228,7 @@ def parse_request(line: bytes) -> Request:
         raise InvalidRequest(TooLarge())
     try:
         text = line.decode("utf-8")
-        message = _decoder.decode(text)
+        message = decode_text(text, _scan)
     except UnicodeDecodeError:
         raise InvalidRequest(
             BadRequest("the request is not valid UTF-8; send UTF-8 JSON")
@@ -260,7 +278,7 @@ def _validate(op: str, spec: Spec, given: dict[str, Any]) -> dict[str, Any]:
 
 # --- encoding --------------------------------------------------------------------------------
 
-_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_encode = encoder()
 
 
 def encode_result(request_id: Scalar, result: Mapping[str, Any]) -> bytes:

@@ -15,6 +15,7 @@ line and is closed.
 
 from __future__ import annotations
 
+import _socket
 import collections
 import contextlib
 import errno
@@ -23,8 +24,6 @@ import itertools
 import os
 import queue
 import select
-import signal
-import socket
 import stat
 import struct
 import threading
@@ -46,6 +45,12 @@ from keyagent.errors import (
 from keyagent.log import DEBUG, get_logger
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
+# The C halves of socket and signal: their Python wrappers convert constants to enums, and
+# enum alone is about 1 MiB resident. The type checker reads signal's stub for _signal.
+if TYPE_CHECKING:
+    import signal as _signal
+else:
+    import _signal
 if TYPE_CHECKING:
     from typing import Any
 
@@ -58,6 +63,11 @@ _HANGUP = select.EPOLLHUP | select.EPOLLERR
 # Below glibc's mmap threshold (128 KiB): a larger buffer makes every recv() an mmap and a
 # munmap with their page faults, which measured as a 2-5x slower request.
 _RECV_SIZE = 64 * 1024
+_SIGNAL_NAMES: dict[int, str] = {
+    _signal.SIGTERM: "SIGTERM", _signal.SIGINT: "SIGINT", _signal.SIGHUP: "SIGHUP",
+    _signal.SIGUSR1: "SIGUSR1",
+}  # fmt: skip
+"""The signals the agent handles, by number."""
 MEMO_SIZE = 256
 MAX_QUEUED = 64
 """Jobs waiting on one queue (an account, the keyring, the lock) before more are refused."""
@@ -123,7 +133,7 @@ class Connection:
         "sock",
     )
 
-    def __init__(self, sock: socket.socket, peer: Peer, now: float) -> None:
+    def __init__(self, sock: _socket.socket, peer: Peer, now: float) -> None:
         self.sock = sock
         self.peer = peer
         self.inbuf = bytearray()
@@ -188,7 +198,7 @@ class Server:
     def __init__(
         self,
         agent: Agent,
-        listener: socket.socket,
+        listener: _socket.socket,
         *,
         limits: Limits | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -217,7 +227,7 @@ class Server:
         self._seq = itertools.count()
         self._queues: dict[str, collections.deque[Callable[[], None]]] = {}
         self._completed: collections.deque[Callable[[], None]] = collections.deque()
-        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r, self._wake_w = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._signals: collections.deque[int] = collections.deque()
@@ -232,9 +242,9 @@ class Server:
 
     def install_signal_handlers(self) -> None:
         """TERM, INT and HUP stop the agent cleanly; USR1 forgets every key."""
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-            signal.signal(signum, self._on_signal)
+        _signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in _SIGNAL_NAMES:
+            _signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals.append(signum)
@@ -352,8 +362,8 @@ class Server:
             self._completed.popleft()()
 
     def _handle_signal(self, signum: int) -> None:
-        name = signal.Signals(signum).name
-        if signum == signal.SIGUSR1:
+        name = _SIGNAL_NAMES.get(signum, str(signum))
+        if signum == _signal.SIGUSR1:
             # Memory only, like forget --all: persisted copies stay in the OS keyring.
             self._complete(None, None, lambda: self.agent.process_forget({"all": True}))
             log.info("%s: forgot every held key", name)
@@ -373,7 +383,7 @@ class Server:
     def _accept(self) -> None:
         for _ in range(64):  # bounded, so a connect storm cannot starve existing clients
             try:
-                sock, _ = self.listener.accept()
+                sock = _accept(self.listener)
             except BlockingIOError:
                 return
             except OSError as error:
@@ -391,7 +401,7 @@ class Server:
         os.close(self._reserve_fd)
         self._reserve_fd = None
         try:
-            sock, _ = self.listener.accept()
+            sock = _accept(self.listener)
         except OSError:
             pass
         else:
@@ -402,10 +412,10 @@ class Server:
         except OSError:
             log.warning("could not re-open the reserve descriptor")
 
-    def _admit(self, sock: socket.socket) -> None:
+    def _admit(self, sock: _socket.socket) -> None:
         try:
             pid, uid, gid = _UCRED.unpack(
-                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+                sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _UCRED.size)
             )
         except OSError:
             sock.close()
@@ -440,7 +450,7 @@ class Server:
         self._read(conn)
 
     @staticmethod
-    def _refuse(sock: socket.socket, error: KeyagentError) -> None:
+    def _refuse(sock: _socket.socket, error: KeyagentError) -> None:
         """Send one error line and close, without reading a request from this peer."""
         try:
             sock.setblocking(False)
@@ -815,6 +825,12 @@ def _raise_internal() -> Outcome:
     raise Internal()
 
 
+def _accept(listener: _socket.socket) -> _socket.socket:
+    """``listener.accept()`` for the C socket type (the Python wrapper adds the method)."""
+    fd, _ = listener._accept()  # type: ignore[attr-defined]
+    return _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, fd)
+
+
 def log_internal(error: BaseException) -> None:
     """Log an unexpected exception by type and frames only.
 
@@ -863,7 +879,7 @@ def check_private_dir(directory: str) -> None:
 
 def agent_answers(path: str, timeout: float = 2.0) -> bool:
     """True if an agent answers ``hello`` on ``path``; False if the socket is dead."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     probe.settimeout(timeout)
     try:
         probe.connect(path)
@@ -878,7 +894,7 @@ def agent_answers(path: str, timeout: float = 2.0) -> bool:
         probe.close()
 
 
-def bind_listener(path: str, backlog: int = 1024) -> socket.socket:
+def bind_listener(path: str, backlog: int = 1024) -> _socket.socket:
     """Bind a 0600 listening socket at ``path`` in a private directory.
 
     A live agent at ``path`` is an error; a dead socket left by a crashed agent is replaced.
@@ -899,7 +915,7 @@ def bind_listener(path: str, backlog: int = 1024) -> socket.socket:
             )
         log.info("replacing stale socket %s", path)
         os.unlink(path)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
         listener.bind(path)

@@ -19,12 +19,16 @@ The units in ``contrib/systemd/`` use both: ``keyagent.socket`` owns
 
 from __future__ import annotations
 
+import _socket
 import fcntl
 import os
-import socket
-from types import TracebackType
 
 from keyagent.log import get_logger
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
+if TYPE_CHECKING:
+    from socket import socket as Socket
+    from types import TracebackType
 
 log = get_logger("keyagent.systemd")
 
@@ -48,14 +52,19 @@ def _parse_count(name: str, text: str) -> int:
     return int(text)
 
 
-def _kind(sock: socket.socket, listening: bool) -> str:
+def _kind(sock: Socket, listening: bool) -> str:
     family = getattr(sock.family, "name", str(sock.family))
     kind = getattr(sock.type, "name", str(sock.type))
     return f"{family} {kind}{'' if listening else ', not listening'}"
 
 
-def _adopt(fd: int, name: str) -> socket.socket:
-    """Mark ``fd`` close-on-exec and wrap it, if it is a listening Unix stream socket."""
+def _adopt(fd: int, name: str) -> Socket:
+    """Mark ``fd`` close-on-exec and wrap it, if it is a listening Unix stream socket.
+
+    Start-up only (the daemon, not the serving process): the socket module loads here.
+    """
+    import socket
+
     try:
         flags = fcntl.fcntl(fd, fcntl.F_GETFD)
         fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
@@ -91,7 +100,7 @@ def _adopt(fd: int, name: str) -> socket.socket:
     return sock
 
 
-def listen_fds_with_names(unset_environment: bool = True) -> list[tuple[str, socket.socket]]:
+def listen_fds_with_names(unset_environment: bool = True) -> list[tuple[str, Socket]]:
     """Like :func:`listen_fds`, with each socket's name from ``LISTEN_FDNAMES``.
 
     A socket without a name is called ``"unknown"``, as ``sd_listen_fds_with_names`` does.
@@ -116,7 +125,7 @@ def listen_fds_with_names(unset_environment: bool = True) -> list[tuple[str, soc
                 raise ListenFdsError(
                     f"LISTEN_FDNAMES has {len(names)} names for LISTEN_FDS={count} descriptors"
                 )
-        adopted: list[tuple[str, socket.socket]] = []
+        adopted: list[tuple[str, Socket]] = []
         try:
             for offset, name in enumerate(names):
                 adopted.append((name, _adopt(SD_LISTEN_FDS_START + offset, name)))
@@ -131,7 +140,7 @@ def listen_fds_with_names(unset_environment: bool = True) -> list[tuple[str, soc
                 environ.pop(variable, None)
 
 
-def listen_fds(unset_environment: bool = True) -> list[socket.socket]:
+def listen_fds(unset_environment: bool = True) -> list[Socket]:
     """The listening sockets passed by socket activation, in order; ``[]`` if none.
 
     Follows ``sd_listen_fds``: the variables count only when ``LISTEN_PID`` is this
@@ -175,7 +184,7 @@ class Notifier:
         self._target = _notify_address(address) if address else None
         if address and self._target is None:
             log.debug("ignoring unsupported %s=%r", NOTIFY_ENV, address)
-        self._sock: socket.socket | None = None
+        self._sock: _socket.socket | None = None
 
     def __repr__(self) -> str:
         return f"Notifier({self.address!r})"
@@ -192,7 +201,7 @@ class Notifier:
         message = "\n".join(assignments).encode("utf-8", "replace")
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self._sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
                 self._sock.settimeout(_SEND_TIMEOUT)
             self._sock.sendto(message, self._target)
         except OSError as error:

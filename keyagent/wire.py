@@ -2,14 +2,17 @@
 
 Uses the C halves of the standard library's ``json`` directly (``_json``), because the
 ``json`` package imports ``re`` and, through it, ``enum``: together most of a client's
-start-up time. ``keyagent-ctl get`` runs in other tools' hot paths, so it pays only for
-what it uses. The agent's side, with full validation, is :mod:`keyagent.protocol`.
+start-up time, and over 1 MiB resident in the agent. ``keyagent-ctl get`` runs in other
+tools' hot paths, so it pays only for what it uses. The agent's side, with full
+validation, is :mod:`keyagent.protocol`, which uses :func:`scanner` and :func:`encoder`.
+(On Python 3.11 the first malformed document loads ``json.decoder``, whose error class
+``_json`` raises: see :func:`decode_text`.)
 """
 
 from __future__ import annotations
 
 import math
-from _json import encode_basestring, encode_basestring_ascii, make_scanner
+from _json import encode_basestring, encode_basestring_ascii, make_encoder, make_scanner
 
 from keyagent.errors import KeyagentError, from_code
 
@@ -19,6 +22,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     Scalar = str | int | float | bool | None
+    Scanner = Callable[[str, int], tuple[object, int]]
 
 
 def _reject_constant(name: str) -> object:
@@ -26,21 +30,44 @@ def _reject_constant(name: str) -> object:
 
 
 class _Context:
-    """The settings ``_json.make_scanner`` reads from a ``JSONDecoder``: plain JSON."""
+    """The settings ``_json.make_scanner`` reads from a ``JSONDecoder``: strict JSON, no
+    NaN or Infinity, and ``object_pairs_hook`` if given."""
 
     strict = True
     object_hook = None
-    object_pairs_hook = None
     parse_float = float
     parse_int = int
     parse_constant = staticmethod(_reject_constant)
     memo: dict[str, str]
 
-    def __init__(self) -> None:
+    def __init__(self, object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None) -> None:
+        self.object_pairs_hook = object_pairs_hook
         self.memo = {}
 
 
-_scan: Callable[[str, int], tuple[object, int]] = make_scanner(_Context())  # type: ignore[arg-type]  # the stub wants a JSONDecoder; any object with its settings will do
+def scanner(object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None) -> Scanner:
+    """``json.JSONDecoder(...).scan_once`` without the ``json`` package."""
+    return make_scanner(_Context(object_pairs_hook))  # type: ignore[arg-type]  # the stub wants a JSONDecoder; any object with its settings will do
+
+
+def _unserialisable(value: object) -> object:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def encoder() -> Callable[[object], str]:
+    """``json.JSONEncoder(separators=(",", ":"), allow_nan=False, check_circular=False)``'s
+    ``encode``, ASCII output. Replies are built by the agent and never circular."""
+    iterencode = make_encoder(
+        None, _unserialisable, encode_basestring_ascii, None, ":", ",", False, False, False
+    )
+
+    def encode(value: object) -> str:
+        return "".join(iterencode(value, 0))
+
+    return encode
+
+
+_scan = scanner()
 _WHITESPACE = " \t\n\r"
 
 
@@ -84,8 +111,28 @@ def decode(line: bytes) -> object:
     """Parse one JSON document; raises ``ValueError`` if it is not exactly one."""
     try:
         text = line.decode("utf-8")
-        value, end = _scan(text, len(text) - len(text.lstrip(_WHITESPACE)))
-    except (UnicodeDecodeError, StopIteration, RecursionError):
+        return decode_text(text, _scan)
+    except (UnicodeDecodeError, RecursionError):
+        raise ValueError("not a JSON document") from None
+
+
+def decode_text(text: str, scan: Scanner) -> object:
+    """Parse ``text`` as exactly one JSON document with ``scan``; else ``ValueError``.
+
+    ``RecursionError`` (nesting deeper than the interpreter allows) is left to the caller.
+    """
+    start = len(text) - len(text.lstrip(_WHITESPACE))
+    try:
+        try:
+            value, end = scan(text, start)
+        except SystemError:
+            # Python 3.11's _json raises json.decoder's error class for malformed input but
+            # does not import it; it fails with SystemError instead. Import it (re and enum
+            # come with it, once) and scan again to get the real error.
+            import json.decoder  # noqa: F401
+
+            value, end = scan(text, start)
+    except StopIteration:
         raise ValueError("not a JSON document") from None
     if text[end:].strip(_WHITESPACE):
         raise ValueError("extra data after the JSON document")

@@ -19,6 +19,7 @@ NOT_RESIDENT = {
     "site", "argparse", "tomllib", "platformdirs", "keyagent.config", "keyagent.daemon",
     "typing", "dataclasses", "inspect", "logging", "traceback", "datetime", "hashlib",
     "_hashlib", "hmac", "requests", "keyring", "keyagent.conduce", "keyagent.client",
+    "json", "re", "enum", "socket", "signal", "selectors",
 }  # fmt: skip
 
 
@@ -50,3 +51,26 @@ def test_agent_serves_from_an_isolated_interpreter(agent_factory: AgentFactory) 
     assert "libssl" not in mapped
     descriptors = [os.readlink(fd) for fd in Path(f"/proc/{agent.pid}/fd").iterdir()]
     assert not [target for target in descriptors if "keyagent-handoff" in target]
+
+
+def test_malformed_json_is_an_error_in_a_lean_interpreter() -> None:
+    """Without the json package loaded, malformed JSON still gives the protocol's errors
+    (Python 3.11's _json needs json.decoder for them and does not import it)."""
+    probe = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+        "from keyagent import protocol, wire\n"
+        "assert 'json.decoder' not in sys.modules\n"
+        "try:\n"
+        "    protocol.parse_request(b'{')\n"
+        "except protocol.InvalidRequest as error:\n"
+        "    print(error.error.code)\n"
+        "try:\n"
+        "    wire.parse_reply(b'{\"ok\": true,}')\n"
+        "except ValueError:\n"
+        "    print('ValueError')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", probe], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["bad_request", "ValueError"]

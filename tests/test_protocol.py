@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keyagent import errors
+from keyagent import errors, protocol
 from keyagent.errors import BadRequest, KeyagentError, TooLarge, UnknownOp
 from keyagent.protocol import (
     MAX_LIFETIME,
@@ -779,7 +779,10 @@ def test_wrong_argument_types_are_always_bad_request(data: st.DataObject) -> Non
 
 # --- valid requests, generated -----------------------------------------------------------------
 
-_no_controls = st.characters(codec="utf-8", exclude_categories=("Cc", "Cs"))
+_BIDI = "\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+_no_controls = st.characters(
+    codec="utf-8", exclude_categories=("Cc", "Cs"), exclude_characters=_BIDI
+)
 _token_chars = st.characters(codec="utf-8", exclude_categories=("Cc", "Cs"), exclude_characters=" ")
 ARG_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "host": st.text(_token_chars, min_size=1, max_size=40),
@@ -1077,3 +1080,33 @@ def test_parse_reply_only_raises_value_error(raw: bytes) -> None:
         return
     assert isinstance(reply.ok, bool)
     assert (reply.error is None) == reply.ok
+
+
+# --- the character checks against their definition --------------------------------------------
+
+# What the protocol forbids, written as the regular expressions docs/protocol.md describes;
+# the agent checks the same sets without importing re.
+_SPEC_CONTROL = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+)
+_SPEC_TOKEN = re.compile("[\x00-\x20\x7f-\x9f\ud800-\udfff]")
+_EDGES = (
+    "\x00\x1f\x20\x7e\x7f\x9f\xa0\u200d\u200e\u200f\u2029\u202a\u202e\u202f"
+    "\u2065\u2066\u2069\u206a\ud7ff\ud800\udfff\ue000"
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(st.one_of(st.characters(), st.sampled_from(_EDGES)), max_size=12))
+def test_character_checks_match_their_definition(text: str) -> None:
+    """The text checks reject exactly the characters their regular expressions name."""
+    assert protocol._CONTROL(text) == bool(_SPEC_CONTROL.search(text))
+    assert protocol._TOKEN(text) == bool(_SPEC_TOKEN.search(text))
+
+
+@pytest.mark.parametrize("char", list(_EDGES))
+def test_each_edge_character_is_judged_as_defined(char: str) -> None:
+    """Every boundary character, alone and inside other text, is judged by its definition."""
+    for text in (char, f"ab{char}cd"):
+        assert protocol._CONTROL(text) == bool(_SPEC_CONTROL.search(text))
+        assert protocol._TOKEN(text) == bool(_SPEC_TOKEN.search(text))

@@ -281,7 +281,8 @@ def run(handoff: Mapping[str, Any]) -> int:
             os.close(ready_fd)
             _detach_stdio()
 
-    notifier = Notifier(handoff.get("notify"), unset_environment=False)
+    # "" rather than None: None would make the Notifier look in the environment itself.
+    notifier = Notifier(handoff.get("notify") or "", unset_environment=False)
     path = handoff["socket_path"]
     try:
         return serve(handoff["settings"], path, bound, listener, on_ready, notifier=notifier)

@@ -10,8 +10,9 @@ listening socket's descriptor, and where to report readiness. A fresh interprete
 everything start-up needed (argparse, tomllib, platformdirs, ``site`` and its ``.pth``
 hooks) out of the process that stays resident. ``-I`` also keeps ``PYTHON*`` variables
 (``PYTHONINSPECT``, ``PYTHONSTARTUP``) from changing how it runs; its module search path
-is the one the daemon had. Modules here and below import only what serving
-needs (docs/performance.md lists the budget); ``requests`` and ``keyring`` load on first use.
+is the daemon's, in the same order, without the script's or current directory. Modules
+here and below import only what serving needs (docs/performance.md lists the budget);
+``requests`` and ``keyring`` load on first use.
 
 Nothing in the hand-off is secret; it is a memfd, not argv or the environment, only so
 that no other process or log sees the agent's paths and settings.
@@ -255,8 +256,13 @@ def serve(
 
 
 def _adopt(fd: int) -> int:
-    """Take an inherited descriptor: close-on-exec again, so commands do not inherit it."""
-    os.set_inheritable(fd, False)
+    """Take an inherited descriptor: close-on-exec again, so commands do not inherit it.
+
+    Standard input, output and error stay as they are: a program started later (a D-Bus
+    helper of the keyring, say) must not find them closed.
+    """
+    if fd > 2:
+        os.set_inheritable(fd, False)
     return fd
 
 
@@ -269,7 +275,7 @@ def run(handoff: Mapping[str, Any]) -> int:
     announce = handoff.get("announce")
     ready_fd = handoff.get("ready_fd")
     announce_fd = _adopt(announce["fd"]) if announce else None
-    announce_text = announce["text"].encode() if announce else b""
+    announce_text = bytes.fromhex(announce["hex"]) if announce else b""
     if ready_fd is not None:
         _adopt(ready_fd)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import _socket
 import argparse
+import contextlib
 import ctypes
 import json
 import logging
@@ -284,6 +285,7 @@ def apply_config(args: argparse.Namespace) -> None:
 
 
 SETTINGS = (*CONFIGURED, "insecure", "persist", "no_keyring")
+MFD_NOEXEC_SEAL = 0x0008  # os.MFD_NOEXEC_SEAL from Python 3.12 on
 
 
 def exec_core(
@@ -302,12 +304,16 @@ def exec_core(
     The hand-off travels in a memfd whose descriptor is the one argument; the listening
     socket, the readiness pipe and the descriptor for the shell lines are inherited.
     """
+    # The daemon's module search path, in its order (the standard library before anything
+    # installed), without the script's directory or the current directory that the
+    # interpreter puts first (unless -P / PYTHONSAFEPATH kept it off).
+    search_path: list[str] = []
+    for entry in sys.path if sys.flags.safe_path else sys.path[1:]:
+        if entry and os.path.isabs(entry) and entry not in search_path:
+            search_path.append(entry)
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    search_path = [package_parent]
-    for entry in sys.path:
-        absolute = os.path.abspath(entry or os.curdir)  # the serving process may chdir
-        if absolute not in search_path:
-            search_path.append(absolute)
+    if package_parent not in search_path:  # an editable install's finder hook, say
+        search_path.append(package_parent)
     inherited = [listener.fileno()]
     handoff: dict[str, object] = {
         "sys_path": search_path,
@@ -320,13 +326,25 @@ def exec_core(
         "settings": {name: getattr(args, name) for name in SETTINGS},
     }
     if announce is not None:
-        stdout = sys.stdout.fileno()  # a caller may have replaced sys.stdout
-        handoff["announce"] = {"fd": stdout, "text": announce}
+        try:
+            stdout = sys.stdout.fileno()  # a caller may have replaced sys.stdout
+        except (AttributeError, OSError, ValueError):  # not a file: the real stdout, then
+            stdout = 1
+        encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+        # Bytes as the daemon would have written them; a path that is not valid in the
+        # locale's encoding keeps its original bytes.
+        handoff["announce"] = {
+            "fd": stdout,
+            "hex": announce.encode(encoding, "surrogateescape").hex(),
+        }
         inherited.append(stdout)
     if ready_fd is not None:
         handoff["ready_fd"] = ready_fd
         inherited.append(ready_fd)
-    memfd = os.memfd_create("keyagent-handoff", 0)
+    try:  # sealed non-executable where the kernel knows the flag (Linux 6.3+)
+        memfd = os.memfd_create("keyagent-handoff", MFD_NOEXEC_SEAL)
+    except OSError:
+        memfd = os.memfd_create("keyagent-handoff", 0)
     os.write(memfd, json.dumps(handoff).encode())
     os.lseek(memfd, 0, os.SEEK_SET)
     inherited.append(memfd)
@@ -336,6 +354,13 @@ def exec_core(
     sys.stderr.flush()
     serve_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_serve.py")
     os.execv(sys.executable, [sys.executable, "-I", "-S", serve_script, str(memfd)])
+
+
+def _abandon(path: str, bound: tuple[int, int] | None) -> None:
+    """Remove the socket we bound (and only that one) when the agent cannot start."""
+    if bound is not None and file_identity(path) == bound:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -395,10 +420,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         bound = file_identity(path)
 
     if foreground:
-        exec_core(
-            args, path, bound, listener, foreground=True, notifier=notifier,
-            announce=env_lines(syntax, path, os.getpid()),
-        )  # fmt: skip
+        try:
+            exec_core(
+                args, path, bound, listener, foreground=True, notifier=notifier,
+                announce=env_lines(syntax, path, os.getpid()),
+            )  # fmt: skip
+        except OSError as error:
+            _abandon(path, bound)
+            sys.stderr.write(f"keyagent: could not start the agent: {error}\n")
+            return EXIT_FAILURE
 
     # Background: the child tells the parent through a pipe once it handles signals, so the
     # printed pid is never one that a quick "keyagent -k" would kill the hard way.
@@ -421,6 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ready_fd=ready_w,
             )  # fmt: skip
         except BaseException as error:  # noqa: BLE001  # the child must never return into the parent's code
+            _abandon(path, bound)
             sys.stderr.write(f"keyagent: could not start the agent: {error}\n")
         os._exit(EXIT_FAILURE)
 

@@ -13,6 +13,7 @@ messages that might quote a secret (see :func:`keyagent.server.log_internal`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -66,7 +67,10 @@ def to_syslog(level: int) -> None:
     }  # fmt: skip
 
     def emit(level: int, text: str) -> None:
-        syslog.syslog(priorities.get(level, syslog.LOG_ERR), text)
+        # syslog() wants text it can encode: escape lone surrogates (undecodable paths).
+        safe = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        with contextlib.suppress(OSError, ValueError):  # logging must not stop the agent
+            syslog.syslog(priorities.get(level, syslog.LOG_ERR), safe)
 
     global _sink  # noqa: PLW0603  # one process-wide destination, set once at start-up
     _sink = _Sink(level, emit)

@@ -552,6 +552,10 @@ class Server:
         except protocol.InvalidRequest as invalid:
             self._send(conn, protocol.encode_error(invalid.request_id, invalid.error))
             return
+        except Exception as error:  # noqa: BLE001  # a parser bug must not stop the agent
+            log_internal(error)
+            self._send(conn, protocol.encode_error(None, Internal()))
+            return
         if request.op in MEMOIZABLE:
             state = self.agent.state_token()
             try:

@@ -129,9 +129,14 @@ def decode_text(text: str, scan: Scanner) -> object:
             # Python 3.11's _json raises json.decoder's error class for malformed input but
             # does not import it; it fails with SystemError instead. Import it (re and enum
             # come with it, once) and scan again to get the real error.
-            import json.decoder  # noqa: F401
+            try:
+                import json.decoder  # noqa: F401
 
-            value, end = scan(text, start)
+                value, end = scan(text, start)
+            except (ValueError, StopIteration, RecursionError):
+                raise
+            except Exception:  # noqa: BLE001  # whatever failed, the document is not valid
+                raise ValueError("not a JSON document") from None
     except StopIteration:
         raise ValueError("not a JSON document") from None
     if text[end:].strip(_WHITESPACE):

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from keyagent.testing.agent import AgentProcess
+import pytest
+
+from keyagent import wire
+from keyagent.client import Client
+from keyagent.testing.agent import AgentProcess, read_line, wait_for_exit
 
 from .conftest import AgentFactory
 
@@ -74,3 +79,74 @@ def test_malformed_json_is_an_error_in_a_lean_interpreter() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["bad_request", "ValueError"]
+
+
+def _start_foreground(argv: list[bytes | str], cwd: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("KEYAGENT_SOCK", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "keyagent.daemon", "-D", "--config", "/dev/null", *argv],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def test_current_directory_cannot_shadow_the_standard_library(tmp_path: Path) -> None:
+    """A module in the directory the agent was started from, named like a standard module
+    the serving process imports later (syslog, in the background), is not what it loads."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    marker = tmp_path / "shadowed"
+    (workdir / "syslog.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    sock = str(run / "agent.sock")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    started = subprocess.run(
+        [sys.executable, "-m", "keyagent.daemon", "-s", "--config", "/dev/null", "-a", sock],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    pid = int(started.stdout.split("KEYAGENT_PID=")[1].split(";")[0])
+    try:
+        with Client(sock) as client:
+            assert client.call("status")["pid"] == pid
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        assert wait_for_exit(pid, 10)
+    assert not marker.exists()
+
+
+def test_undecodable_socket_path_is_announced_byte_for_byte(tmp_path: Path) -> None:
+    """A socket path that is not valid UTF-8 reaches the shell lines with its own bytes."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    path = os.fsencode(run) + b"/agent-\xff.sock"
+    with _start_foreground([b"-a", path], tmp_path) as process:
+        try:
+            assert process.stdout is not None
+            line = read_line(process.stdout.fileno(), 20)
+        finally:
+            process.terminate()
+    assert line.startswith(b"KEYAGENT_SOCK=")
+    assert b"/agent-\xff.sock" in line
+
+
+def test_standard_descriptors_stay_inheritable(agent_factory: AgentFactory) -> None:
+    """The serving process leaves descriptors 0-2 open across exec, for helpers it starts."""
+    agent = agent_factory(debug=False)
+    for fd in (0, 1, 2):
+        info = Path(f"/proc/{agent.pid}/fdinfo/{fd}").read_text()
+        flags = int(
+            next(line for line in info.splitlines() if line.startswith("flags:")).split()[1], 8
+        )
+        assert not flags & os.O_CLOEXEC, fd
+
+
+def test_decoder_reports_a_failed_retry_as_invalid_json() -> None:
+    """If _json keeps failing with SystemError, the document is reported invalid, never the
+    SystemError itself (which would stop the agent's loop)."""
+
+    def broken(text: str, start: int) -> tuple[object, int]:
+        raise SystemError("returned NULL without setting an exception")
+
+    with pytest.raises(ValueError, match="not a JSON document"):
+        wire.decode_text("{", broken)

@@ -49,6 +49,7 @@ log = get_logger("keyagent")
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 PR_SET_DUMPABLE = 4
+PR_SET_NAME = 15
 RESTORE_TIMEOUT = 5.0
 
 
@@ -58,10 +59,13 @@ RESTORE_TIMEOUT = 5.0
 def harden(max_connections: int) -> None:
     """No core dumps, no ptrace by other processes of the user, enough descriptors.
 
-    Runs in the serving process itself: ``execve`` resets the dumpable flag.
+    Runs in the serving process itself: ``execve`` resets the dumpable flag. Also names
+    the process ``keyagent`` again (``pgrep keyagent``, ``top``): after the exec it would
+    be called after the interpreter.
     """
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_NAME, b"keyagent", 0, 0, 0)
     # Non-dumpable: no core file, and /proc/<pid>/mem and ptrace are closed to the user's
     # other processes, which could otherwise read every key out of memory.
     if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:

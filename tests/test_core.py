@@ -43,14 +43,16 @@ def test_core_imports_only_what_serving_needs() -> None:
 
 
 def test_agent_serves_from_an_isolated_interpreter(agent_factory: AgentFactory) -> None:
-    """The daemon replaces itself (same pid) with `python -I -S .../_serve.py`, which has not
-    loaded OpenSSL and has closed the hand-off memfd."""
+    """The daemon replaces itself (same pid, still named keyagent) with
+    `python -I -S .../_serve.py`, which has not loaded OpenSSL and has closed the hand-off
+    memfd."""
     agent: AgentProcess = agent_factory(debug=False)
     with agent.client() as client:
         assert client.call("status")["pid"] == agent.pid
     argv = Path(f"/proc/{agent.pid}/cmdline").read_bytes().split(b"\0")
     assert argv[1:3] == [b"-I", b"-S"]
     assert argv[3].endswith(b"/keyagent/_serve.py")
+    assert Path(f"/proc/{agent.pid}/comm").read_text() == "keyagent\n"  # for pgrep, top
     mapped = Path(f"/proc/{agent.pid}/maps").read_text()
     assert "libcrypto" not in mapped
     assert "libssl" not in mapped

@@ -637,7 +637,7 @@ def test_socket_activation_serves_the_inherited_socket(
         status = client.status()
     # ... which execs keyagent in its place (no --accept): same pid, so LISTEN_PID matches.
     assert status["pid"] == process.pid
-    assert comm(process.pid).startswith("python")
+    assert comm(process.pid) == "keyagent"  # the serving process, named for pgrep
     process.terminate()
     assert process.wait(10) == 0
     assert stat.S_ISSOCK(path.lstat().st_mode)  # the socket file belongs to whoever made it

@@ -29,6 +29,10 @@ class Record:
     def _values(self) -> tuple[object, ...]:
         return tuple(getattr(self, name) for name in self.__slots__)
 
+    def _asdict(self) -> dict[str, object]:
+        """Every field by name, secrets included (as the constructor takes them)."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:
             return NotImplemented

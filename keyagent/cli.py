@@ -24,7 +24,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable, Sequence
-    from typing import Any, NoReturn, TextIO
+    from typing import Any, TextIO
 
 EXIT_OK, EXIT_AGENT_ERROR, EXIT_NO_AGENT, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 64, 78
 DEFAULT_ENV_NAME = "CONDUCE_API_KEY"
@@ -34,32 +34,13 @@ class UsageError(Exception):
     """The command line is wrong; exit 64 with the message."""
 
 
-def _parser_class() -> type[argparse.ArgumentParser]:
-    import argparse
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str) -> NoReturn:
-            self.print_usage(sys.stderr)
-            self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-    return Parser
-
-
-def _duration(text: str) -> float:
-    import argparse
-
-    from keyagent.duration import parse_duration
-
-    try:
-        return parse_duration(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     import argparse
 
-    _Parser = _parser_class()  # a class, named as one
+    from keyagent._argparse import UsageParser as _Parser
+    from keyagent._argparse import duration_type
+
+    _duration = duration_type()
     selectors = _Parser(add_help=False)
     # SUPPRESS, so "--user" after the verb (conduce-api style) and before it both work.
     selectors.add_argument(
@@ -154,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = command("remove", "delete an API key on Conduce, then forget it", "remove-api-key")
-    p.add_argument("key", metavar="KEY_ID|KEY")
+    p.add_argument(
+        "key", metavar="KEY_ID|-", help="the key's id, or - to read the key itself from stdin"
+    )
     return parser
 
 
@@ -445,8 +428,12 @@ def cmd_create(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
 
 def cmd_remove(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
     host, user = _selectors(args)
+    from keyagent.protocol import is_key_id_prefix
+
     target: str = args.key
-    is_id = 4 <= len(target) <= 12 and all(c in "0123456789abcdefABCDEF" for c in target)
+    if target == "-":  # the key itself, kept off the command line (ps shows argv to all)
+        target = read_secret("API key to remove: ", stdin)
+    is_id = is_key_id_prefix(target)
     result = client.remove(
         key_id=target if is_id else None, key=None if is_id else target, host=host, user=user
     )

@@ -1,7 +1,8 @@
 """The blocking client: what ``keyagent-ctl`` and other tools use to talk to the agent.
 
-Imports only the standard library's ``socket`` and ``json`` (and ``platformdirs`` when no
-socket path is given and ``KEYAGENT_SOCK`` is unset), so fetching a key stays cheap.
+Imports only the C halves of the standard library's ``socket`` and ``json`` (and
+``platformdirs`` when no socket path is given and ``KEYAGENT_SOCK`` is unset), so fetching
+a key stays cheap.
 
 Errors come back as the same :mod:`keyagent.errors` leaf the agent raised; a missing or
 dead agent is :class:`~keyagent.errors.AgentUnreachable`, with the path and the reason.
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import sys
 
 # _socket, not socket: the wrapper module imports enum, a large part of a tool's start-up.
@@ -89,6 +89,8 @@ class Client:
         sock = self._sock
         if sock is not None and not self._buffer:
             # Readable with nothing buffered can only mean EOF (or a stray byte): peek.
+            import select  # only a reused client gets here; `keyagent-ctl get` never does
+
             try:
                 readable, _, _ = select.select([sock], [], [], 0)
                 closed = bool(readable) and sock.recv(1, MSG_PEEK) == b""
@@ -196,10 +198,9 @@ class Client:
             raise ProtocolError()
         return key
 
-    def list(
-        self, host: str | None = None, user: str | None = None, *, remote: bool | None = None
-    ) -> list[dict[str, Any]]:
-        keys = self.call("list", host=host, user=user, remote=remote).get("keys")
+    def list(self, host: str | None = None, user: str | None = None) -> list[dict[str, Any]]:
+        """The keys the agent holds (``call("list", remote=True)`` for the service's list)."""
+        keys = self.call("list", host=host, user=user).get("keys")
         if not isinstance(keys, list):
             raise ProtocolError()
         return keys

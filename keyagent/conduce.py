@@ -49,6 +49,7 @@ from keyagent.errors import (
     TLSError,
 )
 from keyagent.log import get_logger
+from keyagent.protocol import HOST_PATTERN
 
 __all__ = ["API_PREFIX", "MAX_ANSWER", "ConduceAccount", "HttpSettings", "RemoteKey"]
 
@@ -72,12 +73,7 @@ _RETRY_STATUSES: Final = frozenset({502, 503, 504})
 # cannot stall a worker thread for minutes.
 _MAX_BACKOFF: Final = 10.0
 
-# A host is a DNS name or IPv4 address, or a bracketed IPv6 address, with an optional port.
-# Anything else (a scheme, a path, user info, whitespace) would let the URL we build point
-# somewhere the user did not name.
-_HOST_RE: Final = re.compile(
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?"
-)
+_HOST_RE: Final = re.compile(HOST_PATTERN)
 
 
 @dataclass(frozen=True)

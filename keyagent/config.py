@@ -86,7 +86,7 @@ from typing import Final, cast
 from keyagent import paths
 from keyagent.duration import parse_duration
 from keyagent.errors import BadConfig
-from keyagent.protocol import MAX_LIFETIME
+from keyagent.protocol import HOST_PATTERN, MAX_LIFETIME, has_control_characters
 
 __all__ = [
     "CONFIG_ENV",
@@ -261,16 +261,7 @@ def _duration(value: object, _: _Context) -> float:
     return seconds
 
 
-# The same shape keyagent.conduce accepts (it builds https://HOST/...), repeated here because
-# importing keyagent.conduce loads requests, which keyagent-ctl must not pay for.
-_HOST_RE: Final = re.compile(
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?"
-)
-# As keyagent.protocol's USER check: control characters, lone surrogates, and the bidi
-# overrides that would make the name display as something else.
-_CONTROL: Final = re.compile(
-    r"[\x00-\x1f\x7f-\x9f\ud800-\udfff\u200e\u200f\u202a-\u202e\u2066-\u2069]"
-)
+_HOST_RE: Final = re.compile(HOST_PATTERN)  # as keyagent.conduce checks it
 
 
 def _host(value: object, _: _Context) -> str:
@@ -286,7 +277,7 @@ def _user(value: object, _: _Context) -> str:
     must = 'an account name such as "me@example.com", 1 to 320 characters, no control characters'
     if not isinstance(value, str):
         raise _Invalid(must, _kind(value))
-    if not 1 <= len(value) <= 320 or _CONTROL.search(value):
+    if not 1 <= len(value) <= 320 or has_control_characters(value):
         raise _Invalid(must, _show(value))
     return value
 
@@ -296,7 +287,7 @@ def _path(value: object, context: _Context) -> str:
     if not isinstance(value, str):
         raise _Invalid(must, _kind(value))
     # Control characters would let a rendered path rewrite the terminal line; NUL breaks open().
-    if not value or _CONTROL.search(value):
+    if not value or has_control_characters(value):
         raise _Invalid(must, _show(value))
     if value == "~" or value.startswith("~/"):
         expanded = context.home + value[1:]

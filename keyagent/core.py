@@ -33,7 +33,7 @@ from keyagent.agent import Agent
 from keyagent.errors import KeyagentError
 from keyagent.log import DEBUG, INFO, WARNING, get_logger, to_stderr, to_syslog
 from keyagent.persist import KeyringStore, PersistedKey
-from keyagent.server import Limits, Server, file_identity, log_internal
+from keyagent.server import Limits, Server, log_internal, remove_socket
 from keyagent.sessions import LazyAccount
 from keyagent.systemd import Notifier
 from keyagent.wire import decode
@@ -141,7 +141,7 @@ def restore_persisted(agent: Agent, keyring: KeyringStore) -> None:
         os.close(read_end)
         try:
             live, expired = keyring.load_all(time.time())
-            payload = {"keys": [vars_of(key) for key in live], "expired": len(expired)}
+            payload = {"keys": [key._asdict() for key in live], "expired": len(expired)}
         except KeyagentError as error:
             payload = {"error": error.message}
         except BaseException as error:  # noqa: BLE001  # reported to the parent, which logs it
@@ -181,13 +181,6 @@ def restore_persisted(agent: Agent, keyring: KeyringStore) -> None:
     if answer.get("expired"):
         log.info("deleted %d expired key(s) from the OS keyring", answer["expired"])
     agent.restore(keys)
-
-
-def vars_of(key: PersistedKey) -> dict[str, object]:
-    return {
-        "key_id": key.key_id, "host": key.host, "user": key.user, "secret": key.secret,
-        "description": key.description, "created": key.created, "expires": key.expires,
-    }  # fmt: skip
 
 
 def read_all(fd: int, timeout: float) -> bytes | None:
@@ -252,10 +245,7 @@ def serve(
         notifier.stopping("stopping")
         notifier.close()
         listener.close()
-        # Remove the socket only if it is still the one we bound: a newer agent may have
-        # replaced a socket it found unanswered.
-        if bound is not None and file_identity(listener_path) == bound:
-            os.unlink(listener_path)
+        remove_socket(listener_path, bound)
     return EXIT_OK
 
 

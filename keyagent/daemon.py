@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import _socket
 import argparse
-import contextlib
 import ctypes
 import json
 import logging
@@ -24,46 +23,30 @@ import shlex
 import signal
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NoReturn, TextIO
+from typing import NoReturn, TextIO
 
 from keyagent import __version__, paths
+from keyagent._argparse import EXIT_USAGE, UsageParser, duration_type
 from keyagent.config import ConfigError
 from keyagent.config import load as load_config
-from keyagent.duration import parse_duration
 from keyagent.protocol import MAX_LIFETIME
 from keyagent.server import (
     SocketSetupError,
     bind_listener,
     check_private_dir,
     file_identity,
+    remove_socket,
 )
-from keyagent.systemd import ListenFdsError, Notifier, listen_fds
-
-if TYPE_CHECKING:
-    pass
+from keyagent.systemd import NOTIFY_ENV, ListenFdsError, listen_fds
 
 log = logging.getLogger("keyagent")
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 64
+EXIT_OK, EXIT_FAILURE = 0, 1
 
 PR_SET_PDEATHSIG = 1
-PR_SET_DUMPABLE = 4
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def _duration(text: str) -> float:
-    try:
-        seconds = parse_duration(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    if seconds > MAX_LIFETIME:
-        raise argparse.ArgumentTypeError(f"'{text}' is longer than ten years")
-    return seconds
+_duration = duration_type(MAX_LIFETIME, "ten years")
 
 
 def _positive_int(text: str) -> int:
@@ -77,7 +60,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = UsageParser(
         prog="keyagent",
         description="Hold Conduce sessions and API keys in memory; serve them on a Unix socket.",
         epilog='Start with: eval "$(keyagent)". Stop with: eval "$(keyagent -k)".',
@@ -295,7 +278,7 @@ def exec_core(
     listener: _socket.socket,
     *,
     foreground: bool,
-    notifier: Notifier,
+    notify_address: str | None,
     announce: str | None = None,
     ready_fd: int | None = None,
 ) -> NoReturn:
@@ -322,7 +305,7 @@ def exec_core(
         "listener_fd": listener.fileno(),
         "foreground": foreground,
         "debug": args.debug,
-        "notify": notifier.address,
+        "notify": notify_address,
         "settings": {name: getattr(args, name) for name in SETTINGS},
     }
     if announce is not None:
@@ -356,13 +339,6 @@ def exec_core(
     os.execv(sys.executable, [sys.executable, "-I", "-S", serve_script, str(memfd)])
 
 
-def _abandon(path: str, bound: tuple[int, int] | None) -> None:
-    """Remove the socket we bound (and only that one) when the agent cannot start."""
-    if bound is not None and file_identity(path) == bound:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     syntax = shell_syntax(args.syntax)
@@ -386,9 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"keyagent: CA bundle {args.ca_bundle} is not a readable file\n")
             return EXIT_FAILURE
         args.ca_bundle = os.path.abspath(args.ca_bundle)  # the daemon changes directory
-    # systemd's NOTIFY_SOCKET, read (and removed from the environment) before anything can
-    # inherit it; a Notifier without one does nothing.
-    notifier = Notifier()
+    # systemd's NOTIFY_SOCKET, taken out of the environment before anything can inherit it;
+    # the serving process notifies there (or nowhere, without one).
+    notify_address = os.environ.pop(NOTIFY_ENV, None)
     try:
         inherited = listen_fds()
     except ListenFdsError as error:
@@ -422,11 +398,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if foreground:
         try:
             exec_core(
-                args, path, bound, listener, foreground=True, notifier=notifier,
+                args, path, bound, listener, foreground=True, notify_address=notify_address,
                 announce=env_lines(syntax, path, os.getpid()),
             )  # fmt: skip
         except OSError as error:
-            _abandon(path, bound)
+            remove_socket(path, bound)
             sys.stderr.write(f"keyagent: could not start the agent: {error}\n")
             return EXIT_FAILURE
 
@@ -447,12 +423,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 die_with_parent(parent)
             os.chdir("/")
             exec_core(
-                args, path, bound, listener, foreground=False, notifier=notifier,
+                args, path, bound, listener, foreground=False, notify_address=notify_address,
                 ready_fd=ready_w,
             )  # fmt: skip
         except BaseException as error:  # noqa: BLE001  # the child must never return into the parent's code
-            _abandon(path, bound)
-            sys.stderr.write(f"keyagent: could not start the agent: {error}\n")
+            remove_socket(path, bound)
+            sys.stderr.write(
+                f"keyagent: could not start the agent: {type(error).__name__}: {error}\n"
+            )
         os._exit(EXIT_FAILURE)
 
     os.close(ready_w)

@@ -64,6 +64,7 @@ from collections.abc import Callable, Iterable
 from keyagent._record import Frozen, Record, set_field
 from keyagent.errors import KeyringUnavailable
 from keyagent.log import get_logger
+from keyagent.protocol import KEY_ID_DIGITS
 from keyagent.store import key_id_for
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
@@ -89,12 +90,11 @@ FORMAT: Final = 1
 INDEX: Final = "index"
 ENTRY_PREFIX: Final = "key:"
 ENV_BACKEND: Final = "PYTHON_KEYRING_BACKEND"
-_HEX = "0123456789abcdef"
 
 
 def _is_key_id(text: str) -> bool:
     """Exactly 12 lowercase hex digits (no ``re``: the agent's core does not import it)."""
-    return len(text) == 12 and not text.strip(_HEX)
+    return len(text) == 12 and not text.strip(KEY_ID_DIGITS)
 
 
 # Messages: one sentence naming the next step; built from class names and key ids only.

@@ -101,12 +101,25 @@ def _span(first: str, last: str) -> str:
 # quoted name display as something else in a terminal.
 _C0, _C1 = _span("\x00", "\x1f"), _span("\x7f", "\x9f")
 _BIDI = "\u200e\u200f" + _span("\u202a", "\u202e") + _span("\u2066", "\u2069")
-_CONTROL = _forbidding(_C0 + _C1 + _BIDI)
+has_control_characters = _forbidding(_C0 + _C1 + _BIDI)
+"""True if text holds what USER, DESCRIPTION and names must not (config checks the same)."""
 _TOKEN = _forbidding(_C0 + " " + _C1)  # no whitespace either
-_HEX = "0123456789abcdef"
+KEY_ID_DIGITS = "0123456789abcdef"
+"""A key id is the first 12 of these of a key's SHA-256 (see keyagent.store.key_id_for)."""
+HOST_PATTERN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?"
+"""A DNS name or IPv4 address, or a bracketed IPv6 address, with an optional port: anything
+else (a scheme, a path, user info, whitespace) would let a URL built from it point somewhere
+the user did not name. A string, for re.fullmatch (this module does not import re)."""
 
 
-def _text(max_len: int, *, min_len: int = 1, forbid: Callable[[str], bool] = _CONTROL) -> Validator:
+def is_key_id_prefix(text: str) -> bool:
+    """4 to 12 hex digits, either case: the start of a key id, as ``get`` and ``remove`` take."""
+    return 4 <= len(text) <= 12 and not text.lower().strip(KEY_ID_DIGITS)
+
+
+def _text(
+    max_len: int, *, min_len: int = 1, forbid: Callable[[str], bool] = has_control_characters
+) -> Validator:
     def check(name: str, value: object) -> object:
         if not isinstance(value, str):
             raise BadRequest(f"argument '{name}' must be a string")
@@ -120,10 +133,9 @@ def _text(max_len: int, *, min_len: int = 1, forbid: Callable[[str], bool] = _CO
 
 
 def _key_id(name: str, value: object) -> object:
-    lowered = value.lower() if isinstance(value, str) else ""
-    if not 4 <= len(lowered) <= 12 or lowered.strip(_HEX):
+    if not isinstance(value, str) or not is_key_id_prefix(value):
         raise BadRequest(f"argument '{name}' must be 4 to 12 hex characters of a key id")
-    return lowered
+    return value.lower()
 
 
 def _boolean(name: str, value: object) -> object:
@@ -209,7 +221,7 @@ _scan = scanner(_unique_members)  # NaN and Infinity are refused too
 
 def _printable(name: str) -> str:
     """An op or argument name fit to quote back: short and without control characters."""
-    return name if len(name) <= 32 and not _CONTROL(name) else "?"
+    return name if len(name) <= 32 and not has_control_characters(name) else "?"
 
 
 def _is_scalar(value: object) -> bool:

@@ -27,7 +27,6 @@ import select
 import stat
 import struct
 import threading
-import time
 from collections.abc import Callable
 from types import FrameType
 
@@ -201,12 +200,12 @@ class Server:
         listener: _socket.socket,
         *,
         limits: Limits | None = None,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.agent = agent
         self.listener = listener
         self.limits = limits or Limits()
-        self.clock = clock
+        # The agent's clock: key deadlines (poll timeout, memo validity) are on it.
+        self.clock = clock = agent.clock.monotonic
         self.uid = os.geteuid()
         self.connections: dict[int, Connection] = {}
         self._epoll = select.epoll()
@@ -321,12 +320,6 @@ class Server:
         self._wake_r.close()
         self._wake_w.close()
         log.info("stopped")
-
-    def request_stop(self) -> None:
-        """Stop accepting now and leave the loop (from the loop's own thread)."""
-        self._running = False
-
-    # --- timers --------------------------------------------------------------------------
 
     def _call_at(self, deadline: float, callback: Callable[[], None]) -> None:
         heapq.heappush(self._timers, (deadline, next(self._seq), callback))
@@ -487,26 +480,15 @@ class Server:
             else:
                 reply = self._memo.get(data[:-1])
                 if reply is not None:
-                    if conn.outbuf:
-                        self._send(conn, reply)
-                        self._settle(conn)
-                        return
-                    try:
-                        sent = conn.sock.send(reply)
-                    except BlockingIOError:
-                        sent = 0
-                    except OSError:
-                        self._close(conn)
-                        return
-                    if sent < len(reply):
-                        conn.outbuf += reply[sent:]
+                    self._send(conn, reply)
+                    if conn.outbuf:  # not all sent (a closed connection has none)
                         self._settle(conn)
                     return
         conn.inbuf += data
         self._process(conn)
 
     def _remember(self, line: bytes, reply: bytes, state: object) -> None:
-        if not self._memo_enabled or state != self.agent.state_token():
+        if state != self.agent.state_token():  # the read changed what reads return
             return
         if self._memo_state != state or len(self._memo) >= MEMO_SIZE:
             self._memo.clear()
@@ -556,31 +538,31 @@ class Server:
             log_internal(error)
             self._send(conn, protocol.encode_error(None, Internal()))
             return
-        if request.op in MEMOIZABLE:
-            state = self.agent.state_token()
-            try:
-                outcome = self.agent.handle(request, conn.peer)
-            except KeyagentError as error:
-                reply = protocol.encode_error(request.id, error)
-            else:
-                assert isinstance(outcome, dict)  # noqa: S101  # reads answer at once
-                reply = protocol.encode_result(request.id, outcome)
-            self._remember(line, reply, state)
-            self._send(conn, reply)
-            return
-        self._complete(conn, request.id, lambda: self.agent.handle(request, conn.peer))
+        remember = line if self._memo_enabled and request.op in MEMOIZABLE else None
+        self._complete(conn, request.id, lambda: self.agent.handle(request, conn.peer), remember)
 
     def _complete(
-        self, conn: Connection | None, request_id: protocol.Scalar, produce: Callable[[], Outcome]
+        self,
+        conn: Connection | None,
+        request_id: protocol.Scalar,
+        produce: Callable[[], Outcome],
+        remember: bytes | None = None,
     ) -> None:
-        """Run one step of a request (or of internal work, with no ``conn``) and act on it."""
+        """Run one step of a request (or of internal work, with no ``conn``) and act on it.
+
+        ``remember``: the line of an idempotent read, whose answer goes to the reply memo.
+        """
+        state = None if remember is None else self.agent.state_token()
         try:
             outcome = produce()
         except KeyagentError as error:
             if conn is None:
                 log.warning("background work failed: %s", error.message)
             else:
-                self._reply(conn, protocol.encode_error(request_id, error))
+                reply = protocol.encode_error(request_id, error)
+                if remember is not None:
+                    self._remember(remember, reply, state)
+                self._reply(conn, reply)
             return
         except Exception as error:  # noqa: BLE001  # one bad request must not stop the agent
             log_internal(error)
@@ -595,7 +577,10 @@ class Server:
                 self._defer(None, None, outcome)
             return
         if isinstance(outcome, dict):
-            self._reply(conn, protocol.encode_result(request_id, outcome))
+            reply = protocol.encode_result(request_id, outcome)
+            if remember is not None:
+                self._remember(remember, reply, state)
+            self._reply(conn, reply)
         elif isinstance(outcome, Deferred):
             conn.busy = True
             self._defer(conn, request_id, outcome)
@@ -930,6 +915,19 @@ def bind_listener(path: str, backlog: int = 1024) -> _socket.socket:
         os.umask(old_umask)
     listener.listen(backlog)
     return listener
+
+
+def remove_socket(path: str, bound: tuple[int, int] | None) -> None:
+    """Remove the socket file at ``path`` if it is still the one we bound (``bound``, from
+    :func:`file_identity`): a newer agent may have replaced a socket it found unanswered."""
+    if bound is None or file_identity(path) != bound:
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        log.warning("could not remove the socket %s: %s", path, os.strerror(error.errno or 0))
 
 
 def file_identity(path: str) -> tuple[int, int] | None:

@@ -176,6 +176,7 @@ class RemoteResult(Frozen):
     """What a remote call returned, and what it learnt about the session."""
 
     __slots__ = ("value", "session_alive", "session_expired")
+    _hidden = frozenset({"value"})  # a created key, for one
 
     value: Any
     session_alive: bool

@@ -6,12 +6,11 @@ start-up time, and over 1 MiB resident in the agent. ``keyagent-ctl get`` runs i
 tools' hot paths, so it pays only for what it uses. The agent's side, with full
 validation, is :mod:`keyagent.protocol`, which uses :func:`scanner` and :func:`encoder`.
 (On Python 3.11 the first malformed document loads ``json.decoder``, whose error class
-``_json`` raises: see :func:`decode_text`.)
+``_json`` raises: see :func:`_scan_from`.)
 """
 
 from __future__ import annotations
 
-import math
 from _json import encode_basestring, encode_basestring_ascii, make_encoder, make_scanner
 
 from keyagent.errors import KeyagentError, from_code
@@ -38,11 +37,9 @@ class _Context:
     parse_float = float
     parse_int = int
     parse_constant = staticmethod(_reject_constant)
-    memo: dict[str, str]
 
     def __init__(self, object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None) -> None:
         self.object_pairs_hook = object_pairs_hook
-        self.memo = {}
 
 
 def scanner(object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None) -> Scanner:
@@ -82,8 +79,11 @@ def _scalar(value: Scalar, quote: Callable[[str], str] = encode_basestring) -> s
         return "null"
     if isinstance(value, int):
         return int.__repr__(value)
-    if isinstance(value, float) and math.isfinite(value):
-        return float.__repr__(value)
+    if isinstance(value, float):
+        from math import isfinite  # no request of keyagent-ctl get has a float
+
+        if isfinite(value):
+            return float.__repr__(value)
     raise TypeError(f"a request argument must be a JSON scalar, not {type(value).__name__}")
 
 
@@ -121,27 +121,27 @@ def decode_text(text: str, scan: Scanner) -> object:
 
     ``RecursionError`` (nesting deeper than the interpreter allows) is left to the caller.
     """
-    start = len(text) - len(text.lstrip(_WHITESPACE))
-    try:
-        try:
-            value, end = scan(text, start)
-        except SystemError:
-            # Python 3.11's _json raises json.decoder's error class for malformed input but
-            # does not import it; it fails with SystemError instead. Import it (re and enum
-            # come with it, once) and scan again to get the real error.
-            try:
-                import json.decoder  # noqa: F401
-
-                value, end = scan(text, start)
-            except (ValueError, StopIteration, RecursionError):
-                raise
-            except Exception:  # noqa: BLE001  # whatever failed, the document is not valid
-                raise ValueError("not a JSON document") from None
-    except StopIteration:
-        raise ValueError("not a JSON document") from None
+    value, end = _scan_from(scan, text, len(text) - len(text.lstrip(_WHITESPACE)))
     if text[end:].strip(_WHITESPACE):
         raise ValueError("extra data after the JSON document")
     return value
+
+
+def _scan_from(scan: Scanner, text: str, start: int) -> tuple[object, int]:
+    """``scan(text, start)``, with every malformed document reported as ``ValueError``."""
+    try:
+        return scan(text, start)
+    except StopIteration:  # no value where one was due
+        raise ValueError("not a JSON document") from None
+    except SystemError:
+        # Python 3.11's _json raises json.decoder's error class for malformed input but does
+        # not import it, and fails with SystemError instead. Import it (re and enum come
+        # with it, once) and scan again to get the real error.
+        import json.decoder  # noqa: F401
+    try:
+        return scan(text, start)
+    except (StopIteration, SystemError):
+        raise ValueError("not a JSON document (the scanner failed to say why)") from None
 
 
 class Reply:

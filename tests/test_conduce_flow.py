@@ -90,6 +90,20 @@ def test_conduce_api_words_and_flags_work(conduce_agent: AgentProcess, emulator:
     assert emulator.api_keys(USER) == []
 
 
+def test_remove_reads_the_key_itself_from_stdin(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """remove - takes the key on stdin, so it never appears on a command line."""
+    login(conduce_agent, emulator)
+    sock = conduce_agent.socket_path
+    made = run_ctl(sock, "create", "--user", USER, "--host", emulator.host, "--print")
+    assert made.code == 0, made.err
+    key = made.out.strip()
+    gone = run_ctl(sock, "remove", "-", "--user", USER, "--host", emulator.host, stdin=key + "\n")
+    assert gone.code == 0, gone.err
+    assert emulator.api_keys(USER) == []
+
+
 def test_wrong_password_is_bad_credentials(conduce_agent: AgentProcess, emulator: Emulator) -> None:
     """A rejected login exits 1 with bad_credentials and leaves no session."""
     result = ctl(conduce_agent, emulator, "login", "--password-stdin", stdin="wrong\n")

@@ -724,8 +724,8 @@ def test_stop_completes_while_a_remote_call_hangs(
 # fail_with, locked) are attributes, with no environment hook: PYTHON_KEYRING_BACKEND can
 # select it in a daemon, but not make it block or fail. So these tests run the real Server on
 # a real socket in a thread of the test process, with the agent's keyring timeout at 0.5 s.
-# Server has no thread-safe stop (request_stop() is for the loop's own thread, and signals
-# reach only the main thread): the fixture stops it with the protocol's own stop request.
+# Server has no thread-safe stop (signals reach only the main thread): the fixture stops it
+# with the protocol's own stop request.
 
 KEYRING_TIMEOUT = 0.5
 

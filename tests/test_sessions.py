@@ -258,3 +258,10 @@ def test_tracked_accounts_are_capped(agent: Agent) -> None:
         with pytest.raises(errors.LoginRequired):
             run(agent, "create", host=f"h{n}.example", user=USER)
     assert len(agent.sessions) == MAX_ACCOUNTS
+
+
+def test_remote_result_repr_hides_the_value() -> None:
+    """A remote call's value (a created key, say) stays out of the result's repr."""
+    text = repr(RemoteResult("sk-created-key-value", session_alive=True, session_expired=False))
+    assert "sk-created-key-value" not in text
+    assert text == "RemoteResult(session_alive=True, session_expired=False)"

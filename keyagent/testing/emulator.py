@@ -560,13 +560,7 @@ class ConduceEmulator:
 
     def session_count(self, email: str | None = None) -> int:
         """Live (not yet expired) sessions of one account, or of all."""
-        with self._lock:
-            now = self._clock()
-            return sum(
-                1
-                for owner, expires in self._sessions.values()
-                if (email is None or owner == email) and (expires is None or now < expires)
-            )
+        return len(self.session_tokens(email))
 
     def session_tokens(self, email: str | None = None) -> list[str]:
         """The cookie values of the live sessions of one account, or of all, oldest first.

@@ -77,44 +77,139 @@ class InvalidRequest(Exception):
 Validator = Callable[[str, object], object]
 
 
-def _forbidding(chars: str) -> Callable[[str], bool]:
-    """A test for "contains one of ``chars`` or a lone surrogate", in C loops (no ``re``)."""
-    deleted = dict.fromkeys(map(ord, chars))
-
-    def found(value: str) -> bool:
-        if len(value.translate(deleted)) != len(value):
-            return True
-        try:
-            value.encode("utf-8")  # only a surrogate (\ud800-\udfff) cannot be encoded
-        except UnicodeEncodeError:
-            return True
-        return False
-
-    return found
-
-
 def _span(first: str, last: str) -> str:
     return "".join(map(chr, range(ord(first), ord(last) + 1)))
 
 
-# Control characters, lone surrogates, and the bidirectional overrides that can make a
-# quoted name display as something else in a terminal.
-_C0, _C1 = _span("\x00", "\x1f"), _span("\x7f", "\x9f")
-_BIDI = "\u200e\u200f" + _span("\u202a", "\u202e") + _span("\u2066", "\u2069")
-has_control_characters = _forbidding(_C0 + _C1 + _BIDI)
-"""True if text holds what USER, DESCRIPTION and names must not (config checks the same)."""
-_TOKEN = _forbidding(_C0 + " " + _C1)  # no whitespace either
+# Space separators (Unicode category Zs). Descriptions may hold them; names may not.
+_SPACES = dict.fromkeys(
+    map(ord, " \u00a0\u1680" + _span("\u2000", "\u200a") + "\u202f\u205f\u3000")
+)
+
+
+def has_control_characters(value: str) -> bool:
+    """True if ``value`` holds a character of Unicode category C* (controls, format
+    characters such as the bidirectional overrides, surrogates, private use, unassigned)
+    or a line or paragraph separator (Zl, Zp). Spaces are allowed.
+
+    USER, DESCRIPTION and names must not (config checks the same). ``str.isprintable`` is
+    false exactly for categories C* and Z* other than the ASCII space, in C.
+    """
+    return not value.translate(_SPACES).isprintable()
+
+
+def is_token(value: str) -> bool:
+    """True if ``value`` holds no character of Unicode category C* or Z* (no space of any
+    kind, no separator, no control or format character): what a host or a key must be."""
+    return value.isprintable() and " " not in value
+
+
+def _not_token(value: str) -> bool:
+    return not is_token(value)
+
+
+def _has_nul(value: str) -> bool:
+    # A password may hold any character but NUL (which no C string carries) or a lone
+    # surrogate (which no UTF-8 body carries).
+    return "\x00" in value or not _encodable(value)
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 KEY_ID_DIGITS = "0123456789abcdef"
-"""A key id is the first 12 of these of a key's SHA-256 (see keyagent.store.key_id_for)."""
-HOST_PATTERN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?"
-"""A DNS name or IPv4 address, or a bracketed IPv6 address, with an optional port: anything
-else (a scheme, a path, user info, whitespace) would let a URL built from it point somewhere
-the user did not name. A string, for re.fullmatch (this module does not import re)."""
+"""A key id is a prefix of the hex SHA-256 of a key (see keyagent.store.digest_of)."""
+KEY_ID_SHOWN = 12
+"""How many hex digits of a key's SHA-256 are shown as its id by default."""
+KEY_ID_MIN, KEY_ID_MAX = 4, 64
 
 
 def is_key_id_prefix(text: str) -> bool:
-    """4 to 12 hex digits, either case: the start of a key id, as ``get`` and ``remove`` take."""
-    return 4 <= len(text) <= 12 and not text.lower().strip(KEY_ID_DIGITS)
+    """4 to 64 hex digits, either case: a prefix of a key's SHA-256, as ``get`` and
+    ``remove`` take. 12 are shown by default; more tell apart keys whose 12 agree."""
+    return KEY_ID_MIN <= len(text) <= KEY_ID_MAX and not text.lower().strip(KEY_ID_DIGITS)
+
+
+# --- the host grammar ------------------------------------------------------------------------
+# One definition, used by the protocol, the CLI (exit 64), the config file (exit 78) and the
+# Conduce client: a DNS name, an IPv4 literal or a bracketed IPv6 literal, with an optional
+# port. Anything else (a scheme, a path, user info, whitespace, an empty label) would let a
+# URL built from it point somewhere the user did not name, or make the URL parser fail.
+
+MAX_HOST = 253 + 1 + 2 + 6  # the longest name, or an IPv6 literal in brackets, and ":65535"
+_LABEL_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-"
+_DIGITS = "0123456789"
+
+
+def _name_problem(name: str) -> str | None:
+    if not name:
+        return "the host name is empty"
+    if len(name) > 253:
+        return "a host name is at most 253 characters long"
+    labels = name.split(".")
+    for label in labels:
+        if not label:
+            return "a host name has no empty labels (no leading, trailing or doubled dots)"
+        if len(label) > 63:
+            return "each label of a host name is at most 63 characters long"
+        if label.strip(_LABEL_CHARS):
+            return "a host name has only letters, digits, hyphens and dots"
+        if label[0] == "-" or label[-1] == "-":
+            return "a label of a host name neither starts nor ends with a hyphen"
+    if not labels[-1].strip(_DIGITS):  # all digits: only an IPv4 address ends like that
+        parts = labels
+        if len(parts) != 4 or any(len(p) > 3 or int(p) > 255 for p in parts):
+            return "an IPv4 address is four numbers from 0 to 255"
+    return None
+
+
+def _ipv6_problem(literal: str) -> str | None:
+    if not literal or literal.strip("0123456789abcdefABCDEF:."):
+        return "an IPv6 address has only hex digits, colons and dots"
+    import ipaddress  # rare: only for bracketed literals
+
+    try:
+        ipaddress.IPv6Address(literal)
+    except ValueError:
+        return "the text in brackets is not an IPv6 address"
+    return None
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` is not a host this agent will contact, or None if it is fine."""
+    if not isinstance(host, str) or not host:
+        return "the host is empty"
+    if len(host) > MAX_HOST:
+        return "the host is too long"
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0:
+            return "an IPv6 address in brackets needs its closing bracket"
+        problem = _ipv6_problem(host[1:end])
+        rest = host[end + 1 :]
+    else:
+        name, colon, port_text = host.partition(":")
+        problem = _name_problem(name)
+        rest = colon + port_text
+    if problem is not None:
+        return problem
+    if rest:
+        port = rest[1:]
+        if rest[0] != ":" or not port or port.strip(_DIGITS) or len(port) > 5:
+            return "a port is written :N with N from 1 to 65535"
+        if not 1 <= int(port) <= 65535:
+            return "a port is a number from 1 to 65535"
+    return None
+
+
+def is_valid_host(host: str) -> bool:
+    """Whether ``host`` follows the host grammar (see :func:`host_problem`)."""
+    return host_problem(host) is None
 
 
 def _text(
@@ -126,7 +221,8 @@ def _text(
         if not min_len <= len(value) <= max_len:
             raise BadRequest(f"argument '{name}' must be {min_len} to {max_len} characters long")
         if forbid(value):
-            raise BadRequest(f"argument '{name}' must not contain control characters")
+            what = "spaces or control characters" if forbid is _not_token else "control characters"
+            raise BadRequest(f"argument '{name}' must not contain {what}")
         return value
 
     return check
@@ -134,8 +230,20 @@ def _text(
 
 def _key_id(name: str, value: object) -> object:
     if not isinstance(value, str) or not is_key_id_prefix(value):
-        raise BadRequest(f"argument '{name}' must be 4 to 12 hex characters of a key id")
+        raise BadRequest(
+            f"argument '{name}' must be {KEY_ID_MIN} to {KEY_ID_MAX} hex characters of a key id"
+        )
     return value.lower()
+
+
+def _host(name: str, value: object) -> object:
+    if not isinstance(value, str):
+        raise BadRequest(f"argument '{name}' must be a string")
+    problem = host_problem(value)
+    if problem is not None:
+        # The reason describes the grammar, never the value: a value may be a pasted secret.
+        raise BadRequest(f"argument '{name}' is not a host: {problem}")
+    return value
 
 
 def _boolean(name: str, value: object) -> object:
@@ -158,12 +266,12 @@ def _lifetime(name: str, value: object) -> object:
     return seconds
 
 
-HOST = _text(255, forbid=_TOKEN)
-USER = _text(320)
-KEY = _text(8192, forbid=_TOKEN)
+HOST: Validator = _host
+USER = _text(320, forbid=_not_token)
+KEY = _text(8192, forbid=_not_token)
 DESCRIPTION = _text(1024, min_len=0)
 PASSPHRASE = _text(1024)
-PASSWORD = _text(4096, forbid=_forbidding("\x00"))
+PASSWORD = _text(4096, forbid=_has_nul)
 
 # name -> (validator, required)
 Spec = Mapping[str, tuple[Validator, bool]]

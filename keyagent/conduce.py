@@ -24,7 +24,6 @@ import http
 import json
 import os
 import random
-import re
 import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -49,7 +48,7 @@ from keyagent.errors import (
     TLSError,
 )
 from keyagent.log import get_logger
-from keyagent.protocol import HOST_PATTERN
+from keyagent.protocol import host_problem
 
 __all__ = ["API_PREFIX", "MAX_ANSWER", "ConduceAccount", "HttpSettings", "RemoteKey"]
 
@@ -72,8 +71,6 @@ _RETRY_STATUSES: Final = frozenset({502, 503, 504})
 # Full-jitter backoff grows exponentially; cap a single wait so a large retries setting
 # cannot stall a worker thread for minutes.
 _MAX_BACKOFF: Final = 10.0
-
-_HOST_RE: Final = re.compile(HOST_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -178,10 +175,11 @@ class ConduceAccount:
         sleep: Callable[[float], None] = time.sleep,
         rng: Callable[[], float] = random.random,
     ) -> None:
-        if not isinstance(host, str) or not _HOST_RE.fullmatch(host):
-            raise BadRequest(
-                "the host must be a name or address with an optional :port; fix --host"
-            )
+        # The one host grammar of keyagent.protocol: anything else could make the URL built
+        # below point somewhere the user did not name, or make urllib3 fail to parse it.
+        problem = host_problem(host) if isinstance(host, str) else "the host is not a string"
+        if problem is not None:
+            raise BadRequest(f"the host is not valid: {problem}; fix --host")
         if not isinstance(user, str) or not user or any(c.isspace() for c in user):
             raise BadRequest("the user must be a non-empty e-mail address; fix --user")
         self.host: Final = host

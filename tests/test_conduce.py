@@ -779,6 +779,30 @@ def test_hosts_with_scheme_path_or_userinfo_are_refused(host: str) -> None:
         ConduceAccount(host, USER, HttpSettings())
 
 
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        ("app..conduce.com", "no empty labels"),
+        ("a" * 255 + ".com", "at most 253 characters"),
+        ("a" * 64 + ".conduce.com", "at most 63 characters"),
+        ("app.conduce.com:99999", "from 1 to 65535"),
+        ("app.conduce.com:0", "from 1 to 65535"),
+        ("-app.conduce.com", "hyphen"),
+        ("app\u2028.conduce.com", "only letters, digits, hyphens and dots"),
+        ("[::1", "closing bracket"),
+        ("[zz::1]", "IPv6"),
+    ],
+)
+def test_hosts_outside_the_one_grammar_are_refused_before_any_request(
+    host: str, reason: str, rsps: responses.RequestsMock
+) -> None:
+    """A host outside protocol's grammar is BadRequest naming why, before any traffic."""
+    with pytest.raises(BadRequest, match=reason) as caught:
+        ConduceAccount(host, USER, HttpSettings())
+    assert host not in caught.value.message
+    assert len(rsps.calls) == 0
+
+
 @pytest.mark.parametrize("host", ["app.conduce.com", "127.0.0.1:8443", "[::1]:8443", "localhost"])
 def test_valid_hosts_are_accepted(host: str) -> None:
     """Names, addresses and bracketed IPv6 addresses with ports are valid hosts."""

@@ -28,14 +28,16 @@ from keyagent.errors import (
     Locked,
     NotFound,
     NotLocked,
+    RemoteError,
     SessionExpired,
+    TooMany,
     UnknownOp,
 )
 from keyagent.log import get_logger
 from keyagent.persist import KeyringStore, PersistedKey
-from keyagent.protocol import MAX_LIFETIME, OPS, PROTOCOL_VERSION, Request
+from keyagent.protocol import KEY_ID_MAX, KEY_ID_SHOWN, MAX_LIFETIME, OPS, PROTOCOL_VERSION, Request
 from keyagent.sessions import Plan, RemoteResult, Session, run_remote
-from keyagent.store import HeldKey, KeyStore, Lock, derive, iso, key_id_for, new_salt
+from keyagent.store import HeldKey, KeyStore, Lock, derive, digest_of, iso, new_salt
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
 if TYPE_CHECKING:
@@ -119,7 +121,8 @@ class Stop(Frozen):
 if TYPE_CHECKING:
     Outcome = Result | Deferred | Delayed | Stop
 
-ALLOWED_WHILE_LOCKED: Final = frozenset({"hello", "status", "unlock"})
+ALLOWED_WHILE_LOCKED: Final = frozenset({"hello", "status", "unlock", "stop"})
+"""Stopping reveals nothing (ssh-agent can be killed while locked too)."""
 MEMOIZABLE: Final = frozenset({"get", "hello"})
 """Operations whose reply depends only on :meth:`Agent.state_token` and the clock."""
 MAX_ACCOUNTS: Final = 64
@@ -171,6 +174,7 @@ class Agent:
         validate_after: float = 300.0,
         keyring: KeyringStore | None = None,
         keyring_timeout: float = 10.0,
+        max_keys: int | None = None,
     ) -> None:
         if default_lifetime is not None and not 0 < default_lifetime <= MAX_LIFETIME:
             raise ValueError("the default lifetime must be positive and at most ten years")
@@ -178,7 +182,7 @@ class Agent:
         self.socket_path = socket_path
         self.default_lifetime = default_lifetime
         self.default_persist = default_persist
-        self.held_keys = KeyStore()
+        self.held_keys = KeyStore(max_keys)
         self.lock = Lock()
         self.started = self.clock.monotonic()
         self.sessions: dict[tuple[str, str], Session] = {}
@@ -237,7 +241,7 @@ class Agent:
             log.info("key %s expired", held.key_id)
             if held.persisted and self.keyring is not None:
                 # Lifetimes bind the keyring copy too: delete it, with no client waiting.
-                self.background.append(self._keyring(_deleter(held.key_id), _ignore))
+                self.background.append(self._keyring(_deleter(held.digest), _ignore))
         return next_deadline
 
     def restore(self, keys: Iterable[PersistedKey]) -> int:
@@ -248,11 +252,16 @@ class Agent:
             lifetime = None if key.expires is None else key.expires - wall
             if lifetime is not None and lifetime <= 0:
                 continue
-            self.held_keys.put(
-                host=key.host, user=key.user, secret=key.secret, now=now, wall=wall,
-                lifetime=lifetime, description=key.description, created=key.created,
-                source="keyring", persisted=True,
-            )  # fmt: skip
+            try:
+                self.held_keys.put(
+                    host=key.host, user=key.user, secret=key.secret, now=now, wall=wall,
+                    lifetime=min(lifetime, MAX_LIFETIME) if lifetime is not None else None,
+                    description=key.description, created=key.created, source="keyring",
+                    persisted=True,
+                )  # fmt: skip
+            except TooMany as error:
+                log.warning("not every persisted key was restored: %s", error.message)
+                break
             count += 1
         log.info("restored %d key(s) from the OS keyring", count)
         return count
@@ -271,7 +280,7 @@ class Agent:
     ) -> PersistedKey:
         expires = None if lifetime is None else self.clock.wall() + lifetime
         return PersistedKey(
-            key_id=key_id_for(secret), host=host, user=user, secret=secret,
+            digest=digest_of(secret), host=host, user=user, secret=secret,
             description=description, created=created, expires=expires,
         )  # fmt: skip
 
@@ -309,6 +318,16 @@ class Agent:
 
     def process_status(self, args: Mapping[str, Any]) -> Result:
         now = self.clock.monotonic()
+        if self.lock.locked:
+            # Like ssh-agent's empty identity list: a locked agent says nothing about what
+            # it holds, not even how many keys or which accounts.
+            return {
+                "pid": os.getpid(),
+                "socket": self.socket_path,
+                "version": __version__,
+                "uptime": round(now - self.started, 3),
+                "locked": True,
+            }
         return {
             "pid": os.getpid(),
             "socket": self.socket_path,
@@ -334,6 +353,8 @@ class Agent:
 
         if not args.get("persist", self.default_persist):
             return hold()
+        if self.held_keys.holding(digest_of(args["key"])) is None:
+            self._room_for_one()
         # Keyring first, memory second: if the keyring refuses, nothing has changed.
         record = self._record(
             args["key"], host=args["host"], user=args["user"],
@@ -343,7 +364,7 @@ class Agent:
         return self._keyring(
             lambda keyring: keyring.save(record),
             lambda _: hold(persisted=True),
-            late=lambda _: self.background.append(self._keyring(_deleter(record.key_id), _ignore)),
+            late=lambda _: self.background.append(self._keyring(_deleter(record.digest), _ignore)),
         )
 
     def process_get(self, args: Mapping[str, Any]) -> Result:
@@ -370,11 +391,11 @@ class Agent:
             targets = None
         else:
             try:
-                targets = [self.held_keys.newest(now, key_id=key_id).key_id]
+                targets = [self.held_keys.newest(now, key_id=key_id).digest]
             except NotFound:
                 # With persist, a full key id may name a keyring entry the agent no longer
                 # holds (forgotten without --persist, or left over by a failed remove).
-                if not (args.get("persist") and key_id and len(key_id) == 12):
+                if not (args.get("persist") and key_id and len(key_id) == KEY_ID_MAX):
                     raise
                 targets = [key_id]
 
@@ -492,10 +513,19 @@ class Agent:
         session = self.session_for(args["host"], args["user"])
         description: str = args.get("description", "created by keyagent")
         lifetime = args.get("lifetime", self.default_lifetime)
+        self._room_for_one()  # before the service makes a key the agent could not hold
         plan = self._plan(session)
 
         def finish(result: RemoteResult) -> Outcome:
             self._learn(session, result)
+            already = self.held_keys.holding(digest_of(result.value))
+            if already is not None and (already.host, already.user) != (session.host, session.user):
+                # A service that answers with a key the agent holds for another account is
+                # hostile or broken: holding it here would send that key to this host.
+                raise RemoteError(
+                    f"the service at {session.host} answered create with a key the agent holds "
+                    "for another account; the key was not taken: check the --host you use"
+                )
             created = iso(self.clock.wall())
             held = self.held_keys.put(
                 host=session.host, user=session.user, secret=result.value,
@@ -546,17 +576,18 @@ class Agent:
 
         def finish(result: RemoteResult) -> Result:
             self._learn(session, result)
-            on_service = {key_id_for(listed.key): listed for listed in result.value}
+            on_service = {digest_of(listed.key): listed for listed in result.value}
             mine = list(self.held_keys.matching(self.clock.monotonic(), host, user))
-            held_ids = {held.key_id for held in mine}
+            held_digests = {held.digest for held in mine}
             keys = [
-                {**held.listing(), "stale": held.key_id not in on_service}
+                {**held.listing(), "stale": held.digest not in on_service}
                 for held in reversed(mine)
             ]
             remote = [
-                {"key_id": key_id, "masked": listed.masked(), "description": listed.description,
-                 "created": listed.created, "held": key_id in held_ids}
-                for key_id, listed in on_service.items()
+                {"key_id": digest[:KEY_ID_SHOWN], "fingerprint": digest,
+                 "masked": listed.masked(), "description": listed.description,
+                 "created": listed.created, "held": digest in held_digests}
+                for digest, listed in on_service.items()
             ]  # fmt: skip
             return {"keys": keys, "remote": remote}
 
@@ -572,7 +603,7 @@ class Agent:
         now = self.clock.monotonic()
         held: HeldKey | None
         if secret is not None:
-            held = next(self.held_keys.matching(now, key_id=key_id_for(secret)), None)
+            held = next(self.held_keys.matching(now, key_id=digest_of(secret)), None)
         else:
             try:
                 held = self.held_keys.newest(now, host, user, key_id)
@@ -586,7 +617,7 @@ class Agent:
                 "it does not hold"
             )
         session = self.session_for(host, user)
-        plan = self._plan(session, avoid=held.key_id if held else None)
+        plan = self._plan(session, avoid=held.digest if held else None)
         account = session.account
 
         def delete(api_key: str | None) -> str:
@@ -595,7 +626,7 @@ class Agent:
                 matches = [
                     listed.key
                     for listed in account.list_keys(api_key=api_key)
-                    if key_id_for(listed.key).startswith(key_id or "")
+                    if digest_of(listed.key).startswith(key_id or "")
                 ]
                 if not matches:
                     raise NotFound(
@@ -608,14 +639,16 @@ class Agent:
                     )
                 target = matches[0]
             account.delete_key(target, api_key=api_key)
-            return key_id_for(target)
+            return digest_of(target)
 
         def finish(result: RemoteResult) -> Outcome:
             self._learn(session, result)
-            removed = self.held_keys.discard(result.value)
-            log.info("removed key %s on %s", result.value, session.host)
+            digest: str = result.value
+            removed = self.held_keys.discard(digest)
+            log.info("removed key %s on %s", digest[:KEY_ID_SHOWN], session.host)
             reply = {
-                "key_id": result.value,
+                "key_id": digest[:KEY_ID_SHOWN],
+                "fingerprint": digest,
                 "host": session.host,
                 "user": session.user,
                 "removed": True,
@@ -626,16 +659,24 @@ class Agent:
 
             def left_behind(error: KeyagentError) -> Outcome:
                 raise KeyringUnavailable(
-                    f"removed key {result.value} on the service and from memory, but its OS "
-                    f"keyring entry remains ({error.message}); then run keyagent-ctl forget "
-                    f"--persist {result.value}"
+                    f"removed key {digest[:KEY_ID_SHOWN]} on the service and from memory, but "
+                    f"its OS keyring entry remains ({error.message}); then run keyagent-ctl "
+                    f"forget --persist {digest}"
                 )
 
-            return self._keyring(lambda k: k.delete(result.value), lambda _: reply, left_behind)
+            return self._keyring(lambda k: k.delete(digest), lambda _: reply, left_behind)
 
         return self._remote(session, plan, delete, finish)
 
     # --- helpers for remote operations ---------------------------------------------------
+
+    def _room_for_one(self) -> None:
+        limit = self.held_keys.max_keys
+        if limit is not None and len(self.held_keys) >= limit:
+            raise TooMany(
+                f"the agent holds {limit} keys, its limit; forget some (keyagent-ctl forget) "
+                "or start it with a larger --max-keys"
+            )
 
     def session_for(self, host: str, user: str) -> Session:
         """The account's session record, created (logged out) on first use."""
@@ -660,7 +701,7 @@ class Agent:
         now = self.clock.monotonic()
         held = list(self.held_keys.matching(now, session.host, session.user))
         # The key being removed comes last: it may still authenticate its own removal.
-        held.sort(key=lambda candidate: candidate.key_id == avoid)
+        held.sort(key=lambda candidate: candidate.digest == avoid)
         api_keys = tuple(candidate.secret for candidate in held[:MAX_KEY_ATTEMPTS])
         stale = session.checked is None or now - session.checked > self.validate_after
         return Plan(
@@ -696,5 +737,5 @@ def _ignore(_: object) -> Result:
     return {}
 
 
-def _deleter(key_id: str) -> Callable[[KeyringStore], bool]:
-    return lambda keyring: keyring.delete(key_id)
+def _deleter(digest: str) -> Callable[[KeyringStore], bool]:
+    return lambda keyring: keyring.delete(digest)

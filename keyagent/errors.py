@@ -38,6 +38,7 @@ __all__ = [
     "TLSError",
     "Timeout",
     "TooLarge",
+    "TooMany",
     "UnknownOp",
     "from_code",
 ]
@@ -87,6 +88,11 @@ class NotFound(KeyagentError):
 class Ambiguous(KeyagentError):
     code = "ambiguous"
     default_message = "the key id prefix matches several keys; give more characters"
+
+
+class TooMany(KeyagentError):
+    code = "too_many"
+    default_message = "the agent holds as many keys as it may; forget some first"
 
 
 class Locked(KeyagentError):

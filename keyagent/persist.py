@@ -9,8 +9,10 @@ Storage scheme
 --------------
 Everything lives under one service name, ``keyagent`` by default, in two kinds of entry:
 
-``key:<key_id>``
-    One entry per key; ``<key_id>`` is :func:`keyagent.store.key_id_for` of the secret. Its
+``key:<digest>``
+    One entry per key; ``<digest>`` is :func:`keyagent.store.digest_of` of the secret, its full
+    hex SHA-256 (entries written before 0.2 used its first 12 digits; :meth:`load_all` renames
+    them). Its
     password is compact JSON (``expires`` is POSIX wall time, or null to keep the key until
     it is forgotten; a monotonic reading would mean nothing after a restart)::
 
@@ -20,7 +22,7 @@ Everything lives under one service name, ``keyagent`` by default, in two kinds o
 ``index``
     Backends cannot enumerate their entries, so this one names them::
 
-        {"v":1,"keys":["<key_id>",...],"pending":["<key_id>",...]}
+        {"v":1,"keys":["<digest>",...],"pending":["<digest>",...]}
 
     ``keys`` are the persisted keys, oldest first (re-saving a key moves it last, as
     re-adding does in :class:`keyagent.store.KeyStore`). ``pending`` is a small intent log:
@@ -43,6 +45,10 @@ that do not parse or whose secret does not hash to their id, and deletes expired
 by the delete protocol above. It logs such repairs by key id only. Entries and an index with
 a newer ``"v"`` are left alone for the keyagent that wrote them.
 
+Nothing read back is trusted: an entry whose host, user, key, description or dates would be
+refused from a client (see :mod:`keyagent.protocol`) is skipped with a warning naming the
+field, and left in the keyring; the other keys load.
+
 Backend choice
 --------------
 ``KeyringStore()`` uses ``keyring.get_keyring()``. keyagent never picks a store on its own:
@@ -62,10 +68,10 @@ import threading
 from collections.abc import Callable, Iterable
 
 from keyagent._record import Frozen, Record, set_field
-from keyagent.errors import KeyringUnavailable
+from keyagent.errors import BadRequest, KeyringUnavailable
 from keyagent.log import get_logger
-from keyagent.protocol import KEY_ID_DIGITS
-from keyagent.store import key_id_for
+from keyagent.protocol import DESCRIPTION, HOST, KEY, KEY_ID_DIGITS, KEY_ID_SHOWN, USER, is_token
+from keyagent.store import digest_of
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
 if TYPE_CHECKING:
@@ -93,8 +99,8 @@ ENV_BACKEND: Final = "PYTHON_KEYRING_BACKEND"
 
 
 def _is_key_id(text: str) -> bool:
-    """Exactly 12 lowercase hex digits (no ``re``: the agent's core does not import it)."""
-    return len(text) == 12 and not text.strip(KEY_ID_DIGITS)
+    """A full digest (64 lowercase hex digits), or the 12 of an entry written before 0.2."""
+    return len(text) in (64, KEY_ID_SHOWN) and not text.strip(KEY_ID_DIGITS)
 
 
 # Messages: one sentence naming the next step; built from class names and key ids only.
@@ -120,10 +126,10 @@ class PersistedKey(Frozen):
     forgotten.
     """
 
-    __slots__ = ("key_id", "host", "user", "secret", "description", "created", "expires")
+    __slots__ = ("digest", "host", "user", "secret", "description", "created", "expires")
     _hidden = frozenset({"secret"})
 
-    key_id: str
+    digest: str
     host: str
     user: str
     secret: str
@@ -134,7 +140,7 @@ class PersistedKey(Frozen):
     def __init__(
         self,
         *,
-        key_id: str,
+        digest: str,
         host: str,
         user: str,
         secret: str,
@@ -142,7 +148,7 @@ class PersistedKey(Frozen):
         created: str | None,
         expires: float | None,
     ) -> None:
-        set_field(self, "key_id", key_id)
+        set_field(self, "digest", digest)
         set_field(self, "host", host)
         set_field(self, "user", user)
         set_field(self, "secret", secret)
@@ -164,6 +170,14 @@ class _Index(Record):
 
 class _NewerFormat(Exception):
     """An entry written by a newer keyagent: neither loaded nor pruned."""
+
+
+class _Untrusted(Exception):
+    """An entry that parses but holds a value the agent would refuse from a client."""
+
+    def __init__(self, field: str) -> None:
+        super().__init__(field)
+        self.field = field
 
 
 class KeyringStore:
@@ -205,33 +219,40 @@ class KeyringStore:
                 return _dotted(type(chosen))
 
     def save(self, key: PersistedKey) -> None:
-        """Persist ``key``, replacing any entry of the same key id."""
-        if key.key_id != key_id_for(key.secret):
-            raise ValueError("PersistedKey.key_id does not match its secret")
+        """Persist ``key``, replacing any entry of the same secret."""
+        if key.digest != digest_of(key.secret):
+            raise ValueError("PersistedKey.digest does not match its secret")
         payload = _encode(key)
         with self._lock:
-            backend = self._ready()
-            index = self._read_index(backend)
-            entry = ENTRY_PREFIX + key.key_id
-            if key.key_id in index.keys:
-                self._set(backend, entry, payload, f"key {key.key_id}")
-                if index.keys[-1] != key.key_id:
-                    index.keys.remove(key.key_id)
-                    index.keys.append(key.key_id)
-                    self._store_index(backend, index)
-                return
-            if key.key_id not in index.pending:
-                index.pending.append(key.key_id)
-                self._store_index(backend, index)
-            self._set(backend, entry, payload, f"key {key.key_id}")
-            index.pending.remove(key.key_id)
-            index.keys.append(key.key_id)
-            self._store_index(backend, index)
+            self._save(self._ready(), key.digest, payload)
 
-    def load_all(self, now_wall: float) -> tuple[list[PersistedKey], list[str]]:
+    def _save(self, backend: Backend, digest: str, payload: str) -> None:
+        index = self._read_index(backend)
+        entry = ENTRY_PREFIX + digest
+        subject = f"key {digest[:KEY_ID_SHOWN]}"
+        if digest in index.keys:
+            self._set(backend, entry, payload, subject)
+            if index.keys[-1] != digest:
+                index.keys.remove(digest)
+                index.keys.append(digest)
+                self._store_index(backend, index)
+            return
+        if digest not in index.pending:
+            index.pending.append(digest)
+            self._store_index(backend, index)
+        self._set(backend, entry, payload, subject)
+        index.pending.remove(digest)
+        index.keys.append(digest)
+        self._store_index(backend, index)
+
+    def load_all(
+        self, now_wall: float, each: Callable[[PersistedKey], object] | None = None
+    ) -> tuple[list[PersistedKey], list[str]]:
         """The live persisted keys, oldest first, and the ids of expired ones, now deleted.
 
-        Also repairs what an interrupted write left behind (see the module docstring).
+        ``each`` is called with every live key as soon as it is read, so a caller with a
+        deadline keeps what was read before it. Also repairs what an interrupted write left
+        behind, and renames entries of the 12-digit format (see the module docstring).
         """
         with self._lock:
             backend = self._ready()
@@ -240,47 +261,65 @@ class KeyringStore:
             expired: list[str] = []
             doomed: list[str] = []
             absent: list[str] = []
-            for key_id in index.keys:
-                raw = self._get(backend, ENTRY_PREFIX + key_id, f"key {key_id}")
+            legacy: list[PersistedKey] = []
+            for stored_id in list(index.keys):
+                shown = stored_id[:KEY_ID_SHOWN]
+                raw = self._get(backend, ENTRY_PREFIX + stored_id, f"key {shown}")
                 if raw is None:
-                    log.warning("key %s is in the keyring index but has no entry; dropped", key_id)
-                    absent.append(key_id)
+                    log.warning("key %s is in the keyring index but has no entry; dropped", shown)
+                    absent.append(stored_id)
                     continue
                 try:
-                    key = _decode(key_id, raw)
+                    key = _decode(stored_id, raw)
                 except _NewerFormat:
-                    log.warning("key %s was persisted by a newer keyagent; left alone", key_id)
+                    log.warning("key %s was persisted by a newer keyagent; left alone", shown)
+                    continue
+                except _Untrusted as untrusted:
+                    log.warning(
+                        "the keyring entry of key %s has an invalid %s; skipped (forget it with "
+                        "keyagent-ctl forget --persist %s)", shown, untrusted.field, stored_id,
+                    )  # fmt: skip
                     continue
                 if key is None:
-                    log.warning("the keyring entry of key %s is unreadable; deleted", key_id)
-                    doomed.append(key_id)
+                    log.warning("the keyring entry of key %s is unreadable; deleted", shown)
+                    doomed.append(stored_id)
                 elif key.expires is not None and key.expires <= now_wall:
-                    log.info("persisted key %s has expired; deleted", key_id)
-                    expired.append(key_id)
-                    doomed.append(key_id)
+                    log.info("persisted key %s has expired; deleted", shown)
+                    expired.append(stored_id)
+                    doomed.append(stored_id)
                 else:
                     live.append(key)
+                    if each is not None:
+                        each(key)
+                    if stored_id != key.digest:
+                        legacy.append(key)
             if index.pending:
                 log.info("finishing %d interrupted keyring write(s)", len(index.pending))
-            if doomed or absent or index.pending:
-                try:
+            try:
+                if doomed or absent or index.pending:
                     self._retire(backend, index, doomed, absent)
-                except KeyringUnavailable:
-                    # The live keys were read; the repairs are retried on the next load.
-                    log.warning("could not tidy the keyring index; will retry on the next load")
-                    return live, []
+                for key in legacy:  # written before keys were named by their full digest
+                    self._save(backend, key.digest, _encode(key))
+                    self._retire(backend, self._read_index(backend), [key.digest[:12]], [])
+            except KeyringUnavailable:
+                # The live keys were read; the repairs are retried on the next load.
+                log.warning("could not tidy the keyring index; will retry on the next load")
+                return live, []
             return live, expired
 
-    def delete(self, key_id: str) -> bool:
-        """Delete one persisted key by its full id; False if it was not persisted."""
-        if not _is_key_id(key_id):
+    def delete(self, digest: str) -> bool:
+        """Delete one persisted key by its full digest; False if it was not persisted."""
+        if len(digest) != 64 or not _is_key_id(digest):
             return False
         with self._lock:
             backend = self._ready()
             index = self._read_index(backend)
-            persisted = key_id in index.keys
-            if persisted or key_id in index.pending:
-                self._retire(backend, index, [key_id], [])
+            # An entry of the 12-digit format not yet renamed goes too.
+            targets = [i for i in (digest, digest[:KEY_ID_SHOWN]) if i in index.keys]
+            persisted = bool(targets)
+            targets += [i for i in (digest, digest[:KEY_ID_SHOWN]) if i in index.pending]
+            if targets:
+                self._retire(backend, index, targets, [])
             return persisted
 
     def delete_all(self) -> int:
@@ -353,8 +392,8 @@ class KeyringStore:
             self._delete(backend, INDEX, "the index")
             index.stored = False
 
-    def _delete_entry(self, backend: Backend, key_id: str) -> None:
-        self._delete(backend, ENTRY_PREFIX + key_id, f"key {key_id}")
+    def _delete_entry(self, backend: Backend, stored_id: str) -> None:
+        self._delete(backend, ENTRY_PREFIX + stored_id, f"key {stored_id[:KEY_ID_SHOWN]}")
 
     # --- guarded keyring calls ----------------------------------------------------------
 
@@ -521,8 +560,13 @@ def _encode(key: PersistedKey) -> str:
     return json.dumps(document, separators=(",", ":"))
 
 
-def _decode(key_id: str, raw: str) -> PersistedKey | None:
-    """The key an entry holds; None if it is corrupt. Raises _NewerFormat for a newer "v"."""
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _decode(stored_id: str, raw: str) -> PersistedKey | None:
+    """The key an entry holds; None if it is corrupt. Raises _NewerFormat for a newer "v",
+    _Untrusted for a value the protocol would refuse (a keyring is outside input too)."""
     try:
         import json  # loads with the keyring, never in an agent that does not use it
 
@@ -546,19 +590,24 @@ def _decode(key_id: str, raw: str) -> PersistedKey | None:
         or not isinstance(user, str)
         or not isinstance(description, str)
         or not (created is None or isinstance(created, str))
-        or not (
-            expires is None
-            or (
-                isinstance(expires, int | float)
-                and not isinstance(expires, bool)
-                and math.isfinite(expires)
-            )
-        )
-        or key_id_for(secret) != key_id
+        or not (expires is None or _is_number(expires))
+        or not digest_of(secret).startswith(stored_id)
     ):
         return None
+    for field, check, value in (
+        ("key", KEY, secret),
+        ("host", HOST, host),
+        ("user", USER, user),
+        ("description", DESCRIPTION, description),
+    ):
+        try:
+            check(field, value)
+        except BadRequest:
+            raise _Untrusted(field) from None
+    if created is not None and not (0 < len(created) <= 64 and is_token(created)):
+        raise _Untrusted("created")
     return PersistedKey(
-        key_id=key_id,
+        digest=digest_of(secret),
         host=host,
         user=user,
         secret=secret,

@@ -15,7 +15,8 @@ import time
 from collections.abc import Iterator
 
 from keyagent._record import Record
-from keyagent.errors import Ambiguous, Locked, NotFound, NotLocked
+from keyagent.errors import Ambiguous, Locked, NotFound, NotLocked, TooMany
+from keyagent.protocol import KEY_ID_MAX, KEY_ID_SHOWN
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
@@ -43,9 +44,18 @@ def _find_sha256() -> Callable[[bytes], _Hash]:
 _sha256 = _find_sha256()
 
 
+def digest_of(secret: str) -> str:
+    """The full hex SHA-256 of a key: what the agent and the keyring know a key by."""
+    return _sha256(secret.encode()).hexdigest()
+
+
 def key_id_for(secret: str) -> str:
-    """The public name of a key: the first 12 hex characters of its SHA-256."""
-    return _sha256(secret.encode()).hexdigest()[:12]
+    """The name a key is shown by: the first 12 hex characters of its SHA-256.
+
+    Only a name for people: 48 bits collide by brute force in a minute, so two held keys may
+    share it. Nothing is stored or selected by it alone (see :class:`KeyStore`).
+    """
+    return digest_of(secret)[:KEY_ID_SHOWN]
 
 
 def iso(timestamp: float | None) -> str | None:
@@ -59,15 +69,15 @@ class HeldKey(Record):
     """One API key in memory. Its ``secret`` is left out of ``repr`` and of :meth:`listing`."""
 
     __slots__ = (
-        "key_id", "host", "user", "secret", "description", "created", "added", "deadline",
-        "expires", "source", "persisted",
+        "digest", "key_id", "host", "user", "secret", "description", "created", "added",
+        "deadline", "expires", "source", "persisted",
     )  # fmt: skip
     _hidden = frozenset({"secret"})
 
     def __init__(
         self,
         *,
-        key_id: str,
+        digest: str,
         host: str,
         user: str,
         secret: str,
@@ -79,7 +89,10 @@ class HeldKey(Record):
         source: Source = "added",
         persisted: bool = False,
     ) -> None:
-        self.key_id = key_id
+        self.digest = digest
+        """The key's full hex SHA-256: its identity in the store and the keyring."""
+        self.key_id = digest[:KEY_ID_SHOWN]
+        """The short name shown to people; may be shared with another key."""
         self.host = host
         self.user = user
         self.secret = secret
@@ -97,6 +110,7 @@ class HeldKey(Record):
         """The key as ``list`` shows it: everything but the secret."""
         return {
             "key_id": self.key_id,
+            "fingerprint": self.digest,
             "host": self.host,
             "user": self.user,
             "description": self.description,
@@ -112,18 +126,29 @@ class HeldKey(Record):
 
 
 class KeyStore:
-    """Held keys by key id, newest last, with a heap of expiry deadlines."""
+    """Held keys by the full SHA-256 of their secret, newest last, with a heap of deadlines.
 
-    def __init__(self) -> None:
+    Keys are stored and deleted by their full digest, never by the 12-digit id people see:
+    two different secrets are two keys even when their short ids agree, and selecting by an
+    id prefix that fits both answers ``ambiguous``.
+    """
+
+    def __init__(self, max_keys: int | None = None) -> None:
         # Insertion order is "added" order: re-adding a key moves it to the end, so the
         # newest match is found by walking backwards, usually in one step.
         self._keys: dict[str, HeldKey] = {}
         self._deadlines: list[tuple[float, str]] = []
+        self.max_keys = max_keys
+        """How many keys may be held at once; None for no limit."""
         self.version = 0
         """Changes whenever what a lookup could return changes (for memoised replies)."""
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    def holding(self, digest: str) -> HeldKey | None:
+        """The key whose secret has this full digest, if held (expired or not)."""
+        return self._keys.get(digest)
 
     def put(
         self,
@@ -139,13 +164,24 @@ class KeyStore:
         source: Source = "added",
         persisted: bool = False,
     ) -> HeldKey:
-        """Hold ``secret``; holding the same secret again updates its entry in place."""
+        """Hold ``secret``; holding the same secret again updates its entry in place.
+
+        Raises :class:`~keyagent.errors.TooMany`, changing nothing, if the store is full.
+        """
+        digest = digest_of(secret)
+        held = self._keys.get(digest)
+        # Keys past their deadline count until reaped, which the server does before each
+        # wait: their keyring copies must be deleted too, so they are not dropped here.
+        if held is None and self.max_keys is not None and len(self._keys) >= self.max_keys:
+            raise TooMany(
+                f"the agent holds {self.max_keys} keys, its limit; forget some "
+                "(keyagent-ctl forget) or start it with a larger --max-keys"
+            )
         self.version += 1
-        key_id = key_id_for(secret)
-        held = self._keys.pop(key_id, None)
+        self._keys.pop(digest, None)
         if held is None:
             held = HeldKey(
-                key_id=key_id, host=host, user=user, secret=secret, added=wall, source=source
+                digest=digest, host=host, user=user, secret=secret, added=wall, source=source
             )
         else:
             held.host, held.user, held.added = host, user, wall
@@ -161,8 +197,8 @@ class KeyStore:
             held.deadline = held.expires = None
         else:
             held.deadline, held.expires = now + lifetime, wall + lifetime
-            heapq.heappush(self._deadlines, (held.deadline, key_id))
-        self._keys[key_id] = held  # before compacting, which rebuilds the heap from _keys
+            heapq.heappush(self._deadlines, (held.deadline, digest))
+        self._keys[digest] = held  # before compacting, which rebuilds the heap from _keys
         if len(self._deadlines) > 2 * len(self._keys) + 64:
             self._compact()
         return held
@@ -174,8 +210,11 @@ class KeyStore:
         user: str | None = None,
         key_id: str | None = None,
     ) -> Iterator[HeldKey]:
-        """Live keys that match every given selector, newest first."""
-        if key_id is not None and len(key_id) == 12:
+        """Live keys that match every given selector, newest first.
+
+        ``key_id`` is any prefix of a key's hex SHA-256 (lower case).
+        """
+        if key_id is not None and len(key_id) == KEY_ID_MAX:
             exact = self._keys.get(key_id)
             candidates: Iterator[HeldKey] = iter([exact] if exact else [])
         else:
@@ -184,7 +223,7 @@ class KeyStore:
             if (
                 (host is None or held.host == host)
                 and (user is None or held.user == user)
-                and (key_id is None or held.key_id.startswith(key_id))
+                and (key_id is None or held.digest.startswith(key_id))
                 and held.alive(now)
             ):
                 yield held
@@ -201,14 +240,17 @@ class KeyStore:
         first = next(found, None)
         if first is None:
             raise NotFound(_not_found_message(host, user, key_id))
-        if key_id is not None and len(key_id) < 12 and next(found, None) is not None:
-            raise Ambiguous(f"key id '{key_id}' matches several keys; give more of its characters")
+        if key_id is not None and next(found, None) is not None:
+            raise Ambiguous(
+                f"key id '{key_id}' matches several keys; give more of its characters (up to "
+                f"{KEY_ID_MAX}, see keyagent-ctl list --json for each key's fingerprint)"
+            )
         return first
 
-    def discard(self, key_id: str) -> HeldKey | None:
-        """Drop one key by its full id; returns it, or None if it was not held."""
+    def discard(self, digest: str) -> HeldKey | None:
+        """Drop one key by its full digest; returns it, or None if it was not held."""
         self.version += 1
-        return self._keys.pop(key_id, None)
+        return self._keys.pop(digest, None)
 
     def clear(self) -> list[HeldKey]:
         """Drop every key (expired ones not yet reaped included); returns them."""
@@ -225,8 +267,8 @@ class KeyStore:
     def _compact(self) -> None:
         """Drop heap entries of forgotten or re-timed keys (re-adding leaves one behind)."""
         self._deadlines = [
-            (held.deadline, key_id)
-            for key_id, held in self._keys.items()
+            (held.deadline, digest)
+            for digest, held in self._keys.items()
             if held.deadline is not None
         ]
         heapq.heapify(self._deadlines)
@@ -236,11 +278,11 @@ class KeyStore:
         expired: list[HeldKey] = []
         heap = self._deadlines
         while heap and heap[0][0] <= now:
-            deadline, key_id = heapq.heappop(heap)
-            held = self._keys.get(key_id)
+            deadline, digest = heapq.heappop(heap)
+            held = self._keys.get(digest)
             # A stale heap entry: the key was forgotten, or re-added with another lifetime.
             if held is not None and held.deadline == deadline:
-                del self._keys[key_id]
+                del self._keys[digest]
                 expired.append(held)
                 self.version += 1
         return expired, (heap[0][0] if heap else None)

@@ -37,6 +37,8 @@ class FakeAccount:
     keys: list[str] = field(default_factory=list)
     calls: list[tuple[str, str | None]] = field(default_factory=list)
     fail_next: errors.KeyagentError | None = None
+    issue: list[str] = field(default_factory=list)
+    """Keys ``create_key`` hands out next, in order, before making up its own."""
 
     def _auth(self, name: str, api_key: str | None) -> None:
         self.calls.append((name, api_key))
@@ -73,7 +75,7 @@ class FakeAccount:
 
     def create_key(self, description: str, api_key: str | None = None) -> str:
         self._auth("create", api_key)
-        key = f"created-key-{len(self.keys):04d}-abcdefgh"
+        key = self.issue.pop(0) if self.issue else f"created-key-{len(self.keys):04d}-abcdefgh"
         self.keys.append(key)
         return key
 

@@ -30,7 +30,7 @@ from keyagent.errors import (
     UnknownOp,
 )
 from keyagent.protocol import OPS, PROTOCOL_VERSION, Request, encode_request, parse_request
-from keyagent.store import derive, iso, key_id_for
+from keyagent.store import derive, digest_of, iso, key_id_for
 
 if TYPE_CHECKING:
     from keyagent.agent import Outcome
@@ -250,6 +250,7 @@ def test_add_returns_the_listing_without_the_secret(agent: Agent) -> None:
     added = add(agent, description="laptop")
     assert added == {
         "key_id": key_id_for(SECRET),
+        "fingerprint": digest_of(SECRET),
         "host": HOST,
         "user": USER,
         "description": "laptop",
@@ -566,14 +567,14 @@ def test_second_lock_finishing_later_is_refused(agent: Agent) -> None:
 
 
 @pytest.mark.parametrize("op", list(OPS))
-def test_while_locked_only_hello_status_and_unlock_are_served(locked: Agent, op: str) -> None:
-    """While locked, every served op but hello, status and unlock raises Locked."""
+def test_while_locked_only_hello_status_unlock_and_stop_are_served(locked: Agent, op: str) -> None:
+    """While locked, every served op but hello, status, unlock and stop raises Locked."""
     if op not in locked.ops:
         with pytest.raises(UnknownOp):
             call(locked, op, **VALID_ARGS[op])
     elif op in ALLOWED_WHILE_LOCKED:
         outcome = call(locked, op, **VALID_ARGS[op])
-        assert isinstance(outcome, dict | Deferred)
+        assert isinstance(outcome, dict | Deferred | Stop)
     else:
         with pytest.raises(Locked) as caught:
             call(locked, op, **VALID_ARGS[op])
@@ -582,9 +583,9 @@ def test_while_locked_only_hello_status_and_unlock_are_served(locked: Agent, op:
     assert len(locked.held_keys) == 1
 
 
-def test_allowed_while_locked_is_exactly_hello_status_unlock() -> None:
-    """The ops served while locked are exactly hello, status and unlock."""
-    assert frozenset({"hello", "status", "unlock"}) == ALLOWED_WHILE_LOCKED
+def test_allowed_while_locked_is_exactly_hello_status_unlock_stop() -> None:
+    """The ops served while locked are exactly hello, status, unlock and stop."""
+    assert frozenset({"hello", "status", "unlock", "stop"}) == ALLOWED_WHILE_LOCKED
 
 
 def test_locked_get_refuses_even_a_missing_key(locked: Agent) -> None:
@@ -593,10 +594,18 @@ def test_locked_get_refuses_even_a_missing_key(locked: Agent) -> None:
         call(locked, "get", host="nowhere.example")
 
 
-def test_stop_while_locked_is_refused(locked: Agent) -> None:
-    """stop is not served while locked."""
-    with pytest.raises(Locked):
-        call(locked, "stop")
+def test_stop_while_locked_stops(locked: Agent) -> None:
+    """stop is served while locked: stopping reveals nothing (ssh-agent can be killed too)."""
+    assert isinstance(call(locked, "stop"), Stop)
+
+
+def test_status_while_locked_tells_nothing_about_keys_or_sessions(locked: Agent) -> None:
+    """A locked agent's status says it is locked and nothing of keys, hosts or users."""
+    status = call(locked, "status")
+    assert isinstance(status, dict)
+    assert status["locked"] is True
+    assert not {"keys", "sessions", "default_lifetime"} & set(status)
+    assert "@" not in repr(status)
 
 
 # --- unlock ----------------------------------------------------------------------------------

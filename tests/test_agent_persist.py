@@ -10,7 +10,7 @@ from keyagent import errors
 from keyagent.agent import Agent, Deferred
 from keyagent.persist import KeyringStore
 from keyagent.protocol import Request
-from keyagent.store import key_id_for
+from keyagent.store import digest_of, key_id_for
 from keyagent.testing.memory_keyring import MemoryKeyring
 
 from .fakes import PEER, FakeAccount, FakeTime, complete, run
@@ -48,7 +48,7 @@ def test_add_with_persist_writes_the_keyring_then_holds(
     """add persist: true stores the key in the keyring and lists it as persisted."""
     listed = run(agent, "add", host="h", user="u", key=SECRET, persist=True)
     assert listed["persisted"] is True
-    assert keyring_ids(backend) == {key_id_for(SECRET)}
+    assert keyring_ids(backend) == {digest_of(SECRET)}
 
 
 def test_add_without_persist_touches_no_keyring(agent: Agent, backend: MemoryKeyring) -> None:
@@ -66,7 +66,7 @@ def test_default_persist_applies_unless_the_request_says_otherwise(
     assert (
         run(agent, "add", host="h", user="u", key="other-key", persist=False)["persisted"] is False
     )
-    assert keyring_ids(backend) == {key_id_for(SECRET)}
+    assert keyring_ids(backend) == {digest_of(SECRET)}
 
 
 def test_locked_keyring_fails_the_request_and_changes_nothing(
@@ -103,8 +103,8 @@ def test_plain_forget_keeps_the_keyring_copy(agent: Agent, backend: MemoryKeyrin
     """forget without persist drops the key from memory only; a full id can unpersist later."""
     run(agent, "add", host="h", user="u", key=SECRET, persist=True)
     run(agent, "forget", key_id=key_id_for(SECRET))
-    assert keyring_ids(backend) == {key_id_for(SECRET)}
-    later = run(agent, "forget", key_id=key_id_for(SECRET), persist=True)
+    assert keyring_ids(backend) == {digest_of(SECRET)}
+    later = run(agent, "forget", key_id=digest_of(SECRET), persist=True)
     assert (later["forgotten"], later["unpersisted"]) == (0, 1)
     assert keyring_ids(backend) == set()
 
@@ -193,7 +193,7 @@ def test_remove_reports_a_keyring_entry_left_behind(
     backend.locked = True
     with pytest.raises(errors.KeyringUnavailable) as caught:
         run(agent, "remove", key_id=key_id_for(SECRET))
-    assert f"forget --persist {key_id_for(SECRET)}" in caught.value.message
+    assert f"forget --persist {digest_of(SECRET)}" in caught.value.message
     assert account.keys == ["helper-key-0000000000"]
 
 
@@ -214,4 +214,4 @@ def test_create_with_persist_keeps_the_key_when_the_keyring_fails(
     backend.locked = False
     created = run(agent, "create", host="h", user="u", persist=True)
     assert created["persisted"] is True
-    assert key_id_for(account.keys[1]) in keyring_ids(backend)
+    assert digest_of(account.keys[1]) in keyring_ids(backend)

@@ -22,7 +22,7 @@ from keyring.testing.backend import BackendBasicTests
 
 from keyagent.errors import KeyringUnavailable
 from keyagent.persist import KeyringStore, PersistedKey
-from keyagent.store import key_id_for
+from keyagent.store import digest_of
 from keyagent.testing.memory_keyring import MemoryKeyring
 
 SERVICE = "keyagent"
@@ -41,7 +41,7 @@ def make_key(
     expires: float | None = None,
 ) -> PersistedKey:
     return PersistedKey(
-        key_id=key_id_for(secret),
+        digest=digest_of(secret),
         host=host,
         user=user,
         secret=secret,
@@ -70,7 +70,7 @@ def assert_tidy(memory: MemoryKeyring) -> None:
 
 
 def ids(keys: list[PersistedKey]) -> list[str]:
-    return [key.key_id for key in keys]
+    return [key.digest for key in keys]
 
 
 @pytest.fixture(autouse=True)
@@ -185,7 +185,7 @@ def test_persisted_key_repr_hides_the_secret() -> None:
     key = make_key()
     assert SECRET not in repr(key)
     assert SECRET not in str(key)
-    assert key.key_id in repr(key)
+    assert key.digest in repr(key)
 
 
 def test_round_trip_save_load_delete_delete_all(store: KeyringStore, memory: MemoryKeyring) -> None:
@@ -198,8 +198,8 @@ def test_round_trip_save_load_delete_delete_all(store: KeyringStore, memory: Mem
     assert store.load_all(WALL) == ([first, second, third], [])
     assert KeyringStore(memory).load_all(WALL) == ([first, second, third], [])
 
-    assert store.delete(second.key_id) is True
-    assert store.delete(second.key_id) is False
+    assert store.delete(second.digest) is True
+    assert store.delete(second.digest) is False
     assert store.load_all(WALL) == ([first, third], [])
     assert_tidy(memory)
 
@@ -214,8 +214,8 @@ def test_storage_scheme_is_as_documented(store: KeyringStore, memory: MemoryKeyr
     key = make_key(expires=WALL + 60)
     store.save(key)
     entries = memory.entries()
-    assert set(entries) == {(SERVICE, f"key:{key.key_id}"), (SERVICE, "index")}
-    assert json.loads(entries[(SERVICE, f"key:{key.key_id}")]) == {
+    assert set(entries) == {(SERVICE, f"key:{key.digest}"), (SERVICE, "index")}
+    assert json.loads(entries[(SERVICE, f"key:{key.digest}")]) == {
         "v": 1,
         "key": SECRET,
         "host": "app.conduce.com",
@@ -227,7 +227,7 @@ def test_storage_scheme_is_as_documented(store: KeyringStore, memory: MemoryKeyr
     assert " " not in entries[(SERVICE, "index")]
     assert json.loads(entries[(SERVICE, "index")]) == {
         "v": 1,
-        "keys": [key.key_id],
+        "keys": [key.digest],
         "pending": [],
     }
 
@@ -237,12 +237,12 @@ def test_write_order_entry_before_index_and_index_before_delete(
 ) -> None:
     """A new key's entry is written before the index lists it; delete unlists before deleting."""
     key = make_key()
-    entry = f"key:{key.key_id}"
+    entry = f"key:{key.digest}"
     store.save(key)
     writes = [(op, user) for op, _, user in memory.calls if op != "get"]
     assert writes == [("set", "index"), ("set", entry), ("set", "index")]
     memory.calls.clear()
-    store.delete(key.key_id)
+    store.delete(key.digest)
     writes = [(op, user) for op, _, user in memory.calls if op != "get"]
     assert writes == [("set", "index"), ("delete", entry), ("delete", "index")]
 
@@ -252,10 +252,10 @@ def test_service_name_separates_stores(memory: MemoryKeyring) -> None:
     KeyringStore(memory, service="keyagent-a").save(make_key(SECRETS[0]))
     KeyringStore(memory, service="keyagent-b").save(make_key(SECRETS[1]))
     live, _ = KeyringStore(memory, service="keyagent-a").load_all(WALL)
-    assert ids(live) == [key_id_for(SECRETS[0])]
+    assert ids(live) == [digest_of(SECRETS[0])]
     assert KeyringStore(memory, service="keyagent-a").delete_all() == 1
     live, _ = KeyringStore(memory, service="keyagent-b").load_all(WALL)
-    assert ids(live) == [key_id_for(SECRETS[1])]
+    assert ids(live) == [digest_of(SECRETS[1])]
 
 
 def test_resaving_updates_the_entry_and_moves_it_last(store: KeyringStore) -> None:
@@ -272,7 +272,7 @@ def test_save_rejects_a_key_id_that_does_not_match_the_secret(store: KeyringStor
     """A PersistedKey whose id is not its secret's hash is a caller bug: ValueError, no secret."""
     key = make_key()
     forged = PersistedKey(
-        key_id="0" * 12,
+        digest="0" * 64,
         host=key.host,
         user=key.user,
         secret=key.secret,
@@ -291,9 +291,9 @@ def test_delete_of_unknown_or_malformed_ids_touches_nothing(
     """delete returns False for an id that is not persisted, and writes nothing."""
     store.save(make_key())
     memory.calls.clear()
-    assert store.delete(key_id_for("not persisted")) is False
+    assert store.delete(digest_of("not persisted")) is False
     assert store.delete("not-a-key-id") is False
-    assert store.delete(key_id_for(SECRET)[:6]) is False
+    assert store.delete(digest_of(SECRET)[:6]) is False
     assert [op for op, _, _ in memory.calls if op != "get"] == []
 
 
@@ -312,10 +312,10 @@ def test_load_deletes_expired_keys_and_returns_their_ids(
         store.save(key)
     live, expired = store.load_all(WALL)
     assert live == [alive, forever]
-    assert expired == [gone.key_id, due.key_id]
+    assert expired == [gone.digest, due.digest]
     assert_tidy(memory)
-    assert index_of(memory)["keys"] == [alive.key_id, forever.key_id]
-    assert store.load_all(WALL + 2) == ([forever], [alive.key_id])
+    assert index_of(memory)["keys"] == [alive.digest, forever.digest]
+    assert store.load_all(WALL + 2) == ([forever], [alive.digest])
 
 
 def test_index_ids_without_an_entry_are_ignored_and_pruned(
@@ -325,11 +325,11 @@ def test_index_ids_without_an_entry_are_ignored_and_pruned(
     kept, lost = make_key(SECRETS[0]), make_key(SECRETS[1])
     store.save(kept)
     store.save(lost)
-    memory.delete_password(SERVICE, f"key:{lost.key_id}")
+    memory.delete_password(SERVICE, f"key:{lost.digest}")
     assert store.load_all(WALL) == ([kept], [])
-    assert index_of(memory)["keys"] == [kept.key_id]
+    assert index_of(memory)["keys"] == [kept.digest]
     assert_tidy(memory)
-    assert any(lost.key_id in record.getMessage() for record in caplog.records)
+    assert any(lost.digest[:12] in record.getMessage() for record in caplog.records)
 
 
 @pytest.mark.parametrize(
@@ -373,14 +373,64 @@ def test_corrupt_entries_are_ignored_logged_by_id_and_deleted(
     good, bad = make_key(SECRETS[0]), make_key(SECRETS[1])
     store.save(good)
     store.save(bad)
-    memory.put(SERVICE, f"key:{bad.key_id}", corrupt)
+    memory.put(SERVICE, f"key:{bad.digest}", corrupt)
     assert store.load_all(WALL) == ([good], [])
-    assert (SERVICE, f"key:{bad.key_id}") not in memory.entries()
+    assert (SERVICE, f"key:{bad.digest}") not in memory.entries()
     assert_tidy(memory)
     assert any(
-        bad.key_id in record.getMessage() and record.levelno == logging.WARNING
+        bad.digest[:12] in record.getMessage() and record.levelno == logging.WARNING
         for record in caplog.records
     )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("host", "h\u2028x"),
+        ("host", "app..conduce.com"),
+        ("user", "u\u00a0v"),
+        ("description", "\x1b]0;owned\x07"),
+        ("description", "bidi \u202e"),
+        ("created", "2024\x1b[2J"),
+    ],
+)
+def test_entries_with_values_a_client_could_not_send_are_skipped_with_a_warning(
+    store: KeyringStore,
+    memory: MemoryKeyring,
+    caplog: pytest.LogCaptureFixture,
+    field: str,
+    value: str,
+) -> None:
+    """A keyring record is outside input: a value the protocol refuses skips that record only,
+    with a warning naming the field (never the value), and the other keys still load."""
+    good, bad = make_key(SECRETS[0]), make_key(SECRETS[1])
+    store.save(good)
+    store.save(bad)
+    document = json.loads(memory.get_password(SERVICE, f"key:{bad.digest}") or "")
+    document[field] = value
+    memory.put(SERVICE, f"key:{bad.digest}", json.dumps(document))
+    assert store.load_all(WALL) == ([good], [])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(bad.digest[:12] in m and f"invalid {field}" in m for m in warnings)
+    assert not any(value in m for m in warnings)
+    assert (SERVICE, f"key:{bad.digest}") in memory.entries()  # left for the user to forget
+
+
+def test_entries_named_by_a_short_id_are_renamed_to_the_full_digest(
+    store: KeyringStore, memory: MemoryKeyring
+) -> None:
+    """An entry written under the old 12-digit name loads and is renamed to its full digest."""
+    key = make_key(SECRETS[0])
+    store.save(key)
+    payload = memory.get_password(SERVICE, f"key:{key.digest}") or ""
+    memory.delete_password(SERVICE, f"key:{key.digest}")
+    memory.put(SERVICE, f"key:{key.digest[:12]}", payload)
+    memory.put(SERVICE, "index", json.dumps({"v": 1, "keys": [key.digest[:12]], "pending": []}))
+    assert store.load_all(WALL) == ([key], [])
+    assert index_of(memory)["keys"] == [key.digest]
+    assert (SERVICE, f"key:{key.digest[:12]}") not in memory.entries()
+    assert store.delete(key.digest) is True
+    assert_tidy(memory)
 
 
 def test_entries_from_a_newer_keyagent_are_left_alone(
@@ -391,9 +441,9 @@ def test_entries_from_a_newer_keyagent_are_left_alone(
     store.save(current)
     store.save(newer)
     document = {"v": 2, "key": SECRETS[1], "shape": "unknown"}
-    memory.put(SERVICE, f"key:{newer.key_id}", json.dumps(document))
+    memory.put(SERVICE, f"key:{newer.digest}", json.dumps(document))
     assert store.load_all(WALL) == ([current], [])
-    assert index_of(memory)["keys"] == [current.key_id, newer.key_id]
+    assert index_of(memory)["keys"] == [current.digest, newer.digest]
     assert store.delete_all() == 2
     assert memory.entries() == {}
 
@@ -426,18 +476,18 @@ def test_malformed_ids_in_the_index_are_ignored(store: KeyringStore, memory: Mem
     """Index members that are not 12 lowercase hex characters are skipped without a lookup."""
     key = make_key()
     store.save(key)
-    document = {"v": 1, "keys": [key.key_id, "../etc", 5, key.key_id.upper()], "pending": []}
+    document = {"v": 1, "keys": [key.digest, "../etc", 5, key.digest.upper()], "pending": []}
     memory.put(SERVICE, "index", json.dumps(document))
     memory.calls.clear()
     assert store.load_all(WALL) == ([key], [])
-    assert {user for _, _, user in memory.calls} == {"index", f"key:{key.key_id}"}
+    assert {user for _, _, user in memory.calls} == {"index", f"key:{key.digest}"}
 
 
 def test_an_id_both_listed_and_pending_is_kept(store: KeyringStore, memory: MemoryKeyring) -> None:
     """If an edited index lists an id as both persisted and pending, the listing wins."""
     key = make_key()
     store.save(key)
-    document = {"v": 1, "keys": [key.key_id], "pending": [key.key_id]}
+    document = {"v": 1, "keys": [key.digest], "pending": [key.digest]}
     memory.put(SERVICE, "index", json.dumps(document))
     assert store.load_all(WALL) == ([key], [])
     assert store.load_all(WALL) == ([key], [])
@@ -480,11 +530,11 @@ def seed_with_debris(store: KeyringStore) -> None:
     store.save(make_key("dangling-S3CR3T-free"))
     backend = store._ready()
     assert isinstance(backend, MemoryKeyring)
-    backend.put(SERVICE, f"key:{key_id_for(SECRETS[2])}", "{corrupt")
-    backend._entries.pop((SERVICE, f"key:{key_id_for('dangling-S3CR3T-free')}"))
+    backend.put(SERVICE, f"key:{digest_of(SECRETS[2])}", "{corrupt")
+    backend._entries.pop((SERVICE, f"key:{digest_of('dangling-S3CR3T-free')}"))
 
 
-ID0, ID1 = key_id_for(SECRETS[0]), key_id_for(SECRETS[1])
+ID0, ID1 = digest_of(SECRETS[0]), digest_of(SECRETS[1])
 
 CRASH_CASES: dict[str, tuple[Callable[[KeyringStore], object], Callable[[KeyringStore], None]]] = {
     "save-new": (lambda store: store.save(make_key(SECRETS[2])), seed_two),
@@ -511,11 +561,11 @@ def test_a_crash_at_any_write_leaves_a_consistent_view(case: str) -> None:
         return backend, store
 
     backend, store = fresh()
-    before = {key.key_id: key for key in KeyringStore(backend).load_all(0.0)[0]}
+    before = {key.digest: key for key in KeyringStore(backend).load_all(0.0)[0]}
     backend, store = fresh()
     operation(store)
     total = backend.writes
-    after = {key.key_id: key for key in KeyringStore(backend).load_all(0.0)[0]}
+    after = {key.digest: key for key in KeyringStore(backend).load_all(0.0)[0]}
     assert total >= 1
 
     for crash_at in range(total):
@@ -528,10 +578,10 @@ def test_a_crash_at_any_write_leaves_a_consistent_view(case: str) -> None:
                 operation(store)
         backend.crash_at = None
         restarted = KeyringStore(backend)
-        seen = {key.key_id: key for key in restarted.load_all(0.0)[0]}
+        seen = {key.digest: key for key in restarted.load_all(0.0)[0]}
         assert seen in (before, after), crash_at
         assert_tidy(backend)
-        assert {key.key_id: key for key in restarted.load_all(0.0)[0]} == seen
+        assert {key.digest: key for key in restarted.load_all(0.0)[0]} == seen
 
 
 def test_load_returns_live_keys_even_if_tidying_fails() -> None:
@@ -556,7 +606,7 @@ def test_concurrent_saves_from_worker_threads_all_land(
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(store.save, keys))
     live, _ = store.load_all(WALL)
-    assert sorted(ids(live)) == sorted(key.key_id for key in keys)
+    assert sorted(ids(live)) == sorted(key.digest for key in keys)
     assert_tidy(memory)
 
 
@@ -610,7 +660,7 @@ def test_locked_keyring_asks_to_unlock(store: KeyringStore, memory: MemoryKeyrin
         store.check,
         lambda: store.save(make_key(SECRETS[1])),
         lambda: store.load_all(WALL),
-        lambda: store.delete(key_id_for(SECRET)),
+        lambda: store.delete(digest_of(SECRET)),
         store.delete_all,
     ]
     for call in calls:
@@ -668,7 +718,7 @@ def test_a_backend_that_cannot_delete_is_reported(store: KeyringStore) -> None:
     undeletable = KeyringStore(backend)
     undeletable.save(make_key())
     with pytest.raises(KeyringUnavailable, match="delete") as caught:
-        undeletable.delete(key_id_for(SECRET))
+        undeletable.delete(digest_of(SECRET))
     assert_clean_error(caught.value)
 
 
@@ -679,7 +729,7 @@ def test_no_secret_in_errors_or_logs_across_failing_operations(
     store = KeyringStore(memory)
     for secret in SECRETS:
         store.save(make_key(secret, expires=WALL + 1))
-    memory.put(SERVICE, f"key:{key_id_for(SECRETS[0])}", f'{{"v":1,"key":"{SECRETS[0]}"')
+    memory.put(SERVICE, f"key:{digest_of(SECRETS[0])}", f'{{"v":1,"key":"{SECRETS[0]}"')
     store.load_all(WALL + 2)
     for secret in SECRETS:
         memory.fail_with = DBusException(f"could not store {secret}")
@@ -687,7 +737,7 @@ def test_no_secret_in_errors_or_logs_across_failing_operations(
         calls: list[Callable[[], object]] = [
             partial(store.save, key),
             partial(store.load_all, WALL),
-            partial(store.delete, key.key_id),
+            partial(store.delete, key.digest),
             store.delete_all,
         ]
         for call in calls:
@@ -735,7 +785,7 @@ def test_keyrings_recommended_choice_is_used(chosen: Callable[[object], None]) -
     chosen(backend)
     store = KeyringStore()
     store.save(make_key())
-    assert (SERVICE, f"key:{key_id_for(SECRET)}") in backend.entries()
+    assert (SERVICE, f"key:{digest_of(SECRET)}") in backend.entries()
     assert store.backend_name() == f"{__name__}.RecommendedKeyring"
 
 
@@ -757,7 +807,7 @@ def test_an_unrecommended_choice_needs_python_keyring_backend(
 
     monkeypatch.setenv("PYTHON_KEYRING_BACKEND", dotted)
     KeyringStore().save(make_key())
-    assert (SERVICE, f"key:{key_id_for(SECRET)}") in backend.entries()
+    assert (SERVICE, f"key:{digest_of(SECRET)}") in backend.entries()
 
 
 def test_keyrings_fail_choice_is_unavailable_even_when_named(
@@ -813,7 +863,7 @@ def test_a_chainer_is_unwrapped_to_the_backend_it_writes_to() -> None:
     store.save(make_key())
     first = OneChain.backends[0]
     assert isinstance(first, RecommendedKeyring)
-    assert (SERVICE, f"key:{key_id_for(SECRET)}") in first.entries()
+    assert (SERVICE, f"key:{digest_of(SECRET)}") in first.entries()
     assert store.backend_name() == f"{__name__}.RecommendedKeyring"
     assert store.delete_all() == 1
     assert first.entries() == {}

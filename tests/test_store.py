@@ -10,13 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keyagent.errors import Ambiguous, Locked, NotFound, NotLocked
+from keyagent.errors import Ambiguous, Locked, NotFound, NotLocked, TooMany
 from keyagent.store import (
     SCRYPT_LEN,
     HeldKey,
     KeyStore,
     Lock,
     derive,
+    digest_of,
     iso,
     key_id_for,
     new_salt,
@@ -111,6 +112,7 @@ def test_listing_has_every_field_but_the_secret() -> None:
     listing = held.listing()
     assert listing == {
         "key_id": key_id_for(SECRET),
+        "fingerprint": digest_of(SECRET),
         "host": "h.example",
         "user": "u@example.com",
         "description": "ci key",
@@ -392,9 +394,9 @@ def test_discard_drops_one_key_and_returns_it() -> None:
     store = KeyStore()
     held = put(store, "a")
     put(store, "b")
-    assert store.discard(held.key_id) is held
+    assert store.discard(held.digest) is held
     assert len(store) == 1
-    assert store.discard(held.key_id) is None
+    assert store.discard(held.digest) is None
     assert [h.secret for h in store.matching(0.0)] == ["b"]
 
 
@@ -402,7 +404,7 @@ def test_discard_needs_the_full_key_id() -> None:
     """discard() does not treat its argument as a prefix."""
     store = KeyStore()
     held = put(store, "a")
-    assert store.discard(held.key_id[:6]) is None
+    assert store.discard(held.digest[:6]) is None
     assert len(store) == 1
 
 
@@ -474,7 +476,7 @@ def test_reap_skips_a_forgotten_key() -> None:
     store = KeyStore()
     held = put(store, "a", lifetime=10.0)
     other = put(store, "b")
-    store.discard(held.key_id)
+    store.discard(held.digest)
     assert store.reap(10.0) == ([], None)
     assert list(store.matching(10.0)) == [other]
 
@@ -483,7 +485,7 @@ def test_forget_then_readd_with_longer_lifetime_survives_the_old_deadline() -> N
     """A key forgotten and re-added with a longer lifetime outlives its stale first deadline."""
     store = KeyStore()
     first = put(store, SECRET, now=0.0, lifetime=10.0)
-    store.discard(first.key_id)
+    store.discard(first.digest)
     again = put(store, SECRET, now=1.0, lifetime=100.0)
     assert store.reap(10.0) == ([], 101.0)
     assert store.newest(50.0) is again
@@ -494,7 +496,7 @@ def test_forget_then_readd_with_shorter_lifetime_expires_at_the_new_deadline() -
     """A key re-added with a shorter lifetime expires at the new deadline, not the stale one."""
     store = KeyStore()
     first = put(store, SECRET, now=0.0, lifetime=100.0)
-    store.discard(first.key_id)
+    store.discard(first.digest)
     again = put(store, SECRET, now=1.0, lifetime=5.0)
     expired, next_deadline = store.reap(6.0)
     assert expired == [again]
@@ -549,20 +551,20 @@ def check_invariants(store: KeyStore, model: Model, now: float) -> None:
     found = list(store.matching(now))
     for held in found:
         assert held.deadline is None or now < held.deadline
-    assert {held.key_id for held in found} == model.live(now)
+    assert {held.digest for held in found} == model.live(now)
     if found:
         newest = store.newest(now)
         assert newest.alive(now)
     for secret in SECRETS:
-        key_id = key_id_for(secret)
-        for selector in (key_id, key_id[:4]):
+        key_id = digest_of(secret)
+        for selector in (key_id, key_id[:12], key_id[:4]):
             try:
                 held = store.newest(now, key_id=selector)
             except NotFound:
                 assert key_id not in model.live(now)
             else:
                 assert held.alive(now)
-                assert held.key_id == key_id
+                assert held.digest == key_id
 
 
 @settings(max_examples=300, deadline=None)
@@ -572,7 +574,7 @@ def test_no_key_is_ever_returned_after_its_deadline(steps: list[Action]) -> None
     store, model, now = KeyStore(), Model(), 0.0
     for kind, secret, lifetime, advance in steps:
         now += advance
-        key_id = key_id_for(secret) if secret else ""
+        key_id = digest_of(secret) if secret else ""
         if kind == "put":
             held = put(store, secret, now=now, lifetime=lifetime)
             model.deadlines[key_id] = None if lifetime is None else now + lifetime
@@ -583,12 +585,12 @@ def test_no_key_is_ever_returned_after_its_deadline(steps: list[Action]) -> None
             assert (dropped is not None) == (key_id in model.deadlines)
             model.deadlines.pop(key_id, None)
         elif kind == "clear":
-            assert {held.key_id for held in store.clear()} == set(model.deadlines)
+            assert {held.digest for held in store.clear()} == set(model.deadlines)
             model.deadlines.clear()
         else:
             expired, next_deadline = store.reap(now)
             due = {k for k, d in model.deadlines.items() if d is not None and d <= now}
-            assert {held.key_id for held in expired} == due
+            assert {held.digest for held in expired} == due
             assert len(expired) == len(due)
             for k in due:
                 del model.deadlines[k]
@@ -797,3 +799,76 @@ def test_lifetime_survives_the_deadline_heap_being_compacted() -> None:
     expired, _ = store.reap(209.0)
     assert [held.secret for held in expired] == ["same-secret"]
     assert len(store) == 0
+
+
+# --- keys whose short ids collide ------------------------------------------------------------
+
+# Two secrets whose SHA-256 share their first 48 bits (found by brute force in a minute).
+COLLIDING = ("KA-4bf6ae", "KA-1ff55bd")
+
+
+def test_the_colliding_pair_shares_its_shown_id() -> None:
+    """The fixture is what it claims: same 12-digit id, different digests."""
+    first, second = COLLIDING
+    assert key_id_for(first) == key_id_for(second) == "55d74bcc33ef"
+    assert digest_of(first) != digest_of(second)
+
+
+def test_colliding_ids_are_two_keys_each_for_its_own_host() -> None:
+    """Keys whose 12-digit ids agree are held apart: neither moves to the other's host."""
+    store = KeyStore()
+    victim, hostile = COLLIDING
+    store.put(host="a.example", user="ada@example.com", secret=victim, now=0.0, wall=WALL)
+    store.put(host="b.example", user="ada@example.com", secret=hostile, now=0.0, wall=WALL)
+    assert len(store) == 2
+    assert store.newest(1.0, host="a.example").secret == victim
+    assert store.newest(1.0, host="b.example").secret == hostile
+    assert [held.secret for held in store.matching(1.0, host="b.example")] == [hostile]
+
+
+@pytest.mark.parametrize("prefix", ["55d7", "55d74bcc33ef"])
+def test_a_prefix_of_both_colliding_ids_is_ambiguous(prefix: str) -> None:
+    """Selecting by a prefix both digests share answers ambiguous and asks for more digits."""
+    store = KeyStore()
+    for secret in COLLIDING:
+        store.put(host="h.example", user="u@example.com", secret=secret, now=0.0, wall=WALL)
+    with pytest.raises(Ambiguous, match="more of its characters"):
+        store.newest(1.0, key_id=prefix)
+
+
+@pytest.mark.parametrize("digits", [13, 20, 64])
+def test_a_longer_prefix_tells_colliding_keys_apart(digits: int) -> None:
+    """13 to 64 digits of the digest name one of two keys whose 12-digit ids agree."""
+    store = KeyStore()
+    for secret in COLLIDING:
+        store.put(host="h.example", user="u@example.com", secret=secret, now=0.0, wall=WALL)
+    for secret in COLLIDING:
+        assert store.newest(1.0, key_id=digest_of(secret)[:digits]).secret == secret
+
+
+def test_discarding_one_colliding_key_keeps_the_other() -> None:
+    """discard() takes the full digest: the other key with the same short id stays."""
+    store = KeyStore()
+    first, second = COLLIDING
+    for secret in COLLIDING:
+        store.put(host="h.example", user="u@example.com", secret=secret, now=0.0, wall=WALL)
+    assert store.discard(key_id_for(first)) is None
+    assert store.discard(digest_of(first)) is not None
+    assert [held.secret for held in store.matching(1.0)] == [second]
+
+
+# --- the cap on held keys --------------------------------------------------------------------
+
+
+def test_past_the_cap_put_raises_too_many_and_changes_nothing() -> None:
+    """A full store refuses a new key with too_many; re-adding a held key still works."""
+    store = KeyStore(max_keys=2)
+    for secret in ("one", "two"):
+        store.put(host="h.example", user="u@example.com", secret=secret, now=0.0, wall=WALL)
+    version = store.version
+    with pytest.raises(TooMany, match="--max-keys"):
+        store.put(host="h.example", user="u@example.com", secret="three", now=0.0, wall=WALL)
+    assert store.version == version
+    assert sorted(held.secret for held in store.matching(0.0)) == ["one", "two"]
+    store.put(host="h.example", user="u@example.com", secret="one", now=0.0, wall=WALL)
+    assert len(store) == 2

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = get_logger("keyagent")
 
 EXIT_OK, EXIT_FAILURE = 0, 1
+PR_GET_DUMPABLE = 3
 PR_SET_DUMPABLE = 4
 PR_SET_NAME = 15
 RESTORE_TIMEOUT = 5.0
@@ -70,6 +71,8 @@ def harden(max_connections: int) -> None:
     # other processes, which could otherwise read every key out of memory.
     if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         log.warning("could not make the agent non-dumpable: %s", os.strerror(ctypes.get_errno()))
+    for problem in hardening_problems(libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0), tracer_pid()):
+        log.warning("%s", problem)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = max_connections + 64
     if soft != resource.RLIM_INFINITY and soft < wanted:
@@ -79,6 +82,36 @@ def harden(max_connections: int) -> None:
             log.warning(
                 "descriptor limit %d allows fewer than %d connections", target, max_connections
             )
+
+
+def tracer_pid() -> int:
+    """The pid of the process tracing this one (``TracerPid`` in /proc/self/status), 0 if none
+    or unknown."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"TracerPid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def hardening_problems(dumpable: int, tracer: int) -> list[str]:
+    """What the hardening read back says is wrong: the agent stays dumpable, or a process
+    attached before it started (it keeps its access: hardening cannot undo an attach)."""
+    problems = []
+    if dumpable != 0:
+        problems.append(
+            "the agent is still dumpable: processes of your user may read keys from its "
+            "memory; check the kernel's ptrace and core-dump settings"
+        )
+    if tracer != 0:
+        problems.append(
+            f"the agent is being traced by pid {tracer}, which can read every key it will "
+            "hold; stop that process and restart the agent unless you started the tracer"
+        )
+    return problems
 
 
 def configure_logging(*, debug: bool, foreground: bool) -> None:
@@ -126,34 +159,40 @@ def conduce_accounts(settings: Mapping[str, Any]) -> AccountFactory:
     return account
 
 
-def restore_persisted(agent: Agent, keyring: KeyringStore) -> None:
-    """Hold the keys persisted in the OS keyring again, waiting at most RESTORE_TIMEOUT.
+def restore_persisted(
+    agent: Agent, keyring: KeyringStore, timeout: float = RESTORE_TIMEOUT
+) -> None:
+    """Hold the keys persisted in the OS keyring again, waiting at most ``timeout`` seconds.
 
     The keyring is read by a short-lived forked child that hands the keys back over a
-    pipe: ``keyring`` and its D-Bus stack (over ten megabytes) then never load into the
-    long-running agent unless a request asks to persist. The child shares the agent's
-    hardening (non-dumpable, no core files). A locked keyring may prompt and block; the
-    agent then starts without those keys rather than not at all.
+    pipe, one JSON line per key as soon as it is read: ``keyring`` and its D-Bus stack (over
+    ten megabytes) then never load into the long-running agent unless a request asks to
+    persist. The child shares the agent's hardening (non-dumpable, no core files). A locked
+    keyring may prompt and block; the agent then starts with the keys read by then.
     """
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:  # the reader: no threads exist yet, so forking is safe
         os.close(read_end)
-        try:
-            live, expired = keyring.load_all(time.time())
-            payload = {"keys": [key._asdict() for key in live], "expired": len(expired)}
-        except KeyagentError as error:
-            payload = {"error": error.message}
-        except BaseException as error:  # noqa: BLE001  # reported to the parent, which logs it
-            payload = {"error": f"the OS keyring could not be read ({type(error).__name__})"}
         import json  # in the short-lived reader only
 
         with os.fdopen(write_end, "w") as pipe:
-            json.dump(payload, pipe)
+
+            def send(line: dict[str, Any]) -> None:
+                pipe.write(json.dumps(line) + "\n")
+                pipe.flush()
+
+            try:
+                _, expired = keyring.load_all(time.time(), lambda key: send(key._asdict()))
+                send({"expired": len(expired)})
+            except KeyagentError as error:
+                send({"error": error.message})
+            except BaseException as error:  # noqa: BLE001  # reported to the parent, which logs it
+                send({"error": f"the OS keyring could not be read ({type(error).__name__})"})
         os._exit(0)
     os.close(write_end)
     try:
-        data = read_all(read_end, RESTORE_TIMEOUT)
+        data, complete = read_all(read_end, timeout)
     finally:
         os.close(read_end)
         with contextlib.suppress(ProcessLookupError):
@@ -161,41 +200,44 @@ def restore_persisted(agent: Agent, keyring: KeyringStore) -> None:
             # would load enum into the agent.
             os.kill(child, 9)
         os.waitpid(child, 0)
-    if data is None:
+    keys: list[PersistedKey] = []
+    lines = data.split(b"\n")
+    for line in lines[:-1]:  # the last piece is empty, or a line cut short by the deadline
+        try:
+            answer = decode(line)
+            if not isinstance(answer, dict):
+                raise TypeError("not an object")
+            if "error" in answer:
+                log.info("persisted keys not restored: %s", answer["error"])
+            elif "expired" in answer:
+                if answer["expired"]:
+                    log.info("deleted %d expired key(s) from the OS keyring", answer["expired"])
+            else:
+                keys.append(PersistedKey(**answer))
+        except (ValueError, TypeError, KeyError):
+            log.warning("a persisted key was not restored: the keyring reader failed")
+    if not complete:
         log.warning(
-            "the OS keyring did not answer within %gs; persisted keys not restored",
-            RESTORE_TIMEOUT,
+            "the OS keyring did not answer within %gs; restored the %d key(s) read by then",
+            timeout,
+            len(keys),
         )
-        return
-    try:
-        answer = decode(data)
-        if not isinstance(answer, dict):
-            raise TypeError("not an object")
-        if "error" in answer:
-            log.info("persisted keys not restored: %s", answer["error"])
-            return
-        keys = [PersistedKey(**fields) for fields in answer["keys"]]
-    except (ValueError, TypeError, KeyError):
-        log.warning("persisted keys not restored: the keyring reader failed")
-        return
-    if answer.get("expired"):
-        log.info("deleted %d expired key(s) from the OS keyring", answer["expired"])
     agent.restore(keys)
 
 
-def read_all(fd: int, timeout: float) -> bytes | None:
-    """Everything written to ``fd`` until EOF, or None if that takes over ``timeout``."""
+def read_all(fd: int, timeout: float) -> tuple[bytes, bool]:
+    """What is written to ``fd`` until EOF or ``timeout``, and whether EOF came first."""
     deadline = time.monotonic() + timeout
     chunks: list[bytes] = []
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            return None
+            return b"".join(chunks), False
         readable, _, _ = select.select([fd], [], [], remaining)
         if readable:
             chunk = os.read(fd, 65536)
             if not chunk:
-                return b"".join(chunks)
+                return b"".join(chunks), True
             chunks.append(chunk)
 
 
@@ -220,6 +262,7 @@ def serve(
         accounts=conduce_accounts(settings),
         validate_after=settings["validate_after"],
         keyring=None if settings["no_keyring"] else KeyringStore(),
+        max_keys=settings.get("max_keys"),
     )
     if agent.keyring is not None:
         restore_persisted(agent, agent.keyring)

@@ -69,8 +69,11 @@ class AgentProcess:
         socket_name: str = "agent.sock",
         start_timeout: float = 20.0,
         debug: bool = True,
+        wrapper: Sequence[str] = (),
     ) -> None:
         self.directory = Path(directory)
+        self.wrapper = list(wrapper)
+        """A command the agent runs under, e.g. ``["strace", "-f", "-o", "/dev/null"]``."""
         self.socket_path = str(self.directory / socket_name)
         self.log_path = self.directory / "agent.log"
         self.args = list(args)
@@ -91,6 +94,7 @@ class AgentProcess:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [
+                    *self.wrapper,
                     sys.executable,
                     "-m",
                     "keyagent.daemon",

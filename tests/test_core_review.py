@@ -1,0 +1,108 @@
+"""Regression tests for the serving process's own checks (issue 9): the hardening read-back
+and a keyring restore that runs out of time."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from keyagent import core
+from keyagent.agent import Agent
+from keyagent.persist import KeyringStore, PersistedKey
+from keyagent.store import digest_of
+from keyagent.testing.agent import AgentProcess
+from keyagent.testing.memory_keyring import MemoryKeyring
+
+SECRETS = ["first-S3CR3T-key", "second-S3CR3T-key", "third-S3CR3T-key"]
+
+
+class HangingKeyring(MemoryKeyring):
+    """A keyring whose read of one entry never returns, like one stuck on an unlock prompt."""
+
+    def __init__(self, hang_on: str) -> None:
+        super().__init__()
+        self.hang_on = hang_on
+        self.armed = False
+
+    def get_password(self, service: str, username: str) -> str | None:
+        if self.armed and username == self.hang_on:
+            threading.Event().wait()  # in the forked reader, which the agent then kills
+        return super().get_password(service, username)
+
+
+def persisted(secret: str) -> PersistedKey:
+    return PersistedKey(
+        digest=digest_of(secret),
+        host="app.conduce.com",
+        user="ada@example.com",
+        secret=secret,
+        description="",
+        created=None,
+        expires=None,
+    )
+
+
+def test_a_restore_that_hits_its_deadline_keeps_the_keys_read_before_it() -> None:
+    """Keys read before the keyring hung are held; the agent does not start with none."""
+    backend = HangingKeyring(hang_on=f"key:{digest_of(SECRETS[2])}")
+    store = KeyringStore(backend)
+    for secret in SECRETS:
+        store.save(persisted(secret))
+    backend.armed = True
+    agent = Agent()
+    core.restore_persisted(agent, store, timeout=2.0)
+    held = sorted(held.secret for held in agent.held_keys.matching(agent.clock.monotonic()))
+    assert held == sorted(SECRETS[:2])
+
+
+def test_a_complete_restore_holds_every_key() -> None:
+    """Without a hang every persisted key comes back, with nothing left waiting."""
+    store = KeyringStore(MemoryKeyring())
+    for secret in SECRETS:
+        store.save(persisted(secret))
+    agent = Agent()
+    core.restore_persisted(agent, store, timeout=20.0)
+    assert len(agent.held_keys) == 3
+
+
+@pytest.mark.parametrize(
+    ("dumpable", "tracer", "expected"),
+    [
+        (0, 0, []),
+        (1, 0, ["dumpable"]),
+        (0, 4242, ["traced by pid 4242"]),
+        (1, 7, ["dumpable", "7"]),
+    ],
+)
+def test_hardening_problems_name_what_is_wrong(
+    dumpable: int, tracer: int, expected: list[str]
+) -> None:
+    """The read-back of the hardening warns for a dumpable agent and for an attached tracer."""
+    problems = core.hardening_problems(dumpable, tracer)
+    assert len(problems) == len(expected)
+    for problem, word in zip(problems, expected, strict=True):
+        assert word in problem
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (.ci/run installs it)")
+def test_an_agent_started_under_a_tracer_warns_at_start_up(tmp_path: Path) -> None:
+    """A tracer attached before start-up keeps its access: the agent says so in its log."""
+    with AgentProcess(tmp_path / "agent", wrapper=["strace", "-f", "-o", "/dev/null"]) as agent:
+        with agent.client() as client:
+            assert client.hello()["protocol"] == 1
+        log = agent.log()
+    assert "the agent is being traced by pid" in log
+
+
+def test_an_agent_started_normally_does_not_warn(tmp_path: Path) -> None:
+    """A plain start reads back a non-dumpable, untraced process: no hardening warning."""
+    with AgentProcess(tmp_path / "agent") as agent:
+        with agent.client() as client:
+            status = client.status()
+        log = agent.log()
+    assert status["locked"] is False
+    assert "being traced" not in log
+    assert "still dumpable" not in log

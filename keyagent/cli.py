@@ -16,7 +16,7 @@ import os
 import sys
 
 from keyagent.client import Client
-from keyagent.errors import AgentUnreachable, BadConfig, KeyagentError
+from keyagent.errors import AgentUnreachable, BadConfig, KeyagentError, ProtocolError
 
 # argparse, getpass, json and typing are imported where they are used: `keyagent-ctl get`
 # runs in other tools' hot paths and takes a fast path that needs none of them.
@@ -34,13 +34,41 @@ class UsageError(Exception):
     """The command line is wrong; exit 64 with the message."""
 
 
+def shown(value: object) -> str:
+    """``value`` as text safe to put on a terminal: every character of Unicode category C*
+    or Z* other than the space (controls such as ESC, bidi overrides, line separators) is
+    written as a Python escape (``\\x1b``, ``\\u202e``), never raw.
+
+    Every human-readable line this command prints goes through here, stderr included: a
+    description, a date or a masked key from the Conduce service, or a message from the
+    agent, must not be able to clear the screen, set the window title or reorder what the
+    user reads. ``--json`` output is exact (JSON escapes these characters itself).
+    """
+    text = str(value)
+    if text.isprintable():  # the common case, in C: nothing to escape
+        return text
+    return "".join(char if char.isprintable() else _escape(char) for char in text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     import argparse
 
     from keyagent._argparse import UsageParser as _Parser
     from keyagent._argparse import duration_type
+    from keyagent.protocol import MAX_LIFETIME
 
-    _duration = duration_type()
+    # The agent's own limits, checked here too: a wrong value is a usage error (exit 64)
+    # with a message, not a [bad_request] from the agent.
+    _duration = duration_type(MAX_LIFETIME, "ten years, the longest lifetime the agent takes")
     selectors = _Parser(add_help=False)
     # SUPPRESS, so "--user" after the verb (conduce-api style) and before it both work.
     selectors.add_argument(
@@ -83,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = command("get", "print the newest matching key, alone, on stdout")
-    p.add_argument("--key-id")
+    p.add_argument("--key-id", type=_key_id_argument, help=KEY_ID_HELP)
 
     p = command("list", "list held keys (never the secrets)", "ls")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -91,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("forget", "drop a key from the agent's memory")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("key_id", nargs="?", metavar="KEY_ID")
+    group.add_argument(
+        "key_id", nargs="?", metavar="KEY_ID", type=_key_id_argument, help=KEY_ID_HELP
+    )
     group.add_argument("--all", action="store_true", help="forget every key")
     p.add_argument("--persist", action="store_true", help="also delete it from the OS keyring")
 
@@ -106,9 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--env",
         default=DEFAULT_ENV_NAME,
         metavar="NAME",
-        help=f"variable to set (default: {DEFAULT_ENV_NAME})",
+        help=f"variable to set (default: {DEFAULT_ENV_NAME}); not one that the loader, a"
+        " shell or a language runtime reads (LD_*, PATH, PYTHON*, ...)",
     )
-    p.add_argument("--key-id")
+    p.add_argument("--key-id", type=_key_id_argument, help=KEY_ID_HELP)
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
 
     p = command("login", "log in to Conduce; the agent keeps the session, not the password")
@@ -136,26 +167,82 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("remove", "delete an API key on Conduce, then forget it", "remove-api-key")
     p.add_argument(
-        "key", metavar="KEY_ID|-", help="the key's id, or - to read the key itself from stdin"
+        "key",
+        metavar="KEY_ID|-",
+        help="the key's id (4 to 64 hex digits), or - to read the key itself from stdin",
     )
     return parser
+
+
+KEY_ID_HELP = "a key id as list shows it, or any 4 to 64 hex digits it starts with"
+KEY_ID_USAGE = (
+    "a key id is 4 to 64 hex digits (keyagent-ctl list shows them); if several keys start"
+    " with the digits given, give more"
+)
+
+
+def _key_id_or_usage_error(text: str) -> None:
+    from keyagent.protocol import is_key_id_prefix
+
+    if not is_key_id_prefix(text):
+        raise UsageError(f"--key-id: {KEY_ID_USAGE}")
+
+
+def _key_id_argument(text: str) -> str:
+    """argparse ``type=`` for key ids; the message never repeats the text (it may be a key)."""
+    import argparse
+
+    from keyagent.protocol import is_key_id_prefix
+
+    if not is_key_id_prefix(text):
+        raise argparse.ArgumentTypeError(KEY_ID_USAGE)
+    return text
 
 
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _selectors(args: argparse.Namespace) -> tuple[str | None, str | None]:
-    """--host/--user, else $KEYAGENT_HOST/$KEYAGENT_USER; either may be missing."""
+def _selectors(args: argparse.Namespace, *, check: bool = True) -> tuple[str | None, str | None]:
+    """--host/--user, else $KEYAGENT_HOST/$KEYAGENT_USER; either may be missing.
+
+    Checked as the agent will check them (unless ``check`` is false: ``get``'s fast path
+    checks only once the agent has refused), so a wrong one is a usage error (exit 64),
+    found before anything is sent.
+    """
     host = getattr(args, "host", None) or os.environ.get("KEYAGENT_HOST") or None
     user = getattr(args, "user", None) or os.environ.get("KEYAGENT_USER") or None
+    if check:
+        _check_selectors(args, host, user)
     return host, user
+
+
+def _check_selectors(args: argparse.Namespace, host: str | None, user: str | None) -> None:
+    from keyagent.errors import BadRequest
+    from keyagent.protocol import OPS, host_problem
+
+    if host is not None:
+        problem = host_problem(host)
+        if problem is not None:
+            source = "--host" if getattr(args, "host", None) else "KEYAGENT_HOST"
+            # The reason names the grammar, not the text: a pasted secret must not be echoed.
+            raise UsageError(
+                f"{source} is not a host: {problem}; give a name such as app.conduce.com,"
+                " an IPv4 address or a bracketed IPv6 address, optionally with :PORT"
+            )
+    if user is not None:
+        try:
+            OPS["add"]["user"][0]("user", user)
+        except BadRequest as error:
+            source = "--user" if getattr(args, "user", None) else "KEYAGENT_USER"
+            raise UsageError(f"{source}: {error.message}; give the account's e-mail") from None
 
 
 def _account(args: argparse.Namespace) -> tuple[str, str]:
     """The account a command acts on: flags, else environment, else the config file."""
     host, user = _selectors(args)
     if host is None or user is None:
-        # Only now pay for reading the file: get and exec never need it.
+        # Only now pay for reading the file (which checks its own values, exit 78): get and
+        # exec never need it.
         from keyagent.config import load
 
         config = load()
@@ -167,6 +254,19 @@ def _account(args: argparse.Namespace) -> tuple[str, str]:
             " config file)"
         )
     return host, user
+
+
+def _check_description(description: str | None) -> None:
+    """--description as the agent checks it: a wrong one is a usage error, found first."""
+    if description is None:
+        return
+    from keyagent.errors import BadRequest
+    from keyagent.protocol import OPS
+
+    try:
+        OPS["add"]["description"][0]("description", description)
+    except BadRequest as error:
+        raise UsageError(f"--description: {error.message}") from None
 
 
 def read_secret(prompt: str, stdin: TextIO, *, whole: bool = False, prompt_tty: bool = True) -> str:
@@ -197,6 +297,7 @@ def _print_json(value: Any, out: TextIO) -> None:
 
 
 def _table(rows: list[list[str]], out: TextIO) -> None:
+    rows = [[shown(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         out.write(
@@ -253,7 +354,7 @@ if TYPE_CHECKING:
 
 def cmd_hello(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
     result = client.hello()
-    out.write(f"keyagent {result.get('version')} protocol {result.get('protocol')}\n")
+    out.write(f"keyagent {shown(result.get('version'))} protocol {shown(result.get('protocol'))}\n")
     return EXIT_OK
 
 
@@ -263,11 +364,12 @@ def cmd_status(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
         _print_json(status, out)
         return EXIT_OK
     out.write(
-        f"agent pid {status.get('pid')} on {status.get('socket')}, version"
-        f" {status.get('version')}, up {status.get('uptime')}s\n"
+        f"agent pid {shown(status.get('pid'))} on {shown(status.get('socket'))}, version"
+        f" {shown(status.get('version'))}, up {shown(status.get('uptime'))}s\n"
         f"locked: {'yes' if status.get('locked') else 'no'}\n"
-        f"keys held: {status.get('keys')}\n"
     )
+    if "keys" in status:  # a locked agent may not say
+        out.write(f"keys held: {shown(status.get('keys'))}\n")
     for session in status.get("sessions") or []:
         state = (
             "expired"
@@ -275,14 +377,15 @@ def cmd_status(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
             else ("logged in" if session.get("logged_in") else "logged out")
         )
         out.write(
-            f"session {session.get('user')}@{session.get('host')}: {state}"
-            f" since {session.get('since') or '?'}\n"
+            f"session {shown(session.get('user'))}@{shown(session.get('host'))}: {state}"
+            f" since {shown(session.get('since') or '?')}\n"
         )
     return EXIT_OK
 
 
 def cmd_add(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
     host, user = _account(args)
+    _check_description(args.description)
     key = read_secret("API key: ", stdin, whole=True)
     held = client.add(
         host,
@@ -292,14 +395,25 @@ def cmd_add(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO
         lifetime=args.lifetime,
         persist=args.persist,
     )
-    expires = f", expires {held['expires']}" if held.get("expires") else ""
-    out.write(f"added key {held['key_id']} for {user}@{host}{expires}\n")
+    expires = f", expires {shown(held['expires'])}" if held.get("expires") else ""
+    out.write(f"added key {shown(held.get('key_id'))} for {shown(user)}@{shown(host)}{expires}\n")
     return EXIT_OK
 
 
 def cmd_get(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
-    host, user = _selectors(args)
-    out.write(client.get(host, user, args.key_id) + "\n")
+    # The fast path skips the checks (importing the protocol module would cost more than
+    # the rest of the command) and makes them only once the request has failed.
+    fast = getattr(args, "fast", False)
+    host, user = _selectors(args, check=not fast)
+    try:
+        key = client.get(host, user, args.key_id)
+    except KeyagentError:  # no agent, a refusal: wrong arguments are the first thing to say
+        if fast:
+            _check_selectors(args, host, user)
+            if args.key_id is not None:
+                _key_id_or_usage_error(args.key_id)
+        raise
+    out.write(key + "\n")
     return EXIT_OK
 
 
@@ -332,7 +446,7 @@ def cmd_list_api_keys(args: argparse.Namespace, client: Client, stdin: TextIO, o
 
 def cmd_forget(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
     count = client.forget(args.key_id, all=args.all or None, persist=args.persist or None)
-    out.write(f"forgot {count} key{'s' if count != 1 else ''}\n")
+    out.write(f"forgot {count} key{'s' if count != 1 else ''}\n")  # an int: nothing to escape
     return EXIT_OK
 
 
@@ -365,15 +479,71 @@ def cmd_config(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
     return EXIT_OK
 
 
+# Variables that the dynamic loader, a shell, a language runtime or a common tool reads as
+# code, a search path, options, a file to open or a command to run. A key put there could be
+# run, loaded, or printed back in an error message (LD_PRELOAD: "object '<key>' cannot be
+# preloaded"), or change what the command finds (PATH, HOME). Compared in upper case.
+FORBIDDEN_ENV_PREFIXES = (
+    "LD_", "DYLD_",  # the dynamic loaders (glibc, musl, macOS)
+    "MALLOC_", "GLIBC_", "GCONV_", "LC_",  # the C library
+    "BASH_", "PYTHON", "PERL", "RUBY", "NODE_", "NPM_", "JAVA", "_JAVA", "JDK_",
+    "GIT_", "SSH_", "XDG_", "KEYAGENT_",  # tools that run commands or find their files here
+)  # fmt: skip
+FORBIDDEN_ENV_NAMES = frozenset(
+    (
+        # search paths and the environment of the process itself
+        "PATH", "HOME", "SHELL", "USER", "LOGNAME", "PWD", "OLDPWD", "TMPDIR", "TMP", "TEMP",
+        "LANG", "LANGUAGE", "LOCPATH", "NLSPATH", "TZ", "TZDIR", "TERM", "TERMINFO",
+        "TERMCAP", "HOSTALIASES", "LOCALDOMAIN", "RES_OPTIONS", "CLASSPATH",
+        # POSIX and other shells
+        "IFS", "ENV", "CDPATH", "FPATH", "PS1", "PS2", "PS3", "PS4", "PROMPT_COMMAND",
+        "SHELLOPTS", "BASHOPTS", "GLOBIGNORE", "HISTFILE", "MAIL", "MAILPATH", "ZDOTDIR",
+        # commands that programs run on the user's behalf
+        "EDITOR", "VISUAL", "PAGER", "MANPAGER", "BROWSER", "LESSOPEN", "LESSCLOSE",
+        "SUDO_ASKPASS",
+        # TLS trust and proxies (read in either case by curl, requests and others)
+        "SSL_CERT_FILE", "SSL_CERT_DIR", "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE",
+        "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "FTP_PROXY",
+        "DISPLAY", "WAYLAND_DISPLAY", "DBUS_SESSION_BUS_ADDRESS",
+    )
+)  # fmt: skip
+
+
+def env_name_problem(name: str) -> str | None:
+    """Why ``name`` may not receive the key in ``exec --env``, or None if it may."""
+    first, rest = name[:1], name[1:]
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_"
+    if not first or first not in letters or rest.strip(letters + "0123456789"):
+        return "a variable name is letters, digits and _, not starting with a digit"
+    upper = name.upper()
+    if upper in FORBIDDEN_ENV_NAMES or upper.startswith(FORBIDDEN_ENV_PREFIXES):
+        return (
+            "the loader, a shell, a language runtime or a common tool reads this variable, and"
+            " could run, load or print the key"
+        )
+    return None
+
+
 def cmd_exec(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
         raise UsageError("exec needs a command: keyagent-ctl exec -- CMD ARGS...")
-    if not args.env or "=" in args.env or "\0" in args.env:
-        raise UsageError("--env needs a variable name")
+    problem = env_name_problem(args.env)
+    if problem is not None:
+        raise UsageError(
+            f"--env {shown(args.env)}: {problem}; choose a name of your own, such as the"
+            f" default {DEFAULT_ENV_NAME}"
+        )
     host, user = _selectors(args)
     key = client.get(host, user, args.key_id)
     client.close()
+    if not key.isprintable() or " " in key:
+        # The agent refuses such keys; a process answering in its place might not. A NUL
+        # would make exec fail with a traceback, a control character could reach a terminal.
+        raise ProtocolError(
+            "the agent answered with a key that has a NUL, space or control character, which"
+            " no API key has; nothing was run: check what listens on the agent's socket"
+        )
     environment = dict(os.environ)
     environment[args.env] = key
     out.flush()
@@ -382,10 +552,10 @@ def cmd_exec(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextI
     try:
         os.execvpe(argv[0], argv, environment)
     except FileNotFoundError:
-        sys.stderr.write(f"keyagent-ctl: {argv[0]}: command not found\n")
+        sys.stderr.write(f"keyagent-ctl: {shown(argv[0])}: command not found\n")
         return 127
     except OSError as error:
-        sys.stderr.write(f"keyagent-ctl: {argv[0]}: {os.strerror(error.errno or 0)}\n")
+        sys.stderr.write(f"keyagent-ctl: {shown(argv[0])}: {os.strerror(error.errno or 0)}\n")
         return 126
 
 
@@ -398,19 +568,20 @@ def cmd_login(args: argparse.Namespace, client: Client, stdin: TextIO, out: Text
     else:
         raise UsageError("no terminal to prompt on; pipe the password with --password-stdin")
     client.login(host, user, password)
-    out.write(f"logged in as {user} on {host}\n")
+    out.write(f"logged in as {shown(user)} on {shown(host)}\n")
     return EXIT_OK
 
 
 def cmd_logout(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
     host, user = _account(args)
     client.logout(host, user)
-    out.write(f"logged out {user} on {host}\n")
+    out.write(f"logged out {shown(user)} on {shown(host)}\n")
     return EXIT_OK
 
 
 def cmd_create(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
     host, user = _account(args)
+    _check_description(args.description)
     created = client.create(
         host,
         user,
@@ -420,24 +591,32 @@ def cmd_create(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
         persist=args.persist,
     )
     if args.reveal:
-        out.write(f"{created['key']}\n")
+        out.write(f"{created['key']}\n")  # exact, like get: the agent only holds valid keys
     else:
-        out.write(f"created key {created['key_id']} for {user}@{host}; held by the agent\n")
+        out.write(
+            f"created key {shown(created.get('key_id'))} for {shown(user)}@{shown(host)};"
+            " held by the agent\n"
+        )
     return EXIT_OK
 
 
 def cmd_remove(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
-    host, user = _selectors(args)
     from keyagent.protocol import is_key_id_prefix
 
     target: str = args.key
-    if target == "-":  # the key itself, kept off the command line (ps shows argv to all)
-        target = read_secret("API key to remove: ", stdin)
-    is_id = is_key_id_prefix(target)
-    result = client.remove(
-        key_id=target if is_id else None, key=None if is_id else target, host=host, user=user
-    )
-    out.write(f"removed key {result.get('key_id')} on the service and forgot it\n")
+    if target != "-" and not is_key_id_prefix(target):
+        # Not an id, so perhaps the key itself: never take it from argv, where ps shows it
+        # to every local user. The message does not repeat it.
+        raise UsageError(
+            f"remove takes a key id or -; {KEY_ID_USAGE}. To name the key itself, pass it on"
+            " stdin, never as an argument: printf '%s\\n' \"$KEY\" | keyagent-ctl remove -"
+        )
+    host, user = _selectors(args)
+    if target == "-":
+        result = client.remove(key=read_secret("API key to remove: ", stdin), host=host, user=user)
+    else:
+        result = client.remove(key_id=target, host=host, user=user)
+    out.write(f"removed key {shown(result.get('key_id'))} on the service and forgot it\n")
     return EXIT_OK
 
 
@@ -519,26 +698,34 @@ def main(
     if fast is not None:
         from types import SimpleNamespace
 
-        args: Any = SimpleNamespace(**{"command": "get", "key_id": None, "socket": None, **fast})
+        args: Any = SimpleNamespace(
+            **{"command": "get", "key_id": None, "socket": None, "fast": True, **fast}
+        )
     else:
+        import contextlib
+
         try:
-            args = build_parser().parse_args(argv)
+            # argparse writes usage errors and help to sys.stdout/sys.stderr: send them to
+            # the streams this call was given.
+            with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
+                args = build_parser().parse_args(argv)
         except SystemExit as exit_:
             return int(exit_.code or 0)
     try:
         with Client(args.socket) as client:
             return HANDLERS[args.command](args, client, stdin, stdout)
     except UsageError as error:
-        stderr.write(f"keyagent-ctl: {error}\n")
+        stderr.write(f"keyagent-ctl: {shown(error)}\n")
         return EXIT_USAGE
     except BadConfig as error:
-        stderr.write(f"keyagent-ctl: {error.message}\n")
+        stderr.write(f"keyagent-ctl: {shown(error.message)}\n")
         return EXIT_CONFIG
     except AgentUnreachable as error:
-        stderr.write(f"keyagent-ctl: {error.message}\n")
+        stderr.write(f"keyagent-ctl: {shown(error.message)}\n")
         return EXIT_NO_AGENT
     except KeyagentError as error:
-        stderr.write(f"keyagent-ctl: {error.message} [{error.code}]\n")
+        # Message and code come from the agent (and through it, from the service).
+        stderr.write(f"keyagent-ctl: {shown(error.message)} [{shown(error.code)}]\n")
         return EXIT_AGENT_ERROR
     except KeyboardInterrupt:
         stderr.write("\n")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from keyagent.store import key_id_for
 from keyagent.testing.agent import AgentProcess, read_line
@@ -248,3 +251,112 @@ def test_fast_and_full_paths_agree(agent: AgentProcess) -> None:
     assert fast.out == full.out == "key-a\n"
     missing = run_ctl(agent.socket_path, "get", "--host", "c.example")
     assert (missing.code, missing.out) == (1, "")
+
+
+def test_remove_refuses_a_key_on_the_command_line(agent: AgentProcess, tmp_path: Path) -> None:
+    """remove KEY (a secret in argv, visible in ps) is a usage error saying to use - and stdin."""
+    for socket_path in (agent.socket_path, str(tmp_path / "none.sock")):
+        result = run_ctl(socket_path, "--host", "h", "--user", "u", "remove", SECRET)
+        assert result.code == 64, result.err
+        assert "remove -" in result.err
+        assert "stdin" in result.err
+        assert SECRET not in result.err + result.out
+    alias = run_ctl(agent.socket_path, "remove-api-key", "KA-not-an-id")
+    assert alias.code == 64
+
+
+def test_key_ids_are_checked_before_the_agent_is_asked(agent: AgentProcess) -> None:
+    """A key id that is not 4 to 64 hex digits is a usage error (exit 64), not [bad_request]."""
+    run_ctl(agent.socket_path, "--host", "h", "--user", "u", "add", stdin=SECRET)
+    for argv in (
+        ["get", "--key-id", "xyz!"],  # get's argparse-free fast path
+        ["get", "--key-id", "abc"],
+        ["get", "--key-id", "a" * 65],
+        ["get", "--host", "h", "--key-id", "nothex", "--user", "u"],
+        ["forget", "zzzz"],
+        ["exec", "--key-id", "12", "--", "true"],
+        ["remove", "12"],
+    ):
+        result = run_ctl(agent.socket_path, *argv)
+        assert result.code == 64, (argv, result.err)
+        assert "bad_request" not in result.err
+        assert "hex" in result.err
+    prefix = run_ctl(agent.socket_path, "get", "--key-id", key_id_for(SECRET)[:8].upper())
+    assert (prefix.code, prefix.out) == (0, SECRET + "\n")
+    # All 64 digits of the SHA-256 are a key id too: the CLI passes them on.
+    digest = hashlib.sha256(SECRET.encode()).hexdigest()
+    full = run_ctl(agent.socket_path, "forget", digest)
+    assert full.code != 64, full.err
+
+
+def test_lifetimes_are_checked_as_the_agent_would(agent: AgentProcess) -> None:
+    """Lifetimes beyond ten years, zero or ambiguous are usage errors with a message that helps."""
+    account = ["--host", "h", "--user", "u"]
+    too_long = run_ctl(agent.socket_path, *account, "add", "--lifetime", "600w", stdin=SECRET)
+    assert too_long.code == 64
+    assert "ten years" in too_long.err
+    assert "bad_request" not in too_long.err
+    zero = run_ctl(agent.socket_path, *account, "add", "-t", "0", stdin=SECRET)
+    assert zero.code == 64
+    assert "must be positive" in zero.err
+    ambiguous = run_ctl(agent.socket_path, *account, "add", "--lifetime", "1h30", stdin=SECRET)
+    assert ambiguous.code == 64
+    assert "did you mean 1h30m?" in ambiguous.err
+    created = run_ctl(agent.socket_path, *account, "create", "--lifetime", "600w")
+    assert created.code == 64
+    with agent.client() as client:
+        assert client.list() == []
+
+
+def test_hosts_users_and_descriptions_are_checked_before_contacting_the_agent(
+    agent: AgentProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bad --host (or KEYAGENT_HOST), user or description exits 64 before any connection."""
+    nowhere = str(tmp_path / "none.sock")  # contacting it would exit 2
+    for argv in (
+        ["--host", "app..conduce.com", "--user", "u", "add"],
+        ["--host", "app.conduce.com:99999", "--user", "u", "login", "--password-stdin"],
+        ["--host", "-h.example", "--user", "u", "list-api-keys"],
+        ["--host", "https://h.example/", "--user", "u", "create"],
+        ["--host", "h", "--user", "u\u2028v", "logout"],
+        ["--host", "h", "--user", "u", "add", "-D", "a\x1b[2Jb"],
+        ["get", "--host", "a b"],  # get's fast path: checked once the request failed
+        ["list", "--host", "h..x"],
+    ):
+        result = run_ctl(nowhere, *argv, stdin="secret\n")
+        assert result.code == 64, (argv, result.err)
+    monkeypatch.setenv("KEYAGENT_HOST", "bad..host")
+    from_env = run_ctl(nowhere, "--user", "u", "logout")
+    assert from_env.code == 64
+    assert "KEYAGENT_HOST is not a host" in from_env.err
+    monkeypatch.delenv("KEYAGENT_HOST")
+    # get's fast path asks the agent first, and turns its refusal into the same usage error.
+    fast = run_ctl(agent.socket_path, "get", "--host", "app..conduce.com")
+    assert fast.code == 64, fast.err
+    assert "--host is not a host" in fast.err
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "LD_PRELOAD", "LD_LIBRARY_PATH", "ld_preload", "DYLD_INSERT_LIBRARIES", "PATH",
+        "PYTHONPATH", "PYTHONSTARTUP", "IFS", "ENV", "BASH_ENV", "CDPATH", "PS4",
+        "PROMPT_COMMAND", "SHELLOPTS", "PERL5OPT", "RUBYOPT", "NODE_OPTIONS", "GCONV_PATH",
+        "LOCPATH", "MALLOC_CHECK_", "GLIBC_TUNABLES", "HOME", "SHELL", "TMPDIR", "LC_ALL",
+        "LANG", "GIT_SSH_COMMAND", "EDITOR", "KEYAGENT_SOCK", "https_proxy",
+        "A B", "1KEY", "KEY=X", "", "K\u00e9Y", "KEY-ID",
+    ],
+)  # fmt: skip
+def test_exec_refuses_variables_that_something_interprets(agent: AgentProcess, name: str) -> None:
+    """exec --env takes only [A-Za-z_][A-Za-z0-9_]* names, none that the loader, a shell or a
+    runtime reads."""
+    run_ctl(agent.socket_path, "--host", "h", "--user", "u", "add", stdin=SECRET)
+    env = {**os.environ, "KEYAGENT_SOCK": agent.socket_path}
+    # As a process: if the name were taken, exec would replace the test runner.
+    result = run_ctl_process(
+        ["exec", "--env", name, "--", sys.executable, "-c", "print('ran')"], env=env
+    )
+    assert result.returncode == 64, result.stderr
+    assert result.stdout == ""
+    assert SECRET not in result.stderr
+    assert "CONDUCE_API_KEY" in result.stderr

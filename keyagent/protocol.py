@@ -163,7 +163,9 @@ def _name_problem(name: str) -> str | None:
             return "a label of a host name neither starts nor ends with a hyphen"
     if not labels[-1].strip(_DIGITS):  # all digits: only an IPv4 address ends like that
         parts = labels
-        if len(parts) != 4 or any(len(p) > 3 or int(p) > 255 for p in parts):
+        if len(parts) != 4 or any(
+            not part or part.strip(_DIGITS) or len(part) > 3 or int(part) > 255 for part in parts
+        ):
             return "an IPv4 address is four numbers from 0 to 255"
     return None
 

@@ -575,6 +575,7 @@ def test_lengths_count_characters_not_bytes() -> None:
         ("app.conduce.com:http", ":N"),
         ("a_b.com", "letters, digits, hyphens"),
         ("1.2.3", "IPv4"),
+        ("12w.0.0.1:8443", "IPv4"),  # found by the atheris harness: int('12w') escaped
         ("[fe80::1%eth0]", "IPv6"),
     ],
 )

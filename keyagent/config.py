@@ -8,8 +8,12 @@ Linux, see :func:`keyagent.paths.config_file`), or the file named by ``$KEYAGENT
 the ``path`` given to :func:`load`. A missing file at the default location means "use the
 defaults"; a file named explicitly (argument or ``$KEYAGENT_CONFIG``) must exist, because a
 typo there would otherwise silently drop every setting. ``KEYAGENT_CONFIG=/dev/null`` says
-"no file". The file must not be writable by other users, nor belong to another user (root
-excepted): whoever can edit it can point ``ca_bundle`` at their own CA.
+"no file". Whoever can edit the file can point ``host`` and ``ca_bundle`` at their own
+server and CA and harvest the password at the next login, so the file, every directory on
+its path and every symbolic link followed must belong to the user or root, and neither the
+file nor those directories may be writable by group or others (a sticky directory such as
+``/tmp`` excepted); :mod:`keyagent.trust` states the rule exactly. The same holds for
+``ca_bundle``, which the daemon checks.
 
 Schema
 ------
@@ -86,7 +90,8 @@ from typing import Final, cast
 from keyagent import paths
 from keyagent.duration import parse_duration
 from keyagent.errors import BadConfig
-from keyagent.protocol import HOST_PATTERN, MAX_LIFETIME, has_control_characters
+from keyagent.protocol import MAX_LIFETIME, has_control_characters, host_problem, is_token
+from keyagent.trust import UntrustedFile, check_trusted
 
 __all__ = [
     "CONFIG_ENV",
@@ -261,23 +266,26 @@ def _duration(value: object, _: _Context) -> float:
     return seconds
 
 
-_HOST_RE: Final = re.compile(HOST_PATTERN)  # as keyagent.conduce checks it
-
-
 def _host(value: object, _: _Context) -> str:
+    # The one host grammar of keyagent.protocol, as the agent and keyagent.conduce apply it.
     must = 'a host name or address with an optional :port, such as "conduce.example.com"'
     if not isinstance(value, str):
         raise _Invalid(must, _kind(value))
-    if len(value) > 255 or not _HOST_RE.fullmatch(value):
-        raise _Invalid(must, _show(value))
+    problem = host_problem(value)
+    if problem is not None:
+        raise _Invalid(must, f"{_show(value)} ({problem})")
     return value
 
 
 def _user(value: object, _: _Context) -> str:
-    must = 'an account name such as "me@example.com", 1 to 320 characters, no control characters'
+    # As the protocol's USER: no character of Unicode categories C* or Z* (item 5 of issue 9).
+    must = (
+        'an account name such as "me@example.com", 1 to 320 characters,'
+        " no spaces or control characters"
+    )
     if not isinstance(value, str):
         raise _Invalid(must, _kind(value))
-    if not 1 <= len(value) <= 320 or has_control_characters(value):
+    if not 1 <= len(value) <= 320 or not is_token(value):
         raise _Invalid(must, _show(value))
     return value
 
@@ -522,18 +530,15 @@ def _read(path: str, *, required: bool, how: str) -> _File | None:
             raise ConfigError(f"{path}: is a directory, not a configuration file", path=path)
         if not stat.S_ISREG(info.st_mode):
             raise ConfigError(f"{path}: is not a regular file; name a TOML file", path=path)
-        if info.st_mode & stat.S_IWOTH:
-            raise ConfigError(
-                f"{path}: is writable by every user, who could point ca_bundle at their own CA;"
-                f" run chmod o-w {path}",
-                path=path,
-            )
-        if info.st_uid not in (os.geteuid(), 0):
-            raise ConfigError(
-                f"{path}: belongs to another user, who could point ca_bundle at their own CA;"
-                " use a file of your own",
-                path=path,
-            )
+        # The file, and every directory and link on the way to it, must be safe from other
+        # users (see keyagent.trust); the walk is compared with the open descriptor, so
+        # what was checked is what is read.
+        try:
+            checked = check_trusted(path, harm="point ca_bundle at their own CA")
+        except UntrustedFile as error:
+            raise ConfigError(error.message, path=path) from None
+        if (checked.st_dev, checked.st_ino) != (info.st_dev, info.st_ino):
+            raise ConfigError(f"{path}: changed while it was being read; try again", path=path)
         with open(fd, "rb", closefd=False) as stream:
             data = stream.read()
     except OSError as error:

@@ -33,8 +33,13 @@ class Client:
     """A connection to the agent. Reuse one for many requests; close it (or use ``with``)."""
 
     def __init__(self, socket_path: str | None = None, *, timeout: float | None = DEFAULT_TIMEOUT):
-        self.socket_path = paths.socket_path(socket_path)
+        # "" when there is no socket to try (no KEYAGENT_SOCK, no runtime directory): the
+        # first request says so. On the default path, failures may point to systemd.
+        self._default_path = not (socket_path or os.environ.get(paths.SOCKET_ENV))
+        self.socket_path = paths.socket_path(socket_path) or ""
         self.timeout = timeout
+        self.peer_pid: int | None = None
+        """The pid of the process that listens on the socket (SO_PEERCRED), once connected."""
         self._sock: unix_socket | None = None
         self._buffer = b""
         self._next_id = 0
@@ -56,7 +61,18 @@ class Client:
 
     # --- transport -----------------------------------------------------------------------
 
+    def _systemd_hint(self) -> str:
+        """On the default path with a keyagent unit installed: how to look at the service.
+
+        Only failures get here, so a successful request never pays for the check.
+        """
+        if self._default_path and paths.systemd_unit_installed():
+            return f"; check it with systemctl --user status {paths.SYSTEMD_SERVICE}"
+        return ""
+
     def _connect(self) -> unix_socket:
+        if not self.socket_path:
+            raise AgentUnreachable(f"no agent: {paths.NO_SOCKET_HINT}")
         sock = unix_socket(AF_UNIX, SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
@@ -65,6 +81,12 @@ class Client:
             sock.close()
             reason = os.strerror(error.errno) if error.errno else type(error).__name__
             hint = 'start one with eval "$(keyagent)" or set KEYAGENT_SOCK'
+            if self._default_path and paths.systemd_unit_installed():
+                hint = (
+                    f"the {paths.SYSTEMD_SERVICE} unit is installed: check it with"
+                    f" systemctl --user status {paths.SYSTEMD_SERVICE}, or start it with"
+                    " systemctl --user start keyagent.socket"
+                )
             if error.errno == errno.EACCES:
                 hint = "the socket belongs to another user; set KEYAGENT_SOCK to your own agent"
             raise AgentUnreachable(f"no agent at {self.socket_path} ({reason}); {hint}") from None
@@ -76,6 +98,7 @@ class Client:
         except OSError:
             credentials = b""
         uid = int.from_bytes(credentials[4:8], sys.byteorder) if len(credentials) == 12 else -1
+        self.peer_pid = int.from_bytes(credentials[:4], sys.byteorder) if credentials else None
         if uid != os.geteuid():
             sock.close()
             raise AgentUnreachable(
@@ -117,12 +140,13 @@ class Client:
                 self.close()
                 raise AgentUnreachable(
                     f"lost the connection to {self.socket_path} ({os.strerror(error.errno or 0)});"
-                    " retry"
+                    f" retry{self._systemd_hint()}"
                 ) from None
             if not chunk:
                 self.close()
                 raise AgentUnreachable(
-                    f"the agent at {self.socket_path} closed the connection; retry"
+                    f"the agent at {self.socket_path} closed the connection;"
+                    f" retry{self._systemd_hint()}"
                 )
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
@@ -141,7 +165,8 @@ class Client:
         except OSError as error:
             self.close()
             raise AgentUnreachable(
-                f"could not send to {self.socket_path} ({os.strerror(error.errno or 0)}); retry"
+                f"could not send to {self.socket_path} ({os.strerror(error.errno or 0)});"
+                f" retry{self._systemd_hint()}"
             ) from None
         try:
             reply = wire.parse_reply(self._read_line(sock))
@@ -270,11 +295,37 @@ def get_key(
         return client.get(host, user, key_id)
 
 
+class AuthTargetRefused(ValueError):
+    """:class:`AgentAuth` was asked to authenticate a request it must not send a key with."""
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of ``url``, as compared by :class:`AgentAuth`: the host in lower
+    case without brackets, the port explicit (443 for https when the URL names none)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # a port that is not a number, or out of range; a bad IPv6 literal
+        raise AuthTargetRefused(
+            "AgentAuth: the request URL does not parse; no key was fetched or sent"
+        ) from None
+    scheme = parts.scheme.lower()
+    default = 443 if scheme == "https" else 80 if scheme == "http" else 0
+    return scheme, (parts.hostname or ""), port or default
+
+
 class AgentAuth:
     """A ``requests`` auth callable that asks the agent for the key on every request.
 
     The tool never stores the key: ``requests.get(url, auth=AgentAuth(host=...))``. It is a
     plain callable, so this module does not import ``requests``.
+
+    A key is attached only to an ``https://`` request for the key's host (and port: a host
+    without one means 443). Anything else (``http://``, another host or port) raises
+    :class:`AuthTargetRefused` before the agent is asked. Without ``host``, the request's own
+    host is the selector, so the agent answers only with a key it holds for that host.
     """
 
     def __init__(
@@ -292,6 +343,24 @@ class AgentAuth:
         return f"AgentAuth(host={self.host!r}, user={self.user!r}, key_id={self.key_id!r})"
 
     def __call__(self, request: Any) -> Any:
-        key = get_key(self.host, self.user, self.key_id, socket_path=self.socket_path)
+        url = getattr(request, "url", None)
+        scheme, hostname, port = _origin(url if isinstance(url, str) else "")
+        if scheme != "https" or not hostname:
+            raise AuthTargetRefused(
+                f"AgentAuth: refusing to send an API key over {scheme or 'a URL without'}"
+                " scheme: only https:// requests get one; no key was fetched"
+            )
+        # The host as the agent knows it: a name or [v6] literal, ":port" unless 443.
+        literal = f"[{hostname}]" if ":" in hostname else hostname
+        selector = literal if port == 443 else f"{literal}:{port}"
+        if self.host is not None:
+            expected = _origin(f"https://{self.host}")
+            if expected[1:] != (hostname, port):
+                raise AuthTargetRefused(
+                    f"AgentAuth: the request goes to {selector}, not to {self.host}, the host"
+                    " this key is for; no key was fetched or sent"
+                )
+            selector = self.host
+        key = get_key(selector, self.user, self.key_id, socket_path=self.socket_path)
         request.headers["Authorization"] = f"Bearer {key}"
         return request

@@ -4,7 +4,13 @@
   ``KEYAGENT_SOCK`` and ``KEYAGENT_PID``.
 * ``keyagent -D`` / ``-d`` — stay in the foreground (``-d``: debug log on stderr).
 * ``keyagent CMD ARGS...`` — run CMD with the variables set; the agent exits with it.
-* ``keyagent -k`` — stop the agent named by ``KEYAGENT_PID`` and print the unset lines.
+* ``keyagent -k`` — stop the agent named by ``KEYAGENT_PID`` and print the unset lines,
+  once a connection to ``KEYAGENT_SOCK`` shows that this pid is what listens there.
+
+Under systemd (``keyagent.service``, with ``KEYAGENT_PID`` unset) both point the user to
+``systemctl --user``: the service manager, not this command, starts and stops that agent.
+Without a runtime directory the socket goes into a fresh private directory with a random
+name, which clients learn only through ``KEYAGENT_SOCK``.
 
 The socket is bound before any fork, so a started agent is already reachable when the
 shell lines are printed, and a refusal (live agent, unsafe directory) is reported by the
@@ -44,6 +50,8 @@ log = logging.getLogger("keyagent")
 EXIT_OK, EXIT_FAILURE = 0, 1
 
 PR_SET_PDEATHSIG = 1
+LISTEN_BACKLOG = 1024
+"""bind_listener's default backlog, repeated when the background child listens again."""
 
 
 _duration = duration_type(MAX_LIFETIME, "ten years")
@@ -91,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "-t",
+        "--lifetime",
         dest="lifetime",
         type=_duration,
         metavar="LIFE",
@@ -202,22 +211,91 @@ def unset_lines(syntax: str, pid: int) -> str:
     return f"unset {paths.SOCKET_ENV};\nunset {paths.PID_ENV};\necho Agent pid {pid} killed;\n"
 
 
+SYSTEMD_STOP = f"systemctl --user stop {paths.SYSTEMD_SERVICE}"
+
+
+def _listener_pid(path: str) -> int | None:
+    """The pid listening on ``path`` if an agent of ours answers there, else None."""
+    from keyagent.client import Client
+    from keyagent.errors import KeyagentError
+
+    try:
+        with Client(path, timeout=10) as client:
+            client.hello()
+            return client.peer_pid
+    except KeyagentError:
+        return None
+
+
 def kill_agent(syntax: str, out: TextIO, err: TextIO) -> int:
+    """``keyagent -k``: SIGTERM to ``$KEYAGENT_PID``, but only if that pid is the process
+    listening on ``$KEYAGENT_SOCK``: a stale or forged variable must not kill something else.
+    """
     raw = os.environ.get(paths.PID_ENV, "")
-    if not raw.isdigit() or int(raw) <= 1:
+    path = paths.socket_path()
+    if not raw:
+        if path and paths.systemd_unit_installed() and _listener_pid(path) is not None:
+            err.write(
+                f"keyagent: the agent on {path} runs under systemd; stop it with {SYSTEMD_STOP}\n"
+            )
+        else:
+            err.write(f"keyagent: {paths.PID_ENV} is not set to an agent's pid; nothing to kill\n")
+        return EXIT_FAILURE
+    if not (raw.isascii() and raw.isdigit()) or int(raw) <= 1:
         err.write(f"keyagent: {paths.PID_ENV} is not set to an agent's pid; nothing to kill\n")
         return EXIT_FAILURE
     pid = int(raw)
+    if not path:
+        err.write(
+            f"keyagent: {paths.SOCKET_ENV} is not set, so nothing shows that pid {pid} is an"
+            f" agent; nothing was killed: set {paths.SOCKET_ENV} to its socket\n"
+        )
+        return EXIT_FAILURE
+    # A pidfd pins the process: the pid cannot be reused between the check and the signal.
     try:
-        os.kill(pid, signal.SIGTERM)
+        pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
         err.write(f"keyagent: no process {pid}; the agent is already gone\n")
         return EXIT_FAILURE
-    except PermissionError:
-        err.write(f"keyagent: process {pid} is not yours; check {paths.PID_ENV}\n")
-        return EXIT_FAILURE
+    try:
+        listener = _listener_pid(path)
+        if listener != pid:
+            found = (
+                "no agent answers there" if listener is None else f"pid {listener} listens there"
+            )
+            hint = f"check {paths.PID_ENV} and {paths.SOCKET_ENV}"
+            if listener is not None and paths.systemd_unit_installed():
+                hint = f"if that agent runs under systemd, stop it with {SYSTEMD_STOP}"
+            err.write(
+                f"keyagent: pid {pid} is not the agent on {path} ({found}); nothing was"
+                f" killed: {hint}\n"
+            )
+            return EXIT_FAILURE
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        except ProcessLookupError:
+            err.write(f"keyagent: no process {pid}; the agent is already gone\n")
+            return EXIT_FAILURE
+        except PermissionError:
+            err.write(f"keyagent: process {pid} is not yours; check {paths.PID_ENV}\n")
+            return EXIT_FAILURE
+    finally:
+        os.close(pidfd)
     out.write(unset_lines(syntax, pid))
     return EXIT_OK
+
+
+def systemd_lines(syntax: str, socket_path: str) -> str:
+    """For eval "$(keyagent)" when the agent on the default socket runs under systemd: use
+    it (clients find it by default; the lines export the socket all the same, and clear a
+    stale pid) and say how it is stopped."""
+    quoted = shlex.quote(socket_path)
+    note = f"echo keyagent runs under systemd on {quoted}: stop it with {SYSTEMD_STOP};\n"
+    if syntax == "csh":
+        return f"setenv {paths.SOCKET_ENV} {quoted};\nunsetenv {paths.PID_ENV};\n{note}"
+    return (
+        f"{paths.SOCKET_ENV}={quoted}; export {paths.SOCKET_ENV};\nunset {paths.PID_ENV};\n{note}"
+    )
 
 
 # --- process set-up ------------------------------------------------------------------------
@@ -358,10 +436,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"keyagent: {error.message}\n")
         return EXIT_FAILURE
     if args.ca_bundle:
-        if not os.path.isfile(args.ca_bundle):
-            sys.stderr.write(f"keyagent: CA bundle {args.ca_bundle} is not a readable file\n")
-            return EXIT_FAILURE
+        # Refused before anything is bound if another user could change the bundle (or a
+        # directory or link on its path, see keyagent.trust), or if it holds no usable CA.
+        from keyagent.trust import UntrustedFile, read_ca_bundle
+
         args.ca_bundle = os.path.abspath(args.ca_bundle)  # the daemon changes directory
+        try:
+            read_ca_bundle(args.ca_bundle)
+        except UntrustedFile as error:
+            sys.stderr.write(f"keyagent: CA bundle {error.message}\n")
+            return 78  # EX_CONFIG, as keyagent-ctl answers an unusable configuration
     # systemd's NOTIFY_SOCKET, taken out of the environment before anything can inherit it;
     # the serving process notifies there (or nowhere, without one).
     notify_address = os.environ.pop(NOTIFY_ENV, None)
@@ -383,9 +467,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         bound = None
         foreground = True  # a socket-activated service must not fork away from its manager
     else:
-        path = os.path.abspath(args.socket) if args.socket else paths.default_socket_path()
+        default = None if args.socket else paths.default_socket_path()
+        if args.socket:
+            path = os.path.abspath(args.socket)
+        elif default is None:
+            # No runtime directory: a fixed fallback such as /tmp/runtime-UID could be made
+            # first by another user and keep the agent from starting. A fresh directory with
+            # a random name cannot; clients learn it only from KEYAGENT_SOCK.
+            path = paths.private_socket_path()
+            sys.stderr.write(
+                f"keyagent: XDG_RUNTIME_DIR is not set: listening on {path}, in a private"
+                f" directory of its own; clients find it only through {paths.SOCKET_ENV}"
+                ' (eval "$(keyagent)" sets it)\n'
+            )
+        else:
+            path = default
+            if (
+                not foreground
+                and not args.command
+                and paths.systemd_unit_installed()
+                and _listener_pid(path) is not None
+            ):
+                sys.stdout.write(systemd_lines(syntax, path))
+                return EXIT_OK
         try:
-            if not args.socket:
+            if default is not None:
                 # The runtime directory itself (XDG: owned by the user, mode 0700) must be
                 # safe too, or whoever owns it could swap our directory inside it.
                 check_private_dir(os.path.dirname(os.path.dirname(path)))
@@ -419,6 +525,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             # A session of its own, in command mode too: a Ctrl-C at the command's terminal
             # goes to the foreground process group and must not stop the agent.
             os.setsid()
+            # Listen again, from this process: SO_PEERCRED of a connection names the
+            # process that last called listen(), and keyagent -k checks that it is the
+            # KEYAGENT_PID printed below (this pid, kept across the exec).
+            listener.listen(LISTEN_BACKLOG)
             if args.command:
                 die_with_parent(parent)
             os.chdir("/")

@@ -1,7 +1,12 @@
 """Where the socket, the configuration and the state live.
 
-``platformdirs`` is imported only when a default location is needed, so a client with
-``KEYAGENT_SOCK`` set never pays for it.
+The socket's default is ``$XDG_RUNTIME_DIR/keyagent/agent.sock`` (or the same under
+``/run/user/UID``, which logind makes for each user). Without either there is no default:
+a shared directory such as ``/tmp/runtime-UID`` could be made first by another user, so the
+agent then binds in a fresh private directory with a random name (as ssh-agent does) and
+announces it through ``KEYAGENT_SOCK``, which clients then need.
+
+``platformdirs`` is imported only for the configuration's location.
 """
 
 from __future__ import annotations
@@ -12,39 +17,82 @@ SOCKET_ENV = "KEYAGENT_SOCK"
 PID_ENV = "KEYAGENT_PID"
 APP = "keyagent"
 SOCKET_NAME = "agent.sock"
+SYSTEMD_SERVICE = "keyagent.service"
+SYSTEMD_UNITS = (SYSTEMD_SERVICE, "keyagent.socket")
 
 
-def runtime_dir() -> str:
-    """The user's runtime directory: ``$XDG_RUNTIME_DIR`` on Linux, else a private fallback."""
-    import tempfile
-    import warnings
-
-    import platformdirs
-
-    with warnings.catch_warnings():
-        # Without XDG_RUNTIME_DIR, platformdirs warns and falls back to a temp directory;
-        # keyagent checks that directory's owner and mode itself before using it.
-        warnings.simplefilter("ignore")
-        try:
-            base = platformdirs.user_runtime_dir()
-        except OSError:
-            base = ""
-    if not base or not os.path.isdir(os.path.dirname(base) or "/"):
-        base = os.path.join(tempfile.gettempdir(), f"runtime-{os.geteuid()}")
-    return base
+def runtime_dir() -> str | None:
+    """The user's runtime directory: ``$XDG_RUNTIME_DIR``, else ``/run/user/UID`` if it
+    exists; None if neither does (the agent checks the directory's owner and mode)."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(xdg):
+        return xdg
+    standard = f"/run/user/{os.geteuid()}"
+    return standard if os.path.isdir(standard) else None
 
 
-def default_socket_path() -> str:
-    """``<runtime dir>/keyagent/agent.sock``: where the agent listens unless told otherwise.
+def default_socket_path() -> str | None:
+    """``<runtime dir>/keyagent/agent.sock``: where the agent listens unless told otherwise;
+    None without a runtime directory.
 
     The systemd socket unit uses the same path (``%t/keyagent/agent.sock``).
     """
-    return os.path.join(runtime_dir(), APP, SOCKET_NAME)
+    base = runtime_dir()
+    return os.path.join(base, APP, SOCKET_NAME) if base is not None else None
 
 
-def socket_path(explicit: str | None = None) -> str:
-    """The socket a client should use: ``explicit``, else ``$KEYAGENT_SOCK``, else the default."""
+def socket_path(explicit: str | None = None) -> str | None:
+    """The socket a client should use: ``explicit``, else ``$KEYAGENT_SOCK``, else the
+    default; None if there is none of them (see :data:`NO_SOCKET_HINT`)."""
     return explicit or os.environ.get(SOCKET_ENV) or default_socket_path()
+
+
+NO_SOCKET_HINT = (
+    f"XDG_RUNTIME_DIR is not set, so there is no default socket: set {SOCKET_ENV} to the"
+    ' socket keyagent printed (eval "$(keyagent)" does)'
+)
+
+
+def private_socket_path() -> str:
+    """A socket path in a fresh directory with a random name, mode 0700 (``mkdtemp``), for
+    an agent without a runtime directory: nobody else can have made it first."""
+    import tempfile
+
+    return os.path.join(tempfile.mkdtemp(prefix=f"{APP}-"), SOCKET_NAME)
+
+
+def systemd_unit_dirs() -> list[str]:
+    """The systemd user manager's unit directories, most specific first."""
+    home = os.path.expanduser("~")
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(home, ".local", "share")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    found = [os.path.join(config, "systemd", "user")]
+    if runtime:
+        found.append(os.path.join(runtime, "systemd", "user"))
+    found += [
+        "/etc/systemd/user",
+        "/run/systemd/user",
+        os.path.join(data, "systemd", "user"),
+        "/usr/local/lib/systemd/user",
+        "/usr/local/share/systemd/user",
+        "/usr/lib/systemd/user",
+        "/lib/systemd/user",
+        "/usr/share/systemd/user",
+    ]
+    return found
+
+
+def systemd_unit_installed() -> bool:
+    """Whether ``keyagent.service`` or ``keyagent.socket`` is installed for the user manager.
+
+    Asked only on the way to an error message, never on a client's success path.
+    """
+    return any(
+        os.path.lexists(os.path.join(directory, unit))
+        for directory in systemd_unit_dirs()
+        for unit in SYSTEMD_UNITS
+    )
 
 
 def config_dir() -> str:

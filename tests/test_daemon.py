@@ -380,3 +380,200 @@ def test_command_mode_agent_has_a_session_of_its_own(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     agent_group, command_group = result.stdout.split()
     assert agent_group != command_group
+
+
+def daemon_env(**changes: str | None) -> dict[str, str]:
+    """os.environ with ``changes`` applied (None removes a variable)."""
+    env = dict(os.environ)
+    for name, value in changes.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+
+
+def kill_with(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "keyagent.daemon", "-k"],
+        env=env, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+
+
+def test_kill_signals_only_the_process_listening_on_the_socket(
+    agent_factory: AgentFactory,
+) -> None:
+    """keyagent -k refuses a KEYAGENT_PID that is not the process listening on KEYAGENT_SOCK."""
+    agent = agent_factory(name="one")
+    other = agent_factory(name="two")
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        for pid, sock in (
+            (bystander.pid, agent.socket_path),  # any process of mine
+            (other.pid, agent.socket_path),  # an agent, but not the one on this socket
+            (agent.pid, None),  # nothing to check against
+        ):
+            result = kill_with(daemon_env(KEYAGENT_PID=str(pid), KEYAGENT_SOCK=sock,
+                                          XDG_RUNTIME_DIR=None))  # fmt: skip
+            assert result.returncode == 1, result.stderr
+            assert "nothing was killed" in result.stderr
+            assert result.stdout == ""
+        assert bystander.poll() is None
+        assert agent.process is not None
+        assert agent.process.poll() is None
+        assert other.process is not None
+        assert other.process.poll() is None
+        # The real pair is stopped, and the shell lines are printed.
+        done = kill_with(daemon_env(KEYAGENT_PID=str(agent.pid), KEYAGENT_SOCK=agent.socket_path))
+        assert done.returncode == 0, done.stderr
+        assert "unset KEYAGENT_PID;" in done.stdout
+        assert agent.process.wait(10) == 0
+    finally:
+        bystander.kill()
+        bystander.wait(10)
+
+
+def test_a_background_agent_is_the_listener_its_pid_names(tmp_path: Path) -> None:
+    """After eval "$(keyagent)", the printed pid is the process that listens (SO_PEERCRED)."""
+    sock = private_dir(tmp_path) / "agent.sock"
+    result = subprocess.run(
+        [sys.executable, "-m", "keyagent.daemon", "-s", "-a", str(sock)],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    pid = int(result.stdout.splitlines()[1].split(";")[0].removeprefix("KEYAGENT_PID="))
+    try:
+        with Client(str(sock)) as client:
+            assert client.status()["pid"] == pid
+            assert client.peer_pid == pid
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        assert wait_for_exit(pid, 10)
+
+
+@pytest.fixture
+def systemd_home(tmp_path: Path) -> dict[str, str]:
+    """An environment with a private runtime directory and keyagent.service installed in
+    $XDG_CONFIG_HOME/systemd/user, as the user manager would find it."""
+    runtime = private_dir(tmp_path, "xdg-runtime")
+    units = tmp_path / "config" / "systemd" / "user"
+    units.mkdir(parents=True)
+    (units / "keyagent.service").write_text("[Service]\nExecStart=keyagent -D\n")
+    return daemon_env(
+        XDG_RUNTIME_DIR=str(runtime),
+        XDG_CONFIG_HOME=str(tmp_path / "config"),
+        XDG_DATA_HOME=str(tmp_path / "data"),
+        KEYAGENT_SOCK=None,
+        KEYAGENT_PID=None,
+    )
+
+
+def test_under_systemd_eval_and_kill_point_to_systemctl(systemd_home: dict[str, str]) -> None:
+    """With the unit installed and an agent on the default socket, eval "$(keyagent)" uses it
+    and names systemctl, keyagent -k names systemctl, and clients say how to check the unit."""
+    env = systemd_home
+    expected = Path(env["XDG_RUNTIME_DIR"]) / "keyagent" / "agent.sock"
+    # The unit's agent: in the foreground on the default path, as systemd runs it.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "keyagent.daemon", "-D"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        assert read_line(process.stdout.fileno(), 20).startswith(b"KEYAGENT_SOCK=")
+        started = run_shell(
+            f'eval "$({PY} -m keyagent.daemon -s)" && echo "sock=$KEYAGENT_SOCK"', env
+        )
+        assert started.returncode == 0, started.stderr
+        assert "systemctl --user stop keyagent.service" in started.stdout
+        assert f"sock={expected}" in started.stdout
+        killed = kill_with(env)
+        assert killed.returncode == 1
+        assert "systemctl --user stop keyagent.service" in killed.stderr
+        assert process.poll() is None  # neither command started or stopped an agent
+    finally:
+        process.terminate()
+        process.wait(10)
+        process.stdout.close()  # type: ignore[union-attr]
+    gone = subprocess.run(
+        [sys.executable, "-m", "keyagent", "status"],
+        env=env, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert gone.returncode == 2
+    assert "systemctl --user status keyagent.service" in gone.stderr
+
+
+def test_no_unit_no_systemctl_hint(tmp_path: Path) -> None:
+    """Without an installed unit, "no agent" suggests starting one, not systemctl."""
+    env = daemon_env(
+        XDG_RUNTIME_DIR=str(private_dir(tmp_path, "xdg-runtime")),
+        XDG_CONFIG_HOME=str(tmp_path / "config"),
+        XDG_DATA_HOME=str(tmp_path / "data"),
+        KEYAGENT_SOCK=None,
+    )
+    if any(
+        Path(d, "keyagent.service").exists() for d in ("/etc/systemd/user", "/usr/lib/systemd/user")
+    ):
+        pytest.skip("keyagent.service is installed system-wide on this machine")
+    gone = subprocess.run(
+        [sys.executable, "-m", "keyagent", "status"],
+        env=env, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert gone.returncode == 2
+    assert "systemctl --user" not in gone.stderr
+    assert 'eval "$(keyagent)"' in gone.stderr
+
+
+def test_without_a_runtime_dir_the_agent_makes_a_private_directory(tmp_path: Path) -> None:
+    """Without XDG_RUNTIME_DIR, a runtime-UID made first by another user does not stop the
+    agent: it binds in a fresh private directory and says that clients need KEYAGENT_SOCK."""
+    if os.path.isdir(f"/run/user/{os.geteuid()}"):
+        pytest.skip("/run/user/UID exists here: it is the runtime directory")
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir(mode=0o1777)
+    os.chmod(tmpdir, 0o1777)
+    squatted = tmpdir / f"runtime-{os.geteuid()}"
+    squatted.mkdir(mode=0o700)
+    os.chown(squatted, 65534, 65534)
+    env = daemon_env(XDG_RUNTIME_DIR=None, KEYAGENT_SOCK=None, TMPDIR=str(tmpdir))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "keyagent.daemon", "-D"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        first = read_line(process.stdout.fileno(), 20).decode()
+        assert first.startswith("KEYAGENT_SOCK="), first
+        path = Path(first.split(";")[0].removeprefix("KEYAGENT_SOCK="))
+        assert path.name == "agent.sock"
+        assert path.parent.parent == tmpdir
+        assert path.parent != squatted
+        info = os.stat(path.parent)
+        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (os.geteuid(), 0o700)
+        with Client(str(path)) as client:
+            assert client.status()["pid"] == process.pid
+        # A client without the variable cannot guess the directory, and says what it needs.
+        lost = subprocess.run(
+            [sys.executable, "-m", "keyagent", "status"],
+            env=env, capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert lost.returncode == 2
+        assert "KEYAGENT_SOCK" in lost.stderr
+        assert "XDG_RUNTIME_DIR" in lost.stderr
+        found = subprocess.run(
+            [sys.executable, "-m", "keyagent", "status"],
+            env={**env, "KEYAGENT_SOCK": str(path)}, capture_output=True, text=True,
+            timeout=30, check=False,
+        )  # fmt: skip
+        assert found.returncode == 0, found.stderr
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=10)
+    assert "KEYAGENT_SOCK" in err.decode()
+
+
+def test_lifetime_is_the_long_form_of_t(agent_factory: AgentFactory) -> None:
+    """keyagent --lifetime 1h sets the default key lifetime, as -t 1h does."""
+    agent = agent_factory("--lifetime", "1h")
+    with agent.client() as client:
+        held = client.add("h", "u", "k-with-default-lifetime")
+    assert held.get("expires")

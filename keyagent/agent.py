@@ -184,6 +184,8 @@ class Agent:
         self.default_persist = default_persist
         self.held_keys = KeyStore(max_keys)
         self.lock = Lock()
+        self.lock_in_keyring = False
+        """Whether the OS keyring may hold this lock's hash (see :meth:`process_lock`)."""
         self.started = self.clock.monotonic()
         self.sessions: dict[tuple[str, str], Session] = {}
         self.background: collections.deque[Deferred] = collections.deque()
@@ -244,8 +246,12 @@ class Agent:
                 self.background.append(self._keyring(_deleter(held.digest), _ignore))
         return next_deadline
 
-    def restore(self, keys: Iterable[PersistedKey]) -> int:
-        """Hold keys read back from the OS keyring (at start-up); returns how many."""
+    def restore(self, keys: Iterable[PersistedKey], lock: tuple[bytes, bytes] | None = None) -> int:
+        """Hold keys read back from the OS keyring (at start-up); returns how many.
+
+        ``lock``: the salt and hash of the lock the agent had when it stopped; the agent
+        starts locked if any key came back, so a restart does not unlock persisted keys.
+        """
         now, wall = self.clock.monotonic(), self.clock.wall()
         count = 0
         for key in keys:
@@ -264,6 +270,13 @@ class Agent:
                 break
             count += 1
         log.info("restored %d key(s) from the OS keyring", count)
+        if lock is not None:
+            self.lock_in_keyring = True
+            if count:
+                self.lock.engage(*lock)
+                log.info("the agent was locked when it stopped: it starts locked")
+            else:  # nothing to protect: a stale record must not lock an empty agent
+                self._forget_stored_lock()
         return count
 
     # --- the OS keyring ------------------------------------------------------------------
@@ -433,6 +446,14 @@ class Agent:
         def finish(digest: bytes) -> Result:
             self.lock.engage(salt, digest)
             log.info("agent locked")
+            if self.keyring is not None and any(
+                held.persisted for held in self.held_keys.matching(self.clock.monotonic())
+            ):
+                # Persisted keys come back after a restart: so does the lock, as its salted
+                # hash in the keyring. Best effort, with no client waiting: the lock in
+                # memory holds whatever the keyring does.
+                self.lock_in_keyring = True
+                self.background.append(self._keyring(lambda k: k.save_lock(salt, digest), _ignore))
             return {"locked": True}
 
         return Deferred(work=lambda: derive(passphrase, salt), finish=finish, queue="lock")
@@ -455,6 +476,7 @@ class Agent:
             if self.lock.try_release(candidate):
                 self.lock.not_before = 0.0
                 log.info("agent unlocked")
+                self._forget_stored_lock()
                 return {"locked": False}
             delay = self.lock.failure_delay()
             self.lock.not_before = time.monotonic() + delay
@@ -462,6 +484,11 @@ class Agent:
             return Delayed(delay, BadPassphrase())
 
         return Deferred(work=attempt, finish=finish, queue="lock")
+
+    def _forget_stored_lock(self) -> None:
+        if self.lock_in_keyring and self.keyring is not None:
+            self.lock_in_keyring = False
+            self.background.append(self._keyring(lambda k: k.delete_lock(), _ignore))
 
     def process_stop(self, args: Mapping[str, Any]) -> Outcome:
         log.info("stop requested")

@@ -185,6 +185,9 @@ def restore_persisted(
             try:
                 _, expired = keyring.load_all(time.time(), lambda key: send(key._asdict()))
                 send({"expired": len(expired)})
+                stored_lock = keyring.load_lock()
+                if stored_lock is not None:
+                    send({"lock": [stored_lock[0].hex(), stored_lock[1].hex()]})
             except KeyagentError as error:
                 send({"error": error.message})
             except BaseException as error:  # noqa: BLE001  # reported to the parent, which logs it
@@ -201,6 +204,7 @@ def restore_persisted(
             os.kill(child, 9)
         os.waitpid(child, 0)
     keys: list[PersistedKey] = []
+    lock: tuple[bytes, bytes] | None = None
     lines = data.split(b"\n")
     for line in lines[:-1]:  # the last piece is empty, or a line cut short by the deadline
         try:
@@ -209,6 +213,8 @@ def restore_persisted(
                 raise TypeError("not an object")
             if "error" in answer:
                 log.info("persisted keys not restored: %s", answer["error"])
+            elif "lock" in answer:
+                lock = bytes.fromhex(answer["lock"][0]), bytes.fromhex(answer["lock"][1])
             elif "expired" in answer:
                 if answer["expired"]:
                     log.info("deleted %d expired key(s) from the OS keyring", answer["expired"])
@@ -222,7 +228,7 @@ def restore_persisted(
             timeout,
             len(keys),
         )
-    agent.restore(keys)
+    agent.restore(keys, lock)
 
 
 def read_all(fd: int, timeout: float) -> tuple[bytes, bool]:

@@ -94,6 +94,7 @@ log = get_logger(__name__)
 FORMAT: Final = 1
 """The ``"v"`` this version writes, in entries and in the index."""
 INDEX: Final = "index"
+LOCK: Final = "lock"
 ENTRY_PREFIX: Final = "key:"
 ENV_BACKEND: Final = "PYTHON_KEYRING_BACKEND"
 
@@ -321,6 +322,41 @@ class KeyringStore:
             if targets:
                 self._retire(backend, index, targets, [])
             return persisted
+
+    def save_lock(self, salt: bytes, digest: bytes) -> None:
+        """Remember that the agent is locked: the salt and scrypt hash, never the passphrase.
+
+        A restarted agent then comes back locked with the persisted keys, instead of
+        unlocked (see :meth:`load_lock`).
+        """
+        document = {"v": FORMAT, "salt": salt.hex(), "digest": digest.hex()}
+        import json  # loads with the keyring, never in an agent that does not use it
+
+        with self._lock:
+            self._set(self._ready(), LOCK, json.dumps(document), "the lock")
+
+    def load_lock(self) -> tuple[bytes, bytes] | None:
+        """The salt and hash :meth:`save_lock` stored, or None (none, or unreadable)."""
+        with self._lock:
+            raw = self._get(self._ready(), LOCK, "the lock")
+        if raw is None:
+            return None
+        try:
+            import json  # loads with the keyring, never in an agent that does not use it
+
+            document = json.loads(raw)
+            salt, digest = bytes.fromhex(document["salt"]), bytes.fromhex(document["digest"])
+            if document["v"] != FORMAT or not 8 <= len(salt) <= 64 or len(digest) != 32:
+                raise ValueError
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            log.warning("the lock entry in the OS keyring is unreadable; ignored")
+            return None
+        return salt, digest
+
+    def delete_lock(self) -> None:
+        """Forget that the agent was locked (after an unlock); fine if nothing was stored."""
+        with self._lock:
+            self._delete(self._ready(), LOCK, "the lock")
 
     def delete_all(self) -> int:
         """Delete every persisted key and the index; returns how many keys were persisted."""

@@ -215,3 +215,59 @@ def test_create_with_persist_keeps_the_key_when_the_keyring_fails(
     created = run(agent, "create", host="h", user="u", persist=True)
     assert created["persisted"] is True
     assert digest_of(account.keys[1]) in keyring_ids(backend)
+
+
+# --- a lock that survives a restart ----------------------------------------------------------
+
+PASSPHRASE = "lock-S3CR3T-phrase"
+
+
+def restart(backend: MemoryKeyring, fake_time: FakeTime) -> Agent:
+    """A new agent over the same keyring, restored as the serving process does at start."""
+    agent = Agent(clock=fake_time.clock(), keyring=KeyringStore(backend))
+    store = KeyringStore(backend)
+    live, _ = store.load_all(fake_time.clock().wall())
+    agent.restore(live, store.load_lock())
+    return agent
+
+
+def test_a_lock_over_persisted_keys_survives_a_restart(
+    agent: Agent, backend: MemoryKeyring, fake_time: FakeTime
+) -> None:
+    """Locked with persisted keys, a restarted agent comes back locked (the keyring holds the
+    lock's salted hash, never the passphrase); unlocking clears that record."""
+    run(agent, "add", host="h.example", user="u", key=SECRET, persist=True)
+    assert run(agent, "lock", passphrase=PASSPHRASE) == {"locked": True}
+    drain_background(agent)
+    stored = backend.get_password("keyagent", "lock") or ""
+    assert PASSPHRASE not in stored
+    second = restart(backend, fake_time)
+    assert second.lock.locked
+    with pytest.raises(errors.Locked):
+        run(second, "get", host="h.example")
+    assert run(second, "unlock", passphrase=PASSPHRASE) == {"locked": False}
+    drain_background(second)
+    assert backend.get_password("keyagent", "lock") is None
+    assert run(second, "get", host="h.example")["key"] == SECRET
+    assert not restart(backend, fake_time).lock.locked
+
+
+def test_a_lock_over_memory_only_keys_leaves_the_keyring_alone(
+    agent: Agent, backend: MemoryKeyring
+) -> None:
+    """Without persisted keys nothing comes back after a restart, so nothing is stored."""
+    run(agent, "add", host="h.example", user="u", key=SECRET)
+    run(agent, "lock", passphrase=PASSPHRASE)
+    assert not agent.background
+    assert backend.entries() == {}
+
+
+def test_a_stored_lock_without_keys_to_guard_is_dropped(
+    backend: MemoryKeyring, fake_time: FakeTime
+) -> None:
+    """A lock record with no persisted key left does not lock a new, empty agent."""
+    KeyringStore(backend).save_lock(b"s" * 16, b"d" * 32)
+    agent = restart(backend, fake_time)
+    assert not agent.lock.locked
+    drain_background(agent)
+    assert backend.get_password("keyagent", "lock") is None

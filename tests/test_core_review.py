@@ -68,6 +68,19 @@ def test_a_complete_restore_holds_every_key() -> None:
     assert len(agent.held_keys) == 3
 
 
+def test_the_restore_reader_brings_back_the_lock_with_the_keys() -> None:
+    """The forked keyring reader hands over a stored lock: the agent starts locked."""
+    store = KeyringStore(MemoryKeyring())
+    for secret in SECRETS:
+        store.save(persisted(secret))
+    store.save_lock(b"s" * 16, b"d" * 32)
+    agent = Agent()
+    core.restore_persisted(agent, store, timeout=20.0)
+    assert len(agent.held_keys) == 3
+    assert agent.lock.locked
+    assert agent.lock.salt == b"s" * 16
+
+
 @pytest.mark.parametrize(
     ("dumpable", "tracer", "expected"),
     [

@@ -44,6 +44,7 @@ key                 type         default   environment             used by
 ``idle_timeout``    duration     300       -                       keyagent
 ``line_timeout``    duration     10        -                       keyagent
 ``max_connections`` integer >= 1 1024      -                       keyagent
+``max_keys``        integer >= 1 100000    -                       keyagent: keys held at once
 =================== ============ ========= ======================= ==========================
 
 ``insecure`` (default false) exists on the command line only. In a file it is refused: a
@@ -160,6 +161,7 @@ class Config:
     idle_timeout: float = 300.0
     line_timeout: float = 10.0
     max_connections: int = 1024
+    max_keys: int = 100_000
     path: str = ""
     """The configuration file that was consulted (absolute)."""
     path_source: str = "default"
@@ -344,6 +346,7 @@ _SPECS: Final[Mapping[str, _Spec]] = {
     "idle_timeout": _Spec(_duration, 300.0),
     "line_timeout": _Spec(_duration, 10.0),
     "max_connections": _Spec(_positive_int, 1024),
+    "max_keys": _Spec(_positive_int, 100_000),
 }
 
 SETTINGS: Final[tuple[str, ...]] = tuple(_SPECS)
@@ -710,6 +713,7 @@ def load(
         idle_timeout=cast("float", pick("idle_timeout")),
         line_timeout=cast("float", pick("line_timeout")),
         max_connections=cast("int", pick("max_connections")),
+        max_keys=cast("int", pick("max_keys")),
         path=file_path,
         path_source=how,
         file_found=file is not None,

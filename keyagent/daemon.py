@@ -126,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="connections served at once; more are answered 'busy'",
     )
+    parser.add_argument(
+        "--max-keys",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="keys held at once (default 100000); add and create beyond it answer 'too_many'",
+    )
     conduce = parser.add_argument_group("Conduce service")
     conduce.add_argument(
         "--ca-bundle",
@@ -325,7 +332,7 @@ def configure_logging(*, debug: bool) -> None:
 
 CONFIGURED = (
     "lifetime", "ca_bundle", "connect_timeout", "read_timeout", "validate_after",
-    "idle_timeout", "line_timeout", "max_connections",
+    "idle_timeout", "line_timeout", "max_connections", "max_keys",
 )  # fmt: skip
 
 

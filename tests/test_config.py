@@ -137,6 +137,7 @@ def test_a_default_constructed_config_reports_default_sources() -> None:
         ("idle_timeout = 30.5", "idle_timeout", 30.5),
         ("line_timeout = 3", "line_timeout", 3.0),
         ("max_connections = 16", "max_connections", 16),
+        ("max_keys = 500", "max_keys", 500),
     ],
 )
 def test_each_setting_from_the_file(write: Writer, line: str, name: str, expected: object) -> None:
@@ -163,6 +164,7 @@ def test_a_full_file_sets_everything_with_each_line(write: Writer) -> None:
         "idle_timeout = 4\n"
         "line_timeout = 5\n"
         "max_connections = 6\n"
+        "max_keys = 7\n"
     )
     result = load(str(path), env={})
     sources = result.sources()
@@ -180,6 +182,7 @@ def test_a_full_file_sets_everything_with_each_line(write: Writer) -> None:
         "idle_timeout": 10,
         "line_timeout": 11,
         "max_connections": 12,
+        "max_keys": 13,
     }
     assert result.lifetime == 5400.0
     assert result.ca_bundle == str(path.parent / "ca.pem")
@@ -796,6 +799,7 @@ def test_render_lists_every_setting_aligned_with_its_source() -> None:
         "idle_timeout     1m30.5s              flag\n"
         "line_timeout     10s                  default\n"
         "max_connections  8                    flag\n"
+        "max_keys         100000               default\n"
     )
 
 

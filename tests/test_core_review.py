@@ -3,13 +3,14 @@ and a keyring restore that runs out of time."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 from pathlib import Path
 
 import pytest
 
-from keyagent import core
+from keyagent import core, errors
 from keyagent.agent import Agent
 from keyagent.persist import KeyringStore, PersistedKey
 from keyagent.store import digest_of
@@ -119,3 +120,29 @@ def test_an_agent_started_normally_does_not_warn(tmp_path: Path) -> None:
     assert status["locked"] is False
     assert "being traced" not in log
     assert "still dumpable" not in log
+
+
+def test_max_keys_caps_a_running_agent(tmp_path: Path) -> None:
+    """keyagent --max-keys N: the agent holds N keys and answers too_many for one more."""
+    with (
+        AgentProcess(tmp_path / "agent", ["--max-keys", "2"]) as agent,
+        agent.client() as client,
+    ):
+        for secret in SECRETS[:2]:
+            client.add("app.conduce.com", "ada@example.com", secret)
+        with pytest.raises(errors.TooMany, match="--max-keys"):
+            client.add("app.conduce.com", "ada@example.com", SECRETS[2])
+        assert len(client.list()) == 2
+
+
+def test_max_keys_comes_from_the_config_file(tmp_path: Path) -> None:
+    """max_keys in config.toml sets the cap like the flag."""
+    config = tmp_path / "conf"
+    config.mkdir(mode=0o700)
+    (config / "config.toml").write_text("max_keys = 1\n")
+    (config / "config.toml").chmod(0o600)
+    env = {**os.environ, "KEYAGENT_CONFIG": str(config / "config.toml")}
+    with AgentProcess(tmp_path / "agent", env=env) as agent, agent.client() as client:
+        client.add("app.conduce.com", "ada@example.com", SECRETS[0])
+        with pytest.raises(errors.TooMany):
+            client.add("app.conduce.com", "ada@example.com", SECRETS[1])

@@ -25,12 +25,13 @@ import json
 import os
 import random
 import ssl
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.cookiejar import Cookie, DefaultCookiePolicy
 from types import MappingProxyType, TracebackType
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import requests
 from requests.cookies import RequestsCookieJar
@@ -48,7 +49,8 @@ from keyagent.errors import (
     TLSError,
 )
 from keyagent.log import get_logger
-from keyagent.protocol import host_problem
+from keyagent.protocol import DESCRIPTION, KEY, has_control_characters, host_problem, is_token
+from keyagent.trust import UntrustedFile, read_ca_bundle
 
 __all__ = ["API_PREFIX", "MAX_ANSWER", "ConduceAccount", "HttpSettings", "RemoteKey"]
 
@@ -95,12 +97,70 @@ class RemoteKey:
         return f"{self.key[:4]}…{self.key[-4:]}"
 
 
+# Bundles already loaded, by absolute path (or by their PEM text): a path is read once per
+# process, so whoever can replace the file later (say, by recreating a deleted temporary
+# directory) does not become a trusted CA for accounts made afterwards. A restart reads it
+# again. (A PEM text holds newlines, which no path that reaches here does.)
+_LOADED_BUNDLES: dict[str, ssl.SSLContext] = {}
+_LOADED_BUNDLES_LOCK: Final = threading.Lock()
+
+
+def _context_for(pem: str) -> ssl.SSLContext:
+    """A client context that trusts exactly the certificates in ``pem``."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=pem)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def _context_from_pem(pem: str) -> ssl.SSLContext | None:
+    """One shared context per bundle text (accounts are made one by one, lazily), or None
+    if OpenSSL refuses the text."""
+    with _LOADED_BUNDLES_LOCK:
+        context = _LOADED_BUNDLES.get(pem)
+        if context is None:
+            try:
+                context = _context_for(pem)
+            except (ssl.SSLError, ValueError):
+                return None
+            _LOADED_BUNDLES[pem] = context
+        return context
+
+
+def _load_bundle(path: str) -> ssl.SSLContext:
+    absolute = os.path.abspath(path)
+    with _LOADED_BUNDLES_LOCK:
+        context = _LOADED_BUNDLES.get(absolute)
+        if context is None:
+            try:
+                pem = read_ca_bundle(absolute)
+            except UntrustedFile as error:
+                problem = error.message
+            else:
+                context = _context_for(pem)
+                _LOADED_BUNDLES[absolute] = context
+                return context
+        else:
+            return context
+    # Raised outside the except block, as everywhere in this module.
+    raise TLSError(f"the CA bundle {problem}; fix --ca-bundle")
+
+
 @dataclass(frozen=True)
 class HttpSettings:
-    """How to talk to the service; one instance is shared by all accounts of an agent."""
+    """How to talk to the service; one instance is shared by all accounts of an agent.
+
+    The CA bundle is loaded into an :class:`ssl.SSLContext` when the settings are made (from
+    :attr:`ca_certificates`, else by reading the file :attr:`verify` names, once per process
+    and after :func:`keyagent.trust.check_trusted`), and every account's connections use that
+    context: the file is never read again, so replacing it has no effect until a restart. An
+    unusable bundle is a :class:`~keyagent.errors.TLSError` here, not on some later request.
+    """
 
     verify: str | bool = True
     """A CA bundle path, or True for the system (or ``REQUESTS_CA_BUNDLE``) trust store."""
+    ca_certificates: str | None = field(default=None, repr=False)
+    """The PEM text of the CA bundle, already read (by the daemon, at start); beats
+    :attr:`verify`."""
     insecure: bool = False
     """Explicit opt-out of TLS verification: overrides :attr:`verify`, warns on every request."""
     connect_timeout: float = 5.0
@@ -122,11 +182,65 @@ class HttpSettings:
             raise BadRequest("to turn TLS verification off, pass --insecure explicitly")
         if self.verify == "":
             raise BadRequest("the CA bundle path is empty; pass a file to --ca-bundle")
+        context: ssl.SSLContext | None = None
+        if self.insecure:
+            pass
+        elif self.ca_certificates is not None:
+            context = _context_from_pem(self.ca_certificates)
+            if context is None:
+                raise TLSError("the CA certificates given are not valid PEM; fix --ca-bundle")
+        elif isinstance(self.verify, str):
+            context = _load_bundle(self.verify)
+        object.__setattr__(self, "_ssl_context", context)
 
     @property
-    def effective_verify(self) -> str | bool:
-        """What to pass as ``verify=`` to requests."""
-        return False if self.insecure else self.verify
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The context holding the CA bundle, or None for the default trust (or --insecure)."""
+        context: ssl.SSLContext | None = getattr(self, "_ssl_context", None)
+        return context
+
+    @property
+    def effective_verify(self) -> bool:
+        """What to pass as ``verify=`` to requests: False under --insecure; True when the
+        bundle is in :attr:`ssl_context` (the adapter ignores it then) or for the default
+        trust store (where ``REQUESTS_CA_BUNDLE`` applies, as with curl)."""
+        return not self.insecure
+
+
+class _PinnedTLSAdapter(requests.adapters.HTTPAdapter):
+    """An adapter whose every TLS connection, direct or through ``HTTPS_PROXY``, verifies
+    the server against one loaded :class:`ssl.SSLContext`, and nothing else.
+
+    By itself requests hands urllib3 a CA *path* (the ``verify=`` path, or
+    ``REQUESTS_CA_BUNDLE``, or certifi's) that is read again for every new connection, and
+    which urllib3 would add to any context we gave it. This adapter sets no path at all.
+    """
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._context = context
+        super().__init__()
+
+    def init_poolmanager(
+        self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
+    ) -> None:
+        pool_kwargs["ssl_context"] = self._context
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        proxy_kwargs["ssl_context"] = self._context
+        return super().proxy_manager_for(proxy, **proxy_kwargs)
+
+    def build_connection_pool_key_attributes(
+        self, request: requests.PreparedRequest, verify: bool | str, cert: Any = None
+    ) -> Any:
+        # True, whatever was asked: a path here would become urllib3's ca_certs.
+        return super().build_connection_pool_key_attributes(request, True, cert)
+
+    def cert_verify(self, conn: Any, url: str, verify: bool | str, cert: Any) -> None:
+        # The context holds the trust anchors; no file is named for urllib3 to load.
+        conn.cert_reqs = "CERT_REQUIRED"
+        conn.ca_certs = None
+        conn.ca_cert_dir = None
 
 
 class _RefuseAllCookies(DefaultCookiePolicy):
@@ -180,7 +294,7 @@ class ConduceAccount:
         problem = host_problem(host) if isinstance(host, str) else "the host is not a string"
         if problem is not None:
             raise BadRequest(f"the host is not valid: {problem}; fix --host")
-        if not isinstance(user, str) or not user or any(c.isspace() for c in user):
+        if not isinstance(user, str) or not user or not is_token(user):
             raise BadRequest("the user must be a non-empty e-mail address; fix --user")
         self.host: Final = host
         self.user: Final = user
@@ -192,12 +306,16 @@ class ConduceAccount:
         self._session = requests.Session()
         # trust_env stays on, on purpose: it is what makes HTTPS_PROXY / NO_PROXY work, which
         # users behind a corporate proxy need. Its two other effects are neutralised:
-        # - REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE replace verify only when the *per-request*
-        #   verify is True or None (Session.merge_environment_settings), so _send passes
-        #   verify= explicitly on every request: an explicit bundle, or False under
-        #   --insecure, wins; with verify=True the inherited bundle is honoured, as curl's is.
+        # - REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE: with an explicit bundle (--ca-bundle), every
+        #   https:// request goes through _PinnedTLSAdapter, which trusts only the bundle
+        #   loaded at start and ignores whatever verify= requests works out from the
+        #   environment; so the explicit bundle wins. Under --insecure, _send passes
+        #   verify=False explicitly, which the environment cannot override. Without either,
+        #   requests reads REQUESTS_CA_BUNDLE (else certifi), as curl honours its bundle.
         # - ~/.netrc Basic auth is blocked by a non-empty Session.auth (see _NoAuth).
         self._session.trust_env = True
+        if settings.ssl_context is not None:
+            self._session.mount("https://", _PinnedTLSAdapter(settings.ssl_context))
         self._session.verify = settings.effective_verify
         self._session.auth = _NoAuth()
         self._session.cookies = RequestsCookieJar(policy=_RefuseAllCookies())
@@ -286,7 +404,21 @@ class ConduceAccount:
             entries = document.get("apikeys", document.get("keys"))
         if not isinstance(entries, list):
             raise self._unexpected()
-        return list(_parse_keys(entries))
+        parsed = _parse_keys(entries)
+        if isinstance(parsed, _Invalid):
+            raise RemoteError(
+                f"the service at {self.host} sent an apikeys/list answer with an invalid"
+                f" '{parsed.field}' in entry {parsed.entry}; check the host, or retry later"
+            )
+        if entries and not parsed:
+            # Not "no keys": that would print an empty list and make every held key look
+            # stale. Only the shape is named; values may be keys.
+            raise RemoteError(
+                f"the service at {self.host} sent an apikeys/list answer this agent does not"
+                f" understand ({_shape(entries)}, none with a key field:"
+                f" {', '.join(_KEY_FIELDS)}); check the host, or upgrade keyagent"
+            )
+        return parsed
 
     def create_key(self, description: str, api_key: str | None = None) -> str:
         """Create a key and return it. Never retried: a retry could create a second key."""
@@ -298,10 +430,17 @@ class ConduceAccount:
         self._check(response, "create an API key", auth=auth)
         document = self._json(response)
         if isinstance(document, dict):
-            for name in _KEY_FIELDS:
-                value = document.get(name)
-                if isinstance(value, str) and value:
-                    return value
+            name = next((n for n in _KEY_FIELDS if isinstance(document.get(n), str)), None)
+            if name is not None:
+                value = document[name]
+                if _valid(KEY, value):
+                    return str(value)
+                # Checked like a key a client adds: a key with a newline, a space or a
+                # control character would later corrupt a header, a keyring entry or a screen.
+                raise RemoteError(
+                    f"the service at {self.host} sent an apikeys/create answer with an invalid"
+                    f" '{name}'; check the host, or retry later"
+                )
         raise self._unexpected()
 
     def delete_key(self, key: str, api_key: str | None = None) -> None:
@@ -422,7 +561,7 @@ class ConduceAccount:
                 cookies=cookies,
                 json=json_body,
                 timeout=(self.settings.connect_timeout, self.settings.read_timeout),
-                # Explicit on every request, see __init__: beats REQUESTS_CA_BUNDLE.
+                # Explicit on every request, see __init__: --insecure beats REQUESTS_CA_BUNDLE.
                 verify=self.settings.effective_verify,
                 # A redirect could carry the Authorization header or the login body to a
                 # place the user never named; the API documents none, so none is followed.
@@ -442,7 +581,7 @@ class ConduceAccount:
             return self._transport_failure(error)
         except OSError as error:
             # requests raises a bare OSError, outside its own hierarchy, when the CA
-            # bundle named by verify= does not exist.
+            # bundle it would read (REQUESTS_CA_BUNDLE, say) does not exist.
             log.warning(
                 "%s %s%s to %s failed: %s", method, API_PREFIX, path, self.host,
                 type(error).__name__,
@@ -522,9 +661,6 @@ class ConduceAccount:
         )
 
     def _local_failure(self) -> _Failure:
-        verify = self.settings.effective_verify
-        if isinstance(verify, str) and not os.path.isfile(verify):
-            return _Failure(TLSError(f"the CA bundle {verify} does not exist; fix --ca-bundle"))
         return _Failure(
             RemoteUnreachable(f"the request to {self.host} failed locally; see the agent log")
         )
@@ -615,25 +751,104 @@ def _read_capped(response: requests.Response) -> bytes | None:
     return b"".join(chunks)
 
 
-def _parse_keys(entries: list[object]) -> Iterator[RemoteKey]:
-    for entry in entries:
+@dataclass(frozen=True)
+class _Invalid:
+    """Where a listed entry holds a value that fails validation (never the value itself)."""
+
+    field: str
+    entry: int
+
+
+# A date as a service writes it is some 20 to 35 characters; anything much longer is not one.
+_MAX_CREATED: Final = 64
+
+
+def _valid(validator: Callable[[str, object], object], value: object) -> bool:
+    try:
+        validator("value", value)
+    except BadRequest:
+        return False
+    return True
+
+
+def _parse_keys(entries: list[object]) -> list[RemoteKey] | _Invalid:
+    """The entries understood, or where the first invalid value is.
+
+    Partly understood entries keep working: an entry that is not an object, or has no key
+    field holding a string, is skipped; a description that is missing or not a string is
+    empty; a date that is missing or not a string is unknown. But a string that is present
+    and fails the checks a client's input gets (:data:`keyagent.protocol.KEY`,
+    :data:`keyagent.protocol.DESCRIPTION`, a date of at most 64 characters without control
+    characters) is hostile or broken, and fails the whole answer: one entry's terminal
+    escape must not reach a screen, nor its malformed key a header or a keyring.
+    """
+    keys: list[RemoteKey] = []
+    for number, entry in enumerate(entries, start=1):
         if not isinstance(entry, dict):
             continue
-        key_field = next(
-            (n for n in _KEY_FIELDS if isinstance(entry.get(n), str) and entry[n]), None
-        )
+        key_field = next((n for n in _KEY_FIELDS if isinstance(entry.get(n), str)), None)
         if key_field is None:
             continue
-        created_field = next((n for n in _CREATED_FIELDS if isinstance(entry.get(n), str)), None)
+        if not _valid(KEY, entry[key_field]):
+            return _Invalid(key_field, number)
         description = entry.get("description")
+        if isinstance(description, str) and not _valid(DESCRIPTION, description):
+            return _Invalid("description", number)
+        created_field = next((n for n in _CREATED_FIELDS if isinstance(entry.get(n), str)), None)
+        created: str | None = None
+        if created_field is not None:
+            created = str(entry[created_field])
+            if len(created) > _MAX_CREATED or has_control_characters(created):
+                return _Invalid(created_field, number)
         used = {key_field, created_field, "description"}
         extra = {str(name): value for name, value in entry.items() if name not in used}
-        yield RemoteKey(
-            key=entry[key_field],
-            description=description if isinstance(description, str) else "",
-            created=entry[created_field] if created_field is not None else None,
-            extra=MappingProxyType(extra),
+        keys.append(
+            RemoteKey(
+                key=entry[key_field],
+                description=description if isinstance(description, str) else "",
+                created=created,
+                extra=MappingProxyType(extra),
+            )
         )
+    return keys
+
+
+def _shape(entries: list[object]) -> str:
+    """What a list holds, described by kinds and field names only (no values)."""
+    kinds: list[str] = []
+    names: list[str] = []
+    for entry in entries:
+        if isinstance(entry, dict):
+            kind = "objects"
+            for name in entry:
+                # Names are the service's too: show only plain short ones.
+                shown = (
+                    name
+                    if isinstance(name, str)
+                    and 0 < len(name) <= 32
+                    and name.isascii()
+                    and name.replace("_", "").replace("-", "").isalnum()
+                    else "?"
+                )
+                if shown not in names and len(names) < 8:
+                    names.append(shown)
+        elif isinstance(entry, str):
+            kind = "strings"
+        elif isinstance(entry, bool):
+            kind = "booleans"
+        elif isinstance(entry, int | float):
+            kind = "numbers"
+        elif isinstance(entry, list):
+            kind = "lists"
+        else:
+            kind = "nulls"
+        if kind not in kinds:
+            kinds.append(kind)
+    count = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
+    described = " and ".join(kinds)
+    if names:
+        described += f" with the fields {', '.join(names)}"
+    return f"{count}: {described}"
 
 
 def _reason_phrase(status: int) -> str:

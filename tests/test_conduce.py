@@ -281,7 +281,7 @@ def test_list_keys_parses_defensively(
             {"api_key": "k3" * 8, "date": "2024-03-03", "description": 42},
             {"description": "no key at all"},
             {"apikey": 12345},
-            {"apikey": ""},
+            {"apikey": None},
             "not an object",
             None,
         ],
@@ -294,6 +294,76 @@ def test_list_keys_parses_defensively(
     assert keys[2].created == "2024-03-03"
     assert keys[2].description == ""  # a non-string description is not trusted
     assert dict(keys[0].extra) == {"x": 1}
+
+
+@pytest.mark.parametrize(
+    ("entry", "field"),
+    [
+        ({"apikey": KEY, "description": "\x1b[2J"}, "description"),
+        ({"apikey": KEY, "description": "\x1b]0;owned\x07"}, "description"),
+        ({"apikey": KEY, "description": "right\u202etxt.exe"}, "description"),
+        ({"apikey": KEY, "description": "d" * 1025}, "description"),
+        ({"apikey": "k\x1b[2Jk" * 3}, "apikey"),
+        ({"key": "kkkk kkkk"}, "key"),
+        ({"api_key": "kkkk\u00a0kkkk"}, "api_key"),
+        ({"apikey": "kkkk\nkkkk"}, "apikey"),
+        ({"apikey": ""}, "apikey"),
+        ({"apikey": KEY, "created": "\x1b[31m2024"}, "created"),
+        ({"apikey": KEY, "created_at": "2" * 65}, "created_at"),
+    ],
+)
+def test_a_hostile_value_in_a_listed_entry_is_remote_error(
+    account: ConduceAccount, rsps: responses.RequestsMock, entry: dict[str, str], field: str
+) -> None:
+    """A listed value that fails the client-input checks fails the list, naming field and
+    entry, never the value."""
+    logged_in(account, rsps)
+    good = {"apikey": "g" * 20, "description": "fine", "created": "2024-01-02"}
+    rsps.add(responses.GET, LIST, json=[good, good, entry])
+    with pytest.raises(RemoteError) as caught:
+        account.list_keys()
+    message = caught.value.message
+    assert f"invalid '{field}' in entry 3" in message
+    assert "apikeys/list" in message
+    assert all(value not in message for value in entry.values() if value)
+    assert caught.value.__context__ is None
+
+
+@pytest.mark.parametrize(
+    ("entries", "shape"),
+    [
+        ([{"id": "k1" * 10, "name": "ci"}], "1 entry: objects with the fields id, name"),
+        (["k1" * 10, "k2" * 10], "2 entries: strings"),
+        (
+            [{"id": "k1" * 10}, "k2" * 10, 7],
+            "3 entries: objects and strings and numbers with the fields id",
+        ),
+        ([{"\x1b[2J": "k1" * 10}], "1 entry: objects with the fields ?"),
+    ],
+)
+def test_a_list_without_any_understood_entry_is_remote_error(
+    account: ConduceAccount, rsps: responses.RequestsMock, entries: list[object], shape: str
+) -> None:
+    """A non-empty list of which no entry has a key field is remote_error naming its shape,
+    not an empty list (which would mark every held key stale)."""
+    logged_in(account, rsps)
+    rsps.add(responses.GET, LIST, json=entries)
+    with pytest.raises(RemoteError) as caught:
+        account.list_keys()
+    message = caught.value.message
+    assert f"does not understand ({shape}, none with a key field: apikey, key, api_key)" in message
+    assert "k1" not in message
+    assert "k2" not in message
+    assert "\x1b" not in message
+
+
+def test_an_empty_list_is_still_no_keys(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """An empty list means the account has no keys: no error."""
+    logged_in(account, rsps)
+    rsps.add(responses.GET, LIST, json=[])
+    assert account.list_keys() == []
 
 
 def test_list_keys_accepts_a_wrapped_list(
@@ -381,7 +451,23 @@ def test_create_key_posts_the_description_and_returns_the_key(
     assert body_of(rsps.calls[1]) == {"description": "laptop"}
 
 
-@pytest.mark.parametrize("document", [{}, {"apikey": ""}, {"apikey": 7}, [KEY], "k"])
+@pytest.mark.parametrize(
+    "key", ["", "k" * 8 + "\x1b[2J", "kkkk kkkk", "kkkk\r\nX-Evil: 1", "k\u2028k", "k" * 8193]
+)
+def test_create_key_refuses_a_key_add_would_refuse(
+    account: ConduceAccount, rsps: responses.RequestsMock, key: str
+) -> None:
+    """A created key is checked like a key a client adds; a bad one is remote_error naming
+    the field, never the value."""
+    logged_in(account, rsps)
+    rsps.add(responses.POST, CREATE, json={"apikey": key})
+    with pytest.raises(RemoteError) as caught:
+        account.create_key("x")
+    assert "apikeys/create answer with an invalid 'apikey'" in caught.value.message
+    assert not key or key not in caught.value.message
+
+
+@pytest.mark.parametrize("document", [{}, {"apikey": None}, {"apikey": 7}, [KEY], "k"])
 def test_create_key_unexpected_answer(
     account: ConduceAccount, rsps: responses.RequestsMock, document: object
 ) -> None:
@@ -705,16 +791,34 @@ def test_every_request_has_explicit_timeouts_and_verification(
         assert kwargs["verify"] is True
 
 
-def test_explicit_ca_bundle_beats_requests_ca_bundle(
-    rsps: responses.RequestsMock, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("content", "mode", "problem"),
+    [
+        (None, 0o644, "cannot be read (No such file or directory)"),
+        (b"not a certificate\n", 0o644, "holds no PEM certificate"),
+        (
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            0o644,
+            "not a valid PEM CA bundle",
+        ),
+        (b"", 0o664, "is writable by its group"),
+        (b"", 0o666, "is writable by its group and every user"),
+    ],
+)
+def test_an_unusable_ca_bundle_is_refused_when_the_settings_are_made(
+    tmp_path: Path, content: bytes | None, mode: int, problem: str, rsps: responses.RequestsMock
 ) -> None:
-    """An explicit CA bundle is used even when REQUESTS_CA_BUNDLE names another one."""
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/env/requests-bundle.pem")
-    monkeypatch.setenv("CURL_CA_BUNDLE", "/env/curl-bundle.pem")
-    rsps.add(responses.GET, LIST, json=[])
-    with ConduceAccount(HOST, USER, HttpSettings(verify="/explicit/ca.pem")) as conduce:
-        conduce.list_keys(api_key=KEY)
-    assert request_kwargs(rsps.calls[0])["verify"] == "/explicit/ca.pem"
+    """A missing, non-PEM or group/other-writable bundle is a TLSError at construction."""
+    bundle = tmp_path / "ca.pem"
+    if content is not None:
+        bundle.write_bytes(content)
+        bundle.chmod(mode)
+    with pytest.raises(TLSError, match="--ca-bundle") as caught:
+        HttpSettings(verify=str(bundle))
+    assert problem in caught.value.message
+    assert str(bundle) in caught.value.message
+    assert caught.value.__context__ is None
+    assert len(rsps.calls) == 0
 
 
 def test_default_verification_honours_requests_ca_bundle(

@@ -74,6 +74,67 @@ def test_login_create_list_get_remove_list(conduce_agent: AgentProcess, emulator
     assert json.loads(ctl(conduce_agent, emulator, "list", "--json").out)["keys"] == []
 
 
+@pytest.mark.parametrize(
+    "body",
+    ['[{"id": "3f2b9c1e-0000-4000-8000-00000000a1b2", "name": "ci"}]', '["k-one", "k-two"]'],
+)
+def test_a_list_the_agent_does_not_understand_is_remote_error(
+    conduce_agent: AgentProcess, emulator: Emulator, body: str
+) -> None:
+    """list --remote on a list with no recognised key field fails with remote_error naming
+    its shape; it neither says "no API keys" nor marks the held key stale."""
+    login(conduce_agent, emulator)
+    created = ctl(conduce_agent, emulator, "create")
+    assert created.code == 0, created.err
+    emulator.inject(Fault.status(200, body), path="apikeys/list", count=1)
+    listed = ctl(conduce_agent, emulator, "list", "--remote")
+    assert listed.code == 1
+    assert "[remote_error]" in listed.err
+    assert "does not understand" in listed.err
+    assert "none with a key field" in listed.err
+    assert "no API keys" not in listed.out + listed.err
+    assert "stale" not in listed.out
+    assert "3f2b9c1e" not in listed.err
+    assert "k-one" not in listed.err
+    # The next, understood, answer lists the held key as held, not stale.
+    again = json.loads(ctl(conduce_agent, emulator, "list", "--remote", "--json").out)
+    assert [key["held"] for key in again["remote"]] == [True]
+    assert not any(key.get("stale") for key in again["keys"])
+
+
+def test_a_hostile_description_from_the_service_is_remote_error(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """A listed description with a terminal escape fails list --remote with remote_error
+    naming the field; the escape reaches neither the screen nor the message."""
+    login(conduce_agent, emulator)
+    body = json.dumps(
+        [
+            {"apikey": "3f2b9c1e-0000-4000-8000-00000000a1b2", "description": "ok"},
+            {"apikey": "3f2b9c1e-0000-4000-8000-00000000c3d4", "description": "\x1b]0;pwned\x07"},
+        ]
+    )
+    emulator.inject(Fault.status(200, body), path="apikeys/list", count=1)
+    listed = ctl(conduce_agent, emulator, "list", "--remote")
+    assert listed.code == 1
+    assert "[remote_error]" in listed.err
+    assert "invalid 'description' in entry 2" in listed.err
+    assert "\x1b" not in listed.out + listed.err
+    assert "pwned" not in listed.out + listed.err
+
+
+def test_created_keys_are_uuids(conduce_agent: AgentProcess, emulator: Emulator) -> None:
+    """The emulator issues UUID keys, as the Conduce docs describe them."""
+    import uuid
+
+    login(conduce_agent, emulator)
+    made = ctl(conduce_agent, emulator, "create", "--print")
+    assert made.code == 0, made.err
+    key = made.out.strip()
+    assert str(uuid.UUID(key)) == key
+    assert emulator.api_keys(USER) == [key]
+
+
 def test_conduce_api_words_and_flags_work(conduce_agent: AgentProcess, emulator: Emulator) -> None:
     """create-api-key, list-api-keys, remove-api-key work with --user/--host after the verb."""
     login(conduce_agent, emulator)
@@ -85,7 +146,9 @@ def test_conduce_api_words_and_flags_work(conduce_agent: AgentProcess, emulator:
     listed = run_ctl(sock, "list-api-keys", "--user", USER, "--host", emulator.host)
     assert listed.code == 0
     assert f"{key[:4]}…{key[-4:]}" in listed.out
-    gone = run_ctl(sock, "remove-api-key", key, "--user", USER, "--host", emulator.host)
+    gone = run_ctl(
+        sock, "remove-api-key", "-", "--user", USER, "--host", emulator.host, stdin=key + "\n"
+    )
     assert gone.code == 0, gone.err
     assert emulator.api_keys(USER) == []
 

@@ -466,10 +466,9 @@ def test_default_trust_store_rejects_the_emulator(
 
 
 def test_missing_ca_bundle_is_tls_error(make_account: AccountFactory, tmp_path: Path) -> None:
-    """A CA bundle path that does not exist is a TLSError naming --ca-bundle."""
-    conduce = make_account(verify=str(tmp_path / "missing.pem"))
+    """A CA bundle path that does not exist is a TLSError naming --ca-bundle, at once."""
     with pytest.raises(TLSError, match="--ca-bundle") as caught:
-        conduce.login(PASSWORD)
+        make_account(verify=str(tmp_path / "missing.pem"))
     assert caught.value.__context__ is None
 
 

@@ -21,6 +21,7 @@ Behaviour chosen where the API documentation is silent:
   stay allowed: they are authentication, not authorisation.
 * ``apikeys/delete`` answers 404 for a key that is not the caller's (or does not exist);
   a deleted key is revoked for good.
+* Keys are random UUIDs (``3f2b...-....``), as the Conduce documentation shows them.
 * Listed key objects carry ``apikey``, ``description``, ``created`` (ISO 8601, UTC) and an
   extra ``expires: null`` field, so clients get to exercise unknown fields.
 * Unknown paths answer 404, a known path with the wrong method 405.
@@ -65,6 +66,7 @@ import struct
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -851,7 +853,9 @@ class ConduceEmulator:
         return email, None
 
     def _new_key_locked(self, email: str, description: str) -> str:
-        key = secrets.token_hex(16)
+        # A random (version 4) UUID, as the Conduce docs show keys: with its hyphens it can
+        # never be mistaken for a hex key id prefix.
+        key = str(uuid.uuid4())
         created = datetime.now(UTC).isoformat(timespec="seconds")
         self._keys[key] = _Key(email, description, created)
         return key

@@ -340,8 +340,8 @@ def test_default_lifetime_from_t_flag(agent_factory: AgentFactory) -> None:
     assert forever["expires"] > listed["expires"]
 
 
-def test_lock_refuses_everything_but_hello_status_unlock(agent: AgentProcess) -> None:
-    """While locked, only hello, status and unlock are answered; the rest get 'locked'."""
+def test_lock_refuses_everything_but_hello_status_unlock_stop(agent: AgentProcess) -> None:
+    """While locked, only hello, status, unlock and stop are answered; the rest get 'locked'."""
     with agent.client() as client:
         client.add("h", "u", SECRET)
         client.lock(PASSPHRASE)
@@ -352,7 +352,6 @@ def test_lock_refuses_everything_but_hello_status_unlock(agent: AgentProcess) ->
             client.list,
             lambda: client.add("h", "u", "k2"),
             lambda: client.forget(all=True),
-            client.stop,
             lambda: client.lock("again"),
         ):
             with pytest.raises(errors.Locked):
@@ -363,6 +362,16 @@ def test_lock_refuses_everything_but_hello_status_unlock(agent: AgentProcess) ->
         assert client.get() == SECRET  # keys survive a lock
         with pytest.raises(errors.NotLocked):
             client.unlock(PASSPHRASE)
+
+
+def test_a_locked_agent_can_be_stopped(agent: AgentProcess) -> None:
+    """stop works on a locked agent: stopping reveals nothing (ssh-agent can be killed too)."""
+    with agent.client() as client:
+        client.add("h.example", "u", SECRET)
+        client.lock(PASSPHRASE)
+        client.stop()
+    assert agent.process is not None
+    assert agent.process.wait(timeout=10) == 0
 
 
 def test_failed_unlocks_are_delayed_increasingly_without_stalling_others(

@@ -20,18 +20,18 @@ from keyagent.errors import KeyagentError
 
 __version__ = "0.1.0"
 
-__all__ = ["AgentAuth", "Client", "KeyagentError", "__version__", "get_key"]
+__all__ = ["AgentAuth", "AuthTargetRefused", "Client", "KeyagentError", "__version__", "get_key"]
 
 TYPE_CHECKING = False  # not typing's: importing typing costs a tool's start-up 3 ms
 if TYPE_CHECKING:
     from typing import Any
 
-    from keyagent.client import AgentAuth, Client, get_key
+    from keyagent.client import AgentAuth, AuthTargetRefused, Client, get_key
 
 
 def __getattr__(name: str) -> Any:
     # The client module is only loaded by tools that use it (PEP 562).
-    if name in {"Client", "get_key", "AgentAuth"}:
+    if name in {"Client", "get_key", "AgentAuth", "AuthTargetRefused"}:
         from keyagent import client
 
         return getattr(client, name)

@@ -252,8 +252,13 @@ def _duration(value: object, _: _Context) -> float:
     if isinstance(value, str):
         try:
             seconds = parse_duration(value)
-        except ValueError:
-            raise _Invalid(_DURATION, _show(value)) from None
+        except ValueError as error:
+            reason = str(error)  # names the value typed, never a secret: this is a duration
+            if "must be positive" in reason:
+                raise _Invalid("a positive duration", _show(value)) from None
+            hint = reason.partition("did you mean ")[2]
+            must = f"{_DURATION} (did you mean {hint})" if hint else _DURATION
+            raise _Invalid(must, _show(value)) from None
     else:
         try:
             seconds = float(value)

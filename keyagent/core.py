@@ -258,6 +258,7 @@ def serve(
     on_ready: Callable[[], None],
     *,
     notifier: Notifier,
+    private_dir: str | None = None,
 ) -> int:
     """Harden, set up, call ``on_ready`` (signals are handled by then), serve until stopped."""
     harden(settings["max_connections"])
@@ -295,6 +296,11 @@ def serve(
         notifier.close()
         listener.close()
         remove_socket(listener_path, bound)
+        if private_dir is not None:
+            # The mkdtemp directory made for this agent alone (no XDG_RUNTIME_DIR): leave
+            # nothing behind. rmdir removes it only if empty, i.e. only what we made.
+            with contextlib.suppress(OSError):
+                os.rmdir(private_dir)
     return EXIT_OK
 
 
@@ -334,7 +340,10 @@ def run(handoff: Mapping[str, Any]) -> int:
     notifier = Notifier(handoff.get("notify") or "", unset_environment=False)
     path = handoff["socket_path"]
     try:
-        return serve(handoff["settings"], path, bound, listener, on_ready, notifier=notifier)
+        return serve(
+            handoff["settings"], path, bound, listener, on_ready, notifier=notifier,
+            private_dir=handoff.get("private_dir"),
+        )  # fmt: skip
     except BaseException as error:
         if foreground:
             raise

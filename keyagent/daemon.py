@@ -392,6 +392,7 @@ def exec_core(
         "debug": args.debug,
         "notify": notify_address,
         "settings": {name: getattr(args, name) for name in SETTINGS},
+        "private_dir": getattr(args, "private_dir", None),
     }
     if announce is not None:
         try:
@@ -482,6 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # first by another user and keep the agent from starting. A fresh directory with
             # a random name cannot; clients learn it only from KEYAGENT_SOCK.
             path = paths.private_socket_path()
+            args.private_dir = os.path.dirname(path)  # the serving process removes it at exit
             sys.stderr.write(
                 f"keyagent: XDG_RUNTIME_DIR is not set: listening on {path}, in a private"
                 f" directory of its own; clients find it only through {paths.SOCKET_ENV}"

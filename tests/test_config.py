@@ -537,6 +537,24 @@ def test_bad_duration(write: Writer, value: str, got: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("value", "must"),
+    [
+        ('"1h30"', 'a duration such as 3600 or "8h" (did you mean 1h30m?)'),
+        ('"0"', "a positive duration"),
+        ('"0s"', "a positive duration"),
+    ],
+)
+def test_an_ambiguous_or_zero_duration_says_what_was_meant(
+    write: Writer, value: str, must: str
+) -> None:
+    """'1h30' in the file gets the same hint as on the command line; '0' must be positive."""
+    path = write(f"lifetime = {value}\n")
+    with pytest.raises(ConfigError) as caught:
+        load(str(path), env={})
+    assert str(caught.value) == f"{path}:1: 'lifetime' must be {must}; got {value}"
+
+
+@pytest.mark.parametrize(
     ("line", "message"),
     [
         ("lifetime = 315360001", "'lifetime' must be at most ten years (315360000 seconds); got 3"),

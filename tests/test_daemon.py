@@ -569,6 +569,7 @@ def test_without_a_runtime_dir_the_agent_makes_a_private_directory(tmp_path: Pat
         process.terminate()
         _, err = process.communicate(timeout=10)
     assert "KEYAGENT_SOCK" in err.decode()
+    assert not path.parent.exists(), "the agent left its private directory behind"
 
 
 def test_lifetime_is_the_long_form_of_t(agent_factory: AgentFactory) -> None:

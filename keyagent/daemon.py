@@ -48,6 +48,8 @@ from keyagent.systemd import NOTIFY_ENV, ListenFdsError, listen_fds
 log = logging.getLogger("keyagent")
 
 EXIT_OK, EXIT_FAILURE = 0, 1
+EXIT_CONFIG = 78
+"""EX_CONFIG: the configuration (file, environment, CA bundle) is unusable, as keyagent-ctl."""
 
 PR_SET_PDEATHSIG = 1
 LISTEN_BACKLOG = 1024
@@ -442,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         apply_config(args)
     except ConfigError as error:
         sys.stderr.write(f"keyagent: {error.message}\n")
-        return EXIT_FAILURE
+        return EXIT_CONFIG
     if args.ca_bundle:
         # Refused before anything is bound if another user could change the bundle (or a
         # directory or link on its path, see keyagent.trust), or if it holds no usable CA.
@@ -453,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             read_ca_bundle(args.ca_bundle)
         except UntrustedFile as error:
             sys.stderr.write(f"keyagent: CA bundle {error.message}\n")
-            return 78  # EX_CONFIG, as keyagent-ctl answers an unusable configuration
+            return EXIT_CONFIG
     # systemd's NOTIFY_SOCKET, taken out of the environment before anything can inherit it;
     # the serving process notifies there (or nowhere, without one).
     notify_address = os.environ.pop(NOTIFY_ENV, None)

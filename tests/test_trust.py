@@ -248,6 +248,23 @@ def test_the_default_config_file_in_an_unsafe_directory_exits_78(
 # --- the CA bundle: the daemon -------------------------------------------------------------------
 
 
+def test_an_unsafe_config_file_stops_the_daemon_with_78(
+    safe: Path, config_env: dict[str, str]
+) -> None:
+    """keyagent itself exits 78 (EX_CONFIG) on a config file another user could change."""
+    run = safe / "run"
+    run.mkdir(mode=0o700)
+    path = write(safe / "config.toml", 'host = "h.example"\n', 0o666)
+    result = subprocess.run(
+        [sys.executable, "-m", "keyagent.daemon", "-D", "-a", str(run / "agent.sock")],
+        capture_output=True, text=True, timeout=30, check=False,
+        env={**config_env, "KEYAGENT_CONFIG": str(path)},
+    )  # fmt: skip
+    assert result.returncode == 78, result.stderr
+    assert f"{path}: is writable by" in result.stderr
+    assert not (run / "agent.sock").exists()
+
+
 def start_daemon(safe: Path, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess[str]:
     run = safe / "run"
     run.mkdir(mode=0o700, exist_ok=True)

@@ -141,12 +141,16 @@ def conduce_accounts(settings: Mapping[str, Any]) -> AccountFactory:
     """
     if settings["insecure"]:
         log.warning("--insecure: TLS certificates of Conduce hosts will not be verified")
+    # The CA bundle as the daemon read it at start, after its checks (keyagent.trust): the
+    # file is never opened again, so whoever replaces it later becomes no trusted CA.
+    ca_certificates: str | None = settings.get("ca_certificates")
 
     def real(host: str, user: str) -> RemoteAccount:
         from keyagent.conduce import ConduceAccount, HttpSettings
 
         http = HttpSettings(
             verify=settings["ca_bundle"] or True,
+            ca_certificates=ca_certificates,
             insecure=settings["insecure"],
             connect_timeout=settings["connect_timeout"],
             read_timeout=settings["read_timeout"],

@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CMD ARGS",
         help="run CMD with the agent's variables set; stop when it exits",
     )
+    # Not a flag: the PEM text of --ca-bundle, read once at start (see main).
+    parser.set_defaults(ca_certificates=None)
     return parser
 
 
@@ -354,7 +356,7 @@ def apply_config(args: argparse.Namespace) -> None:
     args.persist = config.persist
 
 
-SETTINGS = (*CONFIGURED, "insecure", "persist", "no_keyring")
+SETTINGS = (*CONFIGURED, "insecure", "persist", "no_keyring", "ca_certificates")
 MFD_NOEXEC_SEAL = 0x0008  # os.MFD_NOEXEC_SEAL from Python 3.12 on
 
 
@@ -452,7 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         args.ca_bundle = os.path.abspath(args.ca_bundle)  # the daemon changes directory
         try:
-            read_ca_bundle(args.ca_bundle)
+            # Read once, here: the serving process gets this text, never the path to re-read.
+            args.ca_certificates = read_ca_bundle(args.ca_bundle)
         except UntrustedFile as error:
             sys.stderr.write(f"keyagent: CA bundle {error.message}\n")
             return EXIT_CONFIG

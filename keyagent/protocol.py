@@ -188,6 +188,8 @@ def host_problem(host: str) -> str | None:
         return "the host is empty"
     if len(host) > MAX_HOST:
         return "the host is too long"
+    if "/" in host or "@" in host:
+        return "write the host alone (app.conduce.com), without https://, a path or user@"
     if host.startswith("["):
         end = host.find("]")
         if end < 0:

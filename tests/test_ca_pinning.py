@@ -49,11 +49,6 @@ def login(socket_path: str, emu: Emulator) -> CtlResult:
     )  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs keyagent/core.py to read the bundle at start and pass it to HttpSettings"
-    " as ca_certificates (issue 9, item 15); remove this mark with that change",
-)
 def test_the_agent_keeps_the_bundle_it_started_with(
     agent_factory: AgentFactory, first: Emulator, second: Emulator, bundle: Path
 ) -> None:

@@ -489,7 +489,8 @@ COUNT_MUST = "'max_connections' must be a whole number of at least 1"
         ("host = 7", f"{HOST_MUST}; got an integer"),
         (
             'host = "https://h.example/"',
-            f'{HOST_MUST}; got "https://h.example/" (a port is written :N with N from 1 to 65535)',
+            f'{HOST_MUST}; got "https://h.example/" (write the host alone (app.conduce.com),'
+            " without https://, a path or user@)",
         ),
         (
             'host = "a b"',

@@ -3,7 +3,8 @@
 Bytes in, framing, limits and the peer check live here; meaning lives in :mod:`agent`.
 Slow work (:class:`~keyagent.agent.Deferred`) goes to a few daemon worker threads, and
 their results come back through a wake-up socket, so the loop never blocks on a network,
-a keyring or a key derivation. Deadlines — key expiry, idle connections, half-sent
+a keyring or a key derivation; local work has threads of its own, so it never waits for
+the network either. Deadlines — key expiry, idle connections, half-sent
 lines, held-back replies — sit in one heap whose earliest entry is the poll timeout:
 nothing polls, nothing sleeps.
 
@@ -38,6 +39,7 @@ from keyagent.errors import (
     Forbidden,
     Internal,
     KeyagentError,
+    Locked,
     Timeout,
     TooLarge,
 )
@@ -70,6 +72,14 @@ _SIGNAL_NAMES: dict[int, str] = {
 MEMO_SIZE = 256
 MAX_QUEUED = 64
 """Jobs waiting on one queue (an account, the keyring, the lock) before more are refused."""
+LOCAL_QUEUES = frozenset({"lock", "keyring"})
+"""Queues of work done on this machine (key derivation, the OS keyring). They run on workers
+of their own, one per queue, so Conduce calls hung until their timeout can never make lock,
+unlock, forget or a keyring write wait for a thread."""
+MAX_POLL_WAIT = 86400.0
+"""The longest single wait, in seconds. ``epoll.poll`` refuses a timeout past 2**31 ms
+(about 24.9 days), and keys may live ten years: a farther deadline is reached by waking once
+a day and working out the wait again."""
 
 
 class Limits(Frozen):
@@ -82,8 +92,8 @@ class Limits(Frozen):
     * ``max_pending_output``: stop reading a client whose unread replies exceed this many
       bytes.
     * ``stop_grace``: how long ``stop`` waits for its own reply to drain before exiting.
-    * ``workers``: threads for blocking work (Conduce calls, key derivation, the keyring),
-      at most.
+    * ``workers``: threads for Conduce calls, at most. Local work (key derivation, the OS
+      keyring) has its own threads besides these, one per :data:`LOCAL_QUEUES` queue.
     """
 
     __slots__ = (
@@ -122,8 +132,10 @@ class Connection:
     __slots__ = (
         "busy",
         "closed",
+        "discarded",
         "eof",
         "events",
+        "gone",
         "inbuf",
         "last_active",
         "line_started",
@@ -140,6 +152,10 @@ class Connection:
         self.busy = False  # a reply is owed (deferred or delayed); later lines wait
         self.closed = False
         self.eof = False
+        # The peer hung up: nothing reaches it any more, but the complete lines it sent
+        # still run, in order, their replies counted in ``discarded`` and dropped.
+        self.gone = False
+        self.discarded = 0
         self.events = 0
         self.last_active = now
         self.line_started = now
@@ -152,13 +168,15 @@ class _Workers:
     """Daemon threads for blocking work, started on demand up to ``limit``.
 
     A thread is added whenever no idle one is left, so a Conduce call hung until its
-    timeout never makes an unlock or another account's call wait behind it. Daemon
-    threads, so a hung call never delays exit.
+    timeout never makes another account's call wait behind it while threads remain; past
+    ``limit`` a job waits for one to come free, which is why local work has a pool of its own
+    (:data:`LOCAL_QUEUES`). Daemon threads, so a hung call never delays exit.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, name: str = "keyagent-worker") -> None:
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._limit = limit
+        self._name = name
         self._guard = threading.Lock()
         self._threads = 0
         self._idle = 0
@@ -171,9 +189,7 @@ class _Workers:
             else:
                 self._idle -= 1 if self._idle else 0
         if start:
-            threading.Thread(
-                target=self._run, args=(job,), name="keyagent-worker", daemon=True
-            ).start()
+            threading.Thread(target=self._run, args=(job,), name=self._name, daemon=True).start()
         else:
             self._jobs.put(job)
 
@@ -226,11 +242,15 @@ class Server:
         self._seq = itertools.count()
         self._queues: dict[str, collections.deque[Callable[[], None]]] = {}
         self._completed: collections.deque[Callable[[], None]] = collections.deque()
+        # Work for the next turn of the loop, after the events at hand (a vanished client's
+        # remaining lines): run once per turn, so it never starves the other clients.
+        self._soon: collections.deque[Callable[[], None]] = collections.deque()
         self._wake_r, self._wake_w = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._signals: collections.deque[int] = collections.deque()
         self._workers: _Workers | None = None
+        self._local_workers: _Workers | None = None
         self._running = False
         self._stop_deadline: float | None = None
         self._stop_waiting: Connection | None = None
@@ -255,6 +275,7 @@ class Server:
         self._memo_enabled = not log.isEnabledFor(DEBUG)  # debug logs every request
         self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._workers = _Workers(self.limits.workers)
+        self._local_workers = _Workers(len(LOCAL_QUEUES), "keyagent-local")
         self._running = True
         if self.on_ready is not None:
             self.on_ready()
@@ -280,8 +301,8 @@ class Server:
                     conn = connections.get(fd)
                     if conn is None:
                         continue
-                    if mask & _HANGUP:  # both directions gone: nobody to answer
-                        self._close(conn)
+                    if mask & _HANGUP:  # gone: nobody to answer, but what it sent runs
+                        self._lose_peer(conn)
                         continue
                     if mask & select.EPOLLOUT:
                         self._flush(conn)
@@ -295,6 +316,10 @@ class Server:
         next_expiry = self.agent.reap()
         if self.agent.background:
             self._submit_background()
+        if self._memo:
+            self._drop_stale_memo(now)
+        if self._soon:
+            return 0.0
         if next_expiry is not None:
             candidates.append(next_expiry)
         if self._timers:
@@ -307,13 +332,14 @@ class Server:
             candidates.append(self._stop_deadline)
         if not candidates:
             return None
-        return max(0.0, min(candidates) - now)
+        return min(MAX_POLL_WAIT, max(0.0, min(candidates) - now))
 
     def _shutdown(self) -> None:
         for conn in list(self.connections.values()):
             self._close(conn)
-        if self._workers is not None:
-            self._workers.stop()
+        for workers in (self._workers, self._local_workers):
+            if workers is not None:
+                workers.stop()
         self._epoll.close()
         if self._reserve_fd is not None:
             os.close(self._reserve_fd)
@@ -339,6 +365,8 @@ class Server:
         while timers and timers[0][0] <= now:
             _, _, callback = heapq.heappop(timers)
             callback()
+        for _ in range(len(self._soon)):  # what these add waits for the next turn
+            self._soon.popleft()()
         self._expire_connections(now)
 
     # --- wake-ups: signals and finished work ---------------------------------------------
@@ -464,7 +492,7 @@ class Server:
         except BlockingIOError:
             return
         except OSError:
-            self._close(conn)
+            self._lose_peer(conn)
             return
         if not data:
             conn.eof = True
@@ -487,6 +515,48 @@ class Server:
         conn.inbuf += data
         self._process(conn)
 
+    def _lose_peer(self, conn: Connection, *, later: bool = False) -> None:
+        """The client hung up (or its socket failed): nothing reaches it any more.
+
+        What it sent still counts: a client may write ``lock`` or ``forget`` and close at
+        once, and the hang-up can be seen before the line is read. So the connection leaves
+        the poll set and its deadlines, and every complete line still unread or unanswered
+        runs, in order, replies dropped; then it is closed (:meth:`_process`). Work already
+        started for it finishes as usual.
+
+        The lines run now, before other clients' events of this turn (what it sent came
+        first); ``later``: on the next turn, for a caller that may be inside :meth:`_process`.
+        """
+        if conn.closed or conn.gone:
+            return
+        conn.gone = True
+        conn.outbuf.clear()
+        if conn.events:
+            self._epoll.unregister(conn.sock.fileno())
+            conn.events = 0
+        self._by_activity.pop(conn, None)
+        self._half_lines.pop(conn, None)
+        if later:
+            self._soon.append(lambda: self._process(conn))
+        elif not conn.busy:  # else the (dropped) reply it waits for resumes it
+            self._process(conn)
+
+    @staticmethod
+    def _read_rest(conn: Connection) -> bool:
+        """Read more of what a vanished client sent; False once there is no more."""
+        try:
+            data = conn.sock.recv(_RECV_SIZE)
+        except OSError:  # drained (or, if it only stopped reading, not sending now), or reset
+            return False
+        conn.inbuf += data
+        return bool(data)
+
+    def _drop_stale_memo(self, now: float) -> None:
+        """Drop the remembered replies once they may be wrong (a ``forget``, a ``lock``, an
+        expiry): they hold key secrets, which must not outlive the key in memory."""
+        if self._memo_state != self.agent.state_token() or now >= self._memo_until:
+            self._memo.clear()
+
     def _remember(self, line: bytes, reply: bytes, state: object) -> None:
         if state != self.agent.state_token():  # the read changed what reads return
             return
@@ -497,22 +567,28 @@ class Server:
         self._memo[line] = reply
 
     def _touch(self, conn: Connection, now: float | None = None) -> None:
-        if conn.closed:  # e.g. the send before this found the client gone
+        if conn.closed or conn.gone:  # e.g. the send before this found the client gone
             return
         conn.last_active = self._now if now is None else now
         del self._by_activity[conn]
         self._by_activity[conn] = None
 
     def _process(self, conn: Connection) -> None:
-        """Answer each complete line in turn, until one must wait or the client must read."""
+        """Answer each complete line in turn, until one must wait or the client must read.
+
+        For a client that has gone, run what it sent until nothing is left, then close;
+        a reply budget's worth per turn, like a client that reads its replies.
+        """
         inbuf = conn.inbuf
         limit = self.limits.max_pending_output
-        while not conn.busy and not conn.closed and len(conn.outbuf) < limit:
+        while not conn.busy and not conn.closed and len(conn.outbuf) + conn.discarded < limit:
             end = inbuf.find(b"\n")
             if end < 0:
                 if len(inbuf) > protocol.MAX_LINE:
                     self._fatal(conn, TooLarge())
                     return
+                if conn.gone and self._read_rest(conn):
+                    continue
                 break
             if end > protocol.MAX_LINE:
                 self._fatal(conn, TooLarge())
@@ -522,6 +598,15 @@ class Server:
             self._half_lines.pop(conn, None)
             self._handle_line(conn, line)
         if conn.closed:
+            return
+        if conn.gone:
+            if conn.busy:  # its (dropped) reply resumes it
+                return
+            if conn.discarded >= limit:
+                conn.discarded = 0
+                self._soon.append(lambda: self._process(conn))
+            else:  # every line it sent has run
+                self._close(conn)
             return
         if inbuf and b"\n" not in inbuf and conn not in self._half_lines:
             conn.line_started = self.clock()
@@ -572,12 +657,14 @@ class Server:
         finally:
             if self.agent.background:
                 self._submit_background()
+            if self._memo:  # this step may have been a forget or a lock: drop secrets now
+                self._drop_stale_memo(self.clock())
         if conn is None:
             if isinstance(outcome, Deferred):
                 self._defer(None, None, outcome)
             return
         if isinstance(outcome, dict):
-            reply = protocol.encode_result(request_id, outcome)
+            reply = self._result_line(request_id, outcome)
             if remember is not None:
                 self._remember(remember, reply, state)
             self._reply(conn, reply)
@@ -587,15 +674,30 @@ class Server:
         elif isinstance(outcome, Delayed):
             conn.busy = True
             then = outcome.then
-            encoded = (
-                protocol.encode_error(request_id, then)
-                if isinstance(then, KeyagentError)
-                else protocol.encode_result(request_id, then)
-            )
-            self._call_at(self.clock() + outcome.seconds, lambda: self._reply(conn, encoded))
+
+            def send_then() -> None:  # encoded when sent: the lock may have changed meanwhile
+                self._reply(
+                    conn,
+                    protocol.encode_error(request_id, then)
+                    if isinstance(then, KeyagentError)
+                    else self._result_line(request_id, then),
+                )
+
+            self._call_at(self.clock() + outcome.seconds, send_then)
         elif isinstance(outcome, Stop):
-            self._reply(conn, protocol.encode_result(request_id, outcome.result))
+            self._reply(conn, self._result_line(request_id, outcome.result))
             self._begin_stop(conn)
+
+    def _result_line(self, request_id: protocol.Scalar, result: dict[str, Any]) -> bytes:
+        """The reply line for ``result``; one carrying a secret only while the agent is unlocked.
+
+        The locked check before dispatch is not enough: a create with reveal may start, wait on
+        the service, and finish after a ``lock`` was answered ``locked: true``. So the lock is
+        checked here, as the reply is made. The key stays held; the error says how to get it.
+        """
+        if "key" in result and self.agent.lock.locked:
+            return protocol.encode_error(request_id, _withheld(result))
+        return protocol.encode_result(request_id, result)
 
     def _reply(self, conn: Connection, line: bytes) -> None:
         """Send a reply; if it ends a wait, go on with the lines that queued behind it."""
@@ -659,7 +761,7 @@ class Server:
         if deferred.timeout is not None:
             self._call_at(self.clock() + deferred.timeout, expire)
         if deferred.queue is None:
-            self._start(run)
+            self._start(run, None)
             return
         waiting = self._queues.setdefault(deferred.queue, collections.deque())
         if len(waiting) >= MAX_QUEUED:
@@ -671,7 +773,7 @@ class Server:
             return
         waiting.append(run)
         if len(waiting) == 1:
-            self._start(run)
+            self._start(run, deferred.queue)
 
     def _submit_background(self) -> None:
         """Run work the agent queued on its own (restoring keys, deleting expired ones)."""
@@ -682,18 +784,23 @@ class Server:
         waiting = self._queues[name]
         waiting.popleft()
         if waiting:
-            self._start(waiting[0])
+            self._start(waiting[0], name)
         else:
             del self._queues[name]
 
-    def _start(self, run: Callable[[], None]) -> None:
-        assert self._workers is not None  # noqa: S101  # set before the loop starts
-        self._workers.submit(run)
+    def _start(self, run: Callable[[], None], queue_name: str | None) -> None:
+        """Hand ``run`` to a thread: local work to its own, everything else to the shared pool."""
+        workers = self._local_workers if queue_name in LOCAL_QUEUES else self._workers
+        assert workers is not None  # noqa: S101  # set before the loop starts
+        workers.submit(run)
 
     # --- writing -------------------------------------------------------------------------
 
     def _send(self, conn: Connection, data: bytes) -> None:
         if conn.closed:
+            return
+        if conn.gone:
+            conn.discarded += len(data)
             return
         if not conn.outbuf:
             try:
@@ -701,7 +808,7 @@ class Server:
             except BlockingIOError:
                 sent = 0
             except OSError:
-                self._close(conn)
+                self._lose_peer(conn, later=True)
                 return
             if sent == len(data):
                 return
@@ -714,7 +821,7 @@ class Server:
         except BlockingIOError:
             return
         except OSError:
-            self._close(conn)
+            self._lose_peer(conn)
             return
         del conn.outbuf[:sent]
         self._touch(conn)
@@ -725,7 +832,7 @@ class Server:
 
     def _settle(self, conn: Connection) -> None:
         """Close a finished connection, or register exactly the events it now needs."""
-        if conn.closed:
+        if conn.closed or conn.gone:  # a gone one is polled no more; _process closes it
             return
         if conn.eof and not conn.busy and not conn.outbuf and b"\n" not in conn.inbuf:
             self._close(conn)
@@ -795,6 +902,21 @@ class Server:
         self._stop_waiting = conn
         with contextlib.suppress(OSError):
             self._epoll.unregister(self.listener.fileno())
+
+
+def _withheld(result: dict[str, Any]) -> Locked:
+    """The error sent instead of a secret that became locked before its reply was sent."""
+    key_id = result.get("key_id")
+    if not isinstance(key_id, str):
+        return Locked(
+            "the agent was locked before this reply was sent, so the key is not in it; "
+            "run keyagent-ctl unlock, then ask again"
+        )
+    return Locked(
+        f"the agent was locked before this reply was sent, so the key is not in it; the agent "
+        f"holds key {key_id}: run keyagent-ctl unlock, then fetch it with "
+        f"keyagent-ctl get --key-id {key_id}"
+    )
 
 
 def _fail(deferred: Deferred, error: KeyagentError) -> Outcome:

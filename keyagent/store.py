@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import sys
 import time
 from collections.abc import Iterator
 
@@ -69,8 +70,8 @@ class HeldKey(Record):
     """One API key in memory. Its ``secret`` is left out of ``repr`` and of :meth:`listing`."""
 
     __slots__ = (
-        "digest", "key_id", "host", "user", "secret", "description", "created", "added",
-        "deadline", "expires", "source", "persisted",
+        "digest", "host", "user", "secret", "description", "created", "added", "deadline",
+        "expires", "source", "persisted",
     )  # fmt: skip
     _hidden = frozenset({"secret"})
 
@@ -91,8 +92,6 @@ class HeldKey(Record):
     ) -> None:
         self.digest = digest
         """The key's full hex SHA-256: its identity in the store and the keyring."""
-        self.key_id = digest[:KEY_ID_SHOWN]
-        """The short name shown to people; may be shared with another key."""
         self.host = host
         self.user = user
         self.secret = secret
@@ -105,6 +104,12 @@ class HeldKey(Record):
         """The same moment as a POSIX timestamp, for display."""
         self.source: Source = source
         self.persisted = persisted
+
+    @property
+    def key_id(self) -> str:
+        """The short name shown to people (a prefix of :attr:`digest`); may be shared with
+        another key. Computed, not stored: a string per key would cost 61 bytes each."""
+        return self.digest[:KEY_ID_SHOWN]
 
     def listing(self) -> dict[str, Any]:
         """The key as ``list`` shows it: everything but the secret."""
@@ -169,6 +174,8 @@ class KeyStore:
         Raises :class:`~keyagent.errors.TooMany`, changing nothing, if the store is full.
         """
         digest = digest_of(secret)
+        # Hosts and users repeat across keys: keep one copy of each (about 130 bytes a key).
+        host, user = sys.intern(host), sys.intern(user)
         held = self._keys.get(digest)
         # Keys past their deadline count until reaped, which the server does before each
         # wait: their keyring copies must be deleted too, so they are not dropped here.

@@ -33,8 +33,9 @@ from keyagent.agent import Agent
 from keyagent.errors import KeyagentError
 from keyagent.log import DEBUG, INFO, WARNING, get_logger, to_stderr, to_syslog
 from keyagent.persist import KeyringStore, PersistedKey
-from keyagent.server import Limits, Server, log_internal, remove_socket
+from keyagent.server import Limits, Server, log_internal
 from keyagent.sessions import LazyAccount
+from keyagent.sockets import remove_socket
 from keyagent.systemd import Notifier
 from keyagent.wire import decode
 

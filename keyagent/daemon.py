@@ -36,7 +36,7 @@ from keyagent._argparse import EXIT_USAGE, UsageParser, duration_type
 from keyagent.config import ConfigError
 from keyagent.config import load as load_config
 from keyagent.protocol import MAX_LIFETIME
-from keyagent.server import (
+from keyagent.sockets import (
     SocketSetupError,
     bind_listener,
     check_private_dir,

@@ -31,7 +31,8 @@ from keyagent.agent import Agent
 from keyagent.client import Client
 from keyagent.errors import Busy, Timeout
 from keyagent.persist import KeyringStore
-from keyagent.server import Limits, Server, bind_listener
+from keyagent.server import Limits, Server
+from keyagent.sockets import bind_listener
 from keyagent.store import digest_of, key_id_for
 from keyagent.testing.agent import AgentProcess, wait_for_exit
 from keyagent.testing.emulator import Fault

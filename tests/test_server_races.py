@@ -28,7 +28,8 @@ from keyagent.agent import Agent, Clock, Deferred
 from keyagent.client import Client
 from keyagent.persist import KeyringStore
 from keyagent.protocol import MAX_LIFETIME, Request
-from keyagent.server import LOCAL_QUEUES, Limits, Server, bind_listener
+from keyagent.server import LOCAL_QUEUES, Limits, Server
+from keyagent.sockets import bind_listener
 from keyagent.store import key_id_for
 from keyagent.testing.agent import AgentProcess
 from keyagent.testing.emulator import Fault

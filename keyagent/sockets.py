@@ -1,0 +1,127 @@
+"""The socket file: a private directory, a 0600 socket, and no stealing a live agent's path.
+
+The daemon binds here before it forks and execs the serving process; the serving process
+only needs :func:`remove_socket` at exit, so ``socket`` (and the ``enum`` its wrapper
+loads, about 1 MiB) is imported inside the functions that make sockets, never at import.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from keyagent import protocol
+from keyagent.log import get_logger
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
+if TYPE_CHECKING:
+    import socket
+
+log = get_logger("keyagent.sockets")
+
+
+class SocketSetupError(Exception):
+    """The socket cannot be set up safely; the message says why and what to do."""
+
+
+def check_private_dir(directory: str) -> None:
+    """Create ``directory`` 0700 if missing; refuse one that is not ours alone."""
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as error:
+        raise SocketSetupError(
+            f"cannot create {directory}: {os.strerror(error.errno or 0)}; "
+            "create it (mode 0700) or choose another path with -a"
+        ) from None
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode):
+        raise SocketSetupError(f"{directory} is not a directory; remove it or use -a PATH")
+    if info.st_uid != os.geteuid():
+        raise SocketSetupError(
+            f"{directory} is owned by uid {info.st_uid}, not by you (uid {os.geteuid()}); "
+            "another user may be intercepting the agent: remove it or use -a PATH"
+        )
+    if info.st_mode & 0o077:
+        raise SocketSetupError(
+            f"{directory} is accessible to group or others (mode {stat.S_IMODE(info.st_mode):04o});"
+            f" run chmod 700 {directory} or use -a PATH in a private directory"
+        )
+
+
+def agent_answers(path: str, timeout: float = 2.0) -> bool:
+    """True if an agent answers ``hello`` on ``path``; False if the socket is dead."""
+    import socket
+
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(timeout)
+    try:
+        probe.connect(path)
+        probe.sendall(protocol.encode_request("hello", 0, {}))
+        return probe.recv(4096).startswith(b"{")
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        # Connected but no answer (hung, or not ours): not safe to take the path over.
+        return True
+    finally:
+        probe.close()
+
+
+def bind_listener(path: str, backlog: int = 1024) -> socket.socket:
+    """Bind a 0600 listening socket at ``path`` in a private directory.
+
+    A live agent at ``path`` is an error; a dead socket left by a crashed agent is replaced.
+    The umask is set before ``bind`` so the socket never exists with looser permissions.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    check_private_dir(directory)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(info.st_mode):
+            raise SocketSetupError(f"{path} exists and is not a socket; remove it or use -a")
+        if agent_answers(path):
+            raise SocketSetupError(
+                f"an agent is already running on {path}; use it, or stop it with keyagent -k"
+            )
+        log.info("replacing stale socket %s", path)
+        os.unlink(path)
+    import socket
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(path)
+    except OSError as error:
+        listener.close()
+        raise SocketSetupError(f"cannot bind {path}: {os.strerror(error.errno or 0)}") from None
+    finally:
+        os.umask(old_umask)
+    listener.listen(backlog)
+    return listener
+
+
+def remove_socket(path: str, bound: tuple[int, int] | None) -> None:
+    """Remove the socket file at ``path`` if it is still the one we bound (``bound``, from
+    :func:`file_identity`): a newer agent may have replaced a socket it found unanswered."""
+    if bound is None or file_identity(path) != bound:
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        log.warning("could not remove the socket %s: %s", path, os.strerror(error.errno or 0))
+
+
+def file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, to tell at exit whether the socket file is still ours."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino

@@ -12,14 +12,15 @@ Exit codes (stable, documented in the README):
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
 from keyagent.client import Client
 from keyagent.errors import AgentUnreachable, BadConfig, KeyagentError, ProtocolError
 
-# argparse, getpass, json and typing are imported where they are used: `keyagent-ctl get`
-# runs in other tools' hot paths and takes a fast path that needs none of them.
+# argparse and getpass are imported where they are used: `keyagent-ctl get` runs in other
+# tools' hot paths and takes a fast path that needs neither.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
@@ -290,8 +291,6 @@ def _prompt(prompt: str) -> str:
 
 
 def _print_json(value: Any, out: TextIO) -> None:
-    import json
-
     json.dump(value, out, indent=2, sort_keys=True)
     out.write("\n")
 

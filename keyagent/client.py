@@ -1,8 +1,7 @@
 """The blocking client: what ``keyagent-ctl`` and other tools use to talk to the agent.
 
-Imports only the C halves of the standard library's ``socket`` and ``json`` (and
-``platformdirs`` when no socket path is given and ``KEYAGENT_SOCK`` is unset), so fetching
-a key stays cheap.
+Imports ``socket`` and ``json`` (and ``platformdirs`` when no socket path is given and
+``KEYAGENT_SOCK`` is unset), nothing heavier, so fetching a key stays cheap.
 
 Errors come back as the same :mod:`keyagent.errors` leaf the agent raised; a missing or
 dead agent is :class:`~keyagent.errors.AgentUnreachable`, with the path and the reason.
@@ -12,16 +11,14 @@ from __future__ import annotations
 
 import errno
 import os
+import select
+import socket
 import sys
-
-# _socket, not socket: the wrapper module imports enum, a large part of a tool's start-up.
-from _socket import AF_UNIX, MSG_PEEK, SO_PEERCRED, SOCK_STREAM, SOL_SOCKET
-from _socket import socket as unix_socket
 
 from keyagent import paths, wire
 from keyagent.errors import AgentUnreachable, ProtocolError
 
-TYPE_CHECKING = False  # typing itself costs a tool's start-up 3 ms
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
@@ -40,7 +37,7 @@ class Client:
         self.timeout = timeout
         self.peer_pid: int | None = None
         """The pid of the process that listens on the socket (SO_PEERCRED), once connected."""
-        self._sock: unix_socket | None = None
+        self._sock: socket.socket | None = None
         self._buffer = b""
         self._next_id = 0
 
@@ -70,10 +67,10 @@ class Client:
             return f"; check it with systemctl --user status {paths.SYSTEMD_SERVICE}"
         return ""
 
-    def _connect(self) -> unix_socket:
+    def _connect(self) -> socket.socket:
         if not self.socket_path:
             raise AgentUnreachable(f"no agent: {paths.NO_SOCKET_HINT}")
-        sock = unix_socket(AF_UNIX, SOCK_STREAM)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
             sock.connect(self.socket_path)
@@ -94,7 +91,7 @@ class Client:
         # key or a password: a socket planted by another user (a predictable runtime path,
         # a wrong KEYAGENT_SOCK) must get nothing. struct ucred is pid, uid, gid.
         try:
-            credentials = sock.getsockopt(SOL_SOCKET, SO_PEERCRED, 12)
+            credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
         except OSError:
             credentials = b""
         uid = int.from_bytes(credentials[4:8], sys.byteorder) if len(credentials) == 12 else -1
@@ -107,16 +104,14 @@ class Client:
             )
         return sock
 
-    def _live_socket(self) -> unix_socket:
+    def _live_socket(self) -> socket.socket:
         """The open connection, or a new one if the agent closed the old one (idle timeout)."""
         sock = self._sock
         if sock is not None and not self._buffer:
             # Readable with nothing buffered can only mean EOF (or a stray byte): peek.
-            import select  # only a reused client gets here; `keyagent-ctl get` never does
-
             try:
                 readable, _, _ = select.select([sock], [], [], 0)
-                closed = bool(readable) and sock.recv(1, MSG_PEEK) == b""
+                closed = bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
             except OSError:
                 closed = True
             if closed:
@@ -126,7 +121,7 @@ class Client:
             sock = self._sock = self._connect()
         return sock
 
-    def _read_line(self, sock: unix_socket) -> bytes:
+    def _read_line(self, sock: socket.socket) -> bytes:
         while b"\n" not in self._buffer:
             try:
                 chunk = sock.recv(65536)

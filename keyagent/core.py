@@ -20,12 +20,14 @@ that no other process or log sees the agent's paths and settings.
 
 from __future__ import annotations
 
-import _socket
 import contextlib
 import ctypes
+import json
 import os
 import resource
 import select
+import signal
+import socket
 import sys
 import time
 
@@ -39,7 +41,7 @@ from keyagent.sockets import remove_socket
 from keyagent.systemd import Notifier
 from keyagent.wire import decode
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from typing import Any
@@ -179,8 +181,6 @@ def restore_persisted(
     child = os.fork()
     if child == 0:  # the reader: no threads exist yet, so forking is safe
         os.close(read_end)
-        import json  # in the short-lived reader only
-
         with os.fdopen(write_end, "w") as pipe:
 
             def send(line: dict[str, Any]) -> None:
@@ -204,9 +204,7 @@ def restore_persisted(
     finally:
         os.close(read_end)
         with contextlib.suppress(ProcessLookupError):
-            # A reader stuck on a prompt is abandoned. 9 is SIGKILL: the signal module
-            # would load enum into the agent.
-            os.kill(child, 9)
+            os.kill(child, signal.SIGKILL)  # a reader stuck on a prompt is abandoned
         os.waitpid(child, 0)
     keys: list[PersistedKey] = []
     lock: tuple[bytes, bytes] | None = None
@@ -324,7 +322,7 @@ def run(handoff: Mapping[str, Any]) -> int:
     """Serve as the hand-off from :func:`keyagent.daemon.exec_core` describes."""
     foreground = handoff["foreground"]
     configure_logging(debug=handoff["debug"], foreground=foreground)
-    listener = _socket.socket(fileno=_adopt(handoff["listener_fd"]))
+    listener = socket.socket(fileno=_adopt(handoff["listener_fd"]))
     bound = tuple(handoff["bound"]) if handoff["bound"] else None
     announce = handoff.get("announce")
     ready_fd = handoff.get("ready_fd")

@@ -1,17 +1,13 @@
 """The client's side of the line format: encode one request, decode one reply.
 
-Uses the C halves of the standard library's ``json`` directly (``_json``), because the
-``json`` package imports ``re`` and, through it, ``enum``: together most of a client's
-start-up time, and over 1 MiB resident in the agent. ``keyagent-ctl get`` runs in other
-tools' hot paths, so it pays only for what it uses. The agent's side, with full
-validation, is :mod:`keyagent.protocol`, which uses :func:`scanner` and :func:`encoder`.
-(On Python 3.11 the first malformed document loads ``json.decoder``, whose error class
-``_json`` raises: see :func:`_scan_from`.)
+The agent's side, with full validation, is :mod:`keyagent.protocol`; it parses and writes
+JSON with the :func:`scanner` and :func:`encoder` made here, so both sides read the format
+the same way: strict JSON, no NaN or Infinity.
 """
 
 from __future__ import annotations
 
-from _json import encode_basestring, encode_basestring_ascii, make_encoder, make_scanner
+import json
 
 from keyagent.errors import KeyagentError, from_code
 
@@ -28,78 +24,51 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not valid JSON")
 
 
-class _Context:
-    """The settings ``_json.make_scanner`` reads from a ``JSONDecoder``: strict JSON, no
-    NaN or Infinity, and ``object_pairs_hook`` if given."""
-
-    strict = True
-    object_hook = None
-    parse_float = float
-    parse_int = int
-    parse_constant = staticmethod(_reject_constant)
-
-    def __init__(self, object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None) -> None:
-        self.object_pairs_hook = object_pairs_hook
-
-
 def scanner(object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None) -> Scanner:
-    """``json.JSONDecoder(...).scan_once`` without the ``json`` package."""
-    return make_scanner(_Context(object_pairs_hook))  # type: ignore[arg-type]  # the stub wants a JSONDecoder; any object with its settings will do
-
-
-def _unserialisable(value: object) -> object:
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+    """A strict decoder's ``raw_decode``: the JSON value that starts at an index of a text,
+    and where it ends. NaN and Infinity are refused; ``object_pairs_hook`` builds objects."""
+    decoder = json.JSONDecoder(object_pairs_hook=object_pairs_hook, parse_constant=_reject_constant)
+    return decoder.raw_decode
 
 
 def encoder() -> Callable[[object], str]:
-    """``json.JSONEncoder(separators=(",", ":"), allow_nan=False, check_circular=False)``'s
-    ``encode``, ASCII output. Replies are built by the agent and never circular."""
-    iterencode = make_encoder(
-        None, _unserialisable, encode_basestring_ascii, None, ":", ",", False, False, False
-    )
-
-    def encode(value: object) -> str:
-        return "".join(iterencode(value, 0))
-
-    return encode
+    """Compact ASCII JSON without NaN or Infinity. No check for circular references:
+    replies are built by the agent and never circular."""
+    return json.JSONEncoder(separators=(",", ":"), allow_nan=False, check_circular=False).encode
 
 
 _scan = scanner()
 _WHITESPACE = " \t\n\r"
+# Requests go out as UTF-8, not \\u escapes: an escaped emoji takes 12 bytes, and a valid
+# long key would no longer fit in a line. Only a lone surrogate, which UTF-8 cannot carry,
+# needs the escapes.
+_UTF8 = json.JSONEncoder(ensure_ascii=False)
+_ASCII = json.JSONEncoder()
 
 
-def _scalar(value: Scalar, quote: Callable[[str], str] = encode_basestring) -> str:
-    if isinstance(value, str):
-        return str(quote(value))
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if value is None:
-        return "null"
-    if isinstance(value, int):
-        return int.__repr__(value)
+def _scalar(value: Scalar, quote: json.JSONEncoder) -> str:
+    if value is None or isinstance(value, str | int):  # bool is an int
+        return quote.encode(value)
     if isinstance(value, float):
         from math import isfinite  # no request of keyagent-ctl get has a float
 
         if isfinite(value):
-            return float.__repr__(value)
+            return quote.encode(value)
     raise TypeError(f"a request argument must be a JSON scalar, not {type(value).__name__}")
 
 
 def encode_request(op: str, request_id: Scalar, args: Mapping[str, Scalar]) -> bytes:
     """One request line: ``{"id": ..., "op": ..., ...args}`` and a newline."""
-    # UTF-8, not \\u escapes: an escaped emoji takes 12 bytes, and a valid long key would no
-    # longer fit in a line. Only a lone surrogate, which UTF-8 cannot carry, needs escapes.
     try:
-        return _encode(op, request_id, args, encode_basestring).encode("utf-8")
+        return _encode(op, request_id, args, _UTF8).encode("utf-8")
     except UnicodeEncodeError:
-        return _encode(op, request_id, args, encode_basestring_ascii).encode("ascii")
+        return _encode(op, request_id, args, _ASCII).encode("ascii")
 
 
 def _encode(
-    op: str, request_id: Scalar, args: Mapping[str, Scalar], quote: Callable[[str], str]
+    op: str, request_id: Scalar, args: Mapping[str, Scalar], quote: json.JSONEncoder
 ) -> str:
+    # Member by member, in this order, so that "id" and "op" come first.
     members = [f'"id":{_scalar(request_id, quote)}', f'"op":{_scalar(op, quote)}']
     members.extend(
         f"{_scalar(name, quote)}:{_scalar(value, quote)}" for name, value in args.items()
@@ -121,27 +90,10 @@ def decode_text(text: str, scan: Scanner) -> object:
 
     ``RecursionError`` (nesting deeper than the interpreter allows) is left to the caller.
     """
-    value, end = _scan_from(scan, text, len(text) - len(text.lstrip(_WHITESPACE)))
+    value, end = scan(text, len(text) - len(text.lstrip(_WHITESPACE)))
     if text[end:].strip(_WHITESPACE):
         raise ValueError("extra data after the JSON document")
     return value
-
-
-def _scan_from(scan: Scanner, text: str, start: int) -> tuple[object, int]:
-    """``scan(text, start)``, with every malformed document reported as ``ValueError``."""
-    try:
-        return scan(text, start)
-    except StopIteration:  # no value where one was due
-        raise ValueError("not a JSON document") from None
-    except SystemError:
-        # Python 3.11's _json raises json.decoder's error class for malformed input but does
-        # not import it, and fails with SystemError instead. Import it (re and enum come
-        # with it, once) and scan again to get the real error.
-        import json.decoder  # noqa: F401
-    try:
-        return scan(text, start)
-    except (StopIteration, SystemError):
-        raise ValueError("not a JSON document (the scanner failed to say why)") from None
 
 
 class Reply:

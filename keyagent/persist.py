@@ -65,15 +65,15 @@ import math
 import os
 import sys
 import threading
+from collections import namedtuple
 from collections.abc import Callable, Iterable
 
-from keyagent._record import Frozen, Record, set_field
 from keyagent.errors import BadRequest, KeyringUnavailable
 from keyagent.log import get_logger
 from keyagent.protocol import DESCRIPTION, HOST, KEY, KEY_ID_DIGITS, KEY_ID_SHOWN, USER, is_token
 from keyagent.store import digest_of
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Final, Protocol, TypeVar
 
@@ -120,15 +120,18 @@ _NEWER_INDEX = (
 )
 
 
-class PersistedKey(Frozen):
-    """One key as the keyring keeps it. Its ``secret`` is left out of ``repr``.
+class PersistedKey(
+    namedtuple(
+        "PersistedKey", ["digest", "host", "user", "secret", "description", "created", "expires"]
+    )
+):
+    """One key as the keyring keeps it (immutable). Its ``secret`` is left out of ``repr``.
 
     ``expires``: POSIX wall time at which the key expires, or None to keep it until
     forgotten.
     """
 
-    __slots__ = ("digest", "host", "user", "secret", "description", "created", "expires")
-    _hidden = frozenset({"secret"})
+    __slots__ = ()
 
     digest: str
     host: str
@@ -138,27 +141,15 @@ class PersistedKey(Frozen):
     created: str | None
     expires: float | None
 
-    def __init__(
-        self,
-        *,
-        digest: str,
-        host: str,
-        user: str,
-        secret: str,
-        description: str,
-        created: str | None,
-        expires: float | None,
-    ) -> None:
-        set_field(self, "digest", digest)
-        set_field(self, "host", host)
-        set_field(self, "user", user)
-        set_field(self, "secret", secret)
-        set_field(self, "description", description)
-        set_field(self, "created", created)
-        set_field(self, "expires", expires)
+    def __repr__(self) -> str:
+        return (
+            f"PersistedKey(digest={self.digest!r}, host={self.host!r}, user={self.user!r}, "
+            f"description={self.description!r}, created={self.created!r}, "
+            f"expires={self.expires!r})"
+        )
 
 
-class _Index(Record):
+class _Index:
     """The index entry; ``stored``: whether one exists in the keyring (even unreadable)."""
 
     __slots__ = ("keys", "pending", "stored")

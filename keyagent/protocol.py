@@ -9,13 +9,13 @@ never echo a value: values may be secrets.
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 from collections.abc import Callable, Mapping
 
-from keyagent._record import Frozen, set_field
 from keyagent.errors import BadRequest, KeyagentError, TooLarge, UnknownOp
 from keyagent.wire import Reply, decode_text, encode_request, encoder, parse_reply, scanner
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Final
 
@@ -44,19 +44,14 @@ __all__ = [
 ]
 
 
-class Request(Frozen):
-    """A validated request: its echoed ``id``, its ``op`` and its typed arguments."""
+class Request(namedtuple("Request", ["id", "op", "args"])):
+    """A validated request (immutable): its echoed ``id``, its ``op`` and its typed arguments."""
 
-    __slots__ = ("id", "op", "args")
+    __slots__ = ()
 
     id: Scalar
     op: str
     args: Mapping[str, Any]
-
-    def __init__(self, id: Scalar, op: str, args: Mapping[str, Any]) -> None:
-        set_field(self, "id", id)
-        set_field(self, "op", op)
-        set_field(self, "args", args)
 
     def __repr__(self) -> str:
         # Arguments may hold a key, a password or a passphrase: show only their names.

@@ -12,11 +12,12 @@ works does the caller get ``login_required`` or ``session_expired``.
 
 from __future__ import annotations
 
-from keyagent._record import Frozen, Record, set_field
+from collections import namedtuple
+
 from keyagent.errors import BadCredentials, LoginRequired, SessionExpired
 from keyagent.store import iso
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     # Interfaces for the type checker only: the agent's core never imports typing.
     from collections.abc import Callable, Sequence
@@ -91,13 +92,12 @@ class LazyAccount:
             self._account.close()
 
 
-class Session(Record):
+class Session:
     """What the agent knows of one account's session. The cookie itself stays in ``account``."""
 
     __slots__ = (
         "host", "user", "account", "logged_in", "expired", "since", "checked", "checked_wall"
     )  # fmt: skip
-    _hidden = frozenset({"account"})
 
     def __init__(
         self,
@@ -121,6 +121,14 @@ class Session(Record):
         self.checked = checked
         """Monotonic time the session last proved alive (login, validation or a call)."""
         self.checked_wall = checked_wall
+
+    def __repr__(self) -> str:
+        # Not the account: it holds the session cookie.
+        return (
+            f"Session(host={self.host!r}, user={self.user!r}, logged_in={self.logged_in!r}, "
+            f"expired={self.expired!r}, since={self.since!r}, checked={self.checked!r}, "
+            f"checked_wall={self.checked_wall!r})"
+        )
 
     @property
     def queue(self) -> str:
@@ -150,42 +158,38 @@ class Session(Record):
             self.expired = True
 
 
-class Plan(Frozen):
+class Plan(namedtuple("Plan", ["use_session", "validate_first", "api_keys"], defaults=[()])):
     """The credentials a remote call may use, decided on the event loop.
 
     ``api_keys``: held keys of the account, newest first; tried in turn when the service
     rejects one.
     """
 
-    __slots__ = ("use_session", "validate_first", "api_keys")
-    _hidden = frozenset({"api_keys"})
+    __slots__ = ()
 
     use_session: bool
     validate_first: bool
     api_keys: tuple[str, ...]
 
-    def __init__(
-        self, use_session: bool, validate_first: bool, api_keys: tuple[str, ...] = ()
-    ) -> None:
-        set_field(self, "use_session", use_session)
-        set_field(self, "validate_first", validate_first)
-        set_field(self, "api_keys", api_keys)
+    def __repr__(self) -> str:
+        return f"Plan(use_session={self.use_session!r}, validate_first={self.validate_first!r})"
 
 
-class RemoteResult(Frozen):
+class RemoteResult(namedtuple("RemoteResult", ["value", "session_alive", "session_expired"])):
     """What a remote call returned, and what it learnt about the session."""
 
-    __slots__ = ("value", "session_alive", "session_expired")
-    _hidden = frozenset({"value"})  # a created key, for one
+    __slots__ = ()
 
     value: Any
     session_alive: bool
     session_expired: bool
 
-    def __init__(self, value: Any, session_alive: bool, session_expired: bool) -> None:
-        set_field(self, "value", value)
-        set_field(self, "session_alive", session_alive)
-        set_field(self, "session_expired", session_expired)
+    def __repr__(self) -> str:
+        # Not the value: a created key, for one.
+        return (
+            f"RemoteResult(session_alive={self.session_alive!r}, "
+            f"session_expired={self.session_expired!r})"
+        )
 
 
 def run_remote(

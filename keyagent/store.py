@@ -15,39 +15,21 @@ import sys
 import time
 from collections.abc import Iterator
 
-from keyagent._record import Record
 from keyagent.errors import Ambiguous, Locked, NotFound, NotLocked, TooMany
 from keyagent.protocol import KEY_ID_MAX, KEY_ID_SHOWN
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
-    from hashlib import _Hash
     from typing import Any, Literal
 
     Source = Literal["added", "created", "keyring"]
 
 
-# hashlib loads OpenSSL's libcrypto: over 3 MiB resident for one SHA-256 per added key.
-# The interpreter's own SHA-256 module does the same job; hashlib (for scrypt) loads only
-# when the lock is used.
-def _find_sha256() -> Callable[[bytes], _Hash]:
-    for module in ("_sha2", "_sha256"):  # Python 3.12+, 3.11
-        try:
-            return __import__(module).sha256  # type: ignore[no-any-return]
-        except (ImportError, AttributeError):
-            continue
-    from hashlib import sha256  # a build without them
-
-    return sha256
-
-
-_sha256 = _find_sha256()
-
-
 def digest_of(secret: str) -> str:
     """The full hex SHA-256 of a key: what the agent and the keyring know a key by."""
-    return _sha256(secret.encode()).hexdigest()
+    import hashlib  # OpenSSL's libcrypto (about 3.8 MiB) loads with the first key, not before
+
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def key_id_for(secret: str) -> str:
@@ -66,14 +48,13 @@ def iso(timestamp: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
-class HeldKey(Record):
+class HeldKey:
     """One API key in memory. Its ``secret`` is left out of ``repr`` and of :meth:`listing`."""
 
     __slots__ = (
         "digest", "host", "user", "secret", "description", "created", "added", "deadline",
         "expires", "source", "persisted",
     )  # fmt: skip
-    _hidden = frozenset({"secret"})
 
     def __init__(
         self,
@@ -104,6 +85,14 @@ class HeldKey(Record):
         """The same moment as a POSIX timestamp, for display."""
         self.source: Source = source
         self.persisted = persisted
+
+    def __repr__(self) -> str:
+        return (
+            f"HeldKey(digest={self.digest!r}, host={self.host!r}, user={self.user!r}, "
+            f"description={self.description!r}, created={self.created!r}, "
+            f"added={self.added!r}, deadline={self.deadline!r}, expires={self.expires!r}, "
+            f"source={self.source!r}, persisted={self.persisted!r})"
+        )
 
     @property
     def key_id(self) -> str:
@@ -325,11 +314,10 @@ def new_salt() -> bytes:
     return os.urandom(16)
 
 
-class Lock(Record):
+class Lock:
     """Whether the agent is locked, and the salted hash that unlocks it (never the passphrase)."""
 
     __slots__ = ("salt", "digest", "failures", "not_before")
-    _hidden = frozenset({"salt", "digest"})
 
     def __init__(
         self,
@@ -344,6 +332,10 @@ class Lock(Record):
         self.not_before = not_before
         """time.monotonic() before which no further unlock attempt is checked, whichever
         client makes it: the growing delay holds across parallel connections."""
+
+    def __repr__(self) -> str:
+        # Neither the salt nor the hash: they would help a guesser offline.
+        return f"Lock(failures={self.failures!r}, not_before={self.not_before!r})"
 
     @property
     def locked(self) -> bool:

@@ -1,23 +1,57 @@
-"""Fixtures shared by the tests that start real agent processes."""
+"""Fixtures and helpers shared by the tests, and the Hypothesis profiles they run under."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Final
 
 import pytest
+from hypothesis import HealthCheck, settings
 
-from keyagent import cli
+from keyagent import cli, protocol
 from keyagent.testing.agent import AgentProcess
 
+# The shipped contract suite is made of plain asserts: have pytest explain them as it does in
+# test files. (Before the first import of the module, which nothing above imports.)
+pytest.register_assert_rewrite("keyagent.testing.account_contract")
+
 AgentFactory = Callable[..., AgentProcess]
+
+# --- Hypothesis --------------------------------------------------------------------------------
+# CI must not depend on an earlier run: there, examples come from a fixed seed (derandomize)
+# and no example database is read or written, so a red build is red again on re-run and on
+# another machine. A failure found on a developer's machine (where the "dev" profile keeps the
+# usual random search and its database in .hypothesis/, which git ignores) is committed as an
+# explicit @example on the test, never as a database.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", deadline=None)
+
+
+def hypothesis_profile(environ: Mapping[str, str]) -> str:
+    """The profile to load: $HYPOTHESIS_PROFILE if set, else "ci" under CI=true, else "dev"."""
+    chosen = environ.get("HYPOTHESIS_PROFILE")
+    if chosen:
+        return chosen
+    return "ci" if environ.get("CI", "").lower() not in ("", "0", "false", "no") else "dev"
+
+
+settings.load_profile(hypothesis_profile(os.environ))
 
 
 @pytest.fixture(autouse=True)
@@ -50,6 +84,24 @@ def agent(agent_factory: AgentFactory) -> AgentProcess:
     return agent_factory()
 
 
+# --- replies -----------------------------------------------------------------------------------
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    """A reply line as a dict, after checking it is a well-formed protocol v1 reply."""
+    assert line, "the agent closed the connection instead of replying"
+    protocol.parse_reply(line)
+    value = json.loads(line)
+    assert isinstance(value, dict)
+    return value
+
+
+def error_code(reply: Mapping[str, Any]) -> str:
+    """The error code of a refusal; fails the test if the reply is a success."""
+    assert reply["ok"] is False, reply
+    return str(reply["error"]["code"])
+
+
 class Raw:
     """A bare socket to the agent, for sending bytes a real client never would."""
 
@@ -72,6 +124,10 @@ class Raw:
             self.buffer += chunk
         line, _, self.buffer = self.buffer.partition(b"\n")
         return line
+
+    def reply(self) -> dict[str, Any]:
+        """The next reply, decoded and checked as a protocol v1 reply."""
+        return decode(self.line())
 
     def closed_by_peer(self) -> bool:
         """Wait (up to the socket timeout) for the agent to close; True if it did."""
@@ -103,6 +159,13 @@ def raw(agent: AgentProcess) -> Iterator[Callable[..., Raw]]:
     yield connect
     for connection in opened:
         connection.close()
+
+
+# --- keys ---------------------------------------------------------------------------------------
+
+COLLIDING_KEYS: Final = ("KA-4bf6ae", "KA-1ff55bd")
+"""Two secrets whose SHA-256 digests share their first 48 bits, so their 12-digit key ids
+agree (55d74bcc33ef) while their digests differ; found by brute force in a minute."""
 
 
 @dataclass

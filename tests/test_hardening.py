@@ -39,7 +39,7 @@ from keyagent.testing.emulator import Fault
 from keyagent.testing.emulator_process import Emulator, EmulatorProcess
 from keyagent.testing.memory_keyring import MemoryKeyring
 
-from .conftest import AgentFactory, Raw
+from .conftest import AgentFactory, Raw, decode, error_code
 
 USER = "hardening@example.com"
 PASSWORD = "hardening-pa55w0rd-never-leaks"
@@ -64,20 +64,6 @@ def connect(stack: contextlib.ExitStack, path: str, timeout: float = 10.0) -> Ra
 
 def request(op: str, request_id: protocol.Scalar = None, **args: Any) -> bytes:
     return protocol.encode_request(op, request_id, args)
-
-
-def decode(line: bytes) -> dict[str, Any]:
-    """A reply line as a dict, after checking it is a well-formed protocol v1 reply."""
-    assert line, "the agent closed the connection instead of replying"
-    protocol.parse_reply(line)
-    value = json.loads(line)
-    assert isinstance(value, dict)
-    return value
-
-
-def error_code(reply: dict[str, Any]) -> str:
-    assert reply["ok"] is False, reply
-    return str(reply["error"]["code"])
 
 
 def read_until_eof(sock: socket.socket, deadline: float) -> bytes:
@@ -336,9 +322,9 @@ def free_slot_is_usable(path: str, stack: contextlib.ExitStack) -> None:
     free again by the time this returns (a client-side close would race with what follows)."""
     probe = connect(stack, path)
     probe.send(request("hello", "probe"))
-    assert decode(probe.line())["ok"] is True
+    assert probe.reply()["ok"] is True
     probe.send(b"x" * (protocol.MAX_LINE + 1))
-    assert error_code(decode(probe.line())) == "too_large"
+    assert error_code(probe.reply()) == "too_large"
     assert probe.closed_by_peer()
 
 
@@ -632,7 +618,7 @@ def test_half_closed_client_still_gets_its_remote_reply(
     client = connect(closing, conduce_agent.socket_path)
     client.send(request("create", 7, host=emulator.host, user=USER))
     client.sock.shutdown(socket.SHUT_WR)
-    reply = decode(client.line())
+    reply = client.reply()
     assert reply["ok"] is True
     assert reply["result"]["key_id"] == key_id_for(emulator.api_keys(USER)[0])
     assert client.closed_by_peer()
@@ -673,7 +659,7 @@ def test_session_expiring_while_a_create_is_in_flight(
     assert emulator.wait_for_hung(1, timeout=10)
     emulator.expire_sessions(USER)
     emulator.release()
-    assert error_code(decode(waiting.line())) == "session_expired"
+    assert error_code(waiting.reply()) == "session_expired"
     assert emulator.api_keys(USER) == []
     with agent.client() as client:
         assert client.status()["sessions"][0]["expired"] is True
@@ -689,7 +675,7 @@ def test_session_expiring_while_a_create_is_in_flight(
     assert emulator.wait_for_hung(1, timeout=10)
     emulator.expire_sessions(USER)
     emulator.release()
-    reply = decode(waiting.line())
+    reply = waiting.reply()
     assert reply["ok"] is True, reply
     on_service = emulator.api_keys(USER)
     assert len(on_service) == 2
@@ -790,7 +776,7 @@ def test_blocked_keyring_times_out_while_other_clients_are_served(
             assert other.get(host="h.example") == "in-memory-key"
             served += 1
             assert time.monotonic() < sent + 10, "no reply to the blocked add"
-    reply = decode(slow.line())
+    reply = slow.reply()
     waited = time.monotonic() - sent
     assert error_code(reply) == "keyring_unavailable"
     assert "unlock" in reply["error"]["message"]
@@ -811,7 +797,7 @@ def test_keyring_write_finishing_after_its_deadline_leaves_a_consistent_state(
     backend.block = threading.Event()
     slow = connect(closing, path)
     slow.send(request("add", 1, host="h.example", user=USER, key=secret, persist=True))
-    assert error_code(decode(slow.line())) == "keyring_unavailable"
+    assert error_code(slow.reply()) == "keyring_unavailable"
     backend.block.set()  # the keyring answers at last: the write goes through
     with Client(path) as client:
         # Keyring calls run one at a time, in order: two no-op keyring requests in a row
@@ -1075,8 +1061,8 @@ def test_a_keyring_request_that_succeeds_gets_exactly_one_reply(
         request("add", 1, host="h.example", user=USER, key="one-reply-S3CR3T", persist=True)
         + request("hello", 2)
     )
-    assert decode(conn.line())["id"] == 1
-    assert decode(conn.line())["id"] == 2
+    assert conn.reply()["id"] == 1
+    assert conn.reply()["id"] == 2
     # Past the keyring deadline, nothing more may arrive: a third request is answered next.
     deadline = time.monotonic() + KEYRING_TIMEOUT * 2
     # One connection for every round trip: opening one per round let a busy machine pile up
@@ -1085,4 +1071,4 @@ def test_a_keyring_request_that_succeeds_gets_exactly_one_reply(
         while time.monotonic() < deadline:  # each round trip is the wait
             other.hello()
     conn.send(request("hello", 3))
-    assert decode(conn.line())["id"] == 3
+    assert conn.reply()["id"] == 3

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from keyagent.store import key_id_for
 from keyagent.testing.agent import AgentProcess, read_line
@@ -240,17 +245,121 @@ def test_fast_path_reads_only_plain_get_invocations() -> None:
         assert fast_get_args(deferred) is None, deferred
 
 
-def test_fast_and_full_paths_agree(agent: AgentProcess) -> None:
-    """A get answered by the fast path and one parsed by argparse give the same output."""
+# --- get's fast path against argparse ------------------------------------------------------------
+
+_OPTIONS = ("--socket", "--host", "--user", "--key-id")
+_VALUES = st.one_of(
+    st.sampled_from(
+        ["a.example", "u@example.com", "/run/a.sock", "4f2a", "4F2A9C01B7DE", "xyz!", "get", ""]
+    ),
+    st.sampled_from(["-", "-x", "--host", "--", "a=b", " -x", "=x", "-1"]),
+    st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=6),
+)
+
+
+@st.composite
+def _plain_get(draw: st.DrawFn) -> list[str]:
+    """argv in the shapes the fast path is meant for: options around a single get."""
+
+    def options(names: tuple[str, ...]) -> list[str]:
+        words: list[str] = []
+        for name in draw(st.lists(st.sampled_from(names), max_size=3)):
+            value = draw(_VALUES)
+            words += [f"{name}={value}"] if draw(st.booleans()) else [name, value]
+        return words
+
+    return [*options(_OPTIONS[:3]), "get", *options(_OPTIONS[1:])]
+
+
+_ANY_WORDS = st.lists(
+    st.one_of(
+        st.sampled_from(["get", "list", "-h", "--json", "--ho", *_OPTIONS]),
+        st.builds(lambda name, value: f"{name}={value}", st.sampled_from(_OPTIONS), _VALUES),
+        _VALUES,
+    ),
+    max_size=7,
+)
+
+
+def _full_parse(argv: list[str]) -> dict[str, Any] | int:
+    """What argparse makes of argv: the namespace as a dict, or the exit status it chose."""
+    from keyagent.cli import build_parser
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            return vars(build_parser().parse_args(argv))
+        except SystemExit as exit_:
+            return int(exit_.code or 0)
+
+
+@given(st.one_of(_plain_get(), _ANY_WORDS))
+@example(["get"])
+@example(["--host", "h", "get", "--host", "g"])
+@example(["--host=a=b", "get", "--user", "=x"])
+@example(["--socket", "/s", "--socket=/t", "get", "--key-id", "4F2A"])
+@example(["get", "--key-id", "xyz!"])
+@example(["--host", "get", "get"])
+@example(["get", "--key-id", "a.example", "--key-id", "4f2a"])  # found by Hypothesis
+@settings(max_examples=300)
+def test_the_fast_path_reads_get_as_argparse_does(argv: list[str]) -> None:
+    """Where get's fast path answers, argparse reads the same options, or refuses a bad key id."""
+    from keyagent.cli import fast_get_args
+    from keyagent.protocol import is_key_id_prefix
+
+    fast = fast_get_args(argv)
+    if fast is None:
+        return
+    full = _full_parse(argv)
+    if isinstance(full, int):
+        # The fast path leaves the key id to the agent and re-checks it once refused
+        # (test_key_ids_are_checked_before_the_agent_is_asked): the one allowed difference.
+        # (Any --key-id given, not only the last: see the xfail test below.)
+        assert full == 64, argv
+        assert not all(is_key_id_prefix(value) for value in _key_id_values(argv)), argv
+        return
+    assert full == {"command": "get", "socket": None, "key_id": None, **fast}, argv
+
+
+def _key_id_values(argv: list[str]) -> list[str]:
+    """Every value given to --key-id in argv, in order."""
+    values = []
+    for position, word in enumerate(argv):
+        if word.startswith("--key-id="):
+            values.append(word.partition("=")[2])
+        elif word == "--key-id" and position + 1 < len(argv):
+            values.append(argv[position + 1])
+    return values
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="fast_get_args keeps only the last --key-id and checks it once the agent refused;"
+    " argparse refuses the earlier bad one. Fix: fast_get_args returns None (argparse decides)"
+    " when an option repeats",
+)
+def test_a_repeated_key_id_is_refused_on_both_paths() -> None:
+    """get --key-id BAD --key-id GOOD is a usage error, on the fast path as through argparse."""
+    from keyagent.cli import fast_get_args
+
+    argv = ["get", "--key-id", "a.example", "--key-id", "4f2a"]
+    assert _full_parse(argv) == 64
+    assert fast_get_args(argv) is None
+
+
+def test_get_gives_the_same_answers_through_argparse(agent: AgentProcess) -> None:
+    """A get the fast path defers (an abbreviated option) prints and fails as the fast one does."""
+    from keyagent.cli import fast_get_args
+
     run_ctl(agent.socket_path, "--host", "a.example", "--user", "u", "add", stdin="key-a")
     run_ctl(agent.socket_path, "--host", "b.example", "--user", "u", "add", stdin="key-b")
-    fast = run_ctl(agent.socket_path, "get", "--host", "a.example")
-    full = run_ctl(
-        agent.socket_path, "get", "--host", "a.example", "--key-id", key_id_for("key-a")[:6]
-    )
-    assert fast.out == full.out == "key-a\n"
-    missing = run_ctl(agent.socket_path, "get", "--host", "c.example")
-    assert (missing.code, missing.out) == (1, "")
+    for host, code, out in (("a.example", 0, "key-a\n"), ("c.example", 1, "")):
+        fast_argv, full_argv = ["get", "--host", host], ["get", "--ho", host]
+        assert fast_get_args(fast_argv) is not None
+        assert fast_get_args(full_argv) is None
+        fast = run_ctl(agent.socket_path, *fast_argv)
+        full = run_ctl(agent.socket_path, *full_argv)
+        assert (fast.code, fast.out) == (full.code, full.out) == (code, out)
+        assert fast.err == full.err
 
 
 def test_remove_refuses_a_key_on_the_command_line(agent: AgentProcess, tmp_path: Path) -> None:

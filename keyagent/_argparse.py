@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from keyagent.duration import parse_duration
+from keyagent.rules import TOO_LONG, count_problem, duration_problem
 
 EXIT_USAGE = 64
 """Exit status of a wrong command line (sysexits' EX_USAGE)."""
@@ -24,16 +25,35 @@ class UsageParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def duration_type(max_seconds: float | None = None, too_long: str = "") -> Callable[[str], float]:
-    """An argparse ``type=`` for durations (``90``, ``15m``, ``2d``), at most ``max_seconds``."""
+def duration_type(
+    max_seconds: float | None = None, too_long: str = "ten years"
+) -> Callable[[str], float]:
+    """An argparse ``type=`` for durations (``90``, ``15m``, ``2d``) under the one rule for
+    durations (:func:`keyagent.rules.duration_problem`: positive, at most ten years), and at
+    most ``max_seconds`` if that is given and shorter; ``too_long`` names the limit."""
 
     def parse(text: str) -> float:
         try:
             seconds = parse_duration(text)
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
-        if max_seconds is not None and seconds > max_seconds:
+        problem = duration_problem(seconds)
+        if problem is TOO_LONG or (max_seconds is not None and seconds > max_seconds):
             raise argparse.ArgumentTypeError(f"'{text}' is longer than {too_long}")
+        if problem is not None:  # parse_duration refuses these first; the rule has the last word
+            raise argparse.ArgumentTypeError(f"'{text}' must be {problem}")
         return seconds
 
     return parse
+
+
+def count_type(text: str) -> int:
+    """An argparse ``type=`` for limits such as ``--max-connections`` (a whole number of at
+    least 1, :func:`keyagent.rules.count_problem`)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if count_problem(value) is not None:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive whole number")
+    return value

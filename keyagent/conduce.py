@@ -49,7 +49,14 @@ from keyagent.errors import (
     TLSError,
 )
 from keyagent.log import get_logger
-from keyagent.protocol import DESCRIPTION, KEY, has_control_characters, host_problem, is_token
+from keyagent.protocol import DESCRIPTION, KEY
+from keyagent.rules import (
+    duration_problem,
+    has_control_characters,
+    host_problem,
+    path_problem,
+    user_problem,
+)
 from keyagent.trust import UntrustedFile, read_ca_bundle
 
 __all__ = ["API_PREFIX", "MAX_ANSWER", "ConduceAccount", "HttpSettings", "RemoteKey"]
@@ -171,17 +178,23 @@ class HttpSettings:
     """Base of the exponential backoff, in seconds; each wait is drawn uniformly below it."""
 
     def __post_init__(self) -> None:
-        # Fail at configuration time, not on the first request of some worker thread.
-        if self.connect_timeout <= 0 or self.read_timeout <= 0:
-            raise BadRequest("timeouts must be positive numbers of seconds; fix the settings")
+        # Fail at configuration time, not on the first request of some worker thread, and by
+        # the rule the configuration file and the flags follow (keyagent.rules).
+        for name in ("connect_timeout", "read_timeout"):
+            problem = duration_problem(getattr(self, name))
+            if problem is not None:
+                raise BadRequest(f"{name} must be {problem}; fix the settings")
         if self.retries < 0 or self.backoff < 0:
             raise BadRequest("retries and backoff must not be negative; fix the settings")
         if self.verify is False and not self.insecure:
             # Turning verification off must be spelled out as insecure=True, which also
             # makes every request log a warning; verify=False alone would do it silently.
             raise BadRequest("to turn TLS verification off, pass --insecure explicitly")
-        if self.verify == "":
-            raise BadRequest("the CA bundle path is empty; pass a file to --ca-bundle")
+        problem = path_problem(self.verify) if isinstance(self.verify, str) else None
+        if problem is not None:
+            raise BadRequest(
+                f"the CA bundle path is unusable: {problem}; pass a file to --ca-bundle"
+            )
         context: ssl.SSLContext | None = None
         if self.insecure:
             pass
@@ -289,13 +302,14 @@ class ConduceAccount:
         sleep: Callable[[float], None] = time.sleep,
         rng: Callable[[], float] = random.random,
     ) -> None:
-        # The one host grammar of keyagent.protocol: anything else could make the URL built
+        # The one host grammar of keyagent.rules: anything else could make the URL built
         # below point somewhere the user did not name, or make urllib3 fail to parse it.
         problem = host_problem(host) if isinstance(host, str) else "the host is not a string"
         if problem is not None:
             raise BadRequest(f"the host is not valid: {problem}; fix --host")
-        if not isinstance(user, str) or not user or not is_token(user):
-            raise BadRequest("the user must be a non-empty e-mail address; fix --user")
+        problem = user_problem(user)
+        if problem is not None:
+            raise BadRequest(f"the user is not valid: {problem}; fix --user")
         self.host: Final = host
         self.user: Final = user
         self.settings: Final = settings

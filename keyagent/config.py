@@ -79,7 +79,6 @@ the key and what is expected.
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import re
 import stat
@@ -91,7 +90,17 @@ from typing import Final, cast
 from keyagent import paths
 from keyagent.duration import parse_duration
 from keyagent.errors import BadConfig
-from keyagent.protocol import MAX_LIFETIME, has_control_characters, host_problem, is_token
+from keyagent.rules import (
+    MAX_USER,
+    NOT_A_COUNT,
+    NOT_POSITIVE,
+    NOT_SECONDS,
+    count_problem,
+    duration_problem,
+    host_problem,
+    path_problem,
+    user_problem,
+)
 from keyagent.trust import UntrustedFile, check_trusted
 
 __all__ = [
@@ -247,34 +256,30 @@ _DURATION = 'a duration such as 3600 or "8h"'
 
 
 def _duration(value: object, _: _Context) -> float:
+    # Text is read as keyagent-ctl and keyagent read their flags; the number then follows
+    # the one rule for durations (keyagent.rules), as the agent applies it.
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise _Invalid(_DURATION, _kind(value))
     if isinstance(value, str):
         try:
-            seconds = parse_duration(value)
+            seconds: int | float = parse_duration(value)
         except ValueError as error:
             reason = str(error)  # names the value typed, never a secret: this is a duration
             if "must be positive" in reason:
-                raise _Invalid("a positive duration", _show(value)) from None
+                raise _Invalid(NOT_POSITIVE, _show(value)) from None
             hint = reason.partition("did you mean ")[2]
             must = f"{_DURATION} (did you mean {hint})" if hint else _DURATION
             raise _Invalid(must, _show(value)) from None
     else:
-        try:
-            seconds = float(value)
-        except OverflowError:  # a TOML integer beyond a float's range
-            seconds = math.inf
-    if math.isnan(seconds):
-        raise _Invalid(_DURATION, _show(value))
-    if seconds <= 0:
-        raise _Invalid("a positive duration", _show(value))
-    if seconds > MAX_LIFETIME:
-        raise _Invalid("at most ten years (315360000 seconds)", _show(value))
-    return seconds
+        seconds = value
+    problem = duration_problem(seconds)
+    if problem is not None:
+        raise _Invalid(_DURATION if problem is NOT_SECONDS else problem, _show(value))
+    return float(seconds)
 
 
 def _host(value: object, _: _Context) -> str:
-    # The one host grammar of keyagent.protocol, as the agent and keyagent.conduce apply it.
+    # The one host grammar of keyagent.rules, as the agent and keyagent.conduce apply it.
     must = 'a host name or address with an optional :port, such as "conduce.example.com"'
     if not isinstance(value, str):
         raise _Invalid(must, _kind(value))
@@ -285,14 +290,14 @@ def _host(value: object, _: _Context) -> str:
 
 
 def _user(value: object, _: _Context) -> str:
-    # As the protocol's USER: no character of Unicode categories C* or Z* (item 5 of issue 9).
+    # The one rule for users of keyagent.rules, as the agent and keyagent.conduce apply it.
     must = (
-        'an account name such as "me@example.com", 1 to 320 characters,'
+        f'an account name such as "me@example.com", 1 to {MAX_USER} characters,'
         " no spaces or control characters"
     )
     if not isinstance(value, str):
         raise _Invalid(must, _kind(value))
-    if not 1 <= len(value) <= 320 or not is_token(value):
+    if user_problem(value) is not None:
         raise _Invalid(must, _show(value))
     return value
 
@@ -301,8 +306,7 @@ def _path(value: object, context: _Context) -> str:
     must = 'a file path such as "~/certs/ca.pem"'
     if not isinstance(value, str):
         raise _Invalid(must, _kind(value))
-    # Control characters would let a rendered path rewrite the terminal line; NUL breaks open().
-    if not value or has_control_characters(value):
+    if path_problem(value) is not None:
         raise _Invalid(must, _show(value))
     if value == "~" or value.startswith("~/"):
         expanded = context.home + value[1:]
@@ -322,12 +326,11 @@ def _boolean(value: object, _: _Context) -> bool:
 
 
 def _positive_int(value: object, _: _Context) -> int:
-    must = "a whole number of at least 1"
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _Invalid(must, _kind(value))
-    if value < 1:
-        raise _Invalid(must, _show(value))
-    return value
+    problem = count_problem(value)
+    if problem is None and isinstance(value, int):
+        return value
+    number = isinstance(value, int) and not isinstance(value, bool)
+    raise _Invalid(problem or NOT_A_COUNT, _show(value) if number else _kind(value))
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,9 @@ from collections.abc import Sequence
 from typing import NoReturn, TextIO
 
 from keyagent import __version__, paths
-from keyagent._argparse import EXIT_USAGE, UsageParser, duration_type
+from keyagent._argparse import EXIT_USAGE, UsageParser, count_type, duration_type
 from keyagent.config import ConfigError
 from keyagent.config import load as load_config
-from keyagent.protocol import MAX_LIFETIME
 from keyagent.sockets import (
     SocketSetupError,
     bind_listener,
@@ -56,17 +55,7 @@ LISTEN_BACKLOG = 1024
 """bind_listener's default backlog, repeated when the background child listens again."""
 
 
-_duration = duration_type(MAX_LIFETIME, "ten years")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a positive whole number")
-    return value
+_duration = duration_type()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,14 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-connections",
-        type=_positive_int,
+        type=count_type,
         default=None,
         metavar="N",
         help="connections served at once; more are answered 'busy'",
     )
     parser.add_argument(
         "--max-keys",
-        type=_positive_int,
+        type=count_type,
         default=None,
         metavar="N",
         help="keys held at once (default 100000); add and create beyond it answer 'too_many'",

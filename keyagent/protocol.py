@@ -13,6 +13,19 @@ from collections import namedtuple
 from collections.abc import Callable, Mapping
 
 from keyagent.errors import BadRequest, KeyagentError, TooLarge, UnknownOp
+
+# The rules themselves (host grammar, durations, users) are keyagent.rules', shared with
+# the configuration, the command lines and the Conduce client; re-exported here for them.
+from keyagent.rules import (
+    MAX_LIFETIME,
+    NOT_SECONDS,
+    duration_problem,
+    has_control_characters,
+    host_problem,
+    is_token,
+    is_valid_host,
+    user_problem,
+)
 from keyagent.wire import Reply, decode_text, encode_request, encoder, parse_reply, scanner
 
 TYPE_CHECKING = False
@@ -22,9 +35,6 @@ if TYPE_CHECKING:
 PROTOCOL_VERSION: Final = 1
 MAX_LINE: Final = 64 * 1024
 """The longest request line the agent reads, in bytes, without its newline."""
-
-MAX_LIFETIME: Final = 10 * 365 * 24 * 3600.0
-"""Ten years: longer than any sane lifetime, short enough for datetime arithmetic."""
 
 Scalar = str | int | float | bool | None
 
@@ -39,6 +49,10 @@ __all__ = [
     "encode_error",
     "encode_request",
     "encode_result",
+    "has_control_characters",
+    "host_problem",
+    "is_token",
+    "is_valid_host",
     "parse_reply",
     "parse_request",
 ]
@@ -72,33 +86,6 @@ class InvalidRequest(Exception):
 Validator = Callable[[str, object], object]
 
 
-def _span(first: str, last: str) -> str:
-    return "".join(map(chr, range(ord(first), ord(last) + 1)))
-
-
-# Space separators (Unicode category Zs). Descriptions may hold them; names may not.
-_SPACES = dict.fromkeys(
-    map(ord, " \u00a0\u1680" + _span("\u2000", "\u200a") + "\u202f\u205f\u3000")
-)
-
-
-def has_control_characters(value: str) -> bool:
-    """True if ``value`` holds a character of Unicode category C* (controls, format
-    characters such as the bidirectional overrides, surrogates, private use, unassigned)
-    or a line or paragraph separator (Zl, Zp). Spaces are allowed.
-
-    USER, DESCRIPTION and names must not (config checks the same). ``str.isprintable`` is
-    false exactly for categories C* and Z* other than the ASCII space, in C.
-    """
-    return not value.translate(_SPACES).isprintable()
-
-
-def is_token(value: str) -> bool:
-    """True if ``value`` holds no character of Unicode category C* or Z* (no space of any
-    kind, no separator, no control or format character): what a host or a key must be."""
-    return value.isprintable() and " " not in value
-
-
 def _not_token(value: str) -> bool:
     return not is_token(value)
 
@@ -128,87 +115,6 @@ def is_key_id_prefix(text: str) -> bool:
     """4 to 64 hex digits, either case: a prefix of a key's SHA-256, as ``get`` and
     ``remove`` take. 12 are shown by default; more tell apart keys whose 12 agree."""
     return KEY_ID_MIN <= len(text) <= KEY_ID_MAX and not text.lower().strip(KEY_ID_DIGITS)
-
-
-# --- the host grammar ------------------------------------------------------------------------
-# One definition, used by the protocol, the CLI (exit 64), the config file (exit 78) and the
-# Conduce client: a DNS name, an IPv4 literal or a bracketed IPv6 literal, with an optional
-# port. Anything else (a scheme, a path, user info, whitespace, an empty label) would let a
-# URL built from it point somewhere the user did not name, or make the URL parser fail.
-
-MAX_HOST = 253 + 1 + 2 + 6  # the longest name, or an IPv6 literal in brackets, and ":65535"
-_LABEL_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-"
-_DIGITS = "0123456789"
-
-
-def _name_problem(name: str) -> str | None:
-    if not name:
-        return "the host name is empty"
-    if len(name) > 253:
-        return "a host name is at most 253 characters long"
-    labels = name.split(".")
-    for label in labels:
-        if not label:
-            return "a host name has no empty labels (no leading, trailing or doubled dots)"
-        if len(label) > 63:
-            return "each label of a host name is at most 63 characters long"
-        if label.strip(_LABEL_CHARS):
-            return "a host name has only letters, digits, hyphens and dots"
-        if label[0] == "-" or label[-1] == "-":
-            return "a label of a host name neither starts nor ends with a hyphen"
-    if not labels[-1].strip(_DIGITS):  # all digits: only an IPv4 address ends like that
-        parts = labels
-        if len(parts) != 4 or any(
-            not part or part.strip(_DIGITS) or len(part) > 3 or int(part) > 255 for part in parts
-        ):
-            return "an IPv4 address is four numbers from 0 to 255"
-    return None
-
-
-def _ipv6_problem(literal: str) -> str | None:
-    if not literal or literal.strip("0123456789abcdefABCDEF:."):
-        return "an IPv6 address has only hex digits, colons and dots"
-    import ipaddress  # rare: only for bracketed literals
-
-    try:
-        ipaddress.IPv6Address(literal)
-    except ValueError:
-        return "the text in brackets is not an IPv6 address"
-    return None
-
-
-def host_problem(host: str) -> str | None:
-    """Why ``host`` is not a host this agent will contact, or None if it is fine."""
-    if not isinstance(host, str) or not host:
-        return "the host is empty"
-    if len(host) > MAX_HOST:
-        return "the host is too long"
-    if "/" in host or "@" in host:
-        return "write the host alone (app.conduce.com), without https://, a path or user@"
-    if host.startswith("["):
-        end = host.find("]")
-        if end < 0:
-            return "an IPv6 address in brackets needs its closing bracket"
-        problem = _ipv6_problem(host[1:end])
-        rest = host[end + 1 :]
-    else:
-        name, colon, port_text = host.partition(":")
-        problem = _name_problem(name)
-        rest = colon + port_text
-    if problem is not None:
-        return problem
-    if rest:
-        port = rest[1:]
-        if rest[0] != ":" or not port or port.strip(_DIGITS) or len(port) > 5:
-            return "a port is written :N with N from 1 to 65535"
-        if not 1 <= int(port) <= 65535:
-            return "a port is a number from 1 to 65535"
-    return None
-
-
-def is_valid_host(host: str) -> bool:
-    """Whether ``host`` follows the host grammar (see :func:`host_problem`)."""
-    return host_problem(host) is None
 
 
 def _text(
@@ -252,21 +158,27 @@ def _boolean(name: str, value: object) -> object:
 
 
 def _lifetime(name: str, value: object) -> object:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    problem = duration_problem(value)
+    if problem is NOT_SECONDS:
         raise BadRequest(f"argument '{name}' must be a number of seconds")
-    try:
-        seconds = float(value)
-    except OverflowError:  # an integer with hundreds of digits
-        seconds = math.inf
-    if not math.isfinite(seconds) or seconds <= 0 or seconds > MAX_LIFETIME:
+    if problem is not None:
         raise BadRequest(
             f"argument '{name}' must be a positive number of seconds, at most ten years"
         )
-    return seconds
+    return float(value)  # type: ignore[arg-type]  # duration_problem checked it is a number
+
+
+def _user(name: str, value: object) -> object:
+    if not isinstance(value, str):
+        raise BadRequest(f"argument '{name}' must be a string")
+    problem = user_problem(value)
+    if problem is not None:
+        raise BadRequest(f"argument '{name}' is not a user: {problem}")
+    return value
 
 
 HOST: Validator = _host
-USER = _text(320, forbid=_not_token)
+USER: Validator = _user
 KEY = _text(8192, forbid=_not_token)
 DESCRIPTION = _text(1024, min_len=0)
 PASSPHRASE = _text(1024)

@@ -22,7 +22,13 @@ __version__ = "0.1.0"
 
 __all__ = ["AgentAuth", "AuthTargetRefused", "Client", "KeyagentError", "__version__", "get_key"]
 
-TYPE_CHECKING = False  # not typing's: importing typing costs a tool's start-up 3 ms
+# Every module of the package writes `TYPE_CHECKING = False` instead of importing it from
+# typing, and this is why: annotations are never evaluated (`from __future__ import
+# annotations`), so what they name is imported under `if TYPE_CHECKING:` for the type
+# checker alone, which takes any variable of that name for typing.TYPE_CHECKING. Importing
+# typing itself would add about 0.7 MiB to the resident agent and 2 ms to every
+# `keyagent-ctl get` (Python 3.11), for nothing used at run time.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 

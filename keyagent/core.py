@@ -33,6 +33,7 @@ import time
 
 from keyagent.agent import Agent
 from keyagent.errors import KeyagentError
+from keyagent.handoff import Handoff, HandoffError
 from keyagent.log import DEBUG, INFO, WARNING, get_logger, to_stderr, to_syslog
 from keyagent.persist import KeyringStore, PersistedKey
 from keyagent.server import Limits, Server, log_internal
@@ -318,34 +319,32 @@ def _adopt(fd: int) -> int:
     return fd
 
 
-def run(handoff: Mapping[str, Any]) -> int:
+def run(handoff: Handoff) -> int:
     """Serve as the hand-off from :func:`keyagent.daemon.exec_core` describes."""
-    foreground = handoff["foreground"]
-    configure_logging(debug=handoff["debug"], foreground=foreground)
-    listener = socket.socket(fileno=_adopt(handoff["listener_fd"]))
-    bound = tuple(handoff["bound"]) if handoff["bound"] else None
-    announce = handoff.get("announce")
-    ready_fd = handoff.get("ready_fd")
-    announce_fd = _adopt(announce["fd"]) if announce else None
-    announce_text = bytes.fromhex(announce["hex"]) if announce else b""
+    foreground = handoff.foreground
+    configure_logging(debug=handoff.debug, foreground=foreground)
+    listener = socket.socket(fileno=_adopt(handoff.listener_fd))
+    announce_fd = handoff.announce_fd
+    ready_fd = handoff.ready_fd
+    if announce_fd is not None:
+        _adopt(announce_fd)
     if ready_fd is not None:
         _adopt(ready_fd)
 
     def on_ready() -> None:
         if announce_fd is not None:
-            os.write(announce_fd, announce_text)
+            os.write(announce_fd, handoff.announce)
         if ready_fd is not None:
             os.write(ready_fd, b"R")
             os.close(ready_fd)
             _detach_stdio()
 
     # "" rather than None: None would make the Notifier look in the environment itself.
-    notifier = Notifier(handoff.get("notify") or "", unset_environment=False)
-    path = handoff["socket_path"]
+    notifier = Notifier(handoff.notify or "", unset_environment=False)
     try:
         return serve(
-            handoff["settings"], path, bound, listener, on_ready, notifier=notifier,
-            private_dir=handoff.get("private_dir"),
+            handoff.settings.as_dict(), handoff.socket_path, handoff.bound, listener, on_ready,
+            notifier=notifier, private_dir=handoff.private_dir,
         )  # fmt: skip
     except BaseException as error:
         if foreground:
@@ -358,8 +357,10 @@ def main(argv: list[str]) -> int:
     """``_serve.py FD``: read the hand-off from descriptor FD, then serve."""
     fd = int(argv[0])
     with os.fdopen(_adopt(fd), "rb") as source:
-        handoff = decode(source.read())
-    if not isinstance(handoff, dict):
-        raise SystemExit("keyagent: the hand-off from the daemon is not a JSON object")
-    sys.path[:] = handoff["sys_path"]
+        data = source.read()
+    try:
+        handoff = Handoff.from_json(data)
+    except HandoffError as error:
+        raise SystemExit(f"keyagent: the hand-off from the daemon is unusable: {error}") from None
+    sys.path[:] = handoff.sys_path
     return run(handoff)

@@ -19,14 +19,13 @@ command itself with exit status 1.
 
 from __future__ import annotations
 
-import _socket
 import argparse
 import ctypes
-import json
 import logging
 import os
 import shlex
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from typing import NoReturn, TextIO
@@ -35,6 +34,7 @@ from keyagent import __version__, paths
 from keyagent._argparse import EXIT_USAGE, UsageParser, count_type, duration_type
 from keyagent.config import ConfigError
 from keyagent.config import load as load_config
+from keyagent.handoff import Handoff, Settings
 from keyagent.sockets import (
     SocketSetupError,
     bind_listener,
@@ -345,7 +345,6 @@ def apply_config(args: argparse.Namespace) -> None:
     args.persist = config.persist
 
 
-SETTINGS = (*CONFIGURED, "insecure", "persist", "no_keyring", "ca_certificates")
 MFD_NOEXEC_SEAL = 0x0008  # os.MFD_NOEXEC_SEAL from Python 3.12 on
 
 
@@ -353,7 +352,7 @@ def exec_core(
     args: argparse.Namespace,
     path: str,
     bound: tuple[int, int] | None,
-    listener: _socket.socket,
+    listener: socket.socket,
     *,
     foreground: bool,
     notify_address: str | None,
@@ -376,38 +375,39 @@ def exec_core(
     if package_parent not in search_path:  # an editable install's finder hook, say
         search_path.append(package_parent)
     inherited = [listener.fileno()]
-    handoff: dict[str, object] = {
-        "sys_path": search_path,
-        "socket_path": path,
-        "bound": list(bound) if bound else None,
-        "listener_fd": listener.fileno(),
-        "foreground": foreground,
-        "debug": args.debug,
-        "notify": notify_address,
-        "settings": {name: getattr(args, name) for name in SETTINGS},
-        "private_dir": getattr(args, "private_dir", None),
-    }
+    announce_fd: int | None = None
+    announced = b""
     if announce is not None:
         try:
-            stdout = sys.stdout.fileno()  # a caller may have replaced sys.stdout
+            announce_fd = sys.stdout.fileno()  # a caller may have replaced sys.stdout
         except (AttributeError, OSError, ValueError):  # not a file: the real stdout, then
-            stdout = 1
+            announce_fd = 1
         encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
         # Bytes as the daemon would have written them; a path that is not valid in the
         # locale's encoding keeps its original bytes.
-        handoff["announce"] = {
-            "fd": stdout,
-            "hex": announce.encode(encoding, "surrogateescape").hex(),
-        }
-        inherited.append(stdout)
+        announced = announce.encode(encoding, "surrogateescape")
+        inherited.append(announce_fd)
     if ready_fd is not None:
-        handoff["ready_fd"] = ready_fd
         inherited.append(ready_fd)
+    handoff = Handoff(
+        sys_path=search_path,
+        socket_path=path,
+        bound=bound,
+        listener_fd=listener.fileno(),
+        foreground=foreground,
+        debug=args.debug,
+        notify=notify_address,
+        private_dir=getattr(args, "private_dir", None),
+        settings=Settings(**{name: getattr(args, name) for name in Settings.__slots__}),
+        announce_fd=announce_fd,
+        announce=announced,
+        ready_fd=ready_fd,
+    )
     try:  # sealed non-executable where the kernel knows the flag (Linux 6.3+)
         memfd = os.memfd_create("keyagent-handoff", MFD_NOEXEC_SEAL)
     except OSError:
         memfd = os.memfd_create("keyagent-handoff", 0)
-    os.write(memfd, json.dumps(handoff).encode())
+    os.write(memfd, handoff.to_json())
     os.lseek(memfd, 0, os.SEEK_SET)
     inherited.append(memfd)
     for fd in inherited:
@@ -459,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if inherited:
         # Socket activation: systemd made the socket (mode, directory, path) and removes it;
         # we serve it as given. The peer-uid check still applies to every connection.
-        listener: _socket.socket = inherited[0]
+        listener: socket.socket = inherited[0]
         extra = inherited[1:]
         for sock in extra:
             log.warning("ignoring extra inherited socket %s", sock.getsockname())

@@ -1,21 +1,17 @@
 """The socket file: a private directory, a 0600 socket, and no stealing a live agent's path.
 
 The daemon binds here before it forks and execs the serving process; the serving process
-only needs :func:`remove_socket` at exit, so ``socket`` (and the ``enum`` its wrapper
-loads, about 1 MiB) is imported inside the functions that make sockets, never at import.
+only needs :func:`remove_socket` at exit.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import stat
 
 from keyagent import protocol
 from keyagent.log import get_logger
-
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
-if TYPE_CHECKING:
-    import socket
 
 log = get_logger("keyagent.sockets")
 
@@ -52,8 +48,6 @@ def check_private_dir(directory: str) -> None:
 
 def agent_answers(path: str, timeout: float = 2.0) -> bool:
     """True if an agent answers ``hello`` on ``path``; False if the socket is dead."""
-    import socket
-
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(timeout)
     try:
@@ -90,8 +84,6 @@ def bind_listener(path: str, backlog: int = 1024) -> socket.socket:
             )
         log.info("replacing stale socket %s", path)
         os.unlink(path)
-    import socket
-
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:

@@ -5,8 +5,8 @@
   ``LISTEN_FDNAMES`` optionally names them. Each must be a listening ``AF_UNIX``
   ``SOCK_STREAM`` socket: anything else is :class:`ListenFdsError`, never a silent fallback
   to binding a socket of our own.
-* :class:`Notifier` — ``sd_notify``: ``READY=1``, ``STATUS=...``, ``STOPPING=1`` and
-  ``MAINPID=`` datagrams to ``$NOTIFY_SOCKET``. Without that variable every call does
+* :class:`Notifier` — ``sd_notify``: ``READY=1`` and ``STOPPING=1`` datagrams, each with
+  an optional one-line ``STATUS=...``, to ``$NOTIFY_SOCKET``. Without that variable every call does
   nothing, and a failed send is logged at debug level, never raised: readiness reporting
   must not take the agent down.
 
@@ -19,16 +19,11 @@ The units in ``contrib/systemd/`` use both: ``keyagent.socket`` owns
 
 from __future__ import annotations
 
-import _socket
 import fcntl
 import os
+import socket
 
 from keyagent.log import get_logger
-
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
-if TYPE_CHECKING:
-    from socket import socket as Socket
-    from types import TracebackType
 
 log = get_logger("keyagent.systemd")
 
@@ -52,19 +47,14 @@ def _parse_count(name: str, text: str) -> int:
     return int(text)
 
 
-def _kind(sock: Socket, listening: bool) -> str:
+def _kind(sock: socket.socket, listening: bool) -> str:
     family = getattr(sock.family, "name", str(sock.family))
     kind = getattr(sock.type, "name", str(sock.type))
     return f"{family} {kind}{'' if listening else ', not listening'}"
 
 
-def _adopt(fd: int, name: str) -> Socket:
-    """Mark ``fd`` close-on-exec and wrap it, if it is a listening Unix stream socket.
-
-    Start-up only (the daemon, not the serving process): the socket module loads here.
-    """
-    import socket
-
+def _adopt(fd: int, name: str) -> socket.socket:
+    """Mark ``fd`` close-on-exec and wrap it, if it is a listening Unix stream socket."""
     try:
         flags = fcntl.fcntl(fd, fcntl.F_GETFD)
         fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
@@ -100,7 +90,7 @@ def _adopt(fd: int, name: str) -> Socket:
     return sock
 
 
-def listen_fds_with_names(unset_environment: bool = True) -> list[tuple[str, Socket]]:
+def listen_fds_with_names(unset_environment: bool = True) -> list[tuple[str, socket.socket]]:
     """Like :func:`listen_fds`, with each socket's name from ``LISTEN_FDNAMES``.
 
     A socket without a name is called ``"unknown"``, as ``sd_listen_fds_with_names`` does.
@@ -125,7 +115,7 @@ def listen_fds_with_names(unset_environment: bool = True) -> list[tuple[str, Soc
                 raise ListenFdsError(
                     f"LISTEN_FDNAMES has {len(names)} names for LISTEN_FDS={count} descriptors"
                 )
-        adopted: list[tuple[str, Socket]] = []
+        adopted: list[tuple[str, socket.socket]] = []
         try:
             for offset, name in enumerate(names):
                 adopted.append((name, _adopt(SD_LISTEN_FDS_START + offset, name)))
@@ -140,7 +130,7 @@ def listen_fds_with_names(unset_environment: bool = True) -> list[tuple[str, Soc
                 environ.pop(variable, None)
 
 
-def listen_fds(unset_environment: bool = True) -> list[Socket]:
+def listen_fds(unset_environment: bool = True) -> list[socket.socket]:
     """The listening sockets passed by socket activation, in order; ``[]`` if none.
 
     Follows ``sd_listen_fds``: the variables count only when ``LISTEN_PID`` is this
@@ -184,15 +174,10 @@ class Notifier:
         self._target = _notify_address(address) if address else None
         if address and self._target is None:
             log.debug("ignoring unsupported %s=%r", NOTIFY_ENV, address)
-        self._sock: _socket.socket | None = None
+        self._sock: socket.socket | None = None
 
     def __repr__(self) -> str:
         return f"Notifier({self.address!r})"
-
-    @property
-    def enabled(self) -> bool:
-        """True if there is a service manager to tell."""
-        return self._target is not None
 
     def notify(self, *assignments: str) -> bool:
         """Send ``VAR=value`` lines in one datagram; True if it was sent."""
@@ -201,7 +186,7 @@ class Notifier:
         message = "\n".join(assignments).encode("utf-8", "replace")
         try:
             if self._sock is None:
-                self._sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
                 self._sock.settimeout(_SEND_TIMEOUT)
             self._sock.sendto(message, self._target)
         except OSError as error:
@@ -213,19 +198,9 @@ class Notifier:
         """``READY=1``: start-up is complete (``Type=notify`` services become active)."""
         return self.notify("READY=1", *self._status(status))
 
-    def status(self, text: str) -> bool:
-        """``STATUS=text``: a one-line state shown by ``systemctl status``."""
-        return self.notify(*self._status(text))
-
     def stopping(self, status: str | None = None) -> bool:
         """``STOPPING=1``: the service is shutting down."""
         return self.notify("STOPPING=1", *self._status(status))
-
-    def main_pid(self, pid: int) -> bool:
-        """``MAINPID=pid``: the service's main process is ``pid`` (after a fork)."""
-        if pid <= 0:
-            raise ValueError(f"not a process id: {pid}")
-        return self.notify(f"MAINPID={pid}")
 
     @staticmethod
     def _status(text: str | None) -> tuple[str, ...]:
@@ -235,14 +210,3 @@ class Notifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-
-    def __enter__(self) -> Notifier:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -404,20 +404,23 @@ def receiver(short_dir: Path) -> Iterator[NotifyReceiver]:
 def test_notifier_sends_each_state_change(
     receiver: NotifyReceiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """READY, STATUS, STOPPING and MAINPID arrive as sd_notify datagrams from this process."""
+    """READY and STOPPING, with or without a STATUS, arrive as sd_notify datagrams from this
+    process."""
     monkeypatch.setenv("NOTIFY_SOCKET", receiver.address)
-    with systemd.Notifier() as notifier:
-        assert notifier.enabled
+    notifier = systemd.Notifier()
+    try:
         assert "NOTIFY_SOCKET" not in os.environ  # children must not notify in our name
         assert notifier.ready("serving")
-        assert notifier.status("2 keys held")
-        assert notifier.main_pid(os.getpid())
+        assert notifier.ready()
+        assert notifier.stopping("stopping")
         assert notifier.stopping()
+    finally:
+        notifier.close()
     got = [receiver.receive() for _ in range(4)]
     assert [d.raw for d in got] == [
         b"READY=1\nSTATUS=serving",
-        b"STATUS=2 keys held",
-        f"MAINPID={os.getpid()}".encode(),
+        b"READY=1",
+        b"STOPPING=1\nSTATUS=stopping",
         b"STOPPING=1",
     ]
     assert {d.pid for d in got} == {os.getpid()}  # what NotifyAccess=main checks
@@ -428,10 +431,11 @@ def test_notifier_keeps_a_status_on_one_line(
 ) -> None:
     """A newline in a status cannot smuggle in another assignment such as READY=1 or MAINPID."""
     monkeypatch.setenv("NOTIFY_SOCKET", receiver.address)
-    with systemd.Notifier() as notifier:
-        notifier.status("host down\nMAINPID=1\r\nREADY=1")
+    notifier = systemd.Notifier()
+    notifier.stopping("host down\nMAINPID=1\r\nREADY=1")
+    notifier.close()
     datagram = receiver.receive()
-    assert datagram.fields == {"STATUS": "host down MAINPID=1 READY=1"}
+    assert datagram.fields == {"STOPPING": "1", "STATUS": "host down MAINPID=1 READY=1"}
 
 
 def test_notifier_reaches_an_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -440,18 +444,19 @@ def test_notifier_reaches_an_abstract_socket(monkeypatch: pytest.MonkeyPatch) ->
     abstract = bind_receiver("@" + name, "\0" + name)
     with abstract.sock:
         monkeypatch.setenv("NOTIFY_SOCKET", abstract.address)
-        with systemd.Notifier() as notifier:
-            assert notifier.ready()
+        notifier = systemd.Notifier()
+        assert notifier.ready()
+        notifier.close()
         assert abstract.receive().raw == b"READY=1"
 
 
 def test_notifier_without_a_manager_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without NOTIFY_SOCKET every call is a quiet no-op that reports False."""
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    with systemd.Notifier() as notifier:
-        assert not notifier.enabled
-        assert notifier.ready("x") is False
-        assert notifier.stopping() is False
+    notifier = systemd.Notifier()
+    assert notifier.ready("x") is False
+    assert notifier.stopping() is False
+    notifier.close()
 
 
 @pytest.fixture
@@ -473,9 +478,10 @@ def test_notifier_never_raises_when_the_manager_is_gone(
 ) -> None:
     """A send to a vanished socket returns False and logs at debug level only."""
     monkeypatch.setenv("NOTIFY_SOCKET", str(short_dir / "gone"))
-    with systemd.Notifier() as notifier:
-        assert notifier.enabled
-        assert notifier.ready() is False
+    notifier = systemd.Notifier()
+    assert notifier.address == str(short_dir / "gone")
+    assert notifier.ready() is False
+    notifier.close()
     assert {r.levelno for r in systemd_log.records} == {logging.DEBUG}
     assert "could not notify" in systemd_log.text
 
@@ -486,9 +492,9 @@ def test_notifier_ignores_an_unsupported_address(
     """A NOTIFY_SOCKET that is neither a path nor @name (e.g. vsock:) disables notification."""
     monkeypatch.setenv("NOTIFY_SOCKET", "vsock:2:1234")
     notifier = systemd.Notifier()
-    assert not notifier.enabled
     assert notifier.ready() is False
     assert "unsupported" in systemd_log.text
+    assert "could not notify" not in systemd_log.text  # nothing was even tried
 
 
 def test_notifier_takes_an_address_and_can_leave_the_environment(
@@ -496,14 +502,13 @@ def test_notifier_takes_an_address_and_can_leave_the_environment(
 ) -> None:
     """An explicit address is used as given; unset_environment=False keeps NOTIFY_SOCKET."""
     monkeypatch.setenv("NOTIFY_SOCKET", "/nonexistent/notify")
-    with systemd.Notifier(unset_environment=False) as kept:
-        assert kept.address == "/nonexistent/notify"
+    kept = systemd.Notifier(unset_environment=False)
+    assert kept.address == "/nonexistent/notify"
     assert os.environ["NOTIFY_SOCKET"] == "/nonexistent/notify"
-    with systemd.Notifier(receiver.address) as notifier:
-        assert notifier.status("explicit")
-    assert receiver.receive().raw == b"STATUS=explicit"
-    with pytest.raises(ValueError, match="not a process id"):
-        systemd.Notifier(receiver.address).main_pid(0)
+    notifier = systemd.Notifier(receiver.address)
+    assert notifier.ready("explicit")
+    notifier.close()
+    assert receiver.receive().raw == b"READY=1\nSTATUS=explicit"
 
 
 # --- unit files ------------------------------------------------------------------------------

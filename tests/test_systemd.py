@@ -530,10 +530,36 @@ def installed_service(keyagent: Path, *, exec_start: str | None = None, probe: b
         text = re.sub(r"(?m)^Type=notify$", "Type=oneshot", text)
         text = re.sub(r"(?m)^(Requires|After)=keyagent\.socket\n", "", text)
         text = text.split("[Install]")[0]
-    # PrivateTmp=yes hides /tmp from the service: a checkout (and venv) there must be bound in.
-    if any(ROOT.is_relative_to(tmp) for tmp in ("/tmp", "/var/tmp")):
-        text = add_to_service(text, f"BindReadOnlyPaths={ROOT}")
+    # PrivateTmp=yes hides /tmp and /var/tmp from the service: whatever of this checkout and
+    # this Python lives there must be bound in, wherever CI put the clone and its venv.
+    for path in hidden_by_private_tmp():
+        text = add_to_service(text, f"BindReadOnlyPaths={path}")
     return text
+
+
+PRIVATE_TMP = (Path("/tmp"), Path("/var/tmp"))
+
+
+def hidden_by_private_tmp() -> list[Path]:
+    """The directories under /tmp or /var/tmp that the units' Python needs: the checkout,
+    the venv and the interpreter it links to, the keyagent script, every import directory.
+
+    Only the outermost of nested ones are listed; /tmp itself never is (binding it would
+    undo PrivateTmp=yes, which the hardening tests check).
+    """
+    needed = {ROOT, Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable)}
+    needed |= {keyagent_script(), *(Path(entry) for entry in sys.path if os.path.isabs(entry))}
+    candidates: set[Path] = set()
+    for path in needed:
+        for form in (Path(os.path.abspath(path)), path.resolve()):
+            hidden = any(form.is_relative_to(tmp) for tmp in PRIVATE_TMP)
+            if hidden and form not in PRIVATE_TMP and form.exists():
+                candidates.add(form if form.is_dir() else form.parent)
+    return sorted(
+        path
+        for path in candidates
+        if not any(path != other and path.is_relative_to(other) for other in candidates)
+    )
 
 
 def add_to_service(text: str, line: str) -> str:

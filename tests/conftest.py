@@ -84,6 +84,38 @@ def agent(agent_factory: AgentFactory) -> AgentProcess:
     return agent_factory()
 
 
+@pytest.fixture(scope="module")
+def module_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
+    """One agent with default settings for a whole test module; use it through shared_agent.
+
+    Starting and stopping agents is a third of the suite's time, and most command-line and
+    client tests only read what an agent holds. A module may override this fixture (asking
+    for it by name) to put keys in once.
+    """
+    # Set here, not by no_user_config: a module fixture starts before any function's patch.
+    env = {**os.environ, "KEYAGENT_CONFIG": "/dev/null"}
+    with AgentProcess(tmp_path_factory.mktemp("module-agent"), env=env) as process:
+        yield process
+
+
+def agent_state(agent: AgentProcess) -> tuple[object, object]:
+    """What a test could change in a running agent: its lock, the keys it holds.
+
+    (A stopped agent makes this raise: it cannot be asked.)"""
+    with agent.client() as client:
+        status = client.status()
+        keys = client.list() if not status["locked"] else []
+    return status["locked"], keys
+
+
+@pytest.fixture
+def shared_agent(module_agent: AgentProcess) -> Iterator[AgentProcess]:
+    """The module's agent, for a test that only reads it: checked to be unchanged after."""
+    before = agent_state(module_agent)
+    yield module_agent
+    assert agent_state(module_agent) == before, "a test given shared_agent changed the agent"
+
+
 # --- replies -----------------------------------------------------------------------------------
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -23,6 +25,14 @@ from keyagent.testing.agent import AgentProcess, read_line
 from .conftest import run_ctl, run_ctl_process
 
 SECRET = "ctl-S3CR3T-0123456789"
+
+
+@pytest.fixture(scope="module")
+def module_agent(module_agent: AgentProcess) -> AgentProcess:
+    """The module's shared agent holds SECRET, for host h and user u."""
+    with module_agent.client() as client:
+        client.add("h", "u", SECRET)
+    return module_agent
 
 
 def test_add_reads_the_key_from_stdin_and_get_prints_it_alone(agent: AgentProcess) -> None:
@@ -74,13 +84,13 @@ def test_list_table_and_json(agent: AgentProcess) -> None:
     assert SECRET not in table.out + as_json.out
 
 
-def test_status_human_and_json(agent: AgentProcess) -> None:
+def test_status_human_and_json(shared_agent: AgentProcess) -> None:
     """status names the pid and lock state; --json gives the full object."""
-    human = run_ctl(agent.socket_path, "status")
-    assert f"agent pid {agent.pid}" in human.out
+    human = run_ctl(shared_agent.socket_path, "status")
+    assert f"agent pid {shared_agent.pid}" in human.out
     assert "locked: no" in human.out
-    status = json.loads(run_ctl(agent.socket_path, "status", "--json").out)
-    assert status["pid"] == agent.pid
+    status = json.loads(run_ctl(shared_agent.socket_path, "status", "--json").out)
+    assert status["pid"] == shared_agent.pid
 
 
 def test_forget_by_id_and_all(agent: AgentProcess) -> None:
@@ -136,18 +146,17 @@ def test_exit_codes_as_a_process(agent: AgentProcess, tmp_path: Path) -> None:
     assert run_ctl_process(["--bogus"], env=env).returncode == 64
 
 
-def test_passwords_and_keys_are_never_taken_from_argv(agent: AgentProcess) -> None:
+def test_passwords_and_keys_are_never_taken_from_argv(shared_agent: AgentProcess) -> None:
     """There is no flag for a key, password or passphrase: such flags are usage errors."""
     for argv in (["add", "--key", "x"], ["login", "--password", "x"], ["unlock", "x"]):
-        assert run_ctl(agent.socket_path, "--host", "h", "--user", "u", *argv).code == 64
+        assert run_ctl(shared_agent.socket_path, "--host", "h", "--user", "u", *argv).code == 64
 
 
 def test_exec_puts_the_key_in_the_environment_and_returns_the_status(
-    agent: AgentProcess,
+    shared_agent: AgentProcess,
 ) -> None:
     """exec runs the command with the key in CONDUCE_API_KEY (or --env) and exits with it."""
-    run_ctl(agent.socket_path, "--host", "h", "--user", "u", "add", stdin=SECRET)
-    env = {**os.environ, "KEYAGENT_SOCK": agent.socket_path}
+    env = {**os.environ, "KEYAGENT_SOCK": shared_agent.socket_path}
     script = "import os, sys; print(os.environ['{0}']); sys.exit(5)"
     default = run_ctl_process(
         ["exec", "--", sys.executable, "-c", script.format("CONDUCE_API_KEY")], env=env
@@ -170,10 +179,9 @@ def test_exec_command_not_found_and_no_key(agent: AgentProcess) -> None:
     assert "command not found" in missing.stderr
 
 
-def test_exec_signals_reach_the_command(agent: AgentProcess) -> None:
+def test_exec_signals_reach_the_command(shared_agent: AgentProcess) -> None:
     """exec replaces keyagent-ctl with the command, so a signal to it reaches the command."""
-    run_ctl(agent.socket_path, "--host", "h", "--user", "u", "add", stdin=SECRET)
-    env = {**os.environ, "KEYAGENT_SOCK": agent.socket_path}
+    env = {**os.environ, "KEYAGENT_SOCK": shared_agent.socket_path}
     waiter = (
         "import signal, sys\n"
         "signal.signal(signal.SIGTERM, lambda *a: sys.exit(42))\n"
@@ -192,9 +200,8 @@ def test_exec_signals_reach_the_command(agent: AgentProcess) -> None:
     process.stdout.close()
 
 
-def test_get_imports_nothing_heavy_when_the_socket_is_known(agent: AgentProcess) -> None:
+def test_get_imports_nothing_heavy_when_the_socket_is_known(shared_agent: AgentProcess) -> None:
     """keyagent-ctl get loads neither requests, keyring nor platformdirs with KEYAGENT_SOCK set."""
-    run_ctl(agent.socket_path, "--host", "h", "--user", "u", "add", stdin=SECRET)
     probe = (
         "import sys\n"
         "from keyagent.cli import main\n"
@@ -203,7 +210,7 @@ def test_get_imports_nothing_heavy_when_the_socket_is_known(agent: AgentProcess)
         " if m in sys.modules)\n"
         "print('heavy:', ','.join(heavy), 'code:', code)\n"
     )
-    env = {**os.environ, "KEYAGENT_SOCK": agent.socket_path}
+    env = {**os.environ, "KEYAGENT_SOCK": shared_agent.socket_path}
     result = subprocess.run(
         [sys.executable, "-c", probe],
         env=env,
@@ -259,7 +266,7 @@ _VALUES = st.one_of(
 
 @st.composite
 def _plain_get(draw: st.DrawFn) -> list[str]:
-    """argv in the shapes the fast path is meant for: options around a single get."""
+    """argv in the shapes the fast path looks for: options around a single get."""
 
     def options(names: tuple[str, ...]) -> list[str]:
         words: list[str] = []
@@ -268,7 +275,8 @@ def _plain_get(draw: st.DrawFn) -> list[str]:
             words += [f"{name}={value}"] if draw(st.booleans()) else [name, value]
         return words
 
-    return [*options(_OPTIONS[:3]), "get", *options(_OPTIONS[1:])]
+    # Every option on both sides: --socket after get and --key-id before it are not plain.
+    return [*options(_OPTIONS), "get", *options(_OPTIONS)]
 
 
 _ANY_WORDS = st.lists(
@@ -281,13 +289,18 @@ _ANY_WORDS = st.lists(
 )
 
 
-def _full_parse(argv: list[str]) -> dict[str, Any] | int:
-    """What argparse makes of argv: the namespace as a dict, or the exit status it chose."""
+@functools.cache
+def _parser() -> argparse.ArgumentParser:
     from keyagent.cli import build_parser
 
+    return build_parser()
+
+
+def _full_parse(argv: list[str]) -> dict[str, Any] | int:
+    """What argparse makes of argv: the namespace as a dict, or the exit status it chose."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         try:
-            return vars(build_parser().parse_args(argv))
+            return vars(_parser().parse_args(argv))
         except SystemExit as exit_:
             return int(exit_.code or 0)
 
@@ -299,6 +312,9 @@ def _full_parse(argv: list[str]) -> dict[str, Any] | int:
 @example(["--socket", "/s", "--socket=/t", "get", "--key-id", "4F2A"])
 @example(["get", "--key-id", "xyz!"])
 @example(["--host", "get", "get"])
+@example(["get", "--socket", "/s"])
+@example(["--key-id", "4f2a", "get"])
+@example(["get", "--host", "-x"])
 @example(["get", "--key-id", "a.example", "--key-id", "4f2a"])  # found by Hypothesis
 @settings(max_examples=300)
 def test_the_fast_path_reads_get_as_argparse_does(argv: list[str]) -> None:
@@ -362,15 +378,17 @@ def test_get_gives_the_same_answers_through_argparse(agent: AgentProcess) -> Non
         assert fast.err == full.err
 
 
-def test_remove_refuses_a_key_on_the_command_line(agent: AgentProcess, tmp_path: Path) -> None:
+def test_remove_refuses_a_key_on_the_command_line(
+    shared_agent: AgentProcess, tmp_path: Path
+) -> None:
     """remove KEY (a secret in argv, visible in ps) is a usage error saying to use - and stdin."""
-    for socket_path in (agent.socket_path, str(tmp_path / "none.sock")):
+    for socket_path in (shared_agent.socket_path, str(tmp_path / "none.sock")):
         result = run_ctl(socket_path, "--host", "h", "--user", "u", "remove", SECRET)
         assert result.code == 64, result.err
         assert "remove -" in result.err
         assert "stdin" in result.err
         assert SECRET not in result.err + result.out
-    alias = run_ctl(agent.socket_path, "remove-api-key", "KA-not-an-id")
+    alias = run_ctl(shared_agent.socket_path, "remove-api-key", "KA-not-an-id")
     assert alias.code == 64
 
 
@@ -418,7 +436,7 @@ def test_lifetimes_are_checked_as_the_agent_would(agent: AgentProcess) -> None:
 
 
 def test_hosts_users_and_descriptions_are_checked_before_contacting_the_agent(
-    agent: AgentProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shared_agent: AgentProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A bad --host (or KEYAGENT_HOST), user or description exits 64 before any connection."""
     nowhere = str(tmp_path / "none.sock")  # contacting it would exit 2
@@ -440,7 +458,7 @@ def test_hosts_users_and_descriptions_are_checked_before_contacting_the_agent(
     assert "KEYAGENT_HOST is not a host" in from_env.err
     monkeypatch.delenv("KEYAGENT_HOST")
     # get's fast path asks the agent first, and turns its refusal into the same usage error.
-    fast = run_ctl(agent.socket_path, "get", "--host", "app..conduce.com")
+    fast = run_ctl(shared_agent.socket_path, "get", "--host", "app..conduce.com")
     assert fast.code == 64, fast.err
     assert "--host is not a host" in fast.err
 
@@ -456,11 +474,12 @@ def test_hosts_users_and_descriptions_are_checked_before_contacting_the_agent(
         "A B", "1KEY", "KEY=X", "", "K\u00e9Y", "KEY-ID",
     ],
 )  # fmt: skip
-def test_exec_refuses_variables_that_something_interprets(agent: AgentProcess, name: str) -> None:
+def test_exec_refuses_variables_that_something_interprets(
+    shared_agent: AgentProcess, name: str
+) -> None:
     """exec --env takes only [A-Za-z_][A-Za-z0-9_]* names, none that the loader, a shell or a
     runtime reads."""
-    run_ctl(agent.socket_path, "--host", "h", "--user", "u", "add", stdin=SECRET)
-    env = {**os.environ, "KEYAGENT_SOCK": agent.socket_path}
+    env = {**os.environ, "KEYAGENT_SOCK": shared_agent.socket_path}
     # As a process: if the name were taken, exec would replace the test runner.
     result = run_ctl_process(
         ["exec", "--env", name, "--", sys.executable, "-c", "print('ran')"], env=env

@@ -17,13 +17,19 @@ OTHER_KEY = "KA-other-port-9876"
 HOST = "app.conduce.com"
 
 
-@pytest.fixture
-def holding(agent: AgentProcess) -> AgentProcess:
-    """An agent holding one key for HOST and one for HOST on port 8443."""
-    with agent.client() as client:
+@pytest.fixture(scope="module")
+def module_agent(module_agent: AgentProcess) -> AgentProcess:
+    """The module's agent holds one key for HOST and one for HOST on port 8443."""
+    with module_agent.client() as client:
         client.add(HOST, "u@example.com", KEY)
         client.add(f"{HOST}:8443", "u@example.com", OTHER_KEY)
-    return agent
+    return module_agent
+
+
+@pytest.fixture
+def holding(shared_agent: AgentProcess) -> AgentProcess:
+    """That agent, for a test that only reads it (AgentAuth only ever gets keys)."""
+    return shared_agent
 
 
 def authorization(mocked: responses.RequestsMock) -> str | None:

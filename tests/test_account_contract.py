@@ -8,6 +8,8 @@ so the fake cannot drift from what the agent meets for real.
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,3 +92,17 @@ class TestConduceAccount(RemoteAccountContract):
         monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
         with emulated_account(emulator) as subject:
             yield subject
+
+
+def test_the_contract_is_shipped_in_keyagent_testing_and_loads_pytest_only_when_used() -> None:
+    """keyagent.testing names the contract, but importing the package does not load pytest."""
+    probe = (
+        "import sys, keyagent.testing as kit\n"
+        "before = 'pytest' in sys.modules\n"
+        "contract = kit.RemoteAccountContract\n"
+        "print(before, contract.__module__, 'pytest' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.split() == ["False", "keyagent.testing.account_contract", "True"]

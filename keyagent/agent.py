@@ -1,24 +1,26 @@
 """Request logic: one ``process_<op>`` per operation, like OpenSSH's ssh-agent. No sockets.
 
-A handler returns the reply's result, raises a :class:`~keyagent.errors.KeyagentError`, or
-returns an outcome that the server completes later:
-
-* :class:`Deferred` — slow or blocking work (scrypt, a Conduce call, the OS keyring) that
-  runs on a worker thread; its ``finish`` step runs back on the event loop, the only place
-  that touches the store, so no lock is ever held across slow work.
-* :class:`Delayed` — a reply held back (a failed unlock) without stalling other clients.
-* :class:`Stop` — reply, then shut the agent down.
+A handler that answers at once is a plain function: it returns the reply's result (a dict),
+or :class:`Stop`, or raises a :class:`~keyagent.errors.KeyagentError`. A handler that waits —
+a key derivation, a Conduce call, the OS keyring, the delay after a wrong passphrase — is a
+generator that yields effects (:mod:`keyagent.effects`: ``Work``, ``Sleep``) and reads top to
+bottom, for example ``create``: pick credentials, ``yield`` the remote call, hold the key,
+``yield`` the keyring save if asked to persist, return the listing. The server's driver
+performs each effect and resumes the handler; the handler's code between two yields runs on
+the event loop, the only thread that touches the store, so no lock is ever held across slow
+work. Work the agent starts on its own (deleting an expired key's keyring copy) is a
+generator too, handed to :meth:`Agent.in_background`.
 """
 
 from __future__ import annotations
 
-import collections
 import os
 import time
+from collections import namedtuple
 from collections.abc import Callable, Iterable, Mapping
 
 from keyagent import __version__
-from keyagent._record import Frozen, Record, set_field
+from keyagent.effects import Late, Overdue, Sleep, Work
 from keyagent.errors import (
     Ambiguous,
     BadPassphrase,
@@ -39,10 +41,11 @@ from keyagent.protocol import KEY_ID_MAX, KEY_ID_SHOWN, MAX_LIFETIME, OPS, PROTO
 from keyagent.sessions import Plan, RemoteResult, Session, run_remote
 from keyagent.store import HeldKey, KeyStore, Lock, derive, digest_of, iso, new_salt
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see keyagent/__init__.py)
 if TYPE_CHECKING:
     from typing import Any, Final
 
+    from keyagent.effects import Steps
     from keyagent.sessions import AccountFactory
 
     Result = dict[str, Any]
@@ -50,77 +53,33 @@ if TYPE_CHECKING:
 log = get_logger("keyagent.agent")
 
 
-class Deferred(Frozen):
-    """Run ``work`` on a worker thread, then ``finish(value)`` on the event loop.
-
-    ``queue`` names a serialisation domain: jobs with the same queue run one at a time, in
-    order (one Conduce account, the lock passphrase). ``finish`` runs even if the client has
-    gone, so a key created remotely is never lost because its requester hung up.
-
-    ``timeout``: answer with ``timeout_error()`` if the work has not finished this many
-    seconds after it was submitted (queued time included); a result that comes later is
-    discarded. ``late`` is then called on the loop with that result, to bring the agent in
-    line with what the work did (the client was told it failed).
-    """
-
-    __slots__ = ("work", "finish", "queue", "fail", "timeout", "timeout_error", "late")
-    _hidden = frozenset({"work", "finish", "fail", "timeout_error", "late"})
-
-    work: Callable[[], Any]
-    finish: Callable[[Any], Outcome]
-    queue: str | None
-    fail: Callable[[KeyagentError], Outcome] | None
-    timeout: float | None
-    timeout_error: Callable[[], KeyagentError] | None
-    late: Callable[[Any], object] | None
-
-    def __init__(
-        self,
-        work: Callable[[], Any],
-        finish: Callable[[Any], Outcome],
-        *,
-        queue: str | None = None,
-        fail: Callable[[KeyagentError], Outcome] | None = None,
-        timeout: float | None = None,
-        timeout_error: Callable[[], KeyagentError] | None = None,
-        late: Callable[[Any], object] | None = None,
-    ) -> None:
-        set_field(self, "work", work)
-        set_field(self, "finish", finish)
-        set_field(self, "queue", queue)
-        set_field(self, "fail", fail)
-        set_field(self, "timeout", timeout)
-        set_field(self, "timeout_error", timeout_error)
-        set_field(self, "late", late)
-
-
-class Delayed(Frozen):
-    """Send ``then`` (a result or an error) after ``seconds``."""
-
-    __slots__ = ("seconds", "then")
-
-    seconds: float
-    then: Result | KeyagentError
-
-    def __init__(self, seconds: float, then: Result | KeyagentError) -> None:
-        set_field(self, "seconds", seconds)
-        set_field(self, "then", then)
-
-
-class Stop(Frozen):
+class Stop(namedtuple("Stop", ["result"])):
     """Send ``result``, then stop the agent."""
 
-    __slots__ = ("result",)
+    __slots__ = ()
 
     result: Result
 
-    def __init__(self, result: Result) -> None:
-        set_field(self, "result", result)
-
 
 if TYPE_CHECKING:
-    Outcome = Result | Deferred | Delayed | Stop
+    Outcome = Result | Stop | Steps
+    """What a handler returns: a result, a :class:`Stop`, or a generator for the driver."""
 
+
+class Peer(namedtuple("Peer", ["pid", "uid", "gid"])):
+    """Who is asking: from SO_PEERCRED."""
+
+    __slots__ = ()
+
+    pid: int
+    uid: int
+    gid: int
+
+
+SIGNAL_PEER: Final = Peer(pid=0, uid=-1, gid=-1)
+"""The peer of a request the server makes for a signal (SIGUSR1: forget every key). Only the
+agent's user or root can signal it, and the lock does not stop such a request (see
+:meth:`Agent.handle`): a screen-lock hook must be able to drop keys from a locked agent."""
 ALLOWED_WHILE_LOCKED: Final = frozenset({"hello", "status", "unlock", "stop"})
 """Stopping reveals nothing (ssh-agent can be killed while locked too)."""
 MEMOIZABLE: Final = frozenset({"get", "hello"})
@@ -131,22 +90,7 @@ MAX_KEY_ATTEMPTS: Final = 3
 """Held keys a remote call may try in turn after the service rejects one (e.g. revoked)."""
 
 
-class Peer(Frozen):
-    """Who is asking: from SO_PEERCRED."""
-
-    __slots__ = ("pid", "uid", "gid")
-
-    pid: int
-    uid: int
-    gid: int
-
-    def __init__(self, pid: int, uid: int, gid: int) -> None:
-        set_field(self, "pid", pid)
-        set_field(self, "uid", uid)
-        set_field(self, "gid", gid)
-
-
-class Clock(Record):
+class Clock:
     """Monotonic time for deadlines, wall time for dates. Tests pass a fake."""
 
     __slots__ = ("monotonic", "wall")
@@ -188,8 +132,9 @@ class Agent:
         """Whether the OS keyring may hold this lock's hash (see :meth:`process_lock`)."""
         self.started = self.clock.monotonic()
         self.sessions: dict[tuple[str, str], Session] = {}
-        self.background: collections.deque[Deferred] = collections.deque()
-        """Work the agent starts on its own; the server runs it with no client waiting."""
+        self._start_background: Callable[[Steps], None] | None = None
+        self._unstarted: list[Steps] = []
+        """Background work begun before a driver serves the agent (restoring at start-up)."""
         self._accounts = accounts
         self.validate_after = validate_after
         self.keyring = keyring
@@ -227,7 +172,7 @@ class Agent:
             raise UnknownOp(
                 f"operation '{request.op}' is not available in this agent; upgrade keyagent"
             )
-        if self.lock.locked and request.op not in ALLOWED_WHILE_LOCKED:
+        if self.lock.locked and request.op not in ALLOWED_WHILE_LOCKED and peer is not SIGNAL_PEER:
             raise Locked()
         log.debug("op=%s id=%r pid=%d", request.op, request.id, peer.pid)
         return handler(request.args)
@@ -236,6 +181,20 @@ class Agent:
         """Changes whenever a ``get`` or ``hello`` could be answered differently."""
         return self.held_keys.version, self.lock.locked
 
+    def in_background(self, steps: Steps) -> None:
+        """Start work that no client waits for; until a driver serves the agent, it waits."""
+        if self._start_background is None:
+            self._unstarted.append(steps)
+        else:
+            self._start_background(steps)
+
+    def driven_by(self, start_background: Callable[[Steps], None]) -> None:
+        """Hand background work to a driver from now on, beginning with what waited for one."""
+        self._start_background = start_background
+        unstarted, self._unstarted = self._unstarted, []
+        for steps in unstarted:
+            start_background(steps)
+
     def reap(self) -> float | None:
         """Drop expired keys; return the next monotonic deadline, if any."""
         expired, next_deadline = self.held_keys.reap(self.clock.monotonic())
@@ -243,7 +202,7 @@ class Agent:
             log.info("key %s expired", held.key_id)
             if held.persisted and self.keyring is not None:
                 # Lifetimes bind the keyring copy too: delete it, with no client waiting.
-                self.background.append(self._keyring(_deleter(held.digest), _ignore))
+                self.in_background(self._keyring_chore(_deleter(held.digest)))
         return next_deadline
 
     def restore(self, keys: Iterable[PersistedKey], lock: tuple[bytes, bytes] | None = None) -> int:
@@ -297,32 +256,35 @@ class Agent:
             description=description, created=created, expires=expires,
         )  # fmt: skip
 
-    def _keyring(
-        self,
-        work: Callable[[KeyringStore], Any],
-        finish: Callable[[Any], Outcome],
-        fail: Callable[[KeyagentError], Outcome] | None = None,
-        *,
-        late: Callable[[Any], object] | None = None,
-    ) -> Deferred:
-        """Run ``work`` on the OS keyring, off the loop, one call at a time, with a deadline."""
+    def _keyring(self, call: Callable[[KeyringStore], Any]) -> Work:
+        """``call`` on the OS keyring: off the loop, one call at a time, with a deadline."""
         keyring = self.keyring
         if keyring is None:
             raise KeyringUnavailable(
                 "this agent has no OS keyring configured; start it without --no-keyring"
             )
-        return Deferred(
-            work=lambda: work(keyring),
-            finish=finish,
+        return Work(
+            lambda: call(keyring),
             queue="keyring",
-            fail=fail,
             timeout=self.keyring_timeout,
-            late=late,
-            timeout_error=lambda: KeyringUnavailable(
-                f"the OS keyring did not answer within {self.keyring_timeout:g} s; it may be "
-                "locked and prompting: unlock it and retry"
-            ),
+            timeout_error=self._keyring_timed_out,
         )
+
+    def _keyring_timed_out(self) -> KeyagentError:
+        return KeyringUnavailable(
+            f"the OS keyring did not answer within {self.keyring_timeout:g} s; it may be "
+            "locked and prompting: unlock it and retry"
+        )
+
+    def _keyring_chore(self, call: Callable[[KeyringStore], Any]) -> Steps:
+        """Background: one keyring call, best effort (its failure is logged)."""
+        yield self._keyring(call)
+        return {}
+
+    def _forget_stored_lock(self) -> None:
+        if self.lock_in_keyring and self.keyring is not None:
+            self.lock_in_keyring = False
+            self.in_background(self._keyring_chore(lambda keyring: keyring.delete_lock()))
 
     # --- operations ----------------------------------------------------------------------
 
@@ -354,31 +316,43 @@ class Agent:
 
     def process_add(self, args: Mapping[str, Any]) -> Outcome:
         lifetime = args.get("lifetime", self.default_lifetime)
+        if args.get("persist", self.default_persist):
+            return self._add_persisted(args, lifetime)
+        return self._hold(args, lifetime)
 
-        def hold(persisted: bool = False) -> Result:
-            held = self.held_keys.put(
-                host=args["host"], user=args["user"], secret=args["key"],
-                now=self.clock.monotonic(), wall=self.clock.wall(), lifetime=lifetime,
-                description=args.get("description"), persisted=persisted,
-            )  # fmt: skip
-            log.info("added key %s for %s@%s", held.key_id, held.user, held.host)
-            return held.listing()
-
-        if not args.get("persist", self.default_persist):
-            return hold()
+    def _add_persisted(self, args: Mapping[str, Any], lifetime: float | None) -> Steps:
+        """add with persist: the keyring first, memory second, so a refusal changes nothing."""
         if self.held_keys.holding(digest_of(args["key"])) is None:
             self._room_for_one()
-        # Keyring first, memory second: if the keyring refuses, nothing has changed.
         record = self._record(
             args["key"], host=args["host"], user=args["user"],
             description=args.get("description", ""), created=None, lifetime=lifetime,
         )  # fmt: skip
-        # A save that completes after its deadline is undone: the client was told it failed.
-        return self._keyring(
-            lambda keyring: keyring.save(record),
-            lambda _: hold(persisted=True),
-            late=lambda _: self.background.append(self._keyring(_deleter(record.digest), _ignore)),
-        )
+        save = self._keyring(lambda keyring: keyring.save(record))
+        try:
+            yield save
+        except Overdue as overdue:
+            # The client is told the save failed: should it complete after all, undo it.
+            self.in_background(self._undo_late_save(overdue.late, record.digest))
+            raise
+        return self._hold(args, lifetime, persisted=True)
+
+    def _undo_late_save(self, late: Late, digest: str) -> Steps:
+        """Background: delete a keyring entry whose save ended after its client gave up."""
+        yield late
+        yield self._keyring(_deleter(digest))
+        return {}
+
+    def _hold(
+        self, args: Mapping[str, Any], lifetime: float | None, persisted: bool = False
+    ) -> Result:
+        held = self.held_keys.put(
+            host=args["host"], user=args["user"], secret=args["key"],
+            now=self.clock.monotonic(), wall=self.clock.wall(), lifetime=lifetime,
+            description=args.get("description"), persisted=persisted,
+        )  # fmt: skip
+        log.info("added key %s for %s@%s", held.key_id, held.user, held.host)
+        return held.listing()
 
     def process_get(self, args: Mapping[str, Any]) -> Result:
         held = self.held_keys.newest(
@@ -400,9 +374,8 @@ class Agent:
         if everything == (key_id is not None):
             raise BadRequest("forget needs either 'key_id' or 'all': true, not both")
         now = self.clock.monotonic()
-        if everything:
-            targets = None
-        else:
+        targets: list[str] | None = None  # None: every key
+        if not everything:
             try:
                 targets = [self.held_keys.newest(now, key_id=key_id).digest]
             except NotFound:
@@ -411,106 +384,101 @@ class Agent:
                 if not (args.get("persist") and key_id and len(key_id) == KEY_ID_MAX):
                     raise
                 targets = [key_id]
+        if args.get("persist"):
+            return self._forget_persisted(targets, now)
+        return self._forget(targets, now)
 
-        def forget(_: object = None) -> Result:
-            if targets is None:
-                forgotten = sum(held.alive(now) for held in self.held_keys.clear())
-            else:
-                forgotten = sum(self.held_keys.discard(target) is not None for target in targets)
-            log.info("forgot %d key(s)", forgotten)
-            return {"forgotten": forgotten}
-
-        if not args.get("persist"):
-            return forget()
+    def _forget_persisted(self, targets: list[str] | None, now: float) -> Steps:
+        """forget with persist: the keyring first; if it refuses, the keys stay held."""
 
         def unpersist(keyring: KeyringStore) -> int:
             if targets is None:
                 return keyring.delete_all()
             return sum(keyring.delete(target) for target in targets)
 
-        def finish(removed: int) -> Result:
-            result = forget()
-            result["unpersisted"] = removed
-            return result
+        delete = self._keyring(unpersist)
+        try:
+            unpersisted = yield delete
+        except Overdue as overdue:
+            # Should the keyring delete after all, memory follows it.
+            self.in_background(self._forget_when_done(overdue.late, targets, now))
+            raise
+        result = self._forget(targets, now)
+        result["unpersisted"] = unpersisted
+        return result
 
-        # Keyring first: if it refuses, the keys stay held and the error says so. If it
-        # deletes after its deadline, memory follows the keyring.
-        return self._keyring(unpersist, finish, late=lambda _: forget())
+    def _forget_when_done(self, late: Late, targets: list[str] | None, now: float) -> Steps:
+        """Background: forget from memory what a keyring delete removed after its deadline."""
+        yield late
+        return self._forget(targets, now)
 
-    def process_lock(self, args: Mapping[str, Any]) -> Outcome:
+    def _forget(self, targets: list[str] | None, now: float) -> Result:
+        if targets is None:
+            forgotten = sum(held.alive(now) for held in self.held_keys.clear())
+        else:
+            forgotten = sum(self.held_keys.discard(target) is not None for target in targets)
+        log.info("forgot %d key(s)", forgotten)
+        return {"forgotten": forgotten}
+
+    def process_lock(self, args: Mapping[str, Any]) -> Steps:
         if self.lock.locked:
             raise Locked("the agent is already locked; run keyagent-ctl unlock first")
         passphrase: str = args["passphrase"]
         salt = new_salt()
+        digest = yield Work(lambda: derive(passphrase, salt), queue="lock")
+        self.lock.engage(salt, digest)  # Locked if another lock engaged meanwhile
+        log.info("agent locked")
+        if self.keyring is not None and any(
+            held.persisted for held in self.held_keys.matching(self.clock.monotonic())
+        ):
+            # Persisted keys come back after a restart: so does the lock, as its salted hash
+            # in the keyring. Best effort, with no client waiting: the lock in memory holds
+            # whatever the keyring does.
+            self.lock_in_keyring = True
+            self.in_background(self._keyring_chore(lambda keyring: keyring.save_lock(salt, digest)))
+        return {"locked": True}
 
-        def finish(digest: bytes) -> Result:
-            self.lock.engage(salt, digest)
-            log.info("agent locked")
-            if self.keyring is not None and any(
-                held.persisted for held in self.held_keys.matching(self.clock.monotonic())
-            ):
-                # Persisted keys come back after a restart: so does the lock, as its salted
-                # hash in the keyring. Best effort, with no client waiting: the lock in
-                # memory holds whatever the keyring does.
-                self.lock_in_keyring = True
-                self.background.append(self._keyring(lambda k: k.save_lock(salt, digest), _ignore))
-            return {"locked": True}
-
-        return Deferred(work=lambda: derive(passphrase, salt), finish=finish, queue="lock")
-
-    def process_unlock(self, args: Mapping[str, Any]) -> Outcome:
+    def process_unlock(self, args: Mapping[str, Any]) -> Steps:
         salt = self.lock.salt
         if salt is None:
             raise NotLocked()
         passphrase: str = args["passphrase"]
+        # One attempt at a time (the "lock" queue), none before the last failure's delay ends.
+        candidate = yield Work(
+            lambda: derive(passphrase, salt), queue="lock", start_at=self._next_guess_at
+        )
+        if self.lock.salt != salt:  # unlocked (and maybe re-locked) meanwhile
+            raise NotLocked("the agent was unlocked by another client meanwhile")
+        if self.lock.try_release(candidate):
+            self.lock.not_before = 0.0
+            log.info("agent unlocked")
+            self._forget_stored_lock()
+            return {"locked": False}
+        delay = self.lock.failure_delay()
+        self.lock.not_before = self.clock.monotonic() + delay
+        log.warning("failed unlock attempt %d; reply held %.1fs", self.lock.failures, delay)
+        yield Sleep(delay)  # the reply waits, and so does the next guess; nobody else does
+        raise BadPassphrase()
 
-        def attempt() -> bytes:  # on a worker, one attempt at a time (the "lock" queue)
-            wait = self.lock.not_before - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)  # a worker thread: only further guesses wait
-            return derive(passphrase, salt)
+    def _next_guess_at(self) -> float:
+        return self.lock.not_before
 
-        def finish(candidate: bytes) -> Outcome:
-            if self.lock.salt != salt:  # unlocked (and maybe re-locked) meanwhile
-                raise NotLocked("the agent was unlocked by another client meanwhile")
-            if self.lock.try_release(candidate):
-                self.lock.not_before = 0.0
-                log.info("agent unlocked")
-                self._forget_stored_lock()
-                return {"locked": False}
-            delay = self.lock.failure_delay()
-            self.lock.not_before = time.monotonic() + delay
-            log.warning("failed unlock attempt %d; reply held %.1fs", self.lock.failures, delay)
-            return Delayed(delay, BadPassphrase())
-
-        return Deferred(work=attempt, finish=finish, queue="lock")
-
-    def _forget_stored_lock(self) -> None:
-        if self.lock_in_keyring and self.keyring is not None:
-            self.lock_in_keyring = False
-            self.background.append(self._keyring(lambda k: k.delete_lock(), _ignore))
-
-    def process_stop(self, args: Mapping[str, Any]) -> Outcome:
+    def process_stop(self, args: Mapping[str, Any]) -> Stop:
         log.info("stop requested")
         return Stop({"stopping": True})
 
     # --- Conduce operations --------------------------------------------------------------
-    # Each runs its network call as a Deferred on the account's queue (one call at a time
-    # per account) and applies the outcome to the store and session on the loop.
+    # Each runs its network call on the account's queue (one call at a time per account)
+    # and applies the outcome to the store and session on the loop.
 
-    def process_login(self, args: Mapping[str, Any]) -> Outcome:
+    def process_login(self, args: Mapping[str, Any]) -> Steps:
         session = self.session_for(args["host"], args["user"])
         password: str = args["password"]
-
-        def finish(_: None) -> Result:
-            session.proved_alive(self.clock.monotonic(), self.clock.wall())
-            session.since = self.clock.wall()
-            log.info("logged in %s on %s", session.user, session.host)
-            return {"host": session.host, "user": session.user, "session": True}
-
-        return Deferred(
-            work=lambda: session.account.login(password), finish=finish, queue=session.queue
-        )
+        yield Work(lambda: session.account.login(password), queue=session.queue)
+        session.proved_alive(self.clock.monotonic(), self.clock.wall())
+        session.since = self.clock.wall()
+        log.info("logged in %s on %s", session.user, session.host)
+        return {"host": session.host, "user": session.user, "session": True}
 
     def process_logout(self, args: Mapping[str, Any]) -> Outcome:
         if (args["host"], args["user"]) not in self.sessions:  # nothing to drop: track nothing
@@ -520,109 +488,99 @@ class Agent:
                 "session": False,
                 "was_logged_in": False,
             }
-        session = self.session_for(args["host"], args["user"])
+        return self._logout(self.session_for(args["host"], args["user"]))
 
-        def finish(_: None) -> Result:
-            had_session = session.logged_in
-            session.logged_in = session.expired = False
-            session.since = session.checked = session.checked_wall = None
-            log.info("logged out %s on %s", session.user, session.host)
-            return {
-                "host": session.host,
-                "user": session.user,
-                "session": False,
-                "was_logged_in": had_session,
-            }
+    def _logout(self, session: Session) -> Steps:
+        yield Work(session.account.logout, queue=session.queue)
+        had_session = session.logged_in
+        session.logged_in = session.expired = False
+        session.since = session.checked = session.checked_wall = None
+        log.info("logged out %s on %s", session.user, session.host)
+        return {
+            "host": session.host,
+            "user": session.user,
+            "session": False,
+            "was_logged_in": had_session,
+        }
 
-        return Deferred(work=session.account.logout, finish=finish, queue=session.queue)
-
-    def process_create(self, args: Mapping[str, Any]) -> Outcome:
+    def process_create(self, args: Mapping[str, Any]) -> Steps:
         session = self.session_for(args["host"], args["user"])
         description: str = args.get("description", "created by keyagent")
         lifetime = args.get("lifetime", self.default_lifetime)
         self._room_for_one()  # before the service makes a key the agent could not hold
-        plan = self._plan(session)
-
-        def finish(result: RemoteResult) -> Outcome:
-            self._learn(session, result)
-            already = self.held_keys.holding(digest_of(result.value))
-            if already is not None and (already.host, already.user) != (session.host, session.user):
-                # A service that answers with a key the agent holds for another account is
-                # hostile or broken: holding it here would send that key to this host.
-                raise RemoteError(
-                    f"the service at {session.host} answered create with a key the agent holds "
-                    "for another account; the key was not taken: check the --host you use"
-                )
-            created = iso(self.clock.wall())
-            held = self.held_keys.put(
-                host=session.host, user=session.user, secret=result.value,
-                now=self.clock.monotonic(), wall=self.clock.wall(), lifetime=lifetime,
-                description=description, created=created, source="created",
-            )  # fmt: skip
-            log.info("created key %s for %s on %s", held.key_id, session.user, session.host)
-
-            def reply(_: object = None) -> Result:
-                listing = held.listing()
-                if args.get("reveal"):
-                    listing["key"] = held.secret
-                return listing
-
-            if not args.get("persist", self.default_persist):
-                return reply()
+        account = session.account
+        secret: str = yield from self._remote(
+            session,
+            self._plan(session),
+            lambda api_key: account.create_key(description, api_key=api_key),
+        )
+        already = self.held_keys.holding(digest_of(secret))
+        if already is not None and (already.host, already.user) != (session.host, session.user):
+            # A service that answers with a key the agent holds for another account is
+            # hostile or broken: holding it here would send that key to this host.
+            raise RemoteError(
+                f"the service at {session.host} answered create with a key the agent holds "
+                "for another account; the key was not taken: check the --host you use"
+            )
+        created = iso(self.clock.wall())
+        held = self.held_keys.put(
+            host=session.host, user=session.user, secret=secret,
+            now=self.clock.monotonic(), wall=self.clock.wall(), lifetime=lifetime,
+            description=description, created=created, source="created",
+        )  # fmt: skip
+        log.info("created key %s for %s on %s", held.key_id, session.user, session.host)
+        if args.get("persist", self.default_persist):
             # The key exists on the service and is held now; only its persistence can fail.
             record = self._record(
                 held.secret, host=held.host, user=held.user, description=description,
                 created=created, lifetime=lifetime,
             )  # fmt: skip
-
-            def persisted(_: object) -> Result:
-                held.persisted = True
-                return reply()
-
-            def not_persisted(error: KeyagentError) -> Outcome:
+            save = self._keyring(lambda keyring: keyring.save(record))
+            try:
+                yield save
+            except KeyagentError as error:
+                if isinstance(error, Overdue):  # should the save complete after all: persisted
+                    self.in_background(self._mark_persisted_when_saved(error.late, held))
                 raise KeyringUnavailable(
                     f"created key {held.key_id} and the agent holds it, but it is not in the "
                     f"OS keyring: {error.message}"
-                )
+                ) from None
+            held.persisted = True
+        listing = held.listing()
+        if args.get("reveal"):
+            listing["key"] = held.secret
+        return listing
 
-            return self._keyring(lambda k: k.save(record), persisted, not_persisted, late=persisted)
+    def _mark_persisted_when_saved(self, late: Late, held: HeldKey) -> Steps:
+        """Background: a created key's keyring save ended after its deadline, successfully."""
+        yield late
+        held.persisted = True
+        return {}
 
-        return self._remote(
-            session,
-            plan,
-            lambda key: session.account.create_key(description, api_key=key),
-            finish,
-        )
-
-    def _list_remote(self, args: Mapping[str, Any]) -> Outcome:
+    def _list_remote(self, args: Mapping[str, Any]) -> Steps:
         host, user = args.get("host"), args.get("user")
         if host is None or user is None:
             raise BadRequest("list with remote: true needs both 'host' and 'user'")
         session = self.session_for(host, user)
-        plan = self._plan(session)
-
-        def finish(result: RemoteResult) -> Result:
-            self._learn(session, result)
-            on_service = {digest_of(listed.key): listed for listed in result.value}
-            mine = list(self.held_keys.matching(self.clock.monotonic(), host, user))
-            held_digests = {held.digest for held in mine}
-            keys = [
-                {**held.listing(), "stale": held.digest not in on_service}
-                for held in reversed(mine)
-            ]
-            remote = [
-                {"key_id": digest[:KEY_ID_SHOWN], "fingerprint": digest,
-                 "masked": listed.masked(), "description": listed.description,
-                 "created": listed.created, "held": digest in held_digests}
-                for digest, listed in on_service.items()
-            ]  # fmt: skip
-            return {"keys": keys, "remote": remote}
-
-        return self._remote(
-            session, plan, lambda key: session.account.list_keys(api_key=key), finish
+        account = session.account
+        listed_keys = yield from self._remote(
+            session, self._plan(session), lambda api_key: account.list_keys(api_key=api_key)
         )
+        on_service = {digest_of(listed.key): listed for listed in listed_keys}
+        mine = list(self.held_keys.matching(self.clock.monotonic(), host, user))
+        held_digests = {held.digest for held in mine}
+        keys = [
+            {**held.listing(), "stale": held.digest not in on_service} for held in reversed(mine)
+        ]
+        remote = [
+            {"key_id": digest[:KEY_ID_SHOWN], "fingerprint": digest,
+             "masked": listed.masked(), "description": listed.description,
+             "created": listed.created, "held": digest in held_digests}
+            for digest, listed in on_service.items()
+        ]  # fmt: skip
+        return {"keys": keys, "remote": remote}
 
-    def process_remove(self, args: Mapping[str, Any]) -> Outcome:
+    def process_remove(self, args: Mapping[str, Any]) -> Steps:
         key_id, secret = args.get("key_id"), args.get("key")
         if (key_id is None) == (secret is None):
             raise BadRequest("remove needs either 'key_id' or 'key', not both")
@@ -647,7 +605,7 @@ class Agent:
         plan = self._plan(session, avoid=held.digest if held else None)
         account = session.account
 
-        def delete(api_key: str | None) -> str:
+        def delete(api_key: str | None) -> str:  # on a worker: one remote call, or two
             target = secret
             if target is None:  # a key id the agent does not hold: find it on the service
                 matches = [
@@ -668,32 +626,27 @@ class Agent:
             account.delete_key(target, api_key=api_key)
             return digest_of(target)
 
-        def finish(result: RemoteResult) -> Outcome:
-            self._learn(session, result)
-            digest: str = result.value
-            removed = self.held_keys.discard(digest)
-            log.info("removed key %s on %s", digest[:KEY_ID_SHOWN], session.host)
-            reply = {
-                "key_id": digest[:KEY_ID_SHOWN],
-                "fingerprint": digest,
-                "host": session.host,
-                "user": session.user,
-                "removed": True,
-                "forgotten": 1 if removed else 0,
-            }
-            if removed is None or not removed.persisted:
-                return reply
-
-            def left_behind(error: KeyagentError) -> Outcome:
+        digest: str = yield from self._remote(session, plan, delete)
+        removed = self.held_keys.discard(digest)
+        log.info("removed key %s on %s", digest[:KEY_ID_SHOWN], session.host)
+        if removed is not None and removed.persisted:
+            forget_persisted = self._keyring(lambda keyring: keyring.delete(digest))
+            try:
+                yield forget_persisted
+            except KeyagentError as error:
                 raise KeyringUnavailable(
                     f"removed key {digest[:KEY_ID_SHOWN]} on the service and from memory, but "
                     f"its OS keyring entry remains ({error.message}); then run keyagent-ctl "
                     f"forget --persist {digest}"
-                )
-
-            return self._keyring(lambda k: k.delete(digest), lambda _: reply, left_behind)
-
-        return self._remote(session, plan, delete, finish)
+                ) from None
+        return {
+            "key_id": digest[:KEY_ID_SHOWN],
+            "fingerprint": digest,
+            "host": session.host,
+            "user": session.user,
+            "removed": True,
+            "forgotten": 1 if removed else 0,
+        }
 
     # --- helpers for remote operations ---------------------------------------------------
 
@@ -735,33 +688,27 @@ class Agent:
             use_session=session.live, validate_first=session.live and stale, api_keys=api_keys
         )
 
-    def _remote(
-        self,
-        session: Session,
-        plan: Plan,
-        call: Callable[[str | None], Any],
-        finish: Callable[[Any], Outcome],
-    ) -> Deferred:
-        def work() -> RemoteResult:
-            return run_remote(session.account, plan, call, host=session.host, user=session.user)
+    def _remote(self, session: Session, plan: Plan, call: Callable[[str | None], Any]) -> Steps:
+        """``call`` with the planned credentials, on the account's queue; returns its value.
 
-        def fail(error: KeyagentError) -> Outcome:
-            if isinstance(error, SessionExpired):
-                session.mark_expired()
-                log.info("session of %s on %s expired", session.user, session.host)
-            raise error
-
-        return Deferred(work=work, finish=finish, queue=session.queue, fail=fail)
-
-    def _learn(self, session: Session, result: RemoteResult) -> None:
+        What the call showed of the session (alive, expired) is learnt on the way back.
+        """
+        try:
+            result: RemoteResult = yield Work(
+                lambda: run_remote(
+                    session.account, plan, call, host=session.host, user=session.user
+                ),
+                queue=session.queue,
+            )
+        except SessionExpired:
+            session.mark_expired()
+            log.info("session of %s on %s expired", session.user, session.host)
+            raise
         if result.session_alive:
             session.proved_alive(self.clock.monotonic(), self.clock.wall())
         elif result.session_expired:
             session.mark_expired()
-
-
-def _ignore(_: object) -> Result:
-    return {}
+        return result.value
 
 
 def _deleter(digest: str) -> Callable[[KeyringStore], bool]:

@@ -1,12 +1,14 @@
 """The event loop: one thread, one ``epoll``, non-blocking sockets.
 
 Bytes in, framing, limits and the peer check live here; meaning lives in :mod:`agent`.
-Slow work (:class:`~keyagent.agent.Deferred`) goes to a few daemon worker threads, and
-their results come back through a wake-up socket, so the loop never blocks on a network,
-a keyring or a key derivation; local work has threads of its own, so it never waits for
-the network either. Deadlines — key expiry, idle connections, half-sent
-lines, held-back replies — sit in one heap whose earliest entry is the poll timeout:
-nothing polls, nothing sleeps.
+A request's line is parsed (:mod:`protocol`) and dispatched (:meth:`Agent.handle`); a quick
+handler's result is encoded and sent at once. A handler that waits is a generator, driven by
+this module's :class:`~keyagent.effects.Driver`: the ``Work`` it yields runs on a few daemon
+worker threads, whose results come back through a wake-up socket and are sent into the
+generator on the loop, so the loop never blocks on a network, a keyring or a key
+derivation; local work has threads of its own, so it never waits for the network either.
+Deadlines — key expiry, idle connections, half-sent lines, work deadlines, ``Sleep`` —
+sit in one heap whose earliest entry is the poll timeout: nothing polls, nothing sleeps.
 
 Defensive defaults sit where data enters: the peer uid is checked on accept, before a
 single byte is read; a line is capped at 64 KiB before it is parsed; a client that stops
@@ -16,7 +18,6 @@ line and is closed.
 
 from __future__ import annotations
 
-import _socket
 import collections
 import contextlib
 import errno
@@ -25,14 +26,17 @@ import itertools
 import os
 import queue
 import select
+import signal
+import socket
 import struct
 import threading
+from collections import namedtuple
 from collections.abc import Callable
-from types import FrameType
+from types import FrameType, GeneratorType
 
 from keyagent import protocol
-from keyagent._record import Frozen, set_field
-from keyagent.agent import MEMOIZABLE, Agent, Deferred, Delayed, Peer, Stop
+from keyagent.agent import MEMOIZABLE, SIGNAL_PEER, Agent, Peer, Stop
+from keyagent.effects import Driver, Job, log_internal, perform
 from keyagent.errors import (
     Busy,
     Forbidden,
@@ -44,17 +48,11 @@ from keyagent.errors import (
 )
 from keyagent.log import DEBUG, get_logger
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
-# The C halves of socket and signal: their Python wrappers convert constants to enums, and
-# enum alone is about 1 MiB resident. The type checker reads signal's stub for _signal.
-if TYPE_CHECKING:
-    import signal as _signal
-else:
-    import _signal
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see keyagent/__init__.py)
 if TYPE_CHECKING:
     from typing import Any
 
-    from keyagent.agent import Outcome
+__all__ = ["LOCAL_QUEUES", "Limits", "Server", "log_internal"]
 
 log = get_logger("keyagent.server")
 
@@ -64,13 +62,11 @@ _HANGUP = select.EPOLLHUP | select.EPOLLERR
 # munmap with their page faults, which measured as a 2-5x slower request.
 _RECV_SIZE = 64 * 1024
 _SIGNAL_NAMES: dict[int, str] = {
-    _signal.SIGTERM: "SIGTERM", _signal.SIGINT: "SIGINT", _signal.SIGHUP: "SIGHUP",
-    _signal.SIGUSR1: "SIGUSR1",
+    signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT", signal.SIGHUP: "SIGHUP",
+    signal.SIGUSR1: "SIGUSR1",
 }  # fmt: skip
 """The signals the agent handles, by number."""
 MEMO_SIZE = 256
-MAX_QUEUED = 64
-"""Jobs waiting on one queue (an account, the keyring, the lock) before more are refused."""
 LOCAL_QUEUES = frozenset({"lock", "keyring"})
 """Queues of work done on this machine (key derivation, the OS keyring). They run on workers
 of their own, one per queue, so Conduce calls hung until their timeout can never make lock,
@@ -81,7 +77,15 @@ MAX_POLL_WAIT = 86400.0
 a day and working out the wait again."""
 
 
-class Limits(Frozen):
+_LimitFields = namedtuple(
+    "_LimitFields",
+    ["max_connections", "idle_timeout", "line_timeout", "max_pending_output", "stop_grace",
+     "workers"],
+    defaults=[1024, 300.0, 10.0, 1024 * 1024, 2.0, 32],
+)  # fmt: skip
+
+
+class Limits(_LimitFields):
     """Resource limits; each one bounds what a single client can cost everyone else.
 
     * ``max_connections``: served at once; more are answered ``busy``.
@@ -95,10 +99,7 @@ class Limits(Frozen):
       keyring) has its own threads besides these, one per :data:`LOCAL_QUEUES` queue.
     """
 
-    __slots__ = (
-        "max_connections", "idle_timeout", "line_timeout", "max_pending_output", "stop_grace",
-        "workers",
-    )  # fmt: skip
+    __slots__ = ()
 
     max_connections: int
     idle_timeout: float
@@ -106,23 +107,6 @@ class Limits(Frozen):
     max_pending_output: int
     stop_grace: float
     workers: int
-
-    def __init__(
-        self,
-        *,
-        max_connections: int = 1024,
-        idle_timeout: float = 300.0,
-        line_timeout: float = 10.0,
-        max_pending_output: int = 1024 * 1024,
-        stop_grace: float = 2.0,
-        workers: int = 32,
-    ) -> None:
-        set_field(self, "max_connections", max_connections)
-        set_field(self, "idle_timeout", idle_timeout)
-        set_field(self, "line_timeout", line_timeout)
-        set_field(self, "max_pending_output", max_pending_output)
-        set_field(self, "stop_grace", stop_grace)
-        set_field(self, "workers", workers)
 
 
 class Connection:
@@ -143,7 +127,7 @@ class Connection:
         "sock",
     )
 
-    def __init__(self, sock: _socket.socket, peer: Peer, now: float) -> None:
+    def __init__(self, sock: socket.socket, peer: Peer, now: float) -> None:
         self.sock = sock
         self.peer = peer
         self.inbuf = bytearray()
@@ -212,7 +196,7 @@ class Server:
     def __init__(
         self,
         agent: Agent,
-        listener: _socket.socket,
+        listener: socket.socket,
         *,
         limits: Limits | None = None,
     ) -> None:
@@ -239,12 +223,12 @@ class Server:
         self._by_activity: dict[Connection, None] = {}
         self._half_lines: dict[Connection, None] = {}
         self._seq = itertools.count()
-        self._queues: dict[str, collections.deque[Callable[[], None]]] = {}
+        self._driver = _LoopDriver(self)
         self._completed: collections.deque[Callable[[], None]] = collections.deque()
         # Work for the next turn of the loop, after the events at hand (a vanished client's
         # remaining lines): run once per turn, so it never starves the other clients.
         self._soon: collections.deque[Callable[[], None]] = collections.deque()
-        self._wake_r, self._wake_w = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        self._wake_r, self._wake_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._signals: collections.deque[int] = collections.deque()
@@ -260,9 +244,9 @@ class Server:
 
     def install_signal_handlers(self) -> None:
         """TERM, INT and HUP stop the agent cleanly; USR1 forgets every key."""
-        _signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         for signum in _SIGNAL_NAMES:
-            _signal.signal(signum, self._on_signal)
+            signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals.append(signum)
@@ -276,6 +260,7 @@ class Server:
         self._workers = _Workers(self.limits.workers)
         self._local_workers = _Workers(len(LOCAL_QUEUES), "keyagent-local")
         self._running = True
+        self.agent.driven_by(self._driver.start_background)
         if self.on_ready is not None:
             self.on_ready()
         log.info("serving on %s (pid %d)", self.agent.socket_path, os.getpid())
@@ -313,8 +298,6 @@ class Server:
         now = self.clock()
         candidates = []
         next_expiry = self.agent.reap()
-        if self.agent.background:
-            self._submit_background()
         if self._memo:
             self._drop_stale_memo(now)
         if self._soon:
@@ -383,13 +366,31 @@ class Server:
 
     def _handle_signal(self, signum: int) -> None:
         name = _SIGNAL_NAMES.get(signum, str(signum))
-        if signum == _signal.SIGUSR1:
+        if signum == signal.SIGUSR1:
             # Memory only, like forget --all: persisted copies stay in the OS keyring.
-            self._complete(None, None, lambda: self.agent.process_forget({"all": True}))
-            log.info("%s: forgot every held key", name)
+            if self._request_for_signal(protocol.Request(None, "forget", {"all": True})):
+                log.info("%s: forgot every held key", name)
             return
         log.info("%s: stopping", name)
         self._running = False
+
+    def _request_for_signal(self, request: protocol.Request) -> bool:
+        """Dispatch a request the agent's user made by signal, with no one to answer; False
+        if it failed (logged). One that waits goes on with no client, like background work."""
+        try:
+            outcome = self.agent.handle(request, SIGNAL_PEER)
+        except KeyagentError as error:
+            log.warning("%s on a signal failed: %s", request.op, error.message)
+            return False
+        except Exception as error:  # noqa: BLE001  # a bug must not stop the agent
+            log_internal(error)
+            return False
+        finally:
+            if self._memo:  # it may have forgotten keys: drop the replies that hold them
+                self._drop_stale_memo(self.clock())
+        if isinstance(outcome, GeneratorType):
+            self._driver.start_background(outcome)
+        return True
 
     def _deliver(self, callback: Callable[[], None]) -> None:
         """Hand a callback from a worker thread to the loop (thread-safe)."""
@@ -403,7 +404,7 @@ class Server:
     def _accept(self) -> None:
         for _ in range(64):  # bounded, so a connect storm cannot starve existing clients
             try:
-                sock = _accept(self.listener)
+                sock, _ = self.listener.accept()
             except BlockingIOError:
                 return
             except OSError as error:
@@ -421,7 +422,7 @@ class Server:
         os.close(self._reserve_fd)
         self._reserve_fd = None
         try:
-            sock = _accept(self.listener)
+            sock, _ = self.listener.accept()
         except OSError:
             pass
         else:
@@ -432,10 +433,10 @@ class Server:
         except OSError:
             log.warning("could not re-open the reserve descriptor")
 
-    def _admit(self, sock: _socket.socket) -> None:
+    def _admit(self, sock: socket.socket) -> None:
         try:
             pid, uid, gid = _UCRED.unpack(
-                sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _UCRED.size)
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
             )
         except OSError:
             sock.close()
@@ -470,7 +471,7 @@ class Server:
         self._read(conn)
 
     @staticmethod
-    def _refuse(sock: _socket.socket, error: KeyagentError) -> None:
+    def _refuse(sock: socket.socket, error: KeyagentError) -> None:
         """Send one error line and close, without reading a request from this peer."""
         try:
             sock.setblocking(False)
@@ -623,69 +624,54 @@ class Server:
             self._send(conn, protocol.encode_error(None, Internal()))
             return
         remember = line if self._memo_enabled and request.op in MEMOIZABLE else None
-        self._complete(conn, request.id, lambda: self.agent.handle(request, conn.peer), remember)
-
-    def _complete(
-        self,
-        conn: Connection | None,
-        request_id: protocol.Scalar,
-        produce: Callable[[], Outcome],
-        remember: bytes | None = None,
-    ) -> None:
-        """Run one step of a request (or of internal work, with no ``conn``) and act on it.
-
-        ``remember``: the line of an idempotent read, whose answer goes to the reply memo.
-        """
         state = None if remember is None else self.agent.state_token()
         try:
-            outcome = produce()
+            outcome = self.agent.handle(request, conn.peer)
         except KeyagentError as error:
-            if conn is None:
-                log.warning("background work failed: %s", error.message)
-            else:
-                reply = protocol.encode_error(request_id, error)
-                if remember is not None:
-                    self._remember(remember, reply, state)
-                self._reply(conn, reply)
+            self._answer(conn, request.id, None, error, remember=remember, state=state)
             return
         except Exception as error:  # noqa: BLE001  # one bad request must not stop the agent
             log_internal(error)
-            if conn is not None:
-                self._reply(conn, protocol.encode_error(request_id, Internal()))
+            self._answer(conn, request.id, None, Internal())
             return
-        finally:
-            if self.agent.background:
-                self._submit_background()
-            if self._memo:  # this step may have been a forget or a lock: drop secrets now
-                self._drop_stale_memo(self.clock())
-        if conn is None:
-            if isinstance(outcome, Deferred):
-                self._defer(None, None, outcome)
-            return
-        if isinstance(outcome, dict):
-            reply = self._result_line(request_id, outcome)
-            if remember is not None:
-                self._remember(remember, reply, state)
-            self._reply(conn, reply)
-        elif isinstance(outcome, Deferred):
+        if isinstance(outcome, dict | Stop):
+            self._answer(conn, request.id, outcome, None, remember=remember, state=state)
+        else:  # a generator: the request waits, and the driver answers when it has ended
             conn.busy = True
-            self._defer(conn, request_id, outcome)
-        elif isinstance(outcome, Delayed):
-            conn.busy = True
-            then = outcome.then
+            request_id = request.id
+            self._driver.start(
+                outcome, lambda result, error: self._answer(conn, request_id, result, error)
+            )
 
-            def send_then() -> None:  # encoded when sent: the lock may have changed meanwhile
-                self._reply(
-                    conn,
-                    protocol.encode_error(request_id, then)
-                    if isinstance(then, KeyagentError)
-                    else self._result_line(request_id, then),
-                )
+    def _answer(
+        self,
+        conn: Connection,
+        request_id: protocol.Scalar,
+        result: dict[str, Any] | Stop | None,
+        error: KeyagentError | None,
+        *,
+        remember: bytes | None = None,
+        state: object = None,
+    ) -> None:
+        """Send what a request came to: its result, its error, or a :class:`Stop`'s result.
 
-            self._call_at(self.clock() + outcome.seconds, send_then)
-        elif isinstance(outcome, Stop):
-            self._reply(conn, self._result_line(request_id, outcome.result))
+        ``remember``: the line of an idempotent read, whose answer goes to the reply memo,
+        with ``state``, the agent's state token before the read.
+        """
+        if self._memo:  # the request may have been a forget or a lock: drop secrets now
+            self._drop_stale_memo(self.clock())
+        if error is not None:
+            reply = protocol.encode_error(request_id, error)
+        elif isinstance(result, Stop):
+            self._reply(conn, self._result_line(request_id, result.result))
             self._begin_stop(conn)
+            return
+        else:
+            assert result is not None  # noqa: S101  # a handler returns a result or raises
+            reply = self._result_line(request_id, result)
+        if remember is not None:
+            self._remember(remember, reply, state)
+        self._reply(conn, reply)
 
     def _result_line(self, request_id: protocol.Scalar, result: dict[str, Any]) -> bytes:
         """The reply line for ``result``; one carrying a secret only while the agent is unlocked.
@@ -708,88 +694,17 @@ class Server:
             self._touch(conn)
             self._process(conn)
 
-    # --- deferred work -------------------------------------------------------------------
+    # --- work for the driver ---------------------------------------------------------------
 
-    def _defer(
-        self, conn: Connection | None, request_id: protocol.Scalar, deferred: Deferred
-    ) -> None:
-        """Run ``deferred.work`` on a worker, then its finish step here; ``conn`` None: internal."""
-        settled = False  # replied already (the deadline passed first); touched on the loop only
+    def _run_job(self, job: Job) -> None:
+        """Run a job's work on a thread (local work on its own pool, everything else on the
+        shared one); its outcome goes back to the driver on the loop."""
 
         def run() -> None:  # on a worker thread
-            try:
-                value = deferred.work()
-            except KeyagentError as error:
-                failure = error
-                self._deliver(lambda: finished(lambda: _fail(deferred, failure)))
-            except Exception as error:  # noqa: BLE001  # reported as internal, never raised
-                log_internal(error)
-                self._deliver(lambda: finished(_raise_internal))
-            else:
-                undo = deferred.late
-                self._deliver(
-                    lambda: finished(
-                        lambda: deferred.finish(value),
-                        None if undo is None else (lambda: _run_late(undo, value)),
-                    )
-                )
+            value, error = perform(job.work)
+            self._deliver(lambda: self._driver.job_ended(job, value, error))
 
-        def finished(
-            produce: Callable[[], Outcome], late: Callable[[], None] | None = None
-        ) -> None:  # on the loop
-            nonlocal settled
-            if not settled:
-                settled = True  # the deadline, if any, now has nothing left to answer
-                self._complete(conn, request_id, produce)
-            elif late is not None:  # the client was told it failed: make that true
-                log.warning("work finished after its deadline; bringing the agent in line")
-                late()
-            # Only now start the next job of the queue: it must see this one's outcome
-            # (a failed unlock sets when the next attempt may run).
-            if deferred.queue is not None:
-                self._next_in_queue(deferred.queue)
-
-        def expire() -> None:  # on the loop, at the deadline
-            nonlocal settled
-            if settled or deferred.timeout_error is None:
-                return
-            settled = True
-            error = deferred.timeout_error()
-            self._complete(conn, request_id, lambda: _fail(deferred, error))
-
-        if deferred.timeout is not None:
-            self._call_at(self.clock() + deferred.timeout, expire)
-        if deferred.queue is None:
-            self._start(run, None)
-            return
-        waiting = self._queues.setdefault(deferred.queue, collections.deque())
-        if len(waiting) >= MAX_QUEUED:
-            # Whatever blocks this queue (a keyring that never answers) must not make every
-            # later request cost memory for ever: refuse instead of queueing.
-            settled = True
-            error = deferred.timeout_error() if deferred.timeout_error else Busy()
-            self._complete(conn, request_id, lambda: _fail(deferred, error))
-            return
-        waiting.append(run)
-        if len(waiting) == 1:
-            self._start(run, deferred.queue)
-
-    def _submit_background(self) -> None:
-        """Run work the agent queued on its own (restoring keys, deleting expired ones)."""
-        while self.agent.background:
-            self._defer(None, None, self.agent.background.popleft())
-
-    def _next_in_queue(self, name: str) -> None:
-        waiting = self._queues[name]
-        waiting.popleft()
-        if waiting:
-            self._start(waiting[0], name)
-        else:
-            del self._queues[name]
-
-    def _start(self, run: Callable[[], None], queue_name: str | None) -> None:
-        """Hand ``run`` to a thread: local work to its own, everything else to the shared pool."""
-        workers = self._local_workers if queue_name in LOCAL_QUEUES else self._workers
+        workers = self._local_workers if job.work.queue in LOCAL_QUEUES else self._workers
         assert workers is not None  # noqa: S101  # set before the loop starts
         workers.submit(run)
 
@@ -918,37 +833,20 @@ def _withheld(result: dict[str, Any]) -> Locked:
     )
 
 
-def _fail(deferred: Deferred, error: KeyagentError) -> Outcome:
-    if deferred.fail is not None:
-        return deferred.fail(error)
-    raise error
+class _LoopDriver(Driver):
+    """The effects driver of a :class:`Server`: work on its threads, timers on its heap."""
 
+    def __init__(self, server: Server) -> None:
+        super().__init__(server.clock)
+        self.server = server
 
-def _run_late(late: Callable[[Any], object], value: object) -> None:
-    try:
-        late(value)
-    except Exception as error:  # noqa: BLE001  # a repair that fails is logged, never raised
-        log_internal(error)
+    def run_job(self, job: Job) -> None:
+        self.server._run_job(job)
 
+    def call_at(self, deadline: float, callback: Callable[[], None]) -> None:
+        self.server._call_at(deadline, callback)
 
-def _raise_internal() -> Outcome:
-    raise Internal()
-
-
-def _accept(listener: _socket.socket) -> _socket.socket:
-    """``listener.accept()`` for the C socket type (the Python wrapper adds the method)."""
-    fd, _ = listener._accept()  # type: ignore[attr-defined]
-    return _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, fd)
-
-
-def log_internal(error: BaseException) -> None:
-    """Log an unexpected exception by type and frames only.
-
-    The message is left out on purpose: a ``KeyError`` or ``ValueError`` raised while a
-    secret was at hand may quote the secret.
-    """
-    import traceback  # only on this rare path: 0.7 MiB the agent does not keep otherwise
-
-    frames = traceback.extract_tb(error.__traceback__)
-    where = "; ".join(f"{frame.filename}:{frame.lineno} in {frame.name}" for frame in frames)
-    log.error("internal error %s at %s", type(error).__name__, where or "?")
+    def after_step(self) -> None:
+        # The step may have been a forget or a lock: remembered replies hold secrets.
+        if self.server._memo:
+            self.server._drop_stale_memo(self.clock())

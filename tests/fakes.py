@@ -1,20 +1,30 @@
-"""Small fakes shared by the unit tests of the agent: a Conduce account, a clock."""
+"""Small fakes shared by the unit tests of the agent: a Conduce account, a clock, and the
+way to run a request through the agent with the effects driver's inline mode."""
 
 from __future__ import annotations
 
+import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import GeneratorType
 from typing import TYPE_CHECKING, Any
 
+import pytest
+
 from keyagent import errors
-from keyagent.agent import Agent, Clock, Deferred, Peer
-from keyagent.protocol import Request
+from keyagent.agent import Agent, Clock, Peer, Stop
+from keyagent.effects import InlineDriver, Job, perform
+from keyagent.protocol import Request, encode_request, parse_request
 
 if TYPE_CHECKING:
     from keyagent.agent import Outcome
+    from keyagent.effects import Steps
     from keyagent.sessions import ListedKey
 
 PEER = Peer(pid=1, uid=0, gid=0)
+WALL = 1_700_000_000.0
+"""FakeTime's wall clock at its start (2023-11-14T22:13:20Z)."""
 
 
 @dataclass
@@ -90,29 +100,89 @@ class FakeAccount:
 
 
 class FakeTime:
+    """A clock that only moves when told to; monotonic and wall time move together."""
+
     def __init__(self) -> None:
-        self.now = 1000.0
+        self.monotonic = 1000.0
+        self.wall = WALL
+
+    def advance(self, seconds: float) -> None:
+        self.monotonic += seconds
+        self.wall += seconds
 
     def clock(self) -> Clock:
-        return Clock(monotonic=lambda: self.now, wall=lambda: 1_700_000_000.0 + self.now)
+        return Clock(monotonic=self._monotonic, wall=self._wall)
+
+    def _monotonic(self) -> float:
+        return self.monotonic
+
+    def _wall(self) -> float:
+        return self.wall
 
 
-def complete(outcome: Outcome) -> Outcome:
-    """Finish deferred work inline, as the server would (without deadlines)."""
-    while isinstance(outcome, Deferred):
-        try:
-            value = outcome.work()
-        except errors.KeyagentError as error:
-            if outcome.fail is None:
-                raise
-            outcome = outcome.fail(error)
-        else:
-            outcome = outcome.finish(value)
-    return outcome
+class HeldWorkDriver(InlineDriver):
+    """The inline driver, except that work waits in ``held`` until the test ends it with
+    :meth:`end`: so a deadline can pass before the work ends."""
+
+    def __init__(self, time: FakeTime) -> None:
+        super().__init__(time.clock().monotonic, time.advance)
+        self.held: list[Job] = []
+
+    def run_job(self, job: Job) -> None:
+        self.held.append(job)
+
+    def end(self, job: Job) -> None:
+        """Do the held job's work now, and hand its outcome back."""
+        self.held.remove(job)
+        value, error = perform(job.work)
+        self.job_ended(job, value, error)
+
+
+_drivers: weakref.WeakKeyDictionary[Agent, InlineDriver] = weakref.WeakKeyDictionary()
+
+
+def driver_for(agent: Agent) -> InlineDriver:
+    """The agent's inline driver (the server's stepping, with work done inline), made on first
+    use; it runs the agent's background work too. A wait moves the agent's FakeTime."""
+    driver = _drivers.get(agent)
+    if driver is None:
+        fake = getattr(agent.clock.monotonic, "__self__", None)
+        # On the real clock a wait (a wrong passphrase's delay) is really waited out.
+        advance = fake.advance if isinstance(fake, FakeTime) else time.sleep
+        driver = _drivers[agent] = InlineDriver(agent.clock.monotonic, advance)
+        agent.driven_by(driver.start_background)
+    return driver
+
+
+def settle(agent: Agent, outcome: Outcome) -> dict[str, Any] | Stop:
+    """What a handler's outcome comes to: a generator is driven to its end, inline."""
+    if isinstance(outcome, dict | Stop):
+        return outcome
+    result: dict[str, Any] | Stop = driver_for(agent).run(outcome)
+    return result
 
 
 def run(agent: Agent, op: str, **args: Any) -> dict[str, Any]:
-    """Handle one request, completing deferred work inline; return its result."""
-    outcome = complete(agent.handle(Request(1, op, args), PEER))
+    """Handle one request (as the server hands it over: validated), waiting inline; its result."""
+    outcome = settle(agent, agent.handle(request(op, **args), PEER))
     assert isinstance(outcome, dict)
     return outcome
+
+
+def fails(agent: Agent, op: str, **args: Any) -> errors.KeyagentError:
+    """Handle one request that must fail; its error."""
+    with pytest.raises(errors.KeyagentError) as caught:
+        settle(agent, agent.handle(request(op, **args), PEER))
+    return caught.value
+
+
+def steps(agent: Agent, op: str, **args: Any) -> Steps:
+    """The generator of a handler that waits, not started: to step it by hand."""
+    outcome = agent.handle(request(op, **args), PEER)
+    assert isinstance(outcome, GeneratorType), op
+    return outcome
+
+
+def request(op: str, request_id: int = 1, **args: Any) -> Request:
+    """A request as the server hands it to the agent: encoded, then parsed and validated."""
+    return parse_request(encode_request(op, request_id, args)[:-1])

@@ -1,4 +1,8 @@
-"""Unit tests for keyagent.agent: every operation through Agent.handle, with a fake clock."""
+"""Unit tests for keyagent.agent: every operation through Agent.handle, with a fake clock.
+
+Handlers that wait are driven by the effects driver's inline mode (tests/fakes.py), the same
+stepping the server uses; a few tests step a handler by hand to see what it waits for.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from keyagent import __version__
-from keyagent.agent import (
-    ALLOWED_WHILE_LOCKED,
-    Agent,
-    Clock,
-    Deferred,
-    Delayed,
-    Peer,
-    Stop,
-)
+from keyagent.agent import Agent, Stop
+from keyagent.effects import InlineDriver, Sleep, Work
 from keyagent.errors import (
     Ambiguous,
     BadPassphrase,
@@ -29,14 +26,15 @@ from keyagent.errors import (
     NotLocked,
     UnknownOp,
 )
-from keyagent.protocol import OPS, PROTOCOL_VERSION, Request, encode_request, parse_request
+from keyagent.protocol import MAX_LIFETIME, OPS, PROTOCOL_VERSION
 from keyagent.store import derive, digest_of, iso, key_id_for
+
+from .fakes import PEER, WALL, FakeTime, driver_for, request, settle, steps
 
 if TYPE_CHECKING:
     from keyagent.agent import Outcome
+    from keyagent.effects import Steps
 
-WALL = 1_700_000_000.0
-PEER = Peer(pid=1, uid=0, gid=0)
 SECRET = "zebra-quokka-7781-S3CR3T"
 PASSPHRASE = "correct horse battery"
 SALT = b"\x07" * 16
@@ -63,50 +61,41 @@ VALID_ARGS: dict[str, dict[str, Any]] = {
 }
 
 
-class FakeTime:
-    """A clock that only moves when told to; monotonic and wall time move together."""
-
-    def __init__(self) -> None:
-        self.monotonic = 1000.0
-        self.wall = WALL
-
-    def advance(self, seconds: float) -> None:
-        self.monotonic += seconds
-        self.wall += seconds
-
-    def clock(self) -> Clock:
-        return Clock(monotonic=lambda: self.monotonic, wall=lambda: self.wall)
-
-
-def request(op: str, request_id: int = 1, **args: Any) -> Request:
-    """A request as the server hands it to the agent: encoded, then parsed and validated."""
-    return parse_request(encode_request(op, request_id, args)[:-1])
-
-
 def call(agent: Agent, op: str, **args: Any) -> Outcome:
     return agent.handle(request(op, **args), PEER)
 
 
 def result(agent: Agent, op: str, **args: Any) -> dict[str, Any]:
-    outcome = call(agent, op, **args)
+    """The result of a request, waited for (inline) if its handler waits."""
+    outcome = settle(agent, call(agent, op, **args))
     assert isinstance(outcome, dict)
     return outcome
 
 
-def deferred(agent: Agent, op: str, **args: Any) -> Deferred:
-    outcome = call(agent, op, **args)
-    assert isinstance(outcome, Deferred)
-    return outcome
+def fails(agent: Agent, op: str, **args: Any) -> KeyagentError:
+    """The error a request ends with, waited for (inline) if its handler waits."""
+    with pytest.raises(KeyagentError) as caught:
+        settle(agent, call(agent, op, **args))
+    return caught.value
+
+
+def work_of(handler: Steps) -> Work:
+    """Start a waiting handler; the Work it yields first."""
+    effect = next(handler)
+    assert isinstance(effect, Work)
+    return effect
+
+
+def finish(handler: Steps, value: object) -> object:
+    """Resume a handler with its work's value; what it returns, or the error it raises."""
+    with pytest.raises(StopIteration) as stop:
+        handler.send(value)
+    return stop.value.value
 
 
 def is_locked(agent: Agent) -> bool:
     """The lock state, read through a call so mypy does not narrow it across steps."""
     return agent.lock.locked
-
-
-def run(job: Deferred) -> Outcome:
-    """What the server does with a Deferred: work on a thread, then finish on the loop."""
-    return job.finish(job.work())
 
 
 def add(agent: Agent, key: str = SECRET, **args: Any) -> dict[str, Any]:
@@ -160,17 +149,33 @@ def test_agent_serves_the_core_ops_in_protocol_order(agent: Agent) -> None:
     assert agent.ops == [op for op in OPS if op in agent.ops]
 
 
+# What each core op comes to on a fresh, unlocked agent: its result's keys or its error.
+FRESH_OUTCOMES: dict[str, set[str] | type[KeyagentError]] = {
+    "hello": {"protocol", "version", "ops"},
+    "status": {"pid", "socket", "version", "uptime", "locked", "keys", "default_lifetime",
+               "sessions"},
+    "add": {"key_id", "fingerprint", "host", "user", "description", "created", "added",
+            "expires", "source", "persisted"},
+    "get": NotFound,
+    "list": {"keys"},
+    "forget": {"forgotten"},
+    "lock": {"locked"},
+    "unlock": NotLocked,
+    "stop": {"stopping"},
+}  # fmt: skip
+
+
 @pytest.mark.parametrize("op", list(OPS))
 def test_each_protocol_op_is_served_or_unknown(agent: Agent, op: str) -> None:
-    """An op known to the protocol but with no handler here raises UnknownOp naming it."""
+    """Each op the bare agent serves comes to its own result or error; any other op known to
+    the protocol raises UnknownOp naming it."""
     if op in agent.ops:
-        outcome: Outcome | KeyagentError
-        try:
-            outcome = call(agent, op, **VALID_ARGS[op])
-        except KeyagentError as error:  # e.g. get on an empty agent: NotFound
-            outcome = error
-        assert not isinstance(outcome, UnknownOp)
-        assert isinstance(outcome, dict | Deferred | Delayed | Stop | KeyagentError)
+        expected = FRESH_OUTCOMES[op]
+        if isinstance(expected, set):
+            outcome = settle(agent, call(agent, op, **VALID_ARGS[op]))
+            assert set(outcome.result if isinstance(outcome, Stop) else outcome) == expected
+        else:
+            assert type(fails(agent, op, **VALID_ARGS[op])) is expected
     else:
         with pytest.raises(UnknownOp) as caught:
             call(agent, op, **VALID_ARGS[op])
@@ -306,14 +311,18 @@ def test_without_default_lifetime_keys_are_kept(agent: Agent, time: FakeTime) ->
     assert result(agent, "get")["key"] == SECRET
 
 
-def test_out_of_range_default_lifetime_is_refused_or_harmless(time: FakeTime) -> None:
-    """A default lifetime longer than the protocol allows is refused up front or still lists."""
-    try:
-        agent = Agent(default_lifetime=1e12, clock=time.clock())
-    except ValueError:
-        return
-    add(agent)
-    assert len(result(agent, "list")["keys"]) == 1
+@pytest.mark.parametrize("lifetime", [1e12, MAX_LIFETIME + 1, 0.0, -1.0])
+def test_out_of_range_default_lifetime_is_refused(time: FakeTime, lifetime: float) -> None:
+    """A default lifetime that is not positive or is longer than the protocol allows is
+    refused when the agent is made, with a message naming the bounds."""
+    with pytest.raises(ValueError, match="positive and at most ten years"):
+        Agent(default_lifetime=lifetime, clock=time.clock())
+
+
+def test_the_longest_default_lifetime_is_accepted(time: FakeTime) -> None:
+    """The protocol's longest lifetime is a valid default, and keys added get it."""
+    agent = Agent(default_lifetime=MAX_LIFETIME, clock=time.clock())
+    assert add(agent)["expires"] == iso(WALL + MAX_LIFETIME)
 
 
 # --- expiry ----------------------------------------------------------------------------------
@@ -513,17 +522,18 @@ def test_forget_all_counts_only_live_keys(agent: Agent, time: FakeTime) -> None:
 # --- lock ------------------------------------------------------------------------------------
 
 
-def test_lock_is_deferred_and_engages_on_finish(agent: Agent) -> None:
-    """lock returns a Deferred on the lock queue; the agent locks only when it finishes."""
-    job = deferred(agent, "lock", passphrase=PASSPHRASE)
-    assert job.queue == "lock"
-    assert job.fail is None
+def test_lock_waits_for_the_derivation_on_the_lock_queue_and_engages_after(agent: Agent) -> None:
+    """lock yields the key derivation as Work on the lock queue; the agent locks only once the
+    derived hash is sent back in, with the salt it was derived with."""
+    handler = steps(agent, "lock", passphrase=PASSPHRASE)
+    work = work_of(handler)
+    assert (work.queue, work.timeout, work.start_at) == ("lock", None, None)
     assert is_locked(agent) is False
-    derived = job.work()
+    derived = work.fn()
     assert isinstance(derived, bytes)
     assert len(derived) == 32
     assert is_locked(agent) is False
-    assert job.finish(derived) == {"locked": True}
+    assert finish(handler, derived) == {"locked": True}
     assert is_locked(agent) is True
     assert agent.lock.digest == derived
     salt = agent.lock.salt
@@ -532,21 +542,23 @@ def test_lock_is_deferred_and_engages_on_finish(agent: Agent) -> None:
     assert result(agent, "status")["locked"] is True
 
 
-def test_lock_deferred_repr_hides_the_passphrase(agent: Agent) -> None:
-    """The Deferred a lock returns does not show the passphrase in its repr."""
-    job = deferred(agent, "lock", passphrase=PASSPHRASE)
-    assert PASSPHRASE not in repr(job)
-    assert repr(job) == "Deferred(queue='lock', timeout=None)"
+def test_the_work_a_lock_yields_hides_the_passphrase(agent: Agent) -> None:
+    """The Work a lock yields does not show the passphrase in its repr."""
+    work = work_of(steps(agent, "lock", passphrase=PASSPHRASE))
+    assert PASSPHRASE not in repr(work)
+    assert repr(work) == "Work(queue='lock', timeout=None)"
 
 
 def test_lock_uses_a_fresh_salt_each_time(agent: Agent) -> None:
     """Two locks of the same passphrase use different salts."""
-    first = deferred(agent, "lock", passphrase=PASSPHRASE)
-    first.finish(b"\x01" * 32)
+    first = steps(agent, "lock", passphrase=PASSPHRASE)
+    work_of(first)
+    finish(first, b"\x01" * 32)
     first_salt = agent.lock.salt
     agent.lock.try_release(b"\x01" * 32)
-    second = deferred(agent, "lock", passphrase=PASSPHRASE)
-    second.finish(b"\x02" * 32)
+    second = steps(agent, "lock", passphrase=PASSPHRASE)
+    work_of(second)
+    finish(second, b"\x02" * 32)
     assert agent.lock.salt != first_salt
 
 
@@ -558,11 +570,13 @@ def test_lock_when_locked_is_refused(locked: Agent) -> None:
 
 def test_second_lock_finishing_later_is_refused(agent: Agent) -> None:
     """Of two locks started together, the one that finishes second raises Locked."""
-    first = deferred(agent, "lock", passphrase=PASSPHRASE)
-    second = deferred(agent, "lock", passphrase="other passphrase")
-    assert first.finish(b"\x01" * 32) == {"locked": True}
+    first = steps(agent, "lock", passphrase=PASSPHRASE)
+    second = steps(agent, "lock", passphrase="other passphrase")
+    work_of(first)
+    work_of(second)
+    assert finish(first, b"\x01" * 32) == {"locked": True}
     with pytest.raises(Locked, match="already locked"):
-        second.finish(b"\x02" * 32)
+        second.send(b"\x02" * 32)
     assert agent.lock.digest == b"\x01" * 32
 
 
@@ -572,20 +586,14 @@ def test_while_locked_only_hello_status_unlock_and_stop_are_served(locked: Agent
     if op not in locked.ops:
         with pytest.raises(UnknownOp):
             call(locked, op, **VALID_ARGS[op])
-    elif op in ALLOWED_WHILE_LOCKED:
-        outcome = call(locked, op, **VALID_ARGS[op])
-        assert isinstance(outcome, dict | Deferred | Stop)
+    elif op in {"hello", "status", "unlock", "stop"}:
+        call(locked, op, **VALID_ARGS[op])  # served: not refused as locked
     else:
         with pytest.raises(Locked) as caught:
             call(locked, op, **VALID_ARGS[op])
         assert caught.value.message == Locked.default_message
     assert locked.lock.locked
     assert len(locked.held_keys) == 1
-
-
-def test_allowed_while_locked_is_exactly_hello_status_unlock_stop() -> None:
-    """The ops served while locked are exactly hello, status, unlock and stop."""
-    assert frozenset({"hello", "status", "unlock", "stop"}) == ALLOWED_WHILE_LOCKED
 
 
 def test_locked_get_refuses_even_a_missing_key(locked: Agent) -> None:
@@ -596,7 +604,7 @@ def test_locked_get_refuses_even_a_missing_key(locked: Agent) -> None:
 
 def test_stop_while_locked_stops(locked: Agent) -> None:
     """stop is served while locked: stopping reveals nothing (ssh-agent can be killed too)."""
-    assert isinstance(call(locked, "stop"), Stop)
+    assert call(locked, "stop") == Stop({"stopping": True})
 
 
 def test_status_while_locked_tells_nothing_about_keys_or_sessions(locked: Agent) -> None:
@@ -612,73 +620,121 @@ def test_status_while_locked_tells_nothing_about_keys_or_sessions(locked: Agent)
 
 
 def test_unlock_when_not_locked_is_not_locked(agent: Agent) -> None:
-    """unlock on an unlocked agent raises NotLocked straight away, with no deferred work."""
+    """unlock on an unlocked agent raises NotLocked at its first step, before any work."""
     with pytest.raises(NotLocked):
-        call(agent, "unlock", passphrase=PASSPHRASE)
+        next(steps(agent, "unlock", passphrase=PASSPHRASE))
 
 
 def test_unlock_with_the_right_passphrase(locked: Agent) -> None:
-    """unlock with the right passphrase is deferred on the lock queue and unlocks the agent."""
-    job = deferred(locked, "unlock", passphrase=PASSPHRASE)
-    assert job.queue == "lock"
-    assert PASSPHRASE not in repr(job)
-    assert run(job) == {"locked": False}
+    """unlock with the right passphrase derives on the lock queue and unlocks the agent."""
+    work = work_of(steps(locked, "unlock", passphrase=PASSPHRASE))
+    assert work.queue == "lock"
+    assert PASSPHRASE not in repr(work)
+    assert result(locked, "unlock", passphrase=PASSPHRASE) == {"locked": False}
     assert locked.lock.locked is False
     assert result(locked, "get")["key"] == SECRET
     assert result(locked, "status")["locked"] is False
 
 
-def test_wrong_passphrase_is_delayed_with_growing_delays(locked: Agent) -> None:
-    """Each wrong unlock is a Delayed BadPassphrase, held back 0.1 s, then 0.2 s, then 0.4 s."""
+def test_wrong_passphrase_is_answered_after_growing_delays(locked: Agent, time: FakeTime) -> None:
+    """Each wrong unlock raises BadPassphrase after a delay on the agent's clock: 0.1 s, then
+    0.2 s, then 0.4 s (a fake clock: the test does not wait them out)."""
     delays = []
     for _ in range(3):
-        outcome = run(deferred(locked, "unlock", passphrase="wrong horse"))
-        assert isinstance(outcome, Delayed)
-        assert isinstance(outcome.then, BadPassphrase)
-        delays.append(outcome.seconds)
+        started = time.monotonic
+        assert isinstance(fails(locked, "unlock", passphrase="wrong horse"), BadPassphrase)
+        delays.append(time.monotonic - started)
         assert locked.lock.locked
     assert delays == pytest.approx([0.1, 0.2, 0.4])
     assert locked.lock.failures == 3
 
 
+def test_a_wrong_passphrase_yields_a_sleep_of_the_delay(locked: Agent) -> None:
+    """After a wrong passphrase the handler yields Sleep(delay), then raises BadPassphrase."""
+    handler = steps(locked, "unlock", passphrase="wrong horse")
+    work_of(handler)
+    pause = handler.send(b"\x06" * 32)
+    assert isinstance(pause, Sleep)
+    assert pause.seconds == pytest.approx(0.1)
+    with pytest.raises(BadPassphrase):
+        handler.send(None)
+
+
+def test_a_guess_made_during_the_delay_starts_after_it(locked: Agent, time: FakeTime) -> None:
+    """A second unlock sent while a wrong one's reply is held back does not derive until the
+    delay is over: its own answer comes 0.1 s + 0.2 s after both were sent, not 0.2 s."""
+    driver = driver_for(locked)
+    start = time.monotonic
+    answered: dict[str, float] = {}
+
+    def first_answered(_result: object, _error: KeyagentError | None) -> None:
+        answered["first"] = time.monotonic - start
+
+    driver.start(steps(locked, "unlock", passphrase="wrong horse"), first_answered)
+    with pytest.raises(BadPassphrase):
+        driver.run(steps(locked, "unlock", passphrase="wrong again"))
+    assert answered["first"] == pytest.approx(0.1)
+    assert time.monotonic - start == pytest.approx(0.3)
+
+
+def test_the_next_guess_waits_for_the_delay_on_the_agent_clock(
+    locked: Agent, time: FakeTime
+) -> None:
+    """The Work of an unlock starts no earlier than the last failure's delay allows, read on
+    the agent's clock when it reaches the head of the lock queue."""
+    fails(locked, "unlock", passphrase="wrong horse")
+    work = work_of(steps(locked, "unlock", passphrase=PASSPHRASE))
+    assert work.start_at is not None
+    assert work.start_at() == pytest.approx(time.monotonic)
+    locked.lock.not_before = time.monotonic + 5
+    assert work.start_at() == time.monotonic + 5
+
+
 def test_right_passphrase_after_failures_resets_the_delay(locked: Agent) -> None:
     """After a successful unlock the failure count starts over at the next lock."""
-    run(deferred(locked, "unlock", passphrase="wrong horse"))
-    run(deferred(locked, "unlock", passphrase="wrong horse"))
-    assert run(deferred(locked, "unlock", passphrase=PASSPHRASE)) == {"locked": False}
+    fails(locked, "unlock", passphrase="wrong horse")
+    fails(locked, "unlock", passphrase="wrong horse")
+    assert result(locked, "unlock", passphrase=PASSPHRASE) == {"locked": False}
     assert locked.lock.failures == 0
-    job = deferred(locked, "lock", passphrase="new passphrase")
-    job.finish(b"\x05" * 32)
-    outcome = deferred(locked, "unlock", passphrase="anything").finish(b"\x06" * 32)
-    assert isinstance(outcome, Delayed)
-    assert outcome.seconds == pytest.approx(0.1)
+    relock = steps(locked, "lock", passphrase="new passphrase")
+    work_of(relock)
+    finish(relock, b"\x05" * 32)
+    handler = steps(locked, "unlock", passphrase="anything")
+    work_of(handler)
+    pause = handler.send(b"\x06" * 32)
+    assert isinstance(pause, Sleep)
+    assert pause.seconds == pytest.approx(0.1)
 
 
 def test_wrong_passphrase_error_never_contains_it(locked: Agent) -> None:
-    """The BadPassphrase a wrong unlock yields does not repeat the passphrase tried."""
-    outcome = run(deferred(locked, "unlock", passphrase=SECRET))
-    assert isinstance(outcome, Delayed)
-    assert isinstance(outcome.then, KeyagentError)
-    assert SECRET not in outcome.then.message
-    assert SECRET not in repr(outcome)
+    """The BadPassphrase a wrong unlock raises does not repeat the passphrase tried."""
+    error = fails(locked, "unlock", passphrase=SECRET)
+    assert isinstance(error, BadPassphrase)
+    assert SECRET not in error.message
+    assert SECRET not in repr(error)
 
 
 def test_unlock_raced_by_another_unlock_is_not_locked(locked: Agent, digest: bytes) -> None:
     """Of two unlocks in flight, the one finishing after the agent unlocked raises NotLocked."""
-    first = deferred(locked, "unlock", passphrase=PASSPHRASE)
-    second = deferred(locked, "unlock", passphrase=PASSPHRASE)
-    assert first.finish(digest) == {"locked": False}
+    first = steps(locked, "unlock", passphrase=PASSPHRASE)
+    second = steps(locked, "unlock", passphrase=PASSPHRASE)
+    work_of(first)
+    work_of(second)
+    assert finish(first, digest) == {"locked": False}
     with pytest.raises(NotLocked, match="meanwhile"):
-        second.finish(digest)
+        second.send(digest)
 
 
 def test_unlock_started_before_a_relock_is_not_locked(locked: Agent, digest: bytes) -> None:
     """An unlock that began under an earlier lock cannot release a newer lock."""
-    stale = deferred(locked, "unlock", passphrase=PASSPHRASE)
-    assert deferred(locked, "unlock", passphrase=PASSPHRASE).finish(digest) == {"locked": False}
-    deferred(locked, "lock", passphrase=PASSPHRASE).finish(b"\x09" * 32)
+    stale = steps(locked, "unlock", passphrase=PASSPHRASE)
+    work_of(stale)
+    assert result(locked, "unlock", passphrase=PASSPHRASE) == {"locked": False}
+    relock = steps(locked, "lock", passphrase=PASSPHRASE)
+    work_of(relock)
+    finish(relock, b"\x09" * 32)
     with pytest.raises(NotLocked, match="meanwhile"):
-        stale.finish(digest)
+        stale.send(digest)
     assert locked.lock.locked
     assert locked.lock.failures == 0
 
@@ -687,15 +743,39 @@ def test_unlock_started_before_a_relock_is_not_locked(locked: Agent, digest: byt
 
 
 def test_stop_returns_stop(agent: Agent) -> None:
-    """stop returns a Stop outcome whose result says the agent is stopping."""
-    outcome = call(agent, "stop")
-    assert outcome == Stop({"stopping": True})
+    """stop returns at once a Stop outcome whose result says the agent is stopping."""
+    assert call(agent, "stop") == Stop({"stopping": True})
 
 
-def test_outcomes_are_frozen() -> None:
-    """Delayed and Stop outcomes cannot be changed once made."""
-    delayed = Delayed(0.1, BadPassphrase())
-    with pytest.raises(AttributeError, match="frozen"):
-        delayed.seconds = 0
-    with pytest.raises(AttributeError, match="frozen"):
+def test_stop_is_immutable() -> None:
+    """A Stop outcome cannot be changed once made."""
+    with pytest.raises(AttributeError):
         Stop({}).result = {"x": 1}
+
+
+# --- the inline driver ---------------------------------------------------------------------
+
+
+def test_the_inline_driver_throws_work_errors_into_the_handler(time: FakeTime) -> None:
+    """A KeyagentError raised by Work is thrown into the generator, which may catch it; an
+    exception of any other kind comes back as internal, never as itself."""
+
+    def failing() -> None:
+        raise NotFound("gone")
+
+    def broken() -> None:
+        raise ValueError("a secret may be in here")
+
+    def handler() -> Steps:
+        try:
+            yield Work(failing)
+        except NotFound as error:
+            caught = error.message
+        try:
+            yield Work(broken)
+        except KeyagentError as error:
+            return {"caught": caught, "then": error.code}
+        return {}
+
+    driver = InlineDriver(time.clock().monotonic, time.advance)
+    assert driver.run(handler()) == {"caught": "gone", "then": "internal"}

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import threading
+from typing import Any
 
 import pytest
 
 from keyagent import errors
-from keyagent.agent import Agent, Deferred
+from keyagent.agent import Agent
+from keyagent.effects import Work
 from keyagent.persist import KeyringStore
-from keyagent.protocol import Request
 from keyagent.store import digest_of, key_id_for
 from keyagent.testing.memory_keyring import MemoryKeyring
 
-from .fakes import PEER, FakeAccount, FakeTime, complete, run
+from .fakes import FakeAccount, FakeTime, HeldWorkDriver, driver_for, run, steps
 
 SECRET = "persisted-S3CR3T-0000"
 
@@ -34,8 +34,9 @@ def agent(backend: MemoryKeyring, fake_time: FakeTime) -> Agent:
 
 
 def drain_background(agent: Agent) -> None:
-    while agent.background:
-        complete(agent.background.popleft())
+    """Run the background work the agent has started: an agent with an inline driver runs
+    it at once; one without (restored, not yet served) gets its driver now."""
+    driver_for(agent)
 
 
 def keyring_ids(backend: MemoryKeyring) -> set[str]:
@@ -122,10 +123,11 @@ def test_expired_persisted_key_is_deleted_from_the_keyring(
 ) -> None:
     """When a persisted key's lifetime ends, the agent deletes its keyring entry too."""
     run(agent, "add", host="h", user="u", key=SECRET, persist=True, lifetime=60)
-    fake_time.now += 61
+    fake_time.advance(59)
     agent.reap()
-    assert len(agent.background) == 1
-    drain_background(agent)
+    assert keyring_ids(backend) == {digest_of(SECRET)}
+    fake_time.advance(2)
+    agent.reap()
     assert keyring_ids(backend) == set()
 
 
@@ -136,7 +138,7 @@ def test_restore_holds_persisted_keys_with_their_remaining_lifetime(
     first = Agent(clock=fake_time.clock(), keyring=KeyringStore(backend))
     run(first, "add", host="h", user="u", key=SECRET, persist=True, lifetime=100)
     run(first, "add", host="h", user="u", key="forever-key", persist=True)
-    fake_time.now += 40
+    fake_time.advance(40)
     second = Agent(clock=fake_time.clock(), keyring=KeyringStore(backend))
     live, expired = KeyringStore(backend).load_all(fake_time.clock().wall())
     assert expired == []
@@ -144,25 +146,92 @@ def test_restore_holds_persisted_keys_with_their_remaining_lifetime(
     keys = {k["key_id"]: k for k in run(second, "list")["keys"]}
     restored = keys[key_id_for(SECRET)]
     assert (restored["source"], restored["persisted"]) == ("keyring", True)
-    fake_time.now += 59
+    fake_time.advance(59)
     assert run(second, "get", key_id=key_id_for(SECRET))["key"] == SECRET
-    fake_time.now += 2
+    fake_time.advance(2)
     with pytest.raises(errors.NotFound):
         run(second, "get", key_id=key_id_for(SECRET))
 
 
-def test_keyring_work_has_a_deadline(agent: Agent, backend: MemoryKeyring) -> None:
-    """A keyring call that blocks gets a timeout error naming the fix, via the Deferred."""
-    backend.block = threading.Event()
-    outcome = agent.handle(
-        Request(1, "add", {"host": "h", "user": "u", "key": SECRET, "persist": True}), PEER
-    )
-    assert isinstance(outcome, Deferred)
-    assert outcome.timeout == agent.keyring_timeout
-    assert outcome.timeout_error is not None
-    assert "unlock" in outcome.timeout_error().message
-    assert outcome.queue == "keyring"
-    backend.block.set()
+def test_keyring_work_has_a_deadline(agent: Agent) -> None:
+    """A keyring call is Work on the keyring queue with the keyring deadline, whose timeout
+    error names the fix."""
+    work = next(steps(agent, "add", host="h", user="u", key=SECRET, persist=True))
+    assert isinstance(work, Work)
+    assert (work.queue, work.timeout) == ("keyring", agent.keyring_timeout)
+    assert work.timeout_error is not None
+    assert "unlock" in work.timeout_error().message
+
+
+# --- keyring work that ends after its deadline ------------------------------------------------
+
+
+@pytest.fixture
+def held_work(agent: Agent, fake_time: FakeTime) -> HeldWorkDriver:
+    """A driver for ``agent`` whose work waits until the test ends it."""
+    driver = HeldWorkDriver(fake_time)
+    agent.driven_by(driver.start_background)
+    return driver
+
+
+def start(
+    driver: HeldWorkDriver, agent: Agent, op: str, **args: Any
+) -> list[errors.KeyagentError | None]:
+    """Start a request; the list gets its error (None for a result) when it has ended."""
+    answers: list[errors.KeyagentError | None] = []
+    driver.start(steps(agent, op, **args), lambda _result, error: answers.append(error))
+    return answers
+
+
+def test_a_save_ending_after_its_deadline_is_undone(
+    agent: Agent, backend: MemoryKeyring, held_work: HeldWorkDriver
+) -> None:
+    """add --persist whose keyring save outlasts the deadline is answered keyring_unavailable;
+    when the save does complete, its entry is deleted and the key is not held."""
+    answers = start(held_work, agent, "add", host="h", user="u", key=SECRET, persist=True)
+    held_work.pass_time(agent.keyring_timeout)
+    [error] = answers
+    assert isinstance(error, errors.KeyringUnavailable)
+    assert "did not answer within" in error.message
+    [save] = held_work.held
+    held_work.end(save)  # the save completes after all, and a delete queues behind it
+    assert keyring_ids(backend) == {digest_of(SECRET)}
+    [delete] = held_work.held
+    held_work.end(delete)
+    assert keyring_ids(backend) == set()
+    assert len(agent.held_keys) == 0
+    assert answers == [error]  # answered once
+
+
+def test_a_forget_ending_after_its_deadline_is_followed_in_memory(
+    agent: Agent, backend: MemoryKeyring, held_work: HeldWorkDriver
+) -> None:
+    """forget --persist whose keyring delete outlasts the deadline is answered with the
+    timeout; when the delete does complete, the key is forgotten from memory too."""
+    driver = held_work
+    add = start(driver, agent, "add", host="h", user="u", key=SECRET, persist=True)
+    driver.end(driver.held[0])
+    assert add == [None]
+    answers = start(driver, agent, "forget", key_id=key_id_for(SECRET), persist=True)
+    driver.pass_time(agent.keyring_timeout)
+    assert isinstance(answers[0], errors.KeyringUnavailable)
+    assert len(agent.held_keys) == 1
+    driver.end(driver.held[0])
+    assert keyring_ids(backend) == set()
+    assert len(agent.held_keys) == 0
+
+
+def test_a_save_failing_after_its_deadline_changes_nothing_more(
+    agent: Agent, backend: MemoryKeyring, held_work: HeldWorkDriver
+) -> None:
+    """A keyring save that fails after its deadline leaves nothing to undo: no delete runs."""
+    answers = start(held_work, agent, "add", host="h", user="u", key=SECRET, persist=True)
+    held_work.pass_time(agent.keyring_timeout)
+    assert isinstance(answers[0], errors.KeyringUnavailable)
+    backend.locked = True
+    held_work.end(held_work.held[0])
+    assert held_work.held == []
+    assert backend.entries() == {}
 
 
 def test_remove_deletes_the_keyring_entry_after_the_service(
@@ -195,6 +264,31 @@ def test_remove_reports_a_keyring_entry_left_behind(
         run(agent, "remove", key_id=key_id_for(SECRET))
     assert f"forget --persist {digest_of(SECRET)}" in caught.value.message
     assert account.keys == ["helper-key-0000000000"]
+
+
+def test_a_created_key_whose_save_ends_late_is_persisted(
+    backend: MemoryKeyring, fake_time: FakeTime
+) -> None:
+    """create --persist whose keyring save outlasts the deadline says the key is held but not
+    in the keyring; when the save does complete, the key lists as persisted."""
+    account = FakeAccount()
+    agent = Agent(
+        clock=fake_time.clock(), keyring=KeyringStore(backend), accounts=lambda host, user: account
+    )
+    driver = HeldWorkDriver(fake_time)
+    agent.driven_by(driver.start_background)
+    login = start(driver, agent, "login", host="h", user="u", password="pw")
+    driver.end(driver.held[0])
+    assert login == [None]
+    answers = start(driver, agent, "create", host="h", user="u", persist=True)
+    driver.end(driver.held[0])  # the remote call
+    driver.pass_time(agent.keyring_timeout)
+    assert isinstance(answers[0], errors.KeyringUnavailable)
+    assert "the agent holds it" in answers[0].message
+    assert [key["persisted"] for key in run(agent, "list")["keys"]] == [False]
+    driver.end(driver.held[0])  # the save completes after all
+    assert [key["persisted"] for key in run(agent, "list")["keys"]] == [True]
+    assert keyring_ids(backend) == {digest_of(account.keys[0])}
 
 
 def test_create_with_persist_keeps_the_key_when_the_keyring_fails(
@@ -258,7 +352,7 @@ def test_a_lock_over_memory_only_keys_leaves_the_keyring_alone(
     """Without persisted keys nothing comes back after a restart, so nothing is stored."""
     run(agent, "add", host="h.example", user="u", key=SECRET)
     run(agent, "lock", passphrase=PASSPHRASE)
-    assert not agent.background
+    assert backend.calls == []
     assert backend.entries() == {}
 
 

@@ -12,9 +12,8 @@ import pytest
 
 from keyagent import errors
 from keyagent.agent import Agent
-from keyagent.protocol import Request
 
-from .fakes import PEER, FakeAccount, FakeTime, complete, run
+from .fakes import FakeAccount, FakeTime, fails, run
 
 VICTIM_HOST, HOSTILE_HOST, USER = "a.example", "b.example", "ada@example.com"
 # Two secrets whose SHA-256 share their first 12 hex digits (55d74bcc33ef).
@@ -41,12 +40,6 @@ def agent(accounts: dict[str, FakeAccount]) -> Agent:
     return agent
 
 
-def fails(agent: Agent, op: str, **args: object) -> errors.KeyagentError:
-    with pytest.raises(errors.KeyagentError) as caught:
-        complete(agent.handle(Request(1, op, args), PEER))
-    return caught.value
-
-
 def test_a_key_with_a_colliding_id_from_a_hostile_create_does_not_move_the_victims_key(
     agent: Agent, accounts: dict[str, FakeAccount]
 ) -> None:
@@ -71,8 +64,7 @@ def test_a_hostile_create_cannot_send_a_held_key_to_itself(
     error = fails(agent, "create", host=HOSTILE_HOST, user=USER)
     assert isinstance(error, errors.RemoteError)
     assert VICTIM_KEY not in error.message
-    with pytest.raises(errors.NotFound):
-        complete(agent.handle(Request(1, "get", {"host": HOSTILE_HOST}), PEER))
+    assert isinstance(fails(agent, "get", host=HOSTILE_HOST), errors.NotFound)
     assert run(agent, "get", host=VICTIM_HOST)["key"] == VICTIM_KEY
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -19,25 +20,10 @@ from keyagent.client import Client
 from keyagent.store import key_id_for
 from keyagent.testing.agent import AgentProcess
 
-from .conftest import AgentFactory, Raw, request_as_nobody
+from .conftest import AgentFactory, Raw, decode, error_code, request_as_nobody
 
 SECRET = "S3CR3T-api-key-0123456789abcdef"
 PASSPHRASE = "correct horse battery staple"
-
-
-def reply(raw: Raw) -> dict[str, object]:
-    line = raw.line()
-    assert line, "the agent closed the connection instead of replying"
-    value = json.loads(line)
-    assert isinstance(value, dict)
-    return value
-
-
-def error_code(message: dict[str, object]) -> str:
-    assert message["ok"] is False
-    error = message["error"]
-    assert isinstance(error, dict)
-    return str(error["code"])
 
 
 def test_hello_lists_protocol_and_operations(agent: AgentProcess) -> None:
@@ -160,9 +146,9 @@ def test_hostile_input_gets_an_error_and_the_agent_goes_on(
     """Malformed, unknown or mistyped requests get a coded error; the connection still works."""
     connection = raw()
     connection.send(line)
-    assert error_code(reply(connection)) == code
+    assert error_code(decode(connection.line())) == code
     connection.send(b'{"id": "after", "op": "hello"}\n')
-    after = reply(connection)
+    after = decode(connection.line())
     assert after["ok"] is True
     assert after["id"] == "after"
 
@@ -172,9 +158,9 @@ def test_request_id_is_echoed_verbatim(raw: Callable[..., Raw]) -> None:
     connection = raw()
     for request_id in ["x", 0, -5, 2.5, True, None, "é🔑"]:
         connection.send(json.dumps({"id": request_id, "op": "hello"}).encode() + b"\n")
-        assert reply(connection)["id"] == request_id
+        assert decode(connection.line())["id"] == request_id
         connection.send(json.dumps({"id": request_id, "op": "nope"}).encode() + b"\n")
-        assert reply(connection)["id"] == request_id
+        assert decode(connection.line())["id"] == request_id
 
 
 def test_pipelined_requests_are_answered_in_order(raw: Callable[..., Raw]) -> None:
@@ -185,7 +171,7 @@ def test_pipelined_requests_are_answered_in_order(raw: Callable[..., Raw]) -> No
         for n, op in enumerate(["hello", "status", "nope", "list", "hello"])
     )
     connection.send(batch)
-    replies = [reply(connection) for _ in range(5)]
+    replies = [decode(connection.line()) for _ in range(5)]
     assert [r["id"] for r in replies] == [0, 1, 2, 3, 4]
     assert [r["ok"] for r in replies] == [True, True, False, True, True]
 
@@ -194,18 +180,18 @@ def test_oversized_line_is_refused_and_the_connection_closed(raw: Callable[..., 
     """A line over 64 KiB gets too_large and the connection closes; others are unaffected."""
     big = raw()
     big.send(b'{"op": "hello", "pad": "' + b"x" * (70 * 1024) + b'"}\n')
-    assert error_code(reply(big)) == "too_large"
+    assert error_code(decode(big.line())) == "too_large"
     assert big.closed_by_peer()
     other = raw()
     other.send(b'{"op": "hello"}\n')
-    assert reply(other)["ok"] is True
+    assert decode(other.line())["ok"] is True
 
 
 def test_endless_line_without_newline_is_refused(raw: Callable[..., Raw]) -> None:
     """More than 64 KiB with no newline is too_large too, without waiting for the end."""
     endless = raw()
     endless.send(b"{" + b" " * (65 * 1024))
-    assert error_code(reply(endless)) == "too_large"
+    assert error_code(decode(endless.line())) == "too_large"
     assert endless.closed_by_peer()
 
 
@@ -215,11 +201,11 @@ def test_half_line_client_does_not_delay_others(raw: Callable[..., Raw]) -> None
     stalled.send(b'{"op": "hel')
     other = raw()
     other.send(b'{"id": 1, "op": "hello"}\n')
-    assert reply(other)["ok"] is True
+    assert decode(other.line())["ok"] is True
     assert not stalled.closed_by_peer()  # still open, still waiting for its newline
     stalled.send(b'lo"}\n')
     stalled.sock.settimeout(10)
-    assert reply(stalled)["ok"] is True
+    assert decode(stalled.line())["ok"] is True
 
 
 def test_half_line_times_out(agent_factory: AgentFactory) -> None:
@@ -228,7 +214,7 @@ def test_half_line_times_out(agent_factory: AgentFactory) -> None:
     slow = Raw(agent.socket_path)
     slow.send(b'{"op": "hello"')
     started = time.monotonic()
-    assert error_code(reply(slow)) == "timeout"
+    assert error_code(decode(slow.line())) == "timeout"
     assert time.monotonic() - started >= 0.25
     assert slow.closed_by_peer()
     slow.close()
@@ -255,16 +241,16 @@ def test_connections_beyond_the_cap_are_answered_busy(agent_factory: AgentFactor
     held = [Raw(agent.socket_path) for _ in range(3)]
     for connection in held:  # make sure all three are accepted before the fourth
         connection.send(b'{"op": "hello"}\n')
-        assert reply(connection)["ok"] is True
+        assert decode(connection.line())["ok"] is True
     extra = Raw(agent.socket_path)
-    assert error_code(reply(extra)) == "busy"
+    assert error_code(decode(extra.line())) == "busy"
     assert extra.closed_by_peer()
     extra.close()
     # Free a slot in a way the test can observe: the agent closes a connection itself
     # (after too_large) in the same step that sends the reply we wait for.
     freed = held.pop()
     freed.send(b"x" * (65 * 1024))
-    assert error_code(reply(freed)) == "too_large"
+    assert error_code(decode(freed.line())) == "too_large"
     freed.close()
     with agent.client() as client:
         assert client.hello()["protocol"] == 1
@@ -364,6 +350,24 @@ def test_lock_refuses_everything_but_hello_status_unlock_stop(agent: AgentProces
             client.unlock(PASSPHRASE)
 
 
+def test_usr1_forgets_every_key_of_a_locked_agent_too(agent: AgentProcess) -> None:
+    """SIGUSR1 goes through dispatch but is not refused by the lock: a screen-lock hook drops
+    the keys of an agent that is already locked; after unlocking, none is left."""
+    with agent.client() as client:
+        client.add("h.example", "u", SECRET)
+        client.lock(PASSPHRASE)
+        os.kill(agent.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while "forgot every held key" not in agent.log():  # each status is a round trip
+            assert "on a signal failed" not in agent.log()
+            assert time.monotonic() < deadline, "the agent never acted on SIGUSR1"
+            assert client.status()["locked"] is True
+        client.unlock(PASSPHRASE)
+        assert client.list() == []
+        with pytest.raises(errors.NotFound):
+            client.get()
+
+
 def test_a_locked_agent_can_be_stopped(agent: AgentProcess) -> None:
     """stop works on a locked agent: stopping reveals nothing (ssh-agent can be killed too)."""
     with agent.client() as client:
@@ -393,12 +397,12 @@ def test_failed_unlocks_are_delayed_increasingly_without_stalling_others(
     guesser.send(b'{"id": "guess", "op": "unlock", "passphrase": "wrong"}\n')  # held ~0.8 s
     bystander = raw()
     bystander.send(b'{"id": "s", "op": "status"}\n')
-    assert reply(bystander)["ok"] is True
+    assert decode(bystander.line())["ok"] is True
     guesser.sock.settimeout(0.05)
     with pytest.raises(TimeoutError):
         guesser.sock.recv(1)  # the guesser is still waiting for its held-back reply
     guesser.sock.settimeout(15)
-    assert error_code(reply(guesser)) == "bad_passphrase"
+    assert error_code(decode(guesser.line())) == "bad_passphrase"
 
 
 @pytest.fixture
@@ -451,7 +455,7 @@ def test_debug_log_never_contains_secrets(agent: AgentProcess) -> None:
             + SECRET.encode()
             + b'", "bogus": 1}\n'
         )
-        assert error_code(reply(raw_socket)) == "bad_request"
+        assert error_code(decode(raw_socket.line())) == "bad_request"
         raw_socket.close()
         client.stop()
     assert agent.process is not None
@@ -481,7 +485,7 @@ def test_remembered_replies_never_outlive_the_state_they_answered(
 
     def ask() -> dict[str, object]:
         raw.send(line)
-        return reply(raw)
+        return decode(raw.line())
 
     assert error_code(ask()) == "not_found"
     with agent.client() as client:
@@ -568,6 +572,6 @@ def test_failed_unlock_delay_holds_across_parallel_connections(
     for guesser in guessers:
         guesser.send(b'{"op": "unlock", "passphrase": "wrong"}\n')
     for guesser in guessers:
-        assert error_code(reply(guesser)) == "bad_passphrase"
+        assert error_code(decode(guesser.line())) == "bad_passphrase"
     # Without the agent-wide pacing, both would be answered after about 0.8 s.
     assert time.monotonic() - started >= 0.4 + 0.8 + 0.8

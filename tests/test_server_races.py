@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import calendar
 import contextlib
-import json
 import select
 import socket
 import threading
@@ -24,10 +23,11 @@ from typing import Any
 import pytest
 
 from keyagent import errors, protocol
-from keyagent.agent import Agent, Clock, Deferred
+from keyagent.agent import Agent
 from keyagent.client import Client
+from keyagent.effects import Work
 from keyagent.persist import KeyringStore
-from keyagent.protocol import MAX_LIFETIME, Request
+from keyagent.protocol import MAX_LIFETIME
 from keyagent.server import LOCAL_QUEUES, Limits, Server
 from keyagent.sockets import bind_listener
 from keyagent.store import key_id_for
@@ -36,8 +36,8 @@ from keyagent.testing.emulator import Fault
 from keyagent.testing.emulator_process import Emulator, EmulatorProcess
 from keyagent.testing.memory_keyring import MemoryKeyring
 
-from .conftest import AgentFactory, Raw
-from .fakes import PEER, FakeAccount, complete
+from .conftest import AgentFactory, Raw, decode, error_code
+from .fakes import FakeAccount, FakeTime, run, steps
 
 USER = "races@example.com"
 PASSWORD = "races-pa55w0rd"
@@ -48,18 +48,6 @@ ROUNDS = 40
 
 def request(op: str, request_id: protocol.Scalar = None, **args: Any) -> bytes:
     return protocol.encode_request(op, request_id, args)
-
-
-def decode(line: bytes) -> dict[str, Any]:
-    assert line, "the agent closed the connection instead of replying"
-    value = json.loads(line)
-    assert isinstance(value, dict)
-    return value
-
-
-def error_code(reply: dict[str, Any]) -> str:
-    assert reply["ok"] is False, reply
-    return str(reply["error"]["code"])
 
 
 def send_and_hang_up(path: str, data: bytes) -> None:
@@ -372,19 +360,25 @@ def test_a_create_with_reveal_finishing_after_a_lock_reveals_nothing(
 def test_local_work_is_on_the_queues_that_have_threads_of_their_own() -> None:
     """lock, unlock and every keyring step are queued where the server runs them on threads
     of their own; Conduce calls are not."""
-    agent = Agent(keyring=KeyringStore(MemoryKeyring()), accounts=lambda host, user: FakeAccount())
+    agent = Agent(
+        clock=FakeTime().clock(),
+        keyring=KeyringStore(MemoryKeyring()),
+        accounts=lambda host, user: FakeAccount(),
+    )
 
     def queue_of(op: str, **args: Any) -> str | None:
-        outcome = agent.handle(Request(1, op, args), PEER)
-        assert isinstance(outcome, Deferred), op
-        complete(outcome)
-        return outcome.queue
+        handler = steps(agent, op, **args)
+        work = next(handler)
+        assert isinstance(work, Work), op
+        handler.close()  # its work is not done: the agent stays as it was
+        return work.queue
 
     assert queue_of("add", host="h", user="u", key="k", persist=True) in LOCAL_QUEUES
     assert queue_of("forget", all=True, persist=True) in LOCAL_QUEUES
     assert queue_of("lock", passphrase=PASSPHRASE) in LOCAL_QUEUES
-    assert queue_of("unlock", passphrase=PASSPHRASE) in LOCAL_QUEUES
     assert queue_of("login", host="h", user="u", password="pw") not in LOCAL_QUEUES
+    run(agent, "lock", passphrase=PASSPHRASE)
+    assert queue_of("unlock", passphrase=PASSPHRASE) in LOCAL_QUEUES
 
 
 class HangingAccount(FakeAccount):
@@ -444,14 +438,6 @@ def test_lock_unlock_and_keyring_work_never_wait_behind_hung_remote_calls(
 # --- the reply memo never outlives the keys (review item 10) --------------------------------------
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def clock(self) -> Clock:
-        return Clock(monotonic=lambda: self.now, wall=time.time)
-
-
 def memo_holds(served: Serving, secret: str) -> bool:
     return any(secret.encode() in reply for reply in served.server._memo.values())
 
@@ -459,7 +445,7 @@ def memo_holds(served: Serving, secret: str) -> bool:
 def test_the_memo_is_dropped_at_once_by_forget_lock_and_expiry(tmp_path: Path) -> None:
     """Remembered get replies, which hold secrets, are gone from the server's memory as soon
     as forget, lock or an expiry has happened, not at the next read."""
-    fake = FakeClock()
+    fake = FakeTime()
     with serving(tmp_path / "m" / "agent.sock", Agent(clock=fake.clock())) as served:
         assert served.server._memo_enabled, "debug logging is on: nothing is remembered"
         getter = Raw(served.socket_path)
@@ -480,7 +466,7 @@ def test_the_memo_is_dropped_at_once_by_forget_lock_and_expiry(tmp_path: Path) -
                 elif case == "lock":
                     client.lock(PASSPHRASE)
                 else:
-                    fake.now += 61
+                    fake.advance(61)
                     client.status()  # a request (not remembered itself) on the new time
                 assert not memo_holds(served, secret), case
                 assert served.server._memo == {}, case

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from keyagent import errors
-from keyagent.agent import Agent, Deferred
-from keyagent.protocol import Request
+from keyagent.agent import Agent
+from keyagent.effects import Work
 from keyagent.sessions import Plan, RemoteResult, Session, run_remote
 from keyagent.store import key_id_for
 
-from .fakes import PEER, FakeAccount, FakeTime, run
+from .fakes import PEER, FakeAccount, FakeTime, request, run, steps
 
 HOST, USER = "conduce.example", "alice@example.com"
 
@@ -131,7 +131,7 @@ def test_idle_session_is_validated_after_the_interval(
     """Within validate_after the session is trusted; past it, it is checked first."""
     run(agent, "login", host=HOST, user=USER, password="pw")
     run(agent, "list", host=HOST, user=USER, remote=True)
-    fake_time.now += 61
+    fake_time.advance(61)
     run(agent, "list", host=HOST, user=USER, remote=True)
     assert [name for name, _ in account.calls] == ["login", "list", "validate", "list"]
 
@@ -213,13 +213,16 @@ def test_logout_drops_the_session(agent: Agent, account: FakeAccount) -> None:
 
 def test_remote_ops_are_serialised_per_account(agent: Agent) -> None:
     """Every remote operation of one account runs on the same queue; other accounts differ."""
-    first = agent.handle(Request(1, "login", {"host": HOST, "user": USER, "password": "x"}), PEER)
-    second = agent.handle(Request(2, "create", {"host": HOST, "user": USER}), PEER)
-    other = agent.handle(Request(3, "create", {"host": "other.example", "user": USER}), PEER)
-    assert isinstance(first, Deferred)
-    assert isinstance(second, Deferred)
-    assert isinstance(other, Deferred)
-    assert first.queue == second.queue != other.queue
+
+    def queue_of(op: str, **args: object) -> str | None:
+        work = next(steps(agent, op, **args))
+        assert isinstance(work, Work)
+        return work.queue
+
+    first = queue_of("login", host=HOST, user=USER, password="x")
+    second = queue_of("create", host=HOST, user=USER)
+    other = queue_of("create", host="other.example", user=USER)
+    assert first == second != other
 
 
 def test_agent_without_accounts_does_not_offer_remote_ops() -> None:
@@ -227,7 +230,7 @@ def test_agent_without_accounts_does_not_offer_remote_ops() -> None:
     bare = Agent()
     assert "login" not in bare.ops
     with pytest.raises(errors.UnknownOp):
-        bare.handle(Request(1, "login", {"host": HOST, "user": USER, "password": "x"}), PEER)
+        bare.handle(request("login", host=HOST, user=USER, password="x"), PEER)
 
 
 def test_session_repr_and_state_hold_no_cookie() -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import http
 import json
 import os
-import random
 import ssl
 import threading
 import time
@@ -35,6 +34,8 @@ from typing import Any, Final, Literal
 
 import requests
 from requests.cookies import RequestsCookieJar
+from urllib3.exceptions import ReadTimeoutError
+from urllib3.util import Retry
 
 from keyagent.errors import (
     BadCredentials,
@@ -77,9 +78,12 @@ _CREATED_FIELDS: Final = ("created", "created_at", "date")
 
 # Retrying is only ever worth it when a gateway or the service itself says "try again".
 _RETRY_STATUSES: Final = frozenset({502, 503, 504})
-# Full-jitter backoff grows exponentially; cap a single wait so a large retries setting
-# cannot stall a worker thread for minutes.
+# The backoff grows exponentially; cap a single wait so a large retries setting cannot stall
+# a worker thread for minutes.
 _MAX_BACKOFF: Final = 10.0
+# requests' own policy when no retries are configured: nothing is sent twice, and the
+# errors are raised as requests expects them (see _SafeCallRetry.increment).
+_NO_RETRY: Final = Retry(0, read=False)
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,75 @@ def _load_bundle(path: str) -> ssl.SSLContext:
     raise TLSError(f"the CA bundle {problem}; fix --ca-bundle")
 
 
+class _SafeCallRetry(Retry):
+    """urllib3's :class:`~urllib3.util.Retry` as keyagent's safe calls use it: a GET
+    (validate-session, apikeys/list) is sent again after a connection failure or a 502, 503
+    or 504, up to :attr:`HttpSettings.retries` times, with exponential backoff and jitter.
+    After the last 5xx its answer is returned, to be reported like any other.
+
+    Two narrowings of urllib3's rules, each a promise of this module:
+
+    * Any other method (login, create, delete) is never sent twice, not even after a failed
+      connection, which urllib3 would repeat for every method: a retried create could make
+      a second key.
+    * A read timeout is not retried: a service that hangs would hold a worker thread for
+      ``(retries + 1) x read_timeout``.
+
+    Both go to requests' own no-retry policy, so they fail exactly as without retries.
+    ``Retry-After`` is not obeyed (a hostile service could ask for hours), and the waits go
+    through ``sleep``, which tests replace.
+    """
+
+    def __init__(self, *args: Any, sleep: Callable[[float], None] = time.sleep, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._pause = sleep
+
+    @classmethod
+    def for_settings(
+        cls, settings: HttpSettings, *, sleep: Callable[[float], None] = time.sleep
+    ) -> _SafeCallRetry:
+        return cls(
+            total=settings.retries,
+            other=0,  # TLS and other failures are never retried
+            allowed_methods=frozenset({"GET"}),
+            status_forcelist=_RETRY_STATUSES,
+            backoff_factor=settings.backoff,
+            backoff_jitter=settings.backoff,
+            backoff_max=_MAX_BACKOFF,
+            raise_on_status=False,
+            respect_retry_after_header=False,
+            sleep=sleep,
+        )
+
+    def new(self, **kw: Any) -> _SafeCallRetry:
+        retry = super().new(**kw)
+        retry._pause = self._pause
+        return retry
+
+    def increment(
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        response: Any = None,
+        error: Exception | None = None,
+        _pool: Any = None,
+        _stacktrace: TracebackType | None = None,
+    ) -> _SafeCallRetry:
+        if error is not None and (method != "GET" or isinstance(error, ReadTimeoutError)):
+            # requests' default policy raises for every error (MaxRetryError, or the error
+            # itself for a read error), so the caller sees what it would without retries.
+            _NO_RETRY.increment(method, url, response, error, _pool, _stacktrace)
+            raise error  # not reached
+        retry = super().increment(method, url, response, error, _pool, _stacktrace)
+        # The URL holds the path only, never a key: keys travel in headers and bodies.
+        reason = type(error).__name__ if error is not None else f"status {response.status}"
+        log.info("%s %s: %s, retry %d", method, url, reason, len(retry.history))
+        return retry
+
+    def sleep(self, response: Any = None) -> None:
+        self._pause(self.get_backoff_time())
+
+
 @dataclass(frozen=True)
 class HttpSettings:
     """How to talk to the service; one instance is shared by all accounts of an agent.
@@ -175,7 +248,8 @@ class HttpSettings:
     retries: int = 2
     """Extra attempts for safe calls (validate, list) only."""
     backoff: float = 0.2
-    """Base of the exponential backoff, in seconds; each wait is drawn uniformly below it."""
+    """urllib3's ``backoff_factor``, and the most jitter added to a wait, in seconds: the first
+    retry goes at once, the n-th after ``backoff * 2**(n-1)`` plus up to ``backoff``."""
 
     def __post_init__(self) -> None:
         # Fail at configuration time, not on the first request of some worker thread, and by
@@ -229,9 +303,9 @@ class _PinnedTLSAdapter(requests.adapters.HTTPAdapter):
     which urllib3 would add to any context we gave it. This adapter sets no path at all.
     """
 
-    def __init__(self, context: ssl.SSLContext) -> None:
+    def __init__(self, context: ssl.SSLContext, retry: Retry) -> None:
         self._context = context
-        super().__init__()
+        super().__init__(max_retries=retry)
 
     def init_poolmanager(
         self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
@@ -300,7 +374,6 @@ class ConduceAccount:
         settings: HttpSettings,
         *,
         sleep: Callable[[float], None] = time.sleep,
-        rng: Callable[[], float] = random.random,
     ) -> None:
         # The one host grammar of keyagent.rules: anything else could make the URL built
         # below point somewhere the user did not name, or make urllib3 fail to parse it.
@@ -313,8 +386,6 @@ class ConduceAccount:
         self.host: Final = host
         self.user: Final = user
         self.settings: Final = settings
-        self._sleep = sleep
-        self._rng = rng
         self._base = f"https://{host}{API_PREFIX}"
         self._cookies = RequestsCookieJar()
         self._session = requests.Session()
@@ -328,8 +399,12 @@ class ConduceAccount:
         #   requests reads REQUESTS_CA_BUNDLE (else certifi), as curl honours its bundle.
         # - ~/.netrc Basic auth is blocked by a non-empty Session.auth (see _NoAuth).
         self._session.trust_env = True
+        # Safe calls (the GETs) are retried by urllib3 under this policy; see _SafeCallRetry.
+        retry = _SafeCallRetry.for_settings(settings, sleep=sleep)
         if settings.ssl_context is not None:
-            self._session.mount("https://", _PinnedTLSAdapter(settings.ssl_context))
+            self._session.mount("https://", _PinnedTLSAdapter(settings.ssl_context, retry))
+        else:
+            self._session.mount("https://", requests.adapters.HTTPAdapter(max_retries=retry))
         self._session.verify = settings.effective_verify
         self._session.auth = _NoAuth()
         self._session.cookies = RequestsCookieJar(policy=_RefuseAllCookies())
@@ -395,7 +470,7 @@ class ConduceAccount:
         """
         if not self.has_session:
             return False
-        response = self._request_safely("GET", "user/validate-session", auth="cookie")
+        response = self._request("GET", "user/validate-session", auth="cookie")
         if response.status_code == 401:
             self._cookies.clear()
             log.info("session of %s at %s has expired", self.user, self.host)
@@ -408,7 +483,7 @@ class ConduceAccount:
     def list_keys(self, api_key: str | None = None) -> list[RemoteKey]:
         """The account's API keys, skipping entries that carry no key. Retried when safe."""
         auth = self._auth_for(api_key)
-        response = self._request_safely("GET", "apikeys/list", auth=auth, api_key=api_key)
+        response = self._request("GET", "apikeys/list", auth=auth, api_key=api_key)
         self._check(response, "list API keys", auth=auth)
         document = self._json(response)
         entries: object = document
@@ -495,36 +570,6 @@ class ConduceAccount:
             )
         return "cookie"
 
-    def _request_safely(
-        self, method: str, path: str, *, auth: _Auth, api_key: str | None = None
-    ) -> _Answer:
-        """Send an idempotent request, retrying connection failures and 502/503/504.
-
-        Read timeouts are not retried: a service that hangs would make the caller wait
-        (retries + 1) x read_timeout, with a worker thread blocked all along.
-        """
-        attempt = 0
-        while True:
-            outcome = self._send(method, path, auth=auth, api_key=api_key)
-            if isinstance(outcome, _Failure):
-                if not outcome.retryable or attempt >= self.settings.retries:
-                    raise outcome.error from None  # see _request for why outside an except
-                reason = "connection failure"
-            else:
-                if outcome.status_code not in _RETRY_STATUSES or attempt >= self.settings.retries:
-                    return outcome
-                reason = f"status {outcome.status_code}"
-            # Full jitter: uniform in [0, base * 2^attempt), so clients that failed together
-            # do not come back together.
-            delay = min(_MAX_BACKOFF, self.settings.backoff * (2**attempt)) * self._rng()
-            attempt += 1
-            log.info(
-                "%s %s%s to %s: %s, retry %d of %d in %.3fs",
-                method, API_PREFIX, path, self.host, reason, attempt, self.settings.retries,
-                delay,
-            )  # fmt: skip
-            self._sleep(delay)
-
     def _request(
         self,
         method: str,
@@ -534,7 +579,11 @@ class ConduceAccount:
         api_key: str | None = None,
         json_body: Mapping[str, object] | None = None,
     ) -> _Answer:
-        """Send one request, never retried."""
+        """Send a request and read its answer; raise the error a failure maps to.
+
+        A GET is retried by the session's :class:`_SafeCallRetry` (connection failures and
+        502/503/504); any other method is sent once.
+        """
         outcome = self._send(method, path, auth=auth, api_key=api_key, json_body=json_body)
         if isinstance(outcome, _Failure):
             # Raised here, outside the except block that caught the requests exception, so
@@ -640,13 +689,12 @@ class ConduceAccount:
             )
         if isinstance(error, requests.exceptions.ConnectTimeout):
             # Nothing reached the service, so even a non-idempotent call could be retried,
-            # but only safe calls are.
+            # but only safe calls are (see _SafeCallRetry).
             return _Failure(
                 RemoteUnreachable(
                     f"{self.host} did not accept a connection within "
                     f"{self.settings.connect_timeout:g}s; check the host and network"
                 ),
-                retryable=True,
             )
         if isinstance(error, requests.exceptions.Timeout):
             return _Failure(
@@ -661,7 +709,6 @@ class ConduceAccount:
                     f"{self.host} could not be reached or dropped the connection; "
                     "check the host and network"
                 ),
-                retryable=True,
             )
         if isinstance(error, requests.exceptions.ChunkedEncodingError):
             return _Failure(
@@ -745,7 +792,6 @@ class _Failure:
     """A transport failure already mapped to the error the caller will see."""
 
     error: KeyagentError
-    retryable: bool = False
 
 
 def _read_capped(response: requests.Response) -> bytes | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from keyagent.errors import (
     SessionExpired,
     TLSError,
 )
+from keyagent.testing.emulator import ConduceEmulator, Fault
 
 HOST = "app.conduce.test"
 USER = "alice@example.com"
@@ -43,17 +45,13 @@ SECRET_IN_BODY = "LEAKED-SECRET-7f3a9"
 
 
 class Recorder:
-    """Stands in for time.sleep and random.random: no real waiting, waits are recorded."""
+    """Stands in for time.sleep: no real waiting, waits are recorded."""
 
     def __init__(self) -> None:
         self.sleeps: list[float] = []
 
     def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
-
-    @staticmethod
-    def rng() -> float:
-        return 0.5
 
 
 @pytest.fixture(autouse=True)
@@ -77,9 +75,7 @@ def recorder() -> Recorder:
 
 @pytest.fixture
 def account(recorder: Recorder) -> Iterator[ConduceAccount]:
-    with ConduceAccount(
-        HOST, USER, HttpSettings(), sleep=recorder.sleep, rng=recorder.rng
-    ) as conduce:
+    with ConduceAccount(HOST, USER, HttpSettings(), sleep=recorder.sleep) as conduce:
         yield conduce
 
 
@@ -253,15 +249,13 @@ def test_validate_raises_on_other_errors(
     assert account.has_session
 
 
-def test_validate_is_retried_on_502(
-    account: ConduceAccount, rsps: responses.RequestsMock, recorder: Recorder
-) -> None:
-    """validate() is a safe call: a 502 is retried after a jittered wait."""
+def test_validate_is_retried_on_502(account: ConduceAccount, rsps: responses.RequestsMock) -> None:
+    """validate() is a safe call: after a 502 the request is sent again."""
     logged_in(account, rsps)
     rsps.add(responses.GET, VALIDATE, status=502)
     rsps.add(responses.GET, VALIDATE, json={})
     assert account.validate() is True
-    assert recorder.sleeps == [pytest.approx(0.1)]
+    assert [call.request.url for call in rsps.calls[1:]] == [VALIDATE, VALIDATE]
 
 
 # --- keys ---------------------------------------------------------------------------------------
@@ -693,17 +687,33 @@ def test_transport_failures_map_to_keyagent_errors(
 # --- retries ------------------------------------------------------------------------------------
 
 
-def test_list_is_retried_on_503_with_jittered_backoff(
-    account: ConduceAccount, rsps: responses.RequestsMock, recorder: Recorder
-) -> None:
-    """list_keys retries 503 twice, waiting rng() * backoff * 2**attempt each time."""
+def test_list_is_retried_on_503(account: ConduceAccount, rsps: responses.RequestsMock) -> None:
+    """list_keys sends the request again after each of two 503s, and returns the keys."""
     logged_in(account, rsps)
     rsps.add(responses.GET, LIST, status=503)
     rsps.add(responses.GET, LIST, status=503)
     rsps.add(responses.GET, LIST, json=[{"apikey": KEY}])
     assert [k.key for k in account.list_keys()] == [KEY]
-    assert recorder.sleeps == [pytest.approx(0.1), pytest.approx(0.2)]
     assert len(rsps.calls) == 4
+
+
+def test_waits_between_retries_grow_exponentially_with_jitter(recorder: Recorder) -> None:
+    """Against a real server answering 503: the first retry goes at once, the n-th waits
+    backoff * 2**(n-1) plus up to backoff of jitter, capped at ten seconds."""
+    with ConduceEmulator() as emulator:
+        emulator.inject(Fault.status(503), path="apikeys/list")
+        settings = HttpSettings(verify=emulator.ca_path, retries=9, backoff=0.1)
+        with (
+            ConduceAccount(emulator.host, USER, settings, sleep=recorder.sleep) as conduce,
+            pytest.raises(RemoteError, match="503"),
+        ):
+            conduce.list_keys(api_key=KEY)
+        assert [r.path for r in emulator.requests].count("apikeys/list") == 10
+    assert len(recorder.sleeps) == 9
+    assert recorder.sleeps[0] == 0
+    for n, wait in enumerate(recorder.sleeps[1:], start=2):
+        base = 0.1 * 2 ** (n - 1)
+        assert min(base, 10.0) <= wait <= min(base + 0.1, 10.0)
 
 
 def test_list_gives_up_after_the_configured_retries(
@@ -715,18 +725,24 @@ def test_list_gives_up_after_the_configured_retries(
     with pytest.raises(RemoteError, match="504 Gateway Timeout"):
         account.list_keys()
     assert len(rsps.calls) == 1 + 3
-    assert len(recorder.sleeps) == 2
 
 
-def test_list_is_retried_on_connection_errors(
-    account: ConduceAccount, rsps: responses.RequestsMock, recorder: Recorder
-) -> None:
-    """A refused connection is retried for list_keys, then reported as RemoteUnreachable."""
-    rsps.add(responses.GET, LIST, body=requests.ConnectionError("refused"))
-    with pytest.raises(RemoteUnreachable):
-        account.list_keys(api_key=KEY)
-    assert len(rsps.calls) == 3
-    assert len(recorder.sleeps) == 2
+def test_a_refused_connection_is_retried_for_list_only(recorder: Recorder) -> None:
+    """A port nobody listens on: list_keys tries three times, then reports RemoteUnreachable;
+    login, create and delete try once (urllib3 alone would retry any method here)."""
+    with socket.socket() as placeholder:
+        placeholder.bind(("127.0.0.1", 0))
+        port = placeholder.getsockname()[1]
+    with ConduceAccount(f"127.0.0.1:{port}", USER, HttpSettings(), sleep=recorder.sleep) as conduce:
+        with pytest.raises(RemoteUnreachable, match="could not be reached"):
+            conduce.list_keys(api_key=KEY)
+        assert len(recorder.sleeps) == 2
+        with pytest.raises(RemoteUnreachable, match="could not be reached"):
+            conduce.login(PASSWORD)
+        for operation in ("create", "delete"):
+            with pytest.raises(RemoteUnreachable, match="could not be reached"):
+                call(conduce, operation, api_key=KEY)
+        assert len(recorder.sleeps) == 2
 
 
 def test_list_is_not_retried_on_500_or_read_timeout(

@@ -52,6 +52,8 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see keya
 if TYPE_CHECKING:
     from typing import Any
 
+    from keyagent.effects import Steps
+
 __all__ = ["LOCAL_QUEUES", "Limits", "Server", "log_internal"]
 
 log = get_logger("keyagent.server")
@@ -636,12 +638,25 @@ class Server:
             return
         if isinstance(outcome, dict | Stop):
             self._answer(conn, request.id, outcome, None, remember=remember, state=state)
-        else:  # a generator: the request waits, and the driver answers when it has ended
-            conn.busy = True
-            request_id = request.id
-            self._driver.start(
-                outcome, lambda result, error: self._answer(conn, request_id, result, error)
-            )
+        else:  # a generator: the driver answers when it has ended
+            self._wait_for(conn, request.id, outcome)
+
+    def _wait_for(self, conn: Connection, request_id: protocol.Scalar, steps: Steps) -> None:
+        """Drive a handler that waits; the connection's later lines wait for its answer.
+
+        A handler may end at its first step (refused before any work): it is answered at once,
+        like a quick one, and :meth:`_process` goes on with the next line, never re-entered.
+        """
+        ended = False
+
+        def answer(result: dict[str, Any] | Stop | None, error: KeyagentError | None) -> None:
+            nonlocal ended
+            ended = True
+            self._answer(conn, request_id, result, error)
+
+        self._driver.start(steps, answer)
+        if not ended:
+            conn.busy = True  # its answer resumes the connection (_reply)
 
     def _answer(
         self,

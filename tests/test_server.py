@@ -176,6 +176,26 @@ def test_pipelined_requests_are_answered_in_order(raw: Callable[..., Raw]) -> No
     assert [r["ok"] for r in replies] == [True, True, False, True, True]
 
 
+def test_thousands_of_pipelined_requests_refused_at_once_are_all_answered(
+    agent: AgentProcess, raw: Callable[..., Raw]
+) -> None:
+    """Unlocks pipelined to an unlocked agent are each refused before any work; thousands in
+    one write all get their not_locked answer, in order, and the agent goes on serving."""
+    connection = raw(timeout=30)
+    count = 4000
+    connection.send(
+        b"".join(
+            json.dumps({"id": n, "op": "unlock", "passphrase": PASSPHRASE}).encode() + b"\n"
+            for n in range(count)
+        )
+    )
+    for n in range(count):
+        answer = decode(connection.line())
+        assert (answer["id"], error_code(answer)) == (n, "not_locked")
+    with agent.client() as client:
+        assert client.hello()["protocol"] == 1
+
+
 def test_oversized_line_is_refused_and_the_connection_closed(raw: Callable[..., Raw]) -> None:
     """A line over 64 KiB gets too_large and the connection closes; others are unaffected."""
     big = raw()

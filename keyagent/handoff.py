@@ -15,7 +15,7 @@ import json
 
 from keyagent.rules import count_problem, duration_problem, path_problem
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 

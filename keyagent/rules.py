@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _record.py)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Final
 

@@ -5,7 +5,7 @@
 * ``keyagent -D`` / ``-d`` — stay in the foreground (``-d``: debug log on stderr).
 * ``keyagent CMD ARGS...`` — run CMD with the variables set; the agent exits with it.
 * ``keyagent -k`` — stop the agent named by ``KEYAGENT_PID`` and print the unset lines,
-  once a connection to ``KEYAGENT_SOCK`` shows that this pid is what listens there.
+  once a connection to ``KEYAGENT_SOCK`` shows that this pid is the agent serving there.
 
 Under systemd (``keyagent.service``, with ``KEYAGENT_PID`` unset) both point the user to
 ``systemctl --user``: the service manager, not this command, starts and stops that agent.
@@ -48,6 +48,8 @@ log = logging.getLogger("keyagent")
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 EXIT_CONFIG = 78
+CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+"""What requests honours for its trust store, in its order of precedence."""
 """EX_CONFIG: the configuration (file, environment, CA bundle) is unusable, as keyagent-ctl."""
 
 PR_SET_PDEATHSIG = 1
@@ -214,16 +216,36 @@ def unset_lines(syntax: str, pid: int) -> str:
 SYSTEMD_STOP = f"systemctl --user stop {paths.SYSTEMD_SERVICE}"
 
 
-def _listener_pid(path: str) -> int | None:
-    """The pid listening on ``path`` if an agent of ours answers there, else None."""
+def _agent_pid(path: str) -> int | None:
+    """The pid of the agent of ours that answers on ``path``, else None.
+
+    The kernel names the process that listens (``SO_PEERCRED``); the agent names itself in
+    ``status``. They must agree, except under socket activation, where the listener is the
+    service manager that started the agent: then it must be the agent's parent. (Trusting the
+    listener alone made ``keyagent -k`` signal the manager, e.g. ``systemd --user``.)
+    """
     from keyagent.client import Client
     from keyagent.errors import KeyagentError
 
     try:
         with Client(path, timeout=10) as client:
-            client.hello()
-            return client.peer_pid
+            claimed = client.status().get("pid")
+            listener = client.peer_pid
     except KeyagentError:
+        return None
+    if not isinstance(claimed, int) or isinstance(claimed, bool) or claimed <= 1:
+        return None
+    if claimed == listener or (listener is not None and _parent_of(claimed) == listener):
+        return claimed
+    return None
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            # "pid (comm) state ppid ...": comm may hold spaces or parentheses; split after it.
+            return int(stat_file.read().rpartition(b")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
         return None
 
 
@@ -234,7 +256,7 @@ def kill_agent(syntax: str, out: TextIO, err: TextIO) -> int:
     raw = os.environ.get(paths.PID_ENV, "")
     path = paths.socket_path()
     if not raw:
-        if path and paths.systemd_unit_installed() and _listener_pid(path) is not None:
+        if path and paths.systemd_unit_installed() and _agent_pid(path) is not None:
             err.write(
                 f"keyagent: the agent on {path} runs under systemd; stop it with {SYSTEMD_STOP}\n"
             )
@@ -258,13 +280,11 @@ def kill_agent(syntax: str, out: TextIO, err: TextIO) -> int:
         err.write(f"keyagent: no process {pid}; the agent is already gone\n")
         return EXIT_FAILURE
     try:
-        listener = _listener_pid(path)
-        if listener != pid:
-            found = (
-                "no agent answers there" if listener is None else f"pid {listener} listens there"
-            )
+        agent = _agent_pid(path)
+        if agent != pid:
+            found = "no agent answers there" if agent is None else f"the agent there is pid {agent}"
             hint = f"check {paths.PID_ENV} and {paths.SOCKET_ENV}"
-            if listener is not None and paths.systemd_unit_installed():
+            if agent is not None and paths.systemd_unit_installed():
                 hint = f"if that agent runs under systemd, stop it with {SYSTEMD_STOP}"
             err.write(
                 f"keyagent: pid {pid} is not the agent on {path} ({found}); nothing was"
@@ -436,6 +456,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         sys.stderr.write(f"keyagent: {error.message}\n")
         return EXIT_CONFIG
+    named_by = "CA bundle"
+    if not args.ca_bundle and not args.insecure:
+        # requests would read these on every new connection, unchecked: whoever could replace
+        # the file later would become a trusted CA. Held to the --ca-bundle rules instead.
+        for variable in CA_BUNDLE_VARIABLES:
+            if os.environ.get(variable):
+                args.ca_bundle, named_by = os.environ[variable], f"CA bundle (${variable})"
+                break
     if args.ca_bundle:
         # Refused before anything is bound if another user could change the bundle (or a
         # directory or link on its path, see keyagent.trust), or if it holds no usable CA.
@@ -446,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Read once, here: the serving process gets this text, never the path to re-read.
             args.ca_certificates = read_ca_bundle(args.ca_bundle)
         except UntrustedFile as error:
-            sys.stderr.write(f"keyagent: CA bundle {error.message}\n")
+            sys.stderr.write(f"keyagent: {named_by} {error.message}\n")
             return EXIT_CONFIG
     # systemd's NOTIFY_SOCKET, taken out of the environment before anything can inherit it;
     # the serving process notifies there (or nowhere, without one).
@@ -489,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 not foreground
                 and not args.command
                 and paths.systemd_unit_installed()
-                and _listener_pid(path) is not None
+                and _agent_pid(path) is not None
             ):
                 sys.stdout.write(systemd_lines(syntax, path))
                 return EXIT_OK

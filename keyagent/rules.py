@@ -175,9 +175,14 @@ def _name_problem(name: str) -> str | None:
     if not labels[-1].strip(_DIGITS):  # all digits: only an IPv4 address ends like that
         parts = labels
         if len(parts) != 4 or any(
-            not part or part.strip(_DIGITS) or len(part) > 3 or int(part) > 255 for part in parts
+            not part
+            or part.strip(_DIGITS)
+            or len(part) > 3
+            or int(part) > 255
+            or (len(part) > 1 and part[0] == "0")  # 010 is octal 8 to inet_aton: ambiguous
+            for part in parts
         ):
-            return "an IPv4 address is four numbers from 0 to 255"
+            return "an IPv4 address is four numbers from 0 to 255, without leading zeros"
     return None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,6 +67,25 @@ def test_the_agent_keeps_the_bundle_it_started_with(
     trusted = login(agent.socket_path, first)
     assert trusted.code == 0, trusted.err
     assert first.session_count(USER) == 1
+
+
+@pytest.mark.parametrize("variable", ["REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"])
+def test_a_bundle_named_by_the_environment_is_pinned_at_start_too(
+    agent_factory: AgentFactory, first: Emulator, second: Emulator, bundle: Path, variable: str
+) -> None:
+    """REQUESTS_CA_BUNDLE (or CURL_CA_BUNDLE), which requests would re-read on every new
+    connection, is read once at start like --ca-bundle: a later change trusts no new CA."""
+    shutil.copyfile(first.ca_path, bundle)
+    env = {**os.environ, variable: str(bundle)}
+    env.pop("REQUESTS_CA_BUNDLE" if variable == "CURL_CA_BUNDLE" else "CURL_CA_BUNDLE", None)
+    agent = agent_factory("--connect-timeout", "5", env=env)
+    shutil.copyfile(second.ca_path, bundle)
+
+    refused = login(agent.socket_path, second)
+    assert refused.code == 1
+    assert "[tls_error]" in refused.err
+    trusted = login(agent.socket_path, first)
+    assert trusted.code == 0, trusted.err
 
 
 def test_a_replaced_bundle_file_is_not_read_again_by_the_same_process(

@@ -400,6 +400,58 @@ def kill_with(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+# A service manager in miniature: it listens on the socket, then starts the agent with the
+# socket passed as fd 3 (LISTEN_FDS), and stays the socket's listener, as systemd --user does.
+LAUNCHER = """
+import os, socket, sys
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind(sys.argv[1])
+listener.listen(16)
+child = os.fork()
+if child == 0:
+    if listener.fileno() != 3:
+        os.dup2(listener.fileno(), 3)
+    os.set_inheritable(3, True)
+    os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+    os.execv(sys.executable, [sys.executable, "-m", "keyagent.daemon", "-D"])
+print(child, flush=True)
+os.waitpid(child, 0)
+"""
+
+
+def test_kill_under_socket_activation_signals_the_agent_never_the_manager(
+    tmp_path: Path,
+) -> None:
+    """Under socket activation the listener is the manager: keyagent -k refuses the manager's
+    pid (once it SIGTERMed systemd --user) and stops the agent by its own pid."""
+    directory = tmp_path / "run"
+    directory.mkdir(mode=0o700)
+    path = str(directory / "agent.sock")
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, path], stdout=subprocess.PIPE,
+        env=daemon_env(KEYAGENT_CONFIG=os.devnull),
+    )  # fmt: skip
+    try:
+        assert launcher.stdout is not None
+        agent_pid = int(read_line(launcher.stdout.fileno(), 20))
+        with Client(path, timeout=20) as client:  # waits in the backlog until the agent serves
+            assert client.status()["pid"] == agent_pid
+            assert client.peer_pid == launcher.pid
+        refused = kill_with(daemon_env(KEYAGENT_PID=str(launcher.pid), KEYAGENT_SOCK=path))
+        assert refused.returncode == 1, refused.stderr
+        assert "nothing was killed" in refused.stderr
+        assert f"the agent there is pid {agent_pid}" in refused.stderr
+        assert launcher.poll() is None
+        done = kill_with(daemon_env(KEYAGENT_PID=str(agent_pid), KEYAGENT_SOCK=path))
+        assert done.returncode == 0, done.stderr
+        assert launcher.wait(20) == 0  # the agent exited, and with it the launcher
+    finally:
+        launcher.kill()
+        launcher.wait(10)
+        if launcher.stdout is not None:
+            launcher.stdout.close()
+
+
 def test_kill_signals_only_the_process_listening_on_the_socket(
     agent_factory: AgentFactory,
 ) -> None:

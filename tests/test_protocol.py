@@ -583,6 +583,7 @@ def test_lengths_count_characters_not_bytes() -> None:
         ("a_b.com", "letters, digits, hyphens"),
         ("1.2.3", "IPv4"),
         ("12w.0.0.1:8443", "IPv4"),  # found by the atheris harness: int('12w') escaped
+        ("010.0.0.1", "leading zeros"),  # inet_aton reads 010 as octal: 8.0.0.1
         ("https://app.conduce.com/", "without https://"),
         ("ada@app.conduce.com", "user@"),
         ("[fe80::1%eth0]", "IPv6"),

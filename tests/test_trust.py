@@ -278,6 +278,17 @@ def start_daemon(safe: Path, env: dict[str, str], *extra: str) -> subprocess.Com
     )
 
 
+def test_a_requests_ca_bundle_of_another_user_stops_the_daemon_with_78(
+    safe: Path, config_env: dict[str, str], bundle_pem: bytes
+) -> None:
+    """REQUESTS_CA_BUNDLE is held to the --ca-bundle rules: another user's file is refused."""
+    bundle = write(safe / "ca.pem", bundle_pem, 0o666)
+    os.chown(bundle, NOBODY, NOBODY)
+    result = start_daemon(safe, {**config_env, "REQUESTS_CA_BUNDLE": str(bundle)})
+    assert result.returncode == 78, result.stderr
+    assert f"CA bundle ($REQUESTS_CA_BUNDLE) {bundle}: belongs to another user" in result.stderr
+
+
 def test_a_ca_bundle_of_another_user_stops_the_daemon_with_78(
     safe: Path, config_env: dict[str, str], bundle_pem: bytes
 ) -> None:

@@ -40,7 +40,6 @@ from keyagent.server import Limits, Server, log_internal
 from keyagent.sessions import LazyAccount
 from keyagent.sockets import remove_socket
 from keyagent.systemd import Notifier
-from keyagent.wire import decode
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -212,7 +211,7 @@ def restore_persisted(
     lines = data.split(b"\n")
     for line in lines[:-1]:  # the last piece is empty, or a line cut short by the deadline
         try:
-            answer = decode(line)
+            answer = json.loads(line)
             if not isinstance(answer, dict):
                 raise TypeError("not an object")
             if "error" in answer:

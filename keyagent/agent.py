@@ -127,6 +127,8 @@ class Agent:
         self.default_lifetime = default_lifetime
         self.default_persist = default_persist
         self.held_keys = KeyStore(max_keys)
+        self._reserved = 0
+        """Places for keys that requests still waiting (create, add with persist) will fill."""
         self.lock = Lock()
         self.lock_in_keyring = False
         """Whether the OS keyring may hold this lock's hash (see :meth:`process_lock`)."""
@@ -318,23 +320,30 @@ class Agent:
         lifetime = args.get("lifetime", self.default_lifetime)
         if args.get("persist", self.default_persist):
             return self._add_persisted(args, lifetime)
+        if self.held_keys.holding(digest_of(args["key"])) is None:
+            self._check_room()  # places that waiting creates have taken count too
         return self._hold(args, lifetime)
 
     def _add_persisted(self, args: Mapping[str, Any], lifetime: float | None) -> Steps:
         """add with persist: the keyring first, memory second, so a refusal changes nothing."""
-        if self.held_keys.holding(digest_of(args["key"])) is None:
-            self._room_for_one()
-        record = self._record(
-            args["key"], host=args["host"], user=args["user"],
-            description=args.get("description", ""), created=None, lifetime=lifetime,
-        )  # fmt: skip
-        save = self._keyring(lambda keyring: keyring.save(record))
+        new = self.held_keys.holding(digest_of(args["key"])) is None
+        if new:
+            self._reserve_room()
         try:
-            yield save
-        except Overdue as overdue:
-            # The client is told the save failed: should it complete after all, undo it.
-            self.in_background(self._undo_late_save(overdue.late, record.digest))
-            raise
+            record = self._record(
+                args["key"], host=args["host"], user=args["user"],
+                description=args.get("description", ""), created=None, lifetime=lifetime,
+            )  # fmt: skip
+            save = self._keyring(lambda keyring: keyring.save(record))
+            try:
+                yield save
+            except Overdue as overdue:
+                # The client is told the save failed: should it complete after all, undo it.
+                self.in_background(self._undo_late_save(overdue.late, record.digest))
+                raise
+        finally:
+            if new:
+                self._reserved -= 1
         return self._hold(args, lifetime, persisted=True)
 
     def _undo_late_save(self, late: Late, digest: str) -> Steps:
@@ -507,13 +516,18 @@ class Agent:
         session = self.session_for(args["host"], args["user"])
         description: str = args.get("description", "created by keyagent")
         lifetime = args.get("lifetime", self.default_lifetime)
-        self._room_for_one()  # before the service makes a key the agent could not hold
+        # Before the service makes a key the agent could not hold; held until the key is, so
+        # two creates racing for the last place cannot both reach the service.
+        self._reserve_room()
         account = session.account
-        secret: str = yield from self._remote(
-            session,
-            self._plan(session),
-            lambda api_key: account.create_key(description, api_key=api_key),
-        )
+        try:
+            secret: str = yield from self._remote(
+                session,
+                self._plan(session),
+                lambda api_key: account.create_key(description, api_key=api_key),
+            )
+        finally:
+            self._reserved -= 1
         already = self.held_keys.holding(digest_of(secret))
         if already is not None and (already.host, already.user) != (session.host, session.user):
             # A service that answers with a key the agent holds for another account is
@@ -650,13 +664,21 @@ class Agent:
 
     # --- helpers for remote operations ---------------------------------------------------
 
-    def _room_for_one(self) -> None:
+    def _check_room(self) -> None:
+        """Raise TooMany unless one more key fits: places being filled by requests still
+        waiting on the service or the keyring (see :meth:`_reserve_room`) count as taken."""
         limit = self.held_keys.max_keys
-        if limit is not None and len(self.held_keys) >= limit:
+        if limit is not None and len(self.held_keys) + self._reserved >= limit:
             raise TooMany(
                 f"the agent holds {limit} keys, its limit; forget some (keyagent-ctl forget) "
                 "or start it with a larger --max-keys"
             )
+
+    def _reserve_room(self) -> None:
+        """Take a place for one more key, or raise TooMany. The caller gives it back (in a
+        ``finally``) once the key is held or will not be."""
+        self._check_room()
+        self._reserved += 1
 
     def session_for(self, host: str, user: str) -> Session:
         """The account's session record, created (logged out) on first use."""

@@ -68,6 +68,9 @@ _SIGNAL_NAMES: dict[int, str] = {
     signal.SIGUSR1: "SIGUSR1",
 }  # fmt: skip
 """The signals the agent handles, by number."""
+_SECRET_MEMBER = b'"key":'
+"""How a reply carrying a key starts its member, as protocol.encode_result writes it (JSON
+escapes quotes inside strings, so no value can contain these bytes)."""
 MEMO_SIZE = 256
 LOCAL_QUEUES = frozenset({"lock", "keyring"})
 """Queues of work done on this machine (key derivation, the OS keyring). They run on workers
@@ -217,6 +220,7 @@ class Server:
         self._memo_state: object = None
         self._memo_until = 0.0
         self._memo_enabled = False  # decided in serve_forever, once logging is configured
+        self._seen_locked = False  # as of the last reply: see _withhold_queued_secrets
         self._now = clock()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         # Connections in order of last activity, and those holding half a line in order of
@@ -675,6 +679,7 @@ class Server:
         """
         if self._memo:  # the request may have been a forget or a lock: drop secrets now
             self._drop_stale_memo(self.clock())
+        self._withhold_queued_secrets()
         if error is not None:
             reply = protocol.encode_error(request_id, error)
         elif isinstance(result, Stop):
@@ -687,6 +692,25 @@ class Server:
         if remember is not None:
             self._remember(remember, reply, state)
         self._reply(conn, reply)
+
+    def _withhold_queued_secrets(self) -> None:
+        """When the agent has just been locked, close every connection whose unsent replies
+        hold a key: a client that stopped reading would otherwise get keys after ``lock`` said
+        ``locked: true``. Its lines are framed, so they cannot be edited out; the connection
+        goes (the client reconnects and is answered ``locked``)."""
+        locked = self.agent.lock.locked
+        if locked == self._seen_locked:
+            return
+        self._seen_locked = locked
+        if not locked:
+            return
+        for conn in list(self.connections.values()):
+            if _SECRET_MEMBER in conn.outbuf:
+                log.warning(
+                    "locked: closing the connection of pid %d, whose unread replies hold keys",
+                    conn.peer.pid,
+                )
+                self._close(conn)
 
     def _result_line(self, request_id: protocol.Scalar, result: dict[str, Any]) -> bytes:
         """The reply line for ``result``; one carrying a secret only while the agent is unlocked.

@@ -13,7 +13,7 @@ import pytest
 from keyagent import errors
 from keyagent.agent import Agent
 
-from .fakes import FakeAccount, FakeTime, fails, run
+from .fakes import FakeAccount, FakeTime, fails, run, steps
 
 VICTIM_HOST, HOSTILE_HOST, USER = "a.example", "b.example", "ada@example.com"
 # Two secrets whose SHA-256 share their first 12 hex digits (55d74bcc33ef).
@@ -113,3 +113,30 @@ def test_the_too_many_code_is_on_the_wire() -> None:
     """too_many is a defined error code, rebuilt as TooMany on the client side."""
     assert errors.TooMany.code == "too_many"
     assert type(errors.from_code("too_many", "full")) is errors.TooMany
+
+
+def test_two_creates_racing_for_the_last_place_do_not_both_reach_the_service(
+    accounts: dict[str, FakeAccount],
+) -> None:
+    """A create waiting on the service holds the last place: a second create (or an add)
+    answers too_many at once, and no key is made on the service that the agent cannot hold."""
+    agent = Agent(clock=FakeTime().clock(), accounts=lambda host, user: accounts[host], max_keys=2)
+    run(agent, "add", host=VICTIM_HOST, user=USER, key=VICTIM_KEY)
+    run(agent, "login", host=HOSTILE_HOST, user=USER, password="pw")
+    first = steps(agent, "create", host=HOSTILE_HOST, user=USER)
+    work = next(first)  # waiting on the service, as it would on a worker thread
+    calls = list(accounts[HOSTILE_HOST].calls)
+    assert isinstance(fails(agent, "create", host=HOSTILE_HOST, user=USER), errors.TooMany)
+    assert isinstance(fails(agent, "add", host=VICTIM_HOST, user=USER, key="k-3"), errors.TooMany)
+    assert accounts[HOSTILE_HOST].calls == calls  # the second create never reached it
+    with pytest.raises(StopIteration) as finished:
+        first.send(work.fn())
+    assert finished.value.value["source"] == "created"
+    assert len(run(agent, "list")["keys"]) == 2
+
+
+def test_a_create_that_fails_gives_its_place_back(accounts: dict[str, FakeAccount]) -> None:
+    """A place taken by a create is returned when the service refuses: the next add fits."""
+    agent = Agent(clock=FakeTime().clock(), accounts=lambda host, user: accounts[host], max_keys=1)
+    assert isinstance(fails(agent, "create", host=HOSTILE_HOST, user=USER), errors.LoginRequired)
+    run(agent, "add", host=VICTIM_HOST, user=USER, key=VICTIM_KEY)

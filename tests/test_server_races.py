@@ -354,6 +354,40 @@ def test_a_create_with_reveal_finishing_after_a_lock_reveals_nothing(
         assert client.get(key_id=key_id_for(created)) == created
 
 
+def test_a_lock_closes_connections_whose_unread_replies_hold_keys(tmp_path: Path) -> None:
+    """Replies with a key queued for a client that stopped reading are not delivered after a
+    lock: the agent closes that connection, and no key is left waiting in its buffers."""
+    big_key = "K" * 8000
+    with serving(tmp_path / "run" / "agent.sock", Agent()) as served:
+        with served.client() as client:
+            client.add("h.example", USER, big_key)
+        stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(served.socket_path)
+        try:
+            stalled.sendall(b"".join(request("get", n) for n in range(400)))
+
+            def queued() -> list[bytearray]:
+                return [conn.outbuf for conn in list(served.server.connections.values())]
+
+            with served.client() as client:  # each round trip is the wait
+                wait_until(
+                    lambda: (
+                        client.hello() is not None
+                        and any(b'"key":' in outbuf for outbuf in queued())
+                    ),
+                    "replies with the key queued for the stalled client",
+                )
+                client.lock(PASSPHRASE)
+                assert not any(b'"key":' in outbuf for outbuf in queued())
+                assert client.status()["locked"] is True
+            stalled.settimeout(10)
+            while stalled.recv(65536):  # what the kernel already held, then the agent's close
+                pass
+        finally:
+            stalled.close()
+
+
 # --- local work beside hung network calls (review item 18) ----------------------------------------
 
 

@@ -47,6 +47,8 @@ class FakeAccount:
     keys: list[str] = field(default_factory=list)
     calls: list[tuple[str, str | None]] = field(default_factory=list)
     fail_next: errors.KeyagentError | None = None
+    descriptions: dict[str, str] = field(default_factory=dict)
+    created: int = 0
     issue: list[str] = field(default_factory=list)
     """Keys ``create_key`` hands out next, in order, before making up its own."""
 
@@ -66,6 +68,8 @@ class FakeAccount:
 
     def login(self, password: str) -> None:
         self.calls.append(("login", None))
+        if not password:
+            raise errors.BadRequest("the password must not be empty; enter it again")
         if password != self.password:
             raise errors.BadCredentials()
         self.session, self.session_alive = True, True
@@ -81,12 +85,14 @@ class FakeAccount:
 
     def list_keys(self, api_key: str | None = None) -> Sequence[ListedKey]:
         self._auth("list", api_key)
-        return [Listed(key) for key in self.keys]
+        return [Listed(key, self.descriptions.get(key, "")) for key in self.keys]
 
     def create_key(self, description: str, api_key: str | None = None) -> str:
         self._auth("create", api_key)
-        key = self.issue.pop(0) if self.issue else f"created-key-{len(self.keys):04d}-abcdefgh"
+        self.created += 1
+        key = self.issue.pop(0) if self.issue else f"created-key-{self.created:04d}-abcdefgh"
         self.keys.append(key)
+        self.descriptions[key] = description
         return key
 
     def delete_key(self, key: str, api_key: str | None = None) -> None:

@@ -45,33 +45,6 @@ class TestFakeAccount(RemoteAccountContract):
         yield AccountUnderTest(fake, fake.password, provision_key, expire_sessions)
         fake.close()
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="FakeAccount.list_keys lists every key with an empty description: it keeps no"
-        " description from create_key (ConduceAccount lists the one given)",
-    )
-    def test_listed_keys_carry_the_description(self, subject: AccountUnderTest) -> None:
-        """list shows the description given to create, and a creation date or None."""
-        super().test_listed_keys_carry_the_description(subject)
-
-    @pytest.mark.xfail(
-        strict=True,
-        reason="FakeAccount.login raises BadCredentials for an empty password;"
-        " ConduceAccount refuses it as BadRequest before sending it",
-    )
-    def test_login_with_an_empty_password_is_a_bad_request(self, subject: AccountUnderTest) -> None:
-        """An empty password is refused as BadRequest, before it could count as a failed login."""
-        super().test_login_with_an_empty_password_is_a_bad_request(subject)
-
-    @pytest.mark.xfail(
-        strict=True,
-        reason="FakeAccount.create_key numbers new keys by len(keys), so after a delete it"
-        " hands out the deleted key again; the service never does",
-    )
-    def test_a_key_created_after_a_delete_is_a_new_key(self, subject: AccountUnderTest) -> None:
-        """The service never hands out a deleted key again."""
-        super().test_a_key_created_after_a_delete_is_a_new_key(subject)
-
 
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[ConduceEmulator]:

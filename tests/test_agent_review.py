@@ -6,26 +6,19 @@ agent tells. Each drives the real :class:`~keyagent.agent.Agent` with fake Condu
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 
 from keyagent import errors
 from keyagent.agent import Agent
+from keyagent.effects import Work
+from keyagent.store import digest_of, key_id_for
 
+from .conftest import COLLIDING_KEYS
 from .fakes import FakeAccount, FakeTime, fails, run, steps
 
 VICTIM_HOST, HOSTILE_HOST, USER = "a.example", "b.example", "ada@example.com"
 # Two secrets whose SHA-256 share their first 12 hex digits (55d74bcc33ef).
-VICTIM_KEY, HOSTILE_KEY = "KA-4bf6ae", "KA-1ff55bd"
-
-
-def digest_of(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def key_id_for(secret: str) -> str:
-    return digest_of(secret)[:12]
+VICTIM_KEY, HOSTILE_KEY = COLLIDING_KEYS
 
 
 @pytest.fixture
@@ -125,6 +118,7 @@ def test_two_creates_racing_for_the_last_place_do_not_both_reach_the_service(
     run(agent, "login", host=HOSTILE_HOST, user=USER, password="pw")
     first = steps(agent, "create", host=HOSTILE_HOST, user=USER)
     work = next(first)  # waiting on the service, as it would on a worker thread
+    assert isinstance(work, Work)
     calls = list(accounts[HOSTILE_HOST].calls)
     assert isinstance(fails(agent, "create", host=HOSTILE_HOST, user=USER), errors.TooMany)
     assert isinstance(fails(agent, "add", host=VICTIM_HOST, user=USER, key="k-3"), errors.TooMany)

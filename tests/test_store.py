@@ -23,6 +23,8 @@ from keyagent.store import (
     new_salt,
 )
 
+from .conftest import COLLIDING_KEYS
+
 WALL = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 SECRET = "zebra-quokka-7781-S3CR3T"
 
@@ -815,8 +817,7 @@ def test_lifetime_survives_the_deadline_heap_being_compacted() -> None:
 
 # --- keys whose short ids collide ------------------------------------------------------------
 
-# Two secrets whose SHA-256 share their first 48 bits (found by brute force in a minute).
-COLLIDING = ("KA-4bf6ae", "KA-1ff55bd")
+COLLIDING = COLLIDING_KEYS  # two secrets whose SHA-256 share their first 48 bits
 
 
 def test_the_colliding_pair_shares_its_shown_id() -> None:

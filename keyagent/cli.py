@@ -8,6 +8,7 @@ Exit codes (stable, documented in the README):
 * 64 — usage error (``EX_USAGE``; argparse's own 2 would collide with "no agent")
 * 78 — the configuration file is invalid (``EX_CONFIG``)
 * 127 — ``exec``: the command was not found; 126 — it could not be run
+* 141 — the output pipe was closed early (as a command killed by SIGPIPE)
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from typing import Any, TextIO
 
 EXIT_OK, EXIT_AGENT_ERROR, EXIT_NO_AGENT, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 64, 78
+EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE: what the shell reports for a command the closed pipe killed."""
 DEFAULT_ENV_NAME = "CONDUCE_API_KEY"
 
 
@@ -82,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = _Parser(
         prog="keyagent-ctl",
         description="Talk to a running keyagent: hold, fetch and manage Conduce API keys.",
-        epilog="Exit status: 0 ok, 1 the agent refused, 2 no agent, 64 usage error.",
+        epilog="Exit status: 0 ok, 1 the agent refused, 2 no agent, 64 usage error, 78 bad"
+        " configuration, 126 exec could not run the command, 127 exec found no such command,"
+        " 141 the output pipe was closed.",
         parents=[selectors],
     )
     parser.add_argument(
@@ -504,8 +509,15 @@ FORBIDDEN_ENV_NAMES = frozenset(
         "SSL_CERT_FILE", "SSL_CERT_DIR", "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE",
         "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "FTP_PROXY",
         "DISPLAY", "WAYLAND_DISPLAY", "DBUS_SESSION_BUS_ADDRESS",
+        # files and programs named by libraries (SSLKEYLOGFILE: Python's ssl, curl and
+        # browsers write TLS secrets to a file named by the variable)
+        "SSLKEYLOGFILE", "OPENSSL_CONF", "OPENSSL_ENGINES", "OPENSSL_MODULES",
+        "TERMINFO_DIRS", "VIMINIT", "EXINIT", "MYVIMRC", "INPUTRC", "TCLLIBPATH",
     )
 )  # fmt: skip
+# A deny-list never names every variable some program reads. What remains is an allow rule:
+# the variable must be named as a credential, which is what tools read a key from.
+CREDENTIAL_SUFFIXES = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL", "CREDENTIALS")
 
 
 def env_name_problem(name: str) -> str | None:
@@ -519,6 +531,12 @@ def env_name_problem(name: str) -> str | None:
         return (
             "the loader, a shell, a language runtime or a common tool reads this variable, and"
             " could run, load or print the key"
+        )
+    if not upper.endswith(CREDENTIAL_SUFFIXES):
+        return (
+            "the name must say it holds a credential: end it in KEY, TOKEN, SECRET, PASSWORD"
+            " or CREDENTIALS (a variable named otherwise may be one some program reads as a"
+            " file, an option or a command)"
         )
     return None
 
@@ -536,12 +554,13 @@ def cmd_exec(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextI
     host, user = _selectors(args)
     key = client.get(host, user, args.key_id)
     client.close()
-    if not key.isprintable() or " " in key:
+    if not key or not key.isprintable() or " " in key:
         # The agent refuses such keys; a process answering in its place might not. A NUL
         # would make exec fail with a traceback, a control character could reach a terminal.
         raise ProtocolError(
-            "the agent answered with a key that has a NUL, space or control character, which"
-            " no API key has; nothing was run: check what listens on the agent's socket"
+            "the agent answered with an empty key, or one with a NUL, space or control"
+            " character, which no API key has; nothing was run: check what listens on the"
+            " agent's socket"
         )
     environment = dict(os.environ)
     environment[args.env] = key
@@ -675,7 +694,7 @@ def fast_get_args(argv: Sequence[str]) -> dict[str, str] | None:
                 return None
             value = argv[position]
             position += 1
-        if not value or value.startswith("-"):
+        if not value or value.startswith("-") or field in values:  # repeated: argparse decides
             return None
         values[field] = value
     return values if seen_get else None
@@ -729,3 +748,12 @@ def main(
     except KeyboardInterrupt:
         stderr.write("\n")
         return 130
+    except BrokenPipeError:
+        # The reader went away (keyagent-ctl status | head -1): stop quietly, as a command
+        # killed by SIGPIPE would, instead of a traceback; the interpreter's last flush at
+        # exit must not fail again, so the real stdout now points at /dev/null.
+        if stdout is sys.stdout:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return EXIT_BROKEN_PIPE

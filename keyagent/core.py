@@ -35,7 +35,7 @@ from keyagent.agent import Agent
 from keyagent.errors import KeyagentError
 from keyagent.handoff import Handoff, HandoffError
 from keyagent.log import DEBUG, INFO, WARNING, get_logger, to_stderr, to_syslog
-from keyagent.persist import KeyringStore, PersistedKey
+from keyagent.persist import KeyringStore, PersistedKey, UnreadableLock
 from keyagent.server import Limits, Server, log_internal
 from keyagent.sessions import LazyAccount
 from keyagent.sockets import remove_socket
@@ -188,11 +188,16 @@ def restore_persisted(
                 pipe.flush()
 
             try:
+                # The lock first: keys must never arrive without the lock that guards them.
+                try:
+                    stored_lock = keyring.load_lock()
+                except UnreadableLock:
+                    send({"lock": None})
+                else:
+                    if stored_lock is not None:
+                        send({"lock": [stored_lock[0].hex(), stored_lock[1].hex()]})
                 _, expired = keyring.load_all(time.time(), lambda key: send(key._asdict()))
                 send({"expired": len(expired)})
-                stored_lock = keyring.load_lock()
-                if stored_lock is not None:
-                    send({"lock": [stored_lock[0].hex(), stored_lock[1].hex()]})
             except KeyagentError as error:
                 send({"error": error.message})
             except BaseException as error:  # noqa: BLE001  # reported to the parent, which logs it
@@ -208,6 +213,7 @@ def restore_persisted(
         os.waitpid(child, 0)
     keys: list[PersistedKey] = []
     lock: tuple[bytes, bytes] | None = None
+    lock_unreadable = False
     lines = data.split(b"\n")
     for line in lines[:-1]:  # the last piece is empty, or a line cut short by the deadline
         try:
@@ -216,6 +222,8 @@ def restore_persisted(
                 raise TypeError("not an object")
             if "error" in answer:
                 log.info("persisted keys not restored: %s", answer["error"])
+            elif "lock" in answer and answer["lock"] is None:
+                lock_unreadable = True
             elif "lock" in answer:
                 lock = bytes.fromhex(answer["lock"][0]), bytes.fromhex(answer["lock"][1])
             elif "expired" in answer:
@@ -231,6 +239,17 @@ def restore_persisted(
             timeout,
             len(keys),
         )
+    if lock_unreadable:
+        # Fail closed: the agent was locked when it stopped, and no passphrase could unlock
+        # a lock whose hash is unreadable. The keys stay in the keyring, not in memory.
+        log.warning(
+            "the OS keyring holds a keyagent lock record that cannot be read; the %d persisted"
+            " key(s) were not restored, so a restart does not unlock them: delete them with"
+            " keyagent-ctl forget --all --persist (or the keyring's 'lock' entry of service"
+            " keyagent) and add them again",
+            len(keys),
+        )
+        keys = []
     agent.restore(keys, lock)
 
 

@@ -160,6 +160,10 @@ class _Index:
         self.stored = stored
 
 
+class UnreadableLock(Exception):
+    """The keyring holds a lock entry that does not parse (tampered with, or corrupt)."""
+
+
 class _NewerFormat(Exception):
     """An entry written by a newer keyagent: neither loaded nor pruned."""
 
@@ -191,24 +195,6 @@ class KeyringStore:
         return f"KeyringStore(service={self.service!r})"
 
     # --- public API ---------------------------------------------------------------------
-
-    def check(self) -> None:
-        """Raise KeyringUnavailable unless the keyring is usable now (reads the index)."""
-        with self._lock:
-            self._read_index(self._ready())
-
-    def backend_name(self) -> str:
-        """The dotted class of the backend in use (what ``PYTHON_KEYRING_BACKEND`` takes).
-
-        Works for an unusable backend too (e.g. ``keyring.backends.fail.Keyring``); raises
-        KeyringUnavailable only if keyring cannot load one at all.
-        """
-        with self._lock:
-            chosen, _ = self._resolve()
-            try:
-                return _dotted(type(self._effective(chosen)))
-            except KeyringUnavailable:
-                return _dotted(type(chosen))
 
     def save(self, key: PersistedKey) -> None:
         """Persist ``key``, replacing any entry of the same secret."""
@@ -327,7 +313,11 @@ class KeyringStore:
             self._set(self._ready(), LOCK, json.dumps(document), "the lock")
 
     def load_lock(self) -> tuple[bytes, bytes] | None:
-        """The salt and hash :meth:`save_lock` stored, or None (none, or unreadable)."""
+        """The salt and hash :meth:`save_lock` stored, or None if there is none.
+
+        Raises :class:`UnreadableLock` for an entry that is there but does not parse: the
+        agent must not then start unlocked with the keys the lock was guarding.
+        """
         with self._lock:
             raw = self._get(self._ready(), LOCK, "the lock")
         if raw is None:
@@ -340,8 +330,7 @@ class KeyringStore:
             if document["v"] != FORMAT or not 8 <= len(salt) <= 64 or len(digest) != 32:
                 raise ValueError
         except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-            log.warning("the lock entry in the OS keyring is unreadable; ignored")
-            return None
+            raise UnreadableLock from None
         return salt, digest
 
     def delete_lock(self) -> None:
@@ -359,6 +348,7 @@ class KeyringStore:
                 self._retire(backend, index, index.keys, [])
             elif index.stored:
                 self._store_index(backend, index)
+            self._delete(backend, LOCK, "the lock")  # no keys left for it to guard
             return count
 
     # --- the write protocol ---------------------------------------------------------------

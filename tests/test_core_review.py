@@ -82,6 +82,28 @@ def test_the_restore_reader_brings_back_the_lock_with_the_keys() -> None:
     assert agent.lock.salt == b"s" * 16
 
 
+@pytest.mark.parametrize("record", ['{"v":1,"salt":"zz","hash":5}', "not json", '{"v":1}'])
+def test_an_unreadable_lock_record_keeps_the_keys_out_of_memory(
+    record: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lock record that does not parse fails closed: the keys it guarded are not restored
+    (no passphrase could unlock them), and the log says how to recover."""
+    backend = MemoryKeyring()
+    store = KeyringStore(backend)
+    for secret in SECRETS:
+        store.save(persisted(secret))
+    backend.put("keyagent", "lock", record)
+    agent = Agent()
+    core.restore_persisted(agent, store, timeout=20.0)
+    assert len(agent.held_keys) == 0
+    assert any(
+        "lock record that cannot be read" in r.getMessage() and "forget --all --persist"
+        in r.getMessage() for r in caplog.records
+    )  # fmt: skip
+    assert store.delete_all() == 3
+    assert backend.entries() == {}  # forget --all --persist leaves nothing, the lock included
+
+
 @pytest.mark.parametrize(
     ("dumpable", "tracer", "expected"),
     [

@@ -453,7 +453,7 @@ def test_an_index_from_a_newer_keyagent_makes_the_store_unavailable(
 ) -> None:
     """A newer index is not overwritten: every operation reports KeyringUnavailable instead."""
     memory.put(SERVICE, "index", json.dumps({"v": 2, "sets": {}}))
-    for call in (store.check, lambda: store.save(make_key()), lambda: store.load_all(WALL)):
+    for call in (lambda: store.save(make_key()), lambda: store.load_all(WALL)):
         with pytest.raises(KeyringUnavailable, match="upgrade keyagent"):
             call()
     assert memory.entries()[(SERVICE, "index")] == json.dumps({"v": 2, "sets": {}})
@@ -465,7 +465,6 @@ def test_an_unreadable_index_reads_as_empty_and_is_replaced(
 ) -> None:
     """A corrupt index loads as no keys, and the next save writes a fresh one."""
     memory.put(SERVICE, "index", raw)
-    store.check()
     assert store.load_all(WALL) == ([], [])
     store.save(make_key())
     assert store.load_all(WALL) == ([make_key()], [])
@@ -637,19 +636,18 @@ def test_a_blocked_keyring_blocks_only_the_calling_thread(
 def test_fail_backend_is_unavailable_with_the_fix_in_the_message() -> None:
     """keyring's fail backend makes check and save raise KeyringUnavailable naming the fix."""
     store = KeyringStore(fail_backend())
-    for call in (store.check, lambda: store.save(make_key())):
+    for call in (lambda: store.load_all(WALL), lambda: store.save(make_key())):
         with pytest.raises(KeyringUnavailable) as caught:
             call()
         assert "gnome-keyring" in caught.value.message
         assert "PYTHON_KEYRING_BACKEND" in caught.value.message
         assert_clean_error(caught.value)
-    assert store.backend_name() == "keyring.backends.fail.Keyring"
 
 
 def test_null_backend_is_unavailable() -> None:
     """keyring's null backend (keyring disabled) would drop every write: unavailable."""
     with pytest.raises(KeyringUnavailable, match="disabled"):
-        KeyringStore(null_backend()).check()
+        KeyringStore(null_backend()).load_all(WALL)
 
 
 def test_locked_keyring_asks_to_unlock(store: KeyringStore, memory: MemoryKeyring) -> None:
@@ -657,7 +655,6 @@ def test_locked_keyring_asks_to_unlock(store: KeyringStore, memory: MemoryKeyrin
     store.save(make_key())
     memory.locked = True
     calls: list[Callable[[], object]] = [
-        store.check,
         lambda: store.save(make_key(SECRETS[1])),
         lambda: store.load_all(WALL),
         lambda: store.delete(digest_of(SECRET)),
@@ -668,7 +665,6 @@ def test_locked_keyring_asks_to_unlock(store: KeyringStore, memory: MemoryKeyrin
             call()
         assert_clean_error(caught.value)
     memory.locked = False
-    store.check()
     assert store.load_all(WALL) == ([make_key()], [])
 
 
@@ -700,7 +696,7 @@ def test_backend_exceptions_become_keyring_unavailable_without_secrets(
 ) -> None:
     """Any exception from a backend becomes KeyringUnavailable, raised from None, secret-free."""
     memory.fail_with = exception
-    for call in (store.check, lambda: store.save(make_key()), lambda: store.load_all(WALL)):
+    for call in (lambda: store.save(make_key()), lambda: store.load_all(WALL)):
         with pytest.raises(KeyringUnavailable) as caught:
             call()
         assert expected in caught.value.message
@@ -786,7 +782,6 @@ def test_keyrings_recommended_choice_is_used(chosen: Callable[[object], None]) -
     store = KeyringStore()
     store.save(make_key())
     assert (SERVICE, f"key:{digest_of(SECRET)}") in backend.entries()
-    assert store.backend_name() == f"{__name__}.RecommendedKeyring"
 
 
 @pytest.mark.parametrize("backend_class", [LowPriorityKeyring, PlaintextKeyring])
@@ -817,7 +812,7 @@ def test_keyrings_fail_choice_is_unavailable_even_when_named(
     chosen(fail_backend())
     monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.fail.Keyring")
     with pytest.raises(KeyringUnavailable, match="no OS keyring backend"):
-        KeyringStore().check()
+        KeyringStore().load_all(WALL)
 
 
 def test_a_backend_keyring_cannot_load_is_unavailable(
@@ -827,7 +822,7 @@ def test_a_backend_keyring_cannot_load_is_unavailable(
     chosen(None)
     monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyagent_no_such_module.Keyring")
     with pytest.raises(KeyringUnavailable, match="PYTHON_KEYRING_BACKEND") as caught:
-        KeyringStore().check()
+        KeyringStore().load_all(WALL)
     assert_clean_error(caught.value)
 
 
@@ -854,7 +849,7 @@ class OneChain(ChainerBackend):
 def test_a_chainer_without_backends_is_unavailable() -> None:
     """A chainer with nothing to chain would drop writes: unavailable."""
     with pytest.raises(KeyringUnavailable, match="no OS keyring backend"):
-        KeyringStore(EmptyChain()).check()
+        KeyringStore(EmptyChain()).load_all(WALL)
 
 
 def test_a_chainer_is_unwrapped_to_the_backend_it_writes_to() -> None:
@@ -864,7 +859,6 @@ def test_a_chainer_is_unwrapped_to_the_backend_it_writes_to() -> None:
     first = OneChain.backends[0]
     assert isinstance(first, RecommendedKeyring)
     assert (SERVICE, f"key:{digest_of(SECRET)}") in first.entries()
-    assert store.backend_name() == f"{__name__}.RecommendedKeyring"
     assert store.delete_all() == 1
     assert first.entries() == {}
 

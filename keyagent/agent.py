@@ -41,7 +41,7 @@ from keyagent.protocol import KEY_ID_MAX, KEY_ID_SHOWN, MAX_LIFETIME, OPS, PROTO
 from keyagent.sessions import Plan, RemoteResult, Session, run_remote
 from keyagent.store import HeldKey, KeyStore, Lock, derive, digest_of, iso, new_salt
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see keyagent/__init__.py)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Final
 

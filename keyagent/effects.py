@@ -52,7 +52,7 @@ import itertools
 from keyagent.errors import Busy, Internal, KeyagentError
 from keyagent.log import get_logger
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see keyagent/__init__.py)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Generator
     from typing import Any, Final

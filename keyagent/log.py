@@ -8,7 +8,7 @@ and programs embedding keyagent configure it as usual. In the serving process re
 straight to stderr or to the ``syslog`` C module: ``logging`` and what it imports
 (``traceback``, ``tokenize``, ``string``, ``weakref``) are over 1 MiB the agent would
 otherwise keep resident. Nothing here formats exceptions: callers log types, never
-messages that might quote a secret (see :func:`keyagent.server.log_internal`).
+messages that might quote a secret (see :func:`keyagent.effects.log_internal`).
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ from keyagent.errors import (
 )
 from keyagent.log import DEBUG, get_logger
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see keyagent/__init__.py)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 

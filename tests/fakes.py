@@ -23,6 +23,23 @@ if TYPE_CHECKING:
     from keyagent.sessions import ListedKey
 
 PEER = Peer(pid=1, uid=0, gid=0)
+
+VALID_ARGS: dict[str, dict[str, Any]] = {
+    "hello": {},
+    "status": {},
+    "add": {"host": "app.conduce.com", "user": "ada@example.com", "key": "k-123"},
+    "get": {},
+    "list": {},
+    "forget": {"all": True},
+    "lock": {"passphrase": "correct horse battery"},
+    "unlock": {"passphrase": "correct horse battery"},
+    "stop": {},
+    "login": {"host": "app.conduce.com", "user": "ada@example.com", "password": "pw"},
+    "logout": {"host": "app.conduce.com", "user": "ada@example.com"},
+    "create": {"host": "app.conduce.com", "user": "ada@example.com"},
+    "remove": {},
+}
+"""For each op, arguments that pass the protocol's validation (the agent and protocol tests)."""
 WALL = 1_700_000_000.0
 """FakeTime's wall clock at its start (2023-11-14T22:13:20Z)."""
 

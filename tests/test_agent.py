@@ -29,7 +29,7 @@ from keyagent.errors import (
 from keyagent.protocol import MAX_LIFETIME, OPS, PROTOCOL_VERSION
 from keyagent.store import derive, digest_of, iso, key_id_for
 
-from .fakes import PEER, WALL, FakeTime, driver_for, request, settle, steps
+from .fakes import PEER, VALID_ARGS, WALL, FakeTime, driver_for, request, settle, steps
 
 if TYPE_CHECKING:
     from keyagent.agent import Outcome
@@ -44,21 +44,6 @@ USER = "ada@example.com"
 CORE_OPS = ["hello", "status", "add", "get", "list", "forget", "lock", "unlock", "stop"]
 
 # Valid arguments for every protocol op, to build requests that pass validation.
-VALID_ARGS: dict[str, dict[str, Any]] = {
-    "hello": {},
-    "status": {},
-    "add": {"host": HOST, "user": USER, "key": "k-123"},
-    "get": {},
-    "list": {},
-    "forget": {"all": True},
-    "lock": {"passphrase": PASSPHRASE},
-    "unlock": {"passphrase": PASSPHRASE},
-    "stop": {},
-    "login": {"host": HOST, "user": USER, "password": "pw"},
-    "logout": {"host": HOST, "user": USER},
-    "create": {"host": HOST, "user": USER},
-    "remove": {},
-}
 
 
 def call(agent: Agent, op: str, **args: Any) -> Outcome:

@@ -30,23 +30,10 @@ from keyagent.protocol import (
     parse_request,
 )
 
+from .fakes import VALID_ARGS
+
 SECRET = "zebra-quokka-7781-S3CR3T"
 
-VALID_ARGS: dict[str, dict[str, Any]] = {
-    "hello": {},
-    "status": {},
-    "add": {"host": "app.conduce.com", "user": "ada@example.com", "key": "k-123"},
-    "get": {},
-    "list": {},
-    "forget": {"all": True},
-    "lock": {"passphrase": "correct horse"},
-    "unlock": {"passphrase": "correct horse"},
-    "stop": {},
-    "login": {"host": "app.conduce.com", "user": "ada@example.com", "password": "pw"},
-    "logout": {"host": "app.conduce.com", "user": "ada@example.com"},
-    "create": {"host": "app.conduce.com", "user": "ada@example.com"},
-    "remove": {},
-}
 
 STRING_ARGS = {"host", "user", "key", "description", "passphrase", "password"}
 BOOL_ARGS = {"persist", "all", "remote", "reveal"}

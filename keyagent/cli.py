@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY_ID|-",
         help="the key's id (4 to 64 hex digits), or - to read the key itself from stdin",
     )
+    _add_service_parser(sub)
     return parser
 
 
@@ -638,6 +639,63 @@ def cmd_remove(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
     return EXIT_OK
 
 
+# --- keyagent-ctl service: systemd user units for this installation (keyagent/service.py) ---
+
+
+def _add_service_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "service",
+        help="start keyagent at login: install, uninstall or show its systemd user units",
+        description="Install keyagent.socket and keyagent.service in the systemd user unit"
+        " directory, running this installation's keyagent; enable the socket, so the first"
+        " client starts the agent.",
+    )
+    p.add_argument(
+        "action",
+        choices=("install", "uninstall", "status"),
+        help="install: write, reload, enable --now; uninstall: stop, disable, remove what"
+        " install wrote; status: installed, enabled, active, and the command they run",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="install: replace units keyagent-ctl did not write; uninstall: remove units it"
+        " wrote that were edited since",
+    )
+    p.add_argument(
+        "--print",
+        action="store_true",
+        dest="print_units",
+        help="install: print the units instead of installing them (for packagers)",
+    )
+
+
+def cmd_service(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
+    from keyagent import service
+
+    if args.print_units and args.action != "install":
+        raise UsageError("--print goes with install: keyagent-ctl service install --print")
+    if args.force and args.action == "status":
+        raise UsageError("--force goes with install or uninstall")
+    try:
+        if args.print_units:
+            service.print_units(out)
+        elif args.action == "install":
+            service.install(out, force=args.force)
+        elif args.action == "uninstall":
+            service.uninstall(out, force=args.force)
+        else:
+            service.status(out)
+    except service.ServiceError as error:
+        out.flush()
+        sys.stderr.write(f"keyagent-ctl: service {args.action}: {shown(error)}\n")
+        return EXIT_AGENT_ERROR
+    return EXIT_OK
+
+
+# --- end of keyagent-ctl service ------------------------------------------------------------
+
+
 HANDLERS: dict[str, Handler] = {  # annotation only: Handler exists for the type checker
     "hello": cmd_hello,
     "status": cmd_status,
@@ -658,6 +716,7 @@ HANDLERS: dict[str, Handler] = {  # annotation only: Handler exists for the type
     "list-api-keys": cmd_list_api_keys,
     "remove": cmd_remove,
     "remove-api-key": cmd_remove,
+    "service": cmd_service,
 }
 
 

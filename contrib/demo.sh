@@ -6,28 +6,21 @@
 set -eu
 
 workdir=$(mktemp -d)
-emulator_pid=
+CONDUCE_EMULATOR_PID=
 cleanup() {
   keyagent -k >/dev/null 2>&1 || true
-  [ -n "$emulator_pid" ] && kill "$emulator_pid" 2>/dev/null || true
+  [ -n "$CONDUCE_EMULATOR_PID" ] && kill "$CONDUCE_EMULATOR_PID" 2>/dev/null || true
   rm -rf "$workdir"
 }
 trap cleanup EXIT INT TERM
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
 
-# A stand-in for the Conduce service, on 127.0.0.1 (python -m keyagent.testing serve).
-printf %s 'demo-password' | python3 -m keyagent.testing serve --password-stdin \
-  >"$workdir/emulator.env" 2>"$workdir/emulator.log" &
-emulator_pid=$!
-tries=0
-until grep -q '^CONDUCE_USER=' "$workdir/emulator.env" 2>/dev/null; do
-  tries=$((tries + 1))
-  [ "$tries" -lt 200 ] || { cat "$workdir/emulator.log"; exit 1; }
-  sleep 0.05
-done
-CONDUCE_HOST=$(sed -n 's/^CONDUCE_HOST=//p' "$workdir/emulator.env")
-CONDUCE_CA_BUNDLE=$(sed -n 's/^CONDUCE_CA_BUNDLE=//p' "$workdir/emulator.env")
-CONDUCE_USER=$(sed -n 's/^CONDUCE_USER=//p' "$workdir/emulator.env")
+# A stand-in for the Conduce service, on 127.0.0.1: it serves in the background once ready
+# and exports CONDUCE_HOST, CONDUCE_CA_BUNDLE, CONDUCE_USER and CONDUCE_EMULATOR_PID.
+# (Assigned first: `eval "$(...)"` alone would hide a failure from set -e.)
+step 'eval "$(python3 -m keyagent.testing serve --background)"'
+emulator_env=$(python3 -m keyagent.testing serve --background)
+eval "$emulator_env"
 echo "Conduce emulator on https://$CONDUCE_HOST (user $CONDUCE_USER)"
 
 step "eval \"\$(keyagent -a \$workdir/agent.sock -t 8h --ca-bundle \$CONDUCE_CA_BUNDLE)\""

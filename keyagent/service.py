@@ -396,14 +396,14 @@ def uninstall(out: TextIO, *, force: bool = False) -> None:
         out.write(f"removed {unit.path}\n")
     systemctl("daemon-reload")
     out.write("ran systemctl --user daemon-reload\n")
-    # What `enable` made and `disable` emptied; the unit directory itself if install made it
-    # (or it was empty anyway): nothing of keyagent's is left behind.
-    for emptied in (directory / "sockets.target.wants", directory, directory.parent):
-        try:
-            emptied.rmdir()
-        except OSError:
-            break
-        out.write(f"removed empty directory {emptied}\n")
+    # `enable` made this directory for its link, and `disable` emptied it: it goes too.
+    wants = directory / "sockets.target.wants"
+    try:
+        wants.rmdir()
+    except OSError:
+        pass  # not there, or holding another unit's link
+    else:
+        out.write(f"removed empty directory {wants}\n")
     for unit in kept:
         out.write(f"kept {unit.path}: it {NOT_OURS[unit.owner or 'foreign']}\n")
 
@@ -430,9 +430,26 @@ def status(out: TextIO) -> None:
         states.append(_state("is-active", unit.name))
         out.write(f"{unit.name}: {', '.join(states)}\n")
         if unit.name == SERVICE_UNIT and unit.text is not None:
-            out.write(f"runs: {_exec_start(unit.text) or '(no ExecStart=)'}\n")
+            out.write(f"runs: {_describe_command(_exec_start(unit.text))}\n")
+
+
+def _describe_command(command: str | None) -> str:
+    """An ExecStart= line, and whether its program is this installation's keyagent."""
+    if command is None:
+        return "(no ExecStart=)"
+    program = Path(command.split()[0].replace("%%", "%"))
     try:
-        keyagent: Path | None = find_keyagent()
+        this: Path | None = find_keyagent()
     except ServiceError:
-        keyagent = None
-    out.write(f"this installation's keyagent: {keyagent or 'not found'}\n")
+        this = None
+    if "%" in program.as_posix().replace("%%", ""):
+        note = "a path with systemd specifiers"
+    elif not (program.is_file() and os.access(program, os.X_OK)):
+        note = "missing: run keyagent-ctl service install from the installation to run"
+    elif this is not None and program == this:
+        note = "this installation"
+    else:
+        note = "another installation" + (
+            f"; keyagent-ctl service install here switches to {this}" if this else ""
+        )
+    return f"{command} ({note})"

@@ -744,7 +744,8 @@ def user_manager(tmp_path: Path) -> Iterator[UserManager]:
     """Run a bash script inside user-manager.sh, with a fresh HOME; stop it at the end.
 
     The script sees ``$PYTHON`` (this Python), ``$KEYAGENT`` (its console script) and
-    ``$OUT`` (a directory for result files); lines it prints as ``KEY=value`` are collected.
+    ``$OUT`` (a directory for result files), and ``env`` besides; lines it prints as
+    ``KEY=value`` are collected.
     Units in ``units`` are installed in ``$HOME/.config/systemd/user``; ``files`` are
     written to ``$OUT``. With ``user``, the manager and the script run as that user, in a
     home of theirs (``files`` go there too: ``$OUT`` is root's).
@@ -757,7 +758,9 @@ def user_manager(tmp_path: Path) -> Iterator[UserManager]:
         units: dict[str, str],
         files: dict[str, str] | None = None,
         timeout: float = 45.0,
+        *,
         user: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> ManagerRun:
         home = tmp_path / f"home{len(started)}"
         if user is not None:  # a home of the user's own, outside root's private tmp_path
@@ -777,15 +780,16 @@ def user_manager(tmp_path: Path) -> Iterator[UserManager]:
         out.mkdir()
         for name, text in (files or {}).items():
             (out / name).write_text(text)
-        env = {
+        variables = {
             **os.environ,
+            **(env or {}),
             "HOME": str(home),
             "PYTHON": sys.executable,
             "KEYAGENT": str(keyagent_script()),
             "OUT": str(out),
         }
         for name in ("KEYAGENT_SOCK", "XDG_RUNTIME_DIR", "DBUS_SESSION_BUS_ADDRESS"):
-            env.pop(name, None)
+            variables.pop(name, None)
         as_user = ["--user", user] if user is not None else []
         process = subprocess.Popen(
             [str(USER_MANAGER), *as_user, "bash", "-euo", "pipefail", "-c", script],
@@ -793,7 +797,7 @@ def user_manager(tmp_path: Path) -> Iterator[UserManager]:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=env,
+            env=variables,
             start_new_session=True,
         )
         started.append(process)

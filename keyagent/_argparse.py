@@ -57,3 +57,21 @@ def count_type(text: str) -> int:
     if count_problem(value) is not None:
         raise argparse.ArgumentTypeError(f"'{text}' is not a positive whole number")
     return value
+
+
+def renamed(new: str, why: str) -> type[argparse.Action]:
+    """An argparse ``action=`` for a retired option: using it is a usage error that names
+    ``new``, the option to use instead, and ``why`` it changed. Add it with
+    ``help=argparse.SUPPRESS`` so help and completion show only the new name."""
+
+    class Renamed(argparse.Action):
+        def __call__(
+            self,
+            parser: argparse.ArgumentParser,
+            namespace: argparse.Namespace,
+            values: object,
+            option_string: str | None = None,
+        ) -> None:
+            parser.error(f"{option_string} is now {new} ({why})")
+
+    return Renamed

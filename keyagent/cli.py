@@ -8,7 +8,10 @@ Exit codes (stable, documented in the README):
 * 64 — usage error (``EX_USAGE``; argparse's own 2 would collide with "no agent")
 * 78 — the configuration file is invalid (``EX_CONFIG``)
 * 127 — ``exec``: the command was not found; 126 — it could not be run
+* 130 — interrupted (Ctrl-C)
 * 141 — the output pipe was closed early (as a command killed by SIGPIPE)
+
+:data:`EXIT_STATUSES` holds the same list for ``--help`` and the manual page.
 """
 
 from __future__ import annotations
@@ -63,44 +66,104 @@ def _escape(char: str) -> str:
     return f"\\U{code:08x}"
 
 
+EXIT_STATUSES = (
+    (EXIT_OK, "success"),
+    (EXIT_AGENT_ERROR, "the agent refused (nothing found, locked, bad passphrase, ...)"),
+    (EXIT_NO_AGENT, "no agent reachable (as ssh-add)"),
+    (EXIT_USAGE, "usage error (EX_USAGE; argparse's own 2 would collide with no agent)"),
+    (EXIT_CONFIG, "the configuration file is invalid (EX_CONFIG)"),
+    (126, "exec: the command could not be run"),
+    (127, "exec: the command was not found"),
+    (130, "interrupted (Ctrl-C)"),
+    (EXIT_BROKEN_PIPE, "the output pipe was closed early (as a command killed by SIGPIPE)"),
+)
+"""Every status keyagent-ctl exits with; --help and the manual page list them from here."""
+
+ACCOUNT_COMMANDS = frozenset(
+    {"add", "get", "list", "ls", "exec", "config", "login", "logout", "create"}
+    | {"create-api-key", "list-api-keys", "remove", "remove-api-key"}
+)
+"""The commands that act on one account, and so take --host and --user."""
+
+SHELLS = ("bash", "zsh", "fish")
+"""The shells `keyagent-ctl completion` writes a script for (through shtab)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     import argparse
 
+    from keyagent import __version__
     from keyagent._argparse import UsageParser as _Parser
-    from keyagent._argparse import duration_type
+    from keyagent._argparse import duration_type, renamed
     from keyagent.protocol import MAX_LIFETIME
 
     # The agent's own limits, checked here too: a wrong value is a usage error (exit 64)
     # with a message, not a [bad_request] from the agent.
     _duration = duration_type(MAX_LIFETIME, "ten years, the longest lifetime the agent takes")
+    # Options accepted before the command and after it (conduce-api style): SUPPRESS, so the
+    # one the subcommand parses does not overwrite the one given before it with a default.
+    connection = _Parser(add_help=False)
+    connection.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="agent socket (default: $KEYAGENT_SOCK, else the per-user default)",
+    )
     selectors = _Parser(add_help=False)
-    # SUPPRESS, so "--user" after the verb (conduce-api style) and before it both work.
     selectors.add_argument(
-        "--host", default=argparse.SUPPRESS, help="Conduce host (default: $KEYAGENT_HOST)"
+        "--host",
+        default=argparse.SUPPRESS,
+        help="Conduce host (default: $KEYAGENT_HOST, else the configuration file)",
     )
     selectors.add_argument(
-        "--user", default=argparse.SUPPRESS, help="account e-mail (default: $KEYAGENT_USER)"
+        "--user",
+        default=argparse.SUPPRESS,
+        help="account e-mail (default: $KEYAGENT_USER, else the configuration file)",
     )
 
+    exit_statuses = "\n".join(f"  {code:<5}{meaning}" for code, meaning in EXIT_STATUSES)
     parser: argparse.ArgumentParser = _Parser(
         prog="keyagent-ctl",
         description="Talk to a running keyagent: hold, fetch and manage Conduce API keys.",
-        epilog="Exit status: 0 ok, 1 the agent refused, 2 no agent, 64 usage error, 78 bad"
-        " configuration, 126 exec could not run the command, 127 exec found no such command,"
-        " 141 the output pipe was closed.",
-        parents=[selectors],
+        epilog=f"exit status:\n{exit_statuses}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        # --host/--user before the command, for the commands that take them (main refuses
+        # them before any other command).
+        parents=[connection, selectors],
     )
-    parser.add_argument(
-        "--socket",
-        metavar="PATH",
-        help="agent socket (default: $KEYAGENT_SOCK, else the per-user default)",
-    )
+    parser.add_argument("--version", action="version", version=f"keyagent-ctl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     def command(name: str, help: str, *aliases: str) -> argparse.ArgumentParser:
+        parents = [connection, selectors] if name in ACCOUNT_COMMANDS else [connection]
         return sub.add_parser(
-            name, help=help, aliases=list(aliases), parents=[selectors], description=help
+            name, help=help, aliases=list(aliases), parents=parents, description=help
+        )
+
+    def add_key_options(p: argparse.ArgumentParser) -> None:
+        # -C as ssh-keygen's comment: keyagent's own -D means "stay in the foreground".
+        p.add_argument(
+            "--description",
+            "-C",
+            metavar="TEXT",
+            help="a note kept with the key and shown by list",
+        )
+        p.add_argument(
+            "-D",
+            action=renamed("-C (--description)", "keyagent's own -D means stay in the foreground"),
+            help=argparse.SUPPRESS,
+        )
+        p.add_argument(
+            "--lifetime",
+            "-t",
+            type=_duration,
+            help="forget the key after this long: seconds, or e.g. 15m, 8h, 2d",
+        )
+        p.add_argument(
+            "--persist",
+            action=argparse.BooleanOptionalAction,
+            help="also keep it in the OS keyring (default: persist in the config file)",
         )
 
     p = command("status", "show the agent's state")
@@ -108,13 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("hello", "check that an agent answers, and its protocol version")
 
     p = command("add", "hand an API key to the agent (read from stdin, or prompted)")
-    p.add_argument("--description", "-D")
-    p.add_argument("--lifetime", "-t", type=_duration, help="e.g. 3600, 15m, 8h")
-    p.add_argument(
-        "--persist",
-        action=argparse.BooleanOptionalAction,
-        help="also keep it in the OS keyring (default: persist in the config file)",
-    )
+    add_key_options(p)
 
     p = command("get", "print the newest matching key, alone, on stdout")
     p.add_argument("--key-id", type=_key_id_argument, help=KEY_ID_HELP)
@@ -146,7 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
         " shell or a language runtime reads (LD_*, PATH, PYTHON*, ...)",
     )
     p.add_argument("--key-id", type=_key_id_argument, help=KEY_ID_HELP)
-    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+    p.add_argument(
+        "argv",
+        nargs=argparse.REMAINDER,
+        metavar="-- CMD ARGS",
+        help="the command to run, after --; its exit status is keyagent-ctl's",
+    )
 
     p = command("login", "log in to Conduce; the agent keeps the session, not the password")
     p.add_argument(
@@ -157,13 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("logout", "drop the Conduce session from the agent")
 
     p = command("create", "create an API key on Conduce and hold it", "create-api-key")
-    p.add_argument("--description", "-D")
-    p.add_argument("--lifetime", "-t", type=_duration)
-    p.add_argument(
-        "--persist",
-        action=argparse.BooleanOptionalAction,
-        help="also keep it in the OS keyring (default: persist in the config file)",
-    )
+    add_key_options(p)
     p.add_argument(
         "--print", action="store_true", dest="reveal", help="print the new key on stdout"
     )
@@ -176,6 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
         "key",
         metavar="KEY_ID|-",
         help="the key's id (4 to 64 hex digits), or - to read the key itself from stdin",
+    )
+
+    p = command("completion", "print a shell completion script (see the README)")
+    p.add_argument("shell", choices=SHELLS, help="the shell to complete in")
+    p.add_argument(
+        "--program",
+        choices=("keyagent-ctl", "keyagent"),
+        default="keyagent-ctl",
+        help="the command to complete (default: keyagent-ctl)",
     )
     _add_service_parser(sub)
     return parser
@@ -381,9 +446,10 @@ def cmd_status(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
             if session.get("expired")
             else ("logged in" if session.get("logged_in") else "logged out")
         )
+        # A logged-out session has no start time: say so without a placeholder.
+        since = f" since {shown(session['since'])}" if session.get("since") else ""
         out.write(
-            f"session {shown(session.get('user'))}@{shown(session.get('host'))}: {state}"
-            f" since {shown(session.get('since') or '?')}\n"
+            f"session {shown(session.get('user'))}@{shown(session.get('host'))}: {state}{since}\n"
         )
     return EXIT_OK
 
@@ -619,6 +685,13 @@ def cmd_create(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
     return EXIT_OK
 
 
+def cmd_completion(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
+    from keyagent.completion import completion_script
+
+    out.write(completion_script(args.shell, args.program))
+    return EXIT_OK
+
+
 def cmd_remove(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
     from keyagent.protocol import is_key_id_prefix
 
@@ -717,6 +790,7 @@ HANDLERS: dict[str, Handler] = {  # annotation only: Handler exists for the type
     "remove": cmd_remove,
     "remove-api-key": cmd_remove,
     "service": cmd_service,
+    "completion": cmd_completion,
 }
 
 
@@ -741,12 +815,8 @@ def fast_get_args(argv: Sequence[str]) -> dict[str, str] | None:
             continue
         name, equals, value = word.partition("=")
         field = _GET_OPTIONS.get(name)
-        # As argparse has it: --socket before the verb only, --key-id after it only.
-        if (
-            field is None
-            or (field == "socket" and seen_get)
-            or (field == "key_id" and not seen_get)
-        ):
+        # As argparse has it: --key-id after the verb only, the others before or after it.
+        if field is None or (field == "key_id" and not seen_get):
             return None
         if not equals:
             if position >= len(argv):
@@ -757,6 +827,18 @@ def fast_get_args(argv: Sequence[str]) -> dict[str, str] | None:
             return None
         values[field] = value
     return values if seen_get else None
+
+
+def _refuse_unused_selectors(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--host/--user before a command that acts on no account is a usage error (exit 64):
+    the parser takes them there for the commands that do."""
+    if args.command in ACCOUNT_COMMANDS:
+        return
+    for name in ("host", "user"):
+        if hasattr(args, name):
+            parser.error(
+                f"{args.command} acts on no account, so --{name} means nothing to it: leave it out"
+            )
 
 
 def main(
@@ -785,11 +867,13 @@ def main(
             # argparse writes usage errors and help to sys.stdout/sys.stderr: send them to
             # the streams this call was given.
             with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
-                args = build_parser().parse_args(argv)
+                parser = build_parser()
+                args = parser.parse_args(argv)
+                _refuse_unused_selectors(parser, args)
         except SystemExit as exit_:
             return int(exit_.code or 0)
     try:
-        with Client(args.socket) as client:
+        with Client(getattr(args, "socket", None)) as client:
             return HANDLERS[args.command](args, client, stdin, stdout)
     except UsageError as error:
         stderr.write(f"keyagent-ctl: {shown(error)}\n")

@@ -71,7 +71,7 @@ def test_selectors_work_before_and_after_the_verb_and_from_the_environment(
 
 def test_list_table_and_json(agent: AgentProcess) -> None:
     """list prints a table for people and, with --json, the protocol's key objects."""
-    run_ctl(agent.socket_path, "--host", "h", "--user", "u", "add", "-D", "ci", stdin=SECRET)
+    run_ctl(agent.socket_path, "--host", "h", "--user", "u", "add", "-C", "ci", stdin=SECRET)
     table = run_ctl(agent.socket_path, "list")
     assert table.code == 0
     header, row = table.out.splitlines()
@@ -237,8 +237,9 @@ def test_fast_path_reads_only_plain_get_invocations() -> None:
     assert fast_get_args(
         ["--socket", "/s", "--host=h", "get", "--user", "u", "--key-id", "ab12"]
     ) == {"socket": "/s", "host": "h", "user": "u", "key_id": "ab12"}
+    assert fast_get_args(["get", "--socket", "/s"]) == {"socket": "/s"}
     for deferred in (
-        ["get", "--socket", "/s"],
+        ["--socket", "/s", "get", "--socket", "/s"],
         ["--key-id", "ab12", "get"],
         ["get", "-h"],
         ["get", "--host"],
@@ -275,7 +276,7 @@ def _plain_get(draw: st.DrawFn) -> list[str]:
             words += [f"{name}={value}"] if draw(st.booleans()) else [name, value]
         return words
 
-    # Every option on both sides: --socket after get and --key-id before it are not plain.
+    # Every option on both sides: --key-id before get is not plain.
     return [*options(_OPTIONS), "get", *options(_OPTIONS)]
 
 
@@ -333,7 +334,8 @@ def test_the_fast_path_reads_get_as_argparse_does(argv: list[str]) -> None:
         assert full == 64, argv
         assert not all(is_key_id_prefix(value) for value in _key_id_values(argv)), argv
         return
-    assert full == {"command": "get", "socket": None, "key_id": None, **fast}, argv
+    # --socket, --host and --user are absent from argparse's namespace unless given.
+    assert full == {"command": "get", "key_id": None, **fast}, argv
 
 
 def _key_id_values(argv: list[str]) -> list[str]:
@@ -440,7 +442,7 @@ def test_hosts_users_and_descriptions_are_checked_before_contacting_the_agent(
         ["--host", "-h.example", "--user", "u", "list-api-keys"],
         ["--host", "https://h.example/", "--user", "u", "create"],
         ["--host", "h", "--user", "u\u2028v", "logout"],
-        ["--host", "h", "--user", "u", "add", "-D", "a\x1b[2Jb"],
+        ["--host", "h", "--user", "u", "add", "-C", "a\x1b[2Jb"],
         ["get", "--host", "a b"],  # get's fast path: checked once the request failed
         ["list", "--host", "h..x"],
     ):

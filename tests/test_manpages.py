@@ -30,27 +30,32 @@ def run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A wheel built as pip builds one, from a copy of the source (so the tree stays clean)."""
+def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv with the pip it comes with, as a user's `python -m venv` has."""
+    path = tmp_path_factory.mktemp("venv")
+    run(sys.executable, "-m", "venv", str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def wheel(venv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A wheel built by that venv's pip from a copy of the source (the tree stays clean)."""
     source = tmp_path_factory.mktemp("source")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(ROOT / name, source)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(ROOT / "keyagent", source / "keyagent", ignore=ignore)
     shutil.copytree(ROOT / "contrib" / "bin", source / "contrib" / "bin")
     out = tmp_path_factory.mktemp("wheel")
-    run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), str(source))
+    run(str(venv / "bin" / "pip"), "wheel", "--quiet", "--no-deps", "-w", str(out), str(source))
     (built,) = out.glob("keyagent-*.whl")
     return built
 
 
 @pytest.fixture(scope="module")
-def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv with the wheel installed (no dependencies: only the files matter here)."""
-    venv = tmp_path_factory.mktemp("venv")
-    run(sys.executable, "-m", "venv", "--without-pip", str(venv))
-    run(sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
-        "--quiet", "--no-deps", str(wheel))  # fmt: skip
+def installed(venv: Path, wheel: Path) -> Path:
+    """The venv with the wheel installed (no dependencies: only the files matter here)."""
+    run(str(venv / "bin" / "pip"), "install", "--quiet", "--no-deps", str(wheel))
     return venv
 
 

@@ -19,8 +19,9 @@ with the directory when the emulator stops.
 
 The account's password is read from stdin with ``--password-stdin``; without it the account
 gets the fixed password ``demo-password``, which is for demos only: anyone who reads this
-file knows it, so that one password is shown on stderr, to tell the user how to log in. A
-password read from stdin is never printed.
+file knows it. ``serve --help`` names it, and ``serve --background``, run by a person at a
+shell, shows it on stderr with the rest of what to do next. A password read from stdin is
+never printed.
 
 ``serve --background`` is for a shell: ``eval "$(python -m keyagent.testing serve
 --background)"``. The emulator detaches (a new session, stdin, stdout and stderr on
@@ -253,7 +254,12 @@ def main(argv: list[str] | None = None) -> int:
             f"log in as {args.user} with the demo-only password {DEMO_PASSWORD!r} (do not reuse it)"
         )
     if not args.background:
-        sys.stderr.write(f"{login}\n")
+        # In the foreground the output is read by programs (EmulatorProcess) and kept in
+        # test logs, where no password belongs, even this one: --help names it.
+        if not args.password_stdin:
+            sys.stderr.write(
+                f"{args.user} has the fixed demo-only password (see --help); do not reuse it\n"
+            )
         return serve(args.port, args.user, password, args.session_lifetime)
     try:
         pid, settings = serve_background(args.port, args.user, password, args.session_lifetime)

@@ -219,7 +219,7 @@ def test_held_api_key_stands_in_for_an_expired_session(
     assert ctl(conduce_agent, emulator, "create").code == 0
     emulator.expire_sessions(USER)
     emulator.clear_requests()
-    result = ctl(conduce_agent, emulator, "create", "-D", "second")
+    result = ctl(conduce_agent, emulator, "create", "-C", "second")
     assert result.code == 0, result.err
     assert len(emulator.api_keys(USER)) == 2
     creates = [r for r in emulator.requests if r.path == "apikeys/create"]
@@ -258,7 +258,7 @@ def test_remote_listing_marks_unheld_and_stale_keys(
     """Keys only on the service are held: false; keys held but gone from the service are stale."""
     login(conduce_agent, emulator)
     other = emulator.add_key(USER, "made elsewhere")
-    assert ctl(conduce_agent, emulator, "create", "-D", "mine").code == 0
+    assert ctl(conduce_agent, emulator, "create", "-C", "mine").code == 0
     mine = held_secret(conduce_agent)
     # Revoke "mine" behind the agent's back, with the other key.
     from keyagent.conduce import ConduceAccount, HttpSettings
@@ -380,7 +380,7 @@ def test_slow_service_times_out_as_unreachable(
     result = ctl(agent, emulator, "create")
     assert result.code == 1
     assert "[remote_unreachable]" in result.err
-    assert ctl(agent, emulator, "status").code == 0
+    assert run_ctl(agent.socket_path, "status").code == 0
 
 
 def test_wrong_certificate_is_a_tls_error(conduce_agent: AgentProcess, emulator: Emulator) -> None:

@@ -87,7 +87,7 @@ def test_persisted_key_survives_sigkill_and_restart(
         "u",
         "add",
         "--persist",
-        "-D",
+        "-C",
         "kept",
         stdin=SECRET,
     )

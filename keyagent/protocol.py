@@ -141,16 +141,6 @@ def _key_id(name: str, value: object) -> object:
     return value.lower()
 
 
-def _host(name: str, value: object) -> object:
-    if not isinstance(value, str):
-        raise BadRequest(f"argument '{name}' must be a string")
-    problem = host_problem(value)
-    if problem is not None:
-        # The reason describes the grammar, never the value: a value may be a pasted secret.
-        raise BadRequest(f"argument '{name}' is not a host: {problem}")
-    return value
-
-
 def _boolean(name: str, value: object) -> object:
     if not isinstance(value, bool):
         raise BadRequest(f"argument '{name}' must be true or false")
@@ -168,17 +158,23 @@ def _lifetime(name: str, value: object) -> object:
     return float(value)  # type: ignore[arg-type]  # duration_problem checked it is a number
 
 
-def _user(name: str, value: object) -> object:
-    if not isinstance(value, str):
-        raise BadRequest(f"argument '{name}' must be a string")
-    problem = user_problem(value)
-    if problem is not None:
-        raise BadRequest(f"argument '{name}' is not a user: {problem}")
-    return value
+def _by_rule(what: str, problem_of: Callable[[str], str | None]) -> Validator:
+    """A validator for text that a rule of keyagent.rules judges (host, user)."""
+
+    def check(name: str, value: object) -> object:
+        if not isinstance(value, str):
+            raise BadRequest(f"argument '{name}' must be a string")
+        problem = problem_of(value)
+        if problem is not None:
+            # The reason describes the rule, never the value: a value may be a pasted secret.
+            raise BadRequest(f"argument '{name}' is not a {what}: {problem}")
+        return value
+
+    return check
 
 
-HOST: Validator = _host
-USER: Validator = _user
+HOST = _by_rule("host", host_problem)
+USER = _by_rule("user", user_problem)
 KEY = _text(8192, forbid=_not_token)
 DESCRIPTION = _text(1024, min_len=0)
 PASSPHRASE = _text(1024)

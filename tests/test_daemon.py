@@ -458,7 +458,10 @@ def test_kill_signals_only_the_process_listening_on_the_socket(
     """keyagent -k refuses a KEYAGENT_PID that is not the process listening on KEYAGENT_SOCK."""
     agent = agent_factory(name="one")
     other = agent_factory(name="two")
-    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    # A process of mine that waits until its stdin closes (at the end of the test).
+    bystander = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
     try:
         for pid, sock in (
             (bystander.pid, agent.socket_path),  # any process of mine
@@ -482,7 +485,7 @@ def test_kill_signals_only_the_process_listening_on_the_socket(
         assert agent.process.wait(10) == 0
     finally:
         bystander.kill()
-        bystander.wait(10)
+        bystander.communicate(timeout=10)  # also closes its stdin pipe
 
 
 def test_a_background_agent_is_the_listener_its_pid_names(tmp_path: Path) -> None:

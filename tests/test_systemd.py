@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from keyagent import systemd
+from keyagent import service, systemd
 from keyagent.client import Client
 from keyagent.testing.agent import read_line, wait_for_exit
 
@@ -537,29 +537,17 @@ def installed_service(keyagent: Path, *, exec_start: str | None = None, probe: b
     return text
 
 
-PRIVATE_TMP = (Path("/tmp"), Path("/var/tmp"))
-
-
 def hidden_by_private_tmp() -> list[Path]:
     """The directories under /tmp or /var/tmp that the units' Python needs: the checkout,
     the venv and the interpreter it links to, the keyagent script, every import directory.
 
     Only the outermost of nested ones are listed; /tmp itself never is (binding it would
-    undo PrivateTmp=yes, which the hardening tests check).
+    undo PrivateTmp=yes, which the hardening tests check). The rule is the one
+    ``keyagent-ctl service install`` applies (keyagent.service.hidden_by_private_tmp).
     """
     needed = {ROOT, Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable)}
     needed |= {keyagent_script(), *(Path(entry) for entry in sys.path if os.path.isabs(entry))}
-    candidates: set[Path] = set()
-    for path in needed:
-        for form in (Path(os.path.abspath(path)), path.resolve()):
-            hidden = any(form.is_relative_to(tmp) for tmp in PRIVATE_TMP)
-            if hidden and form not in PRIVATE_TMP and form.exists():
-                candidates.add(form if form.is_dir() else form.parent)
-    return sorted(
-        path
-        for path in candidates
-        if not any(path != other and path.is_relative_to(other) for other in candidates)
-    )
+    return service.hidden_by_private_tmp(needed)
 
 
 def add_to_service(text: str, line: str) -> str:

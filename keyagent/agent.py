@@ -28,6 +28,7 @@ from keyagent.errors import (
     KeyagentError,
     KeyringUnavailable,
     Locked,
+    LoginRequired,
     NotFound,
     NotLocked,
     RemoteError,
@@ -90,6 +91,41 @@ MAX_KEY_ATTEMPTS: Final = 3
 """Held keys a remote call may try in turn after the service rejects one (e.g. revoked)."""
 
 
+class Grant:
+    """Credentials the agent lends one proxied request (:mod:`keyagent.proxy`): the header
+    to send and whose they are. Lives on the proxy's thread for that request only."""
+
+    __slots__ = ("confirmed", "digest", "header", "host", "key_id", "session", "user", "value")
+
+    def __init__(
+        self,
+        host: str,
+        user: str,
+        *,
+        header: str,
+        value: str,
+        held: HeldKey | None = None,
+        confirmed: bool = False,
+    ) -> None:
+        self.host, self.user = host, user
+        self.header, self.value = header, value
+        self.session = held is None
+        """Whether this is the account's session (cookie) rather than a held key."""
+        self.digest = held.digest if held is not None else None
+        self.key_id = held.key_id if held is not None else None
+        self.confirmed = confirmed
+        """Whether the user was asked and allowed it: the connection need not ask again."""
+
+    def secrets(self) -> list[str]:
+        """What must never reach the tool: the key, or each cookie value of the session."""
+        if not self.session:
+            return [self.value.removeprefix("Bearer ")]
+        return [part.partition("=")[2] for part in self.value.split("; ") if "=" in part]
+
+    def __repr__(self) -> str:
+        return f"Grant(host={self.host!r}, user={self.user!r}, key_id={self.key_id!r})"
+
+
 class Clock:
     """Monotonic time for deadlines, wall time for dates. Tests pass a fake."""
 
@@ -124,6 +160,8 @@ class Agent:
             raise ValueError("the default lifetime must be positive and at most ten years")
         self.clock = clock or Clock()
         self.socket_path = socket_path
+        self.http_socket_path: str | None = None
+        """The HTTP socket (keyagent.proxy), shown by ``status``; None without one."""
         self.default_lifetime = default_lifetime
         self.default_persist = default_persist
         self.held_keys = KeyStore(max_keys)
@@ -301,6 +339,7 @@ class Agent:
             return {
                 "pid": os.getpid(),
                 "socket": self.socket_path,
+                "http_socket": self.http_socket_path,
                 "version": __version__,
                 "uptime": round(now - self.started, 3),
                 "locked": True,
@@ -308,6 +347,7 @@ class Agent:
         return {
             "pid": os.getpid(),
             "socket": self.socket_path,
+            "http_socket": self.http_socket_path,
             "version": __version__,
             "uptime": round(now - self.started, 3),
             "locked": self.lock.locked,
@@ -661,6 +701,81 @@ class Agent:
             "removed": True,
             "forgotten": 1 if removed else 0,
         }
+
+    # --- the HTTP socket (keyagent.proxy) ----------------------------------------------------
+
+    def authorize_proxy(
+        self,
+        peer: Peer,
+        host: str,
+        user: str | None,
+        key_id: str | None,
+        confirmed: frozenset[str] = frozenset(),
+    ) -> Grant:
+        """Credentials for one proxied request to ``host``, as for the agent's own calls: the
+        account's live session, else its newest held key; ``key_id`` picks a held key.
+
+        ``user`` may be omitted when the agent holds credentials for one account of ``host``
+        only. ``confirmed``: digests of keys the user already allowed on this connection.
+        """
+        if self.lock.locked:
+            raise Locked()
+        now = self.clock.monotonic()
+        if key_id is not None:
+            held = self.held_keys.newest(now, host, user, key_id)
+            return self._lend(held, peer, confirmed)
+        accounts = {
+            session.user
+            for session in self.sessions.values()
+            if session.host == host and session.live and (user is None or session.user == user)
+        }
+        accounts.update(held.user for held in self.held_keys.matching(now, host, user))
+        if not accounts:
+            who = f"{user} at {host}" if user is not None else host
+            raise LoginRequired(
+                f"the agent holds no credentials for {who}; run keyagent-ctl login, "
+                "or keyagent-ctl add a key for it"
+            )
+        if len(accounts) > 1:
+            raise Ambiguous(
+                f"the agent holds credentials for {len(accounts)} accounts on {host}; "
+                "name one with an X-Keyagent-User header"
+            )
+        (user,) = accounts
+        session = self.sessions.get((host, user))
+        if session is not None and session.live:
+            cookie = session.account.session_cookie()
+            if cookie:
+                return Grant(host, user, header="Cookie", value=cookie)
+        try:
+            held = self.held_keys.newest(now, host, user)
+        except NotFound:
+            raise LoginRequired(
+                f"the session of {user} at {host} has ended and the agent holds no key for it;"
+                " run keyagent-ctl login"
+            ) from None
+        return self._lend(held, peer, confirmed)
+
+    def proxy_session_expired(
+        self,
+        peer: Peer,
+        host: str,
+        user: str,
+        key_id: str | None,
+        confirmed: frozenset[str] = frozenset(),
+    ) -> Grant:
+        """The service refused a proxied request made with the session: the session has
+        expired. Note it, as the agent's own calls do, and pick credentials again."""
+        session = self.sessions.get((host, user))
+        if session is not None and session.live:
+            session.mark_expired()
+            log.info("session of %s on %s expired", user, host)
+        return self.authorize_proxy(peer, host, user, key_id, confirmed)
+
+    def _lend(self, held: HeldKey, peer: Peer, confirmed: frozenset[str]) -> Grant:
+        log.debug("lending key %s to pid %d for a proxied request", held.key_id, peer.pid)
+        return Grant(held.host, held.user, header="Authorization", value=f"Bearer {held.secret}",
+                     held=held)  # fmt: skip
 
     # --- helpers for remote operations ---------------------------------------------------
 

@@ -438,6 +438,8 @@ def cmd_status(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
         f" {shown(status.get('version'))}, up {shown(status.get('uptime'))}s\n"
         f"locked: {'yes' if status.get('locked') else 'no'}\n"
     )
+    if status.get("http_socket"):
+        out.write(f"HTTP socket: {shown(status['http_socket'])}\n")
     if "keys" in status:  # a locked agent may not say
         out.write(f"keys held: {shown(status.get('keys'))}\n")
     for session in status.get("sessions") or []:

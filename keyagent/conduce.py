@@ -462,6 +462,12 @@ class ConduceAccount:
     def has_session(self) -> bool:
         return len(self._cookies) > 0
 
+    def session_cookie(self) -> str | None:
+        """The session as a ``Cookie`` header value, for a request the agent makes for a tool
+        through its HTTP socket (:mod:`keyagent.proxy`); None without a session."""
+        pairs = [f"{cookie.name}={cookie.value}" for cookie in self._cookies]
+        return "; ".join(pairs) or None
+
     def validate(self) -> bool:
         """Whether the session is still alive: True on 200, False on 401 (session dropped).
 

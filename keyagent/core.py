@@ -29,6 +29,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 import time
 
 from keyagent.agent import Agent
@@ -46,6 +47,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from typing import Any
 
+    from keyagent.agent import Peer
+    from keyagent.conduce import HttpSettings
+    from keyagent.proxy import Proxy
     from keyagent.sessions import AccountFactory, RemoteAccount
 
 log = get_logger("keyagent")
@@ -144,26 +148,66 @@ def conduce_accounts(settings: Mapping[str, Any]) -> AccountFactory:
     """
     if settings["insecure"]:
         log.warning("--insecure: TLS certificates of Conduce hosts will not be verified")
-    # The CA bundle as the daemon read it at start, after its checks (keyagent.trust): the
-    # file is never opened again, so whoever replaces it later becomes no trusted CA.
-    ca_certificates: str | None = settings.get("ca_certificates")
 
     def real(host: str, user: str) -> RemoteAccount:
-        from keyagent.conduce import ConduceAccount, HttpSettings
+        from keyagent.conduce import ConduceAccount
 
-        http = HttpSettings(
-            verify=settings["ca_bundle"] or True,
-            ca_certificates=ca_certificates,
-            insecure=settings["insecure"],
-            connect_timeout=settings["connect_timeout"],
-            read_timeout=settings["read_timeout"],
-        )
-        return ConduceAccount(host, user, http)
+        return ConduceAccount(host, user, http_settings(settings))
 
     def account(host: str, user: str) -> RemoteAccount:
         return LazyAccount(host, user, real)
 
     return account
+
+
+def http_settings(settings: Mapping[str, Any]) -> HttpSettings:
+    """How the agent talks to Conduce hosts, for its own calls and the HTTP socket alike.
+
+    The CA bundle is the text the daemon read at start, after its checks (keyagent.trust):
+    the file is never opened again, so whoever replaces it later becomes no trusted CA."""
+    from keyagent.conduce import HttpSettings
+
+    return HttpSettings(
+        verify=settings["ca_bundle"] or True,
+        ca_certificates=settings.get("ca_certificates"),
+        insecure=settings["insecure"],
+        connect_timeout=settings["connect_timeout"],
+        read_timeout=settings["read_timeout"],
+    )
+
+
+ASK_TIMEOUT = 600.0
+"""Longest wait of an HTTP-socket thread for the agent's answer (credentials, which may wait
+for askpass): a backstop, the agent's own deadlines end each wait long before."""
+
+
+def http_handler(
+    server: Server, agent: Agent, settings: Mapping[str, Any]
+) -> Callable[[socket.socket, Peer], None]:
+    """Serves one HTTP-socket connection; the proxy (h11, urllib3, requests' CA bundle) is
+    loaded by the first connection, on its thread, so an agent never used that way never
+    loads it."""
+    made = threading.Lock()
+    proxy: list[Proxy] = []
+
+    def handle(sock: socket.socket, peer: Peer) -> None:
+        with made:
+            if not proxy:
+                from keyagent.proxy import Proxy
+
+                proxy.append(
+                    Proxy(
+                        agent,
+                        http_settings(settings),
+                        ask=lambda call: server.call_on_loop(call, ASK_TIMEOUT),
+                        tell=server.post_to_loop,
+                        head_timeout=settings["line_timeout"],
+                        idle_timeout=settings["idle_timeout"],
+                    )
+                )
+        proxy[0].serve(sock, peer)
+
+    return handle
 
 
 def restore_persisted(
@@ -281,6 +325,7 @@ def serve(
     *,
     notifier: Notifier,
     private_dir: str | None = None,
+    http: tuple[str, tuple[int, int] | None, socket.socket] | None = None,
 ) -> int:
     """Harden, set up, call ``on_ready`` (signals are handled by then), serve until stopped."""
     harden(settings["max_connections"])
@@ -293,6 +338,7 @@ def serve(
         keyring=None if settings["no_keyring"] else KeyringStore(),
         max_keys=settings.get("max_keys"),
     )
+    agent.http_socket_path = None if http is None else http[0]
     if agent.keyring is not None:
         restore_persisted(agent, agent.keyring)
     limits = Limits(
@@ -300,7 +346,8 @@ def serve(
         idle_timeout=settings["idle_timeout"],
         line_timeout=settings["line_timeout"],
     )
-    server = Server(agent, listener, limits=limits)
+    server = Server(agent, listener, limits=limits, http_listener=None if http is None else http[2])
+    server.http_handler = http_handler(server, agent, settings)
     server.install_signal_handlers()
 
     def ready() -> None:
@@ -318,6 +365,9 @@ def serve(
         notifier.close()
         listener.close()
         remove_socket(listener_path, bound)
+        if http is not None:
+            http[2].close()
+            remove_socket(http[0], http[1])
         if private_dir is not None:
             # The mkdtemp directory made for this agent alone (no XDG_RUNTIME_DIR): leave
             # nothing behind. rmdir removes it only if empty, i.e. only what we made.
@@ -342,6 +392,10 @@ def run(handoff: Handoff) -> int:
     foreground = handoff.foreground
     configure_logging(debug=handoff.debug, foreground=foreground)
     listener = socket.socket(fileno=_adopt(handoff.listener_fd))
+    http = None
+    if handoff.http_listener_fd is not None and handoff.http_socket_path is not None:
+        http_listener = socket.socket(fileno=_adopt(handoff.http_listener_fd))
+        http = (handoff.http_socket_path, handoff.http_bound, http_listener)
     announce_fd = handoff.announce_fd
     ready_fd = handoff.ready_fd
     if announce_fd is not None:
@@ -362,7 +416,7 @@ def run(handoff: Handoff) -> int:
     try:
         return serve(
             handoff.settings.as_dict(), handoff.socket_path, handoff.bound, listener, on_ready,
-            notifier=notifier, private_dir=handoff.private_dir,
+            notifier=notifier, private_dir=handoff.private_dir, http=http,
         )  # fmt: skip
     except BaseException as error:
         if foreground:

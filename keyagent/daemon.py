@@ -28,7 +28,7 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
-from typing import NoReturn, TextIO
+from typing import NamedTuple, NoReturn, TextIO
 
 from keyagent import __version__, paths
 from keyagent._argparse import EXIT_USAGE, UsageParser, count_type, duration_type
@@ -37,6 +37,7 @@ from keyagent.config import load as load_config
 from keyagent.handoff import Handoff, Settings
 from keyagent.sockets import (
     SocketSetupError,
+    accepts_connections,
     bind_listener,
     check_private_dir,
     file_identity,
@@ -189,28 +190,34 @@ def shell_syntax(explicit: str | None) -> str:
     return "csh" if os.environ.get("SHELL", "").endswith("csh") else "sh"
 
 
-def env_lines(syntax: str, socket_path: str, pid: int) -> str:
+def env_lines(syntax: str, socket_path: str, pid: int, http_path: str | None = None) -> str:
     quoted = shlex.quote(socket_path)
+    http = "" if http_path is None else shlex.quote(http_path)
     if syntax == "csh":
         return (
             f"setenv {paths.SOCKET_ENV} {quoted};\n"
             f"setenv {paths.PID_ENV} {pid};\n"
-            f"echo Agent pid {pid};\n"
+            + (f"setenv {paths.HTTP_SOCKET_ENV} {http};\n" if http else "")
+            + f"echo Agent pid {pid};\n"
         )
     return (
         f"{paths.SOCKET_ENV}={quoted}; export {paths.SOCKET_ENV};\n"
         f"{paths.PID_ENV}={pid}; export {paths.PID_ENV};\n"
-        f"echo Agent pid {pid};\n"
+        + (f"{paths.HTTP_SOCKET_ENV}={http}; export {paths.HTTP_SOCKET_ENV};\n" if http else "")
+        + f"echo Agent pid {pid};\n"
     )
 
 
 def unset_lines(syntax: str, pid: int) -> str:
     if syntax == "csh":
         return (
-            f"unsetenv {paths.SOCKET_ENV};\nunsetenv {paths.PID_ENV};\n"
-            f"echo Agent pid {pid} killed;\n"
+            f"unsetenv {paths.SOCKET_ENV};\nunsetenv {paths.HTTP_SOCKET_ENV};\n"
+            f"unsetenv {paths.PID_ENV};\necho Agent pid {pid} killed;\n"
         )
-    return f"unset {paths.SOCKET_ENV};\nunset {paths.PID_ENV};\necho Agent pid {pid} killed;\n"
+    return (
+        f"unset {paths.SOCKET_ENV};\nunset {paths.HTTP_SOCKET_ENV};\nunset {paths.PID_ENV};\n"
+        f"echo Agent pid {pid} killed;\n"
+    )
 
 
 SYSTEMD_STOP = f"systemctl --user stop {paths.SYSTEMD_SERVICE}"
@@ -310,12 +317,38 @@ def systemd_lines(syntax: str, socket_path: str) -> str:
     it (clients find it by default; the lines export the socket all the same, and clear a
     stale pid) and say how it is stopped."""
     quoted = shlex.quote(socket_path)
+    http = shlex.quote(paths.http_socket_path(socket_path))
     note = f"echo keyagent runs under systemd on {quoted}: stop it with {SYSTEMD_STOP};\n"
     if syntax == "csh":
-        return f"setenv {paths.SOCKET_ENV} {quoted};\nunsetenv {paths.PID_ENV};\n{note}"
+        return (
+            f"setenv {paths.SOCKET_ENV} {quoted};\nsetenv {paths.HTTP_SOCKET_ENV} {http};\n"
+            f"unsetenv {paths.PID_ENV};\n{note}"
+        )
     return (
-        f"{paths.SOCKET_ENV}={quoted}; export {paths.SOCKET_ENV};\nunset {paths.PID_ENV};\n{note}"
+        f"{paths.SOCKET_ENV}={quoted}; export {paths.SOCKET_ENV};\n"
+        f"{paths.HTTP_SOCKET_ENV}={http}; export {paths.HTTP_SOCKET_ENV};\n"
+        f"unset {paths.PID_ENV};\n{note}"
     )
+
+
+class HttpListener(NamedTuple):
+    """The HTTP socket (keyagent.proxy): its path, file identity (None if systemd made it)
+    and listening socket."""
+
+    path: str
+    bound: tuple[int, int] | None
+    listener: socket.socket
+
+
+def _is_http_socket(sock: socket.socket) -> bool:
+    """Whether an inherited socket is the HTTP one, by the path it is bound to."""
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return False
+    if not isinstance(name, str):
+        return False
+    return os.path.basename(name) == paths.HTTP_SOCKET_NAME or name.endswith(".http")
 
 
 # --- process set-up ------------------------------------------------------------------------
@@ -378,6 +411,7 @@ def exec_core(
     notify_address: str | None,
     announce: str | None = None,
     ready_fd: int | None = None,
+    http: HttpListener | None = None,
 ) -> NoReturn:
     """Become the serving process (:mod:`keyagent.core`): same pid, a lean interpreter.
 
@@ -395,6 +429,8 @@ def exec_core(
     if package_parent not in search_path:  # an editable install's finder hook, say
         search_path.append(package_parent)
     inherited = [listener.fileno()]
+    if http is not None:
+        inherited.append(http.listener.fileno())
     announce_fd: int | None = None
     announced = b""
     if announce is not None:
@@ -422,6 +458,9 @@ def exec_core(
         announce_fd=announce_fd,
         announce=announced,
         ready_fd=ready_fd,
+        http_socket_path=None if http is None else http.path,
+        http_bound=None if http is None else http.bound,
+        http_listener_fd=None if http is None else http.listener.fileno(),
     )
     try:  # sealed non-executable where the kernel knows the flag (Linux 6.3+)
         memfd = os.memfd_create("keyagent-handoff", MFD_NOEXEC_SEAL)
@@ -484,14 +523,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ListenFdsError as error:
         sys.stderr.write(f"keyagent: {error}\n")
         return EXIT_FAILURE
+    http: HttpListener | None = None
     if inherited:
         # Socket activation: systemd made the socket (mode, directory, path) and removes it;
         # we serve it as given. The peer-uid check still applies to every connection.
-        listener: socket.socket = inherited[0]
-        extra = inherited[1:]
-        for sock in extra:
+        # The socket unit passes agent.sock and http.sock, in either order: the HTTP one is
+        # told by the path it is bound to (the unit names both fds alike).
+        agent_socks = [sock for sock in inherited if not _is_http_socket(sock)]
+        http_socks = [sock for sock in inherited if _is_http_socket(sock)]
+        if not agent_socks:
+            sys.stderr.write("keyagent: socket activation passed no agent socket; fix the unit\n")
+            return EXIT_FAILURE
+        listener: socket.socket = agent_socks[0]
+        for sock in agent_socks[1:] + http_socks[1:]:
             log.warning("ignoring extra inherited socket %s", sock.getsockname())
             sock.close()
+        if http_socks:
+            http_name = http_socks[0].getsockname()
+            http = HttpListener(
+                http_name if isinstance(http_name, str) else "(inherited socket)",
+                None,
+                http_socks[0],
+            )
         name = listener.getsockname()
         path = name if isinstance(name, str) and name else "(inherited socket)"
         bound = None
@@ -531,15 +584,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"keyagent: {error}\n")
             return EXIT_FAILURE
         bound = file_identity(path)
+        http_path = paths.http_socket_path(path)
+        try:
+            http_listener = bind_listener(http_path, alive=accepts_connections)
+        except SocketSetupError as error:
+            listener.close()
+            remove_socket(path, bound)
+            sys.stderr.write(f"keyagent: the HTTP socket: {error}\n")
+            return EXIT_FAILURE
+        http = HttpListener(http_path, file_identity(http_path), http_listener)
 
     if foreground:
         try:
             exec_core(
                 args, path, bound, listener, foreground=True, notify_address=notify_address,
-                announce=env_lines(syntax, path, os.getpid()),
+                announce=env_lines(syntax, path, os.getpid(), http and http.path), http=http,
             )  # fmt: skip
         except OSError as error:
             remove_socket(path, bound)
+            if http is not None:
+                remove_socket(http.path, http.bound)
             sys.stderr.write(f"keyagent: could not start the agent: {error}\n")
             return EXIT_FAILURE
 
@@ -565,10 +629,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.chdir("/")
             exec_core(
                 args, path, bound, listener, foreground=False, notify_address=notify_address,
-                ready_fd=ready_w,
+                ready_fd=ready_w, http=http,
             )  # fmt: skip
         except BaseException as error:  # noqa: BLE001  # the child must never return into the parent's code
             remove_socket(path, bound)
+            if http is not None:
+                remove_socket(http.path, http.bound)
             sys.stderr.write(
                 f"keyagent: could not start the agent: {type(error).__name__}: {error}\n"
             )
@@ -576,6 +642,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     os.close(ready_w)
     listener.close()
+    if http is not None:
+        http.listener.close()
     with os.fdopen(ready_r, "rb") as ready_pipe:
         if ready_pipe.read(1) != b"R":
             sys.stderr.write("keyagent: the agent failed to start; run keyagent -d to see why\n")
@@ -589,7 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"keyagent: {args.command[0]}: {os.strerror(error.errno or 0)}\n")
             os.kill(child, signal.SIGTERM)
             return 127
-    sys.stdout.write(env_lines(syntax, path, child))
+    sys.stdout.write(env_lines(syntax, path, child, http and http.path))
     return EXIT_OK
 
 

@@ -210,6 +210,9 @@ _HANDOFF_RULES: Mapping[str, Rule] = {
     "announce_fd": _optional(_descriptor),
     "announce": _hex,
     "ready_fd": _optional(_descriptor),
+    "http_socket_path": _optional(_text),
+    "http_bound": _optional(_identity),
+    "http_listener_fd": _optional(_descriptor),
     "settings": lambda value: None,  # checked by Settings.from_dict
 }
 
@@ -223,6 +226,8 @@ class Handoff:
     the socket file's (device, inode), so that only that file is removed at exit (None for
     a socket systemd made); ``private_dir`` is a directory made for this agent alone, to
     remove at exit; ``notify`` is systemd's ``NOTIFY_SOCKET`` (None without a manager).
+    ``http_socket_path``, ``http_bound`` and ``http_listener_fd`` are the same for the HTTP
+    socket (:mod:`keyagent.proxy`); all None when the agent has none.
     """
 
     __slots__ = tuple(_HANDOFF_RULES)
@@ -238,6 +243,9 @@ class Handoff:
     announce_fd: int | None
     announce: bytes
     ready_fd: int | None
+    http_socket_path: str | None
+    http_bound: tuple[int, int] | None
+    http_listener_fd: int | None
     settings: Settings
 
     def __init__(
@@ -255,6 +263,9 @@ class Handoff:
         announce_fd: int | None = None,
         announce: bytes = b"",
         ready_fd: int | None = None,
+        http_socket_path: str | None = None,
+        http_bound: tuple[int, int] | None = None,
+        http_listener_fd: int | None = None,
     ) -> None:
         self.sys_path = sys_path
         self.socket_path = socket_path
@@ -267,6 +278,9 @@ class Handoff:
         self.announce_fd = announce_fd
         self.announce = announce
         self.ready_fd = ready_fd
+        self.http_socket_path = http_socket_path
+        self.http_bound = http_bound
+        self.http_listener_fd = http_listener_fd
         self.settings = settings
 
     def __repr__(self) -> str:
@@ -284,6 +298,7 @@ class Handoff:
         """The hand-off as the serving process reads it back with :meth:`from_json`."""
         document = {name: getattr(self, name) for name in self.__slots__}
         document["bound"] = list(self.bound) if self.bound is not None else None
+        document["http_bound"] = list(self.http_bound) if self.http_bound is not None else None
         document["announce"] = self.announce.hex()
         document["settings"] = self.settings.as_dict()
         return json.dumps(document).encode()
@@ -299,6 +314,8 @@ class Handoff:
         fields = _checked(document, _HANDOFF_RULES, "the hand-off")
         bound = fields["bound"]
         fields["bound"] = (bound[0], bound[1]) if isinstance(bound, list) else None
+        bound = fields["http_bound"]
+        fields["http_bound"] = (bound[0], bound[1]) if isinstance(bound, list) else None
         fields["announce"] = bytes.fromhex(str(fields["announce"]))
         fields["settings"] = Settings.from_dict(fields["settings"])
         # Every field has passed its rule above, so it has the type its parameter names.

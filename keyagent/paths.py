@@ -14,7 +14,9 @@ from __future__ import annotations
 import os
 
 SOCKET_ENV = "KEYAGENT_SOCK"
+HTTP_SOCKET_ENV = "KEYAGENT_HTTP_SOCK"
 PID_ENV = "KEYAGENT_PID"
+HTTP_SOCKET_NAME = "http.sock"
 APP = "keyagent"
 SOCKET_NAME = "agent.sock"
 SYSTEMD_SERVICE = "keyagent.service"
@@ -39,6 +41,17 @@ def default_socket_path() -> str | None:
     """
     base = runtime_dir()
     return os.path.join(base, APP, SOCKET_NAME) if base is not None else None
+
+
+def http_socket_path(agent_socket: str) -> str:
+    """Where the HTTP socket goes for the agent socket ``agent_socket``: ``http.sock`` in
+    the same directory when that is ``agent.sock`` (the default), else the agent socket's
+    path with ``.http`` added, so that agents given different ``-a`` paths in one
+    directory never share one."""
+    directory, name = os.path.split(agent_socket)
+    if name == SOCKET_NAME:
+        return os.path.join(directory, HTTP_SOCKET_NAME)
+    return agent_socket + ".http"
 
 
 def socket_path(explicit: str | None = None) -> str | None:

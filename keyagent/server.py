@@ -204,9 +204,14 @@ class Server:
         listener: socket.socket,
         *,
         limits: Limits | None = None,
+        http_listener: socket.socket | None = None,
     ) -> None:
         self.agent = agent
         self.listener = listener
+        self.http_listener = http_listener
+        self.http_handler: Callable[[socket.socket, Peer], None] | None = None
+        """Serves one connection of ``http_listener`` on a thread of its own (keyagent.proxy)."""
+        self._http_threads = 0
         self.limits = limits or Limits()
         # The agent's clock: key deadlines (poll timeout, memo validity) are on it.
         self.clock = clock = agent.clock.monotonic
@@ -261,6 +266,9 @@ class Server:
         self.listener.setblocking(False)
         self._epoll.register(self.listener.fileno(), select.EPOLLIN)
         self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        if self.http_listener is not None:
+            self.http_listener.setblocking(False)
+            self._epoll.register(self.http_listener.fileno(), select.EPOLLIN)
         self._memo_enabled = not log.isEnabledFor(DEBUG)  # debug logs every request
         self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._workers = _Workers(self.limits.workers)
@@ -278,6 +286,7 @@ class Server:
     def _loop(self) -> None:
         poll, clock = self._epoll.poll, self.clock
         listener, wake = self.listener.fileno(), self._wake_r.fileno()
+        http = -1 if self.http_listener is None else self.http_listener.fileno()
         connections = self.connections
         while self._running:
             events = poll(self._poll_timeout())
@@ -285,6 +294,8 @@ class Server:
             for fd, mask in events:
                 if fd == listener:
                     self._accept()
+                elif fd == http:
+                    self._accept_http()
                 elif fd == wake:
                     self._drain_wakeups()
                 else:
@@ -405,6 +416,33 @@ class Server:
         with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
 
+    def post_to_loop(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the loop soon; from any thread (the HTTP socket's)."""
+        self._deliver(callback)
+
+    def call_on_loop(self, call: Callable[[], Any], timeout: float) -> Any:
+        """Run ``call`` on the loop and wait for its value, from another thread (the HTTP
+        socket's): ``call`` returns a value, raises, or returns a generator for the driver.
+        Raises what it raised, or :class:`Timeout` if no answer came within ``timeout``."""
+        reply = _Reply()
+
+        def start() -> None:
+            try:
+                outcome = call()
+            except KeyagentError as error:
+                reply.set(None, error)
+            except Exception as error:  # noqa: BLE001  # a bug must not stop the agent
+                log_internal(error)
+                reply.set(None, Internal())
+            else:
+                if isinstance(outcome, GeneratorType):
+                    self._driver.start(outcome, reply.set)
+                else:
+                    reply.set(outcome, None)
+
+        self._deliver(start)
+        return reply.wait(timeout)
+
     # --- accepting -----------------------------------------------------------------------
 
     def _accept(self) -> None:
@@ -420,6 +458,61 @@ class Server:
                 log.warning("accept failed: %s", os.strerror(error.errno or 0))
                 return
             self._admit(sock)
+
+    def _accept_http(self) -> None:
+        assert self.http_listener is not None  # noqa: S101  # registered only when set
+        for _ in range(64):
+            try:
+                sock, _ = self.http_listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as error:
+                log.warning("accept on the HTTP socket failed: %s", os.strerror(error.errno or 0))
+                return
+            self._admit_http(sock)
+
+    def _admit_http(self, sock: socket.socket) -> None:
+        """Check the peer as for the agent socket, then serve it on a thread of its own.
+        Another user's connection is closed unanswered; one past the shared connection cap
+        is closed too (the proxy is not even loaded for it)."""
+        try:
+            pid, uid, gid = _UCRED.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+            )
+        except OSError:
+            sock.close()
+            return
+        if uid != self.uid:
+            log.warning("refused HTTP connection from uid %d (pid %d)", uid, pid)
+            sock.close()
+            return
+        if (
+            len(self.connections) + self._http_threads >= self.limits.max_connections
+            or not self._running
+            or self._stop_deadline is not None
+            or self.http_handler is None
+        ):
+            log.warning("refused HTTP connection from pid %d: too many connections", pid)
+            sock.close()
+            return
+        sock.setblocking(True)
+        peer = Peer(pid, uid, gid)
+        handler = self.http_handler
+        self._http_threads += 1
+
+        def run() -> None:  # on the connection's own thread
+            try:
+                handler(sock, peer)
+            except Exception as error:  # noqa: BLE001  # a bug must not stop the agent
+                log_internal(error)
+            finally:
+                sock.close()
+                self._deliver(self._http_thread_ended)
+
+        threading.Thread(target=run, name="keyagent-http", daemon=True).start()
+
+    def _http_thread_ended(self) -> None:
+        self._http_threads -= 1
 
     def _shed_one(self) -> None:
         """Out of file descriptors: free the reserve, answer one client ``busy``, re-arm."""
@@ -855,6 +948,28 @@ class Server:
         self._stop_waiting = conn
         with contextlib.suppress(OSError):
             self._epoll.unregister(self.listener.fileno())
+
+
+class _Reply:
+    """A value or error handed from the loop to a thread waiting in :meth:`Server.call_on_loop`."""
+
+    __slots__ = ("_done", "error", "value")
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self.value: Any = None
+        self.error: KeyagentError | None = None
+
+    def set(self, value: Any, error: KeyagentError | None) -> None:
+        self.value, self.error = value, error
+        self._done.set()
+
+    def wait(self, timeout: float) -> Any:
+        if not self._done.wait(timeout):
+            raise Timeout("the agent did not answer in time; retry")
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 def _withheld(result: dict[str, Any]) -> Locked:

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
         def create_key(self, description: str, api_key: str | None = None) -> str: ...
         def delete_key(self, key: str, api_key: str | None = None) -> None: ...
         def close(self) -> None: ...
+        def session_cookie(self) -> str | None: ...
 
     AccountFactory = Callable[[str, str], RemoteAccount]
 
@@ -90,6 +91,9 @@ class LazyAccount:
     def close(self) -> None:
         if self._account is not None:
             self._account.close()
+
+    def session_cookie(self) -> str | None:
+        return None if self._account is None else self._account.session_cookie()
 
 
 class Session:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+from collections.abc import Callable
 
 from keyagent import protocol
 from keyagent.log import get_logger
@@ -63,7 +64,25 @@ def agent_answers(path: str, timeout: float = 2.0) -> bool:
         probe.close()
 
 
-def bind_listener(path: str, backlog: int = 1024) -> socket.socket:
+def accepts_connections(path: str) -> bool:
+    """True if something listens on ``path`` (the HTTP socket's liveness test: it does not
+    speak the JSON-lines protocol that :func:`agent_answers` tries)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True  # not safe to take the path over
+    finally:
+        probe.close()
+    return True
+
+
+def bind_listener(
+    path: str, backlog: int = 1024, *, alive: Callable[[str], bool] | None = None
+) -> socket.socket:
     """Bind a 0600 listening socket at ``path`` in a private directory.
 
     A live agent at ``path`` is an error; a dead socket left by a crashed agent is replaced.
@@ -78,7 +97,7 @@ def bind_listener(path: str, backlog: int = 1024) -> socket.socket:
     else:
         if not stat.S_ISSOCK(info.st_mode):
             raise SocketSetupError(f"{path} exists and is not a socket; remove it or use -a")
-        if agent_answers(path):
+        if (alive or agent_answers)(path):
             raise SocketSetupError(
                 f"an agent is already running on {path}; use it, or stop it with keyagent -k"
             )

@@ -121,6 +121,9 @@ class FakeAccount:
     def close(self) -> None:
         self.session = False
 
+    def session_cookie(self) -> str | None:
+        return "session=fake-session-cookie" if self.session else None
+
 
 class FakeTime:
     """A clock that only moves when told to; monotonic and wall time move together."""

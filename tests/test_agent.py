@@ -137,7 +137,7 @@ def test_agent_serves_the_core_ops_in_protocol_order(agent: Agent) -> None:
 # What each core op comes to on a fresh, unlocked agent: its result's keys or its error.
 FRESH_OUTCOMES: dict[str, set[str] | type[KeyagentError]] = {
     "hello": {"protocol", "version", "ops"},
-    "status": {"pid", "socket", "version", "uptime", "locked", "keys", "default_lifetime",
+    "status": {"pid", "socket", "http_socket", "version", "uptime", "locked", "keys", "default_lifetime",
                "sessions"},
     "add": {"key_id", "fingerprint", "host", "user", "description", "created", "added",
             "expires", "source", "persisted"},
@@ -201,6 +201,7 @@ def test_status_fields(agent: Agent, time: FakeTime) -> None:
     assert result(agent, "status") == {
         "pid": os.getpid(),
         "socket": "/run/user/1000/keyagent/socket",
+        "http_socket": None,
         "version": __version__,
         "uptime": 12.346,
         "locked": False,

@@ -1,0 +1,225 @@
+"""HTTP/1.1 on one connection of the HTTP socket, framed by h11 over a blocking socket.
+
+This module owns h11, as :mod:`keyagent.protocol` owns the JSON-lines format: it turns bytes
+from a tool into request heads and body chunks, and responses into bytes, and knows nothing
+of Conduce or credentials (that is :mod:`keyagent.proxy`). h11 does the parsing, which is
+where hand-written HTTP goes wrong (request smuggling through conflicting lengths, header
+folding, oversized heads); this module adds the deadlines a slow or idle tool is cut by:
+
+* a request head must arrive whole within ``head_timeout`` of its first byte;
+* between requests a keep-alive connection may idle for ``idle_timeout``;
+* any single read of a body, or write of an answer, must progress within ``io_timeout``.
+
+Each connection is served by a thread of its own, so blocking here blocks that tool only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from http import HTTPStatus
+from typing import Final
+
+import h11
+
+__all__ = ["ClientGone", "Head", "HttpConnection", "Malformed"]
+
+RECV: Final = 64 * 1024
+MAX_HEAD: Final = 16 * 1024
+"""Largest request head (request line and headers) accepted; larger gets 431."""
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
+class ClientGone(Exception):
+    """The tool closed the connection, reset it, or was too slow: nothing more is sent."""
+
+
+class Malformed(Exception):
+    """The tool sent something that is not HTTP/1.1; ``status`` is the answer (400, 431)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Head:
+    """A request line and its headers (names lower-case, values as sent)."""
+
+    __slots__ = ("chunked", "content_length", "headers", "method", "target")
+
+    def __init__(self, event: h11.Request) -> None:
+        self.method: str = event.method.decode("ascii")
+        self.target: str = event.target.decode("ascii", "replace")
+        self.headers: list[tuple[str, str]] = [
+            (name.decode("ascii"), value.decode("latin-1")) for name, value in event.headers
+        ]
+        self.content_length: int | None = None
+        self.chunked = False
+        for name, value in self.headers:
+            if name == "content-length":
+                self.content_length = int(value)  # h11 checked it is one decimal number
+            elif name == "transfer-encoding":
+                self.chunked = True  # h11 accepts "chunked" only
+
+    def get(self, name: str) -> str | None:
+        """The value of header ``name`` (lower-case); None if absent."""
+        for header, value in self.headers:
+            if header == name:
+                return value
+        return None
+
+    def __repr__(self) -> str:  # headers may carry credentials: never shown
+        return f"Head({self.method} {self.target.split('?', 1)[0]!r})"
+
+
+class HttpConnection:
+    """One tool's connection: read requests, stream bodies, write answers."""
+
+    def __init__(
+        self, sock: socket.socket, *, head_timeout: float, idle_timeout: float, io_timeout: float
+    ) -> None:
+        self.sock = sock
+        self.head_timeout = head_timeout
+        self.idle_timeout = idle_timeout
+        self.io_timeout = io_timeout
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def next_request(self) -> Head | None:
+        """The next request's head; None once the tool is done (closed, or idle too long)."""
+        conn = self._h11
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+        deadline: float | None = None  # set once the head's first byte is here
+        while True:
+            event = self._next_event()
+            if isinstance(event, h11.Request):
+                return Head(event)
+            if isinstance(event, h11.ConnectionClosed):
+                return None
+            if event is not h11.NEED_DATA:
+                raise Malformed(400, "expected a request")
+            if deadline is None and conn.trailing_data[0]:
+                deadline = time.monotonic() + self.head_timeout
+            if deadline is None:
+                timeout = self.idle_timeout
+            else:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    raise ClientGone("request head too slow")
+            try:
+                data = self._recv(timeout)
+            except ClientGone:
+                if deadline is None:
+                    return None  # idle between requests: an orderly end
+                raise
+            if deadline is None and data:
+                deadline = time.monotonic() + self.head_timeout
+            self._h11.receive_data(data)
+
+    def body(self) -> Iterator[bytes]:
+        """The request body, a chunk at a time (nothing for a request without one).
+
+        A tool that sent ``Expect: 100-continue`` is told to go on here, so calling this
+        means the request was accepted: a refused one never uploads its body.
+        """
+        conn = self._h11
+        if conn.they_are_waiting_for_100_continue:
+            self._send(h11.InformationalResponse(status_code=100, headers=[]))
+        while True:
+            event = self._next_event()
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return
+            elif event is h11.NEED_DATA:
+                data = self._recv(self.io_timeout)
+                if not data:
+                    raise ClientGone("closed mid-body")
+                conn.receive_data(data)
+            else:
+                raise Malformed(400, "the request body is malformed")
+
+    def _next_event(self) -> object:
+        try:
+            return self._h11.next_event()
+        except h11.RemoteProtocolError as error:
+            raise Malformed(error.error_status_hint, str(error)) from None
+
+    def _recv(self, timeout: float) -> bytes:
+        self.sock.settimeout(max(timeout, 0.001))
+        try:
+            return self.sock.recv(RECV)
+        except TimeoutError:
+            raise ClientGone("timed out") from None
+        except OSError:
+            raise ClientGone("connection lost") from None
+
+    # --- writing ---------------------------------------------------------------------------
+
+    @property
+    def answered(self) -> bool:
+        """Whether an answer (or its head) has been sent for the current request."""
+        return self._h11.our_state is not h11.SEND_RESPONSE
+
+    @property
+    def reusable(self) -> bool:
+        """Whether another request may follow on this connection."""
+        return self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE
+
+    def respond(
+        self,
+        status: int,
+        headers: Iterable[tuple[str, str]],
+        body: bytes | Iterable[bytes] = b"",
+    ) -> None:
+        """Send an answer; an iterable body is streamed (chunked unless a Content-Length is
+        among ``headers``). An error raised by ``body`` mid-way propagates after the
+        connection is marked unusable: the tool sees a cut answer, never a wrong one.
+        ValueError if ``status`` and ``headers`` are not a valid answer (nothing is sent)."""
+        encoded = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+        try:
+            response = h11.Response(status_code=status, headers=encoded, reason=_reason(status))
+        except h11.LocalProtocolError as error:
+            raise ValueError(f"not a valid HTTP/1.1 answer: {error}") from None
+        self._send(response)
+        if isinstance(body, bytes):
+            if body:
+                self._send(h11.Data(data=body))
+        else:
+            for chunk in body:
+                if chunk:
+                    self._send(h11.Data(data=chunk))
+        self._send(h11.EndOfMessage())
+
+    def refuse(self, status: int, headers: Iterable[tuple[str, str]], body: bytes) -> None:
+        """Answer a request whose body was not read, and close after it."""
+        headers = [*headers, ("Connection", "close")]
+        self.respond(status, headers, body)
+
+    def _send(self, event: h11.Event) -> None:
+        try:
+            data = self._h11.send(event)
+        except h11.LocalProtocolError as error:
+            raise ClientGone(f"cannot send: {error}") from None
+        if data:
+            self.sock.settimeout(self.io_timeout)
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                raise ClientGone("connection lost while answering") from None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+        self.sock.close()

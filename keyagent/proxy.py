@@ -1,0 +1,409 @@
+"""The HTTP socket: Conduce calls made *for* tools, with credentials they never see.
+
+A tool sends plain HTTP/1.1 to ``http.sock`` (``curl --unix-socket``, or
+:func:`keyagent.http_session`); the ``Host`` header names the Conduce host. For each request,
+top to bottom:
+
+1. :func:`route` decides whether the path may be forwarded at all: only the API
+   (``/conduce/api/...`` and ``/api/...``), never the endpoints that make, list or end
+   credentials (those are the agent's own business: ``keyagent-ctl`` does them);
+2. the agent picks credentials on its event loop (:meth:`Agent.authorize_proxy`, which may
+   ask the user through askpass first) and hands back a :class:`~keyagent.agent.Grant`;
+3. the request goes to ``https://HOST`` with the tool's ``Authorization``/``Cookie`` headers
+   replaced by the grant's (:mod:`keyagent.forward`), bodies streaming both ways;
+4. the answer comes back with ``Set-Cookie`` and anything carrying a credential removed.
+
+Errors the agent itself produces are JSON ``{"error": {"code", "message"}}`` with an
+``X-Keyagent-Error: CODE`` header, so a tool can tell them from the service's answers.
+
+Each connection runs on a thread of its own (:meth:`Proxy.serve`); the agent's state is only
+ever touched on the event loop, through ``ask`` (wait for an answer) and ``tell`` (no
+answer needed), which the server provides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import unquote, urlsplit
+
+from keyagent.errors import (
+    BadRequest,
+    Forbidden,
+    KeyagentError,
+    NotFound,
+    RemoteError,
+)
+from keyagent.httpwire import ClientGone, Head, HttpConnection, Malformed
+from keyagent.log import get_logger
+from keyagent.rules import has_control_characters, host_problem, user_problem
+
+if TYPE_CHECKING:
+    from keyagent.agent import Agent, Grant, Peer
+    from keyagent.conduce import HttpSettings
+    from keyagent.forward import Upstream
+
+__all__ = ["METHODS", "Proxy", "Route", "error_answer", "route"]
+
+log = get_logger("keyagent.proxy")
+
+METHODS: Final = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
+REPLAYABLE: Final = 64 * 1024
+"""Request bodies up to this size are read before sending, so that a request the service
+refuses because the session just expired can be sent again with an API key. Longer bodies
+stream, and such a request is answered as the service answered it."""
+STATUS: Final = {
+    "bad_request": 400,
+    "login_required": 401,
+    "session_expired": 401,
+    "forbidden": 403,
+    "denied": 403,
+    "not_found": 404,
+    "ambiguous": 409,
+    "too_large": 413,
+    "locked": 423,
+    "remote_error": 502,
+    "remote_unreachable": 502,
+    "tls_error": 502,
+    "busy": 503,
+    "timeout": 504,
+}
+"""The HTTP status of each error code the agent answers with; any other code is 500."""
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+        "host",
+        "content-length",
+    }
+)
+"""Headers about one connection, not the message: each side sets its own."""
+TOOL_CREDENTIALS: Final = frozenset({"authorization", "cookie", "proxy-authorization"})
+"""Dropped from every request: the only credentials sent are the agent's."""
+ANSWER_CREDENTIALS: Final = frozenset(
+    {"set-cookie", "set-cookie2", "authorization", "proxy-authorization", "www-authenticate"}
+)
+"""Dropped from every answer: a tool must not learn a session from the service either."""
+CREDENTIAL_ENDPOINTS: Final = {
+    ("user", "login"): "keyagent-ctl login",
+    ("user", "logout"): "keyagent-ctl logout",
+    ("apikeys", "create"): "keyagent-ctl create",
+    ("apikeys", "list"): "keyagent-ctl list --remote",
+    ("apikeys", "delete"): "keyagent-ctl remove",
+}
+
+
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""An HTTP header name (RFC 9110's token)."""
+
+
+class OutsideApi(NotFound):
+    """The path is not one the HTTP socket forwards (``not_found``, answered with 404)."""
+
+
+class Route:
+    """Where a request goes: host, the target as the tool wrote it, and the account asked
+    for (``X-Keyagent-User``) and key (``X-Keyagent-Key-Id``)."""
+
+    __slots__ = ("host", "key_id", "path", "target", "user")
+
+    def __init__(
+        self, host: str, target: str, path: str, user: str | None, key_id: str | None
+    ) -> None:
+        self.host = host
+        self.target = target
+        self.path = path  # without the query string: what the audit log shows
+        self.user = user
+        self.key_id = key_id
+
+
+def route(head: Head) -> Route:
+    """Check a request head; raise the error a tool gets if it cannot be forwarded."""
+    if head.method not in METHODS:
+        raise BadRequest(f"method {head.method} is not forwarded; use one of {_methods()}")
+    target = head.target
+    host_header = head.get("host")
+    if target.startswith(("http://", "https://")):  # absolute form: the path is what counts
+        parts = urlsplit(target)
+        if host_header is not None and parts.netloc.lower() != host_header.lower():
+            raise BadRequest("the Host header and the request target name different hosts")
+        host_header = parts.netloc
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    if host_header is None or not host_header:
+        raise BadRequest("the request has no Host header; it names the Conduce host")
+    host = host_header.lower()
+    problem = host_problem(host)
+    if problem is not None:
+        raise BadRequest(f"the Host header is not a Conduce host: {problem}")
+    path = target.split("?", 1)[0]
+    _check_path(path)
+    user = head.get("x-keyagent-user")
+    if user is not None and user_problem(user) is not None:
+        raise BadRequest(f"X-Keyagent-User is not valid: {user_problem(user)}")
+    key_id = head.get("x-keyagent-key-id")
+    if key_id is not None:
+        key_id = key_id.strip().lower()
+        if not 4 <= len(key_id) <= 64 or key_id.strip("0123456789abcdef"):
+            raise BadRequest("X-Keyagent-Key-Id must be 4 to 64 hex characters of a key id")
+    return Route(host, target, path, user, key_id)
+
+
+def _check_path(path: str) -> None:
+    if not path.startswith("/"):
+        raise OutsideApi("only paths under /conduce/api/ and /api/ are forwarded")
+    decoded = unquote(path)
+    if has_control_characters(decoded) or "\\" in decoded:
+        raise BadRequest("the path holds control characters or a backslash")
+    # Compare as a server would resolve it: empty segments (the client's //api/v2/...)
+    # collapse, ";parameters" are ignored, case does not matter; dot segments are refused
+    # outright rather than resolved.
+    segments = [segment.split(";", 1)[0].lower() for segment in decoded.split("/") if segment]
+    if any(segment in (".", "..") for segment in segments):
+        raise OutsideApi("paths with . or .. segments are not forwarded")
+    if segments[:2] == ["conduce", "api"] and len(segments) > 2:
+        candidates = [segments[2:], segments[3:]]  # with and without the version segment
+    elif segments[:1] == ["api"] and len(segments) > 1:
+        candidates = [segments[1:], segments[2:]]
+    else:
+        raise OutsideApi(
+            "only paths under /conduce/api/ and /api/ are forwarded; this is not a Conduce API path"
+        )
+    for rest in candidates:
+        pair = (rest[0], rest[1]) if len(rest) >= 2 else None
+        if rest[:1] == ["apikeys"] or pair in CREDENTIAL_ENDPOINTS:
+            command = CREDENTIAL_ENDPOINTS.get(pair, "keyagent-ctl") if pair else "keyagent-ctl"
+            raise Forbidden(
+                "credentials are the agent's business and this endpoint is not forwarded; "
+                f"use {command} instead"
+            )
+
+
+def _methods() -> str:
+    return ", ".join(sorted(METHODS))
+
+
+def error_answer(error: KeyagentError) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Status, headers and body of an error the agent itself answers with."""
+    body = json.dumps({"error": {"code": error.code, "message": error.message}}).encode()
+    headers = [
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(body))),
+        ("X-Keyagent-Error", error.code),
+        ("Cache-Control", "no-store"),
+    ]
+    return STATUS.get(error.code, 500), headers, body
+
+
+def request_headers(head: Head, grant: Grant) -> list[tuple[str, str]]:
+    """The tool's headers without its credentials or connection headers, plus the grant's."""
+    headers = [
+        (name, value)
+        for name, value in head.headers
+        if name not in HOP_BY_HOP
+        and name not in TOOL_CREDENTIALS
+        and not name.startswith("x-keyagent-")
+    ]
+    headers.append(("Host", grant.host))
+    if head.content_length is not None:
+        headers.append(("Content-Length", str(head.content_length)))
+    headers.append((grant.header, grant.value))
+    return headers
+
+
+def answer_headers(headers: list[tuple[str, str]], grant: Grant) -> list[tuple[str, str]]:
+    """The service's headers without credentials or connection headers (Content-Length is
+    kept: it describes the body, which passes unchanged)."""
+    secrets = grant.secrets()
+    kept = []
+    for name, raw in headers:
+        lower, value = name.lower(), raw.strip(" \t")
+        if not _TOKEN.fullmatch(name) or has_control_characters(value):
+            continue  # not something HTTP/1.1 lets us pass on
+        if lower in ANSWER_CREDENTIALS or (lower in HOP_BY_HOP and lower != "content-length"):
+            continue
+        if any(secret in value for secret in secrets):
+            continue  # a service echoing the credential back must not hand it to the tool
+        kept.append((name, value))
+    return kept
+
+
+class Proxy:
+    """Serves connections of the HTTP socket, one thread each (see the module doc)."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        settings: HttpSettings,
+        *,
+        ask: Callable[[Callable[[], Any]], Any],
+        tell: Callable[[Callable[[], None]], None],
+        head_timeout: float,
+        idle_timeout: float,
+    ) -> None:
+        self.agent = agent
+        self.settings = settings
+        self.ask = ask
+        self.tell = tell
+        self.head_timeout = head_timeout
+        self.idle_timeout = idle_timeout
+        self._upstream: Upstream | None = None
+        self._upstream_made = threading.Lock()
+
+    @property
+    def upstream(self) -> Upstream:
+        with self._upstream_made:
+            if self._upstream is None:
+                from keyagent.forward import Upstream
+
+                self._upstream = Upstream(self.settings)
+            return self._upstream
+
+    def serve(self, sock: socket.socket, peer: Peer) -> None:
+        """Answer the requests of one connection until it closes, idles or misbehaves."""
+        http = HttpConnection(
+            sock,
+            head_timeout=self.head_timeout,
+            idle_timeout=self.idle_timeout,
+            io_timeout=max(self.head_timeout, self.settings.read_timeout),
+        )
+        confirmed: set[str] = set()  # keys the user allowed, for this connection only
+        try:
+            while True:
+                head = http.next_request()
+                if head is None or not self._exchange(http, head, peer, confirmed):
+                    break
+                if not http.reusable:
+                    break
+        except Malformed as error:
+            if not http.answered:
+                _, headers, body = error_answer(BadRequest(error.message))
+                with contextlib.suppress(ClientGone):
+                    http.refuse(error.status, headers, body)
+        except ClientGone:
+            pass
+        finally:
+            http.close()
+
+    def _exchange(self, http: HttpConnection, head: Head, peer: Peer, confirmed: set[str]) -> bool:
+        """One request and its answer; False if the connection must close after it."""
+        started = time.monotonic()
+        try:
+            where = route(head)
+        except KeyagentError as error:
+            self._audit(peer, head, None, error.code, None)
+            return self._refuse(http, head, error)
+        try:
+            grant: Grant = self.ask(
+                lambda: self.agent.authorize_proxy(
+                    peer, where.host, where.user, where.key_id, frozenset(confirmed)
+                )
+            )
+        except KeyagentError as error:
+            self._audit(peer, head, where, error.code, None)
+            return self._refuse(http, head, error)
+        if grant.confirmed and grant.digest is not None:
+            confirmed.add(grant.digest)
+        body: bytes | Iterator[bytes]
+        replayable = not head.chunked and (head.content_length or 0) <= REPLAYABLE
+        body = b"".join(http.body()) if replayable else self._streamed(http)
+        try:
+            answer = self.upstream.send(
+                head.method, where.host, where.target, request_headers(head, grant), body,
+                chunked=head.chunked,
+            )  # fmt: skip
+            if answer.status == 401 and grant.session and replayable:
+                # The session expired on the service: learn it, and try once more with
+                # what the agent picks now (a held key, or login_required).
+                answer.finish(complete=False)
+                grant = self.ask(
+                    lambda: self.agent.proxy_session_expired(
+                        peer, where.host, grant.user, where.key_id, frozenset(confirmed)
+                    )
+                )
+                answer = self.upstream.send(
+                    head.method, where.host, where.target, request_headers(head, grant),
+                    body, chunked=False,
+                )  # fmt: skip
+        except ClientGone:
+            raise
+        except KeyagentError as error:
+            self._audit(peer, head, where, error.code, None, grant)
+            if http.answered:
+                return False
+            return self._refuse(http, head, error, body_read=replayable)
+        complete = False
+        try:
+            headers = answer_headers(answer.headers, grant)
+            http.respond(answer.status, headers, answer.body(where.host))
+            complete = True
+        except ValueError:  # headers h11 will not send, though filtered: answer 502
+            self._audit(peer, head, where, "remote_error", answer.status, grant)
+            return self._refuse(
+                http, head, RemoteError(f"{where.host} sent an answer that cannot be passed on")
+            )
+        except KeyagentError as error:  # the service dropped the answer mid-way
+            self._audit(peer, head, where, error.code, answer.status, grant)
+            return False
+        finally:
+            answer.finish(complete)
+        log.debug(
+            "proxied %s %s to %s: %d in %.3fs",
+            head.method, where.path, where.host, answer.status, time.monotonic() - started,
+        )  # fmt: skip
+        self._audit(peer, head, where, "ok", answer.status, grant)
+        return True
+
+    @staticmethod
+    def _streamed(http: HttpConnection) -> Iterator[bytes]:
+        # A tool that vanishes mid-upload must not look like the service failing: ClientGone
+        # is not an OSError, so urllib3 lets it through to _exchange.
+        yield from http.body()
+
+    @staticmethod
+    def _refuse(
+        http: HttpConnection, head: Head, error: KeyagentError, *, body_read: bool = False
+    ) -> bool:
+        status, headers, body = error_answer(error)
+        has_body = head.chunked or bool(head.content_length)
+        if has_body and not body_read:
+            http.refuse(status, headers, body)  # its body is never read: close after
+            return False
+        http.respond(status, headers, body)
+        return True
+
+    def _audit(  # noqa: PLR0917  # one call per outcome, each naming what it knows
+        self,
+        peer: Peer,
+        head: Head,
+        where: Route | None,
+        outcome: str,
+        status: int | None,
+        grant: Grant | None = None,
+    ) -> None:
+        audit = getattr(self.agent, "audit", None)
+        if audit is None:
+            return
+        host = where.host if where is not None else None
+        path = where.path if where is not None else head.target.split("?", 1)[0][:512]
+        key_id = grant.key_id if grant is not None else None
+        user = grant.user if grant is not None else (where.user if where is not None else None)
+
+        def record() -> None:
+            audit(
+                "proxy", peer, outcome=outcome, key_id=key_id, host=host, user=user,
+                method=head.method, path=path, status=status,
+            )  # fmt: skip
+
+        self.tell(record)

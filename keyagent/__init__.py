@@ -5,6 +5,11 @@ Tools fetch an API key from a running agent without ever seeing the password::
     import keyagent
     key = keyagent.get_key(host="app.conduce.com")
 
+or let the agent make the call, so the tool never holds the key at all::
+
+    session = keyagent.http_session("app.conduce.com")
+    session.get("https://app.conduce.com/conduce/api/v1/user/list-teams")
+
 or let the agent's key authenticate a ``requests`` call without handling it::
 
     requests.get(url, auth=keyagent.AgentAuth(host="app.conduce.com"))
@@ -20,7 +25,15 @@ from keyagent.errors import KeyagentError
 
 __version__ = "0.1.0"
 
-__all__ = ["AgentAuth", "AuthTargetRefused", "Client", "KeyagentError", "__version__", "get_key"]
+__all__ = [
+    "AgentAuth",
+    "AuthTargetRefused",
+    "Client",
+    "KeyagentError",
+    "__version__",
+    "get_key",
+    "http_session",
+]
 
 # Every module of the package writes `TYPE_CHECKING = False` instead of importing it from
 # typing, and this is why: annotations are never evaluated (`from __future__ import
@@ -33,6 +46,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from keyagent.client import AgentAuth, AuthTargetRefused, Client, get_key
+    from keyagent.http_client import http_session
 
 
 def __getattr__(name: str) -> Any:
@@ -41,4 +55,8 @@ def __getattr__(name: str) -> Any:
         from keyagent import client
 
         return getattr(client, name)
+    if name == "http_session":
+        from keyagent.http_client import http_session
+
+        return http_session
     raise AttributeError(f"module 'keyagent' has no attribute {name!r}")

@@ -1,0 +1,137 @@
+"""``requests`` through the agent's HTTP socket: a tool uses a key without ever holding it.
+
+::
+
+    import keyagent
+    session = keyagent.http_session("app.conduce.com")
+    teams = session.get("https://app.conduce.com/conduce/api/v1/user/list-teams").json()
+
+The session sends every ``https://HOST/...`` request as plain HTTP/1.1 to the agent's
+``http.sock`` (``$KEYAGENT_HTTP_SOCK``, else the one beside the agent socket), with the
+``Host`` header naming HOST; the agent adds the credentials and makes the HTTPS call. The
+socket is checked before anything is sent: it must be served by this user (SO_PEERCRED),
+as the JSON-lines client checks the agent socket. Requests to other hosts are left to
+requests' usual transport.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Any
+
+import requests
+import requests.adapters
+from urllib3.connection import HTTPConnection
+from urllib3.connectionpool import HTTPConnectionPool
+
+from keyagent import paths
+from keyagent.errors import AgentUnreachable, BadRequest
+from keyagent.rules import host_problem, user_problem
+
+__all__ = ["http_session", "http_socket_path"]
+
+
+def http_socket_path(agent_socket: str | None = None) -> str:
+    """The agent's HTTP socket: ``$KEYAGENT_HTTP_SOCK``, else the one beside the agent socket
+    (``agent_socket``, ``$KEYAGENT_SOCK`` or the default)."""
+    explicit = os.environ.get(paths.HTTP_SOCKET_ENV)
+    if explicit and agent_socket is None:
+        return explicit
+    agent = paths.socket_path(agent_socket)
+    if agent is None:
+        raise AgentUnreachable(f"no agent: {paths.NO_SOCKET_HINT}")
+    return paths.http_socket_path(agent)
+
+
+class _UnixConnection(HTTPConnection):
+    """An HTTP connection to the agent's HTTP socket, whatever host the URL names."""
+
+    def __init__(self, *args: Any, socket_path: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._socket_path = socket_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout if isinstance(self.timeout, (int, float)) else None)
+        try:
+            sock.connect(self._socket_path)
+        except OSError as error:
+            sock.close()
+            reason = os.strerror(error.errno) if error.errno else type(error).__name__
+            raise AgentUnreachable(
+                f"no agent HTTP socket at {self._socket_path} ({reason}); "
+                'start an agent with eval "$(keyagent)" or set KEYAGENT_HTTP_SOCK'
+            ) from None
+        credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        uid = int.from_bytes(credentials[4:8], sys.byteorder)
+        if uid != os.geteuid():
+            sock.close()
+            raise AgentUnreachable(
+                f"the socket {self._socket_path} is served by uid {uid}, not by you; "
+                "nothing was sent: set KEYAGENT_HTTP_SOCK to your own agent's"
+            )
+        self.sock = sock
+
+
+class _UnixPool(HTTPConnectionPool):
+    ConnectionCls = _UnixConnection
+
+
+class _AgentAdapter(requests.adapters.HTTPAdapter):
+    """Sends ``https://HOST/...`` as ``http`` over the agent's socket, Host: HOST."""
+
+    def __init__(self, host: str, socket_path: str, timeout: float | None) -> None:
+        super().__init__()
+        self._host = host
+        # The pool's own host is never connected to (see _UnixConnection) nor sent (the Host
+        # header is set per request below).
+        self._pool = _UnixPool("localhost", maxsize=4, socket_path=socket_path, timeout=timeout)
+
+    def get_connection_with_tls_context(
+        self, request: requests.PreparedRequest, verify: Any, proxies: Any = None, cert: Any = None
+    ) -> HTTPConnectionPool:
+        return self._pool
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        pass  # the agent verifies the service; the socket is checked in _UnixConnection
+
+    def request_url(self, request: requests.PreparedRequest, proxies: Any) -> str:
+        return request.path_url
+
+    def add_headers(self, request: requests.PreparedRequest, **kwargs: Any) -> None:
+        request.headers["Host"] = self._host
+
+    def close(self) -> None:
+        self._pool.close()
+        super().close()
+
+
+def http_session(
+    host: str,
+    user: str | None = None,
+    *,
+    key_id: str | None = None,
+    socket_path: str | None = None,
+    timeout: float | None = None,
+) -> requests.Session:
+    """A ``requests.Session`` whose ``https://HOST/...`` calls the agent makes with its
+    credentials for ``host`` (``user``'s, when the agent holds several accounts there;
+    ``key_id`` to pick a held key). ``timeout`` bounds connecting to and reading from the
+    agent, per call, as requests' own ``timeout=`` does.
+    """
+    problem = host_problem(host)
+    if problem is not None:
+        raise BadRequest(f"the host is not valid: {problem}")
+    if user is not None and user_problem(user) is not None:
+        raise BadRequest(f"the user is not valid: {user_problem(user)}")
+    path = socket_path or http_socket_path()
+    session = requests.Session()
+    session.trust_env = False  # no proxy, no .netrc: this goes to a local socket
+    session.mount(f"https://{host}/", _AgentAdapter(host, path, timeout))
+    if user is not None:
+        session.headers["X-Keyagent-User"] = user
+    if key_id is not None:
+        session.headers["X-Keyagent-Key-Id"] = key_id
+    return session

@@ -118,7 +118,7 @@ class Grant:
 
     def secrets(self) -> list[str]:
         """What must never reach the tool: the key, or each cookie value of the session."""
-        if not self.session:
+        if self.header == "Authorization":
             return [self.value.removeprefix("Bearer ")]
         return [part.partition("=")[2] for part in self.value.split("; ") if "=" in part]
 

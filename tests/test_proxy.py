@@ -1,0 +1,347 @@
+"""The HTTP socket's request logic without sockets: which paths go out, which headers pass,
+what errors look like, and which credentials the agent lends (keyagent.proxy, Agent)."""
+
+from __future__ import annotations
+
+import json
+from types import GeneratorType
+from typing import Any
+
+import h11
+import pytest
+
+from keyagent.agent import Agent, Grant
+from keyagent.errors import (
+    Ambiguous,
+    BadRequest,
+    Forbidden,
+    KeyagentError,
+    Locked,
+    LoginRequired,
+    NotFound,
+    RemoteUnreachable,
+    Timeout,
+)
+from keyagent.httpwire import Head
+from keyagent.proxy import answer_headers, error_answer, request_headers, route
+from keyagent.store import key_id_for
+
+from .fakes import PEER, FakeAccount, FakeTime, driver_for, request, settle
+
+HOST = "app.conduce.com"
+USER = "ada@example.com"
+OTHER = "bob@example.com"
+SECRET = "proxy-secret-key-0001-abcdefgh"
+SECOND = "proxy-secret-key-0002-abcdefgh"
+
+
+def head(target: str, method: str = "GET", **headers: str) -> Head:
+    """A parsed request head, as h11 hands it over."""
+    fields = [("Host", headers.pop("host", HOST))]
+    fields += [(name.replace("_", "-"), value) for name, value in headers.items()]
+    return Head(h11.Request(method=method, target=target, headers=fields))
+
+
+# --- which paths are forwarded ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/conduce/api/v1/user/list-teams",
+        "/conduce/api/v1/datasets/metadata/abc?x=1&y=2",
+        "/conduce/api/v2/resources/search",
+        "/api/v2/data/transactions",
+        "//api/v2/data/backends",
+        "/conduce/api/v1/user/validate-session",
+    ],
+)
+def test_api_paths_are_forwarded_unchanged(target: str) -> None:
+    """Every API path, the client's doubled leading slash included, goes out as written."""
+    where = route(head(target))
+    assert where.host == HOST
+    assert where.target == target
+    assert where.path == target.split("?", 1)[0]
+
+
+@pytest.mark.parametrize(
+    ("target", "command"),
+    [
+        ("/conduce/api/v1/user/login", "keyagent-ctl login"),
+        ("/conduce/api/v1/user/logout", "keyagent-ctl logout"),
+        ("/conduce/api/v1/apikeys/create", "keyagent-ctl create"),
+        ("/conduce/api/v1/apikeys/list", "keyagent-ctl list --remote"),
+        ("/conduce/api/v1/apikeys/delete", "keyagent-ctl remove"),
+        ("/conduce/api/v1//apikeys/list", "keyagent-ctl list --remote"),
+        ("/conduce/api/v1/apikeys/list/", "keyagent-ctl list --remote"),
+        ("/conduce/api/v1/APIKEYS/List", "keyagent-ctl list --remote"),
+        ("/conduce/api/v1/%61pikeys/list", "keyagent-ctl list --remote"),
+        ("/conduce/api/v1/apikeys;x=1/list", "keyagent-ctl list --remote"),
+        ("/conduce/api/v1/apikeys/list?all=1", "keyagent-ctl list --remote"),
+        ("/conduce/api/apikeys/list", "keyagent-ctl list --remote"),
+        ("/api/v1/apikeys/list", "keyagent-ctl list --remote"),
+        ("/conduce/api/v1/apikeys/rotate", "keyagent-ctl"),
+        ("//conduce/api/v1/user/login", "keyagent-ctl login"),
+    ],
+)
+def test_credential_endpoints_are_refused_however_spelled(target: str, command: str) -> None:
+    """Login, logout and the API-key endpoints never go out, in any spelling a server would
+    take for them, and the refusal names the command to use instead."""
+    with pytest.raises(Forbidden) as caught:
+        route(head(target, "POST"))
+    assert command in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/",
+        "/etc/passwd",
+        "/conduce/web/index.html",
+        "/conduce/api",
+        "/conduce/api/v1/../../admin",
+        "/conduce/api/v1/%2e%2e/%2e%2e/admin",
+        "/conduce/api/v1/./user/list-teams",
+        "*",
+    ],
+)
+def test_paths_outside_the_api_are_not_found(target: str) -> None:
+    """Only the API is forwarded; dot segments are refused rather than resolved."""
+    with pytest.raises(NotFound):
+        route(head(target))
+
+
+@pytest.mark.parametrize(
+    ("target", "headers"),
+    [
+        ("/conduce/api/v1/x", {"host": "evil host"}),
+        ("/conduce/api/v1/x", {"host": "0177.0.0.1"}),
+        ("/conduce/api/v1/x", {"x_keyagent_user": "has space@example.com"}),
+        ("/conduce/api/v1/x", {"x_keyagent_key_id": "xyz"}),
+        ("/conduce/api/v1/x%0d%0aInjected:1", {}),
+        ("http://other.example.com/conduce/api/v1/x", {}),
+    ],
+)
+def test_bad_hosts_users_key_ids_and_paths_are_bad_requests(
+    target: str, headers: dict[str, str]
+) -> None:
+    """What names the account or the path is checked by the agent's own rules."""
+    with pytest.raises(BadRequest):
+        route(head(target, **headers))
+
+
+def test_methods_outside_the_list_are_refused() -> None:
+    """Only GET, POST, PUT, PATCH, DELETE and HEAD are forwarded."""
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"):
+        route(head("/api/v2/data/x", method))
+    for method in ("CONNECT", "TRACE", "OPTIONS", "PROPFIND"):
+        with pytest.raises(BadRequest):
+            route(head("/api/v2/data/x", method))
+
+
+def test_absolute_form_targets_use_their_path() -> None:
+    """A proxy-style absolute target is forwarded by its path, to the host it names."""
+    where = route(head(f"http://{HOST}/conduce/api/v1/user/list-teams?a=b"))
+    assert (where.host, where.target) == (HOST, "/conduce/api/v1/user/list-teams?a=b")
+
+
+def test_account_and_key_headers_are_read() -> None:
+    """X-Keyagent-User and X-Keyagent-Key-Id choose the account and the key."""
+    where = route(head("/api/v2/data/x", x_keyagent_user=USER, x_keyagent_key_id="ABCDEF12"))
+    assert (where.user, where.key_id) == (USER, "abcdef12")
+
+
+# --- headers ------------------------------------------------------------------------------
+
+
+def test_the_tools_credentials_never_go_out() -> None:
+    """Authorization, Cookie and the agent's own headers are replaced by the grant's."""
+    grant = Grant(HOST, USER, header="Authorization", value=f"Bearer {SECRET}")
+    sent = request_headers(
+        head(
+            "/api/v2/data/x", "POST",
+            authorization="Bearer tool-key", cookie="session=tool", proxy_authorization="x",
+            x_keyagent_user=USER, content_length="3", connection="keep-alive",
+            content_type="application/json", x_custom="kept",
+        ),
+        grant,
+    )  # fmt: skip
+    names = [name.lower() for name, _ in sent]
+    assert ("Authorization", f"Bearer {SECRET}") in sent
+    assert names.count("authorization") == 1
+    assert "cookie" not in names
+    assert "proxy-authorization" not in names
+    assert "connection" not in names
+    assert not any(name.startswith("x-keyagent-") for name in names)
+    assert ("content-type", "application/json") in sent
+    assert ("x-custom", "kept") in sent
+    assert ("Content-Length", "3") in sent
+    assert ("Host", HOST) in sent
+
+
+def test_answers_lose_cookies_credentials_and_connection_headers() -> None:
+    """Set-Cookie, anything carrying the credential, and hop-by-hop headers are removed."""
+    grant = Grant(HOST, USER, header="Cookie", value="session=s3ss10n; other=0th3r")
+    kept = answer_headers(
+        [
+            ("Content-Type", "application/json"),
+            ("Content-Length", "10"),
+            ("Set-Cookie", "session=new"),
+            ("set-cookie2", "x=y"),
+            ("WWW-Authenticate", "Bearer"),
+            ("Transfer-Encoding", "chunked"),
+            ("Connection", "close"),
+            ("X-Echo", "session is s3ss10n"),
+            ("X-Other", "0th3r!"),
+            ("X-Request-Id", "42 "),
+            ("Bad Name", "x"),
+            ("X-Ctl", "a\x07b"),
+        ],
+        grant,
+    )
+    assert kept == [
+        ("Content-Type", "application/json"),
+        ("Content-Length", "10"),
+        ("X-Request-Id", "42"),
+    ]
+
+
+def test_agent_errors_are_json_with_a_status_and_a_header() -> None:
+    """A tool tells the agent's answers from the service's by X-Keyagent-Error."""
+    cases: list[tuple[KeyagentError, int]] = [
+        (LoginRequired("log in"), 401),
+        (Ambiguous("which"), 409),
+        (Forbidden("no"), 403),
+        (NotFound("no"), 404),
+        (Locked(), 423),
+        (RemoteUnreachable("down"), 502),
+        (Timeout("slow"), 504),
+        (BadRequest("bad"), 400),
+    ]
+    for error, status in cases:
+        got, headers, body = error_answer(error)
+        assert got == status
+        assert ("X-Keyagent-Error", error.code) in headers
+        assert ("Content-Type", "application/json") in headers
+        assert json.loads(body) == {"error": {"code": error.code, "message": error.message}}
+
+
+def test_a_grant_never_shows_its_secret() -> None:
+    """repr names the account and key id, never the credential; secrets() lists it."""
+    grant = Grant(HOST, USER, header="Authorization", value=f"Bearer {SECRET}")
+    assert SECRET not in repr(grant)
+    assert grant.secrets() == [SECRET]
+    cookie = Grant(HOST, USER, header="Cookie", value="a=1; b=2")
+    assert cookie.secrets() == ["1", "2"]
+
+
+# --- which credentials the agent lends ----------------------------------------------------
+
+
+@pytest.fixture
+def accounts() -> dict[tuple[str, str], FakeAccount]:
+    return {}
+
+
+@pytest.fixture
+def agent(accounts: dict[tuple[str, str], FakeAccount]) -> Agent:
+    def account(host: str, user: str) -> FakeAccount:
+        return accounts.setdefault((host, user), FakeAccount())
+
+    return Agent(clock=FakeTime().clock(), accounts=account)
+
+
+def hold(agent: Agent, secret: str, user: str = USER, host: str = HOST) -> None:
+    settle(agent, agent.handle(request("add", host=host, user=user, key=secret), PEER))
+
+
+def log_in(agent: Agent, user: str = USER) -> None:
+    settle(agent, agent.handle(request("login", host=HOST, user=user, password="pw"), PEER))
+
+
+def granted(agent: Agent, outcome: Any) -> Grant:
+    """The grant a request comes to, waited for (inline) if the agent must wait first."""
+    if isinstance(outcome, GeneratorType):
+        outcome = driver_for(agent).run(outcome)
+    assert isinstance(outcome, Grant)
+    return outcome
+
+
+def lend(agent: Agent, **kwargs: Any) -> Grant:
+    arguments = {"host": HOST, "user": None, "key_id": None, **kwargs}
+    return granted(agent, agent.authorize_proxy(PEER, **arguments))
+
+
+def test_without_credentials_the_tool_is_told_to_log_in(agent: Agent) -> None:
+    """No session and no key for the host: login_required, naming the commands."""
+    with pytest.raises(LoginRequired) as caught:
+        lend(agent)
+    assert "keyagent-ctl login" in caught.value.message
+
+
+def test_a_held_key_is_lent_as_a_bearer_token(agent: Agent) -> None:
+    """With one key of one account, that key is used."""
+    hold(agent, SECRET)
+    grant = lend(agent)
+    assert (grant.header, grant.value, grant.session) == ("Authorization", f"Bearer {SECRET}", False)
+    assert grant.key_id == key_id_for(SECRET)
+
+
+def test_the_live_session_comes_before_keys(agent: Agent) -> None:
+    """As for the agent's own calls: the session first, then held keys."""
+    hold(agent, SECRET)
+    log_in(agent)
+    grant = lend(agent)
+    assert (grant.header, grant.session) == ("Cookie", True)
+    assert grant.value == "session=fake-session-cookie"
+
+
+def test_an_expired_session_falls_back_to_a_key(agent: Agent) -> None:
+    """After the service refused the session, the next grant is a held key."""
+    hold(agent, SECRET)
+    log_in(agent)
+    outcome = granted(agent, agent.proxy_session_expired(PEER, HOST, USER, None))
+    assert outcome.value == f"Bearer {SECRET}"
+    assert not agent.sessions[(HOST, USER)].live
+
+
+def test_an_expired_session_without_keys_means_logging_in_again(agent: Agent) -> None:
+    """No key to fall back on: login_required."""
+    log_in(agent)
+    with pytest.raises(LoginRequired):
+        granted(agent, agent.proxy_session_expired(PEER, HOST, USER, None))
+
+
+def test_two_accounts_on_a_host_need_the_user_header(agent: Agent) -> None:
+    """Credentials of two accounts: ambiguous, unless X-Keyagent-User names one."""
+    hold(agent, SECRET, USER)
+    hold(agent, SECOND, OTHER)
+    with pytest.raises(Ambiguous):
+        lend(agent)
+    assert lend(agent, user=OTHER).value == f"Bearer {SECOND}"
+    assert lend(agent, user=USER).value == f"Bearer {SECRET}"
+
+
+def test_a_key_id_picks_the_key(agent: Agent) -> None:
+    """X-Keyagent-Key-Id chooses among held keys, by any prefix of the id."""
+    hold(agent, SECRET)
+    hold(agent, SECOND)
+    assert lend(agent).value == f"Bearer {SECOND}"  # the newest, as for get
+    assert lend(agent, key_id=key_id_for(SECRET)[:6]).value == f"Bearer {SECRET}"
+    with pytest.raises(NotFound):
+        lend(agent, key_id="ffffffff")
+
+
+def test_other_hosts_credentials_are_never_lent(agent: Agent) -> None:
+    """A key of one host is not lent for another."""
+    hold(agent, SECRET, host="other.conduce.com")
+    with pytest.raises(LoginRequired):
+        lend(agent)
+
+
+def test_a_locked_agent_lends_nothing(agent: Agent) -> None:
+    """While locked, every proxied request is refused."""
+    hold(agent, SECRET)
+    settle(agent, agent.handle(request("lock", passphrase="correct horse"), PEER))
+    with pytest.raises(Locked):
+        lend(agent)

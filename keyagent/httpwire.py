@@ -104,7 +104,11 @@ class HttpConnection:
         while True:
             event = self._next_event()
             if isinstance(event, h11.Request):
-                return Head(event)
+                head = Head(event)
+                if head.chunked and head.content_length is not None:
+                    # Legal (chunked wins), but the classic request-smuggling shape: refused.
+                    raise Malformed(400, "a request may not have both Content-Length and chunks")
+                return head
             if isinstance(event, h11.ConnectionClosed):
                 return None
             if event is not h11.NEED_DATA:
@@ -170,7 +174,7 @@ class HttpConnection:
     @property
     def answered(self) -> bool:
         """Whether an answer (or its head) has been sent for the current request."""
-        return self._h11.our_state is not h11.SEND_RESPONSE
+        return self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE)
 
     @property
     def reusable(self) -> bool:

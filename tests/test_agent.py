@@ -137,8 +137,8 @@ def test_agent_serves_the_core_ops_in_protocol_order(agent: Agent) -> None:
 # What each core op comes to on a fresh, unlocked agent: its result's keys or its error.
 FRESH_OUTCOMES: dict[str, set[str] | type[KeyagentError]] = {
     "hello": {"protocol", "version", "ops"},
-    "status": {"pid", "socket", "http_socket", "version", "uptime", "locked", "keys", "default_lifetime",
-               "sessions"},
+    "status": {"pid", "socket", "http_socket", "version", "uptime", "locked", "keys",
+               "default_lifetime", "sessions"},
     "add": {"key_id", "fingerprint", "host", "user", "description", "created", "added",
             "expires", "source", "persisted"},
     "get": NotFound,

@@ -283,7 +283,11 @@ def test_a_held_key_is_lent_as_a_bearer_token(agent: Agent) -> None:
     """With one key of one account, that key is used."""
     hold(agent, SECRET)
     grant = lend(agent)
-    assert (grant.header, grant.value, grant.session) == ("Authorization", f"Bearer {SECRET}", False)
+    assert (grant.header, grant.value, grant.session) == (
+        "Authorization",
+        f"Bearer {SECRET}",
+        False,
+    )
     assert grant.key_id == key_id_for(SECRET)
 
 

@@ -209,13 +209,13 @@ def test_a_held_key_authenticates_and_the_tools_own_credentials_are_dropped(
     """With only a key held, the call is made with it; an Authorization header from the tool
     never reaches the service (its wrong key would make the call fail)."""
     add_key(conduce_agent, emulator)
-    status, _, body = curl(
+    status, _, _ = curl(
         conduce_agent,
         f"http://{emulator.host}/conduce/api/v1/apikeys/../user/validate-session",
         "--path-as-is",
     )
     assert status == 404  # dot segments are refused, not resolved
-    status, _, body = curl(
+    status, _, _ = curl(
         conduce_agent,
         f"http://{emulator.host}/conduce/api/v1/user/validate-session",
         "-H", "Authorization: Bearer not-a-key-of-anyone", "-H", "Cookie: session=forged",

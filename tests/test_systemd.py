@@ -819,6 +819,7 @@ def test_socket_unit_makes_a_private_socket(user_manager: UserManager) -> None:
         sock=$XDG_RUNTIME_DIR/keyagent/agent.sock
         echo "dir=$(stat -c %a "$XDG_RUNTIME_DIR/keyagent")"
         echo "sock=$(stat -c %a:%F "$sock")"
+        echo "http=$(stat -c %a:%F "$XDG_RUNTIME_DIR/keyagent/http.sock")"
         echo "default=$("$PYTHON" -c 'import keyagent.paths as p; print(p.default_socket_path())')"
         systemctl --user stop keyagent.socket
         echo "after_stop=$(test -e "$sock" && echo here || echo gone)"
@@ -835,6 +836,7 @@ def test_socket_unit_makes_a_private_socket(user_manager: UserManager) -> None:
         "service": "inactive",  # nothing connected yet
         "dir": "700",
         "sock": "600:socket",
+        "http": "600:socket",
         "default": f"/run/user/{uid}/keyagent/agent.sock",  # where keyagent-ctl looks
         "after_stop": "gone",
     }, run.output
@@ -1057,6 +1059,40 @@ def test_unprivileged_user_manager_runs_the_sandbox(user_manager: UserManager) -
         "devices": run.results.get("devices", "?"),
     }, run.output
     assert int(run.results["devices"]) < 20  # PrivateDevices=yes: a minimal /dev
+
+
+@needs_user_manager
+@needs_root
+def test_the_http_socket_activates_the_service_too(user_manager: UserManager) -> None:
+    """A first connection to http.sock starts keyagent.service, which serves it as the HTTP
+    socket (an agent error comes back, not a JSON line) and names it in status."""
+    run = user_manager(
+        """
+        systemctl --user daemon-reload
+        systemctl --user start keyagent.socket
+        echo "before=$(systemctl --user is-active keyagent.service || true)"
+        http=$XDG_RUNTIME_DIR/keyagent/http.sock
+        timeout 10 curl -s -o "$OUT/answer.json" -w '%{http_code}' --unix-socket "$http" \
+            http://app.conduce.com/conduce/api/v1/user/list-teams >"$OUT/code"
+        echo "code=$(cat "$OUT/code")"
+        timeout 10 systemctl --user start keyagent.service
+        echo "active=$(systemctl --user is-active keyagent.service)"
+        timeout 10 "$PYTHON" -m keyagent status --json >"$OUT/status.json"
+        systemctl --user stop keyagent.socket keyagent.service
+        """,
+        {
+            "keyagent.socket": SOCKET_UNIT.read_text(),
+            "keyagent.service": installed_service(keyagent_script()),
+        },
+    )
+    assert run.returncode == 0, run.output
+    uid = os.getuid()
+    assert run.results == {"before": "inactive", "code": "401", "active": "active"}, run.output
+    answer = run.json(run.out / "answer.json")
+    assert answer["error"]["code"] == "login_required"
+    status = run.json(run.out / "status.json")
+    assert status["http_socket"] == f"/run/user/{uid}/keyagent/http.sock"
+    assert status["socket"] == f"/run/user/{uid}/keyagent/agent.sock"
 
 
 @needs_user_manager

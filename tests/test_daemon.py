@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from keyagent import daemon, errors
+from keyagent import daemon, errors, paths
 from keyagent.client import Client
 from keyagent.testing.agent import AgentProcess, read_line, wait_for_exit
 
@@ -79,6 +79,25 @@ def test_shell_syntax_flags() -> None:
     ]
     assert "unsetenv KEYAGENT_SOCK;" in daemon.unset_lines("csh", 42)
     assert "unset KEYAGENT_SOCK;" in daemon.unset_lines("sh", 42)
+
+
+def test_shell_lines_export_the_http_socket() -> None:
+    """Both syntaxes export KEYAGENT_HTTP_SOCK after the pid, quoted; -k's lines unset it."""
+    path = "/run/user/1/key agent/http.sock"
+    sh = daemon.env_lines("sh", "/run/user/1/key agent/agent.sock", 42, path)
+    csh = daemon.env_lines("csh", "/run/user/1/key agent/agent.sock", 42, path)
+    assert sh.splitlines()[2] == f"KEYAGENT_HTTP_SOCK='{path}'; export KEYAGENT_HTTP_SOCK;"
+    assert csh.splitlines()[2] == f"setenv KEYAGENT_HTTP_SOCK '{path}';"
+    assert "unset KEYAGENT_HTTP_SOCK;" in daemon.unset_lines("sh", 42)
+    assert "unsetenv KEYAGENT_HTTP_SOCK;" in daemon.unset_lines("csh", 42)
+
+
+def test_the_http_socket_sits_beside_the_agent_socket() -> None:
+    """http.sock beside agent.sock; beside any other name, that name with .http added."""
+    assert paths.http_socket_path("/run/user/1/keyagent/agent.sock") == (
+        "/run/user/1/keyagent/http.sock"
+    )
+    assert paths.http_socket_path("/tmp/x/mine.sock") == "/tmp/x/mine.sock.http"
 
 
 def test_background_agent_prints_csh_lines_with_c(tmp_path: Path) -> None:

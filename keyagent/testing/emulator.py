@@ -1419,6 +1419,8 @@ class _Handler(BaseHTTPRequestHandler):
             headers["Transfer-Encoding"] = "chunked"
         else:
             headers["Content-Length"] = str(reply.length)
+        if self.close_connection:
+            headers["Connection"] = "close"  # so the client does not send another request
         # A reply's own headers win (a blob's Content-Type), in the order above.
         for name, value in {**headers, **reply.headers}.items():
             self.send_header(name, value)

@@ -1,6 +1,6 @@
 """keyagent against OpenSSH's ssh-agent, measured in the same run on the same machine.
 
-    python bench/run.py [--reps 3] [--quick] [--markdown FILE]
+    python bench/run.py [--reps 3] [--quick] [--http-only] [--markdown FILE]
 
 Each comparison is repeated ``--reps`` times with the two agents interleaved (A B A B ...),
 the ratio is computed within each repetition, and the table shows the median with the
@@ -9,7 +9,11 @@ REQUEST_IDENTITIES (message 11), the counterpart of keyagent's ``get``. A small 
 generator (bench/loadgen.c, built here with cc) drives both, so the client is not the
 bottleneck; the Python-client rows use the same client logic for both agents.
 
-Needs: cc, ssh-agent, ssh-add, ssh-keygen, taskset (util-linux). Nothing here asserts:
+A second table compares calls made through the agent's authenticating HTTP socket (issue
+12) with the same calls made directly to the Conduce emulator (see bench/http_socket.py);
+``--http-only`` runs that table alone.
+
+Needs: cc, ssh-agent, ssh-add, ssh-keygen, taskset (util-linux), curl. Nothing here asserts:
 benchmarks report, tests assert behaviour.
 """
 
@@ -36,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import http_socket  # noqa: E402
 from keyagent.client import Client  # noqa: E402
 from keyagent.testing.agent import AgentProcess, wait_for_exit  # noqa: E402
 
@@ -189,24 +194,21 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="fewer samples, for a smoke run")
     parser.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")
+    parser.add_argument(
+        "--http-only", action="store_true", help="only the HTTP-socket table (no ssh-agent)"
+    )
     args = parser.parse_args()
-    missing = [
-        t
-        for t in ("cc", "ssh-agent", "ssh-add", "ssh-keygen", "taskset")
-        if shutil.which(t) is None
-    ]
+    tools = ["cc", "curl"]
+    if not args.http_only:
+        tools += ["ssh-agent", "ssh-add", "ssh-keygen", "taskset"]
+    missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         print(
-            f"missing tools: {', '.join(missing)} (apt-get install gcc openssh-client util-linux)",
+            f"missing tools: {', '.join(missing)} "
+            "(apt-get install gcc curl openssh-client util-linux)",
             file=sys.stderr,
         )
         return 2
-    n_lat = 5000 if args.quick else 30000
-    n_conn = 500 if args.quick else 3000
-    secs = 1.0 if args.quick else 2.0
-    runs = 10 if args.quick else 30
-    cpus = os.cpu_count() or 1
-
     rows = {
         "lat": Row("get round trip p50, one connection, same CPU", "µs", "≤ 1.0×"),
         "lat99": Row("get round trip p99, one connection, same CPU", "µs", "(reported)"),
@@ -225,6 +227,27 @@ def main() -> int:
             ratio_note="hang / no hang",
         ),
     }
+    through = "through the agent / direct"
+    http_rows = {
+        "curl": Row(
+            "one-shot curl, user/list-teams, whole process",
+            "ms",
+            "≤ 1.0×",
+            ratio_note=through,
+        ),
+        "keepalive": Row(
+            f"{http_socket.CLIENTS} keep-alive clients, user/list-teams",
+            "req/s",
+            "≥ 0.8×",
+            ratio_note=through,
+        ),
+        "downloads": Row(
+            f"get p99 during {http_socket.DOWNLOADS} proxied downloads (2nd column: idle)",
+            "µs",
+            "≤ 2×",
+            ratio_note="downloads / idle",
+        ),
+    }
     list_sizes = [1000, 2500, 5000, 10000]
     list_ms: dict[int, list[float]] = {n: [] for n in list_sizes}
 
@@ -233,76 +256,121 @@ def main() -> int:
         loadgen = workdir / "loadgen"
         run("cc", "-O2", "-o", str(loadgen), str(ROOT / "bench" / "loadgen.c"))
         lg = str(loadgen)
-        with installed_ctl(workdir) as ctl, ssh_agent(workdir) as (ssh_sock, ssh_pid):
-            for rep in range(args.reps):
-                print(f"repetition {rep + 1}/{args.reps}", file=sys.stderr)
-                with keyagent(workdir) as agent:
-                    ka_sock, ka_pid = agent.socket_path, agent.pid
-                    # Latency: both agents and the client on CPU 0.
-                    pin(ssh_pid, 0)
-                    pin(ka_pid, 0)
-                    ka = parse(run("taskset", "-c", "0", lg, "lat", "ka", ka_sock, str(n_lat)))
-                    ssh = parse(run("taskset", "-c", "0", lg, "lat", "ssh", ssh_sock, str(n_lat)))
-                    rows["lat"].add(ka["p50"] / 1000, ssh["p50"] / 1000)
-                    rows["lat99"].add(ka["p99"] / 1000, ssh["p99"] / 1000)
-                    # Throughput and new connections: agent on CPU 0, clients on the rest.
-                    client_cpus = f"1-{cpus - 1}" if cpus > 1 else "0"
-                    ka = parse(
-                        run(
-                            "taskset", "-c", client_cpus, lg, "tput", "ka", ka_sock, "64", str(secs)
-                        )
-                    )
-                    ssh = parse(
-                        run(
-                            "taskset",
-                            "-c",
-                            client_cpus,
-                            lg,
-                            "tput",
-                            "ssh",
-                            ssh_sock,
-                            "64",
-                            str(secs),
-                        )
-                    )
-                    rows["tput"].add(ka["rps"], ssh["rps"])
-                    rows["pytput"].add(
-                        python_client_rps("ka", ka_sock, 32, secs),
-                        python_client_rps("ssh", ssh_sock, 32, secs),
-                    )
-                    ka = parse(run(lg, "conn", "ka", ka_sock, str(n_conn)))
-                    ssh = parse(run(lg, "conn", "ssh", ssh_sock, str(n_conn)))
-                    rows["conn"].add(ka["p50"] / 1000, ssh["p50"] / 1000)
-                    pin(ssh_pid, 0) if cpus == 1 else run(
-                        "taskset", "-pc", f"0-{cpus - 1}", str(ssh_pid)
-                    )
-                    env_ka = {**os.environ, "KEYAGENT_SOCK": ka_sock}
-                    env_ssh = {**os.environ, "SSH_AUTH_SOCK": ssh_sock}
-                    ours = whole_process_ms([ctl, "get"], env_ka, runs)
-                    theirs = whole_process_ms(["ssh-add", "-l"], env_ssh, runs)
-                    rows["ctl"].add(ours, theirs)
-                with keyagent(workdir) as agent:
-                    idle = rss_kib(agent.pid)
-                    rows["rss"].add(idle, rss_kib(ssh_pid))
-                    with agent.client() as client:
-                        for size in list_sizes:
-                            while len(client.list()) < size:
-                                for n in range(len(client.list()), size):
-                                    client.add("h.example", "u@example.com", f"k-{n:08d}-pad")
-                            samples = []
-                            for _ in range(5):
-                                started = time.perf_counter()
-                                client.list()
-                                samples.append((time.perf_counter() - started) * 1000)
-                            list_ms[size].append(statistics.median(samples))
-                    held = rss_kib(agent.pid)
-                    rows["perkey"].add((held - idle) * 1024 / 10000)
-                rows["hang"].add(*hang_ratio(workdir, lg, n_lat))
+        http_note = measure_http_socket(workdir, lg, http_rows, args)
+        if not args.http_only:
+            measure_ssh_agent(workdir, lg, rows, list_ms, args)
 
-    print_table(rows, list_ms, args)
+    print_table(rows, list_ms, http_rows, http_note, args)
     if args.markdown:
-        Path(args.markdown).write_text(markdown(rows, list_ms, args))
+        Path(args.markdown).write_text(markdown(rows, list_ms, http_rows, http_note, args))
     return 0
+
+
+def measure_ssh_agent(
+    workdir: Path,
+    lg: str,
+    rows: dict[str, Row],
+    list_ms: dict[int, list[float]],
+    args: argparse.Namespace,
+) -> None:
+    """The first table: keyagent against ssh-agent."""
+    n_lat = 5000 if args.quick else 30000
+    n_conn = 500 if args.quick else 3000
+    secs = 1.0 if args.quick else 2.0
+    runs = 10 if args.quick else 30
+    cpus = os.cpu_count() or 1
+    list_sizes = list(list_ms)
+    with installed_ctl(workdir) as ctl, ssh_agent(workdir) as (ssh_sock, ssh_pid):
+        for rep in range(args.reps):
+            print(f"repetition {rep + 1}/{args.reps}", file=sys.stderr)
+            with keyagent(workdir) as agent:
+                ka_sock, ka_pid = agent.socket_path, agent.pid
+                # Latency: both agents and the client on CPU 0.
+                pin(ssh_pid, 0)
+                pin(ka_pid, 0)
+                ka = parse(run("taskset", "-c", "0", lg, "lat", "ka", ka_sock, str(n_lat)))
+                ssh = parse(run("taskset", "-c", "0", lg, "lat", "ssh", ssh_sock, str(n_lat)))
+                rows["lat"].add(ka["p50"] / 1000, ssh["p50"] / 1000)
+                rows["lat99"].add(ka["p99"] / 1000, ssh["p99"] / 1000)
+                # Throughput and new connections: agent on CPU 0, clients on the rest.
+                client_cpus = f"1-{cpus - 1}" if cpus > 1 else "0"
+                ka = parse(
+                    run("taskset", "-c", client_cpus, lg, "tput", "ka", ka_sock, "64", str(secs))
+                )
+                ssh = parse(
+                    run(
+                        "taskset",
+                        "-c",
+                        client_cpus,
+                        lg,
+                        "tput",
+                        "ssh",
+                        ssh_sock,
+                        "64",
+                        str(secs),
+                    )
+                )
+                rows["tput"].add(ka["rps"], ssh["rps"])
+                rows["pytput"].add(
+                    python_client_rps("ka", ka_sock, 32, secs),
+                    python_client_rps("ssh", ssh_sock, 32, secs),
+                )
+                ka = parse(run(lg, "conn", "ka", ka_sock, str(n_conn)))
+                ssh = parse(run(lg, "conn", "ssh", ssh_sock, str(n_conn)))
+                rows["conn"].add(ka["p50"] / 1000, ssh["p50"] / 1000)
+                pin(ssh_pid, 0) if cpus == 1 else run(
+                    "taskset", "-pc", f"0-{cpus - 1}", str(ssh_pid)
+                )
+                env_ka = {**os.environ, "KEYAGENT_SOCK": ka_sock}
+                env_ssh = {**os.environ, "SSH_AUTH_SOCK": ssh_sock}
+                ours = whole_process_ms([ctl, "get"], env_ka, runs)
+                theirs = whole_process_ms(["ssh-add", "-l"], env_ssh, runs)
+                rows["ctl"].add(ours, theirs)
+            with keyagent(workdir) as agent:
+                idle = rss_kib(agent.pid)
+                rows["rss"].add(idle, rss_kib(ssh_pid))
+                with agent.client() as client:
+                    for size in list_sizes:
+                        while len(client.list()) < size:
+                            for n in range(len(client.list()), size):
+                                client.add("h.example", "u@example.com", f"k-{n:08d}-pad")
+                        samples = []
+                        for _ in range(5):
+                            started = time.perf_counter()
+                            client.list()
+                            samples.append((time.perf_counter() - started) * 1000)
+                        list_ms[size].append(statistics.median(samples))
+                held = rss_kib(agent.pid)
+                rows["perkey"].add((held - idle) * 1024 / 10000)
+            rows["hang"].add(*hang_ratio(workdir, lg, n_lat))
+
+
+def measure_http_socket(
+    workdir: Path, loadgen: str, rows: dict[str, Row], args: argparse.Namespace
+) -> str | None:
+    """The second table: calls through the agent's HTTP socket against direct calls to the
+    emulator (see bench/http_socket.py). Returns why it was skipped, or None."""
+    runs = 10 if args.quick else 30
+    secs = 1.0 if args.quick else 2.0
+    samples = 2000 if args.quick else 10000
+    with http_socket.emulator() as (emu, key):
+        key_file, header_file = http_socket.write_key_files(workdir, key)
+        for rep in range(args.reps):
+            print(f"HTTP socket, repetition {rep + 1}/{args.reps}", file=sys.stderr)
+            with keyagent(workdir, "--ca-bundle", emu.ca_path) as agent:
+                try:
+                    sock = http_socket.http_socket(agent)
+                except http_socket.NoHttpSocket as skipped:
+                    print(skipped, file=sys.stderr)
+                    return str(skipped)
+                with agent.client() as client:
+                    client.add(emu.host, http_socket.USER, key)
+                rows["curl"].add(*http_socket.one_shot_curl(sock, emu, header_file, runs))
+                rows["keepalive"].add(*http_socket.keep_alive_rps(sock, emu, key_file, secs))
+                rows["downloads"].add(
+                    *http_socket.get_p99_during_downloads(sock, agent, emu, loadgen, samples)
+                )
+    return None
 
 
 def hang_ratio(workdir: Path, loadgen: str, samples: int) -> tuple[float, float]:
@@ -352,9 +420,9 @@ def machine() -> str:
     )
 
 
-def table_lines(rows: dict[str, Row]) -> list[str]:
+def table_lines(rows: dict[str, Row], columns: str = "keyagent | ssh-agent") -> list[str]:
     lines = [
-        "| figure | keyagent | ssh-agent | ratio | target |",
+        f"| figure | {columns} | ratio | target |",
         "| --- | --- | --- | --- | --- |",
     ]
     for row in rows.values():
@@ -375,31 +443,55 @@ def list_lines(list_ms: dict[int, list[float]]) -> list[str]:
     return lines
 
 
+HTTP_COLUMNS = "through the agent | direct"
+
+
+def http_lines(http_rows: dict[str, Row], http_note: str | None) -> list[str]:
+    """The HTTP-socket table, or the reason it was skipped."""
+    if http_note is not None:
+        return [http_note]
+    return [
+        "HTTP socket: ratio = through the agent / direct (last row: downloads / idle)",
+        "",
+        *table_lines(http_rows, HTTP_COLUMNS),
+    ]
+
+
 def print_table(
-    rows: dict[str, Row], list_ms: dict[int, list[float]], args: argparse.Namespace
+    rows: dict[str, Row],
+    list_ms: dict[int, list[float]],
+    http_rows: dict[str, Row],
+    http_note: str | None,
+    args: argparse.Namespace,
 ) -> None:
     print(machine())
-    print(
-        f"{args.reps} repetitions; median (min-max); ratio = keyagent / ssh-agent, "
-        "computed within each repetition"
-    )
-    print("\n".join(table_lines(rows)))
-    print()
-    print("\n".join(list_lines(list_ms)))
+    print(f"{args.reps} repetitions; median (min-max); ratios computed within each repetition")
+    if not args.http_only:
+        print("ratio = keyagent / ssh-agent")
+        print("\n".join(table_lines(rows)))
+        print()
+        print("\n".join(list_lines(list_ms)))
+        print()
+    print("\n".join(http_lines(http_rows, http_note)))
 
 
 def markdown(
-    rows: dict[str, Row], list_ms: dict[int, list[float]], args: argparse.Namespace
+    rows: dict[str, Row],
+    list_ms: dict[int, list[float]],
+    http_rows: dict[str, Row],
+    http_note: str | None,
+    args: argparse.Namespace,
 ) -> str:
+    flags = (" --quick" if args.quick else "") + (" --http-only" if args.http_only else "")
+    ssh_tables = [] if args.http_only else [*table_lines(rows), "", *list_lines(list_ms), ""]
     return "\n".join(
         [
             f"Machine: {machine()}",
             "",
-            f"Command: `python bench/run.py --reps {args.reps}{' --quick' if args.quick else ''}`",
+            f"Command: `python bench/run.py --reps {args.reps}{flags}`",
             "",
-            *table_lines(rows),
-            "",
-            *list_lines(list_ms),
+            *ssh_tables,
+            *http_lines(http_rows, http_note),
             "",
         ]
     )

@@ -118,7 +118,7 @@ def control_status(
 def test_same_api_as_the_in_process_emulator() -> None:
     """EmulatorProcess has every shared method and property with ConduceEmulator's signature."""
     names = [name for name in vars(Emulator) if not name.startswith("_")]
-    assert len(names) == 19
+    assert len(names) == 20
     for name in names:
         local, remote = getattr(ConduceEmulator, name), getattr(EmulatorProcess, name)
         if isinstance(local, property):

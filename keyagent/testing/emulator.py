@@ -26,6 +26,40 @@ Behaviour chosen where the API documentation is silent:
   extra ``expires: null`` field, so clients get to exercise unknown fields.
 * Unknown paths answer 404, a known path with the wrong method 405.
 
+Data endpoints, a few calls of the real API beyond the key calls, for tools that make their
+Conduce calls through keyagent's HTTP socket (issue 12). All of them authenticate as above
+(401 without a valid key or session cookie), accept GET, POST, PUT, PATCH, DELETE and HEAD
+where the list below allows, answer HEAD with the head GET would get, keep the connection
+alive, and are logged in :attr:`ConduceEmulator.requests` like the key calls (the path with
+one leading slash, relative to ``/conduce/api/v1/`` when under it). A leading ``//`` (the
+Conduce Python client sends ``//api/v2/...``) is taken as ``/``. Their request bodies are
+read in pieces as they arrive, with ``Content-Length`` or chunked framing, and never held
+whole (except ``datasets/create``'s, at most 64 KiB); a body with broken framing gets 400
+and the connection is closed.
+
+* ``GET /conduce/api/v1/user/list-teams``: ``[{"id": UUID, "name": EMAIL, "role":
+  "owner"}]``, one team per account, its id fixed by the e-mail.
+* ``POST /conduce/api/v1/datasets/create`` with ``{"name": NAME}`` (optional): ``{"id":
+  UUID}``; :meth:`ConduceEmulator.add_dataset` does the same from the test.
+* ``GET /conduce/api/v1/datasets/metadata/<ID>``: ``{"id", "name", "owner", "created"}``;
+  404 for an unknown id or another account's dataset.
+* Echo, any method, on ``/conduce/api/v1/echo[/...]``, everything under
+  ``/conduce/api/v2/resources`` and everything under ``/api/v2/data/`` not named below:
+  ``{"method", "path" (as sent, doubled slash included), "query" (the raw query string),
+  "headers" (names lowercased, repeated ones joined with ", "), "body_length",
+  "body_sha256"}``. ``authorization`` shows ``{"auth": "bearer", "key_id": the first 12 hex
+  digits of the key's SHA-256 (:func:`key_id`), "valid": bool}`` (or ``{"auth": "other"}``),
+  ``cookie`` shows ``{"auth": "cookie", "names": [...], "session": whether the session
+  cookie is live, or null}``: never a secret. The answer also carries ``Set-Cookie:
+  tracking=1; Path=/`` and ``X-Echo: 1``, for a proxy to strip the one and keep the other.
+* ``GET /api/v2/data/blob/<N>``: N bytes of ``application/octet-stream``, the content of
+  :func:`blob_chunks` (SHA-256: :func:`blob_sha256`), streamed 1 MiB at a time with a
+  ``Content-Length``, or chunked with ``?chunked=1``. N is at most 2**40; others are 404.
+* ``POST`` or ``PUT /api/v2/data/upload``: reads a body of any size and answers
+  ``{"length": n, "sha256": HEX}``.
+* ``/api/v2/data/redirect``, any method: 302 to :data:`REDIRECT_LOCATION`, an absolute URL
+  on another host, for checking that a proxy does not follow redirects.
+
 Faults are injected per path or for all paths with :meth:`ConduceEmulator.inject`; each
 request gets at most one fault: the first matching rule, in injection order.
 
@@ -53,6 +87,8 @@ records as :meth:`RequestRecord.to_json` objects.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import hmac
 import http
 import json
@@ -67,7 +103,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.message import Message
@@ -77,16 +113,23 @@ from pathlib import Path
 from socketserver import TCPServer, ThreadingUnixStreamServer
 from types import TracebackType
 from typing import Any, Final, Literal, NoReturn, cast, get_args
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 __all__ = [
     "API_PREFIX",
+    "BLOB_BLOCK_SIZE",
     "CONTROL_PREFIX",
+    "DATA_PREFIX",
+    "REDIRECT_LOCATION",
+    "RESOURCES_PREFIX",
     "SESSION_COOKIE",
     "ConduceEmulator",
     "Fault",
     "FaultKind",
     "RequestRecord",
+    "blob_chunks",
+    "blob_sha256",
+    "key_id",
 ]
 
 log = logging.getLogger("keyagent.testing.emulator")
@@ -114,6 +157,174 @@ _ROUTES: Final[dict[str, str]] = {
 }
 
 _MALFORMED_BODY: Final = b"<html><body>502 Bad Gateway</body></html>{not json"
+
+# The data endpoints (see _data_route): a few calls of the real API beyond the key calls,
+# for tools that make their Conduce calls through the agent's HTTP socket.
+DATA_PREFIX: Final = "/api/v2/data/"
+RESOURCES_PREFIX: Final = "/conduce/api/v2/resources"
+REDIRECT_LOCATION: Final = "https://redirected.invalid/conduce/api/v1/elsewhere"
+BLOB_BLOCK_SIZE: Final = 1 << 20
+# Streamed bodies move in pieces of this size: large socket reads and writes keep a
+# 100 MiB transfer fast, and memory stays bounded by it whatever the body's size.
+_STREAM_PIECE: Final = 1 << 20
+_MAX_CHUNK_LINE: Final = 1024
+_MAX_TRAILER_LINES: Final = 64
+# blob/<N> answers at most a tebibyte: enough for any test, and N stays a sane number.
+_MAX_BLOB: Final = 1 << 40
+
+_DataRoute = Literal["list-teams", "metadata", "create", "echo", "blob", "upload", "redirect"]
+
+
+@functools.cache
+def _blob_block() -> bytes:
+    # Pseudo-random, so that a misplaced or repeated piece changes the digest; made once.
+    return hashlib.shake_128(b"keyagent conduce emulator blob").digest(BLOB_BLOCK_SIZE)
+
+
+def blob_chunks(size: int) -> Iterator[bytes]:
+    """The content ``GET /api/v2/data/blob/<size>`` streams, in pieces of at most 1 MiB.
+
+    A fixed pseudo-random block of :data:`BLOB_BLOCK_SIZE` bytes, repeated and cut at
+    ``size``; never more than one block in memory.
+    """
+    block = _blob_block()
+    remaining = size
+    while remaining > 0:
+        piece = block if remaining >= len(block) else block[:remaining]
+        remaining -= len(piece)
+        yield piece
+
+
+def blob_sha256(size: int) -> str:
+    """The SHA-256 (hex) of ``blob/<size>``'s content, computed without holding it."""
+    digest = hashlib.sha256()
+    for piece in blob_chunks(size):
+        digest.update(piece)
+    return digest.hexdigest()
+
+
+def key_id(api_key: str) -> str:
+    """What the echo endpoint shows for a bearer key: the first 12 hex digits of its
+    SHA-256, as keyagent shows key ids."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:12]
+
+
+def _data_route(path: str) -> tuple[_DataRoute, str] | None:
+    """The data endpoint a (normalised) path names and its argument, or None."""
+    if path == API_PREFIX + "user/list-teams":
+        return "list-teams", ""
+    if path.startswith(API_PREFIX + "datasets/metadata/"):
+        return "metadata", path.removeprefix(API_PREFIX + "datasets/metadata/")
+    if path == API_PREFIX + "datasets/create":
+        return "create", ""
+    if path == API_PREFIX + "echo" or path.startswith(API_PREFIX + "echo/"):
+        return "echo", ""
+    if path.startswith(RESOURCES_PREFIX) or path == DATA_PREFIX.rstrip("/"):
+        return "echo", ""
+    if path.startswith(DATA_PREFIX):
+        rest = path.removeprefix(DATA_PREFIX)
+        if rest.startswith("blob/"):
+            return "blob", rest.removeprefix("blob/")
+        if rest == "upload":
+            return "upload", ""
+        if rest == "redirect":
+            return "redirect", ""
+        return "echo", ""
+    return None
+
+
+class _BadBody(Exception):
+    """The request body's framing is broken: answer 400 and close the connection."""
+
+
+class _BodyReader:
+    """Reads one request body in pieces, with Content-Length or chunked framing."""
+
+    def __init__(self, rfile: Any, headers: Message) -> None:
+        self._rfile = rfile
+        self._done = False
+        self._in_chunk = False
+        encoding = headers.get("Transfer-Encoding")
+        self._chunked = encoding is not None
+        self._remaining = 0
+        if encoding is not None:
+            if str(encoding).strip().lower() != "chunked":
+                raise _BadBody("only the chunked transfer coding is understood")
+            return
+        text = str(headers.get("Content-Length") or "0").strip()
+        if not text.isdigit():
+            raise _BadBody("a bad Content-Length")
+        self._remaining = int(text)
+
+    def read(self) -> bytes:
+        """The next piece of the body, at most 1 MiB; ``b""`` once it is all read."""
+        if self._done:
+            return b""
+        if not self._chunked:
+            if self._remaining == 0:
+                self._done = True
+                return b""
+            return self._take()
+        while self._remaining == 0:
+            if self._in_chunk:
+                if self._rfile.readline(_MAX_CHUNK_LINE) not in (b"\r\n", b"\n"):
+                    raise _BadBody("a chunk does not end with CRLF")
+                self._in_chunk = False
+            line = self._rfile.readline(_MAX_CHUNK_LINE + 1)
+            size_text = line.split(b";", 1)[0].strip()
+            if (
+                not line.endswith(b"\n")
+                or not size_text
+                or size_text.strip(b"0123456789abcdefABCDEF")
+            ):
+                raise _BadBody("a bad chunk size line")
+            size = int(size_text, 16)
+            if size == 0:
+                self._skip_trailers()
+                self._done = True
+                return b""
+            self._remaining, self._in_chunk = size, True
+        return self._take()
+
+    def _take(self) -> bytes:
+        piece: bytes = self._rfile.read(min(self._remaining, _STREAM_PIECE))
+        if not piece:
+            raise _BadBody("the body ended early")
+        self._remaining -= len(piece)
+        return piece
+
+    def _skip_trailers(self) -> None:
+        for _ in range(_MAX_TRAILER_LINES):
+            line = self._rfile.readline(_MAX_CHUNK_LINE + 1)
+            if line in (b"\r\n", b"\n"):
+                return
+            if not line.endswith(b"\n"):
+                raise _BadBody("a bad trailer line")
+        raise _BadBody("too many trailer lines")
+
+    def drain(self) -> None:
+        """Read and drop the rest of the body, so the connection can carry the next request."""
+        while self.read():
+            pass
+
+    def digest(self) -> tuple[int, str]:
+        """Read the rest of the body; its length and SHA-256 (hex)."""
+        length, digest = 0, hashlib.sha256()
+        while piece := self.read():
+            length += len(piece)
+            digest.update(piece)
+        return length, digest.hexdigest()
+
+    def read_all(self, limit: int) -> bytes | None:
+        """The rest of the body, or None (the rest unread) if it exceeds ``limit`` bytes."""
+        pieces: list[bytes] = []
+        size = 0
+        while piece := self.read():
+            size += len(piece)
+            if size > limit:
+                return None
+            pieces.append(piece)
+        return b"".join(pieces)
 
 
 @dataclass(frozen=True)
@@ -297,6 +508,16 @@ class _Reply:
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
     user: str | None = None
+    stream: Iterable[bytes] | None = None
+    """Sent instead of ``body`` when set: ``length`` bytes, or chunked if length is None."""
+    length: int | None = None
+
+
+@dataclass
+class _Dataset:
+    email: str
+    name: str
+    created: str
 
 
 def _json_reply(
@@ -354,6 +575,7 @@ class ConduceEmulator:
         self._users: dict[str, bytes] = {}
         self._sessions: dict[str, tuple[str, float | None]] = {}
         self._keys: dict[str, _Key] = {}
+        self._datasets: dict[str, _Dataset] = {}
         self._revoked: set[str] = set()
         self._forbidden_users: set[str] = set()
         self._forbidden_keys: set[str] = set()
@@ -543,6 +765,13 @@ class ConduceEmulator:
                 raise KeyError(email)
             return self._new_key_locked(email, description)
 
+    def add_dataset(self, email: str, name: str = "") -> str:
+        """Give an existing account a dataset, as ``datasets/create`` would; returns its id."""
+        with self._lock:
+            if email not in self._users:
+                raise KeyError(email)
+            return self._new_dataset_locked(email, name)
+
     def api_keys(self, email: str) -> list[str]:
         """The live API keys of an account, oldest first."""
         with self._lock:
@@ -597,13 +826,17 @@ class ConduceEmulator:
 
     def inject(self, fault: Fault, *, path: str | None = None, count: int | None = None) -> None:
         """Apply ``fault`` to the next ``count`` requests (None: until cleared) to ``path``
-        (relative to /conduce/api/v1/, or the full path; None: every path)."""
+        (relative to /conduce/api/v1/, or the full path, e.g. ``/api/v2/data/blob/10``, with
+        one leading slash whatever the request sent; None: every path)."""
         if count is not None and count < 1:
             raise ValueError("count must be at least 1, or None for 'until cleared'")
         if path is not None:
             path = path.removeprefix(API_PREFIX)
-            if path.startswith("/"):
-                raise ValueError(f"fault paths live under {API_PREFIX}; give e.g. 'apikeys/list'")
+            if path.startswith("/") and not path.startswith(("/api/", "/conduce/api/v2/")):
+                raise ValueError(
+                    f"fault paths live under {API_PREFIX} (give e.g. 'apikeys/list'), "
+                    "or are full paths under /api/ or /conduce/api/v2/"
+                )
             if fault.kind == "wrong_certificate":
                 raise ValueError("a wrong certificate is served before any path is known")
         with self._changed:
@@ -852,6 +1085,33 @@ class ConduceEmulator:
             return None
         return email, None
 
+    def _new_dataset_locked(self, email: str, name: str) -> str:
+        dataset = str(uuid.uuid4())
+        created = datetime.now(UTC).isoformat(timespec="seconds")
+        self._datasets[dataset] = _Dataset(email, name, created)
+        return dataset
+
+    def _principal(self, headers: Message) -> tuple[str, str | None] | None:
+        """The (email, api key or None) a request authenticates as, or None."""
+        with self._lock:
+            return self._authenticate_locked(headers)
+
+    def _session_valid(self, token: str) -> bool:
+        with self._lock:
+            entry = self._sessions.get(token)
+            return entry is not None and (entry[1] is None or self._clock() < entry[1])
+
+    def _dataset(self, email: str, dataset: str) -> dict[str, object] | None:
+        with self._lock:
+            entry = self._datasets.get(dataset)
+            if entry is None or entry.email != email:
+                return None
+            return {"id": dataset, "name": entry.name, "owner": email, "created": entry.created}
+
+    def _create_dataset(self, email: str, name: str) -> str:
+        with self._lock:
+            return self._new_dataset_locked(email, name)
+
     def _new_key_locked(self, email: str, description: str) -> str:
         # A random (version 4) UUID, as the Conduce docs show keys: with its hyphens it can
         # never be mistaken for a hex key id prefix.
@@ -876,6 +1136,8 @@ def _session_token(headers: Message) -> str | None:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog of 5 drops connections when 64 clients connect at once.
+    request_queue_size = 128
     # The emulator joins its own handler threads with a deadline in close(); the standard
     # unbounded join would wait on whatever a handler is blocked on.
     block_on_close = False
@@ -927,15 +1189,44 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._serve()
 
+    def do_PUT(self) -> None:
+        self._serve()
+
+    def do_PATCH(self) -> None:
+        self._serve()
+
+    def do_DELETE(self) -> None:
+        self._serve()
+
+    def do_HEAD(self) -> None:
+        self._serve()
+
     def _serve(self) -> None:
-        full_path = urlsplit(self.path).path
+        # The target as sent: http.server folds a leading "//" of self.path into "/", and
+        # the echo endpoint shows what the client really sent.
+        words = self.requestline.split()
+        raw_path, _, query = (words[1] if len(words) >= 2 else self.path).partition("?")
+        raw_path = raw_path.partition("#")[0]
+        full_path = "/" + raw_path.lstrip("/")
+        route = _data_route(full_path)
         path = full_path.removeprefix(API_PREFIX) if full_path.startswith(API_PREFIX) else full_path
+        if route is not None:
+            self._serve_data(route, path, raw_path, query)
+            return
         body = self._read_body()
         if body is None:
             return
-        self._handle(path, body)
+        begun = self._begin(path)
+        if begun is None:
+            return
+        index, reply = begun
+        if reply is None:
+            reply = self.server.emulator._dispatch(self.command, path, self.headers, body)
+        self._answer(index, reply)
 
-    def _handle(self, path: str, body: bytes) -> None:
+    def _begin(self, path: str) -> tuple[int, _Reply | None] | None:
+        """Log the request and apply its fault. Returns its sequence number and the fault's
+        answer (None: answer normally), or None if the fault has ended the request."""
         emulator = self.server.emulator
         sent_cookie = _session_token(self.headers) is not None
         auth: AuthKind = "none"
@@ -952,11 +1243,11 @@ class _Handler(BaseHTTPRequestHandler):
         elif fault.kind == "delay":
             if not emulator._pause(fault.seconds):
                 self._drop(index)
-                return
+                return None
         elif fault.kind == "hang":
             if not emulator._hang():
                 self._drop(index)
-                return
+                return None
         elif fault.kind == "status":
             if fault.body is None:
                 reply = _error_reply(fault.code)
@@ -966,9 +1257,139 @@ class _Handler(BaseHTTPRequestHandler):
             self._reset(index)
         elif fault.kind == "malformed_json":
             reply = _Reply(200, _MALFORMED_BODY)
-        if reply is None:
-            reply = emulator._dispatch(self.command, path, self.headers, body)
+        return index, reply
+
+    # --- the data endpoints: bodies stream, in both directions ---------------------------
+
+    def _serve_data(
+        self, route: tuple[_DataRoute, str], path: str, raw_path: str, query: str
+    ) -> None:
+        begun = self._begin(path)
+        if begun is None:
+            return
+        index, reply = begun
+        try:
+            body = _BodyReader(self.rfile, self.headers)
+            if reply is None:
+                reply = self._data_reply(route, raw_path, query, body)
+            # Whatever the answer, the rest of the body goes, so the connection stays usable.
+            body.drain()
+        except _BadBody:
+            self.close_connection = True
+            reply = _error_reply(400, reply.user if reply is not None else None)
         self._answer(index, reply)
+
+    def _data_reply(
+        self, route: tuple[_DataRoute, str], raw_path: str, query: str, body: _BodyReader
+    ) -> _Reply:
+        emulator = self.server.emulator
+        name, argument = route
+        allowed = {
+            "list-teams": ("GET", "HEAD"),
+            "metadata": ("GET", "HEAD"),
+            "blob": ("GET", "HEAD"),
+            "create": ("POST",),
+            "upload": ("POST", "PUT"),
+        }.get(name)
+        if allowed is not None and self.command not in allowed:
+            reply = _error_reply(405)
+            reply.headers["Allow"] = ", ".join(allowed)
+            return reply
+        principal = emulator._principal(self.headers)
+        if principal is None:
+            return _error_reply(401)
+        email, _ = principal
+        if name == "list-teams":
+            team = str(uuid.uuid5(uuid.NAMESPACE_URL, f"conduce-team:{email}"))
+            return _json_reply(200, [{"id": team, "name": email, "role": "owner"}], user=email)
+        if name == "metadata":
+            dataset = emulator._dataset(email, argument)
+            if dataset is None:
+                return _error_reply(404, email)
+            return _json_reply(200, dataset, user=email)
+        if name == "create":
+            raw = body.read_all(MAX_BODY)
+            if raw is None:
+                self.close_connection = True  # the unread rest would be taken for a request
+                return _error_reply(413, email)
+            try:
+                document: object = json.loads(raw or b"{}")
+            except (ValueError, RecursionError):
+                document = None
+            if not isinstance(document, dict) or not isinstance(document.get("name", ""), str):
+                return _error_reply(400, email)
+            dataset_id = emulator._create_dataset(email, document.get("name", ""))
+            return _json_reply(200, {"id": dataset_id}, user=email)
+        if name == "blob":
+            if not argument.isdigit() or int(argument) > _MAX_BLOB:
+                return _error_reply(404, email)
+            size = int(argument)
+            chunked = parse_qs(query).get("chunked", ["0"])[-1].lower() in ("1", "true", "yes")
+            return _Reply(
+                200,
+                b"",
+                {"Content-Type": "application/octet-stream"},
+                email,
+                stream=blob_chunks(size),
+                length=None if chunked else size,
+            )
+        if name == "upload":
+            length, sha256 = body.digest()
+            return _json_reply(200, {"length": length, "sha256": sha256}, user=email)
+        if name == "redirect":
+            return _json_reply(
+                302, {"location": REDIRECT_LOCATION}, user=email, Location=REDIRECT_LOCATION
+            )
+        # echo
+        length, sha256 = body.digest()
+        echoed = {
+            "method": self.command,
+            "path": raw_path,
+            "query": query,
+            "headers": self._echoed_headers(),
+            "body_length": length,
+            "body_sha256": sha256,
+        }
+        return _json_reply(
+            200, echoed, user=email, **{"Set-Cookie": "tracking=1; Path=/", "X-Echo": "1"}
+        )
+
+    def _echoed_headers(self) -> dict[str, object]:
+        """The request headers, names lowercased; credentials replaced by what they are."""
+        echoed: dict[str, object] = {}
+        for name, value in self.headers.items():
+            lower = name.lower()
+            if lower == "authorization":
+                echoed[lower] = self._echoed_authorization(str(value))
+            elif lower == "cookie":
+                echoed[lower] = self._echoed_cookie(str(value))
+            elif isinstance(echoed.get(lower), str):
+                echoed[lower] = f"{echoed[lower]}, {value}"
+            else:
+                echoed[lower] = str(value)
+        return echoed
+
+    def _echoed_authorization(self, value: str) -> dict[str, object]:
+        scheme, _, credential = value.partition(" ")
+        if scheme.lower() != "bearer":
+            return {"auth": "other"}
+        principal = self.server.emulator._principal(self.headers)
+        return {
+            "auth": "bearer",
+            "key_id": key_id(credential.strip()),
+            "valid": principal is not None and principal[1] == credential.strip(),
+        }
+
+    def _echoed_cookie(self, value: str) -> dict[str, object]:
+        jar: SimpleCookie = SimpleCookie()
+        with contextlib.suppress(CookieError):
+            jar.load(value)
+        token = _session_token(self.headers)
+        return {
+            "auth": "cookie",
+            "names": sorted(jar.keys()),
+            "session": None if token is None else self.server.emulator._session_valid(token),
+        }
 
     def _read_body(self) -> bytes | None:
         if self.headers.get("Transfer-Encoding") is not None:
@@ -991,13 +1412,33 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.emulator._finish(index, reply.status, reply.user)
         self.server.emulator._set_state(self.connection, "answered")
         self.send_response(reply.status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(reply.body)))
-        self.send_header("Cache-Control", "no-store")
-        for name, value in reply.headers.items():
+        headers = {"Content-Type": "application/json", "Cache-Control": "no-store"}
+        if reply.stream is None:
+            headers["Content-Length"] = str(len(reply.body))
+        elif reply.length is None:
+            headers["Transfer-Encoding"] = "chunked"
+        else:
+            headers["Content-Length"] = str(reply.length)
+        if self.close_connection:
+            headers["Connection"] = "close"  # so the client does not send another request
+        # A reply's own headers win (a blob's Content-Type), in the order above.
+        for name, value in {**headers, **reply.headers}.items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(reply.body)
+        if self.command == "HEAD":
+            return  # the head of what GET would answer, no body
+        if reply.stream is None:
+            self.wfile.write(reply.body)
+            return
+        for piece in reply.stream:
+            if reply.length is None:
+                self.wfile.write(b"%x\r\n" % len(piece))
+                self.wfile.write(piece)
+                self.wfile.write(b"\r\n")
+            else:
+                self.wfile.write(piece)
+        if reply.length is None:
+            self.wfile.write(b"0\r\n\r\n")
 
     def _drop(self, index: int) -> None:
         self.server.emulator._finish(index, None, None)
@@ -1081,6 +1522,10 @@ _CONTROL_CALLS: Final[dict[str, tuple[tuple[str, ...], _ControlCall]]] = {
     "add_key": (
         ("email", "description"),
         lambda emu, args: emu.add_key(args.text("email"), args.text("description", "")),
+    ),
+    "add_dataset": (
+        ("email", "name"),
+        lambda emu, args: emu.add_dataset(args.text("email"), args.text("name", "")),
     ),
     "api_keys": (("email",), lambda emu, args: emu.api_keys(args.text("email"))),
     "expire_sessions": (

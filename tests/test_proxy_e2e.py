@@ -3,6 +3,7 @@ requests as the tools (keyagent.proxy, keyagent.http_client)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,12 +16,19 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import keyagent
 from keyagent.testing.agent import AgentProcess
-from keyagent.testing.emulator import Fault
+from keyagent.testing.emulator import (
+    REDIRECT_LOCATION,
+    Fault,
+    blob_chunks,
+    blob_sha256,
+    key_id,
+)
 from keyagent.testing.emulator_process import Emulator, EmulatorProcess
 
 from .conftest import NOBODY, AgentFactory, run_ctl
@@ -90,6 +98,8 @@ def curl(agent: AgentProcess, url: str, *args: str) -> tuple[int, dict[str, str]
         check=True,
     )
     head, _, body = result.stdout.partition(b"\r\n\r\n")
+    while head.startswith(b"HTTP/1.1 1"):  # 100 Continue: the final answer follows
+        head, _, body = body.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     headers = {}
     for line in lines[1:]:
@@ -435,3 +445,158 @@ def test_keep_alive_serves_several_requests_on_one_connection(
     two = f"GET {VALIDATE} HTTP/1.1\r\nHost: {emulator.host}\r\nConnection: close\r\n\r\n"
     answer = exchange(http_path(conduce_agent), (one + two).encode())
     assert answer.count(b"HTTP/1.1 200 OK") == 2
+
+
+# --- what passes through, both ways (the emulator's data endpoints) ------------------------
+
+
+def echo(agent: AgentProcess, emu: Emulator, path: str, *args: str) -> dict[str, Any]:
+    status, headers, body = curl(agent, f"http://{emu.host}{path}", *args)
+    assert status == 200, body
+    assert "set-cookie" not in headers  # the echo sets one: stripped
+    assert headers["x-echo"] == "1"  # other headers pass
+    document: dict[str, Any] = json.loads(body)
+    return document
+
+
+@needs_curl
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE"])
+def test_every_method_query_and_body_pass_unchanged(
+    conduce_agent: AgentProcess, emulator: Emulator, method: str
+) -> None:
+    """Method, path, query string, body and the tool's other headers reach the service as
+    the tool sent them, authenticated with the agent's key and no credential of the tool."""
+    secret = add_key(conduce_agent, emulator)
+    body = b'{"query": "x&y=1"}'
+    seen = echo(
+        conduce_agent, emulator, "/conduce/api/v2/resources/search?a=1&b=%20two",
+        "-X", method, "--data-binary", body.decode(), "-H", "Content-Type: application/json",
+        "-H", "Authorization: Bearer tool-held-key", "-H", "Cookie: session=forged",
+        "-H", "X-Tool: kept",
+    )  # fmt: skip
+    assert seen["method"] == method
+    assert seen["path"] == "/conduce/api/v2/resources/search"
+    assert seen["query"] == "a=1&b=%20two"
+    assert seen["body_length"] == len(body)
+    assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
+    headers = seen["headers"]
+    assert headers["authorization"] == {"auth": "bearer", "key_id": key_id(secret), "valid": True}
+    assert "cookie" not in headers
+    assert headers["x-tool"] == "kept"
+    assert headers["content-type"] == "application/json"
+    assert not any(name.startswith("x-keyagent") for name in headers)
+
+
+@needs_curl
+def test_head_and_the_doubled_slash_of_the_python_client(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """HEAD gets the head GET would; //api/v2/... goes out as the client wrote it."""
+    add_key(conduce_agent, emulator)
+    seen = echo(conduce_agent, emulator, "//api/v2/data/transactions", "--path-as-is")
+    assert seen["path"] == "//api/v2/data/transactions"
+    status, headers, body = curl(
+        conduce_agent, f"http://{emulator.host}/api/v2/data/blob/1000", "-I"
+    )
+    assert (status, headers["content-length"], body) == (200, "1000", b"")
+
+
+@needs_curl
+def test_redirects_are_passed_back_not_followed(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """A 302 reaches the tool as it is; the agent never calls the other host."""
+    add_key(conduce_agent, emulator)
+    status, headers, _ = curl(conduce_agent, f"http://{emulator.host}/api/v2/data/redirect")
+    assert status == 302
+    assert headers["location"] == REDIRECT_LOCATION
+
+
+@needs_curl
+def test_a_large_upload_waits_for_100_continue_and_streams(
+    conduce_agent: AgentProcess, emulator: Emulator, tmp_path: Path
+) -> None:
+    """curl's Expect: 100-continue upload (chunked and with a length) arrives whole."""
+    add_key(conduce_agent, emulator)
+    data = os.urandom(3 * 1024 * 1024)
+    upload = tmp_path / "upload.bin"
+    upload.write_bytes(data)
+    for framing in ([], ["-H", "Transfer-Encoding: chunked"]):
+        status, _, body = curl(
+            conduce_agent, f"http://{emulator.host}/api/v2/data/upload",
+            "-X", "PUT", "-H", "Expect: 100-continue", "--data-binary", f"@{upload}", *framing,
+        )  # fmt: skip
+        assert status == 200, body
+        assert json.loads(body) == {
+            "length": len(data), "sha256": hashlib.sha256(data).hexdigest()
+        }  # fmt: skip
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_large_bodies_stream_through_without_growing_the_agent(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """A 96 MiB download and a 96 MiB upload through the agent arrive whole, while the
+    agent's resident memory grows by less than 8 MiB (it holds a chunk, not the body)."""
+    add_key(conduce_agent, emulator)
+    size = 96 * 1024 * 1024
+    session = keyagent.http_session(emulator.host, socket_path=http_path(conduce_agent))
+    with session:
+        # Warm up: the first proxied call loads h11, urllib3 and the TLS context.
+        assert session.get(f"https://{emulator.host}/api/v2/data/blob/1024").status_code == 200
+        before = rss_kib(conduce_agent.pid)
+        digest = hashlib.sha256()
+        with session.get(
+            f"https://{emulator.host}/api/v2/data/blob/{size}?chunked=1", stream=True
+        ) as answer:
+            assert answer.status_code == 200
+            received = 0
+            for chunk in answer.iter_content(1024 * 1024):
+                digest.update(chunk)
+                received += len(chunk)
+        assert (received, digest.hexdigest()) == (size, blob_sha256(size))
+        after_download = rss_kib(conduce_agent.pid)
+
+        def pieces() -> Iterator[bytes]:
+            yield from blob_chunks(size)
+
+        uploaded = session.post(f"https://{emulator.host}/api/v2/data/upload", data=pieces())
+        assert uploaded.json() == {"length": size, "sha256": blob_sha256(size)}
+        after_upload = rss_kib(conduce_agent.pid)
+    assert after_download - before < 8 * 1024, (before, after_download)
+    assert after_upload - before < 8 * 1024, (before, after_upload)
+
+
+def test_100_continue_comes_only_for_an_accepted_request(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """A tool waiting for 100 Continue gets it once the agent accepted the request, and then
+    uploads; a refused request gets its refusal instead, and never uploads."""
+    add_key(conduce_agent, emulator)
+    body = b"x" * 5000
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(http_path(conduce_agent))
+        sock.sendall(
+            f"PUT /api/v2/data/upload HTTP/1.1\r\nHost: {emulator.host}\r\n"
+            f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode()
+        )
+        assert sock.recv(4096).startswith(b"HTTP/1.1 100 ")
+        sock.sendall(body)
+        answer = b""
+        while b'"sha256"' not in answer:
+            answer += sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 200 ")
+    refused = exchange(
+        http_path(conduce_agent),
+        f"POST /conduce/api/v1/apikeys/create HTTP/1.1\r\nHost: {emulator.host}\r\n"
+        f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode(),
+    )
+    assert refused.startswith(b"HTTP/1.1 403 ")
+    assert b"100 Continue" not in refused

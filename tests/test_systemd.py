@@ -1089,7 +1089,9 @@ def test_the_http_socket_activates_the_service_too(user_manager: UserManager) ->
     uid = os.getuid()
     assert run.results == {"before": "inactive", "code": "401", "active": "active"}, run.output
     answer = run.json(run.out / "answer.json")
-    assert answer["error"]["code"] == "login_required"
+    error = answer["error"]
+    assert isinstance(error, dict)
+    assert error["code"] == "login_required"
     status = run.json(run.out / "status.json")
     assert status["http_socket"] == f"/run/user/{uid}/keyagent/http.sock"
     assert status["socket"] == f"/run/user/{uid}/keyagent/agent.sock"

@@ -210,6 +210,19 @@ def http_handler(
     return handle
 
 
+_BUSY_BODY = (
+    b'{"error": {"code": "busy", "message": "the agent has too many connections open; '
+    b'retry later"}}'
+)
+HTTP_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"X-Keyagent-Error: busy\r\nConnection: close\r\n"
+    b"Content-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY
+)
+"""The answer to an HTTP connection past the shared cap, sent without reading its request
+(and without loading the proxy for it); keyagent.proxy's error answers look the same."""
+
+
 def restore_persisted(
     agent: Agent, keyring: KeyringStore, timeout: float = RESTORE_TIMEOUT
 ) -> None:
@@ -348,6 +361,7 @@ def serve(
     )
     server = Server(agent, listener, limits=limits, http_listener=None if http is None else http[2])
     server.http_handler = http_handler(server, agent, settings)
+    server.http_busy = HTTP_BUSY
     server.install_signal_handlers()
 
     def ready() -> None:

@@ -211,6 +211,8 @@ class Server:
         self.http_listener = http_listener
         self.http_handler: Callable[[socket.socket, Peer], None] | None = None
         """Serves one connection of ``http_listener`` on a thread of its own (keyagent.proxy)."""
+        self.http_busy: bytes = b""
+        """What an HTTP connection past the cap is sent before it is closed."""
         self._http_threads = 0
         self.limits = limits or Limits()
         # The agent's clock: key deadlines (poll timeout, memo validity) are on it.
@@ -493,6 +495,9 @@ class Server:
             or self.http_handler is None
         ):
             log.warning("refused HTTP connection from pid %d: too many connections", pid)
+            with contextlib.suppress(OSError):
+                sock.setblocking(False)
+                sock.send(self.http_busy)
             sock.close()
             return
         sock.setblocking(True)
@@ -548,7 +553,7 @@ class Server:
             self._refuse(sock, Forbidden())
             return
         if (
-            len(self.connections) >= self.limits.max_connections
+            len(self.connections) + self._http_threads >= self.limits.max_connections
             or not self._running
             or (self._stop_deadline is not None)
         ):

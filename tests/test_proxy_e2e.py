@@ -600,3 +600,30 @@ def test_100_continue_comes_only_for_an_accepted_request(
     )
     assert refused.startswith(b"HTTP/1.1 403 ")
     assert b"100 Continue" not in refused
+
+
+def test_the_connection_cap_is_shared(agent_factory: AgentFactory) -> None:
+    """HTTP and JSON-lines connections count against one --max-connections: past it, an
+    HTTP tool gets 503 busy and a JSON-lines client gets busy."""
+    agent = agent_factory("--max-connections", "2", name="capped")
+    idle_http = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    idle_json = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # Each makes one request and waits for its answer, so both are surely admitted.
+        idle_http.settimeout(10)
+        idle_http.connect(http_path(agent))
+        idle_http.sendall(b"GET /outside HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert idle_http.recv(4096).startswith(b"HTTP/1.1 404 ")
+        idle_json.settimeout(10)
+        idle_json.connect(agent.socket_path)
+        idle_json.sendall(b'{"op": "hello"}\n')
+        assert idle_json.recv(4096).startswith(b"{")
+        with agent.client() as client:
+            with pytest.raises(keyagent.errors.Busy):
+                client.status()
+        answer = exchange(http_path(agent), b"GET /api/v2/data/x HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 503 ")
+        assert b"X-Keyagent-Error: busy" in answer
+    finally:
+        idle_http.close()
+        idle_json.close()

@@ -380,6 +380,9 @@ class Proxy:
         if has_body and not body_read:
             http.refuse(status, headers, body)  # its body is never read: close after
             return False
+        if not has_body:
+            for _ in http.body():  # h11 sees the request end: the connection stays usable
+                pass
         http.respond(status, headers, body)
         return True
 

@@ -439,12 +439,15 @@ def test_a_locked_agent_refuses_proxied_calls(
 def test_keep_alive_serves_several_requests_on_one_connection(
     conduce_agent: AgentProcess, emulator: Emulator
 ) -> None:
-    """Two requests on one connection, both answered, in order."""
+    """Requests on one connection are all answered, in order; a refusal (no body) keeps
+    the connection open for the next one."""
     login(conduce_agent, emulator)
     one = f"GET {VALIDATE} HTTP/1.1\r\nHost: {emulator.host}\r\n\r\n"
+    refused = f"GET /outside HTTP/1.1\r\nHost: {emulator.host}\r\n\r\n"
     two = f"GET {VALIDATE} HTTP/1.1\r\nHost: {emulator.host}\r\nConnection: close\r\n\r\n"
-    answer = exchange(http_path(conduce_agent), (one + two).encode())
+    answer = exchange(http_path(conduce_agent), (one + refused + two).encode())
     assert answer.count(b"HTTP/1.1 200 OK") == 2
+    assert answer.count(b"HTTP/1.1 404 Not Found") == 1
 
 
 # --- what passes through, both ways (the emulator's data endpoints) ------------------------
@@ -618,9 +621,8 @@ def test_the_connection_cap_is_shared(agent_factory: AgentFactory) -> None:
         idle_json.connect(agent.socket_path)
         idle_json.sendall(b'{"op": "hello"}\n')
         assert idle_json.recv(4096).startswith(b"{")
-        with agent.client() as client:
-            with pytest.raises(keyagent.errors.Busy):
-                client.status()
+        with agent.client() as client, pytest.raises(keyagent.errors.Busy):
+            client.status()
         answer = exchange(http_path(agent), b"GET /api/v2/data/x HTTP/1.1\r\nHost: h\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 503 ")
         assert b"X-Keyagent-Error: busy" in answer

@@ -154,6 +154,13 @@ class HttpConnection:
             else:
                 raise Malformed(400, "the request body is malformed")
 
+    def finish_request(self) -> None:
+        """Read the end of a request that has no body (h11 needs it to see the request end
+        before another may follow); nothing to do once its body was read."""
+        if self._h11.their_state is h11.SEND_BODY:
+            for _ in self.body():
+                pass
+
     def _next_event(self) -> object:
         try:
             return self._h11.next_event()

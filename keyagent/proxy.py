@@ -381,8 +381,7 @@ class Proxy:
             http.refuse(status, headers, body)  # its body is never read: close after
             return False
         if not has_body:
-            for _ in http.body():  # h11 sees the request end: the connection stays usable
-                pass
+            http.finish_request()  # h11 sees the request end: the connection stays usable
         http.respond(status, headers, body)
         return True
 

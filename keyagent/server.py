@@ -498,6 +498,9 @@ class Server:
             with contextlib.suppress(OSError):
                 sock.setblocking(False)
                 sock.send(self.http_busy)
+                # Discard what the tool already sent: closing with unread input would make
+                # it see a reset instead of the answer.
+                sock.recv(_RECV_SIZE)
             sock.close()
             return
         sock.setblocking(True)

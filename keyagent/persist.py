@@ -633,11 +633,11 @@ def _decode(stored_id: str, raw: str) -> PersistedKey | None:
     description, created = document.get("description", ""), document.get("created")
     expires = document.get("expires")
     # Format 1 has no rules: such a key loads with the defaults (exportable, no confirmation,
-    # any program), as it was held when it was written.
-    has_rules = version == RULES_FORMAT
-    exportable = document.get("exportable") if has_rules else True
-    confirm = document.get("confirm") if has_rules else False
-    allowed_exes = document.get("allowed_exes") if has_rules else []
+    # any program), as it was held when it was written. Rules found in any entry are read:
+    # a key is never loaded looser than its entry says.
+    exportable = document.get("exportable", True)
+    confirm = document.get("confirm", False)
+    allowed_exes = document.get("allowed_exes", [])
     if (
         version not in (FORMAT, RULES_FORMAT)
         or isinstance(version, bool)

@@ -408,7 +408,7 @@ def test_the_protocol_bounds_and_dedupes_allowed_programs() -> None:
 
 
 def test_an_old_keyring_record_loads_with_the_default_rules(fake_time: FakeTime) -> None:
-    """A format-1 entry (written before rules existed) loads exportable, unconfirmed, any program."""
+    """A format-1 entry (written before rules) loads exportable, unconfirmed, any program."""
     backend = MemoryKeyring()
     store = KeyringStore(backend)
     plain = Agent(clock=fake_time.clock(), keyring=store)

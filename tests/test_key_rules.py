@@ -4,6 +4,8 @@ driven inline with fakes)."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from types import GeneratorType
 from typing import Any
 
@@ -469,3 +471,68 @@ def test_a_restricted_record_is_written_in_a_format_older_agents_leave_alone(
         True,
         [],
     )
+
+
+# --- the agent's defaults: config file and hand-off ----------------------------------------------
+
+
+def test_config_reads_the_rule_defaults_and_resolves_program_paths(tmp_path: Path) -> None:
+    """export, allow_exe (resolved with realpath, relative to the file), askpass and
+    confirm_timeout come from the file; KEYAGENT_ASKPASS beats the file's askpass."""
+    from keyagent.config import load
+
+    real = tmp_path / "tools" / "real-tool"
+    real.parent.mkdir()
+    real.write_text("")
+    (tmp_path / "tools" / "link").symlink_to(real)
+    path = tmp_path / "config.toml"
+    path.write_text(
+        'export = false\nallow_exe = ["tools/link", "/usr/bin/env"]\n'
+        'askpass = "~/ask"\nconfirm_timeout = "1m"\n'
+    )
+    config = load(str(path), env={"HOME": "/home/ada"})
+    assert config.export is False
+    assert config.allow_exe == (str(real), os.path.realpath("/usr/bin/env"))
+    assert (config.askpass, config.confirm_timeout) == ("/home/ada/ask", 60.0)
+    from_env = load(str(path), env={"HOME": "/home/ada", "KEYAGENT_ASKPASS": "/opt/ask"})
+    assert from_env.askpass == "/opt/ask"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['allow_exe = "/usr/bin/curl"', "allow_exe = [1]", "confirm_timeout = 0", "export = 1"],
+)
+def test_config_refuses_bad_rule_defaults(tmp_path: Path, text: str) -> None:
+    """A rule default of the wrong shape is a ConfigError naming the setting."""
+    from keyagent.config import ConfigError, load
+
+    path = tmp_path / "config.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load(str(path), env={})
+    assert text.split(" ", maxsplit=1)[0] in caught.value.message
+
+
+def test_the_hand_off_carries_the_rule_defaults() -> None:
+    """The settings hand-off round-trips export, allow_exe, askpass and confirm_timeout, and
+    refuses a relative program path."""
+    from keyagent.handoff import HandoffError, Settings
+
+    values: dict[str, Any] = {
+        "lifetime": None, "ca_bundle": None, "connect_timeout": 5.0, "read_timeout": 30.0,
+        "validate_after": 300.0, "idle_timeout": 300.0, "line_timeout": 10.0,
+        "max_connections": 8, "max_keys": 8, "insecure": False, "persist": False,
+        "no_keyring": True, "ca_certificates": None, "export": False,
+        "allow_exe": (CURL,), "askpass": ASKPASS, "confirm_timeout": 5.0,
+    }  # fmt: skip
+    settings = Settings(**values)
+    again = Settings.from_dict(json.loads(json.dumps(settings.as_dict())))
+    assert again == settings
+    assert (again.export, again.allow_exe, again.askpass, again.confirm_timeout) == (
+        False,
+        (CURL,),
+        ASKPASS,
+        5.0,
+    )
+    with pytest.raises(HandoffError):
+        Settings.from_dict({**settings.as_dict(), "allow_exe": ["relative"]})

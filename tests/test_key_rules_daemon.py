@@ -285,3 +285,33 @@ def test_an_askpass_program_others_can_change_is_refused_at_start(tmp_path: Path
     assert done.returncode == EXIT_CONFIG
     assert "askpass" in done.stderr
     assert "chmod" in done.stderr
+
+
+def test_create_no_export_through_the_emulator(agent_factory: AgentFactory) -> None:
+    """create --no-export --allow-exe holds the new key with its rules: get is forbidden,
+    --print with --no-export is refused before the service makes a key."""
+    from keyagent.testing.emulator_process import EmulatorProcess
+
+    user, password = "alice@example.com", "pa55-w0rd-for-rules"
+    with EmulatorProcess(user, password) as emulator:
+        agent = agent_factory("--ca-bundle", emulator.ca_path, "--read-timeout", "5")
+        base = ("--host", emulator.host, "--user", user)
+        login = run_ctl(agent.socket_path, *base, "login", "--password-stdin", stdin=password)
+        assert login.code == 0, login.err
+        refused = run_ctl(agent.socket_path, *base, "create", "--no-export", "--print")
+        assert refused.code == 1
+        assert "[bad_request]" in refused.err
+        assert emulator.api_keys(user) == []
+        created = run_ctl(agent.socket_path, *base, "create", "--no-export",
+                          "--allow-exe", "/usr/bin/env")  # fmt: skip
+        assert created.code == 0, created.err
+        (secret,) = emulator.api_keys(user)
+        (key,) = json.loads(run_ctl(agent.socket_path, "list", "--json").out)["keys"]
+        assert (key["exportable"], key["allowed_exes"]) == (
+            False,
+            [os.path.realpath("/usr/bin/env")],
+        )
+        got = run_ctl(agent.socket_path, "get")
+        assert got.code == 1
+        assert "[forbidden]" in got.err
+        assert secret not in got.out + got.err

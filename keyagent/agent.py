@@ -20,11 +20,14 @@ from collections import namedtuple
 from collections.abc import Callable, Iterable, Mapping
 
 from keyagent import __version__
+from keyagent.askpass import printable, run_askpass
 from keyagent.effects import Late, Overdue, Sleep, Work
 from keyagent.errors import (
     Ambiguous,
     BadPassphrase,
     BadRequest,
+    Denied,
+    Forbidden,
     KeyagentError,
     KeyringUnavailable,
     Locked,
@@ -40,7 +43,7 @@ from keyagent.log import get_logger
 from keyagent.persist import KeyringStore, PersistedKey
 from keyagent.protocol import KEY_ID_MAX, KEY_ID_SHOWN, MAX_LIFETIME, OPS, PROTOCOL_VERSION, Request
 from keyagent.sessions import Plan, RemoteResult, Session, run_remote
-from keyagent.store import HeldKey, KeyStore, Lock, derive, digest_of, iso, new_salt
+from keyagent.store import HeldKey, KeyStore, Lock, derive, digest_of, iso, new_salt, stricter
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -50,6 +53,8 @@ if TYPE_CHECKING:
     from keyagent.sessions import AccountFactory
 
     Result = dict[str, Any]
+    Rules = tuple[bool, bool, tuple[str, ...]]
+    """A key's (exportable, confirm, allowed_exes)."""
 
 log = get_logger("keyagent.agent")
 
@@ -67,14 +72,16 @@ if TYPE_CHECKING:
     """What a handler returns: a result, a :class:`Stop`, or a generator for the driver."""
 
 
-class Peer(namedtuple("Peer", ["pid", "uid", "gid"])):
-    """Who is asking: from SO_PEERCRED."""
+class Peer(namedtuple("Peer", ["pid", "uid", "gid", "exe"], defaults=[None])):
+    """Who is asking: from SO_PEERCRED, and the executable of its pid
+    (:func:`keyagent.sockets.peer_exe`, read on accept; None if unknown)."""
 
     __slots__ = ()
 
     pid: int
     uid: int
     gid: int
+    exe: str | None
 
 
 SIGNAL_PEER: Final = Peer(pid=0, uid=-1, gid=-1)
@@ -84,7 +91,12 @@ agent's user or root can signal it, and the lock does not stop such a request (s
 ALLOWED_WHILE_LOCKED: Final = frozenset({"hello", "status", "unlock", "stop"})
 """Stopping reveals nothing (ssh-agent can be killed while locked too)."""
 MEMOIZABLE: Final = frozenset({"get", "hello"})
-"""Operations whose reply depends only on :meth:`Agent.state_token` and the clock."""
+"""Operations whose reply depends only on :meth:`Agent.state_token` and the clock, when
+their handler answers at once. A ``get`` of a key whose use depends on who asks (allowed
+programs, confirmation) is answered by a generator, which the server never remembers: see
+:meth:`Agent.process_get`."""
+UNKNOWN_PEER: Final = Peer(pid=0, uid=-1, gid=-1, exe=None)
+"""The peer of a request made with no client to name (a program rule then refuses)."""
 MAX_ACCOUNTS: Final = 64
 """Conduce accounts tracked at once; logged-out ones are forgotten first."""
 MAX_KEY_ATTEMPTS: Final = 3
@@ -155,6 +167,11 @@ class Agent:
         keyring: KeyringStore | None = None,
         keyring_timeout: float = 10.0,
         max_keys: int | None = None,
+        default_export: bool = True,
+        default_allowed_exes: tuple[str, ...] = (),
+        askpass: str | None = None,
+        confirm_timeout: float = 30.0,
+        confirmer: Callable[[str, str, float], None] = run_askpass,
     ) -> None:
         if default_lifetime is not None and not 0 < default_lifetime <= MAX_LIFETIME:
             raise ValueError("the default lifetime must be positive and at most ten years")
@@ -179,6 +196,15 @@ class Agent:
         self.validate_after = validate_after
         self.keyring = keyring
         self.keyring_timeout = keyring_timeout
+        self.default_export = default_export
+        """Whether a new key may be taken out (``get``, ``exec``) unless its request says."""
+        self.default_allowed_exes = default_allowed_exes
+        """The programs a new key allows unless its request names some; empty: any."""
+        self.askpass = askpass
+        """The program that asks the user to confirm a use (checked at start-up), or None."""
+        self.confirm_timeout = confirm_timeout
+        self._confirmer = confirmer
+        """Runs the askpass program: ``(program, question, timeout)``, raises Denied."""
         self._handlers: dict[str, Callable[[Mapping[str, Any]], Outcome]] = {
             "hello": self.process_hello,
             "status": self.process_status,
@@ -215,6 +241,8 @@ class Agent:
         if self.lock.locked and request.op not in ALLOWED_WHILE_LOCKED and peer is not SIGNAL_PEER:
             raise Locked()
         log.debug("op=%s id=%r pid=%d", request.op, request.id, peer.pid)
+        if request.op == "get":  # the one operation whose answer depends on who asks
+            return self.process_get(request.args, peer)
         return handler(request.args)
 
     def state_token(self) -> tuple[int, bool]:
@@ -262,7 +290,8 @@ class Agent:
                     host=key.host, user=key.user, secret=key.secret, now=now, wall=wall,
                     lifetime=min(lifetime, MAX_LIFETIME) if lifetime is not None else None,
                     description=key.description, created=key.created, source="keyring",
-                    persisted=True,
+                    persisted=True, exportable=key.exportable, confirm=key.confirm,
+                    allowed_exes=tuple(key.allowed_exes),
                 )  # fmt: skip
             except TooMany as error:
                 log.warning("not every persisted key was restored: %s", error.message)
@@ -289,11 +318,14 @@ class Agent:
         description: str,
         created: str | None,
         lifetime: float | None,
+        rules: Rules,
     ) -> PersistedKey:
         expires = None if lifetime is None else self.clock.wall() + lifetime
+        exportable, confirm, allowed_exes = rules
         return PersistedKey(
             digest=digest_of(secret), host=host, user=user, secret=secret,
             description=description, created=created, expires=expires,
+            exportable=exportable, confirm=confirm, allowed_exes=allowed_exes,
         )  # fmt: skip
 
     def _keyring(self, call: Callable[[KeyringStore], Any]) -> Work:
@@ -356,8 +388,23 @@ class Agent:
             "sessions": [session.state() for session in self.sessions.values()],
         }
 
+    def _rules(self, args: Mapping[str, Any], secret: str | None = None) -> Rules:
+        """The rules a new key gets from ``args`` (else the agent's defaults), merged with
+        those of the key already held under ``secret``, if any: never looser (see
+        :func:`keyagent.store.stricter`; it raises BadRequest before anything changes)."""
+        rules: Rules = (
+            args.get("export", self.default_export),
+            args.get("confirm", False),
+            args.get("allow_exe", self.default_allowed_exes),
+        )
+        held = None if secret is None else self.held_keys.holding(digest_of(secret))
+        if held is None:
+            return rules
+        return stricter(held, exportable=rules[0], confirm=rules[1], allowed_exes=rules[2])
+
     def process_add(self, args: Mapping[str, Any]) -> Outcome:
         lifetime = args.get("lifetime", self.default_lifetime)
+        self._rules(args, args["key"])  # refuse rules that cannot merge before any work
         if args.get("persist", self.default_persist):
             return self._add_persisted(args, lifetime)
         if self.held_keys.holding(digest_of(args["key"])) is None:
@@ -373,6 +420,7 @@ class Agent:
             record = self._record(
                 args["key"], host=args["host"], user=args["user"],
                 description=args.get("description", ""), created=None, lifetime=lifetime,
+                rules=self._rules(args, args["key"]),
             )  # fmt: skip
             save = self._keyring(lambda keyring: keyring.save(record))
             try:
@@ -395,20 +443,112 @@ class Agent:
     def _hold(
         self, args: Mapping[str, Any], lifetime: float | None, persisted: bool = False
     ) -> Result:
+        exportable, confirm, allowed_exes = self._rules(args)  # put merges with a held key
         held = self.held_keys.put(
             host=args["host"], user=args["user"], secret=args["key"],
             now=self.clock.monotonic(), wall=self.clock.wall(), lifetime=lifetime,
             description=args.get("description"), persisted=persisted,
+            exportable=exportable, confirm=confirm, allowed_exes=allowed_exes,
         )  # fmt: skip
         log.info("added key %s for %s@%s", held.key_id, held.user, held.host)
         return held.listing()
 
-    def process_get(self, args: Mapping[str, Any]) -> Result:
+    def process_get(self, args: Mapping[str, Any], peer: Peer = UNKNOWN_PEER) -> Outcome:
         held = self.held_keys.newest(
             self.clock.monotonic(), args.get("host"), args.get("user"), args.get("key_id")
         )
+        if not held.exportable:  # the same answer for every client: may be remembered
+            self._check_export(held)
+        if held.restricted:
+            # The answer depends on who asks: a generator, whose reply the server never
+            # remembers, so no other client is ever answered from it (see MEMOIZABLE).
+            return self._get_checked(held, peer)
         log.debug("served key %s", held.key_id)
         return {"key": held.secret, "key_id": held.key_id}
+
+    def _get_checked(self, held: HeldKey, peer: Peer) -> Steps:
+        yield from self.check_use(held, peer, op="get", export=True)
+        if self.held_keys.holding(held.digest) is not held or not held.alive(
+            self.clock.monotonic()
+        ):
+            raise NotFound(
+                f"key {held.key_id} was forgotten or expired while its use waited for "
+                "confirmation; add it again"
+            )
+        self._check_export(held)  # re-added meanwhile with stricter rules: they hold
+        log.debug("served key %s to pid %d", held.key_id, peer.pid)
+        return {"key": held.secret, "key_id": held.key_id}
+
+    # --- the rules of a key --------------------------------------------------------------
+
+    def check_use(
+        self, held: HeldKey, peer: Peer, *, op: str, export: bool, confirmed: bool = False
+    ) -> Steps:
+        """Whether ``peer`` may use ``held`` for ``op``; returns None when allowed.
+
+        ``export``: the secret itself would leave the agent (``get``, ``exec``), which a key
+        added with ``--no-export`` refuses (:class:`~keyagent.errors.Forbidden`). A key with
+        allowed programs refuses any other peer executable (:class:`~keyagent.errors.Denied`).
+        A key with ``--confirm`` then asks the user through the askpass program, on a queue
+        of its own, unless ``confirmed`` (a proxied connection that was allowed already);
+        no program, a failure, a refusal or no answer in time is ``Denied``.
+        """
+        if export:
+            self._check_export(held)
+        if held.allowed_exes and peer.exe not in held.allowed_exes:
+            log.warning(
+                "denied %s of key %s to pid %d (%s): not one of its allowed programs",
+                op, held.key_id, peer.pid, peer.exe or "unknown executable",
+            )  # fmt: skip
+            raise Denied(
+                f"key {held.key_id} may be used only by {', '.join(held.allowed_exes)}, not by "
+                f"{peer.exe or 'a program whose executable is unknown'} (pid {peer.pid}); run "
+                "one of those, or add the key again with --allow-exe for this program"
+            )
+        if not held.confirm or confirmed:
+            return None
+        program = self.askpass
+        if program is None:
+            raise Denied(
+                f"key {held.key_id} needs each use confirmed, and the agent has no askpass "
+                "program: start it with KEYAGENT_ASKPASS set, or set askpass in its config"
+            )
+        question = self._question(held, peer, op)
+        timeout = self.confirm_timeout
+        confirmer = self._confirmer
+        yield Work(
+            lambda: confirmer(program, question, timeout),
+            queue="confirm",
+            timeout=timeout,
+            timeout_error=self._confirm_timed_out,
+        )
+        log.info("confirmed %s of key %s for pid %d", op, held.key_id, peer.pid)
+        return None
+
+    def _check_export(self, held: HeldKey) -> None:
+        if not held.exportable:
+            raise Forbidden(
+                f"key {held.key_id} cannot be taken out of the agent (it was added with "
+                "--no-export); use it through the agent's HTTP socket ($KEYAGENT_HTTP_SOCK) "
+                "instead"
+            )
+
+    def _confirm_timed_out(self) -> KeyagentError:
+        return Denied(
+            f"no answer to the confirmation within {self.confirm_timeout:g} s; answer the "
+            "askpass dialog when it shows, or raise confirm_timeout in the agent's config"
+        )
+
+    @staticmethod
+    def _question(held: HeldKey, peer: Peer, op: str) -> str:
+        """The one line the askpass program shows; no control characters from any part."""
+        program = printable(peer.exe) if peer.exe else "an unknown program"
+        description = f' "{printable(held.description, 80)}"' if held.description else ""
+        return (
+            f"Allow {program} (pid {peer.pid}) to use key {held.key_id} of "
+            f"{printable(held.user, 80)} on {printable(held.host, 80)}{description} "
+            f"for {printable(op, 80)}?"
+        )
 
     def process_list(self, args: Mapping[str, Any]) -> Outcome:
         if args.get("remote"):
@@ -556,6 +696,11 @@ class Agent:
         session = self.session_for(args["host"], args["user"])
         description: str = args.get("description", "created by keyagent")
         lifetime = args.get("lifetime", self.default_lifetime)
+        if args.get("reveal") and not args.get("export", self.default_export):
+            raise BadRequest(
+                "a key that cannot be taken out of the agent cannot be printed either: leave "
+                "out --print, or give --export"
+            )
         # Before the service makes a key the agent could not hold; held until the key is, so
         # two creates racing for the last place cannot both reach the service.
         self._reserve_room()
@@ -577,10 +722,12 @@ class Agent:
                 "for another account; the key was not taken: check the --host you use"
             )
         created = iso(self.clock.wall())
+        exportable, confirm, allowed_exes = self._rules(args)  # put merges with a held key
         held = self.held_keys.put(
             host=session.host, user=session.user, secret=secret,
             now=self.clock.monotonic(), wall=self.clock.wall(), lifetime=lifetime,
             description=description, created=created, source="created",
+            exportable=exportable, confirm=confirm, allowed_exes=allowed_exes,
         )  # fmt: skip
         log.info("created key %s for %s on %s", held.key_id, session.user, session.host)
         if args.get("persist", self.default_persist):
@@ -588,6 +735,7 @@ class Agent:
             record = self._record(
                 held.secret, host=held.host, user=held.user, description=description,
                 created=created, lifetime=lifetime,
+                rules=(held.exportable, held.confirm, held.allowed_exes),
             )  # fmt: skip
             save = self._keyring(lambda keyring: keyring.save(record))
             try:
@@ -602,6 +750,7 @@ class Agent:
             held.persisted = True
         listing = held.listing()
         if args.get("reveal"):
+            self._check_export(held)  # merged with a held key that cannot be taken out
             listing["key"] = held.secret
         return listing
 

@@ -165,6 +165,25 @@ def build_parser() -> argparse.ArgumentParser:
             action=argparse.BooleanOptionalAction,
             help="also keep it in the OS keyring (default: persist in the config file)",
         )
+        p.add_argument(
+            "--export",
+            action=argparse.BooleanOptionalAction,
+            help="--no-export: the key never leaves the agent (no get, no exec); use it"
+            " through its HTTP socket (default: export in the agent's config file)",
+        )
+        p.add_argument(
+            "--confirm",
+            action="store_true",
+            default=None,
+            help="ask (through the agent's askpass program) before each use of the key",
+        )
+        p.add_argument(
+            "--allow-exe",
+            action="append",
+            metavar="PATH",
+            help="only this program may use the key (repeat for several; default: any, or"
+            " allow_exe in the agent's config file)",
+        )
 
     p = command("status", "show the agent's state")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -380,7 +399,7 @@ def _print_keys(keys: list[dict[str, Any]], out: TextIO) -> None:
     if not keys:
         out.write("no keys held\n")
         return
-    rows = [["KEY_ID", "HOST", "USER", "EXPIRES", "SOURCE", "DESCRIPTION"]]
+    rows = [["KEY_ID", "HOST", "USER", "EXPIRES", "SOURCE", "RULES", "DESCRIPTION"]]
     for key in keys:
         source = str(key.get("source", ""))
         if key.get("stale"):
@@ -392,10 +411,25 @@ def _print_keys(keys: list[dict[str, Any]], out: TextIO) -> None:
                 str(key.get("user", "")),
                 str(key.get("expires") or "never"),
                 source,
+                _rules(key),
                 str(key.get("description") or ""),
             ]
         )
     _table(rows, out)
+
+
+def _rules(key: dict[str, Any]) -> str:
+    """A key's rules in a few words: ``no-export``, ``confirm``, ``only PATH,PATH``; ``-``
+    for none."""
+    rules = []
+    if key.get("exportable") is False:
+        rules.append("no-export")
+    if key.get("confirm"):
+        rules.append("confirm")
+    programs = key.get("allowed_exes") or []
+    if programs:
+        rules.append("only " + ",".join(str(program) for program in programs))
+    return " ".join(rules) or "-"
 
 
 def _print_remote(keys: list[dict[str, Any]], out: TextIO) -> None:
@@ -467,6 +501,9 @@ def cmd_add(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO
         description=args.description,
         lifetime=args.lifetime,
         persist=args.persist,
+        export=args.export,
+        confirm=args.confirm,
+        allow_exe=args.allow_exe,
     )
     expires = f", expires {shown(held['expires'])}" if held.get("expires") else ""
     out.write(f"added key {shown(held.get('key_id'))} for {shown(user)}@{shown(host)}{expires}\n")
@@ -676,6 +713,9 @@ def cmd_create(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
         lifetime=args.lifetime,
         reveal=args.reveal or None,
         persist=args.persist,
+        export=args.export,
+        confirm=args.confirm,
+        allow_exe=args.allow_exe,
     )
     if args.reveal:
         out.write(f"{created['key']}\n")  # exact, like get: the agent only holds valid keys

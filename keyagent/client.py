@@ -20,6 +20,7 @@ from keyagent.errors import AgentUnreachable, ProtocolError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from typing import Any
 
 DEFAULT_TIMEOUT = 60.0
@@ -196,8 +197,17 @@ class Client:
         description: str | None = None,
         lifetime: float | None = None,
         persist: bool | None = None,
+        export: bool | None = None,
+        confirm: bool | None = None,
+        allow_exe: Sequence[str] | None = None,
     ) -> dict[str, Any]:
-        """Hand a key to the agent; returns it as listed (without the secret)."""
+        """Hand a key to the agent; returns it as listed (without the secret).
+
+        ``export``: False keeps the secret in the agent (None: the agent's default);
+        ``confirm``: ask the user before each use; ``allow_exe``: the only programs that may
+        use it (made absolute, links resolved, here: the agent compares them with
+        ``/proc/PID/exe``).
+        """
         return self.call(
             "add",
             host=host,
@@ -206,6 +216,9 @@ class Client:
             description=description,
             lifetime=lifetime,
             persist=persist,
+            export=export,
+            confirm=confirm,
+            allow_exe=resolve_programs(allow_exe),
         )
 
     def get(
@@ -256,7 +269,11 @@ class Client:
         lifetime: float | None = None,
         reveal: bool | None = None,
         persist: bool | None = None,
+        export: bool | None = None,
+        confirm: bool | None = None,
+        allow_exe: Sequence[str] | None = None,
     ) -> dict[str, Any]:
+        """Create a key on the service and hold it; the rules as for :meth:`add`."""
         return self.call(
             "create",
             host=host,
@@ -265,6 +282,9 @@ class Client:
             lifetime=lifetime,
             reveal=reveal,
             persist=persist,
+            export=export,
+            confirm=confirm,
+            allow_exe=resolve_programs(allow_exe),
         )
 
     def remove(
@@ -276,6 +296,14 @@ class Client:
         user: str | None = None,
     ) -> dict[str, Any]:
         return self.call("remove", key_id=key_id, key=key, host=host, user=user)
+
+
+def resolve_programs(paths: Sequence[str] | None) -> list[str] | None:
+    """``paths`` as the agent compares them with ``/proc/PID/exe``: absolute, with symbolic
+    links resolved (``python3`` is often a link to ``python3.12``); None stays None."""
+    if paths is None:
+        return None
+    return [os.path.realpath(path) for path in paths]
 
 
 def get_key(

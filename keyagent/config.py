@@ -45,7 +45,25 @@ key                 type         default   environment             used by
 ``line_timeout``    duration     10        -                       keyagent
 ``max_connections`` integer >= 1 1024      -                       keyagent
 ``max_keys``        integer >= 1 100000    -                       keyagent: keys held at once
+``export``          boolean      true      -                       keyagent: whether new keys
+                                                                   may be taken out (get,
+                                                                   exec) unless add/create
+                                                                   says
+``allow_exe``       array of     [] (any   -                       keyagent: the programs new
+                    paths        program)                          keys allow unless
+                                                                   add/create names some
+``askpass``         path         none      ``KEYAGENT_ASKPASS``    keyagent: the program that
+                                                                   confirms each use of a
+                                                                   ``--confirm`` key
+``confirm_timeout`` duration     30        -                       keyagent: how long it waits
+                                                                   for that answer
 =================== ============ ========= ======================= ==========================
+
+``askpass`` and each ``allow_exe`` path expand a leading ``~`` and are made absolute like
+``ca_bundle``; ``allow_exe`` paths are then resolved (symbolic links followed), because they
+are compared with ``/proc/PID/exe``, which always is. The daemon checks the askpass program
+as it checks the CA bundle (:mod:`keyagent.trust`): a program another user could replace
+would answer the agent's questions for them.
 
 ``insecure`` (default false) exists on the command line only. In a file it is refused: a
 file outlives the moment it was written for, so a switch that turns off TLS verification
@@ -91,12 +109,15 @@ from keyagent import paths
 from keyagent.duration import parse_duration
 from keyagent.errors import BadConfig
 from keyagent.rules import (
+    MAX_ALLOWED_EXES,
     MAX_USER,
     NOT_A_COUNT,
     NOT_POSITIVE,
     NOT_SECONDS,
     count_problem,
     duration_problem,
+    exe_list_problem,
+    exe_path_problem,
     host_problem,
     path_problem,
     user_problem,
@@ -171,6 +192,10 @@ class Config:
     line_timeout: float = 10.0
     max_connections: int = 1024
     max_keys: int = 100_000
+    export: bool = True
+    allow_exe: tuple[str, ...] = ()
+    askpass: str | None = None
+    confirm_timeout: float = 30.0
     path: str = ""
     """The configuration file that was consulted (absolute)."""
     path_source: str = "default"
@@ -319,6 +344,22 @@ def _path(value: object, context: _Context) -> str:
     return os.path.normpath(os.path.join(context.base, expanded))
 
 
+def _programs(value: object, context: _Context) -> tuple[str, ...]:
+    must = f'an array of at most {MAX_ALLOWED_EXES} program paths, such as ["/usr/bin/curl"]'
+    if not isinstance(value, list):
+        raise _Invalid(must, _kind(value))
+    programs: list[str] = []
+    for item in value:
+        # Resolved as /proc/PID/exe names a running program: symbolic links followed.
+        path = os.path.realpath(_path(item, context))
+        if exe_path_problem(path) is not None:
+            raise _Invalid(must, _show(item))
+        programs.append(path)
+    if exe_list_problem(programs) is not None:
+        raise _Invalid(must, f"{len(programs)} paths")
+    return tuple(dict.fromkeys(programs))
+
+
 def _boolean(value: object, _: _Context) -> bool:
     if not isinstance(value, bool):
         raise _Invalid("true or false (unquoted)", _show(value))
@@ -355,6 +396,10 @@ _SPECS: Final[Mapping[str, _Spec]] = {
     "line_timeout": _Spec(_duration, 10.0),
     "max_connections": _Spec(_positive_int, 1024),
     "max_keys": _Spec(_positive_int, 100_000),
+    "export": _Spec(_boolean, True),
+    "allow_exe": _Spec(_programs, ()),
+    "askpass": _Spec(_path, None, env="KEYAGENT_ASKPASS"),
+    "confirm_timeout": _Spec(_duration, 30.0),
 }
 
 SETTINGS: Final[tuple[str, ...]] = tuple(_SPECS)
@@ -722,6 +767,10 @@ def load(
         line_timeout=cast("float", pick("line_timeout")),
         max_connections=cast("int", pick("max_connections")),
         max_keys=cast("int", pick("max_keys")),
+        export=cast("bool", pick("export")),
+        allow_exe=cast("tuple[str, ...]", pick("allow_exe")),
+        askpass=cast("str | None", pick("askpass")),
+        confirm_timeout=cast("float", pick("confirm_timeout")),
         path=file_path,
         path_source=how,
         file_found=file is not None,
@@ -785,6 +834,8 @@ def _format_value(name: str, value: object) -> str:
         return "true" if value else "false"
     if name in _DURATIONS and isinstance(value, int | float):
         return format_duration(value)
+    if isinstance(value, tuple):
+        return " ".join(value) if value else "(any program)"
     return str(value)
 
 

@@ -350,6 +350,12 @@ def serve(
         validate_after=settings["validate_after"],
         keyring=None if settings["no_keyring"] else KeyringStore(),
         max_keys=settings.get("max_keys"),
+        default_export=settings.get("export", True),
+        default_allowed_exes=tuple(settings.get("allow_exe", ())),
+        # Checked by the daemon at start (keyagent.trust) and never re-read from the
+        # environment: a variable changed later cannot name another program.
+        askpass=settings.get("askpass"),
+        confirm_timeout=settings.get("confirm_timeout", 30.0),
     )
     agent.http_socket_path = None if http is None else http[0]
     if agent.keyring is not None:

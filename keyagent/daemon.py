@@ -26,6 +26,7 @@ import os
 import shlex
 import signal
 import socket
+import stat
 import sys
 from collections.abc import Sequence
 from typing import NamedTuple, NoReturn, TextIO
@@ -380,6 +381,8 @@ CONFIGURED = (
     "lifetime", "ca_bundle", "connect_timeout", "read_timeout", "validate_after",
     "idle_timeout", "line_timeout", "max_connections", "max_keys",
 )  # fmt: skip
+FILE_ONLY = ("export", "allow_exe", "askpass", "confirm_timeout")
+"""Settings with no flag of their own: from the environment, the file or the default."""
 
 
 def apply_config(args: argparse.Namespace) -> None:
@@ -396,6 +399,25 @@ def apply_config(args: argparse.Namespace) -> None:
     if args.insecure:
         args.ca_bundle = None  # typed --insecure beats a bundle from the file or environment
     args.persist = config.persist
+    for name in FILE_ONLY:
+        setattr(args, name, getattr(config, name))
+
+
+def askpass_problem(path: str) -> str | None:
+    """Why ``path`` cannot be the askpass program, or None: it must be a trusted file (see
+    :mod:`keyagent.trust`) that the agent's user may execute."""
+    from keyagent.trust import UntrustedFile, check_trusted
+
+    try:
+        info = check_trusted(path, harm="answer the agent's confirmations in your place")
+    except UntrustedFile as error:
+        return f"askpass program {error.message}"
+    if not stat.S_ISREG(info.st_mode) or not os.access(path, os.X_OK):
+        return (
+            f"askpass program {path}: is not an executable file; run chmod u+x {path}, or "
+            "set KEYAGENT_ASKPASS (or askpass in the config) to another program"
+        )
+    return None
 
 
 MFD_NOEXEC_SEAL = 0x0008  # os.MFD_NOEXEC_SEAL from Python 3.12 on
@@ -515,6 +537,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except UntrustedFile as error:
             sys.stderr.write(f"keyagent: {named_by} {error.message}\n")
             return EXIT_CONFIG
+    if args.askpass:
+        # Whoever can replace the askpass program answers every confirmation: held to the
+        # rules of the CA bundle (keyagent.trust), and checked once, here, before serving.
+        problem = askpass_problem(args.askpass)
+        if problem is not None:
+            sys.stderr.write(f"keyagent: {problem}\n")
+            return EXIT_CONFIG
+        args.askpass = os.path.abspath(args.askpass)  # the daemon changes directory
     # systemd's NOTIFY_SOCKET, taken out of the environment before anything can inherit it;
     # the serving process notifies there (or nowhere, without one).
     notify_address = os.environ.pop(NOTIFY_ENV, None)

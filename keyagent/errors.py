@@ -23,6 +23,7 @@ __all__ = [
     "BadPassphrase",
     "BadRequest",
     "Busy",
+    "Denied",
     "Forbidden",
     "Internal",
     "KeyagentError",
@@ -113,6 +114,16 @@ class BadPassphrase(KeyagentError):
 class Forbidden(KeyagentError):
     code = "forbidden"
     default_message = "permission denied; only the user who started the agent may use it"
+
+
+class Denied(KeyagentError):
+    """A rule of the key refused this use: its allowed programs, or its confirmation."""
+
+    code = "denied"
+    default_message = (
+        "the use of this key was refused by its rules; see keyagent-ctl list for its "
+        "allowed programs and confirmation"
+    )
 
 
 class Busy(KeyagentError):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from keyagent.rules import count_problem, duration_problem, path_problem
+from keyagent.rules import count_problem, duration_problem, exe_list_problem, path_problem
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -119,6 +119,10 @@ _SETTING_RULES: Mapping[str, Rule] = {
     "persist": _boolean,
     "no_keyring": _boolean,
     "ca_certificates": _optional(_text),
+    "export": _boolean,
+    "allow_exe": exe_list_problem,
+    "askpass": _optional(_path),
+    "confirm_timeout": duration_problem,
 }
 
 
@@ -141,6 +145,10 @@ class Settings:
     persist: bool
     no_keyring: bool
     ca_certificates: str | None
+    export: bool
+    allow_exe: tuple[str, ...]
+    askpass: str | None
+    confirm_timeout: float
 
     def __init__(
         self,
@@ -158,6 +166,10 @@ class Settings:
         persist: bool,
         no_keyring: bool,
         ca_certificates: str | None,
+        export: bool = True,
+        allow_exe: tuple[str, ...] = (),
+        askpass: str | None = None,
+        confirm_timeout: float = 30.0,
     ) -> None:
         self.lifetime = lifetime
         self.ca_bundle = ca_bundle
@@ -172,6 +184,10 @@ class Settings:
         self.persist = persist
         self.no_keyring = no_keyring
         self.ca_certificates = ca_certificates
+        self.export = export
+        self.allow_exe = tuple(allow_exe)
+        self.askpass = askpass
+        self.confirm_timeout = confirm_timeout
 
     def __repr__(self) -> str:
         shown = self.as_dict()
@@ -188,7 +204,9 @@ class Settings:
 
     def as_dict(self) -> dict[str, object]:
         """Every setting by name."""
-        return {name: getattr(self, name) for name in self.__slots__}
+        shown = {name: getattr(self, name) for name in self.__slots__}
+        shown["allow_exe"] = list(self.allow_exe)  # as JSON has it, so a round trip compares
+        return shown
 
     @classmethod
     def from_dict(cls, data: object) -> Settings:

@@ -19,6 +19,10 @@ Everything lives under one service name, ``keyagent`` by default, in two kinds o
         {"v":1,"key":"<secret>","host":"app.conduce.com","user":"ada@example.com",
          "description":"laptop","created":"2024-05-01T12:00:00Z","expires":1714567890.0}
 
+    A key with rules (``add --no-export``, ``--confirm``, ``--allow-exe``) is written as
+    ``"v":2`` with ``"exportable"``, ``"confirm"`` and ``"allowed_exes"`` members besides, so
+    that a keyagent too old to know them leaves it alone instead of loading it without them.
+
 ``index``
     Backends cannot enumerate their entries, so this one names them::
 
@@ -71,6 +75,7 @@ from collections.abc import Callable, Iterable
 from keyagent.errors import BadRequest, KeyringUnavailable
 from keyagent.log import get_logger
 from keyagent.protocol import DESCRIPTION, HOST, KEY, KEY_ID_DIGITS, KEY_ID_SHOWN, USER, is_token
+from keyagent.rules import exe_list_problem
 from keyagent.store import digest_of
 
 TYPE_CHECKING = False
@@ -87,11 +92,15 @@ if TYPE_CHECKING:
         def delete_password(self, service: str, username: str) -> None: ...
 
 
-__all__ = ["FORMAT", "KeyringStore", "PersistedKey"]
+__all__ = ["FORMAT", "RULES_FORMAT", "KeyringStore", "PersistedKey"]
 
 log = get_logger(__name__)
 
 FORMAT: Final = 1
+RULES_FORMAT: Final = 2
+"""The ``"v"`` of a key entry that carries rules (not exportable, confirm, allowed programs).
+A keyagent that predates them leaves such an entry alone (a newer format) rather than load
+the key without its rules; a key without rules is written as format 1, readable by all."""
 """The ``"v"`` this version writes, in entries and in the index."""
 INDEX: Final = "index"
 LOCK: Final = "lock"
@@ -122,13 +131,27 @@ _NEWER_INDEX = (
 
 class PersistedKey(
     namedtuple(
-        "PersistedKey", ["digest", "host", "user", "secret", "description", "created", "expires"]
+        "PersistedKey",
+        [
+            "digest",
+            "host",
+            "user",
+            "secret",
+            "description",
+            "created",
+            "expires",
+            "exportable",
+            "confirm",
+            "allowed_exes",
+        ],
+        defaults=[True, False, ()],
     )
 ):
     """One key as the keyring keeps it (immutable). Its ``secret`` is left out of ``repr``.
 
     ``expires``: POSIX wall time at which the key expires, or None to keep it until
-    forgotten.
+    forgotten. ``exportable``, ``confirm``, ``allowed_exes``: the key's rules, as
+    :class:`keyagent.store.HeldKey` has them.
     """
 
     __slots__ = ()
@@ -140,12 +163,16 @@ class PersistedKey(
     description: str
     created: str | None
     expires: float | None
+    exportable: bool
+    confirm: bool
+    allowed_exes: tuple[str, ...]
 
     def __repr__(self) -> str:
         return (
             f"PersistedKey(digest={self.digest!r}, host={self.host!r}, user={self.user!r}, "
             f"description={self.description!r}, created={self.created!r}, "
-            f"expires={self.expires!r})"
+            f"expires={self.expires!r}, exportable={self.exportable!r}, "
+            f"confirm={self.confirm!r}, allowed_exes={self.allowed_exes!r})"
         )
 
 
@@ -572,6 +599,13 @@ def _encode(key: PersistedKey) -> str:
         "created": key.created,
         "expires": key.expires,
     }
+    if not key.exportable or key.confirm or key.allowed_exes:
+        document.update(
+            v=RULES_FORMAT,
+            exportable=key.exportable,
+            confirm=key.confirm,
+            allowed_exes=list(key.allowed_exes),
+        )
     import json  # loads with the keyring, never in an agent that does not use it
 
     return json.dumps(document, separators=(",", ":"))
@@ -593,14 +627,23 @@ def _decode(stored_id: str, raw: str) -> PersistedKey | None:
     if not isinstance(document, dict):
         return None
     version = document.get("v")
-    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT:
+    if isinstance(version, int) and not isinstance(version, bool) and version > RULES_FORMAT:
         raise _NewerFormat
     secret, host, user = document.get("key"), document.get("host"), document.get("user")
     description, created = document.get("description", ""), document.get("created")
     expires = document.get("expires")
+    # Format 1 has no rules: such a key loads with the defaults (exportable, no confirmation,
+    # any program), as it was held when it was written. Rules found in any entry are read:
+    # a key is never loaded looser than its entry says.
+    exportable = document.get("exportable", True)
+    confirm = document.get("confirm", False)
+    allowed_exes = document.get("allowed_exes", [])
     if (
-        version != FORMAT
+        version not in (FORMAT, RULES_FORMAT)
         or isinstance(version, bool)
+        or not isinstance(exportable, bool)
+        or not isinstance(confirm, bool)
+        or not isinstance(allowed_exes, list)
         or not isinstance(secret, str)
         or not secret
         or not isinstance(host, str)
@@ -623,6 +666,8 @@ def _decode(stored_id: str, raw: str) -> PersistedKey | None:
             raise _Untrusted(field) from None
     if created is not None and not (0 < len(created) <= 64 and is_token(created)):
         raise _Untrusted("created")
+    if exe_list_problem(allowed_exes) is not None:
+        raise _Untrusted("allowed_exes")
     return PersistedKey(
         digest=digest_of(secret),
         host=host,
@@ -631,4 +676,7 @@ def _decode(stored_id: str, raw: str) -> PersistedKey | None:
         description=description,
         created=created,
         expires=None if expires is None else float(expires),
+        exportable=exportable,
+        confirm=confirm,
+        allowed_exes=tuple(dict.fromkeys(allowed_exes)),
     )

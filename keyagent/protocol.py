@@ -20,6 +20,7 @@ from keyagent.rules import (
     MAX_LIFETIME,
     NOT_SECONDS,
     duration_problem,
+    exe_list_problem,
     has_control_characters,
     host_problem,
     is_token,
@@ -173,6 +174,16 @@ def _by_rule(what: str, problem_of: Callable[[str], str | None]) -> Validator:
     return check
 
 
+def _exe_list(name: str, value: object) -> object:
+    """Programs allowed to use a key: absolute, normalised paths (see keyagent.rules), as a
+    tuple without repeats."""
+    problem = exe_list_problem(value)
+    if problem is not None:
+        raise BadRequest(f"argument '{name}' is not a list of program paths: {problem}")
+    assert isinstance(value, list | tuple)  # noqa: S101  # exe_list_problem checked it
+    return tuple(dict.fromkeys(value))
+
+
 HOST = _by_rule("host", host_problem)
 USER = _by_rule("user", user_problem)
 KEY = _text(8192, forbid=_not_token)
@@ -193,6 +204,9 @@ OPS: Final[Mapping[str, Spec]] = {
         "description": (DESCRIPTION, False),
         "lifetime": (_lifetime, False),
         "persist": (_boolean, False),
+        "export": (_boolean, False),
+        "confirm": (_boolean, False),
+        "allow_exe": (_exe_list, False),
     },
     "get": {"host": (HOST, False), "user": (USER, False), "key_id": (_key_id, False)},
     "list": {"host": (HOST, False), "user": (USER, False), "remote": (_boolean, False)},
@@ -209,6 +223,9 @@ OPS: Final[Mapping[str, Spec]] = {
         "lifetime": (_lifetime, False),
         "reveal": (_boolean, False),
         "persist": (_boolean, False),
+        "export": (_boolean, False),
+        "confirm": (_boolean, False),
+        "allow_exe": (_exe_list, False),
     },
     "remove": {
         "key_id": (_key_id, False),

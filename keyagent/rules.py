@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from typing import Final
 
 __all__ = [
+    "MAX_ALLOWED_EXES",
+    "MAX_EXE_PATH",
     "MAX_HOST",
     "MAX_LIFETIME",
     "MAX_USER",
@@ -31,6 +33,8 @@ __all__ = [
     "TOO_LONG",
     "count_problem",
     "duration_problem",
+    "exe_list_problem",
+    "exe_path_problem",
     "has_control_characters",
     "host_problem",
     "is_token",
@@ -144,6 +148,49 @@ def path_problem(path: object) -> str | None:
         return "the path is empty"
     if has_control_characters(path):
         return "a path has no control characters"
+    return None
+
+
+# --- programs allowed to use a key (add --allow-exe) -----------------------------------------
+
+MAX_EXE_PATH: Final = 4095
+"""The longest executable path (Linux's PATH_MAX, 4096, less its NUL)."""
+MAX_ALLOWED_EXES: Final = 32
+"""How many programs one key may name as allowed."""
+
+
+def exe_path_problem(path: object) -> str | None:
+    """Why ``path`` cannot name a program allowed to use a key, or None if it can: absolute
+    and normalised (no ``.``, ``..``, empty or trailing components: it is compared as text
+    with ``/proc/PID/exe``, which is always in that form), at most :data:`MAX_EXE_PATH`
+    characters, without control characters (NUL included)."""
+    problem = path_problem(path)
+    if problem is not None:
+        return problem
+    assert isinstance(path, str)  # noqa: S101  # path_problem checked it
+    if len(path) > MAX_EXE_PATH:
+        return f"a program's path is at most {MAX_EXE_PATH} characters long"
+    if not path.startswith("/"):
+        return "a program's path is absolute (starts with /)"
+    if any(part in ("", ".", "..") for part in path[1:].split("/")):
+        return (
+            "a program's path is normalised: no '.', '..', doubled or trailing slashes "
+            "(the client resolves it with realpath)"
+        )
+    return None
+
+
+def exe_list_problem(paths: object) -> str | None:
+    """Why ``paths`` is not a list of programs allowed to use a key, or None: a list of at
+    most :data:`MAX_ALLOWED_EXES` paths, each one as :func:`exe_path_problem` wants."""
+    if not isinstance(paths, list | tuple):
+        return "the allowed programs are a list of paths"
+    if len(paths) > MAX_ALLOWED_EXES:
+        return f"a key allows at most {MAX_ALLOWED_EXES} programs"
+    for path in paths:
+        problem = exe_path_problem(path)
+        if problem is not None:
+            return problem
     return None
 
 

@@ -47,6 +47,7 @@ from keyagent.errors import (
     TooLarge,
 )
 from keyagent.log import DEBUG, get_logger
+from keyagent.sockets import peer_exe
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -72,10 +73,12 @@ _SECRET_MEMBER = b'"key":'
 """How a reply carrying a key starts its member, as protocol.encode_result writes it (JSON
 escapes quotes inside strings, so no value can contain these bytes)."""
 MEMO_SIZE = 256
-LOCAL_QUEUES = frozenset({"lock", "keyring"})
-"""Queues of work done on this machine (key derivation, the OS keyring). They run on workers
-of their own, one per queue, so Conduce calls hung until their timeout can never make lock,
-unlock, forget or a keyring write wait for a thread."""
+LOCAL_QUEUES = frozenset({"lock", "keyring", "confirm"})
+"""Queues of work done on this machine (key derivation, the OS keyring, the askpass program
+that confirms a use of a key). They run on workers of their own, one per queue, so Conduce
+calls hung until their timeout can never make lock, unlock, forget, a keyring write or a
+confirmation wait for a thread, and a confirmation left unanswered never holds up the
+others."""
 MAX_POLL_WAIT = 86400.0
 """The longest single wait, in seconds. ``epoll.poll`` refuses a timeout past 2**31 ms
 (about 24.9 days), and keys may live ten years: a farther deadline is reached by waking once
@@ -567,7 +570,8 @@ class Server:
             return
         sock.setblocking(False)
         now = self.clock()
-        conn = Connection(sock, Peer(pid, uid, gid), now)
+        # The program on the other end, for keys that allow only some (add --allow-exe).
+        conn = Connection(sock, Peer(pid, uid, gid, peer_exe(pid)), now)
         self.connections[sock.fileno()] = conn
         conn.events = select.EPOLLIN
         self._epoll.register(sock.fileno(), select.EPOLLIN)

@@ -136,3 +136,20 @@ def file_identity(path: str) -> tuple[int, int] | None:
     except OSError:
         return None
     return info.st_dev, info.st_ino
+
+
+def peer_exe(pid: int) -> str | None:
+    """The executable of process ``pid`` as ``/proc/PID/exe`` names it, or None if it cannot
+    be read (the process has exited, or /proc is not mounted).
+
+    Read when a connection is accepted, from the SO_PEERCRED pid: the pid could be reused
+    only after the peer exited, and by then its connection is closed. A path ending in
+    ``" (deleted)"`` means the file was replaced or removed after the program started; it is
+    kept as it is, so it never equals an allowed program's path.
+    """
+    if pid <= 0:
+        return None
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except (OSError, ValueError):
+        return None

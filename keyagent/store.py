@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 
-from keyagent.errors import Ambiguous, Locked, NotFound, NotLocked, TooMany
+from keyagent.errors import Ambiguous, BadRequest, Locked, NotFound, NotLocked, TooMany
 from keyagent.protocol import KEY_ID_MAX, KEY_ID_SHOWN
 
 TYPE_CHECKING = False
@@ -53,7 +53,7 @@ class HeldKey:
 
     __slots__ = (
         "digest", "host", "user", "secret", "description", "created", "added", "deadline",
-        "expires", "source", "persisted",
+        "expires", "source", "persisted", "exportable", "confirm", "allowed_exes",
     )  # fmt: skip
 
     def __init__(
@@ -70,6 +70,9 @@ class HeldKey:
         expires: float | None = None,
         source: Source = "added",
         persisted: bool = False,
+        exportable: bool = True,
+        confirm: bool = False,
+        allowed_exes: tuple[str, ...] = (),
     ) -> None:
         self.digest = digest
         """The key's full hex SHA-256: its identity in the store and the keyring."""
@@ -85,14 +88,28 @@ class HeldKey:
         """The same moment as a POSIX timestamp, for display."""
         self.source: Source = source
         self.persisted = persisted
+        self.exportable = exportable
+        """False: the secret never leaves the agent (no ``get``, no ``exec``)."""
+        self.confirm = confirm
+        """Each use first asks the user through the askpass program."""
+        self.allowed_exes = allowed_exes
+        """The programs (executable paths) that may use the key; empty: any program."""
 
     def __repr__(self) -> str:
         return (
             f"HeldKey(digest={self.digest!r}, host={self.host!r}, user={self.user!r}, "
             f"description={self.description!r}, created={self.created!r}, "
             f"added={self.added!r}, deadline={self.deadline!r}, expires={self.expires!r}, "
-            f"source={self.source!r}, persisted={self.persisted!r})"
+            f"source={self.source!r}, persisted={self.persisted!r}, "
+            f"exportable={self.exportable!r}, confirm={self.confirm!r}, "
+            f"allowed_exes={self.allowed_exes!r})"
         )
+
+    @property
+    def restricted(self) -> bool:
+        """Whether a use of the key depends on who asks (its programs, a confirmation): a
+        reply that hands it out is then never remembered for another client."""
+        return self.confirm or bool(self.allowed_exes)
 
     @property
     def key_id(self) -> str:
@@ -113,6 +130,9 @@ class HeldKey:
             "expires": iso(self.expires),
             "source": self.source,
             "persisted": self.persisted,
+            "exportable": self.exportable,
+            "confirm": self.confirm,
+            "allowed_exes": list(self.allowed_exes),
         }
 
     def alive(self, now: float) -> bool:
@@ -157,15 +177,25 @@ class KeyStore:
         created: str | None = None,
         source: Source = "added",
         persisted: bool = False,
+        exportable: bool = True,
+        confirm: bool = False,
+        allowed_exes: tuple[str, ...] = (),
     ) -> HeldKey:
-        """Hold ``secret``; holding the same secret again updates its entry in place.
+        """Hold ``secret``; holding the same secret again updates its entry in place, its
+        flags merged to the stricter of old and new (see :func:`stricter`).
 
-        Raises :class:`~keyagent.errors.TooMany`, changing nothing, if the store is full.
+        Raises :class:`~keyagent.errors.TooMany`, changing nothing, if the store is full, and
+        :class:`~keyagent.errors.BadRequest`, changing nothing, if the merged programs would
+        leave none.
         """
         digest = digest_of(secret)
+        held = self._keys.get(digest)
+        if held is not None:
+            exportable, confirm, allowed_exes = stricter(
+                held, exportable=exportable, confirm=confirm, allowed_exes=allowed_exes
+            )
         # Hosts and users repeat across keys: keep one copy of each (about 130 bytes a key).
         host, user = sys.intern(host), sys.intern(user)
-        held = self._keys.get(digest)
         # Keys past their deadline count until reaped, which the server does before each
         # wait: their keyring copies must be deleted too, so they are not dropped here.
         if held is None and self.max_keys is not None and len(self._keys) >= self.max_keys:
@@ -189,6 +219,7 @@ class KeyStore:
         if created is not None:
             held.created = created
         held.persisted = held.persisted or persisted
+        held.exportable, held.confirm, held.allowed_exes = exportable, confirm, allowed_exes
         if lifetime is None:
             held.deadline = held.expires = None
         else:
@@ -282,6 +313,34 @@ class KeyStore:
                 expired.append(held)
                 self.version += 1
         return expired, (heap[0][0] if heap else None)
+
+
+def stricter(
+    held: HeldKey, *, exportable: bool, confirm: bool, allowed_exes: tuple[str, ...]
+) -> tuple[bool, bool, tuple[str, ...]]:
+    """The flags of ``held`` merged with new ones, never looser than either: a key once not
+    exportable stays so, a confirmation once asked for stays, and the allowed programs are
+    those both name (or one side's, when the other allows any program).
+
+    Nothing can loosen a key: re-adding its secret is the only way to change its flags, and
+    anyone who holds the secret could otherwise lift the rules someone else set. Raises
+    :class:`~keyagent.errors.BadRequest` if both sides name programs and none in common,
+    which would leave a key no program may use (an empty list means any).
+    """
+    if not held.allowed_exes:
+        merged = allowed_exes
+    elif not allowed_exes:
+        merged = held.allowed_exes
+    else:
+        wanted = set(allowed_exes)
+        merged = tuple(exe for exe in held.allowed_exes if exe in wanted)
+        if not merged:
+            raise BadRequest(
+                f"key {held.key_id} is held already, allowed to other programs than those "
+                "given; give --allow-exe with one of its programs (keyagent-ctl list shows "
+                "them), or forget the key first"
+            )
+    return held.exportable and exportable, held.confirm or confirm, merged
 
 
 def _not_found_message(host: str | None, user: str | None, key_id: str | None) -> str:

@@ -13,7 +13,7 @@ from keyagent.errors import KeyagentError, from_code
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Mapping, Sequence
     from typing import Any
 
     Scalar = str | int | float | bool | None
@@ -46,18 +46,25 @@ _UTF8 = json.JSONEncoder(ensure_ascii=False)
 _ASCII = json.JSONEncoder()
 
 
-def _scalar(value: Scalar, quote: json.JSONEncoder) -> str:
+def _scalar(value: Scalar | Sequence[str], quote: json.JSONEncoder) -> str:
     if value is None or isinstance(value, str | int):  # bool is an int
         return quote.encode(value)
+    if isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
+        # A list of strings (add --allow-exe): the one argument that is not a scalar.
+        return "[" + ",".join(quote.encode(item) for item in value) + "]"
     if isinstance(value, float):
         from math import isfinite  # no request of keyagent-ctl get has a float
 
         if isfinite(value):
             return quote.encode(value)
-    raise TypeError(f"a request argument must be a JSON scalar, not {type(value).__name__}")
+    raise TypeError(
+        f"a request argument must be a JSON scalar or a list of strings, not {type(value).__name__}"
+    )
 
 
-def encode_request(op: str, request_id: Scalar, args: Mapping[str, Scalar]) -> bytes:
+def encode_request(
+    op: str, request_id: Scalar, args: Mapping[str, Scalar | Sequence[str]]
+) -> bytes:
     """One request line: ``{"id": ..., "op": ..., ...args}`` and a newline."""
     try:
         return _encode(op, request_id, args, _UTF8).encode("utf-8")
@@ -66,7 +73,7 @@ def encode_request(op: str, request_id: Scalar, args: Mapping[str, Scalar]) -> b
 
 
 def _encode(
-    op: str, request_id: Scalar, args: Mapping[str, Scalar], quote: json.JSONEncoder
+    op: str, request_id: Scalar, args: Mapping[str, Scalar | Sequence[str]], quote: json.JSONEncoder
 ) -> str:
     # Member by member, in this order, so that "id" and "op" come first.
     members = [f'"id":{_scalar(request_id, quote)}', f'"op":{_scalar(op, quote)}']

@@ -140,7 +140,7 @@ FRESH_OUTCOMES: dict[str, set[str] | type[KeyagentError]] = {
     "status": {"pid", "socket", "http_socket", "version", "uptime", "locked", "keys",
                "default_lifetime", "sessions"},
     "add": {"key_id", "fingerprint", "host", "user", "description", "created", "added",
-            "expires", "source", "persisted"},
+            "expires", "source", "persisted", "exportable", "confirm", "allowed_exes"},
     "get": NotFound,
     "list": {"keys"},
     "forget": {"forgotten"},
@@ -250,6 +250,9 @@ def test_add_returns_the_listing_without_the_secret(agent: Agent) -> None:
         "expires": None,
         "source": "added",
         "persisted": False,
+        "exportable": True,
+        "confirm": False,
+        "allowed_exes": [],
     }
     assert SECRET not in json.dumps(added)
 

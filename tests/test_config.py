@@ -165,6 +165,10 @@ def test_a_full_file_sets_everything_with_each_line(write: Writer) -> None:
         "line_timeout = 5\n"
         "max_connections = 6\n"
         "max_keys = 7\n"
+        "export = false\n"
+        'allow_exe = ["/usr/bin/env"]\n'
+        'askpass = "ask"\n'
+        "confirm_timeout = 8\n"
     )
     result = load(str(path), env={})
     sources = result.sources()
@@ -183,6 +187,10 @@ def test_a_full_file_sets_everything_with_each_line(write: Writer) -> None:
         "line_timeout": 11,
         "max_connections": 12,
         "max_keys": 13,
+        "export": 14,
+        "allow_exe": 15,
+        "askpass": 16,
+        "confirm_timeout": 17,
     }
     assert result.lifetime == 5400.0
     assert result.ca_bundle == str(path.parent / "ca.pem")
@@ -819,6 +827,10 @@ def test_render_lists_every_setting_aligned_with_its_source() -> None:
         "line_timeout     10s                  default\n"
         "max_connections  8                    flag\n"
         "max_keys         100000               default\n"
+        "export           true                 default\n"
+        "allow_exe        (any program)        default\n"
+        "askpass          (not set)            default\n"
+        "confirm_timeout  30s                  default\n"
     )
 
 

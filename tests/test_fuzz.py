@@ -345,6 +345,12 @@ ARGUMENTS: dict[str, st.SearchStrategy[Any]] = {
     "all": st.booleans(),
     "remote": st.booleans(),
     "reveal": st.booleans(),
+    "export": st.booleans(),
+    "confirm": st.booleans(),
+    "allow_exe": st.lists(
+        st.one_of(st.sampled_from(["/usr/bin/curl", "/opt/t/run"]), st.text(_no_controls)),
+        max_size=3,
+    ),
 }
 SCALAR_IDS = st.one_of(
     st.none(),
@@ -523,20 +529,22 @@ WRONG_VALUES: dict[str, list[object]] = {
     "bool": [None, 0, 1, 1.0, "true", "", [], {}, [True]],
     "key_id": [None, 1234, 1.5, True, [], {}, ["abcd"], 0xABCD],
     "lifetime": [None, True, False, "60", "", [], {}, [60], {"s": 60}],
+    "allow_exe": [None, True, "/usr/bin/curl", 1, {}, [1], [None], [["/bin/sh"]]],
 }
 TEXT_ARGUMENTS = {"host", "user", "key", "description", "passphrase", "password"}
 # A valid value for each argument, so that a request fails on the one wrong argument only.
 VALID_VALUES: dict[str, object] = {
     "host": "h.example", "user": "u@example.com", "key": f"{MARKER}-k", "description": "d",
     "passphrase": f"{MARKER}-p", "password": f"{MARKER}-pw", "key_id": "abcd", "lifetime": 60,
-    "persist": False, "all": False, "remote": False, "reveal": False,
+    "persist": False, "all": False, "remote": False, "reveal": False, "export": True,
+    "confirm": False, "allow_exe": [],
 }  # fmt: skip
 
 
 def kind_of(name: str) -> str:
     if name in TEXT_ARGUMENTS:
         return "text"
-    return name if name in {"key_id", "lifetime"} else "bool"
+    return name if name in {"key_id", "lifetime", "allow_exe"} else "bool"
 
 
 def wrongly_typed(op: str, name: str, value: object) -> bytes:
@@ -612,6 +620,7 @@ def test_wrong_argument_types_are_bad_request_naming_the_argument(
         "bool": lambda v: not isinstance(v, bool),
         "key_id": lambda v: not isinstance(v, str),
         "lifetime": lambda v: isinstance(v, bool) or not isinstance(v, int | float),
+        "allow_exe": lambda v: not isinstance(v, list) or not all(isinstance(i, str) for i in v),
     }[kind]
     value = data.draw(STRICT_JSON_VALUES.filter(wrong), label="value")
     assert_names_the_argument(fuzz, [wrongly_typed(op, name, value)], [name])

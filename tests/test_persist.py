@@ -440,7 +440,7 @@ def test_entries_from_a_newer_keyagent_are_left_alone(
     current, newer = make_key(SECRETS[0]), make_key(SECRETS[1])
     store.save(current)
     store.save(newer)
-    document = {"v": 2, "key": SECRETS[1], "shape": "unknown"}
+    document = {"v": 3, "key": SECRETS[1], "shape": "unknown"}
     memory.put(SERVICE, f"key:{newer.digest}", json.dumps(document))
     assert store.load_all(WALL) == ([current], [])
     assert index_of(memory)["keys"] == [current.digest, newer.digest]

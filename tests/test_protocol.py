@@ -36,7 +36,7 @@ SECRET = "zebra-quokka-7781-S3CR3T"
 
 
 STRING_ARGS = {"host", "user", "key", "description", "passphrase", "password"}
-BOOL_ARGS = {"persist", "all", "remote", "reveal"}
+BOOL_ARGS = {"persist", "all", "remote", "reveal", "export", "confirm"}
 SECRET_ARGS = ("key", "password", "passphrase")
 
 WRONG_TYPES: dict[str, list[object]] = {
@@ -44,6 +44,7 @@ WRONG_TYPES: dict[str, list[object]] = {
     "bool": [None, 0, 1, 1.0, "true", "", [], {}],
     "key_id": [None, 1234, 1.5, True, [], {}, ["abcd"]],
     "lifetime": [None, True, False, "60", "", [], {}, [60], {"s": 60}],
+    "allow_exe": [None, True, "/usr/bin/curl", 1, {}, [1], [None], [["/bin/sh"]]],
 }
 
 
@@ -111,7 +112,7 @@ def test_a_lifetime_of_ten_years_is_taken_and_one_second_more_is_not() -> None:
 def test_every_argument_has_a_known_kind() -> None:
     """Every argument name in OPS is one this test module knows how to mistype."""
     names = {name for spec in OPS.values() for name in spec}
-    assert names <= STRING_ARGS | BOOL_ARGS | {"key_id", "lifetime"}
+    assert names <= STRING_ARGS | BOOL_ARGS | {"key_id", "lifetime", "allow_exe"}
     assert set(VALID_ARGS) == set(OPS)
 
 
@@ -826,6 +827,7 @@ def test_wrong_argument_types_are_always_bad_request(data: st.DataObject) -> Non
         "bool": not isinstance(value, bool),
         "key_id": not isinstance(value, str),
         "lifetime": isinstance(value, bool) or not isinstance(value, int | float),
+        "allow_exe": not isinstance(value, list) or not all(isinstance(v, str) for v in value),
     }[kind]
     outcome = parses_or_rejects(json.dumps(with_arg(op, name, value), allow_nan=False).encode())
     if wrong:
@@ -869,6 +871,14 @@ ARG_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "all": st.booleans(),
     "remote": st.booleans(),
     "reveal": st.booleans(),
+    "export": st.booleans(),
+    "confirm": st.booleans(),
+    "allow_exe": st.lists(
+        st.lists(st.text("abcdefghij-_", min_size=1, max_size=8), min_size=1, max_size=4).map(
+            lambda parts: "/" + "/".join(parts)
+        ),
+        max_size=4,
+    ),
 }
 
 
@@ -898,6 +908,8 @@ def _expected_args(args: Mapping[str, Any]) -> dict[str, Any]:
         expected["key_id"] = expected["key_id"].lower()
     if "lifetime" in expected:
         expected["lifetime"] = float(expected["lifetime"])
+    if "allow_exe" in expected:
+        expected["allow_exe"] = tuple(dict.fromkeys(expected["allow_exe"]))
     return expected
 
 

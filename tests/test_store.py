@@ -123,6 +123,9 @@ def test_listing_has_every_field_but_the_secret() -> None:
         "expires": "2023-11-14T22:14:20Z",
         "source": "created",
         "persisted": True,
+        "exportable": True,
+        "confirm": False,
+        "allowed_exes": [],
     }
     assert SECRET not in repr(listing)
 

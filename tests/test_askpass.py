@@ -1,0 +1,106 @@
+"""Running the askpass program, and reading a peer's executable (real processes)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from keyagent import errors
+from keyagent.askpass import printable, run_askpass
+from keyagent.sockets import peer_exe
+from keyagent.testing.agent import wait_for_exit
+
+
+def script(directory: Path, name: str, body: str) -> str:
+    path = directory / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o700)
+    return str(path)
+
+
+def test_exit_status_zero_allows(tmp_path: Path) -> None:
+    """A program that exits 0 allows; it got the question as its one argument, stdin empty,
+    and an environment with SSH_ASKPASS_PROMPT=confirm and no other variable of ours."""
+    record = tmp_path / "record"
+    program = script(
+        tmp_path,
+        "ask",
+        f'printf "%s|%s|%s|" "$#" "$1" "$SSH_ASKPASS_PROMPT" > {record}\n'
+        f"cat >> {record}\nenv >> {record}\nexit 0\n",
+    )
+    os.environ["KEYAGENT_TEST_UNRELATED"] = "leak"
+    try:
+        run_askpass(program, "Allow /usr/bin/curl (pid 1)?", 10.0)
+    finally:
+        del os.environ["KEYAGENT_TEST_UNRELATED"]
+    text = record.read_text()
+    assert text.startswith("1|Allow /usr/bin/curl (pid 1)?|confirm|")
+    assert "KEYAGENT_TEST_UNRELATED" not in text
+
+
+def test_a_non_zero_exit_is_a_refusal(tmp_path: Path) -> None:
+    """Exit status 1 (ssh-askpass's "no") is denied as a refusal."""
+    with pytest.raises(errors.Denied) as caught:
+        run_askpass(script(tmp_path, "no", "exit 1\n"), "q", 10.0)
+    assert "refused" in caught.value.message
+
+
+def test_a_program_that_cannot_run_is_denied_naming_it(tmp_path: Path) -> None:
+    """A missing program is denied with its path and how to set another."""
+    missing = str(tmp_path / "missing")
+    with pytest.raises(errors.Denied) as caught:
+        run_askpass(missing, "q", 10.0)
+    assert missing in caught.value.message
+    assert "KEYAGENT_ASKPASS" in caught.value.message
+
+
+def test_no_answer_in_time_kills_the_whole_process_group(tmp_path: Path) -> None:
+    """A program that hangs is denied after the timeout, and it and its children are killed."""
+    pids = tmp_path / "pids"
+    program = script(tmp_path, "hang", f"sleep 300 &\necho $$ $! > {pids}\nwait\n")
+    started = time.monotonic()
+    with pytest.raises(errors.Denied) as caught:
+        run_askpass(program, "q", 1.0)
+    assert time.monotonic() - started < 30
+    assert "within 1 s" in caught.value.message
+    for pid in map(int, pids.read_text().split()):
+        assert wait_for_exit(pid, 10)
+
+
+def test_printable_drops_control_and_format_characters() -> None:
+    """Terminal escapes, bidi overrides and newlines never reach the question."""
+    shown = printable("a\x1b[31mb\u202ec\nd\te", 100)
+    assert shown.isprintable()
+    assert shown == "a[31mbc d e"
+    assert len(printable("x" * 500, 20)) == 20
+
+
+def test_peer_exe_names_a_running_program_and_none_once_it_exited() -> None:
+    """peer_exe reads /proc/PID/exe; an exited process (or pid 0) gives None."""
+    assert peer_exe(os.getpid()) == os.path.realpath(sys.executable)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert peer_exe(child.pid) is None
+    assert peer_exe(0) is None
+
+
+def test_peer_exe_of_a_replaced_program_never_equals_its_path(tmp_path: Path) -> None:
+    """When the file a process runs is deleted, its path gains ' (deleted)'."""
+    copy = tmp_path / "python-copy"
+    copy.write_bytes(Path(os.path.realpath(sys.executable)).read_bytes())
+    copy.chmod(0o700)
+    child = subprocess.Popen([str(copy), "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)  # fmt: skip
+    try:
+        assert peer_exe(child.pid) == str(copy)
+        copy.unlink()
+        assert peer_exe(child.pid) == f"{copy} (deleted)"
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait()

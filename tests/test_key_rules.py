@@ -1,0 +1,538 @@
+"""The rules a key can carry: not exportable, confirm each use, allowed programs (the agent,
+driven inline with fakes)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import GeneratorType
+from typing import Any
+
+import pytest
+
+from keyagent import errors
+from keyagent.agent import Agent, Peer
+from keyagent.effects import Work
+from keyagent.persist import KeyringStore
+from keyagent.store import digest_of, key_id_for
+from keyagent.testing.memory_keyring import MemoryKeyring
+
+from .fakes import (
+    PEER,
+    FakeAccount,
+    FakeTime,
+    HeldWorkDriver,
+    driver_for,
+    fails,
+    request,
+    run,
+    settle,
+)
+
+SECRET = "rules-S3CR3T-0001"
+HOST, USER = "app.conduce.example", "ada@example.com"
+CURL = "/usr/bin/curl"
+TOOL = "/opt/tools/report"
+ASKPASS = "/usr/libexec/ask"
+
+
+class FakeAskpass:
+    """Stands in for the askpass program: records each question, answers as told."""
+
+    def __init__(self, answer: errors.KeyagentError | None = None) -> None:
+        self.answer = answer
+        self.asked: list[tuple[str, str, float]] = []
+
+    def __call__(self, program: str, question: str, timeout: float) -> None:
+        self.asked.append((program, question, timeout))
+        if self.answer is not None:
+            raise self.answer
+
+
+@pytest.fixture
+def fake_time() -> FakeTime:
+    return FakeTime()
+
+
+@pytest.fixture
+def askpass() -> FakeAskpass:
+    return FakeAskpass()
+
+
+@pytest.fixture
+def agent(fake_time: FakeTime, askpass: FakeAskpass) -> Agent:
+    return Agent(
+        clock=fake_time.clock(),
+        askpass=ASKPASS,
+        confirm_timeout=7.0,
+        confirmer=askpass,
+        accounts=lambda host, user: FakeAccount(),
+    )
+
+
+def peer(exe: str | None, pid: int = 4242) -> Peer:
+    return Peer(pid=pid, uid=0, gid=0, exe=exe)
+
+
+def get_as(agent: Agent, who: Peer, **args: Any) -> dict[str, Any]:
+    outcome = settle(agent, agent.handle(request("get", **args), who))
+    assert isinstance(outcome, dict)
+    return outcome
+
+
+def get_fails_as(agent: Agent, who: Peer, **args: Any) -> errors.KeyagentError:
+    with pytest.raises(errors.KeyagentError) as caught:
+        settle(agent, agent.handle(request("get", **args), who))
+    return caught.value
+
+
+def add(agent: Agent, secret: str = SECRET, **args: Any) -> dict[str, Any]:
+    return run(agent, "add", host=HOST, user=USER, key=secret, **args)
+
+
+# --- not exportable ------------------------------------------------------------------------------
+
+
+def test_a_key_added_with_export_false_is_refused_by_get_as_forbidden(agent: Agent) -> None:
+    """get of a non-exportable key is forbidden, and the message points to the HTTP socket."""
+    add(agent, export=False)
+    error = fails(agent, "get")
+    assert type(error) is errors.Forbidden
+    assert error.code == "forbidden"
+    assert "KEYAGENT_HTTP_SOCK" in error.message
+    assert key_id_for(SECRET) in error.message
+    assert SECRET not in error.message
+
+
+def test_a_non_exportable_key_is_still_listed_with_its_flag(agent: Agent) -> None:
+    """list shows a non-exportable key, marked exportable: false, with the other rules."""
+    add(agent, export=False, confirm=True, allow_exe=[CURL])
+    (listed,) = run(agent, "list")["keys"]
+    assert (listed["exportable"], listed["confirm"], listed["allowed_exes"]) == (
+        False,
+        True,
+        [CURL],
+    )
+    assert SECRET not in json.dumps(listed)
+
+
+def test_the_agent_default_can_make_new_keys_non_exportable(fake_time: FakeTime) -> None:
+    """With default_export False (config export = false) a key is non-exportable unless its
+    add says export: true."""
+    agent = Agent(clock=fake_time.clock(), default_export=False)
+    assert add(agent)["exportable"] is False
+    assert type(fails(agent, "get")) is errors.Forbidden
+    assert add(agent, "another-S3CR3T", export=True)["exportable"] is True
+    assert run(agent, "get", key_id=key_id_for("another-S3CR3T"))["key"] == "another-S3CR3T"
+
+
+def test_check_use_without_export_allows_a_non_exportable_key(agent: Agent) -> None:
+    """A use that keeps the secret inside the agent (a proxied call) passes check_use."""
+    add(agent, export=False)
+    held = agent.held_keys.newest(agent.clock.monotonic())
+    assert driver_for(agent).run(agent.check_use(held, PEER, op="proxy", export=False)) is None
+    with pytest.raises(errors.Forbidden):
+        driver_for(agent).run(agent.check_use(held, PEER, op="get", export=True))
+
+
+def test_create_refuses_to_print_a_key_that_cannot_be_taken_out(agent: Agent) -> None:
+    """create with reveal and export false is refused before the service is asked."""
+    error = fails(agent, "create", host=HOST, user=USER, reveal=True, export=False)
+    assert type(error) is errors.BadRequest
+    assert "--print" in error.message
+    assert len(agent.held_keys) == 0
+
+
+def test_create_holds_the_key_with_its_rules(agent: Agent) -> None:
+    """create takes export, confirm and allow_exe like add."""
+    run(agent, "login", host=HOST, user=USER, password="pw")
+    created = run(agent, "create", host=HOST, user=USER, export=False, allow_exe=[TOOL])
+    assert (created["exportable"], created["confirm"], created["allowed_exes"]) == (
+        False,
+        False,
+        [TOOL],
+    )
+
+
+# --- nothing loosens a key ---------------------------------------------------------------------
+
+
+def test_re_adding_the_secret_keeps_the_stricter_rules(agent: Agent) -> None:
+    """Re-adding a key with looser rules keeps it non-exportable and confirmed."""
+    add(agent, export=False, confirm=True)
+    again = add(agent, export=True, confirm=False)
+    assert (again["exportable"], again["confirm"]) == (False, True)
+    assert type(fails(agent, "get")) is errors.Forbidden
+
+
+def test_re_adding_narrows_the_allowed_programs_to_those_both_name(agent: Agent) -> None:
+    """Allowed programs merge as an intersection; an empty side keeps the other's list."""
+    add(agent, allow_exe=[CURL, TOOL])
+    assert add(agent)["allowed_exes"] == [CURL, TOOL]  # no list: any program is not looser
+    assert add(agent, allow_exe=[TOOL, "/bin/other"])["allowed_exes"] == [TOOL]
+
+
+def test_re_adding_with_disjoint_programs_is_refused_and_changes_nothing(agent: Agent) -> None:
+    """Programs with none in common would leave no program (empty means any): refused."""
+    add(agent, allow_exe=[CURL], description="first")
+    error = fails(agent, "add", host=HOST, user=USER, key=SECRET, allow_exe=[TOOL], description="x")
+    assert type(error) is errors.BadRequest
+    assert "forget" in error.message
+    (listed,) = run(agent, "list")["keys"]
+    assert (listed["allowed_exes"], listed["description"]) == ([CURL], "first")
+
+
+# --- allowed programs --------------------------------------------------------------------------
+
+
+def test_only_an_allowed_program_gets_the_key(agent: Agent) -> None:
+    """A peer whose executable is allowed gets the key; another is denied, naming both."""
+    add(agent, allow_exe=[CURL])
+    assert get_as(agent, peer(CURL))["key"] == SECRET
+    error = get_fails_as(agent, peer("/usr/bin/python3.12", pid=77))
+    assert type(error) is errors.Denied
+    assert error.code == "denied"
+    assert CURL in error.message
+    assert "/usr/bin/python3.12" in error.message
+    assert "77" in error.message
+
+
+@pytest.mark.parametrize("exe", [None, f"{CURL} (deleted)", CURL + "/", "/usr/bin/curl2"])
+def test_an_unknown_or_replaced_executable_is_denied(agent: Agent, exe: str | None) -> None:
+    """An unreadable executable, a replaced one (' (deleted)') or a near miss is denied."""
+    add(agent, allow_exe=[CURL])
+    assert type(get_fails_as(agent, peer(exe))) is errors.Denied
+
+
+def test_a_get_of_a_restricted_key_is_answered_by_a_generator(agent: Agent) -> None:
+    """A get whose answer depends on the peer is a generator (which the server never
+    remembers); a plain key's get stays a plain dict."""
+    add(agent, "plain-S3CR3T")
+    plain = agent.handle(request("get", key_id=key_id_for("plain-S3CR3T")), peer(CURL))
+    assert isinstance(plain, dict)
+    add(agent, allow_exe=[CURL])
+    restricted = agent.handle(request("get", key_id=key_id_for(SECRET)), peer(CURL))
+    assert isinstance(restricted, GeneratorType)
+    restricted.close()
+
+
+def test_default_allowed_programs_apply_to_new_keys(fake_time: FakeTime) -> None:
+    """The agent's allow_exe default binds a key added without its own list."""
+    agent = Agent(clock=fake_time.clock(), default_allowed_exes=(TOOL,))
+    assert add(agent)["allowed_exes"] == [TOOL]
+    assert type(get_fails_as(agent, peer(CURL))) is errors.Denied
+    assert get_as(agent, peer(TOOL))["key"] == SECRET
+
+
+# --- confirmation ------------------------------------------------------------------------------
+
+
+def test_a_confirmed_key_asks_the_askpass_program_on_its_own_queue(
+    agent: Agent, askpass: FakeAskpass
+) -> None:
+    """get of a confirm key yields one Work on the confirm queue with the confirm timeout,
+    and answers with the key when the program allows."""
+    add(agent, confirm=True, description="laptop")
+    outcome = agent.handle(request("get"), peer(CURL, pid=99))
+    assert isinstance(outcome, GeneratorType)
+    work = next(outcome)
+    assert isinstance(work, Work)
+    assert (work.queue, work.timeout) == ("confirm", 7.0)
+    assert askpass.asked == []  # nothing runs on the loop
+    with pytest.raises(StopIteration) as ended:
+        outcome.send(work.fn())
+    assert ended.value.value == {"key": SECRET, "key_id": key_id_for(SECRET)}
+    ((program, question, timeout),) = askpass.asked
+    assert (program, timeout) == (ASKPASS, 7.0)
+    for part in (CURL, "99", key_id_for(SECRET), HOST, USER, "laptop", "get"):
+        assert part in question
+    assert SECRET not in question
+
+
+def test_the_question_carries_no_control_characters(agent: Agent, askpass: FakeAskpass) -> None:
+    """Control and format characters of the peer's executable never reach the question."""
+    add(agent, confirm=True, description="desc")
+    get_as(agent, peer("/tmp/x\x1b[31m\u202e\nprog"))
+    ((_, question, _),) = askpass.asked
+    assert question.isprintable()
+    assert "\n" not in question
+
+
+def test_a_refusal_at_the_prompt_is_denied(agent: Agent, askpass: FakeAskpass) -> None:
+    """The askpass program's refusal reaches the client as denied."""
+    add(agent, confirm=True)
+    askpass.answer = errors.Denied("refused at the prompt")
+    error = get_fails_as(agent, peer(CURL))
+    assert (type(error), error.message) == (errors.Denied, "refused at the prompt")
+
+
+def test_without_an_askpass_program_a_confirmed_key_is_denied(fake_time: FakeTime) -> None:
+    """No askpass program configured: denied, with a message saying how to set one."""
+    agent = Agent(clock=fake_time.clock())
+    add(agent, confirm=True)
+    error = get_fails_as(agent, peer(CURL))
+    assert type(error) is errors.Denied
+    assert "KEYAGENT_ASKPASS" in error.message
+
+
+def test_no_answer_within_the_timeout_is_denied(fake_time: FakeTime) -> None:
+    """When the confirmation outlasts confirm_timeout, the get is denied saying so."""
+    agent = Agent(clock=fake_time.clock(), askpass=ASKPASS, confirm_timeout=7.0)
+    add(agent, confirm=True)
+    driver = HeldWorkDriver(fake_time)
+    agent.driven_by(driver.start_background)
+    outcomes: list[tuple[object, errors.KeyagentError | None]] = []
+    driver.start(
+        agent.handle(request("get"), peer(CURL)),  # type: ignore[arg-type]
+        lambda result, error: outcomes.append((result, error)),
+    )
+    assert len(driver.held) == 1
+    driver.pass_time(7.5)
+    ((result, error),) = outcomes
+    assert result is None
+    assert error is not None
+    assert error.to_wire()["code"] == "denied"
+    assert "7 s" in error.message
+
+
+def test_a_key_forgotten_while_its_use_waits_is_not_served(fake_time: FakeTime) -> None:
+    """A key forgotten while the prompt shows is not handed out when the answer comes."""
+    agent = Agent(clock=fake_time.clock(), askpass=ASKPASS, confirmer=FakeAskpass())
+    add(agent, confirm=True)
+    driver = HeldWorkDriver(fake_time)
+    agent.driven_by(driver.start_background)
+    outcomes: list[tuple[object, errors.KeyagentError | None]] = []
+    driver.start(
+        agent.handle(request("get"), peer(CURL)),  # type: ignore[arg-type]
+        lambda result, error: outcomes.append((result, error)),
+    )
+    run(agent, "forget", all=True)
+    driver.end(driver.held[0])
+    ((result, error),) = outcomes
+    assert result is None
+    assert type(error) is errors.NotFound
+
+
+def test_a_use_already_confirmed_is_not_asked_again(agent: Agent, askpass: FakeAskpass) -> None:
+    """check_use with confirmed=True (a proxied connection allowed once) asks nothing."""
+    add(agent, confirm=True)
+    held = agent.held_keys.newest(agent.clock.monotonic())
+    check = agent.check_use(held, peer(CURL), op="proxy", export=False, confirmed=True)
+    assert driver_for(agent).run(check) is None
+    assert askpass.asked == []
+
+
+def test_allowed_programs_are_checked_before_anyone_is_asked(
+    agent: Agent, askpass: FakeAskpass
+) -> None:
+    """A program that may not use the key is denied without a prompt."""
+    add(agent, confirm=True, allow_exe=[CURL])
+    assert type(get_fails_as(agent, peer(TOOL))) is errors.Denied
+    assert askpass.asked == []
+
+
+# --- persistence -------------------------------------------------------------------------------
+
+
+def test_rules_survive_a_restart_through_the_keyring(fake_time: FakeTime) -> None:
+    """A persisted key comes back after a restart with its rules, still refused by get."""
+    backend = MemoryKeyring()
+    first = Agent(clock=fake_time.clock(), keyring=KeyringStore(backend))
+    add(first, persist=True, export=False, confirm=True, allow_exe=[CURL, TOOL])
+    second = Agent(clock=fake_time.clock(), keyring=KeyringStore(backend))
+    keys, _ = KeyringStore(backend).load_all(fake_time.wall)
+    assert second.restore(keys) == 1
+    (listed,) = run(second, "list")["keys"]
+    assert (listed["exportable"], listed["confirm"], listed["allowed_exes"]) == (
+        False,
+        True,
+        [CURL, TOOL],
+    )
+    assert type(fails(second, "get")) is errors.Forbidden
+
+
+def test_re_adding_a_persisted_key_saves_the_stricter_rules(fake_time: FakeTime) -> None:
+    """A persisted re-add with looser rules writes the merged (stricter) ones."""
+    backend = MemoryKeyring()
+    store = KeyringStore(backend)
+    agent = Agent(clock=fake_time.clock(), keyring=store)
+    add(agent, export=False)
+    add(agent, persist=True, export=True)
+    (saved,) = store.load_all(fake_time.wall)[0]
+    assert saved.digest == digest_of(SECRET)
+    assert saved.exportable is False
+
+
+# --- the rule for program paths, the protocol, the keyring records -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "fine"),
+    [
+        ("/usr/bin/curl", True),
+        ("/opt/my tool/run", True),
+        ("usr/bin/curl", False),
+        ("./curl", False),
+        ("/usr/bin/../bin/curl", False),
+        ("/usr/./bin/curl", False),
+        ("/usr//bin/curl", False),
+        ("/usr/bin/", False),
+        ("/", False),
+        ("", False),
+        ("/usr/bin/cu\x00rl", False),
+        ("/usr/bin/cu\nrl", False),
+        ("/" + "a" * 4095, False),
+    ],
+)
+def test_program_paths_must_be_absolute_and_normalised(path: str, fine: bool) -> None:
+    """An allowed program is an absolute, normalised path without control characters."""
+    from keyagent.rules import exe_path_problem
+
+    assert (exe_path_problem(path) is None) is fine
+
+
+def test_the_protocol_bounds_and_dedupes_allowed_programs() -> None:
+    """allow_exe takes at most 32 paths, each checked, and drops repeats in order."""
+    from keyagent.protocol import InvalidRequest, parse_request
+    from keyagent.rules import MAX_ALLOWED_EXES
+
+    line = json.dumps(
+        {"op": "add", "host": HOST, "user": USER, "key": SECRET, "allow_exe": [CURL, TOOL, CURL]}
+    ).encode()
+    assert parse_request(line).args["allow_exe"] == (CURL, TOOL)
+    for bad in (["relative/curl"], [f"/p{n}" for n in range(MAX_ALLOWED_EXES + 1)]):
+        message = {"op": "add", "host": HOST, "user": USER, "key": SECRET, "allow_exe": bad}
+        with pytest.raises(InvalidRequest) as caught:
+            parse_request(json.dumps(message).encode())
+        assert type(caught.value.error) is errors.BadRequest
+        assert "'allow_exe'" in caught.value.error.message
+
+
+def test_an_old_keyring_record_loads_with_the_default_rules(fake_time: FakeTime) -> None:
+    """A format-1 entry (written before rules) loads exportable, unconfirmed, any program."""
+    backend = MemoryKeyring()
+    store = KeyringStore(backend)
+    plain = Agent(clock=fake_time.clock(), keyring=store)
+    add(plain, persist=True)
+    entry = backend.get_password("keyagent", f"key:{digest_of(SECRET)}")
+    assert entry is not None
+    assert json.loads(entry)["v"] == 1
+    (loaded,) = store.load_all(fake_time.wall)[0]
+    assert (loaded.exportable, loaded.confirm, loaded.allowed_exes) == (True, False, ())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"exportable": "no"},
+        {"confirm": 1},
+        {"allowed_exes": "/usr/bin/curl"},
+        {"allowed_exes": ["relative"]},
+        {"v": 1, "exportable": False, "extra": 0},
+    ],
+    ids=["exportable", "confirm", "not-a-list", "relative", "rules-in-format-1"],
+)
+def test_a_record_with_unreadable_rules_never_loads_looser(
+    fake_time: FakeTime, change: dict[str, object]
+) -> None:
+    """A record whose rules are malformed is not loaded; rules found in a format-1 record
+    still bind the key (never loaded looser than its entry says)."""
+    backend = MemoryKeyring()
+    store = KeyringStore(backend)
+    agent = Agent(clock=fake_time.clock(), keyring=store)
+    add(agent, persist=True, export=False)
+    name = f"key:{digest_of(SECRET)}"
+    document = json.loads(backend.get_password("keyagent", name) or "")
+    assert document["v"] == 2
+    document.update(change)
+    backend.set_password("keyagent", name, json.dumps(document))
+    loaded = store.load_all(fake_time.wall)[0]
+    if change.get("v") == 1:
+        assert [key.exportable for key in loaded] == [False]
+    else:
+        assert loaded == []
+
+
+def test_a_restricted_record_is_written_in_a_format_older_agents_leave_alone(
+    fake_time: FakeTime,
+) -> None:
+    """Keys with rules are format 2, so a keyagent that predates rules skips them instead
+    of loading them without their rules."""
+    from keyagent.persist import RULES_FORMAT
+
+    backend = MemoryKeyring()
+    agent = Agent(clock=fake_time.clock(), keyring=KeyringStore(backend))
+    add(agent, persist=True, confirm=True)
+    document = json.loads(backend.get_password("keyagent", f"key:{digest_of(SECRET)}") or "")
+    assert document["v"] == RULES_FORMAT == 2
+    assert (document["exportable"], document["confirm"], document["allowed_exes"]) == (
+        True,
+        True,
+        [],
+    )
+
+
+# --- the agent's defaults: config file and hand-off ----------------------------------------------
+
+
+def test_config_reads_the_rule_defaults_and_resolves_program_paths(tmp_path: Path) -> None:
+    """export, allow_exe (resolved with realpath, relative to the file), askpass and
+    confirm_timeout come from the file; KEYAGENT_ASKPASS beats the file's askpass."""
+    from keyagent.config import load
+
+    real = tmp_path / "tools" / "real-tool"
+    real.parent.mkdir()
+    real.write_text("")
+    (tmp_path / "tools" / "link").symlink_to(real)
+    path = tmp_path / "config.toml"
+    path.write_text(
+        'export = false\nallow_exe = ["tools/link", "/usr/bin/env"]\n'
+        'askpass = "~/ask"\nconfirm_timeout = "1m"\n'
+    )
+    config = load(str(path), env={"HOME": "/home/ada"})
+    assert config.export is False
+    assert config.allow_exe == (str(real), os.path.realpath("/usr/bin/env"))
+    assert (config.askpass, config.confirm_timeout) == ("/home/ada/ask", 60.0)
+    from_env = load(str(path), env={"HOME": "/home/ada", "KEYAGENT_ASKPASS": "/opt/ask"})
+    assert from_env.askpass == "/opt/ask"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['allow_exe = "/usr/bin/curl"', "allow_exe = [1]", "confirm_timeout = 0", "export = 1"],
+)
+def test_config_refuses_bad_rule_defaults(tmp_path: Path, text: str) -> None:
+    """A rule default of the wrong shape is a ConfigError naming the setting."""
+    from keyagent.config import ConfigError, load
+
+    path = tmp_path / "config.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load(str(path), env={})
+    assert text.split(" ", maxsplit=1)[0] in caught.value.message
+
+
+def test_the_hand_off_carries_the_rule_defaults() -> None:
+    """The settings hand-off round-trips export, allow_exe, askpass and confirm_timeout, and
+    refuses a relative program path."""
+    from keyagent.handoff import HandoffError, Settings
+
+    values: dict[str, Any] = {
+        "lifetime": None, "ca_bundle": None, "connect_timeout": 5.0, "read_timeout": 30.0,
+        "validate_after": 300.0, "idle_timeout": 300.0, "line_timeout": 10.0,
+        "max_connections": 8, "max_keys": 8, "insecure": False, "persist": False,
+        "no_keyring": True, "ca_certificates": None, "export": False,
+        "allow_exe": (CURL,), "askpass": ASKPASS, "confirm_timeout": 5.0,
+    }  # fmt: skip
+    settings = Settings(**values)
+    again = Settings.from_dict(json.loads(json.dumps(settings.as_dict())))
+    assert again == settings
+    assert (again.export, again.allow_exe, again.askpass, again.confirm_timeout) == (
+        False,
+        (CURL,),
+        ASKPASS,
+        5.0,
+    )
+    with pytest.raises(HandoffError):
+        Settings.from_dict({**settings.as_dict(), "allow_exe": ["relative"]})

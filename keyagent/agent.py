@@ -860,19 +860,22 @@ class Agent:
         user: str | None,
         key_id: str | None,
         confirmed: frozenset[str] = frozenset(),
-    ) -> Grant:
+    ) -> Steps:
         """Credentials for one proxied request to ``host``, as for the agent's own calls: the
         account's live session, else its newest held key; ``key_id`` picks a held key.
 
         ``user`` may be omitted when the agent holds credentials for one account of ``host``
         only. ``confirmed``: digests of keys the user already allowed on this connection.
+        A held key is lent only as its rules allow (:meth:`check_use`: allowed programs,
+        confirmation), never refused for being non-exportable: this is what those are for.
+        Returns a :class:`Grant`.
         """
         if self.lock.locked:
             raise Locked()
         now = self.clock.monotonic()
         if key_id is not None:
             held = self.held_keys.newest(now, host, user, key_id)
-            return self._lend(held, peer, confirmed)
+            return (yield from self._lend(held, peer, confirmed))
         accounts = {
             session.user
             for session in self.sessions.values()
@@ -903,7 +906,7 @@ class Agent:
                 f"the session of {user} at {host} has ended and the agent holds no key for it;"
                 " run keyagent-ctl login"
             ) from None
-        return self._lend(held, peer, confirmed)
+        return (yield from self._lend(held, peer, confirmed))
 
     def proxy_session_expired(
         self,
@@ -912,19 +915,29 @@ class Agent:
         user: str,
         key_id: str | None,
         confirmed: frozenset[str] = frozenset(),
-    ) -> Grant:
+    ) -> Steps:
         """The service refused a proxied request made with the session: the session has
         expired. Note it, as the agent's own calls do, and pick credentials again."""
         session = self.sessions.get((host, user))
         if session is not None and session.live:
             session.mark_expired()
             log.info("session of %s on %s expired", user, host)
-        return self.authorize_proxy(peer, host, user, key_id, confirmed)
+        return (yield from self.authorize_proxy(peer, host, user, key_id, confirmed))
 
-    def _lend(self, held: HeldKey, peer: Peer, confirmed: frozenset[str]) -> Grant:
+    def _lend(self, held: HeldKey, peer: Peer, confirmed: frozenset[str]) -> Steps:
+        yield from self.check_use(
+            held, peer, op="proxy", export=False, confirmed=held.digest in confirmed
+        )
+        # Asking the user took time: the key may be gone, or the agent locked, since.
+        if self.lock.locked:
+            raise Locked()
+        if next(self.held_keys.matching(self.clock.monotonic(), key_id=held.digest), None) is None:
+            raise NotFound(f"key {held.key_id} was forgotten or expired; add it again")
         log.debug("lending key %s to pid %d for a proxied request", held.key_id, peer.pid)
-        return Grant(held.host, held.user, header="Authorization", value=f"Bearer {held.secret}",
-                     held=held)  # fmt: skip
+        return Grant(
+            held.host, held.user, header="Authorization", value=f"Bearer {held.secret}",
+            held=held, confirmed=held.confirm,
+        )  # fmt: skip
 
     # --- helpers for remote operations ---------------------------------------------------
 

@@ -507,7 +507,7 @@ class Server:
             sock.close()
             return
         sock.setblocking(True)
-        peer = Peer(pid, uid, gid)
+        peer = Peer(pid, uid, gid, peer_exe(pid))
         handler = self.http_handler
         self._http_threads += 1
 

@@ -61,7 +61,7 @@ def http_path(agent: AgentProcess) -> str:
 
 def curl(
     agent: AgentProcess, emu: Emulator, *urls: str, program: str | None = None
-) -> list[tuple[int, dict[str, object]]]:
+) -> list[tuple[int, dict[str, Any]]]:
     """One curl process (one connection, keep-alive) fetching each URL: status and JSON."""
     assert CURL is not None
     command = [program or CURL, "-sS", "--unix-socket", http_path(agent)]

@@ -45,6 +45,9 @@ key                 type         default   environment             used by
 ``line_timeout``    duration     10        -                       keyagent
 ``max_connections`` integer >= 1 1024      -                       keyagent
 ``max_keys``        integer >= 1 100000    -                       keyagent: keys held at once
+``audit_entries``   integer 0 to 10000     -                       keyagent: audit entries
+                    1000000                                        kept in memory (0: none;
+                                                                   still logged)
 =================== ============ ========= ======================= ==========================
 
 ``insecure`` (default false) exists on the command line only. In a file it is refused: a
@@ -93,10 +96,12 @@ from keyagent.errors import BadConfig
 from keyagent.rules import (
     MAX_USER,
     NOT_A_COUNT,
+    NOT_AN_ENTRY_COUNT,
     NOT_POSITIVE,
     NOT_SECONDS,
     count_problem,
     duration_problem,
+    entry_count_problem,
     host_problem,
     path_problem,
     user_problem,
@@ -171,6 +176,7 @@ class Config:
     line_timeout: float = 10.0
     max_connections: int = 1024
     max_keys: int = 100_000
+    audit_entries: int = 10_000
     path: str = ""
     """The configuration file that was consulted (absolute)."""
     path_source: str = "default"
@@ -333,6 +339,14 @@ def _positive_int(value: object, _: _Context) -> int:
     raise _Invalid(problem or NOT_A_COUNT, _show(value) if number else _kind(value))
 
 
+def _entry_count(value: object, _: _Context) -> int:
+    problem = entry_count_problem(value)
+    if problem is None and isinstance(value, int):
+        return value
+    number = isinstance(value, int) and not isinstance(value, bool)
+    raise _Invalid(problem or NOT_AN_ENTRY_COUNT, _show(value) if number else _kind(value))
+
+
 @dataclass(frozen=True)
 class _Spec:
     parse: Callable[[object, _Context], object]
@@ -355,6 +369,7 @@ _SPECS: Final[Mapping[str, _Spec]] = {
     "line_timeout": _Spec(_duration, 10.0),
     "max_connections": _Spec(_positive_int, 1024),
     "max_keys": _Spec(_positive_int, 100_000),
+    "audit_entries": _Spec(_entry_count, 10_000),
 }
 
 SETTINGS: Final[tuple[str, ...]] = tuple(_SPECS)
@@ -722,6 +737,7 @@ def load(
         line_timeout=cast("float", pick("line_timeout")),
         max_connections=cast("int", pick("max_connections")),
         max_keys=cast("int", pick("max_keys")),
+        audit_entries=cast("int", pick("audit_entries")),
         path=file_path,
         path_source=how,
         file_found=file is not None,

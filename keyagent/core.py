@@ -292,6 +292,7 @@ def serve(
         validate_after=settings["validate_after"],
         keyring=None if settings["no_keyring"] else KeyringStore(),
         max_keys=settings.get("max_keys"),
+        audit_entries=settings["audit_entries"],
     )
     if agent.keyring is not None:
         restore_persisted(agent, agent.keyring)

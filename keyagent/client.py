@@ -21,7 +21,7 @@ from keyagent.errors import AgentUnreachable, ProtocolError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import builtins
-    from collections.abc import Iterator
+    from collections.abc import Generator
     from typing import Any
 
 DEFAULT_TIMEOUT = 60.0
@@ -267,7 +267,7 @@ class Client:
             raise ProtocolError()
         return entries
 
-    def follow_log(self, n: int | None = None) -> Iterator[dict[str, Any]]:
+    def follow_log(self, n: int | None = None) -> Generator[dict[str, Any], None, None]:
         """The last ``n`` audit entries (all kept, without ``n``), then each new one as the
         agent records it, for as long as the caller iterates. Waits without a timeout; the
         connection is given to following, and closed when the iteration ends.

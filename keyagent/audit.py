@@ -41,11 +41,17 @@ DEFAULT_AUDIT_ENTRIES: Final = 10_000
 log = get_logger("keyagent.audit", floor=INFO)
 
 
+_second: list[object] = [None, ""]
+"""The last whole second :func:`timestamp` formatted, and its text: entries come in bursts."""
+
+
 def timestamp(wall: float) -> str:
     """``wall`` (POSIX seconds) as ISO 8601 in UTC with milliseconds: 2026-11-30T01:16:51.042Z."""
     whole = int(wall)
     millis = min(999, int((wall - whole) * 1000))
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+    if _second[0] != whole:
+        _second[:] = [whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))]
+    return f"{_second[1]}.{millis:03d}Z"
 
 
 class AuditEntry(
@@ -103,22 +109,31 @@ class AuditEntry(
         allow) is written as a JSON string, so one entry is always one line and a reader can
         split it back into fields.
         """
-        parts = [f"audit time={timestamp(self.time)}"]
         values: tuple[object, ...] = tuple(self)
-        for name, value in zip(self._fields[1:], values[1:], strict=True):
-            if value is not None:
-                parts.append(f"{name}={_quoted(value)}")
-        return " ".join(parts)
+        fields = [
+            f"{name}={_quoted(value)}"
+            for name, value in zip(_NAMES, values[1:], strict=True)
+            if value is not None
+        ]
+        return f"audit time={timestamp(self.time)} {' '.join(fields)}"
 
 
-_PLAIN: Final = frozenset(
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789@._-:/+[]%,"
-)
+_NAMES: Final = AuditEntry._fields[1:]
 
 
 def _quoted(value: object) -> str:
+    if isinstance(value, int):
+        return str(value)
     text = str(value)
-    if text and _PLAIN.issuperset(text):
+    if (
+        text.isascii()
+        and text.isprintable()
+        and " " not in text
+        and '"' not in text
+        and "=" not in text
+        and "\\" not in text
+        and text
+    ):
         return text
     return json.dumps(text)  # ASCII only: controls, quotes, spaces and non-ASCII escaped
 

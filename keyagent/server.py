@@ -767,10 +767,10 @@ class Server:
     # After the reply with the entries so far, a follower's connection carries one line per
     # new entry, {"id": ID, "entry": {...}}, until the client closes it or shuts down its
     # sending side. It stays "busy" (no later request of it is answered, and it is never
-    # idle: it waits on the agent). What it has not
-    # read is bounded like any client's, by max_pending_output: a follower that falls that
-    # far behind is dropped rather than buffered for. Being dropped, or a lock, ends it with
-    # a last line (a ``busy`` or ``locked`` error); it closes once that line is sent.
+    # idle: it waits on the agent). What it has not read is bounded like any client's, by
+    # max_pending_output: a follower that falls that far behind is dropped rather than
+    # buffered for. Being dropped, or a lock, ends it with a last line (a ``busy`` or
+    # ``locked`` error); it closes once that line is sent.
 
     def _follow(
         self, conn: Connection, request_id: protocol.Scalar, result: dict[str, Any]

@@ -11,7 +11,13 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from keyagent.duration import parse_duration
-from keyagent.rules import TOO_LONG, count_problem, duration_problem
+from keyagent.rules import (
+    NOT_AN_ENTRY_COUNT,
+    TOO_LONG,
+    count_problem,
+    duration_problem,
+    entry_count_problem,
+)
 
 EXIT_USAGE = 64
 """Exit status of a wrong command line (sysexits' EX_USAGE)."""
@@ -56,6 +62,18 @@ def count_type(text: str) -> int:
         value = 0
     if count_problem(value) is not None:
         raise argparse.ArgumentTypeError(f"'{text}' is not a positive whole number")
+    return value
+
+
+def entry_count_type(text: str) -> int:
+    """An argparse ``type=`` for counts of audit entries (``--audit-entries``, ``log -n``): a
+    whole number from 0 up, :func:`keyagent.rules.entry_count_problem`."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if entry_count_problem(value) is not None:
+        raise argparse.ArgumentTypeError(f"'{text}' is not {NOT_AN_ENTRY_COUNT}")
     return value
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from keyagent import __version__
 from keyagent.askpass import printable, run_askpass
+from keyagent.audit import DEFAULT_AUDIT_ENTRIES, AuditEntry, AuditLog
 from keyagent.effects import Late, Overdue, Sleep, Work
 from keyagent.errors import (
     Ambiguous,
@@ -28,6 +29,7 @@ from keyagent.errors import (
     BadRequest,
     Denied,
     Forbidden,
+    Internal,
     KeyagentError,
     KeyringUnavailable,
     Locked,
@@ -43,7 +45,17 @@ from keyagent.log import get_logger
 from keyagent.persist import KeyringStore, PersistedKey
 from keyagent.protocol import KEY_ID_MAX, KEY_ID_SHOWN, MAX_LIFETIME, OPS, PROTOCOL_VERSION, Request
 from keyagent.sessions import Plan, RemoteResult, Session, run_remote
-from keyagent.store import HeldKey, KeyStore, Lock, derive, digest_of, iso, new_salt, stricter
+from keyagent.store import (
+    HeldKey,
+    KeyStore,
+    Lock,
+    derive,
+    digest_of,
+    iso,
+    key_id_for,
+    new_salt,
+    stricter,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -67,9 +79,19 @@ class Stop(namedtuple("Stop", ["result"])):
     result: Result
 
 
+class Follow(namedtuple("Follow", ["result"])):
+    """Send ``result`` (the audit entries so far), then keep the connection and send each new
+    audit entry on it until the client goes (``log`` with ``follow``; see the server)."""
+
+    __slots__ = ()
+
+    result: Result
+
+
 if TYPE_CHECKING:
-    Outcome = Result | Stop | Steps
-    """What a handler returns: a result, a :class:`Stop`, or a generator for the driver."""
+    Outcome = Result | Stop | Follow | Steps
+    """What a handler returns: a result, a :class:`Stop` or :class:`Follow`, or a generator
+    for the driver."""
 
 
 class Peer(namedtuple("Peer", ["pid", "uid", "gid", "exe"], defaults=[None])):
@@ -90,6 +112,12 @@ agent's user or root can signal it, and the lock does not stop such a request (s
 :meth:`Agent.handle`): a screen-lock hook must be able to drop keys from a locked agent."""
 ALLOWED_WHILE_LOCKED: Final = frozenset({"hello", "status", "unlock", "stop"})
 """Stopping reveals nothing (ssh-agent can be killed while locked too)."""
+AUDITED: Final = frozenset(
+    {"get", "add", "create", "remove", "forget", "login", "logout", "lock", "unlock", "stop"}
+)
+"""Operations recorded in the audit log however they end: each use of a secret, each change."""
+AUDITED_REFUSALS: Final = frozenset({"locked", "forbidden", "denied"})
+"""Error codes recorded for the other operations too (``list`` refused while locked, say)."""
 MEMOIZABLE: Final = frozenset({"get", "hello"})
 """Operations whose reply depends only on :meth:`Agent.state_token` and the clock, when
 their handler answers at once. A ``get`` of a key whose use depends on who asks (allowed
@@ -172,6 +200,7 @@ class Agent:
         askpass: str | None = None,
         confirm_timeout: float = 30.0,
         confirmer: Callable[[str, str, float], None] = run_askpass,
+        audit_entries: int = DEFAULT_AUDIT_ENTRIES,
     ) -> None:
         if default_lifetime is not None and not 0 < default_lifetime <= MAX_LIFETIME:
             raise ValueError("the default lifetime must be positive and at most ten years")
@@ -182,6 +211,7 @@ class Agent:
         self.default_lifetime = default_lifetime
         self.default_persist = default_persist
         self.held_keys = KeyStore(max_keys)
+        self.audit_log = AuditLog(audit_entries)
         self._reserved = 0
         """Places for keys that requests still waiting (create, add with persist) will fill."""
         self.lock = Lock()
@@ -215,6 +245,7 @@ class Agent:
             "lock": self.process_lock,
             "unlock": self.process_unlock,
             "stop": self.process_stop,
+            "log": self.process_log,
         }
         if accounts is not None:
             self._handlers.update(
@@ -231,7 +262,23 @@ class Agent:
     # --- dispatch ------------------------------------------------------------------------
 
     def handle(self, request: Request, peer: Peer) -> Outcome:
-        """Dispatch one validated request; the locked check comes before any handler."""
+        """Dispatch one validated request; the locked check comes before any handler.
+
+        The audit log is written here, for every handler: a request of :data:`AUDITED` (or one
+        refused with a code of :data:`AUDITED_REFUSALS`) is recorded once, with how it ended:
+        a quick one now, one that waits when its generator has ended.
+        """
+        try:
+            outcome = self._dispatch(request, peer)
+        except KeyagentError as error:
+            self._audit_request(request, peer, None, error)
+            raise
+        if isinstance(outcome, dict | Stop | Follow):
+            self._audit_request(request, peer, outcome, None)
+            return outcome
+        return self._audited(request, peer, outcome)
+
+    def _dispatch(self, request: Request, peer: Peer) -> Outcome:
         handler = self._handlers.get(request.op)
         if handler is None:
             # Known to the protocol, not served by this agent's configuration.
@@ -244,6 +291,117 @@ class Agent:
         if request.op == "get":  # the one operation whose answer depends on who asks
             return self.process_get(request.args, peer)
         return handler(request.args)
+
+    # --- the audit log -------------------------------------------------------------------
+
+    def _audited(self, request: Request, peer: Peer, steps: Steps) -> Steps:
+        """``steps``, recorded in the audit log when it ends (its result or its error)."""
+        try:
+            result = yield from steps
+        except KeyagentError as error:
+            self._audit_request(request, peer, None, error)
+            raise
+        except Exception:
+            self._audit_request(request, peer, None, Internal())
+            raise
+        self._audit_request(request, peer, result, None)
+        return result
+
+    def _audit_request(
+        self,
+        request: Request,
+        peer: Peer,
+        result: Result | Stop | Follow | None,
+        error: KeyagentError | None,
+    ) -> None:
+        op = request.op
+        if error is not None:
+            outcome = error.to_wire()["code"]  # an Overdue's is the error the client gets
+            if op not in AUDITED and outcome not in AUDITED_REFUSALS:
+                return
+        elif op not in AUDITED:
+            return
+        else:
+            outcome = "ok"
+        found: Mapping[str, Any] = {}
+        if isinstance(result, Stop | Follow):
+            found = result.result
+        elif isinstance(result, dict):
+            found = result
+        args = request.args
+        # Named members only: the key, a password or a passphrase is never read here.
+        key_id = found.get("key_id") or args.get("key_id")
+        if key_id is None and "key" in args:  # add, or remove by key: its id, not the key
+            key_id = key_id_for(args["key"])
+        host, user = found.get("host") or args.get("host"), found.get("user") or args.get("user")
+        if op == "get":
+            if args.get("purpose") == "exec":
+                op = "exec"
+            secret = found.get("key")
+            if secret is not None:
+                held = self.held_keys.holding(digest_of(secret))
+                if held is not None:  # the account of the key served, not the request's filter
+                    host, user = held.host, held.user
+                if self.lock.locked:  # the server withholds a key locked before its reply
+                    outcome = Locked.code
+        self.audit(op, peer, outcome=outcome, key_id=key_id, host=host, user=user)
+
+    def audit(
+        self,
+        op: str,
+        peer: Peer,
+        *,
+        outcome: str = "ok",
+        key_id: str | None = None,
+        host: str | None = None,
+        user: str | None = None,
+        method: str | None = None,
+        path: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        """Record one entry in the audit log (on the loop): ``op`` asked by ``peer``, ended
+        with ``outcome`` ("ok" or an error code). For a proxied request (``op`` "proxy"),
+        ``method``, ``path`` (its query string and fragment are cut off here) and the
+        upstream ``status``. Never pass a secret: no field is meant for one."""
+        if path is not None:
+            path = path.partition("?")[0].partition("#")[0]
+        signalled = peer is SIGNAL_PEER  # the agent's own request, on SIGUSR1: no process
+        self.audit_log.record(
+            AuditEntry(
+                self.clock.wall(),
+                op,
+                outcome,
+                key_id,
+                host,
+                user,
+                None if signalled else peer.pid,
+                None if signalled else peer.uid,
+                getattr(peer, "exe", None),
+                method,
+                path,
+                status,
+            )
+        )
+
+    def audit_again(self, entry: AuditEntry, peer: Peer) -> None:
+        """Record ``entry`` again, now, for ``peer``: a request answered from the server's
+        memo of replies is the same request as the one that made ``entry``."""
+        self.audit_log.record(
+            AuditEntry(
+                self.clock.wall(),
+                entry.op,
+                entry.outcome,
+                entry.key_id,
+                entry.host,
+                entry.user,
+                peer.pid,
+                peer.uid,
+                getattr(peer, "exe", None),
+                entry.method,
+                entry.path,
+                entry.status,
+            )
+        )
 
     def state_token(self) -> tuple[int, bool]:
         """Changes whenever a ``get`` or ``hello`` could be answered differently."""
@@ -651,6 +809,11 @@ class Agent:
 
     def _next_guess_at(self) -> float:
         return self.lock.not_before
+
+    def process_log(self, args: Mapping[str, Any]) -> Result | Follow:
+        entries = [entry.to_json() for entry in self.audit_log.last(args.get("n"))]
+        result: Result = {"entries": entries}
+        return Follow(result) if args.get("follow") else result
 
     def process_stop(self, args: Mapping[str, Any]) -> Stop:
         log.info("stop requested")

@@ -21,7 +21,7 @@ import os
 import sys
 
 from keyagent.client import Client
-from keyagent.errors import AgentUnreachable, BadConfig, KeyagentError, ProtocolError
+from keyagent.errors import AgentUnreachable, BadConfig, BadRequest, KeyagentError, ProtocolError
 
 # argparse and getpass are imported where they are used: `keyagent-ctl get` runs in other
 # tools' hot paths and takes a fast path that needs neither.
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from keyagent import __version__
     from keyagent._argparse import UsageParser as _Parser
-    from keyagent._argparse import duration_type, renamed
+    from keyagent._argparse import duration_type, entry_count_type, renamed
     from keyagent.protocol import MAX_LIFETIME
 
     # The agent's own limits, checked here too: a wrong value is a usage error (exit 64)
@@ -212,6 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
     command("stop", "stop the agent")
 
     command("config", "print the effective configuration and where each value comes from")
+
+    p = command("log", "show the audit log: who used which key, and what changed")
+    p.add_argument("--json", action="store_true", help="print JSON, one entry per line")
+    p.add_argument(
+        "-n",
+        type=entry_count_type,
+        metavar="N",
+        help="the last N entries only (default: all the agent keeps; 10 with --follow)",
+    )
+    p.add_argument(
+        "--follow",
+        "-f",
+        action="store_true",
+        help="then print each new entry as it happens, until interrupted (Ctrl-C)",
+    )
 
     p = command("exec", "run a command with the key in its environment")
     p.add_argument(
@@ -658,7 +673,13 @@ def cmd_exec(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextI
             f" default {DEFAULT_ENV_NAME}"
         )
     host, user = _selectors(args)
-    key = client.get(host, user, args.key_id)
+    try:
+        key = client.get(host, user, args.key_id, purpose="exec")
+    except BadRequest as error:
+        if "'purpose'" not in error.message:
+            raise
+        # An agent older than the audit log takes no purpose: it records nothing anyway.
+        key = client.get(host, user, args.key_id)
     client.close()
     if not key or not key.isprintable() or " " in key:
         # The agent refuses such keys; a process answering in its place might not. A NUL
@@ -724,6 +745,55 @@ def cmd_create(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
             f"created key {shown(created.get('key_id'))} for {shown(user)}@{shown(host)};"
             " held by the agent\n"
         )
+    return EXIT_OK
+
+
+LOG_HEADER = ["TIME", "OP", "OUTCOME", "KEY_ID", "HOST", "USER", "PID", "EXE", "REQUEST"]
+FOLLOW_WIDTHS = (24, 7, 14, 12, 20, 24, 7, 0, 0)
+"""Column widths of ``log --follow``'s table, which cannot measure entries yet to come."""
+
+
+def _log_row(entry: dict[str, Any]) -> list[str]:
+    def cell(name: str) -> str:
+        value = entry.get(name)
+        return "-" if value is None else str(value)
+
+    request = ""
+    if entry.get("method") is not None or entry.get("path") is not None:
+        request = f"{cell('method')} {cell('path')} {cell('status')}"
+    return [
+        cell("time"), cell("op"), cell("outcome"), cell("key_id"), cell("host"), cell("user"),
+        cell("pid"), cell("exe"), request,
+    ]  # fmt: skip
+
+
+def _follow_line(row: list[str]) -> str:
+    cells = [shown(cell).ljust(width) for cell, width in zip(row, FOLLOW_WIDTHS, strict=True)]
+    return "  ".join(cells).rstrip() + "\n"
+
+
+def cmd_log(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
+    if args.follow:
+        if not args.json:
+            out.write(_follow_line(LOG_HEADER))
+            out.flush()
+        # Until Ctrl-C (130) or a closed pipe (141); the agent may end it with an error.
+        for entry in client.follow_log(10 if args.n is None else args.n):
+            out.write(
+                json.dumps(entry, sort_keys=True) + "\n"
+                if args.json
+                else _follow_line(_log_row(entry))
+            )
+            out.flush()
+        return EXIT_OK
+    entries = client.log(args.n)
+    if args.json:
+        for entry in entries:
+            out.write(json.dumps(entry, sort_keys=True) + "\n")
+    elif not entries:
+        out.write("no audit entries\n")
+    else:
+        _table([LOG_HEADER, *(_log_row(entry) for entry in entries)], out)
     return EXIT_OK
 
 
@@ -824,6 +894,7 @@ HANDLERS: dict[str, Handler] = {  # annotation only: Handler exists for the type
     "stop": cmd_stop,
     "exec": cmd_exec,
     "config": cmd_config,
+    "log": cmd_log,
     "login": cmd_login,
     "logout": cmd_logout,
     "create": cmd_create,

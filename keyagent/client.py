@@ -20,7 +20,8 @@ from keyagent.errors import AgentUnreachable, ProtocolError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    import builtins
+    from collections.abc import Generator, Sequence
     from typing import Any
 
 DEFAULT_TIMEOUT = 60.0
@@ -150,6 +151,11 @@ class Client:
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         """Send one request and return its result; raise the agent's error as its leaf."""
+        request_id = self._send(op, args)
+        return self._reply_to(request_id)
+
+    def _send(self, op: str, args: dict[str, Any]) -> int:
+        """Send one request; its id."""
         sock = self._live_socket()
         self._next_id += 1
         request_id = self._next_id
@@ -164,6 +170,12 @@ class Client:
                 f"could not send to {self.socket_path} ({os.strerror(error.errno or 0)});"
                 f" retry{self._systemd_hint()}"
             ) from None
+        return request_id
+
+    def _reply_to(self, request_id: int) -> dict[str, Any]:
+        """Read the reply to ``request_id``: its result, or the agent's error raised."""
+        sock = self._sock
+        assert sock is not None  # noqa: S101  # _send connected
         try:
             reply = wire.parse_reply(self._read_line(sock))
         except ValueError:
@@ -222,10 +234,16 @@ class Client:
         )
 
     def get(
-        self, host: str | None = None, user: str | None = None, key_id: str | None = None
+        self,
+        host: str | None = None,
+        user: str | None = None,
+        key_id: str | None = None,
+        *,
+        purpose: str | None = None,
     ) -> str:
-        """The secret of the newest matching key."""
-        result = self.call("get", host=host, user=user, key_id=key_id)
+        """The secret of the newest matching key. ``purpose``: "exec" when the key goes into
+        a command's environment (the audit log records the request as ``exec``)."""
+        result = self.call("get", host=host, user=user, key_id=key_id, purpose=purpose)
         key = result.get("key")
         if not isinstance(key, str):
             raise ProtocolError()
@@ -253,6 +271,50 @@ class Client:
     def stop(self) -> None:
         self.call("stop")
         self.close()
+
+    def log(self, n: int | None = None) -> builtins.list[dict[str, Any]]:
+        """The audit log's entries, oldest first: the last ``n``, or all the agent keeps."""
+        entries = self.call("log", n=n).get("entries")
+        if not isinstance(entries, list):
+            raise ProtocolError()
+        return entries
+
+    def follow_log(self, n: int | None = None) -> Generator[dict[str, Any], None, None]:
+        """The last ``n`` audit entries (all kept, without ``n``), then each new one as the
+        agent records it, for as long as the caller iterates. Waits without a timeout; the
+        connection is given to following, and closed when the iteration ends.
+
+        The agent ends following by an error, raised here: ``busy`` if this client fell too
+        far behind (entries were dropped), ``locked`` when the agent is locked.
+        """
+        request_id = self._send("log", {"n": n, "follow": True})
+        try:
+            entries = self._reply_to(request_id).get("entries")
+            if not isinstance(entries, list):
+                raise ProtocolError()
+            yield from entries
+            sock = self._sock
+            assert sock is not None  # noqa: S101  # the reply came on it
+            sock.settimeout(None)  # entries come when something happens, however late
+            while True:
+                line = self._read_line(sock)
+                try:
+                    message = wire.decode(line)
+                except ValueError:
+                    raise ProtocolError() from None
+                if isinstance(message, dict) and "entry" in message:
+                    entry = message["entry"]
+                    if message.get("id") != request_id or not isinstance(entry, dict):
+                        raise ProtocolError()
+                    yield entry
+                    continue
+                try:
+                    reply = wire.parse_reply(line)
+                except ValueError:
+                    raise ProtocolError() from None
+                raise reply.error or ProtocolError()
+        finally:
+            self.close()
 
     def login(self, host: str, user: str, password: str) -> dict[str, Any]:
         return self.call("login", host=host, user=user, password=password)

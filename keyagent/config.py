@@ -45,6 +45,9 @@ key                 type         default   environment             used by
 ``line_timeout``    duration     10        -                       keyagent
 ``max_connections`` integer >= 1 1024      -                       keyagent
 ``max_keys``        integer >= 1 100000    -                       keyagent: keys held at once
+``audit_entries``   integer 0 to 10000     -                       keyagent: audit entries
+                    1000000                                        kept in memory (0: none;
+                                                                   still logged)
 ``export``          boolean      true      -                       keyagent: whether new keys
                                                                    may be taken out (get,
                                                                    exec) unless add/create
@@ -112,10 +115,12 @@ from keyagent.rules import (
     MAX_ALLOWED_EXES,
     MAX_USER,
     NOT_A_COUNT,
+    NOT_AN_ENTRY_COUNT,
     NOT_POSITIVE,
     NOT_SECONDS,
     count_problem,
     duration_problem,
+    entry_count_problem,
     exe_list_problem,
     exe_path_problem,
     host_problem,
@@ -196,6 +201,7 @@ class Config:
     allow_exe: tuple[str, ...] = ()
     askpass: str | None = None
     confirm_timeout: float = 30.0
+    audit_entries: int = 10_000
     path: str = ""
     """The configuration file that was consulted (absolute)."""
     path_source: str = "default"
@@ -374,6 +380,14 @@ def _positive_int(value: object, _: _Context) -> int:
     raise _Invalid(problem or NOT_A_COUNT, _show(value) if number else _kind(value))
 
 
+def _entry_count(value: object, _: _Context) -> int:
+    problem = entry_count_problem(value)
+    if problem is None and isinstance(value, int):
+        return value
+    number = isinstance(value, int) and not isinstance(value, bool)
+    raise _Invalid(problem or NOT_AN_ENTRY_COUNT, _show(value) if number else _kind(value))
+
+
 @dataclass(frozen=True)
 class _Spec:
     parse: Callable[[object, _Context], object]
@@ -400,6 +414,7 @@ _SPECS: Final[Mapping[str, _Spec]] = {
     "allow_exe": _Spec(_programs, ()),
     "askpass": _Spec(_path, None, env="KEYAGENT_ASKPASS"),
     "confirm_timeout": _Spec(_duration, 30.0),
+    "audit_entries": _Spec(_entry_count, 10_000),
 }
 
 SETTINGS: Final[tuple[str, ...]] = tuple(_SPECS)
@@ -771,6 +786,7 @@ def load(
         allow_exe=cast("tuple[str, ...]", pick("allow_exe")),
         askpass=cast("str | None", pick("askpass")),
         confirm_timeout=cast("float", pick("confirm_timeout")),
+        audit_entries=cast("int", pick("audit_entries")),
         path=file_path,
         path_source=how,
         file_found=file is not None,

@@ -356,6 +356,7 @@ def serve(
         # environment: a variable changed later cannot name another program.
         askpass=settings.get("askpass"),
         confirm_timeout=settings.get("confirm_timeout", 30.0),
+        audit_entries=settings["audit_entries"],
     )
     agent.http_socket_path = None if http is None else http[0]
     if agent.keyring is not None:

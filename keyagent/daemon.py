@@ -32,7 +32,13 @@ from collections.abc import Sequence
 from typing import NamedTuple, NoReturn, TextIO
 
 from keyagent import __version__, paths
-from keyagent._argparse import EXIT_USAGE, UsageParser, count_type, duration_type
+from keyagent._argparse import (
+    EXIT_USAGE,
+    UsageParser,
+    count_type,
+    duration_type,
+    entry_count_type,
+)
 from keyagent.config import ConfigError
 from keyagent.config import load as load_config
 from keyagent.handoff import Handoff, Settings
@@ -127,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="keys held at once (default 100000); add and create beyond it answer 'too_many'",
+    )
+    parser.add_argument(
+        "--audit-entries",
+        type=entry_count_type,
+        default=None,
+        metavar="N",
+        help="audit log entries kept in memory for keyagent-ctl log (default 10000; 0: none,"
+        " entries are still written to the agent's log)",
     )
     conduce = parser.add_argument_group("Conduce service")
     conduce.add_argument(
@@ -379,7 +393,7 @@ def configure_logging(*, debug: bool) -> None:
 
 CONFIGURED = (
     "lifetime", "ca_bundle", "connect_timeout", "read_timeout", "validate_after",
-    "idle_timeout", "line_timeout", "max_connections", "max_keys",
+    "idle_timeout", "line_timeout", "max_connections", "max_keys", "audit_entries",
 )  # fmt: skip
 FILE_ONLY = ("export", "allow_exe", "askpass", "confirm_timeout")
 """Settings with no flag of their own: from the environment, the file or the default."""

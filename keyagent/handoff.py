@@ -13,7 +13,13 @@ from __future__ import annotations
 
 import json
 
-from keyagent.rules import count_problem, duration_problem, exe_list_problem, path_problem
+from keyagent.rules import (
+    count_problem,
+    duration_problem,
+    entry_count_problem,
+    exe_list_problem,
+    path_problem,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -115,6 +121,7 @@ _SETTING_RULES: Mapping[str, Rule] = {
     "line_timeout": duration_problem,
     "max_connections": count_problem,
     "max_keys": count_problem,
+    "audit_entries": entry_count_problem,
     "insecure": _boolean,
     "persist": _boolean,
     "no_keyring": _boolean,
@@ -141,6 +148,7 @@ class Settings:
     line_timeout: float
     max_connections: int
     max_keys: int
+    audit_entries: int
     insecure: bool
     persist: bool
     no_keyring: bool
@@ -162,6 +170,7 @@ class Settings:
         line_timeout: float,
         max_connections: int,
         max_keys: int,
+        audit_entries: int = 10_000,
         insecure: bool,
         persist: bool,
         no_keyring: bool,
@@ -180,6 +189,7 @@ class Settings:
         self.line_timeout = line_timeout
         self.max_connections = max_connections
         self.max_keys = max_keys
+        self.audit_entries = audit_entries
         self.insecure = insecure
         self.persist = persist
         self.no_keyring = no_keyring

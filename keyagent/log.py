@@ -77,12 +77,18 @@ def to_syslog(level: int) -> None:
 
 
 class Logger:
-    """A named logger; see the module docstring for where its records go."""
+    """A named logger; see the module docstring for where its records go.
 
-    __slots__ = ("_std", "name")
+    ``floor``: records at this level and above reach the serving process's sink even when
+    its level is higher (the audit trail reaches syslog at info from a background agent
+    that otherwise logs warnings only).
+    """
 
-    def __init__(self, name: str) -> None:
+    __slots__ = ("_std", "floor", "name")
+
+    def __init__(self, name: str, floor: int | None = None) -> None:
         self.name = name
+        self.floor = floor
         self._std: StdLogger | None = None
 
     def __repr__(self) -> str:
@@ -99,7 +105,7 @@ class Logger:
         sink = _sink
         if sink is None:
             return self._standard().isEnabledFor(level)
-        return level >= sink.level
+        return level >= sink.level or (self.floor is not None and level >= self.floor)
 
     def log(self, level: int, msg: str, *args: object) -> None:
         sink = _sink
@@ -107,7 +113,7 @@ class Logger:
             std = self._standard()
             if std.isEnabledFor(level):
                 std.log(level, msg, *args, stacklevel=3)
-        elif level >= sink.level:
+        elif level >= sink.level or (self.floor is not None and level >= self.floor):
             try:
                 text = msg % args if args else msg
             except (TypeError, ValueError):
@@ -127,5 +133,5 @@ class Logger:
         self.log(ERROR, msg, *args)
 
 
-def get_logger(name: str) -> Logger:
-    return Logger(name)
+def get_logger(name: str, *, floor: int | None = None) -> Logger:
+    return Logger(name, floor)

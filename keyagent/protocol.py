@@ -18,8 +18,10 @@ from keyagent.errors import BadRequest, KeyagentError, TooLarge, UnknownOp
 # the configuration, the command lines and the Conduce client; re-exported here for them.
 from keyagent.rules import (
     MAX_LIFETIME,
+    NOT_AN_ENTRY_COUNT,
     NOT_SECONDS,
     duration_problem,
+    entry_count_problem,
     exe_list_problem,
     has_control_characters,
     host_problem,
@@ -47,6 +49,7 @@ __all__ = [
     "InvalidRequest",
     "Reply",
     "Request",
+    "encode_entry",
     "encode_error",
     "encode_request",
     "encode_result",
@@ -159,6 +162,22 @@ def _lifetime(name: str, value: object) -> object:
     return float(value)  # type: ignore[arg-type]  # duration_problem checked it is a number
 
 
+GET_PURPOSES: Final = ("exec",)
+"""What a ``get`` may say its key is for, for the audit log (``keyagent-ctl exec``: "exec")."""
+
+
+def _purpose(name: str, value: object) -> object:
+    if value not in GET_PURPOSES:
+        raise BadRequest(f"argument '{name}' must be one of: {', '.join(GET_PURPOSES)}")
+    return value
+
+
+def _entry_count(name: str, value: object) -> object:
+    if entry_count_problem(value) is not None:
+        raise BadRequest(f"argument '{name}' must be {NOT_AN_ENTRY_COUNT}")
+    return value
+
+
 def _by_rule(what: str, problem_of: Callable[[str], str | None]) -> Validator:
     """A validator for text that a rule of keyagent.rules judges (host, user)."""
 
@@ -208,7 +227,12 @@ OPS: Final[Mapping[str, Spec]] = {
         "confirm": (_boolean, False),
         "allow_exe": (_exe_list, False),
     },
-    "get": {"host": (HOST, False), "user": (USER, False), "key_id": (_key_id, False)},
+    "get": {
+        "host": (HOST, False),
+        "user": (USER, False),
+        "key_id": (_key_id, False),
+        "purpose": (_purpose, False),
+    },
     "list": {"host": (HOST, False), "user": (USER, False), "remote": (_boolean, False)},
     "forget": {"key_id": (_key_id, False), "all": (_boolean, False), "persist": (_boolean, False)},
     "lock": {"passphrase": (PASSPHRASE, True)},
@@ -233,6 +257,7 @@ OPS: Final[Mapping[str, Spec]] = {
         "host": (HOST, False),
         "user": (USER, False),
     },
+    "log": {"n": (_entry_count, False), "follow": (_boolean, False)},
 }
 
 
@@ -328,6 +353,11 @@ _encode = encoder()
 def encode_result(request_id: Scalar, result: Mapping[str, Any]) -> bytes:
     """The reply line for a successful request."""
     return (_encode({"id": request_id, "ok": True, "result": result}) + "\n").encode()
+
+
+def encode_entry(request_id: Scalar, entry: Mapping[str, Any]) -> bytes:
+    """A line that follows a ``log`` request with ``follow``: one new audit entry."""
+    return (_encode({"id": request_id, "entry": entry}) + "\n").encode()
 
 
 def encode_error(request_id: Scalar, error: KeyagentError) -> bytes:

@@ -394,9 +394,7 @@ class Proxy:
         status: int | None,
         grant: Grant | None = None,
     ) -> None:
-        audit = getattr(self.agent, "audit", None)
-        if audit is None:
-            return
+        audit = self.agent.audit
         host = where.host if where is not None else None
         path = where.path if where is not None else head.target.split("?", 1)[0][:512]
         key_id = grant.key_id if grant is not None else None

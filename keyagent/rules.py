@@ -23,16 +23,19 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_ALLOWED_EXES",
+    "MAX_AUDIT_ENTRIES",
     "MAX_EXE_PATH",
     "MAX_HOST",
     "MAX_LIFETIME",
     "MAX_USER",
+    "NOT_AN_ENTRY_COUNT",
     "NOT_A_COUNT",
     "NOT_POSITIVE",
     "NOT_SECONDS",
     "TOO_LONG",
     "count_problem",
     "duration_problem",
+    "entry_count_problem",
     "exe_list_problem",
     "exe_path_problem",
     "has_control_characters",
@@ -88,6 +91,23 @@ def count_problem(value: object) -> str | None:
     is fine: an ``int`` (not a ``bool``) of at least 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         return NOT_A_COUNT
+    return None
+
+
+# --- the audit log ---------------------------------------------------------------------------
+
+MAX_AUDIT_ENTRIES: Final = 1_000_000
+"""The most audit entries the agent keeps in memory (``audit_entries``) or ``log`` returns
+(``n``): at a few hundred bytes each, a bound on the memory the audit ring can take."""
+NOT_AN_ENTRY_COUNT: Final = f"a whole number from 0 to {MAX_AUDIT_ENTRIES}"
+
+
+def entry_count_problem(value: object) -> str | None:
+    """What ``value`` must be to count audit entries (``audit_entries``, ``log``'s ``n``), or
+    None if it is fine: an ``int`` (not a ``bool``) from 0 to :data:`MAX_AUDIT_ENTRIES`. Zero
+    keeps no entry in memory (they are still logged and followed), or asks for none."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_AUDIT_ENTRIES:
+        return NOT_AN_ENTRY_COUNT
     return None
 
 

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from types import FrameType, GeneratorType
 
 from keyagent import protocol
-from keyagent.agent import MEMOIZABLE, SIGNAL_PEER, Agent, Peer, Stop
+from keyagent.agent import MEMOIZABLE, SIGNAL_PEER, Agent, Follow, Peer, Stop
 from keyagent.effects import Driver, Job, log_internal, perform
 from keyagent.errors import (
     Busy,
@@ -53,6 +53,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from keyagent.audit import AuditEntry
     from keyagent.effects import Steps
 
 __all__ = ["LOCAL_QUEUES", "Limits", "Server", "log_internal"]
@@ -226,7 +227,9 @@ class Server:
         # Replies to idempotent reads (get, hello), by request line, valid while the agent's
         # state and the earliest key deadline are unchanged. A repeated request then costs a
         # dictionary lookup instead of parsing, dispatching and encoding.
-        self._memo: dict[bytes, bytes] = {}
+        # With each reply, the audit entry its request made (a get's), recorded again for
+        # each request the memo answers: a remembered reply is still a use of the key.
+        self._memo: dict[bytes, tuple[bytes, AuditEntry | None]] = {}
         self._memo_state: object = None
         self._memo_until = 0.0
         self._memo_enabled = False  # decided in serve_forever, once logging is configured
@@ -244,6 +247,8 @@ class Server:
         # Work for the next turn of the loop, after the events at hand (a vanished client's
         # remaining lines): run once per turn, so it never starves the other clients.
         self._soon: collections.deque[Callable[[], None]] = collections.deque()
+        # Connections following the audit log (log with follow), and what each follows with.
+        self._followers: dict[Connection, tuple[Callable[[AuditEntry], None], Any]] = {}
         self._wake_r, self._wake_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -489,6 +494,7 @@ class Server:
             return
         if uid != self.uid:
             log.warning("refused HTTP connection from uid %d (pid %d)", uid, pid)
+            self.agent.audit("connect", Peer(pid, uid, gid), outcome=Forbidden.code)
             sock.close()
             return
         if (
@@ -556,6 +562,7 @@ class Server:
         # by one user serves that user only.
         if uid != self.uid:
             log.warning("refused connection from uid %d (pid %d)", uid, pid)
+            self.agent.audit("connect", Peer(pid, uid, gid), outcome=Forbidden.code)
             self._refuse(sock, Forbidden())
             return
         if (
@@ -617,8 +624,11 @@ class Server:
             if self._memo_state != self.agent.state_token() or self._now >= self._memo_until:
                 self._memo.clear()
             else:
-                reply = self._memo.get(data[:-1])
-                if reply is not None:
+                remembered = self._memo.get(data[:-1])
+                if remembered is not None:
+                    reply, audited = remembered
+                    if audited is not None:
+                        self.agent.audit_again(audited, conn.peer)
                     self._send(conn, reply)
                     if conn.outbuf:  # not all sent (a closed connection has none)
                         self._settle(conn)
@@ -639,6 +649,9 @@ class Server:
         first); ``later``: on the next turn, for a caller that may be inside :meth:`_process`.
         """
         if conn.closed or conn.gone:
+            return
+        if conn in self._followers:  # it sends no more requests: nothing is left to run
+            self._close(conn)
             return
         conn.gone = True
         conn.outbuf.clear()
@@ -669,13 +682,23 @@ class Server:
             self._memo.clear()
 
     def _remember(self, line: bytes, reply: bytes, state: object) -> None:
-        if state != self.agent.state_token():  # the read changed what reads return
+        """Remember ``reply`` to ``line``; ``state``: the agent's state token and the count of
+        audit entries, both as they were before the request."""
+        if not isinstance(state, tuple):
             return
-        if self._memo_state != state or len(self._memo) >= MEMO_SIZE:
+        token: object = state[0]
+        recorded: int = state[1]
+        if token != self.agent.state_token():  # the read changed what reads return
+            return
+        audit = self.agent.audit_log
+        made = audit.recorded - recorded
+        if made > 1:  # which entry was the request's own cannot be told: do not remember
+            return
+        if self._memo_state != token or len(self._memo) >= MEMO_SIZE:
             self._memo.clear()
-        self._memo_state = state
+        self._memo_state = token
         self._memo_until = self.agent.held_keys.next_deadline()
-        self._memo[line] = reply
+        self._memo[line] = (reply, audit.newest if made else None)
 
     def _touch(self, conn: Connection, now: float | None = None) -> None:
         if conn.closed or conn.gone:  # e.g. the send before this found the client gone
@@ -735,7 +758,9 @@ class Server:
             self._send(conn, protocol.encode_error(None, Internal()))
             return
         remember = line if self._memo_enabled and request.op in MEMOIZABLE else None
-        state = None if remember is None else self.agent.state_token()
+        state = (
+            None if remember is None else (self.agent.state_token(), self.agent.audit_log.recorded)
+        )
         try:
             outcome = self.agent.handle(request, conn.peer)
         except KeyagentError as error:
@@ -747,6 +772,8 @@ class Server:
             return
         if isinstance(outcome, dict | Stop):
             self._answer(conn, request.id, outcome, None, remember=remember, state=state)
+        elif isinstance(outcome, Follow):
+            self._follow(conn, request.id, outcome.result)
         else:  # a generator: the driver answers when it has ended
             self._wait_for(conn, request.id, outcome)
 
@@ -802,13 +829,17 @@ class Server:
         """When the agent has just been locked, close every connection whose unsent replies
         hold a key: a client that stopped reading would otherwise get keys after ``lock`` said
         ``locked: true``. Its lines are framed, so they cannot be edited out; the connection
-        goes (the client reconnects and is answered ``locked``)."""
+        goes (the client reconnects and is answered ``locked``). Followers of the audit log
+        get a last ``locked`` line."""
         locked = self.agent.lock.locked
         if locked == self._seen_locked:
             return
         self._seen_locked = locked
         if not locked:
             return
+        # A locked agent tells nobody how it is used: followers of the audit log stop too.
+        for conn in list(self._followers):
+            self._end_following(conn, Locked(_LOCKED_FOLLOWING))
         for conn in list(self.connections.values()):
             if _SECRET_MEMBER in conn.outbuf:
                 log.warning(
@@ -837,6 +868,56 @@ class Server:
             conn.busy = False
             self._touch(conn)
             self._process(conn)
+
+    # --- followers of the audit log (log with follow) ----------------------------------------
+    # After the reply with the entries so far, a follower's connection carries one line per
+    # new entry, {"id": ID, "entry": {...}}, until the client closes it or shuts down its
+    # sending side. It stays "busy" (no later request of it is answered, and it is never
+    # idle: it waits on the agent). What it has not read is bounded like any client's, by
+    # max_pending_output: a follower that falls that far behind is dropped rather than
+    # buffered for. Being dropped, or a lock, ends it with a last line (a ``busy`` or
+    # ``locked`` error); it closes once that line is sent.
+
+    def _follow(
+        self, conn: Connection, request_id: protocol.Scalar, result: dict[str, Any]
+    ) -> None:
+        self._answer(conn, request_id, result, None)
+        if conn.closed or conn.gone:
+            return
+        conn.busy = True
+
+        def follower(entry: AuditEntry) -> None:
+            self._send_entry(conn, request_id, entry)
+
+        self._followers[conn] = (follower, request_id)
+        self.agent.audit_log.follow(follower)
+
+    def _send_entry(self, conn: Connection, request_id: protocol.Scalar, entry: AuditEntry) -> None:
+        limit = self.limits.max_pending_output
+        if len(conn.outbuf) >= limit:
+            self._end_following(
+                conn,
+                Busy(
+                    f"this follower of the audit log fell {limit} bytes behind, so the agent "
+                    "stopped sending to it and entries were dropped; run keyagent-ctl log to "
+                    "see them, and read faster when following"
+                ),
+            )
+            return
+        self._send(conn, protocol.encode_entry(request_id, entry.to_json()))
+        self._settle(conn)
+
+    def _end_following(self, conn: Connection, error: KeyagentError) -> None:
+        """Stop sending entries to ``conn``: queue ``error`` as its last line, then close."""
+        follower, request_id = self._followers.pop(conn)
+        self.agent.audit_log.unfollow(follower)
+        log.info("stopped following the audit log for pid %d: %s", conn.peer.pid, error.code)
+        conn.busy = False
+        conn.eof = True  # nothing more is read: _settle closes it once the line is sent
+        conn.inbuf.clear()
+        self._half_lines.pop(conn, None)
+        self._send(conn, protocol.encode_error(request_id, error))
+        self._settle(conn)
 
     # --- work for the driver ---------------------------------------------------------------
 
@@ -892,6 +973,9 @@ class Server:
         """Close a finished connection, or register exactly the events it now needs."""
         if conn.closed or conn.gone:  # a gone one is polled no more; _process closes it
             return
+        if conn.eof and conn in self._followers:  # its client is done: so is following
+            self._close(conn)
+            return
         if conn.eof and not conn.busy and not conn.outbuf and b"\n" not in conn.inbuf:
             self._close(conn)
             return
@@ -927,6 +1011,9 @@ class Server:
             self._epoll.unregister(conn.sock.fileno())
             conn.events = 0
         self.connections.pop(conn.sock.fileno(), None)
+        following = self._followers.pop(conn, None)
+        if following is not None:
+            self.agent.audit_log.unfollow(following[0])
         self._by_activity.pop(conn, None)
         self._half_lines.pop(conn, None)
         conn.sock.close()
@@ -982,6 +1069,12 @@ class _Reply:
         if self.error is not None:
             raise self.error
         return self.value
+
+
+_LOCKED_FOLLOWING = (
+    "the agent was locked, which ends following its audit log; run keyagent-ctl unlock, then "
+    "keyagent-ctl log --follow again"
+)
 
 
 def _withheld(result: dict[str, Any]) -> Locked:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from keyagent import errors
-from keyagent.agent import Agent, Clock, Peer, Stop
+from keyagent.agent import Agent, Clock, Follow, Peer, Stop
 from keyagent.effects import InlineDriver, Job, perform
 from keyagent.protocol import Request, encode_request, parse_request
 
@@ -38,6 +38,7 @@ VALID_ARGS: dict[str, dict[str, Any]] = {
     "logout": {"host": "app.conduce.com", "user": "ada@example.com"},
     "create": {"host": "app.conduce.com", "user": "ada@example.com"},
     "remove": {},
+    "log": {},
 }
 """For each op, arguments that pass the protocol's validation (the agent and protocol tests)."""
 WALL = 1_700_000_000.0
@@ -184,6 +185,8 @@ def settle(agent: Agent, outcome: Outcome) -> dict[str, Any] | Stop:
     """What a handler's outcome comes to: a generator is driven to its end, inline."""
     if isinstance(outcome, dict | Stop):
         return outcome
+    if isinstance(outcome, Follow):  # the entries so far; following needs a server
+        return outcome.result
     result: dict[str, Any] | Stop = driver_for(agent).run(outcome)
     return result
 

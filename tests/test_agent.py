@@ -41,7 +41,7 @@ SALT = b"\x07" * 16
 HOST = "app.conduce.com"
 USER = "ada@example.com"
 
-CORE_OPS = ["hello", "status", "add", "get", "list", "forget", "lock", "unlock", "stop"]
+CORE_OPS = ["hello", "status", "add", "get", "list", "forget", "lock", "unlock", "stop", "log"]
 
 # Valid arguments for every protocol op, to build requests that pass validation.
 
@@ -147,6 +147,7 @@ FRESH_OUTCOMES: dict[str, set[str] | type[KeyagentError]] = {
     "lock": {"locked"},
     "unlock": NotLocked,
     "stop": {"stopping"},
+    "log": {"entries"},
 }  # fmt: skip
 
 

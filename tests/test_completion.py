@@ -52,6 +52,7 @@ def test_bash_completes_commands_and_each_commands_own_options(tmp_path: Path) -
     completion = script("bash")
     assert bash_complete(completion, ["keyagent-ctl", "lo"], tmp_path) == [
         "lock",
+        "log",
         "login",
         "logout",
     ]
@@ -83,7 +84,12 @@ def test_fish_completes_commands_and_options(tmp_path: Path) -> None:
         f"source {path}; complete -C 'keyagent-ctl lo'; echo ==; complete -C 'keyagent-ctl lock --'"
     )
     commands, lock = run_shell(["fish", "--no-config", "-c", program], tmp_path).split("==\n")
-    assert [line.split("\t")[0] for line in commands.splitlines()] == ["lock", "login", "logout"]
+    assert [line.split("\t")[0] for line in commands.splitlines()] == [
+        "lock",
+        "log",
+        "login",
+        "logout",
+    ]
     assert "lock the agent with a passphrase" in commands
     lock_options = [line.split("\t")[0] for line in lock.splitlines()]
     assert "--socket" in lock_options

@@ -138,6 +138,8 @@ def test_a_default_constructed_config_reports_default_sources() -> None:
         ("line_timeout = 3", "line_timeout", 3.0),
         ("max_connections = 16", "max_connections", 16),
         ("max_keys = 500", "max_keys", 500),
+        ("audit_entries = 0", "audit_entries", 0),
+        ("audit_entries = 1000000", "audit_entries", 1_000_000),
     ],
 )
 def test_each_setting_from_the_file(write: Writer, line: str, name: str, expected: object) -> None:
@@ -169,6 +171,7 @@ def test_a_full_file_sets_everything_with_each_line(write: Writer) -> None:
         'allow_exe = ["/usr/bin/env"]\n'
         'askpass = "ask"\n'
         "confirm_timeout = 8\n"
+        "audit_entries = 8\n"
     )
     result = load(str(path), env={})
     sources = result.sources()
@@ -191,6 +194,7 @@ def test_a_full_file_sets_everything_with_each_line(write: Writer) -> None:
         "allow_exe": 15,
         "askpass": 16,
         "confirm_timeout": 17,
+        "audit_entries": 18,
     }
     assert result.lifetime == 5400.0
     assert result.ca_bundle == str(path.parent / "ca.pem")
@@ -576,6 +580,12 @@ def test_an_ambiguous_or_zero_duration_says_what_was_meant(
         ("line_timeout = -0.0", "'line_timeout' must be a positive duration; got -0.0"),
         ("max_connections = 0", "'max_connections' must be a whole number of at least 1; got 0"),
         ("max_connections = -3", "'max_connections' must be a whole number of at least 1; got -3"),
+        ("audit_entries = -1", "'audit_entries' must be a whole number from 0 to 1000000; got -1"),
+        (
+            "audit_entries = 1000001",
+            "'audit_entries' must be a whole number from 0 to 1000000; got 1000001",
+        ),
+        ("audit_entries = 1.5", "'audit_entries' must be a whole number from 0 to 1000000; got a"),
     ],
 )
 def test_out_of_range(write: Writer, line: str, message: str) -> None:
@@ -831,6 +841,7 @@ def test_render_lists_every_setting_aligned_with_its_source() -> None:
         "allow_exe        (any program)        default\n"
         "askpass          (not set)            default\n"
         "confirm_timeout  30s                  default\n"
+        "audit_entries    10000                default\n"
     )
 
 

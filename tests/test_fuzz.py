@@ -178,8 +178,9 @@ def spare_the_run(line: bytes) -> bytes:
 
     Valid stop and lock requests are never sent (a stopped agent fails every later example; a
     locked one answers everything 'locked', the well-behaved client included), nor valid
-    forgets of every key or of the well-behaved client's key. Invalid ones are sent: the
-    protocol refuses them before the agent acts.
+    forgets of every key or of the well-behaved client's key, nor a log with follow (its
+    connection then carries entries only). Invalid ones are sent: the protocol refuses them
+    before the agent acts.
     """
     outcome = outcome_of(line)
     if not isinstance(outcome, Request):
@@ -189,7 +190,9 @@ def spare_the_run(line: bytes) -> bytes:
         outcome.args.get("all") is True
         or (key_id is not None and digest_of(BG_SECRET).startswith(key_id))
     )
-    if outcome.op in {"stop", "lock"} or forgets_too_much:
+    # A follow keeps its connection for audit entries: the lines after it go unanswered.
+    follows = outcome.op == "log" and outcome.args.get("follow") is True
+    if outcome.op in {"stop", "lock"} or forgets_too_much or follows:
         return protocol.encode_request("hello", outcome.id, {})[:-1]
     return line
 
@@ -351,6 +354,9 @@ ARGUMENTS: dict[str, st.SearchStrategy[Any]] = {
         st.one_of(st.sampled_from(["/usr/bin/curl", "/opt/t/run"]), st.text(_no_controls)),
         max_size=3,
     ),
+    "follow": st.booleans(),
+    "n": st.one_of(st.integers(0, 1_000_000), st.integers()),
+    "purpose": st.one_of(st.just("exec"), st.text(_any_char, max_size=8)),
 }
 SCALAR_IDS = st.one_of(
     st.none(),
@@ -530,6 +536,8 @@ WRONG_VALUES: dict[str, list[object]] = {
     "key_id": [None, 1234, 1.5, True, [], {}, ["abcd"], 0xABCD],
     "lifetime": [None, True, False, "60", "", [], {}, [60], {"s": 60}],
     "allow_exe": [None, True, "/usr/bin/curl", 1, {}, [1], [None], [["/bin/sh"]]],
+    "n": [None, True, "10", 1.5, -1, 1_000_001, [], {}],
+    "purpose": [None, True, 1, "", "EXEC", [], {}, ["exec"]],
 }
 TEXT_ARGUMENTS = {"host", "user", "key", "description", "passphrase", "password"}
 # A valid value for each argument, so that a request fails on the one wrong argument only.
@@ -537,14 +545,14 @@ VALID_VALUES: dict[str, object] = {
     "host": "h.example", "user": "u@example.com", "key": f"{MARKER}-k", "description": "d",
     "passphrase": f"{MARKER}-p", "password": f"{MARKER}-pw", "key_id": "abcd", "lifetime": 60,
     "persist": False, "all": False, "remote": False, "reveal": False, "export": True,
-    "confirm": False, "allow_exe": [],
+    "confirm": False, "allow_exe": [], "follow": False, "n": 1, "purpose": "exec",
 }  # fmt: skip
 
 
 def kind_of(name: str) -> str:
     if name in TEXT_ARGUMENTS:
         return "text"
-    return name if name in {"key_id", "lifetime", "allow_exe"} else "bool"
+    return name if name in {"key_id", "lifetime", "allow_exe", "n", "purpose"} else "bool"
 
 
 def wrongly_typed(op: str, name: str, value: object) -> bytes:
@@ -621,6 +629,8 @@ def test_wrong_argument_types_are_bad_request_naming_the_argument(
         "key_id": lambda v: not isinstance(v, str),
         "lifetime": lambda v: isinstance(v, bool) or not isinstance(v, int | float),
         "allow_exe": lambda v: not isinstance(v, list) or not all(isinstance(i, str) for i in v),
+        "n": lambda v: isinstance(v, bool) or not isinstance(v, int),
+        "purpose": lambda v: not isinstance(v, str),
     }[kind]
     value = data.draw(STRICT_JSON_VALUES.filter(wrong), label="value")
     assert_names_the_argument(fuzz, [wrongly_typed(op, name, value)], [name])

@@ -27,6 +27,7 @@ def settings(**changes: object) -> Settings:
         "line_timeout": 10.0,
         "max_connections": 1024,
         "max_keys": 100_000,
+        "audit_entries": 10_000,
         "insecure": False,
         "persist": True,
         "no_keyring": False,

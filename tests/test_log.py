@@ -64,3 +64,21 @@ def test_syslog_sink_filters_by_level(restore_sink: None) -> None:
     assert not logger.isEnabledFor(log.INFO)
     assert logger.isEnabledFor(log.WARNING)
     logger.warning("a warning goes to syslog (or nowhere without a syslog daemon)")
+
+
+def test_a_logger_with_a_floor_reaches_a_sink_set_higher(
+    restore_sink: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The audit trail's logger (floor INFO) is written at info by a sink that passes warnings
+    only, as a background agent's syslog does; other loggers' info records are not."""
+    log.to_stderr(log.WARNING)
+    audit = log.get_logger("keyagent.test.audit", floor=log.INFO)
+    other = log.get_logger("keyagent.test")
+    assert audit.isEnabledFor(log.INFO)
+    assert not audit.isEnabledFor(log.DEBUG)
+    audit.info("audit op=%s", "get")
+    audit.debug("not this")
+    other.info("nor this")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert lines[0].endswith("]: INFO: audit op=get")

@@ -36,7 +36,7 @@ SECRET = "zebra-quokka-7781-S3CR3T"
 
 
 STRING_ARGS = {"host", "user", "key", "description", "passphrase", "password"}
-BOOL_ARGS = {"persist", "all", "remote", "reveal", "export", "confirm"}
+BOOL_ARGS = {"persist", "all", "remote", "reveal", "export", "confirm", "follow"}
 SECRET_ARGS = ("key", "password", "passphrase")
 
 WRONG_TYPES: dict[str, list[object]] = {
@@ -45,6 +45,8 @@ WRONG_TYPES: dict[str, list[object]] = {
     "key_id": [None, 1234, 1.5, True, [], {}, ["abcd"]],
     "lifetime": [None, True, False, "60", "", [], {}, [60], {"s": 60}],
     "allow_exe": [None, True, "/usr/bin/curl", 1, {}, [1], [None], [["/bin/sh"]]],
+    "n": [None, True, False, "10", 1.5, -1, 1_000_001, [], {}, [10]],
+    "purpose": [None, True, 1, "", "EXEC", "get", [], {}, ["exec"]],
 }
 
 
@@ -112,7 +114,7 @@ def test_a_lifetime_of_ten_years_is_taken_and_one_second_more_is_not() -> None:
 def test_every_argument_has_a_known_kind() -> None:
     """Every argument name in OPS is one this test module knows how to mistype."""
     names = {name for spec in OPS.values() for name in spec}
-    assert names <= STRING_ARGS | BOOL_ARGS | {"key_id", "lifetime", "allow_exe"}
+    assert names <= STRING_ARGS | BOOL_ARGS | {"key_id", "lifetime", "allow_exe", "n", "purpose"}
     assert set(VALID_ARGS) == set(OPS)
 
 
@@ -828,6 +830,8 @@ def test_wrong_argument_types_are_always_bad_request(data: st.DataObject) -> Non
         "key_id": not isinstance(value, str),
         "lifetime": isinstance(value, bool) or not isinstance(value, int | float),
         "allow_exe": not isinstance(value, list) or not all(isinstance(v, str) for v in value),
+        "n": isinstance(value, bool) or not isinstance(value, int),
+        "purpose": not isinstance(value, str),
     }[kind]
     outcome = parses_or_rejects(json.dumps(with_arg(op, name, value), allow_nan=False).encode())
     if wrong:
@@ -879,6 +883,9 @@ ARG_VALUES: dict[str, st.SearchStrategy[Any]] = {
         ),
         max_size=4,
     ),
+    "follow": st.booleans(),
+    "n": st.integers(min_value=0, max_value=1_000_000),
+    "purpose": st.just("exec"),
 }
 
 

@@ -81,7 +81,8 @@ def exchange(path: str, data: bytes, timeout: float = 10.0) -> bytes:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
-        sock.sendall(data)
+        if data:  # nothing to send: a refusal on accept may already have closed the socket
+            sock.sendall(data)
         received = b""
         while chunk := sock.recv(65536):
             received += chunk

@@ -473,7 +473,7 @@ def test_lock_unlock_and_keyring_work_never_wait_behind_hung_remote_calls(
 
 
 def memo_holds(served: Serving, secret: str) -> bool:
-    return any(secret.encode() in reply for reply in served.server._memo.values())
+    return any(secret.encode() in reply for reply, _ in served.server._memo.values())
 
 
 def test_the_memo_is_dropped_at_once_by_forget_lock_and_expiry(tmp_path: Path) -> None:

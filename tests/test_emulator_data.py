@@ -566,3 +566,30 @@ def test_head_of_a_chunked_blob_has_no_body(emulator: ConduceEmulator, key: str)
     conn.request("GET", "/api/v2/data/blob/5", headers=auth)
     assert conn.getresponse().read() == b"".join(blob_chunks(5))
     conn.close()
+
+
+def test_echo_lists_every_credential_header(emulator: ConduceEmulator, key: str) -> None:
+    """Repeated Authorization and Cookie headers are each echoed, as lists, never their values."""
+    other_key = emulator.add_key(USER)
+    conn = connection(emulator)
+    conn.putrequest("GET", "/conduce/api/v1/echo")
+    conn.putheader("Authorization", f"Bearer {key}")
+    conn.putheader("Authorization", "Basic c2VjcmV0")
+    conn.putheader("Authorization", f"Bearer {other_key}")
+    conn.putheader("Cookie", f"{SESSION_COOKIE}=stale-token")
+    conn.putheader("Cookie", "theme=dark")
+    conn.endheaders()
+    text = conn.getresponse().read().decode()
+    conn.close()
+    echoed = json.loads(text)["headers"]
+    assert echoed["authorization"] == [
+        {"auth": "bearer", "key_id": key_id(key), "valid": True},
+        {"auth": "other"},
+        {"auth": "bearer", "key_id": key_id(other_key), "valid": True},
+    ]
+    assert echoed["cookie"] == [
+        {"auth": "cookie", "names": [SESSION_COOKIE], "session": False},
+        {"auth": "cookie", "names": ["theme"], "session": None},
+    ]
+    for secret in (key, other_key, "c2VjcmV0", "stale-token", "dark"):
+        assert secret not in text

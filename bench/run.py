@@ -182,7 +182,17 @@ def installed_ctl(workdir: Path) -> Iterator[str]:
     """keyagent-ctl installed normally (not editable) in a fresh venv."""
     venv = workdir / "venv"
     run(sys.executable, "-m", "venv", str(venv))
-    run(str(venv / "bin" / "pip"), "install", "--quiet", "--no-deps", str(ROOT))
+    # Built from a copy: pip builds in the source tree, and a build/ left in the checkout
+    # (with stale manual pages, say) would change what later installs and tests see.
+    source = workdir / "source"
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", ".nox", "build", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis"
+        ),
+    )
+    run(str(venv / "bin" / "pip"), "install", "--quiet", "--no-deps", str(source))
     yield str(venv / "bin" / "keyagent-ctl")
 
 

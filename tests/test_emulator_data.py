@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import shutil
 import ssl
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -518,3 +520,76 @@ def test_add_dataset_through_the_control_channel() -> None:
         conn.close()
         with pytest.raises(KeyError):
             emu.add_dataset("nobody@example.com")
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_curl_upload_with_expect_100_continue(
+    emulator: ConduceEmulator, key: str, tmp_path: Path
+) -> None:
+    """curl's Expect: 100-continue upload of a file (PUT -T) gets 100 Continue, then its digest."""
+    body = b"".join(blob_chunks(5 * MIB))
+    (tmp_path / "upload").write_bytes(body)
+    (tmp_path / "header").write_text(f"Authorization: Bearer {key}\n")
+    result = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-v",
+            "--fail",
+            "--cacert",
+            emulator.ca_path,
+            "-H",
+            f"@{tmp_path / 'header'}",
+            "-H",
+            "Expect: 100-continue",
+            "-T",
+            str(tmp_path / "upload"),
+            emulator.url + "/api/v2/data/upload",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "< HTTP/1.1 100 Continue" in result.stderr
+    assert json.loads(result.stdout) == {"length": len(body), "sha256": blob_sha256(5 * MIB)}
+
+
+def test_head_of_a_chunked_blob_has_no_body(emulator: ConduceEmulator, key: str) -> None:
+    """HEAD of a chunked blob answers its head only, and the connection serves the next call."""
+    conn = connection(emulator)
+    auth = {"Authorization": f"Bearer {key}"}
+    conn.request("HEAD", "/api/v2/data/blob/5000?chunked=1", headers=auth)
+    head = conn.getresponse()
+    assert head.read() == b""
+    assert head.getheader("Transfer-Encoding") == "chunked"
+    conn.request("GET", "/api/v2/data/blob/5", headers=auth)
+    assert conn.getresponse().read() == b"".join(blob_chunks(5))
+    conn.close()
+
+
+def test_echo_lists_every_credential_header(emulator: ConduceEmulator, key: str) -> None:
+    """Repeated Authorization and Cookie headers are each echoed, as lists, never their values."""
+    other_key = emulator.add_key(USER)
+    conn = connection(emulator)
+    conn.putrequest("GET", "/conduce/api/v1/echo")
+    conn.putheader("Authorization", f"Bearer {key}")
+    conn.putheader("Authorization", "Basic c2VjcmV0")
+    conn.putheader("Authorization", f"Bearer {other_key}")
+    conn.putheader("Cookie", f"{SESSION_COOKIE}=stale-token")
+    conn.putheader("Cookie", "theme=dark")
+    conn.endheaders()
+    text = conn.getresponse().read().decode()
+    conn.close()
+    echoed = json.loads(text)["headers"]
+    assert echoed["authorization"] == [
+        {"auth": "bearer", "key_id": key_id(key), "valid": True},
+        {"auth": "other"},
+        {"auth": "bearer", "key_id": key_id(other_key), "valid": True},
+    ]
+    assert echoed["cookie"] == [
+        {"auth": "cookie", "names": [SESSION_COOKIE], "session": False},
+        {"auth": "cookie", "names": ["theme"], "session": None},
+    ]
+    for secret in (key, other_key, "c2VjcmV0", "stale-token", "dark"):
+        assert secret not in text

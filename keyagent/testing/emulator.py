@@ -48,10 +48,12 @@ and the connection is closed.
   ``{"method", "path" (as sent, doubled slash included), "query" (the raw query string),
   "headers" (names lowercased, repeated ones joined with ", "), "body_length",
   "body_sha256"}``. ``authorization`` shows ``{"auth": "bearer", "key_id": the first 12 hex
-  digits of the key's SHA-256 (:func:`key_id`), "valid": bool}`` (or ``{"auth": "other"}``),
-  ``cookie`` shows ``{"auth": "cookie", "names": [...], "session": whether the session
-  cookie is live, or null}``: never a secret. The answer also carries ``Set-Cookie:
-  tracking=1; Path=/`` and ``X-Echo: 1``, for a proxy to strip the one and keep the other.
+  digits of the key's SHA-256 (:func:`key_id`), "valid": whether it is a live key}`` (or
+  ``{"auth": "other"}`` for another scheme); ``cookie`` shows ``{"auth": "cookie", "names":
+  [...], "session": whether the session cookie is live, or null}``; a repeated
+  Authorization or Cookie header shows as a list of those: never a secret. The answer also
+  carries ``Set-Cookie: tracking=1; Path=/`` and ``X-Echo: 1``, for a proxy to strip the
+  one and keep the other.
 * ``GET /api/v2/data/blob/<N>``: N bytes of ``application/octet-stream``, the content of
   :func:`blob_chunks` (SHA-256: :func:`blob_sha256`), streamed 1 MiB at a time with a
   ``Content-Length``, or chunked with ``?chunked=1``. N is at most 2**40; others are 404.
@@ -1355,36 +1357,42 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def _echoed_headers(self) -> dict[str, object]:
-        """The request headers, names lowercased; credentials replaced by what they are."""
+        """The request headers, names lowercased; credentials replaced by what they are.
+
+        A repeated Authorization or Cookie header shows as a list, one entry each, so that a
+        test sees a credential a proxy failed to drop even when another one authenticated.
+        """
         echoed: dict[str, object] = {}
+        credentials: dict[str, list[dict[str, object]]] = {}
         for name, value in self.headers.items():
             lower = name.lower()
             if lower == "authorization":
-                echoed[lower] = self._echoed_authorization(str(value))
+                credentials.setdefault(lower, []).append(self._echoed_authorization(str(value)))
             elif lower == "cookie":
-                echoed[lower] = self._echoed_cookie(str(value))
+                credentials.setdefault(lower, []).append(self._echoed_cookie(str(value)))
             elif isinstance(echoed.get(lower), str):
                 echoed[lower] = f"{echoed[lower]}, {value}"
             else:
                 echoed[lower] = str(value)
+        for lower, entries in credentials.items():
+            echoed[lower] = entries[0] if len(entries) == 1 else entries
         return echoed
 
     def _echoed_authorization(self, value: str) -> dict[str, object]:
         scheme, _, credential = value.partition(" ")
         if scheme.lower() != "bearer":
             return {"auth": "other"}
-        principal = self.server.emulator._principal(self.headers)
-        return {
-            "auth": "bearer",
-            "key_id": key_id(credential.strip()),
-            "valid": principal is not None and principal[1] == credential.strip(),
-        }
+        with self.server.emulator._lock:
+            key = credential.strip()
+            valid = key in self.server.emulator._keys
+        return {"auth": "bearer", "key_id": key_id(key), "valid": valid}
 
     def _echoed_cookie(self, value: str) -> dict[str, object]:
         jar: SimpleCookie = SimpleCookie()
         with contextlib.suppress(CookieError):
             jar.load(value)
-        token = _session_token(self.headers)
+        morsel = jar.get(SESSION_COOKIE)
+        token = None if morsel is None else morsel.value
         return {
             "auth": "cookie",
             "names": sorted(jar.keys()),

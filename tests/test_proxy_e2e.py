@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 import keyagent
+from keyagent.store import key_id_for
 from keyagent.testing.agent import AgentProcess
 from keyagent.testing.emulator import (
     REDIRECT_LOCATION,
@@ -633,3 +634,30 @@ def test_the_connection_cap_is_shared(agent_factory: AgentFactory) -> None:
     finally:
         idle_http.close()
         idle_json.close()
+
+
+@needs_curl
+def test_proxied_calls_are_in_the_audit_log(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """Each proxied request is recorded with method, path (no query), status, key and peer;
+    a refused one with its code; never the key or a query value."""
+    secret = add_key(conduce_agent, emulator)
+    curl(conduce_agent, f"http://{emulator.host}/conduce/api/v1/echo/x?token=query-S3CR3T")
+    curl(conduce_agent, f"http://{emulator.host}/conduce/api/v1/apikeys/list")
+    with conduce_agent.client() as client:
+        entries = [entry for entry in client.log() if entry["op"] == "proxy"]
+    forwarded, refused = entries
+    assert forwarded["method"] == "GET"
+    assert forwarded["path"] == "/conduce/api/v1/echo/x"
+    assert forwarded["status"] == 200
+    assert forwarded["outcome"] == "ok"
+    assert forwarded["key_id"] == key_id_for(secret)
+    assert (forwarded["host"], forwarded["user"]) == (emulator.host, USER)
+    assert forwarded["exe"] == os.path.realpath(CURL or "")
+    assert refused["outcome"] == "forbidden"
+    assert refused["status"] is None
+    shown = json.dumps(entries)
+    assert "query-S3CR3T" not in shown
+    assert secret not in shown
+    assert secret not in conduce_agent.log()

@@ -135,7 +135,10 @@ class Grant:
     """Credentials the agent lends one proxied request (:mod:`keyagent.proxy`): the header
     to send and whose they are. Lives on the proxy's thread for that request only."""
 
-    __slots__ = ("confirmed", "digest", "header", "host", "key_id", "session", "user", "value")
+    __slots__ = (
+        "confirmed", "deadline", "digest", "header", "host", "key_id", "session", "token",
+        "user", "value",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -146,6 +149,7 @@ class Grant:
         value: str,
         held: HeldKey | None = None,
         confirmed: bool = False,
+        token: object = None,
     ) -> None:
         self.host, self.user = host, user
         self.header, self.value = header, value
@@ -155,6 +159,11 @@ class Grant:
         self.key_id = held.key_id if held is not None else None
         self.confirmed = confirmed
         """Whether the user was asked and allowed it: the connection need not ask again."""
+        self.token = token
+        """:meth:`Agent.credentials_token` when lent: while it is unchanged (and the key's
+        deadline not passed), the same request on the same connection would get the same
+        grant, so the connection may reuse it without asking the loop."""
+        self.deadline = held.deadline if held is not None else None
 
     def secrets(self) -> list[str]:
         """What must never reach the tool: the key, or each cookie value of the session."""
@@ -402,6 +411,12 @@ class Agent:
                 entry.status,
             )
         )
+
+    def credentials_token(self) -> tuple[int, bool, int]:
+        """Changes whenever the credentials a proxied request would get could differ: a key
+        held or dropped, the lock, a session going live or ending. Plain reads of ints, so
+        the HTTP socket's threads may compare it without the loop (see :class:`Grant`)."""
+        return self.held_keys.version, self.lock.locked, Session.changes
 
     def state_token(self) -> tuple[int, bool]:
         """Changes whenever a ``get`` or ``hello`` could be answered differently."""
@@ -845,8 +860,7 @@ class Agent:
     def _logout(self, session: Session) -> Steps:
         yield Work(session.account.logout, queue=session.queue)
         had_session = session.logged_in
-        session.logged_in = session.expired = False
-        session.since = session.checked = session.checked_wall = None
+        session.end()
         log.info("logged out %s on %s", session.user, session.host)
         return {
             "host": session.host,
@@ -1061,7 +1075,9 @@ class Agent:
         if session is not None and session.live:
             cookie = session.account.session_cookie()
             if cookie:
-                return Grant(host, user, header="Cookie", value=cookie)
+                return Grant(
+                    host, user, header="Cookie", value=cookie, token=self.credentials_token()
+                )
         try:
             held = self.held_keys.newest(now, host, user)
         except NotFound:
@@ -1099,7 +1115,7 @@ class Agent:
         log.debug("lending key %s to pid %d for a proxied request", held.key_id, peer.pid)
         return Grant(
             held.host, held.user, header="Authorization", value=f"Bearer {held.secret}",
-            held=held, confirmed=held.confirm,
+            held=held, confirmed=held.confirm, token=self.credentials_token(),
         )  # fmt: skip
 
     # --- helpers for remote operations ---------------------------------------------------

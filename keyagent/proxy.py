@@ -279,10 +279,11 @@ class Proxy:
             io_timeout=max(self.head_timeout, self.settings.read_timeout),
         )
         confirmed: set[str] = set()  # keys the user allowed, for this connection only
+        lent: dict[tuple[str, str | None, str | None], Grant] = {}
         try:
             while True:
                 head = http.next_request()
-                if head is None or not self._exchange(http, head, peer, confirmed):
+                if head is None or not self._exchange(http, head, peer, confirmed, lent):
                     break
                 if not http.reusable:
                     break
@@ -296,25 +297,45 @@ class Proxy:
         finally:
             http.close()
 
-    def _exchange(self, http: HttpConnection, head: Head, peer: Peer, confirmed: set[str]) -> bool:
-        """One request and its answer; False if the connection must close after it."""
+    def _still_good(self, grant: Grant) -> bool:
+        """Whether a grant lent earlier on this connection is what the agent would lend now:
+        nothing about keys, sessions or the lock changed since, and the key has not expired.
+        Read here, on the connection's thread, without the loop (see Agent.credentials_token)."""
+        if grant.token != self.agent.credentials_token():
+            return False
+        return grant.deadline is None or self.agent.clock.monotonic() < grant.deadline
+
+    def _exchange(
+        self,
+        http: HttpConnection,
+        head: Head,
+        peer: Peer,
+        confirmed: set[str],
+        lent: dict[tuple[str, str | None, str | None], Grant],
+    ) -> bool:
+        """One request and its answer; False if the connection must close after it.
+
+        ``lent``: grants already lent on this connection, by account and key asked for."""
         started = time.monotonic()
         try:
             where = route(head)
         except KeyagentError as error:
             self._audit(peer, head, None, error.code, None)
             return self._refuse(http, head, error)
-        try:
-            grant: Grant = self.ask(
-                lambda: self.agent.authorize_proxy(
-                    peer, where.host, where.user, where.key_id, frozenset(confirmed)
+        grant = lent.get((where.host, where.user, where.key_id))
+        if grant is None or not self._still_good(grant):
+            try:
+                grant = self.ask(
+                    lambda: self.agent.authorize_proxy(
+                        peer, where.host, where.user, where.key_id, frozenset(confirmed)
+                    )
                 )
-            )
-        except KeyagentError as error:
-            self._audit(peer, head, where, error.code, None)
-            return self._refuse(http, head, error)
-        if grant.confirmed and grant.digest is not None:
-            confirmed.add(grant.digest)
+            except KeyagentError as error:
+                self._audit(peer, head, where, error.code, None)
+                return self._refuse(http, head, error)
+            lent[(where.host, where.user, where.key_id)] = grant
+            if grant.confirmed and grant.digest is not None:
+                confirmed.add(grant.digest)
         body: bytes | Iterator[bytes]
         replayable = not head.chunked and (head.content_length or 0) <= REPLAYABLE
         body = b"".join(http.body()) if replayable else self._streamed(http)
@@ -332,6 +353,7 @@ class Proxy:
                         peer, where.host, grant.user, where.key_id, frozenset(confirmed)
                     )
                 )
+                lent[(where.host, where.user, where.key_id)] = grant
                 answer = self.upstream.send(
                     head.method, where.host, where.target, request_headers(head, grant),
                     body, chunked=False,

@@ -99,6 +99,11 @@ class LazyAccount:
 class Session:
     """What the agent knows of one account's session. The cookie itself stays in ``account``."""
 
+    changes: int = 0
+    """Counts every session of the process going live or ending: a credential lent through
+    the HTTP socket is reused on its connection only while this, the keys and the lock are
+    as they were (see :meth:`keyagent.agent.Agent.credentials_token`)."""
+
     __slots__ = (
         "host", "user", "account", "logged_in", "expired", "since", "checked", "checked_wall"
     )  # fmt: skip
@@ -154,12 +159,21 @@ class Session:
         }
 
     def proved_alive(self, now: float, wall: float) -> None:
+        if not self.live:
+            Session.changes += 1
         self.logged_in, self.expired = True, False
         self.checked, self.checked_wall = now, wall
 
     def mark_expired(self) -> None:
         if self.logged_in:
+            Session.changes += 1
             self.expired = True
+
+    def end(self) -> None:
+        """Logged out: no session any more."""
+        Session.changes += 1
+        self.logged_in = self.expired = False
+        self.since = self.checked = self.checked_wall = None
 
 
 class Plan(namedtuple("Plan", ["use_session", "validate_first", "api_keys"], defaults=[()])):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -661,3 +662,38 @@ def test_proxied_calls_are_in_the_audit_log(
     assert "query-S3CR3T" not in shown
     assert secret not in shown
     assert secret not in conduce_agent.log()
+
+
+def test_a_connection_reuses_its_credentials_only_while_nothing_changed(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """On one keep-alive connection, a lock or a forgotten key takes effect at the very next
+    request: what the connection was lent before is not used again."""
+    add_key(conduce_agent, emulator)
+    request = f"GET {VALIDATE} HTTP/1.1\r\nHost: {emulator.host}\r\n\r\n".encode()
+
+    def answer(sock: socket.socket) -> bytes:
+        sock.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"Content-Length: (\d+)", head, re.IGNORECASE)[1])  # type: ignore[index]
+        while len(body) < length:
+            body += sock.recv(65536)
+        return head
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(http_path(conduce_agent))
+        assert answer(sock).startswith(b"HTTP/1.1 200 ")
+        assert answer(sock).startswith(b"HTTP/1.1 200 ")
+        with conduce_agent.client() as client:
+            client.lock("a passphrase")
+        assert answer(sock).startswith(b"HTTP/1.1 423 ")
+        with conduce_agent.client() as client:
+            client.unlock("a passphrase")
+        assert answer(sock).startswith(b"HTTP/1.1 200 ")
+        with conduce_agent.client() as client:
+            client.forget(all=True)
+        assert answer(sock).startswith(b"HTTP/1.1 401 ")

@@ -1,7 +1,9 @@
 """The Conduce REST API, as keyagent needs it: log in, check a session, list/create/delete keys.
 
-This is the only module of keyagent that imports :mod:`requests`; everything else sees
-:class:`ConduceAccount`, :class:`RemoteKey` and the errors of :mod:`keyagent.errors`.
+The agent's own Conduce calls go through here and nowhere else (the HTTP socket forwards
+tools' calls through :mod:`keyagent.forward`, with the same :class:`HttpSettings`; the client
+side's :func:`keyagent.http_session` lives in :mod:`keyagent.http_client`); everything else
+sees :class:`ConduceAccount`, :class:`RemoteKey` and the errors of :mod:`keyagent.errors`.
 
 Security rules this module keeps:
 

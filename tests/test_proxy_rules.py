@@ -133,6 +133,9 @@ def test_a_confirmed_key_asks_once_per_connection(
     assert refused["error"]["code"] == "denied"
     assert len((askpass_dir / "questions").read_text().splitlines()) == 2
     assert emulator.requests == []
+    with rules_agent.client() as client:
+        proxied = [(e["outcome"], e["status"]) for e in client.log() if e["op"] == "proxy"]
+    assert proxied == [("ok", 200), ("ok", 200), ("denied", None)]
 
 
 def test_the_agent_socket_is_served_while_a_proxied_confirmation_waits(

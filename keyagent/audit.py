@@ -109,12 +109,29 @@ class AuditEntry(
         allow) is written as a JSON string, so one entry is always one line and a reader can
         split it back into fields.
         """
-        values: tuple[object, ...] = tuple(self)
-        fields = [
-            f"{name}={_quoted(value)}"
-            for name, value in zip(_NAMES, values[1:], strict=True)
-            if value is not None
-        ]
+        values: tuple[object, ...] = tuple(self)[1:]
+        texts = [value for value in values if isinstance(value, str)]
+        joined = "".join(texts)
+        if (
+            all(texts)
+            and joined.isascii()
+            and joined.isprintable()
+            and " " not in joined
+            and '"' not in joined
+            and "=" not in joined
+            and "\\" not in joined
+        ):  # the usual case, checked at once: every value goes as it is
+            fields = [
+                f"{name}={value}"
+                for name, value in zip(_NAMES, values, strict=True)
+                if value is not None
+            ]
+        else:
+            fields = [
+                f"{name}={_quoted(value)}"
+                for name, value in zip(_NAMES, values, strict=True)
+                if value is not None
+            ]
         return f"audit time={timestamp(self.time)} {' '.join(fields)}"
 
 
@@ -144,7 +161,7 @@ class AuditLog:
     ``size`` 0 keeps none in memory: entries are still logged and followed.
     """
 
-    __slots__ = ("_entries", "_followers", "_newest", "recorded")
+    __slots__ = ("_entries", "_followers", "_newest", "_unlogged", "deferred", "recorded")
 
     def __init__(self, size: int = DEFAULT_AUDIT_ENTRIES) -> None:
         if not 0 <= size <= MAX_AUDIT_ENTRIES:
@@ -154,6 +171,12 @@ class AuditLog:
         self._newest: AuditEntry | None = None
         self.recorded = 0
         """Entries recorded since start, kept or not (the server tells a request's own by it)."""
+        self.deferred = False
+        """Whether entries reach the agent's log at :meth:`flush` rather than at once: the
+        server sets it, and flushes once per turn of its loop, after the replies of that
+        turn are sent. Under load one write then carries many entries, and no reply waits
+        for the log."""
+        self._unlogged: list[AuditEntry] = []
 
     def __repr__(self) -> str:
         return f"AuditLog(size={self.size}, held={len(self._entries)})"
@@ -176,12 +199,22 @@ class AuditLog:
         self._entries.append(entry)
         self.recorded += 1
         self._newest = entry
-        if log.isEnabledFor(INFO):
+        if self.deferred:
+            self._unlogged.append(entry)
+        elif log.isEnabledFor(INFO):
             log.info("%s", entry.log_line())
         if self._followers:
             # A follower may stop following (its client gone) while entries are handed out.
             for follower in tuple(self._followers):
                 follower(entry)
+
+    def flush(self) -> None:
+        """Write the entries recorded since the last flush to the agent's log, at once."""
+        if not self._unlogged:
+            return
+        unlogged, self._unlogged = self._unlogged, []
+        if log.isEnabledFor(INFO):
+            log.log_many(INFO, [entry.log_line() for entry in unlogged])
 
     def last(self, count: int | None = None) -> list[AuditEntry]:
         """The newest ``count`` entries (all kept, without ``count``), oldest first."""

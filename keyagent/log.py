@@ -29,13 +29,24 @@ _LEVEL_NAMES = {DEBUG: "DEBUG", INFO: "INFO", WARNING: "WARNING", ERROR: "ERROR"
 
 
 class _Sink:
-    """Where the serving process's records go, and from which level."""
+    """Where the serving process's records go, and from which level. ``emit_many`` writes
+    several records of one level together (one write to stderr; syslog takes one each)."""
 
-    __slots__ = ("emit", "level")
+    __slots__ = ("emit", "emit_many", "level")  # emit_many: set per instance
 
-    def __init__(self, level: int, emit: Callable[[int, str], None]) -> None:
+    def __init__(
+        self,
+        level: int,
+        emit: Callable[[int, str], None],
+        emit_many: Callable[[int, list[str]], None] | None = None,
+    ) -> None:
         self.level = level
         self.emit = emit
+        self.emit_many = emit_many or self._one_by_one
+
+    def _one_by_one(self, level: int, texts: list[str]) -> None:
+        for text in texts:
+            self.emit(level, text)
 
 
 _sink: _Sink | None = None
@@ -46,14 +57,18 @@ def to_stderr(level: int) -> None:
     prefix = f"keyagent[{os.getpid()}]: "
 
     def emit(level: int, text: str) -> None:
+        emit_many(level, [text])
+
+    def emit_many(level: int, texts: list[str]) -> None:
+        start = f"{prefix}{_LEVEL_NAMES.get(level, level)}: "
         try:
-            sys.stderr.write(f"{prefix}{_LEVEL_NAMES.get(level, level)}: {text}\n")
+            sys.stderr.write("".join(f"{start}{text}\n" for text in texts))
             sys.stderr.flush()
         except (OSError, ValueError):
             pass  # a closed terminal must not take the agent down
 
     global _sink  # noqa: PLW0603  # one process-wide destination, set once at start-up
-    _sink = _Sink(level, emit)
+    _sink = _Sink(level, emit, emit_many)
 
 
 def to_syslog(level: int) -> None:
@@ -119,6 +134,15 @@ class Logger:
             except (TypeError, ValueError):
                 text = f"{msg} (unformattable arguments)"
             sink.emit(level, text)
+
+    def log_many(self, level: int, texts: list[str]) -> None:
+        """Several records of one level, already formatted, written together."""
+        sink = _sink
+        if sink is None:
+            for text in texts:
+                self.log(level, "%s", text)
+        elif level >= sink.level or (self.floor is not None and level >= self.floor):
+            sink.emit_many(level, texts)
 
     def debug(self, msg: str, *args: object) -> None:
         self.log(DEBUG, msg, *args)

@@ -284,6 +284,7 @@ class Server:
         self._workers = _Workers(self.limits.workers)
         self._local_workers = _Workers(len(LOCAL_QUEUES), "keyagent-local")
         self._running = True
+        self.agent.audit_log.deferred = True  # logged once per turn: see _loop
         self.agent.driven_by(self._driver.start_background)
         if self.on_ready is not None:
             self.on_ready()
@@ -297,7 +298,7 @@ class Server:
         poll, clock = self._epoll.poll, self.clock
         listener, wake = self.listener.fileno(), self._wake_r.fileno()
         http = -1 if self.http_listener is None else self.http_listener.fileno()
-        connections = self.connections
+        connections, audit_log = self.connections, self.agent.audit_log
         while self._running:
             events = poll(self._poll_timeout())
             self._now = clock()
@@ -320,6 +321,7 @@ class Server:
                     if mask & select.EPOLLIN and not conn.closed:
                         self._read(conn)
             self._run_timers()
+            audit_log.flush()  # after this turn's replies went out
 
     def _poll_timeout(self) -> float | None:
         now = self.clock()
@@ -346,6 +348,7 @@ class Server:
     def _shutdown(self) -> None:
         for conn in list(self.connections.values()):
             self._close(conn)
+        self.agent.audit_log.flush()
         for workers in (self._workers, self._local_workers):
             if workers is not None:
                 workers.stop()

@@ -109,6 +109,10 @@ class AuditEntry(
         allow) is written as a JSON string, so one entry is always one line and a reader can
         split it back into fields.
         """
+        return f"audit time={timestamp(self.time)} {self.log_fields()}"
+
+    def log_fields(self) -> str:
+        """:meth:`log_line` without its time: ``op=get outcome=ok ...``."""
         values: tuple[object, ...] = tuple(self)[1:]
         texts = [value for value in values if isinstance(value, str)]
         joined = "".join(texts)
@@ -132,7 +136,7 @@ class AuditEntry(
                 for name, value in zip(_NAMES, values, strict=True)
                 if value is not None
             ]
-        return f"audit time={timestamp(self.time)} {' '.join(fields)}"
+        return " ".join(fields)
 
 
 _NAMES: Final = AuditEntry._fields[1:]
@@ -161,7 +165,9 @@ class AuditLog:
     ``size`` 0 keeps none in memory: entries are still logged and followed.
     """
 
-    __slots__ = ("_entries", "_followers", "_newest", "_unlogged", "deferred", "recorded")
+    __slots__ = (
+        "_entries", "_followers", "_newest", "_unlogged", "deferred", "on_pending", "recorded"
+    )  # fmt: skip
 
     def __init__(self, size: int = DEFAULT_AUDIT_ENTRIES) -> None:
         if not 0 <= size <= MAX_AUDIT_ENTRIES:
@@ -172,10 +178,14 @@ class AuditLog:
         self.recorded = 0
         """Entries recorded since start, kept or not (the server tells a request's own by it)."""
         self.deferred = False
-        """Whether entries reach the agent's log at :meth:`flush` rather than at once: the
-        server sets it, and flushes once per turn of its loop, after the replies of that
-        turn are sent. Under load one write then carries many entries, and no reply waits
-        for the log."""
+        """Whether entries reach the agent's log at :meth:`flush` rather than at once. The
+        server sets it and flushes at most ``keyagent.server.AUDIT_FLUSH_DELAY`` after an
+        entry is recorded: no reply waits for the log, one write carries every entry of that
+        time, and the same request repeated (a tool's get in a loop) is formatted once per
+        flush."""
+        self.on_pending: Callable[[], None] | None = None
+        """Called when an entry waits for a flush and none did before (the server arms its
+        flush timer)."""
         self._unlogged: list[AuditEntry] = []
 
     def __repr__(self) -> str:
@@ -201,6 +211,8 @@ class AuditLog:
         self._newest = entry
         if self.deferred:
             self._unlogged.append(entry)
+            if len(self._unlogged) == 1 and self.on_pending is not None:
+                self.on_pending()
         elif log.isEnabledFor(INFO):
             log.info("%s", entry.log_line())
         if self._followers:
@@ -213,8 +225,17 @@ class AuditLog:
         if not self._unlogged:
             return
         unlogged, self._unlogged = self._unlogged, []
-        if log.isEnabledFor(INFO):
-            log.log_many(INFO, [entry.log_line() for entry in unlogged])
+        if not log.isEnabledFor(INFO):
+            return
+        fields: dict[tuple[object, ...], str] = {}  # the same request again: formatted once
+        lines = []
+        for entry in unlogged:
+            rest = entry[1:]
+            text = fields.get(rest)
+            if text is None:
+                text = fields[rest] = entry.log_fields()
+            lines.append(f"audit time={timestamp(entry.time)} {text}")
+        log.log_many(INFO, lines)
 
     def last(self, count: int | None = None) -> list[AuditEntry]:
         """The newest ``count`` entries (all kept, without ``count``), oldest first."""

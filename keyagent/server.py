@@ -80,6 +80,9 @@ that confirms a use of a key). They run on workers of their own, one per queue, 
 calls hung until their timeout can never make lock, unlock, forget, a keyring write or a
 confirmation wait for a thread, and a confirmation left unanswered never holds up the
 others."""
+AUDIT_FLUSH_DELAY = 0.05
+"""Seconds an audit entry may wait before it is written to the agent's log (see
+keyagent.audit.AuditLog.deferred); it is in the ring and sent to followers at once."""
 MAX_POLL_WAIT = 86400.0
 """The longest single wait, in seconds. ``epoll.poll`` refuses a timeout past 2**31 ms
 (about 24.9 days), and keys may live ten years: a farther deadline is reached by waking once
@@ -284,7 +287,11 @@ class Server:
         self._workers = _Workers(self.limits.workers)
         self._local_workers = _Workers(len(LOCAL_QUEUES), "keyagent-local")
         self._running = True
-        self.agent.audit_log.deferred = True  # logged once per turn: see _loop
+        audit_log = self.agent.audit_log
+        audit_log.deferred = True
+        audit_log.on_pending = lambda: self._call_at(
+            self.clock() + AUDIT_FLUSH_DELAY, audit_log.flush
+        )
         self.agent.driven_by(self._driver.start_background)
         if self.on_ready is not None:
             self.on_ready()
@@ -298,7 +305,7 @@ class Server:
         poll, clock = self._epoll.poll, self.clock
         listener, wake = self.listener.fileno(), self._wake_r.fileno()
         http = -1 if self.http_listener is None else self.http_listener.fileno()
-        connections, audit_log = self.connections, self.agent.audit_log
+        connections = self.connections
         while self._running:
             events = poll(self._poll_timeout())
             self._now = clock()
@@ -321,7 +328,6 @@ class Server:
                     if mask & select.EPOLLIN and not conn.closed:
                         self._read(conn)
             self._run_timers()
-            audit_log.flush()  # after this turn's replies went out
 
     def _poll_timeout(self) -> float | None:
         now = self.clock()

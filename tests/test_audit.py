@@ -315,3 +315,31 @@ def test_the_audit_ring_size_comes_from_the_agent(account: FakeAccount) -> None:
     assert [kept["key_id"] for kept in recorded(small)] == [
         key_id_for(f"{SECRET}-{number}") for number in (1, 2)
     ]
+
+
+def test_deferred_entries_are_written_together_and_repeats_formatted_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """In the server's deferred mode an entry waits for flush (the first one arms it), then
+    every waiting entry is logged, each with its own time."""
+    armed: list[int] = []
+    ring = AuditLog(10)
+    ring.deferred = True
+    ring.on_pending = lambda: armed.append(len(armed))
+    first = AuditEntry(1_000.0, "get", "ok", "0123456789ab", "h", "u", 7, 0, None, None, None, None)
+    with caplog.at_level(logging.INFO, logger="keyagent.audit"):
+        ring.record(first)
+        ring.record(first._replace(time=1_000.5))
+        assert armed == [0]  # one timer for both
+        assert not [r for r in caplog.records if "audit time=" in r.getMessage()]
+        ring.flush()
+    lines = [r.getMessage() for r in caplog.records if "audit time=" in r.getMessage()]
+    assert lines == [
+        "audit time=1970-01-01T00:16:40.000Z op=get outcome=ok key_id=0123456789ab host=h "
+        "user=u pid=7 uid=0",
+        "audit time=1970-01-01T00:16:40.500Z op=get outcome=ok key_id=0123456789ab host=h "
+        "user=u pid=7 uid=0",
+    ]
+    assert len(ring) == 2
+    ring.record(first)
+    assert armed == [0, 1]  # armed again after a flush

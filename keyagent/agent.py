@@ -125,6 +125,12 @@ programs, confirmation) is answered by a generator, which the server never remem
 :meth:`Agent.process_get`."""
 UNKNOWN_PEER: Final = Peer(pid=0, uid=-1, gid=-1, exe=None)
 """The peer of a request made with no client to name (a program rule then refuses)."""
+NO_EXECUTABLES: Final = (
+    "this agent cannot tell which program connects (it runs in a user namespace of its own,"
+    " e.g. systemd's PrivateUsers=, where /proc/PID/exe of other processes is unreadable),"
+    ' so --allow-exe cannot be enforced: start an agent outside it (eval "$(keyagent)")'
+    " for keys with allowed programs"
+)
 MAX_ACCOUNTS: Final = 64
 """Conduce accounts tracked at once; logged-out ones are forgotten first."""
 MAX_KEY_ATTEMPTS: Final = 3
@@ -206,6 +212,7 @@ class Agent:
         max_keys: int | None = None,
         default_export: bool = True,
         default_allowed_exes: tuple[str, ...] = (),
+        sees_executables: bool = True,
         askpass: str | None = None,
         confirm_timeout: float = 30.0,
         confirmer: Callable[[str, str, float], None] = run_askpass,
@@ -238,6 +245,10 @@ class Agent:
         self.default_export = default_export
         """Whether a new key may be taken out (``get``, ``exec``) unless its request says."""
         self.default_allowed_exes = default_allowed_exes
+        self.sees_executables = sees_executables
+        """Whether peers' executables can be known at all (see
+        :func:`keyagent.sockets.sees_peer_executables`): without, no key can have allowed
+        programs, and one that has them (restored from the keyring) serves no one."""
         """The programs a new key allows unless its request names some; empty: any."""
         self.askpass = askpass
         """The program that asks the user to confirm a use (checked at start-up), or None."""
@@ -570,6 +581,8 @@ class Agent:
             args.get("confirm", False),
             args.get("allow_exe", self.default_allowed_exes),
         )
+        if rules[2] and not self.sees_executables:
+            raise BadRequest(NO_EXECUTABLES)
         held = None if secret is None else self.held_keys.holding(digest_of(secret))
         if held is None:
             return rules
@@ -668,6 +681,8 @@ class Agent:
         """
         if export:
             self._check_export(held)
+        if held.allowed_exes and not self.sees_executables:
+            raise Denied(f"key {held.key_id} has allowed programs, and {NO_EXECUTABLES}")
         if held.allowed_exes and peer.exe not in held.allowed_exes:
             log.warning(
                 "denied %s of key %s to pid %d (%s): not one of its allowed programs",

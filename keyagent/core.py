@@ -32,14 +32,14 @@ import sys
 import threading
 import time
 
-from keyagent.agent import Agent
+from keyagent.agent import NO_EXECUTABLES, Agent
 from keyagent.errors import KeyagentError
 from keyagent.handoff import Handoff, HandoffError
 from keyagent.log import DEBUG, INFO, WARNING, get_logger, to_stderr, to_syslog
 from keyagent.persist import KeyringStore, PersistedKey, UnreadableLock
 from keyagent.server import Limits, Server, log_internal
 from keyagent.sessions import LazyAccount
-from keyagent.sockets import remove_socket
+from keyagent.sockets import remove_socket, sees_peer_executables
 from keyagent.systemd import Notifier
 
 TYPE_CHECKING = False
@@ -352,6 +352,7 @@ def serve(
         max_keys=settings.get("max_keys"),
         default_export=settings.get("export", True),
         default_allowed_exes=tuple(settings.get("allow_exe", ())),
+        sees_executables=sees_peer_executables(),
         # Checked by the daemon at start (keyagent.trust) and never re-read from the
         # environment: a variable changed later cannot name another program.
         askpass=settings.get("askpass"),
@@ -359,6 +360,8 @@ def serve(
         audit_entries=settings["audit_entries"],
     )
     agent.http_socket_path = None if http is None else http[0]
+    if not agent.sees_executables:
+        log.warning("keys with allowed programs are refused: %s", NO_EXECUTABLES)
     if agent.keyring is not None:
         restore_persisted(agent, agent.keyring)
     limits = Limits(

@@ -138,6 +138,24 @@ def file_identity(path: str) -> tuple[int, int] | None:
     return info.st_dev, info.st_ino
 
 
+def sees_peer_executables() -> bool:
+    """Whether this process can read ``/proc/PID/exe`` of the programs that connect to it.
+
+    Not from a user namespace of its own (systemd's ``PrivateUsers=``, which the shipped
+    unit needs for its sandbox under an ordinary user's manager): the kernel lets a process
+    read another's executable only from the same user namespace, so every peer's would be
+    unknown. The initial namespace maps every uid (``0 0 4294967295``); a nested one maps a
+    few.
+    """
+    try:
+        with open("/proc/self/uid_map", encoding="ascii") as uid_map:
+            lines = uid_map.read().split("\n")
+    except OSError:
+        return True  # no /proc to tell: peer_exe will find out per peer
+    fields = lines[0].split() if lines else []
+    return fields == ["0", "0", "4294967295"]
+
+
 def peer_exe(pid: int) -> str | None:
     """The executable of process ``pid`` as ``/proc/PID/exe`` names it, or None if it cannot
     be read (the process has exited, or /proc is not mounted).

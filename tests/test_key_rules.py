@@ -15,6 +15,7 @@ from keyagent import errors
 from keyagent.agent import Agent, Peer
 from keyagent.effects import Work
 from keyagent.persist import KeyringStore
+from keyagent.sockets import sees_peer_executables
 from keyagent.store import digest_of, key_id_for
 from keyagent.testing.memory_keyring import MemoryKeyring
 
@@ -536,3 +537,28 @@ def test_the_hand_off_carries_the_rule_defaults() -> None:
     )
     with pytest.raises(HandoffError):
         Settings.from_dict({**settings.as_dict(), "allow_exe": ["relative"]})
+
+
+def test_an_agent_blind_to_executables_refuses_allowed_programs(fake_time: FakeTime) -> None:
+    """In a user namespace of its own the agent cannot know a peer's program: adding a key
+    with allowed programs is a bad request naming why, and a restored one serves no one;
+    keys without allowed programs work as ever."""
+    blind = Agent(clock=fake_time.clock(), sees_executables=False)
+    with pytest.raises(errors.BadRequest) as caught:
+        add(blind, allow_exe=[CURL])
+    assert "PrivateUsers=" in caught.value.message
+    assert len(blind.held_keys) == 0
+    blind.held_keys.put(
+        host=HOST, user=USER, secret=SECRET, now=fake_time.monotonic, wall=0.0, lifetime=None,
+        allowed_exes=(CURL,),
+    )  # fmt: skip
+    assert isinstance(get_fails_as(blind, peer(CURL)), errors.Denied)
+    add(blind, "plain-S3CR3T")
+    assert get_as(blind, peer(CURL), key_id=key_id_for("plain-S3CR3T"))["key"] == "plain-S3CR3T"
+
+
+def test_sees_peer_executables_reads_the_user_namespace() -> None:
+    """The initial user namespace maps every uid: there, peers' executables are readable."""
+    with open("/proc/self/uid_map", encoding="ascii") as uid_map:
+        initial = uid_map.read().split() == ["0", "0", "4294967295"]
+    assert sees_peer_executables() is initial

@@ -1099,6 +1099,40 @@ def test_the_http_socket_activates_the_service_too(user_manager: UserManager) ->
 
 @needs_user_manager
 @needs_root
+def test_allowed_programs_are_refused_clearly_inside_the_service_sandbox(
+    user_manager: UserManager,
+) -> None:
+    """Under the unit's PrivateUsers= the agent cannot read a client's /proc/PID/exe (the
+    kernel allows that only within one user namespace): add --allow-exe is refused with a
+    message saying why and what to do, rather than holding a key no program could use;
+    plain keys are served as ever."""
+    run = user_manager(
+        """
+        systemctl --user daemon-reload
+        systemctl --user start keyagent.socket
+        curl=$(readlink -f "$(command -v curl)")
+        printf 'sandbox-test-key-0001\\n' | timeout 10 "$PYTHON" -m keyagent add \\
+            --host 127.0.0.1:9 --user u@example.com --allow-exe "$curl" 2>"$OUT/refused.txt" \\
+            && echo "refused=0" || echo "refused=$?"
+        printf 'sandbox-test-key-0002\\n' | timeout 10 "$PYTHON" -m keyagent add \\
+            --host 127.0.0.1:9 --user u@example.com >/dev/null
+        echo "plain=$?"
+        systemctl --user stop keyagent.socket keyagent.service
+        """,
+        {
+            "keyagent.socket": SOCKET_UNIT.read_text(),
+            "keyagent.service": installed_service(keyagent_script()),
+        },
+    )
+    assert run.returncode == 0, run.output
+    assert run.results == {"refused": "1", "plain": "0"}, run.output
+    message = (run.out / "refused.txt").read_text()
+    assert "PrivateUsers=" in message
+    assert "[bad_request]" in message
+
+
+@needs_user_manager
+@needs_root
 def test_socket_activated_notify_service_end_to_end(user_manager: UserManager) -> None:
     """A client starts keyagent.service under a user manager; READY=1 makes it active; it stops."""
     run = user_manager(

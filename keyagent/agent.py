@@ -1102,7 +1102,7 @@ class Agent:
             ) from None
         return (yield from self._lend(held, peer, confirmed))
 
-    def proxy_session_expired(
+    def proxy_session_refused(
         self,
         peer: Peer,
         host: str,
@@ -1110,10 +1110,22 @@ class Agent:
         key_id: str | None,
         confirmed: frozenset[str] = frozenset(),
     ) -> Steps:
-        """The service refused a proxied request made with the session: the session has
-        expired. Note it, as the agent's own calls do, and pick credentials again."""
+        """The service answered 401 to a proxied request made with the session. That may
+        mean the session expired, or only that this request was refused (any endpoint may
+        answer 401): the agent asks the service (``validate``, on the account's queue) rather
+        than take a tool's request for proof. Returns None if the session is alive (or its
+        state could not be learnt): the tool gets the service's answer as it is. Else the
+        session is marked expired and the grant to try again with is returned (a held key),
+        or ``login_required`` raised."""
         session = self.sessions.get((host, user))
         if session is not None and session.live:
+            try:
+                alive = yield Work(session.account.validate, queue=session.queue)
+            except KeyagentError:
+                return None
+            if alive:
+                session.proved_alive(self.clock.monotonic(), self.clock.wall())
+                return None
             session.mark_expired()
             log.info("session of %s on %s expired", user, host)
         return (yield from self.authorize_proxy(peer, host, user, key_id, confirmed))

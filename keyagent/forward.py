@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from typing import Final
 
 import urllib3
+from urllib3 import HTTPHeaderDict
 from urllib3.exceptions import (
     ConnectTimeoutError,
     HTTPError,
@@ -27,6 +28,7 @@ from urllib3.exceptions import (
     ReadTimeoutError,
     SSLError,
 )
+from urllib3.util import parse_url
 
 from keyagent.conduce import HttpSettings, _is_certificate_failure
 from keyagent.errors import KeyagentError, RemoteUnreachable, Timeout, TLSError
@@ -40,6 +42,16 @@ CHUNK: Final = 64 * 1024
 """Bytes moved at a time, each way."""
 POOL_SIZE: Final = 64
 """Warm connections kept per host; more may be open at once, the surplus is not kept."""
+
+
+def path_sent(host: str, target: str) -> str | None:
+    """The path :meth:`Upstream.send` puts on the wire for ``target`` (urllib3 normalises
+    percent-escapes, for one), so that the proxy checks what goes out; None if urllib3
+    would refuse the URL."""
+    try:
+        return parse_url(f"https://{host}{target}").path or "/"
+    except ValueError:
+        return None
 
 
 class Answer:
@@ -123,7 +135,7 @@ class Upstream:
                 method,
                 f"https://{host}{target}",
                 body=body,
-                headers=dict(headers),
+                headers=_header_dict(headers),
                 redirect=False,
                 retries=False,
                 preload_content=False,
@@ -164,3 +176,11 @@ class Upstream:
 
     def close(self) -> None:
         self._pools.clear()
+
+
+def _header_dict(headers: list[tuple[str, str]]) -> HTTPHeaderDict:
+    """The headers, a repeated name kept repeated (a plain dict would keep the last)."""
+    kept = HTTPHeaderDict()
+    for name, value in headers:
+        kept.add(name, value)
+    return kept

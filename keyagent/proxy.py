@@ -54,6 +54,9 @@ __all__ = ["METHODS", "Proxy", "Route", "error_answer", "route"]
 log = get_logger("keyagent.proxy")
 
 METHODS: Final = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
+FORBIDDEN_IN_TARGET: Final = frozenset("# \t")
+MAX_AUDITED_PATH: Final = 512
+"""Characters of a path kept in an audit entry; a longer one is cut, and says so."""
 REPLAYABLE: Final = 64 * 1024
 """Request bodies up to this size are read before sending, so that a request the service
 refuses because the session just expired can be sent again with an API key. Longer bodies
@@ -134,9 +137,18 @@ def route(head: Head) -> Route:
     if head.method not in METHODS:
         raise BadRequest(f"method {head.method} is not forwarded; use one of {_methods()}")
     target = head.target
+    if not target.isascii() or any(char in target for char in FORBIDDEN_IN_TARGET):
+        # A fragment is never part of a request target, and urllib3 would drop it: the path
+        # checked here must be the path that goes out, so refuse rather than guess.
+        raise BadRequest("the request target holds '#', spaces or non-ASCII; escape them")
     host_header = head.get("host")
-    if target.startswith(("http://", "https://")):  # absolute form: the path is what counts
-        parts = urlsplit(target)
+    if target.lower().startswith(("http://", "https://")):  # absolute form: its path counts
+        try:
+            parts = urlsplit(target)
+        except ValueError:
+            raise BadRequest("the request target is not a valid URL") from None
+        if parts.username is not None or parts.password is not None:
+            raise BadRequest("the request target may not carry a user or password")
         if host_header is not None and parts.netloc.lower() != host_header.lower():
             raise BadRequest("the Host header and the request target name different hosts")
         host_header = parts.netloc
@@ -149,6 +161,14 @@ def route(head: Head) -> Route:
         raise BadRequest(f"the Host header is not a Conduce host: {problem}")
     path = target.split("?", 1)[0]
     _check_path(path)
+    # What goes out, after the HTTP library's own normalisation, must pass the same check.
+    from keyagent.forward import path_sent
+
+    sent = path_sent(host, target)
+    if sent is None:
+        raise BadRequest("the request target is not a valid URL")
+    if sent != path:
+        _check_path(sent)
     user = head.get("x-keyagent-user")
     if user is not None and user_problem(user) is not None:
         raise BadRequest(f"X-Keyagent-User is not valid: {user_problem(user)}")
@@ -190,6 +210,17 @@ def _check_path(path: str) -> None:
             )
 
 
+def _audited_path(target: str) -> str | None:
+    """The path of a refused request's target, for the audit log: never a query, and never
+    the user, password or host of an absolute-form target."""
+    if target.startswith("/"):
+        return target.split("?", 1)[0].split("#", 1)[0]
+    try:
+        return urlsplit(target).path or None
+    except ValueError:
+        return None
+
+
 def _methods() -> str:
     return ", ".join(sorted(METHODS))
 
@@ -208,11 +239,19 @@ def error_answer(error: KeyagentError) -> tuple[int, list[tuple[str, str]], byte
 
 def request_headers(head: Head, grant: Grant) -> list[tuple[str, str]]:
     """The tool's headers without its credentials or connection headers, plus the grant's."""
+    # Headers the tool's Connection header names are about that connection only, too.
+    named = {
+        token.strip().lower()
+        for name, value in head.headers
+        if name == "connection"
+        for token in value.split(",")
+    }
     headers = [
         (name, value)
         for name, value in head.headers
         if name not in HOP_BY_HOP
         and name not in TOOL_CREDENTIALS
+        and name not in named
         and not name.startswith("x-keyagent-")
     ]
     headers.append(("Host", grant.host))
@@ -289,9 +328,9 @@ class Proxy:
                     break
         except Malformed as error:
             if not http.answered:
-                _, headers, body = error_answer(BadRequest(error.message))
+                status, headers, body = error_answer(BadRequest(error.message))
                 with contextlib.suppress(ClientGone):
-                    http.refuse(error.status, headers, body)
+                    http.refuse(status, headers, body)
         except ClientGone:
             pass
         finally:
@@ -345,19 +384,21 @@ class Proxy:
                 chunked=head.chunked,
             )  # fmt: skip
             if answer.status == 401 and grant.session and replayable:
-                # The session expired on the service: learn it, and try once more with
-                # what the agent picks now (a held key, or login_required).
-                answer.finish(complete=False)
-                grant = self.ask(
-                    lambda: self.agent.proxy_session_expired(
-                        peer, where.host, grant.user, where.key_id, frozenset(confirmed)
+                # Perhaps the session expired: the agent checks, and if so lends what it
+                # would now (a held key, or login_required) for one more try.
+                session_grant = grant
+                renewed: Grant | None = self.ask(
+                    lambda: self.agent.proxy_session_refused(
+                        peer, where.host, session_grant.user, where.key_id, frozenset(confirmed)
                     )
                 )
-                lent[(where.host, where.user, where.key_id)] = grant
-                answer = self.upstream.send(
-                    head.method, where.host, where.target, request_headers(head, grant),
-                    body, chunked=False,
-                )  # fmt: skip
+                if renewed is not None:
+                    answer.finish(complete=False)
+                    grant = lent[(where.host, where.user, where.key_id)] = renewed
+                    answer = self.upstream.send(
+                        head.method, where.host, where.target, request_headers(head, grant),
+                        body, chunked=False,
+                    )  # fmt: skip
         except ClientGone:
             raise
         except KeyagentError as error:
@@ -418,7 +459,9 @@ class Proxy:
     ) -> None:
         audit = self.agent.audit
         host = where.host if where is not None else None
-        path = where.path if where is not None else head.target.split("?", 1)[0][:512]
+        path = where.path if where is not None else _audited_path(head.target)
+        if path is not None and len(path) > MAX_AUDITED_PATH:
+            path = path[:MAX_AUDITED_PATH] + "...(cut)"
         key_id = grant.key_id if grant is not None else None
         user = grant.user if grant is not None else (where.user if where is not None else None)
 

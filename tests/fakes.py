@@ -97,6 +97,9 @@ class FakeAccount:
 
     def validate(self) -> bool:
         self.calls.append(("validate", None))
+        if self.fail_next is not None:
+            failure, self.fail_next = self.fail_next, None
+            raise failure
         if not self.session_alive:
             self.session = False
         return self.session and self.session_alive

@@ -120,6 +120,11 @@ def test_paths_outside_the_api_are_not_found(target: str) -> None:
         ("/conduce/api/v1/x", {"x_keyagent_key_id": "xyz"}),
         ("/conduce/api/v1/x%0d%0aInjected:1", {}),
         ("http://other.example.com/conduce/api/v1/x", {}),
+        ("/conduce/api/v1/user/login#", {}),
+        ("/conduce/api/v1/apikeys#/list", {}),
+        ("/conduce/api/v1/user/logout#x", {}),
+        ("http://[/conduce/api/v1/x", {}),
+        (f"http://a:pw@{HOST}/conduce/api/v1/x", {}),
     ],
 )
 def test_bad_hosts_users_key_ids_and_paths_are_bad_requests(
@@ -128,6 +133,18 @@ def test_bad_hosts_users_key_ids_and_paths_are_bad_requests(
     """What names the account or the path is checked by the agent's own rules."""
     with pytest.raises(BadRequest):
         route(head(target, **headers))
+
+
+def test_the_path_checked_is_the_path_sent() -> None:
+    """urllib3 puts what route() checked on the wire: nothing it would drop or rewrite into
+    another endpoint gets past the check (a fragment is refused outright)."""
+    from keyagent.forward import path_sent
+
+    for target in ("/conduce/api/v1/user/list-teams", "//api/v2/data/x", "/api/v2/data/a%2fb"):
+        where = route(head(target))
+        sent = path_sent(where.host, where.target)
+        assert sent is not None
+        assert sent.lower() == where.path.lower()
 
 
 def test_methods_outside_the_list_are_refused() -> None:
@@ -168,6 +185,7 @@ def test_the_tools_credentials_never_go_out() -> None:
     )  # fmt: skip
     names = [name.lower() for name, _ in sent]
     assert ("Authorization", f"Bearer {SECRET}") in sent
+    assert "x-custom" in names  # not named by Connection: kept
     assert names.count("authorization") == 1
     assert "cookie" not in names
     assert "proxy-authorization" not in names
@@ -177,6 +195,21 @@ def test_the_tools_credentials_never_go_out() -> None:
     assert ("x-custom", "kept") in sent
     assert ("Content-Length", "3") in sent
     assert ("Host", HOST) in sent
+
+
+def test_headers_named_by_connection_and_repeated_headers() -> None:
+    """Headers the tool's Connection header names stay on its connection; a repeated header
+    goes out repeated."""
+    grant = Grant(HOST, USER, header="Authorization", value=f"Bearer {SECRET}")
+    fields = [
+        ("Host", HOST), ("Connection", "keep-alive, X-Hop"), ("X-Hop", "drop me"),
+        ("Accept", "a/b"), ("Accept", "c/d"),
+    ]  # fmt: skip
+    sent = request_headers(
+        Head(h11.Request(method="GET", target="/api/v2/x", headers=fields)), grant
+    )
+    assert ("x-hop", "drop me") not in sent
+    assert [value for name, value in sent if name == "accept"] == ["a/b", "c/d"]
 
 
 def test_answers_lose_cookies_credentials_and_connection_headers() -> None:
@@ -300,20 +333,57 @@ def test_the_live_session_comes_before_keys(agent: Agent) -> None:
     assert grant.value == "session=fake-session-cookie"
 
 
-def test_an_expired_session_falls_back_to_a_key(agent: Agent) -> None:
-    """After the service refused the session, the next grant is a held key."""
+def refused(agent: Agent) -> Grant | None:
+    """What the agent answers when the service refused (401) a request made with the session."""
+    outcome = driver_for(agent).run(agent.proxy_session_refused(PEER, HOST, USER, None))
+    assert outcome is None or isinstance(outcome, Grant)
+    return outcome
+
+
+def test_an_expired_session_falls_back_to_a_key(
+    agent: Agent, accounts: dict[tuple[str, str], FakeAccount]
+) -> None:
+    """After the service refused the session, and validating it shows it expired, the next
+    grant is a held key."""
     hold(agent, SECRET)
     log_in(agent)
-    outcome = granted(agent, agent.proxy_session_expired(PEER, HOST, USER, None))
+    accounts[(HOST, USER)].session_alive = False
+    outcome = refused(agent)
+    assert outcome is not None
     assert outcome.value == f"Bearer {SECRET}"
     assert not agent.sessions[(HOST, USER)].live
 
 
-def test_an_expired_session_without_keys_means_logging_in_again(agent: Agent) -> None:
+def test_a_401_with_a_live_session_is_passed_on_and_the_session_kept(
+    agent: Agent, accounts: dict[tuple[str, str], FakeAccount]
+) -> None:
+    """A 401 from some endpoint is not proof the session expired: the agent validates it,
+    finds it alive, keeps it, and the tool gets the service's answer (None: no retry)."""
+    hold(agent, SECRET)
+    log_in(agent)
+    assert refused(agent) is None
+    assert agent.sessions[(HOST, USER)].live
+    assert ("validate", None) in accounts[(HOST, USER)].calls
+
+
+def test_a_session_whose_state_cannot_be_learnt_is_kept(
+    agent: Agent, accounts: dict[tuple[str, str], FakeAccount]
+) -> None:
+    """The service unreachable while validating: the session stays, the 401 is passed on."""
+    log_in(agent)
+    accounts[(HOST, USER)].fail_next = RemoteUnreachable("down")
+    assert refused(agent) is None
+    assert agent.sessions[(HOST, USER)].live
+
+
+def test_an_expired_session_without_keys_means_logging_in_again(
+    agent: Agent, accounts: dict[tuple[str, str], FakeAccount]
+) -> None:
     """No key to fall back on: login_required."""
     log_in(agent)
+    accounts[(HOST, USER)].session_alive = False
     with pytest.raises(LoginRequired):
-        granted(agent, agent.proxy_session_expired(PEER, HOST, USER, None))
+        refused(agent)
 
 
 def test_two_accounts_on_a_host_need_the_user_header(agent: Agent) -> None:

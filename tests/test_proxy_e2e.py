@@ -327,7 +327,9 @@ def test_the_session_expiring_falls_back_to_a_held_key(
     assert answer.status_code == 200
     assert "X-Keyagent-Error" not in answer.headers
     tried = [(r.auth, r.status) for r in emulator.requests]
-    assert tried == [("cookie", 401), ("bearer", 200)]
+    # The request with the session, the agent's check that the session expired (the same
+    # endpoint here), then the request again with the key.
+    assert tried == [("cookie", 401), ("cookie", 401), ("bearer", 200)]
     with conduce_agent.client() as client:
         (state,) = client.status()["sessions"]
     assert state["expired"] is True
@@ -697,3 +699,74 @@ def test_a_connection_reuses_its_credentials_only_while_nothing_changed(
         with conduce_agent.client() as client:
             client.forget(all=True)
         assert answer(sock).startswith(b"HTTP/1.1 401 ")
+
+
+def test_review_spellings_and_audit_hygiene(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """A fragment cannot smuggle user/login past the check (urllib3 would drop it); a huge
+    path is cut in the audit entry; an absolute-form target's password never reaches the
+    audit log; odd framing or non-ASCII targets are 400 bad_request; none of it reaches
+    the service."""
+    login(conduce_agent, emulator)
+    emulator.clear_requests()
+    body = f'{{"email": "{USER}", "password": "wrong"}}'
+    for target in ("/conduce/api/v1/user/login#", "/conduce/api/v1/user/logout#x"):
+        answer = exchange(
+            http_path(conduce_agent),
+            f"POST {target} HTTP/1.1\r\nHost: {emulator.host}\r\nContent-Length: {len(body)}"
+            f"\r\nConnection: close\r\n\r\n{body}".encode(),
+        )
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    for raw in (
+        f"GET http://a:hunter2@{emulator.host}/x HTTP/1.1\r\nHost: {emulator.host}\r\n"
+        "Connection: close\r\n\r\n",
+        f"GET /api/v2/{'p' * 20000} HTTP/1.1\r\nHost: {emulator.host}\r\n"
+        "X-Keyagent-User: nobody@example.com\r\nConnection: close\r\n\r\n",
+    ):
+        answer = exchange(http_path(conduce_agent), raw.encode())
+        assert answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 401 ")), answer[:200]
+    odd = exchange(
+        http_path(conduce_agent),
+        f"POST /api/v2/data/x HTTP/1.1\r\nHost: {emulator.host}\r\n"
+        "Transfer-Encoding: gzip, chunked\r\n\r\n".encode(),
+    )
+    assert odd.startswith(b"HTTP/1.1 400 ")
+    assert b"X-Keyagent-Error: bad_request" in odd
+    wide = exchange(
+        http_path(conduce_agent),
+        f"GET /api/v2/d\xe9j\xe0 HTTP/1.1\r\nHost: {emulator.host}\r\n\r\n".encode("latin-1"),
+    )
+    assert wide.startswith(b"HTTP/1.1 400 ")
+    assert emulator.requests == []
+    with conduce_agent.client() as client:
+        entries = client.log()
+        (state,) = client.status()["sessions"]
+    shown = json.dumps(entries)
+    assert "hunter2" not in shown
+    assert max(len(entry.get("path") or "") for entry in entries) < 600
+    assert state["logged_in"]
+    assert not state["expired"]
+
+
+def test_a_401_from_an_endpoint_does_not_end_a_live_session(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """An endpoint answering 401 while the session is alive: the agent validates the session,
+    keeps it, and the tool gets the service's own 401."""
+    login(conduce_agent, emulator)
+    emulator.clear_requests()
+    emulator.inject(Fault.status(401), path="/api/v2/data/refusing", count=1)
+    answer = exchange(
+        http_path(conduce_agent),
+        f"GET /api/v2/data/refusing HTTP/1.1\r\nHost: {emulator.host}\r\n"
+        "Connection: close\r\n\r\n".encode(),
+    )
+    assert answer.startswith(b"HTTP/1.1 401 ")
+    assert b"X-Keyagent-Error" not in answer
+    with conduce_agent.client() as client:
+        (state,) = client.status()["sessions"]
+    assert state["logged_in"]
+    assert not state["expired"]
+    paths = [record.path for record in emulator.requests]
+    assert paths == ["/api/v2/data/refusing", "user/validate-session"]

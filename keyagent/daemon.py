@@ -50,7 +50,7 @@ from keyagent.sockets import (
     file_identity,
     remove_socket,
 )
-from keyagent.systemd import NOTIFY_ENV, ListenFdsError, listen_fds
+from keyagent.systemd import NOTIFY_ENV, ListenFdsError, listen_fds_with_names
 
 log = logging.getLogger("keyagent")
 
@@ -355,15 +355,24 @@ class HttpListener(NamedTuple):
     listener: socket.socket
 
 
-def _is_http_socket(sock: socket.socket) -> bool:
-    """Whether an inherited socket is the HTTP one, by the path it is bound to."""
-    try:
-        name = sock.getsockname()
-    except OSError:
-        return False
-    if not isinstance(name, str):
-        return False
-    return os.path.basename(name) == paths.HTTP_SOCKET_NAME or name.endswith(".http")
+def split_inherited(
+    named: list[tuple[str, socket.socket]],
+) -> tuple[list[socket.socket], list[socket.socket]]:
+    """The agent sockets and the HTTP sockets among those socket activation passed.
+
+    A socket named ``http`` (``FileDescriptorName=http``, in a socket unit of its own) is
+    an HTTP socket and every other one an agent socket. Without that name, the order
+    decides, as systemd passes a unit's sockets in the order of its ``ListenStream=``
+    lines: the shipped unit lists agent.sock first and http.sock second.
+    """
+    if any(name == HTTP_FD_NAME for name, _ in named):
+        agent = [sock for name, sock in named if name != HTTP_FD_NAME]
+        return agent, [sock for name, sock in named if name == HTTP_FD_NAME]
+    socks = [sock for _, sock in named]
+    return socks[:1] + socks[2:], socks[1:2]
+
+
+HTTP_FD_NAME = "http"
 
 
 # --- process set-up ------------------------------------------------------------------------
@@ -563,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the serving process notifies there (or nowhere, without one).
     notify_address = os.environ.pop(NOTIFY_ENV, None)
     try:
-        inherited = listen_fds()
+        inherited = listen_fds_with_names()
     except ListenFdsError as error:
         sys.stderr.write(f"keyagent: {error}\n")
         return EXIT_FAILURE
@@ -571,10 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if inherited:
         # Socket activation: systemd made the socket (mode, directory, path) and removes it;
         # we serve it as given. The peer-uid check still applies to every connection.
-        # The socket unit passes agent.sock and http.sock, in either order: the HTTP one is
-        # told by the path it is bound to (the unit names both fds alike).
-        agent_socks = [sock for sock in inherited if not _is_http_socket(sock)]
-        http_socks = [sock for sock in inherited if _is_http_socket(sock)]
+        agent_socks, http_socks = split_inherited(inherited)
         if not agent_socks:
             sys.stderr.write("keyagent: socket activation passed no agent socket; fix the unit\n")
             return EXIT_FAILURE

@@ -33,9 +33,11 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote, urlsplit
 
+from keyagent.effects import log_internal
 from keyagent.errors import (
     BadRequest,
     Forbidden,
+    Internal,
     KeyagentError,
     NotFound,
     RemoteError,
@@ -333,6 +335,12 @@ class Proxy:
                     http.refuse(status, headers, body)
         except ClientGone:
             pass
+        except Exception as error:  # noqa: BLE001  # a bug: logged, answered, the agent goes on
+            log_internal(error)
+            if not http.answered:
+                status, headers, body = error_answer(Internal())
+                with contextlib.suppress(ClientGone, ValueError):
+                    http.refuse(status, headers, body)
         finally:
             http.close()
 

@@ -652,3 +652,20 @@ def test_lifetime_is_the_long_form_of_t(agent_factory: AgentFactory) -> None:
     with agent.client() as client:
         held = client.add("h", "u", "k-with-default-lifetime")
     assert held.get("expires")
+
+
+def test_inherited_sockets_are_told_apart_by_name_else_by_order() -> None:
+    """A socket named http is the HTTP socket; without names, the second one is (systemd
+    passes a unit's sockets in the order of its ListenStream= lines)."""
+    socks = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(3)]
+    try:
+        a, b, c = socks
+        assert daemon.split_inherited([("keyagent.socket", a)]) == ([a], [])
+        assert daemon.split_inherited([("keyagent.socket", a), ("keyagent.socket", b)]) == (
+            [a], [b]
+        )  # fmt: skip
+        assert daemon.split_inherited([("http", a), ("agent", b)]) == ([b], [a])
+        assert daemon.split_inherited([("x", a), ("x", b), ("x", c)]) == ([a, c], [b])
+    finally:
+        for sock in socks:
+            sock.close()

@@ -15,6 +15,7 @@ generator too, handed to :meth:`Agent.in_background`.
 from __future__ import annotations
 
 import os
+import random
 import time
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Mapping
@@ -25,6 +26,7 @@ from keyagent.audit import DEFAULT_AUDIT_ENTRIES, AuditEntry, AuditLog
 from keyagent.effects import Late, Overdue, Sleep, Work
 from keyagent.errors import (
     Ambiguous,
+    BadCredentials,
     BadPassphrase,
     BadRequest,
     Denied,
@@ -135,6 +137,51 @@ MAX_ACCOUNTS: Final = 64
 """Conduce accounts tracked at once; logged-out ones are forgotten first."""
 MAX_KEY_ATTEMPTS: Final = 3
 """Held keys a remote call may try in turn after the service rejects one (e.g. revoked)."""
+FIRST_RETRY: Final = 1.0
+"""Seconds before the second attempt to delete an ephemeral key on the service; doubling."""
+MAX_RETRY: Final = 600.0
+"""The longest wait between two attempts to delete an ephemeral key (ten minutes)."""
+RETRY_DELETION_FOR: Final = 24 * 3600.0
+"""How long the agent keeps trying to delete an ephemeral key on the service: a service down
+for a night still sees the key deleted in the morning."""
+
+
+def jittered(delay: float) -> float:
+    """A retry delay spread over its last quarter, so agents that failed together (a service
+    outage) do not all come back in the same second."""
+    return delay * random.uniform(0.75, 1.0)  # noqa: S311  # spreading load, not a secret
+
+
+class PendingDeletion:
+    """An ephemeral key the agent no longer serves, still to be deleted on the service.
+
+    ``secret`` is kept only because the deletion needs it (to name the key, and to
+    authenticate with it when there is no session); it is dropped as soon as the key is gone.
+    """
+
+    __slots__ = ("digest", "host", "user", "secret", "since", "attempts")
+
+    def __init__(self, held: HeldKey, since: float) -> None:
+        self.digest = held.digest
+        self.host = held.host
+        self.user = held.user
+        self.secret = held.secret
+        self.since = since
+        """Wall time at which the deletion was asked for."""
+        self.attempts = 0
+
+    def __repr__(self) -> str:
+        return f"PendingDeletion(key_id={self.digest[:KEY_ID_SHOWN]!r}, attempts={self.attempts})"
+
+    def state(self) -> dict[str, Any]:
+        """As ``status`` shows it: never the secret."""
+        return {
+            "key_id": self.digest[:KEY_ID_SHOWN],
+            "host": self.host,
+            "user": self.user,
+            "since": iso(self.since),
+            "attempts": self.attempts,
+        }
 
 
 class Grant:
@@ -217,6 +264,8 @@ class Agent:
         confirm_timeout: float = 30.0,
         confirmer: Callable[[str, str, float], None] = run_askpass,
         audit_entries: int = DEFAULT_AUDIT_ENTRIES,
+        keep_created_keys: bool = False,
+        jitter: Callable[[float], float] = jittered,
     ) -> None:
         if default_lifetime is not None and not 0 < default_lifetime <= MAX_LIFETIME:
             raise ValueError("the default lifetime must be positive and at most ten years")
@@ -226,6 +275,13 @@ class Agent:
         """The HTTP socket (keyagent.proxy), shown by ``status``; None without one."""
         self.default_lifetime = default_lifetime
         self.default_persist = default_persist
+        self.keep_created_keys = keep_created_keys
+        """Whether a key ``create`` makes stays on the service after it expires unless the
+        request says ``keep: false`` (else it is ephemeral unless it says ``keep: true``)."""
+        self._jitter = jitter
+        self.pending_deletions: dict[str, PendingDeletion] = {}
+        """Ephemeral keys no longer served, by digest, that are still to be deleted on the
+        service (see :meth:`_delete_on_service`)."""
         self.held_keys = KeyStore(max_keys)
         self.audit_log = AuditLog(audit_entries)
         self._reserved = 0
@@ -455,7 +511,74 @@ class Agent:
             if held.persisted and self.keyring is not None:
                 # Lifetimes bind the keyring copy too: delete it, with no client waiting.
                 self.in_background(self._keyring_chore(_deleter(held.digest)))
+            if held.ephemeral:
+                self.delete_on_service(held)
         return next_deadline
+
+    # --- ephemeral keys ------------------------------------------------------------------
+
+    def delete_on_service(self, held: HeldKey) -> None:
+        """Delete ``held``, no longer held, on the service, in the background, until done."""
+        if held.digest in self.pending_deletions:
+            return
+        pending = PendingDeletion(held, self.clock.wall())
+        self.pending_deletions[held.digest] = pending
+        self.in_background(self._delete_remotely(pending))
+
+    def _delete_remotely(self, pending: PendingDeletion) -> Steps:
+        """Background: delete one ephemeral key on the service, retrying failures with
+        exponential backoff for :data:`RETRY_DELETION_FOR`; a key the service does not know
+        (any more) counts as deleted, as does one it refuses as credentials with nothing else
+        to authenticate with (revoked: it is no use to anyone)."""
+        key_id = pending.digest[:KEY_ID_SHOWN]
+        give_up_at = self.clock.monotonic() + RETRY_DELETION_FOR
+        delay = FIRST_RETRY
+        try:
+            while True:
+                pending.attempts += 1
+                try:
+                    yield from self._delete_once(pending)
+                except NotFound:
+                    log.info("key %s was already gone from %s", key_id, pending.host)
+                    return {}
+                except BadCredentials:
+                    log.info("key %s is no longer valid on %s", key_id, pending.host)
+                    return {}
+                except KeyagentError as error:
+                    wait = self._jitter(delay)
+                    if self.clock.monotonic() + wait > give_up_at:
+                        log.error(
+                            "gave up deleting key %s on %s after %d attempts (%s); delete it "
+                            "with keyagent-ctl remove --host %s --user %s %s",
+                            key_id, pending.host, pending.attempts, error.message,
+                            pending.host, pending.user, pending.digest,
+                        )  # fmt: skip
+                        return {}
+                    log.warning(
+                        "could not delete key %s on %s (attempt %d: %s); retrying in %.0f s",
+                        key_id, pending.host, pending.attempts, error.message, wait,
+                    )  # fmt: skip
+                    yield Sleep(wait)
+                    delay = min(delay * 2, MAX_RETRY)
+                    continue
+                log.info("deleted expired key %s on %s", key_id, pending.host)
+                return {}
+        finally:
+            # Deleted, or given up: the secret goes with the record.
+            self.pending_deletions.pop(pending.digest, None)
+
+    def _delete_once(self, pending: PendingDeletion) -> Steps:
+        """One attempt: the account's live session, else the key itself (valid on the service
+        until deleted), else other held keys of the account."""
+        session = self.session_for(pending.host, pending.user)
+        plan = self._plan(session)
+        api_keys = (pending.secret, *plan.api_keys)[:MAX_KEY_ATTEMPTS]
+        account, secret = session.account, pending.secret
+        yield from self._remote(
+            session,
+            plan._replace(api_keys=api_keys),
+            lambda api_key: account.delete_key(secret, api_key=api_key),
+        )
 
     def restore(self, keys: Iterable[PersistedKey], lock: tuple[bytes, bytes] | None = None) -> int:
         """Hold keys read back from the OS keyring (at start-up); returns how many.
@@ -570,6 +693,7 @@ class Agent:
             "keys": sum(1 for _ in self.held_keys.matching(now)),
             "default_lifetime": self.default_lifetime,
             "sessions": [session.state() for session in self.sessions.values()],
+            "pending_deletions": [pending.state() for pending in self.pending_deletions.values()],
         }
 
     def _rules(self, args: Mapping[str, Any], secret: str | None = None) -> Rules:
@@ -761,11 +885,12 @@ class Agent:
                 if not (args.get("persist") and key_id and len(key_id) == KEY_ID_MAX):
                     raise
                 targets = [key_id]
+        local = bool(args.get("local"))
         if args.get("persist"):
-            return self._forget_persisted(targets, now)
-        return self._forget(targets, now)
+            return self._forget_persisted(targets, now, local)
+        return self._forget(targets, now, local)
 
-    def _forget_persisted(self, targets: list[str] | None, now: float) -> Steps:
+    def _forget_persisted(self, targets: list[str] | None, now: float, local: bool) -> Steps:
         """forget with persist: the keyring first; if it refuses, the keys stay held."""
 
         def unpersist(keyring: KeyringStore) -> int:
@@ -778,24 +903,39 @@ class Agent:
             unpersisted = yield delete
         except Overdue as overdue:
             # Should the keyring delete after all, memory follows it.
-            self.in_background(self._forget_when_done(overdue.late, targets, now))
+            self.in_background(self._forget_when_done(overdue.late, targets, now, local))
             raise
-        result = self._forget(targets, now)
+        result = self._forget(targets, now, local)
         result["unpersisted"] = unpersisted
         return result
 
-    def _forget_when_done(self, late: Late, targets: list[str] | None, now: float) -> Steps:
+    def _forget_when_done(
+        self, late: Late, targets: list[str] | None, now: float, local: bool
+    ) -> Steps:
         """Background: forget from memory what a keyring delete removed after its deadline."""
         yield late
-        return self._forget(targets, now)
+        return self._forget(targets, now, local)
 
-    def _forget(self, targets: list[str] | None, now: float) -> Result:
+    def _forget(self, targets: list[str] | None, now: float, local: bool = False) -> Result:
+        """Drop keys from memory; an ephemeral one is deleted on the service too, in the
+        background, unless ``local`` (the key then stays valid there)."""
         if targets is None:
-            forgotten = sum(held.alive(now) for held in self.held_keys.clear())
+            dropped = self.held_keys.clear()
+            forgotten = sum(held.alive(now) for held in dropped)
         else:
-            forgotten = sum(self.held_keys.discard(target) is not None for target in targets)
-        log.info("forgot %d key(s)", forgotten)
-        return {"forgotten": forgotten}
+            dropped = [held for held in map(self.held_keys.discard, targets) if held is not None]
+            forgotten = len(dropped)
+        deleting = 0
+        if not local:
+            for held in dropped:
+                if held.ephemeral:
+                    self.delete_on_service(held)
+                    deleting += 1
+        log.info("forgot %d key(s); deleting %d on the service", forgotten, deleting)
+        result: Result = {"forgotten": forgotten}
+        if deleting:  # only with ephemeral keys: the reply of other forgets is unchanged
+            result["deleting"] = deleting
+        return result
 
     def process_lock(self, args: Mapping[str, Any]) -> Steps:
         if self.lock.locked:
@@ -888,6 +1028,7 @@ class Agent:
         session = self.session_for(args["host"], args["user"])
         description: str = args.get("description", "created by keyagent")
         lifetime = args.get("lifetime", self.default_lifetime)
+        ephemeral = lifetime is not None and not args.get("keep", self.keep_created_keys)
         if args.get("reveal") and not args.get("export", self.default_export):
             raise BadRequest(
                 "a key that cannot be taken out of the agent cannot be printed either: leave "
@@ -920,6 +1061,7 @@ class Agent:
             now=self.clock.monotonic(), wall=self.clock.wall(), lifetime=lifetime,
             description=description, created=created, source="created",
             exportable=exportable, confirm=confirm, allowed_exes=allowed_exes,
+            ephemeral=ephemeral,
         )  # fmt: skip
         log.info("created key %s for %s on %s", held.key_id, session.user, session.host)
         if args.get("persist", self.default_persist):
@@ -970,7 +1112,8 @@ class Agent:
         remote = [
             {"key_id": digest[:KEY_ID_SHOWN], "fingerprint": digest,
              "masked": listed.masked(), "description": listed.description,
-             "created": listed.created, "held": digest in held_digests}
+             "created": listed.created, "held": digest in held_digests,
+             "pending_deletion": digest in self.pending_deletions}
             for digest, listed in on_service.items()
         ]  # fmt: skip
         return {"keys": keys, "remote": remote}

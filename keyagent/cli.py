@@ -206,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--all", action="store_true", help="forget every key")
     p.add_argument("--persist", action="store_true", help="also delete it from the OS keyring")
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="keep an ephemeral key on the service (by default forgetting one deletes it there)",
+    )
 
     command("lock", "lock the agent with a passphrase (prompted, or from stdin)")
     command("unlock", "unlock the agent (passphrase prompted, or from stdin)")
@@ -256,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_key_options(p)
     p.add_argument(
         "--print", action="store_true", dest="reveal", help="print the new key on stdout"
+    )
+    p.add_argument(
+        "--keep",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the key on the service when its lifetime ends (default: delete it there,"
+        " unless keep_created_keys is set in the config file)",
     )
 
     p = command("list-api-keys", "list the account's API keys on Conduce (masked)")
@@ -414,7 +426,7 @@ def _print_keys(keys: list[dict[str, Any]], out: TextIO) -> None:
     if not keys:
         out.write("no keys held\n")
         return
-    rows = [["KEY_ID", "HOST", "USER", "EXPIRES", "SOURCE", "RULES", "DESCRIPTION"]]
+    rows = [["KEY_ID", "HOST", "USER", "EXPIRES", "EPHEMERAL", "SOURCE", "RULES", "DESCRIPTION"]]
     for key in keys:
         source = str(key.get("source", ""))
         if key.get("stale"):
@@ -425,6 +437,7 @@ def _print_keys(keys: list[dict[str, Any]], out: TextIO) -> None:
                 str(key.get("host", "")),
                 str(key.get("user", "")),
                 str(key.get("expires") or "never"),
+                "yes" if key.get("ephemeral") else "no",
                 source,
                 _rules(key),
                 str(key.get("description") or ""),
@@ -457,7 +470,9 @@ def _print_remote(keys: list[dict[str, Any]], out: TextIO) -> None:
             [
                 str(key.get("masked", "")),
                 str(key.get("created") or "?"),
-                "yes" if key.get("held") else "no",
+                "pending deletion"
+                if key.get("pending_deletion")
+                else ("yes" if key.get("held") else "no"),
                 str(key.get("key_id") or "-"),
                 str(key.get("description") or ""),
             ]
@@ -501,6 +516,12 @@ def cmd_status(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
         since = f" since {shown(session['since'])}" if session.get("since") else ""
         out.write(
             f"session {shown(session.get('user'))}@{shown(session.get('host'))}: {state}{since}\n"
+        )
+    for pending in status.get("pending_deletions") or []:
+        out.write(
+            f"pending deletion of key {shown(pending.get('key_id'))} on"
+            f" {shown(pending.get('user'))}@{shown(pending.get('host'))} since"
+            f" {shown(pending.get('since'))}: {shown(pending.get('attempts'))} attempt(s)\n"
         )
     return EXIT_OK
 
@@ -570,7 +591,9 @@ def cmd_list_api_keys(args: argparse.Namespace, client: Client, stdin: TextIO, o
 
 
 def cmd_forget(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
-    count = client.forget(args.key_id, all=args.all or None, persist=args.persist or None)
+    count = client.forget(
+        args.key_id, all=args.all or None, persist=args.persist or None, local=args.local or None
+    )
     out.write(f"forgot {count} key{'s' if count != 1 else ''}\n")  # an int: nothing to escape
     return EXIT_OK
 
@@ -737,13 +760,15 @@ def cmd_create(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
         export=args.export,
         confirm=args.confirm,
         allow_exe=args.allow_exe,
+        keep=args.keep,
     )
     if args.reveal:
         out.write(f"{created['key']}\n")  # exact, like get: the agent only holds valid keys
     else:
+        fate = "; deleted on the service when it expires" if created.get("ephemeral") else ""
         out.write(
             f"created key {shown(created.get('key_id'))} for {shown(user)}@{shown(host)};"
-            " held by the agent\n"
+            f" held by the agent{fate}\n"
         )
     return EXIT_OK
 

@@ -257,9 +257,14 @@ class Client:
         return keys
 
     def forget(
-        self, key_id: str | None = None, *, all: bool | None = None, persist: bool | None = None
+        self,
+        key_id: str | None = None,
+        *,
+        all: bool | None = None,
+        persist: bool | None = None,
+        local: bool | None = None,
     ) -> int:
-        result = self.call("forget", key_id=key_id, all=all, persist=persist)
+        result = self.call("forget", key_id=key_id, all=all, persist=persist, local=local)
         return int(result.get("forgotten", 0))
 
     def lock(self, passphrase: str) -> None:
@@ -334,8 +339,10 @@ class Client:
         export: bool | None = None,
         confirm: bool | None = None,
         allow_exe: Sequence[str] | None = None,
+        keep: bool | None = None,
     ) -> dict[str, Any]:
-        """Create a key on the service and hold it; the rules as for :meth:`add`."""
+        """Create a key on the service and hold it; the rules as for :meth:`add`. ``keep``:
+        whether the key stays on the service when it expires (None: the agent's default)."""
         return self.call(
             "create",
             host=host,
@@ -347,6 +354,7 @@ class Client:
             export=export,
             confirm=confirm,
             allow_exe=resolve_programs(allow_exe),
+            keep=keep,
         )
 
     def remove(

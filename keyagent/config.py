@@ -62,6 +62,10 @@ key                 type         default   environment             used by
                                                                    for that answer
 =================== ============ ========= ======================= ==========================
 
+``keep_created_keys`` (boolean, default false; keyagent): whether a key that ``create`` makes
+with a lifetime stays on the service when it expires. By default the agent deletes it there
+(an ephemeral key) unless ``create --keep``; with true it keeps it unless ``create --no-keep``.
+
 ``askpass`` and each ``allow_exe`` path expand a leading ``~`` and are made absolute like
 ``ca_bundle``; ``allow_exe`` paths are then resolved (symbolic links followed), because they
 are compared with ``/proc/PID/exe``, which always is. The daemon checks the askpass program
@@ -202,6 +206,7 @@ class Config:
     askpass: str | None = None
     confirm_timeout: float = 30.0
     audit_entries: int = 10_000
+    keep_created_keys: bool = False
     path: str = ""
     """The configuration file that was consulted (absolute)."""
     path_source: str = "default"
@@ -415,6 +420,7 @@ _SPECS: Final[Mapping[str, _Spec]] = {
     "askpass": _Spec(_path, None, env="KEYAGENT_ASKPASS"),
     "confirm_timeout": _Spec(_duration, 30.0),
     "audit_entries": _Spec(_entry_count, 10_000),
+    "keep_created_keys": _Spec(_boolean, False),
 }
 
 SETTINGS: Final[tuple[str, ...]] = tuple(_SPECS)
@@ -787,6 +793,7 @@ def load(
         askpass=cast("str | None", pick("askpass")),
         confirm_timeout=cast("float", pick("confirm_timeout")),
         audit_entries=cast("int", pick("audit_entries")),
+        keep_created_keys=cast("bool", pick("keep_created_keys")),
         path=file_path,
         path_source=how,
         file_found=file is not None,

@@ -358,6 +358,7 @@ def serve(
         askpass=settings.get("askpass"),
         confirm_timeout=settings.get("confirm_timeout", 30.0),
         audit_entries=settings["audit_entries"],
+        keep_created_keys=settings.get("keep_created_keys", False),
     )
     agent.http_socket_path = None if http is None else http[0]
     if not agent.sees_executables:

@@ -404,7 +404,7 @@ CONFIGURED = (
     "lifetime", "ca_bundle", "connect_timeout", "read_timeout", "validate_after",
     "idle_timeout", "line_timeout", "max_connections", "max_keys", "audit_entries",
 )  # fmt: skip
-FILE_ONLY = ("export", "allow_exe", "askpass", "confirm_timeout")
+FILE_ONLY = ("export", "allow_exe", "askpass", "confirm_timeout", "keep_created_keys")
 """Settings with no flag of their own: from the environment, the file or the default."""
 
 

@@ -53,7 +53,7 @@ class HeldKey:
 
     __slots__ = (
         "digest", "host", "user", "secret", "description", "created", "added", "deadline",
-        "expires", "source", "persisted", "exportable", "confirm", "allowed_exes",
+        "expires", "source", "persisted", "exportable", "confirm", "allowed_exes", "ephemeral",
     )  # fmt: skip
 
     def __init__(
@@ -73,6 +73,7 @@ class HeldKey:
         exportable: bool = True,
         confirm: bool = False,
         allowed_exes: tuple[str, ...] = (),
+        ephemeral: bool = False,
     ) -> None:
         self.digest = digest
         """The key's full hex SHA-256: its identity in the store and the keyring."""
@@ -94,6 +95,9 @@ class HeldKey:
         """Each use first asks the user through the askpass program."""
         self.allowed_exes = allowed_exes
         """The programs (executable paths) that may use the key; empty: any program."""
+        self.ephemeral = ephemeral
+        """The agent deletes the key on the service when it expires or is forgotten (a key
+        ``create`` made with a lifetime and without ``keep``); never one that ``add`` gave."""
 
     def __repr__(self) -> str:
         return (
@@ -102,7 +106,7 @@ class HeldKey:
             f"added={self.added!r}, deadline={self.deadline!r}, expires={self.expires!r}, "
             f"source={self.source!r}, persisted={self.persisted!r}, "
             f"exportable={self.exportable!r}, confirm={self.confirm!r}, "
-            f"allowed_exes={self.allowed_exes!r})"
+            f"allowed_exes={self.allowed_exes!r}, ephemeral={self.ephemeral!r})"
         )
 
     @property
@@ -133,6 +137,7 @@ class HeldKey:
             "exportable": self.exportable,
             "confirm": self.confirm,
             "allowed_exes": list(self.allowed_exes),
+            "ephemeral": self.ephemeral,
         }
 
     def alive(self, now: float) -> bool:
@@ -180,6 +185,7 @@ class KeyStore:
         exportable: bool = True,
         confirm: bool = False,
         allowed_exes: tuple[str, ...] = (),
+        ephemeral: bool = False,
     ) -> HeldKey:
         """Hold ``secret``; holding the same secret again updates its entry in place, its
         flags merged to the stricter of old and new (see :func:`stricter`).
@@ -219,6 +225,9 @@ class KeyStore:
         if created is not None:
             held.created = created
         held.persisted = held.persisted or persisted
+        # Once the agent means to delete a key on the service, holding it again does not
+        # make it forget that: the copy on the service would outlive its lifetime.
+        held.ephemeral = held.ephemeral or ephemeral
         held.exportable, held.confirm, held.allowed_exes = exportable, confirm, allowed_exes
         if lifetime is None:
             held.deadline = held.expires = None

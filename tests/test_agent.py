@@ -138,9 +138,10 @@ def test_agent_serves_the_core_ops_in_protocol_order(agent: Agent) -> None:
 FRESH_OUTCOMES: dict[str, set[str] | type[KeyagentError]] = {
     "hello": {"protocol", "version", "ops"},
     "status": {"pid", "socket", "http_socket", "version", "uptime", "locked", "keys",
-               "default_lifetime", "sessions"},
+               "default_lifetime", "sessions", "pending_deletions"},
     "add": {"key_id", "fingerprint", "host", "user", "description", "created", "added",
-            "expires", "source", "persisted", "exportable", "confirm", "allowed_exes"},
+            "expires", "source", "persisted", "exportable", "confirm", "allowed_exes",
+            "ephemeral"},
     "get": NotFound,
     "list": {"keys"},
     "forget": {"forgotten"},
@@ -209,6 +210,7 @@ def test_status_fields(agent: Agent, time: FakeTime) -> None:
         "keys": 0,
         "default_lifetime": None,
         "sessions": [],
+        "pending_deletions": [],
     }
 
 
@@ -254,6 +256,7 @@ def test_add_returns_the_listing_without_the_secret(agent: Agent) -> None:
         "exportable": True,
         "confirm": False,
         "allowed_exes": [],
+        "ephemeral": False,
     }
     assert SECRET not in json.dumps(added)
 

@@ -172,6 +172,7 @@ def test_a_full_file_sets_everything_with_each_line(write: Writer) -> None:
         'askpass = "ask"\n'
         "confirm_timeout = 8\n"
         "audit_entries = 8\n"
+        "keep_created_keys = true\n"
     )
     result = load(str(path), env={})
     sources = result.sources()
@@ -195,7 +196,9 @@ def test_a_full_file_sets_everything_with_each_line(write: Writer) -> None:
         "askpass": 16,
         "confirm_timeout": 17,
         "audit_entries": 18,
+        "keep_created_keys": 19,
     }
+    assert result.keep_created_keys is True
     assert result.lifetime == 5400.0
     assert result.ca_bundle == str(path.parent / "ca.pem")
     assert (result.connect_timeout, result.max_connections) == (1.0, 6)
@@ -823,25 +826,26 @@ def test_render_lists_every_setting_aligned_with_its_source() -> None:
         flags={"insecure": True, "max_connections": 8, "idle_timeout": 90.5},
     )
     assert render(result) == (
-        "config           /dev/null            env KEYAGENT_CONFIG\n"
-        "host             conduce.example.com  env KEYAGENT_HOST\n"
-        "user             (not set)            default\n"
-        "lifetime         8h                   env KEYAGENT_LIFETIME\n"
-        "persist          false                default\n"
-        "ca_bundle        (not set)            default\n"
-        "insecure         true                 flag\n"
-        "connect_timeout  5s                   default\n"
-        "read_timeout     30s                  default\n"
-        "validate_after   5m                   default\n"
-        "idle_timeout     1m30.5s              flag\n"
-        "line_timeout     10s                  default\n"
-        "max_connections  8                    flag\n"
-        "max_keys         100000               default\n"
-        "export           true                 default\n"
-        "allow_exe        (any program)        default\n"
-        "askpass          (not set)            default\n"
-        "confirm_timeout  30s                  default\n"
-        "audit_entries    10000                default\n"
+        "config             /dev/null            env KEYAGENT_CONFIG\n"
+        "host               conduce.example.com  env KEYAGENT_HOST\n"
+        "user               (not set)            default\n"
+        "lifetime           8h                   env KEYAGENT_LIFETIME\n"
+        "persist            false                default\n"
+        "ca_bundle          (not set)            default\n"
+        "insecure           true                 flag\n"
+        "connect_timeout    5s                   default\n"
+        "read_timeout       30s                  default\n"
+        "validate_after     5m                   default\n"
+        "idle_timeout       1m30.5s              flag\n"
+        "line_timeout       10s                  default\n"
+        "max_connections    8                    flag\n"
+        "max_keys           100000               default\n"
+        "export             true                 default\n"
+        "allow_exe          (any program)        default\n"
+        "askpass            (not set)            default\n"
+        "confirm_timeout    30s                  default\n"
+        "audit_entries      10000                default\n"
+        "keep_created_keys  false                default\n"
     )
 
 

@@ -36,7 +36,7 @@ SECRET = "zebra-quokka-7781-S3CR3T"
 
 
 STRING_ARGS = {"host", "user", "key", "description", "passphrase", "password"}
-BOOL_ARGS = {"persist", "all", "remote", "reveal", "export", "confirm", "follow"}
+BOOL_ARGS = {"persist", "all", "remote", "reveal", "export", "confirm", "follow", "keep", "local"}
 SECRET_ARGS = ("key", "password", "passphrase")
 
 WRONG_TYPES: dict[str, list[object]] = {
@@ -872,6 +872,8 @@ ARG_VALUES: dict[str, st.SearchStrategy[Any]] = {
         st.floats(min_value=0, max_value=MAX_LIFETIME, exclude_min=True),
     ),
     "persist": st.booleans(),
+    "keep": st.booleans(),
+    "local": st.booleans(),
     "all": st.booleans(),
     "remote": st.booleans(),
     "reveal": st.booleans(),

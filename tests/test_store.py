@@ -126,6 +126,7 @@ def test_listing_has_every_field_but_the_secret() -> None:
         "exportable": True,
         "confirm": False,
         "allowed_exes": [],
+        "ephemeral": False,
     }
     assert SECRET not in repr(listing)
 

@@ -545,8 +545,7 @@ class Agent:
                     log.info("key %s is no longer valid on %s", key_id, pending.host)
                     return {}
                 except KeyagentError as error:
-                    wait = self._jitter(delay)
-                    if self.clock.monotonic() + wait > give_up_at:
+                    if self.clock.monotonic() >= give_up_at:  # tried for a day at least
                         log.error(
                             "gave up deleting key %s on %s after %d attempts (%s); delete it "
                             "with keyagent-ctl remove --host %s --user %s %s",
@@ -554,6 +553,7 @@ class Agent:
                             pending.host, pending.user, pending.digest,
                         )  # fmt: skip
                         return {}
+                    wait = self._jitter(delay)
                     log.warning(
                         "could not delete key %s on %s (attempt %d: %s); retrying in %.0f s",
                         key_id, pending.host, pending.attempts, error.message, wait,
@@ -561,7 +561,7 @@ class Agent:
                     yield Sleep(wait)
                     delay = min(delay * 2, MAX_RETRY)
                     continue
-                log.info("deleted expired key %s on %s", key_id, pending.host)
+                log.info("deleted key %s on %s", key_id, pending.host)
                 return {}
         finally:
             # Deleted, or given up: the secret goes with the record.

@@ -69,12 +69,16 @@ class FakeAccount:
     created: int = 0
     issue: list[str] = field(default_factory=list)
     """Keys ``create_key`` hands out next, in order, before making up its own."""
+    failures: list[errors.KeyagentError] = field(default_factory=list)
+    """Errors the next calls raise, one each, in order (after ``fail_next``)."""
 
     def _auth(self, name: str, api_key: str | None) -> None:
         self.calls.append((name, api_key))
         if self.fail_next is not None:
             failure, self.fail_next = self.fail_next, None
             raise failure
+        if self.failures:
+            raise self.failures.pop(0)
         if api_key is None:
             if not self.session:
                 raise errors.LoginRequired()

@@ -1,0 +1,106 @@
+"""Ephemeral keys end to end: the real agent deletes an expired created key on the shipped
+Conduce emulator, retrying through injected 503s."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from keyagent.store import key_id_for
+from keyagent.testing.agent import AgentProcess
+from keyagent.testing.emulator import Fault
+from keyagent.testing.emulator_process import Emulator, EmulatorProcess
+
+from .conftest import AgentFactory, CtlResult, run_ctl
+
+USER = "erin@example.com"
+PASSWORD = "ephemeral-pa55-w0rd"
+
+
+@pytest.fixture
+def emulator() -> Iterator[Emulator]:
+    """A loopback HTTPS Conduce emulator process with one account, stopped after the test."""
+    with EmulatorProcess(USER, PASSWORD) as emu:
+        yield emu
+
+
+@pytest.fixture
+def conduce_agent(agent_factory: AgentFactory, emulator: Emulator) -> AgentProcess:
+    """An agent that trusts the emulator's throw-away CA."""
+    return agent_factory(
+        "--ca-bundle", emulator.ca_path, "--read-timeout", "5", "--connect-timeout", "5"
+    )
+
+
+def ctl(agent: AgentProcess, emu: Emulator, *argv: str, stdin: str = "") -> CtlResult:
+    return run_ctl(agent.socket_path, "--host", emu.host, "--user", USER, *argv, stdin=stdin)
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Repeat ``check`` (a round trip to the emulator: that is the wait) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+
+
+def create_ephemeral(agent: AgentProcess, emu: Emulator) -> str:
+    """Log in, create a key that lives 2 s, log out (so the key deletes itself); its secret."""
+    login = ctl(agent, emu, "login", "--password-stdin", stdin=PASSWORD + "\n")
+    assert login.code == 0, login.err
+    created = ctl(agent, emu, "create", "--lifetime", "2s")
+    assert created.code == 0, created.err
+    assert "deleted on the service when it expires" in created.out
+    (secret,) = emu.api_keys(USER)
+    assert key_id_for(secret) in created.out
+    listed = json.loads(ctl(agent, emu, "list", "--json").out)["keys"]
+    assert [key["ephemeral"] for key in listed] == [True]
+    assert ctl(agent, emu, "logout").code == 0
+    return secret
+
+
+def deletes(emu: Emulator) -> list[int | None]:
+    return [record.status for record in emu.requests if record.path == "apikeys/delete"]
+
+
+def test_an_expired_created_key_is_deleted_on_the_service(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """create --lifetime 2s makes a key the agent deletes on the service once it expires,
+    authenticating with the key itself when there is no session."""
+    create_ephemeral(conduce_agent, emulator)
+    wait_until(lambda: emulator.api_keys(USER) == [], "the expired key deleted on the service")
+    assert deletes(emulator) == [200]
+    (record,) = [r for r in emulator.requests if r.path == "apikeys/delete"]
+    assert record.auth == "bearer"
+
+
+def status(agent: AgentProcess) -> dict[str, Any]:
+    result = run_ctl(agent.socket_path, "status", "--json")
+    assert result.code == 0, result.err
+    parsed: dict[str, Any] = json.loads(result.out)
+    return parsed
+
+
+def test_a_deletion_refused_with_503_is_retried_until_it_succeeds(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """While the service answers 503 the deletion stays pending (status shows it) and is
+    retried; once the service recovers, a retry deletes the key."""
+    emulator.inject(Fault.status(503), path="apikeys/delete")
+    secret = create_ephemeral(conduce_agent, emulator)
+    wait_until(lambda: 503 in deletes(emulator), "a first, failed, deletion")
+    (pending,) = status(conduce_agent)["pending_deletions"]
+    assert (pending["key_id"], pending["user"]) == (key_id_for(secret), USER)
+    assert pending["attempts"] >= 1
+    text = run_ctl(conduce_agent.socket_path, "status").out
+    assert f"pending deletion of key {key_id_for(secret)}" in text
+    assert emulator.api_keys(USER) == [secret]
+    emulator.clear_faults()
+    wait_until(lambda: emulator.api_keys(USER) == [], "the key deleted by a retry")
+    assert deletes(emulator)[-1] == 200
+    assert deletes(emulator).count(503) >= 1
+    wait_until(lambda: status(conduce_agent)["pending_deletions"] == [], "no deletion pending")

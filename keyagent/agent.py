@@ -281,7 +281,7 @@ class Agent:
         self._jitter = jitter
         self.pending_deletions: dict[str, PendingDeletion] = {}
         """Ephemeral keys no longer served, by digest, that are still to be deleted on the
-        service (see :meth:`_delete_on_service`)."""
+        service (see :meth:`delete_on_service`)."""
         self.held_keys = KeyStore(max_keys)
         self.audit_log = AuditLog(audit_entries)
         self._reserved = 0

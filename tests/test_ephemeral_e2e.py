@@ -104,3 +104,29 @@ def test_a_deletion_refused_with_503_is_retried_until_it_succeeds(
     assert deletes(emulator)[-1] == 200
     assert deletes(emulator).count(503) >= 1
     wait_until(lambda: status(conduce_agent)["pending_deletions"] == [], "no deletion pending")
+
+
+def test_keep_and_forget_local_leave_keys_on_the_service_and_forget_deletes(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """Through keyagent-ctl: create --keep makes a key that is not ephemeral; forget --local
+    of an ephemeral key keeps it on the service; plain forget deletes it there."""
+    login = ctl(conduce_agent, emulator, "login", "--password-stdin", stdin=PASSWORD + "\n")
+    assert login.code == 0, login.err
+    kept = ctl(conduce_agent, emulator, "create", "--lifetime", "1h", "--keep")
+    assert kept.code == 0, kept.err
+    assert "deleted on the service" not in kept.out
+    local = ctl(conduce_agent, emulator, "create", "--lifetime", "1h")
+    deleted = ctl(conduce_agent, emulator, "create", "--lifetime", "1h")
+    keys = emulator.api_keys(USER)
+    assert len(keys) == 3
+    kept_key, local_key, deleted_key = keys
+    table = ctl(conduce_agent, emulator, "list").out
+    assert "EPHEMERAL" in table.splitlines()[0]
+    forgot = run_ctl(conduce_agent.socket_path, "forget", "--local", key_id_for(local_key))
+    assert forgot.code == 0, forgot.err
+    forgot = run_ctl(conduce_agent.socket_path, "forget", key_id_for(deleted_key))
+    assert forgot.code == 0, forgot.err
+    wait_until(lambda: deleted_key not in emulator.api_keys(USER), "the forgotten key deleted")
+    assert emulator.api_keys(USER) == [kept_key, local_key]
+    assert local.code == deleted.code == 0

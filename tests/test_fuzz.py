@@ -345,6 +345,8 @@ ARGUMENTS: dict[str, st.SearchStrategy[Any]] = {
         st.floats(0, protocol.MAX_LIFETIME, exclude_min=True),
     ),
     "persist": st.booleans(),
+    "keep": st.booleans(),
+    "local": st.booleans(),
     "all": st.booleans(),
     "remote": st.booleans(),
     "reveal": st.booleans(),
@@ -546,6 +548,7 @@ VALID_VALUES: dict[str, object] = {
     "passphrase": f"{MARKER}-p", "password": f"{MARKER}-pw", "key_id": "abcd", "lifetime": 60,
     "persist": False, "all": False, "remote": False, "reveal": False, "export": True,
     "confirm": False, "allow_exe": [], "follow": False, "n": 1, "purpose": "exec",
+    "keep": False, "local": True,
 }  # fmt: skip
 
 

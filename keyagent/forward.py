@@ -147,6 +147,7 @@ class Upstream:
         except KeyagentError:
             raise  # from the request body: the tool's side failed
         except SSLError as error:
+            log.warning("proxied %s to %s: TLS failed: %s", method, host, type(error).__name__)
             if _is_certificate_failure(error):
                 raise TLSError(
                     f"the TLS certificate of {host} could not be verified; "

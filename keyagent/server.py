@@ -494,13 +494,10 @@ class Server:
         """Check the peer as for the agent socket, then serve it on a thread of its own.
         Another user's connection is closed unanswered; one past the shared connection cap
         is closed too (the proxy is not even loaded for it)."""
-        try:
-            pid, uid, gid = _UCRED.unpack(
-                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-            )
-        except OSError:
-            sock.close()
+        credentials = _peer_credentials(sock)
+        if credentials is None:
             return
+        pid, uid, gid = credentials
         if uid != self.uid:
             log.warning("refused HTTP connection from uid %d (pid %d)", uid, pid)
             self.agent.audit("connect", Peer(pid, uid, gid), outcome=Forbidden.code)
@@ -559,13 +556,10 @@ class Server:
             log.warning("could not re-open the reserve descriptor")
 
     def _admit(self, sock: socket.socket) -> None:
-        try:
-            pid, uid, gid = _UCRED.unpack(
-                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-            )
-        except OSError:
-            sock.close()
+        credentials = _peer_credentials(sock)
+        if credentials is None:
             return
+        pid, uid, gid = credentials
         # The socket's mode and its directory already keep others out; this check is the
         # one that holds even if they are loosened. Root is not exempt: an agent started
         # by one user serves that user only.
@@ -1056,6 +1050,19 @@ class Server:
         self._stop_waiting = conn
         with contextlib.suppress(OSError):
             self._epoll.unregister(self.listener.fileno())
+
+
+def _peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
+    """The peer's pid, uid and gid (SO_PEERCRED); None, with the socket closed, if the
+    kernel cannot say (the peer is already gone)."""
+    try:
+        pid, uid, gid = _UCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        )
+    except OSError:
+        sock.close()
+        return None
+    return pid, uid, gid
 
 
 class _Reply:

@@ -6,9 +6,12 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,7 @@ from hypothesis import HealthCheck, settings
 
 from keyagent import cli, protocol
 from keyagent.testing.agent import AgentProcess
+from keyagent.testing.emulator_process import Emulator, EmulatorProcess
 
 # The shipped contract suite is made of plain asserts: have pytest explain them as it does in
 # test files. (Before the first import of the module, which nothing above imports.)
@@ -260,8 +264,10 @@ def request_as_nobody(path: str, line: bytes, timeout: float = 10.0) -> bytes:
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 sock.sendall(line)
             data = b""
-            while b"\n" not in data and (chunk := sock.recv(4096)):
-                data += chunk
+            # A peer closed unanswered (the HTTP socket's way) may show as a reset.
+            with contextlib.suppress(ConnectionResetError):
+                while b"\n" not in data and (chunk := sock.recv(4096)):
+                    data += chunk
             os.write(write_end, data or b"<closed without reply>")
             code = 0
         except OSError as error:
@@ -276,3 +282,71 @@ def request_as_nobody(path: str, line: bytes, timeout: float = 10.0) -> bytes:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, answer
     return answer.splitlines()[0]
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Repeat ``check`` (a round trip to an agent or an emulator: that is the wait) until it
+    holds, failing after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+
+
+@pytest.fixture
+def open_agent() -> Iterator[AgentProcess]:
+    """An agent whose sockets (agent.sock and http.sock) any user can reach: only the
+    peer-uid check guards them."""
+    # Not under tmp_path: pytest's base temp directory is private to root.
+    directory = tempfile.mkdtemp(prefix="keyagent-open-")
+    agent = AgentProcess(os.path.join(directory, "agent")).start()
+    os.chmod(directory, 0o755)
+    os.chmod(agent.directory, 0o755)
+    os.chmod(agent.socket_path, 0o666)
+    os.chmod(os.path.join(agent.directory, "http.sock"), 0o666)
+    yield agent
+    agent.stop()
+    shutil.rmtree(directory)
+
+
+@pytest.fixture
+def emulator(request: pytest.FixtureRequest) -> Iterator[Emulator]:
+    """A loopback HTTPS Conduce emulator process with the test module's account (its
+    ``USER`` and ``PASSWORD``), stopped after the test."""
+    with EmulatorProcess(request.module.USER, request.module.PASSWORD) as emu:
+        yield emu
+
+
+@pytest.fixture
+def conduce_agent(agent_factory: AgentFactory, emulator: Emulator) -> AgentProcess:
+    """An agent that trusts the emulator's throw-away CA."""
+    return agent_factory(
+        "--ca-bundle", emulator.ca_path, "--read-timeout", "5", "--connect-timeout", "5"
+    )
+
+
+ASKPASS = """#!/bin/sh
+# What the test wants answered is in the file "mode" beside this script.
+here=$(dirname "$0")
+printf '%s\\n' "$1" >> "$here/questions"
+case $(cat "$here/mode") in
+  allow) exit 0 ;;
+  refuse) exit 1 ;;
+  hang) echo $$ > "$here/hanging"; sleep 300 ;;
+esac
+exit 2
+"""
+"""A test askpass program: answers as the file "mode" beside it says, records each question
+in "questions", and when hanging writes its pid to the FIFO "hanging"."""
+
+
+@pytest.fixture
+def askpass_dir(tmp_path: Path) -> Path:
+    """A private directory holding the test askpass program ("ask"), set to allow."""
+    directory = tmp_path / "askpass"
+    directory.mkdir(mode=0o700)
+    program = directory / "ask"
+    program.write_text(ASKPASS)
+    program.chmod(0o700)
+    (directory / "mode").write_text("allow")
+    os.mkfifo(directory / "hanging", 0o600)
+    return directory

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -351,19 +349,6 @@ def test_a_bad_audit_entries_flag_is_a_usage_error() -> None:
     )  # fmt: skip
     assert result.returncode == 64
     assert "from 0 to 1000000" in result.stderr
-
-
-@pytest.fixture
-def open_agent() -> Iterator[AgentProcess]:
-    """An agent whose socket any user can reach: only the peer-uid check guards it."""
-    directory = tempfile.mkdtemp(prefix="keyagent-open-")
-    agent = AgentProcess(os.path.join(directory, "agent")).start()
-    os.chmod(directory, 0o755)
-    os.chmod(agent.directory, 0o755)
-    os.chmod(agent.socket_path, 0o666)
-    yield agent
-    agent.stop()
-    shutil.rmtree(directory)
 
 
 def test_a_connection_from_another_user_is_recorded(open_agent: AgentProcess) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,27 +14,12 @@ from keyagent.client import Client
 from keyagent.store import key_id_for
 from keyagent.testing.agent import AgentProcess
 from keyagent.testing.emulator import Fault
-from keyagent.testing.emulator_process import Emulator, EmulatorProcess
+from keyagent.testing.emulator_process import Emulator
 
 from .conftest import AgentFactory, CtlResult, run_ctl, run_ctl_process
 
 USER = "alice@example.com"
 PASSWORD = "pa55-w0rd-that-must-never-leak"
-
-
-@pytest.fixture
-def emulator() -> Iterator[Emulator]:
-    """A loopback HTTPS Conduce emulator process with one account, stopped after the test."""
-    with EmulatorProcess(USER, PASSWORD) as emu:
-        yield emu
-
-
-@pytest.fixture
-def conduce_agent(agent_factory: AgentFactory, emulator: Emulator) -> AgentProcess:
-    """An agent that trusts the emulator's throw-away CA."""
-    return agent_factory(
-        "--ca-bundle", emulator.ca_path, "--read-timeout", "5", "--connect-timeout", "5"
-    )
 
 
 def ctl(agent: AgentProcess, emu: Emulator, *argv: str, stdin: str = "") -> CtlResult:

@@ -4,47 +4,21 @@ Conduce emulator, retrying through injected 503s."""
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
 from typing import Any
-
-import pytest
 
 from keyagent.store import key_id_for
 from keyagent.testing.agent import AgentProcess
 from keyagent.testing.emulator import Fault
-from keyagent.testing.emulator_process import Emulator, EmulatorProcess
+from keyagent.testing.emulator_process import Emulator
 
-from .conftest import AgentFactory, CtlResult, run_ctl
+from .conftest import CtlResult, run_ctl, wait_until
 
 USER = "erin@example.com"
 PASSWORD = "ephemeral-pa55-w0rd"
 
 
-@pytest.fixture
-def emulator() -> Iterator[Emulator]:
-    """A loopback HTTPS Conduce emulator process with one account, stopped after the test."""
-    with EmulatorProcess(USER, PASSWORD) as emu:
-        yield emu
-
-
-@pytest.fixture
-def conduce_agent(agent_factory: AgentFactory, emulator: Emulator) -> AgentProcess:
-    """An agent that trusts the emulator's throw-away CA."""
-    return agent_factory(
-        "--ca-bundle", emulator.ca_path, "--read-timeout", "5", "--connect-timeout", "5"
-    )
-
-
 def ctl(agent: AgentProcess, emu: Emulator, *argv: str, stdin: str = "") -> CtlResult:
     return run_ctl(agent.socket_path, "--host", emu.host, "--user", USER, *argv, stdin=stdin)
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    """Repeat ``check`` (a round trip to the emulator: that is the wait) until it holds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"never happened: {what}"
 
 
 def create_ephemeral(agent: AgentProcess, emu: Emulator) -> str:

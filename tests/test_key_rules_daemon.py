@@ -164,31 +164,6 @@ def test_config_export_false_makes_new_keys_non_exportable(
 # --- confirmation through a real askpass program ---------------------------------------------
 
 
-ASKPASS = """#!/bin/sh
-# What the test wants answered is in the file "mode" beside this script.
-here=$(dirname "$0")
-printf '%s\\n' "$1" >> "$here/questions"
-case $(cat "$here/mode") in
-  allow) exit 0 ;;
-  refuse) exit 1 ;;
-  hang) echo $$ > "$here/hanging"; sleep 300 ;;
-esac
-exit 2
-"""
-
-
-@pytest.fixture
-def askpass_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "askpass"
-    directory.mkdir(mode=0o700)
-    program = directory / "ask"
-    program.write_text(ASKPASS)
-    program.chmod(0o700)
-    (directory / "mode").write_text("allow")
-    os.mkfifo(directory / "hanging", 0o600)
-    return directory
-
-
 @pytest.fixture
 def confirming_agent(agent_factory: AgentFactory, askpass_dir: Path) -> AgentProcess:
     """An agent whose askpass is the test script, with a 2 s confirmation timeout, holding a

@@ -11,7 +11,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -31,22 +30,15 @@ from keyagent.testing.emulator import (
     blob_sha256,
     key_id,
 )
-from keyagent.testing.emulator_process import Emulator, EmulatorProcess
+from keyagent.testing.emulator_process import Emulator
 
-from .conftest import NOBODY, AgentFactory, run_ctl
+from .conftest import AgentFactory, request_as_nobody, run_ctl
 
 USER = "carol@example.com"
 PASSWORD = "proxy-pa55word-never-shown"
 VALIDATE = "/conduce/api/v1/user/validate-session"
 CURL = shutil.which("curl")
 needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed")
-
-
-@pytest.fixture
-def emulator() -> Iterator[Emulator]:
-    """A loopback HTTPS Conduce emulator process with one account."""
-    with EmulatorProcess(USER, PASSWORD) as emu:
-        yield emu
 
 
 @pytest.fixture
@@ -145,56 +137,12 @@ def test_eval_lines_export_the_http_socket(tmp_path: Path) -> None:
     assert second == "[unset]"
 
 
-@pytest.fixture
-def open_agent() -> Iterator[AgentProcess]:
-    """An agent whose sockets any user can reach: only the peer-uid check guards them."""
-    # Not under tmp_path: pytest's base temp directory is private to root.
-    directory = tempfile.mkdtemp(prefix="keyagent-open-")
-    agent = AgentProcess(os.path.join(directory, "agent")).start()
-    os.chmod(directory, 0o755)
-    os.chmod(agent.directory, 0o755)
-    os.chmod(http_path(agent), 0o666)
-    yield agent
-    agent.stop()
-    shutil.rmtree(directory)
-
-
 def test_another_user_gets_nothing(open_agent: AgentProcess) -> None:
     """A connection from another uid is closed before a byte is read, whatever the file
     permissions (loosened here so that the peer check is what is tested)."""
-    agent = open_agent
-    path = http_path(agent)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through the pipe
-        code = 1
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(10)
-            sock.connect(path)
-            try:
-                sock.sendall(b"GET /conduce/api/v1/user/list-teams HTTP/1.1\r\nHost: h\r\n\r\n")
-                answer = sock.recv(4096)
-            except (BrokenPipeError, ConnectionResetError):
-                answer = b""
-            os.write(write_end, b"answer:" + answer)
-            code = 0
-        except OSError as error:
-            os.write(write_end, f"child failed: {error!r}".encode())
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    report = b""
-    while chunk := os.read(read_end, 4096):
-        report += chunk
-    os.close(read_end)
-    os.waitpid(pid, 0)
-    assert report == b"answer:", report
-    assert "refused HTTP connection from uid 65534" in agent.log()
+    request = b"GET /conduce/api/v1/user/list-teams HTTP/1.1\r\nHost: h\r\n\r\n"
+    assert request_as_nobody(http_path(open_agent), request) == b"<closed without reply>"
+    assert "refused HTTP connection from uid 65534" in open_agent.log()
 
 
 # --- forwarding ---------------------------------------------------------------------------

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,34 +16,15 @@ from keyagent import errors
 from keyagent.store import key_id_for
 from keyagent.testing.agent import AgentProcess
 from keyagent.testing.emulator import key_id
-from keyagent.testing.emulator_process import Emulator, EmulatorProcess
+from keyagent.testing.emulator_process import Emulator
 
 from .conftest import AgentFactory, run_ctl
-from .test_key_rules_daemon import ASKPASS
 
 USER = "dora@example.com"
 PASSWORD = "rules-pa55word"
 ECHO = "/conduce/api/v1/echo"
 CURL = shutil.which("curl")
 pytestmark = pytest.mark.skipif(CURL is None, reason="curl is not installed")
-
-
-@pytest.fixture
-def emulator() -> Iterator[Emulator]:
-    with EmulatorProcess(USER, PASSWORD) as emu:
-        yield emu
-
-
-@pytest.fixture
-def askpass_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "askpass"
-    directory.mkdir(mode=0o700)
-    program = directory / "ask"
-    program.write_text(ASKPASS)
-    program.chmod(0o700)
-    (directory / "mode").write_text("allow")
-    os.mkfifo(directory / "hanging", 0o600)
-    return directory
 
 
 @pytest.fixture

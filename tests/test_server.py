@@ -9,7 +9,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from itertools import count
 from pathlib import Path
 
@@ -423,20 +423,6 @@ def test_failed_unlocks_are_delayed_increasingly_without_stalling_others(
         guesser.sock.recv(1)  # the guesser is still waiting for its held-back reply
     guesser.sock.settimeout(15)
     assert error_code(decode(guesser.line())) == "bad_passphrase"
-
-
-@pytest.fixture
-def open_agent() -> Iterator[AgentProcess]:
-    """An agent whose socket any user can reach: only the peer-uid check guards it."""
-    # Not under tmp_path: pytest's base temp directory is private to root.
-    directory = tempfile.mkdtemp(prefix="keyagent-open-")
-    agent = AgentProcess(os.path.join(directory, "agent")).start()
-    os.chmod(directory, 0o755)
-    os.chmod(agent.directory, 0o755)
-    os.chmod(agent.socket_path, 0o666)
-    yield agent
-    agent.stop()
-    shutil.rmtree(directory)
 
 
 def test_peer_from_another_uid_is_refused(open_agent: AgentProcess) -> None:

@@ -15,7 +15,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from keyagent.testing.emulator import Fault
 from keyagent.testing.emulator_process import Emulator, EmulatorProcess
 from keyagent.testing.memory_keyring import MemoryKeyring
 
-from .conftest import AgentFactory, Raw, decode, error_code
+from .conftest import AgentFactory, Raw, decode, error_code, wait_until
 from .fakes import FakeAccount, FakeTime, run, steps
 
 USER = "races@example.com"
@@ -56,13 +56,6 @@ def send_and_hang_up(path: str, data: bytes) -> None:
         sock.settimeout(10)
         sock.connect(path)
         sock.sendall(data)
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Repeat ``check`` (a round trip to the agent: that is the wait) until it holds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"never happened: {what}"
 
 
 def expires_in(listed: dict[str, Any]) -> float:

@@ -45,7 +45,15 @@ from keyagent.errors import (
 )
 from keyagent.log import get_logger
 from keyagent.persist import KeyringStore, PersistedKey
-from keyagent.protocol import KEY_ID_MAX, KEY_ID_SHOWN, MAX_LIFETIME, OPS, PROTOCOL_VERSION, Request
+from keyagent.protocol import (
+    DESCRIPTION_MAX,
+    KEY_ID_MAX,
+    KEY_ID_SHOWN,
+    MAX_LIFETIME,
+    OPS,
+    PROTOCOL_VERSION,
+    Request,
+)
 from keyagent.sessions import Plan, RemoteResult, Session, run_remote
 from keyagent.store import (
     HeldKey,
@@ -141,6 +149,9 @@ FIRST_RETRY: Final = 1.0
 """Seconds before the second attempt to delete an ephemeral key on the service; doubling."""
 MAX_RETRY: Final = 600.0
 """The longest wait between two attempts to delete an ephemeral key (ten minutes)."""
+KEYAGENT_MARK: Final = " [keyagent]"
+"""Ends the description of every key the agent creates on the service, so ``prune`` can tell
+keyagent's keys from others (the user's description is cut to leave room for it)."""
 RETRY_DELETION_FOR: Final = 24 * 3600.0
 """How long the agent keeps trying to delete an ephemeral key on the service: a service down
 for a night still sees the key deleted in the morning."""
@@ -150,6 +161,17 @@ def jittered(delay: float) -> float:
     """A retry delay spread over its last quarter, so agents that failed together (a service
     outage) do not all come back in the same second."""
     return delay * random.uniform(0.75, 1.0)  # noqa: S311  # spreading load, not a secret
+
+
+def marked(description: str) -> str:
+    """The description a key the agent creates carries on the service: ``description``, cut
+    so the whole stays within the protocol's limit, then :data:`KEYAGENT_MARK`."""
+    return description[: DESCRIPTION_MAX - len(KEYAGENT_MARK)] + KEYAGENT_MARK
+
+
+def is_marked(description: str) -> bool:
+    """Whether a description on the service says keyagent created its key."""
+    return description.endswith(KEYAGENT_MARK)
 
 
 class PendingDeletion:
@@ -1037,23 +1059,10 @@ class Agent:
         # Before the service makes a key the agent could not hold; held until the key is, so
         # two creates racing for the last place cannot both reach the service.
         self._reserve_room()
-        account = session.account
         try:
-            secret: str = yield from self._remote(
-                session,
-                self._plan(session),
-                lambda api_key: account.create_key(description, api_key=api_key),
-            )
+            secret: str = yield from self._create_on_service(session, description)
         finally:
             self._reserved -= 1
-        already = self.held_keys.holding(digest_of(secret))
-        if already is not None and (already.host, already.user) != (session.host, session.user):
-            # A service that answers with a key the agent holds for another account is
-            # hostile or broken: holding it here would send that key to this host.
-            raise RemoteError(
-                f"the service at {session.host} answered create with a key the agent holds "
-                "for another account; the key was not taken: check the --host you use"
-            )
         created = iso(self.clock.wall())
         exportable, confirm, allowed_exes = self._rules(args)  # put merges with a held key
         held = self.held_keys.put(
@@ -1087,6 +1096,27 @@ class Agent:
             self._check_export(held)  # merged with a held key that cannot be taken out
             listing["key"] = held.secret
         return listing
+
+    def _create_on_service(self, session: Session, description: str) -> Steps:
+        """Create a key for ``session``'s account on the service; returns its secret. The
+        service sees ``description`` :func:`marked` as keyagent's. The caller holds a place
+        for the key (:meth:`_reserve_room`)."""
+        account = session.account
+        on_service = marked(description)
+        secret: str = yield from self._remote(
+            session,
+            self._plan(session),
+            lambda api_key: account.create_key(on_service, api_key=api_key),
+        )
+        already = self.held_keys.holding(digest_of(secret))
+        if already is not None and (already.host, already.user) != (session.host, session.user):
+            # A service that answers with a key the agent holds for another account is
+            # hostile or broken: holding it here would send that key to this host.
+            raise RemoteError(
+                f"the service at {session.host} answered create with a key the agent holds "
+                "for another account; the key was not taken: check the --host you use"
+            )
+        return secret
 
     def _mark_persisted_when_saved(self, late: Late, held: HeldKey) -> Steps:
         """Background: a created key's keyring save ended after its deadline, successfully."""

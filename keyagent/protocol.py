@@ -206,7 +206,9 @@ def _exe_list(name: str, value: object) -> object:
 HOST = _by_rule("host", host_problem)
 USER = _by_rule("user", user_problem)
 KEY = _text(8192, forbid=_not_token)
-DESCRIPTION = _text(1024, min_len=0)
+DESCRIPTION_MAX: Final = 1024
+"""The longest description of a key, in characters."""
+DESCRIPTION = _text(DESCRIPTION_MAX, min_len=0)
 PASSPHRASE = _text(1024)
 PASSWORD = _text(4096, forbid=_has_nul)
 

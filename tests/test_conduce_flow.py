@@ -47,7 +47,7 @@ def test_login_create_list_get_remove_list(conduce_agent: AgentProcess, emulator
 
     listed = ctl(conduce_agent, emulator, "list", "--remote", "--json")
     remote = json.loads(listed.out)["remote"]
-    assert [(k["held"], k["description"]) for k in remote] == [(True, "laptop")]
+    assert [(k["held"], k["description"]) for k in remote] == [(True, "laptop [keyagent]")]
     assert on_service not in listed.out
     assert remote[0]["masked"] == f"{on_service[:4]}…{on_service[-4:]}"
 

@@ -352,6 +352,7 @@ class Agent:
                 create=self.process_create,
                 remove=self.process_remove,
             )
+            self._handlers.update(prune=self.process_prune)
 
     @property
     def ops(self) -> list[str]:
@@ -388,6 +389,8 @@ class Agent:
         log.debug("op=%s id=%r pid=%d", request.op, request.id, peer.pid)
         if request.op == "get":  # the one operation whose answer depends on who asks
             return self.process_get(request.args, peer)
+        if request.op == "prune":  # records each deletion in the audit log, for who asked
+            return self.process_prune(request.args, peer)
         return handler(request.args)
 
     # --- the audit log -------------------------------------------------------------------
@@ -1143,7 +1146,8 @@ class Agent:
             {"key_id": digest[:KEY_ID_SHOWN], "fingerprint": digest,
              "masked": listed.masked(), "description": listed.description,
              "created": listed.created, "held": digest in held_digests,
-             "pending_deletion": digest in self.pending_deletions}
+             "pending_deletion": digest in self.pending_deletions,
+             "keyagent": is_marked(listed.description)}
             for digest, listed in on_service.items()
         ]  # fmt: skip
         return {"keys": keys, "remote": remote}
@@ -1215,6 +1219,89 @@ class Agent:
             "removed": True,
             "forgotten": 1 if removed else 0,
         }
+
+    # --- orphans: keyagent's keys on the service that this agent does not hold ------------
+
+    def process_prune(self, args: Mapping[str, Any], peer: Peer = UNKNOWN_PEER) -> Steps:
+        """The account's keys on the service that keyagent created (:func:`is_marked`) and
+        that this agent neither holds nor is deleting: left by an agent that crashed or was
+        stopped. With ``delete``, each is deleted on the service with the account's
+        credentials, one call each; one failure does not stop the others, and each deletion
+        is recorded in the audit log (op ``prune``).
+
+        Another agent of the same account (another machine) that holds keyagent keys would
+        see them deleted: this agent can only know what it holds itself.
+        """
+        session = self.session_for(args["host"], args["user"])
+        account = session.account
+        listed_keys = yield from self._remote(
+            session, self._plan(session), lambda api_key: account.list_keys(api_key=api_key)
+        )
+        # Judged on the loop once the list is back: what the agent holds now.
+        orphans = {
+            digest_of(listed.key): listed
+            for listed in listed_keys
+            if is_marked(listed.description) and self._is_orphan(digest_of(listed.key))
+        }
+        entries = [
+            {"key_id": digest[:KEY_ID_SHOWN], "fingerprint": digest,
+             "masked": listed.masked(), "description": listed.description,
+             "created": listed.created}
+            for digest, listed in orphans.items()
+        ]  # fmt: skip
+        result: Result = {"host": session.host, "user": session.user, "orphans": entries}
+        if not args.get("delete"):
+            return result
+        deleted = failed = 0
+        for entry, (digest, listed) in zip(entries, orphans.items(), strict=True):
+            if not self._is_orphan(digest):  # added or restored while earlier ones went
+                entry.update(deleted=False, held=True)
+                continue
+            outcome = yield from self._prune_one(session, digest, listed.key)
+            if outcome is None:
+                entry["deleted"] = True
+                deleted += 1
+            else:
+                entry["deleted"] = False
+                entry["error"] = outcome.to_wire()
+                failed += 1
+            self.audit(
+                "prune", peer, outcome="ok" if outcome is None else outcome.code,
+                key_id=digest[:KEY_ID_SHOWN], host=session.host, user=session.user,
+            )  # fmt: skip
+        log.info(
+            "pruned %d orphaned key(s) of %s on %s; %d could not be deleted",
+            deleted, session.user, session.host, failed,
+        )  # fmt: skip
+        result.update(deleted=deleted, failed=failed)
+        return result
+
+    def _is_orphan(self, digest: str) -> bool:
+        """Whether a key on the service is none of this agent's: not held (expired or not)
+        and not waiting for its deletion (:meth:`delete_on_service` owns those)."""
+        return self.held_keys.holding(digest) is None and digest not in self.pending_deletions
+
+    def _prune_one(self, session: Session, digest: str, secret: str) -> Steps:
+        """Delete one orphan on the service; returns None when it is gone (a key the service
+        no longer knows counts as deleted), else the error that stopped it."""
+        account = session.account
+        try:
+            yield from self._remote(
+                session,
+                self._plan(session),
+                lambda api_key: account.delete_key(secret, api_key=api_key),
+            )
+        except NotFound:
+            log.info("orphan %s was already gone from %s", digest[:KEY_ID_SHOWN], session.host)
+        except KeyagentError as error:
+            log.warning(
+                "could not delete orphaned key %s on %s: %s",
+                digest[:KEY_ID_SHOWN], session.host, error.message,
+            )  # fmt: skip
+            return error
+        else:
+            log.info("deleted orphaned key %s on %s", digest[:KEY_ID_SHOWN], session.host)
+        return None
 
     # --- the HTTP socket (keyagent.proxy) ----------------------------------------------------
 

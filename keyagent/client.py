@@ -367,6 +367,15 @@ class Client:
     ) -> dict[str, Any]:
         return self.call("remove", key_id=key_id, key=key, host=host, user=user)
 
+    def prune(self, host: str, user: str, *, delete: bool | None = None) -> dict[str, Any]:
+        """The account's keys on the service that keyagent created and this agent does not
+        hold (``orphans``: id, masked key, description, created); with ``delete``, each is
+        deleted there too and says whether it was (``deleted``, else ``error``)."""
+        result = self.call("prune", host=host, user=user, delete=delete)
+        if not isinstance(result.get("orphans"), list):
+            raise ProtocolError()
+        return result
+
 
 def resolve_programs(paths: Sequence[str] | None) -> list[str] | None:
     """``paths`` as the agent compares them with ``/proc/PID/exe``: absolute, with symbolic

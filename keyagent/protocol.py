@@ -266,6 +266,7 @@ OPS: Final[Mapping[str, Spec]] = {
         "user": (USER, False),
     },
     "log": {"n": (_entry_count, False), "follow": (_boolean, False)},
+    "prune": {"host": (HOST, True), "user": (USER, True), "delete": (_boolean, False)},
 }
 
 

@@ -347,6 +347,7 @@ ARGUMENTS: dict[str, st.SearchStrategy[Any]] = {
     "persist": st.booleans(),
     "keep": st.booleans(),
     "local": st.booleans(),
+    "delete": st.booleans(),
     "all": st.booleans(),
     "remote": st.booleans(),
     "reveal": st.booleans(),
@@ -548,7 +549,7 @@ VALID_VALUES: dict[str, object] = {
     "passphrase": f"{MARKER}-p", "password": f"{MARKER}-pw", "key_id": "abcd", "lifetime": 60,
     "persist": False, "all": False, "remote": False, "reveal": False, "export": True,
     "confirm": False, "allow_exe": [], "follow": False, "n": 1, "purpose": "exec",
-    "keep": False, "local": True,
+    "keep": False, "local": True, "delete": False,
 }  # fmt: skip
 
 

@@ -37,6 +37,7 @@ SECRET = "zebra-quokka-7781-S3CR3T"
 
 STRING_ARGS = {"host", "user", "key", "description", "passphrase", "password"}
 BOOL_ARGS = {"persist", "all", "remote", "reveal", "export", "confirm", "follow", "keep", "local"}
+BOOL_ARGS |= {"delete"}
 SECRET_ARGS = ("key", "password", "passphrase")
 
 WRONG_TYPES: dict[str, list[object]] = {
@@ -874,6 +875,7 @@ ARG_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "persist": st.booleans(),
     "keep": st.booleans(),
     "local": st.booleans(),
+    "delete": st.booleans(),
     "all": st.booleans(),
     "remote": st.booleans(),
     "reveal": st.booleans(),

@@ -82,6 +82,7 @@ EXIT_STATUSES = (
 ACCOUNT_COMMANDS = frozenset(
     {"add", "get", "list", "ls", "exec", "config", "login", "logout", "create"}
     | {"create-api-key", "list-api-keys", "remove", "remove-api-key"}
+    | {"prune"}
 )
 """The commands that act on one account, and so take --host and --user."""
 
@@ -280,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the key's id (4 to 64 hex digits), or - to read the key itself from stdin",
     )
 
+    _add_prune_parser(command)
+
     p = command("completion", "print a shell completion script (see the README)")
     p.add_argument("shell", choices=SHELLS, help="the shell to complete in")
     p.add_argument(
@@ -464,7 +467,7 @@ def _print_remote(keys: list[dict[str, Any]], out: TextIO) -> None:
     if not keys:
         out.write("no API keys on the service\n")
         return
-    rows = [["KEY", "CREATED", "HELD", "KEY_ID", "DESCRIPTION"]]
+    rows = [["KEY", "CREATED", "HELD", "KEYAGENT", "KEY_ID", "DESCRIPTION"]]
     for key in keys:
         rows.append(
             [
@@ -473,6 +476,7 @@ def _print_remote(keys: list[dict[str, Any]], out: TextIO) -> None:
                 "pending deletion"
                 if key.get("pending_deletion")
                 else ("yes" if key.get("held") else "no"),
+                "yes" if key.get("keyagent") else "no",  # created by keyagent (its mark)
                 str(key.get("key_id") or "-"),
                 str(key.get("description") or ""),
             ]
@@ -849,6 +853,85 @@ def cmd_remove(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
     return EXIT_OK
 
 
+# --- keyagent-ctl prune: keyagent's keys on the service that this agent does not hold -------
+
+PRUNE_WARNING = (
+    "prune deletes every key of the account on the service whose description ends with"
+    " ' [keyagent]' and that THIS agent does not hold: keys held by another keyagent of the"
+    " same account (another machine, another user session) are deleted too. Run it where"
+    " no other agent uses the account, and look at the list before giving --yes."
+)
+
+
+def _add_prune_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
+    p = command(
+        "prune",
+        "list (and with --yes delete) the account's keyagent-created keys on Conduce that this"
+        " agent does not hold",
+    )
+    p.epilog = (
+        f"{PRUNE_WARNING} Without --yes, prune only lists them and exits 1 if there are any,"
+        " 0 if none (keyagent-ctl prune || keyagent-ctl prune --yes). With --yes it exits 1"
+        " if any could not be deleted."
+    )
+    p.add_argument(
+        "--yes",
+        "-y",
+        action="store_true",
+        help="delete them on the service (a key already gone counts as deleted)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def cmd_prune(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
+    host, user = _account(args)
+    result = client.prune(host, user, delete=args.yes or None)
+    orphans: list[dict[str, Any]] = list(result["orphans"])
+    failed = [orphan for orphan in orphans if args.yes and orphan.get("error")]
+    status = EXIT_AGENT_ERROR if failed or (orphans and not args.yes) else EXIT_OK
+    if args.json:
+        _print_json(result, out)
+        return status
+    account = f"{shown(user)}@{shown(host)}"
+    if not orphans:
+        out.write(f"no keys created by keyagent that this agent does not hold for {account}\n")
+        return status
+    header = ["KEY_ID", "KEY", "CREATED", "DESCRIPTION"]
+    rows = [[*header, "RESULT"] if args.yes else header]
+    for orphan in orphans:
+        row = [
+            str(orphan.get("key_id") or "-"),
+            str(orphan.get("masked") or ""),
+            str(orphan.get("created") or "?"),
+            str(orphan.get("description") or ""),
+        ]
+        if args.yes:
+            row.append(_prune_result(orphan))
+        rows.append(row)
+    _table(rows, out)
+    count = len(orphans)
+    if not args.yes:
+        out.write(
+            f"{count} key{'s' if count != 1 else ''} created by keyagent that this agent does"
+            f" not hold for {account}; delete them with keyagent-ctl prune --yes (any other"
+            " agent of this account would lose those it holds)\n"
+        )
+    else:
+        deleted = sum(1 for orphan in orphans if orphan.get("deleted"))
+        out.write(f"deleted {deleted} of {count} key{'s' if count != 1 else ''} on the service\n")
+    return status
+
+
+def _prune_result(orphan: dict[str, Any]) -> str:
+    """What became of one orphan under --yes."""
+    if orphan.get("deleted"):
+        return "deleted"
+    if orphan.get("held"):
+        return "kept: held by this agent now"
+    error = orphan.get("error") or {}
+    return f"failed: {error.get('message', '?')} [{error.get('code', '?')}]"
+
+
 # --- keyagent-ctl service: systemd user units for this installation (keyagent/service.py) ---
 
 
@@ -927,6 +1010,7 @@ HANDLERS: dict[str, Handler] = {  # annotation only: Handler exists for the type
     "list-api-keys": cmd_list_api_keys,
     "remove": cmd_remove,
     "remove-api-key": cmd_remove,
+    "prune": cmd_prune,
     "service": cmd_service,
     "completion": cmd_completion,
 }

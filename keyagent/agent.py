@@ -650,7 +650,9 @@ class Agent:
         them on the service, with the pending deletions; how many are under way."""
         if self.at_stop is None:
             self.at_stop = StopDeletions()
-            log.info("stopping: deleting %d ephemeral key(s) on the service", self.due_at_stop())
+            due = self.due_at_stop()
+            if due:
+                log.info("stopping: deleting %d ephemeral key(s) on the service", due)
         return self.deletions_at_stop()
 
     def deletions_at_stop(self) -> int:
@@ -1139,7 +1141,8 @@ class Agent:
     def process_stop(self, args: Mapping[str, Any]) -> Stop:
         log.info("stop requested")
         result: Result = {"stopping": True}
-        deleting = self.due_at_stop()
+        # Not while locked: a locked agent says nothing of what it holds (see status).
+        deleting = 0 if self.lock.locked else self.due_at_stop()
         if deleting:  # the reply goes first; the server then deletes them (begin_stop)
             result["deleting"] = deleting
         return Stop(result)

@@ -268,6 +268,9 @@ class Server:
         self._stop_waiting: Connection | None = None
         self._deletions_until: float | None = None
         """While stopping: when the server stops waiting for deletions on the service."""
+        self._stop_signalled = False
+        self._cut_short = False
+        """A second stop signal ended the wait for deletions."""
         self.on_stopping: Callable[[], None] | None = None
         """Called once when the agent begins to stop (systemd's STOPPING=1)."""
         self._reserve_fd: int | None = None
@@ -366,9 +369,9 @@ class Server:
         for conn in list(self.connections.values()):
             self._close(conn)
         if self._deletions_until is not None and self.agent.end_stop(
-            f"not done within stop_timeout, {self.limits.stop_timeout:g} s"
-            if self.clock() >= self._deletions_until
-            else "the agent was told to stop again, so it did not wait"
+            "a second signal told the agent not to wait"
+            if self._cut_short
+            else f"not done within stop_timeout, {self.limits.stop_timeout:g} s"
         ):
             log.warning("exiting with keys not deleted on the service (see above)")
         self.agent.audit_log.flush()
@@ -424,10 +427,12 @@ class Server:
             if self._request_for_signal(protocol.Request(None, "forget", {"all": True})):
                 log.info("%s: forgot every held key", name)
             return
-        if self._stop_deadline is not None:  # a second one: the user will not wait
+        if self._stop_signalled:  # a second one (Ctrl-C twice): the user will not wait
             log.info("%s while stopping: exiting now", name)
+            self._cut_short = True
             self._running = False
             return
+        self._stop_signalled = True
         log.info("%s: stopping", name)
         self._begin_stop(None)
 

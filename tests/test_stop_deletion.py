@@ -87,14 +87,17 @@ def test_stop_deletes_ephemeral_keys_that_are_not_persisted_and_keeps_the_others
 def test_the_stop_reply_counts_the_keys_to_delete_before_any_is_deleted(
     agent: Agent, account: FakeAccount
 ) -> None:
-    """stop answers with how many keys it will delete on the service, and deletes none yet:
-    the server sends the reply first, then begins the deletions."""
+    """stop answers with how many keys it will delete on the service (unless locked), and
+    deletes none yet: the server sends the reply first, then begins the deletions."""
     secret = create(agent, account, lifetime=3600)
     create(agent, account, lifetime=3600, persist=True)
     outcome = agent.handle(request("stop"), PEER)
     assert outcome == Stop({"stopping": True, "deleting": 1})
     assert secret in account.keys
     assert agent.at_stop is None
+    run(agent, "lock", passphrase="pass phrase")
+    assert agent.handle(request("stop"), PEER) == Stop({"stopping": True})  # says nothing
+    run(agent, "unlock", passphrase="pass phrase")
     run(agent, "forget", all=True, local=True)
     assert agent.handle(request("stop"), PEER) == Stop({"stopping": True})
 

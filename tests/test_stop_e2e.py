@@ -168,3 +168,22 @@ def test_forget_prints_how_many_keys_it_deletes_and_the_deletion_is_audited(
     table = run_ctl(agent.socket_path, "log").out
     (row,) = [line for line in table.splitlines() if " delete " in line]
     assert key_id_for(deleted) in row
+
+
+def test_a_second_signal_makes_a_stopping_agent_exit_at_once(
+    agent_factory: AgentFactory, emulator: Emulator
+) -> None:
+    """A second SIGINT while the agent waits for its deletions (Ctrl-C twice) makes it exit
+    at once, well before stop_timeout, logging the key it did not delete."""
+    agent = start(agent_factory, emulator, "--stop-timeout", "60")
+    secret = create(agent, emulator, "--lifetime", "1h")
+    emulator.inject(Fault.hang(), path="apikeys/delete")
+    os.kill(agent.pid, signal.SIGINT)
+    wait_until(lambda: "waiting up to 60 s" in agent.log(), "the agent waiting on the deletion")
+    os.kill(agent.pid, signal.SIGINT)
+    assert exited(agent, EXIT_MARGIN) == 0
+    log = agent.log()
+    assert "SIGINT while stopping: exiting now" in log
+    (line,) = [line for line in log.splitlines() if "was not deleted on the service" in line]
+    assert key_id_for(secret) in line
+    assert "a second signal told the agent not to wait" in line

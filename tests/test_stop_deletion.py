@@ -4,15 +4,18 @@ not; each deletion the agent makes on its own is in the audit log. Fakes and a f
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from keyagent import errors, service
+from keyagent import daemon, errors, service
+from keyagent._argparse import EXIT_USAGE
 from keyagent.agent import Agent, Stop
-from keyagent.config import Config
+from keyagent.config import Config, ConfigError, load
 from keyagent.duration import parse_duration
 from keyagent.persist import KeyringStore
 from keyagent.server import Limits
@@ -207,3 +210,24 @@ def test_the_default_stop_timeout_is_below_the_shipped_units_timeout_stop_sec() 
         if line.startswith("TimeoutStopSec=")
     ]
     assert Config().stop_timeout == Limits().stop_timeout < parse_duration(value)
+
+
+def test_stop_timeout_is_a_duration_from_the_file_or_the_flag(tmp_path: Path) -> None:
+    """stop_timeout in the config file and keyagent --stop-timeout take durations such as
+    "15s"; zero is refused naming the file, the line and the rule (exit 78), and the flag
+    beats the file."""
+    path = tmp_path / "config.toml"
+    path.write_text('stop_timeout = "5s"\n')
+    assert load(str(path), env={}).stop_timeout == 5.0
+    assert load(str(path), env={}, flags={"stop_timeout": 3.0}).stop_timeout == 3.0
+    path.write_text('stop_timeout = "0s"\n')
+    with pytest.raises(ConfigError) as caught:
+        load(str(path), env={})
+    assert str(caught.value) == f"{path}:1: 'stop_timeout' must be a positive duration; got \"0s\""
+    args = daemon.build_parser().parse_args(["--stop-timeout", "1m", "--config", str(path)])
+    assert args.stop_timeout == 60.0
+    errors_out = io.StringIO()
+    with contextlib.redirect_stderr(errors_out), pytest.raises(SystemExit) as exited:
+        daemon.build_parser().parse_args(["--stop-timeout", "0"])
+    assert exited.value.code == EXIT_USAGE
+    assert "--stop-timeout" in errors_out.getvalue()

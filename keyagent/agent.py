@@ -40,6 +40,7 @@ from keyagent.errors import (
     NotLocked,
     RemoteError,
     SessionExpired,
+    Timeout,
     TooMany,
     UnknownOp,
 )
@@ -206,6 +207,27 @@ class PendingDeletion:
         }
 
 
+class StopDeletions:
+    """The deletions on the service an agent makes on its way out (see
+    :meth:`Agent.begin_stop`): one attempt per key, which the server waits for until its
+    ``stop_timeout``."""
+
+    __slots__ = ("under_way", "tried", "failed", "swept")
+
+    def __init__(self) -> None:
+        self.under_way: dict[str, PendingDeletion] = {}
+        """Attempts not ended yet, by digest."""
+        self.tried: set[str] = set()
+        """Digests of every key attempted at stop (one attempt each)."""
+        self.failed: list[tuple[PendingDeletion, str]] = []
+        """Keys whose attempt failed, each with why."""
+        self.swept = -1
+        """The held keys' version when they were last swept for keys to delete."""
+
+    def __repr__(self) -> str:
+        return f"StopDeletions(under_way={len(self.under_way)}, failed={len(self.failed)})"
+
+
 class Grant:
     """Credentials the agent lends one proxied request (:mod:`keyagent.proxy`): the header
     to send and whose they are. Lives on the proxy's thread for that request only."""
@@ -304,6 +326,8 @@ class Agent:
         self.pending_deletions: dict[str, PendingDeletion] = {}
         """Ephemeral keys no longer served, by digest, that are still to be deleted on the
         service (see :meth:`delete_on_service`)."""
+        self.at_stop: StopDeletions | None = None
+        """Set once the agent is stopping: the deletions it makes on its way out."""
         self.held_keys = KeyStore(max_keys)
         self.audit_log = AuditLog(audit_entries)
         self._reserved = 0
@@ -560,14 +584,18 @@ class Agent:
         delay = FIRST_RETRY
         try:
             while True:
+                if self.pending_deletions.get(pending.digest) is not pending:
+                    return {}  # ended meanwhile, by the attempt made when the agent stopped
                 pending.attempts += 1
                 try:
                     yield from self._delete_once(pending)
                 except NotFound:
                     log.info("key %s was already gone from %s", key_id, pending.host)
+                    self._deletion_ended(pending, NotFound.code)
                     return {}
                 except BadCredentials:
                     log.info("key %s is no longer valid on %s", key_id, pending.host)
+                    self._deletion_ended(pending, BadCredentials.code)
                     return {}
                 except KeyagentError as error:
                     if self.clock.monotonic() >= give_up_at:  # tried for a day at least
@@ -577,6 +605,7 @@ class Agent:
                             key_id, pending.host, pending.attempts, error.message,
                             pending.host, pending.user, pending.digest,
                         )  # fmt: skip
+                        self._deletion_ended(pending, error.to_wire()["code"])
                         return {}
                     wait = self._jitter(delay)
                     log.warning(
@@ -587,6 +616,7 @@ class Agent:
                     delay = min(delay * 2, MAX_RETRY)
                     continue
                 log.info("deleted key %s on %s", key_id, pending.host)
+                self._deletion_ended(pending, "ok")
                 return {}
         finally:
             # Deleted, or given up: the secret goes with the record.
@@ -604,6 +634,107 @@ class Agent:
             plan._replace(api_keys=api_keys),
             lambda api_key: account.delete_key(secret, api_key=api_key),
         )
+
+    # --- stopping: ephemeral keys deleted on the way out --------------------------------
+    # When the agent stops (stop, SIGTERM, SIGINT, SIGHUP), every ephemeral key it holds
+    # that is not persisted, and every deletion still pending, gets one more attempt, on its
+    # account's queue (accounts in parallel); the server waits for them until its
+    # stop_timeout, then exits whatever is left. A persisted ephemeral key is not deleted:
+    # it comes back at the next start with its expiry. Nothing here waits: the server asks.
+
+    def due_at_stop(self) -> int:
+        """How many keys :meth:`begin_stop` would delete on the service now."""
+        now = self.clock.monotonic()
+        held = sum(_dies_at_stop(key) for key in self.held_keys.matching(now))
+        return held + len(self.pending_deletions)
+
+    def begin_stop(self) -> int:
+        """The agent is stopping: stop serving the keys that die with it and start deleting
+        them on the service, with the pending deletions; how many are under way."""
+        if self.at_stop is None:
+            self.at_stop = StopDeletions()
+            due = self.due_at_stop()
+            if due:
+                log.info("stopping: deleting %d ephemeral key(s) on the service", due)
+        return self.deletions_at_stop()
+
+    def deletions_at_stop(self) -> int:
+        """How many deletions begun at stop have not ended. Keys that became due since the
+        last call (created, or expired into a pending deletion, while stopping) begin first."""
+        stop = self.at_stop
+        if stop is None:
+            return 0
+        if stop.swept != self.held_keys.version:
+            now, wall = self.clock.monotonic(), self.clock.wall()
+            for held in [key for key in self.held_keys.matching(now) if _dies_at_stop(key)]:
+                # No longer served (get answers as for a forgotten key); pending until deleted.
+                self.held_keys.discard(held.digest)
+                self.pending_deletions.setdefault(held.digest, PendingDeletion(held, wall))
+            stop.swept = self.held_keys.version
+        for pending in list(self.pending_deletions.values()):
+            if pending.digest not in stop.tried:
+                stop.tried.add(pending.digest)
+                stop.under_way[pending.digest] = pending
+                self.in_background(self._delete_at_stop(stop, pending))
+        return len(stop.under_way)
+
+    def _delete_at_stop(self, stop: StopDeletions, pending: PendingDeletion) -> Steps:
+        """Background, at stop: one attempt to delete ``pending`` on the service."""
+        key_id = pending.digest[:KEY_ID_SHOWN]
+        pending.attempts += 1
+        try:
+            yield from self._delete_once(pending)
+        except (NotFound, BadCredentials) as gone:  # counts as deleted, as at expiry
+            log.info("key %s is no longer on %s (%s)", key_id, pending.host, gone.code)
+            self._deletion_ended(pending, gone.code)
+        except KeyagentError as error:
+            if self.pending_deletions.get(pending.digest) is pending:  # else done meanwhile
+                stop.failed.append((pending, error.message))
+                self.audit(
+                    "delete", SIGNAL_PEER, outcome=error.to_wire()["code"], key_id=key_id,
+                    host=pending.host, user=pending.user,
+                )  # fmt: skip
+        else:
+            log.info("deleted key %s on %s", key_id, pending.host)
+            self._deletion_ended(pending, "ok")
+        finally:
+            stop.under_way.pop(pending.digest, None)
+        return {}
+
+    def end_stop(self, why: str) -> int:
+        """The agent exits now. Each deletion begun at stop that has not ended is recorded as
+        not deleted (``timeout``; ``why`` says what cut it short), and each key not deleted is
+        logged with the command that deletes it; how many were not deleted."""
+        stop = self.at_stop
+        if stop is None:
+            return 0
+        not_deleted = list(stop.failed)
+        for pending in stop.under_way.values():
+            not_deleted.append((pending, why))
+            self.audit(
+                "delete", SIGNAL_PEER, outcome=Timeout.code, key_id=pending.digest[:KEY_ID_SHOWN],
+                host=pending.host, user=pending.user,
+            )  # fmt: skip
+        stop.under_way.clear()
+        for pending, reason in not_deleted:
+            log.error(
+                "key %s of %s on %s was not deleted on the service (%s) and stays valid there; "
+                "delete it with keyagent-ctl remove --host %s --user %s %s",
+                pending.digest[:KEY_ID_SHOWN], pending.user, pending.host, reason,
+                pending.host, pending.user, pending.digest,
+            )  # fmt: skip
+        return len(not_deleted)
+
+    def _deletion_ended(self, pending: PendingDeletion, outcome: str) -> None:
+        """Record how the deletion of ``pending`` on the service ended, once: in the audit
+        log (op ``delete``, the agent itself as the peer) and by no longer pending it."""
+        if self.pending_deletions.get(pending.digest) is not pending:
+            return  # another attempt (at expiry, at stop) ended it first and said so
+        del self.pending_deletions[pending.digest]
+        self.audit(
+            "delete", SIGNAL_PEER, outcome=outcome, key_id=pending.digest[:KEY_ID_SHOWN],
+            host=pending.host, user=pending.user,
+        )  # fmt: skip
 
     def restore(self, keys: Iterable[PersistedKey], lock: tuple[bytes, bytes] | None = None) -> int:
         """Hold keys read back from the OS keyring (at start-up); returns how many.
@@ -1012,7 +1143,12 @@ class Agent:
 
     def process_stop(self, args: Mapping[str, Any]) -> Stop:
         log.info("stop requested")
-        return Stop({"stopping": True})
+        result: Result = {"stopping": True}
+        # Not while locked: a locked agent says nothing of what it holds (see status).
+        deleting = 0 if self.lock.locked else self.due_at_stop()
+        if deleting:  # the reply goes first; the server then deletes them (begin_stop)
+            result["deleting"] = deleting
+        return Stop(result)
 
     # --- Conduce operations --------------------------------------------------------------
     # Each runs its network call on the account's queue (one call at a time per account)
@@ -1474,6 +1610,12 @@ class Agent:
         elif result.session_expired:
             session.mark_expired()
         return result.value
+
+
+def _dies_at_stop(held: HeldKey) -> bool:
+    """Whether the agent deletes ``held`` on the service when it stops: an ephemeral key not
+    persisted (a persisted one comes back at the next start, with its expiry)."""
+    return held.ephemeral and not held.persisted
 
 
 def _deleter(digest: str) -> Callable[[KeyringStore], bool]:

@@ -2,7 +2,9 @@
 
 Every use of a secret and every change (``get``, ``exec``, ``add``, ``create``, ``remove``,
 ``forget``, ``login``, ``logout``, ``lock``, ``unlock``, ``stop``, a proxied request) and every
-refusal with ``denied``, ``forbidden`` or ``locked`` becomes one :class:`AuditEntry`.
+refusal with ``denied``, ``forbidden`` or ``locked`` becomes one :class:`AuditEntry`; so does
+each deletion of an ephemeral key the agent makes on its own on the service (``delete``, at
+expiry, after ``forget``, at stop), with no pid: the agent itself asked.
 :class:`AuditLog` keeps the newest ones in memory (a ring of ``audit_entries``, default
 10,000), writes each as one line to the agent's log at info level, and hands each to the
 followers of ``keyagent-ctl log --follow``.

@@ -595,11 +595,26 @@ def cmd_list_api_keys(args: argparse.Namespace, client: Client, stdin: TextIO, o
 
 
 def cmd_forget(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
-    count = client.forget(
-        args.key_id, all=args.all or None, persist=args.persist or None, local=args.local or None
+    result = client.call(
+        "forget",
+        key_id=args.key_id,
+        all=args.all or None,
+        persist=args.persist or None,
+        local=args.local or None,
     )
-    out.write(f"forgot {count} key{'s' if count != 1 else ''}\n")  # an int: nothing to escape
+    count = _count(result, "forgotten")
+    line = f"forgot {count} key{'s' if count != 1 else ''}"  # ints: nothing to escape
+    deleting = _count(result, "deleting")
+    if deleting:
+        line += f"; deleting {deleting} on the service (forget --local keeps keys there)"
+    out.write(line + "\n")
     return EXIT_OK
+
+
+def _count(result: dict[str, Any], member: str) -> int:
+    """A count in a reply; 0 if it is absent (or not a count: an agent's reply is data)."""
+    value = result.get(member, 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def cmd_lock(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
@@ -618,8 +633,15 @@ def cmd_unlock(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
 
 
 def cmd_stop(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
-    client.stop()
-    out.write("agent stopped\n")
+    deleting = _count(client.stop(), "deleting")
+    if deleting:
+        # The agent answered before deleting: this returns now, and says what it still does.
+        out.write(
+            f"agent stopping; it first deletes {deleting} ephemeral key(s) on the service"
+            " (its log names any it could not)\n"
+        )
+    else:
+        out.write("agent stopped\n")
     return EXIT_OK
 
 

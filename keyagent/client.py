@@ -273,9 +273,12 @@ class Client:
     def unlock(self, passphrase: str) -> None:
         self.call("unlock", passphrase=passphrase)
 
-    def stop(self) -> None:
-        self.call("stop")
+    def stop(self) -> dict[str, Any]:
+        """Stop the agent; its reply: ``deleting`` counts the ephemeral keys it deletes on the
+        service before it exits (it answers first, so this does not wait for that)."""
+        result = self.call("stop")
         self.close()
+        return result
 
     def log(self, n: int | None = None) -> builtins.list[dict[str, Any]]:
         """The audit log's entries, oldest first: the last ``n``, or all the agent keeps."""

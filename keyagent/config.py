@@ -66,6 +66,11 @@ key                 type         default   environment             used by
 with a lifetime stays on the service when it expires. By default the agent deletes it there
 (an ephemeral key) unless ``create --keep``; with true it keeps it unless ``create --no-keep``.
 
+``stop_timeout`` (duration, default 10; keyagent ``--stop-timeout``): how long a stopping
+agent waits for its ephemeral keys to be deleted on the service before it exits anyway,
+logging each key it could not delete. Under systemd keep it below the unit's
+``TimeoutStopSec`` (15 s in the shipped keyagent.service), or systemd kills the agent first.
+
 ``askpass`` and each ``allow_exe`` path expand a leading ``~`` and are made absolute like
 ``ca_bundle``; ``allow_exe`` paths are then resolved (symbolic links followed), because they
 are compared with ``/proc/PID/exe``, which always is. The daemon checks the askpass program
@@ -207,6 +212,7 @@ class Config:
     confirm_timeout: float = 30.0
     audit_entries: int = 10_000
     keep_created_keys: bool = False
+    stop_timeout: float = 10.0
     path: str = ""
     """The configuration file that was consulted (absolute)."""
     path_source: str = "default"
@@ -421,6 +427,7 @@ _SPECS: Final[Mapping[str, _Spec]] = {
     "confirm_timeout": _Spec(_duration, 30.0),
     "audit_entries": _Spec(_entry_count, 10_000),
     "keep_created_keys": _Spec(_boolean, False),
+    "stop_timeout": _Spec(_duration, 10.0),
 }
 
 SETTINGS: Final[tuple[str, ...]] = tuple(_SPECS)
@@ -794,6 +801,7 @@ def load(
         confirm_timeout=cast("float", pick("confirm_timeout")),
         audit_entries=cast("int", pick("audit_entries")),
         keep_created_keys=cast("bool", pick("keep_created_keys")),
+        stop_timeout=cast("float", pick("stop_timeout")),
         path=file_path,
         path_source=how,
         file_found=file is not None,

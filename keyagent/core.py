@@ -369,6 +369,7 @@ def serve(
         max_connections=settings["max_connections"],
         idle_timeout=settings["idle_timeout"],
         line_timeout=settings["line_timeout"],
+        stop_timeout=settings.get("stop_timeout", 10.0),
     )
     server = Server(agent, listener, limits=limits, http_listener=None if http is None else http[2])
     server.http_handler = http_handler(server, agent, settings)
@@ -383,6 +384,12 @@ def serve(
         notifier.ready(f"serving {len(agent.held_keys)} key(s) on {listener_path}")
 
     server.on_ready = ready
+
+    def stopping() -> None:
+        # Said as the agent begins to stop, not as it exits: deleting keys may take a while.
+        notifier.stopping("stopping: deleting ephemeral keys on the service")
+
+    server.on_stopping = stopping
     try:
         server.serve_forever()
     finally:

@@ -121,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a request line must be complete this soon",
     )
     parser.add_argument(
+        "--stop-timeout",
+        type=_duration,
+        default=None,
+        metavar="SECONDS",
+        help="when stopping, wait this long at most for ephemeral keys to be deleted on the"
+        " service (default 10; keep it below the unit's TimeoutStopSec under systemd)",
+    )
+    parser.add_argument(
         "--max-connections",
         type=count_type,
         default=None,
@@ -403,6 +411,7 @@ def configure_logging(*, debug: bool) -> None:
 CONFIGURED = (
     "lifetime", "ca_bundle", "connect_timeout", "read_timeout", "validate_after",
     "idle_timeout", "line_timeout", "max_connections", "max_keys", "audit_entries",
+    "stop_timeout",
 )  # fmt: skip
 FILE_ONLY = ("export", "allow_exe", "askpass", "confirm_timeout", "keep_created_keys")
 """Settings with no flag of their own: from the environment, the file or the default."""

@@ -130,6 +130,7 @@ _SETTING_RULES: Mapping[str, Rule] = {
     "allow_exe": exe_list_problem,
     "askpass": _optional(_path),
     "confirm_timeout": duration_problem,
+    "stop_timeout": duration_problem,
 }
 
 
@@ -157,6 +158,7 @@ class Settings:
     allow_exe: tuple[str, ...]
     askpass: str | None
     confirm_timeout: float
+    stop_timeout: float
 
     def __init__(
         self,
@@ -179,6 +181,7 @@ class Settings:
         allow_exe: tuple[str, ...] = (),
         askpass: str | None = None,
         confirm_timeout: float = 30.0,
+        stop_timeout: float = 10.0,
     ) -> None:
         self.lifetime = lifetime
         self.ca_bundle = ca_bundle
@@ -198,6 +201,7 @@ class Settings:
         self.allow_exe = tuple(allow_exe)
         self.askpass = askpass
         self.confirm_timeout = confirm_timeout
+        self.stop_timeout = stop_timeout
 
     def __repr__(self) -> str:
         shown = self.as_dict()

@@ -92,8 +92,8 @@ a day and working out the wait again."""
 _LimitFields = namedtuple(
     "_LimitFields",
     ["max_connections", "idle_timeout", "line_timeout", "max_pending_output", "stop_grace",
-     "workers"],
-    defaults=[1024, 300.0, 10.0, 1024 * 1024, 2.0, 32],
+     "workers", "stop_timeout"],
+    defaults=[1024, 300.0, 10.0, 1024 * 1024, 2.0, 32, 10.0],
 )  # fmt: skip
 
 
@@ -109,6 +109,10 @@ class Limits(_LimitFields):
     * ``stop_grace``: how long ``stop`` waits for its own reply to drain before exiting.
     * ``workers``: threads for Conduce calls, at most. Local work (key derivation, the OS
       keyring) has its own threads besides these, one per :data:`LOCAL_QUEUES` queue.
+    * ``stop_timeout``: how long a stopping agent waits for its ephemeral keys to be deleted
+      on the service (:meth:`~keyagent.agent.Agent.begin_stop`) before it exits anyway; below
+      systemd's ``TimeoutStopSec`` in the shipped unit, so the agent logs what it could not
+      delete before systemd would kill it.
     """
 
     __slots__ = ()
@@ -119,6 +123,7 @@ class Limits(_LimitFields):
     max_pending_output: int
     stop_grace: float
     workers: int
+    stop_timeout: float
 
 
 class Connection:
@@ -261,6 +266,13 @@ class Server:
         self._running = False
         self._stop_deadline: float | None = None
         self._stop_waiting: Connection | None = None
+        self._deletions_until: float | None = None
+        """While stopping: when the server stops waiting for deletions on the service."""
+        self._stop_signalled = False
+        self._cut_short = False
+        """A second stop signal ended the wait for deletions."""
+        self.on_stopping: Callable[[], None] | None = None
+        """Called once when the agent begins to stop (systemd's STOPPING=1)."""
         self._reserve_fd: int | None = None
         self.on_ready: Callable[[], None] | None = None
 
@@ -347,6 +359,8 @@ class Server:
             candidates.append(next(iter(self._half_lines)).line_started + self.limits.line_timeout)
         if self._stop_deadline is not None:
             candidates.append(self._stop_deadline)
+        if self._deletions_until is not None:
+            candidates.append(self._deletions_until)
         if not candidates:
             return None
         return min(MAX_POLL_WAIT, max(0.0, min(candidates) - now))
@@ -354,6 +368,12 @@ class Server:
     def _shutdown(self) -> None:
         for conn in list(self.connections.values()):
             self._close(conn)
+        if self._deletions_until is not None and self.agent.end_stop(
+            "a second signal told the agent not to wait"
+            if self._cut_short
+            else f"not done within stop_timeout, {self.limits.stop_timeout:g} s"
+        ):
+            log.warning("exiting with keys not deleted on the service (see above)")
         self.agent.audit_log.flush()
         for workers in (self._workers, self._local_workers):
             if workers is not None:
@@ -377,7 +397,7 @@ class Server:
                 or waiting is None
                 or waiting.closed
                 or (not waiting.outbuf)
-            ):
+            ) and self._deletions_done():
                 self._running = False
         now = self.clock()
         while timers and timers[0][0] <= now:
@@ -407,8 +427,14 @@ class Server:
             if self._request_for_signal(protocol.Request(None, "forget", {"all": True})):
                 log.info("%s: forgot every held key", name)
             return
+        if self._stop_signalled:  # a second one (Ctrl-C twice): the user will not wait
+            log.info("%s while stopping: exiting now", name)
+            self._cut_short = True
+            self._running = False
+            return
+        self._stop_signalled = True
         log.info("%s: stopping", name)
-        self._running = False
+        self._begin_stop(None)
 
     def _request_for_signal(self, request: protocol.Request) -> bool:
         """Dispatch a request the agent's user made by signal, with no one to answer; False
@@ -1044,12 +1070,45 @@ class Server:
 
     # --- stopping ------------------------------------------------------------------------
 
-    def _begin_stop(self, conn: Connection) -> None:
-        """Stop accepting; leave once ``conn`` has its reply, or after the grace period."""
-        self._stop_deadline = self.clock() + self.limits.stop_grace
+    def _begin_stop(self, conn: Connection | None) -> None:
+        """Stop accepting; leave once ``conn`` (the client of ``stop``; None for a signal)
+        has its reply, or after the grace period, and the agent's deletions on the service
+        have ended, or after ``stop_timeout``.
+
+        The listening sockets are closed, not just left unwatched: a client that connects
+        now is refused at once (no agent) instead of waiting in the backlog until the exit,
+        and a new agent may take the path meanwhile (only this agent's own socket file is
+        removed at exit). Connections already open are still answered while the agent waits.
+        """
+        if self._stop_deadline is not None:  # a second stop: the first one's deadlines hold
+            return
+        now = self.clock()
+        self._stop_deadline = now + self.limits.stop_grace
         self._stop_waiting = conn
-        with contextlib.suppress(OSError):
-            self._epoll.unregister(self.listener.fileno())
+        for listener in (self.listener, self.http_listener):
+            if listener is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    self._epoll.unregister(listener.fileno())
+                listener.close()
+        if self.on_stopping is not None:
+            self.on_stopping()
+        # Always set: a create answered while stopping makes one more key to delete.
+        self._deletions_until = now + self.limits.stop_timeout
+        deleting = self.agent.begin_stop()
+        if self._memo:  # keys were dropped: so are the replies that held them
+            self._drop_stale_memo(now)
+        if deleting:
+            log.info(
+                "waiting up to %g s for %d deletion(s) on the service before exiting",
+                self.limits.stop_timeout, deleting,
+            )  # fmt: skip
+
+    def _deletions_done(self) -> bool:
+        """Whether the agent's deletions at stop have ended (or their time is up)."""
+        until = self._deletions_until
+        if until is None:
+            return True
+        return self.clock() >= until or not self.agent.deletions_at_stop()
 
 
 def _peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:

@@ -96,6 +96,7 @@ def test_defaults_match_the_daemon_and_the_modules_that_use_them() -> None:
     assert defaults.idle_timeout == limits.idle_timeout == args.idle_timeout
     assert defaults.line_timeout == limits.line_timeout == args.line_timeout
     assert defaults.max_connections == limits.max_connections == args.max_connections
+    assert defaults.stop_timeout == limits.stop_timeout == args.stop_timeout
     assert defaults.connect_timeout == http.connect_timeout == args.connect_timeout
     assert defaults.read_timeout == http.read_timeout == args.read_timeout
     assert defaults.validate_after == args.validate_after
@@ -173,6 +174,7 @@ def test_a_full_file_sets_everything_with_each_line(write: Writer) -> None:
         "confirm_timeout = 8\n"
         "audit_entries = 8\n"
         "keep_created_keys = true\n"
+        'stop_timeout = "4s"\n'
     )
     result = load(str(path), env={})
     sources = result.sources()
@@ -197,8 +199,10 @@ def test_a_full_file_sets_everything_with_each_line(write: Writer) -> None:
         "confirm_timeout": 17,
         "audit_entries": 18,
         "keep_created_keys": 19,
+        "stop_timeout": 20,
     }
     assert result.keep_created_keys is True
+    assert result.stop_timeout == 4.0
     assert result.lifetime == 5400.0
     assert result.ca_bundle == str(path.parent / "ca.pem")
     assert (result.connect_timeout, result.max_connections) == (1.0, 6)
@@ -846,6 +850,7 @@ def test_render_lists_every_setting_aligned_with_its_source() -> None:
         "confirm_timeout    30s                  default\n"
         "audit_entries      10000                default\n"
         "keep_created_keys  false                default\n"
+        "stop_timeout       10s                  default\n"
     )
 
 

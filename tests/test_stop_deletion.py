@@ -1,0 +1,233 @@
+"""Deletion at stop, at the agent's level: a stopping agent deletes its ephemeral keys that are
+not persisted, and its pending deletions, on the service, once each, and says which it could
+not; each deletion the agent makes on its own is in the audit log. Fakes and a fake clock."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keyagent import daemon, errors, service
+from keyagent._argparse import EXIT_USAGE
+from keyagent.agent import Agent, Stop
+from keyagent.config import Config, ConfigError, load
+from keyagent.duration import parse_duration
+from keyagent.persist import KeyringStore
+from keyagent.server import Limits
+from keyagent.store import digest_of, key_id_for
+from keyagent.testing.memory_keyring import MemoryKeyring
+
+from .fakes import PEER, FakeAccount, FakeTime, HeldWorkDriver, driver_for, fails, request, run
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST, USER = "app.conduce.com", "ada@example.com"
+ACCOUNT = {"host": HOST, "user": USER}
+
+
+@pytest.fixture
+def time() -> FakeTime:
+    return FakeTime()
+
+
+@pytest.fixture
+def account() -> FakeAccount:
+    return FakeAccount(keys=["existing-key-0000-abcdefgh"])
+
+
+@pytest.fixture
+def agent(time: FakeTime, account: FakeAccount) -> Agent:
+    return Agent(
+        clock=time.clock(),
+        accounts=lambda host, user: account,
+        keyring=KeyringStore(MemoryKeyring()),
+        jitter=lambda delay: delay,
+    )
+
+
+def create(agent: Agent, account: FakeAccount, **args: Any) -> str:
+    """Log in if need be, create a key; its secret."""
+    if not agent.sessions or not next(iter(agent.sessions.values())).live:
+        run(agent, "login", **ACCOUNT, password="pw")
+    run(agent, "create", **ACCOUNT, **args)
+    return account.keys[-1]
+
+
+def deletions(agent: Agent) -> list[tuple[str, str, str | None, int | None]]:
+    """The audit log's delete entries: (outcome, key id, user, pid)."""
+    return [
+        (entry.outcome, entry.key_id or "", entry.user, entry.pid)
+        for entry in agent.audit_log.last()
+        if entry.op == "delete"
+    ]
+
+
+def test_stop_deletes_ephemeral_keys_that_are_not_persisted_and_keeps_the_others(
+    agent: Agent, account: FakeAccount
+) -> None:
+    """At stop an ephemeral key is deleted on the service and no longer served; a persisted
+    ephemeral key, a kept key and an added key stay on the service and are still served."""
+    ephemeral = create(agent, account, lifetime=3600)
+    persisted = create(agent, account, lifetime=3600, persist=True)
+    kept = create(agent, account, lifetime=3600, keep=True)
+    run(agent, "add", **ACCOUNT, key="existing-key-0000-abcdefgh")
+    driver_for(agent)
+    assert agent.begin_stop() == 0  # inline: the one deletion has ended already
+    assert ephemeral not in account.keys
+    assert {persisted, kept, "existing-key-0000-abcdefgh"} <= set(account.keys)
+    assert isinstance(fails(agent, "get", key_id=key_id_for(ephemeral)), errors.NotFound)
+    assert run(agent, "get", key_id=key_id_for(persisted))["key"] == persisted
+    assert agent.deletions_at_stop() == 0
+    assert agent.pending_deletions == {}
+    assert deletions(agent) == [("ok", key_id_for(ephemeral), USER, None)]
+    assert agent.end_stop("unused") == 0
+
+
+def test_the_stop_reply_counts_the_keys_to_delete_before_any_is_deleted(
+    agent: Agent, account: FakeAccount
+) -> None:
+    """stop answers with how many keys it will delete on the service (unless locked), and
+    deletes none yet: the server sends the reply first, then begins the deletions."""
+    secret = create(agent, account, lifetime=3600)
+    create(agent, account, lifetime=3600, persist=True)
+    outcome = agent.handle(request("stop"), PEER)
+    assert outcome == Stop({"stopping": True, "deleting": 1})
+    assert secret in account.keys
+    assert agent.at_stop is None
+    run(agent, "lock", passphrase="pass phrase")
+    assert agent.handle(request("stop"), PEER) == Stop({"stopping": True})  # says nothing
+    run(agent, "unlock", passphrase="pass phrase")
+    run(agent, "forget", all=True, local=True)
+    assert agent.handle(request("stop"), PEER) == Stop({"stopping": True})
+
+
+def test_a_pending_deletion_waiting_to_retry_gets_an_attempt_at_stop_and_only_one(
+    agent: Agent, account: FakeAccount, time: FakeTime
+) -> None:
+    """A deletion waiting out its backoff is attempted again at once when the agent stops;
+    the retry it was waiting for then makes no second call and no second audit entry."""
+    secret = create(agent, account, lifetime=60)
+    account.failures = [errors.RemoteError("the service answered 503")]
+    driver = driver_for(agent)
+    time.advance(60)
+    agent.reap()  # expired: the first attempt fails, a retry waits a second
+    assert secret in account.keys
+    assert [digest_of(secret)] == list(agent.pending_deletions)
+    calls = len(account.calls)
+    agent.begin_stop()
+    assert secret not in account.keys
+    assert len(account.calls) == calls + 1
+    driver.pass_time(60)  # the retry's timer fires: nothing is left to do
+    assert len(account.calls) == calls + 1
+    assert deletions(agent) == [("ok", key_id_for(secret), USER, None)]
+
+
+def test_keys_not_deleted_at_stop_are_logged_with_the_command_and_audited(
+    agent: Agent, account: FakeAccount, time: FakeTime, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A deletion that fails at stop, and one still under way when the agent exits, are each
+    logged with the key id, host, user and the keyagent-ctl remove command (never the
+    secret), and recorded in the audit log with their outcome."""
+    hanging = create(agent, account, lifetime=3600)
+    failing = create(agent, account, lifetime=3600)
+    driver = HeldWorkDriver(time)
+    agent.driven_by(driver.start_background)
+    assert agent.begin_stop() == 2
+    (first,) = driver.held  # one account: one call at a time, newest key first
+    account.fail_next = errors.RemoteUnreachable("could not reach app.conduce.com")
+    driver.end(first)
+    assert agent.deletions_at_stop() == 1
+    (second,) = driver.held  # the next one started, and never ends
+    with caplog.at_level(logging.INFO, logger="keyagent.agent"):
+        assert agent.end_stop("not done within stop_timeout, 10 s") == 2
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(lines) == 2
+    for secret, line in zip((failing, hanging), lines, strict=True):
+        assert key_id_for(secret) in line
+        assert f"keyagent-ctl remove --host {HOST} --user {USER} {digest_of(secret)}" in line
+        assert secret not in line
+    assert "could not reach app.conduce.com" in lines[0]
+    assert "not done within stop_timeout, 10 s" in lines[1]
+    assert deletions(agent) == [
+        ("remote_unreachable", key_id_for(failing), USER, None),
+        ("timeout", key_id_for(hanging), USER, None),
+    ]
+    assert {failing, hanging} <= set(account.keys)
+    assert second in driver.held
+
+
+def test_a_key_created_while_stopping_is_deleted_too(agent: Agent, account: FakeAccount) -> None:
+    """An ephemeral key that a create answered after the stop began is deleted at the next
+    check the server makes, not left on the service."""
+    run(agent, "login", **ACCOUNT, password="pw")
+    driver_for(agent)
+    assert agent.begin_stop() == 0
+    late = create(agent, account, lifetime=3600)
+    assert late in account.keys
+    assert agent.deletions_at_stop() == 0
+    assert late not in account.keys
+
+
+def test_the_agents_own_deletions_are_audited_however_they_end(
+    agent: Agent, account: FakeAccount, time: FakeTime
+) -> None:
+    """Deletions the agent makes on its own (at expiry, after forget) are audited as op
+    delete by the agent itself (no pid): deleted, already gone, and given up after a day."""
+    deleted = create(agent, account, lifetime=60)
+    gone = create(agent, account, lifetime=60)
+    account.keys.remove(gone)
+    driver = driver_for(agent)
+    time.advance(60)
+    agent.reap()
+    given_up = create(agent, account, lifetime=3600)
+    account.failures = [errors.RemoteError("the service answered 503")] * 10_000
+    run(agent, "forget", key_id=key_id_for(given_up))
+    driver.pass_time(2 * 24 * 3600)
+    assert sorted(deletions(agent)) == sorted(
+        [
+            ("ok", key_id_for(deleted), USER, None),
+            ("not_found", key_id_for(gone), USER, None),
+            ("remote_error", key_id_for(given_up), USER, None),
+        ]
+    )
+    entry = next(entry for entry in agent.audit_log.last() if entry.op == "delete")
+    assert (entry.host, entry.uid, entry.exe) == (HOST, None, None)
+
+
+def test_the_default_stop_timeout_is_below_the_shipped_units_timeout_stop_sec() -> None:
+    """The shipped keyagent.service (and its contrib copy) sets TimeoutStopSec above the
+    default stop_timeout, so systemd lets the agent finish deleting and logging before it
+    would kill it."""
+    shipped = service.template(service.SERVICE_UNIT)
+    assert (ROOT / "contrib" / "systemd" / service.SERVICE_UNIT).read_text() == shipped
+    (value,) = [
+        line.partition("=")[2].strip()
+        for line in shipped.splitlines()
+        if line.startswith("TimeoutStopSec=")
+    ]
+    assert Config().stop_timeout == Limits().stop_timeout < parse_duration(value)
+
+
+def test_stop_timeout_is_a_duration_from_the_file_or_the_flag(tmp_path: Path) -> None:
+    """stop_timeout in the config file and keyagent --stop-timeout take durations such as
+    "15s"; zero is refused naming the file, the line and the rule (exit 78), and the flag
+    beats the file."""
+    path = tmp_path / "config.toml"
+    path.write_text('stop_timeout = "5s"\n')
+    assert load(str(path), env={}).stop_timeout == 5.0
+    assert load(str(path), env={}, flags={"stop_timeout": 3.0}).stop_timeout == 3.0
+    path.write_text('stop_timeout = "0s"\n')
+    with pytest.raises(ConfigError) as caught:
+        load(str(path), env={})
+    assert str(caught.value) == f"{path}:1: 'stop_timeout' must be a positive duration; got \"0s\""
+    args = daemon.build_parser().parse_args(["--stop-timeout", "1m", "--config", str(path)])
+    assert args.stop_timeout == 60.0
+    errors_out = io.StringIO()
+    with contextlib.redirect_stderr(errors_out), pytest.raises(SystemExit) as exited:
+        daemon.build_parser().parse_args(["--stop-timeout", "0"])
+    assert exited.value.code == EXIT_USAGE
+    assert "--stop-timeout" in errors_out.getvalue()

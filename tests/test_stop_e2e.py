@@ -1,0 +1,189 @@
+"""Deletion at stop, end to end: the real agent, stopped with keyagent-ctl stop or SIGTERM,
+deletes its ephemeral keys on the shipped Conduce emulator before it exits, gives up after
+stop_timeout when the service hangs, and says which keys it could not delete."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+
+from keyagent import errors
+from keyagent.store import digest_of, key_id_for
+from keyagent.testing.agent import AgentProcess
+from keyagent.testing.emulator import Fault
+from keyagent.testing.emulator_process import Emulator
+
+from .conftest import AgentFactory, CtlResult, run_ctl, wait_until
+
+USER = "stella@example.com"
+PASSWORD = "stop-pa55-w0rd"
+MEMORY_KEYRING = "keyagent.testing.memory_keyring.MemoryKeyring"
+STOP_TIMEOUT = 2.0
+"""The hanging test's stop_timeout: short, so the test is too."""
+EXIT_MARGIN = 6.0
+"""Seconds past stop_timeout within which the agent must have exited (a loaded CI machine)."""
+
+
+def start(agent_factory: AgentFactory, emulator: Emulator, *args: str) -> AgentProcess:
+    """An agent that trusts the emulator, with an in-memory OS keyring (for --persist)."""
+    env = {**os.environ, "PYTHON_KEYRING_BACKEND": MEMORY_KEYRING}
+    return agent_factory(
+        "--ca-bundle", emulator.ca_path, "--read-timeout", "30", *args, env=env
+    )  # fmt: skip
+
+
+def ctl(agent: AgentProcess, emu: Emulator, *argv: str, stdin: str = "") -> CtlResult:
+    result = run_ctl(agent.socket_path, "--host", emu.host, "--user", USER, *argv, stdin=stdin)
+    assert result.code == 0, result.err
+    return result
+
+
+def create(agent: AgentProcess, emu: Emulator, *argv: str) -> str:
+    """Log in (once), create a key with ``argv``; its secret, as the emulator holds it."""
+    if not emu.api_keys(USER):
+        ctl(agent, emu, "login", "--password-stdin", stdin=PASSWORD + "\n")
+    before = set(emu.api_keys(USER))
+    ctl(agent, emu, "create", *argv)
+    (secret,) = set(emu.api_keys(USER)) - before
+    return secret
+
+
+def exited(agent: AgentProcess, timeout: float) -> int:
+    assert agent.process is not None
+    return agent.process.wait(timeout)
+
+
+def audited_deletions(agent_log: str) -> list[str]:
+    """The delete entries of the audit log, as the agent wrote them to its log."""
+    return [line for line in agent_log.splitlines() if "op=delete" in line]
+
+
+def test_keyagent_ctl_stop_deletes_ephemeral_keys_but_not_persisted_ones_then_exits(
+    agent_factory: AgentFactory, emulator: Emulator
+) -> None:
+    """keyagent-ctl stop answers at once saying it deletes one key, deletes the ephemeral key
+    that is not persisted on the service, leaves the persisted one, and the agent exits 0."""
+    agent = start(agent_factory, emulator)
+    ephemeral = create(agent, emulator, "--lifetime", "1h")
+    persisted = create(agent, emulator, "--lifetime", "1h", "--persist")
+    stopped = run_ctl(agent.socket_path, "stop")
+    assert stopped.code == 0, stopped.err
+    assert stopped.out == (
+        "agent stopping; it first deletes 1 ephemeral key(s) on the service (its log names"
+        " any it could not)\n"
+    )
+    assert exited(agent, 20) == 0
+    assert emulator.api_keys(USER) == [persisted]
+    assert ephemeral not in emulator.api_keys(USER)
+    (entry,) = audited_deletions(agent.log())
+    assert "outcome=ok" in entry
+    assert f"key_id={key_id_for(ephemeral)}" in entry
+    assert ephemeral not in agent.log()
+
+
+def test_sigterm_deletes_ephemeral_keys_before_the_agent_exits(
+    agent_factory: AgentFactory, emulator: Emulator
+) -> None:
+    """SIGTERM (keyagent -k, systemd at logout) deletes the agent's ephemeral keys on the
+    service before it exits 0."""
+    agent = start(agent_factory, emulator)
+    first = create(agent, emulator, "--lifetime", "1h")
+    second = create(agent, emulator, "--lifetime", "8h")
+    os.kill(agent.pid, signal.SIGTERM)
+    assert exited(agent, 20) == 0
+    assert emulator.api_keys(USER) == []
+    log = agent.log()
+    assert "SIGTERM: stopping" in log
+    assert len(audited_deletions(log)) == 2
+    assert {first, second}.isdisjoint(log.split())
+
+
+def test_a_hanging_service_delays_the_exit_by_stop_timeout_at_most_and_the_log_says_what_to_do(
+    agent_factory: AgentFactory, emulator: Emulator
+) -> None:
+    """With the service hanging every delete, the stopping agent refuses new connections,
+    answers get on an open one as for a forgotten key, exits within stop_timeout (and a
+    margin), and logs the key not deleted with the command that deletes it."""
+    agent = start(agent_factory, emulator, "--stop-timeout", f"{STOP_TIMEOUT:g}")
+    secret = create(agent, emulator, "--lifetime", "1h")
+    emulator.inject(Fault.hang(), path="apikeys/delete")
+    with agent.client() as open_before:
+        assert open_before.get(key_id=key_id_for(secret)) == secret
+        began = time.monotonic()
+        run_ctl(agent.socket_path, "stop")
+        with pytest.raises(errors.NotFound):
+            open_before.get(key_id=key_id_for(secret))
+        with pytest.raises(errors.AgentUnreachable):
+            agent.client(timeout=5).hello()
+        assert exited(agent, STOP_TIMEOUT + EXIT_MARGIN) == 0
+    took = time.monotonic() - began
+    assert STOP_TIMEOUT - 0.5 <= took < STOP_TIMEOUT + EXIT_MARGIN
+    assert emulator.api_keys(USER) == [secret]  # the hung delete never reached the store
+    log = agent.log()
+    (line,) = [line for line in log.splitlines() if "was not deleted on the service" in line]
+    assert key_id_for(secret) in line
+    assert f"stop_timeout, {STOP_TIMEOUT:g} s" in line
+    assert f"keyagent-ctl remove --host {emulator.host} --user {USER} {digest_of(secret)}" in line
+    (entry,) = audited_deletions(log)
+    assert "outcome=timeout" in entry
+    assert secret not in log
+
+
+def log_entries(agent: AgentProcess) -> list[dict[str, Any]]:
+    result = run_ctl(agent.socket_path, "log", "--json")
+    assert result.code == 0, result.err
+    return [json.loads(line) for line in result.out.splitlines()]
+
+
+def test_forget_prints_how_many_keys_it_deletes_and_the_deletion_is_audited(
+    agent_factory: AgentFactory, emulator: Emulator
+) -> None:
+    """keyagent-ctl forget says how many of the keys it forgot it deletes on the service;
+    forget --local deletes none and says nothing of it; the deletion shows in keyagent-ctl
+    log as op delete by the agent itself, with the key's id, host, user and outcome."""
+    agent = start(agent_factory, emulator)
+    local = create(agent, emulator, "--lifetime", "1h")
+    deleted = create(agent, emulator, "--lifetime", "1h")
+    forgot = run_ctl(agent.socket_path, "forget", "--local", key_id_for(local))
+    assert forgot.out == "forgot 1 key\n"
+    forgot = run_ctl(agent.socket_path, "forget", key_id_for(deleted))
+    assert (
+        forgot.out == "forgot 1 key; deleting 1 on the service (forget --local keeps keys there)\n"
+    )
+    wait_until(
+        lambda: any(entry["op"] == "delete" for entry in log_entries(agent)),
+        "the deletion in the audit log",
+    )
+    (entry,) = [entry for entry in log_entries(agent) if entry["op"] == "delete"]
+    assert (entry["outcome"], entry["key_id"], entry["host"], entry["user"]) == (
+        "ok", key_id_for(deleted), emulator.host, USER,
+    )  # fmt: skip
+    assert entry["pid"] is None
+    assert emulator.api_keys(USER) == [local]
+    table = run_ctl(agent.socket_path, "log").out
+    (row,) = [line for line in table.splitlines() if " delete " in line]
+    assert key_id_for(deleted) in row
+
+
+def test_a_second_signal_makes_a_stopping_agent_exit_at_once(
+    agent_factory: AgentFactory, emulator: Emulator
+) -> None:
+    """A second SIGINT while the agent waits for its deletions (Ctrl-C twice) makes it exit
+    at once, well before stop_timeout, logging the key it did not delete."""
+    agent = start(agent_factory, emulator, "--stop-timeout", "60")
+    secret = create(agent, emulator, "--lifetime", "1h")
+    emulator.inject(Fault.hang(), path="apikeys/delete")
+    os.kill(agent.pid, signal.SIGINT)
+    wait_until(lambda: "waiting up to 60 s" in agent.log(), "the agent waiting on the deletion")
+    os.kill(agent.pid, signal.SIGINT)
+    assert exited(agent, EXIT_MARGIN) == 0
+    log = agent.log()
+    assert "SIGINT while stopping: exiting now" in log
+    (line,) = [line for line in log.splitlines() if "was not deleted on the service" in line]
+    assert key_id_for(secret) in line
+    assert "a second signal told the agent not to wait" in line

@@ -131,6 +131,7 @@ _SETTING_RULES: Mapping[str, Rule] = {
     "askpass": _optional(_path),
     "confirm_timeout": duration_problem,
     "stop_timeout": duration_problem,
+    "keep_created_keys": _boolean,
 }
 
 
@@ -159,6 +160,7 @@ class Settings:
     askpass: str | None
     confirm_timeout: float
     stop_timeout: float
+    keep_created_keys: bool
 
     def __init__(
         self,
@@ -182,6 +184,7 @@ class Settings:
         askpass: str | None = None,
         confirm_timeout: float = 30.0,
         stop_timeout: float = 10.0,
+        keep_created_keys: bool = False,
     ) -> None:
         self.lifetime = lifetime
         self.ca_bundle = ca_bundle
@@ -202,6 +205,7 @@ class Settings:
         self.askpass = askpass
         self.confirm_timeout = confirm_timeout
         self.stop_timeout = stop_timeout
+        self.keep_created_keys = keep_created_keys
 
     def __repr__(self) -> str:
         shown = self.as_dict()

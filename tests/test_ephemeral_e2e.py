@@ -4,6 +4,7 @@ Conduce emulator, retrying through injected 503s."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from keyagent.store import key_id_for
@@ -11,7 +12,7 @@ from keyagent.testing.agent import AgentProcess
 from keyagent.testing.emulator import Fault
 from keyagent.testing.emulator_process import Emulator
 
-from .conftest import CtlResult, run_ctl, wait_until
+from .conftest import AgentFactory, CtlResult, run_ctl, wait_until
 
 USER = "erin@example.com"
 PASSWORD = "ephemeral-pa55-w0rd"
@@ -104,3 +105,23 @@ def test_keep_and_forget_local_leave_keys_on_the_service_and_forget_deletes(
     wait_until(lambda: deleted_key not in emulator.api_keys(USER), "the forgotten key deleted")
     assert emulator.api_keys(USER) == [kept_key, local_key]
     assert local.code == deleted.code == 0
+
+
+def test_keep_created_keys_in_the_config_file_reaches_the_running_agent(
+    agent_factory: AgentFactory, emulator: Emulator, tmp_path: Path
+) -> None:
+    """keep_created_keys = true in the agent's config file makes created keys kept: the
+    setting crosses the hand-off from the daemon to the serving process."""
+    config = tmp_path / "config.toml"
+    config.write_text("keep_created_keys = true\n")
+    config.chmod(0o600)
+    agent = agent_factory("--config", str(config), "--ca-bundle", emulator.ca_path)
+    login = ctl(agent, emulator, "login", "--password-stdin", stdin=PASSWORD + "\n")
+    assert login.code == 0, login.err
+    kept = ctl(agent, emulator, "create", "--lifetime", "1h")
+    assert kept.code == 0, kept.err
+    assert "deleted on the service when it expires" not in kept.out
+    asked = ctl(agent, emulator, "create", "--lifetime", "1h", "--no-keep")
+    assert asked.code == 0, asked.err
+    listed = json.loads(ctl(agent, emulator, "list", "--json").out)["keys"]
+    assert [key["ephemeral"] for key in listed] == [False, True]

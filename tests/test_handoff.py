@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from keyagent.daemon import CONFIGURED, FILE_ONLY
 from keyagent.handoff import Handoff, HandoffError, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,3 +174,9 @@ def test_serving_process_reports_an_unusable_hand_off_in_one_line() -> None:
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("keyagent: the hand-off from the daemon is unusable:")
     assert "listener_fd" in result.stderr
+
+
+def test_every_setting_the_daemon_resolves_crosses_the_handoff() -> None:
+    """Each setting the daemon fills from flags, environment or file is a field of the
+    hand-off's Settings, so none is silently dropped on the way to the serving process."""
+    assert set(CONFIGURED) | set(FILE_ONLY) <= set(Settings.__slots__)

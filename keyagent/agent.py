@@ -820,9 +820,17 @@ class Agent:
 
     def _leftovers_changed(self) -> None:
         """Rewrite the leftovers file in the background if what it must hold changed."""
+        if self.leftovers is not None:
+            self.in_background(self._rewrite_leftovers())
+
+    def _rewrite_leftovers(self) -> Steps:
+        # What to write is computed when this starts, in the same step as its yield: writes
+        # reach their queue in the order of the states they hold, even when they wait for a
+        # driver (at start-up), so an older state never lands after a newer one.
         write = self._leftovers_write()
         if write is not None:
-            self.in_background(self._wait_for(write))
+            yield write
+        return {}
 
     def _record_leftovers(self) -> Steps:
         """Rewrite the leftovers file now if what it must hold changed, and wait for it; a
@@ -834,11 +842,6 @@ class Agent:
             yield write
         except KeyagentError as error:
             log.warning("the leftovers file was not written in time: %s", error.message)
-
-    @staticmethod
-    def _wait_for(work: Work) -> Steps:
-        yield work
-        return {}
 
     def restore(self, keys: Iterable[PersistedKey], lock: tuple[bytes, bytes] | None = None) -> int:
         """Hold keys read back from the OS keyring (at start-up); returns how many.

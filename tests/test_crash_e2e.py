@@ -153,6 +153,7 @@ def test_a_killed_agents_key_is_deleted_at_the_next_login(
     assert pending["waiting_for_login"] is True
     text = run_ctl(again.socket_path, "status").out
     assert f"pending deletion of key {key_id_for(secret)}" in text
+    assert "(left by an earlier agent; waits for keyagent-ctl login)" in text
     emulator.inject(Fault.status(503), path="apikeys/delete")
     login(again, emulator)
     wait_until(
@@ -238,3 +239,23 @@ def test_a_persisted_ephemeral_key_that_expired_while_down_is_deleted_at_start(
     with again.client() as client:
         assert client.list() == []
     assert "expired meanwhile" in again.log()
+
+
+def test_an_untrusted_leftovers_file_is_reported_not_fatal(
+    agent_factory: AgentFactory, emulator: Emulator
+) -> None:
+    """An agent whose leftovers file is not JSON starts and serves anyway; its log names the
+    file and what to do. A later ephemeral create replaces the file with a good one."""
+    first = start(agent_factory, emulator)
+    leftovers = leftovers_of(first)
+    first.stop()
+    leftovers.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    leftovers.write_text("{not json")
+    leftovers.chmod(0o600)
+    agent = start(agent_factory, emulator)
+    assert status(agent)["pending_deletions"] == []
+    assert f"ignoring the leftovers file {leftovers}: it is not valid JSON" in agent.log()
+    login(agent, emulator)
+    ctl(agent, emulator, "create", "--lifetime", "1h")
+    (secret,) = emulator.api_keys(USER)
+    assert fingerprints(leftovers) == [digest_of(secret)]

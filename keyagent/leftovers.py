@@ -188,6 +188,8 @@ class LeftoversFile:
         interrupted write are removed. Never raises: a file that cannot be trusted or read
         is reported in the log and read as empty."""
         try:
+            if not self._directory_trusted():
+                return []
             self._remove_stale_temporaries()
             document = self._load()
         except OSError as error:
@@ -208,15 +210,21 @@ class LeftoversFile:
             self.path, problem,
         )  # fmt: skip
 
-    def _load(self) -> Any:
+    def _directory_trusted(self) -> bool:
+        """False if there is no directory; raises _Unusable for one others could write to
+        (nothing in it is then read or removed)."""
         try:
             info = os.lstat(self.directory)
         except FileNotFoundError:
-            return None
+            return False
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
             raise _Unusable(
-                f"its directory {self.directory} is not a directory writable by you alone"
+                f"its directory {self.directory} is not a directory writable by you alone; "
+                f"run chmod 700 {self.directory}"
             )
+        return True
+
+    def _load(self) -> Any:
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:

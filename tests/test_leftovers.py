@@ -229,3 +229,18 @@ def test_the_repr_shows_no_more_than_a_key_id() -> None:
     """A Leftover's repr names the key by its short id, never the whole fingerprint."""
     assert FIRST.fingerprint not in repr(FIRST)
     assert FIRST.fingerprint[:12] in repr(FIRST)
+
+
+def test_a_directory_others_can_write_to_is_not_read(
+    leftovers: LeftoversFile, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file in a directory that group or others may write to is not trusted, and nothing
+    in that directory is removed."""
+    leftovers.write([FIRST])
+    stale = Path(leftovers.directory) / f".{leftovers.name}.1.2.tmp"
+    stale.write_text("")
+    os.chmod(leftovers.directory, 0o777)
+    assert leftovers.read() == []
+    assert stale.exists()
+    (message,) = warnings(caplog)
+    assert f"chmod 700 {leftovers.directory}" in message

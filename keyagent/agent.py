@@ -730,20 +730,25 @@ class Agent:
         delay = FIRST_RETRY
         try:
             while True:
-                session = self.session_for(orphan.host, orphan.user)
-                plan = self._plan(session)
-                if not plan.use_session and not plan.api_keys:
-                    raise LoginRequired()
-                if orphan.give_up_at is None:
-                    orphan.give_up_at = self.clock.monotonic() + RETRY_DELETION_FOR
-                orphan.attempts += 1
+                session: Session | None = None
                 try:
+                    session = self.session_for(orphan.host, orphan.user)  # may be refused
+                    plan = self._plan(session)
+                    if not plan.use_session and not plan.api_keys:
+                        raise LoginRequired()
+                    if orphan.give_up_at is None:
+                        orphan.give_up_at = self.clock.monotonic() + RETRY_DELETION_FOR
+                    orphan.attempts += 1
                     deleted = yield from self._remote(
                         session, plan, _listed_deleter(session.account, orphan.digest)
                     )
                 except (LoginRequired, SessionExpired):
                     raise
                 except KeyagentError as error:
+                    if session is None:  # the account could not even be tracked: a try too
+                        orphan.attempts += 1
+                    if orphan.give_up_at is None:
+                        orphan.give_up_at = self.clock.monotonic() + RETRY_DELETION_FOR
                     if self.clock.monotonic() >= orphan.give_up_at:
                         log.error(
                             "gave up deleting key %s, left by an earlier agent, on %s after %d "

@@ -400,3 +400,23 @@ def test_a_key_held_again_is_no_orphan(
     assert secret in account.keys
     assert again.orphans == {}
     assert in_file(leftovers_path) == []
+
+
+def test_a_leftover_of_an_account_the_agent_cannot_track_is_retried(
+    time: FakeTime, account: FakeAccount, backend: MemoryKeyring, leftovers_path: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """With every account place taken by logged-in accounts, a left-over key of another
+    account is retried later (a warning says why), never an internal error."""
+    agent = make_agent(time, account, backend, leftovers_path)
+    driver = driver_for(agent)
+    for number in range(64):
+        run(agent, "login", host=HOST, user=f"user{number}@example.com", password="pw")
+    leftover = Leftover(digest_of("lost-key-0000-abcdef"), HOST, USER, WALL + 60)
+    assert agent.adopt_leftovers([leftover]) == 1
+    (pending,) = agent.process_status({})["pending_deletions"]
+    assert (pending["left_over"], pending["waiting_for_login"]) == (True, False)
+    assert "already has 64 accounts logged in" in caplog.text
+    driver.pass_time(FIRST_RETRY)
+    assert agent.orphans[leftover.fingerprint].attempts == 2
+    assert in_file(leftovers_path) == [leftover.fingerprint]

@@ -44,6 +44,7 @@ from keyagent.errors import (
     TooMany,
     UnknownOp,
 )
+from keyagent.leftovers import Leftover
 from keyagent.log import get_logger
 from keyagent.persist import KeyringStore, PersistedKey
 from keyagent.protocol import (
@@ -73,7 +74,8 @@ if TYPE_CHECKING:
     from typing import Any, Final
 
     from keyagent.effects import Steps
-    from keyagent.sessions import AccountFactory
+    from keyagent.leftovers import LeftoversFile
+    from keyagent.sessions import AccountFactory, RemoteAccount
 
     Result = dict[str, Any]
     Rules = tuple[bool, bool, tuple[str, ...]]
@@ -153,6 +155,8 @@ MAX_RETRY: Final = 600.0
 KEYAGENT_MARK: Final = " [keyagent]"
 """Ends the description of every key the agent creates on the service, so ``prune`` can tell
 keyagent's keys from others (the user's description is cut to leave room for it)."""
+LEFTOVERS_TIMEOUT: Final = 10.0
+"""Seconds a write of the leftovers file may take before ``create`` replies without it."""
 RETRY_DELETION_FOR: Final = 24 * 3600.0
 """How long the agent keeps trying to delete an ephemeral key on the service: a service down
 for a night still sees the key deleted in the morning."""
@@ -182,9 +186,11 @@ class PendingDeletion:
     authenticate with it when there is no session); it is dropped as soon as the key is gone.
     """
 
-    __slots__ = ("digest", "host", "user", "secret", "since", "attempts")
+    __slots__ = ("digest", "host", "user", "secret", "since", "attempts", "expires", "in_keyring")
 
-    def __init__(self, held: HeldKey, since: float) -> None:
+    def __init__(
+        self, held: HeldKey | PersistedKey, since: float, *, in_keyring: bool = False
+    ) -> None:
         self.digest = held.digest
         self.host = held.host
         self.user = held.user
@@ -192,6 +198,12 @@ class PendingDeletion:
         self.since = since
         """Wall time at which the deletion was asked for."""
         self.attempts = 0
+        self.expires: float | None = held.expires
+        """The key's expiry (POSIX time), for the leftovers file."""
+        self.in_keyring = in_keyring
+        """Whether the OS keyring still holds the key: its entry is deleted once the deletion
+        on the service has ended (so a crash meanwhile loses nothing), and the leftovers file
+        need not name it."""
 
     def __repr__(self) -> str:
         return f"PendingDeletion(key_id={self.digest[:KEY_ID_SHOWN]!r}, attempts={self.attempts})"
@@ -226,6 +238,50 @@ class StopDeletions:
 
     def __repr__(self) -> str:
         return f"StopDeletions(under_way={len(self.under_way)}, failed={len(self.failed)})"
+
+
+class OrphanDeletion:
+    """An ephemeral key an earlier agent on this socket left on the service (it was killed
+    before deleting it), named by the leftovers file (:mod:`keyagent.leftovers`): the agent
+    finds it in the account's key list by its fingerprint and deletes it. No secret."""
+
+    __slots__ = (
+        "digest", "host", "user", "expires", "since", "attempts", "waiting", "running",
+        "give_up_at",
+    )  # fmt: skip
+
+    def __init__(self, leftover: Leftover, since: float) -> None:
+        self.digest = leftover.fingerprint
+        self.host = leftover.host
+        self.user = leftover.user
+        self.expires = leftover.expires
+        self.since = since
+        """Wall time at which this agent took the deletion over."""
+        self.attempts = 0
+        self.waiting = False
+        """Whether the agent has no credentials for the account: the next login resumes it."""
+        self.running = False
+        """Whether a deletion of it is under way (in the background)."""
+        self.give_up_at: float | None = None
+        """Monotonic time after which a failure ends the attempts (set by the first one)."""
+
+    def __repr__(self) -> str:
+        return f"OrphanDeletion(key_id={self.digest[:KEY_ID_SHOWN]!r}, attempts={self.attempts})"
+
+    def leftover(self) -> Leftover:
+        return Leftover(self.digest, self.host, self.user, self.expires)
+
+    def state(self) -> dict[str, Any]:
+        """As ``status`` shows it, with the pending deletions."""
+        return {
+            "key_id": self.digest[:KEY_ID_SHOWN],
+            "host": self.host,
+            "user": self.user,
+            "since": iso(self.since),
+            "attempts": self.attempts,
+            "left_over": True,
+            "waiting_for_login": self.waiting,
+        }
 
 
 class Grant:
@@ -310,6 +366,7 @@ class Agent:
         audit_entries: int = DEFAULT_AUDIT_ENTRIES,
         keep_created_keys: bool = False,
         jitter: Callable[[float], float] = jittered,
+        leftovers: LeftoversFile | None = None,
     ) -> None:
         if default_lifetime is not None and not 0 < default_lifetime <= MAX_LIFETIME:
             raise ValueError("the default lifetime must be positive and at most ten years")
@@ -328,6 +385,13 @@ class Agent:
         service (see :meth:`delete_on_service`)."""
         self.at_stop: StopDeletions | None = None
         """Set once the agent is stopping: the deletions it makes on its way out."""
+        self.leftovers = leftovers
+        """Where the agent records its ephemeral keys that only its memory holds, so that
+        the next agent can delete them if this one is killed; None: nowhere."""
+        self.orphans: dict[str, OrphanDeletion] = {}
+        """Keys an earlier agent left on the service, by digest, still to be deleted."""
+        self._leftovers_written: tuple[Leftover, ...] | None = None
+        """What the leftovers file was last asked to hold (None: not yet written)."""
         self.held_keys = KeyStore(max_keys)
         self.audit_log = AuditLog(audit_entries)
         self._reserved = 0
@@ -557,22 +621,42 @@ class Agent:
         expired, next_deadline = self.held_keys.reap(self.clock.monotonic())
         for held in expired:
             log.info("key %s expired", held.key_id)
-            if held.persisted and self.keyring is not None:
+            in_keyring = held.persisted and self.keyring is not None
+            if in_keyring and not held.ephemeral:
                 # Lifetimes bind the keyring copy too: delete it, with no client waiting.
+                # (An ephemeral key's copy goes once it is deleted on the service.)
                 self.in_background(self._keyring_chore(_deleter(held.digest)))
             if held.ephemeral:
-                self.delete_on_service(held)
+                self.delete_on_service(held, in_keyring=in_keyring)
         return next_deadline
 
     # --- ephemeral keys ------------------------------------------------------------------
 
-    def delete_on_service(self, held: HeldKey) -> None:
-        """Delete ``held``, no longer held, on the service, in the background, until done."""
+    def delete_on_service(self, held: HeldKey | PersistedKey, *, in_keyring: bool = False) -> None:
+        """Delete ``held``, no longer held, on the service, in the background, until done.
+        ``in_keyring``: the OS keyring holds the key; its entry is deleted after that."""
         if held.digest in self.pending_deletions:
             return
-        pending = PendingDeletion(held, self.clock.wall())
+        pending = PendingDeletion(held, self.clock.wall(), in_keyring=in_keyring)
         self.pending_deletions[held.digest] = pending
-        self.in_background(self._delete_remotely(pending))
+        self.in_background(self._delete_then_tidy(pending))
+
+    def _delete_then_tidy(self, pending: PendingDeletion) -> Steps:
+        """Background: :meth:`_delete_remotely`, then, once it has ended (deleted, gone, or
+        given up; not when the agent stops meanwhile), the key's keyring entry if it has one,
+        and its line in the leftovers file."""
+        yield from self._delete_remotely(pending)
+        self._leftovers_changed()
+        if pending.in_keyring:
+            try:
+                yield self._keyring(_deleter(pending.digest))
+            except KeyagentError as error:
+                # The next start finds the expired entry, finds the key gone, deletes it.
+                log.warning(
+                    "the OS keyring entry of deleted key %s remains (%s)",
+                    pending.digest[:KEY_ID_SHOWN], error.message,
+                )  # fmt: skip
+        return {}
 
     def _delete_remotely(self, pending: PendingDeletion) -> Steps:
         """Background: delete one ephemeral key on the service, retrying failures with
@@ -731,10 +815,172 @@ class Agent:
         if self.pending_deletions.get(pending.digest) is not pending:
             return  # another attempt (at expiry, at stop) ended it first and said so
         del self.pending_deletions[pending.digest]
+        self._leftovers_changed()
         self.audit(
             "delete", SIGNAL_PEER, outcome=outcome, key_id=pending.digest[:KEY_ID_SHOWN],
             host=pending.host, user=pending.user,
         )  # fmt: skip
+
+    # --- leftovers of a killed agent (keyagent.leftovers) ----------------------------------
+
+    def adopt_leftovers(self, leftovers: Iterable[Leftover]) -> int:
+        """At start-up, after the keyring's keys are held again: take over the deletion of
+        each ephemeral key an earlier agent on this socket left on the service (the
+        leftovers file names it), unless this agent holds it or deletes it already. Returns
+        how many it took over. Each is deleted in the background with whatever credentials
+        the agent has for the account; with none, at the account's next ``login``."""
+        count = 0
+        for leftover in leftovers:
+            digest = leftover.fingerprint
+            if (
+                self.held_keys.holding(digest) is not None
+                or digest in self.pending_deletions
+                or digest in self.orphans
+            ):
+                continue
+            orphan = OrphanDeletion(leftover, self.clock.wall())
+            self.orphans[digest] = orphan
+            self.in_background(self._delete_orphan(orphan))
+            count += 1
+        if count:
+            log.info("deleting %d ephemeral key(s) an earlier agent left on the service", count)
+        self._leftovers_changed()
+        return count
+
+    def _resume_orphans(self, session: Session) -> None:
+        """The account has credentials again: resume its orphans that wait for them."""
+        for orphan in self.orphans.values():
+            if (orphan.host, orphan.user) == (session.host, session.user) and not orphan.running:
+                self.in_background(self._delete_orphan(orphan))
+
+    def _delete_orphan(self, orphan: OrphanDeletion) -> Steps:
+        """Background: find a left-over key in the account's ``apikeys/list`` by its
+        fingerprint and delete it, retrying failures with backoff as
+        :meth:`_delete_remotely` does, for :data:`RETRY_DELETION_FOR` from the first attempt.
+        It is done when deleted or absent from the list; without credentials for the account
+        it waits (the next ``login`` calls this again)."""
+        key_id = orphan.digest[:KEY_ID_SHOWN]
+        orphan.running, orphan.waiting = True, False
+        delay = FIRST_RETRY
+        try:
+            while True:
+                session: Session | None = None
+                try:
+                    session = self.session_for(orphan.host, orphan.user)  # may be refused
+                    plan = self._plan(session)
+                    if not plan.use_session and not plan.api_keys:
+                        raise LoginRequired()
+                    if orphan.give_up_at is None:
+                        orphan.give_up_at = self.clock.monotonic() + RETRY_DELETION_FOR
+                    orphan.attempts += 1
+                    deleted = yield from self._remote(
+                        session, plan, _listed_deleter(session.account, orphan.digest)
+                    )
+                except (LoginRequired, SessionExpired):
+                    raise
+                except KeyagentError as error:
+                    if session is None:  # the account could not even be tracked: a try too
+                        orphan.attempts += 1
+                    if orphan.give_up_at is None:
+                        orphan.give_up_at = self.clock.monotonic() + RETRY_DELETION_FOR
+                    if self.clock.monotonic() >= orphan.give_up_at:
+                        log.error(
+                            "gave up deleting key %s, left by an earlier agent, on %s after %d "
+                            "attempts (%s); delete it with keyagent-ctl remove --host %s "
+                            "--user %s %s",
+                            key_id, orphan.host, orphan.attempts, error.message,
+                            orphan.host, orphan.user, orphan.digest,
+                        )  # fmt: skip
+                        break
+                    wait = self._jitter(delay)
+                    log.warning(
+                        "could not delete key %s, left by an earlier agent, on %s (attempt %d:"
+                        " %s); retrying in %.0f s",
+                        key_id, orphan.host, orphan.attempts, error.message, wait,
+                    )  # fmt: skip
+                    yield Sleep(wait)
+                    delay = min(delay * 2, MAX_RETRY)
+                    continue
+                log.info(
+                    "%s key %s, left by an earlier agent, on %s",
+                    "deleted" if deleted else "did not find", key_id, orphan.host,
+                )  # fmt: skip
+                break
+        except (LoginRequired, SessionExpired):
+            orphan.waiting = True
+            log.info(
+                "key %s, left by an earlier agent, waits to be deleted on %s: the agent has no "
+                "credentials for %s; run keyagent-ctl login",
+                key_id, orphan.host, orphan.user,
+            )  # fmt: skip
+            return {}
+        finally:
+            orphan.running = False
+        self.orphans.pop(orphan.digest, None)
+        self._leftovers_changed()
+        return {}
+
+    def _leftover_entries(self) -> tuple[Leftover, ...]:
+        """What the leftovers file must hold now: each ephemeral key that only this agent's
+        memory holds (not persisted) or that it is still deleting, and each orphan."""
+        entries = {
+            held.digest: Leftover(held.digest, held.host, held.user, held.expires)
+            for held in self.held_keys.everything()
+            if held.ephemeral and not held.persisted
+        }
+        for pending in self.pending_deletions.values():
+            if not pending.in_keyring:
+                entries[pending.digest] = Leftover(
+                    pending.digest, pending.host, pending.user, pending.expires
+                )
+        for orphan in self.orphans.values():
+            entries[orphan.digest] = orphan.leftover()
+        return tuple(sorted(entries.values()))
+
+    def _leftovers_write(self) -> Work | None:
+        """The write of the leftovers file, if what it must hold changed; else None."""
+        leftovers = self.leftovers
+        if leftovers is None:
+            return None
+        entries = self._leftover_entries()
+        if entries == self._leftovers_written:
+            return None
+        self._leftovers_written = entries
+        return Work(
+            lambda: leftovers.write(entries),
+            queue="leftovers",  # its own: a slow disk delays no other work
+            timeout=LEFTOVERS_TIMEOUT,
+            timeout_error=self._leftovers_timed_out,
+        )
+
+    def _leftovers_timed_out(self) -> KeyagentError:
+        path = self.leftovers.path if self.leftovers is not None else "the leftovers file"
+        return Timeout(f"writing {path} took over {LEFTOVERS_TIMEOUT:g} s; check that disk")
+
+    def _leftovers_changed(self) -> None:
+        """Rewrite the leftovers file in the background if what it must hold changed."""
+        if self.leftovers is not None:
+            self.in_background(self._rewrite_leftovers())
+
+    def _rewrite_leftovers(self) -> Steps:
+        # What to write is computed when this starts, in the same step as its yield: writes
+        # reach their queue in the order of the states they hold, even when they wait for a
+        # driver (at start-up), so an older state never lands after a newer one.
+        write = self._leftovers_write()
+        if write is not None:
+            yield write
+        return {}
+
+    def _record_leftovers(self) -> Steps:
+        """Rewrite the leftovers file now if what it must hold changed, and wait for it; a
+        failure is logged (the file's module says how), never the caller's."""
+        write = self._leftovers_write()
+        if write is None:
+            return
+        try:
+            yield write
+        except KeyagentError as error:
+            log.warning("the leftovers file was not written in time: %s", error.message)
 
     def restore(self, keys: Iterable[PersistedKey], lock: tuple[bytes, bytes] | None = None) -> int:
         """Hold keys read back from the OS keyring (at start-up); returns how many.
@@ -747,6 +993,9 @@ class Agent:
         for key in keys:
             lifetime = None if key.expires is None else key.expires - wall
             if lifetime is not None and lifetime <= 0:
+                if key.ephemeral:  # expired while the agent was down: delete it now
+                    log.info("persisted key %s expired meanwhile", key.digest[:KEY_ID_SHOWN])
+                    self.delete_on_service(key, in_keyring=True)
                 continue
             try:
                 self.held_keys.put(
@@ -754,7 +1003,7 @@ class Agent:
                     lifetime=min(lifetime, MAX_LIFETIME) if lifetime is not None else None,
                     description=key.description, created=key.created, source="keyring",
                     persisted=True, exportable=key.exportable, confirm=key.confirm,
-                    allowed_exes=tuple(key.allowed_exes),
+                    allowed_exes=tuple(key.allowed_exes), ephemeral=key.ephemeral,
                 )  # fmt: skip
             except TooMany as error:
                 log.warning("not every persisted key was restored: %s", error.message)
@@ -782,6 +1031,7 @@ class Agent:
         created: str | None,
         lifetime: float | None,
         rules: Rules,
+        ephemeral: bool = False,
     ) -> PersistedKey:
         expires = None if lifetime is None else self.clock.wall() + lifetime
         exportable, confirm, allowed_exes = rules
@@ -789,6 +1039,7 @@ class Agent:
             digest=digest_of(secret), host=host, user=user, secret=secret,
             description=description, created=created, expires=expires,
             exportable=exportable, confirm=confirm, allowed_exes=allowed_exes,
+            ephemeral=ephemeral,
         )  # fmt: skip
 
     def _keyring(self, call: Callable[[KeyringStore], Any]) -> Work:
@@ -849,7 +1100,8 @@ class Agent:
             "keys": sum(1 for _ in self.held_keys.matching(now)),
             "default_lifetime": self.default_lifetime,
             "sessions": [session.state() for session in self.sessions.values()],
-            "pending_deletions": [pending.state() for pending in self.pending_deletions.values()],
+            "pending_deletions": [pending.state() for pending in self.pending_deletions.values()]
+            + [orphan.state() for orphan in self.orphans.values()],
         }
 
     def _rules(self, args: Mapping[str, Any], secret: str | None = None) -> Rules:
@@ -1088,6 +1340,7 @@ class Agent:
                     self.delete_on_service(held)
                     deleting += 1
         log.info("forgot %d key(s); deleting %d on the service", forgotten, deleting)
+        self._leftovers_changed()
         result: Result = {"forgotten": forgotten}
         if deleting:  # only with ephemeral keys: the reply of other forgets is unchanged
             result["deleting"] = deleting
@@ -1161,6 +1414,7 @@ class Agent:
         session.proved_alive(self.clock.monotonic(), self.clock.wall())
         session.since = self.clock.wall()
         log.info("logged in %s on %s", session.user, session.host)
+        self._resume_orphans(session)
         return {"host": session.host, "user": session.user, "session": True}
 
     def process_logout(self, args: Mapping[str, Any]) -> Outcome:
@@ -1212,12 +1466,15 @@ class Agent:
             ephemeral=ephemeral,
         )  # fmt: skip
         log.info("created key %s for %s on %s", held.key_id, session.user, session.host)
+        if held.ephemeral:  # recorded before the reply: a crash after it cannot lose the key
+            yield from self._record_leftovers()
         if args.get("persist", self.default_persist):
             # The key exists on the service and is held now; only its persistence can fail.
             record = self._record(
                 held.secret, host=held.host, user=held.user, description=description,
                 created=created, lifetime=lifetime,
                 rules=(held.exportable, held.confirm, held.allowed_exes),
+                ephemeral=held.ephemeral,
             )  # fmt: skip
             save = self._keyring(lambda keyring: keyring.save(record))
             try:
@@ -1230,6 +1487,7 @@ class Agent:
                     f"OS keyring: {error.message}"
                 ) from None
             held.persisted = True
+            self._leftovers_changed()  # the keyring holds it now
         listing = held.listing()
         if args.get("reveal"):
             self._check_export(held)  # merged with a held key that cannot be taken out
@@ -1261,6 +1519,7 @@ class Agent:
         """Background: a created key's keyring save ended after its deadline, successfully."""
         yield late
         held.persisted = True
+        self._leftovers_changed()
         return {}
 
     def _list_remote(self, args: Mapping[str, Any]) -> Steps:
@@ -1282,7 +1541,7 @@ class Agent:
             {"key_id": digest[:KEY_ID_SHOWN], "fingerprint": digest,
              "masked": listed.masked(), "description": listed.description,
              "created": listed.created, "held": digest in held_digests,
-             "pending_deletion": digest in self.pending_deletions,
+             "pending_deletion": digest in self.pending_deletions or digest in self.orphans,
              "keyagent": is_marked(listed.description)}
             for digest, listed in on_service.items()
         ]  # fmt: skip
@@ -1337,6 +1596,7 @@ class Agent:
         digest: str = yield from self._remote(session, plan, delete)
         removed = self.held_keys.discard(digest)
         log.info("removed key %s on %s", digest[:KEY_ID_SHOWN], session.host)
+        self._leftovers_changed()
         if removed is not None and removed.persisted:
             forget_persisted = self._keyring(lambda keyring: keyring.delete(digest))
             try:
@@ -1414,8 +1674,13 @@ class Agent:
 
     def _is_orphan(self, digest: str) -> bool:
         """Whether a key on the service is none of this agent's: not held (expired or not)
-        and not waiting for its deletion (:meth:`delete_on_service` owns those)."""
-        return self.held_keys.holding(digest) is None and digest not in self.pending_deletions
+        and not being deleted (:meth:`delete_on_service` and the leftovers of an earlier agent,
+        :meth:`adopt_leftovers`, own those)."""
+        return (
+            self.held_keys.holding(digest) is None
+            and digest not in self.pending_deletions
+            and digest not in self.orphans
+        )
 
     def _prune_one(self, session: Session, digest: str, secret: str) -> Steps:
         """Delete one orphan on the service; returns None when it is gone (a key the service
@@ -1620,3 +1885,20 @@ def _dies_at_stop(held: HeldKey) -> bool:
 
 def _deleter(digest: str) -> Callable[[KeyringStore], bool]:
     return lambda keyring: keyring.delete(digest)
+
+
+def _listed_deleter(account: RemoteAccount, digest: str) -> Callable[[str | None], bool]:
+    """The remote call that deletes the account's key whose secret has ``digest``, found in
+    its key list (run on a worker); it returns False if the list has no such key."""
+
+    def delete(api_key: str | None) -> bool:
+        for listed in account.list_keys(api_key=api_key):
+            if digest_of(listed.key) == digest:
+                try:
+                    account.delete_key(listed.key, api_key=api_key)
+                except NotFound:  # deleted between the two calls
+                    return False
+                return True
+        return False
+
+    return delete

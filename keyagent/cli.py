@@ -522,10 +522,15 @@ def cmd_status(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
             f"session {shown(session.get('user'))}@{shown(session.get('host'))}: {state}{since}\n"
         )
     for pending in status.get("pending_deletions") or []:
+        note = ""
+        if pending.get("left_over"):  # named by the leftovers file of a killed agent
+            waits = "; waits for keyagent-ctl login" if pending.get("waiting_for_login") else ""
+            note = f" (left by an earlier agent{waits})"
         out.write(
             f"pending deletion of key {shown(pending.get('key_id'))} on"
             f" {shown(pending.get('user'))}@{shown(pending.get('host'))} since"
-            f" {shown(pending.get('since'))}: {shown(pending.get('attempts'))} attempt(s)\n"
+            f" {shown(pending.get('since'))}: {shown(pending.get('attempts'))} attempt(s)"
+            f"{note}\n"
         )
     return EXIT_OK
 

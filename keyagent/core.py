@@ -35,6 +35,7 @@ import time
 from keyagent.agent import NO_EXECUTABLES, Agent
 from keyagent.errors import KeyagentError
 from keyagent.handoff import Handoff, HandoffError
+from keyagent.leftovers import LeftoversFile
 from keyagent.log import DEBUG, INFO, WARNING, get_logger, to_stderr, to_syslog
 from keyagent.persist import KeyringStore, PersistedKey, UnreadableLock
 from keyagent.server import Limits, Server, log_internal
@@ -339,6 +340,7 @@ def serve(
     notifier: Notifier,
     private_dir: str | None = None,
     http: tuple[str, tuple[int, int] | None, socket.socket] | None = None,
+    leftovers_path: str | None = None,
 ) -> int:
     """Harden, set up, call ``on_ready`` (signals are handled by then), serve until stopped."""
     harden(settings["max_connections"])
@@ -359,12 +361,16 @@ def serve(
         confirm_timeout=settings.get("confirm_timeout", 30.0),
         audit_entries=settings["audit_entries"],
         keep_created_keys=settings.get("keep_created_keys", False),
+        leftovers=None if leftovers_path is None else LeftoversFile(leftovers_path),
     )
     agent.http_socket_path = None if http is None else http[0]
     if not agent.sees_executables:
         log.warning("keys with allowed programs are refused: %s", NO_EXECUTABLES)
     if agent.keyring is not None:
         restore_persisted(agent, agent.keyring)
+    if agent.leftovers is not None:
+        # After the keyring: a key it gave back is held again, so it is no orphan.
+        agent.adopt_leftovers(agent.leftovers.read())
     limits = Limits(
         max_connections=settings["max_connections"],
         idle_timeout=settings["idle_timeout"],
@@ -449,6 +455,7 @@ def run(handoff: Handoff) -> int:
         return serve(
             handoff.settings.as_dict(), handoff.socket_path, handoff.bound, listener, on_ready,
             notifier=notifier, private_dir=handoff.private_dir, http=http,
+            leftovers_path=handoff.leftovers_path,
         )  # fmt: skip
     except BaseException as error:
         if foreground:

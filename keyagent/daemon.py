@@ -515,6 +515,7 @@ def exec_core(
         http_socket_path=None if http is None else http.path,
         http_bound=None if http is None else http.bound,
         http_listener_fd=None if http is None else http.listener.fileno(),
+        leftovers_path=paths.leftovers_path(path),
     )
     try:  # sealed non-executable where the kernel knows the flag (Linux 6.3+)
         memfd = os.memfd_create("keyagent-handoff", MFD_NOEXEC_SEAL)

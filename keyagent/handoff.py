@@ -250,6 +250,7 @@ _HANDOFF_RULES: Mapping[str, Rule] = {
     "http_bound": _optional(_identity),
     "http_listener_fd": _optional(_descriptor),
     "settings": lambda value: None,  # checked by Settings.from_dict
+    "leftovers_path": _optional(_path),
 }
 
 
@@ -263,7 +264,8 @@ class Handoff:
     a socket systemd made); ``private_dir`` is a directory made for this agent alone, to
     remove at exit; ``notify`` is systemd's ``NOTIFY_SOCKET`` (None without a manager).
     ``http_socket_path``, ``http_bound`` and ``http_listener_fd`` are the same for the HTTP
-    socket (:mod:`keyagent.proxy`); all None when the agent has none.
+    socket (:mod:`keyagent.proxy`); all None when the agent has none. ``leftovers_path``:
+    the leftovers file of this socket (:mod:`keyagent.leftovers`), None for none.
     """
 
     __slots__ = tuple(_HANDOFF_RULES)
@@ -283,6 +285,7 @@ class Handoff:
     http_bound: tuple[int, int] | None
     http_listener_fd: int | None
     settings: Settings
+    leftovers_path: str | None
 
     def __init__(
         self,
@@ -302,6 +305,7 @@ class Handoff:
         http_socket_path: str | None = None,
         http_bound: tuple[int, int] | None = None,
         http_listener_fd: int | None = None,
+        leftovers_path: str | None = None,
     ) -> None:
         self.sys_path = sys_path
         self.socket_path = socket_path
@@ -318,6 +322,7 @@ class Handoff:
         self.http_bound = http_bound
         self.http_listener_fd = http_listener_fd
         self.settings = settings
+        self.leftovers_path = leftovers_path
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)

@@ -6,7 +6,8 @@ a shared directory such as ``/tmp/runtime-UID`` could be made first by another u
 agent then binds in a fresh private directory with a random name (as ssh-agent does) and
 announces it through ``KEYAGENT_SOCK``, which clients then need.
 
-``platformdirs`` is imported only for the configuration's location.
+``platformdirs`` is imported only for the configuration's and the state's locations (by the
+daemon at start; the serving process is handed its paths).
 """
 
 from __future__ import annotations
@@ -116,3 +117,24 @@ def config_dir() -> str:
 
 def config_file() -> str:
     return os.path.join(config_dir(), "config.toml")
+
+
+LEFTOVERS_PREFIX = "leftovers-"
+
+
+def state_dir() -> str:
+    """The user's state directory for keyagent (platformdirs: ``$XDG_STATE_HOME/keyagent``,
+    ``~/.local/state/keyagent``); the agent makes it 0700 and checks that it is private."""
+    import platformdirs
+
+    return str(platformdirs.user_state_path(APP))
+
+
+def leftovers_path(agent_socket: str) -> str:
+    """The leftovers file (:mod:`keyagent.leftovers`) of the agent on ``agent_socket``: named
+    after the socket's absolute path, so that agents on different sockets never share one and
+    an agent restarted on the same socket reads what its predecessor left."""
+    import hashlib
+
+    tag = hashlib.sha256(os.path.abspath(agent_socket).encode("utf-8", "surrogateescape"))
+    return os.path.join(state_dir(), f"{LEFTOVERS_PREFIX}{tag.hexdigest()[:16]}.json")

@@ -46,7 +46,9 @@ A reader trusts ``keys`` only: an id gets there after its entry is written and l
 its entry is deleted. :meth:`KeyringStore.load_all` finishes whatever a crash interrupted:
 it deletes the entries of ``pending`` ids, drops ids whose entry is missing, deletes entries
 that do not parse or whose secret does not hash to their id, and deletes expired keys, all
-by the delete protocol above. It logs such repairs by key id only. Entries and an index with
+by the delete protocol above (except expired *ephemeral* keys: those are handed back, for the
+agent to delete on the service first; an entry may carry ``"ephemeral":true``, absent meaning
+false). It logs such repairs by key id only. Entries and an index with
 a newer ``"v"`` are left alone for the keyagent that wrote them.
 
 Nothing read back is trusted: an entry whose host, user, key, description or dates would be
@@ -143,15 +145,17 @@ class PersistedKey(
             "exportable",
             "confirm",
             "allowed_exes",
+            "ephemeral",
         ],
-        defaults=[True, False, ()],
+        defaults=[True, False, (), False],
     )
 ):
     """One key as the keyring keeps it (immutable). Its ``secret`` is left out of ``repr``.
 
     ``expires``: POSIX wall time at which the key expires, or None to keep it until
     forgotten. ``exportable``, ``confirm``, ``allowed_exes``: the key's rules, as
-    :class:`keyagent.store.HeldKey` has them.
+    :class:`keyagent.store.HeldKey` has them. ``ephemeral``: the agent deletes the key on
+    the service when it expires, even if that moment passed while the agent was down.
     """
 
     __slots__ = ()
@@ -166,13 +170,15 @@ class PersistedKey(
     exportable: bool
     confirm: bool
     allowed_exes: tuple[str, ...]
+    ephemeral: bool
 
     def __repr__(self) -> str:
         return (
             f"PersistedKey(digest={self.digest!r}, host={self.host!r}, user={self.user!r}, "
             f"description={self.description!r}, created={self.created!r}, "
             f"expires={self.expires!r}, exportable={self.exportable!r}, "
-            f"confirm={self.confirm!r}, allowed_exes={self.allowed_exes!r})"
+            f"confirm={self.confirm!r}, allowed_exes={self.allowed_exes!r}, "
+            f"ephemeral={self.ephemeral!r})"
         )
 
 
@@ -255,6 +261,10 @@ class KeyringStore:
     ) -> tuple[list[PersistedKey], list[str]]:
         """The live persisted keys, oldest first, and the ids of expired ones, now deleted.
 
+        An expired *ephemeral* key is not deleted: it comes back with the live ones (its
+        ``expires`` in the past), as the agent must still delete it on the service, and
+        deletes its entry itself once that has ended (a crash in between loses nothing).
+
         ``each`` is called with every live key as soon as it is read, so a caller with a
         deadline keeps what was read before it. Also repairs what an interrupted write left
         behind, and renames entries of the 12-digit format (see the module docstring).
@@ -288,6 +298,13 @@ class KeyringStore:
                 if key is None:
                     log.warning("the keyring entry of key %s is unreadable; deleted", shown)
                     doomed.append(stored_id)
+                elif key.expires is not None and key.expires <= now_wall and key.ephemeral:
+                    # Still to be deleted on the service, which needs the secret: the agent
+                    # deletes this entry itself once that deletion has ended.
+                    log.info("persisted key %s has expired; to delete on the service", shown)
+                    live.append(key)
+                    if each is not None:
+                        each(key)
                 elif key.expires is not None and key.expires <= now_wall:
                     log.info("persisted key %s has expired; deleted", shown)
                     expired.append(stored_id)
@@ -606,6 +623,8 @@ def _encode(key: PersistedKey) -> str:
             confirm=key.confirm,
             allowed_exes=list(key.allowed_exes),
         )
+    if key.ephemeral:  # absent means false: entries written before it read as not ephemeral
+        document["ephemeral"] = True
     import json  # loads with the keyring, never in an agent that does not use it
 
     return json.dumps(document, separators=(",", ":"))
@@ -638,12 +657,14 @@ def _decode(stored_id: str, raw: str) -> PersistedKey | None:
     exportable = document.get("exportable", True)
     confirm = document.get("confirm", False)
     allowed_exes = document.get("allowed_exes", [])
+    ephemeral = document.get("ephemeral", False)
     if (
         version not in (FORMAT, RULES_FORMAT)
         or isinstance(version, bool)
         or not isinstance(exportable, bool)
         or not isinstance(confirm, bool)
         or not isinstance(allowed_exes, list)
+        or not isinstance(ephemeral, bool)
         or not isinstance(secret, str)
         or not secret
         or not isinstance(host, str)
@@ -679,4 +700,5 @@ def _decode(stored_id: str, raw: str) -> PersistedKey | None:
         exportable=exportable,
         confirm=confirm,
         allowed_exes=tuple(dict.fromkeys(allowed_exes)),
+        ephemeral=ephemeral,
     )

@@ -165,6 +165,10 @@ class KeyStore:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def everything(self) -> list[HeldKey]:
+        """Every key held, expired ones not yet reaped included, oldest first."""
+        return list(self._keys.values())
+
     def holding(self, digest: str) -> HeldKey | None:
         """The key whose secret has this full digest, if held (expired or not)."""
         return self._keys.get(digest)

@@ -64,6 +64,14 @@ def no_user_config(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEYAGENT_CONFIG", "/dev/null")
 
 
+@pytest.fixture(autouse=True)
+def private_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Keep the agents' state files (the leftovers file) out of the developer's home."""
+    state = tmp_path / "state-home"
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    return state
+
+
 @pytest.fixture
 def agent_factory(tmp_path: Path) -> Iterator[AgentFactory]:
     """Start agents with chosen flags; each is stopped at the end of the test."""
@@ -98,6 +106,7 @@ def module_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProc
     """
     # Set here, not by no_user_config: a module fixture starts before any function's patch.
     env = {**os.environ, "KEYAGENT_CONFIG": "/dev/null"}
+    env["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("module-state"))
     with AgentProcess(tmp_path_factory.mktemp("module-agent"), env=env) as process:
         yield process
 

@@ -1,0 +1,317 @@
+"""The leftovers file: ephemeral keys a SIGKILLed agent could not delete on the service.
+
+An ephemeral key that is not persisted lives only in the agent's memory; an agent killed
+with SIGKILL (or by a crash, or the OOM killer) cannot delete it on the service at expiry.
+So the agent keeps, in a small file, what it needs to find the key again at its next start
+without ever holding its secret there: for each ephemeral key it holds or is still deleting
+and that the OS keyring does not hold, the key's fingerprint (the full hex SHA-256 of the
+secret, which keyagent uses as the key's id), account (host, user) and expiry::
+
+    {"v":1,"keys":[{"fingerprint":"<64 hex>","host":"app.conduce.com",
+                    "user":"ada@example.com","expires":1714567890.0}]}
+
+The next agent on the same socket reads it at start (see :func:`keyagent.paths.leftovers_path`:
+one file per socket), finds each key that it does not hold again in the account's
+``apikeys/list`` by its fingerprint, and deletes it (:meth:`keyagent.agent.Agent.adopt_leftovers`).
+
+Writing is atomic: a temporary file in the same directory, created 0600 with ``O_EXCL`` and
+``O_NOFOLLOW``, written and fsynced, renamed over the file, then the directory fsynced; a
+crash at any point leaves either the old file or the new one, and at most a stale temporary
+file, which the reader ignores and removes. With nothing to record the file is removed.
+The directory (the platformdirs state directory, ``~/.local/state/keyagent``) is made 0700
+and must be the user's alone, as the socket's directory must (:mod:`keyagent.sockets`).
+
+Reading is reading untrusted input: a file that is not a regular file of the user's own with
+mode 0600 or stricter, a symlink, bad JSON or wrong types give a warning that names the file
+and what to do, never an error; entries that do not parse are skipped. Every function here
+blocks (fsync), so the agent calls :meth:`LeftoversFile.write` on a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import stat
+from collections import namedtuple
+
+from keyagent.log import get_logger
+from keyagent.protocol import KEY_ID_DIGITS, KEY_ID_MAX, KEY_ID_SHOWN
+from keyagent.rules import host_problem, user_problem
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any, Final
+
+__all__ = ["FORMAT", "Leftover", "LeftoversFile"]
+
+log = get_logger("keyagent.leftovers")
+
+FORMAT: Final = 1
+MAX_BYTES: Final = 4 * 1024 * 1024
+"""A file larger than this is not read (some 20 000 keys; an agent holds far fewer)."""
+TEMP_SUFFIX: Final = ".tmp"
+
+
+class Leftover(namedtuple("Leftover", ["fingerprint", "host", "user", "expires"])):
+    """One ephemeral key as the leftovers file names it: never its secret.
+
+    ``fingerprint``: the full hex SHA-256 of the secret. ``expires``: POSIX wall time at which
+    the key expires (None if unknown)."""
+
+    __slots__ = ()
+
+    fingerprint: str
+    host: str
+    user: str
+    expires: float | None
+
+    def __repr__(self) -> str:
+        return (
+            f"Leftover(key_id={self.fingerprint[:KEY_ID_SHOWN]!r}, host={self.host!r}, "
+            f"user={self.user!r}, expires={self.expires!r})"
+        )
+
+
+def _is_fingerprint(value: object) -> bool:
+    return isinstance(value, str) and len(value) == KEY_ID_MAX and not value.strip(KEY_ID_DIGITS)
+
+
+def _is_expiry(value: object) -> bool:
+    if value is None:
+        return True
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class LeftoversFile:
+    """The leftovers file at ``path`` (see the module docstring)."""
+
+    __slots__ = ("path", "directory", "name")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.directory, self.name = os.path.split(path)
+
+    def __repr__(self) -> str:
+        return f"LeftoversFile({self.path!r})"
+
+    # --- writing -------------------------------------------------------------------------
+
+    def write(self, entries: Iterable[Leftover]) -> bool:
+        """Replace the file with ``entries`` (remove it if there are none), atomically.
+        Never raises: a failure is logged, naming the path and the fix; returns success."""
+        keys = [
+            {"fingerprint": e.fingerprint, "host": e.host, "user": e.user, "expires": e.expires}
+            for e in entries
+        ]
+        try:
+            if not keys:
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+                else:
+                    self._sync_directory()
+                return True
+            problem = self._private_directory()
+            if problem is not None:
+                log.warning("cannot record ephemeral keys in %s: %s", self.path, problem)
+                return False
+            data = json.dumps({"v": FORMAT, "keys": keys}, separators=(",", ":")).encode()
+            self._replace(data)
+        except OSError as error:
+            log.warning(
+                "cannot record ephemeral keys in %s (%s); if the agent is killed, delete its "
+                "ephemeral keys on the service yourself (keyagent-ctl list --remote)",
+                self.path, os.strerror(error.errno or 0) if error.errno else error,
+            )  # fmt: skip
+            return False
+        return True
+
+    def _replace(self, data: bytes) -> None:
+        temporary = os.path.join(
+            self.directory, f".{self.name}.{os.getpid()}.{os.urandom(4).hex()}{TEMP_SUFFIX}"
+        )
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(temporary, flags, 0o600)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temporary, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        self._sync_directory()
+
+    def _sync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _private_directory(self) -> str | None:
+        """Make the directory 0700 if missing (its parents too); what is wrong with it, if
+        anything: it must be a directory of the user's alone, not a symlink."""
+        parent = os.path.dirname(self.directory)
+        if parent and not os.path.isdir(parent):
+            os.makedirs(parent, 0o700, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self.directory, 0o700)
+        info = os.lstat(self.directory)
+        if not stat.S_ISDIR(info.st_mode):
+            return f"{self.directory} is not a directory; remove it"
+        if info.st_uid != os.geteuid():
+            return (
+                f"{self.directory} is owned by uid {info.st_uid}, not by you (uid "
+                f"{os.geteuid()}); remove it"
+            )
+        if info.st_mode & 0o077:
+            return (
+                f"{self.directory} is accessible to group or others (mode "
+                f"{stat.S_IMODE(info.st_mode):04o}); run chmod 700 {self.directory}"
+            )
+        return None
+
+    # --- reading -------------------------------------------------------------------------
+
+    def read(self) -> list[Leftover]:
+        """The entries of the file (none if there is no file); stale temporary files of an
+        interrupted write are removed. Never raises: a file that cannot be trusted or read
+        is reported in the log and read as empty."""
+        try:
+            if not self._directory_trusted():
+                return []
+            self._remove_stale_temporaries()
+            document = self._load()
+        except OSError as error:
+            self._warn(f"it cannot be read ({os.strerror(error.errno or 0)})")
+            return []
+        except _Unusable as unusable:
+            self._warn(str(unusable))
+            return []
+        if document is None:
+            return []
+        return self._entries(document)
+
+    def _warn(self, problem: str) -> None:
+        log.warning(
+            "ignoring the leftovers file %s: %s. Ephemeral keys of an earlier agent it may "
+            "name are not deleted on the service: check with keyagent-ctl list --remote and "
+            "remove them, then delete the file",
+            self.path, problem,
+        )  # fmt: skip
+
+    def _directory_trusted(self) -> bool:
+        """False if there is no directory; raises _Unusable for one others could write to
+        (nothing in it is then read or removed)."""
+        try:
+            info = os.lstat(self.directory)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+            raise _Unusable(
+                f"its directory {self.directory} is not a directory writable by you alone; "
+                f"run chmod 700 {self.directory}"
+            )
+        return True
+
+    def _load(self) -> Any:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            if os.path.islink(self.path):
+                raise _Unusable("it is a symbolic link") from None
+            raise error
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise _Unusable("it is not a regular file")
+            if info.st_uid != os.geteuid():
+                raise _Unusable(f"it is owned by uid {info.st_uid}, not by you")
+            if info.st_mode & 0o077:
+                raise _Unusable(
+                    f"it is readable or writable by others (mode {stat.S_IMODE(info.st_mode):04o})"
+                )
+            if info.st_size > MAX_BYTES:
+                raise _Unusable(f"it is larger than {MAX_BYTES} bytes")
+            chunks = []
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+                if sum(map(len, chunks)) > MAX_BYTES:
+                    raise _Unusable(f"it is larger than {MAX_BYTES} bytes")
+        finally:
+            os.close(fd)
+        try:
+            document = json.loads(b"".join(chunks))
+        except (ValueError, RecursionError):
+            raise _Unusable("it is not valid JSON") from None
+        if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+            raise _Unusable('it is not a JSON object with a "keys" list')
+        version = document.get("v")
+        if version != FORMAT or isinstance(version, bool):
+            raise _Unusable(f"its format {version!r} is not {FORMAT} (another keyagent version)")
+        return document
+
+    def _entries(self, document: dict[str, Any]) -> list[Leftover]:
+        found: dict[str, Leftover] = {}
+        skipped = 0
+        for entry in document["keys"]:
+            if (
+                not isinstance(entry, dict)
+                or not _is_fingerprint(entry.get("fingerprint"))
+                or not isinstance(entry.get("host"), str)
+                or host_problem(entry["host"]) is not None
+                or not isinstance(entry.get("user"), str)
+                or user_problem(entry["user"]) is not None
+                or not _is_expiry(entry.get("expires"))
+            ):
+                skipped += 1
+                continue
+            expires = entry.get("expires")
+            found.setdefault(
+                entry["fingerprint"],
+                Leftover(
+                    entry["fingerprint"],
+                    entry["host"],
+                    entry["user"],
+                    None if expires is None else float(expires),
+                ),
+            )
+        if skipped:
+            log.warning("skipped %d unreadable entries of %s", skipped, self.path)
+        return list(found.values())
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files a write interrupted by a crash left behind: this file's alone (the
+        agent on this socket is the only writer), regular and the user's."""
+        prefix = f".{self.name}."
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if not (name.startswith(prefix) and name.endswith(TEMP_SUFFIX)):
+                continue
+            path = os.path.join(self.directory, name)
+            try:
+                info = os.lstat(path)
+                if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
+                    os.unlink(path)
+                    log.info("removed %s, left by an interrupted write", path)
+            except OSError:
+                continue
+
+
+class _Unusable(Exception):
+    """The leftovers file cannot be trusted or parsed; the message says why."""

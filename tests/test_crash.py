@@ -1,0 +1,422 @@
+"""Nothing is lost across a crash, at the agent's level on a fake clock: persisted ephemeral
+keys keep their flag and are deleted on the service (then in the keyring) even when they
+expired while the agent was down; the leftovers file names every ephemeral key only memory
+holds, and the next agent deletes those it does not hold again."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keyagent import errors
+from keyagent.agent import FIRST_RETRY, RETRY_DELETION_FOR, Agent
+from keyagent.leftovers import Leftover, LeftoversFile
+from keyagent.persist import KeyringStore, PersistedKey
+from keyagent.store import digest_of, key_id_for
+from keyagent.testing.memory_keyring import MemoryKeyring
+
+from .fakes import WALL, FakeAccount, FakeTime, driver_for, run
+
+HOST, USER = "app.conduce.com", "ada@example.com"
+ACCOUNT = {"host": HOST, "user": USER}
+KEPT = "kept-key-0000-abcdefgh"
+"""A key of the account that is not ephemeral: credentials an agent can restart with."""
+
+
+@pytest.fixture
+def time() -> FakeTime:
+    return FakeTime()
+
+
+@pytest.fixture
+def account() -> FakeAccount:
+    return FakeAccount(keys=[KEPT])
+
+
+@pytest.fixture
+def backend() -> MemoryKeyring:
+    return MemoryKeyring()
+
+
+@pytest.fixture
+def leftovers_path(tmp_path: Path) -> str:
+    return str(tmp_path / "state" / "keyagent" / "leftovers-test.json")
+
+
+def make_agent(
+    time: FakeTime, account: FakeAccount, backend: MemoryKeyring, leftovers_path: str
+) -> Agent:
+    """An agent as core.serve makes one: keyring, leftovers file; no jitter."""
+    return Agent(
+        clock=time.clock(), accounts=lambda host, user: account, jitter=lambda d: d,
+        keyring=KeyringStore(backend), leftovers=LeftoversFile(leftovers_path),
+    )  # fmt: skip
+
+
+@pytest.fixture
+def agent(
+    time: FakeTime, account: FakeAccount, backend: MemoryKeyring, leftovers_path: str
+) -> Agent:
+    return make_agent(time, account, backend, leftovers_path)
+
+
+def restart(
+    time: FakeTime, account: FakeAccount, backend: MemoryKeyring, leftovers_path: str
+) -> Agent:
+    """A new agent started as core.serve starts one after the old one was killed: the keyring
+    restored first, then the leftovers file adopted; then a driver serves it."""
+    agent = make_agent(time, account, backend, leftovers_path)
+    keys, _ = KeyringStore(backend).load_all(time.wall)
+    agent.restore(keys)
+    assert agent.leftovers is not None
+    agent.adopt_leftovers(agent.leftovers.read())
+    driver_for(agent)
+    return agent
+
+
+def login(agent: Agent) -> None:
+    run(agent, "login", **ACCOUNT, password="pw")
+
+
+def create(agent: Agent, **args: Any) -> str:
+    """create logged in, then log out (so only held keys are credentials); the new secret."""
+    login(agent)
+    run(agent, "create", **ACCOUNT, **args)
+    run(agent, "logout", **ACCOUNT)
+    account = agent.sessions[(HOST, USER)].account
+    assert isinstance(account, FakeAccount)
+    return account.keys[-1]
+
+
+def in_file(path: str) -> list[str]:
+    """The fingerprints the leftovers file names (none if there is no file)."""
+    try:
+        document = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return []
+    return [entry["fingerprint"] for entry in document["keys"]]
+
+
+def keyring_ids(backend: MemoryKeyring) -> set[str]:
+    return {user.removeprefix("key:") for (_, user) in backend.entries() if user.startswith("key:")}
+
+
+def entry(backend: MemoryKeyring, secret: str) -> dict[str, Any]:
+    raw = backend.entries()[("keyagent", f"key:{digest_of(secret)}")]
+    document: dict[str, Any] = json.loads(raw)
+    return document
+
+
+# --- persisted ephemeral keys -----------------------------------------------------------------
+
+
+def test_a_persisted_ephemeral_key_comes_back_ephemeral_with_its_expiry(
+    agent: Agent, time: FakeTime, account: FakeAccount, backend: MemoryKeyring,
+    leftovers_path: str,
+) -> None:  # fmt: skip
+    """create --persist of an ephemeral key stores the flag in the keyring; a restarted agent
+    holds it as ephemeral with its original expiry, and deletes it on the service then."""
+    secret = create(agent, lifetime=3600, persist=True)
+    assert entry(backend, secret)["ephemeral"] is True
+    (listed,) = [k for k in run(agent, "list")["keys"] if k["fingerprint"] == digest_of(secret)]
+    time.advance(600)
+    again = restart(time, account, backend, leftovers_path)
+    (restored,) = run(again, "list")["keys"]
+    assert restored["ephemeral"] is True
+    assert restored["expires"] == listed["expires"]
+    assert again.held_keys.holding(digest_of(secret)).ephemeral is True  # type: ignore[union-attr]
+    time.advance(3000)
+    again.reap()
+    assert secret not in account.keys
+    assert keyring_ids(backend) == set()
+
+
+def test_records_without_the_flag_read_as_not_ephemeral(backend: MemoryKeyring) -> None:
+    """A keyring entry written before the flag existed loads as not ephemeral; a flag that is
+    not a boolean makes the entry unreadable (it is deleted, as corrupt entries are)."""
+    store = KeyringStore(backend)
+    old = PersistedKey(digest_of("old-key-0000-abcdef"), HOST, USER, "old-key-0000-abcdef", "",
+                       None, None)  # fmt: skip
+    store.save(old)
+    assert "ephemeral" not in backend.entries()[("keyagent", f"key:{old.digest}")]
+    bad = old._replace(digest=digest_of("bad-key-0000-abcdef"), secret="bad-key-0000-abcdef")
+    store.save(bad)
+    key = f"key:{bad.digest}"
+    document = json.loads(backend.entries()[("keyagent", key)])
+    backend.put("keyagent", key, json.dumps({**document, "ephemeral": "yes"}))
+    live, _ = store.load_all(WALL)
+    assert [(k.digest, k.ephemeral) for k in live] == [(old.digest, False)]
+    assert keyring_ids(backend) == {old.digest}
+
+
+def test_load_all_hands_back_expired_ephemeral_keys_and_deletes_the_others(
+    backend: MemoryKeyring,
+) -> None:
+    """At start an expired non-ephemeral key is deleted from the keyring as before; an expired
+    ephemeral one is handed back (with its secret, for the service) and stays in the keyring."""
+    store = KeyringStore(backend)
+    plain = PersistedKey(
+        digest_of("plain-key-000-abcdef"), HOST, USER, "plain-key-000-abcdef", "", None, WALL - 1
+    )
+    ephemeral = plain._replace(
+        digest=digest_of("ephem-key-000-abcdef"), secret="ephem-key-000-abcdef", ephemeral=True
+    )
+    store.save(plain)
+    store.save(ephemeral)
+    live, expired = store.load_all(WALL)
+    assert live == [ephemeral]
+    assert expired == [plain.digest]
+    assert keyring_ids(backend) == {ephemeral.digest}
+
+
+def test_an_ephemeral_key_that_expired_while_the_agent_was_down_is_deleted_at_start(
+    agent: Agent, time: FakeTime, account: FakeAccount, backend: MemoryKeyring,
+    leftovers_path: str,
+) -> None:  # fmt: skip
+    """A persisted ephemeral key whose expiry passed while no agent ran is not held at the next
+    start but deleted on the service at once, with itself; then its keyring entry goes."""
+    secret = create(agent, lifetime=60, persist=True)
+    time.advance(3600)  # the agent was down meanwhile
+    again = restart(time, account, backend, leftovers_path)
+    assert secret not in account.keys
+    assert ("delete", secret) in account.calls  # no session, no other key: the key itself
+    assert run(again, "list")["keys"] == []
+    assert keyring_ids(backend) == set()
+    assert again.pending_deletions == {}
+
+
+def test_the_keyring_entry_outlives_a_failing_deletion(
+    agent: Agent, time: FakeTime, account: FakeAccount, backend: MemoryKeyring,
+    leftovers_path: str,
+) -> None:  # fmt: skip
+    """While the service refuses the deletion of an expired persisted ephemeral key (at start
+    or at expiry while running), its keyring entry stays, so a crash meanwhile loses nothing;
+    once the service deletes it, the entry goes."""
+    secret = create(agent, lifetime=60, persist=True)
+    account.failures = [errors.RemoteError("the service answered 503")] * 3
+    time.advance(60)
+    agent.reap()
+    assert digest_of(secret) in keyring_ids(backend)
+    assert digest_of(secret) in agent.pending_deletions
+    assert digest_of(secret) not in in_file(leftovers_path)  # the keyring holds it
+    # The agent is killed here; the next one tries again, and fails twice more.
+    account.failures = [errors.RemoteError("the service answered 503")] * 2
+    again = restart(time, account, backend, leftovers_path)
+    assert secret in account.keys
+    assert digest_of(secret) in keyring_ids(backend)
+    (pending,) = run(again, "status")["pending_deletions"]
+    assert pending["key_id"] == key_id_for(secret)
+    driver_for(again).pass_time(FIRST_RETRY * 3)
+    assert secret not in account.keys
+    assert keyring_ids(backend) == set()
+
+
+def test_a_key_already_gone_from_the_service_leaves_the_keyring_too(
+    agent: Agent, time: FakeTime, account: FakeAccount, backend: MemoryKeyring,
+    leftovers_path: str,
+) -> None:  # fmt: skip
+    """An expired persisted ephemeral key that someone deleted on the service meanwhile counts
+    as deleted: its keyring entry is deleted at the next start."""
+    secret = create(agent, lifetime=60, persist=True)
+    account.keys.remove(secret)
+    time.advance(120)
+    restart(time, account, backend, leftovers_path)
+    assert keyring_ids(backend) == set()
+
+
+def test_an_expired_non_ephemeral_key_is_only_deleted_from_the_keyring(
+    agent: Agent, time: FakeTime, account: FakeAccount, backend: MemoryKeyring,
+    leftovers_path: str,
+) -> None:  # fmt: skip
+    """A persisted key created with keep stays on the service when it expires while the agent
+    is down; only its keyring entry goes, as before."""
+    secret = create(agent, lifetime=60, persist=True, keep=True)
+    time.advance(120)
+    restart(time, account, backend, leftovers_path)
+    assert secret in account.keys
+    assert keyring_ids(backend) == set()
+
+
+# --- the leftovers file -------------------------------------------------------------------------
+
+
+def test_create_records_an_ephemeral_key_before_it_replies(
+    agent: Agent, account: FakeAccount, leftovers_path: str
+) -> None:
+    """The leftovers file names a new ephemeral key by the time create has replied (the inline
+    driver ends the handler only after its last effect); no secret, only id, account, expiry."""
+    login(agent)
+    listing = run(agent, "create", **ACCOUNT, lifetime=60)
+    secret = account.keys[-1]
+    assert in_file(leftovers_path) == [digest_of(secret)]
+    text = Path(leftovers_path).read_text()
+    assert secret not in text
+    (recorded,) = json.loads(text)["keys"]
+    assert recorded == {
+        "fingerprint": digest_of(secret), "host": HOST, "user": USER, "expires": WALL + 60,
+    }  # fmt: skip
+    assert listing["key_id"] == key_id_for(secret)
+
+
+def test_the_file_follows_the_set_of_ephemeral_keys_only_memory_holds(
+    agent: Agent, time: FakeTime, account: FakeAccount, leftovers_path: str
+) -> None:
+    """Kept and persisted keys are never in the file; a key leaves it when forget --local
+    drops it, or once its deletion on the service has ended; with none left the file goes."""
+    first = create(agent, lifetime=60)
+    second = create(agent, lifetime=600)
+    create(agent, lifetime=60, keep=True)
+    create(agent, lifetime=60, persist=True)
+    assert in_file(leftovers_path) == sorted([digest_of(first), digest_of(second)])
+    account.failures = [errors.RemoteError("the service answered 503")]
+    time.advance(60)
+    agent.reap()  # first fails once: still in the file while its deletion is pending
+    assert digest_of(first) in agent.pending_deletions
+    assert in_file(leftovers_path) == sorted([digest_of(first), digest_of(second)])
+    driver_for(agent).pass_time(FIRST_RETRY)
+    assert first not in account.keys
+    assert in_file(leftovers_path) == [digest_of(second)]
+    run(agent, "forget", key_id=digest_of(second), local=True)
+    assert not Path(leftovers_path).exists()
+    assert second in account.keys  # forget --local keeps it there, and forgets it here
+
+
+def test_a_key_forgotten_from_the_keyring_joins_the_file_while_deleted(
+    agent: Agent, time: FakeTime, account: FakeAccount, backend: MemoryKeyring,
+    leftovers_path: str,
+) -> None:  # fmt: skip
+    """forget --persist of a persisted ephemeral key drops its keyring entry first; while its
+    deletion on the service is pending, the leftovers file names it instead, so an agent
+    killed then leaves it to the next one."""
+    secret = create(agent, lifetime=600, persist=True)
+    assert in_file(leftovers_path) == []
+    account.failures = [errors.RemoteError("the service answered 503")]
+    run(agent, "forget", key_id=digest_of(secret), persist=True)
+    assert keyring_ids(backend) == set()
+    assert digest_of(secret) in agent.pending_deletions
+    assert in_file(leftovers_path) == [digest_of(secret)]
+    again = restart(time, account, backend, leftovers_path)
+    login(again)
+    assert secret not in account.keys
+    assert in_file(leftovers_path) == []
+
+
+def test_a_killed_agents_key_is_deleted_with_a_held_key_of_the_account(
+    agent: Agent, time: FakeTime, account: FakeAccount, backend: MemoryKeyring,
+    leftovers_path: str,
+) -> None:  # fmt: skip
+    """After a SIGKILL (the old agent simply stops), the next agent finds the non-persisted
+    ephemeral key in apikeys/list by its fingerprint and deletes it with a key it restored
+    from the keyring; the entry then leaves the file."""
+    run(agent, "add", **ACCOUNT, key=KEPT, persist=True)
+    secret = create(agent, lifetime=3600)
+    account.calls.clear()
+    again = restart(time, account, backend, leftovers_path)
+    assert secret not in account.keys
+    assert account.calls == [("list", KEPT), ("delete", KEPT)]
+    assert again.orphans == {}
+    assert in_file(leftovers_path) == []
+    assert [k["fingerprint"] for k in run(again, "list")["keys"]] == [digest_of(KEPT)]
+
+
+def test_without_credentials_the_leftover_waits_for_the_next_login(
+    agent: Agent, time: FakeTime, account: FakeAccount, backend: MemoryKeyring,
+    leftovers_path: str,
+) -> None:  # fmt: skip
+    """With no key of the account and no session, a left-over key waits (status shows it) and
+    stays in the file; the next login of that account deletes it."""
+    secret = create(agent, lifetime=3600)
+    account.calls.clear()
+    again = restart(time, account, backend, leftovers_path)
+    assert account.calls == []  # nothing to authenticate with: no call at all
+    (pending,) = run(again, "status")["pending_deletions"]
+    assert pending["key_id"] == key_id_for(secret)
+    assert (pending["left_over"], pending["waiting_for_login"]) == (True, True)
+    assert in_file(leftovers_path) == [digest_of(secret)]
+    login(again)
+    assert secret not in account.keys
+    assert run(again, "status")["pending_deletions"] == []
+    assert in_file(leftovers_path) == []
+
+
+def test_a_leftover_absent_from_the_service_leaves_the_file(
+    agent: Agent, time: FakeTime, account: FakeAccount, backend: MemoryKeyring,
+    leftovers_path: str,
+) -> None:  # fmt: skip
+    """A left-over key the account's list does not have (deleted by someone) is done: no
+    delete call, and it leaves the file."""
+    secret = create(agent, lifetime=3600)
+    account.keys.remove(secret)
+    again = restart(time, account, backend, leftovers_path)
+    login(again)
+    assert ("delete", None) not in account.calls
+    assert again.orphans == {}
+    assert in_file(leftovers_path) == []
+
+
+def test_a_leftover_is_retried_with_backoff_and_given_up_after_a_day(
+    agent: Agent, time: FakeTime, account: FakeAccount, backend: MemoryKeyring,
+    leftovers_path: str,
+) -> None:  # fmt: skip
+    """A left-over key whose deletion fails is retried with backoff, shown as a pending
+    deletion by status meanwhile; one that keeps failing is given up (leaving the file)
+    after 24 h."""
+    run(agent, "add", **ACCOUNT, key=KEPT, persist=True)
+    secret = create(agent, lifetime=3600)
+    account.failures = [errors.RemoteError("the service answered 503")]
+    again = restart(time, account, backend, leftovers_path)
+    assert secret in account.keys
+    # (Not through run: the inline driver drops background timers when a request ends.)
+    (pending,) = again.process_status({})["pending_deletions"]
+    assert (pending["attempts"], pending["waiting_for_login"]) == (1, False)
+    driver_for(again).pass_time(FIRST_RETRY)
+    assert secret not in account.keys
+    assert in_file(leftovers_path) == []
+    # And one that never succeeds is given up after a day.
+    third = create(again, lifetime=3600)
+    account.failures = [errors.RemoteError("the service answered 503")] * 100_000
+    last = restart(time, account, backend, leftovers_path)
+    driver_for(last).pass_time(RETRY_DELETION_FOR - 3600)
+    assert in_file(leftovers_path) == [digest_of(third)]
+    driver_for(last).pass_time(7200)
+    assert last.orphans == {}
+    assert in_file(leftovers_path) == []
+    assert third in account.keys
+
+
+def test_a_key_held_again_is_no_orphan(
+    agent: Agent, time: FakeTime, account: FakeAccount, backend: MemoryKeyring,
+    leftovers_path: str,
+) -> None:  # fmt: skip
+    """An entry of the file whose key the keyring gave back (persisted after the file was
+    written, before the agent died) is held, not deleted, and leaves the file."""
+    secret = create(agent, lifetime=3600, persist=True)
+    assert agent.leftovers is not None
+    agent.leftovers.write([Leftover(digest_of(secret), HOST, USER, WALL + 3600)])
+    again = restart(time, account, backend, leftovers_path)
+    assert secret in account.keys
+    assert again.orphans == {}
+    assert in_file(leftovers_path) == []
+
+
+def test_a_leftover_of_an_account_the_agent_cannot_track_is_retried(
+    time: FakeTime, account: FakeAccount, backend: MemoryKeyring, leftovers_path: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """With every account place taken by logged-in accounts, a left-over key of another
+    account is retried later (a warning says why), never an internal error."""
+    agent = make_agent(time, account, backend, leftovers_path)
+    driver = driver_for(agent)
+    for number in range(64):
+        run(agent, "login", host=HOST, user=f"user{number}@example.com", password="pw")
+    leftover = Leftover(digest_of("lost-key-0000-abcdef"), HOST, USER, WALL + 60)
+    assert agent.adopt_leftovers([leftover]) == 1
+    (pending,) = agent.process_status({})["pending_deletions"]
+    assert (pending["left_over"], pending["waiting_for_login"]) == (True, False)
+    assert "already has 64 accounts logged in" in caplog.text
+    driver.pass_time(FIRST_RETRY)
+    assert agent.orphans[leftover.fingerprint].attempts == 2
+    assert in_file(leftovers_path) == [leftover.fingerprint]

@@ -187,3 +187,28 @@ def test_a_second_signal_makes_a_stopping_agent_exit_at_once(
     (line,) = [line for line in log.splitlines() if "was not deleted on the service" in line]
     assert key_id_for(secret) in line
     assert "a second signal told the agent not to wait" in line
+
+
+def test_a_key_the_stopping_agent_could_not_delete_is_deleted_by_the_next_agent(
+    agent_factory: AgentFactory, emulator: Emulator
+) -> None:
+    """A key whose deletion at stop failed (the service answered 503) stays named in the
+    leftovers file, so the next agent on the same socket deletes it at the account's login."""
+    agent = start(agent_factory, emulator)
+    secret = create(agent, emulator, "--lifetime", "1h")
+    emulator.inject(Fault.status(503), path="apikeys/delete")
+    stopped = run_ctl(agent.socket_path, "stop")
+    assert "deletes 1 ephemeral key" in stopped.out, stopped.err
+    assert exited(agent, STOP_TIMEOUT + EXIT_MARGIN + 10) == 0
+    assert emulator.api_keys(USER) == [secret]
+    assert "was not deleted on the service" in agent.log()
+    emulator.clear_faults()
+
+    successor = start(agent_factory, emulator)
+    status = run_ctl(successor.socket_path, "status", "--json")
+    pending = json.loads(status.out)["pending_deletions"]
+    assert [(entry["key_id"], entry["left_over"]) for entry in pending] == [
+        (key_id_for(secret), True)
+    ]
+    ctl(successor, emulator, "login", "--password-stdin", stdin=PASSWORD + "\n")
+    wait_until(lambda: emulator.api_keys(USER) == [], "the left key deleted after the login")

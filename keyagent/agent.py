@@ -1633,11 +1633,12 @@ class Agent:
         listed_keys = yield from self._remote(
             session, self._plan(session), lambda api_key: account.list_keys(api_key=api_key)
         )
+        kept = yield from self._kept_in_keyring()
         # Judged on the loop once the list is back: what the agent holds now.
         orphans = {
             digest_of(listed.key): listed
             for listed in listed_keys
-            if is_marked(listed.description) and self._is_orphan(digest_of(listed.key))
+            if is_marked(listed.description) and self._is_orphan(digest_of(listed.key), kept)
         }
         entries = [
             {"key_id": digest[:KEY_ID_SHOWN], "fingerprint": digest,
@@ -1650,7 +1651,7 @@ class Agent:
             return result
         deleted = failed = 0
         for entry, (digest, listed) in zip(entries, orphans.items(), strict=True):
-            if not self._is_orphan(digest):  # added or restored while earlier ones went
+            if not self._is_orphan(digest, kept):  # added or restored while others went
                 entry.update(deleted=False, held=True)
                 continue
             outcome = yield from self._prune_one(session, digest, listed.key)
@@ -1672,14 +1673,32 @@ class Agent:
         result.update(deleted=deleted, failed=failed)
         return result
 
-    def _is_orphan(self, digest: str) -> bool:
-        """Whether a key on the service is none of this agent's: not held (expired or not)
-        and not being deleted (:meth:`delete_on_service` and the leftovers of an earlier agent,
+    def _kept_in_keyring(self) -> Steps:
+        """The ids of the keys the OS keyring keeps (see :meth:`KeyringStore.fingerprints`):
+        a key forgotten from memory but still persisted comes back at the next start, so it
+        is no orphan. An agent without a keyring keeps none."""
+        if self.keyring is None:
+            return frozenset()
+        try:
+            kept: frozenset[str] = yield self._keyring(lambda keyring: keyring.fingerprints())
+        except KeyagentError as error:
+            raise KeyringUnavailable(
+                "prune must know which keys the OS keyring keeps (they come back when the "
+                f"agent restarts), and {error.message}"
+            ) from None
+        return kept
+
+    def _is_orphan(self, digest: str, kept: frozenset[str] = frozenset()) -> bool:
+        """Whether a key on the service is none of this agent's: not held (expired or not),
+        not kept in the OS keyring (``kept``: ids, full or of 12 digits), and not being
+        deleted (:meth:`delete_on_service` and the leftovers of an earlier agent,
         :meth:`adopt_leftovers`, own those)."""
         return (
             self.held_keys.holding(digest) is None
             and digest not in self.pending_deletions
             and digest not in self.orphans
+            and digest not in kept
+            and digest[:12] not in kept
         )
 
     def _prune_one(self, session: Session, digest: str, secret: str) -> Steps:

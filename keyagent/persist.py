@@ -256,6 +256,21 @@ class KeyringStore:
         index.keys.append(digest)
         self._store_index(backend, index)
 
+    def fingerprints(self) -> frozenset[str]:
+        """The ids of every key the keyring keeps an entry for (full digests; 12-digit ids
+        for entries of the old format), whether the agent holds them or not: a key forgotten
+        from memory only comes back at the next start. Empty when there is no keyring
+        backend at all (nothing can have been persisted)."""
+        with self._lock:
+            try:
+                backend = self._ready()
+            except KeyringUnavailable as error:
+                if error.message in (_NO_BACKEND, _DISABLED):
+                    return frozenset()
+                raise
+            index = self._read_index(backend)
+            return frozenset(index.keys) | frozenset(index.pending)
+
     def load_all(
         self, now_wall: float, each: Callable[[PersistedKey], object] | None = None
     ) -> tuple[list[PersistedKey], list[str]]:

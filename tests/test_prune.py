@@ -10,12 +10,15 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
+from keyring.backends import fail
 
 from keyagent import errors
 from keyagent.agent import KEYAGENT_MARK, Agent, is_marked, marked
 from keyagent.effects import Work
+from keyagent.persist import KeyringStore
 from keyagent.protocol import DESCRIPTION_MAX
 from keyagent.store import digest_of, key_id_for
+from keyagent.testing.memory_keyring import MemoryKeyring
 
 from .fakes import PEER, FakeAccount, FakeTime, Listed, driver_for, fails, request, run, steps
 
@@ -301,3 +304,48 @@ def test_prune_needs_an_account() -> None:
     with pytest.raises(InvalidRequest) as caught:
         request("prune", host=HOST)
     assert "'user'" in caught.value.error.message
+
+
+# --- keys the OS keyring keeps ------------------------------------------------------------
+
+
+def keyring_agent(time: FakeTime, account: OrphanAccount, backend: object) -> Agent:
+    agent = Agent(
+        clock=time.clock(), accounts=lambda host, user: account, jitter=lambda d: d,
+        keyring=KeyringStore(backend),
+    )  # fmt: skip
+    run(agent, "login", **ACCOUNT, password="pw")
+    return agent
+
+
+def test_a_key_forgotten_from_memory_but_kept_in_the_keyring_is_no_orphan(
+    time: FakeTime, account: OrphanAccount
+) -> None:
+    """A marked key the agent no longer holds but the OS keyring still keeps (forgotten
+    without --persist: it comes back at the next start) is neither listed nor deleted."""
+    agent = keyring_agent(time, account, MemoryKeyring())
+    run(agent, "add", **ACCOUNT, key=ORPHANS[0], persist=True)
+    run(agent, "forget", key_id=key_id_for(ORPHANS[0]))
+    assert agent.held_keys.holding(digest_of(ORPHANS[0])) is None
+    result = run(agent, "prune", **ACCOUNT, delete=True)
+    assert orphan_ids(result) == [key_id_for(key) for key in ORPHANS[1:]]
+    assert account.keys == [UNMARKED, ORPHANS[0]]
+
+
+def test_prune_is_refused_when_the_keyring_cannot_be_read(
+    time: FakeTime, account: OrphanAccount
+) -> None:
+    """If the OS keyring cannot say which keys it keeps, prune deletes nothing and says why
+    (keyring_unavailable), rather than take a persisted key for an orphan."""
+    backend = MemoryKeyring()
+    agent = keyring_agent(time, account, backend)
+    backend.fail_with = RuntimeError("the keyring is locked")
+    with pytest.raises(errors.KeyringUnavailable, match="prune must know which keys"):
+        run(agent, "prune", **ACCOUNT, delete=True)
+    assert account.keys == [UNMARKED, *ORPHANS]
+
+
+def test_an_agent_with_no_keyring_backend_keeps_no_key_there() -> None:
+    """With keyring's fail backend (no OS keyring on this machine) nothing can have been
+    persisted: the store keeps no key, and prune works as without a keyring."""
+    assert KeyringStore(fail.Keyring()).fingerprints() == frozenset()

@@ -75,7 +75,7 @@ from collections.abc import Callable, Iterable
 from keyagent.errors import BadRequest, KeyringUnavailable
 from keyagent.log import get_logger
 from keyagent.protocol import DESCRIPTION, HOST, KEY, KEY_ID_DIGITS, KEY_ID_SHOWN, USER, is_token
-from keyagent.rules import exe_list_problem
+from keyagent.rules import exe_list_problem, rotate_every_problem
 from keyagent.store import digest_of
 
 TYPE_CHECKING = False
@@ -143,15 +143,17 @@ class PersistedKey(
             "exportable",
             "confirm",
             "allowed_exes",
+            "rotate_every",
         ],
-        defaults=[True, False, ()],
+        defaults=[True, False, (), None],
     )
 ):
     """One key as the keyring keeps it (immutable). Its ``secret`` is left out of ``repr``.
 
     ``expires``: POSIX wall time at which the key expires, or None to keep it until
     forgotten. ``exportable``, ``confirm``, ``allowed_exes``: the key's rules, as
-    :class:`keyagent.store.HeldKey` has them.
+    :class:`keyagent.store.HeldKey` has them. ``rotate_every``: seconds between two
+    rotations the agent makes of the key (``create --rotate-every``), or None.
     """
 
     __slots__ = ()
@@ -166,13 +168,15 @@ class PersistedKey(
     exportable: bool
     confirm: bool
     allowed_exes: tuple[str, ...]
+    rotate_every: float | None
 
     def __repr__(self) -> str:
         return (
             f"PersistedKey(digest={self.digest!r}, host={self.host!r}, user={self.user!r}, "
             f"description={self.description!r}, created={self.created!r}, "
             f"expires={self.expires!r}, exportable={self.exportable!r}, "
-            f"confirm={self.confirm!r}, allowed_exes={self.allowed_exes!r})"
+            f"confirm={self.confirm!r}, allowed_exes={self.allowed_exes!r}, "
+            f"rotate_every={self.rotate_every!r})"
         )
 
 
@@ -606,6 +610,10 @@ def _encode(key: PersistedKey) -> str:
             confirm=key.confirm,
             allowed_exes=list(key.allowed_exes),
         )
+    if key.rotate_every is not None:
+        # Any format may carry it: a keyagent that does not know it loads the key without
+        # its schedule, which loosens nothing.
+        document["rotate_every"] = key.rotate_every
     import json  # loads with the keyring, never in an agent that does not use it
 
     return json.dumps(document, separators=(",", ":"))
@@ -668,6 +676,9 @@ def _decode(stored_id: str, raw: str) -> PersistedKey | None:
         raise _Untrusted("created")
     if exe_list_problem(allowed_exes) is not None:
         raise _Untrusted("allowed_exes")
+    rotate_every = document.get("rotate_every")
+    if rotate_every is not None and rotate_every_problem(rotate_every) is not None:
+        raise _Untrusted("rotate_every")
     return PersistedKey(
         digest=digest_of(secret),
         host=host,
@@ -679,4 +690,5 @@ def _decode(stored_id: str, raw: str) -> PersistedKey | None:
         exportable=exportable,
         confirm=confirm,
         allowed_exes=tuple(dict.fromkeys(allowed_exes)),
+        rotate_every=None if rotate_every is None else float(rotate_every),
     )

@@ -39,6 +39,7 @@ VALID_ARGS: dict[str, dict[str, Any]] = {
     "create": {"host": "app.conduce.com", "user": "ada@example.com"},
     "remove": {},
     "log": {},
+    "rotate": {},
 }
 """For each op, arguments that pass the protocol's validation (the agent and protocol tests)."""
 WALL = 1_700_000_000.0

@@ -559,7 +559,11 @@ VALID_VALUES: dict[str, object] = {
 def kind_of(name: str) -> str:
     if name in TEXT_ARGUMENTS:
         return "text"
-    return name if name in {"key_id", "lifetime", "allow_exe", "n", "purpose", "rotate_every"} else "bool"
+    return (
+        name
+        if name in {"key_id", "lifetime", "allow_exe", "n", "purpose", "rotate_every"}
+        else "bool"
+    )
 
 
 def wrongly_typed(op: str, name: str, value: object) -> bytes:

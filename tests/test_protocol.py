@@ -115,7 +115,14 @@ def test_a_lifetime_of_ten_years_is_taken_and_one_second_more_is_not() -> None:
 def test_every_argument_has_a_known_kind() -> None:
     """Every argument name in OPS is one this test module knows how to mistype."""
     names = {name for spec in OPS.values() for name in spec}
-    assert names <= STRING_ARGS | BOOL_ARGS | {"key_id", "lifetime", "allow_exe", "n", "purpose", "rotate_every"}
+    assert names <= STRING_ARGS | BOOL_ARGS | {
+        "key_id",
+        "lifetime",
+        "allow_exe",
+        "n",
+        "purpose",
+        "rotate_every",
+    }
     assert set(VALID_ARGS) == set(OPS)
 
 
@@ -1226,4 +1233,6 @@ def test_rotate_every_becomes_float_seconds_and_names_its_bounds() -> None:
     request = parse_request(encode(with_arg("create", "rotate_every", 3600)))
     assert request.args["rotate_every"] == 3600.0
     assert type(request.args["rotate_every"]) is float
-    assert_bad_request(rejected(with_arg("create", "rotate_every", 30)), "from 60 (1m) to ten years")
+    assert_bad_request(
+        rejected(with_arg("create", "rotate_every", 30)), "from 60 (1m) to ten years"
+    )

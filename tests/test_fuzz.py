@@ -642,6 +642,7 @@ def test_wrong_argument_types_are_bad_request_naming_the_argument(
         "allow_exe": lambda v: not isinstance(v, list) or not all(isinstance(i, str) for i in v),
         "n": lambda v: isinstance(v, bool) or not isinstance(v, int),
         "purpose": lambda v: not isinstance(v, str),
+        "rotate_every": lambda v: isinstance(v, bool) or not isinstance(v, int | float),
     }[kind]
     value = data.draw(STRICT_JSON_VALUES.filter(wrong), label="value")
     assert_names_the_argument(fuzz, [wrongly_typed(op, name, value)], [name])

@@ -14,7 +14,7 @@ from keyagent.persist import KeyringStore
 from keyagent.store import digest_of, key_id_for
 from keyagent.testing.memory_keyring import MemoryKeyring
 
-from .fakes import FakeAccount, FakeTime, driver_for, fails, run, steps
+from .fakes import FakeAccount, FakeTime, HeldWorkDriver, driver_for, fails, run, steps
 
 HOST, USER = "app.conduce.com", "ada@example.com"
 ACCOUNT = {"host": HOST, "user": USER}
@@ -348,3 +348,27 @@ def test_the_keyring_record_keeps_rotate_every_and_a_restart_keeps_the_schedule(
     assert restarted.restore([record]) == 1
     assert run(restarted, "list")["keys"][0]["rotate_every"] == 3600
     assert restarted.rotate_due() == time.monotonic + 3600
+
+
+def test_a_key_forgotten_while_its_successor_is_made_is_not_replaced(
+    agent: Agent, account: ScriptedAccount, time: FakeTime
+) -> None:
+    """If the key is forgotten while the service makes its successor, the rotation fails
+    with not_found, holds nothing, and deletes the successor on the service."""
+    old = create(agent, keep=True)  # not ephemeral: forgetting it leaves it on the service
+    old_secret = account.keys[-1]
+    held_work = HeldWorkDriver(time)
+    ended: list[tuple[Any, errors.KeyagentError | None]] = []
+    held_work.start(
+        steps(agent, "rotate", key_id=old["key_id"]),
+        lambda result, error: ended.append((result, error)),
+    )
+    (making,) = held_work.held
+    run(agent, "forget", key_id=old["key_id"])
+    held_work.end(making)  # the service answers with the new key now
+    ((_result, error),) = ended
+    assert isinstance(error, errors.NotFound)
+    assert "forgotten or expired while it was rotated" in error.message
+    assert run(agent, "list")["keys"] == []
+    assert account.keys == [ADDED, old_secret]  # the successor deleted, the old key kept
+    assert account.created == 2

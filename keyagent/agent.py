@@ -1314,10 +1314,13 @@ class Agent:
                        user=held.user)  # fmt: skip
             raise gone
         if self.held_keys.holding(digest_of(secret)) is not None:
-            raise RemoteError(
+            broken = RemoteError(
                 f"the service at {held.host} answered create with a key the agent holds "
                 f"already; key {old_id} was not rotated: retry later"
             )
+            self.audit("rotate", peer, outcome=broken.code, key_id=old_id, host=held.host,
+                       user=held.user)  # fmt: skip
+            raise broken
         # The same step drops the old key and holds the new one: no request sees neither.
         # The new key needs no free place: it takes the old one's.
         lifetime = None if held.deadline is None else held.deadline - now

@@ -22,6 +22,9 @@ Everything lives under one service name, ``keyagent`` by default, in two kinds o
     A key with rules (``add --no-export``, ``--confirm``, ``--allow-exe``) is written as
     ``"v":2`` with ``"exportable"``, ``"confirm"`` and ``"allowed_exes"`` members besides, so
     that a keyagent too old to know them leaves it alone instead of loading it without them.
+    A key the agent rotates on a schedule (``create --rotate-every``) carries
+    ``"rotate_every"`` (seconds) in either format: a keyagent that does not know it loads the
+    key without its schedule, which loosens nothing.
 
 ``index``
     Backends cannot enumerate their entries, so this one names them::

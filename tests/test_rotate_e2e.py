@@ -1,6 +1,7 @@
 """Rotation end to end: keyagent-ctl rotate against the real agent and the shipped Conduce
 emulator, through cli.main and as its own process; what the service holds before and after,
-and what get and the HTTP socket serve afterwards."""
+and what get and the HTTP socket serve afterwards. The schedule is seen through an
+in-process server on a real socket with a fake clock (a real one would wait a minute)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import keyagent
+from keyagent.agent import Agent
 from keyagent.store import key_id_for
 from keyagent.testing.agent import AgentProcess
 from keyagent.testing.emulator import Fault
 from keyagent.testing.emulator_process import Emulator
 
 from .conftest import CtlResult, run_ctl, run_ctl_process, wait_until
+from .fakes import FakeAccount, FakeTime
+from .test_server_races import serving
 
 USER = "rosa@example.com"
 PASSWORD = "rotate-pa55-w0rd-never-shown"
@@ -136,3 +140,24 @@ def test_create_rotate_every_is_listed_and_checked(
     assert too_long.code == 1
     assert "--rotate-every" in too_long.err
     assert len(emulator.api_keys(USER)) == 1
+
+
+def test_the_server_rotates_a_scheduled_key_when_its_time_comes(tmp_path: Path) -> None:
+    """An in-process server on a real socket, on a fake clock: once the clock passes a key's
+    rotate_every, the server's loop starts its rotation (as it reaps expired keys), and get
+    then serves the new key while the old one is gone from the service."""
+    time = FakeTime()
+    account = FakeAccount()
+    agent = Agent(clock=time.clock(), accounts=lambda host, user: account)
+    with serving(tmp_path / "run" / "agent.sock", agent) as served, served.client() as client:
+        client.login("h.example", USER, "pw")
+        client.create("h.example", USER, rotate_every=3600)
+        (old,) = account.keys
+        assert client.get("h.example", USER) == old
+        time.advance(3600)
+        client.status()  # wakes the loop, which then finds the rotation due
+        wait_until(lambda: len(account.keys) == 1 and old not in account.keys, "the rotation")
+        (new,) = account.keys
+        wait_until(lambda: client.get("h.example", USER) == new, "the new key served")
+        (listed,) = client.list()
+        assert listed["rotate_every"] == 3600

@@ -815,6 +815,9 @@ def cmd_create(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
         out.write(f"{created['key']}\n")  # exact, like get: the agent only holds valid keys
     else:
         fate = "; deleted on the service when it expires" if created.get("ephemeral") else ""
+        every = created.get("rotate_every")
+        if isinstance(every, int | float):
+            fate += f"; replaced by a new key every {every:g}s"
         out.write(
             f"created key {shown(created.get('key_id'))} for {shown(user)}@{shown(host)};"
             f" held by the agent{fate}\n"

@@ -126,7 +126,8 @@ def test_create_rotate_every_is_listed_and_checked(
     """create --rotate-every 1h lists the key with its interval and next rotation; an
     interval under a minute, or not shorter than the lifetime, is refused."""
     login(conduce_agent, emulator)
-    ok(ctl(conduce_agent, emulator, "create", "--rotate-every", "1h", "--lifetime", "8h"))
+    out = ok(ctl(conduce_agent, emulator, "create", "--rotate-every", "1h", "--lifetime", "8h"))
+    assert out.endswith("; replaced by a new key every 3600s\n")
     (key,) = listed(conduce_agent, emulator)
     assert key["rotate_every"] == 3600
     assert key["next_rotation"] is not None
@@ -149,15 +150,23 @@ def test_the_server_rotates_a_scheduled_key_when_its_time_comes(tmp_path: Path) 
     time = FakeTime()
     account = FakeAccount()
     agent = Agent(clock=time.clock(), accounts=lambda host, user: account)
-    with serving(tmp_path / "run" / "agent.sock", agent) as served, served.client() as client:
-        client.login("h.example", USER, "pw")
-        client.create("h.example", USER, rotate_every=3600)
-        (old,) = account.keys
-        assert client.get("h.example", USER) == old
+    with serving(tmp_path / "run" / "agent.sock", agent) as served:
+        with served.client() as client:
+            client.login("h.example", USER, "pw")
+            client.create("h.example", USER, rotate_every=3600)
+            (old,) = account.keys
+            assert client.get("h.example", USER) == old
+        # Past the idle timeout too (on the same clock): a new connection for each request.
         time.advance(3600)
-        client.status()  # wakes the loop, which then finds the rotation due
+
+        def get() -> str:
+            with served.client() as client:
+                return client.get("h.example", USER)
+
+        get()  # wakes the loop, which then finds the rotation due
         wait_until(lambda: len(account.keys) == 1 and old not in account.keys, "the rotation")
         (new,) = account.keys
-        wait_until(lambda: client.get("h.example", USER) == new, "the new key served")
-        (listed,) = client.list()
+        wait_until(lambda: get() == new, "the new key served")
+        with served.client() as client:
+            (listed,) = client.list()
         assert listed["rotate_every"] == 3600

@@ -309,13 +309,13 @@ class Agent:
         self.held_keys = KeyStore(max_keys)
         self.audit_log = AuditLog(audit_entries)
         self._reserved = 0
+        """Places for keys that requests still waiting (create, add with persist) will fill."""
         self._rotations: list[tuple[float, str]] = []
         """Scheduled rotations (monotonic time, digest); see :meth:`rotate_due`."""
         self._rotation_delays: dict[str, float] = {}
         """The next retry delay of keys whose scheduled rotation failed, by digest."""
         self._rotating: set[str] = set()
         """Digests of keys whose successor the service is making."""
-        """Places for keys that requests still waiting (create, add with persist) will fill."""
         self.lock = Lock()
         self.lock_in_keyring = False
         """Whether the OS keyring may hold this lock's hash (see :meth:`process_lock`)."""

@@ -14,6 +14,7 @@ generator too, handed to :meth:`Agent.in_background`.
 
 from __future__ import annotations
 
+import heapq
 import os
 import random
 import time
@@ -29,6 +30,7 @@ from keyagent.errors import (
     BadCredentials,
     BadPassphrase,
     BadRequest,
+    Busy,
     Denied,
     Forbidden,
     Internal,
@@ -396,6 +398,12 @@ class Agent:
         self.audit_log = AuditLog(audit_entries)
         self._reserved = 0
         """Places for keys that requests still waiting (create, add with persist) will fill."""
+        self._rotations: list[tuple[float, str]] = []
+        """Scheduled rotations (monotonic time, digest); see :meth:`rotate_due`."""
+        self._rotation_delays: dict[str, float] = {}
+        """The next retry delay of keys whose scheduled rotation failed, by digest."""
+        self._rotating: set[str] = set()
+        """Digests of keys whose successor the service is making."""
         self.lock = Lock()
         self.lock_in_keyring = False
         """Whether the OS keyring may hold this lock's hash (see :meth:`process_lock`)."""
@@ -439,6 +447,7 @@ class Agent:
                 logout=self.process_logout,
                 create=self.process_create,
                 remove=self.process_remove,
+                rotate=self.process_rotate,
             )
             self._handlers.update(prune=self.process_prune)
 
@@ -479,6 +488,8 @@ class Agent:
             return self.process_get(request.args, peer)
         if request.op == "prune":  # records each deletion in the audit log, for who asked
             return self.process_prune(request.args, peer)
+        if request.op == "rotate":  # records who asked with each key it rotates
+            return self.process_rotate(request.args, peer)
         return handler(request.args)
 
     # --- the audit log -------------------------------------------------------------------
@@ -998,7 +1009,7 @@ class Agent:
                     self.delete_on_service(key, in_keyring=True)
                 continue
             try:
-                self.held_keys.put(
+                held = self.held_keys.put(
                     host=key.host, user=key.user, secret=key.secret, now=now, wall=wall,
                     lifetime=min(lifetime, MAX_LIFETIME) if lifetime is not None else None,
                     description=key.description, created=key.created, source="keyring",
@@ -1008,6 +1019,8 @@ class Agent:
             except TooMany as error:
                 log.warning("not every persisted key was restored: %s", error.message)
                 break
+            if key.rotate_every is not None:  # the schedule starts again from now
+                self._schedule_rotation(held, key.rotate_every)
             count += 1
         log.info("restored %d key(s) from the OS keyring", count)
         if lock is not None:
@@ -1444,6 +1457,7 @@ class Agent:
         description: str = args.get("description", "created by keyagent")
         lifetime = args.get("lifetime", self.default_lifetime)
         ephemeral = lifetime is not None and not args.get("keep", self.keep_created_keys)
+        rotate_every = self._rotate_every_of(args, lifetime)
         if args.get("reveal") and not args.get("export", self.default_export):
             raise BadRequest(
                 "a key that cannot be taken out of the agent cannot be printed either: leave "
@@ -1465,6 +1479,8 @@ class Agent:
             exportable=exportable, confirm=confirm, allowed_exes=allowed_exes,
             ephemeral=ephemeral,
         )  # fmt: skip
+        if rotate_every is not None:
+            self._schedule_rotation(held, rotate_every)
         log.info("created key %s for %s on %s", held.key_id, session.user, session.host)
         if held.ephemeral:  # recorded before the reply: a crash after it cannot lose the key
             yield from self._record_leftovers()
@@ -1475,7 +1491,7 @@ class Agent:
                 created=created, lifetime=lifetime,
                 rules=(held.exportable, held.confirm, held.allowed_exes),
                 ephemeral=held.ephemeral,
-            )  # fmt: skip
+            )._replace(rotate_every=held.rotate_every)  # fmt: skip
             save = self._keyring(lambda keyring: keyring.save(record))
             try:
                 yield save
@@ -1723,6 +1739,231 @@ class Agent:
             log.info("deleted orphaned key %s on %s", digest[:KEY_ID_SHOWN], session.host)
         return None
 
+    # --- rotation ------------------------------------------------------------------------
+    # A rotation replaces a held key by a new one of the same account, made on the service
+    # with the same description, rules, flags and deadline: the new key is held and served
+    # in the very step the old one is dropped, then the old one is deleted on the service.
+
+    def process_rotate(self, args: Mapping[str, Any], peer: Peer = UNKNOWN_PEER) -> Steps:
+        everything, key_id = args.get("all", False), args.get("key_id")
+        if everything == (key_id is not None):
+            raise BadRequest(
+                "rotate needs either 'key_id' or 'all': true (with 'host' and 'user'), not both"
+            )
+        host, user = args.get("host"), args.get("user")
+        if everything:
+            if host is None or user is None:
+                raise BadRequest("rotate with all: true needs both 'host' and 'user'")
+            return self._rotate_all(host, user, peer)
+        held = self.held_keys.newest(self.clock.monotonic(), host, user, key_id)
+        self._check_not_rotating(held)
+        return self._rotate(held, peer)
+
+    def _check_not_rotating(self, held: HeldKey) -> None:
+        if held.digest in self._rotating:
+            raise Busy(
+                f"key {held.key_id} is being rotated already; wait for that to end, then see "
+                "keyagent-ctl list"
+            )
+
+    def _rotate_all(self, host: str, user: str, peer: Peer) -> Steps:
+        """Rotate every created key held for the account, oldest first, one after another;
+        a failure is reported with its key and does not stop the others."""
+        now = self.clock.monotonic()
+        held_now = list(self.held_keys.matching(now, host, user))
+        targets = [held for held in reversed(held_now) if _made_by_agent(held)]
+        rotated: list[Result] = []
+        failed: list[Result] = []
+        for held in targets:
+            try:
+                if self.held_keys.holding(held.digest) is not held or not held.alive(
+                    self.clock.monotonic()
+                ):
+                    raise NotFound(f"key {held.key_id} was forgotten or expired meanwhile")
+                self._check_not_rotating(held)
+                rotated.append((yield from self._rotate(held, peer)))
+            except KeyagentError as error:
+                failed.append(
+                    {"key_id": held.key_id, "fingerprint": held.digest, "error": error.to_wire()}
+                )
+        return {"host": host, "user": user, "rotated": rotated, "failed": failed}
+
+    def _rotate(self, held: HeldKey, peer: Peer) -> Steps:
+        """Replace ``held`` by a new key made on the service; returns the new key's listing
+        with the old key's id and whether the old key is deleted on the service already
+        (else it is pending deletion, retried in the background). If the new key cannot be
+        made, nothing changes and the error is the service's.
+
+        Each outcome is recorded in the audit log: ``rotate`` with the new key's id and
+        ``rotated`` with the old one's, or ``rotate`` with the old key's id and the error.
+        """
+        old_id, digest = held.key_id, held.digest
+        session = self.session_for(held.host, held.user)
+        self._rotating.add(digest)
+        try:
+            secret: str = yield from self._create_on_service(session, held.description)
+        except KeyagentError as error:
+            self.audit("rotate", peer, outcome=error.to_wire()["code"], key_id=old_id,
+                       host=held.host, user=held.user)  # fmt: skip
+            raise
+        finally:
+            self._rotating.discard(digest)
+        now, wall = self.clock.monotonic(), self.clock.wall()
+        if self.held_keys.holding(digest) is not held or not held.alive(now):
+            # Forgotten or expired while the service made its successor: nobody asked for
+            # a key of its own, so the new one goes too.
+            self._delete_unheld(held, secret)
+            gone = NotFound(
+                f"key {old_id} was forgotten or expired while it was rotated; the new key is "
+                "deleted on the service"
+            )
+            self.audit("rotate", peer, outcome=gone.code, key_id=old_id, host=held.host,
+                       user=held.user)  # fmt: skip
+            raise gone
+        if self.held_keys.holding(digest_of(secret)) is not None:
+            broken = RemoteError(
+                f"the service at {held.host} answered create with a key the agent holds "
+                f"already; key {old_id} was not rotated: retry later"
+            )
+            self.audit("rotate", peer, outcome=broken.code, key_id=old_id, host=held.host,
+                       user=held.user)  # fmt: skip
+            raise broken
+        # The same step drops the old key and holds the new one: no request sees neither.
+        # The new key needs no free place: it takes the old one's.
+        lifetime = None if held.deadline is None else held.deadline - now
+        self.held_keys.discard(digest)
+        new = self.held_keys.put(
+            host=held.host, user=held.user, secret=secret, now=now, wall=wall,
+            lifetime=lifetime, description=held.description, created=iso(wall),
+            source="created", exportable=held.exportable, confirm=held.confirm,
+            allowed_exes=held.allowed_exes, ephemeral=held.ephemeral,
+        )  # fmt: skip
+        self._rotation_delays.pop(digest, None)
+        if held.rotate_every is not None:
+            self._schedule_rotation(new, held.rotate_every)
+        log.info("rotated key %s to %s for %s on %s", old_id, new.key_id, held.user, held.host)
+        if new.ephemeral:  # as for create: recorded before the reply, so a crash loses nothing
+            yield from self._record_leftovers()
+        self.audit("rotate", peer, key_id=new.key_id, host=new.host, user=new.user)
+        self.audit("rotated", peer, key_id=old_id, host=held.host, user=held.user)
+        # Then the old key goes on the service, ephemeral or not: that is what rotating means.
+        old_deleted = True
+        try:
+            yield from self._delete_once(PendingDeletion(held, wall))
+        except NotFound:
+            pass  # already gone: as good as deleted
+        except KeyagentError as error:
+            log.warning(
+                "could not delete the rotated key %s on %s (%s); retrying in the background",
+                old_id, held.host, error.message,
+            )  # fmt: skip
+            self.delete_on_service(held)
+            old_deleted = False
+        if held.persisted and self.keyring is not None:
+            yield from self._persist_rotated(held, new, lifetime)
+        result = new.listing()
+        result.update(
+            old_key_id=old_id, old_fingerprint=digest, old_deleted=old_deleted,
+            pending_deletion=not old_deleted,
+        )  # fmt: skip
+        return result
+
+    def _persist_rotated(self, old: HeldKey, new: HeldKey, lifetime: float | None) -> Steps:
+        """Save the new key to the OS keyring, then delete the old key's entry there."""
+        record = self._record(
+            new.secret, host=new.host, user=new.user, description=new.description,
+            created=new.created, lifetime=lifetime,
+            rules=(new.exportable, new.confirm, new.allowed_exes), ephemeral=new.ephemeral,
+        )._replace(rotate_every=new.rotate_every)  # fmt: skip
+        problems = []
+        try:
+            yield self._keyring(lambda keyring: keyring.save(record))
+            new.persisted = True
+        except KeyagentError as error:
+            if isinstance(error, Overdue):  # should the save complete after all: persisted
+                self.in_background(self._mark_persisted_when_saved(error.late, new))
+            problems.append(f"key {new.key_id} is not in it ({error.message})")
+        try:
+            yield self._keyring(_deleter(old.digest))
+        except KeyagentError as error:
+            problems.append(
+                f"the entry of key {old.key_id} remains ({error.message}): run keyagent-ctl "
+                f"forget --persist {old.digest}"
+            )
+        if problems:
+            raise KeyringUnavailable(
+                f"rotated key {old.key_id} to {new.key_id}, which the agent holds and serves, "
+                f"but in the OS keyring {'; '.join(problems)}"
+            )
+
+    def _delete_unheld(self, held: HeldKey, secret: str) -> None:
+        """Delete on the service, in the background, a key made for ``held``'s account that
+        the agent will not hold."""
+        orphan = HeldKey(
+            digest=digest_of(secret), host=held.host, user=held.user, secret=secret,
+            added=self.clock.wall(),
+        )  # fmt: skip
+        self.delete_on_service(orphan)
+
+    # --- rotation on a schedule ------------------------------------------------------------
+
+    def _rotate_every_of(self, args: Mapping[str, Any], lifetime: float | None) -> float | None:
+        """A create's ``rotate_every``, checked against the key's lifetime before any work."""
+        every: float | None = args.get("rotate_every")
+        if every is not None and lifetime is not None and lifetime <= every:
+            raise BadRequest(
+                f"a key with a lifetime of {lifetime:g} s would expire before its first "
+                f"rotation (every {every:g} s): give a shorter --rotate-every, or a longer "
+                "--lifetime"
+            )
+        return every
+
+    def _schedule_rotation(self, held: HeldKey, every: float, delay: float | None = None) -> None:
+        """Rotate ``held`` in ``delay`` seconds (default: ``every``), then every ``every``."""
+        now = self.clock.monotonic()
+        wait = every if delay is None else delay
+        held.rotate_every = every
+        held.rotate_at = now + wait
+        held.next_rotation = self.clock.wall() + wait
+        heapq.heappush(self._rotations, (held.rotate_at, held.digest))
+
+    def rotate_due(self) -> float | None:
+        """Start the rotations that are due, in the background; return the next monotonic
+        time one is, if any. The server calls it before each wait, as it calls :meth:`reap`."""
+        now = self.clock.monotonic()
+        heap = self._rotations
+        while heap and heap[0][0] <= now:
+            when, digest = heapq.heappop(heap)
+            held = self.held_keys.holding(digest)
+            if held is None or held.rotate_at != when or not held.alive(now):
+                # Forgotten, expired, rotated by hand or rescheduled: a stale entry.
+                if held is None:
+                    self._rotation_delays.pop(digest, None)
+                continue
+            self.in_background(self._rotate_on_schedule(held))
+        return heap[0][0] if heap else None
+
+    def _rotate_on_schedule(self, held: HeldKey) -> Steps:
+        """Background: one scheduled rotation; a failure is logged and retried with backoff
+        (doubling from :data:`FIRST_RETRY` to :data:`MAX_RETRY`) while the key is held."""
+        try:
+            if held.digest in self._rotating:
+                raise Busy(f"key {held.key_id} is being rotated by a request")
+            result = yield from self._rotate(held, SIGNAL_PEER)
+        except KeyagentError as error:
+            if self.held_keys.holding(held.digest) is not held or held.rotate_every is None:
+                return {}
+            delay = self._rotation_delays.get(held.digest, FIRST_RETRY)
+            wait = self._jitter(delay)
+            self._rotation_delays[held.digest] = min(delay * 2, MAX_RETRY)
+            self._schedule_rotation(held, held.rotate_every, wait)
+            log.warning(
+                "could not rotate key %s on %s (%s); retrying in %.0f s",
+                held.key_id, held.host, error.message, wait,
+            )  # fmt: skip
+            return {}
+        return result
+
     # --- the HTTP socket (keyagent.proxy) ----------------------------------------------------
 
     def authorize_proxy(
@@ -1900,6 +2141,12 @@ def _dies_at_stop(held: HeldKey) -> bool:
     """Whether the agent deletes ``held`` on the service when it stops: an ephemeral key not
     persisted (a persisted one comes back at the next start, with its expiry)."""
     return held.ephemeral and not held.persisted
+
+
+def _made_by_agent(held: HeldKey) -> bool:
+    """Whether ``held`` is a key the agent created: held since ``create`` (or a rotation), or
+    restored from the keyring with a creation date (``add`` persists none)."""
+    return held.source == "created" or (held.source == "keyring" and held.created is not None)
 
 
 def _deleter(digest: str) -> Callable[[KeyringStore], bool]:

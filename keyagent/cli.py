@@ -83,6 +83,7 @@ ACCOUNT_COMMANDS = frozenset(
     {"add", "get", "list", "ls", "exec", "config", "login", "logout", "create"}
     | {"create-api-key", "list-api-keys", "remove", "remove-api-key"}
     | {"prune"}
+    | {"rotate"}
 )
 """The commands that act on one account, and so take --host and --user."""
 
@@ -270,6 +271,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the key on the service when its lifetime ends (default: delete it there,"
         " unless keep_created_keys is set in the config file)",
     )
+    p.add_argument(
+        "--rotate-every",
+        type=_rotate_every_argument,
+        metavar="DURATION",
+        help="replace the key by a new one on this schedule (at least 1m; e.g. 1h, 1d),"
+        " deleting the old one on the service; shorter than --lifetime",
+    )
+
+    p = command("rotate", "replace a held key by a new one on Conduce, then delete the old one")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument(
+        "key_id", nargs="?", metavar="KEY_ID", type=_key_id_argument, help=KEY_ID_HELP
+    )
+    group.add_argument(
+        "--all", action="store_true", help="rotate every key create made for the account"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = command("list-api-keys", "list the account's API keys on Conduce (masked)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -318,6 +336,24 @@ def _key_id_argument(text: str) -> str:
     if not is_key_id_prefix(text):
         raise argparse.ArgumentTypeError(KEY_ID_USAGE)
     return text
+
+
+def _rotate_every_argument(text: str) -> float:
+    """argparse ``type=`` for ``--rotate-every``: a duration the agent takes as an interval
+    (:func:`keyagent.rules.rotate_every_problem`)."""
+    import argparse
+
+    from keyagent.duration import parse_duration
+    from keyagent.rules import rotate_every_problem
+
+    try:
+        seconds = parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    problem = rotate_every_problem(seconds)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"'{text}' must be {problem}, at most ten years")
+    return seconds
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -429,7 +465,10 @@ def _print_keys(keys: list[dict[str, Any]], out: TextIO) -> None:
     if not keys:
         out.write("no keys held\n")
         return
-    rows = [["KEY_ID", "HOST", "USER", "EXPIRES", "EPHEMERAL", "SOURCE", "RULES", "DESCRIPTION"]]
+    rows = [
+        ["KEY_ID", "HOST", "USER", "EXPIRES", "EPHEMERAL", "SOURCE", "RULES", "ROTATES",
+         "DESCRIPTION"]
+    ]  # fmt: skip
     for key in keys:
         source = str(key.get("source", ""))
         if key.get("stale"):
@@ -443,10 +482,19 @@ def _print_keys(keys: list[dict[str, Any]], out: TextIO) -> None:
                 "yes" if key.get("ephemeral") else "no",
                 source,
                 _rules(key),
+                _rotates(key),
                 str(key.get("description") or ""),
             ]
         )
     _table(rows, out)
+
+
+def _rotates(key: dict[str, Any]) -> str:
+    """When a key with a rotation schedule is next replaced, and how often; ``-`` for none."""
+    every = key.get("rotate_every")
+    if not every:
+        return "-"
+    return f"{key.get('next_rotation')} (every {every:g}s)"
 
 
 def _rules(key: dict[str, Any]) -> str:
@@ -792,16 +840,61 @@ def cmd_create(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
         confirm=args.confirm,
         allow_exe=args.allow_exe,
         keep=args.keep,
+        rotate_every=args.rotate_every,
     )
     if args.reveal:
         out.write(f"{created['key']}\n")  # exact, like get: the agent only holds valid keys
     else:
         fate = "; deleted on the service when it expires" if created.get("ephemeral") else ""
+        every = created.get("rotate_every")
+        if isinstance(every, int | float):
+            fate += f"; replaced by a new key every {every:g}s"
         out.write(
             f"created key {shown(created.get('key_id'))} for {shown(user)}@{shown(host)};"
             f" held by the agent{fate}\n"
         )
     return EXIT_OK
+
+
+def cmd_rotate(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
+    if args.all:
+        host, user = _account(args)
+        result = client.rotate(all=True, host=host, user=user)
+        rotated = list(result.get("rotated", []))
+        failed = list(result.get("failed", []))
+    else:
+        selected = _selectors(args)
+        result = client.rotate(args.key_id, host=selected[0], user=selected[1])
+        rotated, failed = [result], []
+    if args.json:
+        _print_json(result, out)
+    else:
+        for key in rotated:
+            out.write(_rotated_line(key))
+        if args.all and not rotated and not failed:
+            out.write(f"no created keys held for {shown(user)}@{shown(host)}\n")
+        for failure in failed:
+            error = failure.get("error") or {}
+            out.flush()
+            sys.stderr.write(
+                f"keyagent-ctl: could not rotate key {shown(failure.get('key_id'))}:"
+                f" {shown(error.get('message'))} [{shown(error.get('code'))}]\n"
+            )
+    return EXIT_AGENT_ERROR if failed else EXIT_OK
+
+
+def _rotated_line(key: dict[str, Any]) -> str:
+    if key.get("old_deleted"):
+        fate = "deleted on the service"
+    else:
+        fate = (
+            "NOT yet deleted on the service: pending deletion, retried in the background"
+            " (keyagent-ctl status shows it)"
+        )
+    return (
+        f"rotated key {shown(key.get('old_key_id'))} to {shown(key.get('key_id'))}"
+        f" for {shown(key.get('user'))}@{shown(key.get('host'))}; the old key is {fate}\n"
+    )
 
 
 LOG_HEADER = ["TIME", "OP", "OUTCOME", "KEY_ID", "HOST", "USER", "PID", "EXE", "REQUEST"]
@@ -1038,6 +1131,7 @@ HANDLERS: dict[str, Handler] = {  # annotation only: Handler exists for the type
     "remove": cmd_remove,
     "remove-api-key": cmd_remove,
     "prune": cmd_prune,
+    "rotate": cmd_rotate,
     "service": cmd_service,
     "completion": cmd_completion,
 }

@@ -343,9 +343,11 @@ class Client:
         confirm: bool | None = None,
         allow_exe: Sequence[str] | None = None,
         keep: bool | None = None,
+        rotate_every: float | None = None,
     ) -> dict[str, Any]:
         """Create a key on the service and hold it; the rules as for :meth:`add`. ``keep``:
-        whether the key stays on the service when it expires (None: the agent's default)."""
+        whether the key stays on the service when it expires (None: the agent's default).
+        ``rotate_every``: seconds between rotations the agent then makes on its own."""
         return self.call(
             "create",
             host=host,
@@ -358,6 +360,7 @@ class Client:
             confirm=confirm,
             allow_exe=resolve_programs(allow_exe),
             keep=keep,
+            rotate_every=rotate_every,
         )
 
     def remove(
@@ -378,6 +381,22 @@ class Client:
         if not isinstance(result.get("orphans"), list):
             raise ProtocolError()
         return result
+
+    def rotate(
+        self,
+        key_id: str | None = None,
+        *,
+        all: bool | None = None,
+        host: str | None = None,
+        user: str | None = None,
+    ) -> dict[str, Any]:
+        """Replace a held key by a new one made on the service, then delete the old one there.
+
+        With ``key_id``: that key; the reply is the new key's listing with ``old_key_id``,
+        ``old_deleted`` and ``pending_deletion``. With ``all`` (and ``host``, ``user``): every
+        created key held for the account; the reply lists ``rotated`` and ``failed`` keys.
+        """
+        return self.call("rotate", key_id=key_id, all=all, host=host, user=user)
 
 
 def resolve_programs(paths: Sequence[str] | None) -> list[str] | None:

@@ -22,6 +22,9 @@ Everything lives under one service name, ``keyagent`` by default, in two kinds o
     A key with rules (``add --no-export``, ``--confirm``, ``--allow-exe``) is written as
     ``"v":2`` with ``"exportable"``, ``"confirm"`` and ``"allowed_exes"`` members besides, so
     that a keyagent too old to know them leaves it alone instead of loading it without them.
+    A key the agent rotates on a schedule (``create --rotate-every``) carries
+    ``"rotate_every"`` (seconds) in either format: a keyagent that does not know it loads the
+    key without its schedule, which loosens nothing.
 
 ``index``
     Backends cannot enumerate their entries, so this one names them::
@@ -77,7 +80,7 @@ from collections.abc import Callable, Iterable
 from keyagent.errors import BadRequest, KeyringUnavailable
 from keyagent.log import get_logger
 from keyagent.protocol import DESCRIPTION, HOST, KEY, KEY_ID_DIGITS, KEY_ID_SHOWN, USER, is_token
-from keyagent.rules import exe_list_problem
+from keyagent.rules import exe_list_problem, rotate_every_problem
 from keyagent.store import digest_of
 
 TYPE_CHECKING = False
@@ -146,8 +149,9 @@ class PersistedKey(
             "confirm",
             "allowed_exes",
             "ephemeral",
+            "rotate_every",
         ],
-        defaults=[True, False, (), False],
+        defaults=[True, False, (), False, None],
     )
 ):
     """One key as the keyring keeps it (immutable). Its ``secret`` is left out of ``repr``.
@@ -156,6 +160,8 @@ class PersistedKey(
     forgotten. ``exportable``, ``confirm``, ``allowed_exes``: the key's rules, as
     :class:`keyagent.store.HeldKey` has them. ``ephemeral``: the agent deletes the key on
     the service when it expires, even if that moment passed while the agent was down.
+    ``rotate_every``: seconds between two rotations the agent makes of the key
+    (``create --rotate-every``), or None.
     """
 
     __slots__ = ()
@@ -171,6 +177,7 @@ class PersistedKey(
     confirm: bool
     allowed_exes: tuple[str, ...]
     ephemeral: bool
+    rotate_every: float | None
 
     def __repr__(self) -> str:
         return (
@@ -178,7 +185,7 @@ class PersistedKey(
             f"description={self.description!r}, created={self.created!r}, "
             f"expires={self.expires!r}, exportable={self.exportable!r}, "
             f"confirm={self.confirm!r}, allowed_exes={self.allowed_exes!r}, "
-            f"ephemeral={self.ephemeral!r})"
+            f"ephemeral={self.ephemeral!r}, rotate_every={self.rotate_every!r})"
         )
 
 
@@ -640,6 +647,10 @@ def _encode(key: PersistedKey) -> str:
         )
     if key.ephemeral:  # absent means false: entries written before it read as not ephemeral
         document["ephemeral"] = True
+    if key.rotate_every is not None:
+        # Any format may carry it: a keyagent that does not know it loads the key without
+        # its schedule, which loosens nothing.
+        document["rotate_every"] = key.rotate_every
     import json  # loads with the keyring, never in an agent that does not use it
 
     return json.dumps(document, separators=(",", ":"))
@@ -704,6 +715,9 @@ def _decode(stored_id: str, raw: str) -> PersistedKey | None:
         raise _Untrusted("created")
     if exe_list_problem(allowed_exes) is not None:
         raise _Untrusted("allowed_exes")
+    rotate_every = document.get("rotate_every")
+    if rotate_every is not None and rotate_every_problem(rotate_every) is not None:
+        raise _Untrusted("rotate_every")
     return PersistedKey(
         digest=digest_of(secret),
         host=host,
@@ -716,4 +730,5 @@ def _decode(stored_id: str, raw: str) -> PersistedKey | None:
         confirm=confirm,
         allowed_exes=tuple(dict.fromkeys(allowed_exes)),
         ephemeral=ephemeral,
+        rotate_every=None if rotate_every is None else float(rotate_every),
     )

@@ -18,6 +18,7 @@ from keyagent.errors import BadRequest, KeyagentError, TooLarge, UnknownOp
 # the configuration, the command lines and the Conduce client; re-exported here for them.
 from keyagent.rules import (
     MAX_LIFETIME,
+    MIN_ROTATE_EVERY,
     NOT_AN_ENTRY_COUNT,
     NOT_SECONDS,
     duration_problem,
@@ -27,6 +28,7 @@ from keyagent.rules import (
     host_problem,
     is_token,
     is_valid_host,
+    rotate_every_problem,
     user_problem,
 )
 from keyagent.wire import Reply, decode_text, encode_request, encoder, parse_reply, scanner
@@ -162,6 +164,18 @@ def _lifetime(name: str, value: object) -> object:
     return float(value)  # type: ignore[arg-type]  # duration_problem checked it is a number
 
 
+def _rotate_every(name: str, value: object) -> object:
+    problem = rotate_every_problem(value)
+    if problem is NOT_SECONDS:
+        raise BadRequest(f"argument '{name}' must be a number of seconds")
+    if problem is not None:
+        raise BadRequest(
+            f"argument '{name}' must be a number of seconds from {MIN_ROTATE_EVERY:g} (1m) to"
+            " ten years"
+        )
+    return float(value)  # type: ignore[arg-type]  # rotate_every_problem checked it is a number
+
+
 GET_PURPOSES: Final = ("exec",)
 """What a ``get`` may say its key is for, for the audit log (``keyagent-ctl exec``: "exec")."""
 
@@ -258,6 +272,7 @@ OPS: Final[Mapping[str, Spec]] = {
         "export": (_boolean, False),
         "confirm": (_boolean, False),
         "allow_exe": (_exe_list, False),
+        "rotate_every": (_rotate_every, False),
     },
     "remove": {
         "key_id": (_key_id, False),
@@ -267,6 +282,12 @@ OPS: Final[Mapping[str, Spec]] = {
     },
     "log": {"n": (_entry_count, False), "follow": (_boolean, False)},
     "prune": {"host": (HOST, True), "user": (USER, True), "delete": (_boolean, False)},
+    "rotate": {
+        "key_id": (_key_id, False),
+        "all": (_boolean, False),
+        "host": (HOST, False),
+        "user": (USER, False),
+    },
 }
 
 

@@ -28,11 +28,13 @@ __all__ = [
     "MAX_HOST",
     "MAX_LIFETIME",
     "MAX_USER",
+    "MIN_ROTATE_EVERY",
     "NOT_AN_ENTRY_COUNT",
     "NOT_A_COUNT",
     "NOT_POSITIVE",
     "NOT_SECONDS",
     "TOO_LONG",
+    "TOO_SHORT_ROTATION",
     "count_problem",
     "duration_problem",
     "entry_count_problem",
@@ -43,6 +45,7 @@ __all__ = [
     "is_token",
     "is_valid_host",
     "path_problem",
+    "rotate_every_problem",
     "user_problem",
 ]
 
@@ -78,6 +81,23 @@ def duration_problem(seconds: object) -> str | None:
         return NOT_POSITIVE
     if value > MAX_LIFETIME:
         return TOO_LONG
+    return None
+
+
+MIN_ROTATE_EVERY: Final = 60.0
+"""The shortest rotation interval (``create --rotate-every``): each rotation is two calls to
+the service, and a key replaced more often than every minute helps no one."""
+TOO_SHORT_ROTATION: Final = "at least 60 seconds (1m)"
+
+
+def rotate_every_problem(seconds: object) -> str | None:
+    """What a rotation interval must be, or None if ``seconds`` is fine: a duration
+    (:func:`duration_problem`) of at least :data:`MIN_ROTATE_EVERY`."""
+    problem = duration_problem(seconds)
+    if problem is not None:
+        return problem
+    if float(seconds) < MIN_ROTATE_EVERY:  # type: ignore[arg-type]  # a number: checked above
+        return TOO_SHORT_ROTATION
     return None
 
 

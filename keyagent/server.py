@@ -345,12 +345,15 @@ class Server:
         now = self.clock()
         candidates = []
         next_expiry = self.agent.reap()
+        next_rotation = self.agent.rotate_due()
         if self._memo:
             self._drop_stale_memo(now)
         if self._soon:
             return 0.0
         if next_expiry is not None:
             candidates.append(next_expiry)
+        if next_rotation is not None:
+            candidates.append(next_rotation)
         if self._timers:
             candidates.append(self._timers[0][0])
         if self._by_activity:

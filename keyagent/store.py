@@ -54,6 +54,7 @@ class HeldKey:
     __slots__ = (
         "digest", "host", "user", "secret", "description", "created", "added", "deadline",
         "expires", "source", "persisted", "exportable", "confirm", "allowed_exes", "ephemeral",
+        "rotate_every", "rotate_at", "next_rotation",
     )  # fmt: skip
 
     def __init__(
@@ -98,6 +99,13 @@ class HeldKey:
         self.ephemeral = ephemeral
         """The agent deletes the key on the service when it expires or is forgotten (a key
         ``create`` made with a lifetime and without ``keep``); never one that ``add`` gave."""
+        self.rotate_every: float | None = None
+        """Seconds between two rotations the agent makes on its own (``create
+        --rotate-every``), or None; see :meth:`keyagent.agent.Agent.rotate_due`."""
+        self.rotate_at: float | None = None
+        """Monotonic time of the next scheduled rotation (a retry's, after a failure)."""
+        self.next_rotation: float | None = None
+        """The same moment as a POSIX timestamp, for display."""
 
     def __repr__(self) -> str:
         return (
@@ -106,7 +114,8 @@ class HeldKey:
             f"added={self.added!r}, deadline={self.deadline!r}, expires={self.expires!r}, "
             f"source={self.source!r}, persisted={self.persisted!r}, "
             f"exportable={self.exportable!r}, confirm={self.confirm!r}, "
-            f"allowed_exes={self.allowed_exes!r}, ephemeral={self.ephemeral!r})"
+            f"allowed_exes={self.allowed_exes!r}, ephemeral={self.ephemeral!r}, "
+            f"rotate_every={self.rotate_every!r})"
         )
 
     @property
@@ -138,6 +147,8 @@ class HeldKey:
             "confirm": self.confirm,
             "allowed_exes": list(self.allowed_exes),
             "ephemeral": self.ephemeral,
+            "rotate_every": self.rotate_every,
+            "next_rotation": iso(self.next_rotation),
         }
 
     def alive(self, now: float) -> bool:

@@ -40,6 +40,7 @@ VALID_ARGS: dict[str, dict[str, Any]] = {
     "remove": {},
     "log": {},
     "prune": {"host": "app.conduce.com", "user": "ada@example.com"},
+    "rotate": {},
 }
 """For each op, arguments that pass the protocol's validation (the agent and protocol tests)."""
 WALL = 1_700_000_000.0

@@ -141,7 +141,7 @@ FRESH_OUTCOMES: dict[str, set[str] | type[KeyagentError]] = {
                "default_lifetime", "sessions", "pending_deletions"},
     "add": {"key_id", "fingerprint", "host", "user", "description", "created", "added",
             "expires", "source", "persisted", "exportable", "confirm", "allowed_exes",
-            "ephemeral"},
+            "ephemeral", "rotate_every", "next_rotation"},
     "get": NotFound,
     "list": {"keys"},
     "forget": {"forgotten"},
@@ -257,6 +257,8 @@ def test_add_returns_the_listing_without_the_secret(agent: Agent) -> None:
         "confirm": False,
         "allowed_exes": [],
         "ephemeral": False,
+        "rotate_every": None,
+        "next_rotation": None,
     }
     assert SECRET not in json.dumps(added)
 

@@ -420,3 +420,55 @@ def test_a_leftover_of_an_account_the_agent_cannot_track_is_retried(
     driver.pass_time(FIRST_RETRY)
     assert agent.orphans[leftover.fingerprint].attempts == 2
     assert in_file(leftovers_path) == [leftover.fingerprint]
+
+
+# --- rotation meets crash safety --------------------------------------------------------------
+
+
+def test_a_rotated_ephemeral_key_is_named_in_the_leftovers_file_in_place_of_the_old(
+    agent: Agent, account: FakeAccount, leftovers_path: str
+) -> None:
+    """Rotating an ephemeral key that only memory holds records its successor in the
+    leftovers file before the reply, and the old key leaves it once deleted."""
+    old = create(agent, lifetime=3600)
+    driver_for(agent)
+    assert in_file(leftovers_path) == [digest_of(old)]
+    rotated = run(agent, "rotate", key_id=key_id_for(old))
+    new = account.keys[-1]
+    assert rotated["old_deleted"] is True
+    assert rotated["key_id"] == key_id_for(new)
+    assert in_file(leftovers_path) == [digest_of(new)]
+    assert old not in account.keys
+
+
+def test_a_rotated_persisted_ephemeral_key_comes_back_ephemeral(
+    agent: Agent, time: FakeTime, account: FakeAccount, backend: MemoryKeyring,
+    leftovers_path: str,
+) -> None:  # fmt: skip
+    """The keyring record of a rotated persisted ephemeral key keeps the flag, so after a
+    restart the successor is still deleted on the service at its expiry."""
+    old = create(agent, lifetime=3600, persist=True)
+    login(agent)
+    run(agent, "rotate", key_id=key_id_for(old))
+    new = account.keys[-1]
+    assert keyring_ids(backend) == {digest_of(new)}
+    assert entry(backend, new)["ephemeral"] is True
+    again = restart(time, account, backend, leftovers_path)
+    assert again.held_keys.holding(digest_of(new)).ephemeral is True  # type: ignore[union-attr]
+
+
+def test_rotate_all_includes_created_keys_restored_from_the_keyring(
+    agent: Agent, time: FakeTime, account: FakeAccount, backend: MemoryKeyring,
+    leftovers_path: str,
+) -> None:  # fmt: skip
+    """After a restart, rotate --all still rotates the keys the agent created (their keyring
+    record has a creation date) and leaves alone a key that add persisted."""
+    created = create(agent, persist=True)
+    run(agent, "add", **ACCOUNT, key=KEPT, persist=True)
+    again = restart(time, account, backend, leftovers_path)
+    login(again)
+    result = run(again, "rotate", all=True, **ACCOUNT)
+    assert [item["old_key_id"] for item in result["rotated"]] == [key_id_for(created)]
+    assert result["failed"] == []
+    assert created not in account.keys
+    assert KEPT in account.keys

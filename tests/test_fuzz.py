@@ -357,6 +357,9 @@ ARGUMENTS: dict[str, st.SearchStrategy[Any]] = {
         st.one_of(st.sampled_from(["/usr/bin/curl", "/opt/t/run"]), st.text(_no_controls)),
         max_size=3,
     ),
+    "rotate_every": st.one_of(
+        st.integers(60, int(protocol.MAX_LIFETIME)), st.floats(60, protocol.MAX_LIFETIME)
+    ),
     "follow": st.booleans(),
     "n": st.one_of(st.integers(0, 1_000_000), st.integers()),
     "purpose": st.one_of(st.just("exec"), st.text(_any_char, max_size=8)),
@@ -541,6 +544,7 @@ WRONG_VALUES: dict[str, list[object]] = {
     "allow_exe": [None, True, "/usr/bin/curl", 1, {}, [1], [None], [["/bin/sh"]]],
     "n": [None, True, "10", 1.5, -1, 1_000_001, [], {}],
     "purpose": [None, True, 1, "", "EXEC", [], {}, ["exec"]],
+    "rotate_every": [None, True, "1h", 59, 0, -1, 1e12, [], {}, [3600]],
 }
 TEXT_ARGUMENTS = {"host", "user", "key", "description", "passphrase", "password"}
 # A valid value for each argument, so that a request fails on the one wrong argument only.
@@ -549,14 +553,18 @@ VALID_VALUES: dict[str, object] = {
     "passphrase": f"{MARKER}-p", "password": f"{MARKER}-pw", "key_id": "abcd", "lifetime": 60,
     "persist": False, "all": False, "remote": False, "reveal": False, "export": True,
     "confirm": False, "allow_exe": [], "follow": False, "n": 1, "purpose": "exec",
-    "keep": False, "local": True, "delete": False,
+    "keep": False, "local": True, "delete": False, "rotate_every": 3600,
 }  # fmt: skip
 
 
 def kind_of(name: str) -> str:
     if name in TEXT_ARGUMENTS:
         return "text"
-    return name if name in {"key_id", "lifetime", "allow_exe", "n", "purpose"} else "bool"
+    return (
+        name
+        if name in {"key_id", "lifetime", "allow_exe", "n", "purpose", "rotate_every"}
+        else "bool"
+    )
 
 
 def wrongly_typed(op: str, name: str, value: object) -> bytes:
@@ -635,6 +643,7 @@ def test_wrong_argument_types_are_bad_request_naming_the_argument(
         "allow_exe": lambda v: not isinstance(v, list) or not all(isinstance(i, str) for i in v),
         "n": lambda v: isinstance(v, bool) or not isinstance(v, int),
         "purpose": lambda v: not isinstance(v, str),
+        "rotate_every": lambda v: isinstance(v, bool) or not isinstance(v, int | float),
     }[kind]
     value = data.draw(STRICT_JSON_VALUES.filter(wrong), label="value")
     assert_names_the_argument(fuzz, [wrongly_typed(op, name, value)], [name])

@@ -875,3 +875,30 @@ def test_importing_persist_does_not_import_keyring() -> None:
         timeout=30,
     )
     assert result.stdout.strip() == "False"
+
+
+def test_rotate_every_is_saved_and_read_back(store: KeyringStore) -> None:
+    """A key's rotation interval survives the keyring; a key without one reads back None."""
+    scheduled = make_key(SECRETS[0])._replace(rotate_every=3600.0)
+    plain = make_key(SECRETS[1])
+    store.save(scheduled)
+    store.save(plain)
+    assert store.load_all(WALL) == ([scheduled, plain], [])
+    assert [key.rotate_every for key in store.load_all(WALL)[0]] == [3600.0, None]
+
+
+@pytest.mark.parametrize("value", [5, 0, -60, True, "1h", [3600], 1e12])
+def test_an_invalid_rotate_every_skips_the_entry_with_a_warning(
+    store: KeyringStore, memory: MemoryKeyring, caplog: pytest.LogCaptureFixture, value: object
+) -> None:
+    """A rotation interval the protocol would refuse (under a minute, not a number, over ten
+    years) skips that record, with a warning naming the field; the other keys still load."""
+    good, bad = make_key(SECRETS[0]), make_key(SECRETS[1])
+    store.save(good)
+    store.save(bad)
+    document = json.loads(memory.get_password(SERVICE, f"key:{bad.digest}") or "")
+    document["rotate_every"] = value
+    memory.put(SERVICE, f"key:{bad.digest}", json.dumps(document))
+    assert store.load_all(WALL) == ([good], [])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(bad.digest[:12] in m and "invalid rotate_every" in m for m in warnings)

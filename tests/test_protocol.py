@@ -48,6 +48,7 @@ WRONG_TYPES: dict[str, list[object]] = {
     "allow_exe": [None, True, "/usr/bin/curl", 1, {}, [1], [None], [["/bin/sh"]]],
     "n": [None, True, False, "10", 1.5, -1, 1_000_001, [], {}, [10]],
     "purpose": [None, True, 1, "", "EXEC", "get", [], {}, ["exec"]],
+    "rotate_every": [None, True, False, "3600", "1h", "", [], {}, [3600]],
 }
 
 
@@ -115,7 +116,14 @@ def test_a_lifetime_of_ten_years_is_taken_and_one_second_more_is_not() -> None:
 def test_every_argument_has_a_known_kind() -> None:
     """Every argument name in OPS is one this test module knows how to mistype."""
     names = {name for spec in OPS.values() for name in spec}
-    assert names <= STRING_ARGS | BOOL_ARGS | {"key_id", "lifetime", "allow_exe", "n", "purpose"}
+    assert names <= STRING_ARGS | BOOL_ARGS | {
+        "key_id",
+        "lifetime",
+        "allow_exe",
+        "n",
+        "purpose",
+        "rotate_every",
+    }
     assert set(VALID_ARGS) == set(OPS)
 
 
@@ -543,6 +551,14 @@ BOUNDS: list[tuple[str, str, object, bool]] = [
     ("add", "lifetime", -1, False),
     ("create", "lifetime", 60, True),
     ("create", "lifetime", -60.5, False),
+    # rotate_every: at least a minute, at most ten years
+    ("create", "rotate_every", 60, True),
+    ("create", "rotate_every", 59.999, False),
+    ("create", "rotate_every", 0, False),
+    ("create", "rotate_every", MAX_LIFETIME, True),
+    ("create", "rotate_every", MAX_LIFETIME + 1, False),
+    ("rotate", "key_id", "abcd", True),
+    ("rotate", "key_id", "abc", False),
 ]
 
 
@@ -833,6 +849,7 @@ def test_wrong_argument_types_are_always_bad_request(data: st.DataObject) -> Non
         "allow_exe": not isinstance(value, list) or not all(isinstance(v, str) for v in value),
         "n": isinstance(value, bool) or not isinstance(value, int),
         "purpose": not isinstance(value, str),
+        "rotate_every": isinstance(value, bool) or not isinstance(value, int | float),
     }[kind]
     outcome = parses_or_rejects(json.dumps(with_arg(op, name, value), allow_nan=False).encode())
     if wrong:
@@ -890,6 +907,10 @@ ARG_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "follow": st.booleans(),
     "n": st.integers(min_value=0, max_value=1_000_000),
     "purpose": st.just("exec"),
+    "rotate_every": st.one_of(
+        st.integers(min_value=60, max_value=int(MAX_LIFETIME)),
+        st.floats(min_value=60, max_value=MAX_LIFETIME),
+    ),
 }
 
 
@@ -1206,3 +1227,14 @@ def test_each_edge_character_is_judged_as_defined(char: str) -> None:
     for text in (char, f"ab{char}cd"):
         assert protocol.has_control_characters(text) == _spec_control(text)
         assert protocol.is_token(text) == (not _spec_not_token(text))
+
+
+def test_rotate_every_becomes_float_seconds_and_names_its_bounds() -> None:
+    """create's rotate_every is handed on as float seconds; one under a minute is refused
+    with a message that names the bounds."""
+    request = parse_request(encode(with_arg("create", "rotate_every", 3600)))
+    assert request.args["rotate_every"] == 3600.0
+    assert type(request.args["rotate_every"]) is float
+    assert_bad_request(
+        rejected(with_arg("create", "rotate_every", 30)), "from 60 (1m) to ten years"
+    )

@@ -348,4 +348,5 @@ def test_prune_is_refused_when_the_keyring_cannot_be_read(
 def test_an_agent_with_no_keyring_backend_keeps_no_key_there() -> None:
     """With keyring's fail backend (no OS keyring on this machine) nothing can have been
     persisted: the store keeps no key, and prune works as without a keyring."""
-    assert KeyringStore(fail.Keyring()).fingerprints() == frozenset()
+    no_backend = fail.Keyring()  # type: ignore[no-untyped-call]  # keyring is untyped here
+    assert KeyringStore(no_backend).fingerprints() == frozenset()

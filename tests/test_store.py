@@ -127,6 +127,8 @@ def test_listing_has_every_field_but_the_secret() -> None:
         "confirm": False,
         "allowed_exes": [],
         "ephemeral": False,
+        "rotate_every": None,
+        "next_rotation": None,
     }
     assert SECRET not in repr(listing)
 

@@ -135,6 +135,7 @@ class Connection:
         "discarded",
         "eof",
         "events",
+        "finishing",
         "gone",
         "inbuf",
         "last_active",
@@ -156,6 +157,9 @@ class Connection:
         # still run, in order, their replies counted in ``discarded`` and dropped.
         self.gone = False
         self.discarded = 0
+        # A fatal error line is queued (see Server._fatal): nothing more is read or run;
+        # closed once the replies before it, and it, have been sent.
+        self.finishing = False
         self.events = 0
         self.last_active = now
         self.line_started = now
@@ -682,7 +686,7 @@ class Server:
         """
         if conn.closed or conn.gone:
             return
-        if conn in self._followers:  # it sends no more requests: nothing is left to run
+        if conn in self._followers or conn.finishing:  # nothing it sent is left to run
             self._close(conn)
             return
         conn.gone = True
@@ -745,6 +749,8 @@ class Server:
         For a client that has gone, run what it sent until nothing is left, then close;
         a reply budget's worth per turn, like a client that reads its replies.
         """
+        if conn.finishing:
+            return
         inbuf = conn.inbuf
         limit = self.limits.max_pending_output
         while not conn.busy and not conn.closed and len(conn.outbuf) + conn.discarded < limit:
@@ -1030,10 +1036,19 @@ class Server:
             conn.events = want
 
     def _fatal(self, conn: Connection, error: KeyagentError) -> None:
-        """Send one error line and close: the stream can no longer be framed."""
+        """Send one error line and close: the stream can no longer be framed, so nothing
+        more is read. Replies to earlier lines that the client has not read yet (a long
+        ``log``, say) are sent first, whole, then the error: the connection closes once the
+        client has read them (or at its idle deadline)."""
         log.warning("closing connection from pid %d: %s", conn.peer.pid, error.code)
         self._send(conn, protocol.encode_error(None, error))
-        self._close(conn)
+        if not conn.outbuf:
+            self._close(conn)
+            return
+        conn.finishing = conn.eof = True  # read no more; _settle closes it once sent
+        conn.inbuf.clear()
+        self._half_lines.pop(conn, None)
+        self._settle(conn)
 
     def _close(self, conn: Connection) -> None:
         if conn.closed:

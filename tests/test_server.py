@@ -207,6 +207,30 @@ def test_oversized_line_is_refused_and_the_connection_closed(raw: Callable[..., 
     assert decode(other.line())["ok"] is True
 
 
+def test_a_long_reply_before_an_oversized_line_is_sent_whole_before_the_close(
+    agent: AgentProcess, raw: Callable[..., Raw]
+) -> None:
+    """A reply larger than the socket's buffer, to a line pipelined just before a line over
+    64 KiB, reaches the client whole, then too_large, then the close: the error never cuts
+    short what was owed before it."""
+    with agent.client() as client:
+        client.add(host="h.example", user="u@example.com", key="long-reply-key-0123456789")
+    gets = 6000  # each recorded in the audit log: a log reply of well over a megabyte
+    filler = raw(timeout=30)
+    filler.send(b'{"op": "get"}\n' * gets)
+    for _ in range(gets):
+        assert decode(filler.line())["ok"] is True
+    connection = raw(timeout=30)
+    connection.send(b'{"id": "log", "op": "log"}\n' + b"{" + b" " * (70 * 1024) + b"}\n")
+    first = connection.line()
+    assert len(first) > 1024 * 1024
+    reply = decode(first)
+    assert reply["id"] == "log"
+    assert len(reply["result"]["entries"]) >= gets
+    assert error_code(decode(connection.line())) == "too_large"
+    assert connection.closed_by_peer()
+
+
 def test_endless_line_without_newline_is_refused(raw: Callable[..., Raw]) -> None:
     """More than 64 KiB with no newline is too_large too, without waiting for the end."""
     endless = raw()

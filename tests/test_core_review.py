@@ -17,6 +17,8 @@ from keyagent.store import digest_of
 from keyagent.testing.agent import AgentProcess
 from keyagent.testing.memory_keyring import MemoryKeyring
 
+from .conftest import wait_until
+
 SECRETS = ["first-S3CR3T-key", "second-S3CR3T-key", "third-S3CR3T-key"]
 
 
@@ -129,8 +131,20 @@ def test_an_agent_started_under_a_tracer_warns_at_start_up(tmp_path: Path) -> No
     with AgentProcess(tmp_path / "agent", wrapper=["strace", "-f", "-o", "/dev/null"]) as agent:
         with agent.client() as client:
             assert client.hello()["protocol"] == 1
+            pid = client.status()["pid"]
         log = agent.log()
     assert "the agent is being traced by pid" in log
+    # Stopping the wrapper stopped the traced agent too: none is left running.
+    wait_until(lambda: not _running(pid), "the traced agent gone")
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_an_agent_started_normally_does_not_warn(tmp_path: Path) -> None:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import os
 import select
+import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -133,6 +136,11 @@ class AgentProcess:
         process = self.process
         if process is None:
             return None
+        # Under a wrapper (strace), the agent is the wrapper's child: a wrapper stopped first
+        # may detach and leave it running, so the agent is stopped first, by its own pid.
+        served_by = self._served_by() if self.wrapper and process.poll() is None else None
+        if served_by is not None and served_by != process.pid:
+            _end(served_by, timeout)
         if process.poll() is None:
             process.terminate()
             try:
@@ -144,6 +152,18 @@ class AgentProcess:
             process.stdout.close()
         return process.returncode
 
+    def _served_by(self) -> int | None:
+        """The pid of the process that answers on the agent's socket (SO_PEERCRED)."""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(5)
+                sock.connect(self.socket_path)
+                credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        except OSError:
+            return None
+        pid: int = struct.unpack("3i", credentials)[0]
+        return pid
+
     def __enter__(self) -> AgentProcess:
         return self.start()
 
@@ -154,3 +174,23 @@ class AgentProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _end(pid: int, timeout: float) -> None:
+    """SIGTERM to ``pid``, not a child of this process, and wait (a pidfd) until it is gone;
+    SIGKILL after ``timeout``."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                signal.pidfd_send_signal(pidfd, sig)
+            except ProcessLookupError:
+                return
+            readable, _, _ = select.select([pidfd], [], [], timeout)
+            if readable:
+                return
+    finally:
+        os.close(pidfd)

@@ -1930,6 +1930,8 @@ class Agent:
     def rotate_due(self) -> float | None:
         """Start the rotations that are due, in the background; return the next monotonic
         time one is, if any. The server calls it before each wait, as it calls :meth:`reap`."""
+        if self.at_stop is not None:  # a stopping agent makes no new keys on the service
+            return None
         now = self.clock.monotonic()
         heap = self._rotations
         while heap and heap[0][0] <= now:

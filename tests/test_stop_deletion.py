@@ -231,3 +231,17 @@ def test_stop_timeout_is_a_duration_from_the_file_or_the_flag(tmp_path: Path) ->
         daemon.build_parser().parse_args(["--stop-timeout", "0"])
     assert exited.value.code == EXIT_USAGE
     assert "--stop-timeout" in errors_out.getvalue()
+
+
+def test_a_stopping_agent_starts_no_scheduled_rotation(
+    agent: Agent, account: FakeAccount, time: FakeTime
+) -> None:
+    """Once the agent is stopping, a rotation that falls due makes no new key on the
+    service: the agent is on its way out."""
+    secret = create(agent, account, rotate_every=600)
+    driver_for(agent)
+    agent.begin_stop()
+    time.advance(601)
+    assert agent.rotate_due() is None
+    assert account.keys[-1] == secret
+    assert [name for name, _ in account.calls].count("create") == 1

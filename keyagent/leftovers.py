@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import stat
 from collections import namedtuple
 
 from keyagent.log import get_logger
 from keyagent.protocol import KEY_ID_DIGITS, KEY_ID_MAX, KEY_ID_SHOWN
-from keyagent.rules import host_problem, user_problem
+from keyagent.rules import host_problem, is_finite_number, user_problem
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -82,7 +81,7 @@ def _is_fingerprint(value: object) -> bool:
 def _is_expiry(value: object) -> bool:
     if value is None:
         return True
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return is_finite_number(value)
 
 
 class LeftoversFile:

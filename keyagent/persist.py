@@ -70,7 +70,6 @@ writes to, so reads, writes and deletes all go to one store.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import threading
@@ -80,7 +79,7 @@ from collections.abc import Callable, Iterable
 from keyagent.errors import BadRequest, KeyringUnavailable
 from keyagent.log import get_logger
 from keyagent.protocol import DESCRIPTION, HOST, KEY, KEY_ID_DIGITS, KEY_ID_SHOWN, USER, is_token
-from keyagent.rules import exe_list_problem, rotate_every_problem
+from keyagent.rules import exe_list_problem, is_finite_number, rotate_every_problem
 from keyagent.store import digest_of
 
 TYPE_CHECKING = False
@@ -657,7 +656,7 @@ def _encode(key: PersistedKey) -> str:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return is_finite_number(value)
 
 
 def _decode(stored_id: str, raw: str) -> PersistedKey | None:

@@ -61,6 +61,18 @@ NOT_POSITIVE: Final = "a positive duration"
 TOO_LONG: Final = "at most ten years (315360000 seconds)"
 
 
+def is_finite_number(value: object) -> bool:
+    """Whether ``value`` is an ``int`` or ``float`` (not a ``bool``) that a float can hold:
+    not NaN, not infinite, and not an integer of hundreds of digits (which ``math.isfinite``
+    would raise OverflowError for). For numbers read from files and other outside records."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def duration_problem(seconds: object) -> str | None:
     """What ``seconds`` must be to serve as a key lifetime, a timeout or an interval, or None
     if it is fine: an ``int`` or ``float`` (not a ``bool``), not NaN, positive, and at most

@@ -902,3 +902,18 @@ def test_an_invalid_rotate_every_skips_the_entry_with_a_warning(
     assert store.load_all(WALL) == ([good], [])
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(bad.digest[:12] in m and "invalid rotate_every" in m for m in warnings)
+
+
+@pytest.mark.parametrize("value", [10**400, -(10**400)], ids=["huge", "huge-negative"])
+def test_an_expiry_no_float_can_hold_skips_the_entry_and_the_others_load(
+    store: KeyringStore, memory: MemoryKeyring, value: int
+) -> None:
+    """An expiry of hundreds of digits (no float holds it) makes that record unreadable, not
+    the whole restore: the other keys still load."""
+    good, bad = make_key(SECRETS[0]), make_key(SECRETS[1])
+    store.save(good)
+    store.save(bad)
+    document = json.loads(memory.get_password(SERVICE, f"key:{bad.digest}") or "")
+    document["expires"] = value
+    memory.put(SERVICE, f"key:{bad.digest}", json.dumps(document))
+    assert store.load_all(WALL)[0] == [good]

@@ -650,6 +650,7 @@ class Agent:
             return
         pending = PendingDeletion(held, self.clock.wall(), in_keyring=in_keyring)
         self.pending_deletions[held.digest] = pending
+        self._leftovers_changed()  # named there until deleted, unless the keyring keeps it
         self.in_background(self._delete_then_tidy(pending))
 
     def _delete_then_tidy(self, pending: PendingDeletion) -> Steps:
@@ -1838,29 +1839,55 @@ class Agent:
             source="created", exportable=held.exportable, confirm=held.confirm,
             allowed_exes=held.allowed_exes, ephemeral=held.ephemeral,
         )  # fmt: skip
+        # From now on the old key is a pending deletion: not served, shown by status, tried
+        # by a stopping agent, and named by the leftovers file until it is gone.
+        pending = PendingDeletion(held, wall)
+        self.pending_deletions[digest] = pending
         self._rotation_delays.pop(digest, None)
         if held.rotate_every is not None:
             self._schedule_rotation(new, held.rotate_every)
         log.info("rotated key %s to %s for %s on %s", old_id, new.key_id, held.user, held.host)
-        if new.ephemeral:  # as for create: recorded before the reply, so a crash loses nothing
-            yield from self._record_leftovers()
         self.audit("rotate", peer, key_id=new.key_id, host=new.host, user=new.user)
         self.audit("rotated", peer, key_id=old_id, host=held.host, user=held.user)
+        problems: list[str] = []
+        persisted = held.persisted and self.keyring is not None
+        if persisted:
+            # The new record first: until it is saved, a restart would bring back the old key.
+            problem = yield from self._save_rotated(new, lifetime)
+            if problem is not None:
+                problems.append(problem)
+        # As for create, before the reply: a crash from here on loses neither key.
+        yield from self._record_leftovers()
+        if persisted:
+            try:
+                yield self._keyring(_deleter(digest))
+            except KeyagentError as error:
+                problems.append(
+                    f"the entry of key {old_id} remains ({error.message}): run keyagent-ctl "
+                    f"forget --persist {digest}"
+                )
         # Then the old key goes on the service, ephemeral or not: that is what rotating means.
         old_deleted = True
         try:
-            yield from self._delete_once(PendingDeletion(held, wall))
+            yield from self._delete_once(pending)
         except NotFound:
             pass  # already gone: as good as deleted
         except KeyagentError as error:
-            log.warning(
-                "could not delete the rotated key %s on %s (%s); retrying in the background",
-                old_id, held.host, error.message,
-            )  # fmt: skip
-            self.delete_on_service(held)
-            old_deleted = False
-        if held.persisted and self.keyring is not None:
-            yield from self._persist_rotated(held, new, lifetime)
+            if self.pending_deletions.get(digest) is pending:  # not ended meanwhile (at stop)
+                log.warning(
+                    "could not delete the rotated key %s on %s (%s); retrying in the background",
+                    old_id, held.host, error.message,
+                )  # fmt: skip
+                self.in_background(self._delete_then_tidy(pending))
+                old_deleted = False
+        if old_deleted and self.pending_deletions.get(digest) is pending:
+            del self.pending_deletions[digest]
+            self._leftovers_changed()
+        if problems:
+            raise KeyringUnavailable(
+                f"rotated key {old_id} to {new.key_id}, which the agent holds and serves, "
+                f"but in the OS keyring {'; '.join(problems)}"
+            )
         result = new.listing()
         result.update(
             old_key_id=old_id, old_fingerprint=digest, old_deleted=old_deleted,
@@ -1868,33 +1895,21 @@ class Agent:
         )  # fmt: skip
         return result
 
-    def _persist_rotated(self, old: HeldKey, new: HeldKey, lifetime: float | None) -> Steps:
-        """Save the new key to the OS keyring, then delete the old key's entry there."""
+    def _save_rotated(self, new: HeldKey, lifetime: float | None) -> Steps:
+        """Save a rotation's new key to the OS keyring; returns what went wrong, or None."""
         record = self._record(
             new.secret, host=new.host, user=new.user, description=new.description,
             created=new.created, lifetime=lifetime,
             rules=(new.exportable, new.confirm, new.allowed_exes), ephemeral=new.ephemeral,
         )._replace(rotate_every=new.rotate_every)  # fmt: skip
-        problems = []
         try:
             yield self._keyring(lambda keyring: keyring.save(record))
-            new.persisted = True
         except KeyagentError as error:
             if isinstance(error, Overdue):  # should the save complete after all: persisted
                 self.in_background(self._mark_persisted_when_saved(error.late, new))
-            problems.append(f"key {new.key_id} is not in it ({error.message})")
-        try:
-            yield self._keyring(_deleter(old.digest))
-        except KeyagentError as error:
-            problems.append(
-                f"the entry of key {old.key_id} remains ({error.message}): run keyagent-ctl "
-                f"forget --persist {old.digest}"
-            )
-        if problems:
-            raise KeyringUnavailable(
-                f"rotated key {old.key_id} to {new.key_id}, which the agent holds and serves, "
-                f"but in the OS keyring {'; '.join(problems)}"
-            )
+            return f"key {new.key_id} is not in it ({error.message})"
+        new.persisted = True
+        return None
 
     def _delete_unheld(self, held: HeldKey, secret: str) -> None:
         """Delete on the service, in the background, a key made for ``held``'s account that

@@ -6,6 +6,7 @@ holds, and the next agent deletes those it does not hold again."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -472,3 +473,62 @@ def test_rotate_all_includes_created_keys_restored_from_the_keyring(
     assert result["failed"] == []
     assert created not in account.keys
     assert KEPT in account.keys
+
+
+class WatchedAccount(FakeAccount):
+    """A FakeAccount that calls ``on_delete`` with each key it is asked to delete, before
+    deleting it: what was on disk at that moment is what a crash there would leave."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.on_delete: Callable[[str], None] = lambda key: None
+
+    def delete_key(self, key: str, api_key: str | None = None) -> None:
+        self.on_delete(key)
+        super().delete_key(key, api_key=api_key)
+
+
+def test_a_rotated_key_is_named_in_the_leftovers_file_while_it_is_deleted(
+    time: FakeTime, backend: MemoryKeyring, leftovers_path: str
+) -> None:
+    """While the old key of a rotation is being deleted on the service, the leftovers file
+    names it and its successor, so a crash during that call loses neither; when that call
+    fails the key stays named (and pending) for the retry, and leaves the file once deleted."""
+    account = WatchedAccount()
+    agent = make_agent(time, account, backend, leftovers_path)
+    old = create(agent, lifetime=3600)
+    driver_for(agent)
+    on_disk: list[list[str]] = []  # the file's fingerprints at each delete call
+    refusals = [errors.RemoteError("the service answered 503")]  # the rotation's own attempt
+
+    def watch(key: str) -> None:
+        on_disk.append(sorted(in_file(leftovers_path)))
+        if refusals:
+            raise refusals.pop()
+
+    account.on_delete = watch
+    rotated = run(agent, "rotate", key_id=key_id_for(old))
+    new = account.keys[-1]
+    assert rotated["pending_deletion"] is True
+    both = sorted([digest_of(old), digest_of(new)])
+    assert on_disk == [both, both]  # the rotation's attempt, then the background retry's
+    assert old not in account.keys
+    assert in_file(leftovers_path) == [digest_of(new)]
+    assert run(agent, "status")["pending_deletions"] == []
+
+
+def test_a_persisted_key_is_rotated_in_the_keyring_before_the_old_one_is_deleted(
+    time: FakeTime, backend: MemoryKeyring, leftovers_path: str
+) -> None:
+    """Rotating a persisted key saves the new key's record before the old key is deleted on
+    the service: a crash then brings back the new key, never the dead old one."""
+    account = WatchedAccount()
+    agent = make_agent(time, account, backend, leftovers_path)
+    old = create(agent, persist=True)
+    seen: dict[str, set[str]] = {}
+    account.on_delete = lambda key: seen.setdefault(key, keyring_ids(backend))
+    login(agent)
+    run(agent, "rotate", key_id=key_id_for(old))
+    new = account.keys[-1]
+    assert digest_of(new) in seen[old]
+    assert keyring_ids(backend) == {digest_of(new)}

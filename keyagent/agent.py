@@ -1327,7 +1327,7 @@ class Agent:
             # Should the keyring delete after all, memory follows it.
             self.in_background(self._forget_when_done(overdue.late, targets, now, local))
             raise
-        result = self._forget(targets, now, local)
+        result = self._forget(targets, now, local, unpersisted=True)
         result["unpersisted"] = unpersisted
         return result
 
@@ -1336,11 +1336,15 @@ class Agent:
     ) -> Steps:
         """Background: forget from memory what a keyring delete removed after its deadline."""
         yield late
-        return self._forget(targets, now, local)
+        return self._forget(targets, now, local, unpersisted=True)
 
-    def _forget(self, targets: list[str] | None, now: float, local: bool = False) -> Result:
+    def _forget(
+        self, targets: list[str] | None, now: float, local: bool = False, unpersisted: bool = False
+    ) -> Result:
         """Drop keys from memory; an ephemeral one is deleted on the service too, in the
-        background, unless ``local`` (the key then stays valid there)."""
+        background, unless ``local`` (the key then stays valid there), and so is its OS
+        keyring entry if it has one (a restart would bring back a key deleted on the service),
+        unless ``unpersisted`` (the caller deleted the entries already)."""
         if targets is None:
             dropped = self.held_keys.clear()
             forgotten = sum(held.alive(now) for held in dropped)
@@ -1351,6 +1355,10 @@ class Agent:
         if not local:
             for held in dropped:
                 if held.ephemeral:
+                    if held.persisted and self.keyring is not None and not unpersisted:
+                        # Gone from the keyring first; the leftovers file names the key until
+                        # it is deleted on the service.
+                        self.in_background(self._keyring_chore(_deleter(held.digest)))
                     self.delete_on_service(held)
                     deleting += 1
         log.info("forgot %d key(s); deleting %d on the service", forgotten, deleting)

@@ -532,3 +532,22 @@ def test_a_persisted_key_is_rotated_in_the_keyring_before_the_old_one_is_deleted
     new = account.keys[-1]
     assert digest_of(new) in seen[old]
     assert keyring_ids(backend) == {digest_of(new)}
+
+
+def test_forgetting_a_persisted_ephemeral_key_deletes_its_keyring_entry_too(
+    agent: Agent, time: FakeTime, account: FakeAccount, backend: MemoryKeyring,
+    leftovers_path: str,
+) -> None:  # fmt: skip
+    """forget without --persist (or SIGUSR1's forget of every key) of a persisted ephemeral
+    key deletes it on the service and its keyring entry, so a restart does not bring back a
+    key the service no longer knows; forget --local leaves both."""
+    kept = create(agent, lifetime=3600, persist=True)
+    gone = create(agent, lifetime=3600, persist=True)
+    run(agent, "forget", key_id=key_id_for(kept), local=True)
+    result = run(agent, "forget", key_id=key_id_for(gone))
+    assert result == {"forgotten": 1, "deleting": 1}
+    assert gone not in account.keys
+    assert kept in account.keys
+    assert keyring_ids(backend) == {digest_of(kept)}
+    again = restart(time, account, backend, leftovers_path)
+    assert again.held_keys.holding(digest_of(gone)) is None

@@ -755,8 +755,10 @@ class Agent:
         return self.deletions_at_stop()
 
     def deletions_at_stop(self) -> int:
-        """How many deletions begun at stop have not ended. Keys that became due since the
-        last call (created, or expired into a pending deletion, while stopping) begin first."""
+        """How many deletions begun at stop have not ended, plus the requests still waiting to
+        make a key on the service (a create or rotation the stop came in the middle of: its key
+        is then deleted too). Keys that became due since the last call (created, or expired
+        into a pending deletion, while stopping) begin first."""
         stop = self.at_stop
         if stop is None:
             return 0
@@ -772,7 +774,7 @@ class Agent:
                 stop.tried.add(pending.digest)
                 stop.under_way[pending.digest] = pending
                 self.in_background(self._delete_at_stop(stop, pending))
-        return len(stop.under_way)
+        return len(stop.under_way) + self._reserved + len(self._rotating)
 
     def _delete_at_stop(self, stop: StopDeletions, pending: PendingDeletion) -> Steps:
         """Background, at stop: one attempt to delete ``pending`` on the service."""
@@ -804,6 +806,13 @@ class Agent:
         stop = self.at_stop
         if stop is None:
             return 0
+        making = self._reserved + len(self._rotating)
+        if making:
+            log.error(
+                "%d request(s) making keys on the service had not ended when the agent exited "
+                "(%s); keys the service made for them are held by no agent: find them with "
+                "keyagent-ctl prune", making, why,
+            )  # fmt: skip
         not_deleted = list(stop.failed)
         for pending in stop.under_way.values():
             not_deleted.append((pending, why))
@@ -950,9 +959,12 @@ class Agent:
         return tuple(sorted(entries.values()))
 
     def _leftovers_write(self) -> Work | None:
-        """The write of the leftovers file, if what it must hold changed; else None."""
+        """The write of the leftovers file, if what it must hold changed; else None. Not once
+        the agent is stopping: its sockets are closed, so a new agent may be serving the same
+        path already, and the file is that agent's now (what this one fails to delete is
+        named there still, and the new agent deletes it)."""
         leftovers = self.leftovers
-        if leftovers is None:
+        if leftovers is None or self.at_stop is not None:
             return None
         entries = self._leftover_entries()
         if entries == self._leftovers_written:
@@ -1461,7 +1473,14 @@ class Agent:
             "was_logged_in": had_session,
         }
 
+    def _check_not_stopping(self) -> None:
+        """Refuse to make a key on the service once the agent is stopping: it would be on its
+        way out before the key could be used, and had to delete it again."""
+        if self.at_stop is not None:
+            raise Busy("the agent is stopping; start it again, then retry")
+
     def process_create(self, args: Mapping[str, Any]) -> Steps:
+        self._check_not_stopping()
         session = self.session_for(args["host"], args["user"])
         description: str = args.get("description", "created by keyagent")
         lifetime = args.get("lifetime", self.default_lifetime)
@@ -1754,6 +1773,7 @@ class Agent:
     # in the very step the old one is dropped, then the old one is deleted on the service.
 
     def process_rotate(self, args: Mapping[str, Any], peer: Peer = UNKNOWN_PEER) -> Steps:
+        self._check_not_stopping()
         everything, key_id = args.get("all", False), args.get("key_id")
         if everything == (key_id is not None):
             raise BadRequest(

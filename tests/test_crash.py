@@ -526,7 +526,11 @@ def test_a_persisted_key_is_rotated_in_the_keyring_before_the_old_one_is_deleted
     agent = make_agent(time, account, backend, leftovers_path)
     old = create(agent, persist=True)
     seen: dict[str, set[str]] = {}
-    account.on_delete = lambda key: seen.setdefault(key, keyring_ids(backend))
+
+    def watch(key: str) -> None:
+        seen.setdefault(key, keyring_ids(backend))
+
+    account.on_delete = watch
     login(agent)
     run(agent, "rotate", key_id=key_id_for(old))
     new = account.keys[-1]
@@ -551,3 +555,22 @@ def test_forgetting_a_persisted_ephemeral_key_deletes_its_keyring_entry_too(
     assert keyring_ids(backend) == {digest_of(kept)}
     again = restart(time, account, backend, leftovers_path)
     assert again.held_keys.holding(digest_of(gone)) is None
+
+
+def test_a_stopping_agent_leaves_the_leftovers_file_to_its_successor(
+    agent: Agent, account: FakeAccount, leftovers_path: str
+) -> None:
+    """Once the agent is stopping (its sockets closed, so a new agent may serve the same path
+    and own the file), it no longer writes the leftovers file: its deletions at stop never
+    overwrite what the new agent recorded there."""
+    key = create(agent, lifetime=3600)
+    driver_for(agent)
+    assert in_file(leftovers_path) == [digest_of(key)]
+    # What a new agent holds, written the moment this one closed its sockets (the inline
+    # driver deletes the key during begin_stop itself).
+    successors = [Leftover("f" * 64, HOST, USER, WALL + 3600)]
+    LeftoversFile(leftovers_path).write(successors)
+    agent.begin_stop()
+    assert agent.deletions_at_stop() == 0
+    assert key not in account.keys
+    assert LeftoversFile(leftovers_path).read() == successors

@@ -22,7 +22,17 @@ from keyagent.server import Limits
 from keyagent.store import digest_of, key_id_for
 from keyagent.testing.memory_keyring import MemoryKeyring
 
-from .fakes import PEER, FakeAccount, FakeTime, HeldWorkDriver, driver_for, fails, request, run
+from .fakes import (
+    PEER,
+    FakeAccount,
+    FakeTime,
+    HeldWorkDriver,
+    driver_for,
+    fails,
+    request,
+    run,
+    steps,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST, USER = "app.conduce.com", "ada@example.com"
@@ -160,16 +170,31 @@ def test_keys_not_deleted_at_stop_are_logged_with_the_command_and_audited(
     assert second in driver.held
 
 
-def test_a_key_created_while_stopping_is_deleted_too(agent: Agent, account: FakeAccount) -> None:
-    """An ephemeral key that a create answered after the stop began is deleted at the next
-    check the server makes, not left on the service."""
+def test_a_create_under_way_at_stop_is_waited_for_and_its_key_deleted(
+    agent: Agent, account: FakeAccount, time: FakeTime
+) -> None:
+    """A create the stop came in the middle of counts as work the stopping agent waits for,
+    and the ephemeral key it makes is deleted on the service, not left there; a create asked
+    for once the agent is stopping is refused (busy)."""
     run(agent, "login", **ACCOUNT, password="pw")
     driver_for(agent)
-    assert agent.begin_stop() == 0
-    late = create(agent, account, lifetime=3600)
-    assert late in account.keys
+    held_work = HeldWorkDriver(time)
+    ended: list[tuple[Any, errors.KeyagentError | None]] = []
+    held_work.start(
+        steps(agent, "create", **ACCOUNT, lifetime=3600),
+        lambda result, error: ended.append((result, error)),
+    )
+    (making,) = held_work.held
+    assert agent.begin_stop() == 1  # nothing to delete yet; the create under way
+    held_work.end(making)  # the service answers with the new key now
+    ((_result, error),) = ended
+    assert error is None
+    late = account.keys[-1]
     assert agent.deletions_at_stop() == 0
     assert late not in account.keys
+    refused = fails(agent, "create", **ACCOUNT, lifetime=60)
+    assert isinstance(refused, errors.Busy)
+    assert "stopping" in refused.message
 
 
 def test_the_agents_own_deletions_are_audited_however_they_end(

@@ -870,7 +870,7 @@ class Agent:
 
     def _resume_orphans(self, session: Session) -> None:
         """The account has credentials again: resume its orphans that wait for them."""
-        for orphan in self.orphans.values():
+        for orphan in list(self.orphans.values()):  # a deletion may end (and pop) at once
             if (orphan.host, orphan.user) == (session.host, session.user) and not orphan.running:
                 self.in_background(self._delete_orphan(orphan))
 
@@ -885,6 +885,10 @@ class Agent:
         delay = FIRST_RETRY
         try:
             while True:
+                if self.held_keys.holding(orphan.digest) is not None:
+                    # Added again (by hand, or restored) since: the user wants it, keep it.
+                    log.info("key %s, left by an earlier agent, is held again: kept", key_id)
+                    break
                 session: Session | None = None
                 try:
                     session = self.session_for(orphan.host, orphan.user)  # may be refused
@@ -954,7 +958,7 @@ class Agent:
                 entries[pending.digest] = Leftover(
                     pending.digest, pending.host, pending.user, pending.expires
                 )
-        for orphan in self.orphans.values():
+        for orphan in list(self.orphans.values()):  # a deletion may end (and pop) at once
             entries[orphan.digest] = orphan.leftover()
         return tuple(sorted(entries.values()))
 

@@ -574,3 +574,19 @@ def test_a_stopping_agent_leaves_the_leftovers_file_to_its_successor(
     assert agent.deletions_at_stop() == 0
     assert key not in account.keys
     assert LeftoversFile(leftovers_path).read() == successors
+
+
+def test_a_leftover_added_again_before_its_deletion_is_kept(
+    agent: Agent, time: FakeTime, account: FakeAccount, backend: MemoryKeyring,
+    leftovers_path: str,
+) -> None:  # fmt: skip
+    """A left-over key waiting for a login that the user adds to the agent again meanwhile is
+    the user's to keep: the login does not delete it, and it leaves the file."""
+    secret = create(agent, lifetime=3600)
+    again = restart(time, account, backend, leftovers_path)
+    assert digest_of(secret) in again.orphans  # waits: no credentials for the account
+    run(again, "add", **ACCOUNT, key=secret)
+    login(again)
+    assert secret in account.keys
+    assert again.orphans == {}
+    assert in_file(leftovers_path) == []

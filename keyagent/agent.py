@@ -958,7 +958,7 @@ class Agent:
                 entries[pending.digest] = Leftover(
                     pending.digest, pending.host, pending.user, pending.expires
                 )
-        for orphan in list(self.orphans.values()):  # a deletion may end (and pop) at once
+        for orphan in self.orphans.values():
             entries[orphan.digest] = orphan.leftover()
         return tuple(sorted(entries.values()))
 

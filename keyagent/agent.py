@@ -157,6 +157,9 @@ MAX_RETRY: Final = 600.0
 KEYAGENT_MARK: Final = " [keyagent]"
 """Ends the description of every key the agent creates on the service, so ``prune`` can tell
 keyagent's keys from others (the user's description is cut to leave room for it)."""
+KEPT_MARK: Final = " [keyagent, kept]"
+"""Ends instead the description of a created key meant to outlive the agent (``create
+--keep``, or ``--print``: taken out, it may be in use elsewhere): ``prune`` never deletes it."""
 LEFTOVERS_TIMEOUT: Final = 10.0
 """Seconds a write of the leftovers file may take before ``create`` replies without it."""
 RETRY_DELETION_FOR: Final = 24 * 3600.0
@@ -170,14 +173,22 @@ def jittered(delay: float) -> float:
     return delay * random.uniform(0.75, 1.0)  # noqa: S311  # spreading load, not a secret
 
 
-def marked(description: str) -> str:
+def marked(description: str, *, kept: bool = False) -> str:
     """The description a key the agent creates carries on the service: ``description``, cut
-    so the whole stays within the protocol's limit, then :data:`KEYAGENT_MARK`."""
-    return description[: DESCRIPTION_MAX - len(KEYAGENT_MARK)] + KEYAGENT_MARK
+    so the whole stays within the protocol's limit, then :data:`KEYAGENT_MARK` (or
+    :data:`KEPT_MARK` for a key meant to outlive the agent)."""
+    mark = KEPT_MARK if kept else KEYAGENT_MARK
+    return description[: DESCRIPTION_MAX - len(mark)] + mark
 
 
 def is_marked(description: str) -> bool:
-    """Whether a description on the service says keyagent created its key."""
+    """Whether a description on the service says keyagent created its key (kept or not)."""
+    return description.endswith((KEYAGENT_MARK, KEPT_MARK))
+
+
+def is_prunable(description: str) -> bool:
+    """Whether a description on the service says keyagent created its key for its own use
+    only, so the key is an orphan once no agent holds it (see ``prune``)."""
     return description.endswith(KEYAGENT_MARK)
 
 
@@ -1488,7 +1499,10 @@ class Agent:
         session = self.session_for(args["host"], args["user"])
         description: str = args.get("description", "created by keyagent")
         lifetime = args.get("lifetime", self.default_lifetime)
-        ephemeral = lifetime is not None and not args.get("keep", self.keep_created_keys)
+        keep = args.get("keep", self.keep_created_keys)
+        ephemeral = lifetime is not None and not keep
+        # A key to outlive the agent says so on the service, so prune leaves it alone.
+        kept = not ephemeral and bool(keep or args.get("reveal"))
         rotate_every = self._rotate_every_of(args, lifetime)
         if args.get("reveal") and not args.get("export", self.default_export):
             raise BadRequest(
@@ -1499,7 +1513,7 @@ class Agent:
         # two creates racing for the last place cannot both reach the service.
         self._reserve_room()
         try:
-            secret: str = yield from self._create_on_service(session, description)
+            secret: str = yield from self._create_on_service(session, description, kept=kept)
         finally:
             self._reserved -= 1
         created = iso(self.clock.wall())
@@ -1542,12 +1556,14 @@ class Agent:
             listing["key"] = held.secret
         return listing
 
-    def _create_on_service(self, session: Session, description: str) -> Steps:
+    def _create_on_service(
+        self, session: Session, description: str, *, kept: bool = False
+    ) -> Steps:
         """Create a key for ``session``'s account on the service; returns its secret. The
         service sees ``description`` :func:`marked` as keyagent's. The caller holds a place
         for the key (:meth:`_reserve_room`)."""
         account = session.account
-        on_service = marked(description)
+        on_service = marked(description, kept=kept)
         secret: str = yield from self._remote(
             session,
             self._plan(session),
@@ -1686,7 +1702,7 @@ class Agent:
         orphans = {
             digest_of(listed.key): listed
             for listed in listed_keys
-            if is_marked(listed.description) and self._is_orphan(digest_of(listed.key), kept)
+            if is_prunable(listed.description) and self._is_orphan(digest_of(listed.key), kept)
         }
         entries = [
             {"key_id": digest[:KEY_ID_SHOWN], "fingerprint": digest,

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from keyring.backends import fail
 
 from keyagent import errors
-from keyagent.agent import KEYAGENT_MARK, Agent, is_marked, marked
+from keyagent.agent import KEPT_MARK, KEYAGENT_MARK, Agent, is_marked, is_prunable, marked
 from keyagent.effects import Work
 from keyagent.persist import KeyringStore
 from keyagent.protocol import DESCRIPTION_MAX
@@ -350,3 +350,39 @@ def test_an_agent_with_no_keyring_backend_keeps_no_key_there() -> None:
     persisted: the store keeps no key, and prune works as without a keyring."""
     no_backend = fail.Keyring()  # type: ignore[no-untyped-call]  # keyring is untyped here
     assert KeyringStore(no_backend).fingerprints() == frozenset()
+
+
+# --- keys meant to outlive the agent ------------------------------------------------------
+
+
+def test_the_kept_mark_is_keyagents_but_not_prunable() -> None:
+    """A kept key's description is recognised as keyagent's (list --remote) but is never one
+    prune may delete; the plain mark is both."""
+    kept = marked("ci deploy", kept=True)
+    assert kept == "ci deploy" + KEPT_MARK
+    assert is_marked(kept)
+    assert not is_prunable(kept)
+    assert is_marked(marked("laptop"))
+    assert is_prunable(marked("laptop"))
+    assert len(marked("x" * DESCRIPTION_MAX, kept=True)) == DESCRIPTION_MAX
+
+
+def test_keys_created_to_outlive_the_agent_are_never_pruned(
+    agent: Agent, account: OrphanAccount
+) -> None:
+    """create --keep and create --print mark their key as kept on the service, so once the
+    agent no longer holds them prune neither lists nor deletes them; a plain created key it
+    forgot is an orphan."""
+    run(agent, "create", **ACCOUNT, description="kept", lifetime=3600, keep=True)
+    run(agent, "create", **ACCOUNT, description="printed", reveal=True)
+    run(agent, "create", **ACCOUNT, description="plain")
+    kept, printed, plain = account.keys[-3:]
+    assert account.descriptions[kept] == "kept" + KEPT_MARK
+    assert account.descriptions[printed] == "printed" + KEPT_MARK
+    assert account.descriptions[plain] == "plain" + KEYAGENT_MARK
+    run(agent, "forget", all=True)
+    result = run(agent, "prune", **ACCOUNT, delete=True)
+    assert orphan_ids(result) == [key_id_for(key) for key in (*ORPHANS, plain)]
+    assert account.keys == [UNMARKED, kept, printed]
+    remote = run(agent, "list", **ACCOUNT, remote=True)["remote"]
+    assert [entry["keyagent"] for entry in remote] == [False, True, True]

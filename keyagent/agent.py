@@ -1007,19 +1007,27 @@ class Agent:
         # driver (at start-up), so an older state never lands after a newer one.
         write = self._leftovers_write()
         if write is not None:
-            yield write
+            yield from self._wait_for_leftovers(write)
         return {}
 
     def _record_leftovers(self) -> Steps:
         """Rewrite the leftovers file now if what it must hold changed, and wait for it; a
         failure is logged (the file's module says how), never the caller's."""
         write = self._leftovers_write()
-        if write is None:
-            return
+        if write is not None:
+            yield from self._wait_for_leftovers(write)
+
+    def _wait_for_leftovers(self, write: Work) -> Steps:
+        """Wait for a write of the leftovers file. After a failure (logged) what the file
+        holds is unknown, so the next change writes it whole again, even if the state it
+        must hold is the one that failed."""
         try:
-            yield write
+            written = yield write
         except KeyagentError as error:
             log.warning("the leftovers file was not written in time: %s", error.message)
+            written = False
+        if not written:
+            self._leftovers_written = None
 
     def restore(self, keys: Iterable[PersistedKey], lock: tuple[bytes, bytes] | None = None) -> int:
         """Hold keys read back from the OS keyring (at start-up); returns how many.

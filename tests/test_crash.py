@@ -6,7 +6,7 @@ holds, and the next agent deletes those it does not hold again."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -590,3 +590,33 @@ def test_a_leftover_added_again_before_its_deletion_is_kept(
     assert secret in account.keys
     assert again.orphans == {}
     assert in_file(leftovers_path) == []
+
+
+class FailingLeftovers(LeftoversFile):
+    """A leftovers file whose next ``failures`` writes fail (a full disk, say)."""
+
+    def __init__(self, path: str, failures: int) -> None:
+        super().__init__(path)
+        self.failures = failures
+
+    def write(self, entries: Iterable[Leftover]) -> bool:
+        if self.failures:
+            self.failures -= 1
+            return False
+        return super().write(entries)
+
+
+def test_after_a_failed_write_the_next_change_writes_the_whole_file(
+    time: FakeTime, account: FakeAccount, backend: MemoryKeyring, leftovers_path: str
+) -> None:
+    """A write of the leftovers file that fails leaves its content unknown: the next change
+    writes the file again, even one after which the same keys are to be named."""
+    agent = Agent(
+        clock=time.clock(), accounts=lambda host, user: account, jitter=lambda d: d,
+        keyring=KeyringStore(backend), leftovers=FailingLeftovers(leftovers_path, 1),
+    )  # fmt: skip
+    first = create(agent, lifetime=3600)
+    assert in_file(leftovers_path) == []  # its write failed
+    run(agent, "add", **ACCOUNT, key=KEPT)
+    run(agent, "forget", key_id=key_id_for(KEPT))  # a change that leaves the same keys to name
+    assert in_file(leftovers_path) == [digest_of(first)]

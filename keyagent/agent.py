@@ -397,6 +397,8 @@ class Agent:
         """Ephemeral keys no longer served, by digest, that are still to be deleted on the
         service (see :meth:`delete_on_service`)."""
         self.at_stop: StopDeletions | None = None
+        self._persisting: set[str] = set()
+        """Digests of held keys whose keyring save is under way (see :meth:`_saving`)."""
         """Set once the agent is stopping: the deletions it makes on its way out."""
         self.leftovers = leftovers
         """Where the agent records its ephemeral keys that only its memory holds, so that
@@ -766,16 +768,22 @@ class Agent:
         return self.deletions_at_stop()
 
     def deletions_at_stop(self) -> int:
-        """How many deletions begun at stop have not ended, plus the requests still waiting to
-        make a key on the service (a create or rotation the stop came in the middle of: its key
-        is then deleted too). Keys that became due since the last call (created, or expired
-        into a pending deletion, while stopping) begin first."""
+        """How many deletions begun at stop have not ended, plus the work under way that
+        decides the fate of a key: a create or rotation the stop came in the middle of (its
+        ephemeral key is then deleted too), and keyring saves (a key being persisted is kept;
+        one whose save fails is deleted). Keys that became due since the last call (created,
+        or expired into a pending deletion, while stopping) begin first."""
         stop = self.at_stop
         if stop is None:
             return 0
         if stop.swept != self.held_keys.version:
             now, wall = self.clock.monotonic(), self.clock.wall()
-            for held in [key for key in self.held_keys.matching(now) if _dies_at_stop(key)]:
+            dying = [
+                key
+                for key in self.held_keys.matching(now)
+                if _dies_at_stop(key) and key.digest not in self._persisting
+            ]
+            for held in dying:
                 # No longer served (get answers as for a forgotten key); pending until deleted.
                 self.held_keys.discard(held.digest)
                 self.pending_deletions.setdefault(held.digest, PendingDeletion(held, wall))
@@ -785,7 +793,7 @@ class Agent:
                 stop.tried.add(pending.digest)
                 stop.under_way[pending.digest] = pending
                 self.in_background(self._delete_at_stop(stop, pending))
-        return len(stop.under_way) + self._reserved + len(self._rotating)
+        return len(stop.under_way) + self._reserved + len(self._rotating) + len(self._persisting)
 
     def _delete_at_stop(self, stop: StopDeletions, pending: PendingDeletion) -> Steps:
         """Background, at stop: one attempt to delete ``pending`` on the service."""
@@ -817,7 +825,7 @@ class Agent:
         stop = self.at_stop
         if stop is None:
             return 0
-        making = self._reserved + len(self._rotating)
+        making = self._reserved + len(self._rotating) + len(self._persisting)
         if making:
             log.error(
                 "%d request(s) making keys on the service had not ended when the agent exited "
@@ -1548,7 +1556,7 @@ class Agent:
             )._replace(rotate_every=held.rotate_every)  # fmt: skip
             save = self._keyring(lambda keyring: keyring.save(record))
             try:
-                yield save
+                yield from self._saving(held, save)
             except KeyagentError as error:
                 if isinstance(error, Overdue):  # should the save complete after all: persisted
                     self.in_background(self._mark_persisted_when_saved(error.late, held))
@@ -1563,6 +1571,20 @@ class Agent:
             self._check_export(held)  # merged with a held key that cannot be taken out
             listing["key"] = held.secret
         return listing
+
+    def _saving(self, held: HeldKey, save: Work) -> Steps:
+        """``save``, the keyring save of a key held already. Meanwhile a stopping agent
+        neither deletes the key (it is about to be persisted: it comes back at the next
+        start) nor exits; should the save fail, the key dies at stop after all."""
+        self._persisting.add(held.digest)
+        try:
+            yield save
+        except KeyagentError:
+            if self.at_stop is not None:
+                self.at_stop.swept = -1  # look at the held keys again: this one dies at stop
+            raise
+        finally:
+            self._persisting.discard(held.digest)
 
     def _create_on_service(
         self, session: Session, description: str, *, kept: bool = False
@@ -1959,7 +1981,7 @@ class Agent:
             rules=(new.exportable, new.confirm, new.allowed_exes), ephemeral=new.ephemeral,
         )._replace(rotate_every=new.rotate_every)  # fmt: skip
         try:
-            yield self._keyring(lambda keyring: keyring.save(record))
+            yield from self._saving(new, self._keyring(lambda keyring: keyring.save(record)))
         except KeyagentError as error:
             if isinstance(error, Overdue):  # should the save complete after all: persisted
                 self.in_background(self._mark_persisted_when_saved(error.late, new))

@@ -270,3 +270,32 @@ def test_a_stopping_agent_starts_no_scheduled_rotation(
     assert agent.rotate_due() is None
     assert account.keys[-1] == secret
     assert [name for name, _ in account.calls].count("create") == 1
+
+
+@pytest.mark.parametrize("saved", [True, False], ids=["saved", "save-failed"])
+def test_a_key_being_persisted_at_stop_is_kept_if_saved_and_deleted_if_not(
+    agent: Agent, account: FakeAccount, time: FakeTime, saved: bool
+) -> None:
+    """An ephemeral key whose keyring save is under way when the stop comes is waited for:
+    saved, it is kept (it comes back at the next start); if the save fails, it is deleted on
+    the service like any ephemeral key that is not persisted."""
+    run(agent, "login", **ACCOUNT, password="pw")
+    driver_for(agent)
+    assert agent.keyring is not None
+    backend = MemoryKeyring()
+    agent.keyring = KeyringStore(backend)
+    if not saved:
+        backend.fail_with = RuntimeError("the keyring went away")
+    held_work = HeldWorkDriver(time)
+    held_work.start(
+        steps(agent, "create", **ACCOUNT, lifetime=3600, persist=True), lambda r, e: None
+    )
+    (making,) = held_work.held
+    held_work.end(making)  # the service made the key; its keyring save waits now
+    (saving,) = held_work.held
+    key = account.keys[-1]
+    assert agent.begin_stop() == 1  # the save under way
+    assert key in account.keys
+    held_work.end(saving)
+    assert agent.deletions_at_stop() == 0
+    assert (key in account.keys) is saved

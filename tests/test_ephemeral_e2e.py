@@ -81,6 +81,24 @@ def test_a_deletion_refused_with_503_is_retried_until_it_succeeds(
     wait_until(lambda: status(conduce_agent)["pending_deletions"] == [], "no deletion pending")
 
 
+def test_a_deletion_the_service_leaves_hanging_is_retried_after_the_read_timeout(
+    agent_factory: AgentFactory, emulator: Emulator
+) -> None:
+    """A deletion the service never answers ends at the agent's read timeout and is retried;
+    the retry, answered, deletes the key."""
+    agent = agent_factory("--ca-bundle", emulator.ca_path, "--read-timeout", "1")
+    emulator.inject(Fault.hang(), path="apikeys/delete", count=1)
+    secret = create_ephemeral(agent, emulator)
+    assert emulator.wait_for_hung(1, timeout=20)
+    wait_until(lambda: emulator.api_keys(USER) == [], "the key deleted by a retry", timeout=30)
+    (retried,) = [r for r in emulator.requests if r.path == "apikeys/delete" and r.status == 200]
+    assert retried.auth == "bearer"
+    assert secret not in emulator.api_keys(USER)
+    log = agent.log()
+    assert f"could not delete key {key_id_for(secret)}" in log
+    assert secret not in log
+
+
 def test_keep_and_forget_local_leave_keys_on_the_service_and_forget_deletes(
     conduce_agent: AgentProcess, emulator: Emulator
 ) -> None:

@@ -162,6 +162,9 @@ KEPT_MARK: Final = " [keyagent, kept]"
 --keep``, or ``--print``: taken out, it may be in use elsewhere): ``prune`` never deletes it."""
 LEFTOVERS_TIMEOUT: Final = 10.0
 """Seconds a write of the leftovers file may take before ``create`` replies without it."""
+LEFTOVERS_RETRY: Final = 60.0
+"""Seconds after a failed write of the leftovers file before it is written again; doubling
+(up to :data:`MAX_RETRY`) while writes keep failing."""
 RETRY_DELETION_FOR: Final = 24 * 3600.0
 """How long the agent keeps trying to delete an ephemeral key on the service: a service down
 for a night still sees the key deleted in the morning."""
@@ -407,6 +410,8 @@ class Agent:
         """Keys an earlier agent left on the service, by digest, still to be deleted."""
         self._leftovers_written: tuple[Leftover, ...] | None = None
         """What the leftovers file was last asked to hold (None: not yet written)."""
+        self._leftovers_retry: float | None = None
+        """The wait before the next write after a failed one; None while no retry waits."""
         self.held_keys = KeyStore(max_keys)
         self.audit_log = AuditLog(audit_entries)
         self._reserved = 0
@@ -1036,6 +1041,30 @@ class Agent:
             written = False
         if not written:
             self._leftovers_written = None
+            if self._leftovers_retry is None:
+                self._leftovers_retry = LEFTOVERS_RETRY
+                self.in_background(self._retry_leftovers())
+
+    def _retry_leftovers(self) -> Steps:
+        """Background: write the leftovers file again a while after a write failed (a full
+        disk may have room again), waiting longer each time until a write succeeds."""
+        while self._leftovers_retry is not None:
+            wait = self._leftovers_retry
+            yield Sleep(wait)
+            write = self._leftovers_write()
+            if write is None:  # written since, or the agent is stopping
+                break
+            try:
+                written = yield write
+            except KeyagentError as error:
+                log.warning("the leftovers file was not written in time: %s", error.message)
+                written = False
+            if written:
+                break
+            self._leftovers_written = None
+            self._leftovers_retry = min(wait * 2, MAX_RETRY)
+        self._leftovers_retry = None
+        return {}
 
     def restore(self, keys: Iterable[PersistedKey], lock: tuple[bytes, bytes] | None = None) -> int:
         """Hold keys read back from the OS keyring (at start-up); returns how many.

@@ -344,12 +344,12 @@ class InlineDriver(Driver):
         callback()
 
     def run(self, steps: Steps) -> Any:
-        """Drive ``steps`` to its end; its result, or its error raised."""
+        """Drive ``steps`` to its end; its result, or its error raised. Timers of background
+        work it started (a retry's wait) stay set, for :meth:`pass_time` to reach."""
         ended: list[tuple[Any, KeyagentError | None]] = []
         self.start(steps, lambda result, error: ended.append((result, error)))
         while not ended and self._timers:
             self._next_timer()
-        self._timers.clear()  # deadlines of work that has ended: nothing left to do
         if not ended:
             raise RuntimeError("the handler waits for something that never comes")
         result, error = ended[0]

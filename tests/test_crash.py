@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from keyagent import errors
-from keyagent.agent import FIRST_RETRY, RETRY_DELETION_FOR, Agent
+from keyagent.agent import FIRST_RETRY, LEFTOVERS_RETRY, RETRY_DELETION_FOR, Agent
 from keyagent.leftovers import Leftover, LeftoversFile
 from keyagent.persist import KeyringStore, PersistedKey
 from keyagent.store import digest_of, key_id_for
@@ -620,3 +620,24 @@ def test_after_a_failed_write_the_next_change_writes_the_whole_file(
     run(agent, "add", **ACCOUNT, key=KEPT)
     run(agent, "forget", key_id=key_id_for(KEPT))  # a change that leaves the same keys to name
     assert in_file(leftovers_path) == [digest_of(first)]
+
+
+def test_a_failed_write_of_the_leftovers_file_is_retried_with_a_growing_wait(
+    time: FakeTime, account: FakeAccount, backend: MemoryKeyring, leftovers_path: str
+) -> None:
+    """With no change to come, a failed write of the leftovers file is tried again after
+    LEFTOVERS_RETRY seconds, then twice that, until one succeeds."""
+    leftovers = FailingLeftovers(leftovers_path, 2)
+    agent = Agent(
+        clock=time.clock(), accounts=lambda host, user: account, jitter=lambda d: d,
+        keyring=KeyringStore(backend), leftovers=leftovers,
+    )  # fmt: skip
+    key = create(agent, lifetime=3600)
+    driver = driver_for(agent)
+    assert in_file(leftovers_path) == []
+    driver.pass_time(LEFTOVERS_RETRY)
+    assert (leftovers.failures, in_file(leftovers_path)) == (0, [])  # the retry failed too
+    driver.pass_time(2 * LEFTOVERS_RETRY - 1)
+    assert in_file(leftovers_path) == []
+    driver.pass_time(1)
+    assert in_file(leftovers_path) == [digest_of(key)]

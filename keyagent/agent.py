@@ -195,37 +195,31 @@ def is_prunable(description: str) -> bool:
     return description.endswith(KEYAGENT_MARK)
 
 
-class PendingDeletion:
-    """An ephemeral key the agent no longer serves, still to be deleted on the service.
+class _Deletion:
+    """A key the agent is to delete on the service: what ``status`` and the leftovers file
+    say of it (never a secret)."""
 
-    ``secret`` is kept only because the deletion needs it (to name the key, and to
-    authenticate with it when there is no session); it is dropped as soon as the key is gone.
-    """
-
-    __slots__ = ("digest", "host", "user", "secret", "since", "attempts", "expires", "in_keyring")
+    __slots__ = ("digest", "host", "user", "expires", "since", "attempts")
 
     def __init__(
-        self, held: HeldKey | PersistedKey, since: float, *, in_keyring: bool = False
+        self, digest: str, host: str, user: str, expires: float | None, since: float
     ) -> None:
-        self.digest = held.digest
-        self.host = held.host
-        self.user = held.user
-        self.secret = held.secret
-        self.since = since
-        """Wall time at which the deletion was asked for."""
-        self.attempts = 0
-        self.expires: float | None = held.expires
+        self.digest, self.host, self.user = digest, host, user
+        self.expires = expires
         """The key's expiry (POSIX time), for the leftovers file."""
-        self.in_keyring = in_keyring
-        """Whether the OS keyring still holds the key: its entry is deleted once the deletion
-        on the service has ended (so a crash meanwhile loses nothing), and the leftovers file
-        need not name it."""
+        self.since = since
+        """Wall time at which this agent took the deletion on."""
+        self.attempts = 0
 
     def __repr__(self) -> str:
-        return f"PendingDeletion(key_id={self.digest[:KEY_ID_SHOWN]!r}, attempts={self.attempts})"
+        name = type(self).__name__
+        return f"{name}(key_id={self.digest[:KEY_ID_SHOWN]!r}, attempts={self.attempts})"
+
+    def leftover(self) -> Leftover:
+        return Leftover(self.digest, self.host, self.user, self.expires)
 
     def state(self) -> dict[str, Any]:
-        """As ``status`` shows it: never the secret."""
+        """As ``status`` shows it."""
         return {
             "key_id": self.digest[:KEY_ID_SHOWN],
             "host": self.host,
@@ -233,6 +227,26 @@ class PendingDeletion:
             "since": iso(self.since),
             "attempts": self.attempts,
         }
+
+
+class PendingDeletion(_Deletion):
+    """An ephemeral key the agent no longer serves, still to be deleted on the service.
+
+    ``secret`` is kept only because the deletion needs it (to name the key, and to
+    authenticate with it when there is no session); it is dropped as soon as the key is gone.
+    """
+
+    __slots__ = ("secret", "in_keyring")
+
+    def __init__(
+        self, held: HeldKey | PersistedKey, since: float, *, in_keyring: bool = False
+    ) -> None:
+        super().__init__(held.digest, held.host, held.user, held.expires, since)
+        self.secret = held.secret
+        self.in_keyring = in_keyring
+        """Whether the OS keyring still holds the key: its entry is deleted once the deletion
+        on the service has ended (so a crash meanwhile loses nothing), and the leftovers file
+        need not name it."""
 
 
 class StopDeletions:
@@ -256,24 +270,17 @@ class StopDeletions:
         return f"StopDeletions(under_way={len(self.under_way)}, failed={len(self.failed)})"
 
 
-class OrphanDeletion:
+class OrphanDeletion(_Deletion):
     """An ephemeral key an earlier agent on this socket left on the service (it was killed
     before deleting it), named by the leftovers file (:mod:`keyagent.leftovers`): the agent
     finds it in the account's key list by its fingerprint and deletes it. No secret."""
 
-    __slots__ = (
-        "digest", "host", "user", "expires", "since", "attempts", "waiting", "running",
-        "give_up_at",
-    )  # fmt: skip
+    __slots__ = ("waiting", "running", "give_up_at")
 
     def __init__(self, leftover: Leftover, since: float) -> None:
-        self.digest = leftover.fingerprint
-        self.host = leftover.host
-        self.user = leftover.user
-        self.expires = leftover.expires
-        self.since = since
-        """Wall time at which this agent took the deletion over."""
-        self.attempts = 0
+        super().__init__(
+            leftover.fingerprint, leftover.host, leftover.user, leftover.expires, since
+        )
         self.waiting = False
         """Whether the agent has no credentials for the account: the next login resumes it."""
         self.running = False
@@ -281,23 +288,9 @@ class OrphanDeletion:
         self.give_up_at: float | None = None
         """Monotonic time after which a failure ends the attempts (set by the first one)."""
 
-    def __repr__(self) -> str:
-        return f"OrphanDeletion(key_id={self.digest[:KEY_ID_SHOWN]!r}, attempts={self.attempts})"
-
-    def leftover(self) -> Leftover:
-        return Leftover(self.digest, self.host, self.user, self.expires)
-
     def state(self) -> dict[str, Any]:
-        """As ``status`` shows it, with the pending deletions."""
-        return {
-            "key_id": self.digest[:KEY_ID_SHOWN],
-            "host": self.host,
-            "user": self.user,
-            "since": iso(self.since),
-            "attempts": self.attempts,
-            "left_over": True,
-            "waiting_for_login": self.waiting,
-        }
+        """As ``status`` shows it, among the pending deletions."""
+        return {**super().state(), "left_over": True, "waiting_for_login": self.waiting}
 
 
 class Grant:
@@ -979,9 +972,7 @@ class Agent:
         }
         for pending in self.pending_deletions.values():
             if not pending.in_keyring:
-                entries[pending.digest] = Leftover(
-                    pending.digest, pending.host, pending.user, pending.expires
-                )
+                entries[pending.digest] = pending.leftover()
         for orphan in self.orphans.values():
             entries[orphan.digest] = orphan.leftover()
         return tuple(sorted(entries.values()))

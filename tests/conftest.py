@@ -228,6 +228,14 @@ def run_ctl(socket_path: str | None, *argv: str, stdin: str = "") -> CtlResult:
     return CtlResult(code, out.getvalue(), err.getvalue())
 
 
+def agent_status(agent: AgentProcess) -> dict[str, Any]:
+    """``keyagent-ctl status --json`` of ``agent``, which must succeed."""
+    result = run_ctl(agent.socket_path, "status", "--json")
+    assert result.code == 0, result.err
+    parsed: dict[str, Any] = json.loads(result.out)
+    return parsed
+
+
 def run_ctl_process(
     argv: Sequence[str],
     *,

@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from keyagent import paths
 from keyagent.errors import KeyagentError
@@ -24,7 +23,7 @@ from keyagent.testing.agent import AgentProcess
 from keyagent.testing.emulator import Fault
 from keyagent.testing.emulator_process import Emulator
 
-from .conftest import AgentFactory, CtlResult, run_ctl, wait_until
+from .conftest import AgentFactory, CtlResult, agent_status, run_ctl, wait_until
 from .test_keyring_service import keyring_index, needs_secret_service, secret_service
 
 __all__ = ["secret_service"]  # a fixture, used by name
@@ -63,13 +62,6 @@ def fingerprints(path: Path) -> list[str]:
     if not path.exists():
         return []
     return [entry["fingerprint"] for entry in json.loads(path.read_text())["keys"]]
-
-
-def status(agent: AgentProcess) -> dict[str, Any]:
-    result = run_ctl(agent.socket_path, "status", "--json")
-    assert result.code == 0, result.err
-    parsed: dict[str, Any] = json.loads(result.out)
-    return parsed
 
 
 def test_the_leftovers_file_names_ephemeral_keys_and_holds_no_secret(
@@ -149,7 +141,7 @@ def test_a_killed_agents_key_is_deleted_at_the_next_login(
     kill(agent)
     again = start(agent_factory, emulator)
     assert again.socket_path == agent.socket_path
-    (pending,) = status(again)["pending_deletions"]
+    (pending,) = agent_status(again)["pending_deletions"]
     assert pending["key_id"] == key_id_for(secret)
     assert pending["waiting_for_login"] is True
     text = run_ctl(again.socket_path, "status").out
@@ -167,7 +159,7 @@ def test_a_killed_agents_key_is_deleted_at_the_next_login(
     emulator.clear_faults()
     wait_until(lambda: emulator.api_keys(USER) == [], "the left-over key deleted")
     wait_until(lambda: not leftovers_of(again).exists(), "the leftovers file removed")
-    assert status(again)["pending_deletions"] == []
+    assert agent_status(again)["pending_deletions"] == []
 
 
 @needs_secret_service
@@ -268,7 +260,7 @@ def test_an_untrusted_leftovers_file_is_reported_not_fatal(
     leftovers.write_text("{not json")
     leftovers.chmod(0o600)
     agent = start(agent_factory, emulator)
-    assert status(agent)["pending_deletions"] == []
+    assert agent_status(agent)["pending_deletions"] == []
     assert f"ignoring the leftovers file {leftovers}: it is not valid JSON" in agent.log()
     login(agent, emulator)
     ctl(agent, emulator, "create", "--lifetime", "1h")

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from keyagent.store import key_id_for
 from keyagent.testing.agent import AgentProcess
 from keyagent.testing.emulator import Fault
 from keyagent.testing.emulator_process import Emulator
 
-from .conftest import AgentFactory, CtlResult, run_ctl, wait_until
+from .conftest import AgentFactory, CtlResult, agent_status, run_ctl, wait_until
 
 USER = "erin@example.com"
 PASSWORD = "ephemeral-pa55-w0rd"
@@ -53,13 +52,6 @@ def test_an_expired_created_key_is_deleted_on_the_service(
     assert record.auth == "bearer"
 
 
-def status(agent: AgentProcess) -> dict[str, Any]:
-    result = run_ctl(agent.socket_path, "status", "--json")
-    assert result.code == 0, result.err
-    parsed: dict[str, Any] = json.loads(result.out)
-    return parsed
-
-
 def test_a_deletion_refused_with_503_is_retried_until_it_succeeds(
     conduce_agent: AgentProcess, emulator: Emulator
 ) -> None:
@@ -68,7 +60,7 @@ def test_a_deletion_refused_with_503_is_retried_until_it_succeeds(
     emulator.inject(Fault.status(503), path="apikeys/delete")
     secret = create_ephemeral(conduce_agent, emulator)
     wait_until(lambda: 503 in deletes(emulator), "a first, failed, deletion")
-    (pending,) = status(conduce_agent)["pending_deletions"]
+    (pending,) = agent_status(conduce_agent)["pending_deletions"]
     assert (pending["key_id"], pending["user"]) == (key_id_for(secret), USER)
     assert pending["attempts"] >= 1
     text = run_ctl(conduce_agent.socket_path, "status").out
@@ -78,7 +70,9 @@ def test_a_deletion_refused_with_503_is_retried_until_it_succeeds(
     wait_until(lambda: emulator.api_keys(USER) == [], "the key deleted by a retry")
     assert deletes(emulator)[-1] == 200
     assert deletes(emulator).count(503) >= 1
-    wait_until(lambda: status(conduce_agent)["pending_deletions"] == [], "no deletion pending")
+    wait_until(
+        lambda: agent_status(conduce_agent)["pending_deletions"] == [], "no deletion pending"
+    )
 
 
 def test_a_deletion_the_service_leaves_hanging_is_retried_after_the_read_timeout(

@@ -666,10 +666,9 @@ class Agent:
 
     def _delete_then_tidy(self, pending: PendingDeletion) -> Steps:
         """Background: :meth:`_delete_remotely`, then, once it has ended (deleted, gone, or
-        given up; not when the agent stops meanwhile), the key's keyring entry if it has one,
-        and its line in the leftovers file."""
+        given up; not when the agent stops meanwhile), the key's keyring entry if it has one.
+        (Its line in the leftovers file goes when the deletion ends: :meth:`_deletion_ended`.)"""
         yield from self._delete_remotely(pending)
-        self._leftovers_changed()
         if pending.in_keyring:
             try:
                 yield self._keyring(_deleter(pending.digest))

@@ -58,6 +58,8 @@ AGENT_CODES = frozenset(
         "bad_request", "not_found", "ambiguous", "not_locked", "bad_passphrase",
         "login_required", "bad_credentials", "session_expired", "remote_error",
         "remote_unreachable", "tls_error", "keyring_unavailable",
+        # A key added with export false, confirm or allow_exe, then asked for with get.
+        "forbidden", "denied",
     }
 )  # fmt: skip
 

@@ -46,6 +46,7 @@ from keyagent.errors import (
     TooMany,
     UnknownOp,
 )
+from keyagent.grant import Grant
 from keyagent.leftovers import Leftover
 from keyagent.log import get_logger
 from keyagent.persist import KeyringStore, PersistedKey
@@ -291,50 +292,6 @@ class OrphanDeletion(_Deletion):
     def state(self) -> dict[str, Any]:
         """As ``status`` shows it, among the pending deletions."""
         return {**super().state(), "left_over": True, "waiting_for_login": self.waiting}
-
-
-class Grant:
-    """Credentials the agent lends one proxied request (:mod:`keyagent.proxy`): the header
-    to send and whose they are. Lives on the proxy's thread for that request only."""
-
-    __slots__ = (
-        "confirmed", "deadline", "digest", "header", "host", "key_id", "session", "token",
-        "user", "value",
-    )  # fmt: skip
-
-    def __init__(
-        self,
-        host: str,
-        user: str,
-        *,
-        header: str,
-        value: str,
-        held: HeldKey | None = None,
-        confirmed: bool = False,
-        token: object = None,
-    ) -> None:
-        self.host, self.user = host, user
-        self.header, self.value = header, value
-        self.session = held is None
-        """Whether this is the account's session (cookie) rather than a held key."""
-        self.digest = held.digest if held is not None else None
-        self.key_id = held.key_id if held is not None else None
-        self.confirmed = confirmed
-        """Whether the user was asked and allowed it: the connection need not ask again."""
-        self.token = token
-        """:meth:`Agent.credentials_token` when lent: while it is unchanged (and the key's
-        deadline not passed), the same request on the same connection would get the same
-        grant, so the connection may reuse it without asking the loop."""
-        self.deadline = held.deadline if held is not None else None
-
-    def secrets(self) -> list[str]:
-        """What must never reach the tool: the key, or each cookie value of the session."""
-        if self.header == "Authorization":
-            return [self.value.removeprefix("Bearer ")]
-        return [part.partition("=")[2] for part in self.value.split("; ") if "=" in part]
-
-    def __repr__(self) -> str:
-        return f"Grant(host={self.host!r}, user={self.user!r}, key_id={self.key_id!r})"
 
 
 class Clock:

@@ -24,20 +24,20 @@ import contextlib
 import ctypes
 import json
 import os
-import resource
 import select
 import signal
 import socket
 import sys
-import threading
 import time
 
 from keyagent.agent import NO_EXECUTABLES, Agent
 from keyagent.errors import KeyagentError
 from keyagent.handoff import Handoff, HandoffError
+from keyagent.hardening import harden
 from keyagent.leftovers import LeftoversFile
 from keyagent.log import DEBUG, INFO, WARNING, get_logger, to_stderr, to_syslog
 from keyagent.persist import KeyringStore, PersistedKey, UnreadableLock
+from keyagent.proxy_pool import ProxyPool
 from keyagent.server import Limits, Server, log_internal
 from keyagent.sessions import LazyAccount
 from keyagent.sockets import remove_socket, sees_peer_executables
@@ -48,78 +48,13 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from typing import Any
 
-    from keyagent.agent import Peer
     from keyagent.conduce import HttpSettings
-    from keyagent.proxy import Proxy
     from keyagent.sessions import AccountFactory, RemoteAccount
 
 log = get_logger("keyagent")
 
 EXIT_OK, EXIT_FAILURE = 0, 1
-PR_GET_DUMPABLE = 3
-PR_SET_DUMPABLE = 4
-PR_SET_NAME = 15
 RESTORE_TIMEOUT = 5.0
-
-
-# --- process hardening -------------------------------------------------------------------
-
-
-def harden(max_connections: int) -> None:
-    """No core dumps, no ptrace by other processes of the user, enough descriptors.
-
-    Runs in the serving process itself: ``execve`` resets the dumpable flag. Also names
-    the process ``keyagent`` again (``pgrep keyagent``, ``top``): after the exec it would
-    be called after the interpreter.
-    """
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_NAME, b"keyagent", 0, 0, 0)
-    # Non-dumpable: no core file, and /proc/<pid>/mem and ptrace are closed to the user's
-    # other processes, which could otherwise read every key out of memory.
-    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-        log.warning("could not make the agent non-dumpable: %s", os.strerror(ctypes.get_errno()))
-    for problem in hardening_problems(libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0), tracer_pid()):
-        log.warning("%s", problem)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = max_connections + 64
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        if target < wanted:
-            log.warning(
-                "descriptor limit %d allows fewer than %d connections", target, max_connections
-            )
-
-
-def tracer_pid() -> int:
-    """The pid of the process tracing this one (``TracerPid`` in /proc/self/status), 0 if none
-    or unknown."""
-    try:
-        with open("/proc/self/status", "rb") as status:
-            for line in status:
-                if line.startswith(b"TracerPid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def hardening_problems(dumpable: int, tracer: int) -> list[str]:
-    """What the hardening read back says is wrong: the agent stays dumpable, or a process
-    attached before it started (it keeps its access: hardening cannot undo an attach)."""
-    problems = []
-    if dumpable != 0:
-        problems.append(
-            "the agent is still dumpable: processes of your user may read keys from its "
-            "memory; check the kernel's ptrace and core-dump settings"
-        )
-    if tracer != 0:
-        problems.append(
-            f"the agent is being traced by pid {tracer}, which can read every key it will "
-            "hold; stop that process and restart the agent unless you started the tracer"
-        )
-    return problems
 
 
 def configure_logging(*, debug: bool, foreground: bool) -> None:
@@ -177,38 +112,22 @@ def http_settings(settings: Mapping[str, Any]) -> HttpSettings:
     )
 
 
-ASK_TIMEOUT = 600.0
-"""Longest wait of an HTTP-socket thread for the agent's answer (credentials, which may wait
-for askpass): a backstop, the agent's own deadlines end each wait long before."""
-
-
-def http_handler(
-    server: Server, agent: Agent, settings: Mapping[str, Any]
-) -> Callable[[socket.socket, Peer], None]:
-    """Serves one HTTP-socket connection; the proxy (h11, urllib3, requests' CA bundle) is
-    loaded by the first connection, on its thread, so an agent never used that way never
-    loads it."""
-    made = threading.Lock()
-    proxy: list[Proxy] = []
-
-    def handle(sock: socket.socket, peer: Peer) -> None:
-        with made:
-            if not proxy:
-                from keyagent.proxy import Proxy
-
-                proxy.append(
-                    Proxy(
-                        agent,
-                        http_settings(settings),
-                        ask=lambda call: server.call_on_loop(call, ASK_TIMEOUT),
-                        tell=server.post_to_loop,
-                        head_timeout=settings["line_timeout"],
-                        idle_timeout=settings["idle_timeout"],
-                    )
-                )
-        proxy[0].serve(sock, peer)
-
-    return handle
+def worker_hello(settings: Mapping[str, Any], *, foreground: bool) -> dict[str, Any]:
+    """What an HTTP worker (:mod:`keyagent.proxy_worker`) is started with: how to reach the
+    service, the tool-facing deadlines and where to log. The CA bundle travels as the text
+    the daemon read and checked at start, so no worker ever reads the file itself. (Not an
+    :class:`~keyagent.conduce.HttpSettings`: that would load ``requests`` into the agent.)"""
+    return {
+        "http": {
+            "verify": settings["ca_bundle"] or True,
+            "ca_certificates": settings.get("ca_certificates"),
+            "insecure": settings["insecure"], "connect_timeout": settings["connect_timeout"],
+            "read_timeout": settings["read_timeout"],
+        },
+        "head_timeout": settings["line_timeout"], "idle_timeout": settings["idle_timeout"],
+        "max_connections": settings["max_connections"],
+        "foreground": foreground, "debug": log.isEnabledFor(DEBUG),
+    }  # fmt: skip
 
 
 _BUSY_BODY = (
@@ -341,6 +260,7 @@ def serve(
     private_dir: str | None = None,
     http: tuple[str, tuple[int, int] | None, socket.socket] | None = None,
     leftovers_path: str | None = None,
+    foreground: bool = True,
 ) -> int:
     """Harden, set up, call ``on_ready`` (signals are handled by then), serve until stopped."""
     harden(settings["max_connections"])
@@ -378,7 +298,11 @@ def serve(
         stop_timeout=settings.get("stop_timeout", 10.0),
     )
     server = Server(agent, listener, limits=limits, http_listener=None if http is None else http[2])
-    server.http_handler = http_handler(server, agent, settings)
+    if http is not None:
+        server.proxy_pool = ProxyPool(
+            agent, worker_hello(settings, foreground=foreground),
+            watch=server.watch, unwatch=server.unwatch, start_call=server.start_call,
+        )  # fmt: skip
     server.http_busy = HTTP_BUSY
     server.install_signal_handlers()
 
@@ -455,7 +379,7 @@ def run(handoff: Handoff) -> int:
         return serve(
             handoff.settings.as_dict(), handoff.socket_path, handoff.bound, listener, on_ready,
             notifier=notifier, private_dir=handoff.private_dir, http=http,
-            leftovers_path=handoff.leftovers_path,
+            leftovers_path=handoff.leftovers_path, foreground=foreground,
         )  # fmt: skip
     except BaseException as error:
         if foreground:

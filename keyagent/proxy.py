@@ -8,7 +8,7 @@ top to bottom:
    (``/conduce/api/...`` and ``/api/...``), never the endpoints that make, list or end
    credentials (those are the agent's own business: ``keyagent-ctl`` does them);
 2. the agent picks credentials on its event loop (:meth:`Agent.authorize_proxy`, which may
-   ask the user through askpass first) and hands back a :class:`~keyagent.agent.Grant`;
+   ask the user through askpass first) and lends a :class:`~keyagent.grant.Grant`;
 3. the request goes to ``https://HOST`` with the tool's ``Authorization``/``Cookie`` headers
    replaced by the grant's (:mod:`keyagent.forward`), bodies streaming both ways;
 4. the answer comes back with ``Set-Cookie`` and anything carrying a credential removed.
@@ -16,9 +16,11 @@ top to bottom:
 Errors the agent itself produces are JSON ``{"error": {"code", "message"}}`` with an
 ``X-Keyagent-Error: CODE`` header, so a tool can tell them from the service's answers.
 
-Each connection runs on a thread of its own (:meth:`Proxy.serve`); the agent's state is only
-ever touched on the event loop, through ``ask`` (wait for an answer) and ``tell`` (no
-answer needed), which the server provides.
+This runs in the agent's HTTP workers (:mod:`keyagent.proxy_worker`), processes of their
+own: parsing tools' HTTP and streaming bodies never takes the agent's interpreter lock or
+CPU from its event loop, and a worker holds only the credentials it was lent. Each
+connection runs on a thread of its own (:meth:`Proxy.serve`); whatever needs the agent's
+state goes through a :class:`Lender`.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Final, Protocol
 from urllib.parse import unquote, urlsplit
 
 from keyagent.effects import log_internal
@@ -47,11 +49,11 @@ from keyagent.log import get_logger
 from keyagent.rules import has_control_characters, host_problem, user_problem
 
 if TYPE_CHECKING:
-    from keyagent.agent import Agent, Grant, Peer
     from keyagent.conduce import HttpSettings
     from keyagent.forward import Upstream
+    from keyagent.grant import Grant
 
-__all__ = ["METHODS", "Proxy", "Route", "error_answer", "route"]
+__all__ = ["METHODS", "Lender", "Proxy", "Route", "error_answer", "route"]
 
 log = get_logger("keyagent.proxy")
 
@@ -280,23 +282,44 @@ def answer_headers(headers: list[tuple[str, str]], grant: Grant) -> list[tuple[s
     return kept
 
 
+class Lender(Protocol):
+    """What a :class:`Proxy` asks of the agent, which holds the credentials: in the agent's
+    HTTP workers, :class:`keyagent.proxy_worker.AgentLink` asks it over a socket.
+
+    ``conn`` names the tool's connection, as the agent numbered it when it accepted it: the
+    agent knows who is at the other end (its pid, uid and program), the worker need not.
+    """
+
+    def authorize(
+        self, conn: int, host: str, user: str | None, key_id: str | None, confirmed: frozenset[str]
+    ) -> Grant:
+        """Credentials for one request (:meth:`keyagent.agent.Agent.authorize_proxy`)."""
+
+    def session_refused(
+        self, conn: int, host: str, user: str, key_id: str | None, confirmed: frozenset[str]
+    ) -> Grant | None:
+        """The service refused the session: :meth:`keyagent.agent.Agent.proxy_session_refused`."""
+
+    def still_good(self, grant: Grant) -> bool:
+        """Whether a grant lent earlier would be lent again now, without asking the agent."""
+
+    def audit(self, conn: int, outcome: str, **fields: str | int | None) -> None:
+        """Record a proxied request in the agent's audit log (no answer awaited)."""
+
+
 class Proxy:
     """Serves connections of the HTTP socket, one thread each (see the module doc)."""
 
     def __init__(
         self,
-        agent: Agent,
+        lender: Lender,
         settings: HttpSettings,
         *,
-        ask: Callable[[Callable[[], Any]], Any],
-        tell: Callable[[Callable[[], None]], None],
         head_timeout: float,
         idle_timeout: float,
     ) -> None:
-        self.agent = agent
+        self.lender = lender
         self.settings = settings
-        self.ask = ask
-        self.tell = tell
         self.head_timeout = head_timeout
         self.idle_timeout = idle_timeout
         self._upstream: Upstream | None = None
@@ -311,7 +334,7 @@ class Proxy:
                 self._upstream = Upstream(self.settings)
             return self._upstream
 
-    def serve(self, sock: socket.socket, peer: Peer) -> None:
+    def serve(self, sock: socket.socket, peer: int) -> None:
         """Answer the requests of one connection until it closes, idles or misbehaves."""
         http = HttpConnection(
             sock,
@@ -344,19 +367,11 @@ class Proxy:
         finally:
             http.close()
 
-    def _still_good(self, grant: Grant) -> bool:
-        """Whether a grant lent earlier on this connection is what the agent would lend now:
-        nothing about keys, sessions or the lock changed since, and the key has not expired.
-        Read here, on the connection's thread, without the loop (see Agent.credentials_token)."""
-        if grant.token != self.agent.credentials_token():
-            return False
-        return grant.deadline is None or self.agent.clock.monotonic() < grant.deadline
-
     def _exchange(
         self,
         http: HttpConnection,
         head: Head,
-        peer: Peer,
+        peer: int,
         confirmed: set[str],
         lent: dict[tuple[str, str | None, str | None], Grant],
     ) -> bool:
@@ -370,12 +385,10 @@ class Proxy:
             self._audit(peer, head, None, error.code, None)
             return self._refuse(http, head, error)
         grant = lent.get((where.host, where.user, where.key_id))
-        if grant is None or not self._still_good(grant):
+        if grant is None or not self.lender.still_good(grant):
             try:
-                grant = self.ask(
-                    lambda: self.agent.authorize_proxy(
-                        peer, where.host, where.user, where.key_id, frozenset(confirmed)
-                    )
+                grant = self.lender.authorize(
+                    peer, where.host, where.user, where.key_id, frozenset(confirmed)
                 )
             except KeyagentError as error:
                 self._audit(peer, head, where, error.code, None)
@@ -394,11 +407,8 @@ class Proxy:
             if answer.status == 401 and grant.session and replayable:
                 # Perhaps the session expired: the agent checks, and if so lends what it
                 # would now (a held key, or login_required) for one more try.
-                session_grant = grant
-                renewed: Grant | None = self.ask(
-                    lambda: self.agent.proxy_session_refused(
-                        peer, where.host, session_grant.user, where.key_id, frozenset(confirmed)
-                    )
+                renewed = self.lender.session_refused(
+                    peer, where.host, grant.user, where.key_id, frozenset(confirmed)
                 )
                 if renewed is not None:
                     answer.finish(complete=False)
@@ -458,25 +468,19 @@ class Proxy:
 
     def _audit(  # noqa: PLR0917  # one call per outcome, each naming what it knows
         self,
-        peer: Peer,
+        peer: int,
         head: Head,
         where: Route | None,
         outcome: str,
         status: int | None,
         grant: Grant | None = None,
     ) -> None:
-        audit = self.agent.audit
-        host = where.host if where is not None else None
         path = where.path if where is not None else _audited_path(head.target)
         if path is not None and len(path) > MAX_AUDITED_PATH:
             path = path[:MAX_AUDITED_PATH] + "...(cut)"
-        key_id = grant.key_id if grant is not None else None
-        user = grant.user if grant is not None else (where.user if where is not None else None)
-
-        def record() -> None:
-            audit(
-                "proxy", peer, outcome=outcome, key_id=key_id, host=host, user=user,
-                method=head.method, path=path, status=status,
-            )  # fmt: skip
-
-        self.tell(record)
+        self.lender.audit(
+            peer, outcome, method=head.method, path=path, status=status,
+            host=where.host if where is not None else None,
+            key_id=grant.key_id if grant is not None else None,
+            user=grant.user if grant is not None else (where.user if where is not None else None),
+        )  # fmt: skip

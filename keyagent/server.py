@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
     from keyagent.audit import AuditEntry
     from keyagent.effects import Steps
+    from keyagent.proxy_pool import ProxyPool
 
 __all__ = ["LOCAL_QUEUES", "Limits", "Server", "log_internal"]
 
@@ -225,11 +226,12 @@ class Server:
         self.agent = agent
         self.listener = listener
         self.http_listener = http_listener
-        self.http_handler: Callable[[socket.socket, Peer], None] | None = None
-        """Serves one connection of ``http_listener`` on a thread of its own (keyagent.proxy)."""
+        self.proxy_pool: ProxyPool | None = None
+        """Serves the connections of ``http_listener`` in worker processes (keyagent.proxy)."""
         self.http_busy: bytes = b""
         """What an HTTP connection past the cap is sent before it is closed."""
-        self._http_threads = 0
+        self._watched: dict[int, Callable[[], None]] = {}
+        """Other descriptors the loop watches (the HTTP workers' control sockets)."""
         self.limits = limits or Limits()
         # The agent's clock: key deadlines (poll timeout, memo validity) are on it.
         self.clock = clock = agent.clock.monotonic
@@ -335,6 +337,9 @@ class Server:
                 else:
                     conn = connections.get(fd)
                     if conn is None:
+                        handler = self._watched.get(fd)
+                        if handler is not None:
+                            handler()
                         continue
                     if mask & _HANGUP:  # gone: nobody to answer, but what it sent runs
                         self._lose_peer(conn)
@@ -344,6 +349,8 @@ class Server:
                     if mask & select.EPOLLIN and not conn.closed:
                         self._read(conn)
             self._run_timers()
+            if self.proxy_pool is not None and self.proxy_pool.workers:
+                self.proxy_pool.publish()  # a timer or a signal may have dropped keys
 
     def _poll_timeout(self) -> float | None:
         now = self.clock()
@@ -382,6 +389,8 @@ class Server:
         ):
             log.warning("exiting with keys not deleted on the service (see above)")
         self.agent.audit_log.flush()
+        if self.proxy_pool is not None:
+            self.proxy_pool.close()
         for workers in (self._workers, self._local_workers):
             if workers is not None:
                 workers.stop()
@@ -468,32 +477,34 @@ class Server:
         with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
 
-    def post_to_loop(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` on the loop soon; from any thread (the HTTP socket's)."""
-        self._deliver(callback)
-
-    def call_on_loop(self, call: Callable[[], Any], timeout: float) -> Any:
-        """Run ``call`` on the loop and wait for its value, from another thread (the HTTP
-        socket's): ``call`` returns a value, raises, or returns a generator for the driver.
-        Raises what it raised, or :class:`Timeout` if no answer came within ``timeout``."""
-        reply = _Reply()
-
-        def start() -> None:
-            try:
-                outcome = call()
-            except KeyagentError as error:
-                reply.set(None, error)
-            except Exception as error:  # noqa: BLE001  # a bug must not stop the agent
-                log_internal(error)
-                reply.set(None, Internal())
+    def start_call(
+        self, call: Callable[[], Any], done: Callable[[Any, KeyagentError | None], None]
+    ) -> None:
+        """Run ``call`` on the loop now, as a request is run: it returns a value, raises, or
+        returns a generator for the driver; ``done(value, error)`` gets the outcome (an HTTP
+        worker's question, from :class:`keyagent.proxy_pool.ProxyPool`)."""
+        try:
+            outcome = call()
+        except KeyagentError as error:
+            done(None, error)
+        except Exception as error:  # noqa: BLE001  # a bug must not stop the agent
+            log_internal(error)
+            done(None, Internal())
+        else:
+            if isinstance(outcome, GeneratorType):
+                self._driver.start(outcome, done)
             else:
-                if isinstance(outcome, GeneratorType):
-                    self._driver.start(outcome, reply.set)
-                else:
-                    reply.set(outcome, None)
+                done(outcome, None)
 
-        self._deliver(start)
-        return reply.wait(timeout)
+    def watch(self, fd: int, handler: Callable[[], None]) -> None:
+        """Call ``handler`` on the loop whenever ``fd`` is readable (or closed)."""
+        self._watched[fd] = handler
+        self._epoll.register(fd, select.EPOLLIN)
+
+    def unwatch(self, fd: int) -> None:
+        if self._watched.pop(fd, None) is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(fd)
 
     # --- accepting -----------------------------------------------------------------------
 
@@ -524,9 +535,9 @@ class Server:
             self._admit_http(sock)
 
     def _admit_http(self, sock: socket.socket) -> None:
-        """Check the peer as for the agent socket, then serve it on a thread of its own.
-        Another user's connection is closed unanswered; one past the shared connection cap
-        is closed too (the proxy is not even loaded for it)."""
+        """Check the peer as for the agent socket, then hand it to an HTTP worker process
+        (:mod:`keyagent.proxy_pool`). Another user's connection is closed unanswered; one
+        past the shared connection cap, or that no worker can take, is answered busy."""
         credentials = _peer_credentials(sock)
         if credentials is None:
             return
@@ -536,39 +547,25 @@ class Server:
             self.agent.audit("connect", Peer(pid, uid, gid), outcome=Forbidden.code)
             sock.close()
             return
+        pool = self.proxy_pool
         if (
-            len(self.connections) + self._http_threads >= self.limits.max_connections
+            pool is None
+            or len(self.connections) + pool.open_connections >= self.limits.max_connections
             or not self._running
             or self._stop_deadline is not None
-            or self.http_handler is None
+            or not pool.admit(sock, Peer(pid, uid, gid, peer_exe(pid)))
         ):
-            log.warning("refused HTTP connection from pid %d: too many connections", pid)
+            log.warning("refused HTTP connection from pid %d: busy", pid)
             with contextlib.suppress(OSError):
                 sock.setblocking(False)
                 sock.send(self.http_busy)
                 # Discard what the tool already sent: closing with unread input would make
                 # it see a reset instead of the answer.
                 sock.recv(_RECV_SIZE)
-            sock.close()
-            return
-        sock.setblocking(True)
-        peer = Peer(pid, uid, gid, peer_exe(pid))
-        handler = self.http_handler
-        self._http_threads += 1
+        sock.close()  # a worker has its own descriptor of it now
 
-        def run() -> None:  # on the connection's own thread
-            try:
-                handler(sock, peer)
-            except Exception as error:  # noqa: BLE001  # a bug must not stop the agent
-                log_internal(error)
-            finally:
-                sock.close()
-                self._deliver(self._http_thread_ended)
-
-        threading.Thread(target=run, name="keyagent-http", daemon=True).start()
-
-    def _http_thread_ended(self) -> None:
-        self._http_threads -= 1
+    def _http_connections(self) -> int:
+        return 0 if self.proxy_pool is None else self.proxy_pool.open_connections
 
     def _shed_one(self) -> None:
         """Out of file descriptors: free the reserve, answer one client ``busy``, re-arm."""
@@ -602,7 +599,7 @@ class Server:
             self._refuse(sock, Forbidden())
             return
         if (
-            len(self.connections) + self._http_threads >= self.limits.max_connections
+            len(self.connections) + self._http_connections() >= self.limits.max_connections
             or not self._running
             or (self._stop_deadline is not None)
         ):
@@ -976,6 +973,9 @@ class Server:
     def _send(self, conn: Connection, data: bytes) -> None:
         if conn.closed:
             return
+        if self.proxy_pool is not None and self.proxy_pool.workers:
+            # Before the client can read (say) "locked": no worker reuses a grant after it.
+            self.proxy_pool.publish()
         if conn.gone:
             conn.discarded += len(data)
             return
@@ -1140,28 +1140,6 @@ def _peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
         sock.close()
         return None
     return pid, uid, gid
-
-
-class _Reply:
-    """A value or error handed from the loop to a thread waiting in :meth:`Server.call_on_loop`."""
-
-    __slots__ = ("_done", "error", "value")
-
-    def __init__(self) -> None:
-        self._done = threading.Event()
-        self.value: Any = None
-        self.error: KeyagentError | None = None
-
-    def set(self, value: Any, error: KeyagentError | None) -> None:
-        self.value, self.error = value, error
-        self._done.set()
-
-    def wait(self, timeout: float) -> Any:
-        if not self._done.wait(timeout):
-            raise Timeout("the agent did not answer in time; retry")
-        if self.error is not None:
-            raise self.error
-        return self.value
 
 
 _LOCKED_FOLLOWING = (

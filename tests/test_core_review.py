@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from keyagent import core, errors
+from keyagent import core, errors, hardening
 from keyagent.agent import Agent
 from keyagent.persist import KeyringStore, PersistedKey
 from keyagent.store import digest_of
@@ -119,7 +119,7 @@ def test_hardening_problems_name_what_is_wrong(
     dumpable: int, tracer: int, expected: list[str]
 ) -> None:
     """The read-back of the hardening warns for a dumpable agent and for an attached tracer."""
-    problems = core.hardening_problems(dumpable, tracer)
+    problems = hardening.hardening_problems(dumpable, tracer)
     assert len(problems) == len(expected)
     for problem, word in zip(problems, expected, strict=True):
         assert word in problem

@@ -10,7 +10,7 @@ from typing import Any
 import h11
 import pytest
 
-from keyagent.agent import Agent, Grant
+from keyagent.agent import Agent
 from keyagent.errors import (
     Ambiguous,
     BadRequest,
@@ -22,6 +22,7 @@ from keyagent.errors import (
     RemoteUnreachable,
     Timeout,
 )
+from keyagent.grant import Grant
 from keyagent.httpwire import Head
 from keyagent.proxy import answer_headers, error_answer, request_headers, route
 from keyagent.store import key_id_for

@@ -1,0 +1,95 @@
+"""What the agent lends one proxied request: the credential header and whose it is.
+
+Made on the agent's event loop (:meth:`keyagent.agent.Agent.authorize_proxy`) and used by
+an HTTP worker process (:mod:`keyagent.proxy_worker`), so it crosses a socket: :meth:`Grant.
+to_wire` and :meth:`Grant.from_wire` are its only encoding. Kept apart from
+:mod:`keyagent.agent` so that a worker never loads the agent's code.
+"""
+
+from __future__ import annotations
+
+from keyagent.errors import Internal
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from keyagent.store import HeldKey
+
+__all__ = ["Grant"]
+
+
+class Grant:
+    """Credentials lent to one proxied request (:mod:`keyagent.proxy`): the header to send
+    and whose they are. Lives in a worker for that request, or for the requests of one
+    keep-alive connection while :attr:`token` says nothing changed."""
+
+    __slots__ = (
+        "confirmed", "deadline", "digest", "header", "host", "key_id", "session", "token",
+        "user", "value",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        host: str,
+        user: str,
+        *,
+        header: str,
+        value: str,
+        held: HeldKey | None = None,
+        confirmed: bool = False,
+        token: object = None,
+    ) -> None:
+        self.host, self.user = host, user
+        self.header, self.value = header, value
+        self.session = held is None
+        """Whether this is the account's session (cookie) rather than a held key."""
+        self.digest = held.digest if held is not None else None
+        self.key_id = held.key_id if held is not None else None
+        self.confirmed = confirmed
+        """Whether the user was asked and allowed it: the connection need not ask again."""
+        self.token = token
+        """What the agent's credentials looked like when lent (:meth:`keyagent.agent.Agent.
+        credentials_token` on the loop; a generation number in a worker): while it is
+        unchanged, and the key's deadline has not passed, the same request on the same
+        connection would get the same grant, so the connection may reuse it."""
+        self.deadline = held.deadline if held is not None else None
+
+    def secrets(self) -> list[str]:
+        """What must never reach the tool: the key, or each cookie value of the session."""
+        if self.header == "Authorization":
+            return [self.value.removeprefix("Bearer ")]
+        return [part.partition("=")[2] for part in self.value.split("; ") if "=" in part]
+
+    def to_wire(self, token: int) -> dict[str, Any]:
+        """As sent to a worker, with ``token`` (a generation number) in place of the loop's."""
+        return {
+            "host": self.host, "user": self.user, "header": self.header, "value": self.value,
+            "session": self.session, "digest": self.digest, "key_id": self.key_id,
+            "confirmed": self.confirmed, "token": token, "deadline": self.deadline,
+        }  # fmt: skip
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Grant:
+        """A grant as :meth:`to_wire` sent it; :class:`~keyagent.errors.Internal` if it is
+        not one (the agent and its workers are one program: a bad grant is a bug)."""
+        try:
+            grant = cls(str(data["host"]), str(data["user"]), header="", value="")
+            grant.header, grant.value = data["header"], data["value"]
+            grant.session, grant.confirmed = bool(data["session"]), bool(data["confirmed"])
+            grant.digest, grant.key_id = data["digest"], data["key_id"]
+            grant.token, grant.deadline = data["token"], data["deadline"]
+        except (KeyError, TypeError):
+            raise Internal() from None
+        if not (
+            grant.header in ("Authorization", "Cookie")
+            and isinstance(grant.value, str)
+            and isinstance(grant.token, int)
+            and all(isinstance(v, str | None) for v in (grant.digest, grant.key_id))
+            and (grant.deadline is None or isinstance(grant.deadline, int | float))
+        ):
+            raise Internal()
+        return grant
+
+    def __repr__(self) -> str:
+        return f"Grant(host={self.host!r}, user={self.user!r}, key_id={self.key_id!r})"

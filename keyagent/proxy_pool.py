@@ -1,0 +1,354 @@
+"""The agent's side of its HTTP workers (:mod:`keyagent.proxy_worker`): start them, hand them
+connections, answer their questions on the event loop.
+
+Workers start on demand: the first connection of the HTTP socket starts one, and a new
+connection starts another while every worker is busy and there are fewer than
+:data:`MAX_WORKERS`; each connection goes to the worker with the fewest. An agent never used
+over HTTP starts none. A worker that dies (or stops reading its control socket) is let go:
+its connections are closed with it, and the next connection starts a new one.
+
+Everything here runs on the agent's event loop, which owns the control sockets (non-blocking,
+watched by :class:`keyagent.server.Server`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import signal
+import socket
+import sys
+
+from keyagent.errors import KeyagentError
+from keyagent.log import get_logger
+from keyagent.proxy_worker import GENERATION, MAX_MESSAGE
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import mmap
+    import subprocess
+    from collections.abc import Callable, Mapping
+    from typing import Any, Final
+
+    from keyagent.agent import Agent, Peer
+    from keyagent.grant import Grant
+
+    Done = Callable[[Any, KeyagentError | None], None]
+
+__all__ = ["MAX_WORKERS", "ProxyPool"]
+
+log = get_logger("keyagent.proxy")
+
+MAX_WORKERS: Final = max(2, min(8, 2 * (os.cpu_count() or 1)))
+"""Most workers at once: two per core (a worker waits on the network much of the time), at
+least two and at most eight. Each is an interpreter of its own, started only when every
+running worker already has a connection (docs/performance.md measures the choice)."""
+MFD_NOEXEC_SEAL: Final = 0x0008  # os.MFD_NOEXEC_SEAL from Python 3.12 on
+MAX_CONFIRMED: Final = 256
+"""Most key digests a question may name as already confirmed on its connection."""
+AUDIT_FIELDS: Final = {"key_id": 64, "host": 300, "user": 300, "method": 16, "path": 600}
+"""The text fields of a worker's audit entry, and the longest each may be."""
+WORKER_SCRIPT: Final = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_http_worker.py")
+
+
+class BadMessage(Exception):
+    """A worker sent what no worker sends: a bug, or a worker no longer to be trusted."""
+
+
+class _Worker:
+    __slots__ = ("conns", "control", "process")
+
+    def __init__(self, process: subprocess.Popen[bytes], control: socket.socket) -> None:
+        self.process = process
+        self.control = control
+        self.conns: set[int] = set()
+
+
+class ProxyPool:
+    """Hands the HTTP socket's connections to worker processes (see the module doc).
+
+    ``watch(fd, handler)`` and ``unwatch(fd)`` put a control socket on the event loop;
+    ``start_call(call, done)`` runs ``call`` there as the server runs a request (a value, an
+    error, or a generator for its driver) and calls ``done(value, error)``.
+    """
+
+    def __init__(
+        self,
+        agent: Agent,
+        hello: Mapping[str, Any],
+        *,
+        watch: Callable[[int, Callable[[], None]], None],
+        unwatch: Callable[[int], None],
+        start_call: Callable[[Callable[[], Any], Done], None],
+        max_workers: int = MAX_WORKERS,
+    ) -> None:
+        self.agent = agent
+        self.hello = dict(hello)
+        self.watch, self.unwatch, self.start_call = watch, unwatch, start_call
+        self.max_workers = max_workers
+        self.workers: list[_Worker] = []
+        self.peers: dict[int, Peer] = {}
+        """Who is at the other end of each open connection, by its number."""
+        self._numbers = itertools.count(1)
+        self._token: object = agent.credentials_token()
+        self._generation = 0
+        self._shared: mmap.mmap | None = None
+        self._shared_fd: int | None = None
+
+    @property
+    def open_connections(self) -> int:
+        return len(self.peers)
+
+    @property
+    def pids(self) -> list[int]:
+        return [worker.process.pid for worker in self.workers]
+
+    # --- credentials' generation -----------------------------------------------------
+
+    def publish(self) -> None:
+        """Bump the shared generation if the credentials a request would get may have
+        changed: workers then stop reusing what they were lent. Called (while there are
+        workers) before every reply the agent sends and after every turn of its loop, so a
+        client told "locked" (say) can never have a proxied request served with a grant from
+        before. Without workers there is nobody to tell: the first grant publishes first."""
+        token = self.agent.credentials_token()
+        if token != self._token:
+            self._token = token
+            self._generation += 1
+            if self._shared is not None:
+                GENERATION.pack_into(self._shared, 0, self._generation)
+
+    # --- connections -------------------------------------------------------------------
+
+    def admit(self, sock: socket.socket, peer: Peer) -> bool:
+        """Hand ``sock`` to a worker (its descriptor travels; the caller closes its copy).
+        False if no worker could be started or reached: the caller answers busy."""
+        worker = min(self.workers, key=lambda w: len(w.conns), default=None)
+        if worker is None or (worker.conns and len(self.workers) < self.max_workers):
+            worker = self._start() or worker
+        if worker is None:
+            return False
+        number = next(self._numbers)
+        if not self._send(worker, {"t": "conn", "conn": number}, sock.fileno()):
+            return False
+        worker.conns.add(number)
+        self.peers[number] = peer
+        return True
+
+    def shared_generation(self) -> mmap.mmap:
+        """The memory the generation is published in, shared with every worker (a memfd,
+        made with the first worker)."""
+        if self._shared is None:
+            import mmap
+
+            self._shared_fd = _memfd("keyagent-generation", GENERATION.size)
+            self._shared = mmap.mmap(self._shared_fd, GENERATION.size)
+            GENERATION.pack_into(self._shared, 0, self._generation)
+        return self._shared
+
+    def _start(self) -> _Worker | None:
+        # Loaded by the first worker's start: an agent never used over HTTP has no need.
+        import subprocess
+
+        try:
+            self.shared_generation()
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as error:
+            log.warning("could not start an HTTP worker: %s", os.strerror(error.errno or 0))
+            return None
+        hello = {
+            **self.hello, "sys_path": sys.path, "control_fd": theirs.fileno(),
+            "generation_fd": self._shared_fd,
+        }  # fmt: skip
+        hello_fd = None
+        try:
+            hello_fd = _memfd("keyagent-http-hello", 0)
+            os.write(hello_fd, json.dumps(hello).encode())
+            os.lseek(hello_fd, 0, os.SEEK_SET)
+            assert self._shared_fd is not None  # noqa: S101  # made above
+            process = subprocess.Popen(
+                [sys.executable, "-I", "-S", WORKER_SCRIPT, str(hello_fd)],
+                stdin=subprocess.DEVNULL,
+                pass_fds=(hello_fd, theirs.fileno(), self._shared_fd),
+                start_new_session=True,
+            )
+        except OSError as error:
+            log.warning("could not start an HTTP worker: %s", os.strerror(error.errno or 0))
+            ours.close()
+            return None
+        finally:
+            theirs.close()
+            if hello_fd is not None:
+                os.close(hello_fd)
+        ours.setblocking(False)
+        worker = _Worker(process, ours)
+        self.workers.append(worker)
+        self.watch(ours.fileno(), lambda: self._readable(worker))
+        log.info("started HTTP worker %d", process.pid)
+        return worker
+
+    def _send(self, worker: _Worker, message: dict[str, Any], fd: int | None = None) -> bool:
+        data = json.dumps(message).encode()
+        try:
+            if fd is None:
+                worker.control.send(data)
+            else:
+                socket.send_fds(worker.control, [data], [fd])
+        except BlockingIOError:
+            # Its control socket is full: the worker has stopped reading. Waiting would
+            # stall the agent's loop, so the worker goes, and its connections with it.
+            self._let_go(worker, "stopped reading its control socket")
+            return False
+        except OSError:
+            self._let_go(worker, "closed its control socket")
+            return False
+        return True
+
+    # --- what workers send ---------------------------------------------------------------
+
+    def _readable(self, worker: _Worker) -> None:
+        for _ in range(64):  # bounded, so one busy worker cannot starve the loop
+            if worker not in self.workers:
+                return
+            try:
+                data = worker.control.recv(MAX_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._let_go(worker, "exited")
+                return
+            try:
+                self._handle(worker, data)
+            except BadMessage as problem:
+                log.warning("HTTP worker %d sent a bad message (%s)", worker.process.pid, problem)
+                self._let_go(worker, "sent a bad message")
+                return
+
+    def _handle(self, worker: _Worker, data: bytes) -> None:
+        try:
+            message = json.loads(data)
+            kind, conn = message["t"], message["conn"]
+        except (ValueError, TypeError, KeyError):
+            raise BadMessage("not a message") from None
+        if type(conn) is not int or conn not in worker.conns:
+            raise BadMessage("a connection it does not serve")
+        peer = self.peers[conn]
+        if kind == "closed":
+            worker.conns.discard(conn)
+            del self.peers[conn]
+        elif kind == "audit":
+            self._audit(peer, message)
+        elif kind in ("authorize", "session_refused"):
+            self._question(worker, peer, kind, message)
+        else:
+            raise BadMessage(f"unknown kind {str(kind)[:20]!r}")
+
+    def _audit(self, peer: Peer, message: dict[str, Any]) -> None:
+        fields: dict[str, Any] = {}
+        for name, longest in AUDIT_FIELDS.items():
+            value = message.get(name)
+            if value is not None and (not isinstance(value, str) or len(value) > longest):
+                raise BadMessage(f"audit field {name}")
+            fields[name] = value
+        status, outcome = message.get("status"), message.get("outcome")
+        if status is not None and (type(status) is not int or not 100 <= status <= 999):
+            raise BadMessage("audit status")
+        if not isinstance(outcome, str) or len(outcome) > 40:
+            raise BadMessage("audit outcome")
+        self.agent.audit("proxy", peer, outcome=outcome, status=status, **fields)
+
+    def _question(self, worker: _Worker, peer: Peer, kind: str, message: dict[str, Any]) -> None:
+        ask, host, user = message.get("ask"), message.get("host"), message.get("user")
+        key_id, confirmed = message.get("key_id"), message.get("confirmed")
+        if (
+            type(ask) is not int
+            or not isinstance(host, str)
+            or not isinstance(user, str | None)
+            or (kind == "session_refused" and user is None)
+            or not isinstance(key_id, str | None)
+            or not isinstance(confirmed, list)
+            or len(confirmed) > MAX_CONFIRMED
+            or not all(isinstance(digest, str) for digest in confirmed)
+        ):
+            raise BadMessage(f"a bad {kind} question")
+        agent, digests = self.agent, frozenset(confirmed)
+
+        def call() -> Any:
+            if kind == "authorize":
+                return agent.authorize_proxy(peer, host, user, key_id, digests)
+            assert user is not None  # noqa: S101  # checked above
+            return agent.proxy_session_refused(peer, host, user, key_id, digests)
+
+        def done(grant: Grant | None, error: KeyagentError | None) -> None:
+            if worker not in self.workers:
+                return  # it died meanwhile: nobody to answer
+            answer: dict[str, Any] = {"t": "answer", "ask": ask}
+            if error is not None:
+                answer["error"] = [error.code, error.message]
+            elif grant is None:
+                answer["grant"] = None
+            else:
+                self.publish()
+                # A grant lent before a change the loop has since seen is never reused.
+                current = grant.token == self._token
+                answer["grant"] = grant.to_wire(self._generation if current else -1)
+            self._send(worker, answer)
+
+        self.start_call(call, done)
+
+    # --- ending ------------------------------------------------------------------------
+
+    def _let_go(self, worker: _Worker, why: str) -> None:
+        import subprocess  # loaded already: a worker was started
+
+        if worker not in self.workers:
+            return
+        self.workers.remove(worker)
+        for conn in worker.conns:
+            self.peers.pop(conn, None)
+        self.unwatch(worker.control.fileno())
+        worker.control.close()
+        with contextlib.suppress(ProcessLookupError):
+            worker.process.send_signal(signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            worker.process.wait(1.0)
+        log.warning(
+            "HTTP worker %d %s (exit status %s); its %d connection(s) were closed; the next "
+            "connection starts another", worker.process.pid, why, worker.process.returncode,
+            len(worker.conns),
+        )  # fmt: skip
+
+    def close(self) -> None:
+        """At the agent's exit: close every control socket; each worker then ends (its
+        open connections with it, as they would with the agent) and is reaped."""
+        import subprocess  # cheap now if a worker was started, and only needed then
+
+        workers, self.workers = self.workers, []
+        for worker in workers:
+            self.unwatch(worker.control.fileno())
+            worker.control.close()
+        for worker in workers:
+            try:
+                worker.process.wait(1.0)
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                worker.process.wait()
+        self.peers.clear()
+        if self._shared is not None:
+            self._shared.close()
+        if self._shared_fd is not None:
+            os.close(self._shared_fd)
+
+
+def _memfd(name: str, size: int) -> int:
+    try:  # sealed non-executable where the kernel knows the flag (Linux 6.3+)
+        fd = os.memfd_create(name, MFD_NOEXEC_SEAL)
+    except OSError:
+        fd = os.memfd_create(name, 0)
+    if size:
+        os.ftruncate(fd, size)
+    return fd

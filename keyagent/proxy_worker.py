@@ -1,0 +1,214 @@
+"""An HTTP worker: a process of the agent's own that serves connections of the HTTP socket.
+
+The agent accepts each connection on ``http.sock`` itself (it checks the peer's uid and
+reads its program, as for ``agent.sock``), numbers it, and passes the descriptor to a worker
+over the worker's control socket. The worker parses the tool's HTTP and forwards the request
+(:mod:`keyagent.proxy`), and asks the agent for credentials when it needs them. So:
+
+* the work of proxying (two HTTP parsers, TLS, streaming bodies) takes neither the agent's
+  interpreter lock nor its event loop's CPU: a ``get`` on ``agent.sock`` is answered at once
+  while downloads run, and the workers together may use more than one core;
+* a worker holds only the credentials it was lent, never the agent's other keys, and a
+  crash in one (a bug in parsing a tool's HTTP, say) leaves the agent and its keys alone;
+* the agent decides every request for credentials with what it knows of the connection
+  (see :class:`keyagent.proxy.Lender`), never with what a worker claims about the peer.
+
+The control socket is a ``SOCK_SEQPACKET`` pair: one JSON object per message, plus the
+descriptor of a new connection. The agent sends ``conn`` (a connection: its number and its
+descriptor) and ``answer`` (to an ``authorize`` or ``session_refused``); a worker sends
+those two questions, ``audit`` entries and ``closed`` (a connection ended). Whether a grant
+lent earlier is still good is read from a generation number the agent keeps in a shared
+memfd (:class:`keyagent.proxy_pool.ProxyPool` writes it before any reply that follows a
+change), so a keep-alive connection's requests do not each cost a round trip to the agent.
+
+Started by :class:`keyagent.proxy_pool.ProxyPool` as ``python -I -S .../_http_worker.py FD``,
+where descriptor FD is a memfd with the worker's settings (:func:`main`). It exits when the
+agent closes the control socket (the agent stopped or died).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+
+from keyagent.errors import Internal, from_code
+from keyagent.grant import Grant
+from keyagent.hardening import harden
+from keyagent.log import DEBUG, INFO, WARNING, get_logger, to_stderr, to_syslog
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import mmap
+    from typing import Any, Final
+
+    from keyagent.proxy import Proxy
+
+__all__ = ["GENERATION", "MAX_MESSAGE", "AgentLink", "main"]
+
+log = get_logger("keyagent.proxy")
+
+MAX_MESSAGE: Final = 64 * 1024
+"""Largest control message either side reads (a grant or a question is well under 2 KiB)."""
+GENERATION: Final = struct.Struct("=Q")
+"""The shared generation number: bumped by the agent whenever lent credentials go stale."""
+ASK_TIMEOUT: Final = 600.0
+"""Longest wait for the agent's answer (credentials, which may wait for askpass): a
+backstop, the agent's own deadlines end each wait long before."""
+
+
+class _Waiter:
+    __slots__ = ("answer", "done")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.answer: dict[str, Any] | None = None
+
+
+class AgentLink:
+    """The worker's side of the control socket: a :class:`keyagent.proxy.Lender`."""
+
+    def __init__(self, control: socket.socket, generation: mmap.mmap) -> None:
+        self.control = control
+        self.generation = generation
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, _Waiter] = {}
+        self._guard = threading.Lock()
+
+    # --- Lender ----------------------------------------------------------------------
+
+    def authorize(
+        self, conn: int, host: str, user: str | None, key_id: str | None, confirmed: frozenset[str]
+    ) -> Grant:
+        grant = self._ask("authorize", conn, host, user, key_id, confirmed)
+        if grant is None:
+            raise Internal()
+        return grant
+
+    def session_refused(
+        self, conn: int, host: str, user: str, key_id: str | None, confirmed: frozenset[str]
+    ) -> Grant | None:
+        return self._ask("session_refused", conn, host, user, key_id, confirmed)
+
+    def still_good(self, grant: Grant) -> bool:
+        if grant.token != GENERATION.unpack_from(self.generation)[0]:
+            return False
+        return grant.deadline is None or time.monotonic() < grant.deadline
+
+    def audit(self, conn: int, outcome: str, **fields: str | int | None) -> None:
+        self._send({"t": "audit", "conn": conn, "outcome": outcome, **fields})
+
+    # --- the control socket ----------------------------------------------------------
+
+    def _ask(  # noqa: PLR0917  # the question's own fields
+        self,
+        kind: str,
+        conn: int,
+        host: str,
+        user: str | None,
+        key_id: str | None,
+        confirmed: frozenset[str],
+    ) -> Grant | None:
+        waiter = _Waiter()
+        with self._guard:
+            ask = next(self._ids)
+            self._waiting[ask] = waiter
+        try:
+            self._send({
+                "t": kind, "ask": ask, "conn": conn, "host": host, "user": user,
+                "key_id": key_id, "confirmed": sorted(confirmed),
+            })  # fmt: skip
+            if not waiter.done.wait(ASK_TIMEOUT) or waiter.answer is None:
+                raise from_code("timeout", "the agent did not answer in time; try again")
+        finally:
+            with self._guard:
+                self._waiting.pop(ask, None)
+        answer = waiter.answer
+        error = answer.get("error")
+        if error is not None:
+            raise from_code(str(error[0]), str(error[1]))
+        return None if answer.get("grant") is None else Grant.from_wire(answer["grant"])
+
+    def _send(self, message: dict[str, Any]) -> None:
+        # One datagram per message: threads may send at once without interleaving.
+        self.control.send(json.dumps(message).encode())
+
+    def run(self, proxy: Proxy) -> None:
+        """Serve what the agent sends until it closes the control socket."""
+        while True:
+            data, fds, _, _ = socket.recv_fds(self.control, MAX_MESSAGE, 1)
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                return
+            message = json.loads(data)
+            if message["t"] == "conn":
+                (fd,) = fds
+                sock = socket.socket(fileno=fd)
+                threading.Thread(
+                    target=self._serve, args=(proxy, sock, message["conn"]), daemon=True,
+                    name="keyagent-http",
+                ).start()  # fmt: skip
+            elif message["t"] == "answer":
+                with self._guard:
+                    waiter = self._waiting.get(message["ask"])
+                if waiter is not None:
+                    waiter.answer = message
+                    waiter.done.set()
+
+    def _serve(self, proxy: Proxy, sock: socket.socket, conn: int) -> None:
+        try:
+            sock.setblocking(True)
+            proxy.serve(sock, conn)
+        finally:
+            sock.close()
+            # If the agent is gone, this process is about to end too.
+            with contextlib.suppress(OSError):
+                self._send({"t": "closed", "conn": conn})
+
+
+def main(argv: list[str]) -> int:
+    """``_http_worker.py FD``: read the settings from memfd FD, then serve."""
+    with os.fdopen(int(argv[0]), "rb") as source:
+        hello = json.loads(source.read())
+    sys.path[:] = hello["sys_path"]
+    if hello["foreground"]:
+        to_stderr(DEBUG if hello["debug"] else INFO)
+    else:
+        to_syslog(WARNING)
+    harden(hello["max_connections"], b"keyagent-http")
+
+    import mmap
+
+    from keyagent.conduce import HttpSettings
+    from keyagent.proxy import Proxy
+
+    control = socket.socket(fileno=hello["control_fd"])
+    os.set_inheritable(control.fileno(), False)
+    generation = mmap.mmap(hello["generation_fd"], GENERATION.size, prot=mmap.PROT_READ)
+    os.close(hello["generation_fd"])
+    link = AgentLink(control, generation)
+    proxy = Proxy(
+        link,
+        HttpSettings(**hello["http"]),
+        head_timeout=hello["head_timeout"],
+        idle_timeout=hello["idle_timeout"],
+    )
+    log.debug("HTTP worker %d serving", os.getpid())
+    try:
+        link.run(proxy)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        # A bug, or the agent died mid-message: either way this worker has nobody to serve.
+        log.warning(
+            "HTTP worker %d: the agent's control socket failed (%s)",
+            os.getpid(), type(error).__name__,
+        )  # fmt: skip
+    # Threads still serving die with the process, as they would with the agent.
+    sys.stderr.flush()
+    os._exit(0)

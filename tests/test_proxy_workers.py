@@ -1,0 +1,342 @@
+"""The HTTP socket's worker processes (keyagent.proxy_pool, keyagent.proxy_worker): who serves
+a connection, how many, and what happens when one dies or misbehaves."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keyagent.agent import Peer
+from keyagent.proxy_pool import MAX_WORKERS, ProxyPool, _Worker
+from keyagent.proxy_worker import GENERATION
+from keyagent.testing.agent import AgentProcess, wait_for_exit
+from keyagent.testing.emulator_process import Emulator
+
+from .conftest import AgentFactory, run_ctl, wait_until
+
+USER = "worker@example.com"
+PASSWORD = "worker-pa55word-never-shown"
+TEAMS = "/conduce/api/v1/user/list-teams"
+
+
+@pytest.fixture
+def conduce_agent(agent_factory: AgentFactory, emulator: Emulator) -> AgentProcess:
+    """An agent that trusts the emulator's CA and holds a key of USER."""
+    agent = agent_factory("--ca-bundle", emulator.ca_path, "--read-timeout", "5")
+    secret = emulator.add_key(USER, "for the workers")
+    result = run_ctl(
+        agent.socket_path, "--host", emulator.host, "--user", USER, "add", stdin=secret + "\n"
+    )
+    assert result.code == 0, result.err
+    return agent
+
+
+def http_path(agent: AgentProcess) -> str:
+    return str(Path(agent.socket_path).with_name("http.sock"))
+
+
+def workers_of(pid: int) -> list[int]:
+    """The pids of ``pid``'s children named keyagent-http (the name the worker gives itself)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+            with open(f"/proc/{entry}/comm", "rb") as comm:
+                name = comm.read().strip()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and name == b"keyagent-http":
+            found.append(int(entry))
+    return sorted(found)
+
+
+def said(agent: AgentProcess, text: str) -> bool:
+    """Whether the agent's log holds ``text``, after a round trip (the loop's turn is the wait)."""
+    with agent.client() as client:
+        client.status()
+    return text in agent.log()
+
+
+class KeepAlive:
+    """One keep-alive connection to the HTTP socket that has had one answer and stays open."""
+
+    def __init__(self, path: str, host: str) -> None:
+        self.host = host
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(15)
+        self.sock.connect(path)
+
+    def get(self, path: str = TEAMS) -> bytes:
+        """Send one GET; the answer's status line, or b"" if the connection was closed."""
+        try:
+            return self._get(path)
+        except (BrokenPipeError, ConnectionResetError):
+            return b""
+
+    def _get(self, path: str) -> bytes:
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return data.split(b"\r\n", 1)[0]
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(body) < length:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return head.split(b"\r\n", 1)[0]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def connections() -> Iterator[list[KeepAlive]]:
+    """Connections a test opens, closed at its end."""
+    opened: list[KeepAlive] = []
+    yield opened
+    for conn in opened:
+        conn.close()
+
+
+def test_connections_are_served_by_worker_processes(
+    conduce_agent: AgentProcess, emulator: Emulator, connections: list[KeepAlive]
+) -> None:
+    """A proxied request is served by a child process named keyagent-http, in a session of
+    its own, whose command line holds no key; the agent starts none before it is needed."""
+    assert workers_of(conduce_agent.pid) == []
+    conn = KeepAlive(http_path(conduce_agent), emulator.host)
+    connections.append(conn)
+    assert conn.get() == b"HTTP/1.1 200 OK"
+    (worker,) = workers_of(conduce_agent.pid)
+    assert os.getsid(worker) == worker  # not in the agent's session: no terminal's signals
+    with open(f"/proc/{worker}/cmdline", "rb") as cmdline:
+        argv = cmdline.read().split(b"\0")
+    assert any(part.endswith(b"/keyagent/_http_worker.py") for part in argv)
+    with conduce_agent.client() as client:
+        (key,) = client.list()
+        assert client.get(key_id=key["key_id"])  # the agent itself answers as before
+    assert all(key["key_id"].encode() not in part for part in argv)
+
+
+def test_busy_workers_make_more_up_to_the_limit(
+    conduce_agent: AgentProcess, emulator: Emulator, connections: list[KeepAlive]
+) -> None:
+    """Each connection opened while every worker has one starts another worker, up to
+    MAX_WORKERS; later connections share them, and all are answered."""
+    for _ in range(MAX_WORKERS + 2):
+        conn = KeepAlive(http_path(conduce_agent), emulator.host)
+        connections.append(conn)
+        assert conn.get() == b"HTTP/1.1 200 OK"
+    assert len(workers_of(conduce_agent.pid)) == MAX_WORKERS
+    for conn in connections:
+        assert conn.get() == b"HTTP/1.1 200 OK"
+
+
+def test_a_killed_worker_is_replaced(
+    conduce_agent: AgentProcess, emulator: Emulator, connections: list[KeepAlive]
+) -> None:
+    """A worker that dies takes its connections with it; the agent says so, keeps serving
+    agent.sock, and the next connection gets a new worker."""
+    first = KeepAlive(http_path(conduce_agent), emulator.host)
+    connections.append(first)
+    assert first.get() == b"HTTP/1.1 200 OK"
+    (worker,) = workers_of(conduce_agent.pid)
+    os.kill(worker, signal.SIGKILL)
+    assert first.get() == b""  # closed with the worker
+    wait_until(
+        lambda: said(conduce_agent, f"HTTP worker {worker} exited"), "the worker's end logged"
+    )
+    second = KeepAlive(http_path(conduce_agent), emulator.host)
+    connections.append(second)
+    assert second.get() == b"HTTP/1.1 200 OK"
+    (replacement,) = workers_of(conduce_agent.pid)
+    assert replacement != worker
+    with conduce_agent.client() as client:
+        assert client.status()["keys"] == 1
+
+
+def test_workers_end_with_the_agent(
+    conduce_agent: AgentProcess, emulator: Emulator, connections: list[KeepAlive]
+) -> None:
+    """Workers exit when the agent does, even when it is killed and cannot tell them."""
+    conn = KeepAlive(http_path(conduce_agent), emulator.host)
+    connections.append(conn)
+    assert conn.get() == b"HTTP/1.1 200 OK"
+    (worker,) = workers_of(conduce_agent.pid)
+    os.kill(conduce_agent.pid, signal.SIGKILL)
+    assert wait_for_exit(worker, 10)
+
+
+def test_a_stopped_agent_leaves_no_worker(
+    conduce_agent: AgentProcess, emulator: Emulator, connections: list[KeepAlive]
+) -> None:
+    """A clean stop ends and reaps every worker before the agent exits."""
+    for _ in range(2):
+        conn = KeepAlive(http_path(conduce_agent), emulator.host)
+        connections.append(conn)
+        assert conn.get() == b"HTTP/1.1 200 OK"
+    workers = workers_of(conduce_agent.pid)
+    assert len(workers) == 2
+    conduce_agent.stop()
+    for worker in workers:
+        assert not os.path.exists(f"/proc/{worker}")
+
+
+# --- the agent's side, with a stand-in worker -----------------------------------------
+
+
+class Loop:
+    """What a ProxyPool needs of the server: watched descriptors and calls run at once."""
+
+    def __init__(self) -> None:
+        self.watched: dict[int, Callable[[], None]] = {}
+        self.calls: list[Callable[[], Any]] = []
+
+    def watch(self, fd: int, handler: Callable[[], None]) -> None:
+        self.watched[fd] = handler
+
+    def unwatch(self, fd: int) -> None:
+        self.watched.pop(fd, None)
+
+    def start_call(self, call: Callable[[], Any], done: Callable[[Any, Any], None]) -> None:
+        self.calls.append(call)
+
+
+class TokenAgent:
+    """An agent's credentials token and audit log, and nothing else."""
+
+    def __init__(self) -> None:
+        self.token = 0
+        self.audited: list[tuple[str, Peer, dict[str, Any]]] = []
+
+    def credentials_token(self) -> int:
+        return self.token
+
+    def audit(self, op: str, peer: Peer, **fields: Any) -> None:
+        self.audited.append((op, peer, fields))
+
+
+@pytest.fixture
+def stand_in() -> Iterator[tuple[ProxyPool, Loop, TokenAgent, _Worker, socket.socket]]:
+    """A pool with one stand-in worker (a sleeping process) serving connection 1; yields
+    the pool, its loop, its agent, the worker and the worker's end of the control socket."""
+    loop, agent = Loop(), TokenAgent()
+    pool = ProxyPool(
+        agent,  # type: ignore[arg-type]  # the two methods a pool calls
+        {}, watch=loop.watch, unwatch=loop.unwatch, start_call=loop.start_call,
+    )  # fmt: skip
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    worker = _Worker(process, ours)
+    pool.workers.append(worker)
+    loop.watch(ours.fileno(), lambda: pool._readable(worker))
+    worker.conns.add(1)
+    pool.peers[1] = Peer(4242, os.getuid(), os.getgid(), "/usr/bin/curl")
+    yield pool, loop, agent, worker, theirs
+    theirs.close()
+    if process.poll() is None:
+        process.kill()
+    pool.close()  # closes the control socket and reaps the stand-in
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"not json",
+        b"[1, 2]",
+        json.dumps({"t": "audit", "conn": 2, "outcome": "ok"}).encode(),  # not its connection
+        json.dumps({"t": "audit", "conn": [1], "outcome": "ok"}).encode(),
+        json.dumps({"t": "audit", "conn": 1, "outcome": "ok", "path": "x" * 5000}).encode(),
+        json.dumps({"t": "audit", "conn": 1, "outcome": "ok", "status": "200"}).encode(),
+        json.dumps({"t": "authorize", "conn": 1, "ask": 1, "host": 7}).encode(),
+        json.dumps(
+            {
+                "t": "authorize",
+                "conn": 1,
+                "ask": 1,
+                "host": "h",
+                "user": None,
+                "key_id": None,
+                "confirmed": ["d"] * 1000,
+            }
+        ).encode(),
+        json.dumps({"t": "sign", "conn": 1}).encode(),
+    ],
+)
+def test_a_worker_sending_a_bad_message_is_let_go(
+    stand_in: tuple[ProxyPool, Loop, TokenAgent, _Worker, socket.socket], message: bytes
+) -> None:
+    """A message no worker sends ends that worker (killed and reaped) and forgets its
+    connections; nothing reaches the agent's state or audit log."""
+    pool, loop, agent, worker, theirs = stand_in
+    theirs.send(message)
+    loop.watched[worker.control.fileno()]()
+    assert pool.workers == []
+    assert pool.open_connections == 0
+    assert loop.watched == {}
+    assert worker.process.returncode == -signal.SIGKILL
+    assert agent.audited == []
+    assert loop.calls == []
+
+
+def test_a_workers_audit_entry_names_the_agents_peer(
+    stand_in: tuple[ProxyPool, Loop, TokenAgent, _Worker, socket.socket],
+) -> None:
+    """An audit entry from a worker is recorded with the peer the agent accepted, and a
+    question becomes a call on the loop; the worker stays."""
+    pool, loop, agent, worker, theirs = stand_in
+    theirs.send(json.dumps({
+        "t": "audit", "conn": 1, "outcome": "ok", "method": "GET", "path": "/api/v2/x",
+        "status": 200, "host": "h", "user": "u", "key_id": None,
+    }).encode())  # fmt: skip
+    theirs.send(json.dumps({
+        "t": "authorize", "conn": 1, "ask": 9, "host": "h", "user": None, "key_id": None,
+        "confirmed": [],
+    }).encode())  # fmt: skip
+    loop.watched[worker.control.fileno()]()
+    assert pool.workers == [worker]
+    ((op, peer, fields),) = agent.audited
+    assert (op, peer.pid, fields["path"], fields["status"]) == ("proxy", 4242, "/api/v2/x", 200)
+    assert len(loop.calls) == 1
+
+
+def test_publish_moves_the_generation_only_on_a_change(
+    stand_in: tuple[ProxyPool, Loop, TokenAgent, _Worker, socket.socket],
+) -> None:
+    """The generation workers compare grants with changes when the agent's credentials
+    token does, and only then."""
+    pool, _, agent, _, _ = stand_in
+    shared = pool.shared_generation()
+
+    def generation() -> int:
+        return int(GENERATION.unpack_from(shared)[0])
+
+    start = generation()
+    pool.publish()
+    assert generation() == start
+    agent.token += 1
+    pool.publish()
+    pool.publish()
+    assert generation() == start + 1

@@ -48,8 +48,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from typing import Any
 
-    from keyagent.conduce import HttpSettings
     from keyagent.sessions import AccountFactory, RemoteAccount
+    from keyagent.tls import HttpSettings
 
 log = get_logger("keyagent")
 
@@ -101,7 +101,7 @@ def http_settings(settings: Mapping[str, Any]) -> HttpSettings:
 
     The CA bundle is the text the daemon read at start, after its checks (keyagent.trust):
     the file is never opened again, so whoever replaces it later becomes no trusted CA."""
-    from keyagent.conduce import HttpSettings
+    from keyagent.tls import HttpSettings
 
     return HttpSettings(
         verify=settings["ca_bundle"] or True,

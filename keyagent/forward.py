@@ -30,9 +30,9 @@ from urllib3.exceptions import (
 )
 from urllib3.util import parse_url
 
-from keyagent.conduce import HttpSettings, _is_certificate_failure
 from keyagent.errors import KeyagentError, RemoteUnreachable, Timeout, TLSError
 from keyagent.log import get_logger
+from keyagent.tls import HttpSettings, is_certificate_failure
 
 __all__ = ["CHUNK", "Answer", "Upstream"]
 
@@ -148,7 +148,7 @@ class Upstream:
             raise  # from the request body: the tool's side failed
         except SSLError as error:
             log.warning("proxied %s to %s: TLS failed: %s", method, host, type(error).__name__)
-            if _is_certificate_failure(error):
+            if is_certificate_failure(error):
                 raise TLSError(
                     f"the TLS certificate of {host} could not be verified; "
                     "check the host or start the agent with --ca-bundle"

@@ -49,9 +49,9 @@ from keyagent.log import get_logger
 from keyagent.rules import has_control_characters, host_problem, user_problem
 
 if TYPE_CHECKING:
-    from keyagent.conduce import HttpSettings
     from keyagent.forward import Upstream
     from keyagent.grant import Grant
+    from keyagent.tls import HttpSettings
 
 __all__ = ["METHODS", "Lender", "Proxy", "Route", "error_answer", "route"]
 

@@ -186,8 +186,8 @@ def main(argv: list[str]) -> int:
 
     import mmap
 
-    from keyagent.conduce import HttpSettings
     from keyagent.proxy import Proxy
+    from keyagent.tls import HttpSettings
 
     control = socket.socket(fileno=hello["control_fd"])
     os.set_inheritable(control.fileno(), False)

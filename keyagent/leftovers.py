@@ -19,7 +19,10 @@ Writing is atomic: a temporary file in the same directory, created 0600 with ``O
 crash at any point leaves either the old file or the new one, and at most a stale temporary
 file, which the reader ignores and removes. With nothing to record the file is removed.
 The directory (the platformdirs state directory, ``~/.local/state/keyagent``) is made 0700
-and must be the user's alone, as the socket's directory must (:mod:`keyagent.sockets`).
+and must be the user's alone, as the socket's directory must (:mod:`keyagent.sockets`): the
+writer and the reader apply the same rule, to the directory opened once without following a
+symlink, and do everything else through that descriptor (see
+:meth:`LeftoversFile._opened_directory` for why the directories above it are not checked).
 
 Reading is reading untrusted input: a file that is not a regular file of the user's own with
 mode 0600 or stricter, a symlink, bad JSON or wrong types give a warning that names the file
@@ -30,6 +33,7 @@ blocks (fsync), so the agent calls :meth:`LeftoversFile.write` on a worker threa
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import stat
@@ -41,7 +45,7 @@ from keyagent.rules import host_problem, is_finite_number, user_problem
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Iterator
     from typing import Any, Final
 
 __all__ = ["FORMAT", "Leftover", "LeftoversFile"]
@@ -52,6 +56,7 @@ FORMAT: Final = 1
 MAX_BYTES: Final = 4 * 1024 * 1024
 """A file larger than this is not read (some 20 000 keys; an agent holds far fewer)."""
 TEMP_SUFFIX: Final = ".tmp"
+_DIRECTORY_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Leftover(namedtuple("Leftover", ["fingerprint", "host", "user", "expires"])):
@@ -96,6 +101,70 @@ class LeftoversFile:
     def __repr__(self) -> str:
         return f"LeftoversFile({self.path!r})"
 
+    # --- the directory ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _opened_directory(self, *, create: bool) -> Iterator[int | None]:
+        """The directory, opened and checked (:func:`_directory_problem`); None if it does not
+        exist and ``create`` is false. Raises :class:`_Unusable` for a directory that is not
+        the user's alone, or a symlink.
+
+        Every later operation on the file, its temporaries and the directory itself goes
+        through the descriptor (``dir_fd=``), never through the path again, so it acts on the
+        directory that was checked even if the path is changed in between.
+
+        Only this directory is checked, not those above it. Someone who can write to a
+        directory above it (a non-sticky shared directory holding ``$XDG_STATE_HOME``, a
+        symlink of theirs on the way) can change which directory the path leads to, but not
+        what passes the check: the last component is opened with ``O_NOFOLLOW`` (a symlink
+        is refused), and what was opened must be owned by the user, with no access for group
+        or others. Nobody else can make a directory that belongs to the user; so whatever
+        they swap in is one of the user's own private directories, in which nobody else can
+        add, replace or remove a file (root aside, who needs no swap). The agent then reads
+        at most a file of the user's own (an older leftovers file: the keys it names are
+        looked up by fingerprint in the account's own key list, so at worst a key an agent
+        of the user recorded for deletion is deleted), or none (its keys wait for
+        ``keyagent-ctl prune``), and writes a 0600 file they cannot read, which never holds
+        a secret. What such a user can always do, moving the directory away, only
+        makes the agent warn and retry, and no check here could prevent it. So directories
+        above are not refused: refusing them would protect nothing more.
+        """
+        if create:
+            parent = os.path.dirname(self.directory)
+            if parent and not os.path.isdir(parent):
+                os.makedirs(parent, 0o700, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(self.directory, 0o700)
+        directory: int | None
+        try:
+            directory = os.open(self.directory, _DIRECTORY_FLAGS)
+        except FileNotFoundError:
+            if create:
+                raise
+            directory = None
+        except OSError as error:
+            # O_NOFOLLOW|O_DIRECTORY on a symlink fails with ENOTDIR (Linux) or ELOOP.
+            if error.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise
+            try:
+                info = os.lstat(self.directory)
+            except OSError:
+                raise error from None
+            problem = _directory_problem(self.directory, info)
+            if problem is None:
+                raise
+            raise _Unusable(problem) from None
+        if directory is None:
+            yield None
+            return
+        try:
+            problem = _directory_problem(self.directory, os.fstat(directory))
+            if problem is not None:
+                raise _Unusable(problem)
+            yield directory
+        finally:
+            os.close(directory)
+
     # --- writing -------------------------------------------------------------------------
 
     def write(self, entries: Iterable[Leftover]) -> bool:
@@ -106,20 +175,22 @@ class LeftoversFile:
             for e in entries
         ]
         try:
-            if not keys:
-                try:
-                    os.unlink(self.path)
-                except FileNotFoundError:
-                    pass
+            with self._opened_directory(create=bool(keys)) as directory:
+                if directory is None:
+                    return True  # no directory: no file to remove
+                if keys:
+                    data = json.dumps({"v": FORMAT, "keys": keys}, separators=(",", ":"))
+                    self._replace(directory, data.encode())
                 else:
-                    self._sync_directory()
-                return True
-            problem = self._private_directory()
-            if problem is not None:
-                log.warning("cannot record ephemeral keys in %s: %s", self.path, problem)
-                return False
-            data = json.dumps({"v": FORMAT, "keys": keys}, separators=(",", ":")).encode()
-            self._replace(data)
+                    try:
+                        os.unlink(self.name, dir_fd=directory)
+                    except FileNotFoundError:
+                        pass
+                    else:
+                        os.fsync(directory)
+        except _Unusable as unusable:
+            log.warning("cannot record ephemeral keys in %s: %s", self.path, unusable)
+            return False
         except OSError as error:
             log.warning(
                 "cannot record ephemeral keys in %s (%s); if the agent is killed, delete its "
@@ -129,12 +200,10 @@ class LeftoversFile:
             return False
         return True
 
-    def _replace(self, data: bytes) -> None:
-        temporary = os.path.join(
-            self.directory, f".{self.name}.{os.getpid()}.{os.urandom(4).hex()}{TEMP_SUFFIX}"
-        )
+    def _replace(self, directory: int, data: bytes) -> None:
+        temporary = f".{self.name}.{os.getpid()}.{os.urandom(4).hex()}{TEMP_SUFFIX}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(temporary, flags, 0o600)
+        fd = os.open(temporary, flags, 0o600, dir_fd=directory)
         try:
             try:
                 view = memoryview(data)
@@ -143,42 +212,12 @@ class LeftoversFile:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(temporary, self.path)
+            os.replace(temporary, self.name, src_dir_fd=directory, dst_dir_fd=directory)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.unlink(temporary)
+                os.unlink(temporary, dir_fd=directory)
             raise
-        self._sync_directory()
-
-    def _sync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def _private_directory(self) -> str | None:
-        """Make the directory 0700 if missing (its parents too); what is wrong with it, if
-        anything: it must be a directory of the user's alone, not a symlink."""
-        parent = os.path.dirname(self.directory)
-        if parent and not os.path.isdir(parent):
-            os.makedirs(parent, 0o700, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(self.directory, 0o700)
-        info = os.lstat(self.directory)
-        if not stat.S_ISDIR(info.st_mode):
-            return f"{self.directory} is not a directory; remove it"
-        if info.st_uid != os.geteuid():
-            return (
-                f"{self.directory} is owned by uid {info.st_uid}, not by you (uid "
-                f"{os.geteuid()}); remove it"
-            )
-        if info.st_mode & 0o077:
-            return (
-                f"{self.directory} is accessible to group or others (mode "
-                f"{stat.S_IMODE(info.st_mode):04o}); run chmod 700 {self.directory}"
-            )
-        return None
+        os.fsync(directory)
 
     # --- reading -------------------------------------------------------------------------
 
@@ -187,10 +226,11 @@ class LeftoversFile:
         interrupted write are removed. Never raises: a file that cannot be trusted or read
         is reported in the log and read as empty."""
         try:
-            if not self._directory_trusted():
-                return []
-            self._remove_stale_temporaries()
-            document = self._load()
+            with self._opened_directory(create=False) as directory:
+                if directory is None:
+                    return []
+                self._remove_stale_temporaries(directory)
+                document = self._load(directory)
         except OSError as error:
             self._warn(f"it cannot be read ({os.strerror(error.errno or 0)})")
             return []
@@ -209,29 +249,20 @@ class LeftoversFile:
             self.path, problem,
         )  # fmt: skip
 
-    def _directory_trusted(self) -> bool:
-        """False if there is no directory; raises _Unusable for one others could write to
-        (nothing in it is then read or removed)."""
+    def _load(self, directory: int) -> Any:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            info = os.lstat(self.directory)
-        except FileNotFoundError:
-            return False
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
-            raise _Unusable(
-                f"its directory {self.directory} is not a directory writable by you alone; "
-                f"run chmod 700 {self.directory}"
-            )
-        return True
-
-    def _load(self) -> Any:
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(self.name, flags, dir_fd=directory)
         except FileNotFoundError:
             return None
         except OSError as error:
-            if os.path.islink(self.path):
+            try:
+                info = os.stat(self.name, dir_fd=directory, follow_symlinks=False)
+            except OSError:
+                raise error from None
+            if stat.S_ISLNK(info.st_mode):
                 raise _Unusable("it is a symbolic link") from None
-            raise error
+            raise
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
@@ -291,25 +322,50 @@ class LeftoversFile:
             log.warning("skipped %d unreadable entries of %s", skipped, self.path)
         return list(found.values())
 
-    def _remove_stale_temporaries(self) -> None:
+    def _remove_stale_temporaries(self, directory: int) -> None:
         """Temporary files a write interrupted by a crash left behind: this file's alone (the
         agent on this socket is the only writer), regular and the user's."""
         prefix = f".{self.name}."
-        try:
-            names = os.listdir(self.directory)
-        except FileNotFoundError:
-            return
-        for name in names:
+        for name in os.listdir(directory):
             if not (name.startswith(prefix) and name.endswith(TEMP_SUFFIX)):
                 continue
-            path = os.path.join(self.directory, name)
             try:
-                info = os.lstat(path)
+                info = os.stat(name, dir_fd=directory, follow_symlinks=False)
                 if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
-                    os.unlink(path)
-                    log.info("removed %s, left by an interrupted write", path)
+                    os.unlink(name, dir_fd=directory)
+                    log.info(
+                        "removed %s, left by an interrupted write",
+                        os.path.join(self.directory, name),
+                    )
             except OSError:
                 continue
+
+
+def _directory_problem(directory: str, info: os.stat_result) -> str | None:
+    """What is wrong with ``directory`` (``info`` from ``fstat`` of it, opened without
+    following a symlink, or ``lstat``) as the leftovers file's directory, if anything: it
+    must be a directory, owned by the user, with no access at all for group or others (as
+    the socket's directory). The one rule, for the writer and the reader alike, so that the
+    agent never writes a file its successor refuses to read, nor reads one from a directory
+    it would not have written to."""
+    if stat.S_ISLNK(info.st_mode):
+        return (
+            f"the directory {directory} is a symbolic link; remove it (the agent makes the "
+            "directory itself), or set XDG_STATE_HOME to a directory of your own"
+        )
+    if not stat.S_ISDIR(info.st_mode):
+        return f"{directory} is not a directory; remove it"
+    if info.st_uid != os.geteuid():
+        return (
+            f"the directory {directory} is owned by uid {info.st_uid}, not by you (uid "
+            f"{os.geteuid()}); remove it"
+        )
+    if info.st_mode & 0o077:
+        return (
+            f"the directory {directory} is accessible to group or others (mode "
+            f"{stat.S_IMODE(info.st_mode):04o}); run chmod 700 {directory}"
+        )
+    return None
 
 
 class _Unusable(Exception):

@@ -245,3 +245,175 @@ def test_a_directory_others_can_write_to_is_not_read(
     assert stale.exists()
     (message,) = warnings(caplog)
     assert f"chmod 700 {leftovers.directory}" in message
+
+
+def directory_problem(directory: str, mode: int) -> str:
+    return (
+        f"the directory {directory} is accessible to group or others (mode {mode:04o});"
+        f" run chmod 700 {directory}"
+    )
+
+
+def planted(directory: Path, name: str, entry: Leftover) -> Path:
+    """A valid leftovers file of the caller's own, 0600, naming ``entry``, in ``directory``."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = directory / name
+    keys = [{"fingerprint": entry.fingerprint, "host": entry.host, "user": entry.user,
+             "expires": entry.expires}]  # fmt: skip
+    path.write_text(json.dumps({"v": 1, "keys": keys}))
+    path.chmod(0o600)
+    return path
+
+
+@pytest.mark.parametrize(
+    "mode", [0o750, 0o740, 0o710, 0o705, 0o770, 0o720, 0o777], ids=lambda mode: f"{mode:04o}"
+)
+def test_a_directory_others_can_enter_is_refused_by_reader_and_writer_alike(
+    leftovers: LeftoversFile, caplog: pytest.LogCaptureFixture, mode: int
+) -> None:
+    """A directory with any group or other access (readable only, too) is refused by the
+    reader and the writer with the same problem and the same chmod 700 fix; after the fix
+    both work again."""
+    leftovers.write([FIRST])
+    before = Path(leftovers.path).read_bytes()
+    os.chmod(leftovers.directory, mode)
+    problem = directory_problem(leftovers.directory, mode)
+    assert leftovers.read() == []
+    assert leftovers.write([SECOND]) is False
+    assert leftovers.write([]) is False  # nor is the file removed there
+    read_warning, *write_warnings = warnings(caplog)
+    assert read_warning.startswith(f"ignoring the leftovers file {leftovers.path}: {problem}.")
+    assert write_warnings == [f"cannot record ephemeral keys in {leftovers.path}: {problem}"] * 2
+    assert Path(leftovers.path).read_bytes() == before
+    os.chmod(leftovers.directory, 0o700)
+    assert leftovers.read() == [FIRST]
+    assert leftovers.write([SECOND]) is True
+    assert leftovers.read() == [SECOND]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a directory another user's needs root")
+def test_a_directory_of_another_user_is_refused_by_reader_and_writer(
+    leftovers: LeftoversFile, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 0700 directory that belongs to another user is neither read nor written, with the
+    same warning from both."""
+    leftovers.write([FIRST])
+    os.chown(leftovers.directory, NOBODY, NOBODY)
+    assert leftovers.read() == []
+    assert leftovers.write([SECOND]) is False
+    problem = f"the directory {leftovers.directory} is owned by uid {NOBODY}, not by you"
+    assert [problem in message for message in warnings(caplog)] == [True, True]
+    assert leftovers.write([]) is False
+    assert os.path.exists(leftovers.path)
+
+
+def test_a_directory_that_is_a_symlink_is_refused(
+    leftovers: LeftoversFile, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A symlink in the directory's place, even to a private directory of the user's own, is
+    not followed: nothing behind it is read, written or removed."""
+    target = tmp_path / "private"
+    behind = planted(target, leftovers.name, SECOND)
+    stale = target / f".{leftovers.name}.1.2.tmp"
+    stale.write_text("")
+    Path(leftovers.directory).parent.mkdir(parents=True)
+    os.symlink(target, leftovers.directory)
+    before = behind.read_bytes()
+    assert leftovers.read() == []
+    assert leftovers.write([FIRST]) is False
+    assert behind.read_bytes() == before
+    assert sorted(os.listdir(target)) == sorted([leftovers.name, stale.name])
+    messages = warnings(caplog)
+    assert len(messages) == 2
+    assert all(f"the directory {leftovers.directory} is a symbolic link" in m for m in messages)
+
+
+def test_a_directory_swapped_for_a_symlink_later_is_refused(
+    leftovers: LeftoversFile, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The directory is checked at each read and write, not once: swapped for a symlink to
+    another private directory after the first write, it is refused by both."""
+    assert leftovers.write([FIRST]) is True
+    moved = tmp_path / "moved"
+    os.rename(leftovers.directory, moved)
+    decoy = planted(tmp_path / "decoy", leftovers.name, SECOND)
+    os.symlink(decoy.parent, leftovers.directory)
+    assert leftovers.read() == []
+    assert leftovers.write([FIRST, SECOND]) is False
+    assert LeftoversFile(str(decoy)).read() == [SECOND]
+    assert LeftoversFile(str(moved / leftovers.name)).read() == [FIRST]
+    assert all("is a symbolic link" in message for message in warnings(caplog))
+
+
+def swap_on_first_call(
+    monkeypatch: pytest.MonkeyPatch, name: str, directory: str, replacement: Path
+) -> None:
+    """Make the first call of ``os.<name>`` first move ``directory`` aside (to
+    ``directory``.moved) and put a symlink to ``replacement`` in its place: another user
+    swapping the path in the middle of an operation."""
+    real = getattr(os, name)
+    calls: list[tuple[object, ...]] = []
+
+    def swapping(*args: object, **kwargs: object) -> object:
+        if not calls:
+            calls.append(args)
+            os.rename(directory, directory + ".moved")
+            os.symlink(replacement, directory)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, name, swapping)
+
+
+def test_a_write_stays_in_the_directory_it_checked(
+    leftovers: LeftoversFile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory swapped for a symlink after the check, while the temporary file is being
+    written, does not redirect the write: the new file lands in the directory that was
+    checked, nothing in the one swapped in."""
+    assert leftovers.write([FIRST]) is True
+    decoy = tmp_path / "decoy"
+    decoy.mkdir(mode=0o700)
+    swap_on_first_call(monkeypatch, "fsync", leftovers.directory, decoy)
+    assert leftovers.write([SECOND]) is True
+    monkeypatch.undo()
+    assert os.listdir(decoy) == []
+    checked = leftovers.directory + ".moved"
+    assert os.listdir(checked) == [leftovers.name]
+    assert LeftoversFile(os.path.join(checked, leftovers.name)).read() == [SECOND]
+
+
+def test_a_read_stays_in_the_directory_it_checked(
+    leftovers: LeftoversFile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory swapped for a symlink after the check, while stale temporaries are being
+    looked for, does not redirect the read: the file comes from the directory that was
+    checked, not from the one swapped in."""
+    assert leftovers.write([FIRST]) is True
+    decoy = planted(tmp_path / "decoy", leftovers.name, SECOND).parent
+    swap_on_first_call(monkeypatch, "listdir", leftovers.directory, decoy)
+    assert leftovers.read() == [FIRST]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="acting as another user needs root")
+def test_a_parent_others_can_write_to_cannot_lend_them_the_directory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under a parent every user may write to (not sticky), the user's own private directory
+    is used; another user who replaces it with a directory of theirs holding a planted file
+    gets it refused by the reader and the writer (the owner check on the opened directory is
+    what protects, so the parent itself is not refused)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    leftovers = LeftoversFile(str(shared / "keyagent" / "leftovers-0123.json"))
+    assert leftovers.write([FIRST]) is True
+    assert leftovers.read() == [FIRST]
+    assert warnings(caplog) == []
+    os.rename(leftovers.directory, shared / "theirs-moved-yours")
+    theirs = planted(Path(leftovers.directory), leftovers.name, SECOND)
+    os.chown(theirs, NOBODY, NOBODY)
+    os.chown(leftovers.directory, NOBODY, NOBODY)
+    assert leftovers.read() == []
+    assert leftovers.write([FIRST]) is False
+    assert [f"owned by uid {NOBODY}, not by you" in m for m in warnings(caplog)] == [True, True]
+    assert json.loads(theirs.read_text())["keys"][0]["fingerprint"] == SECOND.fingerprint

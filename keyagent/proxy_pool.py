@@ -4,8 +4,11 @@ connections, answer their questions on the event loop.
 Workers start on demand: the first connection of the HTTP socket starts one, and a new
 connection starts another while every worker is busy and there are fewer than
 :data:`MAX_WORKERS`; each connection goes to the worker with the fewest. An agent never used
-over HTTP starts none. A worker that dies (or stops reading its control socket) is let go:
-its connections are closed with it, and the next connection starts a new one.
+over HTTP starts none. The first worker stays (its warm TLS connections are what makes a
+one-shot tool fast); any other ends once it has had no connection for :data:`WORKER_IDLE`
+seconds, so a burst of connections does not leave the agent large for the rest of the
+session. A worker that dies (or stops reading its control socket) is let go: its
+connections are closed with it, and the next connection starts a new one.
 
 Everything here runs on the agent's event loop, which owns the control sockets (non-blocking,
 watched by :class:`keyagent.server.Server`).
@@ -45,6 +48,8 @@ MAX_WORKERS: Final = max(2, min(8, 2 * (os.cpu_count() or 1)))
 """Most workers at once: two per core (a worker waits on the network much of the time), at
 least two and at most eight. Each is an interpreter of its own, started only when every
 running worker already has a connection (docs/performance.md measures the choice)."""
+WORKER_IDLE: Final = 60.0
+"""Seconds without a connection after which a worker other than the first ends."""
 MFD_NOEXEC_SEAL: Final = 0x0008  # os.MFD_NOEXEC_SEAL from Python 3.12 on
 MAX_CONFIRMED: Final = 256
 """Most key digests a question may name as already confirmed on its connection."""
@@ -58,12 +63,14 @@ class BadMessage(Exception):
 
 
 class _Worker:
-    __slots__ = ("conns", "control", "process")
+    __slots__ = ("conns", "control", "idle_since", "process")
 
     def __init__(self, process: subprocess.Popen[bytes], control: socket.socket) -> None:
         self.process = process
         self.control = control
         self.conns: set[int] = set()
+        self.idle_since: float | None = None
+        """When its last connection closed (the agent's clock); None while it has one."""
 
 
 class ProxyPool:
@@ -71,7 +78,8 @@ class ProxyPool:
 
     ``watch(fd, handler)`` and ``unwatch(fd)`` put a control socket on the event loop;
     ``start_call(call, done)`` runs ``call`` there as the server runs a request (a value, an
-    error, or a generator for its driver) and calls ``done(value, error)``.
+    error, or a generator for its driver) and calls ``done(value, error)``; ``call_at(when,
+    callback)`` runs ``callback`` at ``when`` on ``clock``.
     """
 
     def __init__(
@@ -82,12 +90,19 @@ class ProxyPool:
         watch: Callable[[int, Callable[[], None]], None],
         unwatch: Callable[[int], None],
         start_call: Callable[[Callable[[], Any], Done], None],
+        call_at: Callable[[float, Callable[[], None]], None],
+        clock: Callable[[], float],
         max_workers: int = MAX_WORKERS,
+        worker_idle: float = WORKER_IDLE,
     ) -> None:
         self.agent = agent
         self.hello = dict(hello)
         self.watch, self.unwatch, self.start_call = watch, unwatch, start_call
+        self.call_at, self.clock = call_at, clock
         self.max_workers = max_workers
+        self.worker_idle = worker_idle
+        self._ending: list[subprocess.Popen[bytes]] = []
+        """Workers told to end (their control socket closed), not yet reaped."""
         self.workers: list[_Worker] = []
         self.peers: dict[int, Peer] = {}
         """Who is at the other end of each open connection, by its number."""
@@ -134,6 +149,7 @@ class ProxyPool:
         if not self._send(worker, {"t": "conn", "conn": number}, sock.fileno()):
             return False
         worker.conns.add(number)
+        worker.idle_since = None
         self.peers[number] = peer
         return True
 
@@ -152,6 +168,7 @@ class ProxyPool:
         # Loaded by the first worker's start: an agent never used over HTTP has no need.
         import subprocess
 
+        self._reap()
         try:
             self.shared_generation()
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -240,6 +257,8 @@ class ProxyPool:
         if kind == "closed":
             worker.conns.discard(conn)
             del self.peers[conn]
+            if not worker.conns:
+                self._idle(worker)
         elif kind == "audit":
             self._audit(peer, message)
         elif kind in ("authorize", "session_refused"):
@@ -302,6 +321,36 @@ class ProxyPool:
 
     # --- ending ------------------------------------------------------------------------
 
+    def _idle(self, worker: _Worker) -> None:
+        """``worker`` has no connection left: end it after a while unless it gets one."""
+        since = worker.idle_since = self.clock()
+
+        def end_if_still_idle() -> None:
+            if (
+                worker in self.workers
+                and worker is not self.workers[0]
+                and not worker.conns
+                and worker.idle_since == since
+            ):
+                self._end(worker)
+
+        self.call_at(since + self.worker_idle, end_if_still_idle)
+
+    def _end(self, worker: _Worker) -> None:
+        """Tell an idle worker to end: it exits when its control socket closes, and is
+        reaped by a later start or at :meth:`close` (the loop never waits for it)."""
+        self.workers.remove(worker)
+        self.unwatch(worker.control.fileno())
+        worker.control.close()
+        self._ending.append(worker.process)
+        self._reap()
+        log.info(
+            "ended HTTP worker %d: no connection for %g s", worker.process.pid, self.worker_idle
+        )
+
+    def _reap(self) -> None:
+        self._ending = [process for process in self._ending if process.poll() is None]
+
     def _let_go(self, worker: _Worker, why: str) -> None:
         import subprocess  # loaded already: a worker was started
 
@@ -331,12 +380,13 @@ class ProxyPool:
         for worker in workers:
             self.unwatch(worker.control.fileno())
             worker.control.close()
-        for worker in workers:
+        for process in [worker.process for worker in workers] + self._ending:
             try:
-                worker.process.wait(1.0)
+                process.wait(1.0)
             except subprocess.TimeoutExpired:
-                worker.process.kill()
-                worker.process.wait()
+                process.kill()
+                process.wait()
+        self._ending = []
         self.peers.clear()
         if self._shared is not None:
             self._shared.close()

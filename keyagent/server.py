@@ -496,6 +496,10 @@ class Server:
             else:
                 done(outcome, None)
 
+    def call_at(self, deadline: float, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the loop at ``deadline`` (on :attr:`clock`)."""
+        self._call_at(deadline, callback)
+
     def watch(self, fd: int, handler: Callable[[], None]) -> None:
         """Call ``handler`` on the loop whenever ``fd`` is readable (or closed)."""
         self._watched[fd] = handler

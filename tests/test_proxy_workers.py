@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from keyagent.agent import Peer
-from keyagent.proxy_pool import MAX_WORKERS, ProxyPool, _Worker
+from keyagent.proxy_pool import MAX_WORKERS, WORKER_IDLE, ProxyPool, _Worker
 from keyagent.proxy_worker import GENERATION
 from keyagent.testing.agent import AgentProcess, wait_for_exit
 from keyagent.testing.emulator_process import Emulator
@@ -207,11 +207,14 @@ def test_a_stopped_agent_leaves_no_worker(
 
 
 class Loop:
-    """What a ProxyPool needs of the server: watched descriptors and calls run at once."""
+    """What a ProxyPool needs of the server: watched descriptors, calls run at once, and
+    timers on a fake clock that :meth:`advance` moves."""
 
     def __init__(self) -> None:
         self.watched: dict[int, Callable[[], None]] = {}
         self.calls: list[Callable[[], Any]] = []
+        self.now = 1000.0
+        self.timers: list[tuple[float, Callable[[], None]]] = []
 
     def watch(self, fd: int, handler: Callable[[], None]) -> None:
         self.watched[fd] = handler
@@ -221,6 +224,20 @@ class Loop:
 
     def start_call(self, call: Callable[[], Any], done: Callable[[Any, Any], None]) -> None:
         self.calls.append(call)
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> None:
+        self.timers.append((when, callback))
+
+    def clock(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock and run the timers now due."""
+        self.now += seconds
+        due = [timer for timer in self.timers if timer[0] <= self.now]
+        self.timers = [timer for timer in self.timers if timer[0] > self.now]
+        for _, callback in due:
+            callback()
 
 
 class TokenAgent:
@@ -237,28 +254,85 @@ class TokenAgent:
         self.audited.append((op, peer, fields))
 
 
+# A stand-in worker: reads its control socket until the agent closes it, then exits.
+STAND_IN = (
+    "import socket, sys\ns = socket.socket(fileno=int(sys.argv[1]))\nwhile s.recv(65536): pass"
+)
+
+
+def add_stand_in(pool: ProxyPool, loop: Loop, conn: int) -> tuple[_Worker, socket.socket]:
+    """A stand-in worker process in ``pool``, serving connection ``conn``; returns it and
+    the worker's end of its control socket (to send from as the worker would)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    process = subprocess.Popen(
+        [sys.executable, "-c", STAND_IN, str(theirs.fileno())], pass_fds=[theirs.fileno()]
+    )
+    worker = _Worker(process, ours)
+    pool.workers.append(worker)
+    loop.watch(ours.fileno(), lambda: pool._readable(worker))
+    worker.conns.add(conn)
+    pool.peers[conn] = Peer(4242, os.getuid(), os.getgid(), "/usr/bin/curl")
+    return worker, theirs
+
+
+StandIn = tuple[ProxyPool, Loop, TokenAgent, _Worker, socket.socket]
+
+
 @pytest.fixture
-def stand_in() -> Iterator[tuple[ProxyPool, Loop, TokenAgent, _Worker, socket.socket]]:
-    """A pool with one stand-in worker (a sleeping process) serving connection 1; yields
-    the pool, its loop, its agent, the worker and the worker's end of the control socket."""
+def stand_in() -> Iterator[StandIn]:
+    """A pool with one stand-in worker serving connection 1; yields the pool, its loop, its
+    agent, the worker and the worker's end of the control socket."""
     loop, agent = Loop(), TokenAgent()
     pool = ProxyPool(
         agent,  # type: ignore[arg-type]  # the two methods a pool calls
         {}, watch=loop.watch, unwatch=loop.unwatch, start_call=loop.start_call,
+        call_at=loop.call_at, clock=loop.clock,
     )  # fmt: skip
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    ours.setblocking(False)
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    worker = _Worker(process, ours)
-    pool.workers.append(worker)
-    loop.watch(ours.fileno(), lambda: pool._readable(worker))
-    worker.conns.add(1)
-    pool.peers[1] = Peer(4242, os.getuid(), os.getgid(), "/usr/bin/curl")
+    worker, theirs = add_stand_in(pool, loop, 1)
     yield pool, loop, agent, worker, theirs
     theirs.close()
-    if process.poll() is None:
-        process.kill()
-    pool.close()  # closes the control socket and reaps the stand-in
+    pool.close()  # closes the control sockets and reaps the stand-ins
+
+
+def closed(theirs: socket.socket, conn: int) -> None:
+    theirs.send(json.dumps({"t": "closed", "conn": conn}).encode())
+
+
+def test_an_extra_worker_ends_after_idling_and_the_first_stays(stand_in: StandIn) -> None:
+    """A worker other than the first ends WORKER_IDLE seconds after its last connection
+    closed (its control socket is closed and it exits); the first never does."""
+    pool, loop, _, first, first_end = stand_in
+    second, second_end = add_stand_in(pool, loop, 2)
+    closed(second_end, 2)
+    loop.watched[second.control.fileno()]()
+    closed(first_end, 1)
+    loop.watched[first.control.fileno()]()
+    loop.advance(WORKER_IDLE - 1)
+    assert pool.workers == [first, second]
+    loop.advance(2)
+    assert pool.workers == [first]
+    assert second.control.fileno() == -1
+    assert second.process.wait(10) == 0  # it saw its control socket close and ended
+    loop.advance(10 * WORKER_IDLE)
+    assert pool.workers == [first]
+    second_end.close()
+
+
+def test_a_worker_that_gets_a_connection_again_stays(stand_in: StandIn) -> None:
+    """An idle worker given a connection before its time is up is not ended."""
+    pool, loop, _, _, _ = stand_in
+    second, second_end = add_stand_in(pool, loop, 2)
+    closed(second_end, 2)
+    loop.watched[second.control.fileno()]()
+    loop.advance(WORKER_IDLE / 2)
+    tool, agent_side = socket.socketpair()
+    with tool, agent_side:
+        assert pool.admit(agent_side, Peer(4243, os.getuid(), os.getgid()))
+    assert len(second.conns) == 1  # the worker with the fewest connections took it
+    loop.advance(WORKER_IDLE)
+    assert second in pool.workers
+    second_end.close()
 
 
 @pytest.mark.parametrize(
@@ -285,9 +359,7 @@ def stand_in() -> Iterator[tuple[ProxyPool, Loop, TokenAgent, _Worker, socket.so
         json.dumps({"t": "sign", "conn": 1}).encode(),
     ],
 )
-def test_a_worker_sending_a_bad_message_is_let_go(
-    stand_in: tuple[ProxyPool, Loop, TokenAgent, _Worker, socket.socket], message: bytes
-) -> None:
+def test_a_worker_sending_a_bad_message_is_let_go(stand_in: StandIn, message: bytes) -> None:
     """A message no worker sends ends that worker (killed and reaped) and forgets its
     connections; nothing reaches the agent's state or audit log."""
     pool, loop, agent, worker, theirs = stand_in
@@ -302,7 +374,7 @@ def test_a_worker_sending_a_bad_message_is_let_go(
 
 
 def test_a_workers_audit_entry_names_the_agents_peer(
-    stand_in: tuple[ProxyPool, Loop, TokenAgent, _Worker, socket.socket],
+    stand_in: StandIn,
 ) -> None:
     """An audit entry from a worker is recorded with the peer the agent accepted, and a
     question becomes a call on the loop; the worker stays."""
@@ -323,7 +395,7 @@ def test_a_workers_audit_entry_names_the_agents_peer(
 
 
 def test_publish_moves_the_generation_only_on_a_change(
-    stand_in: tuple[ProxyPool, Loop, TokenAgent, _Worker, socket.socket],
+    stand_in: StandIn,
 ) -> None:
     """The generation workers compare grants with changes when the agent's credentials
     token does, and only then."""

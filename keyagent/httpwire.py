@@ -10,7 +10,8 @@ folding, oversized heads); this module adds the deadlines a slow or idle tool is
 * between requests a keep-alive connection may idle for ``idle_timeout``;
 * any single read of a body, or write of an answer, must progress within ``io_timeout``.
 
-Each connection is served by a thread of its own, so blocking here blocks that tool only.
+Each connection is served by a thread of its own (in an HTTP worker process, see
+:mod:`keyagent.proxy_worker`), so blocking here blocks that tool only.
 """
 
 from __future__ import annotations

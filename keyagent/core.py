@@ -302,7 +302,7 @@ def serve(
         server.proxy_pool = ProxyPool(
             agent, worker_hello(settings, foreground=foreground),
             watch=server.watch, unwatch=server.unwatch, start_call=server.start_call,
-            call_at=server.call_at, clock=server.clock,
+            call_at=server.call_at, clock=server.clock, busy=HTTP_BUSY,
         )  # fmt: skip
     server.http_busy = HTTP_BUSY
     server.install_signal_handlers()

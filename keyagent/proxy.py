@@ -290,14 +290,11 @@ class Lender(Protocol):
     agent knows who is at the other end (its pid, uid and program), the worker need not.
     """
 
-    def authorize(
-        self, conn: int, host: str, user: str | None, key_id: str | None, confirmed: frozenset[str]
-    ) -> Grant:
-        """Credentials for one request (:meth:`keyagent.agent.Agent.authorize_proxy`)."""
+    def authorize(self, conn: int, host: str, user: str | None, key_id: str | None) -> Grant:
+        """Credentials for one request (:meth:`keyagent.agent.Agent.authorize_proxy`); the
+        agent remembers which keys the user confirmed on the connection."""
 
-    def session_refused(
-        self, conn: int, host: str, user: str, key_id: str | None, confirmed: frozenset[str]
-    ) -> Grant | None:
+    def session_refused(self, conn: int, host: str, user: str, key_id: str | None) -> Grant | None:
         """The service refused the session: :meth:`keyagent.agent.Agent.proxy_session_refused`."""
 
     def still_good(self, grant: Grant) -> bool:
@@ -342,12 +339,11 @@ class Proxy:
             idle_timeout=self.idle_timeout,
             io_timeout=max(self.head_timeout, self.settings.read_timeout),
         )
-        confirmed: set[str] = set()  # keys the user allowed, for this connection only
         lent: dict[tuple[str, str | None, str | None], Grant] = {}
         try:
             while True:
                 head = http.next_request()
-                if head is None or not self._exchange(http, head, peer, confirmed, lent):
+                if head is None or not self._exchange(http, head, peer, lent):
                     break
                 if not http.reusable:
                     break
@@ -372,7 +368,6 @@ class Proxy:
         http: HttpConnection,
         head: Head,
         peer: int,
-        confirmed: set[str],
         lent: dict[tuple[str, str | None, str | None], Grant],
     ) -> bool:
         """One request and its answer; False if the connection must close after it.
@@ -384,21 +379,23 @@ class Proxy:
         except KeyagentError as error:
             self._audit(peer, head, None, error.code, None)
             return self._refuse(http, head, error)
-        grant = lent.get((where.host, where.user, where.key_id))
-        if grant is None or not self.lender.still_good(grant):
-            try:
-                grant = self.lender.authorize(
-                    peer, where.host, where.user, where.key_id, frozenset(confirmed)
-                )
-            except KeyagentError as error:
-                self._audit(peer, head, where, error.code, None)
-                return self._refuse(http, head, error)
-            lent[(where.host, where.user, where.key_id)] = grant
-            if grant.confirmed and grant.digest is not None:
-                confirmed.add(grant.digest)
+        try:
+            grant = self._grant(peer, where, lent)
+        except KeyagentError as error:
+            self._audit(peer, head, where, error.code, None)
+            return self._refuse(http, head, error)
         body: bytes | Iterator[bytes]
         replayable = not head.chunked and (head.content_length or 0) <= REPLAYABLE
         body = b"".join(http.body()) if replayable else self._streamed(http)
+        if replayable and not self.lender.still_good(grant):
+            # The tool took its time sending the body, and the agent was locked (say) in
+            # the meantime: what goes out is what the agent lends now. (A streamed body's
+            # request leaves with the head, so it is checked once, before.)
+            try:
+                grant = self._grant(peer, where, lent)
+            except KeyagentError as error:
+                self._audit(peer, head, where, error.code, None)
+                return self._refuse(http, head, error, body_read=True)
         try:
             answer = self.upstream.send(
                 head.method, where.host, where.target, request_headers(head, grant), body,
@@ -407,9 +404,7 @@ class Proxy:
             if answer.status == 401 and grant.session and replayable:
                 # Perhaps the session expired: the agent checks, and if so lends what it
                 # would now (a held key, or login_required) for one more try.
-                renewed = self.lender.session_refused(
-                    peer, where.host, grant.user, where.key_id, frozenset(confirmed)
-                )
+                renewed = self.lender.session_refused(peer, where.host, grant.user, where.key_id)
                 if renewed is not None:
                     answer.finish(complete=False)
                     grant = lent[(where.host, where.user, where.key_id)] = renewed
@@ -445,6 +440,17 @@ class Proxy:
         )  # fmt: skip
         self._audit(peer, head, where, "ok", answer.status, grant)
         return True
+
+    def _grant(
+        self, peer: int, where: Route, lent: dict[tuple[str, str | None, str | None], Grant]
+    ) -> Grant:
+        """What the connection lent for this account and key before, while still good; else
+        what the agent lends now (remembered for the connection's next requests)."""
+        asked = (where.host, where.user, where.key_id)
+        grant = lent.get(asked)
+        if grant is None or not self.lender.still_good(grant):
+            grant = lent[asked] = self.lender.authorize(peer, where.host, where.user, where.key_id)
+        return grant
 
     @staticmethod
     def _streamed(http: HttpConnection) -> Iterator[bytes]:

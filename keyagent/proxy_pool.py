@@ -7,8 +7,15 @@ connection starts another while every worker is busy and there are fewer than
 over HTTP starts none. The first worker stays (its warm TLS connections are what makes a
 one-shot tool fast); any other ends once it has had no connection for :data:`WORKER_IDLE`
 seconds, so a burst of connections does not leave the agent large for the rest of the
-session. A worker that dies (or stops reading its control socket) is let go: its
-connections are closed with it, and the next connection starts a new one.
+session. A worker that dies (or stops reading its control socket, or sends what no worker
+sends) is let go: its connections are closed with it, and the next connection starts a new
+one. Connections wait in the agent until their worker says it is ready; one that fails to
+start makes the HTTP socket answer ``busy`` for a while (:data:`START_BACKOFF`) rather than
+start an interpreter per connection.
+
+A worker is trusted with the credentials it is lent, nothing more: what it sends is checked
+here, who is on the other end of a connection is what the agent recorded, and which keys the
+user already confirmed on a connection is the agent's record too.
 
 Everything here runs on the agent's event loop, which owns the control sockets (non-blocking,
 watched by :class:`keyagent.server.Server`).
@@ -24,9 +31,11 @@ import signal
 import socket
 import sys
 
+from keyagent.effects import log_internal
 from keyagent.errors import KeyagentError
 from keyagent.log import get_logger
 from keyagent.proxy_worker import GENERATION, MAX_MESSAGE
+from keyagent.rules import MAX_HOST, MAX_USER
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -51,10 +60,13 @@ running worker already has a connection (docs/performance.md measures the choice
 WORKER_IDLE: Final = 60.0
 """Seconds without a connection after which a worker other than the first ends."""
 MFD_NOEXEC_SEAL: Final = 0x0008  # os.MFD_NOEXEC_SEAL from Python 3.12 on
-MAX_CONFIRMED: Final = 256
-"""Most key digests a question may name as already confirmed on its connection."""
-AUDIT_FIELDS: Final = {"key_id": 64, "host": 300, "user": 300, "method": 16, "path": 600}
-"""The text fields of a worker's audit entry, and the longest each may be."""
+START_BACKOFF: Final = (10.0, 300.0)
+"""After a worker fails to start: seconds of answering ``busy``, doubling up to the second
+figure while starts keep failing."""
+AUDIT_FIELDS: Final = {
+    "key_id": 64, "host": MAX_HOST, "user": MAX_USER, "method": 32, "path": 600, "outcome": 40,
+}  # fmt: skip
+"""The text fields of a worker's audit entry, and the most of each the agent records."""
 WORKER_SCRIPT: Final = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_http_worker.py")
 
 
@@ -63,7 +75,7 @@ class BadMessage(Exception):
 
 
 class _Worker:
-    __slots__ = ("conns", "control", "idle_since", "process")
+    __slots__ = ("conns", "control", "idle_since", "process", "ready", "waiting")
 
     def __init__(self, process: subprocess.Popen[bytes], control: socket.socket) -> None:
         self.process = process
@@ -71,6 +83,10 @@ class _Worker:
         self.conns: set[int] = set()
         self.idle_since: float | None = None
         """When its last connection closed (the agent's clock); None while it has one."""
+        self.ready = False
+        """Whether it said it is ready (started, hardened, modules loaded)."""
+        self.waiting: list[tuple[int, socket.socket]] = []
+        """Connections handed to it before it was ready, held here until it is."""
 
 
 class ProxyPool:
@@ -79,7 +95,8 @@ class ProxyPool:
     ``watch(fd, handler)`` and ``unwatch(fd)`` put a control socket on the event loop;
     ``start_call(call, done)`` runs ``call`` there as the server runs a request (a value, an
     error, or a generator for its driver) and calls ``done(value, error)``; ``call_at(when,
-    callback)`` runs ``callback`` at ``when`` on ``clock``.
+    callback)`` runs ``callback`` at ``when`` on ``clock``. ``busy`` is what a connection no
+    worker can take is sent before it is closed.
     """
 
     def __init__(
@@ -92,6 +109,7 @@ class ProxyPool:
         start_call: Callable[[Callable[[], Any], Done], None],
         call_at: Callable[[float, Callable[[], None]], None],
         clock: Callable[[], float],
+        busy: bytes = b"",
         max_workers: int = MAX_WORKERS,
         worker_idle: float = WORKER_IDLE,
     ) -> None:
@@ -99,18 +117,24 @@ class ProxyPool:
         self.hello = dict(hello)
         self.watch, self.unwatch, self.start_call = watch, unwatch, start_call
         self.call_at, self.clock = call_at, clock
+        self.busy = busy
         self.max_workers = max_workers
         self.worker_idle = worker_idle
-        self._ending: list[subprocess.Popen[bytes]] = []
-        """Workers told to end (their control socket closed), not yet reaped."""
         self.workers: list[_Worker] = []
         self.peers: dict[int, Peer] = {}
         """Who is at the other end of each open connection, by its number."""
+        self.confirmed: dict[int, set[str]] = {}
+        """Digests of the keys the user allowed on each open connection (ssh-add -c: once
+        per connection), kept here: a worker's word for it is not taken."""
         self._numbers = itertools.count(1)
         self._token: object = agent.credentials_token()
         self._generation = 0
         self._shared: mmap.mmap | None = None
         self._shared_fd: int | None = None
+        self._ending: list[subprocess.Popen[bytes]] = []
+        """Workers told to end (their control socket closed), not yet reaped."""
+        self._failed_until = 0.0
+        self._backoff = START_BACKOFF[0]
 
     @property
     def open_connections(self) -> int:
@@ -126,8 +150,10 @@ class ProxyPool:
         """Bump the shared generation if the credentials a request would get may have
         changed: workers then stop reusing what they were lent. Called (while there are
         workers) before every reply the agent sends and after every turn of its loop, so a
-        client told "locked" (say) can never have a proxied request served with a grant from
-        before. Without workers there is nobody to tell: the first grant publishes first."""
+        client told "locked" (say) can never have a proxied request sent with a grant from
+        before (a worker checks just before it sends; a streamed body's request, once under
+        way, is finished). Without workers there is nobody to tell: the first grant
+        publishes first."""
         token = self.agent.credentials_token()
         if token != self._token:
             self._token = token
@@ -135,27 +161,9 @@ class ProxyPool:
             if self._shared is not None:
                 GENERATION.pack_into(self._shared, 0, self._generation)
 
-    # --- connections -------------------------------------------------------------------
-
-    def admit(self, sock: socket.socket, peer: Peer) -> bool:
-        """Hand ``sock`` to a worker (its descriptor travels; the caller closes its copy).
-        False if no worker could be started or reached: the caller answers busy."""
-        worker = min(self.workers, key=lambda w: len(w.conns), default=None)
-        if worker is None or (worker.conns and len(self.workers) < self.max_workers):
-            worker = self._start() or worker
-        if worker is None:
-            return False
-        number = next(self._numbers)
-        if not self._send(worker, {"t": "conn", "conn": number}, sock.fileno()):
-            return False
-        worker.conns.add(number)
-        worker.idle_since = None
-        self.peers[number] = peer
-        return True
-
     def shared_generation(self) -> mmap.mmap:
-        """The memory the generation is published in, shared with every worker (a memfd,
-        made with the first worker)."""
+        """The memory the generation is published in (a memfd, made with the first worker).
+        Workers map it through a read-only descriptor: none can turn the number back."""
         if self._shared is None:
             import mmap
 
@@ -164,32 +172,65 @@ class ProxyPool:
             GENERATION.pack_into(self._shared, 0, self._generation)
         return self._shared
 
+    # --- connections -------------------------------------------------------------------
+
+    def admit(self, sock: socket.socket, peer: Peer) -> bool:
+        """Take ``sock`` for a worker: True if the pool now owns it (handed over, or held
+        until its worker is ready). False if no worker can take it (none starts, or one
+        failed to start a moment ago): the caller answers busy and closes it."""
+        worker = min(self.workers, key=lambda w: len(w.conns), default=None)
+        wanted = worker is None or (worker.conns and len(self.workers) < self.max_workers)
+        if wanted and self.clock() >= self._failed_until:  # not while starts fail
+            worker = self._start() or worker
+        if worker is None:
+            return False
+        number = next(self._numbers)
+        worker.conns.add(number)
+        worker.idle_since = None
+        self.peers[number] = peer
+        if worker.ready:
+            self._hand(worker, number, sock)
+        else:
+            worker.waiting.append((number, sock))
+        return True
+
+    def _hand(self, worker: _Worker, number: int, sock: socket.socket) -> None:
+        try:
+            self._send(worker, {"t": "conn", "conn": number}, sock.fileno())
+        finally:
+            sock.close()  # the worker has its own descriptor now (or is gone)
+
     def _start(self) -> _Worker | None:
         # Loaded by the first worker's start: an agent never used over HTTP has no need.
         import subprocess
 
         self._reap()
+        read_only = hello_fd = None
         try:
             self.shared_generation()
+            # Its own read-only descriptor of the generation: a writable one (or a mapping
+            # of one, made writable with mprotect) would let a worker wind it back.
+            read_only = os.open(f"/proc/self/fd/{self._shared_fd}", os.O_RDONLY | os.O_CLOEXEC)
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except OSError as error:
+            if read_only is not None:
+                os.close(read_only)
             log.warning("could not start an HTTP worker: %s", os.strerror(error.errno or 0))
             return None
         hello = {
             **self.hello, "sys_path": sys.path, "control_fd": theirs.fileno(),
-            "generation_fd": self._shared_fd,
+            "generation_fd": read_only,
         }  # fmt: skip
-        hello_fd = None
         try:
             hello_fd = _memfd("keyagent-http-hello", 0)
             os.write(hello_fd, json.dumps(hello).encode())
             os.lseek(hello_fd, 0, os.SEEK_SET)
-            assert self._shared_fd is not None  # noqa: S101  # made above
+            # In the agent's session and process group: the same scheduling group, where
+            # the worker's lower priority (it lowers it itself) lets the agent answer first.
             process = subprocess.Popen(
                 [sys.executable, "-I", "-S", WORKER_SCRIPT, str(hello_fd)],
                 stdin=subprocess.DEVNULL,
-                pass_fds=(hello_fd, theirs.fileno(), self._shared_fd),
-                start_new_session=True,
+                pass_fds=(hello_fd, theirs.fileno(), read_only),
             )
         except OSError as error:
             log.warning("could not start an HTTP worker: %s", os.strerror(error.errno or 0))
@@ -197,6 +238,7 @@ class ProxyPool:
             return None
         finally:
             theirs.close()
+            os.close(read_only)
             if hello_fd is not None:
                 os.close(hello_fd)
         ours.setblocking(False)
@@ -244,73 +286,92 @@ class ProxyPool:
                 log.warning("HTTP worker %d sent a bad message (%s)", worker.process.pid, problem)
                 self._let_go(worker, "sent a bad message")
                 return
+            except Exception as error:  # noqa: BLE001  # whatever it sent, the agent goes on
+                log_internal(error)
+                self._let_go(worker, "sent a message the agent could not handle")
+                return
 
     def _handle(self, worker: _Worker, data: bytes) -> None:
         try:
             message = json.loads(data)
-            kind, conn = message["t"], message["conn"]
-        except (ValueError, TypeError, KeyError):
+            kind = message["t"]
+        except (ValueError, TypeError, KeyError, RecursionError):
             raise BadMessage("not a message") from None
+        if kind == "ready" and not worker.ready:
+            self._ready(worker)
+            return
+        conn = message.get("conn")
         if type(conn) is not int or conn not in worker.conns:
             raise BadMessage("a connection it does not serve")
         peer = self.peers[conn]
         if kind == "closed":
+            self._forget(conn)
             worker.conns.discard(conn)
-            del self.peers[conn]
             if not worker.conns:
                 self._idle(worker)
         elif kind == "audit":
             self._audit(peer, message)
         elif kind in ("authorize", "session_refused"):
-            self._question(worker, peer, kind, message)
+            self._question(worker, conn, kind, message)
         else:
             raise BadMessage(f"unknown kind {str(kind)[:20]!r}")
+
+    def _ready(self, worker: _Worker) -> None:
+        worker.ready = True
+        self._backoff = START_BACKOFF[0]
+        waiting, worker.waiting = worker.waiting, []
+        for number, sock in waiting:
+            if worker in self.workers:
+                self._hand(worker, number, sock)
+            else:  # it went while handing the others
+                self._refuse(sock)
 
     def _audit(self, peer: Peer, message: dict[str, Any]) -> None:
         fields: dict[str, Any] = {}
         for name, longest in AUDIT_FIELDS.items():
             value = message.get(name)
-            if value is not None and (not isinstance(value, str) or len(value) > longest):
+            if value is not None and not isinstance(value, str):
                 raise BadMessage(f"audit field {name}")
-            fields[name] = value
-        status, outcome = message.get("status"), message.get("outcome")
+            # Longer than any the worker means to send: recorded cut, not refused.
+            fields[name] = value[:longest] if value is not None else None
+        status = message.get("status")
         if status is not None and (type(status) is not int or not 100 <= status <= 999):
             raise BadMessage("audit status")
-        if not isinstance(outcome, str) or len(outcome) > 40:
+        if fields["outcome"] is None:
             raise BadMessage("audit outcome")
-        self.agent.audit("proxy", peer, outcome=outcome, status=status, **fields)
+        self.agent.audit("proxy", peer, status=status, **fields)
 
-    def _question(self, worker: _Worker, peer: Peer, kind: str, message: dict[str, Any]) -> None:
+    def _question(self, worker: _Worker, conn: int, kind: str, message: dict[str, Any]) -> None:
         ask, host, user = message.get("ask"), message.get("host"), message.get("user")
-        key_id, confirmed = message.get("key_id"), message.get("confirmed")
+        key_id = message.get("key_id")
         if (
             type(ask) is not int
             or not isinstance(host, str)
             or not isinstance(user, str | None)
             or (kind == "session_refused" and user is None)
             or not isinstance(key_id, str | None)
-            or not isinstance(confirmed, list)
-            or len(confirmed) > MAX_CONFIRMED
-            or not all(isinstance(digest, str) for digest in confirmed)
         ):
             raise BadMessage(f"a bad {kind} question")
-        agent, digests = self.agent, frozenset(confirmed)
+        agent, peer = self.agent, self.peers[conn]
+        confirmed = frozenset(self.confirmed.get(conn, ()))
 
         def call() -> Any:
             if kind == "authorize":
-                return agent.authorize_proxy(peer, host, user, key_id, digests)
+                return agent.authorize_proxy(peer, host, user, key_id, confirmed)
             assert user is not None  # noqa: S101  # checked above
-            return agent.proxy_session_refused(peer, host, user, key_id, digests)
+            return agent.proxy_session_refused(peer, host, user, key_id, confirmed)
 
         def done(grant: Grant | None, error: KeyagentError | None) -> None:
-            if worker not in self.workers:
-                return  # it died meanwhile: nobody to answer
+            if worker not in self.workers or conn not in self.peers:
+                return  # it, or the connection, went meanwhile: nobody to answer
             answer: dict[str, Any] = {"t": "answer", "ask": ask}
             if error is not None:
                 answer["error"] = [error.code, error.message]
             elif grant is None:
                 answer["grant"] = None
             else:
+                if grant.confirmed and grant.digest is not None:
+                    self.confirmed.setdefault(conn, set()).add(grant.digest)
                 self.publish()
                 # A grant lent before a change the loop has since seen is never reused.
                 current = grant.token == self._token
@@ -320,6 +381,16 @@ class ProxyPool:
         self.start_call(call, done)
 
     # --- ending ------------------------------------------------------------------------
+
+    def _forget(self, conn: int) -> None:
+        self.peers.pop(conn, None)
+        self.confirmed.pop(conn, None)
+
+    def _refuse(self, sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.setblocking(False)
+            sock.send(self.busy)
+        sock.close()
 
     def _idle(self, worker: _Worker) -> None:
         """``worker`` has no connection left: end it after a while unless it gets one."""
@@ -357,19 +428,32 @@ class ProxyPool:
         if worker not in self.workers:
             return
         self.workers.remove(worker)
-        for conn in worker.conns:
-            self.peers.pop(conn, None)
-        self.unwatch(worker.control.fileno())
-        worker.control.close()
+        # Killed before its control socket closes: it must not serve on after the agent
+        # gave up on it (it would end by itself on the close, but not at once).
         with contextlib.suppress(ProcessLookupError):
             worker.process.send_signal(signal.SIGKILL)
+        self.unwatch(worker.control.fileno())
+        worker.control.close()
+        for conn in worker.conns:
+            self._forget(conn)
+        for _, sock in worker.waiting:
+            self._refuse(sock)
         with contextlib.suppress(subprocess.TimeoutExpired):
             worker.process.wait(1.0)
-        log.warning(
-            "HTTP worker %d %s (exit status %s); its %d connection(s) were closed; the next "
-            "connection starts another", worker.process.pid, why, worker.process.returncode,
-            len(worker.conns),
+        if worker.ready:
+            log.warning(
+                "HTTP worker %d %s (exit status %s); its %d connection(s) were closed; the "
+                "next connection starts another", worker.process.pid, why,
+                worker.process.returncode, len(worker.conns),
+            )  # fmt: skip
+            return
+        self._failed_until = self.clock() + self._backoff
+        log.error(
+            "HTTP worker %d %s before it was ready (exit status %s): the HTTP socket answers "
+            "busy for %g s; see the messages above, and check the keyagent installation",
+            worker.process.pid, why, worker.process.returncode, self._backoff,
         )  # fmt: skip
+        self._backoff = min(self._backoff * 2, START_BACKOFF[1])
 
     def close(self) -> None:
         """At the agent's exit: close every control socket; each worker then ends (its
@@ -380,6 +464,8 @@ class ProxyPool:
         for worker in workers:
             self.unwatch(worker.control.fileno())
             worker.control.close()
+            for _, sock in worker.waiting:
+                self._refuse(sock)
         for process in [worker.process for worker in workers] + self._ending:
             try:
                 process.wait(1.0)
@@ -388,6 +474,7 @@ class ProxyPool:
                 process.wait()
         self._ending = []
         self.peers.clear()
+        self.confirmed.clear()
         if self._shared is not None:
             self._shared.close()
         if self._shared_fd is not None:
@@ -396,9 +483,9 @@ class ProxyPool:
 
 def _memfd(name: str, size: int) -> int:
     try:  # sealed non-executable where the kernel knows the flag (Linux 6.3+)
-        fd = os.memfd_create(name, MFD_NOEXEC_SEAL)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | MFD_NOEXEC_SEAL)
     except OSError:
-        fd = os.memfd_create(name, 0)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
     if size:
         os.ftruncate(fd, size)
     return fd

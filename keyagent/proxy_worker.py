@@ -32,6 +32,7 @@ import contextlib
 import itertools
 import json
 import os
+import signal
 import socket
 import struct
 import sys
@@ -58,6 +59,8 @@ MAX_MESSAGE: Final = 64 * 1024
 """Largest control message either side reads (a grant or a question is well under 2 KiB)."""
 GENERATION: Final = struct.Struct("=Q")
 """The shared generation number: bumped by the agent whenever lent credentials go stale."""
+WORKER_NICE: Final = 10
+"""How much a worker lowers its CPU priority below the agent's."""
 ASK_TIMEOUT: Final = 600.0
 """Longest wait for the agent's answer (credentials, which may wait for askpass): a
 backstop, the agent's own deadlines end each wait long before."""
@@ -83,18 +86,14 @@ class AgentLink:
 
     # --- Lender ----------------------------------------------------------------------
 
-    def authorize(
-        self, conn: int, host: str, user: str | None, key_id: str | None, confirmed: frozenset[str]
-    ) -> Grant:
-        grant = self._ask("authorize", conn, host, user, key_id, confirmed)
+    def authorize(self, conn: int, host: str, user: str | None, key_id: str | None) -> Grant:
+        grant = self._ask("authorize", conn, host, user, key_id)
         if grant is None:
             raise Internal()
         return grant
 
-    def session_refused(
-        self, conn: int, host: str, user: str, key_id: str | None, confirmed: frozenset[str]
-    ) -> Grant | None:
-        return self._ask("session_refused", conn, host, user, key_id, confirmed)
+    def session_refused(self, conn: int, host: str, user: str, key_id: str | None) -> Grant | None:
+        return self._ask("session_refused", conn, host, user, key_id)
 
     def still_good(self, grant: Grant) -> bool:
         if grant.token != GENERATION.unpack_from(self.generation)[0]:
@@ -106,24 +105,17 @@ class AgentLink:
 
     # --- the control socket ----------------------------------------------------------
 
-    def _ask(  # noqa: PLR0917  # the question's own fields
-        self,
-        kind: str,
-        conn: int,
-        host: str,
-        user: str | None,
-        key_id: str | None,
-        confirmed: frozenset[str],
+    def _ask(
+        self, kind: str, conn: int, host: str, user: str | None, key_id: str | None
     ) -> Grant | None:
         waiter = _Waiter()
         with self._guard:
             ask = next(self._ids)
             self._waiting[ask] = waiter
         try:
-            self._send({
-                "t": kind, "ask": ask, "conn": conn, "host": host, "user": user,
-                "key_id": key_id, "confirmed": sorted(confirmed),
-            })  # fmt: skip
+            self._send(
+                {"t": kind, "ask": ask, "conn": conn, "host": host, "user": user, "key_id": key_id}
+            )
             if not waiter.done.wait(ASK_TIMEOUT) or waiter.answer is None:
                 raise from_code("timeout", "the agent did not answer in time; try again")
         finally:
@@ -138,6 +130,10 @@ class AgentLink:
     def _send(self, message: dict[str, Any]) -> None:
         # One datagram per message: threads may send at once without interleaving.
         self.control.send(json.dumps(message).encode())
+
+    def ready(self) -> None:
+        """Tell the agent this worker is started and may be given connections."""
+        self._send({"t": "ready"})
 
     def run(self, proxy: Proxy) -> None:
         """Serve what the agent sends until it closes the control socket."""
@@ -183,9 +179,20 @@ def main(argv: list[str]) -> int:
     else:
         to_syslog(WARNING)
     harden(hello["max_connections"], b"keyagent-http")
+    # The agent's signals are for the agent (a terminal's Ctrl-C reaches its whole process
+    # group, systemd's stop its whole cgroup): a worker ends when the agent closes its
+    # control socket, after the agent's own stop, so calls under way may finish.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    try:
+        # Proxying is bulk work: the agent's own answers (get, on the same cores) go first.
+        os.nice(WORKER_NICE)
+    except OSError:  # a sandbox that filters setpriority (the systemd unit): no matter
+        log.debug("HTTP worker %d keeps its priority", os.getpid())
 
     import mmap
 
+    import keyagent.forward  # noqa: F401  # loaded now: a broken install fails before ready
     from keyagent.proxy import Proxy
     from keyagent.tls import HttpSettings
 
@@ -202,6 +209,7 @@ def main(argv: list[str]) -> int:
     )
     log.debug("HTTP worker %d serving", os.getpid())
     try:
+        link.ready()
         link.run(proxy)
     except (OSError, ValueError, KeyError, TypeError) as error:
         # A bug, or the agent died mid-message: either way this worker has nobody to serve.

@@ -337,9 +337,7 @@ class Server:
                 else:
                     conn = connections.get(fd)
                     if conn is None:
-                        handler = self._watched.get(fd)
-                        if handler is not None:
-                            handler()
+                        self._run_watched(fd)
                         continue
                     if mask & _HANGUP:  # gone: nobody to answer, but what it sent runs
                         self._lose_peer(conn)
@@ -505,6 +503,16 @@ class Server:
         self._watched[fd] = handler
         self._epoll.register(fd, select.EPOLLIN)
 
+    def _run_watched(self, fd: int) -> None:
+        handler = self._watched.get(fd)
+        if handler is None:
+            return
+        try:
+            handler()
+        except Exception as error:  # noqa: BLE001  # a bug must not stop the agent
+            log_internal(error)
+            self.unwatch(fd)  # or the loop would call it again at once, for ever
+
     def unwatch(self, fd: int) -> None:
         if self._watched.pop(fd, None) is not None:
             with contextlib.suppress(OSError, ValueError):
@@ -553,20 +561,21 @@ class Server:
             return
         pool = self.proxy_pool
         if (
-            pool is None
-            or len(self.connections) + pool.open_connections >= self.limits.max_connections
-            or not self._running
-            or self._stop_deadline is not None
-            or not pool.admit(sock, Peer(pid, uid, gid, peer_exe(pid)))
+            pool is not None
+            and len(self.connections) + pool.open_connections < self.limits.max_connections
+            and self._running
+            and self._stop_deadline is None
+            and pool.admit(sock, Peer(pid, uid, gid, peer_exe(pid)))
         ):
-            log.warning("refused HTTP connection from pid %d: busy", pid)
-            with contextlib.suppress(OSError):
-                sock.setblocking(False)
-                sock.send(self.http_busy)
-                # Discard what the tool already sent: closing with unread input would make
-                # it see a reset instead of the answer.
-                sock.recv(_RECV_SIZE)
-        sock.close()  # a worker has its own descriptor of it now
+            return  # the pool owns it now
+        log.warning("refused HTTP connection from pid %d: busy", pid)
+        with contextlib.suppress(OSError):
+            sock.setblocking(False)
+            sock.send(self.http_busy)
+            # Discard what the tool already sent: closing with unread input would make it
+            # see a reset instead of the answer.
+            sock.recv(_RECV_SIZE)
+        sock.close()
 
     def _http_connections(self) -> int:
         return 0 if self.proxy_pool is None else self.proxy_pool.open_connections

@@ -3,6 +3,7 @@ a connection, how many, and what happens when one dies or misbehaves."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,8 +17,11 @@ from typing import Any
 import pytest
 
 from keyagent.agent import Peer
+from keyagent.errors import KeyagentError
+from keyagent.grant import Grant
 from keyagent.proxy_pool import MAX_WORKERS, WORKER_IDLE, ProxyPool, _Worker
-from keyagent.proxy_worker import GENERATION
+from keyagent.proxy_worker import GENERATION, WORKER_NICE
+from keyagent.rules import MAX_USER
 from keyagent.testing.agent import AgentProcess, wait_for_exit
 from keyagent.testing.emulator_process import Emulator
 
@@ -29,15 +33,30 @@ TEAMS = "/conduce/api/v1/user/list-teams"
 
 
 @pytest.fixture
-def conduce_agent(agent_factory: AgentFactory, emulator: Emulator) -> AgentProcess:
-    """An agent that trusts the emulator's CA and holds a key of USER."""
+def secret(emulator: Emulator) -> str:
+    """An API key of USER on the emulator."""
+    return emulator.add_key(USER, "for the workers")
+
+
+@pytest.fixture
+def conduce_agent(agent_factory: AgentFactory, emulator: Emulator, secret: str) -> AgentProcess:
+    """An agent that trusts the emulator's CA and holds ``secret``."""
     agent = agent_factory("--ca-bundle", emulator.ca_path, "--read-timeout", "5")
-    secret = emulator.add_key(USER, "for the workers")
     result = run_ctl(
         agent.socket_path, "--host", emulator.host, "--user", USER, "add", stdin=secret + "\n"
     )
     assert result.code == 0, result.err
     return agent
+
+
+def signals_ignored(pid: int) -> set[int]:
+    """The signals ``pid`` ignores (SigIgn in /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("SigIgn:"):
+                mask = int(line.split()[1], 16)
+                return {signum for signum in range(1, 65) if mask & (1 << (signum - 1))}
+    return set()
 
 
 def http_path(agent: AgentProcess) -> str:
@@ -120,23 +139,40 @@ def connections() -> Iterator[list[KeepAlive]]:
 
 
 def test_connections_are_served_by_worker_processes(
-    conduce_agent: AgentProcess, emulator: Emulator, connections: list[KeepAlive]
+    conduce_agent: AgentProcess, emulator: Emulator, connections: list[KeepAlive], secret: str
 ) -> None:
-    """A proxied request is served by a child process named keyagent-http, in a session of
-    its own, whose command line holds no key; the agent starts none before it is needed."""
+    """A proxied request is served by a child process named keyagent-http, which runs at a
+    lower priority than the agent, ignores the signals meant for the agent, and holds the
+    key in neither its command line nor its environment; none starts before it is needed."""
     assert workers_of(conduce_agent.pid) == []
     conn = KeepAlive(http_path(conduce_agent), emulator.host)
     connections.append(conn)
     assert conn.get() == b"HTTP/1.1 200 OK"
     (worker,) = workers_of(conduce_agent.pid)
-    assert os.getsid(worker) == worker  # not in the agent's session: no terminal's signals
+    assert os.getpgid(worker) == os.getpgid(conduce_agent.pid)  # the agent's scheduling group
+    agent_nice = os.getpriority(os.PRIO_PROCESS, conduce_agent.pid)
+    assert os.getpriority(os.PRIO_PROCESS, worker) == agent_nice + WORKER_NICE
+    assert {signal.SIGINT, signal.SIGTERM, signal.SIGHUP} <= signals_ignored(worker)
     with open(f"/proc/{worker}/cmdline", "rb") as cmdline:
-        argv = cmdline.read().split(b"\0")
-    assert any(part.endswith(b"/keyagent/_http_worker.py") for part in argv)
+        argv = cmdline.read()
+    assert b"/keyagent/_http_worker.py" in argv
+    assert secret.encode() not in argv
+    if os.geteuid() == 0:  # a non-dumpable process's environ is root's to read
+        with open(f"/proc/{worker}/environ", "rb") as environ:
+            assert secret.encode() not in environ.read()
     with conduce_agent.client() as client:
         (key,) = client.list()
-        assert client.get(key_id=key["key_id"])  # the agent itself answers as before
-    assert all(key["key_id"].encode() not in part for part in argv)
+        assert client.get(key_id=key["key_id"]) == secret  # the agent itself answers as before
+    # Of the agent's memfds it holds only the generation, and that read-only: a worker
+    # cannot wind it back to keep using grants the agent has since withdrawn.
+    memfds = {}
+    for fd in os.listdir(f"/proc/{worker}/fd"):
+        target = os.readlink(f"/proc/{worker}/fd/{fd}")
+        if target.startswith("/memfd:"):
+            with open(f"/proc/{worker}/fdinfo/{fd}") as info:
+                flags = int(next(line for line in info if line.startswith("flags:")).split()[1], 8)
+            memfds[target.split()[0]] = flags & os.O_ACCMODE
+    assert memfds == {"/memfd:keyagent-generation": os.O_RDONLY}
 
 
 def test_busy_workers_make_more_up_to_the_limit(
@@ -223,7 +259,14 @@ class Loop:
         self.watched.pop(fd, None)
 
     def start_call(self, call: Callable[[], Any], done: Callable[[Any, Any], None]) -> None:
+        """Run ``call`` at once, as the server does a question that needs no waiting."""
         self.calls.append(call)
+        try:
+            value = call()
+        except KeyagentError as error:
+            done(None, error)
+        else:
+            done(value, None)
 
     def call_at(self, when: float, callback: Callable[[], None]) -> None:
         self.timers.append((when, callback))
@@ -241,17 +284,28 @@ class Loop:
 
 
 class TokenAgent:
-    """An agent's credentials token and audit log, and nothing else."""
+    """An agent's credentials token, audit log and lending, and nothing else: it lends a
+    key that needs confirming (Grant.confirmed) and records what it was told was
+    confirmed already."""
 
     def __init__(self) -> None:
         self.token = 0
         self.audited: list[tuple[str, Peer, dict[str, Any]]] = []
+        self.asked: list[tuple[int, frozenset[str]]] = []
 
     def credentials_token(self) -> int:
         return self.token
 
     def audit(self, op: str, peer: Peer, **fields: Any) -> None:
         self.audited.append((op, peer, fields))
+
+    def authorize_proxy(
+        self, peer: Peer, host: str, user: str | None, key_id: str | None, confirmed: Any
+    ) -> Grant:
+        self.asked.append((peer.pid, confirmed))
+        grant = Grant(host, "u", header="Authorization", value="Bearer k", confirmed=True)
+        grant.digest, grant.token = "d" * 64, self.token
+        return grant
 
 
 # A stand-in worker: reads its control socket until the agent closes it, then exits.
@@ -260,7 +314,9 @@ STAND_IN = (
 )
 
 
-def add_stand_in(pool: ProxyPool, loop: Loop, conn: int) -> tuple[_Worker, socket.socket]:
+def add_stand_in(
+    pool: ProxyPool, loop: Loop, conn: int, *, ready: bool = True
+) -> tuple[_Worker, socket.socket]:
     """A stand-in worker process in ``pool``, serving connection ``conn``; returns it and
     the worker's end of its control socket (to send from as the worker would)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -269,6 +325,7 @@ def add_stand_in(pool: ProxyPool, loop: Loop, conn: int) -> tuple[_Worker, socke
         [sys.executable, "-c", STAND_IN, str(theirs.fileno())], pass_fds=[theirs.fileno()]
     )
     worker = _Worker(process, ours)
+    worker.ready = ready
     pool.workers.append(worker)
     loop.watch(ours.fileno(), lambda: pool._readable(worker))
     worker.conns.add(conn)
@@ -277,6 +334,7 @@ def add_stand_in(pool: ProxyPool, loop: Loop, conn: int) -> tuple[_Worker, socke
 
 
 StandIn = tuple[ProxyPool, Loop, TokenAgent, _Worker, socket.socket]
+BUSY = b"HTTP/1.1 503 busy\r\n\r\n"
 
 
 @pytest.fixture
@@ -285,9 +343,9 @@ def stand_in() -> Iterator[StandIn]:
     agent, the worker and the worker's end of the control socket."""
     loop, agent = Loop(), TokenAgent()
     pool = ProxyPool(
-        agent,  # type: ignore[arg-type]  # the two methods a pool calls
+        agent,  # type: ignore[arg-type]  # the methods a pool calls
         {}, watch=loop.watch, unwatch=loop.unwatch, start_call=loop.start_call,
-        call_at=loop.call_at, clock=loop.clock,
+        call_at=loop.call_at, clock=loop.clock, busy=BUSY,
     )  # fmt: skip
     worker, theirs = add_stand_in(pool, loop, 1)
     yield pool, loop, agent, worker, theirs
@@ -342,20 +400,13 @@ def test_a_worker_that_gets_a_connection_again_stays(stand_in: StandIn) -> None:
         b"[1, 2]",
         json.dumps({"t": "audit", "conn": 2, "outcome": "ok"}).encode(),  # not its connection
         json.dumps({"t": "audit", "conn": [1], "outcome": "ok"}).encode(),
-        json.dumps({"t": "audit", "conn": 1, "outcome": "ok", "path": "x" * 5000}).encode(),
         json.dumps({"t": "audit", "conn": 1, "outcome": "ok", "status": "200"}).encode(),
+        json.dumps({"t": "audit", "conn": 1, "outcome": None}).encode(),
+        json.dumps({"t": "audit", "conn": 1, "outcome": "ok", "user": ["u"]}).encode(),
         json.dumps({"t": "authorize", "conn": 1, "ask": 1, "host": 7}).encode(),
-        json.dumps(
-            {
-                "t": "authorize",
-                "conn": 1,
-                "ask": 1,
-                "host": "h",
-                "user": None,
-                "key_id": None,
-                "confirmed": ["d"] * 1000,
-            }
-        ).encode(),
+        json.dumps({"t": "session_refused", "conn": 1, "ask": 1, "host": "h"}).encode(),
+        json.dumps({"t": "ready"}).encode(),  # it said so already
+        b"[" * 60_000,  # deeper than the JSON decoder goes: RecursionError, not ValueError
         json.dumps({"t": "sign", "conn": 1}).encode(),
     ],
 )
@@ -412,3 +463,176 @@ def test_publish_moves_the_generation_only_on_a_change(
     pool.publish()
     pool.publish()
     assert generation() == start + 1
+
+
+def answers(theirs: socket.socket) -> list[dict[str, Any]]:
+    """The messages the pool has sent a stand-in worker so far (its end, read here)."""
+    theirs.setblocking(False)
+    found = []
+    with contextlib.suppress(BlockingIOError):
+        while data := theirs.recv(65536):
+            found.append(json.loads(data))
+    return found
+
+
+def authorize(theirs: socket.socket, conn: int, ask: int, **extra: Any) -> None:
+    question = {"t": "authorize", "conn": conn, "ask": ask, "host": "h", "user": None}
+    theirs.send(json.dumps({**question, "key_id": None, **extra}).encode())
+
+
+def test_confirmed_keys_are_the_agents_record_not_the_workers(stand_in: StandIn) -> None:
+    """Which keys the user confirmed on a connection is what the agent saw it lend, per
+    connection: a worker claiming more is not believed, and a closed connection's record
+    goes with it."""
+    pool, loop, agent, worker, theirs = stand_in
+    with socket.socket(fileno=os.dup(theirs.fileno())) as reader:
+        authorize(theirs, 1, 1, confirmed=["e" * 64])  # a claim no worker makes any more
+        loop.watched[worker.control.fileno()]()
+        authorize(theirs, 1, 2)
+        loop.watched[worker.control.fileno()]()
+        (first, second) = [answer for answer in answers(reader) if answer["t"] == "answer"]
+    assert [asked for _, asked in agent.asked] == [frozenset(), frozenset({"d" * 64})]
+    assert first["grant"]["value"] == second["grant"]["value"] == "Bearer k"
+    closed(theirs, 1)
+    loop.watched[worker.control.fileno()]()
+    assert pool.confirmed == {}
+
+
+def test_a_grant_carries_the_generation_it_was_lent_in(stand_in: StandIn) -> None:
+    """A grant goes out with the generation the agent publishes, once any change since
+    the last publish is counted."""
+    pool, loop, agent, worker, theirs = stand_in
+    shared = pool.shared_generation()
+    agent.token += 1  # a change not yet published
+    with socket.socket(fileno=os.dup(theirs.fileno())) as reader:
+        authorize(theirs, 1, 1)
+        loop.watched[worker.control.fileno()]()
+        (answer,) = answers(reader)
+    assert answer["grant"]["token"] == GENERATION.unpack_from(shared)[0] == 1
+
+
+def test_audit_fields_longer_than_any_sent_are_cut_not_refused(stand_in: StandIn) -> None:
+    """A user name of MAX_USER characters and an unusual method, as a tool may send them,
+    are recorded (a field longer than the agent keeps is cut), and the worker stays."""
+    pool, loop, agent, worker, theirs = stand_in
+    theirs.send(json.dumps({
+        "t": "audit", "conn": 1, "outcome": "unauthorized", "method": "UPDATEREDIRECTREF" * 4,
+        "user": "u" * MAX_USER, "path": "/api/" + "p" * 2000, "status": 401,
+    }).encode())  # fmt: skip
+    loop.watched[worker.control.fileno()]()
+    assert pool.workers == [worker]
+    ((_, _, fields),) = agent.audited
+    assert fields["user"] == "u" * MAX_USER
+    assert fields["method"] == ("UPDATEREDIRECTREF" * 4)[:32]
+    assert len(fields["path"]) == 600
+
+
+def test_connections_wait_for_a_worker_to_be_ready(stand_in: StandIn) -> None:
+    """A connection given to a worker that is still starting is held by the agent and
+    handed over once the worker says it is ready."""
+    pool, loop, _, _, _ = stand_in
+    starting, starting_end = add_stand_in(pool, loop, 2, ready=False)
+    pool.workers.reverse()  # a tie on connections: the first in the list takes it
+    pool.max_workers = 2  # and no third one is started
+    tool, agent_side = socket.socketpair()
+    with tool:
+        assert pool.admit(agent_side, Peer(4243, os.getuid(), os.getgid()))
+        assert [sock for _, sock in starting.waiting] == [agent_side]
+        starting_end.send(json.dumps({"t": "ready"}).encode())
+        loop.watched[starting.control.fileno()]()
+        assert starting.waiting == []
+        assert agent_side.fileno() == -1  # handed over: the agent's copy is closed
+    starting_end.close()
+
+
+def test_a_worker_that_dies_before_ready_makes_the_socket_busy_for_a_while(
+    stand_in: StandIn,
+) -> None:
+    """The connections waiting for a worker that exits before it is ready are answered
+    busy, and no new worker is started (each would fail the same way) until the back-off
+    has passed."""
+    pool, loop, _, first, first_end = stand_in
+    pool._let_go(first, "was told to go")  # only the starting worker is left
+    starting, starting_end = add_stand_in(pool, loop, 2, ready=False)
+    pool.max_workers = 1
+    tool, agent_side = socket.socketpair()
+    with tool:
+        assert pool.admit(agent_side, Peer(4243, os.getuid(), os.getgid()))
+        starting_end.close()  # as if it died during its imports
+        starting.process.kill()
+        starting.process.wait()  # its copy of the control socket is closed by now
+        loop.watched[starting.control.fileno()]()
+        assert pool.workers == []
+        tool.settimeout(10)
+        assert tool.recv(100) == BUSY
+    other_tool, other_side = socket.socketpair()
+    with other_tool, other_side:
+        # Room for a worker, and none running: but the last one failed a moment ago.
+        assert not pool.admit(other_side, Peer(4244, os.getuid(), os.getgid()))
+        assert pool.workers == []
+    first_end.close()
+
+
+# --- credentials a connection keeps, and when it may not ---------------------------------
+
+
+def post_head(conn: KeepAlive, body: bytes) -> None:
+    """The head of a POST to the emulator's echo endpoint, without its body."""
+    conn.sock.sendall(
+        f"POST /conduce/api/v1/echo HTTP/1.1\r\nHost: {conn.host}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    )
+
+
+def status_line(conn: KeepAlive) -> bytes:
+    data = b""
+    while b"\r\n" not in data:
+        chunk = conn.sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\r\n", 1)[0]
+
+
+def test_a_lock_while_a_body_arrives_stops_the_request(
+    conduce_agent: AgentProcess, emulator: Emulator, connections: list[KeepAlive]
+) -> None:
+    """A request whose head came before the lock and whose body came after is refused
+    (423): what goes out is what the agent lends when it is sent, and the service sees
+    nothing."""
+    conn = KeepAlive(http_path(conduce_agent), emulator.host)
+    connections.append(conn)
+    assert conn.get() == b"HTTP/1.1 200 OK"  # a grant the connection keeps
+    body = b'{"x": 1}'
+    post_head(conn, body)
+    with conduce_agent.client() as client:
+        client.lock("a passphrase")
+    emulator.clear_requests()
+    conn.sock.sendall(body)
+    assert status_line(conn) == b"HTTP/1.1 423 Locked"
+    assert emulator.requests == []
+
+
+def test_a_new_login_replaces_the_cookie_a_connection_kept(
+    conduce_agent: AgentProcess, emulator: Emulator, connections: list[KeepAlive]
+) -> None:
+    """Logging in again while a session is live gives a new cookie, and a keep-alive
+    connection uses it from its next request on (not the old one, which the service may
+    have ended)."""
+
+    def login() -> None:
+        result = run_ctl(
+            conduce_agent.socket_path, "--host", emulator.host, "--user", USER, "login",
+            "--password-stdin", stdin=PASSWORD + "\n",
+        )  # fmt: skip
+        assert result.code == 0, result.err
+
+    login()
+    conn = KeepAlive(http_path(conduce_agent), emulator.host)
+    connections.append(conn)
+    assert conn.get() == b"HTTP/1.1 200 OK"
+    assert emulator.expire_sessions(USER) == 1  # the service ends the first session...
+    login()  # ...and the user logs in again before the agent noticed
+    emulator.clear_requests()
+    assert conn.get() == b"HTTP/1.1 200 OK"
+    assert [record.auth for record in emulator.requests] == ["cookie"]

@@ -1452,8 +1452,7 @@ class Agent:
         session = self.session_for(args["host"], args["user"])
         password: str = args["password"]
         yield Work(lambda: session.account.login(password), queue=session.queue)
-        session.proved_alive(self.clock.monotonic(), self.clock.wall())
-        session.since = self.clock.wall()
+        session.began(self.clock.monotonic(), self.clock.wall())
         log.info("logged in %s on %s", session.user, session.host)
         self._resume_orphans(session)
         return {"host": session.host, "user": session.user, "session": True}

@@ -158,6 +158,14 @@ class Session:
             "last_validated": iso(self.checked_wall),
         }
 
+    def began(self, now: float, wall: float) -> None:
+        """Logged in, perhaps again: a new cookie, so what was lent with any earlier one (a
+        grant of the HTTP socket) is stale, even if a session was live before."""
+        Session.changes += 1
+        self.logged_in, self.expired = True, False
+        self.checked, self.checked_wall = now, wall
+        self.since = wall
+
     def proved_alive(self, now: float, wall: float) -> None:
         if not self.live:
             Session.changes += 1

@@ -59,8 +59,11 @@ MAX_MESSAGE: Final = 64 * 1024
 """Largest control message either side reads (a grant or a question is well under 2 KiB)."""
 GENERATION: Final = struct.Struct("=Q")
 """The shared generation number: bumped by the agent whenever lent credentials go stale."""
-WORKER_NICE: Final = 10
-"""How much a worker lowers its CPU priority below the agent's."""
+WORKER_NICE: Final = 19
+"""How much a worker lowers its CPU priority below the agent's: to the lowest there is.
+Proxying is bulk work, and ``get`` on the agent socket is on every tool's path; measured
+on 2 cores during 16 proxied downloads, get's p99 was 36x idle at the agent's priority,
+4.7x at +10 and 1.1x at +19, with proxied throughput the same (docs/performance.md)."""
 ASK_TIMEOUT: Final = 600.0
 """Longest wait for the agent's answer (credentials, which may wait for askpass): a
 backstop, the agent's own deadlines end each wait long before."""

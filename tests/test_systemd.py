@@ -50,8 +50,10 @@ SERVICE_UNIT = UNITS / "keyagent.service"
 USER_MANAGER = UNITS / "user-manager.sh"
 TEMPLATE_EXEC = "%h/.local/bin/keyagent"
 """The console script's place in the shipped unit: ``pip install --user`` and pipx put it there."""
-MAX_EXPOSURE = 1.5
-"""``systemd-analyze security`` score of keyagent.service, run as root (lower is safer)."""
+MAX_EXPOSURE = 1.6
+"""``systemd-analyze security`` score of keyagent.service, run as root (lower is safer). 1.5
+until the unit let the HTTP workers lower their own priority (``setpriority``, back from
+@resources; without CAP_SYS_NICE, which the unit drops, a process can only lower it)."""
 
 needs_analyze = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed (systemd)"
@@ -1065,7 +1067,8 @@ def test_unprivileged_user_manager_runs_the_sandbox(user_manager: UserManager) -
 @needs_root
 def test_the_http_socket_activates_the_service_too(user_manager: UserManager) -> None:
     """A first connection to http.sock starts keyagent.service, which serves it as the HTTP
-    socket (an agent error comes back, not a JSON line) and names it in status."""
+    socket (an agent error comes back, not a JSON line, from an HTTP worker at the lowest
+    priority) and names it in status."""
     run = user_manager(
         """
         systemctl --user daemon-reload
@@ -1077,6 +1080,8 @@ def test_the_http_socket_activates_the_service_too(user_manager: UserManager) ->
         echo "code=$(cat "$OUT/code")"
         timeout 10 systemctl --user start keyagent.service
         echo "active=$(systemctl --user is-active keyagent.service)"
+        # The worker that answered lowered its priority inside the sandbox too.
+        echo "worker_nice=$(ps -o ni= -p "$(pgrep -x keyagent-http)" | tr -d ' ')"
         timeout 10 "$PYTHON" -m keyagent status --json >"$OUT/status.json"
         systemctl --user stop keyagent.socket keyagent.service
         """,
@@ -1087,7 +1092,12 @@ def test_the_http_socket_activates_the_service_too(user_manager: UserManager) ->
     )
     assert run.returncode == 0, run.output
     uid = os.getuid()
-    assert run.results == {"before": "inactive", "code": "401", "active": "active"}, run.output
+    assert run.results == {
+        "before": "inactive",
+        "code": "401",
+        "active": "active",
+        "worker_nice": "19",
+    }, run.output
     answer = run.json(run.out / "answer.json")
     error = answer["error"]
     assert isinstance(error, dict)

@@ -339,6 +339,8 @@ class Agent:
         self.clock = clock or Clock()
         self.socket_path = socket_path
         self.http_socket_path: str | None = None
+        self.http_workers: Callable[[], list[int]] = list
+        """The pids of the HTTP socket's worker processes, for ``status`` (set by the server)."""
         """The HTTP socket (keyagent.proxy), shown by ``status``; None without one."""
         self.default_lifetime = default_lifetime
         self.default_persist = default_persist
@@ -1119,6 +1121,7 @@ class Agent:
                 "pid": os.getpid(),
                 "socket": self.socket_path,
                 "http_socket": self.http_socket_path,
+                "http_workers": self.http_workers(),
                 "version": __version__,
                 "uptime": round(now - self.started, 3),
                 "locked": True,
@@ -1127,6 +1130,7 @@ class Agent:
             "pid": os.getpid(),
             "socket": self.socket_path,
             "http_socket": self.http_socket_path,
+            "http_workers": self.http_workers(),
             "version": __version__,
             "uptime": round(now - self.started, 3),
             "locked": self.lock.locked,

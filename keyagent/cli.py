@@ -556,6 +556,10 @@ def cmd_status(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
     )
     if status.get("http_socket"):
         out.write(f"HTTP socket: {shown(status['http_socket'])}\n")
+    workers = status.get("http_workers")
+    if isinstance(workers, list) and workers:
+        pids = ", ".join(shown(pid) for pid in workers)
+        out.write(f"HTTP workers: {len(workers)} (pid {pids})\n")
     if "keys" in status:  # a locked agent may not say
         out.write(f"keys held: {shown(status.get('keys'))}\n")
     for session in status.get("sessions") or []:

@@ -299,11 +299,12 @@ def serve(
     )
     server = Server(agent, listener, limits=limits, http_listener=None if http is None else http[2])
     if http is not None:
-        server.proxy_pool = ProxyPool(
+        pool = server.proxy_pool = ProxyPool(
             agent, worker_hello(settings, foreground=foreground),
             watch=server.watch, unwatch=server.unwatch, start_call=server.start_call,
             call_at=server.call_at, clock=server.clock, busy=HTTP_BUSY,
         )  # fmt: skip
+        agent.http_workers = lambda: pool.pids
     server.http_busy = HTTP_BUSY
     server.install_signal_handlers()
 

@@ -175,6 +175,24 @@ def test_connections_are_served_by_worker_processes(
     assert memfds == {"/memfd:keyagent-generation": os.O_RDONLY}
 
 
+def test_status_names_the_workers(
+    conduce_agent: AgentProcess, emulator: Emulator, connections: list[KeepAlive]
+) -> None:
+    """status (and --json) lists the HTTP workers' pids: none before the first proxied call,
+    then the one serving it."""
+    with conduce_agent.client() as client:
+        assert client.status()["http_workers"] == []
+    conn = KeepAlive(http_path(conduce_agent), emulator.host)
+    connections.append(conn)
+    assert conn.get() == b"HTTP/1.1 200 OK"
+    (worker,) = workers_of(conduce_agent.pid)
+    with conduce_agent.client() as client:
+        assert client.status()["http_workers"] == [worker]
+    result = run_ctl(conduce_agent.socket_path, "status")
+    assert result.code == 0, result.err
+    assert f"HTTP workers: 1 (pid {worker})" in result.out
+
+
 def test_busy_workers_make_more_up_to_the_limit(
     conduce_agent: AgentProcess, emulator: Emulator, connections: list[KeepAlive]
 ) -> None:

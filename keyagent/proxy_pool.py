@@ -32,7 +32,7 @@ import socket
 import sys
 
 from keyagent.effects import log_internal
-from keyagent.errors import KeyagentError
+from keyagent.errors import Busy, KeyagentError
 from keyagent.log import get_logger
 from keyagent.proxy_worker import GENERATION, MAX_MESSAGE
 from keyagent.rules import MAX_HOST, MAX_USER
@@ -67,6 +67,7 @@ AUDIT_FIELDS: Final = {
     "key_id": 64, "host": MAX_HOST, "user": MAX_USER, "method": 32, "path": 600, "outcome": 40,
 }  # fmt: skip
 """The text fields of a worker's audit entry, and the most of each the agent records."""
+BUSY_ASKING: Final = "the agent is still answering this connection's last request; retry"
 WORKER_SCRIPT: Final = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_http_worker.py")
 
 
@@ -126,6 +127,10 @@ class ProxyPool:
         self.confirmed: dict[int, set[str]] = {}
         """Digests of the keys the user allowed on each open connection (ssh-add -c: once
         per connection), kept here: a worker's word for it is not taken."""
+        self.asking: set[int] = set()
+        """Connections with a question being answered: a connection's requests come one
+        after another, so a second question at once is answered busy, not queued (a worker
+        gone wrong cannot pile up askpass prompts or work on the loop)."""
         self._numbers = itertools.count(1)
         self._token: object = agent.credentials_token()
         self._generation = 0
@@ -352,6 +357,10 @@ class ProxyPool:
             or not isinstance(key_id, str | None)
         ):
             raise BadMessage(f"a bad {kind} question")
+        if conn in self.asking:
+            self._send(worker, {"t": "answer", "ask": ask, "error": [Busy.code, BUSY_ASKING]})
+            return
+        self.asking.add(conn)
         agent, peer = self.agent, self.peers[conn]
         confirmed = frozenset(self.confirmed.get(conn, ()))
 
@@ -362,6 +371,7 @@ class ProxyPool:
             return agent.proxy_session_refused(peer, host, user, key_id, confirmed)
 
         def done(grant: Grant | None, error: KeyagentError | None) -> None:
+            self.asking.discard(conn)
             if worker not in self.workers or conn not in self.peers:
                 return  # it, or the connection, went meanwhile: nobody to answer
             answer: dict[str, Any] = {"t": "answer", "ask": ask}
@@ -385,6 +395,7 @@ class ProxyPool:
     def _forget(self, conn: int) -> None:
         self.peers.pop(conn, None)
         self.confirmed.pop(conn, None)
+        self.asking.discard(conn)
 
     def _refuse(self, sock: socket.socket) -> None:
         with contextlib.suppress(OSError):
@@ -455,13 +466,30 @@ class ProxyPool:
         )  # fmt: skip
         self._backoff = min(self._backoff * 2, START_BACKOFF[1])
 
+    def _last_audits(self, worker: _Worker) -> None:
+        """Record the audit entries a worker sent that the loop has not read yet (the agent
+        is stopping: questions go unanswered)."""
+        for _ in range(4096):  # bounded: a worker still sending cannot hold up the exit
+            try:
+                data = worker.control.recv(MAX_MESSAGE)
+                message = json.loads(data) if data else None
+                if not isinstance(message, dict):
+                    return
+                conn = message.get("conn")
+                if message.get("t") == "audit" and type(conn) is int and conn in worker.conns:
+                    self._audit(self.peers[conn], message)
+            except (OSError, ValueError, RecursionError, BadMessage):
+                return
+
     def close(self) -> None:
-        """At the agent's exit: close every control socket; each worker then ends (its
-        open connections with it, as they would with the agent) and is reaped."""
+        """At the agent's exit: record what workers audited last, close every control
+        socket; each worker then ends (its open connections with it, as they would with the
+        agent) and is reaped."""
         import subprocess  # cheap now if a worker was started, and only needed then
 
         workers, self.workers = self.workers, []
         for worker in workers:
+            self._last_audits(worker)
             self.unwatch(worker.control.fileno())
             worker.control.close()
             for _, sock in worker.waiting:
@@ -477,8 +505,10 @@ class ProxyPool:
         self.confirmed.clear()
         if self._shared is not None:
             self._shared.close()
+            self._shared = None
         if self._shared_fd is not None:
             os.close(self._shared_fd)
+            self._shared_fd = None
 
 
 def _memfd(name: str, size: int) -> int:

@@ -386,9 +386,9 @@ class Server:
             else f"not done within stop_timeout, {self.limits.stop_timeout:g} s"
         ):
             log.warning("exiting with keys not deleted on the service (see above)")
-        self.agent.audit_log.flush()
         if self.proxy_pool is not None:
-            self.proxy_pool.close()
+            self.proxy_pool.close()  # first: it records the workers' last audit entries
+        self.agent.audit_log.flush()
         for workers in (self._workers, self._local_workers):
             if workers is not None:
                 workers.stop()

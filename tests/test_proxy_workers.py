@@ -269,6 +269,8 @@ class Loop:
         self.calls: list[Callable[[], Any]] = []
         self.now = 1000.0
         self.timers: list[tuple[float, Callable[[], None]]] = []
+        self.holding = False
+        self.held: list[tuple[Callable[[], Any], Callable[[Any, Any], None]]] = []
 
     def watch(self, fd: int, handler: Callable[[], None]) -> None:
         self.watched[fd] = handler
@@ -277,8 +279,12 @@ class Loop:
         self.watched.pop(fd, None)
 
     def start_call(self, call: Callable[[], Any], done: Callable[[Any, Any], None]) -> None:
-        """Run ``call`` at once, as the server does a question that needs no waiting."""
+        """Run ``call`` at once, as the server does a question that needs no waiting; or,
+        while :attr:`holding`, keep it unanswered (as one waiting on askpass would be)."""
         self.calls.append(call)
+        if self.holding:
+            self.held.append((call, done))
+            return
         try:
             value = call()
         except KeyagentError as error:
@@ -654,3 +660,39 @@ def test_a_new_login_replaces_the_cookie_a_connection_kept(
     emulator.clear_requests()
     assert conn.get() == b"HTTP/1.1 200 OK"
     assert [record.auth for record in emulator.requests] == ["cookie"]
+
+
+def test_one_question_at_a_time_per_connection(stand_in: StandIn) -> None:
+    """While the agent is still answering a connection's question (askpass, say), another
+    question for that connection is answered busy at once, not queued; once the first is
+    answered, the connection may ask again."""
+    pool, loop, agent, worker, theirs = stand_in
+    loop.holding = True
+    with socket.socket(fileno=os.dup(theirs.fileno())) as reader:
+        authorize(theirs, 1, 1)
+        authorize(theirs, 1, 2)
+        loop.watched[worker.control.fileno()]()
+        (busy,) = answers(reader)
+        assert (busy["ask"], busy["error"][0]) == (2, "busy")
+        (call, done) = loop.held.pop()
+        done(call(), None)
+        loop.holding = False
+        authorize(theirs, 1, 3)
+        loop.watched[worker.control.fileno()]()
+        assert [(answer["ask"], "grant" in answer) for answer in answers(reader)] == [
+            (1, True), (3, True),
+        ]  # fmt: skip
+    assert pool.workers == [worker]
+    assert len(agent.asked) == 2
+
+
+def test_audit_entries_sent_before_the_stop_are_recorded(stand_in: StandIn) -> None:
+    """At the agent's exit the audit entries a worker sent but the loop did not read yet are
+    recorded, and nothing else it sent is acted on."""
+    pool, loop, agent, _, theirs = stand_in
+    theirs.send(json.dumps({"t": "audit", "conn": 1, "outcome": "ok", "method": "GET"}).encode())
+    authorize(theirs, 1, 1)
+    pool.close()
+    ((op, peer, fields),) = agent.audited
+    assert (op, peer.pid, fields["outcome"]) == ("proxy", 4242, "ok")
+    assert loop.calls == []

@@ -59,17 +59,36 @@ def secret_service(tmp_path: Path) -> Iterator[dict[str, str]]:
         bus.stdout.close()
 
 
+INDEX_PROBE = """
+import json, keyring
+from secretstorage.exceptions import ItemNotFoundException
+# The Secret Service has no atomic read: keyring finds the item, then asks for its secret.
+# An agent deleting the entry in between makes the second step fail with ItemNotFound;
+# reading again then gives what the service holds now.
+for _ in range(20):
+    try:
+        value = keyring.get_password("keyagent", "index")
+    except ItemNotFoundException:
+        continue
+    print(json.dumps(value))
+    break
+else:
+    raise SystemExit("the index entry vanished during each of 20 reads")
+"""
+
+
 def keyring_index(env: dict[str, str]) -> object:
-    """What the Secret Service holds under keyagent's index entry, read by a fresh process."""
-    probe = "import json, keyring; print(json.dumps(keyring.get_password('keyagent', 'index')))"
+    """What the Secret Service holds under keyagent's index entry, read by a fresh process
+    (while an agent may be changing it)."""
     result = subprocess.run(
-        [sys.executable, "-c", probe],
+        [sys.executable, "-c", INDEX_PROBE],
         env=env,
         capture_output=True,
         text=True,
         timeout=30,
-        check=True,
+        check=False,
     )
+    assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 

@@ -45,6 +45,17 @@ keyagent-ctl exec -- sh -c 'echo "tool got a ${#CONDUCE_API_KEY}-character key"'
 step "python3 -c 'import keyagent; keyagent.get_key()'   # the client library"
 python3 -c 'import keyagent; print("python got a %d-character key" % len(keyagent.get_key()))'
 
+step "python3 -c '...keyagent.http_session(host).get(url)...'   # a call made for the tool"
+# Through the agent's HTTP socket: the agent adds the credentials, so this process makes
+# a Conduce call without ever holding a key or the session (an HTTP worker of the agent
+# makes it; status below lists it).
+python3 -c '
+import os, keyagent
+host = os.environ["CONDUCE_HOST"]
+answer = keyagent.http_session(host).get(f"https://{host}/conduce/api/v1/user/list-teams")
+print(answer.status_code, answer.text.strip(), "- and no key in this process")
+'
+
 step 'keyagent-ctl status'
 keyagent-ctl status
 

@@ -339,9 +339,9 @@ class Agent:
         self.clock = clock or Clock()
         self.socket_path = socket_path
         self.http_socket_path: str | None = None
+        """The HTTP socket (keyagent.proxy), shown by ``status``; None without one."""
         self.http_workers: Callable[[], list[int]] = list
         """The pids of the HTTP socket's worker processes, for ``status`` (set by the server)."""
-        """The HTTP socket (keyagent.proxy), shown by ``status``; None without one."""
         self.default_lifetime = default_lifetime
         self.default_persist = default_persist
         self.keep_created_keys = keep_created_keys

@@ -96,6 +96,17 @@ def conduce_accounts(settings: Mapping[str, Any]) -> AccountFactory:
     return account
 
 
+def _http_fields(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of :class:`~keyagent.tls.HttpSettings` the agent's settings give."""
+    return {
+        "verify": settings["ca_bundle"] or True,
+        "ca_certificates": settings.get("ca_certificates"),
+        "insecure": settings["insecure"],
+        "connect_timeout": settings["connect_timeout"],
+        "read_timeout": settings["read_timeout"],
+    }
+
+
 def http_settings(settings: Mapping[str, Any]) -> HttpSettings:
     """How the agent talks to Conduce hosts, for its own calls and the HTTP socket alike.
 
@@ -103,27 +114,17 @@ def http_settings(settings: Mapping[str, Any]) -> HttpSettings:
     the file is never opened again, so whoever replaces it later becomes no trusted CA."""
     from keyagent.tls import HttpSettings
 
-    return HttpSettings(
-        verify=settings["ca_bundle"] or True,
-        ca_certificates=settings.get("ca_certificates"),
-        insecure=settings["insecure"],
-        connect_timeout=settings["connect_timeout"],
-        read_timeout=settings["read_timeout"],
-    )
+    return HttpSettings(**_http_fields(settings))
 
 
 def worker_hello(settings: Mapping[str, Any], *, foreground: bool) -> dict[str, Any]:
     """What an HTTP worker (:mod:`keyagent.proxy_worker`) is started with: how to reach the
-    service, the tool-facing deadlines and where to log. The CA bundle travels as the text
-    the daemon read and checked at start, so no worker ever reads the file itself. (Not an
-    :class:`~keyagent.conduce.HttpSettings`: that would load ``requests`` into the agent.)"""
+    service (the worker makes its :class:`~keyagent.tls.HttpSettings` of these fields: the
+    agent need not load the CA bundle into a TLS context for it), the tool-facing deadlines
+    and where to log. The CA bundle travels as the text the daemon read and checked at
+    start, so no worker ever reads the file itself."""
     return {
-        "http": {
-            "verify": settings["ca_bundle"] or True,
-            "ca_certificates": settings.get("ca_certificates"),
-            "insecure": settings["insecure"], "connect_timeout": settings["connect_timeout"],
-            "read_timeout": settings["read_timeout"],
-        },
+        "http": _http_fields(settings),
         "head_timeout": settings["line_timeout"], "idle_timeout": settings["idle_timeout"],
         "max_connections": settings["max_connections"],
         "foreground": foreground, "debug": log.isEnabledFor(DEBUG),

@@ -307,7 +307,7 @@ class Server:
         self._running = True
         audit_log = self.agent.audit_log
         audit_log.deferred = True
-        audit_log.on_pending = lambda: self._call_at(
+        audit_log.on_pending = lambda: self.call_at(
             self.clock() + AUDIT_FLUSH_DELAY, audit_log.flush
         )
         self.agent.driven_by(self._driver.start_background)
@@ -399,7 +399,8 @@ class Server:
         self._wake_w.close()
         log.info("stopped")
 
-    def _call_at(self, deadline: float, callback: Callable[[], None]) -> None:
+    def call_at(self, deadline: float, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the loop at ``deadline`` (on :attr:`clock`)."""
         heapq.heappush(self._timers, (deadline, next(self._seq), callback))
 
     def _run_timers(self) -> None:
@@ -493,10 +494,6 @@ class Server:
                 self._driver.start(outcome, done)
             else:
                 done(outcome, None)
-
-    def call_at(self, deadline: float, callback: Callable[[], None]) -> None:
-        """Run ``callback`` on the loop at ``deadline`` (on :attr:`clock`)."""
-        self._call_at(deadline, callback)
 
     def watch(self, fd: int, handler: Callable[[], None]) -> None:
         """Call ``handler`` on the loop whenever ``fd`` is readable (or closed)."""
@@ -1187,7 +1184,7 @@ class _LoopDriver(Driver):
         self.server._run_job(job)
 
     def call_at(self, deadline: float, callback: Callable[[], None]) -> None:
-        self.server._call_at(deadline, callback)
+        self.server.call_at(deadline, callback)
 
     def after_step(self) -> None:
         # The step may have been a forget or a lock: remembered replies hold secrets.

@@ -161,9 +161,9 @@ class Session:
     def began(self, now: float, wall: float) -> None:
         """Logged in, perhaps again: a new cookie, so what was lent with any earlier one (a
         grant of the HTTP socket) is stale, even if a session was live before."""
-        Session.changes += 1
-        self.logged_in, self.expired = True, False
-        self.checked, self.checked_wall = now, wall
+        if self.live:  # proved_alive counts only a session going live
+            Session.changes += 1
+        self.proved_alive(now, wall)
         self.since = wall
 
     def proved_alive(self, now: float, wall: float) -> None:

@@ -142,8 +142,8 @@ def route(head: Head) -> Route:
         raise BadRequest(f"method {head.method} is not forwarded; use one of {_methods()}")
     target = head.target
     if not target.isascii() or any(char in target for char in FORBIDDEN_IN_TARGET):
-        # A fragment is never part of a request target, and urllib3 would drop it: the path
-        # checked here must be the path that goes out, so refuse rather than guess.
+        # A fragment is never part of a request target: refused rather than guessed at, as
+        # are characters h11 would refuse to send.
         raise BadRequest("the request target holds '#', spaces or non-ASCII; escape them")
     host_header = head.get("host")
     if target.lower().startswith(("http://", "https://")):  # absolute form: its path counts
@@ -164,15 +164,7 @@ def route(head: Head) -> Route:
     if problem is not None:
         raise BadRequest(f"the Host header is not a Conduce host: {problem}")
     path = target.split("?", 1)[0]
-    _check_path(path)
-    # What goes out, after the HTTP library's own normalisation, must pass the same check.
-    from keyagent.forward import path_sent
-
-    sent = path_sent(host, target)
-    if sent is None:
-        raise BadRequest("the request target is not a valid URL")
-    if sent != path:
-        _check_path(sent)
+    _check_path(path)  # and the target goes out as it is (keyagent.forward)
     user = head.get("x-keyagent-user")
     if user is not None and user_problem(user) is not None:
         raise BadRequest(f"X-Keyagent-User is not valid: {user_problem(user)}")
@@ -455,7 +447,7 @@ class Proxy:
     @staticmethod
     def _streamed(http: HttpConnection) -> Iterator[bytes]:
         # A tool that vanishes mid-upload must not look like the service failing: ClientGone
-        # is not an OSError, so urllib3 lets it through to _exchange.
+        # is not an OSError, so keyagent.forward lets it through to _exchange.
         yield from http.body()
 
     @staticmethod

@@ -1,8 +1,8 @@
 """How keyagent talks TLS to Conduce hosts: :class:`HttpSettings` and its pinned CA bundle.
 
 Used by the agent's own calls (:mod:`keyagent.conduce`, through ``requests``) and by the HTTP
-workers (:mod:`keyagent.forward`, through ``urllib3`` alone): kept apart from both so that a
-worker never loads ``requests``.
+workers (:mod:`keyagent.forward`, with h11 over :mod:`ssl`): kept apart from both so that a
+worker never loads ``requests`` or ``urllib3``.
 """
 
 from __future__ import annotations

@@ -25,12 +25,13 @@ import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Final
 
 import h11
 
-from keyagent.errors import BadRequest, RemoteError, RemoteUnreachable, Timeout, TLSError
+from keyagent.errors import RemoteError, RemoteUnreachable, Timeout, TLSError
 from keyagent.log import get_logger
 from keyagent.tls import HttpSettings, is_certificate_failure
 
@@ -42,6 +43,10 @@ CHUNK: Final = 64 * 1024
 """Bytes moved at a time, each way."""
 POOL_SIZE: Final = 64
 """Idle connections kept per host; more may be open at once, the surplus is closed."""
+POOL_IDLE: Final = 50.0
+"""Seconds a connection may sit unused in the pool; one idle longer is closed, not used: a
+firewall may have dropped it without a word, and a request on it would wait out the read
+timeout."""
 POOL_HOSTS: Final = 16
 """Hosts whose idle connections are kept; the one used longest ago is let go first."""
 MAX_ANSWER_HEAD: Final = 64 * 1024
@@ -67,7 +72,7 @@ class _Stale(Exception):
 class _Connection:
     """One TLS connection to a host, with h11's client state; one request at a time."""
 
-    __slots__ = ("h11", "heard", "host", "pooled", "sock")
+    __slots__ = ("h11", "heard", "host", "idle_since", "pooled", "sock")
 
     def __init__(self, host: str, sock: ssl.SSLSocket) -> None:
         self.host = host
@@ -77,6 +82,7 @@ class _Connection:
         """Whether it served a request before: if it fails at once, it may just be stale."""
         self.heard = False
         """Whether any byte of the current answer has come."""
+        self.idle_since = 0.0
 
     def send(self, event: h11.Event) -> None:
         data = self.h11.send(event)
@@ -94,8 +100,22 @@ class _Connection:
             self.heard = self.heard or bool(data)
             self.h11.receive_data(data)
 
+    def reusable(self) -> bool:
+        """Whether another request may follow: the answer ended where its framing said, the
+        service keeps the connection open, and nothing came past the answer's end (a next
+        request would take such bytes for its own answer)."""
+        state = self.h11
+        return (
+            state.our_state is h11.DONE
+            and state.their_state is h11.DONE
+            and not state.trailing_data[0]
+            and not self.sock.pending()
+        )
+
     def dropped(self) -> bool:
         """Whether the service closed it (or sent something unasked) while it sat idle."""
+        if self.sock.pending():
+            return True
         poller = select.poll()
         poller.register(self.sock, select.POLLIN)
         return bool(poller.poll(0))
@@ -142,7 +162,7 @@ class Answer:
         service keeps it open; else close it (an unread rest must never reach the next
         request on that connection)."""
         conn = self._conn
-        if complete and conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
+        if complete and conn.reusable():
             conn.h11.start_next_cycle()
             self._upstream.give_back(conn)
         else:
@@ -188,7 +208,7 @@ class Upstream:
                 "TLS verification is off (--insecure): a proxied %s to %s can be intercepted",
                 method, host,
             )  # fmt: skip
-        request = self._request(method, target, headers, chunked)
+        request = self._request(method, host, target, headers, chunked)
         conn = self._pooled(host)
         if conn is not None:
             try:
@@ -196,25 +216,34 @@ class Upstream:
             except _Stale:
                 if not (isinstance(body, bytes) and method in IDEMPOTENT):
                     raise RemoteUnreachable(
-                        f"{host} closed the connection before answering; retry"
+                        f"{host} closed the connection before answering; retry later"
                     ) from None
                 log.debug("a pooled connection to %s was closed; sending again", host)
         try:
             return self._exchange(self._connect(host), request, body)
         except _Stale:  # a new connection is never stale: _exchange raises that for pooled ones
-            raise RemoteUnreachable(f"{host} closed the connection before answering") from None
+            raise RemoteUnreachable(
+                f"{host} closed the connection before answering; retry later"
+            ) from None
 
     @staticmethod
     def _request(
-        method: str, target: str, headers: list[tuple[str, str]], chunked: bool
+        method: str, host: str, target: str, headers: list[tuple[str, str]], chunked: bool
     ) -> h11.Request:
         encoded = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
         if chunked:
             encoded.append((b"Transfer-Encoding", b"chunked"))
         try:
             return h11.Request(method=method, target=target, headers=encoded)
-        except h11.LocalProtocolError as error:
-            raise BadRequest(f"the request cannot be forwarded as HTTP/1.1: {error}") from None
+        except h11.LocalProtocolError:
+            # The tool's method, target and headers passed the same checks on the way in
+            # (keyagent.httpwire): what fails is the agent's own value, a session cookie
+            # the service set. h11's message quotes the value: never passed on.
+            log.warning("a proxied %s to %s: the credential is not a valid header", method, host)
+            raise RemoteError(
+                f"the session held for {host} cannot be sent in an HTTP header; "
+                "log in again, or add an API key"
+            ) from None
 
     def _exchange(
         self, conn: _Connection, request: h11.Request, body: bytes | Iterable[bytes]
@@ -241,7 +270,9 @@ class Upstream:
                     if isinstance(event, h11.ConnectionClosed):
                         raise ConnectionResetError  # closed before a whole answer head
                     if not isinstance(event, h11.InformationalResponse):  # 1xx: wait on
-                        raise RemoteError(f"{host} sent something other than an answer")
+                        raise RemoteError(
+                            f"{host} sent something other than an answer; retry later"
+                        )
             except TimeoutError:
                 raise Timeout(
                     f"{host} did not answer within {self.settings.read_timeout:g}s; retry later"
@@ -254,7 +285,9 @@ class Upstream:
                         f"{host} closed the connection without answering; retry later"
                     ) from None
                 log.warning("proxied call to %s: not HTTP/1.1: %s", host, error)
-                raise RemoteError(f"{host} sent an answer that is not HTTP/1.1") from None
+                raise RemoteError(
+                    f"{host} sent an answer that is not HTTP/1.1; check the host"
+                ) from None
             except OSError as error:
                 if conn.pooled and not conn.heard:
                     raise _Stale() from None
@@ -268,11 +301,12 @@ class Upstream:
 
     def _pooled(self, host: str) -> _Connection | None:
         """An idle connection to ``host`` still open, the one used last; None if none."""
+        oldest = time.monotonic() - POOL_IDLE
         with self._guard:
             idle = self._idle.get(host)
             while idle:
                 conn = idle.pop()
-                if not conn.dropped():
+                if conn.idle_since >= oldest and not conn.dropped():
                     return conn
                 conn.close()
         return None
@@ -280,6 +314,7 @@ class Upstream:
     def give_back(self, conn: _Connection) -> None:
         """Keep ``conn`` for the next request to its host, unless the pool is full."""
         conn.pooled = True
+        conn.idle_since = time.monotonic()
         with self._guard:
             idle = self._idle.pop(conn.host, None)
             if idle is None:
@@ -323,12 +358,15 @@ class Upstream:
             raise TLSError(f"the TLS connection to {host} failed; check the host") from None
         except TimeoutError:
             raw.close()
-            raise Timeout(f"{host} did not finish the TLS handshake within {limit:g}s") from None
+            raise Timeout(
+                f"{host} did not finish the TLS handshake within {limit:g}s; "
+                "check the host and network"
+            ) from None
         except OSError as error:
             raw.close()
             log.warning("proxied call to %s: TLS failed: %s", host, type(error).__name__)
             raise RemoteUnreachable(
-                f"{host} dropped the connection during the TLS handshake"
+                f"{host} dropped the connection during the TLS handshake; check the host"
             ) from None
         sock.settimeout(self.settings.read_timeout)
         return _Connection(host, sock)

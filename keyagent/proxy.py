@@ -58,6 +58,8 @@ __all__ = ["METHODS", "Lender", "Proxy", "Route", "error_answer", "route"]
 log = get_logger("keyagent.proxy")
 
 METHODS: Final = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
+BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
+"""Methods whose request is sent with a Content-Length even when the tool sent no body."""
 FORBIDDEN_IN_TARGET: Final = frozenset("# \t")
 MAX_AUDITED_PATH: Final = 512
 """Characters of a path kept in an audit entry; a longer one is cut, and says so."""
@@ -253,6 +255,9 @@ def request_headers(head: Head, grant: Grant) -> list[tuple[str, str]]:
     headers.append(("Host", grant.host))
     if head.content_length is not None:
         headers.append(("Content-Length", str(head.content_length)))
+    elif not head.chunked and head.method in BODY_METHODS:
+        # An empty body said outright: some front ends answer 411 to a POST without framing.
+        headers.append(("Content-Length", "0"))
     headers.append((grant.header, grant.value))
     return headers
 
@@ -396,7 +401,13 @@ class Proxy:
             if answer.status == 401 and grant.session and replayable:
                 # Perhaps the session expired: the agent checks, and if so lends what it
                 # would now (a held key, or login_required) for one more try.
-                renewed = self.lender.session_refused(peer, where.host, grant.user, where.key_id)
+                try:
+                    renewed = self.lender.session_refused(
+                        peer, where.host, grant.user, where.key_id
+                    )
+                except BaseException:
+                    answer.finish(complete=False)  # its connection is closed, not left open
+                    raise
                 if renewed is not None:
                     answer.finish(complete=False)
                     grant = lent[(where.host, where.user, where.key_id)] = renewed

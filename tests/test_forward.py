@@ -3,8 +3,10 @@ the shipped HTTPS emulator and, for answers no real service sends, a raw TLS ser
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import re
 import socket
 import ssl
 import subprocess
@@ -16,8 +18,10 @@ from pathlib import Path
 import pytest
 import trustme
 
+from keyagent import forward
 from keyagent.errors import RemoteError, RemoteUnreachable, Timeout, TLSError
 from keyagent.forward import Answer, Upstream, split_host
+from keyagent.httpwire import ClientGone
 from keyagent.testing.emulator import ConduceEmulator, Fault
 from keyagent.tls import HttpSettings
 
@@ -170,69 +174,97 @@ def test_an_untrusted_certificate_and_an_unreachable_host(
             call(upstream_for(emulator), host, key, "/api/v2/data/echo")
 
 
-# --- answers the emulator never sends: a raw TLS server -----------------------------------
+# --- answers the emulator never sends: a scripted TLS server -------------------------------
 
 
-@pytest.fixture
-def raw_server() -> Iterator[Callable[[bytes], tuple[str, HttpSettings]]]:
-    """Start a TLS server that answers every request on a connection with the given bytes,
-    then closes; yields a function that starts one and returns its host and settings."""
-    ca = trustme.CA()
-    stops: list[Callable[[], None]] = []
+class Scripted:
+    """A TLS server on loopback that answers each request head with ``answer(head)``; it
+    closes a connection after each answer if ``close_after``. Counts the connections it
+    accepted, and sets ``closed`` each time it closes one."""
 
-    def start(answer: bytes) -> tuple[str, HttpSettings]:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ca.issue_cert("127.0.0.1").configure_cert(context)
-        listener = socket.create_server(("127.0.0.1", 0))
-        done = threading.Event()
+    def __init__(self, answer: Callable[[bytes], bytes], *, close_after: bool) -> None:
+        ca = trustme.CA()
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1").configure_cert(self.context)
+        self.settings = HttpSettings(verify=True, ca_certificates=ca.cert_pem.bytes().decode())
+        self.answer = answer
+        self.close_after = close_after
+        self.accepted = 0
+        self.closed = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.host = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
 
-        def serve() -> None:
-            while not done.is_set():
-                try:
-                    raw, _ = listener.accept()
-                except OSError:
-                    return
-                with context.wrap_socket(raw, server_side=True) as conn:
-                    request = b""
-                    while b"\r\n\r\n" not in request:
-                        data = conn.recv(4096)
-                        if not data:
-                            break
-                        request += data
-                    conn.sendall(answer)
+    def _accept(self) -> None:
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            thread = threading.Thread(target=self._serve, args=(raw,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
 
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
+    def _serve(self, raw: socket.socket) -> None:
+        with contextlib.suppress(OSError), self.context.wrap_socket(raw, server_side=True) as conn:
+            buffered = b""
+            while True:
+                while b"\r\n\r\n" not in buffered:
+                    data = conn.recv(4096)
+                    if not data:
+                        return
+                    buffered += data
+                head, _, buffered = buffered.partition(b"\r\n\r\n")
+                # The body is read before answering: closing with it unread would reset
+                # the connection, and the client could lose the answer.
+                length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                while length and len(buffered) < int(length[1]):
+                    data = conn.recv(4096)
+                    if not data:
+                        return
+                    buffered += data
+                buffered = buffered[int(length[1]) :] if length else buffered
+                conn.sendall(self.answer(head))
+                if self.close_after:
+                    break
+        self.closed.set()
 
-        def stop() -> None:
-            done.set()
-            listener.shutdown(socket.SHUT_RDWR)  # wakes accept(), which close() alone does not
-            listener.close()
+    def stop(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept(), which close() alone does not
+        self.listener.close()
+        for thread in self._threads[:1]:
             thread.join(5)
             assert not thread.is_alive()
 
-        stops.append(stop)
-        settings = HttpSettings(verify=True, ca_certificates=ca.cert_pem.bytes().decode())
-        return f"127.0.0.1:{listener.getsockname()[1]}", settings
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[..., Scripted]]:
+    servers: list[Scripted] = []
+
+    def start(answer: bytes | Callable[[bytes], bytes], *, close_after: bool = False) -> Scripted:
+        server = Scripted(
+            answer if callable(answer) else (lambda head: answer), close_after=close_after
+        )
+        servers.append(server)
+        return server
 
     yield start
-    for stop in stops:
-        stop()
+    for server in servers:
+        server.stop()
 
 
-def test_an_answer_that_is_not_http_is_a_remote_error(
-    raw_server: Callable[[bytes], tuple[str, HttpSettings]],
-) -> None:
-    host, settings = raw_server(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+def test_an_answer_that_is_not_http_is_a_remote_error(scripted: Callable[..., Scripted]) -> None:
+    server = scripted(b"SSH-2.0-OpenSSH_9.2\r\n\r\n", close_after=True)
     with pytest.raises(RemoteError, match=r"not HTTP/1\.1"):
-        call(opened(settings), host, "k", "/api/v2/data/echo")
+        call(opened(server.settings), server.host, "k", "/api/v2/data/echo")
 
 
-def test_an_answer_cut_short_is_unreachable_mid_answer(
-    raw_server: Callable[[bytes], tuple[str, HttpSettings]],
-) -> None:
-    host, settings = raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this")
-    upstream = opened(settings)
+def test_an_answer_cut_short_is_unreachable_mid_answer(scripted: Callable[..., Scripted]) -> None:
+    server = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this", close_after=True)
+    upstream = opened(server.settings)
+    host = server.host
     answer = upstream.send("GET", host, "/api/v2/data/x", [("Host", host)], b"", chunked=False)
     assert answer.status == 200
     with pytest.raises(RemoteUnreachable, match="mid-answer"):
@@ -240,16 +272,116 @@ def test_an_answer_cut_short_is_unreachable_mid_answer(
     answer.finish(complete=False)
 
 
-def test_an_answer_ended_by_closing_is_passed_on_whole(
-    raw_server: Callable[[bytes], tuple[str, HttpSettings]],
-) -> None:
+def test_an_answer_ended_by_closing_is_passed_on_whole(scripted: Callable[..., Scripted]) -> None:
     """No Content-Length and no chunks: the body runs to the close, and the next request
     goes on a new connection."""
-    host, settings = raw_server(b"HTTP/1.1 200 OK\r\nX-Kind: raw\r\n\r\nto the end")
-    upstream = opened(settings)
+    server = scripted(b"HTTP/1.1 200 OK\r\nX-Kind: raw\r\n\r\nto the end", close_after=True)
+    upstream = opened(server.settings)
     for _ in range(2):
-        status, body = call(upstream, host, "k", "/api/v2/data/x")
-        assert (status, body) == (200, b"to the end")
+        assert call(upstream, server.host, "k", "/api/v2/data/x") == (200, b"to the end")
+    assert server.accepted == 2
+
+
+def test_a_connection_is_kept_between_answers_and_after_a_head(
+    scripted: Callable[..., Scripted],
+) -> None:
+    """Answers framed by Content-Length leave the connection in the pool; a HEAD's answer
+    has no body whatever its Content-Length says, and the next answer is read right."""
+
+    def answer(head: bytes) -> bytes:
+        body = b"" if head.startswith(b"HEAD ") else b"0123456789"
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n" + body
+
+    server = scripted(answer)
+    upstream = opened(server.settings)
+    assert call(upstream, server.host, "k", "/api/v2/x", method="HEAD") == (200, b"")
+    assert call(upstream, server.host, "k", "/api/v2/x") == (200, b"0123456789")
+    assert call(upstream, server.host, "k", "/api/v2/x", method="HEAD") == (200, b"")
+    assert server.accepted == 1
+
+
+def test_bytes_past_an_answers_end_never_answer_the_next_request(
+    scripted: Callable[..., Scripted],
+) -> None:
+    """A service that sends more than its answer's framing says (here a whole forged second
+    answer) must not have it taken for the answer to the next request, another tool's
+    perhaps: that connection is closed, not pooled."""
+    forged = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nforge"
+    server = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + forged)
+    upstream = opened(server.settings)
+    for _ in range(3):
+        assert call(upstream, server.host, "k", "/api/v2/x") == (200, b"ok")
+    assert server.accepted == 3
+
+
+def test_a_connection_the_service_closed_while_idle_is_not_used(
+    scripted: Callable[..., Scripted],
+) -> None:
+    """The service closes after answering: the next request, even a POST (never sent
+    twice), goes on a new connection, not into the closed one."""
+    server = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", close_after=True)
+    upstream = opened(server.settings)
+    assert call(upstream, server.host, "k", "/api/v2/x") == (200, b"ok")
+    assert server.closed.wait(5)
+    assert call(upstream, server.host, "k", "/api/v2/x", method="POST", body=b"{}") == (200, b"ok")
+    assert server.accepted == 2
+
+
+def test_a_connection_idle_too_long_is_not_used(
+    scripted: Callable[..., Scripted], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    upstream = opened(server.settings)
+    call(upstream, server.host, "k", "/api/v2/x")
+    call(upstream, server.host, "k", "/api/v2/x")
+    assert server.accepted == 1
+    monkeypatch.setattr(forward, "POOL_IDLE", -1.0)  # every pooled connection is too old
+    call(upstream, server.host, "k", "/api/v2/x")
+    assert server.accepted == 2
+
+
+def test_a_silent_server_is_a_handshake_timeout() -> None:
+    """A host that accepts TCP and never speaks TLS: a timeout within connect_timeout."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        host = f"127.0.0.1:{silent.getsockname()[1]}"
+        upstream = opened(HttpSettings(connect_timeout=0.3))
+        with pytest.raises(Timeout, match=r"TLS handshake within 0\.3s"):
+            call(upstream, host, "k", "/api/v2/x")
+
+
+def test_a_certificate_for_another_host_is_refused(emulator: ConduceEmulator, key: str) -> None:
+    emulator.inject(Fault.wrong_certificate("wrong_host"))
+    with pytest.raises(TLSError, match="could not be verified"):
+        call(upstream_for(emulator), emulator.host, key, "/api/v2/data/echo")
+
+
+def test_the_tool_going_away_mid_upload_passes_through(emulator: ConduceEmulator, key: str) -> None:
+    """ClientGone from the tool's body is the tool's failure, not the service's: it reaches
+    the proxy as it is (which then answers nobody), and the upstream connection is closed."""
+
+    def body() -> Iterator[bytes]:
+        yield b"x" * 1000
+        raise ClientGone("closed mid-body")
+
+    headers = [("Host", emulator.host), ("Authorization", f"Bearer {key}")]
+    upstream = upstream_for(emulator)
+    with pytest.raises(ClientGone):
+        upstream.send("PUT", emulator.host, "/api/v2/data/upload", headers, body(), chunked=True)
+
+
+def test_a_streamed_body_is_never_sent_twice(emulator: ConduceEmulator, key: str) -> None:
+    """A PUT is idempotent, but a streamed body is not in hand: on a pooled connection that
+    fails before answering, the tool gets remote_unreachable and the service one request."""
+    upstream = upstream_for(emulator)
+    assert call(upstream, emulator.host, key, "/api/v2/data/echo")[0] == 200  # pools it
+    emulator.clear_requests()
+    emulator.inject(Fault.reset(), path="/api/v2/data/echo", count=1)
+    headers = [("Host", emulator.host), ("Authorization", f"Bearer {key}")]
+    with pytest.raises(RemoteUnreachable, match="before answering"):
+        upstream.send(
+            "PUT", emulator.host, "/api/v2/data/echo", headers, iter([b"a" * 100]), chunked=True
+        )
+    assert [record.status for record in emulator.requests] == [None]
 
 
 def test_a_worker_loads_neither_requests_nor_urllib3() -> None:

@@ -195,6 +195,19 @@ def test_the_tools_credentials_never_go_out() -> None:
     assert ("Host", HOST) in sent
 
 
+def test_a_request_without_a_body_is_framed_by_its_method() -> None:
+    """A POST, PUT or PATCH without a body goes out with Content-Length: 0 (some front ends
+    answer 411 without one); a GET, HEAD or DELETE goes out without framing, as sent."""
+    grant = Grant(HOST, USER, header="Authorization", value=f"Bearer {SECRET}")
+    for method in ("POST", "PUT", "PATCH"):
+        assert ("Content-Length", "0") in request_headers(head("/api/v2/x", method), grant)
+    for method in ("GET", "HEAD", "DELETE"):
+        sent = request_headers(head("/api/v2/x", method), grant)
+        assert "content-length" not in [name.lower() for name, _ in sent]
+    chunked = request_headers(head("/api/v2/x", "POST", transfer_encoding="chunked"), grant)
+    assert "content-length" not in [name.lower() for name, _ in chunked]
+
+
 def test_headers_named_by_connection_and_repeated_headers() -> None:
     """Headers the tool's Connection header names stay on its connection; a repeated header
     goes out repeated."""

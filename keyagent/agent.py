@@ -2135,10 +2135,7 @@ class Agent:
         if next(self.held_keys.matching(self.clock.monotonic(), key_id=held.digest), None) is None:
             raise NotFound(f"key {held.key_id} was forgotten or expired; add it again")
         log.debug("lending key %s to pid %d for a proxied request", held.key_id, peer.pid)
-        return Grant(
-            held.host, held.user, header="Authorization", value=f"Bearer {held.secret}",
-            held=held, confirmed=held.confirm, token=self.credentials_token(),
-        )  # fmt: skip
+        return Grant.of_key(held, confirmed=held.confirm, token=self.credentials_token())
 
     # --- helpers for remote operations ---------------------------------------------------
 

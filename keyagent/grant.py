@@ -36,16 +36,21 @@ class Grant:
         *,
         header: str,
         value: str,
-        held: HeldKey | None = None,
+        digest: str | None = None,
+        key_id: str | None = None,
+        deadline: float | None = None,
         confirmed: bool = False,
         token: object = None,
     ) -> None:
         self.host, self.user = host, user
         self.header, self.value = header, value
-        self.session = held is None
+        self.digest = digest
+        """The held key's digest; None for the account's session (cookie)."""
+        self.key_id = key_id
+        self.deadline = deadline
+        """When the held key expires (the agent's monotonic clock), if it does."""
+        self.session = digest is None
         """Whether this is the account's session (cookie) rather than a held key."""
-        self.digest = held.digest if held is not None else None
-        self.key_id = held.key_id if held is not None else None
         self.confirmed = confirmed
         """Whether the user was asked and allowed it: the connection need not ask again."""
         self.token = token
@@ -53,7 +58,15 @@ class Grant:
         credentials_token` on the loop; a generation number in a worker): while it is
         unchanged, and the key's deadline has not passed, the same request on the same
         connection would get the same grant, so the connection may reuse it."""
-        self.deadline = held.deadline if held is not None else None
+
+    @classmethod
+    def of_key(cls, held: HeldKey, *, confirmed: bool, token: object) -> Grant:
+        """A held key lent as a bearer token."""
+        return cls(
+            held.host, held.user, header="Authorization", value=f"Bearer {held.secret}",
+            digest=held.digest, key_id=held.key_id, deadline=held.deadline,
+            confirmed=confirmed, token=token,
+        )  # fmt: skip
 
     def secrets(self) -> list[str]:
         """What must never reach the tool: the key, or each cookie value of the session."""
@@ -74,22 +87,25 @@ class Grant:
         """A grant as :meth:`to_wire` sent it; :class:`~keyagent.errors.Internal` if it is
         not one (the agent and its workers are one program: a bad grant is a bug)."""
         try:
-            grant = cls(str(data["host"]), str(data["user"]), header="", value="")
-            grant.header, grant.value = data["header"], data["value"]
-            grant.session, grant.confirmed = bool(data["session"]), bool(data["confirmed"])
-            grant.digest, grant.key_id = data["digest"], data["key_id"]
-            grant.token, grant.deadline = data["token"], data["deadline"]
+            host, user, header, value = data["host"], data["user"], data["header"], data["value"]
+            digest, key_id, deadline = data["digest"], data["key_id"], data["deadline"]
+            session, confirmed, token = data["session"], data["confirmed"], data["token"]
         except (KeyError, TypeError):
             raise Internal() from None
         if not (
-            grant.header in ("Authorization", "Cookie")
-            and isinstance(grant.value, str)
-            and isinstance(grant.token, int)
-            and all(isinstance(v, str | None) for v in (grant.digest, grant.key_id))
-            and (grant.deadline is None or isinstance(grant.deadline, int | float))
+            all(isinstance(text, str) for text in (host, user, value))
+            and header in ("Authorization", "Cookie")
+            and all(isinstance(text, str | None) for text in (digest, key_id))
+            and (deadline is None or type(deadline) in (int, float))
+            and type(token) is int
+            and session is (digest is None)
+            and type(confirmed) is bool
         ):
             raise Internal()
-        return grant
+        return cls(
+            host, user, header=header, value=value, digest=digest, key_id=key_id,
+            deadline=deadline, confirmed=confirmed, token=token,
+        )  # fmt: skip
 
     def __repr__(self) -> str:
         return f"Grant(host={self.host!r}, user={self.user!r}, key_id={self.key_id!r})"

@@ -275,10 +275,11 @@ class LeftoversFile:
                 )
             if info.st_size > MAX_BYTES:
                 raise _Unusable(f"it is larger than {MAX_BYTES} bytes")
-            chunks = []
-            while chunk := os.read(fd, 65536):
+            chunks, size = [], 0
+            while chunk := os.read(fd, 65536):  # it may grow after fstat: read, and count
                 chunks.append(chunk)
-                if sum(map(len, chunks)) > MAX_BYTES:
+                size += len(chunk)
+                if size > MAX_BYTES:
                     raise _Unusable(f"it is larger than {MAX_BYTES} bytes")
         finally:
             os.close(fd)

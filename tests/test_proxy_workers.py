@@ -327,9 +327,10 @@ class TokenAgent:
         self, peer: Peer, host: str, user: str | None, key_id: str | None, confirmed: Any
     ) -> Grant:
         self.asked.append((peer.pid, confirmed))
-        grant = Grant(host, "u", header="Authorization", value="Bearer k", confirmed=True)
-        grant.digest, grant.token = "d" * 64, self.token
-        return grant
+        return Grant(
+            host, "u", header="Authorization", value="Bearer k", digest="d" * 64,
+            confirmed=True, token=self.token,
+        )  # fmt: skip
 
 
 # A stand-in worker: reads its control socket until the agent closes it, then exits.

@@ -190,7 +190,7 @@ def test_status_names_the_workers(
         assert client.status()["http_workers"] == [worker]
     result = run_ctl(conduce_agent.socket_path, "status")
     assert result.code == 0, result.err
-    assert f"HTTP workers: 1 (pid {worker})" in result.out
+    assert f"HTTP workers: 1 of at most {MAX_WORKERS} (pid {worker})" in result.out
 
 
 def test_busy_workers_make_more_up_to_the_limit(

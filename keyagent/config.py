@@ -125,9 +125,9 @@ from keyagent import paths
 from keyagent.duration import parse_duration
 from keyagent.errors import BadConfig
 from keyagent.rules import (
+    DEFAULT_HTTP_WORKERS,
     MAX_ALLOWED_EXES,
     MAX_USER,
-    DEFAULT_HTTP_WORKERS,
     NOT_A_COUNT,
     NOT_A_WORKER_COUNT,
     NOT_AN_ENTRY_COUNT,

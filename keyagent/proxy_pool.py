@@ -3,15 +3,16 @@ connections, answer their questions on the event loop.
 
 Workers start on demand: the first connection of the HTTP socket starts one, and a new
 connection starts another while every worker is busy and there are fewer than
-:data:`MAX_WORKERS` (or the ``http_workers`` setting); each connection goes to the worker with the fewest. An agent never used
-over HTTP starts none. The first worker stays (its warm TLS connections are what makes a
-one-shot tool fast); any other ends once it has had no connection for :data:`WORKER_IDLE`
-seconds, so a burst of connections does not leave the agent large for the rest of the
-session. A worker that dies (or stops reading its control socket, or sends what no worker
-sends) is let go: its connections are closed with it, and the next connection starts a new
-one. Connections wait in the agent until their worker says it is ready; one that fails to
-start makes the HTTP socket answer ``busy`` for a while (:data:`START_BACKOFF`) rather than
-start an interpreter per connection.
+``max_workers`` (the ``http_workers`` setting, by default :data:`MAX_WORKERS`); each
+connection goes to the worker with the fewest. An agent never used over HTTP starts none.
+The first worker stays (its warm TLS connections are what makes a one-shot tool fast); any
+other ends once it has had no connection for :data:`WORKER_IDLE` seconds, so a burst of
+connections does not leave the agent large for the rest of the session. A worker that dies
+(or stops reading its control socket, or sends what no worker sends) is let go: its
+connections are closed with it, and the next connection starts a new one. Connections wait
+in the agent until their worker says it is ready; one that fails to start makes the HTTP
+socket answer ``busy`` for a while (:data:`START_BACKOFF`) rather than start an interpreter
+per connection.
 
 A worker is trusted with the credentials it is lent, nothing more: what it sends is checked
 here, who is on the other end of a connection is what the agent recorded, and which keys the

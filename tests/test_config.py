@@ -603,7 +603,10 @@ def test_an_ambiguous_or_zero_duration_says_what_was_meant(
         ("http_workers = -2", "'http_workers' must be a whole number from 1 to 32; got -2"),
         ("http_workers = 33", "'http_workers' must be a whole number from 1 to 32; got 33"),
         ("http_workers = 2.0", "'http_workers' must be a whole number from 1 to 32; got a float"),
-        ("http_workers = true", "'http_workers' must be a whole number from 1 to 32; got a boolean"),
+        (
+            "http_workers = true",
+            "'http_workers' must be a whole number from 1 to 32; got a boolean",
+        ),
         ('http_workers = "4"', "'http_workers' must be a whole number from 1 to 32; got a string"),
     ],
 )

@@ -12,11 +12,13 @@ from typing import NoReturn
 
 from keyagent.duration import parse_duration
 from keyagent.rules import (
+    NOT_A_WORKER_COUNT,
     NOT_AN_ENTRY_COUNT,
     TOO_LONG,
     count_problem,
     duration_problem,
     entry_count_problem,
+    worker_count_problem,
 )
 
 EXIT_USAGE = 64
@@ -74,6 +76,18 @@ def entry_count_type(text: str) -> int:
         value = -1
     if entry_count_problem(value) is not None:
         raise argparse.ArgumentTypeError(f"'{text}' is not {NOT_AN_ENTRY_COUNT}")
+    return value
+
+
+def worker_count_type(text: str) -> int:
+    """An argparse ``type=`` for ``--http-workers``: a whole number from 1 to 32,
+    :func:`keyagent.rules.worker_count_problem`."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if worker_count_problem(value) is not None:
+        raise argparse.ArgumentTypeError(f"'{text}' is not {NOT_A_WORKER_COUNT}")
     return value
 
 

@@ -342,6 +342,9 @@ class Agent:
         """The HTTP socket (keyagent.proxy), shown by ``status``; None without one."""
         self.http_workers: Callable[[], list[int]] = list
         """The pids of the HTTP socket's worker processes, for ``status`` (set by the server)."""
+        self.http_workers_max: int | None = None
+        """The most HTTP workers at once (``http_workers``), for ``status``; None without an
+        HTTP socket."""
         self.default_lifetime = default_lifetime
         self.default_persist = default_persist
         self.keep_created_keys = keep_created_keys
@@ -1122,6 +1125,7 @@ class Agent:
                 "socket": self.socket_path,
                 "http_socket": self.http_socket_path,
                 "http_workers": self.http_workers(),
+                "http_workers_max": self.http_workers_max,
                 "version": __version__,
                 "uptime": round(now - self.started, 3),
                 "locked": True,
@@ -1131,6 +1135,7 @@ class Agent:
             "socket": self.socket_path,
             "http_socket": self.http_socket_path,
             "http_workers": self.http_workers(),
+            "http_workers_max": self.http_workers_max,
             "version": __version__,
             "uptime": round(now - self.started, 3),
             "locked": self.lock.locked,

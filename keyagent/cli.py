@@ -557,9 +557,14 @@ def cmd_status(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
     if status.get("http_socket"):
         out.write(f"HTTP socket: {shown(status['http_socket'])}\n")
     workers = status.get("http_workers")
+    most = status.get("http_workers_max")
+    # An older agent does not say how many it may run: then only how many it does.
+    of_most = f" of at most {shown(most)}" if most is not None else ""
     if isinstance(workers, list) and workers:
         pids = ", ".join(shown(pid) for pid in workers)
-        out.write(f"HTTP workers: {len(workers)} (pid {pids})\n")
+        out.write(f"HTTP workers: {len(workers)}{of_most} (pid {pids})\n")
+    elif most is not None:
+        out.write(f"HTTP workers: none running, at most {shown(most)}\n")
     if "keys" in status:  # a locked agent may not say
         out.write(f"keys held: {shown(status.get('keys'))}\n")
     for session in status.get("sessions") or []:

@@ -48,6 +48,10 @@ key                 type         default   environment             used by
 ``audit_entries``   integer 0 to 10000     -                       keyagent: audit entries
                     1000000                                        kept in memory (0: none;
                                                                    still logged)
+``http_workers``    integer 1 to automatic -                       keyagent: HTTP worker
+                    32           (2 per                            processes at once (each
+                                 core, 2                           about 24 MiB)
+                                 to 8)
 ``export``          boolean      true      -                       keyagent: whether new keys
                                                                    may be taken out (get,
                                                                    exec) unless add/create
@@ -121,9 +125,11 @@ from keyagent import paths
 from keyagent.duration import parse_duration
 from keyagent.errors import BadConfig
 from keyagent.rules import (
+    DEFAULT_HTTP_WORKERS,
     MAX_ALLOWED_EXES,
     MAX_USER,
     NOT_A_COUNT,
+    NOT_A_WORKER_COUNT,
     NOT_AN_ENTRY_COUNT,
     NOT_POSITIVE,
     NOT_SECONDS,
@@ -135,6 +141,7 @@ from keyagent.rules import (
     host_problem,
     path_problem,
     user_problem,
+    worker_count_problem,
 )
 from keyagent.trust import UntrustedFile, check_trusted
 
@@ -211,6 +218,7 @@ class Config:
     askpass: str | None = None
     confirm_timeout: float = 30.0
     audit_entries: int = 10_000
+    http_workers: int = DEFAULT_HTTP_WORKERS
     keep_created_keys: bool = False
     stop_timeout: float = 10.0
     path: str = ""
@@ -399,6 +407,14 @@ def _entry_count(value: object, _: _Context) -> int:
     raise _Invalid(problem or NOT_AN_ENTRY_COUNT, _show(value) if number else _kind(value))
 
 
+def _worker_count(value: object, _: _Context) -> int:
+    problem = worker_count_problem(value)
+    if problem is None and isinstance(value, int):
+        return value
+    number = isinstance(value, int) and not isinstance(value, bool)
+    raise _Invalid(problem or NOT_A_WORKER_COUNT, _show(value) if number else _kind(value))
+
+
 @dataclass(frozen=True)
 class _Spec:
     parse: Callable[[object, _Context], object]
@@ -426,6 +442,7 @@ _SPECS: Final[Mapping[str, _Spec]] = {
     "askpass": _Spec(_path, None, env="KEYAGENT_ASKPASS"),
     "confirm_timeout": _Spec(_duration, 30.0),
     "audit_entries": _Spec(_entry_count, 10_000),
+    "http_workers": _Spec(_worker_count, DEFAULT_HTTP_WORKERS),
     "keep_created_keys": _Spec(_boolean, False),
     "stop_timeout": _Spec(_duration, 10.0),
 }
@@ -800,6 +817,7 @@ def load(
         askpass=cast("str | None", pick("askpass")),
         confirm_timeout=cast("float", pick("confirm_timeout")),
         audit_entries=cast("int", pick("audit_entries")),
+        http_workers=cast("int", pick("http_workers")),
         keep_created_keys=cast("bool", pick("keep_created_keys")),
         stop_timeout=cast("float", pick("stop_timeout")),
         path=file_path,

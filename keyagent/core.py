@@ -304,8 +304,10 @@ def serve(
             agent, worker_hello(settings, foreground=foreground),
             watch=server.watch, unwatch=server.unwatch, start_call=server.start_call,
             call_at=server.call_at, clock=server.clock, busy=HTTP_BUSY,
+            max_workers=settings["http_workers"],
         )  # fmt: skip
         agent.http_workers = lambda: pool.pids
+        agent.http_workers_max = pool.max_workers
     server.http_busy = HTTP_BUSY
     server.install_signal_handlers()
 

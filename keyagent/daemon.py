@@ -38,6 +38,7 @@ from keyagent._argparse import (
     count_type,
     duration_type,
     entry_count_type,
+    worker_count_type,
 )
 from keyagent.config import ConfigError
 from keyagent.config import load as load_config
@@ -149,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="audit log entries kept in memory for keyagent-ctl log (default 10000; 0: none,"
         " entries are still written to the agent's log)",
+    )
+    parser.add_argument(
+        "--http-workers",
+        type=worker_count_type,
+        default=None,
+        metavar="N",
+        help="most worker processes serving the HTTP socket at once, 1 to 32 (default: two"
+        " per core, 2 to 8); each takes about 24 MiB",
     )
     conduce = parser.add_argument_group("Conduce service")
     conduce.add_argument(
@@ -411,7 +420,7 @@ def configure_logging(*, debug: bool) -> None:
 CONFIGURED = (
     "lifetime", "ca_bundle", "connect_timeout", "read_timeout", "validate_after",
     "idle_timeout", "line_timeout", "max_connections", "max_keys", "audit_entries",
-    "stop_timeout",
+    "http_workers", "stop_timeout",
 )  # fmt: skip
 FILE_ONLY = ("export", "allow_exe", "askpass", "confirm_timeout", "keep_created_keys")
 """Settings with no flag of their own: from the environment, the file or the default."""

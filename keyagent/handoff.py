@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 
 from keyagent.rules import (
+    DEFAULT_HTTP_WORKERS,
     count_problem,
     duration_problem,
     entry_count_problem,
     exe_list_problem,
     path_problem,
+    worker_count_problem,
 )
 
 TYPE_CHECKING = False
@@ -122,6 +124,7 @@ _SETTING_RULES: Mapping[str, Rule] = {
     "max_connections": count_problem,
     "max_keys": count_problem,
     "audit_entries": entry_count_problem,
+    "http_workers": worker_count_problem,
     "insecure": _boolean,
     "persist": _boolean,
     "no_keyring": _boolean,
@@ -151,6 +154,7 @@ class Settings:
     max_connections: int
     max_keys: int
     audit_entries: int
+    http_workers: int
     insecure: bool
     persist: bool
     no_keyring: bool
@@ -175,6 +179,7 @@ class Settings:
         max_connections: int,
         max_keys: int,
         audit_entries: int = 10_000,
+        http_workers: int = DEFAULT_HTTP_WORKERS,
         insecure: bool,
         persist: bool,
         no_keyring: bool,
@@ -196,6 +201,7 @@ class Settings:
         self.max_connections = max_connections
         self.max_keys = max_keys
         self.audit_entries = audit_entries
+        self.http_workers = http_workers
         self.insecure = insecure
         self.persist = persist
         self.no_keyring = no_keyring

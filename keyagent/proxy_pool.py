@@ -3,15 +3,16 @@ connections, answer their questions on the event loop.
 
 Workers start on demand: the first connection of the HTTP socket starts one, and a new
 connection starts another while every worker is busy and there are fewer than
-:data:`MAX_WORKERS`; each connection goes to the worker with the fewest. An agent never used
-over HTTP starts none. The first worker stays (its warm TLS connections are what makes a
-one-shot tool fast); any other ends once it has had no connection for :data:`WORKER_IDLE`
-seconds, so a burst of connections does not leave the agent large for the rest of the
-session. A worker that dies (or stops reading its control socket, or sends what no worker
-sends) is let go: its connections are closed with it, and the next connection starts a new
-one. Connections wait in the agent until their worker says it is ready; one that fails to
-start makes the HTTP socket answer ``busy`` for a while (:data:`START_BACKOFF`) rather than
-start an interpreter per connection.
+``max_workers`` (the ``http_workers`` setting, by default :data:`MAX_WORKERS`); each
+connection goes to the worker with the fewest. An agent never used over HTTP starts none.
+The first worker stays (its warm TLS connections are what makes a one-shot tool fast); any
+other ends once it has had no connection for :data:`WORKER_IDLE` seconds, so a burst of
+connections does not leave the agent large for the rest of the session. A worker that dies
+(or stops reading its control socket, or sends what no worker sends) is let go: its
+connections are closed with it, and the next connection starts a new one. Connections wait
+in the agent until their worker says it is ready; one that fails to start makes the HTTP
+socket answer ``busy`` for a while (:data:`START_BACKOFF`) rather than start an interpreter
+per connection.
 
 A worker is trusted with the credentials it is lent, nothing more: what it sends is checked
 here, who is on the other end of a connection is what the agent recorded, and which keys the
@@ -35,7 +36,7 @@ from keyagent.effects import log_internal
 from keyagent.errors import Busy, KeyagentError
 from keyagent.log import get_logger
 from keyagent.proxy_worker import GENERATION, MAX_MESSAGE
-from keyagent.rules import MAX_HOST, MAX_USER
+from keyagent.rules import DEFAULT_HTTP_WORKERS, MAX_HOST, MAX_USER
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -53,10 +54,11 @@ __all__ = ["MAX_WORKERS", "ProxyPool"]
 
 log = get_logger("keyagent.proxy")
 
-MAX_WORKERS: Final = max(2, min(8, 2 * (os.cpu_count() or 1)))
-"""Most workers at once: two per core (a worker waits on the network much of the time), at
-least two and at most eight. Each is an interpreter of its own, started only when every
-running worker already has a connection (docs/performance.md measures the choice)."""
+MAX_WORKERS: Final = DEFAULT_HTTP_WORKERS
+"""Most workers at once unless the ``http_workers`` setting says (it becomes the pool's
+``max_workers``): two per core (a worker waits on the network much of the time), at least
+two and at most eight. Each is an interpreter of its own, started only when every running
+worker already has a connection (docs/performance.md measures the choice)."""
 WORKER_IDLE: Final = 60.0
 """Seconds without a connection after which a worker other than the first ends."""
 MFD_NOEXEC_SEAL: Final = 0x0008  # os.MFD_NOEXEC_SEAL from Python 3.12 on

@@ -16,6 +16,7 @@ The serving process imports this module, so it imports nothing beyond ``math`` (
 from __future__ import annotations
 
 import math
+import os
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -140,6 +141,26 @@ def entry_count_problem(value: object) -> str | None:
     keeps no entry in memory (they are still logged and followed), or asks for none."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_AUDIT_ENTRIES:
         return NOT_AN_ENTRY_COUNT
+    return None
+
+
+# --- the HTTP socket's workers ---------------------------------------------------------------
+
+MAX_HTTP_WORKERS: Final = 32
+"""The most HTTP worker processes (``http_workers``) the agent may be told to run at once:
+each is an interpreter of its own, about 24 MiB resident."""
+DEFAULT_HTTP_WORKERS: Final = max(2, min(8, 2 * (os.cpu_count() or 1)))
+"""Most HTTP workers at once unless ``http_workers`` says: two per core (a worker waits on
+the network much of the time), at least two and at most eight (docs/performance.md measures
+the choice)."""
+NOT_A_WORKER_COUNT: Final = f"a whole number from 1 to {MAX_HTTP_WORKERS}"
+
+
+def worker_count_problem(value: object) -> str | None:
+    """What ``value`` must be to bound the HTTP workers (``http_workers``), or None if it is
+    fine: an ``int`` (not a ``bool``) from 1 to :data:`MAX_HTTP_WORKERS`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_HTTP_WORKERS:
+        return NOT_A_WORKER_COUNT
     return None
 
 

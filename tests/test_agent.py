@@ -137,8 +137,8 @@ def test_agent_serves_the_core_ops_in_protocol_order(agent: Agent) -> None:
 # What each core op comes to on a fresh, unlocked agent: its result's keys or its error.
 FRESH_OUTCOMES: dict[str, set[str] | type[KeyagentError]] = {
     "hello": {"protocol", "version", "ops"},
-    "status": {"pid", "socket", "http_socket", "http_workers", "version", "uptime", "locked",
-               "keys", "default_lifetime", "sessions", "pending_deletions"},
+    "status": {"pid", "socket", "http_socket", "http_workers", "http_workers_max", "version",
+               "uptime", "locked", "keys", "default_lifetime", "sessions", "pending_deletions"},
     "add": {"key_id", "fingerprint", "host", "user", "description", "created", "added",
             "expires", "source", "persisted", "exportable", "confirm", "allowed_exes",
             "ephemeral", "rotate_every", "next_rotation"},
@@ -205,6 +205,7 @@ def test_status_fields(agent: Agent, time: FakeTime) -> None:
         "socket": "/run/user/1000/keyagent/socket",
         "http_socket": None,
         "http_workers": [],
+        "http_workers_max": None,
         "version": __version__,
         "uptime": 12.346,
         "locked": False,

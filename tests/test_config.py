@@ -18,6 +18,7 @@ from keyagent import config
 from keyagent.config import Config, ConfigError, Setting, load, render
 from keyagent.duration import parse_duration
 from keyagent.protocol import MAX_LIFETIME
+from keyagent.rules import DEFAULT_HTTP_WORKERS
 
 TEN_YEARS = 315360000
 DURATION_KEYS = frozenset(
@@ -141,6 +142,8 @@ def test_a_default_constructed_config_reports_default_sources() -> None:
         ("max_keys = 500", "max_keys", 500),
         ("audit_entries = 0", "audit_entries", 0),
         ("audit_entries = 1000000", "audit_entries", 1_000_000),
+        ("http_workers = 1", "http_workers", 1),
+        ("http_workers = 32", "http_workers", 32),
     ],
 )
 def test_each_setting_from_the_file(write: Writer, line: str, name: str, expected: object) -> None:
@@ -175,6 +178,7 @@ def test_a_full_file_sets_everything_with_each_line(write: Writer) -> None:
         "audit_entries = 8\n"
         "keep_created_keys = true\n"
         'stop_timeout = "4s"\n'
+        "http_workers = 3\n"
     )
     result = load(str(path), env={})
     sources = result.sources()
@@ -200,9 +204,11 @@ def test_a_full_file_sets_everything_with_each_line(write: Writer) -> None:
         "audit_entries": 18,
         "keep_created_keys": 19,
         "stop_timeout": 20,
+        "http_workers": 21,
     }
     assert result.keep_created_keys is True
     assert result.stop_timeout == 4.0
+    assert result.http_workers == 3
     assert result.lifetime == 5400.0
     assert result.ca_bundle == str(path.parent / "ca.pem")
     assert (result.connect_timeout, result.max_connections) == (1.0, 6)
@@ -593,6 +599,15 @@ def test_an_ambiguous_or_zero_duration_says_what_was_meant(
             "'audit_entries' must be a whole number from 0 to 1000000; got 1000001",
         ),
         ("audit_entries = 1.5", "'audit_entries' must be a whole number from 0 to 1000000; got a"),
+        ("http_workers = 0", "'http_workers' must be a whole number from 1 to 32; got 0"),
+        ("http_workers = -2", "'http_workers' must be a whole number from 1 to 32; got -2"),
+        ("http_workers = 33", "'http_workers' must be a whole number from 1 to 32; got 33"),
+        ("http_workers = 2.0", "'http_workers' must be a whole number from 1 to 32; got a float"),
+        (
+            "http_workers = true",
+            "'http_workers' must be a whole number from 1 to 32; got a boolean",
+        ),
+        ('http_workers = "4"', "'http_workers' must be a whole number from 1 to 32; got a string"),
     ],
 )
 def test_out_of_range(write: Writer, line: str, message: str) -> None:
@@ -849,6 +864,7 @@ def test_render_lists_every_setting_aligned_with_its_source() -> None:
         "askpass            (not set)            default\n"
         "confirm_timeout    30s                  default\n"
         "audit_entries      10000                default\n"
+        f"http_workers       {DEFAULT_HTTP_WORKERS:<21}default\n"
         "keep_created_keys  false                default\n"
         "stop_timeout       10s                  default\n"
     )

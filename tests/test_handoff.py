@@ -70,8 +70,9 @@ def document(value: Handoff) -> dict[str, object]:
         handoff(bound=None, notify=None, announce_fd=None, announce=b"", ready_fd=None),
         handoff(settings=settings(lifetime=None, ca_bundle=None, ca_certificates=None)),
         handoff(private_dir="/tmp/keyagent-x1y2", socket_path="(inherited socket)"),
+        handoff(settings=settings(http_workers=1)),
     ],
-    ids=["background", "foreground-under-systemd", "defaults", "private-dir"],
+    ids=["background", "foreground-under-systemd", "defaults", "private-dir", "one-worker"],
 )
 def test_what_the_daemon_writes_the_serving_process_reads_back(value: Handoff) -> None:
     """to_json then from_json gives back an equal hand-off, field for field and typed
@@ -114,6 +115,10 @@ def test_a_field_of_the_wrong_kind_is_refused_by_name(
         ("read_timeout", "30", "'read_timeout' must be a number of seconds"),
         ("ca_bundle", "", "'ca_bundle' must be a path (the path is empty)"),
         ("no_keyring", None, "'no_keyring' must be true or false"),
+        ("http_workers", 0, "'http_workers' must be a whole number from 1 to 32"),
+        ("http_workers", 33, "'http_workers' must be a whole number from 1 to 32"),
+        ("http_workers", True, "'http_workers' must be a whole number from 1 to 32"),
+        ("http_workers", 2.5, "'http_workers' must be a whole number from 1 to 32"),
     ],
 )
 def test_settings_follow_the_rules_of_the_configuration(
@@ -155,11 +160,8 @@ def test_settings_repr_leaves_out_the_ca_text() -> None:
     assert "ca_certificates='...'" in text
 
 
-def test_serving_process_reports_an_unusable_hand_off_in_one_line() -> None:
-    """The serving process given a hand-off without a listener exits 1 with one line
-    naming the problem, not a traceback."""
-    data = document(handoff())
-    del data["listener_fd"]
+def serve(data: dict[str, object]) -> subprocess.CompletedProcess[str]:
+    """The serving process run on the hand-off ``data``, as the daemon runs it."""
     read_end, write_end = os.pipe()
     os.write(write_end, json.dumps(data).encode())
     os.close(write_end)
@@ -170,10 +172,31 @@ def test_serving_process_reports_an_unusable_hand_off_in_one_line() -> None:
         )  # fmt: skip
     finally:
         os.close(read_end)
+    return result
+
+
+def test_serving_process_reports_an_unusable_hand_off_in_one_line() -> None:
+    """The serving process given a hand-off without a listener exits 1 with one line
+    naming the problem, not a traceback."""
+    data = document(handoff())
+    del data["listener_fd"]
+    result = serve(data)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("keyagent: the hand-off from the daemon is unusable:")
     assert "listener_fd" in result.stderr
+
+
+def test_serving_process_refuses_a_worker_count_out_of_range() -> None:
+    """A hand-off asking for 0 HTTP workers stops the serving process before it serves,
+    naming the setting and its range (the daemon is not trusted to have checked)."""
+    data = document(handoff())
+    data["settings"] = {**settings().as_dict(), "http_workers": 0}
+    result = serve(data)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("keyagent: the hand-off from the daemon is unusable:")
+    assert "'http_workers' must be a whole number from 1 to 32" in result.stderr
 
 
 def test_every_setting_the_daemon_resolves_crosses_the_handoff() -> None:

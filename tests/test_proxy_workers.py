@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -179,9 +180,12 @@ def test_status_names_the_workers(
     conduce_agent: AgentProcess, emulator: Emulator, connections: list[KeepAlive]
 ) -> None:
     """status (and --json) lists the HTTP workers' pids: none before the first proxied call,
-    then the one serving it."""
+    then the one serving it; and the most it may run, by default the automatic figure."""
     with conduce_agent.client() as client:
-        assert client.status()["http_workers"] == []
+        status = client.status()
+    assert (status["http_workers"], status["http_workers_max"]) == ([], MAX_WORKERS)
+    result = run_ctl(conduce_agent.socket_path, "status")
+    assert f"HTTP workers: none running, at most {MAX_WORKERS}\n" in result.out
     conn = KeepAlive(http_path(conduce_agent), emulator.host)
     connections.append(conn)
     assert conn.get() == b"HTTP/1.1 200 OK"
@@ -190,7 +194,7 @@ def test_status_names_the_workers(
         assert client.status()["http_workers"] == [worker]
     result = run_ctl(conduce_agent.socket_path, "status")
     assert result.code == 0, result.err
-    assert f"HTTP workers: 1 (pid {worker})" in result.out
+    assert f"HTTP workers: 1 of at most {MAX_WORKERS} (pid {worker})" in result.out
 
 
 def test_busy_workers_make_more_up_to_the_limit(
@@ -205,6 +209,88 @@ def test_busy_workers_make_more_up_to_the_limit(
     assert len(workers_of(conduce_agent.pid)) == MAX_WORKERS
     for conn in connections:
         assert conn.get() == b"HTTP/1.1 200 OK"
+
+
+def test_one_http_worker_serves_every_connection(
+    agent_factory: AgentFactory, emulator: Emulator, secret: str, connections: list[KeepAlive]
+) -> None:
+    """--http-workers 1: connections open at once, and requests in flight at once, are all
+    served by the one worker; no other is ever started, and status says one of at most one."""
+    agent = agent_factory(
+        "--ca-bundle", emulator.ca_path, "--read-timeout", "5", "--http-workers", "1"
+    )  # fmt: skip
+    added = run_ctl(
+        agent.socket_path, "--host", emulator.host, "--user", USER, "add", stdin=secret + "\n"
+    )
+    assert added.code == 0, added.err
+    for _ in range(4):  # with the default, each of these would start a worker of its own
+        conn = KeepAlive(http_path(agent), emulator.host)
+        connections.append(conn)
+        assert conn.get() == b"HTTP/1.1 200 OK"
+    (worker,) = workers_of(agent.pid)
+    with ThreadPoolExecutor(max_workers=len(connections)) as pool:
+        answers = list(pool.map(lambda conn: conn.get(), connections))
+    assert answers == [b"HTTP/1.1 200 OK"] * len(connections)
+    assert workers_of(agent.pid) == [worker]
+    with agent.client() as client:
+        status = client.status()
+    assert (status["http_workers"], status["http_workers_max"]) == ([worker], 1)
+    shown = run_ctl(agent.socket_path, "status")
+    assert shown.code == 0, shown.err
+    assert f"HTTP workers: 1 of at most 1 (pid {worker})\n" in shown.out
+    as_json = run_ctl(agent.socket_path, "status", "--json")
+    assert as_json.code == 0, as_json.err
+    assert json.loads(as_json.out)["http_workers_max"] == 1
+
+
+def test_http_workers_from_the_configuration_file(
+    agent_factory: AgentFactory, tmp_path: Path
+) -> None:
+    """http_workers in config.toml sets the most workers; the flag beats it."""
+    config = tmp_path / "config.toml"
+    config.write_text("http_workers = 3\n")
+    config.chmod(0o600)
+    from_file = agent_factory("--config", str(config), name="file")
+    with from_file.client() as client:
+        assert client.status()["http_workers_max"] == 3
+    shown = run_ctl(from_file.socket_path, "status")
+    assert "HTTP workers: none running, at most 3\n" in shown.out
+    from_flag = agent_factory("--config", str(config), "--http-workers", "5", name="flag")
+    with from_flag.client() as client:
+        assert client.status()["http_workers_max"] == 5
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "33", "2.5", "two"])
+def test_a_bad_http_workers_flag_is_a_usage_error(value: str) -> None:
+    """keyagent --http-workers outside 1..32, or not a whole number, exits 64 naming the rule."""
+    result = subprocess.run(
+        [sys.executable, "-m", "keyagent.daemon", "-D", "--http-workers", value],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 64
+    assert f"'{value}' is not a whole number from 1 to 32" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("line", "got"), [("0", "0"), ("33", "33"), ("true", "a boolean"), ('"4"', "a string")]
+)
+def test_a_bad_http_workers_setting_stops_the_daemon(tmp_path: Path, line: str, got: str) -> None:
+    """http_workers = 0 (or too many, or not a whole number) in config.toml: keyagent exits
+    78 naming the file, the line and the rule, and serves nothing."""
+    config = tmp_path / "config.toml"
+    config.write_text(f"http_workers = {line}\n")
+    config.chmod(0o600)
+    result = subprocess.run(
+        [sys.executable, "-m", "keyagent.daemon", "-D", "--config", str(config),
+         "-a", str(tmp_path / "agent.sock")],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 78
+    assert (
+        f"{config}:1: 'http_workers' must be a whole number from 1 to 32; got {got}"
+        in result.stderr
+    )
+    assert not (tmp_path / "agent.sock").exists()
 
 
 def test_a_killed_worker_is_replaced(

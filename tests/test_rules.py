@@ -118,6 +118,41 @@ def test_a_count_gets_one_verdict_in_the_file_and_on_the_command_line(count: int
         assert daemon_takes("--max-keys", str(count)) == verdict
 
 
+@given(st.integers(min_value=-3, max_value=40) | st.booleans() | st.sampled_from([2.0, "4", None]))
+def test_a_worker_count_gets_one_verdict_in_the_file_and_on_the_command_line(
+    count: object,
+) -> None:
+    """http_workers is a whole number from 1 to 32 (no bool, float or text) wherever it is
+    set: the rule, the configuration file and keyagent --http-workers agree."""
+    from keyagent._argparse import worker_count_type
+
+    verdict = rules.worker_count_problem(count) is None
+    exact = isinstance(count, int) and not isinstance(count, bool)
+    assert verdict == (exact and 1 <= count <= rules.MAX_HTTP_WORKERS)  # type: ignore[operator]
+    if count is not None:
+        assert config_takes("http_workers", count) == verdict
+    if exact:
+        assert daemon_takes("--http-workers", str(count)) == verdict
+        try:
+            worker_count_type(str(count))
+        except Exception:  # noqa: BLE001  # argparse.ArgumentTypeError, by the contract of type=
+            taken = False
+        else:
+            taken = True
+        assert taken == verdict
+
+
+def test_the_default_worker_count_follows_the_cores() -> None:
+    """Unset, http_workers is two per core, at least two and at most eight: the pool's
+    MAX_WORKERS, within the range the rule allows."""
+    from keyagent.proxy_pool import MAX_WORKERS
+
+    cores = os.cpu_count() or 1
+    assert rules.DEFAULT_HTTP_WORKERS == max(2, min(8, 2 * cores)) == MAX_WORKERS
+    assert rules.worker_count_problem(rules.DEFAULT_HTTP_WORKERS) is None
+    assert load(env=NO_FILE).http_workers == MAX_WORKERS
+
+
 USERS = st.text(max_size=330) | st.sampled_from(
     ["a" * 320, "a" * 321, "me@example.com", "me @example.com", "me\u200b@x", "", "\u00a0"]
 )

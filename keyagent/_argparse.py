@@ -58,36 +58,28 @@ def duration_type(
 def count_type(text: str) -> int:
     """An argparse ``type=`` for limits such as ``--max-connections`` (a whole number of at
     least 1, :func:`keyagent.rules.count_problem`)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if count_problem(value) is not None:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a positive whole number")
-    return value
+    return _whole_number(text, count_problem, "a positive whole number")
 
 
 def entry_count_type(text: str) -> int:
     """An argparse ``type=`` for counts of audit entries (``--audit-entries``, ``log -n``): a
     whole number from 0 up, :func:`keyagent.rules.entry_count_problem`."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if entry_count_problem(value) is not None:
-        raise argparse.ArgumentTypeError(f"'{text}' is not {NOT_AN_ENTRY_COUNT}")
-    return value
+    return _whole_number(text, entry_count_problem, NOT_AN_ENTRY_COUNT)
 
 
 def worker_count_type(text: str) -> int:
     """An argparse ``type=`` for ``--http-workers``: a whole number from 1 to 32,
     :func:`keyagent.rules.worker_count_problem`."""
+    return _whole_number(text, worker_count_problem, NOT_A_WORKER_COUNT)
+
+
+def _whole_number(text: str, problem: Callable[[object], str | None], what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if worker_count_problem(value) is not None:
-        raise argparse.ArgumentTypeError(f"'{text}' is not {NOT_A_WORKER_COUNT}")
+        raise argparse.ArgumentTypeError(f"'{text}' is not {what}") from None
+    if problem(value) is not None:
+        raise argparse.ArgumentTypeError(f"'{text}' is not {what}")
     return value
 
 

@@ -392,27 +392,25 @@ def _boolean(value: object, _: _Context) -> bool:
 
 
 def _positive_int(value: object, _: _Context) -> int:
-    problem = count_problem(value)
-    if problem is None and isinstance(value, int):
-        return value
-    number = isinstance(value, int) and not isinstance(value, bool)
-    raise _Invalid(problem or NOT_A_COUNT, _show(value) if number else _kind(value))
+    return _whole_number(value, count_problem, NOT_A_COUNT)
 
 
 def _entry_count(value: object, _: _Context) -> int:
-    problem = entry_count_problem(value)
-    if problem is None and isinstance(value, int):
-        return value
-    number = isinstance(value, int) and not isinstance(value, bool)
-    raise _Invalid(problem or NOT_AN_ENTRY_COUNT, _show(value) if number else _kind(value))
+    return _whole_number(value, entry_count_problem, NOT_AN_ENTRY_COUNT)
 
 
 def _worker_count(value: object, _: _Context) -> int:
-    problem = worker_count_problem(value)
-    if problem is None and isinstance(value, int):
+    return _whole_number(value, worker_count_problem, NOT_A_WORKER_COUNT)
+
+
+def _whole_number(value: object, problem: Callable[[object], str | None], what: str) -> int:
+    """``value`` if ``problem`` finds none; else _Invalid showing a number, or the kind of
+    anything else (a boolean is not a number here, though Python counts it as one)."""
+    found = problem(value)
+    if found is None and isinstance(value, int):
         return value
     number = isinstance(value, int) and not isinstance(value, bool)
-    raise _Invalid(problem or NOT_A_WORKER_COUNT, _show(value) if number else _kind(value))
+    raise _Invalid(found or what, _show(value) if number else _kind(value))
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,10 @@ same repetition:
   blob run, against the same agent idle.
 
 The emulator runs as its own process (``python -m keyagent.testing serve``, from this tree),
-so it does not share the benchmark's interpreter. An agent without an HTTP socket (before
-issue 12) skips these rows with a message; nothing here asserts.
+so it does not share the benchmark's interpreter. ``bench/run.py --emulator-nice N`` runs it
+at lower CPU priority: it stands in for a service on other machines, whose CPU use the
+``get`` row would otherwise count against the agent (docs/performance.md). An agent without
+an HTTP socket (before issue 12) skips these rows with a message; nothing here asserts.
 """
 
 from __future__ import annotations
@@ -226,6 +228,14 @@ def _p99(loadgen: str, sock: str, samples: int) -> float:
         [loadgen, "lat", "ka", sock, str(samples)], capture_output=True, text=True, check=True
     ).stdout
     return float(dict(re.findall(r"(\w+)=([\d.]+)", output))["p99"]) / 1000
+
+
+def lower_priority(pid: int, steps: int) -> None:
+    """Lower the CPU priority of process ``pid`` and each of its threads by ``steps`` (nice
+    is per thread on Linux; threads it starts later inherit their starter's)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        thread = int(task)
+        os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + steps)
 
 
 def write_key_files(workdir: Path, key: str) -> tuple[Path, Path]:

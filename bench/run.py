@@ -209,6 +209,14 @@ def main() -> int:
     parser.add_argument(
         "--http-only", action="store_true", help="only the HTTP-socket table (no ssh-agent)"
     )
+    parser.add_argument(
+        "--emulator-nice",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the Conduce emulator N steps below normal CPU priority (the service it "
+        "stands in for runs on other machines; see docs/performance.md)",
+    )
     args = parser.parse_args()
     tools = ["cc", "curl"]
     if not args.http_only:
@@ -385,6 +393,8 @@ def measure_http_socket(
     secs = 1.0 if args.quick else 2.0
     samples = 2000 if args.quick else 10000
     with http_socket.emulator() as (emu, key):
+        if args.emulator_nice:
+            http_socket.lower_priority(emu.pid, args.emulator_nice)
         key_file, header_file = http_socket.write_key_files(workdir, key)
         for rep in range(args.reps):
             print(f"HTTP socket, repetition {rep + 1}/{args.reps}", file=sys.stderr)
@@ -514,6 +524,7 @@ def markdown(
     args: argparse.Namespace,
 ) -> str:
     flags = (" --quick" if args.quick else "") + (" --http-only" if args.http_only else "")
+    flags += f" --emulator-nice {args.emulator_nice}" if args.emulator_nice else ""
     ssh_tables = [] if args.http_only else [*table_lines(rows), "", *list_lines(list_ms), ""]
     return "\n".join(
         [

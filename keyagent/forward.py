@@ -1,27 +1,28 @@
-"""Upstream calls for the HTTP socket: warm TLS connections per host, framed by h11.
+"""Upstream calls for the HTTP socket: warm TLS connections per host.
 
-This module owns the proxy's side of the service, as :mod:`keyagent.httpwire` owns the
-tools' side: TLS connections made with the agent's :class:`~keyagent.tls.HttpSettings` (the
-CA bundle read once at start, ``--insecure`` only when asked), and h11 as the HTTP/1.1
-client on each. Bodies stream both ways: a request body is an iterator of chunks read from
-the tool as they are sent, and an answer is read a chunk at a time as the tool takes it, so
-a 100 MiB transfer holds one chunk in memory, not 100 MiB. No redirect is followed and
-nothing the service answered is retried: the tool sees exactly what the service answered.
+This module owns the proxy's connections to the service: TLS connections made with the
+agent's :class:`~keyagent.tls.HttpSettings` (the CA bundle read once at start,
+``--insecure`` only when asked), kept in a pool per host, each framed by
+:class:`keyagent.httpwire.ServiceConnection` (h11 as the client), and the errors a tool
+gets when the service fails. Bodies stream both ways: a request body is an iterator of
+chunks read from the tool as they are sent, and an answer is read a chunk at a time as the
+tool takes it, so a 100 MiB transfer holds one chunk in memory, not 100 MiB. No redirect
+is followed and nothing the service answered is retried: the tool sees exactly what the
+service answered.
 
 The one retry: a pooled connection the service closed while it sat idle fails before a
 byte of the answer arrives. An idempotent request whose body is in hand (GET, HEAD, PUT,
 DELETE) is then sent once more on a new connection, as browsers do; any other gets
 ``remote_unreachable``.
 
-h11 rather than urllib3, which an earlier version used: the bytes a request puts on the wire
-are exactly the target :func:`keyagent.proxy.route` checked (urllib3 normalised it first),
-and a proxied request costs about a quarter less CPU without http.client's and the email
-package's header parsing (docs/performance.md).
+h11 (through :mod:`keyagent.httpwire`) rather than urllib3, which an earlier version used:
+the bytes a request puts on the wire are exactly the target :func:`keyagent.proxy.route`
+checked (urllib3 normalised it first), and a proxied request costs about a quarter less
+CPU without http.client's and the email package's header parsing (docs/performance.md).
 """
 
 from __future__ import annotations
 
-import select
 import socket
 import ssl
 import threading
@@ -29,18 +30,15 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Final
 
-import h11
-
 from keyagent.errors import RemoteError, RemoteUnreachable, Timeout, TLSError
+from keyagent.httpwire import BadAnswer, RequestHead, ServiceConnection
 from keyagent.log import get_logger
 from keyagent.tls import HttpSettings, is_certificate_failure
 
-__all__ = ["CHUNK", "Answer", "Upstream", "split_host"]
+__all__ = ["Answer", "Upstream", "split_host"]
 
 log = get_logger("keyagent.forward")
 
-CHUNK: Final = 64 * 1024
-"""Bytes moved at a time, each way."""
 POOL_SIZE: Final = 64
 """Idle connections kept per host; more may be open at once, the surplus is closed."""
 POOL_IDLE: Final = 50.0
@@ -49,8 +47,6 @@ firewall may have dropped it without a word, and a request on it would wait out 
 timeout."""
 POOL_HOSTS: Final = 16
 """Hosts whose idle connections are kept; the one used longest ago is let go first."""
-MAX_ANSWER_HEAD: Final = 64 * 1024
-"""Largest status line and headers accepted from the service (http.client's limit)."""
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "PUT", "DELETE"})
 """Methods sent again when a pooled connection turns out closed (RFC 9110, 9.2.2)."""
 
@@ -70,58 +66,16 @@ class _Stale(Exception):
 
 
 class _Connection:
-    """One TLS connection to a host, with h11's client state; one request at a time."""
+    """One TLS connection to a host, as pooled: its HTTP framing and its history."""
 
-    __slots__ = ("h11", "heard", "host", "idle_since", "pooled", "sock")
+    __slots__ = ("host", "idle_since", "pooled", "wire")
 
     def __init__(self, host: str, sock: ssl.SSLSocket) -> None:
         self.host = host
-        self.sock = sock
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ANSWER_HEAD)
+        self.wire = ServiceConnection(sock)
         self.pooled = False
         """Whether it served a request before: if it fails at once, it may just be stale."""
-        self.heard = False
-        """Whether any byte of the current answer has come."""
         self.idle_since = 0.0
-
-    def send(self, event: h11.Event) -> None:
-        data = self.h11.send(event)
-        if data:
-            self.sock.sendall(data)
-
-    def next_event(self) -> h11.Event | type[h11.PAUSED]:
-        """The next event of the answer, reading as needed (h11's errors and the socket's
-        are the caller's to map)."""
-        while True:
-            event = self.h11.next_event()
-            if event is not h11.NEED_DATA:
-                return event  # type: ignore[return-value]
-            data = self.sock.recv(CHUNK)
-            self.heard = self.heard or bool(data)
-            self.h11.receive_data(data)
-
-    def reusable(self) -> bool:
-        """Whether another request may follow: the answer ended where its framing said, the
-        service keeps the connection open, and nothing came past the answer's end (a next
-        request would take such bytes for its own answer)."""
-        state = self.h11
-        return (
-            state.our_state is h11.DONE
-            and state.their_state is h11.DONE
-            and not state.trailing_data[0]
-            and not self.sock.pending()
-        )
-
-    def dropped(self) -> bool:
-        """Whether the service closed it (or sent something unasked) while it sat idle."""
-        if self.sock.pending():
-            return True
-        poller = select.poll()
-        poller.register(self.sock, select.POLLIN)
-        return bool(poller.poll(0))
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 class Answer:
@@ -129,44 +83,36 @@ class Answer:
 
     __slots__ = ("_conn", "_upstream", "headers", "status")
 
-    def __init__(self, upstream: Upstream, conn: _Connection, response: h11.Response) -> None:
+    def __init__(
+        self, upstream: Upstream, conn: _Connection, status: int, headers: list[tuple[str, str]]
+    ) -> None:
         self._upstream = upstream
         self._conn = conn
-        self.status: int = response.status_code
-        self.headers: list[tuple[str, str]] = [
-            (name.decode("latin-1"), value.decode("latin-1"))
-            for name, value in response.headers.raw_items()
-        ]
+        self.status = status
+        self.headers = headers
 
     def body(self, host: str) -> Iterator[bytes]:
         """The body, a chunk at a time, undecoded (Content-Encoding passes through)."""
-        while True:
-            try:
-                event = self._conn.next_event()
-            except TimeoutError:
-                raise Timeout(f"{host} stopped sending its answer; retry later") from None
-            except (OSError, h11.RemoteProtocolError) as error:
-                log.warning("reading the answer of %s failed: %s", host, type(error).__name__)
-                raise RemoteUnreachable(
-                    f"{host} dropped the connection mid-answer; retry later"
-                ) from None
-            if isinstance(event, h11.Data):
-                yield bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                return
-            else:  # h11 ends an answer with EndOfMessage or an error, never anything else
-                raise RemoteUnreachable(f"{host} dropped the connection mid-answer; retry later")
+        try:
+            yield from self._conn.wire.read_body()
+        except TimeoutError:
+            raise Timeout(f"{host} stopped sending its answer; retry later") from None
+        except (OSError, BadAnswer) as error:
+            log.warning("reading the answer of %s failed: %s", host, type(error).__name__)
+            raise RemoteUnreachable(
+                f"{host} dropped the connection mid-answer; retry later"
+            ) from None
 
     def finish(self, complete: bool) -> None:
         """Give the connection back to the pool if the body was read to its end and the
         service keeps it open; else close it (an unread rest must never reach the next
         request on that connection)."""
         conn = self._conn
-        if complete and conn.reusable():
-            conn.h11.start_next_cycle()
+        if complete and conn.wire.reusable():
+            conn.wire.next_cycle()
             self._upstream.give_back(conn)
         else:
-            conn.close()
+            conn.wire.close()
 
 
 class Upstream:
@@ -229,16 +175,13 @@ class Upstream:
     @staticmethod
     def _request(
         method: str, host: str, target: str, headers: list[tuple[str, str]], chunked: bool
-    ) -> h11.Request:
-        encoded = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
-        if chunked:
-            encoded.append((b"Transfer-Encoding", b"chunked"))
+    ) -> RequestHead:
         try:
-            return h11.Request(method=method, target=target, headers=encoded)
-        except h11.LocalProtocolError:
+            return RequestHead.make(method, target, headers, chunked=chunked)
+        except ValueError:
             # The tool's method, target and headers passed the same checks on the way in
             # (keyagent.httpwire): what fails is the agent's own value, a session cookie
-            # the service set. h11's message quotes the value: never passed on.
+            # the service set.
             log.warning("a proxied %s to %s: the credential is not a valid header", method, host)
             raise RemoteError(
                 f"the session held for {host} cannot be sent in an HTTP header; "
@@ -246,57 +189,46 @@ class Upstream:
             ) from None
 
     def _exchange(
-        self, conn: _Connection, request: h11.Request, body: bytes | Iterable[bytes]
+        self, conn: _Connection, request: RequestHead, body: bytes | Iterable[bytes]
     ) -> Answer:
         """Send ``request`` and its body on ``conn``; read the answer's head. Whatever fails
         closes ``conn``: it may be mid-request."""
-        host = conn.host
-        conn.heard = False
+        host, wire = conn.host, conn.wire
         try:
             try:
-                conn.send(request)
+                wire.send_head(request)
                 if isinstance(body, bytes):
-                    if body:
-                        conn.send(h11.Data(data=body))
+                    wire.send_body(body)
                 else:
                     for chunk in body:  # the tool's failures (ClientGone...) pass through
-                        if chunk:
-                            conn.send(h11.Data(data=chunk))
-                conn.send(h11.EndOfMessage())
-                while True:
-                    event = conn.next_event()
-                    if isinstance(event, h11.Response):
-                        return Answer(self, conn, event)
-                    if isinstance(event, h11.ConnectionClosed):
-                        raise ConnectionResetError  # closed before a whole answer head
-                    if not isinstance(event, h11.InformationalResponse):  # 1xx: wait on
-                        raise RemoteError(
-                            f"{host} sent something other than an answer; retry later"
-                        )
+                        wire.send_body(chunk)
+                wire.end_request()
+                status, headers = wire.read_head()
+                return Answer(self, conn, status, headers)
             except TimeoutError:
                 raise Timeout(
                     f"{host} did not answer within {self.settings.read_timeout:g}s; retry later"
                 ) from None
-            except h11.RemoteProtocolError as error:
-                if not conn.heard:  # h11 saw the connection end before a byte of answer
+            except BadAnswer as error:
+                if not wire.heard:  # the connection ended before a byte of answer
                     if conn.pooled:
                         raise _Stale() from None
                     raise RemoteUnreachable(
                         f"{host} closed the connection without answering; retry later"
                     ) from None
-                log.warning("proxied call to %s: not HTTP/1.1: %s", host, error)
+                log.warning("proxied call to %s: %s", host, error)
                 raise RemoteError(
                     f"{host} sent an answer that is not HTTP/1.1; check the host"
                 ) from None
             except OSError as error:
-                if conn.pooled and not conn.heard:
+                if conn.pooled and not wire.heard:
                     raise _Stale() from None
                 log.warning("proxied call to %s failed: %s", host, type(error).__name__)
                 raise RemoteUnreachable(
                     f"{host} could not be reached or dropped the connection; retry later"
                 ) from None
         except BaseException:
-            conn.close()
+            wire.close()
             raise
 
     def _pooled(self, host: str) -> _Connection | None:
@@ -306,9 +238,9 @@ class Upstream:
             idle = self._idle.get(host)
             while idle:
                 conn = idle.pop()
-                if conn.idle_since >= oldest and not conn.dropped():
+                if conn.idle_since >= oldest and not conn.wire.dropped():
                     return conn
-                conn.close()
+                conn.wire.close()
         return None
 
     def give_back(self, conn: _Connection) -> None:
@@ -322,12 +254,12 @@ class Upstream:
                 if len(self._idle) >= POOL_HOSTS:
                     oldest = next(iter(self._idle))
                     for stale in self._idle.pop(oldest):
-                        stale.close()
+                        stale.wire.close()
             self._idle[conn.host] = idle  # now the host used last
             if len(idle) < POOL_SIZE:
                 idle.append(conn)
                 return
-        conn.close()
+        conn.wire.close()
 
     def _connect(self, host: str) -> _Connection:
         """A new TLS connection to ``host``, verified as the settings say."""
@@ -377,4 +309,4 @@ class Upstream:
             pools, self._idle = self._idle, {}
         for idle in pools.values():
             for conn in idle:
-                conn.close()
+                conn.wire.close()

@@ -1,8 +1,11 @@
-"""HTTP/1.1 on one connection of the HTTP socket, framed by h11 over a blocking socket.
+"""HTTP/1.1 on the HTTP socket's connections, framed by h11 over blocking sockets.
 
-This module owns h11, as :mod:`keyagent.protocol` owns the JSON-lines format: it turns bytes
-from a tool into request heads and body chunks, and responses into bytes, and knows nothing
-of Conduce or credentials (that is :mod:`keyagent.proxy`). h11 does the parsing, which is
+This module owns h11, as :mod:`keyagent.protocol` owns the JSON-lines format. On a tool's
+connection (:class:`HttpConnection`, h11 as the server) it turns bytes into request heads
+and body chunks, and responses into bytes; on a connection to the service
+(:class:`ServiceConnection`, h11 as the client, over the TLS socket
+:mod:`keyagent.forward` made) the reverse. It knows nothing of Conduce or credentials (that
+is :mod:`keyagent.proxy`). h11 does the parsing, which is
 where hand-written HTTP goes wrong (request smuggling through conflicting lengths, header
 folding, oversized heads); this module adds the deadlines a slow or idle tool is cut by:
 
@@ -17,7 +20,9 @@ Each connection is served by a thread of its own (in an HTTP worker process, see
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
+import ssl
 import time
 from collections.abc import Iterable, Iterator
 from http import HTTPStatus
@@ -25,11 +30,17 @@ from typing import Final
 
 import h11
 
-__all__ = ["ClientGone", "Head", "HttpConnection", "Malformed"]
+__all__ = [
+    "BadAnswer", "ClientGone", "Head", "HttpConnection", "Malformed", "RequestHead",
+    "ServiceConnection",
+]  # fmt: skip
 
 RECV: Final = 64 * 1024
+"""Bytes read at a time, from a tool or from the service."""
 MAX_HEAD: Final = 16 * 1024
 """Largest request head (request line and headers) accepted; larger gets 431."""
+MAX_ANSWER_HEAD: Final = 64 * 1024
+"""Largest status line and headers accepted from the service (http.client's limit)."""
 
 
 def _reason(status: int) -> bytes:
@@ -235,3 +246,133 @@ class HttpConnection:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
         self.sock.close()
+
+
+# --- the service's side ---------------------------------------------------------------------
+
+
+class BadAnswer(Exception):
+    """The service sent something that is not an HTTP/1.1 answer."""
+
+
+class RequestHead:
+    """A request line and headers, checked and ready to send (:meth:`RequestHead.make`)."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, event: h11.Request) -> None:
+        self.event = event
+
+    @classmethod
+    def make(
+        cls, method: str, target: str, headers: Iterable[tuple[str, str]], *, chunked: bool
+    ) -> RequestHead:
+        """The head of a request with these headers (plus Transfer-Encoding if ``chunked``);
+        ValueError if HTTP/1.1 does not allow them. The error's text never holds a value:
+        a header may carry a credential."""
+        encoded = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+        if chunked:
+            encoded.append((b"Transfer-Encoding", b"chunked"))
+        try:
+            return cls(h11.Request(method=method, target=target, headers=encoded))
+        except h11.LocalProtocolError:
+            raise ValueError("not a valid HTTP/1.1 request head") from None
+
+
+class ServiceConnection:
+    """One connection to the service: a request at a time, another after it if
+    :meth:`reusable`. The socket's errors (OSError, TimeoutError) pass through as they are;
+    what the service sends that h11 refuses is :class:`BadAnswer`."""
+
+    __slots__ = ("_h11", "heard", "sock")
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        self.sock = sock
+        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ANSWER_HEAD)
+        self.heard = False
+        """Whether any byte of the current request's answer has come."""
+
+    def send_head(self, head: RequestHead) -> None:
+        self.heard = False
+        self._send(head.event)
+
+    def send_body(self, data: bytes) -> None:
+        if data:
+            self._send(h11.Data(data=data))
+
+    def end_request(self) -> None:
+        self._send(h11.EndOfMessage())
+
+    def read_head(self) -> tuple[int, list[tuple[str, str]]]:
+        """The answer's status and headers (names as sent), after any 1xx; an answer cut
+        before its head ends is ConnectionResetError, as the socket would say."""
+        while True:
+            event = self._next_event()
+            if isinstance(event, h11.Response):
+                headers = [
+                    (name.decode("latin-1"), value.decode("latin-1"))
+                    for name, value in event.headers.raw_items()
+                ]
+                return event.status_code, headers
+            if isinstance(event, h11.ConnectionClosed):
+                raise ConnectionResetError("closed before a whole answer head")
+            if not isinstance(event, h11.InformationalResponse):
+                raise BadAnswer("something other than an answer")
+
+    def read_body(self) -> Iterator[bytes]:
+        """The answer's body, a chunk at a time as it arrives; BadAnswer if it ends before
+        its framing says."""
+        while True:
+            event = self._next_event()
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return
+            else:  # h11 ends a body with EndOfMessage or an error, nothing else
+                raise BadAnswer("the answer ended early")
+
+    def reusable(self) -> bool:
+        """Whether another request may follow: the answer ended where its framing said, the
+        service keeps the connection open, and nothing came past the answer's end (a next
+        request would take such bytes for its own answer)."""
+        state = self._h11
+        return (
+            state.our_state is h11.DONE
+            and state.their_state is h11.DONE
+            and not state.trailing_data[0]
+            and not self.sock.pending()
+        )
+
+    def next_cycle(self) -> None:
+        """Ready for the next request (only when :meth:`reusable`)."""
+        self._h11.start_next_cycle()
+
+    def dropped(self) -> bool:
+        """Whether the service closed it (or sent something unasked) while it sat idle."""
+        if self.sock.pending():
+            return True
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(0))
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _send(self, event: h11.Event) -> None:
+        data = self._h11.send(event)
+        if data:
+            self.sock.sendall(data)
+
+    def _next_event(self) -> object:
+        while True:
+            try:
+                event = self._h11.next_event()
+            except h11.RemoteProtocolError:
+                # h11's text may quote what the service sent: not kept, in case it echoes a
+                # credential.
+                raise BadAnswer("not valid HTTP/1.1") from None
+            if event is not h11.NEED_DATA:
+                return event
+            data = self.sock.recv(RECV)
+            self.heard = self.heard or bool(data)
+            self._h11.receive_data(data)

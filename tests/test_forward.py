@@ -396,3 +396,19 @@ def test_a_worker_loads_neither_requests_nor_urllib3() -> None:
         capture_output=True, text=True, check=True, cwd=ROOT,
     ).stdout  # fmt: skip
     assert output.strip() == "[]"
+
+
+def test_a_credential_http_cannot_carry_is_refused_without_showing_it(
+    emulator: ConduceEmulator,
+) -> None:
+    """A session cookie the service set that is not a valid header value (tools' headers are
+    checked on the way in, so only the agent's own can be) gets remote_error naming the way
+    out, and neither the message nor the request shows the value; nothing is sent."""
+    secret = "s3cr3t-cookie-value"
+    headers = [("Host", emulator.host), ("Cookie", f"session={secret}\r\nX-Injected: 1")]
+    with pytest.raises(RemoteError, match="log in again") as caught:
+        upstream_for(emulator).send(
+            "GET", emulator.host, "/api/v2/data/echo", headers, b"", chunked=False
+        )
+    assert secret not in str(caught.value)
+    assert emulator.requests == []

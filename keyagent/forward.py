@@ -165,12 +165,8 @@ class Upstream:
                         f"{host} closed the connection before answering; retry later"
                     ) from None
                 log.debug("a pooled connection to %s was closed; sending again", host)
-        try:
-            return self._exchange(self._connect(host), request, body)
-        except _Stale:  # a new connection is never stale: _exchange raises that for pooled ones
-            raise RemoteUnreachable(
-                f"{host} closed the connection before answering; retry later"
-            ) from None
+        # A new connection is never stale: _exchange raises _Stale for pooled ones only.
+        return self._exchange(self._connect(host), request, body)
 
     @staticmethod
     def _request(

@@ -383,7 +383,9 @@ class Proxy:
             return self._refuse(http, head, error)
         body: bytes | Iterator[bytes]
         replayable = not head.chunked and (head.content_length or 0) <= REPLAYABLE
-        body = b"".join(http.body()) if replayable else self._streamed(http)
+        # A streamed body is read from the tool as it is sent; a tool that vanishes mid-upload
+        # raises ClientGone, which keyagent.forward lets through: not the service failing.
+        body = b"".join(http.body()) if replayable else http.body()
         if replayable and not self.lender.still_good(grant):
             # The tool took its time sending the body, and the agent was locked (say) in
             # the meantime: what goes out is what the agent lends now. (A streamed body's
@@ -454,12 +456,6 @@ class Proxy:
         if grant is None or not self.lender.still_good(grant):
             grant = lent[asked] = self.lender.authorize(peer, where.host, where.user, where.key_id)
         return grant
-
-    @staticmethod
-    def _streamed(http: HttpConnection) -> Iterator[bytes]:
-        # A tool that vanishes mid-upload must not look like the service failing: ClientGone
-        # is not an OSError, so keyagent.forward lets it through to _exchange.
-        yield from http.body()
 
     @staticmethod
     def _refuse(

@@ -56,9 +56,7 @@ log = get_logger("keyagent.proxy")
 
 MAX_WORKERS: Final = DEFAULT_HTTP_WORKERS
 """Most workers at once unless the ``http_workers`` setting says (it becomes the pool's
-``max_workers``): two per core (a worker waits on the network much of the time), at least
-two and at most eight. Each is an interpreter of its own, started only when every running
-worker already has a connection (docs/performance.md measures the choice)."""
+``max_workers``): :data:`keyagent.rules.DEFAULT_HTTP_WORKERS`, which says why."""
 WORKER_IDLE: Final = 60.0
 """Seconds without a connection after which a worker other than the first ends."""
 MFD_NOEXEC_SEAL: Final = 0x0008  # os.MFD_NOEXEC_SEAL from Python 3.12 on

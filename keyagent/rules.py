@@ -9,8 +9,9 @@ function returns None for a good value, else the reason it is not one; the calle
 where the value came from (an argument name, a file and line, a flag) and its own error
 type. A reason describes the rule, never the value: a value may be a pasted secret.
 
-The serving process imports this module, so it imports nothing beyond ``math`` (no ``re``,
-``typing``, ``dataclasses`` or ``enum``): the rules are plain string and number checks.
+The serving process imports this module, so it imports nothing beyond ``math`` and ``os``
+(no ``re``, ``typing``, ``dataclasses`` or ``enum``): the rules are plain string and number
+checks.
 """
 
 from __future__ import annotations

@@ -1167,6 +1167,10 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the real service and requests' pool do
     server_version = "ConduceEmulator/1"
     sys_version = ""
+    # Writes are buffered and sent when an answer is whole (http.server flushes after each
+    # request), so a small answer leaves in one TLS record as from a real front end, not
+    # a record for its head and another for its body. Streamed pieces are flushed each.
+    wbufsize = 64 * 1024
     server: _Server
     connection: ssl.SSLSocket
 
@@ -1445,6 +1449,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(b"\r\n")
             else:
                 self.wfile.write(piece)
+            self.wfile.flush()
         if reply.length is None:
             self.wfile.write(b"0\r\n\r\n")
 

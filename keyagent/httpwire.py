@@ -209,21 +209,37 @@ class HttpConnection:
         """Send an answer; an iterable body is streamed (chunked unless a Content-Length is
         among ``headers``). An error raised by ``body`` mid-way propagates after the
         connection is marked unusable: the tool sees a cut answer, never a wrong one.
-        ValueError if ``status`` and ``headers`` are not a valid answer (nothing is sent)."""
+        ValueError if ``status`` and ``headers`` are not a valid answer (nothing is sent).
+
+        What is ready leaves in one write: the head with the body's first chunk, and the
+        last chunk with the end, so a small answer costs the tool one read, not two. An
+        empty chunk from ``body`` means its source is about to wait: what is held goes out
+        first, as does anything beyond :data:`RECV` bytes."""
         encoded = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
         try:
             response = h11.Response(status_code=status, headers=encoded, reason=_reason(status))
         except h11.LocalProtocolError as error:
             raise ValueError(f"not a valid HTTP/1.1 answer: {error}") from None
-        self._send(response)
-        if isinstance(body, bytes):
-            if body:
-                self._send(h11.Data(data=body))
-        else:
-            for chunk in body:
-                if chunk:
-                    self._send(h11.Data(data=chunk))
-        self._send(h11.EndOfMessage())
+        held = [self._bytes(response)]
+        try:
+            if isinstance(body, bytes):
+                if body:
+                    held.append(self._bytes(h11.Data(data=body)))
+            else:
+                size = 0
+                for chunk in body:
+                    if chunk:
+                        held.append(self._bytes(h11.Data(data=chunk)))
+                        size += len(chunk)
+                    if held and (not chunk or size >= RECV):
+                        self._write(held)
+                        held, size = [], 0
+            held.append(self._bytes(h11.EndOfMessage()))
+        except BaseException:
+            with contextlib.suppress(ClientGone):
+                self._write(held)  # what was ready still reaches the tool, cut
+            raise
+        self._write(held)
 
     def refuse(self, status: int, headers: Iterable[tuple[str, str]], body: bytes) -> None:
         """Answer a request whose body was not read, and close after it."""
@@ -231,10 +247,16 @@ class HttpConnection:
         self.respond(status, headers, body)
 
     def _send(self, event: h11.Event) -> None:
+        self._write([self._bytes(event)])
+
+    def _bytes(self, event: h11.Event) -> bytes:
         try:
-            data = self._h11.send(event)
+            return self._h11.send(event) or b""
         except h11.LocalProtocolError as error:
             raise ClientGone(f"cannot send: {error}") from None
+
+    def _write(self, pieces: list[bytes]) -> None:
+        data = b"".join(pieces)
         if data:
             self.sock.settimeout(self.io_timeout)
             try:
@@ -284,17 +306,20 @@ class ServiceConnection:
     :meth:`reusable`. The socket's errors (OSError, TimeoutError) pass through as they are;
     what the service sends that h11 refuses is :class:`BadAnswer`."""
 
-    __slots__ = ("_h11", "heard", "sock")
+    __slots__ = ("_h11", "_held", "heard", "sock")
 
     def __init__(self, sock: ssl.SSLSocket) -> None:
         self.sock = sock
         self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ANSWER_HEAD)
+        self._held = b""  # a request head, sent with what follows it
         self.heard = False
         """Whether any byte of the current request's answer has come."""
 
     def send_head(self, head: RequestHead) -> None:
+        """Frame ``head``; it leaves with the body's first chunk or the request's end, so
+        a small request is one TLS record, not two."""
         self.heard = False
-        self._send(head.event)
+        self._held = self._h11.send(head.event) or b""
 
     def send_body(self, data: bytes) -> None:
         if data:
@@ -321,9 +346,13 @@ class ServiceConnection:
 
     def read_body(self) -> Iterator[bytes]:
         """The answer's body, a chunk at a time as it arrives; BadAnswer if it ends before
-        its framing says."""
+        its framing says. An empty chunk comes before each wait for the service: the
+        reader may send on what it holds (:meth:`HttpConnection.respond`)."""
         while True:
-            event = self._next_event()
+            event = self._next_event(wait=False)
+            if event is h11.NEED_DATA:
+                yield b""
+                event = self._next_event()
             if isinstance(event, h11.Data):
                 yield bytes(event.data)
             elif isinstance(event, h11.EndOfMessage):
@@ -359,11 +388,13 @@ class ServiceConnection:
         self.sock.close()
 
     def _send(self, event: h11.Event) -> None:
-        data = self._h11.send(event)
+        data = self._held + (self._h11.send(event) or b"")
+        self._held = b""
         if data:
             self.sock.sendall(data)
 
-    def _next_event(self) -> object:
+    def _next_event(self, *, wait: bool = True) -> object:
+        """The next event; with ``wait`` false, NEED_DATA rather than reading the socket."""
         while True:
             try:
                 event = self._h11.next_event()
@@ -371,7 +402,7 @@ class ServiceConnection:
                 # h11's text may quote what the service sent: not kept, in case it echoes a
                 # credential.
                 raise BadAnswer("not valid HTTP/1.1") from None
-            if event is not h11.NEED_DATA:
+            if event is not h11.NEED_DATA or not wait:
                 return event
             data = self.sock.recv(RECV)
             self.heard = self.heard or bool(data)

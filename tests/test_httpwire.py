@@ -1,0 +1,204 @@
+"""keyagent.httpwire: what leaves in one write. A small answer (or request) that goes out as
+two writes costs the reader two reads and, often, two wake-ups; one that is held while its
+source waits stalls the reader. Each test runs over a SOCK_SEQPACKET pair, which keeps the
+boundaries of writes, so a test can see how the bytes were sent, not only which."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Iterator
+from typing import cast
+
+import h11
+import pytest
+
+from keyagent.httpwire import RECV, HttpConnection, RequestHead, ServiceConnection
+
+REQUEST = b"GET /conduce/api/v1/user/list-teams HTTP/1.1\r\nHost: app.conduce.com\r\n\r\n"
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        theirs.setblocking(False)  # a read that finds nothing fails at once
+        yield ours, theirs
+
+
+def writes(sock: socket.socket) -> list[bytes]:
+    """Each write that has arrived on ``sock``, in order."""
+    received = []
+    while True:
+        try:
+            received.append(sock.recv(1 << 20))
+        except BlockingIOError:
+            return received
+
+
+def connection(sock: socket.socket) -> HttpConnection:
+    return HttpConnection(sock, head_timeout=5, idle_timeout=5, io_timeout=5)
+
+
+def answered(pair: tuple[socket.socket, socket.socket]) -> HttpConnection:
+    """A tool's connection whose request was read: the answer is the test's to send."""
+    ours, tool = pair
+    tool.send(REQUEST)
+    http = connection(ours)
+    head = http.next_request()
+    assert head is not None
+    http.finish_request()
+    return http
+
+
+def parsed(data: bytes) -> list[object]:
+    """The events a client makes of ``data``: the answer must be whole and well framed."""
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+    client.send(h11.EndOfMessage())
+    client.receive_data(data)
+    events: list[object] = []
+    while (event := client.next_event()) is not h11.NEED_DATA:
+        events.append(event)
+        if isinstance(event, h11.EndOfMessage):
+            break
+    return events
+
+
+def test_a_small_answer_leaves_in_one_write(pair: tuple[socket.socket, socket.socket]) -> None:
+    http = answered(pair)
+    http.respond(200, [("Content-Length", "5")], b"teams")
+    (data,) = writes(pair[1])
+    events = parsed(data)
+    assert [type(event) for event in events] == [h11.Response, h11.Data, h11.EndOfMessage]
+    assert cast(h11.Data, events[1]).data == b"teams"
+
+
+def test_a_streamed_answer_that_is_all_there_leaves_in_one_write(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    http = answered(pair)
+    http.respond(200, [("Content-Type", "application/json")], iter([b"[1,", b"2]"]))
+    (data,) = writes(pair[1])
+    assert data.endswith(b"0\r\n\r\n")  # chunked, with its end in the same write
+    assert (
+        b"".join(bytes(event.data) for event in parsed(data) if isinstance(event, h11.Data))
+        == b"[1,2]"
+    )
+
+
+def test_what_is_ready_leaves_before_the_body_waits(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """An empty chunk means the body's source is about to wait (for the service): the head
+    and what came so far must be with the tool by then, or a slow answer stalls it."""
+    http = answered(pair)
+    seen: list[list[bytes]] = []
+
+    def body() -> Iterator[bytes]:
+        yield b""  # the service sent its head alone
+        seen.append(writes(pair[1]))
+        yield b"first"
+        yield b""
+        seen.append(writes(pair[1]))
+        yield b"last"
+
+    http.respond(200, [("Content-Length", "9")], body())
+    seen.append(writes(pair[1]))
+    assert [len(round) for round in seen] == [1, 1, 1]
+    assert seen[0][0].startswith(b"HTTP/1.1 200 ")
+    assert seen[0][0].endswith(b"\r\n\r\n")
+    assert seen[1] == [b"first"]
+    assert seen[2] == [b"last"]
+
+
+def test_a_long_body_is_not_held_past_one_read(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A source that never waits (a fast download) still has its body sent as it goes: less
+    than RECV bytes are held back, whatever the body's length."""
+    http = answered(pair)
+    piece = b"x" * (RECV // 4)
+    held: list[int] = []  # body bytes given to respond but not yet with the tool
+
+    def body() -> Iterator[bytes]:
+        given = arrived = 0
+        for _ in range(20):
+            yield piece
+            given += len(piece)
+            for write in writes(pair[1]):
+                head_end = write.find(b"\r\n\r\n")
+                arrived += len(write) - (head_end + 4 if head_end >= 0 else 0)
+            held.append(given - arrived)
+
+    http.respond(200, [("Content-Length", str(20 * len(piece)))], body())
+    assert max(held) < RECV
+    assert held.count(0) >= 4  # sent every RECV bytes, not once at the end
+
+
+def test_a_cut_body_still_sends_what_was_ready(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    http = answered(pair)
+
+    def body() -> Iterator[bytes]:
+        yield b"part"
+        raise ConnectionResetError("the service dropped it")
+
+    with pytest.raises(ConnectionResetError):
+        http.respond(200, [("Content-Length", "10")], body())
+    (data,) = writes(pair[1])
+    assert data.endswith(b"\r\n\r\npart")  # the head and the part: cut, never wrong
+    assert not http.reusable
+
+
+def service(sock: socket.socket) -> ServiceConnection:
+    # A plain socket stands in for TLS: ServiceConnection only sends and receives on it.
+    return ServiceConnection(cast(ssl.SSLSocket, sock))
+
+
+def test_a_request_leaves_in_one_write_with_its_body(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, server = pair
+    wire = service(ours)
+    head = RequestHead.make("GET", "/api/v2/data/x", [("Host", "h")], chunked=False)
+    wire.send_head(head)
+    wire.end_request()
+    (data,) = writes(server)
+    assert data == b"GET /api/v2/data/x HTTP/1.1\r\nHost: h\r\n\r\n"
+
+    wire = service(ours)  # a new connection's state: the answer is not the subject here
+    put = RequestHead.make("PUT", "/api/v2/data/x", [("Host", "h"), ("Content-Length", "4")],
+                           chunked=False)  # fmt: skip
+    wire.send_head(put)
+    wire.send_body(b"body")
+    wire.end_request()
+    (data,) = writes(server)
+    assert data.startswith(b"PUT ")
+    assert data.endswith(b"\r\n\r\nbody")
+
+
+def test_an_answer_body_marks_each_wait_with_an_empty_chunk(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, server = pair
+    wire = service(ours)
+    wire.send_head(RequestHead.make("GET", "/x", [("Host", "h")], chunked=False))
+    wire.end_request()
+    writes(server)
+    # All of it at once: no wait, no empty chunk.
+    server.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert wire.read_head() == (200, [("Content-Length", "2")])
+    assert list(wire.read_body()) == [b"ok"]
+
+    wire.next_cycle()
+    wire.send_head(RequestHead.make("GET", "/x", [("Host", "h")], chunked=False))
+    wire.end_request()
+    writes(server)
+    server.send(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")
+    assert wire.read_head()[0] == 200
+    body = wire.read_body()
+    assert next(body) == b""  # nothing of the body here yet: the reader may send its part
+    server.send(b"late")
+    assert list(body) == [b"late"]

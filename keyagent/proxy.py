@@ -138,6 +138,22 @@ class Route:
         self.key_id = key_id
 
 
+class _Flight:
+    """A request on its way to the service or back, until its audit entry is sent: if the
+    agent stops first, :meth:`Proxy.cut_all` records it instead."""
+
+    __slots__ = ("grant", "head", "peer", "started", "status", "where")
+
+    def __init__(self, peer: int, head: Head, where: Route, grant: Grant) -> None:
+        self.started = time.monotonic()
+        self.peer = peer
+        self.head = head
+        self.where = where
+        self.grant = grant
+        self.status: int | None = None
+        """The service's status, once its answer's head is here."""
+
+
 def route(head: Head) -> Route:
     """Check a request head; raise the error a tool gets if it cannot be forwarded."""
     if head.method not in METHODS:
@@ -318,6 +334,10 @@ class Proxy:
         self.idle_timeout = idle_timeout
         self._upstream: Upstream | None = None
         self._upstream_made = threading.Lock()
+        self._flights: set[_Flight] = set()
+        self._audits = threading.Lock()
+        """Held while an entry is sent, so that :meth:`cut_all` and a request ending at
+        that moment never both record it, nor neither."""
 
     @property
     def upstream(self) -> Upstream:
@@ -370,16 +390,15 @@ class Proxy:
         """One request and its answer; False if the connection must close after it.
 
         ``lent``: grants already lent on this connection, by account and key asked for."""
-        started = time.monotonic()
         try:
             where = route(head)
         except KeyagentError as error:
-            self._audit(peer, head, None, error.code, None)
+            self._audit(peer, head, None, error.code)
             return self._refuse(http, head, error)
         try:
             grant = self._grant(peer, where, lent)
         except KeyagentError as error:
-            self._audit(peer, head, where, error.code, None)
+            self._audit(peer, head, where, error.code)
             return self._refuse(http, head, error)
         body: bytes | Iterator[bytes]
         replayable = not head.chunked and (head.content_length or 0) <= REPLAYABLE
@@ -393,13 +412,40 @@ class Proxy:
             try:
                 grant = self._grant(peer, where, lent)
             except KeyagentError as error:
-                self._audit(peer, head, where, error.code, None)
+                self._audit(peer, head, where, error.code)
                 return self._refuse(http, head, error, body_read=True)
+        flight = self._take_off(peer, head, where, grant)
+        try:
+            return self._forward(http, flight, body, lent, replayable=replayable)
+        except ClientGone:
+            # The tool left mid-way (its request may have reached the service): the key
+            # was used all the same.
+            self._land(flight, "cut")
+            raise
+        except Malformed:  # a streamed body went wrong mid-way: serve answers 400
+            self._land(flight, BadRequest.code)
+            raise
+        except BaseException:
+            self._land(flight, Internal.code)  # a bug (logged by serve): still recorded
+            raise
+
+    def _forward(
+        self,
+        http: HttpConnection,
+        flight: _Flight,
+        body: bytes | Iterator[bytes],
+        lent: dict[tuple[str, str | None, str | None], Grant],
+        *,
+        replayable: bool,
+    ) -> bool:
+        """Send ``flight``'s request with its grant; pass the answer on."""
+        peer, head, where, grant = flight.peer, flight.head, flight.where, flight.grant
         try:
             answer = self.upstream.send(
                 head.method, where.host, where.target, request_headers(head, grant), body,
                 chunked=head.chunked,
             )  # fmt: skip
+            flight.status = answer.status
             if answer.status == 401 and grant.session and replayable:
                 # Perhaps the session expired: the agent checks, and if so lends what it
                 # would now (a held key, or login_required) for one more try.
@@ -412,15 +458,16 @@ class Proxy:
                     raise
                 if renewed is not None:
                     answer.finish(complete=False)
-                    grant = lent[(where.host, where.user, where.key_id)] = renewed
+                    grant = flight.grant = lent[(where.host, where.user, where.key_id)] = renewed
+                    flight.status = None
                     answer = self.upstream.send(
                         head.method, where.host, where.target, request_headers(head, grant),
                         body, chunked=False,
                     )  # fmt: skip
-        except ClientGone:
-            raise
+                    flight.status = answer.status
         except KeyagentError as error:
-            self._audit(peer, head, where, error.code, None, grant)
+            flight.status = None
+            self._land(flight, error.code)
             if http.answered:
                 return False
             return self._refuse(http, head, error, body_read=replayable)
@@ -430,20 +477,21 @@ class Proxy:
             http.respond(answer.status, headers, answer.body(where.host))
             complete = True
         except ValueError:  # headers h11 will not send, though filtered: answer 502
-            self._audit(peer, head, where, "remote_error", answer.status, grant)
+            self._land(flight, "remote_error")
             return self._refuse(
                 http, head, RemoteError(f"{where.host} sent an answer that cannot be passed on")
             )
         except KeyagentError as error:  # the service dropped the answer mid-way
-            self._audit(peer, head, where, error.code, answer.status, grant)
+            self._land(flight, error.code)
             return False
         finally:
             answer.finish(complete)
         log.debug(
             "proxied %s %s to %s: %d in %.3fs",
-            head.method, where.path, where.host, answer.status, time.monotonic() - started,
+            head.method, where.path, where.host, answer.status,
+            time.monotonic() - flight.started,
         )  # fmt: skip
-        self._audit(peer, head, where, "ok", answer.status, grant)
+        self._land(flight, "ok")
         return True
 
     def _grant(
@@ -471,21 +519,53 @@ class Proxy:
         http.respond(status, headers, body)
         return True
 
-    def _audit(  # noqa: PLR0917  # one call per outcome, each naming what it knows
-        self,
-        peer: int,
-        head: Head,
-        where: Route | None,
-        outcome: str,
-        status: int | None,
-        grant: Grant | None = None,
-    ) -> None:
-        path = where.path if where is not None else _audited_path(head.target)
-        if path is not None and len(path) > MAX_AUDITED_PATH:
-            path = path[:MAX_AUDITED_PATH] + "...(cut)"
-        self.lender.audit(
-            peer, outcome, method=head.method, path=path, status=status,
-            host=where.host if where is not None else None,
-            key_id=grant.key_id if grant is not None else None,
-            user=grant.user if grant is not None else (where.user if where is not None else None),
-        )  # fmt: skip
+    def _take_off(self, peer: int, head: Head, where: Route, grant: Grant) -> _Flight:
+        flight = _Flight(peer, head, where, grant)
+        with self._audits:
+            self._flights.add(flight)
+        return flight
+
+    def _land(self, flight: _Flight, outcome: str) -> None:
+        """Record how ``flight`` ended, unless :meth:`cut_all` recorded it already."""
+        with self._audits:
+            if flight not in self._flights:
+                return
+            self._flights.discard(flight)
+            self.lender.audit(
+                flight.peer, outcome,
+                **_fields(flight.head, flight.where, flight.status, flight.grant),
+            )  # fmt: skip
+
+    def cut_all(self) -> None:
+        """The agent is stopping, and with it this worker: record each request still on
+        its way as ``cut`` (what the service answered, if it has). Requests that end
+        afterwards are not recorded again."""
+        with self._audits:
+            flights, self._flights = self._flights, set()
+            for flight in flights:
+                self.lender.audit(
+                    flight.peer, "cut",
+                    **_fields(flight.head, flight.where, flight.status, flight.grant),
+                )  # fmt: skip
+
+    def _audit(self, peer: int, head: Head, where: Route | None, outcome: str) -> None:
+        """Record a request refused before it was sent (no grant was used)."""
+        with self._audits:
+            self.lender.audit(peer, outcome, **_fields(head, where, None, None))
+
+
+def _fields(
+    head: Head, where: Route | None, status: int | None, grant: Grant | None
+) -> dict[str, str | int | None]:
+    """A proxied request's audit fields: never the query string or a header."""
+    path = where.path if where is not None else _audited_path(head.target)
+    if path is not None and len(path) > MAX_AUDITED_PATH:
+        path = path[:MAX_AUDITED_PATH] + "...(cut)"
+    return {
+        "method": head.method,
+        "path": path,
+        "status": status,
+        "host": where.host if where is not None else None,
+        "key_id": grant.key_id if grant is not None else None,
+        "user": grant.user if grant is not None else (where.user if where is not None else None),
+    }

@@ -28,9 +28,11 @@ import contextlib
 import itertools
 import json
 import os
+import select
 import signal
 import socket
 import sys
+import time
 
 from keyagent.effects import log_internal
 from keyagent.errors import Busy, KeyagentError
@@ -67,6 +69,9 @@ AUDIT_FIELDS: Final = {
     "key_id": 64, "host": MAX_HOST, "user": MAX_USER, "method": 32, "path": 600, "outcome": 40,
 }  # fmt: skip
 """The text fields of a worker's audit entry, and the most of each the agent records."""
+STOP_AUDITS: Final = 1.0
+"""At stop, the longest the agent waits for its workers' last audit entries (each request
+still under way, recorded as ``cut``) before it exits without them."""
 BUSY_ASKING: Final = "the agent is still answering this connection's last request; retry"
 WORKER_SCRIPT: Final = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_http_worker.py")
 
@@ -466,30 +471,46 @@ class ProxyPool:
         )  # fmt: skip
         self._backoff = min(self._backoff * 2, START_BACKOFF[1])
 
-    def _last_audits(self, worker: _Worker) -> None:
-        """Record the audit entries a worker sent that the loop has not read yet (the agent
-        is stopping: questions go unanswered)."""
+    def _last_audits(self, worker: _Worker, deadline: float) -> None:
+        """Record the audit entries a worker sends until it says ``stopped``, or until
+        ``deadline`` (on ``time.monotonic``): the agent is stopping, questions go
+        unanswered, and the worker was told ``stop`` (it sends an entry for each request
+        still under way)."""
+        poller = select.poll()
+        poller.register(worker.control, select.POLLIN)
         for _ in range(4096):  # bounded: a worker still sending cannot hold up the exit
             try:
                 data = worker.control.recv(MAX_MESSAGE)
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0 or not poller.poll(left * 1000):
+                    return
+                continue
+            except OSError:
+                return
+            try:
                 message = json.loads(data) if data else None
-                if not isinstance(message, dict):
+                if not isinstance(message, dict) or message.get("t") == "stopped":
                     return
                 conn = message.get("conn")
                 if message.get("t") == "audit" and type(conn) is int and conn in worker.conns:
                     self._audit(self.peers[conn], message)
-            except (OSError, ValueError, RecursionError, BadMessage):
+            except (ValueError, RecursionError, BadMessage):
                 return
 
     def close(self) -> None:
-        """At the agent's exit: record what workers audited last, close every control
-        socket; each worker then ends (its open connections with it, as they would with the
-        agent) and is reaped."""
+        """At the agent's exit: tell each worker to stop and record what it audits last (a
+        request still under way is recorded as ``cut``), close every control socket; each
+        worker then ends (its open connections with it, as they would with the agent) and
+        is reaped."""
         import subprocess  # cheap now if a worker was started, and only needed then
 
         workers, self.workers = self.workers, []
+        told = [worker for worker in workers if worker.ready and self._send(worker, {"t": "stop"})]
+        deadline = time.monotonic() + STOP_AUDITS
         for worker in workers:
-            self._last_audits(worker)
+            if worker in told:
+                self._last_audits(worker, deadline)
             self.unwatch(worker.control.fileno())
             worker.control.close()
             for _, sock in worker.waiting:

@@ -15,11 +15,13 @@ over the worker's control socket. The worker parses the tool's HTTP and forwards
 
 The control socket is a ``SOCK_SEQPACKET`` pair: one JSON object per message, plus the
 descriptor of a new connection. The agent sends ``conn`` (a connection: its number and its
-descriptor) and ``answer`` (to an ``authorize`` or ``session_refused``); a worker sends
-those two questions, ``audit`` entries and ``closed`` (a connection ended). Whether a grant
-lent earlier is still good is read from a generation number the agent keeps in a shared
-memfd (:class:`keyagent.proxy_pool.ProxyPool` writes it before any reply that follows a
-change), so a keep-alive connection's requests do not each cost a round trip to the agent.
+descriptor), ``answer`` (to an ``authorize`` or ``session_refused``) and, as it stops,
+``stop``; a worker sends those two questions, ``audit`` entries, ``closed`` (a connection
+ended) and ``stopped`` (after an entry for each request still under way at ``stop``).
+Whether a grant lent earlier is still good is read from a generation number the agent
+keeps in a shared memfd (:class:`keyagent.proxy_pool.ProxyPool` writes it before any reply
+that follows a change), so a keep-alive connection's requests do not each cost a round
+trip to the agent.
 
 Started by :class:`keyagent.proxy_pool.ProxyPool` as ``python -I -S .../_http_worker.py FD``,
 where descriptor FD is a memfd with the worker's settings (:func:`main`). It exits when the
@@ -154,6 +156,9 @@ class AgentLink:
                     target=self._serve, args=(proxy, sock, message["conn"]), daemon=True,
                     name="keyagent-http",
                 ).start()  # fmt: skip
+            elif message["t"] == "stop":  # the agent is stopping: it reads until "stopped"
+                proxy.cut_all()
+                self._send({"t": "stopped"})
             elif message["t"] == "answer":
                 with self._guard:
                     waiter = self._waiting.get(message["ask"])

@@ -1,5 +1,6 @@
 """The HTTP socket's upstream side (keyagent.forward): h11 over pooled TLS connections, against
-the shipped HTTPS emulator and, for answers no real service sends, a raw TLS server."""
+the shipped HTTPS emulator and, for answers no real service sends, a raw TLS server; and a
+keyagent.proxy.Proxy over it with a stand-in lender, for what happens at a worker's stop."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -21,7 +23,9 @@ import trustme
 from keyagent import forward
 from keyagent.errors import RemoteError, RemoteUnreachable, Timeout, TLSError
 from keyagent.forward import Answer, Upstream, split_host
+from keyagent.grant import Grant
 from keyagent.httpwire import ClientGone
+from keyagent.proxy import Proxy
 from keyagent.testing.emulator import ConduceEmulator, Fault
 from keyagent.tls import HttpSettings
 
@@ -412,3 +416,50 @@ def test_a_credential_http_cannot_carry_is_refused_without_showing_it(
         )
     assert secret not in str(caught.value)
     assert emulator.requests == []
+
+
+class KeyLender:
+    """A :class:`keyagent.proxy.Lender` that lends one key and keeps the audit entries."""
+
+    def __init__(self, host: str, key: str) -> None:
+        self.grant = Grant(
+            host, USER, header="Authorization", value=f"Bearer {key}", digest="d" * 64,
+            key_id="d" * 12, token=0,
+        )  # fmt: skip
+        self.entries: list[tuple[str, dict[str, Any]]] = []
+
+    def authorize(self, conn: int, host: str, user: str | None, key_id: str | None) -> Grant:
+        return self.grant
+
+    def session_refused(self, conn: int, host: str, user: str, key_id: str | None) -> None:
+        return None
+
+    def still_good(self, grant: Grant) -> bool:
+        return True
+
+    def audit(self, conn: int, outcome: str, **fields: Any) -> None:
+        self.entries.append((outcome, fields))
+
+
+def test_a_request_cut_at_stop_is_recorded_once(emulator: ConduceEmulator, key: str) -> None:
+    """cut_all records each request under way; when one of them ends afterwards (its tool
+    gone with the worker), it is not recorded a second time."""
+    lender = KeyLender(emulator.host, key)
+    proxy = Proxy(lender, HttpSettings(verify=emulator.ca_path), head_timeout=5, idle_timeout=5)
+    ours, tool = socket.socketpair()
+    serving = threading.Thread(target=proxy.serve, args=(ours, 7))
+    serving.start()
+    try:
+        with tool:
+            endless = f"/api/v2/data/blob/{1 << 40}"
+            tool.sendall(f"GET {endless} HTTP/1.1\r\nHost: {emulator.host}\r\n\r\n".encode())
+            assert tool.recv(65536).startswith(b"HTTP/1.1 200 ")
+            proxy.cut_all()
+            assert [outcome for outcome, _ in lender.entries] == ["cut"]
+        serving.join(10)
+        assert not serving.is_alive()
+    finally:
+        proxy.upstream.close()
+    ((outcome, fields),) = lender.entries
+    assert (outcome, fields["status"]) == ("cut", 200)
+    assert fields["key_id"] == lender.grant.key_id

@@ -614,6 +614,52 @@ def test_proxied_calls_are_in_the_audit_log(
     assert secret not in conduce_agent.log()
 
 
+ENDLESS = f"/api/v2/data/blob/{1 << 40}"
+
+
+def start_endless_download(agent: AgentProcess, emu: Emulator) -> socket.socket:
+    """A tool's connection whose download has started and would never end."""
+    tool = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    tool.settimeout(10)
+    tool.connect(http_path(agent))
+    tool.sendall(f"GET {ENDLESS}?part=1 HTTP/1.1\r\nHost: {emu.host}\r\n\r\n".encode())
+    assert tool.recv(65536).startswith(b"HTTP/1.1 200 ")
+    return tool
+
+
+def test_a_tool_that_leaves_mid_answer_is_in_the_audit_log(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """The key was used though the tool hung up before the answer ended: recorded as
+    ``cut``, with the status the service gave."""
+    secret = add_key(conduce_agent, emulator)
+    with conduce_agent.client() as client:
+        follow = client.follow_log(n=0)
+        start_endless_download(conduce_agent, emulator).close()  # the worker's next write fails
+        entry = next(entry for entry in follow if entry["op"] == "proxy")
+        follow.close()
+    assert (entry["outcome"], entry["status"], entry["path"]) == ("cut", 200, ENDLESS)
+    assert entry["key_id"] == key_id_for(secret)
+    assert entry["method"] == "GET"
+
+
+def test_a_request_under_way_at_stop_is_in_the_audit_log(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """Stopping the agent ends its workers and the requests they carry; each is recorded
+    first, as ``cut``, in the agent's log (the ring goes with the agent)."""
+    secret = add_key(conduce_agent, emulator)
+    tool = start_endless_download(conduce_agent, emulator)
+    with tool:
+        assert conduce_agent.stop() == 0
+    lines = [line for line in conduce_agent.log().splitlines() if "op=proxy" in line]
+    assert len(lines) == 1, lines
+    fields = dict(field.split("=", 1) for field in lines[0].split(" audit ", 1)[-1].split())
+    assert (fields["outcome"], fields["status"], fields["path"]) == ("cut", "200", ENDLESS)
+    assert fields["key_id"] == key_id_for(secret)
+    assert "part=1" not in lines[0]
+
+
 def test_a_connection_reuses_its_credentials_only_while_nothing_changed(
     conduce_agent: AgentProcess, emulator: Emulator
 ) -> None:

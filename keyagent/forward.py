@@ -192,7 +192,7 @@ class Upstream:
         host, wire = conn.host, conn.wire
         try:
             try:
-                wire.send_head(request)
+                wire.send_head(request, hold=isinstance(body, bytes))
                 if isinstance(body, bytes):
                     wire.send_body(body)
                 else:

@@ -232,12 +232,14 @@ class HttpConnection:
                         held.append(self._bytes(h11.Data(data=chunk)))
                         size += len(chunk)
                     if held and (not chunk or size >= RECV):
-                        self._write(held)
-                        held, size = [], 0
+                        # Let go before writing: bytes a failed write may have partly sent
+                        # are never sent again (the tool would get a whole, wrong body).
+                        ready, held, size = held, [], 0
+                        self._write(ready)
             held.append(self._bytes(h11.EndOfMessage()))
         except BaseException:
             with contextlib.suppress(ClientGone):
-                self._write(held)  # what was ready still reaches the tool, cut
+                self._write(held)  # what was ready and not yet written reaches the tool, cut
             raise
         self._write(held)
 
@@ -315,11 +317,18 @@ class ServiceConnection:
         self.heard = False
         """Whether any byte of the current request's answer has come."""
 
-    def send_head(self, head: RequestHead) -> None:
-        """Frame ``head``; it leaves with the body's first chunk or the request's end, so
-        a small request is one TLS record, not two."""
+    def send_head(self, head: RequestHead, *, hold: bool) -> None:
+        """Send ``head``; with ``hold``, when the body is in hand, it leaves with the body or
+        the request's end instead, so a small request is one TLS record, not two. (A
+        streamed body's first chunk may be long in coming: its head, and the credential
+        checked with it, go at once.)"""
         self.heard = False
-        self._held = self._h11.send(head.event) or b""
+        self._held = b""
+        data = self._h11.send(head.event) or b""
+        if hold:
+            self._held = data
+        else:
+            self.sock.sendall(data)
 
     def send_body(self, data: bytes) -> None:
         if data:
@@ -351,7 +360,8 @@ class ServiceConnection:
         while True:
             event = self._next_event(wait=False)
             if event is h11.NEED_DATA:
-                yield b""
+                if not self.sock.pending():  # else the next read returns at once
+                    yield b""
                 event = self._next_event()
             if isinstance(event, h11.Data):
                 yield bytes(event.data)

@@ -38,6 +38,7 @@ from urllib.parse import unquote, urlsplit
 from keyagent.effects import log_internal
 from keyagent.errors import (
     BadRequest,
+    Busy,
     Forbidden,
     Internal,
     KeyagentError,
@@ -335,6 +336,8 @@ class Proxy:
         self._upstream: Upstream | None = None
         self._upstream_made = threading.Lock()
         self._flights: set[_Flight] = set()
+        self._stopping = False
+        """Set by :meth:`cut_all`: no request leaves after it, as none could be recorded."""
         self._audits = threading.Lock()
         """Held while an entry is sent, so that :meth:`cut_all` and a request ending at
         that moment never both record it, nor neither."""
@@ -414,7 +417,11 @@ class Proxy:
             except KeyagentError as error:
                 self._audit(peer, head, where, error.code)
                 return self._refuse(http, head, error, body_read=True)
-        flight = self._take_off(peer, head, where, grant)
+        try:
+            flight = self._take_off(peer, head, where, grant)
+        except Busy as error:
+            self._audit(peer, head, where, error.code)
+            return self._refuse(http, head, error, body_read=replayable)
         try:
             return self._forward(http, flight, body, lent, replayable=replayable)
         except ClientGone:
@@ -520,8 +527,11 @@ class Proxy:
         return True
 
     def _take_off(self, peer: int, head: Head, where: Route, grant: Grant) -> _Flight:
+        """``head``'s request, about to leave with ``grant``; Busy if the agent is stopping."""
         flight = _Flight(peer, head, where, grant)
         with self._audits:
+            if self._stopping:
+                raise Busy("the agent is stopping; retry once it runs again")
             self._flights.add(flight)
         return flight
 
@@ -541,6 +551,7 @@ class Proxy:
         its way as ``cut`` (what the service answered, if it has). Requests that end
         afterwards are not recorded again."""
         with self._audits:
+            self._stopping = True
             flights, self._flights = self._flights, set()
             for flight in flights:
                 self.lender.audit(

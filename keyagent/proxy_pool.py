@@ -484,6 +484,11 @@ class ProxyPool:
             except BlockingIOError:
                 left = deadline - time.monotonic()
                 if left <= 0 or not poller.poll(left * 1000):
+                    log.warning(
+                        "HTTP worker %d did not list its requests under way within %g s: "
+                        "those still running are not in the audit log",
+                        worker.process.pid, STOP_AUDITS,
+                    )  # fmt: skip
                     return
                 continue
             except OSError:

@@ -443,7 +443,8 @@ class KeyLender:
 
 def test_a_request_cut_at_stop_is_recorded_once(emulator: ConduceEmulator, key: str) -> None:
     """cut_all records each request under way; when one of them ends afterwards (its tool
-    gone with the worker), it is not recorded a second time."""
+    gone with the worker), it is not recorded a second time; and no request leaves after
+    it."""
     lender = KeyLender(emulator.host, key)
     proxy = Proxy(lender, HttpSettings(verify=emulator.ca_path), head_timeout=5, idle_timeout=5)
     ours, tool = socket.socketpair()
@@ -458,8 +459,23 @@ def test_a_request_cut_at_stop_is_recorded_once(emulator: ConduceEmulator, key: 
             assert [outcome for outcome, _ in lender.entries] == ["cut"]
         serving.join(10)
         assert not serving.is_alive()
+        # And nothing leaves after it, as nothing could be recorded: 503 busy.
+        ours, tool = socket.socketpair()
+        later = threading.Thread(target=proxy.serve, args=(ours, 8))
+        later.start()
+        with tool:
+            tool.sendall(
+                f"GET /conduce/api/v1/user/list-teams HTTP/1.1\r\nHost: {emulator.host}\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            answer = b"".join(iter(lambda: tool.recv(65536), b""))
+        later.join(10)
     finally:
         proxy.upstream.close()
-    ((outcome, fields),) = lender.entries
+    assert answer.startswith(b"HTTP/1.1 503 ")
+    assert b"X-Keyagent-Error: busy" in answer
+    ((outcome, fields), (refused, _)) = lender.entries
     assert (outcome, fields["status"]) == ("cut", 200)
     assert fields["key_id"] == lender.grant.key_id
+    assert refused == "busy"
+    assert len(emulator.requests) == 1  # the endless download only

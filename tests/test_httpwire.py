@@ -5,6 +5,7 @@ boundaries of writes, so a test can see how the bytes were sent, not only which.
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from typing import cast
 import h11
 import pytest
 
-from keyagent.httpwire import RECV, HttpConnection, RequestHead, ServiceConnection
+from keyagent.httpwire import RECV, ClientGone, HttpConnection, RequestHead, ServiceConnection
 
 REQUEST = b"GET /conduce/api/v1/user/list-teams HTTP/1.1\r\nHost: app.conduce.com\r\n\r\n"
 
@@ -152,9 +153,27 @@ def test_a_cut_body_still_sends_what_was_ready(
     assert not http.reusable
 
 
+class PlainSocket(socket.socket):
+    """Stands in for a TLS socket: nothing is ever decrypted and waiting in OpenSSL."""
+
+    def pending(self) -> int:
+        return 0
+
+
 def service(sock: socket.socket) -> ServiceConnection:
-    # A plain socket stands in for TLS: ServiceConnection only sends and receives on it.
-    return ServiceConnection(cast(ssl.SSLSocket, sock))
+    plain = PlainSocket(fileno=os.dup(sock.fileno()))
+    OPEN.append(plain)
+    return ServiceConnection(cast(ssl.SSLSocket, plain))
+
+
+OPEN: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def close_stand_ins() -> Iterator[None]:
+    yield
+    while OPEN:
+        OPEN.pop().close()
 
 
 def test_a_request_leaves_in_one_write_with_its_body(
@@ -163,7 +182,7 @@ def test_a_request_leaves_in_one_write_with_its_body(
     ours, server = pair
     wire = service(ours)
     head = RequestHead.make("GET", "/api/v2/data/x", [("Host", "h")], chunked=False)
-    wire.send_head(head)
+    wire.send_head(head, hold=True)
     wire.end_request()
     (data,) = writes(server)
     assert data == b"GET /api/v2/data/x HTTP/1.1\r\nHost: h\r\n\r\n"
@@ -171,7 +190,7 @@ def test_a_request_leaves_in_one_write_with_its_body(
     wire = service(ours)  # a new connection's state: the answer is not the subject here
     put = RequestHead.make("PUT", "/api/v2/data/x", [("Host", "h"), ("Content-Length", "4")],
                            chunked=False)  # fmt: skip
-    wire.send_head(put)
+    wire.send_head(put, hold=True)
     wire.send_body(b"body")
     wire.end_request()
     (data,) = writes(server)
@@ -184,7 +203,7 @@ def test_an_answer_body_marks_each_wait_with_an_empty_chunk(
 ) -> None:
     ours, server = pair
     wire = service(ours)
-    wire.send_head(RequestHead.make("GET", "/x", [("Host", "h")], chunked=False))
+    wire.send_head(RequestHead.make("GET", "/x", [("Host", "h")], chunked=False), hold=True)
     wire.end_request()
     writes(server)
     # All of it at once: no wait, no empty chunk.
@@ -193,7 +212,7 @@ def test_an_answer_body_marks_each_wait_with_an_empty_chunk(
     assert list(wire.read_body()) == [b"ok"]
 
     wire.next_cycle()
-    wire.send_head(RequestHead.make("GET", "/x", [("Host", "h")], chunked=False))
+    wire.send_head(RequestHead.make("GET", "/x", [("Host", "h")], chunked=False), hold=True)
     wire.end_request()
     writes(server)
     server.send(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")
@@ -202,3 +221,53 @@ def test_an_answer_body_marks_each_wait_with_an_empty_chunk(
     assert next(body) == b""  # nothing of the body here yet: the reader may send its part
     server.send(b"late")
     assert list(body) == [b"late"]
+
+
+def test_a_streamed_bodys_head_leaves_at_once(pair: tuple[socket.socket, socket.socket]) -> None:
+    """Without the body in hand, the head (and the credential checked with it) is not held
+    for a first chunk that may be long in coming."""
+    ours, server = pair
+    wire = service(ours)
+    head = RequestHead.make("PUT", "/api/v2/data/x", [("Host", "h")], chunked=True)
+    wire.send_head(head, hold=False)
+    (data,) = writes(server)
+    assert data.endswith(b"Transfer-Encoding: chunked\r\n\r\n")
+    wire.send_body(b"late")
+    wire.end_request()
+    assert b"".join(writes(server)) == b"4\r\nlate\r\n0\r\n\r\n"
+
+
+class StalledTool:
+    """A tool's socket that sent one request and then stopped reading: each write fails
+    with a timeout, as a full socket buffer would make it (after sending part, perhaps)."""
+
+    def __init__(self) -> None:
+        self.requests = [REQUEST]
+        self.writes: list[bytes] = []
+
+    def settimeout(self, seconds: float) -> None:
+        pass
+
+    def recv(self, size: int) -> bytes:
+        return self.requests.pop(0) if self.requests else b""
+
+    def sendall(self, data: bytes) -> None:
+        self.writes.append(data)
+        raise TimeoutError
+
+
+def test_bytes_a_write_failed_on_are_never_written_again() -> None:
+    """A write that timed out may have sent part of its bytes: writing them again would
+    give the tool a whole body of the right length and the wrong content."""
+    tool = StalledTool()
+    http = connection(cast(socket.socket, tool))
+    assert http.next_request() is not None
+    http.finish_request()
+
+    def body() -> Iterator[bytes]:
+        yield b"x" * RECV  # enough to be written before the end
+        yield b"rest"
+
+    with pytest.raises(ClientGone):
+        http.respond(200, [("Content-Length", str(RECV + 4))], body())
+    assert len(tool.writes) == 1

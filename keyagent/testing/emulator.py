@@ -1178,6 +1178,12 @@ class _Handler(BaseHTTPRequestHandler):
         # The request line holds method and path only; still debug, not stderr.
         log.debug("%s " + format, self.address_string(), *args)
 
+    def handle_expect_100(self) -> bool:
+        # Written through the buffer like any head: sent now, not with the final answer.
+        go_on = super().handle_expect_100()
+        self.wfile.flush()
+        return go_on
+
     def parse_request(self) -> bool:
         # Called once a request line has arrived: from here on the connection is busy.
         self.server.emulator._set_state(self.connection, "busy")

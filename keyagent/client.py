@@ -289,13 +289,18 @@ class Client:
 
     def follow_log(self, n: int | None = None) -> Generator[dict[str, Any], None, None]:
         """The last ``n`` audit entries (all kept, without ``n``), then each new one as the
-        agent records it, for as long as the caller iterates. Waits without a timeout; the
-        connection is given to following, and closed when the iteration ends.
+        agent records it, for as long as the caller iterates. The request is sent now, so no
+        entry recorded after this call is missed, however late the first ``next()``. Waits
+        without a timeout; the connection is given to following, and closed when the
+        iteration ends.
 
         The agent ends following by an error, raised here: ``busy`` if this client fell too
         far behind (entries were dropped), ``locked`` when the agent is locked.
         """
         request_id = self._send("log", {"n": n, "follow": True})
+        return self._following(request_id)
+
+    def _following(self, request_id: int) -> Generator[dict[str, Any], None, None]:
         try:
             entries = self._reply_to(request_id).get("entries")
             if not isinstance(entries, list):

@@ -294,6 +294,19 @@ def test_the_client_library_follows_too(agent: AgentProcess) -> None:
         stream.close()
 
 
+def test_following_starts_when_asked_not_when_first_read(agent: AgentProcess) -> None:
+    """An entry recorded between follow_log() and the first next() is not missed: the
+    request goes to the agent at the call."""
+    add_key(agent)
+    with agent.client() as client:
+        stream = client.follow_log(n=0)
+        with agent.client() as other:
+            other.forget(all=True)  # before the first next()
+            other.add(HOST, USER, SECRET)  # what a lazy follow would see first
+        assert next(stream)["op"] == "forget"
+        stream.close()
+
+
 # --- what the agent records -----------------------------------------------------------------------
 
 

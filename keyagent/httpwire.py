@@ -151,7 +151,7 @@ class HttpConnection:
         """
         conn = self._h11
         if conn.they_are_waiting_for_100_continue:
-            self._send(h11.InformationalResponse(status_code=100, headers=[]))
+            self._write([self._bytes(h11.InformationalResponse(status_code=100, headers=[]))])
         while True:
             event = self._next_event()
             if isinstance(event, h11.Data):
@@ -247,9 +247,6 @@ class HttpConnection:
         """Answer a request whose body was not read, and close after it."""
         headers = [*headers, ("Connection", "close")]
         self.respond(status, headers, body)
-
-    def _send(self, event: h11.Event) -> None:
-        self._write([self._bytes(event)])
 
     def _bytes(self, event: h11.Event) -> bytes:
         try:

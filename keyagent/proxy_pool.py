@@ -3,7 +3,8 @@ connections, answer their questions on the event loop.
 
 Workers start on demand: the first connection of the HTTP socket starts one, and a new
 connection starts another while every worker is busy and there are fewer than
-``max_workers`` (the ``http_workers`` setting, by default :data:`MAX_WORKERS`); each
+``max_workers`` (the ``http_workers`` setting, by default
+:data:`keyagent.rules.DEFAULT_HTTP_WORKERS`); each
 connection goes to the worker with the fewest. An agent never used over HTTP starts none.
 The first worker stays (its warm TLS connections are what makes a one-shot tool fast); any
 other ends once it has had no connection for :data:`WORKER_IDLE` seconds, so a burst of
@@ -52,13 +53,10 @@ if TYPE_CHECKING:
 
     Done = Callable[[Any, KeyagentError | None], None]
 
-__all__ = ["MAX_WORKERS", "ProxyPool"]
+__all__ = ["ProxyPool"]
 
 log = get_logger("keyagent.proxy")
 
-MAX_WORKERS: Final = DEFAULT_HTTP_WORKERS
-"""Most workers at once unless the ``http_workers`` setting says (it becomes the pool's
-``max_workers``): :data:`keyagent.rules.DEFAULT_HTTP_WORKERS`, which says why."""
 WORKER_IDLE: Final = 60.0
 """Seconds without a connection after which a worker other than the first ends."""
 MFD_NOEXEC_SEAL: Final = 0x0008  # os.MFD_NOEXEC_SEAL from Python 3.12 on
@@ -116,7 +114,7 @@ class ProxyPool:
         call_at: Callable[[float, Callable[[], None]], None],
         clock: Callable[[], float],
         busy: bytes = b"",
-        max_workers: int = MAX_WORKERS,
+        max_workers: int = DEFAULT_HTTP_WORKERS,
         worker_idle: float = WORKER_IDLE,
     ) -> None:
         self.agent = agent

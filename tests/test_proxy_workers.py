@@ -20,9 +20,9 @@ import pytest
 from keyagent.agent import Peer
 from keyagent.errors import KeyagentError
 from keyagent.grant import Grant
-from keyagent.proxy_pool import MAX_WORKERS, WORKER_IDLE, ProxyPool, _Worker
+from keyagent.proxy_pool import WORKER_IDLE, ProxyPool, _Worker
 from keyagent.proxy_worker import GENERATION, WORKER_NICE
-from keyagent.rules import MAX_USER
+from keyagent.rules import DEFAULT_HTTP_WORKERS, MAX_USER
 from keyagent.testing.agent import AgentProcess, wait_for_exit
 from keyagent.testing.emulator_process import Emulator
 
@@ -183,9 +183,9 @@ def test_status_names_the_workers(
     then the one serving it; and the most it may run, by default the automatic figure."""
     with conduce_agent.client() as client:
         status = client.status()
-    assert (status["http_workers"], status["http_workers_max"]) == ([], MAX_WORKERS)
+    assert (status["http_workers"], status["http_workers_max"]) == ([], DEFAULT_HTTP_WORKERS)
     result = run_ctl(conduce_agent.socket_path, "status")
-    assert f"HTTP workers: none running, at most {MAX_WORKERS}\n" in result.out
+    assert f"HTTP workers: none running, at most {DEFAULT_HTTP_WORKERS}\n" in result.out
     conn = KeepAlive(http_path(conduce_agent), emulator.host)
     connections.append(conn)
     assert conn.get() == b"HTTP/1.1 200 OK"
@@ -194,19 +194,19 @@ def test_status_names_the_workers(
         assert client.status()["http_workers"] == [worker]
     result = run_ctl(conduce_agent.socket_path, "status")
     assert result.code == 0, result.err
-    assert f"HTTP workers: 1 of at most {MAX_WORKERS} (pid {worker})" in result.out
+    assert f"HTTP workers: 1 of at most {DEFAULT_HTTP_WORKERS} (pid {worker})" in result.out
 
 
 def test_busy_workers_make_more_up_to_the_limit(
     conduce_agent: AgentProcess, emulator: Emulator, connections: list[KeepAlive]
 ) -> None:
     """Each connection opened while every worker has one starts another worker, up to
-    MAX_WORKERS; later connections share them, and all are answered."""
-    for _ in range(MAX_WORKERS + 2):
+    DEFAULT_HTTP_WORKERS; later connections share them, and all are answered."""
+    for _ in range(DEFAULT_HTTP_WORKERS + 2):
         conn = KeepAlive(http_path(conduce_agent), emulator.host)
         connections.append(conn)
         assert conn.get() == b"HTTP/1.1 200 OK"
-    assert len(workers_of(conduce_agent.pid)) == MAX_WORKERS
+    assert len(workers_of(conduce_agent.pid)) == DEFAULT_HTTP_WORKERS
     for conn in connections:
         assert conn.get() == b"HTTP/1.1 200 OK"
 

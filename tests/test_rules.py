@@ -143,14 +143,12 @@ def test_a_worker_count_gets_one_verdict_in_the_file_and_on_the_command_line(
 
 
 def test_the_default_worker_count_follows_the_cores() -> None:
-    """Unset, http_workers is two per core, at least two and at most eight: the pool's
-    MAX_WORKERS, within the range the rule allows."""
-    from keyagent.proxy_pool import MAX_WORKERS
-
+    """Unset, http_workers is two per core, at least two and at most eight, within the
+    range the rule allows (the pool's default too: tests/test_proxy_workers.py)."""
     cores = os.cpu_count() or 1
-    assert rules.DEFAULT_HTTP_WORKERS == max(2, min(8, 2 * cores)) == MAX_WORKERS
+    assert max(2, min(8, 2 * cores)) == rules.DEFAULT_HTTP_WORKERS
     assert rules.worker_count_problem(rules.DEFAULT_HTTP_WORKERS) is None
-    assert load(env=NO_FILE).http_workers == MAX_WORKERS
+    assert load(env=NO_FILE).http_workers == rules.DEFAULT_HTTP_WORKERS
 
 
 USERS = st.text(max_size=330) | st.sampled_from(

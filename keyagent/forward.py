@@ -195,10 +195,9 @@ class Upstream:
                 wire.send_head(request, hold=isinstance(body, bytes))
                 if isinstance(body, bytes):
                     wire.send_body(body)
+                    wire.end_request()
                 else:
-                    for chunk in body:  # the tool's failures (ClientGone...) pass through
-                        wire.send_body(chunk)
-                wire.end_request()
+                    self._stream(wire, body)
                 status, headers = wire.read_head()
                 return Answer(self, conn, status, headers)
             except TimeoutError:
@@ -226,6 +225,25 @@ class Upstream:
         except BaseException:
             wire.close()
             raise
+
+    @staticmethod
+    def _stream(wire: ServiceConnection, body: Iterable[bytes]) -> None:
+        """Send a streamed body as the tool sends it, unless the service answers first (a
+        413 or a 401 to an upload, say): the rest is then neither read from the tool nor
+        sent, and the tool gets that answer at once, not after its whole upload. The
+        tool's failures (ClientGone...) pass through."""
+        for chunk in body:
+            if wire.answered_early():
+                return
+            try:
+                wire.send_body(chunk)
+            except OSError:
+                # A service that answers and closes at once (no lingering close) makes the
+                # send fail; its answer may still be there to read.
+                if wire.answered_early():
+                    return
+                raise
+        wire.end_request()
 
     def _pooled(self, host: str) -> _Connection | None:
         """An idle connection to ``host`` still open, the one used last; None if none."""

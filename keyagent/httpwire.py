@@ -205,17 +205,23 @@ class HttpConnection:
         status: int,
         headers: Iterable[tuple[str, str]],
         body: bytes | Iterable[bytes] = b"",
+        *,
+        close: bool = False,
     ) -> None:
         """Send an answer; an iterable body is streamed (chunked unless a Content-Length is
         among ``headers``). An error raised by ``body`` mid-way propagates after the
         connection is marked unusable: the tool sees a cut answer, never a wrong one.
         ValueError if ``status`` and ``headers`` are not a valid answer (nothing is sent).
+        With ``close``, or before the request's body was read to its end (the service
+        answered early), the answer says ``Connection: close``: no request follows it.
 
         What is ready leaves in one write: the head with the body's first chunk, and the
         last chunk with the end, so a small answer costs the tool one read, not two. An
         empty chunk from ``body`` means its source is about to wait: what is held goes out
         first, as does anything beyond :data:`RECV` bytes."""
         encoded = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+        if close or self._h11.their_state is h11.SEND_BODY:
+            encoded.append((b"Connection", b"close"))
         try:
             response = h11.Response(status_code=status, headers=encoded, reason=_reason(status))
         except h11.LocalProtocolError as error:
@@ -245,8 +251,7 @@ class HttpConnection:
 
     def refuse(self, status: int, headers: Iterable[tuple[str, str]], body: bytes) -> None:
         """Answer a request whose body was not read, and close after it."""
-        headers = [*headers, ("Connection", "close")]
-        self.respond(status, headers, body)
+        self.respond(status, headers, body, close=True)
 
     def _bytes(self, event: h11.Event) -> bytes:
         try:
@@ -305,12 +310,13 @@ class ServiceConnection:
     :meth:`reusable`. The socket's errors (OSError, TimeoutError) pass through as they are;
     what the service sends that h11 refuses is :class:`BadAnswer`."""
 
-    __slots__ = ("_h11", "_held", "heard", "sock")
+    __slots__ = ("_early", "_h11", "_held", "heard", "sock")
 
     def __init__(self, sock: ssl.SSLSocket) -> None:
         self.sock = sock
         self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ANSWER_HEAD)
         self._held = b""  # a request head, sent with what follows it
+        self._early: h11.Response | None = None  # an answer's head read while sending
         self.heard = False
         """Whether any byte of the current request's answer has come."""
 
@@ -321,6 +327,7 @@ class ServiceConnection:
         checked with it, go at once.)"""
         self.heard = False
         self._held = b""
+        self._early = None
         data = self._h11.send(head.event) or b""
         if hold:
             self._held = data
@@ -334,11 +341,46 @@ class ServiceConnection:
     def end_request(self) -> None:
         self._send(h11.EndOfMessage())
 
+    def answered_early(self) -> bool:
+        """Whether the service's answer came while the request is still being sent: a 413
+        or a 401 to an upload, say, on which a client stops sending (RFC 9112, 9.5). Reads
+        only what is there, never waits; a 1xx is passed over. If True, the rest of the
+        request is not sent, :meth:`read_head` returns that answer's head, and the
+        connection closes after it (it is not :meth:`reusable`)."""
+        while self._early is None:
+            event = self._next_event(wait=False)
+            if isinstance(event, h11.Response):
+                self._early = event
+            elif isinstance(event, h11.InformationalResponse):
+                continue
+            elif event is not h11.NEED_DATA or not self._read_ready():
+                return False  # nothing yet; or the connection closed, which sending will say
+        return True
+
+    def _read_ready(self) -> bool:
+        """Read what the socket holds, without waiting; False if nothing was there."""
+        if not self.sock.pending() and not self._readable():
+            return False
+        timeout = self.sock.gettimeout()
+        self.sock.settimeout(0.0)
+        try:
+            data = self.sock.recv(RECV)
+        except (ssl.SSLWantReadError, BlockingIOError):
+            return False  # a TLS record not yet whole, or a record with no data in it
+        except OSError:
+            return False  # the sending that follows meets the same failure and reports it
+        finally:
+            self.sock.settimeout(timeout)
+        self.heard = self.heard or bool(data)
+        self._h11.receive_data(data)
+        return True
+
     def read_head(self) -> tuple[int, list[tuple[str, str]]]:
         """The answer's status and headers (names as sent), after any 1xx; an answer cut
         before its head ends is ConnectionResetError, as the socket would say."""
         while True:
-            event = self._next_event()
+            event: object = self._early or self._next_event()
+            self._early = None
             if isinstance(event, h11.Response):
                 headers = [
                     (name.decode("latin-1"), value.decode("latin-1"))
@@ -385,8 +427,9 @@ class ServiceConnection:
 
     def dropped(self) -> bool:
         """Whether the service closed it (or sent something unasked) while it sat idle."""
-        if self.sock.pending():
-            return True
+        return bool(self.sock.pending()) or self._readable()
+
+    def _readable(self) -> bool:
         poller = select.poll()
         poller.register(self.sock, select.POLLIN)
         return bool(poller.poll(0))

@@ -183,16 +183,21 @@ def test_an_untrusted_certificate_and_an_unreachable_host(
 
 class Scripted:
     """A TLS server on loopback that answers each request head with ``answer(head)``; it
-    closes a connection after each answer if ``close_after``. Counts the connections it
-    accepted, and sets ``closed`` each time it closes one."""
+    closes a connection after each answer if ``close_after``. With ``early``, it answers
+    as soon as the head is in, then reads and drops what comes until the client stops (a
+    front end's lingering close). Counts the connections it accepted, and sets ``closed``
+    each time it closes one."""
 
-    def __init__(self, answer: Callable[[bytes], bytes], *, close_after: bool) -> None:
+    def __init__(
+        self, answer: Callable[[bytes], bytes], *, close_after: bool, early: bool = False
+    ) -> None:
         ca = trustme.CA()
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ca.issue_cert("127.0.0.1").configure_cert(self.context)
         self.settings = HttpSettings(verify=True, ca_certificates=ca.cert_pem.bytes().decode())
         self.answer = answer
         self.close_after = close_after
+        self.early = early
         self.accepted = 0
         self.closed = threading.Event()
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -221,6 +226,11 @@ class Scripted:
                         return
                     buffered += data
                 head, _, buffered = buffered.partition(b"\r\n\r\n")
+                if self.early:
+                    conn.sendall(self.answer(head))
+                    while conn.recv(65536):
+                        pass
+                    break
                 # The body is read before answering: closing with it unread would reset
                 # the connection, and the client could lose the answer.
                 length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
@@ -247,9 +257,13 @@ class Scripted:
 def scripted() -> Iterator[Callable[..., Scripted]]:
     servers: list[Scripted] = []
 
-    def start(answer: bytes | Callable[[bytes], bytes], *, close_after: bool = False) -> Scripted:
+    def start(
+        answer: bytes | Callable[[bytes], bytes], *, close_after: bool = False, early: bool = False
+    ) -> Scripted:
         server = Scripted(
-            answer if callable(answer) else (lambda head: answer), close_after=close_after
+            answer if callable(answer) else (lambda head: answer),
+            close_after=close_after,
+            early=early,
         )
         servers.append(server)
         return server
@@ -316,6 +330,32 @@ def test_bytes_past_an_answers_end_never_answer_the_next_request(
     for _ in range(3):
         assert call(upstream, server.host, "k", "/api/v2/x") == (200, b"ok")
     assert server.accepted == 3
+
+
+def test_an_early_answer_ends_the_upload(scripted: Callable[..., Scripted]) -> None:
+    """A service that answers before the body's end (a 413, say) is sent no more of it:
+    the answer comes back at once, not after the whole upload, and the connection, its
+    request unfinished, is not used again."""
+    server = scripted(
+        b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n\r\nbig!", early=True
+    )
+    upstream = opened(server.settings)
+    host, chunk, chunks = server.host, b"x" * 65536, 16384  # 1 GiB, were it all sent
+    pulled = 0
+
+    def body() -> Iterator[bytes]:
+        nonlocal pulled
+        for _ in range(chunks):
+            pulled += 1
+            yield chunk
+
+    headers = [("Host", host), ("Content-Length", str(chunks * len(chunk)))]
+    answer = upstream.send("PUT", host, "/api/v2/data/upload", headers, body(), chunked=False)
+    assert (answer.status, read_all(answer, host)) == (413, b"big!")
+    assert pulled < chunks // 2, "the upload went on after the answer"
+    assert server.accepted == 1
+    assert call(upstream, host, "k", "/api/v2/data/x")[0] == 413
+    assert server.accepted == 2
 
 
 def test_a_connection_the_service_closed_while_idle_is_not_used(

@@ -488,6 +488,38 @@ def test_a_large_upload_waits_for_100_continue_and_streams(
         }  # fmt: skip
 
 
+@needs_curl
+def test_an_early_answer_to_an_upload_ends_it(
+    conduce_agent: AgentProcess, emulator: Emulator, tmp_path: Path
+) -> None:
+    """The service answers 413 before a 64 MiB upload's end: the tool gets that answer with
+    ``Connection: close`` and uploads no further, as it would talking to the service."""
+    assert CURL is not None
+    add_key(conduce_agent, emulator)
+    size = 64 * 1024 * 1024
+    upload = tmp_path / "upload.json"
+    with upload.open("wb") as file:
+        file.truncate(size)  # sparse: nothing to write
+    # curl's own Expect: 100-continue with a length; none with chunks.
+    for framing in ([], ["-H", "Transfer-Encoding: chunked", "-H", "Expect:"]):
+        result = subprocess.run(
+            [
+                CURL, "-sS", "-i", "--unix-socket", http_path(conduce_agent),
+                "--data-binary", f"@{upload}", *framing, "-w", "\n%{size_upload}",
+                f"http://{emulator.host}/conduce/api/v1/datasets/create",
+            ],
+            capture_output=True, timeout=30, check=True,
+        )  # fmt: skip
+        answer, _, uploaded = result.stdout.rpartition(b"\n")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        if head.startswith(b"HTTP/1.1 100 "):
+            head, _, body = body.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 413 "), answer
+        assert b"\r\nConnection: close" in head
+        assert json.loads(body) == {"error": "Request Entity Too Large"}
+        assert int(uploaded) < size // 2, "the upload went on after the answer"
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -513,6 +513,8 @@ class _Reply:
     stream: Iterable[bytes] | None = None
     """Sent instead of ``body`` when set: ``length`` bytes, or chunked if length is None."""
     length: int | None = None
+    early: bool = False
+    """Sent before the rest of the request's body is read (which is then dropped)."""
 
 
 @dataclass
@@ -1284,6 +1286,15 @@ class _Handler(BaseHTTPRequestHandler):
             body = _BodyReader(self.rfile, self.headers)
             if reply is None:
                 reply = self._data_reply(route, raw_path, query, body)
+            if reply.early:
+                # Refused mid-body (too large): answered at once, as a front end does, and
+                # what the client still sends is read and dropped until it stops (a
+                # lingering close), so no reset can destroy the answer before it is read.
+                self._answer(index, reply)
+                self.wfile.flush()
+                with contextlib.suppress(_BadBody, OSError):
+                    body.drain()
+                return
             # Whatever the answer, the rest of the body goes, so the connection stays usable.
             body.drain()
         except _BadBody:
@@ -1323,7 +1334,9 @@ class _Handler(BaseHTTPRequestHandler):
             raw = body.read_all(MAX_BODY)
             if raw is None:
                 self.close_connection = True  # the unread rest would be taken for a request
-                return _error_reply(413, email)
+                reply = _error_reply(413, email)
+                reply.early = True
+                return reply
             try:
                 document: object = json.loads(raw or b"{}")
             except (ValueError, RecursionError):

@@ -1165,9 +1165,12 @@ class Agent:
     def process_add(self, args: Mapping[str, Any]) -> Outcome:
         lifetime = args.get("lifetime", self.default_lifetime)
         self._rules(args, args["key"])  # refuse rules that cannot merge before any work
-        if args.get("persist", self.default_persist):
+        held = self.held_keys.holding(digest_of(args["key"]))
+        if args.get("persist", self.default_persist) or (held is not None and held.persisted):
+            # A persisted key's record is written again even without --persist: the rules
+            # this add merges in (never looser) must survive a restart too.
             return self._add_persisted(args, lifetime)
-        if self.held_keys.holding(digest_of(args["key"])) is None:
+        if held is None:
             self._check_room()  # places that waiting creates have taken count too
         return self._hold(args, lifetime)
 

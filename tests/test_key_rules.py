@@ -365,6 +365,21 @@ def test_re_adding_a_persisted_key_saves_the_stricter_rules(fake_time: FakeTime)
     assert saved.exportable is False
 
 
+def test_a_stricter_re_add_of_a_persisted_key_is_saved_too(fake_time: FakeTime) -> None:
+    """Re-adding a persisted key without --persist still rewrites its keyring record with
+    the stricter rules: a restart must not bring back the looser ones."""
+    backend = MemoryKeyring()
+    store = KeyringStore(backend)
+    agent = Agent(clock=fake_time.clock(), keyring=store)
+    add(agent, persist=True)
+    add(agent, export=False, confirm=True)
+    (saved,) = store.load_all(fake_time.wall)[0]
+    assert (saved.exportable, saved.confirm) == (False, True)
+    restarted = Agent(clock=fake_time.clock(), keyring=KeyringStore(backend))
+    assert restarted.restore(store.load_all(fake_time.wall)[0]) == 1
+    assert type(fails(restarted, "get")) is errors.Forbidden
+
+
 # --- the rule for program paths, the protocol, the keyring records -----------------------------
 
 

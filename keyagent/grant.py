@@ -16,7 +16,10 @@ if TYPE_CHECKING:
 
     from keyagent.store import HeldKey
 
-__all__ = ["Grant"]
+__all__ = ["MIN_COOKIE_SECRET", "Grant"]
+
+MIN_COOKIE_SECRET = 8
+"""The shortest session cookie value taken for a credential (a session token is longer)."""
 
 
 class Grant:
@@ -69,10 +72,14 @@ class Grant:
         )  # fmt: skip
 
     def secrets(self) -> list[str]:
-        """What must never reach the tool: the key, or each cookie value of the session."""
+        """What must never reach the tool: the key, or each cookie value of the session that
+        could be a credential. A shorter cookie (``seen=1``, ``lang=en``, an empty one)
+        is no secret, and looking for it would strip every header that happens to hold
+        it (a ``Content-Length: 1234``, say)."""
         if self.header == "Authorization":
             return [self.value.removeprefix("Bearer ")]
-        return [part.partition("=")[2] for part in self.value.split("; ") if "=" in part]
+        values = (part.partition("=")[2] for part in self.value.split("; ") if "=" in part)
+        return [value for value in values if len(value) >= MIN_COOKIE_SECRET]
 
     def to_wire(self, token: int) -> dict[str, Any]:
         """As sent to a worker, with ``token`` (a generation number) in place of the loop's."""

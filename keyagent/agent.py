@@ -507,6 +507,8 @@ class Agent:
         if key_id is None and "key" in args:  # add, or remove by key: its id, not the key
             key_id = key_id_for(args["key"])
         host, user = found.get("host") or args.get("host"), found.get("user") or args.get("user")
+        if error is not None and error.subject is not None:  # refused by a key's rules
+            key_id, host, user = error.subject
         if op == "get":
             if args.get("purpose") == "exec":
                 op = "exec"
@@ -1221,7 +1223,11 @@ class Agent:
             self.clock.monotonic(), args.get("host"), args.get("user"), args.get("key_id")
         )
         if not held.exportable:  # the same answer for every client: may be remembered
-            self._check_export(held)
+            try:
+                self._check_export(held)
+            except KeyagentError as error:
+                _about(error, held)
+                raise
         if held.restricted:
             # The answer depends on who asks: a generator, whose reply the server never
             # remembers, so no other client is ever answered from it (see MEMOIZABLE).
@@ -1246,6 +1252,17 @@ class Agent:
 
     def check_use(
         self, held: HeldKey, peer: Peer, *, op: str, export: bool, confirmed: bool = False
+    ) -> Steps:
+        """Whether ``peer`` may use ``held`` for ``op`` (:meth:`_check_rules`); returns None
+        when allowed. A refusal names ``held`` as its subject, for the audit log."""
+        try:
+            return (yield from self._check_rules(held, peer, op, export, confirmed))
+        except KeyagentError as error:
+            _about(error, held)
+            raise
+
+    def _check_rules(
+        self, held: HeldKey, peer: Peer, op: str, export: bool, confirmed: bool
     ) -> Steps:
         """Whether ``peer`` may use ``held`` for ``op``; returns None when allowed.
 
@@ -2247,3 +2264,8 @@ def _listed_deleter(account: RemoteAccount, digest: str) -> Callable[[str | None
         return False
 
     return delete
+
+
+def _about(error: KeyagentError, held: HeldKey) -> None:
+    """Name ``held`` as the subject of ``error``, a refusal to use it (for the audit log)."""
+    error.subject = (held.key_id, held.host, held.user)

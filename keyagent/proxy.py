@@ -396,12 +396,12 @@ class Proxy:
         try:
             where = route(head)
         except KeyagentError as error:
-            self._audit(peer, head, None, error.code)
+            self._audit(peer, head, None, error)
             return self._refuse(http, head, error)
         try:
             grant = self._grant(peer, where, lent)
         except KeyagentError as error:
-            self._audit(peer, head, where, error.code)
+            self._audit(peer, head, where, error)
             return self._refuse(http, head, error)
         body: bytes | Iterator[bytes]
         replayable = not head.chunked and (head.content_length or 0) <= REPLAYABLE
@@ -415,12 +415,12 @@ class Proxy:
             try:
                 grant = self._grant(peer, where, lent)
             except KeyagentError as error:
-                self._audit(peer, head, where, error.code)
+                self._audit(peer, head, where, error)
                 return self._refuse(http, head, error, body_read=True)
         try:
             flight = self._take_off(peer, head, where, grant)
         except Busy as error:
-            self._audit(peer, head, where, error.code)
+            self._audit(peer, head, where, error)
             return self._refuse(http, head, error, body_read=replayable)
         try:
             return self._forward(http, flight, body, lent, replayable=replayable)
@@ -559,10 +559,14 @@ class Proxy:
                     **_fields(flight.head, flight.where, flight.status, flight.grant),
                 )  # fmt: skip
 
-    def _audit(self, peer: int, head: Head, where: Route | None, outcome: str) -> None:
-        """Record a request refused before it was sent (no grant was used)."""
+    def _audit(self, peer: int, head: Head, where: Route | None, error: KeyagentError) -> None:
+        """Record a request refused before it was sent (no grant was used); a refusal by a
+        key's rules names the key."""
+        fields = _fields(head, where, None, None)
+        if error.subject is not None:
+            fields["key_id"], fields["host"], fields["user"] = error.subject
         with self._audits:
-            self.lender.audit(peer, outcome, **_fields(head, where, None, None))
+            self.lender.audit(peer, error.code, **fields)
 
 
 def _fields(

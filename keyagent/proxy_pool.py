@@ -380,6 +380,8 @@ class ProxyPool:
             answer: dict[str, Any] = {"t": "answer", "ask": ask}
             if error is not None:
                 answer["error"] = [error.code, error.message]
+                if error.subject is not None:  # the key whose rules refused: for the audit
+                    answer["subject"] = list(error.subject)
             elif grant is None:
                 answer["grant"] = None
             else:

@@ -129,7 +129,12 @@ class AgentLink:
         answer = waiter.answer
         error = answer.get("error")
         if error is not None:
-            raise from_code(str(error[0]), str(error[1]))
+            refusal = from_code(str(error[0]), str(error[1]))
+            subject = answer.get("subject")
+            if subject is not None:
+                key_id, host, user = (str(part) for part in subject)
+                refusal.subject = (key_id, host, user)
+            raise refusal
         return None if answer.get("grant") is None else Grant.from_wire(answer["grant"])
 
     def _send(self, message: dict[str, Any]) -> None:

@@ -268,6 +268,30 @@ def test_a_refusal_at_the_prompt_is_denied(agent: Agent, askpass: FakeAskpass) -
     assert (type(error), error.message) == (errors.Denied, "refused at the prompt")
 
 
+def test_a_refusal_by_a_keys_rules_is_audited_with_the_key(
+    agent: Agent, askpass: FakeAskpass
+) -> None:
+    """get and exec refused by a key's rules (not exportable, another program, no at the
+    prompt) each leave an entry naming the key and its account, asked for by an id prefix
+    alone."""
+    other = "rules-S3CR3T-0002"
+    add(agent, export=False)
+    add(agent, other, allow_exe=[CURL], confirm=True)
+    askpass.answer = errors.Denied("refused at the prompt")
+    attempts = [
+        (SECRET, {}, None, "forbidden"),
+        (SECRET, {"purpose": "exec"}, None, "forbidden"),
+        (other, {}, TOOL, "denied"),
+        (other, {}, CURL, "denied"),
+    ]
+    for secret, args, exe, code in attempts:
+        key_id = key_id_for(secret)
+        assert get_fails_as(agent, peer(exe), key_id=key_id[:6], **args).code == code
+        entry = agent.audit_log.newest
+        assert entry is not None
+        assert (entry.outcome, entry.key_id, entry.host, entry.user) == (code, key_id, HOST, USER)
+
+
 def test_without_an_askpass_program_a_confirmed_key_is_denied(fake_time: FakeTime) -> None:
     """No askpass program configured: denied, with a message saying how to set one."""
     agent = Agent(clock=fake_time.clock())

@@ -114,8 +114,15 @@ def test_a_confirmed_key_asks_once_per_connection(
     assert len((askpass_dir / "questions").read_text().splitlines()) == 2
     assert emulator.requests == []
     with rules_agent.client() as client:
-        proxied = [(e["outcome"], e["status"]) for e in client.log() if e["op"] == "proxy"]
-    assert proxied == [("ok", 200), ("ok", 200), ("denied", None)]
+        proxied = [
+            (e["outcome"], e["status"], e["key_id"], e["user"])
+            for e in client.log()
+            if e["op"] == "proxy"
+        ]
+    # The refusal names the key whose rule refused, as the uses it allowed do.
+    assert proxied == [("ok", 200, key_id_for(secret), USER)] * 2 + [
+        ("denied", None, key_id_for(secret), USER)
+    ]
 
 
 def test_the_agent_socket_is_served_while_a_proxied_confirmation_waits(

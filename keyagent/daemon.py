@@ -720,6 +720,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command:
         os.environ[paths.SOCKET_ENV] = path
         os.environ[paths.PID_ENV] = str(child)
+        if http is not None:
+            os.environ[paths.HTTP_SOCKET_ENV] = http.path
+        else:  # an outer agent's HTTP socket is not this agent's
+            os.environ.pop(paths.HTTP_SOCKET_ENV, None)
         try:
             os.execvp(args.command[0], args.command)
         except OSError as error:

@@ -136,7 +136,8 @@ def test_kill_without_pid_variable_fails_clearly() -> None:
 
 
 def test_command_mode_runs_the_command_and_stops_with_it(tmp_path: Path) -> None:
-    """keyagent CMD runs CMD with the variables set, returns its status, and the agent exits."""
+    """keyagent CMD runs CMD with the variables set (the HTTP socket's too, over one an
+    outer agent set), returns its status, and the agent exits."""
     sock = private_dir(tmp_path) / "agent.sock"
     result = subprocess.run(
         [
@@ -147,15 +148,19 @@ def test_command_mode_runs_the_command_and_stops_with_it(tmp_path: Path) -> None
             str(sock),
             "sh",
             "-c",
-            f'{PY} -m keyagent status --json >/dev/null || exit 9; echo "$KEYAGENT_PID"; exit 7',
+            f"{PY} -m keyagent status --json >/dev/null || exit 9; "
+            'echo "$KEYAGENT_PID $KEYAGENT_HTTP_SOCK"; exit 7',
         ],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+        env={**os.environ, "KEYAGENT_HTTP_SOCK": "/outer/agent/http.sock"},
     )
     assert result.returncode == 7, result.stderr
-    pid = int(result.stdout.strip())
+    pid_text, http_sock = result.stdout.split()
+    assert http_sock == str(sock.with_name("http.sock"))
+    pid = int(pid_text)
     assert wait_for_exit(pid, 10)
     assert not sock.exists()
 

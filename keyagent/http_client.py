@@ -80,11 +80,16 @@ class _UnixPool(HTTPConnectionPool):
 
 
 class _AgentAdapter(requests.adapters.HTTPAdapter):
-    """Sends ``https://HOST/...`` as ``http`` over the agent's socket, Host: HOST."""
+    """Sends ``https://HOST/...`` as ``http`` over the agent's socket, Host: HOST, with the
+    account and key asked for (only there: never to another host, nor after a redirect to
+    one)."""
 
-    def __init__(self, host: str, socket_path: str, timeout: float | None) -> None:
+    def __init__(
+        self, host: str, socket_path: str, timeout: float | None, choice: dict[str, str]
+    ) -> None:
         super().__init__()
         self._host = host
+        self._choice = choice
         # The pool's own host is never connected to (see _UnixConnection) nor sent (the Host
         # header is set per request below).
         self._pool = _UnixPool("localhost", maxsize=4, socket_path=socket_path, timeout=timeout)
@@ -102,6 +107,7 @@ class _AgentAdapter(requests.adapters.HTTPAdapter):
 
     def add_headers(self, request: requests.PreparedRequest, **kwargs: Any) -> None:
         request.headers["Host"] = self._host
+        request.headers.update(self._choice)
 
     def close(self) -> None:
         self._pool.close()
@@ -127,11 +133,26 @@ def http_session(
     if user is not None and user_problem(user) is not None:
         raise BadRequest(f"the user is not valid: {user_problem(user)}")
     path = socket_path or http_socket_path()
+    choice = {}
+    if user is not None:
+        choice["X-Keyagent-User"] = user
+    if key_id is not None:
+        choice["X-Keyagent-Key-Id"] = key_id
     session = requests.Session()
     session.trust_env = False  # no proxy, no .netrc: this goes to a local socket
-    session.mount(f"https://{host}/", _AgentAdapter(host, path, timeout))
-    if user is not None:
-        session.headers["X-Keyagent-User"] = user
-    if key_id is not None:
-        session.headers["X-Keyagent-Key-Id"] = key_id
+    adapter = _AgentAdapter(host, path, timeout, choice)
+    session.mount(f"https://{host}/", adapter)
+    twin = _port_443_twin(host)
+    if twin is not None:
+        session.mount(f"https://{twin}/", adapter)
     return session
+
+
+def _port_443_twin(host: str) -> str | None:
+    """The other spelling of ``host`` on the default port (``name`` for ``name:443``, and
+    the reverse), whose URLs go to the same service; None if ``host`` names another port."""
+    if host.endswith(":443"):
+        return host.removesuffix(":443")
+    if ":" in host.rpartition("]")[2]:  # a port, after an IPv6 literal's brackets if any
+        return None
+    return f"{host}:443"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 import keyagent
 from keyagent.store import key_id_for
@@ -229,6 +230,39 @@ def test_http_session_makes_requests_calls_through_the_agent(
         refused = session.post(f"https://{emulator.host}/conduce/api/v1/apikeys/list")
         assert refused.status_code == 403
         assert refused.headers["X-Keyagent-Error"] == "forbidden"
+
+
+def test_http_session_names_its_account_to_the_agent_only(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """With two accounts held for the host, http_session(user=) picks one: its choice goes
+    to the agent with each call, never into a request for another host. A URL that spells
+    out port 443 goes through the agent too."""
+    teams = f"https://{emulator.host}/conduce/api/v1/user/list-teams"
+    other = "dave@example.com"
+    emulator.add_user(other, "dave-pa55word")
+    login(conduce_agent, emulator)
+    result = run_ctl(
+        conduce_agent.socket_path, "--host", emulator.host, "--user", other, "add",
+        stdin=emulator.add_key(other) + "\n",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    path = http_path(conduce_agent)
+    with keyagent.http_session(emulator.host, socket_path=path) as either:
+        assert either.get(teams).status_code == 409
+    for user in (USER, other):
+        with keyagent.http_session(emulator.host, user, socket_path=path) as session:
+            answer = session.get(teams)
+            assert answer.status_code == 200, answer.text
+            assert [team["name"] for team in answer.json()] == [user]
+            elsewhere = session.prepare_request(
+                requests.Request("GET", "https://elsewhere.example/")
+            )
+            assert not [name for name in elsewhere.headers if name.lower().startswith("x-keyagent")]
+    with keyagent.http_session("app.conduce.example", socket_path=path) as session:
+        adapter = session.get_adapter("https://app.conduce.example/x")
+        assert session.get_adapter("https://app.conduce.example:443/x") is adapter
+        assert session.get_adapter("https://app.conduce.example:8443/x") is not adapter
 
 
 def test_a_tool_never_holds_the_key(

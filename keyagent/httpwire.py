@@ -38,7 +38,9 @@ __all__ = [
 RECV: Final = 64 * 1024
 """Bytes read at a time, from a tool or from the service."""
 MAX_HEAD: Final = 16 * 1024
-"""Largest request head (request line and headers) accepted; larger gets 431."""
+"""Largest request head (request line and headers) waited for: one still incomplete past
+this many bytes is answered 400 ``bad_request`` and the connection closed. (h11 counts what
+is unparsed, so a whole head that arrives in one read of :data:`RECV` may be larger.)"""
 MAX_ANSWER_HEAD: Final = 64 * 1024
 """Largest status line and headers accepted from the service (http.client's limit)."""
 
@@ -55,7 +57,8 @@ class ClientGone(Exception):
 
 
 class Malformed(Exception):
-    """The tool sent something that is not HTTP/1.1; ``status`` is the answer (400, 431)."""
+    """The tool sent something that is not HTTP/1.1; ``status`` is h11's hint (400, or 431
+    for a head too long); the tool is answered 400 ``bad_request`` whatever it is."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)

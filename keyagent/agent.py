@@ -2150,6 +2150,42 @@ class Agent:
             log.info("session of %s on %s expired", user, host)
         return (yield from self.authorize_proxy(peer, host, user, key_id, confirmed))
 
+    def proxy_key_refused(
+        self,
+        peer: Peer,
+        host: str,
+        user: str,
+        refused: tuple[str, ...],
+        confirmed: frozenset[str] = frozenset(),
+    ) -> Steps:
+        """The service answered 401 to a proxied request made with held keys ``refused``
+        (digests, the last one just now). As for the session, a 401 from one endpoint is no
+        proof: the agent asks the service whether the key itself is refused (lists the
+        account's keys with it, on the account's queue). If it is, the account's newest
+        other held key is lent, as the agent's own calls try the next key; None if the key
+        works (the endpoint refused the request), its state could not be learnt, or no other
+        key is held: the tool then gets the service's answer as it is."""
+        now = self.clock.monotonic()
+        held = next(self.held_keys.matching(now, host, user, refused[-1]), None)
+        if held is None or len(refused) >= MAX_KEY_ATTEMPTS:
+            return None
+        session = self.session_for(host, user)
+        account, secret = session.account, held.secret
+        try:
+            yield Work(lambda: account.list_keys(api_key=secret), queue=session.queue)
+            return None  # the key works: only this request was refused
+        except BadCredentials:
+            log.info("key %s of %s on %s is refused by the service", held.key_id, user, host)
+        except KeyagentError:
+            return None  # the key's state could not be learnt
+        if self.lock.locked:
+            raise Locked()
+        others = self.held_keys.matching(self.clock.monotonic(), host, user)
+        following = next((key for key in others if key.digest not in refused), None)
+        if following is None:
+            return None
+        return (yield from self._lend(following, peer, confirmed))
+
     def _lend(self, held: HeldKey, peer: Peer, confirmed: frozenset[str]) -> Steps:
         yield from self.check_use(
             held, peer, op="proxy", export=False, confirmed=held.digest in confirmed

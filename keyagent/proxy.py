@@ -311,6 +311,10 @@ class Lender(Protocol):
     def session_refused(self, conn: int, host: str, user: str, key_id: str | None) -> Grant | None:
         """The service refused the session: :meth:`keyagent.agent.Agent.proxy_session_refused`."""
 
+    def key_refused(self, conn: int, host: str, user: str, refused: list[str]) -> Grant | None:
+        """The service refused held keys ``refused`` (digests, the last just now):
+        :meth:`keyagent.agent.Agent.proxy_key_refused`."""
+
     def still_good(self, grant: Grant) -> bool:
         """Whether a grant lent earlier would be lent again now, without asking the agent."""
 
@@ -446,32 +450,33 @@ class Proxy:
         replayable: bool,
     ) -> bool:
         """Send ``flight``'s request with its grant; pass the answer on."""
-        peer, head, where, grant = flight.peer, flight.head, flight.where, flight.grant
+        head, where, grant = flight.head, flight.where, flight.grant
         try:
             answer = self.upstream.send(
                 head.method, where.host, where.target, request_headers(head, grant), body,
                 chunked=head.chunked,
             )  # fmt: skip
             flight.status = answer.status
-            if answer.status == 401 and grant.session and replayable:
-                # Perhaps the session expired: the agent checks, and if so lends what it
-                # would now (a held key, or login_required) for one more try.
+            refused: list[str] = []
+            while answer.status == 401 and replayable:
+                # Perhaps the session expired, or the key was revoked: the agent checks,
+                # and if so lends what it would now (the next held key, or login_required)
+                # for another try, as its own calls do.
                 try:
-                    renewed = self.lender.session_refused(
-                        peer, where.host, grant.user, where.key_id
-                    )
+                    renewed = self._renewed(flight, refused)
                 except BaseException:
                     answer.finish(complete=False)  # its connection is closed, not left open
                     raise
-                if renewed is not None:
-                    answer.finish(complete=False)
-                    grant = flight.grant = lent[(where.host, where.user, where.key_id)] = renewed
-                    flight.status = None
-                    answer = self.upstream.send(
-                        head.method, where.host, where.target, request_headers(head, grant),
-                        body, chunked=False,
-                    )  # fmt: skip
-                    flight.status = answer.status
+                if renewed is None:
+                    break
+                answer.finish(complete=False)
+                grant = flight.grant = lent[(where.host, where.user, where.key_id)] = renewed
+                flight.status = None
+                answer = self.upstream.send(
+                    head.method, where.host, where.target, request_headers(head, grant),
+                    body, chunked=False,
+                )  # fmt: skip
+                flight.status = answer.status
         except KeyagentError as error:
             flight.status = None
             self._land(flight, error.code)
@@ -500,6 +505,19 @@ class Proxy:
         )  # fmt: skip
         self._land(flight, "ok")
         return True
+
+    def _renewed(self, flight: _Flight, refused: list[str]) -> Grant | None:
+        """What to try again with after the service answered 401 to ``flight``'s grant:
+        the agent's answer (None: pass the 401 on). A key the tool named
+        (``X-Keyagent-Key-Id``) is never swapped for another; ``refused`` gathers the keys
+        refused so far for this request."""
+        grant, where = flight.grant, flight.where
+        if grant.session:
+            return self.lender.session_refused(flight.peer, where.host, grant.user, where.key_id)
+        if where.key_id is not None or grant.digest is None:
+            return None
+        refused.append(grant.digest)
+        return self.lender.key_refused(flight.peer, where.host, grant.user, refused)
 
     def _grant(
         self, peer: int, where: Route, lent: dict[tuple[str, str | None, str | None], Grant]

@@ -35,9 +35,11 @@ import socket
 import sys
 import time
 
+from keyagent.agent import MAX_KEY_ATTEMPTS
 from keyagent.effects import log_internal
 from keyagent.errors import Busy, KeyagentError
 from keyagent.log import get_logger
+from keyagent.protocol import KEY_ID_DIGITS, KEY_ID_MAX
 from keyagent.proxy_worker import GENERATION, MAX_MESSAGE
 from keyagent.rules import DEFAULT_HTTP_WORKERS, MAX_HOST, MAX_USER
 
@@ -319,7 +321,7 @@ class ProxyPool:
                 self._idle(worker)
         elif kind == "audit":
             self._audit(peer, message)
-        elif kind in ("authorize", "session_refused"):
+        elif kind in ("authorize", "session_refused", "key_refused"):
             self._question(worker, conn, kind, message)
         else:
             raise BadMessage(f"unknown kind {str(kind)[:20]!r}")
@@ -351,13 +353,17 @@ class ProxyPool:
 
     def _question(self, worker: _Worker, conn: int, kind: str, message: dict[str, Any]) -> None:
         ask, host, user = message.get("ask"), message.get("host"), message.get("user")
-        key_id = message.get("key_id")
+        key_id, refused = message.get("key_id"), message.get("refused", [])
         if (
             type(ask) is not int
             or not isinstance(host, str)
             or not isinstance(user, str | None)
-            or (kind == "session_refused" and user is None)
+            or (kind != "authorize" and user is None)
             or not isinstance(key_id, str | None)
+            or not isinstance(refused, list)
+            or (kind == "key_refused") != bool(refused)
+            or len(refused) > MAX_KEY_ATTEMPTS
+            or not all(_is_digest(digest) for digest in refused)
         ):
             raise BadMessage(f"a bad {kind} question")
         if conn in self.asking:
@@ -371,6 +377,8 @@ class ProxyPool:
             if kind == "authorize":
                 return agent.authorize_proxy(peer, host, user, key_id, confirmed)
             assert user is not None  # noqa: S101  # checked above
+            if kind == "key_refused":
+                return agent.proxy_key_refused(peer, host, user, tuple(refused), confirmed)
             return agent.proxy_session_refused(peer, host, user, key_id, confirmed)
 
         def done(grant: Grant | None, error: KeyagentError | None) -> None:
@@ -545,3 +553,8 @@ def _memfd(name: str, size: int) -> int:
     if size:
         os.ftruncate(fd, size)
     return fd
+
+
+def _is_digest(value: object) -> bool:
+    """A held key's digest as the agent names keys: 64 lower-case hex digits."""
+    return isinstance(value, str) and len(value) == KEY_ID_MAX and not value.strip(KEY_ID_DIGITS)

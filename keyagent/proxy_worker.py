@@ -15,9 +15,9 @@ over the worker's control socket. The worker parses the tool's HTTP and forwards
 
 The control socket is a ``SOCK_SEQPACKET`` pair: one JSON object per message, plus the
 descriptor of a new connection. The agent sends ``conn`` (a connection: its number and its
-descriptor), ``answer`` (to an ``authorize`` or ``session_refused``) and, as it stops,
-``stop``; a worker sends those two questions, ``audit`` entries, ``closed`` (a connection
-ended) and ``stopped`` (after an entry for each request still under way at ``stop``).
+descriptor), ``answer`` (to an ``authorize``, ``session_refused`` or ``key_refused``) and,
+as it stops, ``stop``; a worker sends those three questions, ``audit`` entries, ``closed``
+(a connection ended) and ``stopped`` (after an entry for each request still under way at ``stop``).
 Whether a grant lent earlier is still good is read from a generation number the agent
 keeps in a shared memfd (:class:`keyagent.proxy_pool.ProxyPool` writes it before any reply
 that follows a change), so a keep-alive connection's requests do not each cost a round
@@ -100,6 +100,9 @@ class AgentLink:
     def session_refused(self, conn: int, host: str, user: str, key_id: str | None) -> Grant | None:
         return self._ask("session_refused", conn, host, user, key_id)
 
+    def key_refused(self, conn: int, host: str, user: str, refused: list[str]) -> Grant | None:
+        return self._ask("key_refused", conn, host, user, None, refused=refused)
+
     def still_good(self, grant: Grant) -> bool:
         if grant.token != GENERATION.unpack_from(self.generation)[0]:
             return False
@@ -111,16 +114,26 @@ class AgentLink:
     # --- the control socket ----------------------------------------------------------
 
     def _ask(
-        self, kind: str, conn: int, host: str, user: str | None, key_id: str | None
+        self,
+        kind: str,
+        conn: int,
+        host: str,
+        user: str | None,
+        key_id: str | None,
+        *,
+        refused: list[str] | None = None,
     ) -> Grant | None:
         waiter = _Waiter()
         with self._guard:
             ask = next(self._ids)
             self._waiting[ask] = waiter
+        question = {
+            "t": kind, "ask": ask, "conn": conn, "host": host, "user": user, "key_id": key_id
+        }  # fmt: skip
+        if refused is not None:
+            question["refused"] = refused
         try:
-            self._send(
-                {"t": kind, "ask": ask, "conn": conn, "host": host, "user": user, "key_id": key_id}
-            )
+            self._send(question)
             if not waiter.done.wait(ASK_TIMEOUT) or waiter.answer is None:
                 raise from_code("timeout", "the agent did not answer in time; try again")
         finally:

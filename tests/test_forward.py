@@ -474,6 +474,9 @@ class KeyLender:
     def session_refused(self, conn: int, host: str, user: str, key_id: str | None) -> None:
         return None
 
+    def key_refused(self, conn: int, host: str, user: str, refused: list[str]) -> None:
+        return None
+
     def still_good(self, grant: Grant) -> bool:
         return True
 

@@ -25,7 +25,7 @@ from keyagent.errors import (
 from keyagent.grant import Grant
 from keyagent.httpwire import Head
 from keyagent.proxy import answer_headers, error_answer, request_headers, route
-from keyagent.store import key_id_for
+from keyagent.store import digest_of, key_id_for
 
 from .fakes import PEER, FakeAccount, FakeTime, driver_for, request, settle
 
@@ -350,11 +350,16 @@ def test_the_live_session_comes_before_keys(agent: Agent) -> None:
     assert grant.value == "session=fake-session-cookie"
 
 
-def refused(agent: Agent) -> Grant | None:
-    """What the agent answers when the service refused (401) a request made with the session."""
-    outcome = driver_for(agent).run(agent.proxy_session_refused(PEER, HOST, USER, None))
+def answer_to(agent: Agent, steps: Any) -> Grant | None:
+    """What the agent answers a worker's question (waited for inline): a grant, or None."""
+    outcome = driver_for(agent).run(steps)
     assert outcome is None or isinstance(outcome, Grant)
     return outcome
+
+
+def refused(agent: Agent) -> Grant | None:
+    """What the agent answers when the service refused (401) a request made with the session."""
+    return answer_to(agent, agent.proxy_session_refused(PEER, HOST, USER, None))
 
 
 def test_an_expired_session_falls_back_to_a_key(
@@ -369,6 +374,38 @@ def test_an_expired_session_falls_back_to_a_key(
     assert outcome is not None
     assert outcome.value == f"Bearer {SECRET}"
     assert not agent.sessions[(HOST, USER)].live
+
+
+def key_refused(agent: Agent, *secrets: str) -> Grant | None:
+    """What the agent answers when the service refused (401) requests made with these keys."""
+    digests = tuple(digest_of(secret) for secret in secrets)
+    return answer_to(agent, agent.proxy_key_refused(PEER, HOST, USER, digests))
+
+
+def test_a_revoked_key_falls_back_to_the_next_held_key(
+    agent: Agent, accounts: dict[tuple[str, str], FakeAccount]
+) -> None:
+    """After the service refused a request made with the newest key, the agent asks the
+    service about the key itself: if it still works, the 401 passes on; if it is refused,
+    the next held key is lent; with none left, or three tried, nothing more."""
+    older, newer, third = (f"proxy-secret-key-{n:04d}-abcdefgh" for n in (2, 3, 4))
+    account = accounts[(HOST, USER)] = FakeAccount()
+    account.keys = [older, newer]
+    hold(agent, older)
+    hold(agent, newer)
+    assert lend(agent).value == f"Bearer {newer}"
+    assert key_refused(agent, newer) is None  # the key works: that request alone was refused
+    assert account.calls == [("list", newer)]
+    account.keys = [older]
+    renewed = key_refused(agent, newer)
+    assert renewed is not None
+    assert renewed.value == f"Bearer {older}"
+    account.keys = []
+    assert key_refused(agent, newer, older) is None  # none left
+    hold(agent, third)
+    account.calls.clear()
+    assert key_refused(agent, third, newer, older) is None  # three tried: no more asked
+    assert account.calls == []
 
 
 def test_a_401_with_a_live_session_is_passed_on_and_the_session_kept(

@@ -317,6 +317,31 @@ def test_the_session_expiring_falls_back_to_a_held_key(
     assert state["expired"] is True
 
 
+def test_a_revoked_key_falls_back_to_the_next_held_key(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """When the service refuses the newest held key (revoked: unknown to the service), the
+    agent checks the key itself and retries with the next one; the tool gets the answer.
+    A key the tool names is never swapped for another."""
+    good = add_key(conduce_agent, emulator)
+    revoked = "revoked-key-the-service-no-longer-knows-0001"
+    ctl(conduce_agent, emulator, "add", stdin=revoked + "\n")
+    emulator.clear_requests()
+    status, _, body = curl(conduce_agent, f"http://{emulator.host}/conduce/api/v1/user/list-teams")
+    assert status == 200, body
+    tried = [(r.path, r.status) for r in emulator.requests]
+    # The request with the revoked key, the agent's check of that key, the request again.
+    assert tried == [("user/list-teams", 401), ("apikeys/list", 401), ("user/list-teams", 200)]
+    with conduce_agent.client() as client:
+        (entry,) = [e for e in client.log() if e["op"] == "proxy"]
+    assert (entry["outcome"], entry["status"], entry["key_id"]) == ("ok", 200, key_id_for(good))
+    status, _, _ = curl(
+        conduce_agent, f"http://{emulator.host}/conduce/api/v1/user/list-teams",
+        "-H", f"X-Keyagent-Key-Id: {key_id_for(revoked)}",
+    )  # fmt: skip
+    assert status == 401
+
+
 # --- failures -----------------------------------------------------------------------------
 
 

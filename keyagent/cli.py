@@ -906,8 +906,8 @@ def _rotated_line(key: dict[str, Any]) -> str:
     )
 
 
-LOG_HEADER = ["TIME", "OP", "OUTCOME", "KEY_ID", "HOST", "USER", "PID", "EXE", "REQUEST"]
-FOLLOW_WIDTHS = (24, 7, 14, 12, 20, 24, 7, 0, 0)
+LOG_HEADER = ["TIME", "OP", "OUTCOME", "KEY_ID", "HOST", "USER", "PID", "UID", "EXE", "REQUEST"]
+FOLLOW_WIDTHS = (24, 7, 14, 12, 20, 24, 7, 6, 0, 0)
 """Column widths of ``log --follow``'s table, which cannot measure entries yet to come."""
 
 
@@ -921,7 +921,7 @@ def _log_row(entry: dict[str, Any]) -> list[str]:
         request = f"{cell('method')} {cell('path')} {cell('status')}"
     return [
         cell("time"), cell("op"), cell("outcome"), cell("key_id"), cell("host"), cell("user"),
-        cell("pid"), cell("exe"), request,
+        cell("pid"), cell("uid"), cell("exe"), request,
     ]  # fmt: skip
 
 

@@ -101,7 +101,8 @@ def followers() -> Iterator[list[Follower]]:
 
 def test_log_shows_each_use_and_change_as_a_table(agent: AgentProcess) -> None:
     """After add, get, exec, a failed get and forget, keyagent-ctl log prints one row each,
-    oldest first, with the op, outcome, key id, account and the client's pid; never the key."""
+    oldest first, with the op, outcome, key id, account and the client's pid and uid; never
+    the key."""
     key_id = add_key(agent)
     assert run_ctl(agent.socket_path, "get").out == f"{SECRET}\n"
     env = ctl_env(agent)
@@ -114,7 +115,7 @@ def test_log_shows_each_use_and_change_as_a_table(agent: AgentProcess) -> None:
     assert shown.code == 0, shown.err
     lines = shown.out.splitlines()
     assert lines[0].split() == [
-        "TIME", "OP", "OUTCOME", "KEY_ID", "HOST", "USER", "PID", "EXE", "REQUEST",
+        "TIME", "OP", "OUTCOME", "KEY_ID", "HOST", "USER", "PID", "UID", "EXE", "REQUEST",
     ]  # fmt: skip
     rows = [line.split() for line in lines[1:]]
     assert [row[1:6] for row in rows] == [
@@ -124,7 +125,7 @@ def test_log_shows_each_use_and_change_as_a_table(agent: AgentProcess) -> None:
         ["get", "not_found", "ffff", "-", "-"],
         ["forget", "ok", key_id, "-", "-"],
     ]
-    assert rows[0][6] == str(os.getpid())  # run_ctl runs in this process
+    assert rows[0][6:8] == [str(os.getpid()), str(os.getuid())]  # run_ctl runs in this process
     assert rows[2][6] != str(os.getpid())  # exec ran as its own process
     assert SECRET not in shown.out
     agent.stop()  # its audit lines are all written by then

@@ -52,6 +52,7 @@ from keyagent.rules import has_control_characters, host_problem, user_problem
 if TYPE_CHECKING:
     from keyagent.forward import Upstream
     from keyagent.grant import Grant
+    from keyagent.proxy_worker import FlightBoard
     from keyagent.tls import HttpSettings
 
 __all__ = ["METHODS", "Lender", "Proxy", "Route", "error_answer", "route"]
@@ -143,7 +144,7 @@ class _Flight:
     """A request on its way to the service or back, until its audit entry is sent: if the
     agent stops first, :meth:`Proxy.cut_all` records it instead."""
 
-    __slots__ = ("grant", "head", "peer", "started", "status", "where")
+    __slots__ = ("grant", "head", "peer", "slot", "started", "status", "where")
 
     def __init__(self, peer: int, head: Head, where: Route, grant: Grant) -> None:
         self.started = time.monotonic()
@@ -153,6 +154,12 @@ class _Flight:
         self.grant = grant
         self.status: int | None = None
         """The service's status, once its answer's head is here."""
+        self.slot: int | None = None
+        """Its slot on the worker's flight board, if it has one."""
+
+    def entry(self) -> dict[str, str | int | None]:
+        """Its audit fields, as they stand (see :func:`_fields`)."""
+        return _fields(self.head, self.where, self.status, self.grant)
 
 
 def route(head: Head) -> Route:
@@ -332,11 +339,15 @@ class Proxy:
         *,
         head_timeout: float,
         idle_timeout: float,
+        board: FlightBoard | None = None,
     ) -> None:
         self.lender = lender
         self.settings = settings
         self.head_timeout = head_timeout
         self.idle_timeout = idle_timeout
+        self.board = board
+        """Where each request under way is also posted, for the agent to record if this
+        worker dies before it can (see :class:`keyagent.proxy_worker.FlightBoard`)."""
         self._upstream: Upstream | None = None
         self._upstream_made = threading.Lock()
         self._flights: set[_Flight] = set()
@@ -551,6 +562,8 @@ class Proxy:
             if self._stopping:
                 raise Busy("the agent is stopping; retry once it runs again")
             self._flights.add(flight)
+            if self.board is not None:
+                flight.slot = self.board.post({"conn": peer, **flight.entry()})
         return flight
 
     def _land(self, flight: _Flight, outcome: str) -> None:
@@ -559,10 +572,7 @@ class Proxy:
             if flight not in self._flights:
                 return
             self._flights.discard(flight)
-            self.lender.audit(
-                flight.peer, outcome,
-                **_fields(flight.head, flight.where, flight.status, flight.grant),
-            )  # fmt: skip
+            self._record(flight, outcome)
 
     def cut_all(self) -> None:
         """The agent is stopping, and with it this worker: record each request still on
@@ -572,10 +582,14 @@ class Proxy:
             self._stopping = True
             flights, self._flights = self._flights, set()
             for flight in flights:
-                self.lender.audit(
-                    flight.peer, "cut",
-                    **_fields(flight.head, flight.where, flight.status, flight.grant),
-                )  # fmt: skip
+                self._record(flight, "cut")
+
+    def _record(self, flight: _Flight, outcome: str) -> None:
+        """Send ``flight``'s entry, then take it off the board (were this worker killed in
+        between, the agent would record it twice rather than not at all)."""
+        self.lender.audit(flight.peer, outcome, **flight.entry())
+        if flight.slot is not None and self.board is not None:
+            self.board.clear(flight.slot)
 
     def _audit(self, peer: int, head: Head, where: Route | None, error: KeyagentError) -> None:
         """Record a request refused before it was sent (no grant was used); a refusal by a

@@ -40,7 +40,7 @@ from keyagent.effects import log_internal
 from keyagent.errors import Busy, KeyagentError
 from keyagent.log import get_logger
 from keyagent.protocol import KEY_ID_DIGITS, KEY_ID_MAX
-from keyagent.proxy_worker import GENERATION, MAX_MESSAGE
+from keyagent.proxy_worker import BOARD_SLOT, BOARD_SLOTS, GENERATION, MAX_MESSAGE, read_board
 from keyagent.rules import DEFAULT_HTTP_WORKERS, MAX_HOST, MAX_USER
 
 TYPE_CHECKING = False
@@ -81,11 +81,18 @@ class BadMessage(Exception):
 
 
 class _Worker:
-    __slots__ = ("conns", "control", "idle_since", "process", "ready", "waiting")
+    __slots__ = ("board", "conns", "control", "idle_since", "process", "ready", "waiting")
 
-    def __init__(self, process: subprocess.Popen[bytes], control: socket.socket) -> None:
+    def __init__(
+        self,
+        process: subprocess.Popen[bytes],
+        control: socket.socket,
+        board: mmap.mmap | None = None,
+    ) -> None:
         self.process = process
         self.control = control
+        self.board = board
+        """Its flight board, read-only (:class:`keyagent.proxy_worker.FlightBoard`)."""
         self.conns: set[int] = set()
         self.idle_since: float | None = None
         """When its last connection closed (the agent's clock); None while it has one."""
@@ -212,24 +219,29 @@ class ProxyPool:
 
     def _start(self) -> _Worker | None:
         # Loaded by the first worker's start: an agent never used over HTTP has no need.
+        import mmap
         import subprocess
 
         self._reap()
-        read_only = hello_fd = None
+        read_only = hello_fd = board_fd = None
+        slots = min(self.hello.get("max_connections", BOARD_SLOTS), BOARD_SLOTS)
         try:
             self.shared_generation()
             # Its own read-only descriptor of the generation: a writable one (or a mapping
             # of one, made writable with mprotect) would let a worker wind it back.
             read_only = os.open(f"/proc/self/fd/{self._shared_fd}", os.O_RDONLY | os.O_CLOEXEC)
+            board_fd = _memfd("keyagent-flights", slots * BOARD_SLOT)  # pages only as used
+            board = mmap.mmap(board_fd, slots * BOARD_SLOT, prot=mmap.PROT_READ)
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except OSError as error:
-            if read_only is not None:
-                os.close(read_only)
+            for fd in (read_only, board_fd):
+                if fd is not None:
+                    os.close(fd)
             log.warning("could not start an HTTP worker: %s", os.strerror(error.errno or 0))
             return None
         hello = {
             **self.hello, "sys_path": sys.path, "control_fd": theirs.fileno(),
-            "generation_fd": read_only,
+            "generation_fd": read_only, "board_fd": board_fd, "board_slots": slots,
         }  # fmt: skip
         try:
             hello_fd = _memfd("keyagent-http-hello", 0)
@@ -240,19 +252,21 @@ class ProxyPool:
             process = subprocess.Popen(
                 [sys.executable, "-I", "-S", WORKER_SCRIPT, str(hello_fd)],
                 stdin=subprocess.DEVNULL,
-                pass_fds=(hello_fd, theirs.fileno(), read_only),
+                pass_fds=(hello_fd, theirs.fileno(), read_only, board_fd),
             )
         except OSError as error:
             log.warning("could not start an HTTP worker: %s", os.strerror(error.errno or 0))
             ours.close()
+            board.close()
             return None
         finally:
             theirs.close()
             os.close(read_only)
+            os.close(board_fd)
             if hello_fd is not None:
                 os.close(hello_fd)
         ours.setblocking(False)
-        worker = _Worker(process, ours)
+        worker = _Worker(process, ours, board)
         self.workers.append(worker)
         self.watch(ours.fileno(), lambda: self._readable(worker))
         log.info("started HTTP worker %d", process.pid)
@@ -458,12 +472,13 @@ class ProxyPool:
             worker.process.send_signal(signal.SIGKILL)
         self.unwatch(worker.control.fileno())
         worker.control.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            worker.process.wait(1.0)
+        self._recover(worker)
         for conn in worker.conns:
             self._forget(conn)
         for _, sock in worker.waiting:
             self._refuse(sock)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            worker.process.wait(1.0)
         if worker.ready:
             log.warning(
                 "HTTP worker %d %s (exit status %s); its %d connection(s) were closed; the "
@@ -479,9 +494,34 @@ class ProxyPool:
         )  # fmt: skip
         self._backoff = min(self._backoff * 2, START_BACKOFF[1])
 
-    def _last_audits(self, worker: _Worker, deadline: float) -> None:
-        """Record the audit entries a worker sends until it says ``stopped``, or until
-        ``deadline`` (on ``time.monotonic``): the agent is stopping, questions go
+    def _recover(self, worker: _Worker) -> None:
+        """Record as ``cut`` each request ``worker`` had under way and did not record (it
+        died, was killed, or missed the stop's deadline), from its flight board. The board
+        is the worker's word: an entry that is not one of its connections, or not a valid
+        entry, is dropped with a warning."""
+        if worker.board is None:
+            return
+        board, worker.board = worker.board, None
+        bad = 0
+        with board:
+            for entry in read_board(board):
+                conn = entry.get("conn") if isinstance(entry, dict) else None
+                if not isinstance(entry, dict) or type(conn) is not int or conn not in worker.conns:
+                    bad += 1
+                    continue
+                try:
+                    self._audit(self.peers[conn], {**entry, "outcome": "cut"})
+                except BadMessage:
+                    bad += 1
+        if bad:
+            log.warning(
+                "HTTP worker %d left %d unreadable request(s) under way: not in the audit log",
+                worker.process.pid, bad,
+            )  # fmt: skip
+
+    def _last_audits(self, worker: _Worker, deadline: float) -> bool:
+        """Record the audit entries a worker sends until it says ``stopped`` (True), or until
+        ``deadline`` (on ``time.monotonic``; False): the agent is stopping, questions go
         unanswered, and the worker was told ``stop`` (it sends an entry for each request
         still under way)."""
         poller = select.poll()
@@ -494,22 +534,25 @@ class ProxyPool:
                 if left <= 0 or not poller.poll(left * 1000):
                     log.warning(
                         "HTTP worker %d did not list its requests under way within %g s: "
-                        "those still running are not in the audit log",
+                        "they are recorded from its flight board",
                         worker.process.pid, STOP_AUDITS,
                     )  # fmt: skip
-                    return
+                    return False
                 continue
             except OSError:
-                return
+                return False
             try:
                 message = json.loads(data) if data else None
-                if not isinstance(message, dict) or message.get("t") == "stopped":
-                    return
+                if not isinstance(message, dict):
+                    return False
+                if message.get("t") == "stopped":
+                    return True
                 conn = message.get("conn")
                 if message.get("t") == "audit" and type(conn) is int and conn in worker.conns:
                     self._audit(self.peers[conn], message)
             except (ValueError, RecursionError, BadMessage):
-                return
+                return False
+        return False
 
     def close(self) -> None:
         """At the agent's exit: tell each worker to stop and record what it audits last (a
@@ -522,8 +565,9 @@ class ProxyPool:
         told = [worker for worker in workers if worker.ready and self._send(worker, {"t": "stop"})]
         deadline = time.monotonic() + STOP_AUDITS
         for worker in workers:
-            if worker in told:
-                self._last_audits(worker, deadline)
+            if worker in told and self._last_audits(worker, deadline) and worker.board is not None:
+                worker.board.close()  # it recorded its requests itself
+                worker.board = None
             self.unwatch(worker.control.fileno())
             worker.control.close()
             for _, sock in worker.waiting:
@@ -534,6 +578,8 @@ class ProxyPool:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        for worker in workers:  # gone now: what is left on a board was never recorded
+            self._recover(worker)
         self._ending = []
         self.peers.clear()
         self.confirmed.clear()

@@ -49,11 +49,15 @@ from keyagent.log import DEBUG, INFO, WARNING, get_logger, to_stderr, to_syslog
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import mmap
+    from collections.abc import Iterator
     from typing import Any, Final
 
     from keyagent.proxy import Proxy
 
-__all__ = ["GENERATION", "MAX_MESSAGE", "AgentLink", "main"]
+__all__ = [
+    "BOARD_SLOT", "BOARD_SLOTS", "GENERATION", "MAX_MESSAGE", "AgentLink", "FlightBoard",
+    "main", "read_board",
+]  # fmt: skip
 
 log = get_logger("keyagent.proxy")
 
@@ -61,6 +65,13 @@ MAX_MESSAGE: Final = 64 * 1024
 """Largest control message either side reads (a grant or a question is well under 2 KiB)."""
 GENERATION: Final = struct.Struct("=Q")
 """The shared generation number: bumped by the agent whenever lent credentials go stale."""
+BOARD_SLOT: Final = 2048
+"""Bytes of a worker's flight board per request under way: a length, then the JSON of the
+request's audit entry (bounded well under this by the audit fields' own limits)."""
+BOARD_SLOTS: Final = 1024
+"""The most slots a flight board has (one per connection, up to this): a request beyond
+them is still recorded when it ends, only not if the worker dies first."""
+_LENGTH: Final = struct.Struct("=I")
 WORKER_NICE: Final = 19
 """How much a worker lowers its CPU priority below the agent's: to the lowest there is.
 Proxying is bulk work, and ``get`` on the agent socket is on every tool's path; measured
@@ -69,6 +80,49 @@ on 2 cores during 16 proxied downloads, get's p99 was 36x idle at the agent's pr
 ASK_TIMEOUT: Final = 600.0
 """Longest wait for the agent's answer (credentials, which may wait for askpass): a
 backstop, the agent's own deadlines end each wait long before."""
+
+
+class FlightBoard:
+    """The requests a worker has under way, each as the audit entry it would get if cut, in
+    memory the agent can read (a memfd it made): if the worker dies (killed, or a crash)
+    before it sends an entry, the agent finds it here and records it. One slot per request,
+    written as the request leaves and emptied once its own entry is sent. Used under the
+    :class:`keyagent.proxy.Proxy`'s audit lock."""
+
+    def __init__(self, memory: mmap.mmap) -> None:
+        self.memory = memory
+        self._free = list(reversed(range(len(memory) // BOARD_SLOT)))
+
+    def post(self, entry: dict[str, Any]) -> int | None:
+        """Write ``entry``; its slot, or None if no slot is free (or it would not fit)."""
+        data = json.dumps(entry).encode()
+        if not self._free or len(data) > BOARD_SLOT - _LENGTH.size:
+            return None
+        slot = self._free.pop()
+        start = slot * BOARD_SLOT + _LENGTH.size
+        self.memory[start : start + len(data)] = data
+        _LENGTH.pack_into(self.memory, slot * BOARD_SLOT, len(data))
+        return slot
+
+    def clear(self, slot: int) -> None:
+        _LENGTH.pack_into(self.memory, slot * BOARD_SLOT, 0)
+        self._free.append(slot)
+
+
+def read_board(memory: mmap.mmap) -> Iterator[object]:
+    """What a flight board holds (the agent's side): each entry as JSON decodes it, None for
+    a slot that does not decode. A worker wrote it: check each before using it."""
+    for offset in range(0, len(memory) - BOARD_SLOT + 1, BOARD_SLOT):
+        (length,) = _LENGTH.unpack_from(memory, offset)
+        if length == 0:
+            continue
+        if length > BOARD_SLOT - _LENGTH.size:
+            yield None
+            continue
+        try:
+            yield json.loads(memory[offset + _LENGTH.size : offset + _LENGTH.size + length])
+        except (ValueError, RecursionError):
+            yield None
 
 
 class _Waiter:
@@ -226,12 +280,15 @@ def main(argv: list[str]) -> int:
     os.set_inheritable(control.fileno(), False)
     generation = mmap.mmap(hello["generation_fd"], GENERATION.size, prot=mmap.PROT_READ)
     os.close(hello["generation_fd"])
+    board = mmap.mmap(hello["board_fd"], hello["board_slots"] * BOARD_SLOT)
+    os.close(hello["board_fd"])
     link = AgentLink(control, generation)
     proxy = Proxy(
         link,
         HttpSettings(**hello["http"]),
         head_timeout=hello["head_timeout"],
         idle_timeout=hello["idle_timeout"],
+        board=FlightBoard(board),
     )
     log.debug("HTTP worker %d serving", os.getpid())
     try:

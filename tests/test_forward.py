@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import re
 import socket
 import ssl
@@ -26,6 +27,7 @@ from keyagent.forward import Answer, Upstream, split_host
 from keyagent.grant import Grant
 from keyagent.httpwire import ClientGone
 from keyagent.proxy import Proxy
+from keyagent.proxy_worker import BOARD_SLOT, FlightBoard, read_board
 from keyagent.testing.emulator import ConduceEmulator, Fault
 from keyagent.tls import HttpSettings
 
@@ -484,20 +486,64 @@ class KeyLender:
         self.entries.append((outcome, fields))
 
 
+ENDLESS = f"/api/v2/data/blob/{1 << 40}"
+
+
+def start_endless(proxy: Proxy, host: str) -> tuple[socket.socket, threading.Thread]:
+    """A tool's connection 7 to ``proxy``, whose endless download has begun; the tool's
+    socket and the thread serving it."""
+    ours, tool = socket.socketpair()
+    serving = threading.Thread(target=proxy.serve, args=(ours, 7))
+    serving.start()
+    tool.sendall(f"GET {ENDLESS}?q=1 HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    assert tool.recv(65536).startswith(b"HTTP/1.1 200 ")
+    return tool, serving
+
+
+def test_a_request_is_on_the_board_while_under_way(emulator: ConduceEmulator, key: str) -> None:
+    """A request under way is on the worker's flight board, as the cut entry the agent
+    would record if the worker died; its slot is emptied once its own entry is sent."""
+    lender = KeyLender(emulator.host, key)
+    memory = mmap.mmap(-1, 2 * BOARD_SLOT)
+    proxy = Proxy(
+        lender, HttpSettings(verify=emulator.ca_path), head_timeout=5, idle_timeout=5,
+        board=FlightBoard(memory),
+    )  # fmt: skip
+    tool, serving = start_endless(proxy, emulator.host)
+    try:
+        with tool:
+            (posted,) = read_board(memory)
+            assert posted == {
+                "conn": 7, "method": "GET", "path": ENDLESS, "status": None,
+                "host": emulator.host, "key_id": lender.grant.key_id, "user": USER,
+            }  # fmt: skip
+        serving.join(10)  # the tool left: the request ends, cut
+        assert not serving.is_alive()
+    finally:
+        proxy.upstream.close()
+    assert [outcome for outcome, _ in lender.entries] == ["cut"]
+    assert list(read_board(memory)) == []
+
+
+def test_a_full_board_leaves_a_request_off_it() -> None:
+    """A request finds no free slot (more requests than the board has): it goes on, off the
+    board; a slot emptied serves the next."""
+    board = FlightBoard(mmap.mmap(-1, BOARD_SLOT))
+    assert (board.post({"conn": 1}), board.post({"conn": 2})) == (0, None)
+    board.clear(0)
+    assert board.post({"conn": 3}) == 0
+    assert board.post({"conn": 4, "path": "x" * BOARD_SLOT}) is None  # would not fit
+
+
 def test_a_request_cut_at_stop_is_recorded_once(emulator: ConduceEmulator, key: str) -> None:
     """cut_all records each request under way; when one of them ends afterwards (its tool
     gone with the worker), it is not recorded a second time; and no request leaves after
     it."""
     lender = KeyLender(emulator.host, key)
     proxy = Proxy(lender, HttpSettings(verify=emulator.ca_path), head_timeout=5, idle_timeout=5)
-    ours, tool = socket.socketpair()
-    serving = threading.Thread(target=proxy.serve, args=(ours, 7))
-    serving.start()
+    tool, serving = start_endless(proxy, emulator.host)
     try:
         with tool:
-            endless = f"/api/v2/data/blob/{1 << 40}"
-            tool.sendall(f"GET {endless} HTTP/1.1\r\nHost: {emulator.host}\r\n\r\n".encode())
-            assert tool.recv(65536).startswith(b"HTTP/1.1 200 ")
             proxy.cut_all()
             assert [outcome for outcome, _ in lender.entries] == ["cut"]
         serving.join(10)

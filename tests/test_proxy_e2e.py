@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -33,7 +34,8 @@ from keyagent.testing.emulator import (
 )
 from keyagent.testing.emulator_process import Emulator
 
-from .conftest import AgentFactory, request_as_nobody, run_ctl
+from .conftest import AgentFactory, request_as_nobody, run_ctl, wait_until
+from .test_proxy_workers import said, workers_of
 
 USER = "carol@example.com"
 PASSWORD = "proxy-pa55word-never-shown"
@@ -733,6 +735,26 @@ def test_a_tool_that_leaves_mid_answer_is_in_the_audit_log(
     assert (entry["outcome"], entry["status"], entry["path"]) == ("cut", 200, ENDLESS)
     assert entry["key_id"] == key_id_for(secret)
     assert entry["method"] == "GET"
+
+
+def test_a_request_whose_worker_is_killed_is_in_the_audit_log(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """A worker killed mid-request (kill -9 by a process of the user, the OOM killer) never
+    sends that request's entry: the agent records it from the worker's flight board, as
+    ``cut``, so killing the worker does not erase the use of the key."""
+    secret = add_key(conduce_agent, emulator)
+    with start_endless_download(conduce_agent, emulator):
+        (worker,) = workers_of(conduce_agent.pid)
+        os.kill(worker, signal.SIGKILL)
+        # The agent records what the board holds before it logs the worker's end.
+        wait_until(
+            lambda: said(conduce_agent, f"HTTP worker {worker} exited"), "the worker's end logged"
+        )
+    with conduce_agent.client() as client:
+        (entry,) = [entry for entry in client.log() if entry["op"] == "proxy"]
+    assert (entry["outcome"], entry["method"], entry["path"]) == ("cut", "GET", ENDLESS)
+    assert (entry["key_id"], entry["pid"]) == (key_id_for(secret), os.getpid())
 
 
 def test_a_request_under_way_at_stop_is_in_the_audit_log(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import signal
 import socket
@@ -21,7 +22,7 @@ from keyagent.agent import Peer
 from keyagent.errors import KeyagentError
 from keyagent.grant import Grant
 from keyagent.proxy_pool import WORKER_IDLE, ProxyPool, _Worker
-from keyagent.proxy_worker import GENERATION, WORKER_NICE
+from keyagent.proxy_worker import BOARD_SLOT, GENERATION, WORKER_NICE, FlightBoard
 from keyagent.rules import DEFAULT_HTTP_WORKERS, MAX_USER
 from keyagent.testing.agent import AgentProcess, wait_for_exit
 from keyagent.testing.emulator_process import Emulator
@@ -164,8 +165,8 @@ def test_connections_are_served_by_worker_processes(
     with conduce_agent.client() as client:
         (key,) = client.list()
         assert client.get(key_id=key["key_id"]) == secret  # the agent itself answers as before
-    # Of the agent's memfds it holds only the generation, and that read-only: a worker
-    # cannot wind it back to keep using grants the agent has since withdrawn.
+    # Of the agent's memfds it holds the generation read-only (a worker cannot wind it back
+    # to keep using grants the agent has since withdrawn), and its own flight board.
     memfds = {}
     for fd in os.listdir(f"/proc/{worker}/fd"):
         target = os.readlink(f"/proc/{worker}/fd/{fd}")
@@ -173,7 +174,9 @@ def test_connections_are_served_by_worker_processes(
             with open(f"/proc/{worker}/fdinfo/{fd}") as info:
                 flags = int(next(line for line in info if line.startswith("flags:")).split()[1], 8)
             memfds[target.split()[0]] = flags & os.O_ACCMODE
-    assert memfds == {"/memfd:keyagent-generation": os.O_RDONLY}
+    assert memfds == {
+        "/memfd:keyagent-generation": os.O_RDONLY, "/memfd:keyagent-flights": os.O_RDWR
+    }  # fmt: skip
 
 
 def test_status_names_the_workers(
@@ -571,6 +574,35 @@ def test_a_workers_audit_entry_names_the_agents_peer(
     ((op, peer, fields),) = agent.audited
     assert (op, peer.pid, fields["path"], fields["status"]) == ("proxy", 4242, "/api/v2/x", 200)
     assert len(loop.calls) == 1
+
+
+def test_a_dead_workers_requests_under_way_are_recorded_from_its_board(
+    stand_in: StandIn,
+) -> None:
+    """A worker that dies with requests under way cannot send their entries: the agent
+    reads them from its flight board and records each as cut, with the peer it accepted
+    (not the worker's word). What is not one of its connections, or not an entry, is
+    dropped; a slot emptied when its entry was sent records nothing."""
+    pool, loop, agent, worker, theirs = stand_in
+    memory = mmap.mmap(-1, 8 * BOARD_SLOT)
+    board = FlightBoard(memory)
+    entry = {"method": "GET", "path": "/api/v2/data/blob/9", "host": "h", "key_id": "k"}
+    board.post({"conn": 1, "outcome": "ok", "status": 200, **entry})
+    board.clear(board.post({"conn": 1, **entry}) or 0)  # sent already
+    board.post({"conn": 2, **entry})  # not its connection
+    board.post({"conn": 1, **entry, "status": "200"})  # not an entry
+    start = board.post({"conn": 1, **entry}) or 0
+    memory[start * BOARD_SLOT + 4] = ord("[")  # not JSON any more
+    worker.board = memory
+    worker.process.kill()  # it died, and its end of the control socket with it
+    worker.process.wait()
+    theirs.close()
+    loop.watched[worker.control.fileno()]()
+    assert pool.workers == []
+    ((op, peer, fields),) = agent.audited
+    assert (op, peer.pid, peer.exe) == ("proxy", 4242, "/usr/bin/curl")
+    assert (fields["outcome"], fields["status"], fields["path"]) == ("cut", 200, entry["path"])
+    assert worker.board is None
 
 
 def test_publish_moves_the_generation_only_on_a_change(

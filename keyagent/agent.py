@@ -1177,16 +1177,20 @@ class Agent:
         return self._hold(args, lifetime)
 
     def _add_persisted(self, args: Mapping[str, Any], lifetime: float | None) -> Steps:
-        """add with persist: the keyring first, memory second, so a refusal changes nothing."""
-        new = self.held_keys.holding(digest_of(args["key"])) is None
+        """add with persist: the keyring first, memory second, so a refusal changes nothing.
+        The record is the key as it will be held: a key held already keeps what this add
+        does not change (its description, creation date, ephemeral flag and rotation)."""
+        held = self.held_keys.holding(digest_of(args["key"]))
+        new = held is None
         if new:
             self._reserve_room()
         try:
             record = self._record(
                 args["key"], host=args["host"], user=args["user"],
-                description=args.get("description", ""), created=None, lifetime=lifetime,
-                rules=self._rules(args, args["key"]),
-            )  # fmt: skip
+                description=args.get("description", held.description if held else ""),
+                created=held.created if held else None, lifetime=lifetime,
+                rules=self._rules(args, args["key"]), ephemeral=bool(held and held.ephemeral),
+            )._replace(rotate_every=held.rotate_every if held else None)  # fmt: skip
             save = self._keyring(lambda keyring: keyring.save(record))
             try:
                 yield save

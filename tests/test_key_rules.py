@@ -14,7 +14,7 @@ import pytest
 from keyagent import errors
 from keyagent.agent import Agent, Peer
 from keyagent.effects import Work
-from keyagent.persist import KeyringStore
+from keyagent.persist import KeyringStore, PersistedKey
 from keyagent.sockets import sees_peer_executables
 from keyagent.store import digest_of, key_id_for
 from keyagent.testing.memory_keyring import MemoryKeyring
@@ -391,14 +391,22 @@ def test_re_adding_a_persisted_key_saves_the_stricter_rules(fake_time: FakeTime)
 
 def test_a_stricter_re_add_of_a_persisted_key_is_saved_too(fake_time: FakeTime) -> None:
     """Re-adding a persisted key without --persist still rewrites its keyring record with
-    the stricter rules: a restart must not bring back the looser ones."""
+    the stricter rules: a restart must not bring back the looser ones. What the add does
+    not change stays as it was (here a key the agent created: ephemeral, rotating)."""
     backend = MemoryKeyring()
     store = KeyringStore(backend)
+    made = PersistedKey(
+        digest=digest_of(SECRET), host=HOST, user=USER, secret=SECRET, description="deploy",
+        created="2026-11-01T00:00:00.000Z", expires=fake_time.wall + 86400, ephemeral=True,
+        rotate_every=3600.0,
+    )  # fmt: skip
+    store.save(made)
     agent = Agent(clock=fake_time.clock(), keyring=store)
-    add(agent, persist=True)
-    add(agent, export=False, confirm=True)
+    assert agent.restore(store.load_all(fake_time.wall)[0]) == 1
+    add(agent, export=False, confirm=True, lifetime=86400.0)
     (saved,) = store.load_all(fake_time.wall)[0]
     assert (saved.exportable, saved.confirm) == (False, True)
+    assert saved._replace(exportable=True, confirm=False) == made
     restarted = Agent(clock=fake_time.clock(), keyring=KeyringStore(backend))
     assert restarted.restore(store.load_all(fake_time.wall)[0]) == 1
     assert type(fails(restarted, "get")) is errors.Forbidden

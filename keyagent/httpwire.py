@@ -41,6 +41,9 @@ MAX_HEAD: Final = 16 * 1024
 """Largest request head (request line and headers) waited for: one still incomplete past
 this many bytes is answered 400 ``bad_request`` and the connection closed. (h11 counts what
 is unparsed, so a whole head that arrives in one read of :data:`RECV` may be larger.)"""
+LINGER: Final = 30.0
+"""Longest a connection closed before its request's end is drained (see
+:meth:`HttpConnection.close`)."""
 MAX_ANSWER_HEAD: Final = 64 * 1024
 """Largest status line and headers accepted from the service (http.client's limit)."""
 
@@ -272,8 +275,19 @@ class HttpConnection:
                 raise ClientGone("connection lost while answering") from None
 
     def close(self) -> None:
+        """Close the connection. If the request's body was left unread (answered before
+        its end), what the tool still sends is first read and dropped until it stops, for
+        up to :data:`LINGER` seconds, and no longer than the head's timeout without a byte
+        (a lingering close, as front ends do): a tool that uploads the whole body before it
+        reads would otherwise get a reset, not the answer."""
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
+            if self._h11.their_state is h11.SEND_BODY and self.answered:
+                deadline = time.monotonic() + LINGER
+                while (left := deadline - time.monotonic()) > 0:
+                    self.sock.settimeout(min(left, self.head_timeout))
+                    if not self.sock.recv(RECV):
+                        break
         self.sock.close()
 
 
@@ -345,11 +359,12 @@ class ServiceConnection:
         self._send(h11.EndOfMessage())
 
     def answered_early(self) -> bool:
-        """Whether the service's answer came while the request is still being sent: a 413
-        or a 401 to an upload, say, on which a client stops sending (RFC 9112, 9.5). Reads
-        only what is there, never waits; a 1xx is passed over. If True, the rest of the
-        request is not sent, :meth:`read_head` returns that answer's head, and the
-        connection closes after it (it is not :meth:`reusable`)."""
+        """Whether the service refused the request while it is still being sent: a final
+        answer of 300 or more (a 413 or a 401 to an upload, say), on which a client stops
+        sending (RFC 9112, 9.5; curl stops on the same). Reads only what is there, never
+        waits; a 1xx is passed over, and an early 2xx is kept while the body goes on. If
+        True, the rest of the request is not sent, :meth:`read_head` returns that answer's
+        head, and the connection closes after it (it is not :meth:`reusable`)."""
         while self._early is None:
             event = self._next_event(wait=False)
             if isinstance(event, h11.Response):
@@ -358,7 +373,7 @@ class ServiceConnection:
                 continue
             elif event is not h11.NEED_DATA or not self._read_ready():
                 return False  # nothing yet; or the connection closed, which sending will say
-        return True
+        return self._early.status_code >= 300
 
     def _read_ready(self) -> bool:
         """Read what the socket holds, without waiting; False if nothing was there."""

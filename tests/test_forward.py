@@ -360,6 +360,27 @@ def test_an_early_answer_ends_the_upload(scripted: Callable[..., Scripted]) -> N
     assert server.accepted == 2
 
 
+def test_an_early_success_lets_the_upload_go_on(scripted: Callable[..., Scripted]) -> None:
+    """An early 2xx is no refusal (as for curl): the whole body is sent, then the answer
+    passed on."""
+    server = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", early=True)
+    host, chunks = server.host, 64
+    pulled = 0
+
+    def body() -> Iterator[bytes]:
+        nonlocal pulled
+        for _ in range(chunks):
+            pulled += 1
+            yield b"x" * 65536
+
+    headers = [("Host", host), ("Content-Length", str(chunks * 65536))]
+    answer = opened(server.settings).send(
+        "PUT", host, "/api/v2/data/upload", headers, body(), chunked=False
+    )
+    assert (answer.status, b"".join(answer.body(host)), pulled) == (200, b"ok", chunks)
+    answer.finish(complete=False)
+
+
 def test_a_connection_the_service_closed_while_idle_is_not_used(
     scripted: Callable[..., Scripted],
 ) -> None:

@@ -4,6 +4,7 @@ requests as the tools (keyagent.proxy, keyagent.http_client)."""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -579,6 +580,25 @@ def test_an_early_answer_to_an_upload_ends_it(
         assert b"\r\nConnection: close" in head
         assert json.loads(body) == {"error": "Request Entity Too Large"}
         assert int(uploaded) < size // 2, "the upload went on after the answer"
+
+
+def test_an_early_answer_reaches_a_tool_that_uploads_before_it_reads(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """http.client sends the whole body before it reads: the agent drains what the tool
+    still sends after answering (a lingering close), so the tool reads the 413, as from
+    the service itself, rather than a reset."""
+    add_key(conduce_agent, emulator)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(20)
+        sock.connect(http_path(conduce_agent))
+        tool = http.client.HTTPConnection(emulator.host, timeout=20)
+        tool.sock = sock
+        body = b"{" + b" " * (8 * 1024 * 1024) + b"}"
+        tool.request("POST", "/conduce/api/v1/datasets/create", body=body)
+        answer = tool.getresponse()
+        assert (answer.status, answer.getheader("Connection")) == (413, "close")
+        assert json.loads(answer.read()) == {"error": "Request Entity Too Large"}
 
 
 def rss_kib(pid: int) -> int:

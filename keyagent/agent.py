@@ -2141,6 +2141,8 @@ class Agent:
         state could not be learnt): the tool gets the service's answer as it is. Else the
         session is marked expired and the grant to try again with is returned (a held key),
         or ``login_required`` raised."""
+        if self.lock.locked:
+            raise Locked()
         session = self.sessions.get((host, user))
         if session is not None and session.live:
             try:
@@ -2169,6 +2171,8 @@ class Agent:
         other held key is lent, as the agent's own calls try the next key; None if the key
         works (the endpoint refused the request), its state could not be learnt, or no other
         key is held: the tool then gets the service's answer as it is."""
+        if self.lock.locked:  # no key is used while locked, not even to check it
+            raise Locked()
         now = self.clock.monotonic()
         held = next(self.held_keys.matching(now, host, user, refused[-1]), None)
         if held is None or len(refused) >= MAX_KEY_ATTEMPTS:

@@ -467,9 +467,20 @@ def test_other_hosts_credentials_are_never_lent(agent: Agent) -> None:
         lend(agent)
 
 
-def test_a_locked_agent_lends_nothing(agent: Agent) -> None:
-    """While locked, every proxied request is refused."""
+def test_a_locked_agent_lends_nothing(
+    agent: Agent, accounts: dict[tuple[str, str], FakeAccount]
+) -> None:
+    """While locked, every proxied request is refused, and so is a retry after a 401: no
+    key is used, not even to check it, nor the session."""
+    account = accounts[(HOST, USER)] = FakeAccount()
     hold(agent, SECRET)
+    log_in(agent)
     settle(agent, agent.handle(request("lock", passphrase="correct horse"), PEER))
+    account.calls.clear()
     with pytest.raises(Locked):
         lend(agent)
+    with pytest.raises(Locked):
+        key_refused(agent, SECRET)
+    with pytest.raises(Locked):
+        refused(agent)
+    assert account.calls == []

@@ -105,9 +105,15 @@ class _AgentAdapter(requests.adapters.HTTPAdapter):
     def request_url(self, request: requests.PreparedRequest, proxies: Any) -> str:
         return request.path_url
 
-    def add_headers(self, request: requests.PreparedRequest, **kwargs: Any) -> None:
+    def send(
+        self, request: requests.PreparedRequest, *args: Any, **kwargs: Any
+    ) -> requests.Response:
+        # A copy: requests builds a redirect's request from the one it sent, and the Host
+        # and the account choice are for the agent, never for the host a redirect names.
+        request = request.copy()
         request.headers["Host"] = self._host
         request.headers.update(self._choice)
+        return super().send(request, *args, **kwargs)
 
     def close(self) -> None:
         self._pool.close()

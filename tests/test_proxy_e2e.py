@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import requests
+import requests.adapters
 
 import keyagent
 from keyagent.store import key_id_for
@@ -235,6 +236,24 @@ def test_http_session_makes_requests_calls_through_the_agent(
         assert refused.headers["X-Keyagent-Error"] == "forbidden"
 
 
+class Recorder(requests.adapters.BaseAdapter):
+    """Stands in for another host: records what it is sent, answers 204."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[requests.PreparedRequest] = []
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> Any:
+        self.sent.append(request)
+        answer = requests.Response()
+        answer.status_code, answer.request, answer.url = 204, request, str(request.url)
+        answer._content = b""
+        return answer
+
+    def close(self) -> None:
+        pass
+
+
 def test_http_session_names_its_account_to_the_agent_only(
     conduce_agent: AgentProcess, emulator: Emulator
 ) -> None:
@@ -258,10 +277,13 @@ def test_http_session_names_its_account_to_the_agent_only(
             answer = session.get(teams)
             assert answer.status_code == 200, answer.text
             assert [team["name"] for team in answer.json()] == [user]
-            elsewhere = session.prepare_request(
-                requests.Request("GET", "https://elsewhere.example/")
-            )
-            assert not [name for name in elsewhere.headers if name.lower().startswith("x-keyagent")]
+            # The service redirects to another host: requests follows, without the choice.
+            elsewhere = Recorder()
+            session.mount("https://redirected.invalid/", elsewhere)
+            session.get(f"https://{emulator.host}/api/v2/data/redirect")
+            (followed,) = elsewhere.sent
+            assert not [name for name in followed.headers if name.lower().startswith("x-keyagent")]
+            assert followed.headers.get("Host") is None
     with keyagent.http_session("app.conduce.example", socket_path=path) as session:
         adapter = session.get_adapter("https://app.conduce.example/x")
         assert session.get_adapter("https://app.conduce.example:443/x") is adapter

@@ -50,7 +50,7 @@ from keyagent.log import get_logger
 from keyagent.rules import has_control_characters, host_problem, user_problem
 
 if TYPE_CHECKING:
-    from keyagent.forward import Upstream
+    from keyagent.forward import Answer, Upstream
     from keyagent.grant import Grant
     from keyagent.proxy_worker import FlightBoard
     from keyagent.tls import HttpSettings
@@ -138,6 +138,11 @@ class Route:
         self.path = path  # without the query string: what the audit log shows
         self.user = user
         self.key_id = key_id
+
+
+MAX_TRIES: Final = 4
+"""Most times a request is sent: after a 401, the agent lends an expired session's
+replacement, then up to three held keys in all (keyagent.agent.MAX_KEY_ATTEMPTS)."""
 
 
 class _Flight:
@@ -461,42 +466,27 @@ class Proxy:
         replayable: bool,
     ) -> bool:
         """Send ``flight``'s request with its grant; pass the answer on."""
-        head, where, grant = flight.head, flight.where, flight.grant
+        head, where = flight.head, flight.where
         try:
             answer = self.upstream.send(
-                head.method, where.host, where.target, request_headers(head, grant), body,
-                chunked=head.chunked,
+                head.method, where.host, where.target, request_headers(head, flight.grant),
+                body, chunked=head.chunked,
             )  # fmt: skip
             flight.status = answer.status
-            refused: list[str] = []
-            while answer.status == 401 and replayable:
-                # Perhaps the session expired, or the key was revoked: the agent checks,
-                # and if so lends what it would now (the next held key, or login_required)
-                # for another try, as its own calls do.
-                try:
-                    renewed = self._renewed(flight, refused)
-                except BaseException:
-                    answer.finish(complete=False)  # its connection is closed, not left open
-                    raise
-                if renewed is None:
-                    break
-                answer.finish(complete=False)
-                grant = flight.grant = lent[(where.host, where.user, where.key_id)] = renewed
-                flight.status = None
-                answer = self.upstream.send(
-                    head.method, where.host, where.target, request_headers(head, grant),
-                    body, chunked=False,
-                )  # fmt: skip
-                flight.status = answer.status
+            if answer.status == 401 and replayable:
+                answer = self._try_again(flight, answer, body, lent)
         except KeyagentError as error:
-            flight.status = None
-            self._land(flight, error.code)
+            if flight.status is None:  # the service was not reached, or did not answer
+                self._land(flight, error.code)
+            else:  # it answered a try; another was then refused: an entry each
+                self._land(flight, "ok")
+                self._audit(flight.peer, head, where, error)
             if http.answered:
                 return False
             return self._refuse(http, head, error, body_read=replayable)
         complete = False
         try:
-            headers = answer_headers(answer.headers, grant)
+            headers = answer_headers(answer.headers, flight.grant)
             http.respond(answer.status, headers, answer.body(where.host))
             complete = True
         except ValueError:  # headers h11 will not send, though filtered: answer 502
@@ -516,6 +506,45 @@ class Proxy:
         )  # fmt: skip
         self._land(flight, "ok")
         return True
+
+    def _try_again(
+        self,
+        flight: _Flight,
+        answer: Answer,
+        body: bytes | Iterator[bytes],
+        lent: dict[tuple[str, str | None, str | None], Grant],
+    ) -> Answer:
+        """The service answered 401 to ``flight``: perhaps the session expired, or the key
+        was revoked. The agent checks, and if so lends what it would now (the next held
+        key, or login_required) for another try, as its own calls do. Each try is an
+        audit entry of its own, naming what it used. Returns the last answer: a 401 is
+        passed on as it is once the agent lends nothing else."""
+        head, where = flight.head, flight.where
+        refused: list[str] = []
+        for _ in range(MAX_TRIES - 1):  # the agent ends it sooner; a bound all the same
+            if answer.status != 401:
+                break
+            try:
+                renewed = self._renewed(flight, refused)
+                if renewed is not None and not self.lender.still_good(renewed):
+                    # Changed since it was lent (a lock, say): what goes is what it lends now.
+                    renewed = self.lender.authorize(
+                        flight.peer, where.host, where.user, where.key_id
+                    )
+            except BaseException:
+                answer.finish(complete=False)  # its connection is closed, not left open
+                raise
+            if renewed is None:
+                return answer
+            answer.finish(complete=False)
+            self._relaunch(flight, renewed)
+            lent[(where.host, where.user, where.key_id)] = renewed
+            answer = self.upstream.send(
+                head.method, where.host, where.target, request_headers(head, renewed), body,
+                chunked=False,
+            )  # fmt: skip
+            flight.status = answer.status
+        return answer
 
     def _renewed(self, flight: _Flight, refused: list[str]) -> Grant | None:
         """What to try again with after the service answered 401 to ``flight``'s grant:
@@ -565,6 +594,18 @@ class Proxy:
             if self.board is not None:
                 flight.slot = self.board.post({"conn": peer, **flight.entry()})
         return flight
+
+    def _relaunch(self, flight: _Flight, grant: Grant) -> None:
+        """``flight`` goes again with ``grant`` after a 401: the try made is recorded (with
+        the credential it used and the status it got), and the flight goes on with the new
+        grant. Busy if the agent is stopping (:meth:`cut_all` recorded the flight)."""
+        with self._audits:
+            if flight not in self._flights:
+                raise Busy("the agent is stopping; retry once it runs again")
+            self._record(flight, "ok")
+            flight.grant, flight.status = grant, None
+            if self.board is not None:
+                flight.slot = self.board.post({"conn": flight.peer, **flight.entry()})
 
     def _land(self, flight: _Flight, outcome: str) -> None:
         """Record how ``flight`` ended, unless :meth:`cut_all` recorded it already."""

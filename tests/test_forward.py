@@ -22,7 +22,14 @@ import pytest
 import trustme
 
 from keyagent import forward
-from keyagent.errors import RemoteError, RemoteUnreachable, Timeout, TLSError
+from keyagent.errors import (
+    Denied,
+    KeyagentError,
+    RemoteError,
+    RemoteUnreachable,
+    Timeout,
+    TLSError,
+)
 from keyagent.forward import Answer, Upstream, split_host
 from keyagent.grant import Grant
 from keyagent.httpwire import ClientGone
@@ -494,10 +501,10 @@ class KeyLender:
     def authorize(self, conn: int, host: str, user: str | None, key_id: str | None) -> Grant:
         return self.grant
 
-    def session_refused(self, conn: int, host: str, user: str, key_id: str | None) -> None:
+    def session_refused(self, conn: int, host: str, user: str, key_id: str | None) -> Grant | None:
         return None
 
-    def key_refused(self, conn: int, host: str, user: str, refused: list[str]) -> None:
+    def key_refused(self, conn: int, host: str, user: str, refused: list[str]) -> Grant | None:
         return None
 
     def still_good(self, grant: Grant) -> bool:
@@ -505,6 +512,96 @@ class KeyLender:
 
     def audit(self, conn: int, outcome: str, **fields: Any) -> None:
         self.entries.append((outcome, fields))
+
+
+class RevokedKeyLender(KeyLender):
+    """Lends a key the service does not know (a revoked one) first. After its 401, lends
+    ``next_key`` (a grant already stale, if ``stale``: then ``authorize`` lends it anew),
+    or raises ``refusal``."""
+
+    def __init__(
+        self, host: str, next_key: str, *, refusal: KeyagentError | None = None, stale: bool
+    ) -> None:
+        super().__init__(host, "revoked-key-unknown-to-the-service-0001")
+        self.next = Grant(
+            host, USER, header="Authorization", value=f"Bearer {next_key}", digest="e" * 64,
+            key_id="e" * 12, token=1,
+        )  # fmt: skip
+        self.refusal = refusal
+        self.stale = stale
+        self.asked: list[list[str]] = []
+
+    def authorize(self, conn: int, host: str, user: str | None, key_id: str | None) -> Grant:
+        return self.grant if not self.asked else self.next
+
+    def key_refused(self, conn: int, host: str, user: str, refused: list[str]) -> Grant:
+        self.asked.append(list(refused))
+        if self.refusal is not None:
+            raise self.refusal
+        if self.stale:
+            return Grant(
+                host, USER, header="Authorization", value="Bearer stale", digest="f" * 64,
+                token=0,
+            )  # fmt: skip
+        return self.next
+
+    def still_good(self, grant: Grant) -> bool:
+        return grant.token == 1 or grant is self.grant
+
+
+def one_request(proxy: Proxy, host: str, target: str, conn: int = 7) -> bytes:
+    """``target`` asked of ``proxy`` on a connection of its own (numbered ``conn``), and
+    everything the tool gets back."""
+    ours, tool = socket.socketpair()
+    serving = threading.Thread(target=proxy.serve, args=(ours, conn))
+    serving.start()
+    with tool:
+        tool.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        answer = b"".join(iter(lambda: tool.recv(65536), b""))
+    serving.join(10)
+    return answer
+
+
+def proxied(lender: KeyLender, emulator: ConduceEmulator, target: str) -> bytes:
+    """One request through a proxy of its own with ``lender``: what the tool gets back."""
+    proxy = Proxy(lender, HttpSettings(verify=emulator.ca_path), head_timeout=5, idle_timeout=5)
+    try:
+        return one_request(proxy, emulator.host, target)
+    finally:
+        proxy.upstream.close()
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_each_try_after_a_401_is_an_entry_naming_its_key(
+    emulator: ConduceEmulator, key: str, stale: bool
+) -> None:
+    """A revoked key's 401, then the next key's answer: two entries, each naming the key it
+    used. A grant that went stale while it was lent is not sent: the one lent anew is."""
+    lender = RevokedKeyLender(emulator.host, key, stale=stale)
+    answer = proxied(lender, emulator, "/conduce/api/v1/user/list-teams")
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert lender.asked == [["d" * 64]]
+    assert [(outcome, e["status"], e["key_id"]) for outcome, e in lender.entries] == [
+        ("ok", 401, "d" * 12), ("ok", 200, "e" * 12)
+    ]  # fmt: skip
+    assert [(r.auth, r.status) for r in emulator.requests] == [("bearer", 401), ("bearer", 200)]
+
+
+def test_a_retry_refused_by_the_next_keys_rules_names_that_key(
+    emulator: ConduceEmulator, key: str
+) -> None:
+    """After a revoked key's 401, the next key's rules refuse this program: the tool gets
+    the refusal; the try made is one entry (its key, its 401), the refusal another, naming
+    the key refused."""
+    refusal = Denied("key eeee may be used only by /usr/bin/curl")
+    refusal.subject = ("e" * 12, emulator.host, "someone@example.com")
+    lender = RevokedKeyLender(emulator.host, key, refusal=refusal, stale=False)
+    answer = proxied(lender, emulator, "/conduce/api/v1/user/list-teams")
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    assert b"X-Keyagent-Error: denied" in answer
+    assert [(outcome, e["status"], e["key_id"], e["user"]) for outcome, e in lender.entries] == [
+        ("ok", 401, "d" * 12, USER), ("denied", None, "e" * 12, "someone@example.com")
+    ]  # fmt: skip
 
 
 ENDLESS = f"/api/v2/data/blob/{1 << 40}"
@@ -570,16 +667,7 @@ def test_a_request_cut_at_stop_is_recorded_once(emulator: ConduceEmulator, key: 
         serving.join(10)
         assert not serving.is_alive()
         # And nothing leaves after it, as nothing could be recorded: 503 busy.
-        ours, tool = socket.socketpair()
-        later = threading.Thread(target=proxy.serve, args=(ours, 8))
-        later.start()
-        with tool:
-            tool.sendall(
-                f"GET /conduce/api/v1/user/list-teams HTTP/1.1\r\nHost: {emulator.host}\r\n"
-                "Connection: close\r\n\r\n".encode()
-            )
-            answer = b"".join(iter(lambda: tool.recv(65536), b""))
-        later.join(10)
+        answer = one_request(proxy, emulator.host, "/conduce/api/v1/user/list-teams", conn=8)
     finally:
         proxy.upstream.close()
     assert answer.startswith(b"HTTP/1.1 503 ")

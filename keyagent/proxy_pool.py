@@ -62,6 +62,7 @@ log = get_logger("keyagent.proxy")
 WORKER_IDLE: Final = 60.0
 """Seconds without a connection after which a worker other than the first ends."""
 MFD_NOEXEC_SEAL: Final = 0x0008  # os.MFD_NOEXEC_SEAL from Python 3.12 on
+F_SEAL_FUTURE_WRITE: Final = 0x0010  # Linux's, which Python's fcntl does not name
 START_BACKOFF: Final = (10.0, 300.0)
 """After a worker fails to start: seconds of answering ``busy``, doubling up to the second
 figure while starts keep failing."""
@@ -187,6 +188,10 @@ class ProxyPool:
             self._shared_fd = _memfd("keyagent-generation", GENERATION.size)
             self._shared = mmap.mmap(self._shared_fd, GENERATION.size)
             GENERATION.pack_into(self._shared, 0, self._generation)
+            # Reopened through /proc, a read-only descriptor becomes a writable one: the
+            # seals, not the descriptor, keep a worker from writing the number (only this
+            # mapping, made before, may) or from shrinking it under the agent (SIGBUS).
+            _seal(self._shared_fd, future_write=True)
         return self._shared
 
     # --- connections -------------------------------------------------------------------
@@ -231,6 +236,7 @@ class ProxyPool:
             # of one, made writable with mprotect) would let a worker wind it back.
             read_only = os.open(f"/proc/self/fd/{self._shared_fd}", os.O_RDONLY | os.O_CLOEXEC)
             board_fd = _memfd("keyagent-flights", slots * BOARD_SLOT)  # pages only as used
+            _seal(board_fd, future_write=False)  # its size fixed: the agent reads it whole
             board = mmap.mmap(board_fd, slots * BOARD_SLOT, prot=mmap.PROT_READ)
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except OSError as error:
@@ -592,13 +598,31 @@ class ProxyPool:
 
 
 def _memfd(name: str, size: int) -> int:
+    flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
     try:  # sealed non-executable where the kernel knows the flag (Linux 6.3+)
-        fd = os.memfd_create(name, os.MFD_CLOEXEC | MFD_NOEXEC_SEAL)
+        fd = os.memfd_create(name, flags | MFD_NOEXEC_SEAL)
     except OSError:
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        fd = os.memfd_create(name, flags)
     if size:
         os.ftruncate(fd, size)
     return fd
+
+
+def _seal(fd: int, *, future_write: bool) -> None:
+    """Fix memfd ``fd``'s size for good, so that no process can shrink it under a mapping
+    of the agent's (reading past the end of a file kills the reader with SIGBUS); with
+    ``future_write``, allow no write either but through mappings already made (Linux 5.1+;
+    an older kernel gets the size seals only, and the agent logs it)."""
+    import fcntl
+
+    seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+    if future_write:
+        try:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals | F_SEAL_FUTURE_WRITE)
+            return
+        except OSError:
+            log.warning("this kernel cannot seal the shared generation against writes")
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
 
 
 def _is_digest(value: object) -> bool:

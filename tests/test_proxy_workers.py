@@ -174,9 +174,28 @@ def test_connections_are_served_by_worker_processes(
             with open(f"/proc/{worker}/fdinfo/{fd}") as info:
                 flags = int(next(line for line in info if line.startswith("flags:")).split()[1], 8)
             memfds[target.split()[0]] = flags & os.O_ACCMODE
+            if os.geteuid() == 0:  # a non-dumpable process's descriptors are root's to open
+                assert_sealed(f"/proc/{worker}/fd/{fd}", generation="generation" in target)
     assert memfds == {
         "/memfd:keyagent-generation": os.O_RDONLY, "/memfd:keyagent-flights": os.O_RDWR
     }  # fmt: skip
+
+
+def assert_sealed(path: str, *, generation: bool) -> None:
+    """The memfd at ``path``, reopened writable as a worker could: its size cannot change
+    (the agent maps it: a shrunk file kills the reader with SIGBUS), nor, for the
+    generation, its content."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 0)
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 1 << 30)
+        if generation:
+            with pytest.raises(PermissionError):
+                os.pwrite(fd, b"\0" * 8, 0)
+    finally:
+        os.close(fd)
 
 
 def test_status_names_the_workers(

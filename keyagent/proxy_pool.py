@@ -467,20 +467,13 @@ class ProxyPool:
         self._ending = [process for process in self._ending if process.poll() is None]
 
     def _let_go(self, worker: _Worker, why: str) -> None:
-        import subprocess  # loaded already: a worker was started
-
         if worker not in self.workers:
             return
         self.workers.remove(worker)
         # Killed before its control socket closes: it must not serve on after the agent
         # gave up on it (it would end by itself on the close, but not at once).
-        with contextlib.suppress(ProcessLookupError):
-            worker.process.send_signal(signal.SIGKILL)
         self.unwatch(worker.control.fileno())
-        worker.control.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            worker.process.wait(1.0)
-        self._recover(worker)
+        self._kill(worker)
         for conn in worker.conns:
             self._forget(conn)
         for _, sock in worker.waiting:
@@ -499,6 +492,20 @@ class ProxyPool:
             worker.process.pid, why, worker.process.returncode, self._backoff,
         )  # fmt: skip
         self._backoff = min(self._backoff * 2, START_BACKOFF[1])
+
+    def _kill(self, worker: _Worker) -> None:
+        """Kill ``worker`` and record what it left unrecorded: the entries it sent that the
+        agent had not read, then what is still on its flight board; close its control
+        socket."""
+        import subprocess  # loaded already: a worker was started
+
+        with contextlib.suppress(ProcessLookupError):
+            worker.process.send_signal(signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            worker.process.wait(1.0)
+        self._last_words(worker)
+        worker.control.close()
+        self._recover(worker)
 
     def _recover(self, worker: _Worker) -> None:
         """Record as ``cut`` each request ``worker`` had under way and did not record (it
@@ -547,18 +554,39 @@ class ProxyPool:
                 continue
             except OSError:
                 return False
-            try:
-                message = json.loads(data) if data else None
-                if not isinstance(message, dict):
-                    return False
-                if message.get("t") == "stopped":
-                    return True
-                conn = message.get("conn")
-                if message.get("t") == "audit" and type(conn) is int and conn in worker.conns:
-                    self._audit(self.peers[conn], message)
-            except (ValueError, RecursionError, BadMessage):
+            if not data:
                 return False
+            if self._closing_message(worker, data) == "stopped":
+                return True
         return False
+
+    def _last_words(self, worker: _Worker) -> None:
+        """Record the audit entries ``worker``, dead now, sent and the agent had not read
+        (their slots on its board are empty already)."""
+        for _ in range(4096):  # bounded by the socket's buffer, and here too
+            try:
+                data = worker.control.recv(MAX_MESSAGE)
+            except OSError:  # BlockingIOError: nothing left
+                return
+            if not data:
+                return
+            self._closing_message(worker, data)
+
+    def _closing_message(self, worker: _Worker, data: bytes) -> object:
+        """One message from a worker being stopped or let go: an audit entry is recorded,
+        if it is a valid one for a connection of the worker's; anything else is dropped.
+        Returns the message's kind (``stopped``, say)."""
+        try:
+            message = json.loads(data)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(message, dict):
+            return None
+        conn = message.get("conn")
+        if message.get("t") == "audit" and type(conn) is int and conn in worker.conns:
+            with contextlib.suppress(BadMessage):
+                self._audit(self.peers[conn], message)
+        return message.get("t")
 
     def close(self) -> None:
         """At the agent's exit: tell each worker to stop and record what it audits last (a
@@ -571,11 +599,13 @@ class ProxyPool:
         told = [worker for worker in workers if worker.ready and self._send(worker, {"t": "stop"})]
         deadline = time.monotonic() + STOP_AUDITS
         for worker in workers:
-            if worker in told and self._last_audits(worker, deadline) and worker.board is not None:
-                worker.board.close()  # it recorded its requests itself
-                worker.board = None
             self.unwatch(worker.control.fileno())
-            worker.control.close()
+            if worker in told and self._last_audits(worker, deadline):
+                worker.control.close()  # it recorded its requests itself, and now ends
+                if worker.board is not None:
+                    worker.board.close()
+            else:  # it could not, or did not in time: killed, and what it left recorded
+                self._kill(worker)
             for _, sock in worker.waiting:
                 self._refuse(sock)
         for process in [worker.process for worker in workers] + self._ending:
@@ -584,8 +614,6 @@ class ProxyPool:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        for worker in workers:  # gone now: what is left on a board was never recorded
-            self._recover(worker)
         self._ending = []
         self.peers.clear()
         self.confirmed.clear()

@@ -595,6 +595,19 @@ def test_a_workers_audit_entry_names_the_agents_peer(
     assert len(loop.calls) == 1
 
 
+def test_entries_queued_behind_a_bad_message_are_still_recorded(stand_in: StandIn) -> None:
+    """A worker let go for a bad message may have sent entries after it: their slots on its
+    board are empty already, so the agent reads them off the control socket first."""
+    pool, loop, agent, worker, theirs = stand_in
+    theirs.send(json.dumps({"t": "sign", "conn": 1}).encode())
+    theirs.send(json.dumps({"t": "audit", "conn": 1, "outcome": "ok", "status": 200}).encode())
+    theirs.send(json.dumps({"t": "audit", "conn": 2, "outcome": "ok"}).encode())  # not its own
+    loop.watched[worker.control.fileno()]()
+    assert pool.workers == []
+    ((op, peer, fields),) = agent.audited
+    assert (op, peer.pid, fields["outcome"], fields["status"]) == ("proxy", 4242, "ok", 200)
+
+
 def test_a_dead_workers_requests_under_way_are_recorded_from_its_board(
     stand_in: StandIn,
 ) -> None:

@@ -24,7 +24,7 @@ import select
 import socket
 import ssl
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from typing import Final
 
@@ -213,6 +213,7 @@ class HttpConnection:
         body: bytes | Iterable[bytes] = b"",
         *,
         close: bool = False,
+        before_end: Callable[[], object] | None = None,
     ) -> None:
         """Send an answer; an iterable body is streamed (chunked unless a Content-Length is
         among ``headers``). An error raised by ``body`` mid-way propagates after the
@@ -220,6 +221,8 @@ class HttpConnection:
         ValueError if ``status`` and ``headers`` are not a valid answer (nothing is sent).
         With ``close``, or before the request's body was read to its end (the service
         answered early), the answer says ``Connection: close``: no request follows it.
+        ``before_end`` is called once the whole body is in hand, before its last bytes are
+        written: what it records is there by the time the tool has the answer.
 
         What is ready leaves in one write: the head with the body's first chunk, and the
         last chunk with the end, so a small answer costs the tool one read, not two. An
@@ -249,6 +252,8 @@ class HttpConnection:
                         ready, held, size = held, [], 0
                         self._write(ready)
             held.append(self._bytes(h11.EndOfMessage()))
+            if before_end is not None:
+                before_end()
         except BaseException:
             with contextlib.suppress(ClientGone):
                 self._write(held)  # what was ready and not yet written reaches the tool, cut

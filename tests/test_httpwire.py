@@ -88,6 +88,30 @@ def test_a_streamed_answer_that_is_all_there_leaves_in_one_write(
     )
 
 
+def test_before_end_runs_before_the_answer_ends(pair: tuple[socket.socket, socket.socket]) -> None:
+    """``before_end`` (the proxy records its audit entry there) runs once the body is all
+    in hand and before its end reaches the tool: a tool that has its answer finds the entry;
+    a body that fails mid-way never runs it."""
+    http = answered(pair)
+    seen: list[list[bytes]] = []
+    http.respond(
+        200, [], iter([b"[1,", b"", b"2]"]), before_end=lambda: seen.append(writes(pair[1]))
+    )
+    ((first,),) = seen
+    assert not first.endswith(b"0\r\n\r\n")  # what went before the wait; not the end
+    (rest,) = writes(pair[1])
+    assert rest.endswith(b"0\r\n\r\n")
+
+    def failing() -> Iterator[bytes]:
+        yield b"x"
+        raise ClientGone("the service dropped it")
+
+    http = answered(pair)
+    with pytest.raises(ClientGone):
+        http.respond(200, [], failing(), before_end=lambda: seen.append([]))
+    assert len(seen) == 1
+
+
 def test_what_is_ready_leaves_before_the_body_waits(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:

@@ -530,15 +530,13 @@ class Proxy:
                 break
             try:
                 renewed = self._renewed(flight, refused)
-                if renewed is not None and not self.lender.still_good(renewed):
-                    # Changed since it was lent (a lock, say): what goes is what it lends now.
-                    renewed = self.lender.authorize(
-                        flight.peer, where.host, where.user, where.key_id
-                    )
             except BaseException:
                 answer.finish(complete=False)  # its connection is closed, not left open
                 raise
-            if renewed is None:
+            if renewed is None or not self.lender.still_good(renewed):
+                # Nothing else to try; or the agent changed since it lent this (a lock, a
+                # key forgotten): the tool gets the 401, and its next request what the
+                # agent lends then.
                 return answer
             answer.finish(complete=False)
             self._relaunch(flight, renewed)

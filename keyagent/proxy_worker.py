@@ -65,9 +65,9 @@ MAX_MESSAGE: Final = 64 * 1024
 """Largest control message either side reads (a grant or a question is well under 2 KiB)."""
 GENERATION: Final = struct.Struct("=Q")
 """The shared generation number: bumped by the agent whenever lent credentials go stale."""
-BOARD_SLOT: Final = 2048
+BOARD_SLOT: Final = 4096
 """Bytes of a worker's flight board per request under way: a length, then the JSON of the
-request's audit entry (bounded well under this by the audit fields' own limits)."""
+request's audit entry in UTF-8 (at most about 2.5 KiB, by the audit fields' own limits)."""
 BOARD_SLOTS: Final = 1024
 """The most slots a flight board has (one per connection, up to this): a request beyond
 them is still recorded when it ends, only not if the worker dies first."""
@@ -92,11 +92,19 @@ class FlightBoard:
     def __init__(self, memory: mmap.mmap) -> None:
         self.memory = memory
         self._free = list(reversed(range(len(memory) // BOARD_SLOT)))
+        self._warned = False
 
     def post(self, entry: dict[str, Any]) -> int | None:
         """Write ``entry``; its slot, or None if no slot is free (or it would not fit)."""
-        data = json.dumps(entry).encode()
+        data = json.dumps(entry, ensure_ascii=False).encode()
         if not self._free or len(data) > BOARD_SLOT - _LENGTH.size:
+            if not self._warned:  # once: the cause lasts (many connections, say)
+                self._warned = True
+                log.warning(
+                    "HTTP worker %d: a request is not on its flight board (%s): were this "
+                    "worker to die, it would not be in the audit log",
+                    os.getpid(), "full" if not self._free else "too long an entry",
+                )  # fmt: skip
             return None
         slot = self._free.pop()
         start = slot * BOARD_SLOT + _LENGTH.size

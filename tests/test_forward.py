@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import mmap
 import re
 import socket
@@ -639,14 +640,20 @@ def test_a_request_is_on_the_board_while_under_way(emulator: ConduceEmulator, ke
     assert list(read_board(memory)) == []
 
 
-def test_a_full_board_leaves_a_request_off_it() -> None:
+def test_a_full_board_leaves_a_request_off_it(caplog: pytest.LogCaptureFixture) -> None:
     """A request finds no free slot (more requests than the board has): it goes on, off the
-    board; a slot emptied serves the next."""
+    board, and the worker says so once; a slot emptied serves the next. Text is kept as
+    UTF-8: the longest entry the audit fields allow fits."""
     board = FlightBoard(mmap.mmap(-1, BOARD_SLOT))
-    assert (board.post({"conn": 1}), board.post({"conn": 2})) == (0, None)
-    board.clear(0)
-    assert board.post({"conn": 3}) == 0
-    assert board.post({"conn": 4, "path": "x" * BOARD_SLOT}) is None  # would not fit
+    with caplog.at_level(logging.WARNING, logger="keyagent.proxy"):
+        assert (board.post({"conn": 1}), board.post({"conn": 2})) == (0, None)
+        board.clear(0)
+        longest = {"conn": 3, "path": '"' * 521, "user": "\U0001f511" * 254, "host": "h" * 255}
+        assert board.post(longest) == 0
+        assert board.post({"conn": 4}) is None
+    assert len([r for r in caplog.records if "not on its flight board" in r.getMessage()]) == 1
+    (kept,) = read_board(board.memory)
+    assert kept == longest
 
 
 def test_a_request_cut_at_stop_is_recorded_once(emulator: ConduceEmulator, key: str) -> None:

@@ -1171,16 +1171,17 @@ class Agent:
         if args.get("persist", self.default_persist) or (held is not None and held.persisted):
             # A persisted key's record is written again even without --persist: the rules
             # this add merges in (never looser) must survive a restart too.
-            return self._add_persisted(args, lifetime)
+            return self._add_persisted(args, lifetime, held)
         if held is None:
             self._check_room()  # places that waiting creates have taken count too
         return self._hold(args, lifetime)
 
-    def _add_persisted(self, args: Mapping[str, Any], lifetime: float | None) -> Steps:
+    def _add_persisted(
+        self, args: Mapping[str, Any], lifetime: float | None, held: HeldKey | None
+    ) -> Steps:
         """add with persist: the keyring first, memory second, so a refusal changes nothing.
         The record is the key as it will be held: a key held already keeps what this add
         does not change (its description, creation date, ephemeral flag and rotation)."""
-        held = self.held_keys.holding(digest_of(args["key"]))
         new = held is None
         if new:
             self._reserve_room()

@@ -285,6 +285,7 @@ class HttpConnection:
         up to :data:`LINGER` seconds, and no longer than the head's timeout without a byte
         (a lingering close, as front ends do): a tool that uploads the whole body before it
         reads would otherwise get a reset, not the answer."""
+        # An OSError (the tool gone, or quiet past the timeout) ends this: it is closing.
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
             if self._h11.their_state is h11.SEND_BODY and self.answered:

@@ -593,8 +593,7 @@ class Proxy:
             if self._stopping:
                 raise Busy("the agent is stopping; retry once it runs again")
             self._flights.add(flight)
-            if self.board is not None:
-                flight.slot = self.board.post({"conn": peer, **flight.entry()})
+            self._post(flight)
         return flight
 
     def _relaunch(self, flight: _Flight, grant: Grant) -> None:
@@ -606,8 +605,7 @@ class Proxy:
                 raise Busy("the agent is stopping; retry once it runs again")
             self._record(flight, "ok")
             flight.grant, flight.status = grant, None
-            if self.board is not None:
-                flight.slot = self.board.post({"conn": flight.peer, **flight.entry()})
+            self._post(flight)
 
     def _land(self, flight: _Flight, outcome: str) -> None:
         """Record how ``flight`` ended, unless :meth:`cut_all` recorded it already."""
@@ -627,12 +625,18 @@ class Proxy:
             for flight in flights:
                 self._record(flight, "cut")
 
+    def _post(self, flight: _Flight) -> None:
+        """Put ``flight`` on the board, as the entry it would get if cut."""
+        if self.board is not None:
+            flight.slot = self.board.post({"conn": flight.peer, **flight.entry()})
+
     def _record(self, flight: _Flight, outcome: str) -> None:
         """Send ``flight``'s entry, then take it off the board (were this worker killed in
         between, the agent would record it twice rather than not at all)."""
         self.lender.audit(flight.peer, outcome, **flight.entry())
         if flight.slot is not None and self.board is not None:
             self.board.clear(flight.slot)
+            flight.slot = None
 
     def _audit(self, peer: int, head: Head, where: Route | None, error: KeyagentError) -> None:
         """Record a request refused before it was sent (no grant was used); a refusal by a

@@ -584,8 +584,13 @@ class ProxyPool:
             return None
         conn = message.get("conn")
         if message.get("t") == "audit" and type(conn) is int and conn in worker.conns:
-            with contextlib.suppress(BadMessage):
+            try:
                 self._audit(self.peers[conn], message)
+            except BadMessage as error:
+                log.warning(
+                    "HTTP worker %d sent a bad audit entry as it ended (%s): not recorded",
+                    worker.process.pid, error,
+                )  # fmt: skip
         return message.get("t")
 
     def close(self) -> None:

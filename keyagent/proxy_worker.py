@@ -17,7 +17,8 @@ The control socket is a ``SOCK_SEQPACKET`` pair: one JSON object per message, pl
 descriptor of a new connection. The agent sends ``conn`` (a connection: its number and its
 descriptor), ``answer`` (to an ``authorize``, ``session_refused`` or ``key_refused``) and,
 as it stops, ``stop``; a worker sends those three questions, ``audit`` entries, ``closed``
-(a connection ended) and ``stopped`` (after an entry for each request still under way at ``stop``).
+(a connection ended) and ``stopped`` (after an entry for each request still under way at
+``stop``).
 Whether a grant lent earlier is still good is read from a generation number the agent
 keeps in a shared memfd (:class:`keyagent.proxy_pool.ProxyPool` writes it before any reply
 that follows a change), so a keep-alive connection's requests do not each cost a round

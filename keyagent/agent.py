@@ -1256,10 +1256,17 @@ class Agent:
     # --- the rules of a key --------------------------------------------------------------
 
     def check_use(
-        self, held: HeldKey, peer: Peer, *, op: str, export: bool, confirmed: bool = False
+        self,
+        held: HeldKey | Session,
+        peer: Peer,
+        *,
+        op: str,
+        export: bool,
+        confirmed: bool = False,
     ) -> Steps:
-        """Whether ``peer`` may use ``held`` for ``op`` (:meth:`_check_rules`); returns None
-        when allowed. A refusal names ``held`` as its subject, for the audit log."""
+        """Whether ``peer`` may use ``held`` (a key, or an account's session) for ``op``
+        (:meth:`_check_rules`); returns None when allowed. A refusal names ``held`` as its
+        subject, for the audit log."""
         try:
             return (yield from self._check_rules(held, peer, op, export, confirmed))
         except KeyagentError as error:
@@ -1267,37 +1274,40 @@ class Agent:
             raise
 
     def _check_rules(
-        self, held: HeldKey, peer: Peer, op: str, export: bool, confirmed: bool
+        self, held: HeldKey | Session, peer: Peer, op: str, export: bool, confirmed: bool
     ) -> Steps:
         """Whether ``peer`` may use ``held`` for ``op``; returns None when allowed.
 
         ``export``: the secret itself would leave the agent (``get``, ``exec``), which a key
-        added with ``--no-export`` refuses (:class:`~keyagent.errors.Forbidden`). A key with
-        allowed programs refuses any other peer executable (:class:`~keyagent.errors.Denied`).
-        A key with ``--confirm`` then asks the user through the askpass program, on a queue
-        of its own, unless ``confirmed`` (a proxied connection that was allowed already);
-        no program, a failure, a refusal or no answer in time is ``Denied``.
+        added with ``--no-export`` refuses (:class:`~keyagent.errors.Forbidden`). A key (or
+        session) with allowed programs refuses any other peer executable
+        (:class:`~keyagent.errors.Denied`). One with ``--confirm`` then asks the user
+        through the askpass program, on a queue of its own, unless ``confirmed`` (a proxied
+        connection that was allowed already); no program, a failure, a refusal or no answer
+        in time is ``Denied``.
         """
-        if export:
+        if export and isinstance(held, HeldKey):
             self._check_export(held)
+        name = _named(held)
         if held.allowed_exes and not self.sees_executables:
-            raise Denied(f"key {held.key_id} has allowed programs, and {NO_EXECUTABLES}")
+            raise Denied(f"{name} has allowed programs, and {NO_EXECUTABLES}")
         if held.allowed_exes and peer.exe not in held.allowed_exes:
             log.warning(
-                "denied %s of key %s to pid %d (%s): not one of its allowed programs",
-                op, held.key_id, peer.pid, peer.exe or "unknown executable",
+                "denied %s of %s to pid %d (%s): not one of its allowed programs",
+                op, name, peer.pid, peer.exe or "unknown executable",
             )  # fmt: skip
+            again = "log in again" if isinstance(held, Session) else "add the key again"
             raise Denied(
-                f"key {held.key_id} may be used only by {', '.join(held.allowed_exes)}, not by "
+                f"{name} may be used only by {', '.join(held.allowed_exes)}, not by "
                 f"{peer.exe or 'a program whose executable is unknown'} (pid {peer.pid}); run "
-                "one of those, or add the key again with --allow-exe for this program"
+                f"one of those, or {again} with --allow-exe for this program"
             )
         if not held.confirm or confirmed:
             return None
         program = self.askpass
         if program is None:
             raise Denied(
-                f"key {held.key_id} needs each use confirmed, and the agent has no askpass "
+                f"{name} needs each use confirmed, and the agent has no askpass "
                 "program: start it with KEYAGENT_ASKPASS set, or set askpass in its config"
             )
         question = self._question(held, peer, op)
@@ -1309,7 +1319,7 @@ class Agent:
             timeout=timeout,
             timeout_error=self._confirm_timed_out,
         )
-        log.info("confirmed %s of key %s for pid %d", op, held.key_id, peer.pid)
+        log.info("confirmed %s of %s for pid %d", op, name, peer.pid)
         return None
 
     def _check_export(self, held: HeldKey) -> None:
@@ -1327,14 +1337,19 @@ class Agent:
         )
 
     @staticmethod
-    def _question(held: HeldKey, peer: Peer, op: str) -> str:
+    def _question(held: HeldKey | Session, peer: Peer, op: str) -> str:
         """The one line the askpass program shows; no control characters from any part."""
         program = printable(peer.exe) if peer.exe else "an unknown program"
+        account = f"{printable(held.user, 80)} on {printable(held.host, 80)}"
+        if isinstance(held, Session):
+            return (
+                f"Allow {program} (pid {peer.pid}) to use the session of {account} "
+                f"for {printable(op, 80)}?"
+            )
         description = f' "{printable(held.description, 80)}"' if held.description else ""
         return (
             f"Allow {program} (pid {peer.pid}) to use key {held.key_id} of "
-            f"{printable(held.user, 80)} on {printable(held.host, 80)}{description} "
-            f"for {printable(op, 80)}?"
+            f"{account}{description} for {printable(op, 80)}?"
         )
 
     def process_list(self, args: Mapping[str, Any]) -> Outcome:
@@ -1483,10 +1498,18 @@ class Agent:
     # and applies the outcome to the store and session on the loop.
 
     def process_login(self, args: Mapping[str, Any]) -> Steps:
+        # The session's rules are checked before the password is sent, and are this login's
+        # alone: a new cookie, so nothing of an earlier login's rules carries over.
+        confirm: bool = args.get("confirm", False)
+        allowed_exes: tuple[str, ...] = args.get("allow_exe", self.default_allowed_exes)
+        if allowed_exes and not self.sees_executables:
+            raise BadRequest(NO_EXECUTABLES)
         session = self.session_for(args["host"], args["user"])
         password: str = args["password"]
         yield Work(lambda: session.account.login(password), queue=session.queue)
-        session.began(self.clock.monotonic(), self.clock.wall())
+        session.began(
+            self.clock.monotonic(), self.clock.wall(), confirm=confirm, allowed_exes=allowed_exes
+        )
         log.info("logged in %s on %s", session.user, session.host)
         self._resume_orphans(session)
         return {"host": session.host, "user": session.user, "session": True}
@@ -2112,12 +2135,8 @@ class Agent:
             )
         (user,) = accounts
         session = self.sessions.get((host, user))
-        if session is not None and session.live:
-            cookie = session.account.session_cookie()
-            if cookie:
-                return Grant(
-                    host, user, header="Cookie", value=cookie, token=self.credentials_token()
-                )
+        if session is not None and session.live and session.account.session_cookie():
+            return (yield from self._lend_session(session, peer, confirmed))
         try:
             held = self.held_keys.newest(now, host, user)
         except NotFound:
@@ -2194,6 +2213,29 @@ class Agent:
         if following is None:
             return None
         return (yield from self._lend(following, peer, confirmed))
+
+    def _lend_session(self, session: Session, peer: Peer, confirmed: frozenset[str]) -> Steps:
+        """The account's live session, lent as its rules allow (``login --confirm``,
+        ``--allow-exe``), as a held key is by :meth:`_lend`."""
+        mark = session.mark
+        yield from self.check_use(
+            session, peer, op="proxy", export=False, confirmed=mark in confirmed
+        )
+        # Asking the user took time: the session may have ended, or been replaced by
+        # another login (whose rules were not the ones asked about), or the agent locked.
+        if self.lock.locked:
+            raise Locked()
+        cookie = session.account.session_cookie()
+        if not (session.live and session.mark == mark and cookie):
+            raise LoginRequired(
+                f"the session of {session.user} at {session.host} ended while its use waited "
+                "for confirmation; try again, or run keyagent-ctl login"
+            )
+        log.debug("lending the session of %s to pid %d (proxied request)", session.user, peer.pid)
+        return Grant(
+            session.host, session.user, header="Cookie", value=cookie, mark=mark,
+            confirmed=session.confirm, token=self.credentials_token(),
+        )  # fmt: skip
 
     def _lend(self, held: HeldKey, peer: Peer, confirmed: frozenset[str]) -> Steps:
         yield from self.check_use(
@@ -2311,6 +2353,15 @@ def _listed_deleter(account: RemoteAccount, digest: str) -> Callable[[str | None
     return delete
 
 
-def _about(error: KeyagentError, held: HeldKey) -> None:
-    """Name ``held`` as the subject of ``error``, a refusal to use it (for the audit log)."""
-    error.subject = (held.key_id, held.host, held.user)
+def _about(error: KeyagentError, held: HeldKey | Session) -> None:
+    """Name ``held`` as the subject of ``error``, a refusal to use it (for the audit log):
+    a key by its id, a session by its account alone."""
+    key_id = held.key_id if isinstance(held, HeldKey) else None
+    error.subject = (key_id, held.host, held.user)
+
+
+def _named(held: HeldKey | Session) -> str:
+    """``held`` as a refusal's message names it."""
+    if isinstance(held, HeldKey):
+        return f"key {held.key_id}"
+    return f"the session of {held.user} on {held.host}"

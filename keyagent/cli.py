@@ -257,6 +257,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="read the password from stdin instead of prompting",
     )
+    p.add_argument(
+        "--confirm",
+        action="store_true",
+        default=None,
+        help="ask (through the agent's askpass program) before each use of the session"
+        " through the HTTP socket",
+    )
+    p.add_argument(
+        "--allow-exe",
+        action="append",
+        metavar="PATH",
+        help="only this program may use the session through the HTTP socket (repeat for"
+        " several; default: any, or allow_exe in the agent's config file)",
+    )
     command("logout", "drop the Conduce session from the agent")
 
     p = command("create", "create an API key on Conduce and hold it", "create-api-key")
@@ -575,8 +589,11 @@ def cmd_status(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
         )
         # A logged-out session has no start time: say so without a placeholder.
         since = f" since {shown(session['since'])}" if session.get("since") else ""
+        rules = _rules(session)
+        ruled = f" ({shown(rules)})" if rules != "-" else ""
         out.write(
-            f"session {shown(session.get('user'))}@{shown(session.get('host'))}: {state}{since}\n"
+            f"session {shown(session.get('user'))}@{shown(session.get('host'))}: {state}{since}"
+            f"{ruled}\n"
         )
     for pending in status.get("pending_deletions") or []:
         note = ""
@@ -823,7 +840,7 @@ def cmd_login(args: argparse.Namespace, client: Client, stdin: TextIO, out: Text
         password = _prompt(f"Password for {user} on {host}: ")
     else:
         raise UsageError("no terminal to prompt on; pipe the password with --password-stdin")
-    client.login(host, user, password)
+    client.login(host, user, password, confirm=args.confirm, allow_exe=args.allow_exe)
     out.write(f"logged in as {shown(user)} on {shown(host)}\n")
     return EXIT_OK
 

@@ -329,8 +329,26 @@ class Client:
         finally:
             self.close()
 
-    def login(self, host: str, user: str, password: str) -> dict[str, Any]:
-        return self.call("login", host=host, user=user, password=password)
+    def login(
+        self,
+        host: str,
+        user: str,
+        password: str,
+        *,
+        confirm: bool | None = None,
+        allow_exe: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        """Log the agent in; it keeps the session cookie, never ``password``. ``confirm``
+        and ``allow_exe`` are rules for the session's use through the HTTP socket, as for
+        a key (:meth:`add`; None: the agent's default)."""
+        return self.call(
+            "login",
+            host=host,
+            user=user,
+            password=password,
+            confirm=confirm,
+            allow_exe=resolve_programs(allow_exe),
+        )
 
     def logout(self, host: str, user: str) -> dict[str, Any]:
         return self.call("logout", host=host, user=user)

@@ -57,8 +57,9 @@ key                 type         default   environment             used by
                                                                    exec) unless add/create
                                                                    says
 ``allow_exe``       array of     [] (any   -                       keyagent: the programs new
-                    paths        program)                          keys allow unless
-                                                                   add/create names some
+                    paths        program)                          keys and sessions allow
+                                                                   unless add/create/login
+                                                                   names some
 ``askpass``         path         none      ``KEYAGENT_ASKPASS``    keyagent: the program that
                                                                    confirms each use of a
                                                                    ``--confirm`` key

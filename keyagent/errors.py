@@ -53,9 +53,10 @@ class KeyagentError(Exception):
 
     def __init__(self, message: str | None = None) -> None:
         self.message = message or self.default_message
-        self.subject: tuple[str, str, str] | None = None
-        """The held key a refusal is about, as (key id, host, user), for the audit log;
-        not part of the reply (whose message names the key id where that helps)."""
+        self.subject: tuple[str | None, str, str] | None = None
+        """The held key (or session: no key id) a refusal is about, as (key id, host,
+        user), for the audit log; not part of the reply (whose message names the key id
+        where that helps)."""
         super().__init__(self.message)
 
     def __repr__(self) -> str:

@@ -28,8 +28,8 @@ class Grant:
     keep-alive connection while :attr:`token` says nothing changed."""
 
     __slots__ = (
-        "confirmed", "deadline", "digest", "header", "host", "key_id", "session", "token",
-        "user", "value",
+        "confirmed", "deadline", "digest", "header", "host", "key_id", "mark", "session",
+        "token", "user", "value",
     )  # fmt: skip
 
     def __init__(
@@ -44,6 +44,7 @@ class Grant:
         deadline: float | None = None,
         confirmed: bool = False,
         token: object = None,
+        mark: str | None = None,
     ) -> None:
         self.host, self.user = host, user
         self.header, self.value = header, value
@@ -56,6 +57,9 @@ class Grant:
         """Whether this is the account's session (cookie) rather than a held key."""
         self.confirmed = confirmed
         """Whether the user was asked and allowed it: the connection need not ask again."""
+        self.mark = digest if mark is None else mark
+        """What the agent remembers as confirmed on the connection: the key's digest, or
+        the login's :attr:`keyagent.sessions.Session.mark`. Not sent to a worker."""
         self.token = token
         """What the agent's credentials looked like when lent (:meth:`keyagent.agent.Agent.
         credentials_token` on the loop; a generation number in a worker): while it is

@@ -259,7 +259,13 @@ OPS: Final[Mapping[str, Spec]] = {
     "lock": {"passphrase": (PASSPHRASE, True)},
     "unlock": {"passphrase": (PASSPHRASE, True)},
     "stop": {},
-    "login": {"host": (HOST, True), "user": (USER, True), "password": (PASSWORD, True)},
+    "login": {
+        "host": (HOST, True),
+        "user": (USER, True),
+        "password": (PASSWORD, True),
+        "confirm": (_boolean, False),
+        "allow_exe": (_exe_list, False),
+    },
     "logout": {"host": (HOST, True), "user": (USER, True)},
     "create": {
         "host": (HOST, True),

@@ -413,8 +413,8 @@ class ProxyPool:
             elif grant is None:
                 answer["grant"] = None
             else:
-                if grant.confirmed and grant.digest is not None:
-                    self.confirmed.setdefault(conn, set()).add(grant.digest)
+                if grant.confirmed and grant.mark is not None:
+                    self.confirmed.setdefault(conn, set()).add(grant.mark)
                 self.publish()
                 # A grant lent before a change the loop has since seen is never reused.
                 current = grant.token == self._token

@@ -208,8 +208,8 @@ class AgentLink:
             refusal = from_code(str(error[0]), str(error[1]))
             subject = answer.get("subject")
             if subject is not None:
-                key_id, host, user = (str(part) for part in subject)
-                refusal.subject = (key_id, host, user)
+                key_id, host, user = subject  # the agent's own words: a session has no key id
+                refusal.subject = (None if key_id is None else str(key_id), str(host), str(user))
             raise refusal
         return None if answer.get("grant") is None else Grant.from_wire(answer["grant"])
 

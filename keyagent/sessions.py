@@ -104,8 +104,12 @@ class Session:
     the HTTP socket is reused on its connection only while this, the keys and the lock are
     as they were (see :meth:`keyagent.agent.Agent.credentials_token`)."""
 
+    logins: int = 0
+    """Counts logins of the process: each session's :attr:`mark` is its own."""
+
     __slots__ = (
-        "host", "user", "account", "logged_in", "expired", "since", "checked", "checked_wall"
+        "host", "user", "account", "logged_in", "expired", "since", "checked", "checked_wall",
+        "confirm", "allowed_exes", "mark",
     )  # fmt: skip
 
     def __init__(
@@ -130,13 +134,21 @@ class Session:
         self.checked = checked
         """Monotonic time the session last proved alive (login, validation or a call)."""
         self.checked_wall = checked_wall
+        self.confirm = False
+        """Each proxied use asks the user first (``login --confirm``), as for a held key."""
+        self.allowed_exes: tuple[str, ...] = ()
+        """The only programs whose proxied requests it is lent for (``login --allow-exe``)."""
+        self.mark = ""
+        """Names this login (not the account) in a connection's record of what the user
+        confirmed on it: a later login asks again."""
 
     def __repr__(self) -> str:
         # Not the account: it holds the session cookie.
         return (
             f"Session(host={self.host!r}, user={self.user!r}, logged_in={self.logged_in!r}, "
             f"expired={self.expired!r}, since={self.since!r}, checked={self.checked!r}, "
-            f"checked_wall={self.checked_wall!r})"
+            f"checked_wall={self.checked_wall!r}, confirm={self.confirm!r}, "
+            f"allowed_exes={self.allowed_exes!r})"
         )
 
     @property
@@ -156,15 +168,23 @@ class Session:
             "expired": self.expired,
             "since": iso(self.since),
             "last_validated": iso(self.checked_wall),
+            "confirm": self.confirm,
+            "allowed_exes": list(self.allowed_exes),
         }
 
-    def began(self, now: float, wall: float) -> None:
+    def began(
+        self, now: float, wall: float, *, confirm: bool = False, allowed_exes: tuple[str, ...] = ()
+    ) -> None:
         """Logged in, perhaps again: a new cookie, so what was lent with any earlier one (a
-        grant of the HTTP socket) is stale, even if a session was live before."""
+        grant of the HTTP socket) is stale, even if a session was live before. The rules
+        are this login's: those of an earlier one do not carry over."""
         if self.live:  # proved_alive counts only a session going live
             Session.changes += 1
         self.proved_alive(now, wall)
         self.since = wall
+        self.confirm, self.allowed_exes = confirm, allowed_exes
+        Session.logins += 1
+        self.mark = f"session {Session.logins}"
 
     def proved_alive(self, now: float, wall: float) -> None:
         if not self.live:
@@ -182,6 +202,7 @@ class Session:
         Session.changes += 1
         self.logged_in = self.expired = False
         self.since = self.checked = self.checked_wall = None
+        self.confirm, self.allowed_exes, self.mark = False, (), ""
 
 
 class Plan(namedtuple("Plan", ["use_session", "validate_first", "api_keys"], defaults=[()])):

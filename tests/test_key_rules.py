@@ -14,6 +14,7 @@ import pytest
 from keyagent import errors
 from keyagent.agent import Agent, Peer
 from keyagent.effects import Work
+from keyagent.grant import Grant
 from keyagent.persist import KeyringStore, PersistedKey
 from keyagent.sockets import sees_peer_executables
 from keyagent.store import digest_of, key_id_for
@@ -355,6 +356,150 @@ def test_allowed_programs_are_checked_before_anyone_is_asked(
     add(agent, confirm=True, allow_exe=[CURL])
     assert type(get_fails_as(agent, peer(TOOL))) is errors.Denied
     assert askpass.asked == []
+
+
+# --- the rules of a session (login --confirm, --allow-exe) ------------------------------------
+
+
+def log_in(agent: Agent, **args: Any) -> dict[str, Any]:
+    return run(agent, "login", host=HOST, user=USER, password="pw", **args)
+
+
+def proxy_as(agent: Agent, who: Peer, confirmed: frozenset[str] = frozenset()) -> Grant:
+    """What the agent lends ``who`` for a proxied request to the account (waited for inline)."""
+    grant = driver_for(agent).run(agent.authorize_proxy(who, HOST, None, None, confirmed))
+    assert isinstance(grant, Grant)
+    return grant
+
+
+def proxy_fails_as(agent: Agent, who: Peer) -> errors.KeyagentError:
+    with pytest.raises(errors.KeyagentError) as caught:
+        proxy_as(agent, who)
+    return caught.value
+
+
+def test_a_session_with_allowed_programs_is_lent_only_to_them(
+    agent: Agent, askpass: FakeAskpass
+) -> None:
+    """login --allow-exe: the session goes to that program's proxied requests; another
+    program is denied, without a prompt, by a refusal that names the account (no key)."""
+    log_in(agent, allow_exe=[CURL])
+    grant = proxy_as(agent, peer(CURL))
+    assert (grant.session, grant.header) == (True, "Cookie")
+    error = proxy_fails_as(agent, peer(TOOL))
+    assert type(error) is errors.Denied
+    assert "the session of" in error.message
+    assert "log in again with --allow-exe" in error.message
+    assert error.subject == (None, HOST, USER)
+    assert askpass.asked == []
+
+
+def test_a_confirmed_session_asks_and_is_remembered_by_its_login(
+    agent: Agent, askpass: FakeAskpass
+) -> None:
+    """login --confirm: a proxied use asks first (a question naming the session, never the
+    cookie); the grant carries the login's mark, which spares the connection a second
+    question; a new login has a mark of its own, and asks again."""
+    log_in(agent, confirm=True)
+    grant = proxy_as(agent, peer(CURL, pid=77))
+    ((program, question, _),) = askpass.asked
+    assert program == ASKPASS
+    for part in (CURL, "77", f"the session of {USER} on {HOST}", "proxy"):
+        assert part in question
+    assert "fake-session-cookie" not in question
+    assert grant.confirmed
+    assert grant.mark is not None
+    proxy_as(agent, peer(CURL), confirmed=frozenset({grant.mark}))
+    assert len(askpass.asked) == 1
+    log_in(agent, confirm=True)
+    again = proxy_as(agent, peer(CURL), confirmed=frozenset({grant.mark}))
+    assert len(askpass.asked) == 2
+    assert again.mark != grant.mark
+
+
+def test_a_refusal_at_the_prompt_denies_the_session(agent: Agent, askpass: FakeAskpass) -> None:
+    log_in(agent, confirm=True)
+    askpass.answer = errors.Denied("refused at the prompt")
+    error = proxy_fails_as(agent, peer(CURL))
+    assert (type(error), error.subject) == (errors.Denied, (None, HOST, USER))
+
+
+def test_a_login_sets_its_own_rules_and_a_logout_drops_them(
+    agent: Agent, askpass: FakeAskpass
+) -> None:
+    """The rules are the login's: logging in again without them lends the session freely,
+    and status shows each state."""
+    log_in(agent, confirm=True, allow_exe=[CURL])
+    (state,) = run(agent, "status")["sessions"]
+    assert (state["confirm"], state["allowed_exes"]) == (True, [CURL])
+    log_in(agent)
+    assert proxy_as(agent, peer(TOOL)).session
+    assert askpass.asked == []
+    (state,) = run(agent, "status")["sessions"]
+    assert (state["confirm"], state["allowed_exes"]) == (False, [])
+    log_in(agent, confirm=True)
+    run(agent, "logout", host=HOST, user=USER)
+    (state,) = run(agent, "status")["sessions"]
+    assert (state["logged_in"], state["confirm"]) == (False, False)
+
+
+def test_the_default_allowed_programs_apply_to_a_login(fake_time: FakeTime) -> None:
+    """The agent's allow_exe default guards a session as it does a new key, unless the
+    login names programs of its own."""
+    agent = Agent(
+        clock=fake_time.clock(), default_allowed_exes=(CURL,),
+        accounts=lambda host, user: FakeAccount(),
+    )  # fmt: skip
+    log_in(agent)
+    assert type(proxy_fails_as(agent, peer(TOOL))) is errors.Denied
+    assert proxy_as(agent, peer(CURL)).session
+    log_in(agent, allow_exe=[TOOL])
+    assert proxy_as(agent, peer(TOOL)).session
+
+
+def test_a_session_ended_while_its_use_waits_is_not_lent(fake_time: FakeTime) -> None:
+    """A logout (or another login, with rules of its own) while the prompt shows: the
+    answer lends nothing, and says to log in."""
+    account = FakeAccount()
+    agent = Agent(
+        clock=fake_time.clock(), askpass=ASKPASS, confirmer=FakeAskpass(),
+        accounts=lambda host, user: account,
+    )  # fmt: skip
+    for change in ("logout", "login"):
+        log_in(agent, confirm=True)
+        driver = HeldWorkDriver(fake_time)
+        outcomes: list[tuple[object, errors.KeyagentError | None]] = []
+
+        def done(
+            result: object,
+            error: errors.KeyagentError | None,
+            seen: list[tuple[object, errors.KeyagentError | None]] = outcomes,
+        ) -> None:
+            seen.append((result, error))
+
+        driver.start(agent.authorize_proxy(peer(CURL), HOST, None, None), done)
+        if change == "logout":
+            run(agent, "logout", host=HOST, user=USER)
+        else:
+            log_in(agent)
+        driver.end(driver.held[0])
+        ((result, error),) = outcomes
+        assert result is None, change
+        assert type(error) is errors.LoginRequired, change
+
+
+def test_an_agent_blind_to_executables_refuses_a_login_with_allowed_programs(
+    fake_time: FakeTime,
+) -> None:
+    """Refused before the password is sent: no session comes of it."""
+    account = FakeAccount()
+    blind = Agent(
+        clock=fake_time.clock(), sees_executables=False, accounts=lambda host, user: account
+    )
+    error = fails(blind, "login", host=HOST, user=USER, password="pw", allow_exe=[CURL])
+    assert type(error) is errors.BadRequest
+    assert "PrivateUsers=" in error.message
+    assert account.calls == []
 
 
 # --- persistence -------------------------------------------------------------------------------

@@ -152,3 +152,45 @@ def test_the_agent_socket_is_served_while_a_proxied_confirmation_waits(
     body, code = out.rsplit("\n", 1)
     assert code == "403"
     assert json.loads(body)["error"]["code"] == "denied"
+
+
+def test_a_session_logged_in_with_rules_keeps_them_on_the_http_socket(
+    rules_agent: AgentProcess, emulator: Emulator, askpass_dir: Path, tmp_path: Path
+) -> None:
+    """keyagent-ctl login --allow-exe COPY --confirm: curl itself is denied (403, never sent);
+    the copy is asked once for its connection and served with the session; status says
+    so, and the audit log names the account (no key) of each try."""
+    assert CURL is not None
+    allowed = tmp_path / "allowed-curl"
+    shutil.copy2(os.path.realpath(CURL), allowed)
+    emulator.add_user(USER, PASSWORD)
+    account = ("--host", emulator.host, "--user", USER)
+    login = run_ctl(
+        rules_agent.socket_path, *account, "login", "--password-stdin", "--confirm",
+        "--allow-exe", str(allowed), stdin=PASSWORD,
+    )  # fmt: skip
+    assert login.code == 0, login.err
+    status = run_ctl(rules_agent.socket_path, "status")
+    assert f"session {USER}@{emulator.host}: logged in since " in status.out
+    assert f"(confirm only {allowed})" in status.out
+
+    emulator.clear_requests()
+    ((code, refused),) = curl(rules_agent, emulator, ECHO)
+    assert (code, refused["error"]["code"]) == (403, "denied")
+    assert "the session of" in refused["error"]["message"]
+    assert not (askpass_dir / "questions").exists()
+    assert emulator.requests == []
+
+    answers = curl(rules_agent, emulator, ECHO, ECHO, program=str(allowed))
+    assert [code for code, _ in answers] == [200, 200]
+    assert answers[0][1]["headers"]["cookie"]["auth"] == "cookie"
+    (question,) = (askpass_dir / "questions").read_text().splitlines()
+    assert str(allowed) in question
+    assert f"the session of {USER} on {emulator.host}" in question
+    with rules_agent.client() as client:
+        proxied = [
+            (e["outcome"], e["status"], e["key_id"], e["user"])
+            for e in client.log()
+            if e["op"] == "proxy"
+        ]
+    assert proxied == [("denied", None, None, USER)] + [("ok", 200, None, USER)] * 2

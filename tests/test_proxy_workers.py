@@ -424,6 +424,8 @@ class TokenAgent:
         self.token = 0
         self.audited: list[tuple[str, Peer, dict[str, Any]]] = []
         self.asked: list[tuple[int, frozenset[str]]] = []
+        self.session_mark: str | None = None
+        """When set, the account's session is lent (under this login's mark) instead."""
 
     def credentials_token(self) -> int:
         return self.token
@@ -435,6 +437,11 @@ class TokenAgent:
         self, peer: Peer, host: str, user: str | None, key_id: str | None, confirmed: Any
     ) -> Grant:
         self.asked.append((peer.pid, confirmed))
+        if self.session_mark is not None:
+            return Grant(
+                host, "u", header="Cookie", value="session=c00k1e-value", mark=self.session_mark,
+                confirmed=True, token=self.token,
+            )  # fmt: skip
         return Grant(
             host, "u", header="Authorization", value="Bearer k", digest="d" * 64,
             confirmed=True, token=self.token,
@@ -688,6 +695,22 @@ def test_confirmed_keys_are_the_agents_record_not_the_workers(stand_in: StandIn)
     closed(theirs, 1)
     loop.watched[worker.control.fileno()]()
     assert pool.confirmed == {}
+
+
+def test_a_confirmed_session_is_remembered_by_its_login(stand_in: StandIn) -> None:
+    """A session the user allowed on a connection is remembered as the agent marked that
+    login (no digest: a session has none), and the connection's next question says so."""
+    _, loop, agent, worker, theirs = stand_in
+    agent.session_mark = "session 9"
+    with socket.socket(fileno=os.dup(theirs.fileno())) as reader:
+        authorize(theirs, 1, 1)
+        loop.watched[worker.control.fileno()]()
+        authorize(theirs, 1, 2)
+        loop.watched[worker.control.fileno()]()
+        answered = [answer for answer in answers(reader) if answer["t"] == "answer"]
+    assert [asked for _, asked in agent.asked] == [frozenset(), frozenset({"session 9"})]
+    assert all(answer["grant"]["session"] for answer in answered)
+    assert "mark" not in answered[0]["grant"]  # the agent's record, not the worker's
 
 
 def test_a_grant_carries_the_generation_it_was_lent_in(stand_in: StandIn) -> None:

@@ -244,6 +244,8 @@ def test_session_repr_and_state_hold_no_cookie() -> None:
         "expired",
         "since",
         "last_validated",
+        "confirm",
+        "allowed_exes",
     }
 
 

@@ -2165,13 +2165,17 @@ class Agent:
             raise Locked()
         session = self.sessions.get((host, user))
         if session is not None and session.live:
+            # The check uses the session for this tool's request: recorded as op "check".
             try:
                 alive = yield Work(session.account.validate, queue=session.queue)
-            except KeyagentError:
+            except KeyagentError as error:
+                self.audit("check", peer, outcome=error.code, host=host, user=user)
                 return None
             if alive:
+                self.audit("check", peer, host=host, user=user)
                 session.proved_alive(self.clock.monotonic(), self.clock.wall())
                 return None
+            self.audit("check", peer, outcome=SessionExpired.code, host=host, user=user)
             session.mark_expired()
             log.info("session of %s on %s expired", user, host)
         return (yield from self.authorize_proxy(peer, host, user, key_id, confirmed))
@@ -2199,12 +2203,20 @@ class Agent:
             return None
         session = self.session_for(host, user)
         account, secret = session.account, held.secret
+
+        # The check uses the key for this tool's request: recorded as op "check".
+        def checked(outcome: str) -> None:
+            self.audit("check", peer, outcome=outcome, key_id=held.key_id, host=host, user=user)
+
         try:
             yield Work(lambda: account.list_keys(api_key=secret), queue=session.queue)
+            checked("ok")
             return None  # the key works: only this request was refused
         except BadCredentials:
+            checked(BadCredentials.code)
             log.info("key %s of %s on %s is refused by the service", held.key_id, user, host)
-        except KeyagentError:
+        except KeyagentError as error:
+            checked(error.code)
             return None  # the key's state could not be learnt
         if self.lock.locked:
             raise Locked()

@@ -4,7 +4,8 @@ Every use of a secret and every change (``get``, ``exec``, ``add``, ``create``, 
 ``forget``, ``login``, ``logout``, ``lock``, ``unlock``, ``stop``, a proxied request) and every
 refusal with ``denied``, ``forbidden`` or ``locked`` becomes one :class:`AuditEntry`; so does
 each deletion of an ephemeral key the agent makes on its own on the service (``delete``, at
-expiry, after ``forget``, at stop), with no pid: the agent itself asked.
+expiry, after ``forget``, at stop), with no pid: the agent itself asked; and each check of
+a credential after the service refused a proxied request with it (``check``).
 :class:`AuditLog` keeps the newest ones in memory (a ring of ``audit_entries``, default
 10,000), writes each as one line to the agent's log at info level, and hands each to the
 followers of ``keyagent-ctl log --follow``.

@@ -440,6 +440,50 @@ def test_an_expired_session_without_keys_means_logging_in_again(
         refused(agent)
 
 
+def checks(agent: Agent) -> list[tuple[str, str | None, str | None, int | None]]:
+    """The audit log's "check" entries: outcome, key id, user, pid."""
+    return [
+        (entry.outcome, entry.key_id, entry.user, entry.pid)
+        for entry in agent.audit_log.last()
+        if entry.op == "check"
+    ]
+
+
+def test_each_check_after_a_401_is_audited_for_the_tool(
+    agent: Agent, accounts: dict[tuple[str, str], FakeAccount]
+) -> None:
+    """The agent's own calls that check a credential after a 401 use it for the tool's
+    request: each is an entry of op "check", with the tool's pid and what the check
+    found (the key, or the session: no key id)."""
+    log_in(agent)
+    account = accounts[(HOST, USER)]
+    assert refused(agent) is None  # alive
+    account.fail_next = RemoteUnreachable("down")
+    assert refused(agent) is None  # not learnt
+    account.session_alive = False
+    with pytest.raises(LoginRequired):
+        refused(agent)  # expired
+    assert checks(agent) == [
+        ("ok", None, USER, PEER.pid),
+        ("remote_unreachable", None, USER, PEER.pid),
+        ("session_expired", None, USER, PEER.pid),
+    ]
+    newer = "proxy-secret-key-0005-abcdefgh"
+    hold(agent, SECRET)
+    hold(agent, newer)
+    account.keys = [SECRET, newer]
+    assert key_refused(agent, newer) is None  # it works
+    account.keys = [SECRET]
+    assert key_refused(agent, newer) is not None  # refused: the next key is lent
+    account.fail_next = RemoteUnreachable("down")
+    assert key_refused(agent, newer) is None
+    assert checks(agent)[3:] == [
+        ("ok", key_id_for(newer), USER, PEER.pid),
+        ("bad_credentials", key_id_for(newer), USER, PEER.pid),
+        ("remote_unreachable", key_id_for(newer), USER, PEER.pid),
+    ]
+
+
 def test_two_accounts_on_a_host_need_the_user_header(agent: Agent) -> None:
     """Credentials of two accounts: ambiguous, unless X-Keyagent-User names one."""
     hold(agent, SECRET, USER)

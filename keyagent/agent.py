@@ -145,7 +145,13 @@ NO_EXECUTABLES: Final = (
     "this agent cannot tell which program connects (it runs in a user namespace of its own,"
     " e.g. systemd's PrivateUsers=, where /proc/PID/exe of other processes is unreadable),"
     ' so --allow-exe cannot be enforced: start an agent outside it (eval "$(keyagent)")'
-    " for keys with allowed programs"
+    " for keys or sessions with allowed programs"
+)
+NO_EXECUTABLES_DEFAULT: Final = (
+    "this agent cannot tell which program connects (it runs in a user namespace of its own,"
+    " e.g. systemd's PrivateUsers=), so the allow_exe setting of its config file, which"
+    " applies to every new key and login, cannot be enforced: remove it from the file, or"
+    ' start an agent outside that namespace (eval "$(keyagent)")'
 )
 MAX_ACCOUNTS: Final = 64
 """Conduce accounts tracked at once; logged-out ones are forgotten first."""
@@ -1155,14 +1161,21 @@ class Agent:
         rules: Rules = (
             args.get("export", self.default_export),
             args.get("confirm", False),
-            args.get("allow_exe", self.default_allowed_exes),
+            self._allowed_exes(args),
         )
-        if rules[2] and not self.sees_executables:
-            raise BadRequest(NO_EXECUTABLES)
         held = None if secret is None else self.held_keys.holding(digest_of(secret))
         if held is None:
             return rules
         return stricter(held, exportable=rules[0], confirm=rules[1], allowed_exes=rules[2])
+
+    def _allowed_exes(self, args: Mapping[str, Any]) -> tuple[str, ...]:
+        """The programs a new key or login allows: those ``args`` name, else the agent's
+        default; BadRequest if there are some and this agent cannot see programs."""
+        asked = "allow_exe" in args
+        allowed: tuple[str, ...] = args["allow_exe"] if asked else self.default_allowed_exes
+        if allowed and not self.sees_executables:
+            raise BadRequest(NO_EXECUTABLES if asked else NO_EXECUTABLES_DEFAULT)
+        return allowed
 
     def process_add(self, args: Mapping[str, Any]) -> Outcome:
         lifetime = args.get("lifetime", self.default_lifetime)
@@ -1501,12 +1514,14 @@ class Agent:
         # The session's rules are checked before the password is sent, and are this login's
         # alone: a new cookie, so nothing of an earlier login's rules carries over.
         confirm: bool = args.get("confirm", False)
-        allowed_exes: tuple[str, ...] = args.get("allow_exe", self.default_allowed_exes)
-        if allowed_exes and not self.sees_executables:
-            raise BadRequest(NO_EXECUTABLES)
+        allowed_exes = self._allowed_exes(args)
         session = self.session_for(args["host"], args["user"])
         password: str = args["password"]
-        yield Work(lambda: session.account.login(password), queue=session.queue)
+        session.renewing = True
+        try:
+            yield Work(lambda: session.account.login(password), queue=session.queue)
+        finally:
+            session.renewing = False
         session.began(
             self.clock.monotonic(), self.clock.wall(), confirm=confirm, allowed_exes=allowed_exes
         )
@@ -2105,7 +2120,8 @@ class Agent:
         account's live session, else its newest held key; ``key_id`` picks a held key.
 
         ``user`` may be omitted when the agent holds credentials for one account of ``host``
-        only. ``confirmed``: digests of keys the user already allowed on this connection.
+        only. ``confirmed``: what the user already allowed on this connection (digests of
+        keys, :attr:`~keyagent.sessions.Session.mark` of logins).
         A held key is lent only as its rules allow (:meth:`check_use`: allowed programs,
         confirmation), never refused for being non-exportable: this is what those are for.
         Returns a :class:`Grant`.
@@ -2135,11 +2151,16 @@ class Agent:
             )
         (user,) = accounts
         session = self.sessions.get((host, user))
-        if session is not None and session.live and session.account.session_cookie():
+        lendable = session is not None and session.live and not session.renewing
+        if session is not None and lendable and session.account.session_cookie():
             return (yield from self._lend_session(session, peer, confirmed))
         try:
             held = self.held_keys.newest(now, host, user)
         except NotFound:
+            if session is not None and session.renewing:
+                raise Busy(
+                    f"a login of {user} on {host} is under way; retry once it has ended"
+                ) from None
             raise LoginRequired(
                 f"the session of {user} at {host} has ended and the agent holds no key for it;"
                 " run keyagent-ctl login"
@@ -2233,15 +2254,15 @@ class Agent:
         yield from self.check_use(
             session, peer, op="proxy", export=False, confirmed=mark in confirmed
         )
-        # Asking the user took time: the session may have ended, or been replaced by
-        # another login (whose rules were not the ones asked about), or the agent locked.
+        # Asking the user took time: the agent may have been locked, or the session ended or
+        # been replaced by another login (whose rules were not the ones asked about). Then
+        # what the agent lends now is decided again: a key, or the new login as its rules say.
         if self.lock.locked:
             raise Locked()
         cookie = session.account.session_cookie()
-        if not (session.live and session.mark == mark and cookie):
-            raise LoginRequired(
-                f"the session of {session.user} at {session.host} ended while its use waited "
-                "for confirmation; try again, or run keyagent-ctl login"
+        if not (session.live and session.mark == mark and not session.renewing and cookie):
+            return (
+                yield from self.authorize_proxy(peer, session.host, session.user, None, confirmed)
             )
         log.debug("lending the session of %s to pid %d (proxied request)", session.user, peer.pid)
         return Grant(
@@ -2305,9 +2326,8 @@ class Agent:
         held.sort(key=lambda candidate: candidate.digest == avoid)
         api_keys = tuple(candidate.secret for candidate in held[:MAX_KEY_ATTEMPTS])
         stale = session.checked is None or now - session.checked > self.validate_after
-        return Plan(
-            use_session=session.live, validate_first=session.live and stale, api_keys=api_keys
-        )
+        usable = session.live and not session.renewing  # its cookie may be a new login's
+        return Plan(use_session=usable, validate_first=usable and stale, api_keys=api_keys)
 
     def _remote(self, session: Session, plan: Plan, call: Callable[[str | None], Any]) -> Steps:
         """``call`` with the planned credentials, on the account's queue; returns its value.

@@ -339,8 +339,9 @@ class Client:
         allow_exe: Sequence[str] | None = None,
     ) -> dict[str, Any]:
         """Log the agent in; it keeps the session cookie, never ``password``. ``confirm``
-        and ``allow_exe`` are rules for the session's use through the HTTP socket, as for
-        a key (:meth:`add`; None: the agent's default)."""
+        (ask before each use) and ``allow_exe`` (the only programs; None: the agent's
+        default) are rules for the session's use through the HTTP socket, as for a key
+        (:meth:`add`)."""
         return self.call(
             "login",
             host=host,

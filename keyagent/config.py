@@ -62,7 +62,8 @@ key                 type         default   environment             used by
                                                                    names some
 ``askpass``         path         none      ``KEYAGENT_ASKPASS``    keyagent: the program that
                                                                    confirms each use of a
-                                                                   ``--confirm`` key
+                                                                   ``--confirm`` key or
+                                                                   session
 ``confirm_timeout`` duration     30        -                       keyagent: how long it waits
                                                                    for that answer
 =================== ============ ========= ======================= ==========================

@@ -30,7 +30,7 @@ import socket
 import sys
 import time
 
-from keyagent.agent import NO_EXECUTABLES, Agent
+from keyagent.agent import NO_EXECUTABLES, NO_EXECUTABLES_DEFAULT, Agent
 from keyagent.errors import KeyagentError
 from keyagent.handoff import Handoff, HandoffError
 from keyagent.hardening import harden
@@ -286,7 +286,10 @@ def serve(
     )
     agent.http_socket_path = None if http is None else http[0]
     if not agent.sees_executables:
-        log.warning("keys with allowed programs are refused: %s", NO_EXECUTABLES)
+        if agent.default_allowed_exes:  # each add, create or login takes it, and is refused
+            log.warning("new keys and logins will be refused: %s", NO_EXECUTABLES_DEFAULT)
+        else:
+            log.warning("keys and sessions with allowed programs are refused: %s", NO_EXECUTABLES)
     if agent.keyring is not None:
         restore_persisted(agent, agent.keyring)
     if agent.leftovers is not None:

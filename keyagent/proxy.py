@@ -318,7 +318,7 @@ class Lender(Protocol):
 
     def authorize(self, conn: int, host: str, user: str | None, key_id: str | None) -> Grant:
         """Credentials for one request (:meth:`keyagent.agent.Agent.authorize_proxy`); the
-        agent remembers which keys the user confirmed on the connection."""
+        agent remembers which keys (and logins) the user confirmed on the connection."""
 
     def session_refused(self, conn: int, host: str, user: str, key_id: str | None) -> Grant | None:
         """The service refused the session: :meth:`keyagent.agent.Agent.proxy_session_refused`."""

@@ -16,8 +16,8 @@ socket answer ``busy`` for a while (:data:`START_BACKOFF`) rather than start an 
 per connection.
 
 A worker is trusted with the credentials it is lent, nothing more: what it sends is checked
-here, who is on the other end of a connection is what the agent recorded, and which keys the
-user already confirmed on a connection is the agent's record too.
+here, who is on the other end of a connection is what the agent recorded, and which keys (and
+logins) the user already confirmed on a connection is the agent's record too.
 
 Everything here runs on the agent's event loop, which owns the control sockets (non-blocking,
 watched by :class:`keyagent.server.Server`).
@@ -408,7 +408,7 @@ class ProxyPool:
             answer: dict[str, Any] = {"t": "answer", "ask": ask}
             if error is not None:
                 answer["error"] = [error.code, error.message]
-                if error.subject is not None:  # the key whose rules refused: for the audit
+                if error.subject is not None:  # the key or session whose rules refused: audit
                     answer["subject"] = list(error.subject)
             elif grant is None:
                 answer["grant"] = None

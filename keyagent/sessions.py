@@ -109,7 +109,7 @@ class Session:
 
     __slots__ = (
         "host", "user", "account", "logged_in", "expired", "since", "checked", "checked_wall",
-        "confirm", "allowed_exes", "mark",
+        "confirm", "allowed_exes", "mark", "renewing",
     )  # fmt: skip
 
     def __init__(
@@ -141,6 +141,9 @@ class Session:
         self.mark = ""
         """Names this login (not the account) in a connection's record of what the user
         confirmed on it: a later login asks again."""
+        self.renewing = False
+        """A login is under way: the account's cookie may be the new login's already while
+        the rules and mark are still the old one's, so the session is not lent meanwhile."""
 
     def __repr__(self) -> str:
         # Not the account: it holds the session cookie.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import GeneratorType
 from typing import Any
@@ -457,15 +458,31 @@ def test_the_default_allowed_programs_apply_to_a_login(fake_time: FakeTime) -> N
     assert proxy_as(agent, peer(TOOL)).session
 
 
-def test_a_session_ended_while_its_use_waits_is_not_lent(fake_time: FakeTime) -> None:
-    """A logout (or another login, with rules of its own) while the prompt shows: the
-    answer lends nothing, and says to log in."""
+def test_a_session_changed_while_its_use_waits_is_decided_again(fake_time: FakeTime) -> None:
+    """A logout, another login or the session's expiry while the prompt shows: what is lent
+    is decided again when the answer comes, by the new login's rules or a held key, never
+    under the rules the user was asked about."""
     account = FakeAccount()
+    askpass = FakeAskpass()
     agent = Agent(
-        clock=fake_time.clock(), askpass=ASKPASS, confirmer=FakeAskpass(),
+        clock=fake_time.clock(), askpass=ASKPASS, confirmer=askpass,
         accounts=lambda host, user: account,
     )  # fmt: skip
-    for change in ("logout", "login"):
+
+    def expire_with_a_key() -> None:
+        add(agent)
+        agent.sessions[(HOST, USER)].mark_expired()
+
+    changes: dict[str, Callable[[], object]] = {
+        "logout": lambda: run(agent, "logout", host=HOST, user=USER),
+        "login without rules": lambda: log_in(agent),
+        "login for another program": lambda: log_in(agent, allow_exe=[TOOL]),
+        "expiry, a key held": expire_with_a_key,
+    }
+
+    ended: dict[str, tuple[object, type[errors.KeyagentError] | None]] = {}
+    for change, make in changes.items():
+        run(agent, "forget", all=True)
         log_in(agent, confirm=True)
         driver = HeldWorkDriver(fake_time)
         outcomes: list[tuple[object, errors.KeyagentError | None]] = []
@@ -478,14 +495,42 @@ def test_a_session_ended_while_its_use_waits_is_not_lent(fake_time: FakeTime) ->
             seen.append((result, error))
 
         driver.start(agent.authorize_proxy(peer(CURL), HOST, None, None), done)
-        if change == "logout":
-            run(agent, "logout", host=HOST, user=USER)
-        else:
-            log_in(agent)
+        make()
+        current = agent.sessions[(HOST, USER)].mark
         driver.end(driver.held[0])
         ((result, error),) = outcomes
-        assert result is None, change
-        assert type(error) is errors.LoginRequired, change
+        if isinstance(result, Grant):
+            assert result.digest is not None or result.mark == current  # the new login's
+            result = "the key" if result.digest is not None else "the session"
+        ended[change] = (result, None if error is None else type(error))
+    assert ended == {
+        "logout": (None, errors.LoginRequired),
+        "login without rules": ("the session", None),  # the new login, lent as it allows
+        "login for another program": (None, errors.Denied),
+        "expiry, a key held": ("the key", None),
+    }
+
+
+def test_a_session_is_not_lent_while_a_login_replaces_it(fake_time: FakeTime) -> None:
+    """While a login is under way the account's cookie may already be the new login's, whose
+    rules are not set yet: a held key is lent instead, and without one the tool is told to
+    retry (busy)."""
+    account = FakeAccount()
+    agent = Agent(clock=fake_time.clock(), accounts=lambda host, user: account)
+    log_in(agent)
+    driver = HeldWorkDriver(fake_time)
+    agent.driven_by(driver.start_background)
+    logins: list[tuple[object, errors.KeyagentError | None]] = []
+    driver.start(
+        agent.handle(request("login", host=HOST, user=USER, password="pw"), PEER),  # type: ignore[arg-type]
+        lambda result, error: logins.append((result, error)),
+    )
+    assert type(proxy_fails_as(agent, peer(CURL))) is errors.Busy
+    add(agent)
+    assert proxy_as(agent, peer(CURL)).digest == digest_of(SECRET)
+    driver.end(driver.held[0])
+    assert logins[0][1] is None
+    assert proxy_as(agent, peer(CURL)).session
 
 
 def test_an_agent_blind_to_executables_refuses_a_login_with_allowed_programs(
@@ -500,6 +545,26 @@ def test_an_agent_blind_to_executables_refuses_a_login_with_allowed_programs(
     assert type(error) is errors.BadRequest
     assert "PrivateUsers=" in error.message
     assert account.calls == []
+
+
+def test_a_blind_agent_names_its_allow_exe_setting_when_that_is_what_it_cannot_enforce(
+    fake_time: FakeTime,
+) -> None:
+    """An allow_exe default in a blind agent: an add or a login that names no programs is
+    refused by a message that names the setting (not a flag the user never gave)."""
+    account = FakeAccount()
+    blind = Agent(
+        clock=fake_time.clock(), sees_executables=False, default_allowed_exes=(CURL,),
+        accounts=lambda host, user: account,
+    )  # fmt: skip
+    for error in (
+        fails(blind, "login", host=HOST, user=USER, password="pw"),
+        fails(blind, "add", host=HOST, user=USER, key=SECRET),
+    ):
+        assert type(error) is errors.BadRequest
+        assert "allow_exe setting of its config file" in error.message
+    assert account.calls == []
+    assert len(blind.held_keys) == 0
 
 
 # --- persistence -------------------------------------------------------------------------------

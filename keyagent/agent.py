@@ -1572,11 +1572,15 @@ class Agent:
                 "a key that cannot be taken out of the agent cannot be printed either: leave "
                 "out --print, or give --export"
             )
+        # A printed key keeps none of its rules outside the agent.
+        making: Rules = (True, False, ()) if args.get("reveal") else self._rules(args)
         # Before the service makes a key the agent could not hold; held until the key is, so
         # two creates racing for the last place cannot both reach the service.
         self._reserve_room()
         try:
-            secret: str = yield from self._create_on_service(session, description, kept=kept)
+            secret: str = yield from self._create_on_service(
+                session, description, making, kept=kept
+            )
         finally:
             self._reserved -= 1
         created = iso(self.clock.wall())
@@ -1634,16 +1638,17 @@ class Agent:
             self._persisting.discard(held.digest)
 
     def _create_on_service(
-        self, session: Session, description: str, *, kept: bool = False
+        self, session: Session, description: str, making: Rules, *, kept: bool = False
     ) -> Steps:
         """Create a key for ``session``'s account on the service; returns its secret. The
-        service sees ``description`` :func:`marked` as keyagent's. The caller holds a place
-        for the key (:meth:`_reserve_room`)."""
+        service sees ``description`` :func:`marked` as keyagent's. ``making``: the new key's
+        rules, which only a credential no stricter may make it with (:meth:`_plan`). The
+        caller holds a place for the key (:meth:`_reserve_room`)."""
         account = session.account
         on_service = marked(description, kept=kept)
         secret: str = yield from self._remote(
             session,
-            self._plan(session),
+            self._plan(session, making=making),
             lambda api_key: account.create_key(on_service, api_key=api_key),
         )
         already = self.held_keys.holding(digest_of(secret))
@@ -1927,7 +1932,9 @@ class Agent:
         session = self.session_for(held.host, held.user)
         self._rotating.add(digest)
         try:
-            secret: str = yield from self._create_on_service(session, held.description)
+            secret: str = yield from self._create_on_service(
+                session, held.description, (held.exportable, held.confirm, held.allowed_exes)
+            )
         except KeyagentError as error:
             self.audit("rotate", peer, outcome=error.to_wire()["code"], key_id=old_id,
                        host=held.host, user=held.user)  # fmt: skip
@@ -2318,15 +2325,35 @@ class Agent:
             self.sessions[(host, user)] = session
         return session
 
-    def _plan(self, session: Session, *, avoid: str | None = None) -> Plan:
-        """Pick credentials on the loop: the live session, else a held key of the account."""
+    def _plan(
+        self, session: Session, *, avoid: str | None = None, making: Rules | None = None
+    ) -> Plan:
+        """Pick credentials on the loop: the live session, else a held key of the account.
+
+        ``making``: the call creates a key with these rules, which only credentials no
+        stricter may authenticate (:func:`_looser_than`): a key or session with rules never
+        makes a key that escapes them. Forbidden if that rules out every credential held.
+        """
         now = self.clock.monotonic()
         held = list(self.held_keys.matching(now, session.host, session.user))
         # The key being removed comes last: it may still authenticate its own removal.
         held.sort(key=lambda candidate: candidate.digest == avoid)
+        usable = session.live and not session.renewing  # its cookie may be a new login's
+        if making is not None:
+            candidates: list[HeldKey | Session] = [session] if usable else []
+            candidates += held
+            why = {id(candidate): _looser_than(candidate, making) for candidate in candidates}
+            if candidates and all(why.values()):
+                first = candidates[0]
+                raise Forbidden(
+                    f"{_named(first)} {why[id(first)]}; a key made with a credential that has "
+                    "rules gets them too: create it with the same rules (--no-export, "
+                    "--confirm, --allow-exe), or log in or add a key without them"
+                )
+            usable = usable and why[id(session)] is None
+            held = [candidate for candidate in held if why[id(candidate)] is None]
         api_keys = tuple(candidate.secret for candidate in held[:MAX_KEY_ATTEMPTS])
         stale = session.checked is None or now - session.checked > self.validate_after
-        usable = session.live and not session.renewing  # its cookie may be a new login's
         return Plan(use_session=usable, validate_first=usable and stale, api_keys=api_keys)
 
     def _remote(self, session: Session, plan: Plan, call: Callable[[str | None], Any]) -> Steps:
@@ -2390,6 +2417,24 @@ def _about(error: KeyagentError, held: HeldKey | Session) -> None:
     a key by its id, a session by its account alone."""
     key_id = held.key_id if isinstance(held, HeldKey) else None
     error.subject = (key_id, held.host, held.user)
+
+
+def _looser_than(credential: HeldKey | Session, new: Rules) -> str | None:
+    """Why a key with rules ``new`` would escape ``credential``'s rules (None: it would not):
+    such a key is not made with it."""
+    exportable, confirm, allowed_exes = new
+    if isinstance(credential, HeldKey) and not credential.exportable and exportable:
+        return "cannot be taken out of the agent (--no-export), and the new key could be"
+    if credential.confirm and not confirm:
+        return "asks before each use (--confirm), and the new key would not"
+    if credential.allowed_exes and not (
+        allowed_exes and set(allowed_exes) <= set(credential.allowed_exes)
+    ):
+        return (
+            f"may be used only by {', '.join(credential.allowed_exes)}, and the new key "
+            "would not be limited to those programs"
+        )
+    return None
 
 
 def _named(held: HeldKey | Session) -> str:

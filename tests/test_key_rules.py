@@ -158,6 +158,109 @@ def test_create_holds_the_key_with_its_rules(agent: Agent) -> None:
     )
 
 
+# --- what a credential with rules may make ----------------------------------------------------
+
+
+@pytest.fixture
+def service() -> FakeAccount:
+    return FakeAccount()
+
+
+@pytest.fixture
+def maker(fake_time: FakeTime, askpass: FakeAskpass, service: FakeAccount) -> Agent:
+    """An agent whose one account is ``service``, where held keys are valid."""
+    return Agent(
+        clock=fake_time.clock(), askpass=ASKPASS, confirmer=askpass,
+        accounts=lambda host, user: service,
+    )  # fmt: skip
+
+
+def create(agent: Agent, **args: Any) -> dict[str, Any]:
+    return run(agent, "create", host=HOST, user=USER, **args)
+
+
+def create_fails(agent: Agent, **args: Any) -> errors.KeyagentError:
+    return fails(agent, "create", host=HOST, user=USER, **args)
+
+
+@pytest.mark.parametrize(
+    ("rules", "escaping", "at_least_as_strict", "why"),
+    [
+        ({"export": False}, [{}, {"reveal": True}], [{"export": False}], "--no-export"),
+        (
+            {"confirm": True},
+            [{}, {"reveal": True}, {"reveal": True, "confirm": True}],  # printed: no rules
+            [{"confirm": True}, {"confirm": True, "export": False}],
+            "--confirm",
+        ),
+        (
+            {"allow_exe": [CURL, TOOL]},
+            [{}, {"allow_exe": [CURL, "/usr/bin/wget"]}, {"reveal": True, "allow_exe": [CURL]}],
+            [{"allow_exe": [CURL]}, {"allow_exe": [TOOL, CURL]}],
+            "may be used only by",
+        ),
+    ],
+)
+def test_a_key_with_rules_makes_only_keys_at_least_as_strict(
+    maker: Agent,
+    service: FakeAccount,
+    askpass: FakeAskpass,
+    *,
+    rules: dict[str, Any],
+    escaping: list[dict[str, Any]],
+    at_least_as_strict: list[dict[str, Any]],
+    why: str,
+) -> None:
+    """The account's only credential is a key with rules: a create whose key would escape
+    them (looser, or printed) is forbidden before the service is asked, naming the key and
+    the rule; one at least as strict is made with the key, without a question."""
+    service.keys = [SECRET]
+    add(maker, **rules)
+    for args in escaping:
+        error = create_fails(maker, **args)
+        assert type(error) is errors.Forbidden, args
+        assert key_id_for(SECRET) in error.message
+        assert why in error.message
+        assert SECRET not in error.message
+    assert [name for name, _ in service.calls] == []
+    for args in at_least_as_strict:
+        create(maker, **args)
+    # Each made with a held key (the newest: after the first, the key just made).
+    assert [name for name, _ in service.calls] == ["create"] * len(at_least_as_strict)
+    assert service.calls[0] == ("create", SECRET)
+    assert all(api_key is not None for _, api_key in service.calls)
+    assert askpass.asked == []
+
+
+def test_a_session_with_rules_makes_only_keys_at_least_as_strict(
+    maker: Agent, service: FakeAccount
+) -> None:
+    """login --allow-exe: a plain create passes the session over for a held key without
+    rules; with no such key it is forbidden, naming the session; a key with the session's
+    rules is made with the session."""
+    log_in(maker, allow_exe=[CURL])
+    error = create_fails(maker, reveal=True)
+    assert type(error) is errors.Forbidden
+    assert "the session of" in error.message
+    create(maker, allow_exe=[CURL])
+    assert service.calls[-1] == ("create", None)  # the session
+    service.keys.append(SECRET)
+    add(maker)
+    create(maker, reveal=True)
+    assert service.calls[-1:] == [("create", SECRET)]  # the plain key, not the session
+
+
+def test_rotating_a_key_with_rules_may_use_the_key_itself(
+    maker: Agent, service: FakeAccount
+) -> None:
+    """A rotation makes a key with the old key's rules: the old key may make it."""
+    service.keys = [SECRET]
+    add(maker, export=False, confirm=True)
+    rotated = run(maker, "rotate", key_id=key_id_for(SECRET))
+    assert service.calls[0] == ("create", SECRET)
+    assert (rotated["exportable"], rotated["confirm"]) == (False, True)
+
+
 # --- nothing loosens a key ---------------------------------------------------------------------
 
 

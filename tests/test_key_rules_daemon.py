@@ -290,3 +290,25 @@ def test_create_no_export_through_the_emulator(agent_factory: AgentFactory) -> N
         assert got.code == 1
         assert "[forbidden]" in got.err
         assert secret not in got.out + got.err
+
+
+def test_a_non_exportable_key_cannot_mint_a_printable_one(agent_factory: AgentFactory) -> None:
+    """With only a --no-export key held (no session), create --print is forbidden and the
+    service makes nothing; create --no-export is made with that key."""
+    from keyagent.testing.emulator_process import EmulatorProcess
+
+    user, password = "mint@example.com", "pa55-w0rd-for-mint"
+    with EmulatorProcess(user, password) as emulator:
+        agent = agent_factory("--ca-bundle", emulator.ca_path, "--read-timeout", "5")
+        base = ("--host", emulator.host, "--user", user)
+        secret = emulator.add_key(user)
+        added = run_ctl(agent.socket_path, *base, "add", "--no-export", stdin=secret)
+        assert added.code == 0, added.err
+        refused = run_ctl(agent.socket_path, *base, "create", "--print")
+        assert refused.code == 1
+        assert "[forbidden]" in refused.err
+        assert "--no-export" in refused.err
+        assert emulator.api_keys(user) == [secret]
+        made = run_ctl(agent.socket_path, *base, "create", "--no-export")
+        assert made.code == 0, made.err
+        assert len(emulator.api_keys(user)) == 2

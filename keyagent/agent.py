@@ -1309,11 +1309,16 @@ class Agent:
                 "denied %s of %s to pid %d (%s): not one of its allowed programs",
                 op, name, peer.pid, peer.exe or "unknown executable",
             )  # fmt: skip
-            again = "log in again" if isinstance(held, Session) else "add the key again"
+            # A key's rules never loosen when it is added again (a login's are its own).
+            again = (
+                "log in again with --allow-exe for this program"
+                if isinstance(held, Session)
+                else "forget the key and add it again with --allow-exe naming this program too"
+            )
             raise Denied(
                 f"{name} may be used only by {', '.join(held.allowed_exes)}, not by "
                 f"{peer.exe or 'a program whose executable is unknown'} (pid {peer.pid}); run "
-                f"one of those, or {again} with --allow-exe for this program"
+                f"one of those, or {again}"
             )
         if not held.confirm or confirmed:
             return None

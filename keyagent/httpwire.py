@@ -48,6 +48,36 @@ MAX_ANSWER_HEAD: Final = 64 * 1024
 """Largest status line and headers accepted from the service (http.client's limit)."""
 
 
+_PLAIN: Final = (
+    ("Missing mandatory Host", "the request has no Host header; it names the Conduce host"),
+    ("Found multiple Host", "the request has more than one Host header; send one"),
+    (
+        "illegal request line",
+        "the request line is not METHOD TARGET HTTP/1.1 (the target must be ASCII, without"
+        " spaces: escape them)",
+    ),
+    ("illegal header line", "a header line is not NAME: VALUE"),
+    ("continuation line", "a header line starts with a space (header folding is refused)"),
+    ("illegal chunk header", "a chunk of the request body is malformed"),
+    ("Content-Length", "the Content-Length header is not one decimal number"),
+    ("Transfer-Encoding", "only Transfer-Encoding: chunked is accepted"),
+)
+"""h11's words for what went wrong, and the agent's: h11's may quote the tool's bytes (a
+header line with its credential, say), which are never echoed back or logged. An error not
+listed here (another h11 version's words) gets a general message."""
+
+
+def _plain(error: h11.RemoteProtocolError) -> str:
+    """What the tool is told about ``error``."""
+    if error.error_status_hint == 431:
+        return f"the request head is larger than {MAX_HEAD // 1024} KiB; send fewer headers"
+    text = str(error)
+    for words, message in _PLAIN:
+        if words in text:
+            return message
+    return "the request is not valid HTTP/1.1; fix the client"
+
+
 def _reason(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode("ascii")
@@ -60,8 +90,10 @@ class ClientGone(Exception):
 
 
 class Malformed(Exception):
-    """The tool sent something that is not HTTP/1.1; ``status`` is h11's hint (400, or 431
-    for a head too long); the tool is answered 400 ``bad_request`` whatever it is."""
+    """The tool sent something that is not HTTP/1.1. ``status`` is the answer's: 400, 431
+    for a head too long, 501 for a transfer coding other than chunked, 505 for another
+    HTTP version (the code is ``bad_request`` in each case). ``message`` is the agent's
+    own words, never the tool's bytes."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -95,6 +127,10 @@ class Head:
                 return value
         return None
 
+    def count(self, name: str) -> int:
+        """How many times header ``name`` (lower-case) is there."""
+        return sum(1 for header, _ in self.headers if header == name)
+
     def __repr__(self) -> str:  # headers may carry credentials: never shown
         return f"Head({self.method} {self.target.split('?', 1)[0]!r})"
 
@@ -122,6 +158,8 @@ class HttpConnection:
         while True:
             event = self._next_event()
             if isinstance(event, h11.Request):
+                if event.http_version not in (b"1.1", b"1.0"):  # h11 takes any 1.x or 2.0
+                    raise Malformed(505, "only HTTP/1.1 (and 1.0) is spoken here")
                 head = Head(event)
                 if head.chunked and head.content_length is not None:
                     # Legal (chunked wins), but the classic request-smuggling shape: refused.
@@ -183,7 +221,7 @@ class HttpConnection:
         try:
             return self._h11.next_event()
         except h11.RemoteProtocolError as error:
-            raise Malformed(error.error_status_hint, str(error)) from None
+            raise Malformed(error.error_status_hint, _plain(error)) from None
 
     def _recv(self, timeout: float) -> bytes:
         self.sock.settimeout(max(timeout, 0.001))
@@ -288,7 +326,8 @@ class HttpConnection:
         # An OSError (the tool gone, or quiet past the timeout) ends this: it is closing.
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
-            if self._h11.their_state is h11.SEND_BODY and self.answered:
+            # Answered mid-request, or refused as malformed: unread bytes would reset it.
+            if self._h11.their_state in (h11.SEND_BODY, h11.ERROR) and self.answered:
                 deadline = time.monotonic() + LINGER
                 while (left := deadline - time.monotonic()) > 0:
                     self.sock.settimeout(min(left, self.head_timeout))

@@ -124,6 +124,10 @@ class OutsideApi(NotFound):
     """The path is not one the HTTP socket forwards (``not_found``, answered with 404)."""
 
 
+class UnmetExpectation(BadRequest):
+    """An ``Expect`` other than ``100-continue`` (``bad_request``, answered with 417)."""
+
+
 class Route:
     """Where a request goes: host, the target as the tool wrote it, and the account asked
     for (``X-Keyagent-User``) and key (``X-Keyagent-Key-Id``)."""
@@ -190,6 +194,12 @@ def route(head: Head) -> Route:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     if host_header is None or not host_header:
         raise BadRequest("the request has no Host header; it names the Conduce host")
+    for name in ("x-keyagent-user", "x-keyagent-key-id", "expect"):
+        if head.count(name) > 1:
+            raise BadRequest(f"the request has more than one {_titled(name)} header; send one")
+    expect = head.get("expect")
+    if expect is not None and expect.strip().lower() != "100-continue":
+        raise UnmetExpectation("Expect: 100-continue is the only expectation met here")
     host = host_header.lower()
     problem = host_problem(host)
     if problem is not None:
@@ -248,6 +258,11 @@ def _audited_path(target: str) -> str | None:
         return None
 
 
+def _titled(name: str) -> str:
+    """A lower-case header name as it is usually written: X-Keyagent-Key-Id."""
+    return "-".join(part.capitalize() for part in name.split("-"))
+
+
 def _methods() -> str:
     return ", ".join(sorted(METHODS))
 
@@ -261,7 +276,8 @@ def error_answer(error: KeyagentError) -> tuple[int, list[tuple[str, str]], byte
         ("X-Keyagent-Error", error.code),
         ("Cache-Control", "no-store"),
     ]
-    return STATUS.get(error.code, 500), headers, body
+    status = 417 if isinstance(error, UnmetExpectation) else STATUS.get(error.code, 500)
+    return status, headers, body
 
 
 def request_headers(head: Head, grant: Grant) -> list[tuple[str, str]]:
@@ -382,16 +398,21 @@ class Proxy:
         lent: dict[tuple[str, str | None, str | None], Grant] = {}
         try:
             while True:
-                head = http.next_request()
+                try:
+                    head = http.next_request()
+                except Malformed:  # no request to name: an entry all the same
+                    with self._audits:
+                        self.lender.audit(peer, BadRequest.code, **_fields(None, None, None, None))
+                    raise
                 if head is None or not self._exchange(http, head, peer, lent):
                     break
                 if not http.reusable:
                     break
         except Malformed as error:
             if not http.answered:
-                status, headers, body = error_answer(BadRequest(error.message))
+                _, headers, body = error_answer(BadRequest(error.message))
                 with contextlib.suppress(ClientGone):
-                    http.refuse(status, headers, body)
+                    http.refuse(error.status, headers, body)
         except ClientGone:
             pass
         except Exception as error:  # noqa: BLE001  # a bug: logged, answered, the agent goes on
@@ -427,7 +448,7 @@ class Proxy:
         replayable = not head.chunked and (head.content_length or 0) <= REPLAYABLE
         # A streamed body is read from the tool as it is sent; a tool that vanishes mid-upload
         # raises ClientGone, which keyagent.forward lets through: not the service failing.
-        body = b"".join(http.body()) if replayable else http.body()
+        body = self._read_whole(http, peer, head, where, grant) if replayable else http.body()
         if replayable and not self.lender.still_good(grant):
             # The tool took its time sending the body, and the agent was locked (say) in
             # the meantime: what goes out is what the agent lends now. (A streamed body's
@@ -454,6 +475,20 @@ class Proxy:
             raise
         except BaseException:
             self._land(flight, Internal.code)  # a bug (logged by serve): still recorded
+            raise
+
+    def _read_whole(
+        self, http: HttpConnection, peer: int, head: Head, where: Route, grant: Grant
+    ) -> bytes:
+        """A body small enough to keep, read before the request leaves. A tool that leaves
+        (or sends a malformed body) first is recorded all the same, with the credential
+        the request was to use: ``cut`` (or ``bad_request``), and no status."""
+        try:
+            return b"".join(http.body())
+        except (ClientGone, Malformed) as error:
+            outcome = "cut" if isinstance(error, ClientGone) else BadRequest.code
+            with self._audits:
+                self.lender.audit(peer, outcome, **_fields(head, where, None, grant))
             raise
 
     def _forward(
@@ -649,14 +684,18 @@ class Proxy:
 
 
 def _fields(
-    head: Head, where: Route | None, status: int | None, grant: Grant | None
+    head: Head | None, where: Route | None, status: int | None, grant: Grant | None
 ) -> dict[str, str | int | None]:
-    """A proxied request's audit fields: never the query string or a header."""
-    path = where.path if where is not None else _audited_path(head.target)
+    """A proxied request's audit fields: never the query string or a header. No ``head``:
+    what the tool sent was not a request (malformed HTTP)."""
+    if where is not None:
+        path: str | None = where.path
+    else:
+        path = None if head is None else _audited_path(head.target)
     if path is not None and len(path) > MAX_AUDITED_PATH:
         path = path[:MAX_AUDITED_PATH] + "...(cut)"
     return {
-        "method": head.method,
+        "method": None if head is None else head.method,
         "path": path,
         "status": status,
         "host": where.host if where is not None else None,

@@ -302,6 +302,8 @@ def test_only_an_allowed_program_gets_the_key(agent: Agent) -> None:
     assert CURL in error.message
     assert "/usr/bin/python3.12" in error.message
     assert "77" in error.message
+    # The way out it names works: a re-add never loosens a key, so it says forget first.
+    assert "forget the key and add it again" in error.message
 
 
 @pytest.mark.parametrize("exe", [None, f"{CURL} (deleted)", CURL + "/", "/usr/bin/curl2"])

@@ -387,6 +387,83 @@ def test_malformed_http_gets_400_and_a_close(conduce_agent: AgentProcess) -> Non
     assert smuggled.startswith(b"HTTP/1.1 400 ")
 
 
+def test_what_is_not_http_is_answered_in_the_agents_words_and_recorded(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """Malformed requests get the agent's own message (never the tool's bytes, which may
+    hold a credential), a fitting status (431 for a head too large, 505 for another HTTP
+    version) and a close without a reset; each leaves a proxy entry; none reaches the
+    service."""
+    path = http_path(conduce_agent)
+    host = emulator.host
+    cases = [
+        (b"GET /api/v2/x HTTP/1.1\r\nHost: " + host.encode()
+         + b"\r\nAuthorization : Bearer s3kr1t-in-a-bad-line\r\n\r\n", 400, b"NAME: VALUE"),
+        (b"GET /api/v2/x HTTP/1.1\r\n\r\n", 400, b"no Host header"),
+        (b"GET /api/v2/x HTTP/1.1\r\nHost: " + host.encode() + b"\r\nX-Big: "
+         + b"a" * 70000 + b"\r\n\r\n", 431, b"larger than 16 KiB"),
+        (b"GET /api/v2/x HTTP/2.0\r\nHost: " + host.encode() + b"\r\n\r\n", 505, b"HTTP/1.1"),
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505, b"HTTP/1.1"),
+    ]  # fmt: skip
+    emulator.clear_requests()
+    for raw, status, words in cases:
+        answer = exchange(path, raw)  # read to the end: a reset would raise here
+        assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer[:100]
+        assert answer.count(b"X-Keyagent-Error") == 1  # one answer, then the close
+        assert b"X-Keyagent-Error: bad_request" in answer
+        assert words in answer
+        assert b"s3kr1t" not in answer
+        assert b"bytearray" not in answer
+    assert emulator.requests == []
+    with conduce_agent.client() as client:
+        entries = [e for e in client.log() if e["op"] == "proxy"]
+    assert [(e["outcome"], e["method"], e["path"]) for e in entries] == [
+        ("bad_request", None, None)
+    ] * len(cases)
+    assert "s3kr1t" not in json.dumps(entries)
+
+
+def test_repeated_control_headers_and_unknown_expectations_are_refused(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """Two X-Keyagent-User (or Key-Id) headers are a bad request, not a guess at which one;
+    an Expect other than 100-continue is 417."""
+    login(conduce_agent, emulator)
+    url = f"http://{emulator.host}/conduce/api/v1/user/list-teams"
+    for header in ("X-Keyagent-User", "X-Keyagent-Key-Id"):
+        status, headers, body = curl(
+            conduce_agent, url, "-H", f"{header}: {USER}", "-H", f"{header}: other@example.com"
+        )
+        assert (status, headers["x-keyagent-error"]) == (400, "bad_request")
+        assert f"more than one {header}" in json.loads(body)["error"]["message"]
+    status, headers, _ = curl(conduce_agent, url, "-H", "Expect: teapot")
+    assert (status, headers["x-keyagent-error"]) == (417, "bad_request")
+
+
+def test_a_tool_that_leaves_before_its_body_is_recorded(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """A small body is read before the request leaves; a tool that hangs up first is
+    recorded as cut, with the account, and the service never sees the request."""
+    login(conduce_agent, emulator)
+    emulator.clear_requests()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(http_path(conduce_agent))
+        sock.sendall(
+            f"POST /api/v2/data/x HTTP/1.1\r\nHost: {emulator.host}\r\n"
+            "Content-Length: 1000\r\n\r\nonly ten b".encode()
+        )
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(4096) == b""  # closed without an answer: nobody to read it
+    with conduce_agent.client() as client:
+        entries = [e for e in client.log() if e["op"] == "proxy"]
+    assert [(e["outcome"], e["method"], e["path"], e["user"]) for e in entries] == [
+        ("cut", "POST", "/api/v2/data/x", USER)
+    ]
+    assert emulator.requests == []
+
+
 def test_a_slow_head_is_cut(conduce_agent: AgentProcess) -> None:
     """A request head that does not arrive whole within --line-timeout ends the connection
     without an answer, while other clients are served."""
@@ -885,7 +962,7 @@ def test_review_spellings_and_audit_hygiene(
         f"POST /api/v2/data/x HTTP/1.1\r\nHost: {emulator.host}\r\n"
         "Transfer-Encoding: gzip, chunked\r\n\r\n".encode(),
     )
-    assert odd.startswith(b"HTTP/1.1 400 ")
+    assert odd.startswith(b"HTTP/1.1 501 ")  # a transfer coding it does not know (RFC 9112)
     assert b"X-Keyagent-Error: bad_request" in odd
     wide = exchange(
         http_path(conduce_agent),

@@ -2186,6 +2186,8 @@ class Agent:
         user: str,
         key_id: str | None,
         confirmed: frozenset[str] = frozenset(),
+        *,
+        retry: bool = True,
     ) -> Steps:
         """The service answered 401 to a proxied request made with the session. That may
         mean the session expired, or only that this request was refused (any endpoint may
@@ -2193,7 +2195,8 @@ class Agent:
         than take a tool's request for proof. Returns None if the session is alive (or its
         state could not be learnt): the tool gets the service's answer as it is. Else the
         session is marked expired and the grant to try again with is returned (a held key),
-        or ``login_required`` raised."""
+        or ``login_required`` raised. Without ``retry`` (the request cannot be sent again:
+        its body streamed) the session is only checked, and None returned."""
         if self.lock.locked:
             raise Locked()
         session = self.sessions.get((host, user))
@@ -2211,6 +2214,8 @@ class Agent:
             self.audit("check", peer, outcome=SessionExpired.code, host=host, user=user)
             session.mark_expired()
             log.info("session of %s on %s expired", user, host)
+        if not retry:
+            return None
         return (yield from self.authorize_proxy(peer, host, user, key_id, confirmed))
 
     def proxy_key_refused(
@@ -2220,14 +2225,20 @@ class Agent:
         user: str,
         refused: tuple[str, ...],
         confirmed: frozenset[str] = frozenset(),
+        *,
+        retry: bool = True,
     ) -> Steps:
         """The service answered 401 to a proxied request made with held keys ``refused``
         (digests, the last one just now). As for the session, a 401 from one endpoint is no
         proof: the agent asks the service whether the key itself is refused (lists the
-        account's keys with it, on the account's queue). If it is, the account's newest
-        other held key is lent, as the agent's own calls try the next key; None if the key
-        works (the endpoint refused the request), its state could not be learnt, or no other
-        key is held: the tool then gets the service's answer as it is."""
+        account's keys with it, on the account's queue), and notes the answer
+        (:meth:`KeyStore.mark_refused`: a refused key is passed over from then on). If it
+        is refused, the account's newest other held key the service has not refused is
+        lent, as the agent's own calls try the next key; None if the key works (the
+        endpoint refused the request), its state could not be learnt, or no other key is
+        held: the tool then gets the service's answer as it is. Without ``retry`` (the
+        request cannot be sent again, or the tool named the key) the key is only checked,
+        and None returned."""
         if self.lock.locked:  # no key is used while locked, not even to check it
             raise Locked()
         now = self.clock.monotonic()
@@ -2244,17 +2255,23 @@ class Agent:
         try:
             yield Work(lambda: account.list_keys(api_key=secret), queue=session.queue)
             checked("ok")
+            self.held_keys.mark_refused(held, refused=False)
             return None  # the key works: only this request was refused
         except BadCredentials:
             checked(BadCredentials.code)
+            self.held_keys.mark_refused(held, refused=True)
             log.info("key %s of %s on %s is refused by the service", held.key_id, user, host)
         except KeyagentError as error:
             checked(error.code)
             return None  # the key's state could not be learnt
+        if not retry:
+            return None
         if self.lock.locked:
             raise Locked()
         others = self.held_keys.matching(self.clock.monotonic(), host, user)
-        following = next((key for key in others if key.digest not in refused), None)
+        following = next(
+            (key for key in others if key.digest not in refused and not key.refused), None
+        )
         if following is None:
             return None
         return (yield from self._lend(following, peer, confirmed))
@@ -2341,8 +2358,9 @@ class Agent:
         """
         now = self.clock.monotonic()
         held = list(self.held_keys.matching(now, session.host, session.user))
-        # The key being removed comes last: it may still authenticate its own removal.
-        held.sort(key=lambda candidate: candidate.digest == avoid)
+        # Keys the service refused come after the others (it may have changed its mind), and
+        # the key being removed comes last: it may still authenticate its own removal.
+        held.sort(key=lambda candidate: (candidate.digest == avoid, candidate.refused))
         usable = session.live and not session.renewing  # its cookie may be a new login's
         if making is not None:
             candidates: list[HeldKey | Session] = [session] if usable else []

@@ -487,6 +487,8 @@ def _print_keys(keys: list[dict[str, Any]], out: TextIO) -> None:
         source = str(key.get("source", ""))
         if key.get("stale"):
             source += " (stale)"
+        if key.get("refused"):  # the service refused it when the agent last checked
+            source += " (refused)"
         rows.append(
             [
                 str(key.get("key_id") or key.get("masked") or ""),

@@ -336,12 +336,17 @@ class Lender(Protocol):
         """Credentials for one request (:meth:`keyagent.agent.Agent.authorize_proxy`); the
         agent remembers which keys (and logins) the user confirmed on the connection."""
 
-    def session_refused(self, conn: int, host: str, user: str, key_id: str | None) -> Grant | None:
-        """The service refused the session: :meth:`keyagent.agent.Agent.proxy_session_refused`."""
+    def session_refused(
+        self, conn: int, host: str, user: str, key_id: str | None, *, retry: bool = True
+    ) -> Grant | None:
+        """The service refused the session: :meth:`keyagent.agent.Agent.proxy_session_refused`
+        (without ``retry``, only checked)."""
 
-    def key_refused(self, conn: int, host: str, user: str, refused: list[str]) -> Grant | None:
+    def key_refused(
+        self, conn: int, host: str, user: str, refused: list[str], *, retry: bool = True
+    ) -> Grant | None:
         """The service refused held keys ``refused`` (digests, the last just now):
-        :meth:`keyagent.agent.Agent.proxy_key_refused`."""
+        :meth:`keyagent.agent.Agent.proxy_key_refused` (without ``retry``, only checked)."""
 
     def still_good(self, grant: Grant) -> bool:
         """Whether a grant lent earlier would be lent again now, without asking the agent."""
@@ -510,6 +515,8 @@ class Proxy:
             flight.status = answer.status
             if answer.status == 401 and replayable:
                 answer = self._try_again(flight, answer, body, lent)
+            elif answer.status == 401:  # its body is gone: the next request gains from a check
+                self._check_refused(flight)
         except KeyagentError as error:
             if flight.status is None:  # the service was not reached, or did not answer
                 self._land(flight, error.code)
@@ -583,6 +590,21 @@ class Proxy:
             flight.status = answer.status
         return answer
 
+    def _check_refused(self, flight: _Flight) -> None:
+        """Have the agent check the credential the service refused for ``flight`` (noting a
+        key refused, or the session expired) without lending another: the request cannot
+        be sent again. Whatever the check comes to, the tool gets the service's 401."""
+        grant, where = flight.grant, flight.where
+        with contextlib.suppress(KeyagentError):
+            if grant.session:
+                self.lender.session_refused(
+                    flight.peer, where.host, grant.user, where.key_id, retry=False
+                )
+            elif grant.digest is not None:
+                self.lender.key_refused(
+                    flight.peer, where.host, grant.user, [grant.digest], retry=False
+                )
+
     def _renewed(self, flight: _Flight, refused: list[str]) -> Grant | None:
         """What to try again with after the service answered 401 to ``flight``'s grant:
         the agent's answer (None: pass the 401 on). A key the tool named
@@ -591,7 +613,12 @@ class Proxy:
         grant, where = flight.grant, flight.where
         if grant.session:
             return self.lender.session_refused(flight.peer, where.host, grant.user, where.key_id)
-        if where.key_id is not None or grant.digest is None:
+        if grant.digest is None:
+            return None
+        if where.key_id is not None:  # checked (and noted), never swapped
+            self.lender.key_refused(
+                flight.peer, where.host, grant.user, [grant.digest], retry=False
+            )
             return None
         refused.append(grant.digest)
         return self.lender.key_refused(flight.peer, where.host, grant.user, refused)

@@ -374,6 +374,7 @@ class ProxyPool:
     def _question(self, worker: _Worker, conn: int, kind: str, message: dict[str, Any]) -> None:
         ask, host, user = message.get("ask"), message.get("host"), message.get("user")
         key_id, refused = message.get("key_id"), message.get("refused", [])
+        retry = message.get("retry", True)
         if (
             type(ask) is not int
             or not isinstance(host, str)
@@ -384,6 +385,8 @@ class ProxyPool:
             or (kind == "key_refused") != bool(refused)
             or len(refused) > MAX_KEY_ATTEMPTS
             or not all(_is_digest(digest) for digest in refused)
+            or type(retry) is not bool
+            or (kind == "authorize" and not retry)
         ):
             raise BadMessage(f"a bad {kind} question")
         if conn in self.asking:
@@ -398,8 +401,10 @@ class ProxyPool:
                 return agent.authorize_proxy(peer, host, user, key_id, confirmed)
             assert user is not None  # noqa: S101  # checked above
             if kind == "key_refused":
-                return agent.proxy_key_refused(peer, host, user, tuple(refused), confirmed)
-            return agent.proxy_session_refused(peer, host, user, key_id, confirmed)
+                return agent.proxy_key_refused(
+                    peer, host, user, tuple(refused), confirmed, retry=retry
+                )
+            return agent.proxy_session_refused(peer, host, user, key_id, confirmed, retry=retry)
 
         def done(grant: Grant | None, error: KeyagentError | None) -> None:
             self.asking.discard(conn)

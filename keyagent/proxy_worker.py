@@ -160,11 +160,15 @@ class AgentLink:
             raise Internal()
         return grant
 
-    def session_refused(self, conn: int, host: str, user: str, key_id: str | None) -> Grant | None:
-        return self._ask("session_refused", conn, host, user, key_id)
+    def session_refused(
+        self, conn: int, host: str, user: str, key_id: str | None, *, retry: bool = True
+    ) -> Grant | None:
+        return self._ask("session_refused", conn, host, user, key_id, retry=retry)
 
-    def key_refused(self, conn: int, host: str, user: str, refused: list[str]) -> Grant | None:
-        return self._ask("key_refused", conn, host, user, None, refused=refused)
+    def key_refused(
+        self, conn: int, host: str, user: str, refused: list[str], *, retry: bool = True
+    ) -> Grant | None:
+        return self._ask("key_refused", conn, host, user, None, refused=refused, retry=retry)
 
     def still_good(self, grant: Grant) -> bool:
         if grant.token != GENERATION.unpack_from(self.generation)[0]:
@@ -185,6 +189,7 @@ class AgentLink:
         key_id: str | None,
         *,
         refused: list[str] | None = None,
+        retry: bool = True,
     ) -> Grant | None:
         waiter = _Waiter()
         with self._guard:
@@ -195,6 +200,8 @@ class AgentLink:
         }  # fmt: skip
         if refused is not None:
             question["refused"] = refused
+        if not retry:
+            question["retry"] = False
         try:
             self._send(question)
             if not waiter.done.wait(ASK_TIMEOUT) or waiter.answer is None:

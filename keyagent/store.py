@@ -54,7 +54,7 @@ class HeldKey:
     __slots__ = (
         "digest", "host", "user", "secret", "description", "created", "added", "deadline",
         "expires", "source", "persisted", "exportable", "confirm", "allowed_exes", "ephemeral",
-        "rotate_every", "rotate_at", "next_rotation",
+        "rotate_every", "rotate_at", "next_rotation", "refused",
     )  # fmt: skip
 
     def __init__(
@@ -106,6 +106,9 @@ class HeldKey:
         """Monotonic time of the next scheduled rotation (a retry's, after a failure)."""
         self.next_rotation: float | None = None
         """The same moment as a POSIX timestamp, for display."""
+        self.refused = False
+        """The service refused the key when the agent last checked it (revoked, say): it is
+        picked only when no other key matches (see :meth:`KeyStore.mark_refused`)."""
 
     def __repr__(self) -> str:
         return (
@@ -149,6 +152,7 @@ class HeldKey:
             "ephemeral": self.ephemeral,
             "rotate_every": self.rotate_every,
             "next_rotation": iso(self.next_rotation),
+            "refused": self.refused,
         }
 
     def alive(self, now: float) -> bool:
@@ -244,6 +248,7 @@ class KeyStore:
         # make it forget that: the copy on the service would outlive its lifetime.
         held.ephemeral = held.ephemeral or ephemeral
         held.exportable, held.confirm, held.allowed_exes = exportable, confirm, allowed_exes
+        held.refused = False  # handed over again: the service is asked afresh
         if lifetime is None:
             held.deadline = held.expires = None
         else:
@@ -286,17 +291,29 @@ class KeyStore:
         user: str | None = None,
         key_id: str | None = None,
     ) -> HeldKey:
-        """The one key a ``get`` means: the newest match, or the single one a key id names."""
+        """The one key a ``get`` means: the single one a key id names, else the newest match
+        the service has not refused (:attr:`HeldKey.refused`), else the newest match."""
         found = self.matching(now, host, user, key_id)
         first = next(found, None)
         if first is None:
             raise NotFound(_not_found_message(host, user, key_id))
-        if key_id is not None and next(found, None) is not None:
-            raise Ambiguous(
-                f"key id '{key_id}' matches several keys; give more of its characters (up to "
-                f"{KEY_ID_MAX}, see keyagent-ctl list --json for each key's fingerprint)"
-            )
+        if key_id is not None:
+            if next(found, None) is not None:
+                raise Ambiguous(
+                    f"key id '{key_id}' matches several keys; give more of its characters (up "
+                    f"to {KEY_ID_MAX}, see keyagent-ctl list --json for each key's fingerprint)"
+                )
+            return first
+        if first.refused:
+            return next((held for held in found if not held.refused), first)
         return first
+
+    def mark_refused(self, held: HeldKey, refused: bool) -> None:
+        """Note what the service said of ``held`` when the agent checked it: refused (it is
+        then passed over while another key matches), or accepted."""
+        if held.refused != refused:
+            held.refused = refused
+            self.version += 1  # what newest() picks may differ: memos and grants are stale
 
     def discard(self, digest: str) -> HeldKey | None:
         """Drop one key by its full digest; returns it, or None if it was not held."""

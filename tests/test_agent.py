@@ -141,7 +141,7 @@ FRESH_OUTCOMES: dict[str, set[str] | type[KeyagentError]] = {
                "uptime", "locked", "keys", "default_lifetime", "sessions", "pending_deletions"},
     "add": {"key_id", "fingerprint", "host", "user", "description", "created", "added",
             "expires", "source", "persisted", "exportable", "confirm", "allowed_exes",
-            "ephemeral", "rotate_every", "next_rotation"},
+            "ephemeral", "rotate_every", "next_rotation", "refused"},
     "get": NotFound,
     "list": {"keys"},
     "forget": {"forgotten"},
@@ -261,6 +261,7 @@ def test_add_returns_the_listing_without_the_secret(agent: Agent) -> None:
         "ephemeral": False,
         "rotate_every": None,
         "next_rotation": None,
+        "refused": False,
     }
     assert SECRET not in json.dumps(added)
 

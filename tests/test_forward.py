@@ -502,10 +502,14 @@ class KeyLender:
     def authorize(self, conn: int, host: str, user: str | None, key_id: str | None) -> Grant:
         return self.grant
 
-    def session_refused(self, conn: int, host: str, user: str, key_id: str | None) -> Grant | None:
+    def session_refused(
+        self, conn: int, host: str, user: str, key_id: str | None, *, retry: bool = True
+    ) -> Grant | None:
         return None
 
-    def key_refused(self, conn: int, host: str, user: str, refused: list[str]) -> Grant | None:
+    def key_refused(
+        self, conn: int, host: str, user: str, refused: list[str], *, retry: bool = True
+    ) -> Grant | None:
         return None
 
     def still_good(self, grant: Grant) -> bool:
@@ -530,8 +534,15 @@ class RevokedKeyLender(KeyLender):
         self.refusal = refusal
         self.stale = stale
         self.asked: list[list[str]] = []
+        self.checked: list[list[str]] = []
+        """Keys it was asked only to check (no retry: nothing is lent)."""
 
-    def key_refused(self, conn: int, host: str, user: str, refused: list[str]) -> Grant:
+    def key_refused(
+        self, conn: int, host: str, user: str, refused: list[str], *, retry: bool = True
+    ) -> Grant | None:
+        if not retry:
+            self.checked.append(list(refused))
+            return None
         self.asked.append(list(refused))
         if self.refusal is not None:
             raise self.refusal
@@ -546,14 +557,16 @@ class RevokedKeyLender(KeyLender):
         return grant.token == 1 or grant is self.grant
 
 
-def one_request(proxy: Proxy, host: str, target: str, conn: int = 7) -> bytes:
-    """``target`` asked of ``proxy`` on a connection of its own (numbered ``conn``), and
-    everything the tool gets back."""
+def one_request(proxy: Proxy, host: str, target: str, conn: int = 7, extra: str = "") -> bytes:
+    """``target`` asked of ``proxy`` on a connection of its own (numbered ``conn``), with
+    ``extra`` header lines, and everything the tool gets back."""
     ours, tool = socket.socketpair()
     serving = threading.Thread(target=proxy.serve, args=(ours, conn))
     serving.start()
     with tool:
-        tool.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        tool.sendall(
+            f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n".encode()
+        )
         answer = b"".join(iter(lambda: tool.recv(65536), b""))
     serving.join(10)
     return answer
@@ -582,6 +595,38 @@ def test_each_try_after_a_401_is_an_entry_naming_its_key(
     assert [(outcome, e["status"], e["key_id"]) for outcome, e in lender.entries] == tries
     assert [r.status for r in emulator.requests] == [status for _, status, _ in tries]
     assert answer.startswith(f"HTTP/1.1 {tries[-1][1]} ".encode())
+
+
+def test_a_401_that_cannot_be_tried_again_still_has_the_key_checked(
+    emulator: ConduceEmulator, key: str
+) -> None:
+    """A streamed upload, or a request naming its key, that the service answers 401: the
+    tool gets the 401 as it is (the body is gone; a named key is never swapped), and the
+    agent is asked to check the key, lending nothing, so the next request gains from it."""
+    lender = RevokedKeyLender(emulator.host, key, stale=False)
+    proxy = Proxy(lender, HttpSettings(verify=emulator.ca_path), head_timeout=5, idle_timeout=5)
+    try:
+        ours, tool = socket.socketpair()
+        serving = threading.Thread(target=proxy.serve, args=(ours, 7))
+        serving.start()
+        with tool:
+            tool.sendall(
+                f"POST /api/v2/data/upload HTTP/1.1\r\nHost: {emulator.host}\r\n"
+                "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                "5\r\nhello\r\n0\r\n\r\n".encode()
+            )
+            streamed = b"".join(iter(lambda: tool.recv(65536), b""))
+        serving.join(10)
+        named = one_request(
+            proxy, emulator.host, "/conduce/api/v1/user/list-teams",
+            extra="X-Keyagent-Key-Id: dddddddd\r\n",
+        )  # fmt: skip
+    finally:
+        proxy.upstream.close()
+    assert streamed.startswith(b"HTTP/1.1 401 ")
+    assert named.startswith(b"HTTP/1.1 401 ")
+    assert lender.checked == [["d" * 64], ["d" * 64]]
+    assert lender.asked == []  # nothing else was lent
 
 
 def test_a_retry_refused_by_the_next_keys_rules_names_that_key(

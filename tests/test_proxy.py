@@ -27,7 +27,7 @@ from keyagent.httpwire import Head
 from keyagent.proxy import answer_headers, error_answer, request_headers, route
 from keyagent.store import digest_of, key_id_for
 
-from .fakes import PEER, FakeAccount, FakeTime, driver_for, request, settle
+from .fakes import PEER, FakeAccount, FakeTime, driver_for, request, run, settle
 
 HOST = "app.conduce.com"
 USER = "ada@example.com"
@@ -438,6 +438,57 @@ def test_an_expired_session_without_keys_means_logging_in_again(
     accounts[(HOST, USER)].session_alive = False
     with pytest.raises(LoginRequired):
         refused(agent)
+
+
+def test_a_key_found_refused_is_passed_over_until_it_works_again(
+    agent: Agent, accounts: dict[tuple[str, str], FakeAccount]
+) -> None:
+    """Once a check finds the newest key refused, it is noted: later requests (a streamed
+    upload that cannot be tried again included), get and the agent's own calls use an older
+    key the service has not refused; list shows the mark; a check that finds the key works
+    again, or adding it again, clears it. With only refused keys, the newest is still lent
+    (the service may have changed its mind)."""
+    older, newer = (f"proxy-secret-key-{n:04d}-abcdefgh" for n in (6, 7))
+    account = accounts[(HOST, USER)] = FakeAccount()
+    account.keys = [older]
+    hold(agent, older)
+    hold(agent, newer)
+    assert lend(agent).value == f"Bearer {newer}"
+    check_only = agent.proxy_key_refused(PEER, HOST, USER, (digest_of(newer),), retry=False)
+    assert answer_to(agent, check_only) is None  # checked and noted, nothing lent
+    assert lend(agent).value == f"Bearer {older}"
+    assert settle(agent, agent.handle(request("get"), PEER)) == {
+        "key": older, "key_id": key_id_for(older)
+    }  # fmt: skip
+    listed = {key["key_id"]: key["refused"] for key in run(agent, "list")["keys"]}
+    assert listed == {key_id_for(older): False, key_id_for(newer): True}
+    account.calls.clear()
+    run(agent, "list", host=HOST, user=USER, remote=True)
+    assert account.calls == [("list", older)]  # the refused key after the others
+    # Only refused keys left: the newest of them is lent all the same.
+    agent.held_keys.mark_refused(agent.held_keys.newest(0.0, key_id=key_id_for(older)), True)
+    assert lend(agent).value == f"Bearer {newer}"
+    agent.held_keys.mark_refused(agent.held_keys.newest(0.0, key_id=key_id_for(older)), False)
+    account.keys = [older, newer]  # the service takes it again: a check clears the mark
+    assert key_refused(agent, newer) is None
+    assert lend(agent).value == f"Bearer {newer}"
+    agent.held_keys.mark_refused(agent.held_keys.newest(0.0, key_id=key_id_for(newer)), True)
+    hold(agent, newer)  # handed over again: asked afresh
+    assert not agent.held_keys.newest(0.0, key_id=key_id_for(newer)).refused
+
+
+def test_a_session_checked_without_a_retry_lends_nothing(
+    agent: Agent, accounts: dict[tuple[str, str], FakeAccount]
+) -> None:
+    """A streamed request's 401 with the session: the session is checked and marked
+    expired, and nothing is lent for it (the next request gets the key)."""
+    hold(agent, SECRET)
+    log_in(agent)
+    accounts[(HOST, USER)].session_alive = False
+    check_only = agent.proxy_session_refused(PEER, HOST, USER, None, retry=False)
+    assert answer_to(agent, check_only) is None
+    assert not agent.sessions[(HOST, USER)].live
+    assert lend(agent).value == f"Bearer {SECRET}"
 
 
 def checks(agent: Agent) -> list[tuple[str, str | None, str | None, int | None]]:

@@ -371,6 +371,35 @@ def test_a_revoked_key_falls_back_to_the_next_held_key(
     assert status == 401
 
 
+def test_a_revoked_key_is_noted_by_a_streamed_upload(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """A streamed upload cannot be sent again: the first one made with a revoked key gets
+    the 401, but the agent checks the key and notes it refused (audit "check", list
+    --json "refused"), so the next upload goes with the next key."""
+    good = add_key(conduce_agent, emulator)
+    revoked = "revoked-key-the-service-no-longer-knows-0002"
+    ctl(conduce_agent, emulator, "add", stdin=revoked + "\n")
+    url = f"http://{emulator.host}/api/v2/data/upload"
+    upload = ("-H", "Transfer-Encoding: chunked", "--data-binary", "x" * 1000)
+    first, _, _ = curl(conduce_agent, url, *upload)
+    second, _, body = curl(conduce_agent, url, *upload)
+    assert (first, second) == (401, 200), body
+    with conduce_agent.client() as client:
+        entries = client.log()
+        listed = {key["key_id"]: key["refused"] for key in client.list()}
+    # The check is made while the 401 is under way, so its entry comes first.
+    assert [(e["op"], e["outcome"], e["status"], e["key_id"]) for e in entries][-3:] == [
+        ("check", "bad_credentials", None, key_id_for(revoked)),
+        ("proxy", "ok", 401, key_id_for(revoked)),
+        ("proxy", "ok", 200, key_id_for(good)),
+    ]
+    assert listed == {key_id_for(good): False, key_id_for(revoked): True}
+    shown = run_ctl(conduce_agent.socket_path, "list")
+    (row,) = [line for line in shown.out.splitlines() if line.startswith(key_id_for(revoked))]
+    assert "added (refused)" in row
+
+
 # --- failures -----------------------------------------------------------------------------
 
 

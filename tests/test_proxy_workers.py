@@ -562,6 +562,12 @@ def test_a_worker_that_gets_a_connection_again_stays(stand_in: StandIn) -> None:
         json.dumps(
             {"t": "authorize", "conn": 1, "ask": 1, "host": "h", "refused": ["a" * 64]}
         ).encode(),
+        json.dumps(
+            {"t": "session_refused", "conn": 1, "ask": 1, "host": "h", "user": "u", "retry": 0}
+        ).encode(),
+        json.dumps(
+            {"t": "authorize", "conn": 1, "ask": 1, "host": "h", "user": None, "retry": False}
+        ).encode(),
         json.dumps({"t": "ready"}).encode(),  # it said so already
         b"[" * 60_000,  # deeper than the JSON decoder goes: RecursionError, not ValueError
         json.dumps({"t": "sign", "conn": 1}).encode(),

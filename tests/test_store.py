@@ -129,6 +129,7 @@ def test_listing_has_every_field_but_the_secret() -> None:
         "ephemeral": False,
         "rotate_every": None,
         "next_rotation": None,
+        "refused": False,
     }
     assert SECRET not in repr(listing)
 

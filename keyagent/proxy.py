@@ -512,7 +512,7 @@ class Proxy:
                 head.method, where.host, where.target, request_headers(head, flight.grant),
                 body, chunked=head.chunked,
             )  # fmt: skip
-            flight.status = answer.status
+            self._answered(flight, answer.status)
             if answer.status == 401 and replayable:
                 answer = self._try_again(flight, answer, body, lent)
             elif answer.status == 401:  # its body is gone: the next request gains from a check
@@ -587,7 +587,7 @@ class Proxy:
                 head.method, where.host, where.target, request_headers(head, renewed), body,
                 chunked=False,
             )  # fmt: skip
-            flight.status = answer.status
+            self._answered(flight, answer.status)
         return answer
 
     def _check_refused(self, flight: _Flight) -> None:
@@ -668,6 +668,16 @@ class Proxy:
             self._record(flight, "ok")
             flight.grant, flight.status = grant, None
             self._post(flight)
+
+    def _answered(self, flight: _Flight, status: int) -> None:
+        """The service answered ``flight`` with ``status``: its board slot says so too, so
+        a worker killed mid-answer leaves the status for the agent."""
+        with self._audits:
+            flight.status = status
+            if flight.slot is not None and self.board is not None and flight in self._flights:
+                flight.slot = self.board.replace(
+                    flight.slot, {"conn": flight.peer, **flight.entry()}
+                )
 
     def _land(self, flight: _Flight, outcome: str) -> None:
         """Record how ``flight`` ended, unless :meth:`cut_all` recorded it already."""

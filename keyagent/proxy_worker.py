@@ -107,6 +107,21 @@ class FlightBoard:
                     os.getpid(), "full" if not self._free else "too long an entry",
                 )  # fmt: skip
             return None
+        return self._write(data)
+
+    def replace(self, slot: int, entry: dict[str, Any]) -> int:
+        """``entry`` in place of what ``slot`` holds; the slot that holds it now. Written to
+        a free slot before ``slot`` is emptied: a worker killed in between leaves both, so
+        the agent records the request twice rather than not at all. With no free slot (or
+        too long an entry), ``slot`` stays as it was."""
+        data = json.dumps(entry, ensure_ascii=False).encode()
+        if not self._free or len(data) > BOARD_SLOT - _LENGTH.size:
+            return slot
+        new = self._write(data)
+        self.clear(slot)
+        return new
+
+    def _write(self, data: bytes) -> int:
         slot = self._free.pop()
         start = slot * BOARD_SLOT + _LENGTH.size
         self.memory[start : start + len(data)] = data

@@ -673,8 +673,8 @@ def test_a_request_is_on_the_board_while_under_way(emulator: ConduceEmulator, ke
     try:
         with tool:
             (posted,) = read_board(memory)
-            assert posted == {
-                "conn": 7, "method": "GET", "path": ENDLESS, "status": None,
+            assert posted == {  # the service's answer under way: its status is there too
+                "conn": 7, "method": "GET", "path": ENDLESS, "status": 200,
                 "host": emulator.host, "key_id": lender.grant.key_id, "user": USER,
             }  # fmt: skip
         serving.join(10)  # the tool left: the request ends, cut
@@ -699,6 +699,24 @@ def test_a_full_board_leaves_a_request_off_it(caplog: pytest.LogCaptureFixture) 
     assert len([r for r in caplog.records if "not on its flight board" in r.getMessage()]) == 1
     (kept,) = read_board(board.memory)
     assert kept == longest
+
+
+def test_a_replaced_entry_never_leaves_the_board_empty(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An entry replaced (the service's status now known) goes to a free slot before its
+    old one is emptied; with no free slot the old entry stands, and nothing is said."""
+    board = FlightBoard(mmap.mmap(-1, 2 * BOARD_SLOT))
+    first = board.post({"conn": 1, "status": None})
+    assert first is not None
+    second = board.replace(first, {"conn": 1, "status": 200})
+    assert second != first
+    assert list(read_board(board.memory)) == [{"conn": 1, "status": 200}]
+    board.post({"conn": 2})  # the board is full now
+    with caplog.at_level(logging.WARNING, logger="keyagent.proxy"):
+        assert board.replace(second, {"conn": 1, "status": 201}) == second
+    assert {"conn": 1, "status": 200} in list(read_board(board.memory))
+    assert caplog.records == []
 
 
 def test_a_request_cut_at_stop_is_recorded_once(emulator: ConduceEmulator, key: str) -> None:

@@ -907,6 +907,7 @@ def test_a_request_whose_worker_is_killed_is_in_the_audit_log(
         (entry,) = [entry for entry in client.log() if entry["op"] == "proxy"]
     assert (entry["outcome"], entry["method"], entry["path"]) == ("cut", "GET", ENDLESS)
     assert (entry["key_id"], entry["pid"]) == (key_id_for(secret), os.getpid())
+    assert entry["status"] == 200  # the service had answered: the board said so too
 
 
 def test_a_request_under_way_at_stop_is_in_the_audit_log(

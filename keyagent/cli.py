@@ -589,8 +589,12 @@ def cmd_status(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
             if session.get("expired")
             else ("logged in" if session.get("logged_in") else "logged out")
         )
-        # A logged-out session has no start time: say so without a placeholder.
-        since = f" since {shown(session['since'])}" if session.get("since") else ""
+        # A logged-out session has no start time: say so without a placeholder. The time is
+        # the login's: an expired session says so rather than seem to have expired then.
+        since = ""
+        if session.get("since"):
+            login = shown(session["since"])
+            since = f" (logged in {login})" if session.get("expired") else f" since {login}"
         rules = _rules(session)
         ruled = f" ({shown(rules)})" if rules != "-" else ""
         out.write(

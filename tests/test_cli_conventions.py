@@ -168,6 +168,21 @@ def emulator() -> Iterator[Emulator]:
         yield emu
 
 
+def test_status_of_an_expired_session_names_its_login_time(
+    agent_factory: AgentFactory, emulator: Emulator
+) -> None:
+    """An expired session shows when it logged in, not a time it seems to have expired at."""
+    agent = agent_factory("--ca-bundle", emulator.ca_path)
+    account = ["--host", emulator.host, "--user", USER]
+    login = run_ctl(agent.socket_path, *account, "login", "--password-stdin", stdin=PASSWORD)
+    assert login.code == 0, login.err
+    emulator.expire_sessions(USER)
+    assert run_ctl(agent.socket_path, *account, "list", "--remote").code != 0
+    status = run_ctl(agent.socket_path, "status").out
+    assert f"session {USER}@{emulator.host}: expired (logged in " in status
+    assert "since" not in status
+
+
 def test_status_after_logout_says_logged_out_without_a_time(
     agent_factory: AgentFactory, emulator: Emulator
 ) -> None:

@@ -1522,11 +1522,11 @@ class Agent:
         allowed_exes = self._allowed_exes(args)
         session = self.session_for(args["host"], args["user"])
         password: str = args["password"]
-        session.renewing = True
+        session.renewing += 1  # a count: another login may wait in line behind this one
         try:
             yield Work(lambda: session.account.login(password), queue=session.queue)
         finally:
-            session.renewing = False
+            session.renewing -= 1
         session.began(
             self.clock.monotonic(), self.clock.wall(), confirm=confirm, allowed_exes=allowed_exes
         )
@@ -2361,8 +2361,10 @@ class Agent:
         # Keys the service refused come after the others (it may have changed its mind), and
         # the key being removed comes last: it may still authenticate its own removal.
         held.sort(key=lambda candidate: (candidate.digest == avoid, candidate.refused))
-        usable = session.live and not session.renewing  # its cookie may be a new login's
+        usable = session.live
         if making is not None:
+            # During a login the cookie may be the new login's, under the old one's rules.
+            usable = usable and not session.renewing
             candidates: list[HeldKey | Session] = [session] if usable else []
             candidates += held
             why = {id(candidate): _looser_than(candidate, making) for candidate in candidates}
@@ -2446,8 +2448,14 @@ def _looser_than(credential: HeldKey | Session, new: Rules) -> str | None:
     """Why a key with rules ``new`` would escape ``credential``'s rules (None: it would not):
     such a key is not made with it."""
     exportable, confirm, allowed_exes = new
-    if isinstance(credential, HeldKey) and not credential.exportable and exportable:
-        return "cannot be taken out of the agent (--no-export), and the new key could be"
+    # A session is never taken out; one with rules (lent through the HTTP socket alone)
+    # must not make a key that can be, or a program it allows would walk away with one.
+    if isinstance(credential, HeldKey):
+        kept_in = not credential.exportable
+    else:
+        kept_in = credential.confirm or bool(credential.allowed_exes)
+    if kept_in and exportable:
+        return "cannot be taken out of the agent, and the new key could be (give --no-export)"
     if credential.confirm and not confirm:
         return "asks before each use (--confirm), and the new key would not"
     if credential.allowed_exes and not (

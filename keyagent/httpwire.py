@@ -59,6 +59,7 @@ _PLAIN: Final = (
     ("illegal header line", "a header line is not NAME: VALUE"),
     ("continuation line", "a header line starts with a space (header folding is refused)"),
     ("illegal chunk header", "a chunk of the request body is malformed"),
+    ("conflicting Content-Length", "the request has Content-Length headers that disagree"),
     ("Content-Length", "the Content-Length header is not one decimal number"),
     ("Transfer-Encoding", "only Transfer-Encoding: chunked is accepted"),
 )

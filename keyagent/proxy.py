@@ -616,9 +616,7 @@ class Proxy:
         if grant.digest is None:
             return None
         if where.key_id is not None:  # checked (and noted), never swapped
-            self.lender.key_refused(
-                flight.peer, where.host, grant.user, [grant.digest], retry=False
-            )
+            self._check_refused(flight)
             return None
         refused.append(grant.digest)
         return self.lender.key_refused(flight.peer, where.host, grant.user, refused)
@@ -640,7 +638,8 @@ class Proxy:
     ) -> bool:
         status, headers, body = error_answer(error)
         has_body = head.chunked or bool(head.content_length)
-        if has_body and not body_read:
+        # An unmet expectation says the tool and the agent disagree on the exchange itself.
+        if (has_body and not body_read) or isinstance(error, UnmetExpectation):
             http.refuse(status, headers, body)  # its body is never read: close after
             return False
         if not has_body:

@@ -141,9 +141,10 @@ class Session:
         self.mark = ""
         """Names this login (not the account) in a connection's record of what the user
         confirmed on it: a later login asks again."""
-        self.renewing = False
-        """A login is under way: the account's cookie may be the new login's already while
-        the rules and mark are still the old one's, so the session is not lent meanwhile."""
+        self.renewing = 0
+        """Logins under way (they wait in line on :attr:`queue`): the account's cookie may be
+        a new login's already while the rules and mark are still the old one's, so the
+        session is not lent meanwhile."""
 
     def __repr__(self) -> str:
         # Not the account: it holds the session cookie.

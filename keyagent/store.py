@@ -291,8 +291,10 @@ class KeyStore:
         user: str | None = None,
         key_id: str | None = None,
     ) -> HeldKey:
-        """The one key a ``get`` means: the single one a key id names, else the newest match
-        the service has not refused (:attr:`HeldKey.refused`), else the newest match."""
+        """The one key a ``get`` means: the single one a key id names, else the newest match;
+        if the service refused that one (:attr:`HeldKey.refused`), the newest key of the same
+        account it has not refused, if any (never another account's: a get without a host
+        may be meant for that host)."""
         found = self.matching(now, host, user, key_id)
         first = next(found, None)
         if first is None:
@@ -305,7 +307,11 @@ class KeyStore:
                 )
             return first
         if first.refused:
-            return next((held for held in found if not held.refused), first)
+            account = (first.host, first.user)
+            return next(
+                (held for held in found if not held.refused and (held.host, held.user) == account),
+                first,
+            )
         return first
 
     def mark_refused(self, held: HeldKey, refused: bool) -> None:

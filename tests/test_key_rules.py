@@ -239,10 +239,11 @@ def test_a_session_with_rules_makes_only_keys_at_least_as_strict(
     rules; with no such key it is forbidden, naming the session; a key with the session's
     rules is made with the session."""
     log_in(maker, allow_exe=[CURL])
-    error = create_fails(maker, reveal=True)
-    assert type(error) is errors.Forbidden
-    assert "the session of" in error.message
-    create(maker, allow_exe=[CURL])
+    for escaping in ({"reveal": True}, {"allow_exe": [CURL]}):  # printable, or exportable
+        error = create_fails(maker, **escaping)
+        assert type(error) is errors.Forbidden
+        assert "the session of" in error.message
+    create(maker, allow_exe=[CURL], export=False)
     assert service.calls[-1] == ("create", None)  # the session
     service.keys.append(SECRET)
     add(maker)
@@ -636,6 +637,42 @@ def test_a_session_is_not_lent_while_a_login_replaces_it(fake_time: FakeTime) ->
     driver.end(driver.held[0])
     assert logins[0][1] is None
     assert proxy_as(agent, peer(CURL)).session
+
+
+def test_a_failed_login_in_line_before_another_does_not_end_the_wait(
+    fake_time: FakeTime,
+) -> None:
+    """Two logins in line: the first one failing (a wrong password, from any process) does
+    not make the session lendable while the second may be replacing its cookie; once the
+    second ends, the session is lent by its rules. The agent's own calls, which wait in the
+    same line, still plan to use the session."""
+    account = FakeAccount()
+    agent = Agent(clock=fake_time.clock(), accounts=lambda host, user: account)
+    log_in(agent)
+    driver = HeldWorkDriver(fake_time)
+    agent.driven_by(driver.start_background)
+    outcomes: list[tuple[str, object, errors.KeyagentError | None]] = []
+    for name, args in (
+        ("bogus login", {"password": "wrong"}),
+        ("login", {"password": "pw", "allow_exe": [CURL]}),
+        ("list", {"remote": True}),
+    ):
+        op = "list" if name == "list" else "login"
+
+        def done(result: object, error: errors.KeyagentError | None, name: str = name) -> None:
+            outcomes.append((name, result, error))
+
+        driver.start(
+            agent.handle(request(op, host=HOST, user=USER, **args), PEER),  # type: ignore[arg-type]
+            done,
+        )
+    driver.end(driver.held[0])  # the bogus login fails
+    assert type(proxy_fails_as(agent, peer(TOOL))) is errors.Busy  # not the session
+    while driver.held:
+        driver.end(driver.held[0])
+    assert [(name, error) for name, _, error in outcomes][1:] == [("login", None), ("list", None)]
+    assert ("list", None) in account.calls  # with the session
+    assert type(proxy_fails_as(agent, peer(TOOL))) is errors.Denied  # the new login's rules
 
 
 def test_an_agent_blind_to_executables_refuses_a_login_with_allowed_programs(

@@ -477,6 +477,18 @@ def test_a_key_found_refused_is_passed_over_until_it_works_again(
     assert not agent.held_keys.newest(0.0, key_id=key_id_for(newer)).refused
 
 
+def test_a_refused_key_is_never_passed_over_for_another_account(agent: Agent) -> None:
+    """Passing over a refused key stays within its account: a get without a host (meant,
+    say, for the refused key's host) gets that key, never another host's or user's."""
+    hold(agent, SECOND, host="other.conduce.com")
+    hold(agent, SECRET, user=OTHER)
+    hold(agent, "proxy-secret-key-0008-abcdefgh")
+    newest = agent.held_keys.newest(0.0)
+    agent.held_keys.mark_refused(newest, True)
+    assert agent.held_keys.newest(0.0) is newest
+    assert agent.held_keys.newest(0.0, host=HOST) is newest
+
+
 def test_a_session_checked_without_a_retry_lends_nothing(
     agent: Agent, accounts: dict[tuple[str, str], FakeAccount]
 ) -> None:

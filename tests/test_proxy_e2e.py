@@ -433,6 +433,8 @@ def test_what_is_not_http_is_answered_in_the_agents_words_and_recorded(
          + b"a" * 70000 + b"\r\n\r\n", 431, b"larger than 16 KiB"),
         (b"GET /api/v2/x HTTP/2.0\r\nHost: " + host.encode() + b"\r\n\r\n", 505, b"HTTP/1.1"),
         (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505, b"HTTP/1.1"),
+        (b"POST /api/v2/x HTTP/1.1\r\nHost: " + host.encode()
+         + b"\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400, b"disagree"),
     ]  # fmt: skip
     emulator.clear_requests()
     for raw, status, words in cases:
@@ -467,6 +469,7 @@ def test_repeated_control_headers_and_unknown_expectations_are_refused(
         assert f"more than one {header}" in json.loads(body)["error"]["message"]
     status, headers, _ = curl(conduce_agent, url, "-H", "Expect: teapot")
     assert (status, headers["x-keyagent-error"]) == (417, "bad_request")
+    assert headers["connection"] == "close"
 
 
 def test_a_tool_that_leaves_before_its_body_is_recorded(

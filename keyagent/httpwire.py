@@ -128,10 +128,6 @@ class Head:
                 return value
         return None
 
-    def count(self, name: str) -> int:
-        """How many times header ``name`` (lower-case) is there."""
-        return sum(1 for header, _ in self.headers if header == name)
-
     def __repr__(self) -> str:  # headers may carry credentials: never shown
         return f"Head({self.method} {self.target.split('?', 1)[0]!r})"
 

@@ -63,6 +63,8 @@ METHODS: Final = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
 BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 """Methods whose request is sent with a Content-Length even when the tool sent no body."""
 FORBIDDEN_IN_TARGET: Final = frozenset("# \t")
+ONCE_ONLY: Final = frozenset({"x-keyagent-user", "x-keyagent-key-id", "expect"})
+"""Headers a request may carry once: the agent does not guess which of two was meant."""
 MAX_AUDITED_PATH: Final = 512
 """Characters of a path kept in an audit entry; a longer one is cut, and says so."""
 REPLAYABLE: Final = 64 * 1024
@@ -194,8 +196,9 @@ def route(head: Head) -> Route:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     if host_header is None or not host_header:
         raise BadRequest("the request has no Host header; it names the Conduce host")
-    for name in ("x-keyagent-user", "x-keyagent-key-id", "expect"):
-        if head.count(name) > 1:
+    once = [name for name, _ in head.headers if name in ONCE_ONLY]  # one pass: usually none
+    for name in set(once):
+        if once.count(name) > 1:
             raise BadRequest(f"the request has more than one {_titled(name)} header; send one")
     expect = head.get("expect")
     if expect is not None and expect.strip().lower() != "100-continue":

@@ -41,7 +41,7 @@ from collections import namedtuple
 
 from keyagent.log import get_logger
 from keyagent.protocol import KEY_ID_DIGITS, KEY_ID_MAX, KEY_ID_SHOWN
-from keyagent.rules import host_problem, is_finite_number, user_problem
+from keyagent.rules import host_problem, is_finite_number, shared_directory, user_problem
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -356,6 +356,11 @@ def _directory_problem(directory: str, info: os.stat_result) -> str | None:
         )
     if not stat.S_ISDIR(info.st_mode):
         return f"{directory} is not a directory; remove it"
+    if shared_directory(info):  # /tmp, say: never to be removed or closed
+        return (
+            f"{directory} is a shared directory (mode {stat.S_IMODE(info.st_mode):04o}); set"
+            " XDG_STATE_HOME to a directory of your own"
+        )
     if info.st_uid != os.geteuid():
         return (
             f"the directory {directory} is owned by uid {info.st_uid}, not by you (uid "

@@ -48,6 +48,7 @@ __all__ = [
     "is_valid_host",
     "path_problem",
     "rotate_every_problem",
+    "shared_directory",
     "user_problem",
 ]
 
@@ -351,3 +352,12 @@ def host_problem(host: object) -> str | None:
 def is_valid_host(host: str) -> bool:
     """Whether ``host`` follows the host grammar (see :func:`host_problem`)."""
     return host_problem(host) is None
+
+
+def shared_directory(info: os.stat_result) -> bool:
+    """Whether a directory is one many users write to (sticky, like /tmp; or open to all and
+    someone else's): advice to close it or remove it would do harm."""
+    sticky, open_to_all = 0o1000, 0o002
+    return bool(info.st_mode & sticky) or (
+        bool(info.st_mode & open_to_all) and info.st_uid != os.geteuid()
+    )

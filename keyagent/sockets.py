@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from keyagent import protocol
 from keyagent.log import get_logger
+from keyagent.rules import shared_directory
 
 log = get_logger("keyagent.sockets")
 
@@ -35,6 +36,12 @@ def check_private_dir(directory: str) -> None:
     info = os.lstat(directory)
     if not stat.S_ISDIR(info.st_mode):
         raise SocketSetupError(f"{directory} is not a directory; remove it or use -a PATH")
+    if shared_directory(info):  # /tmp, say: never to be removed or closed, whoever owns it
+        raise SocketSetupError(
+            f"{directory} is a shared directory (mode {stat.S_IMODE(info.st_mode):04o}); the"
+            " socket needs a directory of your own: use -a PATH in a new directory (mkdir -m"
+            " 700 DIR)"
+        )
     if info.st_uid != os.geteuid():
         raise SocketSetupError(
             f"{directory} is owned by uid {info.st_uid}, not by you (uid {os.geteuid()}); "

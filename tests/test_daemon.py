@@ -219,6 +219,19 @@ def test_refuses_a_directory_open_to_group_or_others(tmp_path: Path, mode: int) 
     assert "chmod 700" in result.stderr
 
 
+def test_a_shared_directory_is_never_to_be_closed_or_removed(tmp_path: Path) -> None:
+    """A socket in a sticky directory (/tmp, even when it is root's and the agent runs as
+    root) is refused with advice to use a directory of one's own, never to chmod it."""
+    directory = private_dir(tmp_path)
+    os.chmod(directory, 0o1777)
+    result = start_foreground(directory / "agent.sock")
+    assert result.returncode == 1
+    assert "shared directory" in result.stderr
+    assert "mkdir -m 700" in result.stderr
+    assert "chmod" not in result.stderr
+    assert "remove it" not in result.stderr
+
+
 def test_refuses_to_start_over_a_live_agent(agent: AgentProcess) -> None:
     """A second agent on the socket of a live one refuses and leaves the first serving."""
     result = start_foreground(Path(agent.socket_path))

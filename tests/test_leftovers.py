@@ -247,6 +247,19 @@ def test_a_directory_others_can_write_to_is_not_read(
     assert f"chmod 700 {leftovers.directory}" in message
 
 
+def test_a_sticky_directory_is_refused_without_advice_to_close_it(
+    leftovers: LeftoversFile, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A leftovers directory like /tmp (sticky, many users' own) is not trusted, and the
+    advice is to choose another, never to chmod it."""
+    leftovers.write([FIRST])
+    os.chmod(leftovers.directory, 0o1777)
+    assert leftovers.read() == []
+    (message,) = warnings(caplog)
+    assert "shared directory" in message
+    assert "chmod" not in message
+
+
 def directory_problem(directory: str, mode: int) -> str:
     return (
         f"the directory {directory} is accessible to group or others (mode {mode:04o});"

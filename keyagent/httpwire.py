@@ -38,9 +38,9 @@ __all__ = [
 RECV: Final = 64 * 1024
 """Bytes read at a time, from a tool or from the service."""
 MAX_HEAD: Final = 16 * 1024
-"""Largest request head (request line and headers) waited for: one still incomplete past
-this many bytes is answered 400 ``bad_request`` and the connection closed. (h11 counts what
-is unparsed, so a whole head that arrives in one read of :data:`RECV` may be larger.)"""
+"""Largest request head (request line and headers): a larger one is answered 431 and the
+connection closed, whether it is still incomplete (h11 stops waiting for it) or arrived
+whole in one read (measured once parsed)."""
 LINGER: Final = 30.0
 """Longest a connection closed before its request's end is drained (see
 :meth:`HttpConnection.close`)."""
@@ -68,10 +68,15 @@ header line with its credential, say), which are never echoed back or logged. An
 listed here (another h11 version's words) gets a general message."""
 
 
+TOO_LARGE_HEAD: Final = (
+    f"the request head is larger than {MAX_HEAD // 1024} KiB; send fewer headers"
+)
+
+
 def _plain(error: h11.RemoteProtocolError) -> str:
     """What the tool is told about ``error``."""
     if error.error_status_hint == 431:
-        return f"the request head is larger than {MAX_HEAD // 1024} KiB; send fewer headers"
+        return TOO_LARGE_HEAD
     text = str(error)
     for words, message in _PLAIN:
         if words in text:
@@ -157,6 +162,11 @@ class HttpConnection:
             if isinstance(event, h11.Request):
                 if event.http_version not in (b"1.1", b"1.0"):  # h11 takes any 1.x or 2.0
                     raise Malformed(505, "only HTTP/1.1 (and 1.0) is spoken here")
+                # The request line, and a name, ": ", a value and CRLF per header.
+                size = len(event.method) + len(event.target) + 12
+                size += sum(len(name) + len(value) + 4 for name, value in event.headers)
+                if size > MAX_HEAD:
+                    raise Malformed(431, TOO_LARGE_HEAD)
                 head = Head(event)
                 if head.chunked and head.content_length is not None:
                     # Legal (chunked wins), but the classic request-smuggling shape: refused.

@@ -431,6 +431,8 @@ def test_what_is_not_http_is_answered_in_the_agents_words_and_recorded(
         (b"GET /api/v2/x HTTP/1.1\r\n\r\n", 400, b"no Host header"),
         (b"GET /api/v2/x HTTP/1.1\r\nHost: " + host.encode() + b"\r\nX-Big: "
          + b"a" * 70000 + b"\r\n\r\n", 431, b"larger than 16 KiB"),
+        (b"GET /api/v2/x HTTP/1.1\r\nHost: " + host.encode() + b"\r\nX-Big: "
+         + b"a" * 20000 + b"\r\n\r\n", 431, b"larger than 16 KiB"),  # whole in one read
         (b"GET /api/v2/x HTTP/2.0\r\nHost: " + host.encode() + b"\r\n\r\n", 505, b"HTTP/1.1"),
         (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505, b"HTTP/1.1"),
         (b"POST /api/v2/x HTTP/1.1\r\nHost: " + host.encode()
@@ -985,7 +987,7 @@ def test_review_spellings_and_audit_hygiene(
     for raw in (
         f"GET http://a:hunter2@{emulator.host}/x HTTP/1.1\r\nHost: {emulator.host}\r\n"
         "Connection: close\r\n\r\n",
-        f"GET /api/v2/{'p' * 20000} HTTP/1.1\r\nHost: {emulator.host}\r\n"
+        f"GET /api/v2/{'p' * 10000} HTTP/1.1\r\nHost: {emulator.host}\r\n"
         "X-Keyagent-User: nobody@example.com\r\nConnection: close\r\n\r\n",
     ):
         answer = exchange(http_path(conduce_agent), raw.encode())

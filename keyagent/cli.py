@@ -21,7 +21,7 @@ import os
 import sys
 
 from keyagent.client import Client
-from keyagent.errors import AgentUnreachable, BadConfig, BadRequest, KeyagentError, ProtocolError
+from keyagent.errors import AgentUnreachable, BadConfig, BadRequest, KeyagentError
 
 # argparse and getpass are imported where they are used: `keyagent-ctl get` runs in other
 # tools' hot paths and takes a fast path that needs neither.
@@ -814,15 +814,7 @@ def cmd_exec(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextI
             raise
         # An agent older than the audit log takes no purpose: it records nothing anyway.
         key = client.get(host, user, args.key_id)
-    client.close()
-    if not key or not key.isprintable() or " " in key:
-        # The agent refuses such keys; a process answering in its place might not. A NUL
-        # would make exec fail with a traceback, a control character could reach a terminal.
-        raise ProtocolError(
-            "the agent answered with an empty key, or one with a NUL, space or control"
-            " character, which no API key has; nothing was run: check what listens on the"
-            " agent's socket"
-        )
+    client.close()  # Client.get refused a key no API key could be: nothing is run then
     environment = dict(os.environ)
     environment[args.env] = key
     out.flush()

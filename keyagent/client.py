@@ -245,8 +245,14 @@ class Client:
         a command's environment (the audit log records the request as ``exec``)."""
         result = self.call("get", host=host, user=user, key_id=key_id, purpose=purpose)
         key = result.get("key")
-        if not isinstance(key, str):
-            raise ProtocolError()
+        if not isinstance(key, str) or not key or not key.isprintable() or " " in key:
+            # The agent refuses such keys; a process answering in its place might not. A
+            # control character could reach a terminal (get prints the key), a NUL break
+            # exec with a traceback.
+            raise ProtocolError(
+                "the agent answered with an empty key, or one with a NUL, space or control"
+                " character, which no API key has: check what listens on the agent's socket"
+            )
         return key
 
     def list(self, host: str | None = None, user: str | None = None) -> list[dict[str, Any]]:

@@ -17,6 +17,9 @@ from typing import Any
 
 import pytest
 
+import keyagent
+import keyagent.errors
+
 from .conftest import run_ctl, run_ctl_process
 
 ESCAPES = "\x1b[2J\x1b]0;owned\x07"  # clear the screen, set the window title
@@ -216,7 +219,22 @@ def test_exec_refuses_a_key_with_a_nul_before_exec(
         # As a process: were the key passed on, exec would replace the test runner.
         result = run_ctl_process(["exec", "--", "echo", "ran"], env=env)
         assert result.returncode == 1, result.stderr
-        assert "nothing was run" in result.stderr
+        assert "no API key has" in result.stderr
         assert "Traceback" not in result.stderr
         assert "abc" not in result.stderr
         assert result.stdout == ""
+
+
+def test_get_never_prints_a_key_no_api_key_could_be(
+    fake_agent: Callable[[Answer], FakeAgent],
+) -> None:
+    """A process answering in the agent's place with escapes in the "key": get prints
+    nothing (exit 1, bad_reply), and keyagent.get_key raises, as exec refuses it."""
+    agent = fake_agent(ok({"key": "ab\x1b]0;PWNED\x07\x1b[2Jcd"}))
+    got = run_ctl(agent.path, "get")
+    assert got.code == 1
+    assert got.out == ""
+    assert "[bad_reply]" in got.err
+    assert "\x1b" not in got.err
+    with pytest.raises(keyagent.errors.ProtocolError):
+        keyagent.get_key(socket_path=agent.path)

@@ -349,6 +349,9 @@ class Server:
             self._run_timers()
             if self.proxy_pool is not None and self.proxy_pool.workers:
                 self.proxy_pool.publish()  # a timer or a signal may have dropped keys
+            if self._stop_deadline is not None:
+                # The listeners are closed: their numbers may be reused for other files.
+                listener = http = -1
 
     def _poll_timeout(self) -> float | None:
         now = self.clock()
@@ -518,6 +521,8 @@ class Server:
     # --- accepting -----------------------------------------------------------------------
 
     def _accept(self) -> None:
+        if self._stop_deadline is not None:  # closed by a stop earlier in the same batch
+            return
         for _ in range(64):  # bounded, so a connect storm cannot starve existing clients
             try:
                 sock, _ = self.listener.accept()
@@ -529,10 +534,14 @@ class Server:
                     continue
                 log.warning("accept failed: %s", os.strerror(error.errno or 0))
                 return
-            self._admit(sock)
+            self._admit(sock)  # reads the client's first request at once: it may be stop
+            if self.listener.fileno() < 0:  # it was: the listener is closed now
+                return
 
     def _accept_http(self) -> None:
         assert self.http_listener is not None  # noqa: S101  # registered only when set
+        if self._stop_deadline is not None:  # closed by a stop earlier in the same batch
+            return
         for _ in range(64):
             try:
                 sock, _ = self.http_listener.accept()

@@ -1249,12 +1249,12 @@ class Agent:
         if held.restricted:
             # The answer depends on who asks: a generator, whose reply the server never
             # remembers, so no other client is ever answered from it (see MEMOIZABLE).
-            return self._get_checked(held, peer)
+            return self._get_checked(held, peer, "exec" if args.get("purpose") else "get")
         log.debug("served key %s", held.key_id)
         return {"key": held.secret, "key_id": held.key_id}
 
-    def _get_checked(self, held: HeldKey, peer: Peer) -> Steps:
-        yield from self.check_use(held, peer, op="get", export=True)
+    def _get_checked(self, held: HeldKey, peer: Peer, op: str) -> Steps:
+        yield from self.check_use(held, peer, op=op, export=True)
         if self.held_keys.holding(held.digest) is not held or not held.alive(
             self.clock.monotonic()
         ):
@@ -1331,12 +1331,15 @@ class Agent:
         question = self._question(held, peer, op)
         timeout = self.confirm_timeout
         confirmer = self._confirmer
-        yield Work(
-            lambda: confirmer(program, question, timeout),
-            queue="confirm",
-            timeout=timeout,
-            timeout_error=self._confirm_timed_out,
-        )
+        try:
+            yield Work(
+                lambda: confirmer(program, question, timeout),
+                queue="confirm",
+                timeout=timeout,
+                timeout_error=self._confirm_timed_out,
+            )
+        except Denied as refused:  # say which key (or session) the answer was about
+            raise Denied(f"{op} of {name}: {refused.message}") from None
         log.info("confirmed %s of %s for pid %d", op, name, peer.pid)
         return None
 

@@ -86,9 +86,10 @@ def run_askpass(program: str, question: str, timeout: float) -> None:
     _kill_group(process.pid)  # helpers it left behind in its group
     if status != 0:
         raise Denied(
-            "the use of the key was refused at the confirmation prompt"
+            "refused at the confirmation prompt; the next use asks again"
             if status > 0
-            else f"the askpass program was killed by signal {-status}; the use was refused"
+            else f"the askpass program was killed by signal {-status}, so the use was refused;"
+            " the next use asks again"
         )
 
 

@@ -373,7 +373,13 @@ def test_a_refusal_at_the_prompt_is_denied(agent: Agent, askpass: FakeAskpass) -
     add(agent, confirm=True)
     askpass.answer = errors.Denied("refused at the prompt")
     error = get_fails_as(agent, peer(CURL))
-    assert (type(error), error.message) == (errors.Denied, "refused at the prompt")
+    # It says which key (and which use) the answer was about.
+    assert (type(error), error.message) == (
+        errors.Denied, f"get of key {key_id_for(SECRET)}: refused at the prompt"
+    )  # fmt: skip
+    error = get_fails_as(agent, peer(CURL), purpose="exec")
+    assert error.message.startswith(f"exec of key {key_id_for(SECRET)}: ")
+    assert askpass.asked[-1][1].endswith(" for exec?")
 
 
 def test_a_refusal_by_a_keys_rules_is_audited_with_the_key(
@@ -529,6 +535,7 @@ def test_a_refusal_at_the_prompt_denies_the_session(agent: Agent, askpass: FakeA
     askpass.answer = errors.Denied("refused at the prompt")
     error = proxy_fails_as(agent, peer(CURL))
     assert (type(error), error.subject) == (errors.Denied, (None, HOST, USER))
+    assert error.message.startswith(f"proxy of the session of {USER} on {HOST}: ")
 
 
 def test_a_login_sets_its_own_rules_and_a_logout_drops_them(

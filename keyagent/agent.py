@@ -153,6 +153,8 @@ NO_EXECUTABLES_DEFAULT: Final = (
     " applies to every new key and login, cannot be enforced: remove it from the file, or"
     ' start an agent outside that namespace (eval "$(keyagent)")'
 )
+PRINTED: Final[Rules] = (True, False, ())
+"""What a key ``create --print`` hands out is, outside the agent: a key without rules."""
 MAX_ACCOUNTS: Final = 64
 """Conduce accounts tracked at once; logged-out ones are forgotten first."""
 MAX_KEY_ATTEMPTS: Final = 3
@@ -1581,13 +1583,13 @@ class Agent:
                 "out --print, or give --export"
             )
         # A printed key keeps none of its rules outside the agent.
-        making: Rules = (True, False, ()) if args.get("reveal") else self._rules(args)
+        making: Rules = PRINTED if args.get("reveal") else self._rules(args)
         # Before the service makes a key the agent could not hold; held until the key is, so
         # two creates racing for the last place cannot both reach the service.
         self._reserve_room()
         try:
             secret: str = yield from self._create_on_service(
-                session, description, making, kept=kept
+                session, description, making, kept=kept, printing=bool(args.get("reveal"))
             )
         finally:
             self._reserved -= 1
@@ -1646,7 +1648,13 @@ class Agent:
             self._persisting.discard(held.digest)
 
     def _create_on_service(
-        self, session: Session, description: str, making: Rules, *, kept: bool = False
+        self,
+        session: Session,
+        description: str,
+        making: Rules,
+        *,
+        kept: bool = False,
+        printing: bool = False,
     ) -> Steps:
         """Create a key for ``session``'s account on the service; returns its secret. The
         service sees ``description`` :func:`marked` as keyagent's. ``making``: the new key's
@@ -1656,7 +1664,7 @@ class Agent:
         on_service = marked(description, kept=kept)
         secret: str = yield from self._remote(
             session,
-            self._plan(session, making=making),
+            self._plan(session, making=making, printing=printing),
             lambda api_key: account.create_key(on_service, api_key=api_key),
         )
         already = self.held_keys.holding(digest_of(secret))
@@ -2351,13 +2359,19 @@ class Agent:
         return session
 
     def _plan(
-        self, session: Session, *, avoid: str | None = None, making: Rules | None = None
+        self,
+        session: Session,
+        *,
+        avoid: str | None = None,
+        making: Rules | None = None,
+        printing: bool = False,
     ) -> Plan:
         """Pick credentials on the loop: the live session, else a held key of the account.
 
         ``making``: the call creates a key with these rules, which only credentials no
         stricter may authenticate (:func:`_looser_than`): a key or session with rules never
-        makes a key that escapes them. Forbidden if that rules out every credential held.
+        makes a key that escapes them. Forbidden if that rules out every credential held
+        (``printing``: the key is to be printed, which the message says is why).
         """
         now = self.clock.monotonic()
         held = list(self.held_keys.matching(now, session.host, session.user))
@@ -2373,6 +2387,12 @@ class Agent:
             why = {id(candidate): _looser_than(candidate, making) for candidate in candidates}
             if candidates and all(why.values()):
                 first = candidates[0]
+                if printing:
+                    raise Forbidden(
+                        f"{_named(first)} has rules, and a printed key keeps none outside the "
+                        "agent: leave out --print (and give the new key the same rules), or "
+                        "log in or add a key without rules"
+                    )
                 raise Forbidden(
                     f"{_named(first)} {why[id(first)]}; a key made with a credential that has "
                     "rules gets them too: create it with the same rules (--no-export, "

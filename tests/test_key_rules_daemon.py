@@ -307,7 +307,7 @@ def test_a_non_exportable_key_cannot_mint_a_printable_one(agent_factory: AgentFa
         refused = run_ctl(agent.socket_path, *base, "create", "--print")
         assert refused.code == 1
         assert "[forbidden]" in refused.err
-        assert "--no-export" in refused.err
+        assert "leave out --print" in refused.err
         assert emulator.api_keys(user) == [secret]
         made = run_ctl(agent.socket_path, *base, "create", "--no-export")
         assert made.code == 0, made.err

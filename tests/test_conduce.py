@@ -472,6 +472,20 @@ def test_create_key_unexpected_answer(
         account.create_key("x")
 
 
+def test_an_answer_with_a_duplicate_member_is_refused(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """Two "apikey" members in a create answer mean what a parser picks: refused (the first
+    or the last would be a guess), and neither value is shown."""
+    logged_in(account, rsps)
+    body = '{"apikey": "aaaaaaaa-first-key-0001", "apikey": "bbbbbbbb-second-key-0002"}'
+    rsps.add(responses.POST, CREATE, body=body, content_type="application/json")
+    with pytest.raises(RemoteError, match="unexpected answer") as caught:
+        account.create_key("x")
+    assert "first-key" not in caught.value.message
+    assert "second-key" not in caught.value.message
+
+
 def test_delete_key_posts_the_key(account: ConduceAccount, rsps: responses.RequestsMock) -> None:
     """delete_key sends {"apikey": key} and accepts any 2xx, even an empty body."""
     logged_in(account, rsps)

@@ -1525,11 +1525,19 @@ class Agent:
         # alone: a new cookie, so nothing of an earlier login's rules carries over.
         confirm: bool = args.get("confirm", False)
         allowed_exes = self._allowed_exes(args)
-        session = self.session_for(args["host"], args["user"])
+        account = (args["host"], args["user"])
+        known = account in self.sessions
+        session = self.session_for(*account)
         password: str = args["password"]
         session.renewing += 1  # a count: another login may wait in line behind this one
         try:
             yield Work(lambda: session.account.login(password), queue=session.queue)
+        except KeyagentError:
+            # A failed first login leaves no account behind (status would list it for good).
+            idle = not (session.renewing > 1 or session.logged_in)
+            if not known and idle and self.sessions.get(account) is session:
+                del self.sessions[account]
+            raise
         finally:
             session.renewing -= 1
         session.began(

@@ -10,7 +10,7 @@ from keyagent.effects import Work
 from keyagent.sessions import Plan, RemoteResult, Session, run_remote
 from keyagent.store import key_id_for
 
-from .fakes import PEER, FakeAccount, FakeTime, request, run, steps
+from .fakes import PEER, FakeAccount, FakeTime, fails, request, run, steps
 
 HOST, USER = "conduce.example", "alice@example.com"
 
@@ -99,7 +99,8 @@ def test_failed_login_leaves_no_session(agent: Agent) -> None:
     """A wrong password is bad_credentials and the account stays logged out."""
     with pytest.raises(errors.BadCredentials):
         run(agent, "login", host=HOST, user=USER, password="nope")
-    assert agent.sessions[(HOST, USER)].logged_in is False
+    session = agent.sessions.get((HOST, USER))
+    assert session is None or session.logged_in is False
 
 
 def test_create_holds_the_new_key_and_reveals_only_on_request(
@@ -253,6 +254,21 @@ def test_logout_of_an_unknown_account_tracks_nothing(agent: Agent) -> None:
     """A logout for an account the agent never saw creates no session record."""
     assert run(agent, "logout", host="never.example", user=USER)["was_logged_in"] is False
     assert agent.sessions == {}
+
+
+def test_a_failed_first_login_leaves_no_account_behind(agent: Agent) -> None:
+    """A login that fails for an account the agent did not know leaves no record (status
+    would list each for good); an account known before keeps its own."""
+    for user in ("one@example.com", "two@example.com"):
+        assert type(fails(agent, "login", host=HOST, user=user, password="wrong")) is (
+            errors.BadCredentials
+        )
+    assert agent.sessions == {}
+    assert run(agent, "status")["sessions"] == []
+    run(agent, "login", host=HOST, user=USER, password="pw")
+    run(agent, "logout", host=HOST, user=USER)
+    fails(agent, "login", host=HOST, user=USER, password="wrong")
+    assert list(agent.sessions) == [(HOST, USER)]
 
 
 def test_tracked_accounts_are_capped(agent: Agent) -> None:

@@ -1162,13 +1162,25 @@ class Agent:
         :func:`keyagent.store.stricter`; it raises BadRequest before anything changes)."""
         rules: Rules = (
             args.get("export", self.default_export),
-            args.get("confirm", False),
+            self._confirm(args),
             self._allowed_exes(args),
         )
         held = None if secret is None else self.held_keys.holding(digest_of(secret))
         if held is None:
             return rules
         return stricter(held, exportable=rules[0], confirm=rules[1], allowed_exes=rules[2])
+
+    def _confirm(self, args: Mapping[str, Any]) -> bool:
+        """Whether a new key or login asks before each use; BadRequest if it would, and this
+        agent has no askpass program to ask with (every use would be denied)."""
+        confirm: bool = args.get("confirm", False)
+        if confirm and self.askpass is None:
+            raise BadRequest(
+                "--confirm needs an askpass program to ask with, and this agent has none, so"
+                " every use would be denied: start it with KEYAGENT_ASKPASS set, or set"
+                " askpass in its config"
+            )
+        return confirm
 
     def _allowed_exes(self, args: Mapping[str, Any]) -> tuple[str, ...]:
         """The programs a new key or login allows: those ``args`` name, else the agent's
@@ -1523,7 +1535,7 @@ class Agent:
     def process_login(self, args: Mapping[str, Any]) -> Steps:
         # The session's rules are checked before the password is sent, and are this login's
         # alone: a new cookie, so nothing of an earlier login's rules carries over.
-        confirm: bool = args.get("confirm", False)
+        confirm = self._confirm(args)
         allowed_exes = self._allowed_exes(args)
         account = (args["host"], args["user"])
         known = account in self.sessions

@@ -513,6 +513,18 @@ def _rotates(key: dict[str, Any]) -> str:
     return f"{key.get('next_rotation')} (every {every:g}s)"
 
 
+def _programs(paths: list[str] | None) -> list[str] | None:
+    """``--allow-exe`` paths, each an executable file here: a rule naming nothing that can
+    run could never be met (``--allow-exe curl`` in the wrong directory, a typo)."""
+    for path in paths or ():
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            raise UsageError(
+                f"--allow-exe {shown(path)}: no executable file there; name the program by its"
+                " full path (command -v PROGRAM prints it)"
+            )
+    return paths
+
+
 def _rules(key: dict[str, Any]) -> str:
     """A key's rules in a few words: ``no-export``, ``confirm``, ``only PATH,PATH``; ``-``
     for none."""
@@ -618,6 +630,7 @@ def cmd_status(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
 def cmd_add(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
     host, user = _account(args)
     _check_description(args.description)
+    programs = _programs(args.allow_exe)  # before the key is asked for
     key = read_secret("API key: ", stdin, whole=True)
     held = client.add(
         host,
@@ -628,7 +641,7 @@ def cmd_add(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO
         persist=args.persist,
         export=args.export,
         confirm=args.confirm,
-        allow_exe=args.allow_exe,
+        allow_exe=programs,
     )
     expires = f", expires {shown(held['expires'])}" if held.get("expires") else ""
     out.write(f"added key {shown(held.get('key_id'))} for {shown(user)}@{shown(host)}{expires}\n")
@@ -832,13 +845,14 @@ def cmd_exec(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextI
 
 def cmd_login(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
     host, user = _account(args)
+    programs = _programs(args.allow_exe)  # before the password is asked for
     if args.password_stdin:
         password = read_secret("Password: ", stdin, prompt_tty=False)
     elif stdin.isatty():
         password = _prompt(f"Password for {user} on {host}: ")
     else:
         raise UsageError("no terminal to prompt on; pipe the password with --password-stdin")
-    client.login(host, user, password, confirm=args.confirm, allow_exe=args.allow_exe)
+    client.login(host, user, password, confirm=args.confirm, allow_exe=programs)
     out.write(f"logged in as {shown(user)} on {shown(host)}\n")
     return EXIT_OK
 
@@ -862,7 +876,7 @@ def cmd_create(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
         persist=args.persist,
         export=args.export,
         confirm=args.confirm,
-        allow_exe=args.allow_exe,
+        allow_exe=_programs(args.allow_exe),
         keep=args.keep,
         rotate_every=args.rotate_every,
     )

@@ -409,9 +409,21 @@ def test_a_refusal_by_a_keys_rules_is_audited_with_the_key(
 
 
 def test_without_an_askpass_program_a_confirmed_key_is_denied(fake_time: FakeTime) -> None:
-    """No askpass program configured: denied, with a message saying how to set one."""
-    agent = Agent(clock=fake_time.clock())
-    add(agent, confirm=True)
+    """No askpass program configured: adding a --confirm key (or logging in with
+    --confirm) is refused, since every use would be denied; one restored from the keyring
+    (persisted by an agent that had one) is denied at each use. Both say how to set one."""
+    backend = MemoryKeyring()
+    keeper = Agent(clock=fake_time.clock(), askpass=ASKPASS, keyring=KeyringStore(backend))
+    add(keeper, persist=True, confirm=True)
+    agent = Agent(clock=fake_time.clock(), accounts=lambda host, user: FakeAccount())
+    for op, args in (("add", {"key": "other-S3CR3T"}), ("login", {"password": "pw"})):
+        refused = fails(agent, op, host=HOST, user=USER, confirm=True, **args)
+        assert type(refused) is errors.BadRequest
+        assert "KEYAGENT_ASKPASS" in refused.message
+    assert len(agent.held_keys) == 0
+    assert agent.sessions == {}
+    keys, _ = KeyringStore(backend).load_all(fake_time.wall)
+    assert agent.restore(keys) == 1
     error = get_fails_as(agent, peer(CURL))
     assert type(error) is errors.Denied
     assert "KEYAGENT_ASKPASS" in error.message
@@ -724,9 +736,9 @@ def test_a_blind_agent_names_its_allow_exe_setting_when_that_is_what_it_cannot_e
 def test_rules_survive_a_restart_through_the_keyring(fake_time: FakeTime) -> None:
     """A persisted key comes back after a restart with its rules, still refused by get."""
     backend = MemoryKeyring()
-    first = Agent(clock=fake_time.clock(), keyring=KeyringStore(backend))
+    first = Agent(clock=fake_time.clock(), askpass=ASKPASS, keyring=KeyringStore(backend))
     add(first, persist=True, export=False, confirm=True, allow_exe=[CURL, TOOL])
-    second = Agent(clock=fake_time.clock(), keyring=KeyringStore(backend))
+    second = Agent(clock=fake_time.clock(), askpass=ASKPASS, keyring=KeyringStore(backend))
     keys, _ = KeyringStore(backend).load_all(fake_time.wall)
     assert second.restore(keys) == 1
     (listed,) = run(second, "list")["keys"]
@@ -742,7 +754,7 @@ def test_re_adding_a_persisted_key_saves_the_stricter_rules(fake_time: FakeTime)
     """A persisted re-add with looser rules writes the merged (stricter) ones."""
     backend = MemoryKeyring()
     store = KeyringStore(backend)
-    agent = Agent(clock=fake_time.clock(), keyring=store)
+    agent = Agent(clock=fake_time.clock(), askpass=ASKPASS, keyring=store)
     add(agent, export=False)
     add(agent, persist=True, export=True)
     (saved,) = store.load_all(fake_time.wall)[0]
@@ -762,7 +774,7 @@ def test_a_stricter_re_add_of_a_persisted_key_is_saved_too(fake_time: FakeTime) 
         rotate_every=3600.0,
     )  # fmt: skip
     store.save(made)
-    agent = Agent(clock=fake_time.clock(), keyring=store)
+    agent = Agent(clock=fake_time.clock(), askpass=ASKPASS, keyring=store)
     assert agent.restore(store.load_all(fake_time.wall)[0]) == 1
     add(agent, export=False, confirm=True, lifetime=86400.0)
     (saved,) = store.load_all(fake_time.wall)[0]
@@ -849,7 +861,7 @@ def test_a_record_with_unreadable_rules_never_loads_looser(
     still bind the key (never loaded looser than its entry says)."""
     backend = MemoryKeyring()
     store = KeyringStore(backend)
-    agent = Agent(clock=fake_time.clock(), keyring=store)
+    agent = Agent(clock=fake_time.clock(), askpass=ASKPASS, keyring=store)
     add(agent, persist=True, export=False)
     name = f"key:{digest_of(SECRET)}"
     document = json.loads(backend.get_password("keyagent", name) or "")
@@ -871,7 +883,7 @@ def test_a_restricted_record_is_written_in_a_format_older_agents_leave_alone(
     from keyagent.persist import RULES_FORMAT
 
     backend = MemoryKeyring()
-    agent = Agent(clock=fake_time.clock(), keyring=KeyringStore(backend))
+    agent = Agent(clock=fake_time.clock(), askpass=ASKPASS, keyring=KeyringStore(backend))
     add(agent, persist=True, confirm=True)
     document = json.loads(backend.get_password("keyagent", f"key:{digest_of(SECRET)}") or "")
     assert document["v"] == RULES_FORMAT == 2

@@ -122,6 +122,20 @@ def test_keyagent_ctl_allow_exe_resolves_the_path_and_refuses_other_programs(
     assert GUARDED not in refused.out + refused.err
 
 
+def test_allow_exe_naming_no_program_is_a_usage_error(agent: AgentProcess, tmp_path: Path) -> None:
+    """A rule no program could meet (a path with nothing there, a directory, a file that
+    cannot run) is refused before the key or password is read: exit 64, nothing held."""
+    plain = tmp_path / "not-a-program"
+    plain.write_text("")
+    for path in (str(tmp_path / "nonexistent-prog"), str(tmp_path), str(plain)):
+        for command in (["add"], ["login", "--password-stdin"]):
+            refused = run_ctl(agent.socket_path, "--host", HOST, "--user", USER, *command,
+                              "--allow-exe", path, stdin=GUARDED)  # fmt: skip
+            assert refused.code == 64, (command, path, refused.err)
+            assert "no executable file there" in refused.err
+    assert json.loads(run_ctl(agent.socket_path, "list", "--json").out)["keys"] == []
+
+
 def test_a_non_exportable_key_is_refused_by_get_and_exec_but_listed(
     agent: AgentProcess, tmp_path: Path
 ) -> None:
@@ -234,15 +248,15 @@ def test_an_unanswered_confirmation_times_out_while_others_are_served(
     assert wait_for_exit(hanging_pid, 10)
 
 
-def test_without_askpass_a_confirmed_key_is_denied(agent: AgentProcess) -> None:
-    """An agent with no askpass program denies a --confirm key, saying how to set one."""
+def test_without_askpass_a_confirmed_key_is_refused(agent: AgentProcess) -> None:
+    """An agent with no askpass program refuses to add a --confirm key (every use would be
+    denied), saying how to set one; nothing is held."""
     added = run_ctl(agent.socket_path, "--host", HOST, "--user", USER, "add", "--confirm",
                     stdin=GUARDED)  # fmt: skip
-    assert added.code == 0, added.err
-    got = run_ctl(agent.socket_path, "get")
-    assert got.code == 1
-    assert "[denied]" in got.err
-    assert "KEYAGENT_ASKPASS" in got.err
+    assert added.code == 1
+    assert "[bad_request]" in added.err
+    assert "KEYAGENT_ASKPASS" in added.err
+    assert json.loads(run_ctl(agent.socket_path, "list", "--json").out)["keys"] == []
 
 
 def test_an_askpass_program_others_can_change_is_refused_at_start(tmp_path: Path) -> None:

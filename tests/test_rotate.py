@@ -73,6 +73,7 @@ def agent(time: FakeTime, account: ScriptedAccount, backend: MemoryKeyring) -> A
         accounts=lambda host, user: account,
         keyring=KeyringStore(backend),
         jitter=lambda delay: delay,
+        askpass="/usr/libexec/ask",  # never run here: --confirm keys need one to be added
     )
 
 

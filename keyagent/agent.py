@@ -1360,7 +1360,7 @@ class Agent:
     def _check_export(self, held: HeldKey) -> None:
         if not held.exportable:
             raise Forbidden(
-                f"key {held.key_id} cannot be taken out of the agent (it was added with "
+                f"key {held.key_id} cannot be taken out of the agent (it is marked "
                 "--no-export); use it through the agent's HTTP socket ($KEYAGENT_HTTP_SOCK) "
                 "instead"
             )

@@ -305,8 +305,11 @@ def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # refusing duplicates removes the question.
     members = dict(pairs)
     if len(members) != len(pairs):
-        raise ValueError("duplicate member name")
+        raise ValueError(DUPLICATE)
     return members
+
+
+DUPLICATE: Final = "duplicate member name"
 
 
 _scan = scanner(_unique_members)  # NaN and Infinity are refused too
@@ -338,7 +341,11 @@ def parse_request(line: bytes) -> Request:
         raise InvalidRequest(
             BadRequest("the request is not valid UTF-8; send UTF-8 JSON")
         ) from None
-    except (ValueError, RecursionError):
+    except (ValueError, RecursionError) as error:
+        if str(error) == DUPLICATE:  # valid JSON, whose meaning parsers disagree on
+            raise InvalidRequest(
+                BadRequest("the request names a member twice; send each member once")
+            ) from None
         raise InvalidRequest(
             BadRequest("the request is not valid JSON; send one JSON object per line")
         ) from None

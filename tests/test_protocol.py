@@ -314,9 +314,9 @@ def test_nan_and_infinity_constants_are_not_json(constant: bytes, member: bytes)
     ],
 )
 def test_duplicate_member_names_are_refused(raw: bytes) -> None:
-    """An object with a repeated member name, at any depth, is rejected as invalid JSON."""
+    """An object with a repeated member name, at any depth, is rejected, saying so."""
     invalid = rejected_raw(raw)
-    assert_bad_request(invalid, "not valid JSON")
+    assert_bad_request(invalid, "names a member twice")
     assert invalid.request_id is None
 
 

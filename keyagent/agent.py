@@ -1540,14 +1540,17 @@ class Agent:
         account = (args["host"], args["user"])
         known = account in self.sessions
         session = self.session_for(*account)
+        if not known:
+            session.tentative = True
         password: str = args["password"]
         session.renewing += 1  # a count: another login may wait in line behind this one
         try:
             yield Work(lambda: session.account.login(password), queue=session.queue)
         except KeyagentError:
-            # A failed first login leaves no account behind (status would list it for good).
-            idle = not (session.renewing > 1 or session.logged_in)
-            if not known and idle and self.sessions.get(account) is session:
+            # A failed first login leaves no account behind (status would list it for good),
+            # once no other login of it is in line.
+            idle = session.renewing == 1 and not session.logged_in
+            if session.tentative and idle and self.sessions.get(account) is session:
                 del self.sessions[account]
             raise
         finally:
@@ -1602,8 +1605,9 @@ class Agent:
                 "a key that cannot be taken out of the agent cannot be printed either: leave "
                 "out --print, or give --export"
             )
+        asked = self._rules(args)  # refuses rules this agent cannot keep before any call
         # A printed key keeps none of its rules outside the agent.
-        making: Rules = PRINTED if args.get("reveal") else self._rules(args)
+        making: Rules = PRINTED if args.get("reveal") else asked
         # Before the service makes a key the agent could not hold; held until the key is, so
         # two creates racing for the last place cannot both reach the service.
         self._reserve_room()

@@ -355,9 +355,10 @@ def is_valid_host(host: str) -> bool:
 
 
 def shared_directory(info: os.stat_result) -> bool:
-    """Whether a directory is one many users write to (sticky, like /tmp; or open to all and
-    someone else's): advice to close it or remove it would do harm."""
+    """Whether a directory is one many users write to (open to all, and sticky like /tmp or
+    someone else's): advice to close it or remove it would do harm. A directory of one's
+    own that is sticky but closed to others (the XDG spec suggests the bit) is not."""
     sticky, open_to_all = 0o1000, 0o002
-    return bool(info.st_mode & sticky) or (
-        bool(info.st_mode & open_to_all) and info.st_uid != os.geteuid()
+    return bool(info.st_mode & open_to_all) and (
+        bool(info.st_mode & sticky) or info.st_uid != os.geteuid()
     )

@@ -109,7 +109,7 @@ class Session:
 
     __slots__ = (
         "host", "user", "account", "logged_in", "expired", "since", "checked", "checked_wall",
-        "confirm", "allowed_exes", "mark", "renewing",
+        "confirm", "allowed_exes", "mark", "renewing", "tentative",
     )  # fmt: skip
 
     def __init__(
@@ -141,6 +141,9 @@ class Session:
         self.mark = ""
         """Names this login (not the account) in a connection's record of what the user
         confirmed on it: a later login asks again."""
+        self.tentative = False
+        """Made by a login for an account the agent did not know, which has not succeeded
+        yet: dropped if every such login fails (status would list it for good)."""
         self.renewing = 0
         """Logins under way (they wait in line on :attr:`queue`): the account's cookie may be
         a new login's already while the rules and mark are still the old one's, so the
@@ -186,6 +189,7 @@ class Session:
             Session.changes += 1
         self.proved_alive(now, wall)
         self.since = wall
+        self.tentative = False
         self.confirm, self.allowed_exes = confirm, allowed_exes
         Session.logins += 1
         self.mark = f"session {Session.logins}"

@@ -422,6 +422,14 @@ def test_without_an_askpass_program_a_confirmed_key_is_denied(fake_time: FakeTim
         assert "KEYAGENT_ASKPASS" in refused.message
     assert len(agent.held_keys) == 0
     assert agent.sessions == {}
+    # Printed or not, a create is refused before the service is asked to make a key.
+    service = FakeAccount()
+    maker = Agent(clock=fake_time.clock(), accounts=lambda host, user: service)
+    run(maker, "login", host=HOST, user=USER, password="pw")
+    for printed in (False, True):
+        refused = fails(maker, "create", host=HOST, user=USER, confirm=True, reveal=printed)
+        assert type(refused) is errors.BadRequest
+    assert [name for name, _ in service.calls] == ["login"]
     keys, _ = KeyringStore(backend).load_all(fake_time.wall)
     assert agent.restore(keys) == 1
     error = get_fails_as(agent, peer(CURL))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import example, given
@@ -203,3 +204,23 @@ def test_problems_describe_the_rule_never_the_value() -> None:
     ):
         assert problem is not None
         assert secret not in problem
+
+
+@pytest.mark.parametrize(
+    ("mode", "shared"),
+    [
+        (0o1777, True),  # /tmp
+        (0o0777, False),  # one's own, open to all: chmod 700 is the advice
+        (0o1700, False),  # one's own and sticky (the XDG spec suggests the bit)
+        (0o0700, False),
+        (0o1770, False),  # sticky, for a group only: that advice still fits
+    ],
+)
+def test_a_shared_directory_is_one_others_may_write_to(
+    tmp_path: Path, mode: int, shared: bool
+) -> None:
+    """Only a directory others may write to (sticky, or someone else's) is shared."""
+    directory = tmp_path / "d"
+    directory.mkdir()
+    directory.chmod(mode)
+    assert rules.shared_directory(os.stat(directory)) is shared

@@ -10,7 +10,7 @@ from keyagent.effects import Work
 from keyagent.sessions import Plan, RemoteResult, Session, run_remote
 from keyagent.store import key_id_for
 
-from .fakes import PEER, FakeAccount, FakeTime, fails, request, run, steps
+from .fakes import PEER, FakeAccount, FakeTime, HeldWorkDriver, fails, request, run, steps
 
 HOST, USER = "conduce.example", "alice@example.com"
 
@@ -99,8 +99,7 @@ def test_failed_login_leaves_no_session(agent: Agent) -> None:
     """A wrong password is bad_credentials and the account stays logged out."""
     with pytest.raises(errors.BadCredentials):
         run(agent, "login", host=HOST, user=USER, password="nope")
-    session = agent.sessions.get((HOST, USER))
-    assert session is None or session.logged_in is False
+    assert (HOST, USER) not in agent.sessions  # an account it did not know: no record
 
 
 def test_create_holds_the_new_key_and_reveals_only_on_request(
@@ -269,6 +268,26 @@ def test_a_failed_first_login_leaves_no_account_behind(agent: Agent) -> None:
     run(agent, "logout", host=HOST, user=USER)
     fails(agent, "login", host=HOST, user=USER, password="wrong")
     assert list(agent.sessions) == [(HOST, USER)]
+
+
+def test_failed_first_logins_in_line_leave_no_account_behind(
+    agent: Agent, fake_time: FakeTime
+) -> None:
+    """Two wrong passwords for an unknown account, in line one behind the other: when the
+    last one fails, the account's record goes too."""
+    driver = HeldWorkDriver(fake_time)
+    agent.driven_by(driver.start_background)
+    ended: list[errors.KeyagentError | None] = []
+    for _ in range(2):
+        driver.start(
+            agent.handle(request("login", host=HOST, user=USER, password="wrong"), PEER),  # type: ignore[arg-type]
+            lambda result, error: ended.append(error),
+        )
+    driver.end(driver.held[0])
+    assert (HOST, USER) in agent.sessions  # the second is still in line
+    driver.end(driver.held[0])
+    assert [type(error) for error in ended] == [errors.BadCredentials] * 2
+    assert agent.sessions == {}
 
 
 def test_tracked_accounts_are_capped(agent: Agent) -> None:

@@ -715,8 +715,21 @@ def _count(result: dict[str, Any], member: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
+def _passphrase(value: str) -> str:
+    """A passphrase the agent would take (1 to 1024 characters, no control character), or
+    a usage error that never shows it."""
+    from keyagent.rules import has_control_characters
+
+    if len(value) > 1024 or has_control_characters(value):
+        raise UsageError(
+            "the passphrase must be at most 1024 characters, without control characters (a"
+            " tab, say)"
+        )
+    return value
+
+
 def cmd_lock(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
-    passphrase = read_secret("Lock passphrase: ", stdin)
+    passphrase = _passphrase(read_secret("Lock passphrase: ", stdin))
     if stdin.isatty() and _prompt("Again: ") != passphrase:
         raise UsageError("the passphrases differ; nothing was locked")
     client.lock(passphrase)
@@ -725,7 +738,7 @@ def cmd_lock(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextI
 
 
 def cmd_unlock(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
-    client.unlock(read_secret("Unlock passphrase: ", stdin))
+    client.unlock(_passphrase(read_secret("Unlock passphrase: ", stdin)))
     out.write("agent unlocked\n")
     return EXIT_OK
 
@@ -867,6 +880,12 @@ def cmd_logout(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
 def cmd_create(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
     host, user = _account(args)
     _check_description(args.description)
+    every, lifetime = args.rotate_every, args.lifetime
+    if every is not None and lifetime is not None and lifetime <= every:
+        raise UsageError(
+            f"--lifetime {lifetime:g}s would end the key before its first rotation (--rotate-every"
+            f" {every:g}s): give a shorter --rotate-every, or a longer --lifetime"
+        )
     created = client.create(
         host,
         user,

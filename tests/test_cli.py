@@ -106,6 +106,12 @@ def test_forget_by_id_and_all(agent: AgentProcess) -> None:
 def test_lock_and_unlock_read_the_passphrase_from_stdin(agent: AgentProcess) -> None:
     """lock/unlock take the passphrase from stdin; a wrong one exits 1 with bad_passphrase."""
     run_ctl(agent.socket_path, "--host", "h", "--user", "u", "add", stdin=SECRET)
+    # A passphrase the agent would refuse is a usage error here first, never shown.
+    for bad in ("tab\tin it", "x" * 1025):
+        refused = run_ctl(agent.socket_path, "lock", stdin=bad + "\n")
+        assert refused.code == 64
+        assert bad not in refused.err
+        assert run_ctl(agent.socket_path, "unlock", stdin=bad + "\n").code == 64
     assert run_ctl(agent.socket_path, "lock", stdin="pass phrase\n").code == 0
     locked = run_ctl(agent.socket_path, "get")
     assert locked.code == 1

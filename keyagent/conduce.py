@@ -50,7 +50,7 @@ from keyagent.errors import (
     TLSError,
 )
 from keyagent.log import get_logger
-from keyagent.protocol import DESCRIPTION, KEY
+from keyagent.protocol import DESCRIPTION, KEY, unique_members
 from keyagent.rules import (
     has_control_characters,
     host_problem,
@@ -651,7 +651,7 @@ class ConduceAccount:
 
     def _json(self, response: _Answer) -> object:
         try:
-            document: object = json.loads(response.body, object_pairs_hook=_unique_members)
+            document: object = json.loads(response.body, object_pairs_hook=unique_members)
         except (ValueError, RecursionError):
             pass  # raised below, outside the except block, for a context-free exception
         else:
@@ -716,15 +716,6 @@ def _valid(validator: Callable[[str, object], object], value: object) -> bool:
     except BadRequest:
         return False
     return True
-
-
-def _unique_members(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    """A JSON object whose names are all different: an answer with two ``apikey`` members
-    means whatever the parser that reads it picks, so it is refused (as a client's is)."""
-    members = dict(pairs)
-    if len(members) != len(pairs):
-        raise ValueError("duplicate member name")
-    return members
 
 
 def _parse_keys(entries: list[object]) -> list[RemoteKey] | _Invalid:

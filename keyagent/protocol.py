@@ -61,6 +61,7 @@ __all__ = [
     "is_valid_host",
     "parse_reply",
     "parse_request",
+    "unique_members",
 ]
 
 
@@ -300,9 +301,11 @@ OPS: Final[Mapping[str, Spec]] = {
 # --- decoding --------------------------------------------------------------------------------
 
 
-def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # Two parsers that disagree on which duplicate wins are a classic smuggling vector;
-    # refusing duplicates removes the question.
+def unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json`` ``object_pairs_hook``: an object whose names are all different, else
+    ValueError(:data:`DUPLICATE`). Two parsers that disagree on which duplicate wins are a
+    classic smuggling vector; refusing duplicates removes the question. Used for clients'
+    requests here and for the service's answers (:mod:`keyagent.conduce`)."""
     members = dict(pairs)
     if len(members) != len(pairs):
         raise ValueError(DUPLICATE)
@@ -312,7 +315,7 @@ def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 DUPLICATE: Final = "duplicate member name"
 
 
-_scan = scanner(_unique_members)  # NaN and Infinity are refused too
+_scan = scanner(unique_members)  # NaN and Infinity are refused too
 
 
 def _printable(name: str) -> str:

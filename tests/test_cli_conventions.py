@@ -168,14 +168,22 @@ def emulator() -> Iterator[Emulator]:
         yield emu
 
 
-def test_status_of_an_expired_session_names_its_login_time(
+def logged_in_agent(
     agent_factory: AgentFactory, emulator: Emulator
-) -> None:
-    """An expired session shows when it logged in, not a time it seems to have expired at."""
+) -> tuple[AgentProcess, list[str]]:
+    """An agent trusting the emulator, logged in to its account; the account's ctl flags."""
     agent = agent_factory("--ca-bundle", emulator.ca_path)
     account = ["--host", emulator.host, "--user", USER]
     login = run_ctl(agent.socket_path, *account, "login", "--password-stdin", stdin=PASSWORD)
     assert login.code == 0, login.err
+    return agent, account
+
+
+def test_status_of_an_expired_session_names_its_login_time(
+    agent_factory: AgentFactory, emulator: Emulator
+) -> None:
+    """An expired session shows when it logged in, not a time it seems to have expired at."""
+    agent, account = logged_in_agent(agent_factory, emulator)
     emulator.expire_sessions(USER)
     assert run_ctl(agent.socket_path, *account, "list", "--remote").code != 0
     status = run_ctl(agent.socket_path, "status").out
@@ -187,10 +195,7 @@ def test_status_after_logout_says_logged_out_without_a_time(
     agent_factory: AgentFactory, emulator: Emulator
 ) -> None:
     """status shows a logged-out session as "logged out", with no "since ?" placeholder."""
-    agent = agent_factory("--ca-bundle", emulator.ca_path)
-    account = ["--host", emulator.host, "--user", USER]
-    login = run_ctl(agent.socket_path, *account, "login", "--password-stdin", stdin=PASSWORD)
-    assert login.code == 0, login.err
+    agent, account = logged_in_agent(agent_factory, emulator)
     logged_in = run_ctl(agent.socket_path, "status").out
     assert f"session {USER}@{emulator.host}: logged in since " in logged_in
     assert run_ctl(agent.socket_path, *account, "logout").code == 0

@@ -65,7 +65,8 @@ def _load_bundle(path: str) -> ssl.SSLContext:
         else:
             return context
     # Raised outside the except block, as everywhere in this module.
-    raise TLSError(f"the CA bundle {problem}; fix --ca-bundle")
+    # The problem names its own next step; say where the path came from.
+    raise TLSError(f"the CA bundle (--ca-bundle, KEYAGENT_CA_BUNDLE or ca_bundle) {problem}")
 
 
 @dataclass(frozen=True)

@@ -847,6 +847,7 @@ def test_an_unusable_ca_bundle_is_refused_when_the_settings_are_made(
         HttpSettings(verify=str(bundle))
     assert problem in caught.value.message
     assert str(bundle) in caught.value.message
+    assert caught.value.message.count("; ") == 1  # one next step, the problem's own
     assert caught.value.__context__ is None
     assert len(rsps.calls) == 0
 

@@ -86,8 +86,22 @@ def agent_factory(tmp_path: Path) -> Iterator[AgentFactory]:
         return process
 
     yield start
-    for process in started:
-        process.stop()
+    problems = [problem for process in started for problem in stop_and_check(process)]
+    assert not problems, "\n".join(problems)
+
+
+def stop_and_check(process: AgentProcess) -> list[str]:
+    """Stop ``process``; what went wrong with it unseen by the test's own checks: an agent
+    still running must stop cleanly at SIGTERM, and no agent may have logged a bug."""
+    problems = []
+    running = process.process is not None and process.process.poll() is None
+    status = process.stop()
+    if running and status != 0:
+        problems.append(f"{process.directory.name}: exit status {status} at SIGTERM")
+    log = process.log()
+    if "internal error" in log or "Traceback" in log:
+        problems.append(f"{process.directory.name} logged a bug:\n{log}")
+    return problems
 
 
 @pytest.fixture
@@ -107,8 +121,12 @@ def module_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProc
     # Set here, not by no_user_config: a module fixture starts before any function's patch.
     env = {**os.environ, "KEYAGENT_CONFIG": "/dev/null"}
     env["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("module-state"))
-    with AgentProcess(tmp_path_factory.mktemp("module-agent"), env=env) as process:
+    process = AgentProcess(tmp_path_factory.mktemp("module-agent"), env=env).start()
+    try:
         yield process
+    finally:
+        problems = stop_and_check(process)
+    assert not problems, "\n".join(problems)
 
 
 def agent_state(agent: AgentProcess) -> tuple[object, object]:
@@ -301,12 +319,17 @@ def request_as_nobody(path: str, line: bytes, timeout: float = 10.0) -> bytes:
     return answer.splitlines()[0]
 
 
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+def wait_until(
+    check: Callable[[], bool], what: str, timeout: float = 20.0, *, pause: float = 0.0
+) -> None:
     """Repeat ``check`` (a round trip to an agent or an emulator: that is the wait) until it
-    holds, failing after ``timeout`` seconds."""
+    holds, failing after ``timeout`` seconds. A check that is no round trip (it reads a file
+    or /proc) gives a ``pause`` between tries: spinning on it would starve the very process
+    it waits for on a machine of two cores."""
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(pause)
 
 
 @pytest.fixture

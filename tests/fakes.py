@@ -211,6 +211,7 @@ def fails(agent: Agent, op: str, **args: Any) -> errors.KeyagentError:
     """Handle one request that must fail; its error."""
     with pytest.raises(errors.KeyagentError) as caught:
         settle(agent, agent.handle(request(op, **args), PEER))
+    assert not isinstance(caught.value, errors.Internal), "a bug, not a refusal"
     return caught.value
 
 

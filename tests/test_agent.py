@@ -20,6 +20,7 @@ from keyagent.errors import (
     Ambiguous,
     BadPassphrase,
     BadRequest,
+    Internal,
     KeyagentError,
     Locked,
     NotFound,
@@ -61,6 +62,7 @@ def fails(agent: Agent, op: str, **args: Any) -> KeyagentError:
     """The error a request ends with, waited for (inline) if its handler waits."""
     with pytest.raises(KeyagentError) as caught:
         settle(agent, call(agent, op, **args))
+    assert not isinstance(caught.value, Internal), "a bug, not a refusal"
     return caught.value
 
 
@@ -680,7 +682,7 @@ def test_the_next_guess_waits_for_the_delay_on_the_agent_clock(
 ) -> None:
     """The Work of an unlock starts no earlier than the last failure's delay allows, read on
     the agent's clock when it reaches the head of the lock queue."""
-    fails(locked, "unlock", passphrase="wrong horse")
+    assert type(fails(locked, "unlock", passphrase="wrong horse")) is BadPassphrase
     work = work_of(steps(locked, "unlock", passphrase=PASSPHRASE))
     assert work.start_at is not None
     assert work.start_at() == pytest.approx(time.monotonic)
@@ -690,8 +692,8 @@ def test_the_next_guess_waits_for_the_delay_on_the_agent_clock(
 
 def test_right_passphrase_after_failures_resets_the_delay(locked: Agent) -> None:
     """After a successful unlock the failure count starts over at the next lock."""
-    fails(locked, "unlock", passphrase="wrong horse")
-    fails(locked, "unlock", passphrase="wrong horse")
+    for _ in range(2):
+        assert type(fails(locked, "unlock", passphrase="wrong horse")) is BadPassphrase
     assert result(locked, "unlock", passphrase=PASSPHRASE) == {"locked": False}
     assert locked.lock.failures == 0
     relock = steps(locked, "lock", passphrase="new passphrase")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ def script(directory: Path, name: str, body: str) -> str:
     return str(path)
 
 
-def test_exit_status_zero_allows(tmp_path: Path) -> None:
+def test_exit_status_zero_allows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A program that exits 0 allows; it got the question as its one argument, stdin empty,
     and an environment with SSH_ASKPASS_PROMPT=confirm and no other variable of ours."""
     record = tmp_path / "record"
@@ -33,11 +32,8 @@ def test_exit_status_zero_allows(tmp_path: Path) -> None:
         f'printf "%s|%s|%s|" "$#" "$1" "$SSH_ASKPASS_PROMPT" > {record}\n'
         f"cat >> {record}\nenv >> {record}\nexit 0\n",
     )
-    os.environ["KEYAGENT_TEST_UNRELATED"] = "leak"
-    try:
-        run_askpass(program, "Allow /usr/bin/curl (pid 1)?", 10.0)
-    finally:
-        del os.environ["KEYAGENT_TEST_UNRELATED"]
+    monkeypatch.setenv("KEYAGENT_TEST_UNRELATED", "leak")
+    run_askpass(program, "Allow /usr/bin/curl (pid 1)?", 10.0)
     text = record.read_text()
     assert text.startswith("1|Allow /usr/bin/curl (pid 1)?|confirm|")
     assert "KEYAGENT_TEST_UNRELATED" not in text
@@ -63,10 +59,8 @@ def test_no_answer_in_time_kills_the_whole_process_group(tmp_path: Path) -> None
     """A program that hangs is denied after the timeout, and it and its children are killed."""
     pids = tmp_path / "pids"
     program = script(tmp_path, "hang", f"sleep 300 &\necho $$ $! > {pids}\nwait\n")
-    started = time.monotonic()
     with pytest.raises(errors.Denied) as caught:
         run_askpass(program, "q", 1.0)
-    assert time.monotonic() - started < 30
     assert "within 1 s" in caught.value.message
     for pid in map(int, pids.read_text().split()):
         assert wait_for_exit(pid, 10)

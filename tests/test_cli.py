@@ -61,9 +61,11 @@ def test_selectors_work_before_and_after_the_verb_and_from_the_environment(
     agent: AgentProcess,
 ) -> None:
     """--host/--user may follow the verb (conduce-api style) or come from KEYAGENT_HOST/USER."""
-    run_ctl(agent.socket_path, "add", "--host", "a.example", "--user", "u", stdin="key-a")
-    run_ctl(agent.socket_path, "--host", "b.example", "--user", "u", "add", stdin="key-b")
+    after = run_ctl(agent.socket_path, "add", "--host", "a.example", "--user", "u", stdin="key-a")
+    before = run_ctl(agent.socket_path, "--host", "b.example", "--user", "u", "add", stdin="key-b")
+    assert (after.code, before.code) == (0, 0), after.err + before.err
     assert run_ctl(agent.socket_path, "get", "--host", "a.example").out == "key-a\n"
+    assert run_ctl(agent.socket_path, "--host", "b.example", "get").out == "key-b\n"
     env = {**os.environ, "KEYAGENT_SOCK": agent.socket_path, "KEYAGENT_HOST": "a.example"}
     result = run_ctl_process(["get"], env=env)
     assert result.stdout == "key-a\n"

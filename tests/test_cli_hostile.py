@@ -28,9 +28,10 @@ SEPARATOR = "a\u2028b"  # a line separator, a Z* character
 
 
 def assert_safe(text: str) -> None:
-    """No raw control, bidi or separator character (newlines between lines aside)."""
-    for line in text.splitlines():
-        assert line.isprintable(), repr(line)
+    """No raw control, bidi or separator character (newlines between lines aside). Not
+    ``splitlines()``: it splits on the very separators this must catch."""
+    unsafe = [char for char in text if char != "\n" and not char.isprintable()]
+    assert not unsafe, repr(text)
 
 
 Answer = Callable[[dict[str, Any]], dict[str, Any]]
@@ -74,6 +75,7 @@ class FakeAgent:
         self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
         self.thread.join(10)
+        assert not self.thread.is_alive(), "the fake agent did not stop"
 
 
 @pytest.fixture

@@ -56,7 +56,9 @@ def test_a_restore_that_hits_its_deadline_keeps_the_keys_read_before_it() -> Non
         store.save(persisted(secret))
     backend.armed = True
     agent = Agent()
-    core.restore_persisted(agent, store, timeout=2.0)
+    # Waits out the whole deadline (the third read hangs): long enough that the first two
+    # reads, in a forked process, are certain to come before it even on a loaded machine.
+    core.restore_persisted(agent, store, timeout=5.0)
     held = sorted(held.secret for held in agent.held_keys.matching(agent.clock.monotonic()))
     assert held == sorted(SECRETS[:2])
 
@@ -135,7 +137,7 @@ def test_an_agent_started_under_a_tracer_warns_at_start_up(tmp_path: Path) -> No
         log = agent.log()
     assert "the agent is being traced by pid" in log
     # Stopping the wrapper stopped the traced agent too: none is left running.
-    wait_until(lambda: not _running(pid), "the traced agent gone")
+    wait_until(lambda: not _running(pid), "the traced agent gone", pause=0.01)
 
 
 def _running(pid: int) -> bool:

@@ -114,7 +114,7 @@ def test_the_file_still_parses_after_a_sigkill_in_the_middle_of_creates(
     creator.start()
     path = leftovers_of(agent)
     try:
-        wait_until(lambda: len(fingerprints(path)) >= 5, "five keys recorded")
+        wait_until(lambda: len(fingerprints(path)) >= 5, "five keys recorded", pause=0.01)
         kill(agent)
     finally:
         stop.set()
@@ -158,7 +158,7 @@ def test_a_killed_agents_key_is_deleted_at_the_next_login(
     assert fingerprints(leftovers_of(again)) == [digest_of(secret)]
     emulator.clear_faults()
     wait_until(lambda: emulator.api_keys(USER) == [], "the left-over key deleted")
-    wait_until(lambda: not leftovers_of(again).exists(), "the leftovers file removed")
+    wait_until(lambda: not leftovers_of(again).exists(), "the leftovers file removed", pause=0.01)
     assert agent_status(again)["pending_deletions"] == []
 
 
@@ -181,7 +181,7 @@ def test_a_killed_agents_key_is_deleted_at_start_with_a_persisted_key(
     assert delete.auth == "bearer"
     with again.client() as client:
         assert [key["fingerprint"] for key in client.list()] == [digest_of(kept)]
-    wait_until(lambda: not leftovers_of(again).exists(), "the leftovers file removed")
+    wait_until(lambda: not leftovers_of(again).exists(), "the leftovers file removed", pause=0.01)
     assert digest_of(ephemeral) not in again.log()  # logged by its short id only
 
 

@@ -19,7 +19,7 @@ from keyagent import daemon, errors, paths
 from keyagent.client import Client
 from keyagent.testing.agent import AgentProcess, read_line, wait_for_exit
 
-from .conftest import AgentFactory
+from .conftest import AgentFactory, wait_until
 
 PY = shlex.quote(sys.executable)
 
@@ -177,6 +177,10 @@ def test_command_not_found_in_command_mode(tmp_path: Path) -> None:
     )
     assert result.returncode == 127
     assert "no-such-command-xyz" in result.stderr
+    # The agent was told to stop: it goes, and takes its socket with it.
+    wait_until(lambda: not sock.exists(), "the agent's socket removed", 10, pause=0.01)
+    with socket.socket(socket.AF_UNIX) as probe, pytest.raises(FileNotFoundError):
+        probe.connect(str(sock))
 
 
 def test_socket_and_directory_modes(agent: AgentProcess) -> None:

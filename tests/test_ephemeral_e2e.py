@@ -22,10 +22,11 @@ def ctl(agent: AgentProcess, emu: Emulator, *argv: str, stdin: str = "") -> CtlR
 
 
 def create_ephemeral(agent: AgentProcess, emu: Emulator) -> str:
-    """Log in, create a key that lives 2 s, log out (so the key deletes itself); its secret."""
+    """Log in, create a key that lives 5 s (the steps that follow must come before it ends),
+    log out (so the key deletes itself); its secret."""
     login = ctl(agent, emu, "login", "--password-stdin", stdin=PASSWORD + "\n")
     assert login.code == 0, login.err
-    created = ctl(agent, emu, "create", "--lifetime", "2s")
+    created = ctl(agent, emu, "create", "--lifetime", "5s")
     assert created.code == 0, created.err
     assert "deleted on the service when it expires" in created.out
     (secret,) = emu.api_keys(USER)
@@ -43,7 +44,7 @@ def deletes(emu: Emulator) -> list[int | None]:
 def test_an_expired_created_key_is_deleted_on_the_service(
     conduce_agent: AgentProcess, emulator: Emulator
 ) -> None:
-    """create --lifetime 2s makes a key the agent deletes on the service once it expires,
+    """create --lifetime 5s makes a key the agent deletes on the service once it expires,
     authenticating with the key itself when there is no session."""
     create_ephemeral(conduce_agent, emulator)
     wait_until(lambda: emulator.api_keys(USER) == [], "the expired key deleted on the service")

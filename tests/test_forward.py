@@ -569,6 +569,7 @@ def one_request(proxy: Proxy, host: str, target: str, conn: int = 7, extra: str 
         )
         answer = b"".join(iter(lambda: tool.recv(65536), b""))
     serving.join(10)
+    assert not serving.is_alive(), "the proxy went on serving a closed connection"
     return answer
 
 
@@ -617,6 +618,7 @@ def test_a_401_that_cannot_be_tried_again_still_has_the_key_checked(
             )
             streamed = b"".join(iter(lambda: tool.recv(65536), b""))
         serving.join(10)
+        assert not serving.is_alive()
         named = one_request(
             proxy, emulator.host, "/conduce/api/v1/user/list-teams",
             extra="X-Keyagent-Key-Id: dddddddd\r\n",

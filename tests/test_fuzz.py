@@ -690,7 +690,7 @@ def test_repeated_reads_follow_every_change(fuzz: AgentProcess) -> None:
             assert [ask(), ask()] == [secrets[1], secrets[1]]
             client.forget(key_id_for(secrets[1]))
             assert [ask(), ask()] == [secrets[0], secrets[0]]
-            lifetime = 0.5
+            lifetime = 2.0  # the first ask is certain to come before it ends
             added = time.monotonic()
             client.add(host, BG_USER, secrets[2], lifetime=lifetime)
             assert ask() == secrets[2]

@@ -368,6 +368,7 @@ def test_the_question_carries_no_control_characters(agent: Agent, askpass: FakeA
     ((_, question, _),) = askpass.asked
     assert question.isprintable()
     assert "\n" not in question
+    assert question.startswith("Allow /tmp/x[31m prog (pid 4242) ")  # shown, made harmless
 
 
 def test_a_refusal_at_the_prompt_is_denied(agent: Agent, askpass: FakeAskpass) -> None:

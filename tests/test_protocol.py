@@ -68,6 +68,15 @@ def outcome_of(raw: bytes) -> Request | InvalidRequest:
         return invalid
 
 
+def strict_json(line: bytes) -> Any:
+    """``line`` as JSON, refusing NaN and Infinity (which no other JSON reader takes)."""
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
 def encode(message: object) -> bytes:
     """A request line (without newline) as a client might send it."""
     return json.dumps(message).encode()
@@ -996,18 +1005,25 @@ def test_mutated_valid_requests_parse_or_are_rejected(
 
 
 @pytest.mark.parametrize(
-    "raw",
-    [b'{"id":1e400,"op":"hello"}', b'{"id":-1e400,"op":"nope"}'],
-    ids=["valid", "invalid"],
+    ("raw", "echoed"),
+    [
+        (b'{"id":1e400,"op":"hello"}', None),  # out of range: no id to echo
+        (b'{"id":-1e400,"op":"nope"}', None),
+        (b'{"id":2.5,"op":"hello"}', 2.5),
+        (b'{"id":"x\\u2028y","op":"nope"}', "x\u2028y"),
+    ],
+    ids=["valid-huge", "invalid-huge", "valid-float", "invalid-string"],
 )
-def test_every_readable_id_can_be_echoed(raw: bytes) -> None:
-    """Whatever id parse_request hands on, valid or rejected, the reply encoders can echo it."""
+def test_every_readable_id_can_be_echoed(raw: bytes, echoed: object) -> None:
+    """Whatever id parse_request hands on, valid or rejected, the reply encoders echo it in
+    strict JSON (an id out of range as null)."""
     try:
         request_id = parse_request(raw).id
     except InvalidRequest as invalid:
         request_id = invalid.request_id
-    encode_result(request_id, {})
-    encode_error(request_id, UnknownOp())
+    for line in (encode_result(request_id, {}), encode_error(request_id, UnknownOp())):
+        assert line.index(b"\n") == len(line) - 1
+        assert strict_json(line)["id"] == echoed
 
 
 # --- encoding replies --------------------------------------------------------------------------

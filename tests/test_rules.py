@@ -8,6 +8,7 @@ require the same verdict, so a front end that drifts from the rule fails here.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 from keyagent import daemon, protocol, rules
 from keyagent.conduce import ConduceAccount, HttpSettings
 from keyagent.config import ConfigError, load
-from keyagent.errors import BadRequest
+from keyagent.errors import BadRequest, TLSError
 
 NO_FILE = {"KEYAGENT_CONFIG": os.devnull, "HOME": "/nonexistent"}
 
@@ -181,12 +182,19 @@ def test_a_user_gets_one_verdict_in_requests_configuration_and_the_client(user: 
 
 
 @given(st.text(max_size=20) | st.sampled_from(["", "ca.pem", "~/ca.pem", "a\nb", "a\x00b"]))
+@example("~0")
 def test_a_path_gets_one_verdict_in_the_configuration_and_the_client(path: str) -> None:
     """A CA bundle path is refused alike by the configuration and the Conduce client when it
-    is empty or holds a control character."""
+    is empty or holds a control character, and taken alike otherwise."""
     problem = rules.path_problem(path)
     if problem is None:
-        return  # whether the file exists is the daemon's business, checked elsewhere
+        # The configuration also expands ~user, which must name a user who exists.
+        unknown_user = path.startswith("~") and os.path.expanduser(path) == path
+        assert config_takes("ca_bundle", path) != unknown_user
+        # Taken as a path: whether the file exists and is a bundle is checked elsewhere.
+        with contextlib.suppress(TLSError):
+            HttpSettings(verify=path)
+        return
     assert not config_takes("ca_bundle", path)
     with pytest.raises(BadRequest, match="--ca-bundle"):
         HttpSettings(verify=path)

@@ -266,7 +266,9 @@ def test_a_failed_first_login_leaves_no_account_behind(agent: Agent) -> None:
     assert run(agent, "status")["sessions"] == []
     run(agent, "login", host=HOST, user=USER, password="pw")
     run(agent, "logout", host=HOST, user=USER)
-    fails(agent, "login", host=HOST, user=USER, password="wrong")
+    assert type(fails(agent, "login", host=HOST, user=USER, password="wrong")) is (
+        errors.BadCredentials
+    )
     assert list(agent.sessions) == [(HOST, USER)]
 
 

@@ -179,7 +179,9 @@ def test_a_second_signal_makes_a_stopping_agent_exit_at_once(
     secret = create(agent, emulator, "--lifetime", "1h")
     emulator.inject(Fault.hang(), path="apikeys/delete")
     os.kill(agent.pid, signal.SIGINT)
-    wait_until(lambda: "waiting up to 60 s" in agent.log(), "the agent waiting on the deletion")
+    wait_until(
+        lambda: "waiting up to 60 s" in agent.log(), "the agent waiting on the deletion", pause=0.01
+    )
     os.kill(agent.pid, signal.SIGINT)
     assert exited(agent, EXIT_MARGIN) == 0
     log = agent.log()

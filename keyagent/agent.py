@@ -2167,8 +2167,8 @@ class Agent:
         account's live session, else its newest held key; ``key_id`` picks a held key.
 
         ``user`` may be omitted when the agent holds credentials for one account of ``host``
-        only. ``confirmed``: what the user already allowed on this connection (digests of
-        keys, :attr:`~keyagent.sessions.Session.mark` of logins).
+        only. ``confirmed``: what the user already allowed on this connection (marks of
+        keys and logins, :meth:`use_mark`).
         A held key is lent only as its rules allow (:meth:`check_use`: allowed programs,
         confirmation), never refused for being non-exportable: this is what those are for.
         Returns a :class:`Grant`.
@@ -2314,7 +2314,7 @@ class Agent:
     def _lend_session(self, session: Session, peer: Peer, confirmed: frozenset[str]) -> Steps:
         """The account's live session, lent as its rules allow (``login --confirm``,
         ``--allow-exe``), as a held key is by :meth:`_lend`."""
-        mark = session.mark
+        login, mark = session.mark, self.use_mark(session.mark)
         yield from self.check_use(
             session, peer, op="proxy", export=False, confirmed=mark in confirmed
         )
@@ -2324,7 +2324,7 @@ class Agent:
         if self.lock.locked:
             raise Locked()
         cookie = session.account.session_cookie()
-        if not (session.live and session.mark == mark and not session.renewing and cookie):
+        if not (session.live and session.mark == login and not session.renewing and cookie):
             return (
                 yield from self.authorize_proxy(peer, session.host, session.user, None, confirmed)
             )
@@ -2335,16 +2335,26 @@ class Agent:
         )  # fmt: skip
 
     def _lend(self, held: HeldKey, peer: Peer, confirmed: frozenset[str]) -> Steps:
-        yield from self.check_use(
-            held, peer, op="proxy", export=False, confirmed=held.digest in confirmed
-        )
+        mark = self.use_mark(held.mark)
+        yield from self.check_use(held, peer, op="proxy", export=False, confirmed=mark in confirmed)
         # Asking the user took time: the key may be gone, or the agent locked, since.
         if self.lock.locked:
             raise Locked()
-        if next(self.held_keys.matching(self.clock.monotonic(), key_id=held.digest), None) is None:
+        now = next(self.held_keys.matching(self.clock.monotonic(), key_id=held.digest), None)
+        if now is None:
             raise NotFound(f"key {held.key_id} was forgotten or expired; add it again")
+        if now is not held:  # forgotten and added again meanwhile: its rules may differ
+            return (yield from self._lend(now, peer, confirmed))
         log.debug("lending key %s to pid %d for a proxied request", held.key_id, peer.pid)
-        return Grant.of_key(held, confirmed=held.confirm, token=self.credentials_token())
+        return Grant.of_key(
+            held, confirmed=held.confirm, token=self.credentials_token(), mark=mark
+        )  # fmt: skip
+
+    def use_mark(self, mark: str) -> str:
+        """What a connection remembers the user's "yes" to a key or login as (its
+        :attr:`HeldKey.mark` or :attr:`Session.mark`): a key forgotten and added again, a
+        new login, or a lock of the agent, and the question is put again."""
+        return f"{mark}, lock {self.lock.engaged}"
 
     # --- helpers for remote operations ---------------------------------------------------
 

@@ -57,9 +57,10 @@ class Grant:
         """Whether this is the account's session (cookie) rather than a held key."""
         self.confirmed = confirmed
         """Whether the user was asked and allowed it: the connection need not ask again."""
-        self.mark = digest if mark is None else mark
-        """What the agent remembers as confirmed on the connection: the key's digest, or
-        the login's :attr:`keyagent.sessions.Session.mark`. Not sent to a worker."""
+        self.mark = mark
+        """What the agent remembers as confirmed on the connection (see :meth:`keyagent.
+        agent.Agent.use_mark`); None for a grant that was not asked about. Not sent to a
+        worker."""
         self.token = token
         """What the agent's credentials looked like when lent (:meth:`keyagent.agent.Agent.
         credentials_token` on the loop; a generation number in a worker): while it is
@@ -67,12 +68,12 @@ class Grant:
         connection would get the same grant, so the connection may reuse it."""
 
     @classmethod
-    def of_key(cls, held: HeldKey, *, confirmed: bool, token: object) -> Grant:
+    def of_key(cls, held: HeldKey, *, confirmed: bool, token: object, mark: str) -> Grant:
         """A held key lent as a bearer token."""
         return cls(
             held.host, held.user, header="Authorization", value=f"Bearer {held.secret}",
             digest=held.digest, key_id=held.key_id, deadline=held.deadline,
-            confirmed=confirmed, token=token,
+            confirmed=confirmed, token=token, mark=mark,
         )  # fmt: skip
 
     def secrets(self) -> list[str]:

@@ -54,8 +54,11 @@ class HeldKey:
     __slots__ = (
         "digest", "host", "user", "secret", "description", "created", "added", "deadline",
         "expires", "source", "persisted", "exportable", "confirm", "allowed_exes", "ephemeral",
-        "rotate_every", "rotate_at", "next_rotation", "refused",
+        "rotate_every", "rotate_at", "next_rotation", "refused", "mark",
     )  # fmt: skip
+
+    holdings = 0
+    """Counts the keys held in the process's life: each one's :attr:`mark` is its own."""
 
     def __init__(
         self,
@@ -106,6 +109,10 @@ class HeldKey:
         """Monotonic time of the next scheduled rotation (a retry's, after a failure)."""
         self.next_rotation: float | None = None
         """The same moment as a POSIX timestamp, for display."""
+        HeldKey.holdings += 1
+        self.mark = f"key {HeldKey.holdings}"
+        """This holding of the key, as a connection remembers the user's "yes" to it
+        (``--confirm``): a key forgotten and added again is asked about again."""
         self.refused = False
         """The service refused the key when the agent last checked it (revoked, say): it is
         picked only when no other key matches (see :meth:`KeyStore.mark_refused`)."""
@@ -423,7 +430,7 @@ def new_salt() -> bytes:
 class Lock:
     """Whether the agent is locked, and the salted hash that unlocks it (never the passphrase)."""
 
-    __slots__ = ("salt", "digest", "failures", "not_before")
+    __slots__ = ("salt", "digest", "failures", "not_before", "engaged")
 
     def __init__(
         self,
@@ -438,6 +445,9 @@ class Lock:
         self.not_before = not_before
         """time.monotonic() before which no further unlock attempt is checked, whichever
         client makes it: the growing delay holds across parallel connections."""
+        self.engaged = 0
+        """How many times the agent was locked: what a user allowed before a lock (a
+        confirmation) is not taken as allowed after it."""
 
     def __repr__(self) -> str:
         # Neither the salt nor the hash: they would help a guesser offline.
@@ -451,6 +461,7 @@ class Lock:
         if self.locked:
             raise Locked("the agent is already locked; run keyagent-ctl unlock first")
         self.salt, self.digest, self.failures = salt, digest, 0
+        self.engaged += 1
 
     def try_release(self, candidate: bytes) -> bool:
         """Unlock if ``candidate`` is the stored hash (constant-time); count failures."""

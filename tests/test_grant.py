@@ -22,16 +22,19 @@ def key_grant() -> Grant:
         digest=digest, host="app.conduce.com", user="ada@example.com", secret=SECRET,
         added=0.0, deadline=100.0,
     )  # fmt: skip
-    return Grant.of_key(held, confirmed=True, token=None)
+    return Grant.of_key(held, confirmed=True, token=None, mark="key 1, lock 0")
 
 
 def test_a_key_grant_and_a_session_grant_survive_the_wire() -> None:
-    """from_wire(to_wire) gives back every field, with the generation as the token."""
-    session = Grant("h:8443", "bob@example.com", header="Cookie", value="session=s; x=y")
+    """from_wire(to_wire) gives back every field, with the generation as the token; the
+    mark (what the agent remembers the user allowed) is the agent's and stays with it."""
+    session = Grant(
+        "h:8443", "bob@example.com", header="Cookie", value="session=s; x=y", mark="session 1"
+    )
     for grant in (key_grant(), session):
         back = Grant.from_wire(json.loads(json.dumps(grant.to_wire(7))))
         for name in Grant.__slots__:
-            expected = 7 if name == "token" else getattr(grant, name)
+            expected = {"token": 7, "mark": None}.get(name, getattr(grant, name))
             assert getattr(back, name) == expected, name
     assert key_grant().session is False
     assert session.session is True

@@ -553,6 +553,61 @@ def test_a_confirmed_session_asks_and_is_remembered_by_its_login(
     assert again.mark != grant.mark
 
 
+def yes_to(*grants: Grant) -> frozenset[str]:
+    """What a connection remembers after the user allowed ``grants``."""
+    marks = frozenset(grant.mark for grant in grants if grant.mark is not None)
+    assert len(marks) == len(grants)
+    return marks
+
+
+def test_a_yes_holds_for_one_holding_of_a_key_and_until_the_next_lock(
+    agent: Agent, askpass: FakeAskpass
+) -> None:
+    """A connection's "yes" to a --confirm key is not taken for the same key forgotten and
+    added again (the user dropped it on purpose), nor, for a key or a login, for any use
+    after the agent was locked: each asks again."""
+    add(agent, confirm=True)
+    first = proxy_as(agent, peer(CURL))
+    proxy_as(agent, peer(CURL), confirmed=yes_to(first))  # remembered
+    assert len(askpass.asked) == 1
+    run(agent, "forget", all=True)
+    add(agent, confirm=True)
+    again = proxy_as(agent, peer(CURL), confirmed=yes_to(first))
+    assert len(askpass.asked) == 2
+    assert again.mark != first.mark
+    run(agent, "lock", passphrase="pass phrase")
+    run(agent, "unlock", passphrase="pass phrase")
+    proxy_as(agent, peer(CURL), confirmed=yes_to(first, again))
+    assert len(askpass.asked) == 3
+    run(agent, "forget", all=True)
+    log_in(agent, confirm=True)
+    session = proxy_as(agent, peer(CURL))
+    assert len(askpass.asked) == 4
+    run(agent, "lock", passphrase="pass phrase")
+    run(agent, "unlock", passphrase="pass phrase")
+    proxy_as(agent, peer(CURL), confirmed=yes_to(session))
+    assert len(askpass.asked) == 5
+
+
+def test_a_key_added_again_while_its_use_waits_is_decided_again(
+    agent: Agent, askpass: FakeAskpass, fake_time: FakeTime
+) -> None:
+    """A key forgotten and added again (with other rules) while the user is asked about it
+    is lent only as its new rules allow: not to a program they leave out."""
+    add(agent, confirm=True)
+    driver = HeldWorkDriver(fake_time)
+    outcomes: list[tuple[object, errors.KeyagentError | None]] = []
+    driver.start(
+        agent.authorize_proxy(peer(CURL), HOST, None, None),
+        lambda result, error: outcomes.append((result, error)),
+    )
+    run(agent, "forget", all=True)
+    add(agent, allow_exe=[TOOL])
+    driver.end(driver.held[0])  # the user says yes to the key as it was
+    ((result, error),) = outcomes
+    assert (result, type(error)) == (None, errors.Denied)
+
+
 def test_a_refusal_at_the_prompt_denies_the_session(agent: Agent, askpass: FakeAskpass) -> None:
     log_in(agent, confirm=True)
     askpass.answer = errors.Denied("refused at the prompt")
@@ -632,7 +687,7 @@ def test_a_session_changed_while_its_use_waits_is_decided_again(fake_time: FakeT
 
         driver.start(agent.authorize_proxy(peer(CURL), HOST, None, None), done)
         make()
-        current = agent.sessions[(HOST, USER)].mark
+        current = agent.use_mark(agent.sessions[(HOST, USER)].mark)
         driver.end(driver.held[0])
         ((result, error),) = outcomes
         if isinstance(result, Grant):

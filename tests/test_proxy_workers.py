@@ -444,7 +444,7 @@ class TokenAgent:
             )  # fmt: skip
         return Grant(
             host, "u", header="Authorization", value="Bearer k", digest="d" * 64,
-            confirmed=True, token=self.token,
+            confirmed=True, token=self.token, mark="key 7, lock 0",
         )  # fmt: skip
 
 
@@ -696,7 +696,7 @@ def test_confirmed_keys_are_the_agents_record_not_the_workers(stand_in: StandIn)
         authorize(theirs, 1, 2)
         loop.watched[worker.control.fileno()]()
         (first, second) = [answer for answer in answers(reader) if answer["t"] == "answer"]
-    assert [asked for _, asked in agent.asked] == [frozenset(), frozenset({"d" * 64})]
+    assert [asked for _, asked in agent.asked] == [frozenset(), frozenset({"key 7, lock 0"})]
     assert first["grant"]["value"] == second["grant"]["value"] == "Bearer k"
     closed(theirs, 1)
     loop.watched[worker.control.fileno()]()

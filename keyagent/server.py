@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from keyagent.effects import Steps
     from keyagent.proxy_pool import ProxyPool
 
-__all__ = ["LOCAL_QUEUES", "Limits", "Server", "log_internal"]
+__all__ = ["AGENT_SOCKET_RESERVE", "LOCAL_QUEUES", "Limits", "Server", "log_internal"]
 
 log = get_logger("keyagent.server")
 
@@ -84,6 +84,10 @@ others."""
 AUDIT_FLUSH_DELAY = 0.05
 """Seconds an audit entry may wait before it is written to the agent's log (see
 keyagent.audit.AuditLog.deferred); it is in the ring and sent to followers at once."""
+AGENT_SOCKET_RESERVE = 16
+"""Places of the shared ``max_connections`` cap that HTTP connections never take (at most
+a quarter of it): a tool that leaks connections to the HTTP socket cannot keep
+``keyagent-ctl lock`` or ``stop`` out of the agent."""
 MAX_POLL_WAIT = 86400.0
 """The longest single wait, in seconds. ``epoll.poll`` refuses a timeout past 2**31 ms
 (about 24.9 days), and keys may live ten years: a farther deadline is reached by waking once
@@ -568,7 +572,7 @@ class Server:
         pool = self.proxy_pool
         if (
             pool is not None
-            and len(self.connections) + pool.open_connections < self.limits.max_connections
+            and len(self.connections) + pool.open_connections < self._http_cap()
             and self._running
             and self._stop_deadline is None
             and pool.admit(sock, Peer(pid, uid, gid, peer_exe(pid)))
@@ -585,6 +589,12 @@ class Server:
 
     def _http_connections(self) -> int:
         return 0 if self.proxy_pool is None else self.proxy_pool.open_connections
+
+    def _http_cap(self) -> int:
+        """How many connections there may be, at most, when an HTTP one is admitted: the
+        shared cap less the places kept for the agent socket."""
+        cap = self.limits.max_connections
+        return cap - min(AGENT_SOCKET_RESERVE, cap // 4)
 
     def _shed_one(self) -> None:
         """Out of file descriptors: free the reserve, answer one client ``busy``, re-arm."""
@@ -623,8 +633,9 @@ class Server:
             or (self._stop_deadline is not None)
         ):
             log.warning(
-                "refused connection from pid %d: %d connections open", pid, len(self.connections)
-            )
+                "refused connection from pid %d: busy (%d connections open, %d of them HTTP)",
+                pid, len(self.connections) + self._http_connections(), self._http_connections(),
+            )  # fmt: skip
             self._refuse(sock, Busy())
             return
         sock.setblocking(False)

@@ -3,6 +3,7 @@ requests as the tools (keyagent.proxy, keyagent.http_client)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -26,6 +27,7 @@ import requests
 import requests.adapters
 
 import keyagent
+from keyagent import errors
 from keyagent.store import key_id_for
 from keyagent.testing.agent import AgentProcess
 from keyagent.testing.emulator import (
@@ -835,6 +837,32 @@ def test_the_connection_cap_is_shared(agent_factory: AgentFactory) -> None:
     finally:
         idle_http.close()
         idle_json.close()
+
+
+def test_http_connections_leave_the_agent_socket_room_to_lock_and_stop(
+    agent_factory: AgentFactory,
+) -> None:
+    """A tool that holds HTTP connections open up to the cap leaves the last places (a
+    quarter of the cap, at most 16) to the agent socket: lock and stop still get in."""
+    agent = agent_factory("--max-connections", "8", name="crowded")
+    with contextlib.ExitStack() as closing:
+        for _ in range(6):  # each answered, so surely admitted and held
+            held = closing.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            held.settimeout(10)
+            held.connect(http_path(agent))
+            held.sendall(b"GET /outside HTTP/1.1\r\nHost: h\r\n\r\n")
+            assert held.recv(4096).startswith(b"HTTP/1.1 404 ")
+        assert b"X-Keyagent-Error: busy" in exchange(http_path(agent), b"")  # the 7th
+        first, last = closing.enter_context(agent.client()), closing.enter_context(agent.client())
+        first.status()
+        last.status()  # the 8th place: the last one
+        with agent.client() as client, pytest.raises(errors.Busy):
+            client.status()
+        assert "busy (8 connections open, 6 of them HTTP)" in agent.log()
+        last.lock("crowded passphrase")
+        last.stop()
+    assert agent.process is not None
+    assert agent.process.wait(10) == 0
 
 
 @needs_curl

@@ -16,7 +16,7 @@ import socket
 import sys
 
 from keyagent import paths, wire
-from keyagent.errors import AgentUnreachable, ProtocolError
+from keyagent.errors import AgentUnreachable, KeyagentError, ProtocolError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -165,12 +165,30 @@ class Client:
         try:
             sock.sendall(message)
         except OSError as error:
+            refusal = self._refusal_left(sock)
             self.close()
+            if refusal is not None:
+                raise refusal from None
             raise AgentUnreachable(
                 f"could not send to {self.socket_path} ({os.strerror(error.errno or 0)});"
                 f" retry{self._systemd_hint()}"
             ) from None
         return request_id
+
+    def _refusal_left(self, sock: socket.socket) -> KeyagentError | None:
+        """What the agent said before it closed a connection the request could not be sent
+        on: a refusal (``busy`` when it is full, say) is a line with no id, sent as it
+        accepted the connection; None if there is none to read."""
+        try:
+            sock.setblocking(False)
+            data = self._buffer + sock.recv(65536)
+        except OSError:
+            return None
+        try:
+            reply = wire.parse_reply(data.partition(b"\n")[0])
+        except ValueError:
+            return None
+        return reply.error if reply.id is None else None
 
     def _reply_to(self, request_id: int) -> dict[str, Any]:
         """Read the reply to ``request_id``: its result, or the agent's error raised."""

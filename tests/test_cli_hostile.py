@@ -240,3 +240,33 @@ def test_get_never_prints_a_key_no_api_key_could_be(
     assert "\x1b" not in got.err
     with pytest.raises(keyagent.errors.ProtocolError):
         keyagent.get_key(socket_path=agent.path)
+
+
+def test_a_refusal_left_by_a_closed_agent_is_raised_as_itself(tmp_path: Path) -> None:
+    """A request that cannot be sent because the agent closed the connection after a
+    refusal with no id (busy, say, which is sent as a connection is accepted): the client
+    raises that refusal, read from what the agent left, rather than 'could not send'
+    (exit 2, which means no agent at all)."""
+    directory = tmp_path / "refusing"
+    directory.mkdir(mode=0o700)
+    path = str(directory / "agent.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def serve_once_then_refuse() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            request = json.loads(connection.recv(65536))
+            answer = {"id": request["id"], "ok": True, "result": {}}
+            refusal = {"id": None, "ok": False, "error": {"code": "busy", "message": "full"}}
+            connection.sendall(f"{json.dumps(answer)}\n{json.dumps(refusal)}\n".encode())
+
+    server = threading.Thread(target=serve_once_then_refuse)
+    server.start()
+    with listener, keyagent.Client(path, timeout=10) as client:
+        assert client.status() == {}
+        server.join(10)
+        assert not server.is_alive()  # the connection is closed: the next send fails
+        with pytest.raises(keyagent.errors.Busy, match="full"):
+            client.status()

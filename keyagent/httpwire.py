@@ -148,6 +148,8 @@ class HttpConnection:
         self.idle_timeout = idle_timeout
         self.io_timeout = io_timeout
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self._head_only = False
+        """Whether the request being answered is a HEAD: its answer has a head only."""
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -168,6 +170,7 @@ class HttpConnection:
                 if size > MAX_HEAD:
                     raise Malformed(431, TOO_LARGE_HEAD)
                 head = Head(event)
+                self._head_only = event.method == b"HEAD"
                 if head.chunked and head.content_length is not None:
                     # Legal (chunked wins), but the classic request-smuggling shape: refused.
                     raise Malformed(400, "a request may not have both Content-Length and chunks")
@@ -261,8 +264,9 @@ class HttpConnection:
         before_end: Callable[[], object] | None = None,
     ) -> None:
         """Send an answer; an iterable body is streamed (chunked unless a Content-Length is
-        among ``headers``). An error raised by ``body`` mid-way propagates after the
-        connection is marked unusable: the tool sees a cut answer, never a wrong one.
+        among ``headers``), a ``bytes`` one is left out after a HEAD. An error raised by
+        ``body`` mid-way propagates after the connection is marked unusable: the tool sees
+        a cut answer, never a wrong one.
         ValueError if ``status`` and ``headers`` are not a valid answer (nothing is sent).
         With ``close``, or before the request's body was read to its end (the service
         answered early), the answer says ``Connection: close``: no request follows it.
@@ -283,7 +287,9 @@ class HttpConnection:
         held = [self._bytes(response)]
         try:
             if isinstance(body, bytes):
-                if body:
+                # A HEAD's answer is the head alone, whose Content-Length is the body's
+                # that a GET would get (the agent's own answers; the service's has none).
+                if body and not self._head_only:
                     held.append(self._bytes(h11.Data(data=body)))
             else:
                 size = 0

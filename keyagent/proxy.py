@@ -210,8 +210,15 @@ def route(head: Head) -> Route:
     path = target.split("?", 1)[0]
     _check_path(path)  # and the target goes out as it is (keyagent.forward)
     user = head.get("x-keyagent-user")
-    if user is not None and user_problem(user) is not None:
-        raise BadRequest(f"X-Keyagent-User is not valid: {user_problem(user)}")
+    if user is not None:
+        try:  # the header's bytes, read as Latin-1 as HTTP has it: an account is UTF-8
+            user = user.encode("latin-1").decode()
+        except UnicodeDecodeError:
+            raise BadRequest(
+                "X-Keyagent-User is not valid UTF-8; send the account as UTF-8"
+            ) from None
+        if user_problem(user) is not None:
+            raise BadRequest(f"X-Keyagent-User is not valid: {user_problem(user)}")
     key_id = head.get("x-keyagent-key-id")
     if key_id is not None:
         key_id = key_id.strip().lower()

@@ -36,11 +36,15 @@ SECRET = "proxy-secret-key-0001-abcdefgh"
 SECOND = "proxy-secret-key-0002-abcdefgh"
 
 
-def head(target: str, method: str = "GET", **headers: str) -> Head:
+def head(target: str, method: str = "GET", **headers: str | bytes) -> Head:
     """A parsed request head, as h11 hands it over."""
-    fields = [("Host", headers.pop("host", HOST))]
-    fields += [(name.replace("_", "-"), value) for name, value in headers.items()]
+    fields = [(b"Host", as_bytes(headers.pop("host", HOST)))]
+    fields += [(name.replace("_", "-").encode(), as_bytes(v)) for name, v in headers.items()]
     return Head(h11.Request(method=method, target=target, headers=fields))
+
+
+def as_bytes(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode("ascii")
 
 
 # --- which paths are forwarded ------------------------------------------------------------
@@ -164,6 +168,15 @@ def test_account_and_key_headers_are_read() -> None:
     """X-Keyagent-User and X-Keyagent-Key-Id choose the account and the key."""
     where = route(head("/api/v2/data/x", x_keyagent_user=USER, x_keyagent_key_id="ABCDEF12"))
     assert (where.user, where.key_id) == (USER, "abcdef12")
+
+
+def test_the_account_header_is_read_as_utf_8() -> None:
+    """An account name beyond ASCII arrives as UTF-8 bytes (h11 hands them over as Latin-1)
+    and names that account; bytes that are not UTF-8 are a bad request, not another name."""
+    utf_8 = "dé@example.com".encode()
+    assert route(head("/api/v2/data/x", x_keyagent_user=utf_8)).user == "dé@example.com"
+    with pytest.raises(BadRequest, match="not valid UTF-8"):
+        route(head("/api/v2/data/x", x_keyagent_user="dé@example.com".encode("latin-1")))
 
 
 # --- headers ------------------------------------------------------------------------------

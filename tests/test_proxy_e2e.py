@@ -810,6 +810,31 @@ def test_100_continue_comes_only_for_an_accepted_request(
     assert b"100 Continue" not in refused
 
 
+def test_an_agent_error_to_a_head_is_a_head_and_the_connection_goes_on(
+    agent: AgentProcess,
+) -> None:
+    """A HEAD the agent refuses gets the error's head alone (its Content-Length that of the
+    JSON a GET would get), and the next request on the connection is answered."""
+    answer = exchange(
+        http_path(agent),
+        b"HEAD /conduce/api/v1/apikeys/list HTTP/1.1\r\nHost: h.example\r\n\r\n"
+        b"GET /outside HTTP/1.1\r\nHost: h.example\r\nConnection: close\r\n\r\n",
+    )
+    head, rest = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 403 ")
+    assert b"X-Keyagent-Error: forbidden" in head
+    assert b"Connection: close" not in head
+    assert rest.startswith(b"HTTP/1.1 404 ")  # no body in between
+    refused = exchange(
+        http_path(agent),
+        b"GET /conduce/api/v1/apikeys/list HTTP/1.1\r\nHost: h.example\r\n"
+        b"Connection: close\r\n\r\n",
+    )
+    length = re.search(rb"Content-Length: (\d+)", head)
+    assert length is not None
+    assert int(length.group(1)) == len(refused.split(b"\r\n\r\n", 1)[1])
+
+
 def test_the_connection_cap_is_shared(agent_factory: AgentFactory) -> None:
     """HTTP and JSON-lines connections count against one --max-connections: past it, an
     HTTP tool gets 503 busy and a JSON-lines client gets busy."""

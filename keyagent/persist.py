@@ -78,7 +78,16 @@ from collections.abc import Callable, Iterable
 
 from keyagent.errors import BadRequest, KeyringUnavailable
 from keyagent.log import get_logger
-from keyagent.protocol import DESCRIPTION, HOST, KEY, KEY_ID_DIGITS, KEY_ID_SHOWN, USER, is_token
+from keyagent.protocol import (
+    DESCRIPTION,
+    HOST,
+    KEY,
+    KEY_ID_DIGITS,
+    KEY_ID_SHOWN,
+    USER,
+    is_token,
+    unique_members,
+)
 from keyagent.rules import exe_list_problem, is_finite_number, rotate_every_problem
 from keyagent.store import digest_of
 
@@ -316,9 +325,11 @@ class KeyringStore:
                         "keyagent-ctl forget --persist %s)", shown, untrusted.field, stored_id,
                     )  # fmt: skip
                     continue
-                if key is None:
-                    log.warning("the keyring entry of key %s is unreadable; deleted", shown)
-                    doomed.append(stored_id)
+                if key is None:  # kept: it may be the only copy of a key, and is the user's
+                    log.warning(
+                        "the keyring entry of key %s is unreadable; skipped (forget it with "
+                        "keyagent-ctl forget --persist %s)", shown, stored_id,
+                    )  # fmt: skip
                 elif key.expires is not None and key.expires <= now_wall and key.ephemeral:
                     # Still to be deleted on the service, which needs the secret: the agent
                     # deletes this entry itself once that deletion has ended.
@@ -390,7 +401,7 @@ class KeyringStore:
         try:
             import json  # loads with the keyring, never in an agent that does not use it
 
-            document = json.loads(raw)
+            document = json.loads(raw, object_pairs_hook=unique_members)
             salt, digest = bytes.fromhex(document["salt"]), bytes.fromhex(document["digest"])
             if document["v"] != FORMAT or not 8 <= len(salt) <= 64 or len(digest) != 32:
                 raise ValueError
@@ -443,7 +454,7 @@ class KeyringStore:
         try:
             import json  # loads with the keyring, never in an agent that does not use it
 
-            document = json.loads(raw)
+            document = json.loads(raw, object_pairs_hook=unique_members)
             version = document["v"]
             if not isinstance(version, int) or isinstance(version, bool):
                 raise TypeError
@@ -660,12 +671,14 @@ def _is_number(value: object) -> bool:
 
 
 def _decode(stored_id: str, raw: str) -> PersistedKey | None:
-    """The key an entry holds; None if it is corrupt. Raises _NewerFormat for a newer "v",
-    _Untrusted for a value the protocol would refuse (a keyring is outside input too)."""
+    """The key an entry holds; None if it is corrupt (not JSON, a member repeated, a
+    member missing or of the wrong type, a key that does not match its name). Raises
+    _NewerFormat for a newer "v", _Untrusted for a value the protocol would refuse (a
+    keyring is outside input too)."""
     try:
         import json  # loads with the keyring, never in an agent that does not use it
 
-        document = json.loads(raw)
+        document = json.loads(raw, object_pairs_hook=unique_members)
     except ValueError:
         return None
     if not isinstance(document, dict):

@@ -137,7 +137,7 @@ def test_a_persisted_ephemeral_key_comes_back_ephemeral_with_its_expiry(
 
 def test_records_without_the_flag_read_as_not_ephemeral(backend: MemoryKeyring) -> None:
     """A keyring entry written before the flag existed loads as not ephemeral; a flag that is
-    not a boolean makes the entry unreadable (it is deleted, as corrupt entries are)."""
+    not a boolean makes the entry unreadable (it is skipped and kept, as corrupt entries are)."""
     store = KeyringStore(backend)
     old = PersistedKey(digest_of("old-key-0000-abcdef"), HOST, USER, "old-key-0000-abcdef", "",
                        None, None)  # fmt: skip
@@ -150,7 +150,7 @@ def test_records_without_the_flag_read_as_not_ephemeral(backend: MemoryKeyring) 
     backend.put("keyagent", key, json.dumps({**document, "ephemeral": "yes"}))
     live, _ = store.load_all(WALL)
     assert [(k.digest, k.ephemeral) for k in live] == [(old.digest, False)]
-    assert keyring_ids(backend) == {old.digest}
+    assert keyring_ids(backend) == {old.digest, bad.digest}
 
 
 def test_load_all_hands_back_expired_ephemeral_keys_and_deletes_the_others(

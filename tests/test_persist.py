@@ -347,6 +347,9 @@ def test_index_ids_without_an_entry_are_ignored_and_pruned(
         json.dumps({"v": 1, "key": SECRETS[1], "host": "h", "user": "u", "created": 5}),
         '{"v":1,"key":"' + SECRETS[1] + '","host":"h","user":"u","expires":NaN}',
         json.dumps({"v": 1, "key": "someone else's key", "host": "h", "user": "u"}),
+        json.dumps({"v": "2", "key": SECRETS[1], "host": "h", "user": "u"}),
+        '{"v":2,"key":"' + SECRETS[1] + '","host":"h","user":"u","exportable":false,'
+        '"exportable":true}',
     ],
     ids=[
         "not-json",
@@ -361,26 +364,31 @@ def test_index_ids_without_an_entry_are_ignored_and_pruned(
         "bad-created",
         "nan-expires",
         "wrong-secret",
+        "version-string",
+        "repeated-member",  # which one wins is the reader's guess: a looser rule, here
     ],
 )
-def test_corrupt_entries_are_ignored_logged_by_id_and_deleted(
+def test_corrupt_entries_are_skipped_logged_by_id_and_left_to_forget(
     store: KeyringStore,
     memory: MemoryKeyring,
     caplog: pytest.LogCaptureFixture,
     corrupt: str,
 ) -> None:
-    """An entry that does not parse, or whose secret is not its id's, is skipped and removed."""
+    """An entry that does not parse, or whose secret is not its id's, is skipped with a
+    warning naming its id and how to forget it; it stays (it may be the only copy of a
+    key), until forgotten."""
     good, bad = make_key(SECRETS[0]), make_key(SECRETS[1])
     store.save(good)
     store.save(bad)
     memory.put(SERVICE, f"key:{bad.digest}", corrupt)
     assert store.load_all(WALL) == ([good], [])
+    assert memory.entries()[(SERVICE, f"key:{bad.digest}")] == corrupt
+    assert_tidy(memory)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"forget --persist {bad.digest}" in message for message in warnings)
+    assert store.delete(bad.digest)
     assert (SERVICE, f"key:{bad.digest}") not in memory.entries()
     assert_tidy(memory)
-    assert any(
-        bad.digest[:12] in record.getMessage() and record.levelno == logging.WARNING
-        for record in caplog.records
-    )
 
 
 @pytest.mark.parametrize(

@@ -1814,6 +1814,12 @@ class Agent:
         Another agent of the same account (another machine) that holds keyagent keys would
         see them deleted: this agent can only know what it holds itself.
         """
+        if self.keyring is None:  # --no-keyring: a persisted key would look like an orphan
+            raise KeyringUnavailable(
+                "prune must know which keys the OS keyring keeps (they come back when an "
+                "agent restarts), and this agent does not read it (--no-keyring): run prune "
+                "with an agent that does, or remove keys by id (keyagent-ctl remove)"
+            )
         session = self.session_for(args["host"], args["user"])
         account = session.account
         listed_keys = yield from self._remote(
@@ -1862,9 +1868,8 @@ class Agent:
     def _kept_in_keyring(self) -> Steps:
         """The ids of the keys the OS keyring keeps (see :meth:`KeyringStore.fingerprints`):
         a key forgotten from memory but still persisted comes back at the next start, so it
-        is no orphan. An agent without a keyring keeps none."""
-        if self.keyring is None:
-            return frozenset()
+        is no orphan."""
+        assert self.keyring is not None  # noqa: S101  # process_prune checked
         try:
             kept: frozenset[str] = yield self._keyring(lambda keyring: keyring.fingerprints())
         except KeyagentError as error:

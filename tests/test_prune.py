@@ -125,9 +125,29 @@ def account() -> OrphanAccount:
 
 @pytest.fixture
 def agent(time: FakeTime, account: OrphanAccount) -> Agent:
-    agent = Agent(clock=time.clock(), accounts=lambda host, user: account, jitter=lambda d: d)
+    """An agent whose OS keyring keeps no key."""
+    agent = Agent(
+        clock=time.clock(), accounts=lambda host, user: account, jitter=lambda d: d,
+        keyring=KeyringStore(MemoryKeyring()),
+    )  # fmt: skip
     run(agent, "login", **ACCOUNT, password="pw")
     return agent
+
+
+def test_an_agent_that_does_not_read_the_keyring_refuses_to_prune(
+    time: FakeTime, account: OrphanAccount
+) -> None:
+    """--no-keyring: the agent cannot tell which keys the keyring keeps (a persisted key
+    would look like an orphan), so prune is refused and nothing is deleted."""
+    agent = Agent(clock=time.clock(), accounts=lambda host, user: account, keyring=None)
+    run(agent, "login", **ACCOUNT, password="pw")
+    calls = len(account.calls)
+    for delete in (False, True):
+        error = fails(agent, "prune", **ACCOUNT, delete=delete)
+        assert type(error) is errors.KeyringUnavailable
+        assert "--no-keyring" in error.message
+    assert len(account.calls) == calls  # refused before the service was asked
+    assert account.keys == [UNMARKED, *ORPHANS]
 
 
 def work(effect: object) -> Work:
@@ -247,7 +267,8 @@ def test_a_key_held_again_while_others_are_deleted_is_kept(
     meanwhile) is kept on the service and says so."""
     pruning = steps(agent, "prune", **ACCOUNT, delete=True)
     listing = work(next(pruning))
-    first_delete = work(pruning.send(listing.fn()))
+    keyring = work(pruning.send(listing.fn()))
+    first_delete = work(pruning.send(keyring.fn()))
     run(agent, "add", **ACCOUNT, key=ORPHANS[1])  # while the first deletion runs
     second_delete = work(pruning.send(first_delete.fn()))
     with pytest.raises(StopIteration) as stop:
@@ -274,7 +295,10 @@ def test_prune_uses_a_held_key_when_there_is_no_session(
 def test_prune_without_credentials_asks_for_a_login(time: FakeTime, account: OrphanAccount) -> None:
     """With no session and no held key for the account, prune fails login_required and
     deletes nothing."""
-    agent = Agent(clock=time.clock(), accounts=lambda host, user: account)
+    agent = Agent(
+        clock=time.clock(), accounts=lambda host, user: account,
+        keyring=KeyringStore(MemoryKeyring()),
+    )  # fmt: skip
     error = fails(agent, "prune", **ACCOUNT, delete=True)
     assert isinstance(error, errors.LoginRequired)
     assert account.keys == [UNMARKED, *ORPHANS]

@@ -6,6 +6,7 @@ Imported only once a command line is parsed: ``keyagent-ctl get`` never needs ar
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -26,11 +27,35 @@ EXIT_USAGE = 64
 
 
 class UsageParser(argparse.ArgumentParser):
-    """An ArgumentParser that exits with :data:`EXIT_USAGE`, not argparse's 2."""
+    """An ArgumentParser that exits with :data:`EXIT_USAGE`, not argparse's 2, and never
+    quotes back a value it did not expect: a secret pasted onto the command line by
+    mistake is not shown again on the terminal."""
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {without_values(message)}\n")
+
+
+_UNRECOGNIZED = "unrecognized arguments: "
+_IGNORED = re.compile(r"ignored explicit argument .*", re.DOTALL)
+
+
+def without_values(message: str) -> str:
+    """argparse's ``message`` without the values it quotes from the command line where a
+    secret could be among them: unrecognized arguments are shown by option name only (a
+    value after ``=`` is cut), the others counted; an option that takes no value is not
+    shown the value it was given."""
+    if message.startswith(_UNRECOGNIZED):
+        words = message[len(_UNRECOGNIZED) :].split(" ")
+        options = [word.split("=", 1)[0] for word in words if word.startswith("-")]
+        values = len(words) - len(options)
+        shown = ", ".join(options)
+        if values:
+            counted = f"{values} value{'s' if values > 1 else ''}"
+            shown += f"{' and ' if shown else ''}{counted} (not shown: secrets are read from "
+            shown += "stdin or a prompt, never from arguments)"
+        return f"unrecognized arguments: {shown}"
+    return _IGNORED.sub("takes no value", message)
 
 
 def duration_type(

@@ -396,6 +396,26 @@ def test_remove_refuses_a_key_on_the_command_line(
     assert alias.code == 64
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["add", SECRET],
+        ["lock", SECRET],
+        ["login", f"--password={SECRET}"],  # an abbreviation of --password-stdin
+        ["login", f"--password-stdin={SECRET}"],
+        ["status", f"--bogus={SECRET}", SECRET],  # shown: --bogus, and a count
+    ],
+)
+def test_a_secret_on_the_command_line_is_never_shown_back(tmp_path: Path, argv: list[str]) -> None:
+    """A secret pasted where it does not belong is a usage error that does not quote it:
+    argparse would print it back on the terminal (and into CI logs)."""
+    result = run_ctl(str(tmp_path / "none.sock"), "--host", "h", "--user", "u", *argv)
+    assert result.code == 64, result.err
+    assert "error: " in result.err
+    assert SECRET not in result.err + result.out
+    assert "not shown" in result.err or "takes no value" in result.err
+
+
 def test_key_ids_are_checked_before_the_agent_is_asked(agent: AgentProcess) -> None:
     """A key id that is not 4 to 64 hex digits is a usage error (exit 64), not [bad_request]."""
     run_ctl(agent.socket_path, "--host", "h", "--user", "u", "add", stdin=SECRET)

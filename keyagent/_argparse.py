@@ -19,6 +19,7 @@ from keyagent.rules import (
     count_problem,
     duration_problem,
     entry_count_problem,
+    path_problem,
     worker_count_problem,
 )
 
@@ -78,6 +79,15 @@ def duration_type(
         return seconds
 
     return parse
+
+
+def path_type(text: str) -> str:
+    """An argparse ``type=`` for file paths: not empty, no control characters
+    (:func:`keyagent.rules.path_problem`)."""
+    problem = path_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{problem}; name another")
+    return text
 
 
 def count_type(text: str) -> int:

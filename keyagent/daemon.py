@@ -38,6 +38,7 @@ from keyagent._argparse import (
     count_type,
     duration_type,
     entry_count_type,
+    path_type,
     worker_count_type,
 )
 from keyagent.config import ConfigError
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-a",
         dest="socket",
         metavar="PATH",
+        type=path_type,
         help="bind the socket at PATH (its directory must be private)",
     )
     parser.add_argument(
@@ -629,7 +631,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = paths.private_socket_path()
             args.private_dir = os.path.dirname(path)  # the serving process removes it at exit
             sys.stderr.write(
-                f"keyagent: XDG_RUNTIME_DIR is not set: listening on {path}, in a private"
+                "keyagent: XDG_RUNTIME_DIR is not set (to an absolute path): listening on"
+                f" {path}, in a private"
                 f" directory of its own; clients find it only through {paths.SOCKET_ENV}"
                 ' (eval "$(keyagent)" sets it)\n'
             )

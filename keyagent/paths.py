@@ -62,7 +62,8 @@ def socket_path(explicit: str | None = None) -> str | None:
 
 
 NO_SOCKET_HINT = (
-    f"XDG_RUNTIME_DIR is not set, so there is no default socket: set {SOCKET_ENV} to the"
+    f"XDG_RUNTIME_DIR is not set (to an absolute path), so there is no default socket: set"
+    f" {SOCKET_ENV} to the"
     ' socket keyagent printed (eval "$(keyagent)" does)'
 )
 

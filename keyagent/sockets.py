@@ -17,6 +17,10 @@ from keyagent.rules import shared_directory
 
 log = get_logger("keyagent.sockets")
 
+MAX_SOCKET_PATH = 107
+"""The longest path Linux binds a Unix socket at, in bytes (``sun_path`` holds 108 with
+the final NUL)."""
+
 
 class SocketSetupError(Exception):
     """The socket cannot be set up safely; the message says why and what to do."""
@@ -110,13 +114,19 @@ def bind_listener(
             )
         log.info("replacing stale socket %s", path)
         os.unlink(path)
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:  # bind would say only "path too long"
+        raise SocketSetupError(
+            f"{path} is longer than a Unix socket path may be ({MAX_SOCKET_PATH} bytes); "
+            "use a shorter one with -a"
+        )
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
         listener.bind(path)
     except OSError as error:
         listener.close()
-        raise SocketSetupError(f"cannot bind {path}: {os.strerror(error.errno or 0)}") from None
+        why = os.strerror(error.errno) if error.errno else str(error)
+        raise SocketSetupError(f"cannot bind {path}: {why}") from None
     finally:
         os.umask(old_umask)
     listener.listen(backlog)

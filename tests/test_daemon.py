@@ -165,6 +165,28 @@ def test_command_mode_runs_the_command_and_stops_with_it(tmp_path: Path) -> None
     assert not sock.exists()
 
 
+def test_socket_paths_with_control_characters_or_too_long_are_refused(tmp_path: Path) -> None:
+    """-a with a control character is a usage error (exit 64); a path longer than a Unix
+    socket may have says so (bind itself says only 'path too long', or 'Success')."""
+    directory = private_dir(tmp_path)
+
+    def start(path: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "keyagent.daemon", "-D", "-a", path],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    escaped = start(str(directory / "a\x1b[2Jb.sock"))
+    assert escaped.returncode == 64
+    assert "argument -a: a path has no control characters" in escaped.stderr
+    assert "\x1b" not in escaped.stderr
+    long = str(directory / ("x" * 120 + ".sock"))
+    too_long = start(long)
+    assert too_long.returncode == 1
+    assert "is longer than a Unix socket path may be (107 bytes)" in too_long.stderr
+    assert not os.path.exists(long)
+
+
 def test_command_not_found_in_command_mode(tmp_path: Path) -> None:
     """keyagent with a missing command exits 127 and leaves no agent behind."""
     sock = private_dir(tmp_path) / "agent.sock"

@@ -56,6 +56,9 @@ FORMAT: Final = 1
 MAX_BYTES: Final = 4 * 1024 * 1024
 """A file larger than this is not read (some 20 000 keys; an agent holds far fewer)."""
 TEMP_SUFFIX: Final = ".tmp"
+IGNORED_SUFFIX: Final = ".ignored"
+"""Added to the name of a file that was ignored (untrusted or unreadable), which is kept
+for the user to check rather than replaced."""
 _DIRECTORY_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -230,7 +233,13 @@ class LeftoversFile:
                 if directory is None:
                     return []
                 self._remove_stale_temporaries(directory)
-                document = self._load(directory)
+                try:
+                    document = self._load(directory)
+                except _Unusable as unusable:
+                    # Moved aside, not left for this agent's first write to replace: what
+                    # it names is the user's to check.
+                    self._warn(str(unusable), self._set_aside(directory))
+                    return []
         except OSError as error:
             self._warn(f"it cannot be read ({os.strerror(error.errno or 0)})")
             return []
@@ -241,12 +250,23 @@ class LeftoversFile:
             return []
         return self._entries(document)
 
-    def _warn(self, problem: str) -> None:
+    def _set_aside(self, directory: int) -> str | None:
+        """Rename an ignored file to ``NAME.ignored`` (replacing an older one); its new
+        path, or None if it could not be renamed."""
+        aside = f"{self.name}{IGNORED_SUFFIX}"
+        try:
+            os.replace(self.name, aside, src_dir_fd=directory, dst_dir_fd=directory)
+        except OSError:
+            return None
+        return os.path.join(self.directory, aside)
+
+    def _warn(self, problem: str, aside: str | None = None) -> None:
+        where = f"; it is now {aside}" if aside else ""
         log.warning(
-            "ignoring the leftovers file %s: %s. Ephemeral keys of an earlier agent it may "
+            "ignoring the leftovers file %s: %s%s. Ephemeral keys of an earlier agent it may "
             "name are not deleted on the service: check with keyagent-ctl list --remote and "
-            "remove them, then delete the file",
-            self.path, problem,
+            "remove them (or prune), then delete %s",
+            self.path, problem, where, aside or "the file",
         )  # fmt: skip
 
     def _load(self, directory: int) -> Any:

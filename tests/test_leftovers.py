@@ -179,12 +179,21 @@ def test_a_file_others_can_read_or_write_is_ignored(
     leftovers: LeftoversFile, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A leftovers file with group or other permissions is not trusted (someone else may have
-    written it)."""
+    written it). It is moved aside, not left for the agent's next write to replace: the
+    warning tells the user to check what it names, then delete it, where it now is."""
     leftovers.write([FIRST])
+    written = Path(leftovers.path).read_bytes()
     os.chmod(leftovers.path, 0o644)
     assert leftovers.read() == []
     (message,) = warnings(caplog)
     assert "mode 0644" in message
+    aside = leftovers.path + ".ignored"
+    assert not os.path.exists(leftovers.path)
+    assert Path(aside).read_bytes() == written
+    assert f"it is now {aside}." in message
+    assert message.endswith(f"then delete {aside}")
+    assert leftovers.write([]) is True  # the agent's own first write leaves it alone
+    assert Path(aside).read_bytes() == written
 
 
 def test_a_fifo_in_the_files_place_does_not_block(

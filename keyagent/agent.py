@@ -1195,6 +1195,19 @@ class Agent:
         lifetime = args.get("lifetime", self.default_lifetime)
         self._rules(args, args["key"])  # refuse rules that cannot merge before any work
         held = self.held_keys.holding(digest_of(args["key"]))
+        now = self.clock.monotonic()
+        if held is not None and held.alive(now):
+            # Adding a held key again changes neither whom it goes to nor how long it lives,
+            # as it loosens none of its rules: each would undo a choice made for it.
+            if (held.host, held.user) != (args["host"], args["user"]):
+                raise BadRequest(
+                    f"key {held.key_id} is held for {held.user} on {held.host}, and a key "
+                    "goes only to the account it was added for: forget it first "
+                    f"(keyagent-ctl forget {held.key_id}) to add it for another"
+                )
+            if held.deadline is not None:
+                left = held.deadline - now
+                lifetime = left if lifetime is None else min(lifetime, left)
         if args.get("persist", self.default_persist) or (held is not None and held.persisted):
             # A persisted key's record is written again even without --persist: the rules
             # this add merges in (never looser) must survive a restart too.

@@ -275,13 +275,32 @@ def test_add_with_lifetime_sets_expiry(agent: Agent) -> None:
 
 def test_add_same_key_twice_keeps_one(agent: Agent, time: FakeTime) -> None:
     """Adding the same key again updates its entry instead of holding it twice."""
-    add(agent, host="old.example")
+    add(agent, description="first")
     time.advance(5)
-    again = add(agent, host="new.example")
-    assert again["host"] == "new.example"
-    assert again["added"] == iso(WALL + 5)
+    again = add(agent, description="second")
+    assert (again["added"], again["description"]) == (iso(WALL + 5), "second")
     keys = result(agent, "list")["keys"]
-    assert [entry["host"] for entry in keys] == ["new.example"]
+    assert [entry["description"] for entry in keys] == ["second"]
+
+
+def test_adding_a_held_key_again_neither_moves_it_nor_lengthens_its_life(
+    agent: Agent, time: FakeTime
+) -> None:
+    """A key goes only to the account it was added for: adding it for another is refused,
+    changing nothing, until it is forgotten (or has expired). Added again, it keeps the
+    earlier of its deadline and the new one."""
+    add(agent, lifetime=60)
+    for other in ({"host": "new.example"}, {"user": "someone@example.com"}):
+        error = fails(agent, "add", **{"host": HOST, "user": USER, "key": SECRET, **other})
+        assert type(error) is BadRequest
+        assert f"forget {key_id_for(SECRET)}" in error.message
+    assert [(k["host"], k["user"]) for k in result(agent, "list")["keys"]] == [(HOST, USER)]
+    time.advance(10)
+    assert add(agent)["expires"] == iso(WALL + 60)  # no lifetime given: still its own
+    assert add(agent, lifetime=3600)["expires"] == iso(WALL + 60)
+    assert add(agent, lifetime=20)["expires"] == iso(WALL + 30)  # a shorter one is taken
+    time.advance(25)  # expired: held no more, so it may be added anew, for anyone
+    assert add(agent, host="new.example")["host"] == "new.example"
 
 
 def test_default_lifetime_applies_when_none_given(time: FakeTime) -> None:

@@ -212,9 +212,7 @@ class Upstream:
                         f"{host} closed the connection without answering; retry later"
                     ) from None
                 log.warning("proxied call to %s: %s", host, error)
-                raise RemoteError(
-                    f"{host} sent an answer that is not HTTP/1.1; check the host"
-                ) from None
+                raise RemoteError(f"{host} sent {error}; check the host") from None
             except OSError as error:
                 if conn.pooled and not wire.heard:
                     raise _Stale() from None

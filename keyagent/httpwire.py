@@ -352,8 +352,12 @@ class HttpConnection:
 # --- the service's side ---------------------------------------------------------------------
 
 
+TOO_LARGE_ANSWER_HEAD: Final = f"an answer head larger than {MAX_ANSWER_HEAD // 1024} KiB"
+
+
 class BadAnswer(Exception):
-    """The service sent something that is not an HTTP/1.1 answer."""
+    """The service sent something that is not an HTTP/1.1 answer; the message says what,
+    as the object of "the service sent ...", and never quotes the service's bytes."""
 
 
 class RequestHead:
@@ -462,6 +466,14 @@ class ServiceConnection:
                     (name.decode("latin-1"), value.decode("latin-1"))
                     for name, value in event.headers.raw_items()
                 ]
+                # h11 bounds only a head still incomplete; one that came whole is measured.
+                if sum(len(name) + len(value) + 4 for name, value in headers) > MAX_ANSWER_HEAD:
+                    raise BadAnswer(TOO_LARGE_ANSWER_HEAD)
+                framing = {name.lower() for name, _ in headers}
+                if {"content-length", "transfer-encoding"} <= framing:
+                    # Legal (chunks win), and the shape of response splitting: RFC 9112
+                    # says to treat it as an error, and a tool could be told either length.
+                    raise BadAnswer("an answer with both Content-Length and Transfer-Encoding")
                 return event.status_code, headers
             if isinstance(event, h11.ConnectionClosed):
                 raise ConnectionResetError("closed before a whole answer head")
@@ -524,10 +536,12 @@ class ServiceConnection:
         while True:
             try:
                 event = self._h11.next_event()
-            except h11.RemoteProtocolError:
+            except h11.RemoteProtocolError as error:
                 # h11's text may quote what the service sent: not kept, in case it echoes a
                 # credential.
-                raise BadAnswer("not valid HTTP/1.1") from None
+                if error.error_status_hint == 431:
+                    raise BadAnswer(TOO_LARGE_ANSWER_HEAD) from None
+                raise BadAnswer("an answer that is not HTTP/1.1") from None
             if event is not h11.NEED_DATA or not wait:
                 return event
             data = self.sock.recv(RECV)

@@ -176,7 +176,9 @@ class _Flight:
 def route(head: Head) -> Route:
     """Check a request head; raise the error a tool gets if it cannot be forwarded."""
     if head.method not in METHODS:
-        raise BadRequest(f"method {head.method} is not forwarded; use one of {_methods()}")
+        # Named when it is short (TRACE, CONNECT): never kilobytes of the tool's bytes back.
+        method = head.method if len(head.method) <= 16 else "this long"
+        raise BadRequest(f"method {method} is not forwarded; use one of {_methods()}")
     target = head.target
     if not target.isascii() or any(char in target for char in FORBIDDEN_IN_TARGET):
         # A fragment is never part of a request target: refused rather than guessed at, as

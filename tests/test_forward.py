@@ -289,6 +289,31 @@ def test_an_answer_that_is_not_http_is_a_remote_error(scripted: Callable[..., Sc
         call(opened(server.settings), server.host, "k", "/api/v2/data/echo")
 
 
+@pytest.mark.parametrize(
+    ("answer", "problem"),
+    [
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n",
+            "both Content-Length and Transfer-Encoding",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\n" + b"X-Filler: yes\r\n" * 5000 + b"\r\n",
+            "an answer head larger than 64 KiB",
+        ),
+    ],
+    ids=["two-framings", "huge-head"],
+)
+def test_an_answer_framed_two_ways_or_too_large_is_a_remote_error(
+    scripted: Callable[..., Scripted], answer: bytes, problem: str
+) -> None:
+    """An answer with both framings (the shape of response splitting, which RFC 9112 says
+    to treat as an error) and one whose head is too large are remote errors that say so."""
+    server = scripted(answer, close_after=True)
+    with pytest.raises(RemoteError, match=problem):
+        call(opened(server.settings), server.host, "k", "/api/v2/data/echo")
+
+
 def test_an_answer_cut_short_is_unreachable_mid_answer(scripted: Callable[..., Scripted]) -> None:
     server = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this", close_after=True)
     upstream = opened(server.settings)

@@ -84,7 +84,9 @@ def duration_type(
 def path_type(text: str) -> str:
     """An argparse ``type=`` for file paths: not empty, no control characters
     (:func:`keyagent.rules.path_problem`)."""
-    problem = path_problem(text)
+    # A byte that is not UTF-8 comes as a lone surrogate (surrogateescape): it is a byte of
+    # the name, not a control character, and such a name is the user's to choose.
+    problem = path_problem(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
     if problem is not None:
         raise argparse.ArgumentTypeError(f"{problem}; name another")
     return text

@@ -981,6 +981,9 @@ class Server:
         conn.eof = True  # nothing more is read: _settle closes it once the line is sent
         conn.inbuf.clear()
         self._half_lines.pop(conn, None)
+        # It was never idle while it followed; from now its client has a whole idle
+        # timeout to read what is queued, this last line included, before it is closed.
+        self._touch(conn, self.clock())
         self._send(conn, protocol.encode_error(request_id, error))
         self._settle(conn)
 

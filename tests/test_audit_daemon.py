@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -267,6 +268,40 @@ def test_a_lock_ends_following_with_a_locked_line(
     last = decode(watcher.line())
     assert (last["id"], last["error"]["code"]) == (3, "locked")
     assert watcher.closed_by_peer()
+
+
+def test_a_follower_whose_following_ended_has_an_idle_timeout_to_read_its_last_line(
+    agent_factory: AgentFactory, connect: Callable[[str], Raw]
+) -> None:
+    """A follower far behind (entries queued in the agent, unread) whose following ends, by
+    a lock here, gets its last line if it reads within the idle timeout that starts then,
+    however long it has followed: it was never idle while it followed. Time passing is
+    what is tested, so the test waits: a follower that is closed 4 s after it began (its
+    idle deadline counted from then) would lose the line read 5.2 s after it began."""
+    idle = 4.0
+    agent = agent_factory("--idle-timeout", str(idle), debug=False)
+    add_key(agent)
+    follower = connect(agent.socket_path)
+    follower.send(b'{"id": "f", "op": "log", "follow": true, "n": 0}\n')
+    assert decode(follower.line())["ok"] is True
+    began = time.monotonic()
+    time.sleep(0.6 * idle)
+    getter = connect(agent.socket_path)
+    # More entries than a socket buffer holds (about 250 bytes each), fewer than would
+    # make the follower be dropped for falling behind (a megabyte).
+    getter.send(b'{"op": "get"}\n' * 2500)
+    for _ in range(2500):
+        assert decode(getter.line())["ok"] is True
+    assert run_ctl(agent.socket_path, "lock", stdin="pass phrase\n").code == 0
+    locked = time.monotonic()
+    assert locked - began < idle  # else this run proves nothing: fail rather than pass
+    time.sleep(max(0.0, began + 1.3 * idle - time.monotonic()))
+    lines = []
+    while line := follower.line():
+        lines.append(json.loads(line))
+    assert time.monotonic() < locked + idle  # read within the idle timeout after the end
+    assert sum("entry" in line for line in lines) >= 2500
+    assert (lines[-1]["id"], lines[-1]["error"]["code"]) == ("f", "locked")
 
 
 def test_a_follower_that_closes_is_forgotten(

@@ -38,6 +38,7 @@ from keyagent import protocol
 from keyagent.agent import MEMOIZABLE, SIGNAL_PEER, Agent, Follow, Peer, Stop
 from keyagent.effects import Driver, Job, log_internal, perform
 from keyagent.errors import (
+    BadRequest,
     Busy,
     Forbidden,
     Internal,
@@ -677,8 +678,12 @@ class Server:
             return
         if not data:
             conn.eof = True
-            del conn.inbuf[conn.inbuf.rfind(b"\n") + 1 :]  # a half line at the end is no request
+            cut = conn.inbuf.rfind(b"\n") + 1
+            half = bytes(conn.inbuf[cut:]).strip()
+            del conn.inbuf[cut:]  # a half line at the end is no request
             self._half_lines.pop(conn, None)
+            if half and not conn.inbuf and not conn.busy:  # the client may still read: say why
+                self._send(conn, protocol.encode_error(None, BadRequest(_NO_NEWLINE)))
             self._settle(conn)
             return
         self._touch(conn)
@@ -1175,6 +1180,10 @@ def _peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
     return pid, uid, gid
 
 
+_NO_NEWLINE = (
+    "the connection ended in the middle of a request line, which was not run; end each "
+    "request with a newline (\\n)"
+)
 _LOCKED_FOLLOWING = (
     "the agent was locked, which ends following its audit log; run keyagent-ctl unlock, then "
     "keyagent-ctl log --follow again"

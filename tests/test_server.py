@@ -250,6 +250,22 @@ def test_half_line_client_does_not_delay_others(raw: Callable[..., Raw]) -> None
     assert decode(stalled.line())["ok"] is True
 
 
+def test_a_line_cut_by_the_end_of_the_connection_is_answered_not_run(
+    agent: AgentProcess, raw: Callable[..., Raw]
+) -> None:
+    """A request with no newline, then the client's end of sending (shutdown): it is not
+    run (it may be cut short), and the client, still reading, is told why."""
+    cut = raw()
+    cut.send(b'{"id": 1, "op": "stop"}')
+    cut.sock.shutdown(socket.SHUT_WR)
+    reply = decode(cut.line())
+    assert error_code(reply) == "bad_request"
+    assert "end each request with a newline" in reply["error"]["message"]
+    assert cut.closed_by_peer()
+    with agent.client() as client:  # the stop was not run
+        assert client.status()["locked"] is False
+
+
 def test_half_line_times_out(agent_factory: AgentFactory) -> None:
     """A line not completed within --line-timeout gets 'timeout' and the connection closes."""
     agent = agent_factory("--line-timeout", "0.3")

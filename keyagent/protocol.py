@@ -356,7 +356,11 @@ def parse_request(line: bytes) -> Request:
         raise InvalidRequest(BadRequest('the request must be a JSON object with an "op" member'))
     request_id = message.pop("id", None)
     if not _is_scalar(request_id):
-        raise InvalidRequest(BadRequest('the request "id" must be a JSON scalar'))
+        raise InvalidRequest(
+            BadRequest(
+                'the request "id" must be a string, a number a double can hold, a boolean or null'
+            )
+        )
     op = message.pop("op", None)
     if not isinstance(op, str):
         raise InvalidRequest(

@@ -52,7 +52,7 @@ from keyagent.sockets import peer_exe
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Final
 
     from keyagent.audit import AuditEntry
     from keyagent.effects import Steps
@@ -138,6 +138,7 @@ class Connection:
     __slots__ = (
         "busy",
         "closed",
+        "cut",
         "discarded",
         "eof",
         "events",
@@ -159,6 +160,9 @@ class Connection:
         self.busy = False  # a reply is owed (deferred or delayed); later lines wait
         self.closed = False
         self.eof = False
+        # The client ended its sending mid-line: once what came before has run, it is
+        # told that line was not (see Server._settle).
+        self.cut = False
         # The peer hung up: nothing reaches it any more, but the complete lines it sent
         # still run, in order, their replies counted in ``discarded`` and dropped.
         self.gone = False
@@ -678,12 +682,10 @@ class Server:
             return
         if not data:
             conn.eof = True
-            cut = conn.inbuf.rfind(b"\n") + 1
-            half = bytes(conn.inbuf[cut:]).strip()
-            del conn.inbuf[cut:]  # a half line at the end is no request
+            end = conn.inbuf.rfind(b"\n") + 1
+            conn.cut = end < len(conn.inbuf)
+            del conn.inbuf[end:]  # a half line at the end is no request
             self._half_lines.pop(conn, None)
-            if half and not conn.inbuf and not conn.busy:  # the client may still read: say why
-                self._send(conn, protocol.encode_error(None, BadRequest(_NO_NEWLINE)))
             self._settle(conn)
             return
         self._touch(conn)
@@ -1052,6 +1054,9 @@ class Server:
         if conn.eof and conn in self._followers:  # its client is done: so is following
             self._close(conn)
             return
+        if conn.eof and conn.cut and not conn.busy and b"\n" not in conn.inbuf:
+            conn.cut = False  # every line before it has run: the client, still reading,
+            self._send(conn, protocol.encode_error(None, BadRequest(CUT_LINE)))  # hears why
         if conn.eof and not conn.busy and not conn.outbuf and b"\n" not in conn.inbuf:
             self._close(conn)
             return
@@ -1084,6 +1089,7 @@ class Server:
             self._close(conn)
             return
         conn.finishing = conn.eof = True  # read no more; _settle closes it once sent
+        conn.cut = False
         conn.inbuf.clear()
         self._half_lines.pop(conn, None)
         self._settle(conn)
@@ -1180,10 +1186,11 @@ def _peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
     return pid, uid, gid
 
 
-_NO_NEWLINE = (
+CUT_LINE: Final = (
     "the connection ended in the middle of a request line, which was not run; end each "
     "request with a newline (\\n)"
 )
+"""The ``bad_request`` message for a line cut short by the client's end of sending."""
 _LOCKED_FOLLOWING = (
     "the agent was locked, which ends following its audit log; run keyagent-ctl unlock, then "
     "keyagent-ctl log --follow again"

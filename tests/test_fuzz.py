@@ -38,6 +38,7 @@ from hypothesis import strategies as st
 from keyagent import errors, protocol
 from keyagent.client import Client
 from keyagent.protocol import MAX_LINE, OPS, InvalidRequest, Request
+from keyagent.server import CUT_LINE
 from keyagent.store import digest_of, key_id_for
 from keyagent.testing.agent import AgentProcess
 
@@ -253,6 +254,8 @@ def exchange(agent: AgentProcess, lines: list[bytes], *, terminated: bool = True
     else:
         if not terminated and len(lines[-1]) > MAX_LINE:
             expected.append(InvalidRequest(errors.TooLarge()))
+        elif not terminated and lines[-1]:  # cut by the end of sending: not run, but answered
+            expected.append(InvalidRequest(errors.BadRequest(CUT_LINE)))
     data = b"\n".join(lines) + (b"\n" if terminated else b"")
     received = bytearray()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

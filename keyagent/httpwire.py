@@ -68,6 +68,8 @@ header line with its credential, say), which are never echoed back or logged. An
 listed here (another h11 version's words) gets a general message."""
 
 
+MAX_EMPTY_LINES: Final = 64
+"""Bytes of empty lines (CR, LF) ignored before a request line; past them, a 400."""
 TOO_LARGE_HEAD: Final = (
     f"the request head is larger than {MAX_HEAD // 1024} KiB; send fewer headers"
 )
@@ -159,6 +161,7 @@ class HttpConnection:
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
         deadline: float | None = None  # set once the head's first byte is here
+        skipped = 0  # bytes of empty lines before it
         while True:
             event = self._next_event()
             if isinstance(event, h11.Request):
@@ -193,6 +196,16 @@ class HttpConnection:
                 if deadline is None:
                     return None  # idle between requests: an orderly end
                 raise
+            if deadline is None and data:
+                # Empty lines before a request line are ignored (RFC 9112, 2.2: some clients
+                # send CRLF after a body); h11 would call them a missing request line.
+                stripped = data.lstrip(b"\r\n")
+                skipped += len(data) - len(stripped)
+                if skipped > MAX_EMPTY_LINES:
+                    raise Malformed(400, "too many empty lines before the request line")
+                data = stripped
+                if not data:
+                    continue  # nothing but empty lines yet: still waiting for a request
             if deadline is None and data:
                 deadline = time.monotonic() + self.head_timeout
             self._h11.receive_data(data)

@@ -14,7 +14,14 @@ from typing import cast
 import h11
 import pytest
 
-from keyagent.httpwire import RECV, ClientGone, HttpConnection, RequestHead, ServiceConnection
+from keyagent.httpwire import (
+    RECV,
+    ClientGone,
+    HttpConnection,
+    Malformed,
+    RequestHead,
+    ServiceConnection,
+)  # fmt: skip
 
 REQUEST = b"GET /conduce/api/v1/user/list-teams HTTP/1.1\r\nHost: app.conduce.com\r\n\r\n"
 
@@ -295,3 +302,22 @@ def test_bytes_a_write_failed_on_are_never_written_again() -> None:
     with pytest.raises(ClientGone):
         http.respond(200, [("Content-Length", str(RECV + 4))], body())
     assert len(tool.writes) == 1
+
+
+def test_empty_lines_before_a_request_line_are_ignored(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """CRLFs before a request line (some clients send one after a body) are skipped, as RFC
+    9112 says a server should, up to a bound; the request after them is read."""
+    ours, tool = pair
+    http = connection(ours)
+    tool.send(b"\r\n")
+    tool.send(b"\r\n\n" + REQUEST)
+    head = http.next_request()
+    assert head is not None
+    assert head.target == "/conduce/api/v1/user/list-teams"
+    http.finish_request()
+    http.respond(204, [])
+    tool.send(b"\r\n" * 40 + REQUEST)  # past the bound: no request line, a 400
+    with pytest.raises(Malformed):
+        http.next_request()

@@ -158,13 +158,27 @@ class HttpConnection:
     def next_request(self) -> Head | None:
         """The next request's head; None once the tool is done (closed, or idle too long)."""
         conn = self._h11
+        self._head_only = False  # until this request says it is a HEAD
+        skipped = 0  # bytes of empty lines before it
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
+            pending, closed = conn.trailing_data
+            if pending[:1] in (b"\r", b"\n"):
+                # Empty lines that came with the last body (a CRLF after it): h11 keeps
+                # them as this request's start, so a parser of its own gets the rest.
+                stripped = pending.lstrip(b"\r\n")
+                skipped = len(pending) - len(stripped)
+                conn = self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+                conn.receive_data(stripped)
+                if closed:
+                    conn.receive_data(b"")
+        if skipped > MAX_EMPTY_LINES:
+            raise Malformed(400, "too many empty lines before the request line")
         deadline: float | None = None  # set once the head's first byte is here
-        skipped = 0  # bytes of empty lines before it
         while True:
             event = self._next_event()
             if isinstance(event, h11.Request):
+                self._head_only = event.method == b"HEAD"  # a refusal below is a head too
                 if event.http_version not in (b"1.1", b"1.0"):  # h11 takes any 1.x or 2.0
                     raise Malformed(505, "only HTTP/1.1 (and 1.0) is spoken here")
                 # The request line, and a name, ": ", a value and CRLF per header.
@@ -173,7 +187,6 @@ class HttpConnection:
                 if size > MAX_HEAD:
                     raise Malformed(431, TOO_LARGE_HEAD)
                 head = Head(event)
-                self._head_only = event.method == b"HEAD"
                 if head.chunked and head.content_length is not None:
                     # Legal (chunked wins), but the classic request-smuggling shape: refused.
                     raise Malformed(400, "a request may not have both Content-Length and chunks")

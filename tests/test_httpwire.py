@@ -321,3 +321,41 @@ def test_empty_lines_before_a_request_line_are_ignored(
     tool.send(b"\r\n" * 40 + REQUEST)  # past the bound: no request line, a 400
     with pytest.raises(Malformed):
         http.next_request()
+
+
+def test_an_empty_line_after_a_body_is_not_the_next_request(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A CRLF sent after a request body, in the same write as the body and the next request
+    (where RFC 9112 says clients send it), is skipped too: the next request is read."""
+    ours, tool = pair
+    http = connection(ours)
+    post = b"POST /api/v2/data/x HTTP/1.1\r\nHost: app.conduce.com\r\nContent-Length: 2\r\n\r\n"
+    tool.send(post + b"ab\r\n" + REQUEST)
+    first = http.next_request()
+    assert first is not None
+    assert b"".join(http.body()) == b"ab"
+    http.respond(204, [])
+    second = http.next_request()
+    assert second is not None
+    assert second.target == "/conduce/api/v1/user/list-teams"
+
+
+def test_an_error_to_a_head_has_no_body_and_the_next_answer_has_its_own(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """The agent's own answer to a HEAD is its head alone (Content-Length that of the body a
+    GET would get); the next request on the connection, a GET, gets its body again."""
+    ours, tool = pair
+    http = connection(ours)
+    tool.send(b"HEAD /x HTTP/1.1\r\nHost: app.conduce.com\r\n\r\n" + REQUEST)
+    assert http.next_request() is not None
+    http.finish_request()
+    http.respond(403, [("Content-Length", "9")], b"forbidden")
+    assert http.next_request() is not None
+    http.finish_request()
+    http.respond(403, [("Content-Length", "9")], b"forbidden")
+    answers = b"".join(writes(tool))
+    assert answers.count(b"HTTP/1.1 403 ") == 2
+    assert answers.endswith(b"\r\n\r\nforbidden")
+    assert answers.count(b"forbidden") == 1

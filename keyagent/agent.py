@@ -363,9 +363,11 @@ class Agent:
         """Ephemeral keys no longer served, by digest, that are still to be deleted on the
         service (see :meth:`delete_on_service`)."""
         self.at_stop: StopDeletions | None = None
+        """Set once the agent is stopping: the deletions it makes on its way out."""
         self._persisting: set[str] = set()
         """Digests of held keys whose keyring save is under way (see :meth:`_saving`)."""
-        """Set once the agent is stopping: the deletions it makes on its way out."""
+        self._adding: set[str] = set()
+        """Digests of keys whose ``add`` waits on the keyring: another add of one is busy."""
         self.leftovers = leftovers
         """Where the agent records its ephemeral keys that only its memory holds, so that
         the next agent can delete them if this one is killed; None: nowhere."""
@@ -1192,44 +1194,59 @@ class Agent:
         return allowed
 
     def process_add(self, args: Mapping[str, Any]) -> Outcome:
-        lifetime = args.get("lifetime", self.default_lifetime)
+        requested = args.get("lifetime", self.default_lifetime)
+        until = None if requested is None else self.clock.monotonic() + requested
         self._rules(args, args["key"])  # refuse rules that cannot merge before any work
-        held = self.held_keys.holding(digest_of(args["key"]))
-        now = self.clock.monotonic()
-        if held is not None and held.alive(now):
-            # Adding a held key again changes neither whom it goes to nor how long it lives,
-            # as it loosens none of its rules: each would undo a choice made for it.
-            if (held.host, held.user) != (args["host"], args["user"]):
-                raise BadRequest(
-                    f"key {held.key_id} is held for {held.user} on {held.host}, and a key "
-                    "goes only to the account it was added for: forget it first "
-                    f"(keyagent-ctl forget {held.key_id}) to add it for another"
-                )
-            if held.deadline is not None:
-                left = held.deadline - now
-                lifetime = left if lifetime is None else min(lifetime, left)
+        self._lifetime(args, until)  # and a re-add for another account
+        digest = digest_of(args["key"])
+        if digest in self._adding:  # its keyring save is under way: nothing decided yet
+            raise Busy("an add of this key is under way; retry once it has ended")
+        held = self.held_keys.holding(digest)
         if args.get("persist", self.default_persist) or (held is not None and held.persisted):
             # A persisted key's record is written again even without --persist: the rules
             # this add merges in (never looser) must survive a restart too.
-            return self._add_persisted(args, lifetime, held)
+            return self._add_persisted(args, until, held)
         if held is None:
             self._check_room()  # places that waiting creates have taken count too
-        return self._hold(args, lifetime)
+        return self._hold(args, until)
+
+    def _lifetime(self, args: Mapping[str, Any], until: float | None) -> float | None:
+        """The lifetime to hold ``args``' key with, now: to ``until`` (the agent's clock;
+        None: no end), or to the held key's own deadline if that is earlier. Adding a held
+        key again changes neither whom it goes to nor how long it lives, as it loosens none
+        of its rules: each would undo a choice made for it. So a key held (and alive) for
+        another account is refused. Asked again after any wait, as things may have moved."""
+        now = self.clock.monotonic()
+        held = self.held_keys.holding(digest_of(args["key"]))
+        if held is not None and held.alive(now):
+            if (held.host, held.user) != (args["host"], args["user"]):
+                forget = "forget --persist" if held.persisted else "forget"
+                raise BadRequest(
+                    f"key {held.key_id} is held for {held.user} on {held.host}, and a key "
+                    f"goes only to the account it was added for: forget it first "
+                    f"(keyagent-ctl {forget} {held.key_id}) to add it for another"
+                )
+            if held.deadline is not None:
+                until = held.deadline if until is None else min(until, held.deadline)
+        return None if until is None else until - now
 
     def _add_persisted(
-        self, args: Mapping[str, Any], lifetime: float | None, held: HeldKey | None
+        self, args: Mapping[str, Any], until: float | None, held: HeldKey | None
     ) -> Steps:
         """add with persist: the keyring first, memory second, so a refusal changes nothing.
         The record is the key as it will be held: a key held already keeps what this add
-        does not change (its description, creation date, ephemeral flag and rotation)."""
+        does not change (its description, creation date, ephemeral flag and rotation). No
+        other add of the key starts meanwhile (:attr:`_adding`)."""
         new = held is None
+        digest = digest_of(args["key"])
         if new:
             self._reserve_room()
+        self._adding.add(digest)
         try:
             record = self._record(
                 args["key"], host=args["host"], user=args["user"],
                 description=args.get("description", held.description if held else ""),
-                created=held.created if held else None, lifetime=lifetime,
+                created=held.created if held else None, lifetime=self._lifetime(args, until),
                 rules=self._rules(args, args["key"]), ephemeral=bool(held and held.ephemeral),
             )._replace(rotate_every=held.rotate_every if held else None)  # fmt: skip
             save = self._keyring(lambda keyring: keyring.save(record))
@@ -1240,9 +1257,10 @@ class Agent:
                 self.in_background(self._undo_late_save(overdue.late, record.digest))
                 raise
         finally:
+            self._adding.discard(digest)
             if new:
                 self._reserved -= 1
-        return self._hold(args, lifetime, persisted=True)
+        return self._hold(args, until, persisted=True)
 
     def _undo_late_save(self, late: Late, digest: str) -> Steps:
         """Background: delete a keyring entry whose save ended after its client gave up."""
@@ -1251,9 +1269,10 @@ class Agent:
         return {}
 
     def _hold(
-        self, args: Mapping[str, Any], lifetime: float | None, persisted: bool = False
+        self, args: Mapping[str, Any], until: float | None, persisted: bool = False
     ) -> Result:
         exportable, confirm, allowed_exes = self._rules(args)  # put merges with a held key
+        lifetime = self._lifetime(args, until)
         held = self.held_keys.put(
             host=args["host"], user=args["user"], secret=args["key"],
             now=self.clock.monotonic(), wall=self.clock.wall(), lifetime=lifetime,
@@ -2359,9 +2378,11 @@ class Agent:
         if self.lock.locked:
             raise Locked()
         now = next(self.held_keys.matching(self.clock.monotonic(), key_id=held.digest), None)
-        if now is None:
+        if now is None or (now.host, now.user) != (held.host, held.user):
             raise NotFound(f"key {held.key_id} was forgotten or expired; add it again")
-        if now is not held:  # forgotten and added again meanwhile: its rules may differ
+        if now is not held or self.use_mark(now.mark) != mark:
+            # Added again, or the agent locked and unlocked, while the user was asked: the
+            # rules and the question were another holding's. Decided (and asked) again.
             return (yield from self._lend(now, peer, confirmed))
         log.debug("lending key %s to pid %d for a proxied request", held.key_id, peer.pid)
         return Grant.of_key(

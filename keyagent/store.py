@@ -109,10 +109,11 @@ class HeldKey:
         """Monotonic time of the next scheduled rotation (a retry's, after a failure)."""
         self.next_rotation: float | None = None
         """The same moment as a POSIX timestamp, for display."""
-        HeldKey.holdings += 1
-        self.mark = f"key {HeldKey.holdings}"
+        self.mark = ""
         """This holding of the key, as a connection remembers the user's "yes" to it
-        (``--confirm``): a key forgotten and added again is asked about again."""
+        (``--confirm``): a key forgotten (or expired) and added again is asked about
+        again."""
+        self.new_holding()
         self.refused = False
         """The service refused the key when the agent last checked it (revoked, say): it is
         picked only when no other key matches (see :meth:`KeyStore.mark_refused`)."""
@@ -161,6 +162,11 @@ class HeldKey:
             "next_rotation": iso(self.next_rotation),
             "refused": self.refused,
         }
+
+    def new_holding(self) -> None:
+        """Give the key a :attr:`mark` no holding of any key had before."""
+        HeldKey.holdings += 1
+        self.mark = f"key {HeldKey.holdings}"
 
     def alive(self, now: float) -> bool:
         return self.deadline is None or now < self.deadline
@@ -242,6 +248,8 @@ class KeyStore:
                 digest=digest, host=host, user=user, secret=secret, added=wall, source=source
             )
         else:
+            if not held.alive(now):  # expired, not yet reaped: held anew, asked about anew
+                held.new_holding()
             held.host, held.user, held.added = host, user, wall
             # The source says where a key came from; only a restored key takes a new one.
             if held.source == "keyring":

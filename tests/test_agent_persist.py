@@ -365,3 +365,31 @@ def test_a_stored_lock_without_keys_to_guard_is_dropped(
     assert not agent.lock.locked
     drain_background(agent)
     assert backend.get_password("keyagent", "lock") is None
+
+
+def test_an_add_waiting_on_the_keyring_holds_off_other_adds_and_lengthens_nothing(
+    agent: Agent, backend: MemoryKeyring, held_work: HeldWorkDriver, fake_time: FakeTime
+) -> None:
+    """While add --persist of a key waits on the keyring, another add of that key (for
+    another account, here) is busy, rather than decided on what was true before the wait;
+    and the time the save took does not lengthen a held key's life."""
+    answers = start(held_work, agent, "add", host="h", user="u", key=SECRET, persist=True)
+    with pytest.raises(errors.Busy, match="under way"):
+        next(steps(agent, "add", host="h2", user="someone", key=SECRET))
+    [save] = held_work.held
+    held_work.end(save)
+    assert answers == [None]
+    (listed,) = run(agent, "list")["keys"]
+    assert (listed["host"], listed["user"], listed["persisted"]) == ("h", "u", True)
+    run(agent, "forget", all=True, persist=True)
+
+    run(agent, "add", host="h", user="u", key=SECRET, lifetime=60.0)
+    deadline = fake_time.monotonic + 60
+    answers = start(held_work, agent, "add", host="h", user="u", key=SECRET, persist=True)
+    fake_time.advance(30)  # the keyring takes its time
+    [save] = held_work.held
+    held_work.end(save)
+    assert answers == [None]
+    held = agent.held_keys.holding(digest_of(SECRET))
+    assert held is not None
+    assert held.deadline == pytest.approx(deadline)

@@ -589,6 +589,20 @@ def test_a_yes_holds_for_one_holding_of_a_key_and_until_the_next_lock(
     assert len(askpass.asked) == 5
 
 
+def test_a_key_expired_and_added_again_is_asked_about_again(
+    agent: Agent, askpass: FakeAskpass, fake_time: FakeTime
+) -> None:
+    """A --confirm key that expired and is added again before the agent reaped it is a new
+    holding: a connection's "yes" to the old one does not cover it."""
+    add(agent, confirm=True, lifetime=10.0)
+    first = proxy_as(agent, peer(CURL))
+    fake_time.advance(11)
+    add(agent, confirm=True)
+    again = proxy_as(agent, peer(CURL), confirmed=yes_to(first))
+    assert len(askpass.asked) == 2
+    assert again.mark != first.mark
+
+
 def test_a_key_added_again_while_its_use_waits_is_decided_again(
     agent: Agent, askpass: FakeAskpass, fake_time: FakeTime
 ) -> None:
@@ -606,6 +620,39 @@ def test_a_key_added_again_while_its_use_waits_is_decided_again(
     driver.end(driver.held[0])  # the user says yes to the key as it was
     ((result, error),) = outcomes
     assert (result, type(error)) == (None, errors.Denied)
+
+
+@pytest.mark.parametrize("change", ["another account", "lock and unlock"])
+def test_a_key_whose_holding_changed_while_asked_about_is_not_lent_on_that_answer(
+    agent: Agent, askpass: FakeAskpass, fake_time: FakeTime, change: str
+) -> None:
+    """While the user is asked about a key: forgotten and added for another account, it is
+    not lent to this request (meant for the first account); the agent locked and unlocked,
+    the question is put again."""
+    add(agent, confirm=True)
+    driver = HeldWorkDriver(fake_time)
+    outcomes: list[tuple[object, errors.KeyagentError | None]] = []
+    driver.start(
+        agent.authorize_proxy(peer(CURL), HOST, None, None),
+        lambda result, error: outcomes.append((result, error)),
+    )
+    if change == "another account":
+        run(agent, "forget", all=True)
+        run(agent, "add", host=HOST, user="else@example.com", key=SECRET, confirm=True)
+    else:
+        run(agent, "lock", passphrase="pass phrase")
+        run(agent, "unlock", passphrase="pass phrase")
+    driver.end(driver.held[0])  # the user says yes to the key as it was
+    if change == "another account":
+        ((result, error),) = outcomes
+        assert (result, type(error)) == (None, errors.NotFound)
+    else:
+        assert outcomes == []  # asked again: the second question is the one that counts
+        driver.end(driver.held[0])
+        ((result, error),) = outcomes
+        assert isinstance(result, Grant)
+        assert error is None
+    assert len(askpass.asked) == (1 if change == "another account" else 2)
 
 
 def test_a_refusal_at_the_prompt_denies_the_session(agent: Agent, askpass: FakeAskpass) -> None:

@@ -39,16 +39,32 @@ class UsageParser(argparse.ArgumentParser):
 
 _UNRECOGNIZED = "unrecognized arguments: "
 _IGNORED = re.compile(r"ignored explicit argument .*", re.DOTALL)
+_INVALID_CHOICE = re.compile(r"invalid choice: .*? \(choose from", re.DOTALL)
+_AMBIGUOUS = re.compile(r"(ambiguous option: -[^=\s]*)=\S*")
+
+
+def _option_name(word: str) -> str | None:
+    """How an unknown option is shown: ``--name`` without a value after ``=``, ``-x``
+    without what is glued to it (``-pSECRET``); None for a word that is no option."""
+    if word.startswith("--"):
+        return word.split("=", 1)[0]
+    if word.startswith("-") and len(word) > 1:
+        return word[:2]
+    return None
 
 
 def without_values(message: str) -> str:
-    """argparse's ``message`` without the values it quotes from the command line where a
+    """argparse's ``message`` without the words it quotes from the command line where a
     secret could be among them: unrecognized arguments are shown by option name only (a
-    value after ``=`` is cut), the others counted; an option that takes no value is not
-    shown the value it was given."""
+    value after ``=`` or glued to a short option is cut), the others counted; an invalid
+    choice is not shown (the choices are); an ambiguous or value-less option is not shown
+    the value it was given. Values of options that take one (``--lifetime 2x``) are
+    quoted by their own checks: they are where the user meant them."""
+    message = _INVALID_CHOICE.sub("invalid choice (choose from", message)
+    message = _AMBIGUOUS.sub(r"\1", message)
     if message.startswith(_UNRECOGNIZED):
         words = message[len(_UNRECOGNIZED) :].split(" ")
-        options = [word.split("=", 1)[0] for word in words if word.startswith("-")]
+        options = [name for name in map(_option_name, words) if name is not None]
         values = len(words) - len(options)
         shown = ", ".join(options)
         if values:

@@ -251,14 +251,25 @@ class LeftoversFile:
         return self._entries(document)
 
     def _set_aside(self, directory: int) -> str | None:
-        """Rename an ignored file to ``NAME.ignored`` (replacing an older one); its new
-        path, or None if it could not be renamed."""
-        aside = f"{self.name}{IGNORED_SUFFIX}"
-        try:
-            os.replace(self.name, aside, src_dir_fd=directory, dst_dir_fd=directory)
-        except OSError:
-            return None
-        return os.path.join(self.directory, aside)
+        """Rename an ignored file to ``NAME.ignored`` (``NAME.ignored.2`` and so on if that
+        is taken: an earlier one may not have been looked at yet); its new path, or None
+        if it could not be renamed. A hard link, then an unlink: unlike a rename, a link
+        never replaces what is there."""
+        for number in range(1, 100):
+            aside = f"{self.name}{IGNORED_SUFFIX}" + (f".{number}" if number > 1 else "")
+            try:
+                os.link(
+                    self.name, aside, src_dir_fd=directory, dst_dir_fd=directory,
+                    follow_symlinks=False,
+                )  # fmt: skip
+            except FileExistsError:
+                continue
+            except OSError:
+                return None
+            with contextlib.suppress(OSError):
+                os.unlink(self.name, dir_fd=directory)
+            return os.path.join(self.directory, aside)
+        return None
 
     def _warn(self, problem: str, aside: str | None = None) -> None:
         where = f"; it is now {aside}" if aside else ""

@@ -194,6 +194,11 @@ def test_a_file_others_can_read_or_write_is_ignored(
     assert message.endswith(f"then delete {aside}")
     assert leftovers.write([]) is True  # the agent's own first write leaves it alone
     assert Path(aside).read_bytes() == written
+    leftovers.write([FIRST])  # ignored again at the next start: the first stays as it was
+    os.chmod(leftovers.path, 0o640)
+    assert leftovers.read() == []
+    assert Path(aside).read_bytes() == written
+    assert Path(aside + ".2").read_bytes() == written
 
 
 def test_a_fifo_in_the_files_place_does_not_block(

@@ -83,6 +83,7 @@ from keyagent.protocol import (
     HOST,
     KEY,
     KEY_ID_DIGITS,
+    KEY_ID_MAX,
     KEY_ID_SHOWN,
     USER,
     is_token,
@@ -321,14 +322,14 @@ class KeyringStore:
                     continue
                 except _Untrusted as untrusted:
                     log.warning(
-                        "the keyring entry of key %s has an invalid %s; skipped (forget it with "
-                        "keyagent-ctl forget --persist %s)", shown, untrusted.field, stored_id,
+                        "the keyring entry of key %s has an invalid %s; skipped (%s)",
+                        shown, untrusted.field, _how_to_forget(stored_id, self.service),
                     )  # fmt: skip
                     continue
                 if key is None:  # kept: it may be the only copy of a key, and is the user's
                     log.warning(
-                        "the keyring entry of key %s is unreadable; skipped (forget it with "
-                        "keyagent-ctl forget --persist %s)", shown, stored_id,
+                        "the keyring entry of key %s is unreadable; skipped (%s)",
+                        shown, _how_to_forget(stored_id, self.service),
                     )  # fmt: skip
                 elif key.expires is not None and key.expires <= now_wall and key.ephemeral:
                     # Still to be deleted on the service, which needs the secret: the agent
@@ -454,7 +455,7 @@ class KeyringStore:
         try:
             import json  # loads with the keyring, never in an agent that does not use it
 
-            document = json.loads(raw, object_pairs_hook=unique_members)
+            document = json.loads(raw)
             version = document["v"]
             if not isinstance(version, int) or isinstance(version, bool):
                 raise TypeError
@@ -668,6 +669,15 @@ def _encode(key: PersistedKey) -> str:
 
 def _is_number(value: object) -> bool:
     return is_finite_number(value)
+
+
+def _how_to_forget(stored_id: str, service: str) -> str:
+    """How the user deletes the entry of ``stored_id``, which the agent did not load."""
+    if len(stored_id) == KEY_ID_MAX:
+        return f"forget it with keyagent-ctl forget --persist {stored_id}"
+    # A 12-digit name of the old format: forget takes only a full fingerprint for a key
+    # it does not hold.
+    return f"delete the entry key:{stored_id} of service {service} from the OS keyring"
 
 
 def _decode(stored_id: str, raw: str) -> PersistedKey | None:

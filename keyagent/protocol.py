@@ -357,9 +357,7 @@ def parse_request(line: bytes) -> Request:
     request_id = message.pop("id", None)
     if not _is_scalar(request_id):
         raise InvalidRequest(
-            BadRequest(
-                'the request "id" must be a string, a number a double can hold, a boolean or null'
-            )
+            BadRequest('the request "id" must be a string, a finite number, a boolean or null')
         )
     op = message.pop("op", None)
     if not isinstance(op, str):

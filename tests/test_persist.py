@@ -424,6 +424,23 @@ def test_entries_with_values_a_client_could_not_send_are_skipped_with_a_warning(
     assert (SERVICE, f"key:{bad.digest}") in memory.entries()  # left for the user to forget
 
 
+def test_an_unreadable_entry_of_the_old_format_is_named_for_deletion_by_hand(
+    store: KeyringStore, memory: MemoryKeyring, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An entry under a 12-digit name (the old format) that cannot be read is skipped with
+    a warning that says how to delete it: forget takes only a full fingerprint for a key
+    it does not hold, so the warning names the keyring entry instead."""
+    key = make_key(SECRETS[0])
+    short = key.digest[:12]
+    memory.put(SERVICE, f"key:{short}", "{not json")
+    memory.put(SERVICE, "index", json.dumps({"v": 1, "keys": [short], "pending": []}))
+    assert store.load_all(WALL) == ([], [])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"delete the entry key:{short} of service {SERVICE}" in m for m in warnings)
+    assert not any("forget --persist" in m for m in warnings)
+    assert (SERVICE, f"key:{short}") in memory.entries()
+
+
 def test_entries_named_by_a_short_id_are_renamed_to_the_full_digest(
     store: KeyringStore, memory: MemoryKeyring
 ) -> None:

@@ -348,15 +348,15 @@ def test_line_over_max_line_is_too_large(size: int) -> None:
 def test_non_scalar_id_is_bad_request(request_id: object) -> None:
     """An id that is an array or object is refused, and no id is echoed."""
     invalid = rejected({"id": request_id, "op": "hello"})
-    assert_bad_request(invalid, '"id" must be a string, a number a double can hold')
+    assert_bad_request(invalid, '"id" must be a string, a finite number')
     assert invalid.request_id is None
 
 
-def test_an_id_out_of_a_doubles_range_is_bad_request_saying_so() -> None:
-    """1e400 is JSON, but no double holds it: refused, and the reason says what an id may
-    be rather than call it something other than a scalar."""
+def test_an_infinite_id_is_bad_request_saying_so() -> None:
+    """1e400 is JSON, but it reads as infinity, which no reply could echo: refused, and the
+    reason says what an id may be rather than call it something other than a scalar."""
     invalid = rejected_raw(b'{"id": 1e400, "op": "hello"}')
-    assert_bad_request(invalid, "a number a double can hold")
+    assert_bad_request(invalid, "a finite number")
     assert invalid.request_id is None
 
 

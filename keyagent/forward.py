@@ -27,7 +27,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Final
 
 from keyagent.errors import RemoteError, RemoteUnreachable, Timeout, TLSError
@@ -119,8 +119,12 @@ class Upstream:
     """Pools of TLS connections to Conduce hosts, shared by every HTTP-socket connection of
     a worker (one lock guards the pools; a connection serves one request at a time)."""
 
-    def __init__(self, settings: HttpSettings) -> None:
+    def __init__(
+        self, settings: HttpSettings, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.settings = settings
+        self._clock = clock
+        """When a connection went idle, and whether it has been idle too long."""
         context = settings.ssl_context
         if settings.insecure:
             context = ssl.create_default_context()
@@ -245,7 +249,7 @@ class Upstream:
 
     def _pooled(self, host: str) -> _Connection | None:
         """An idle connection to ``host`` still open, the one used last; None if none."""
-        oldest = time.monotonic() - POOL_IDLE
+        oldest = self._clock() - POOL_IDLE
         with self._guard:
             idle = self._idle.get(host)
             while idle:
@@ -258,7 +262,7 @@ class Upstream:
     def give_back(self, conn: _Connection) -> None:
         """Keep ``conn`` for the next request to its host, unless the pool is full."""
         conn.pooled = True
-        conn.idle_since = time.monotonic()
+        conn.idle_since = self._clock()
         with self._guard:
             idle = self._idle.pop(conn.host, None)
             if idle is None:

@@ -39,6 +39,8 @@ from keyagent.proxy_worker import BOARD_SLOT, FlightBoard, read_board
 from keyagent.testing.emulator import ConduceEmulator, Fault
 from keyagent.tls import HttpSettings
 
+from .fakes import FakeTime
+
 USER = "ada@example.com"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -427,15 +429,18 @@ def test_a_connection_the_service_closed_while_idle_is_not_used(
     assert server.accepted == 2
 
 
-def test_a_connection_idle_too_long_is_not_used(
-    scripted: Callable[..., Scripted], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_connection_idle_too_long_is_not_used(scripted: Callable[..., Scripted]) -> None:
+    """A pooled connection idle up to POOL_IDLE seconds is used again; one idle longer is
+    not (a front end may have dropped it by then), and a new one is made."""
     server = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-    upstream = opened(server.settings)
+    clock = FakeTime()
+    upstream = Upstream(server.settings, clock=clock.clock().monotonic)
+    OPENED.append(upstream)
     call(upstream, server.host, "k", "/api/v2/x")
+    clock.advance(forward.POOL_IDLE)
     call(upstream, server.host, "k", "/api/v2/x")
     assert server.accepted == 1
-    monkeypatch.setattr(forward, "POOL_IDLE", -1.0)  # every pooled connection is too old
+    clock.advance(forward.POOL_IDLE + 0.001)
     call(upstream, server.host, "k", "/api/v2/x")
     assert server.accepted == 2
 

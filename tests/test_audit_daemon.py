@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -275,31 +274,34 @@ def test_a_follower_whose_following_ended_has_an_idle_timeout_to_read_its_last_l
 ) -> None:
     """A follower far behind (entries queued in the agent, unread) whose following ends, by
     a lock here, gets its last line if it reads within the idle timeout that starts then,
-    however long it has followed: it was never idle while it followed. Time passing is
-    what is tested, so the test waits: a follower that is closed 4 s after it began (its
-    idle deadline counted from then) would lose the line read 5.2 s after it began."""
+    however long it has followed: it was never idle while it followed. The agent's own
+    deadlines pace the test: a half line's timeout says when to lock (well before the
+    follower's first idle deadline), an idle connection's close says that deadline has
+    passed (when a follower still timed from its request would be closed)."""
     idle = 4.0
-    agent = agent_factory("--idle-timeout", str(idle), debug=False)
+    agent = agent_factory(
+        "--idle-timeout", str(idle), "--line-timeout", str(0.6 * idle), debug=False
+    )  # fmt: skip
     add_key(agent)
+    idler = connect(agent.socket_path)  # closed as idle when the follower's deadline is due
     follower = connect(agent.socket_path)
     follower.send(b'{"id": "f", "op": "log", "follow": true, "n": 0}\n')
     assert decode(follower.line())["ok"] is True
-    began = time.monotonic()
-    time.sleep(0.6 * idle)
-    getter = connect(agent.socket_path)
+    pacer = connect(agent.socket_path)
+    pacer.send(b'{"op": "hello"')  # a half line: answered timeout at 0.6 of the idle time
     # More entries than a socket buffer holds (about 250 bytes each), fewer than would
     # make the follower be dropped for falling behind (a megabyte).
+    getter = connect(agent.socket_path)
     getter.send(b'{"op": "get"}\n' * 2500)
     for _ in range(2500):
         assert decode(getter.line())["ok"] is True
+    assert decode(pacer.line())["error"]["code"] == "timeout"
     assert run_ctl(agent.socket_path, "lock", stdin="pass phrase\n").code == 0
-    locked = time.monotonic()
-    assert locked - began < idle  # else this run proves nothing: fail rather than pass
-    time.sleep(max(0.0, began + 1.3 * idle - time.monotonic()))
+    assert not idler.buffer, "the idle connection was closed before the lock"
+    assert idler.closed_by_peer()  # the follower's first idle deadline has passed
     lines = []
     while line := follower.line():
         lines.append(json.loads(line))
-    assert time.monotonic() < locked + idle  # read within the idle timeout after the end
     assert sum("entry" in line for line in lines) >= 2500
     assert (lines[-1]["id"], lines[-1]["error"]["code"]) == ("f", "locked")
 

@@ -14,10 +14,8 @@ from keyagent import core, errors, hardening
 from keyagent.agent import Agent
 from keyagent.persist import KeyringStore, PersistedKey
 from keyagent.store import digest_of
-from keyagent.testing.agent import AgentProcess
+from keyagent.testing.agent import AgentProcess, wait_for_exit
 from keyagent.testing.memory_keyring import MemoryKeyring
-
-from .conftest import wait_until
 
 SECRETS = ["first-S3CR3T-key", "second-S3CR3T-key", "third-S3CR3T-key"]
 
@@ -137,16 +135,7 @@ def test_an_agent_started_under_a_tracer_warns_at_start_up(tmp_path: Path) -> No
         log = agent.log()
     assert "the agent is being traced by pid" in log
     # Stopping the wrapper stopped the traced agent too: none is left running.
-    wait_until(lambda: not _running(pid), "the traced agent gone", pause=0.01)
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` is a live process (not gone, not a zombie waiting to be reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    assert wait_for_exit(pid, 20), "the traced agent is still running"
 
 
 def test_an_agent_started_normally_does_not_warn(tmp_path: Path) -> None:

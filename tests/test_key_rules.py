@@ -603,18 +603,28 @@ def test_a_key_expired_and_added_again_is_asked_about_again(
     assert again.mark != first.mark
 
 
+Outcomes = list[tuple[object, errors.KeyagentError | None]]
+
+
+def asking(agent: Agent, fake_time: FakeTime) -> tuple[HeldWorkDriver, Outcomes]:
+    """A proxied request of curl's for the account, held where the user is being asked:
+    the driver (end its held work to answer) and the list its outcome will go to."""
+    driver = HeldWorkDriver(fake_time)
+    outcomes: Outcomes = []
+    driver.start(
+        agent.authorize_proxy(peer(CURL), HOST, None, None),
+        lambda result, error: outcomes.append((result, error)),
+    )
+    return driver, outcomes
+
+
 def test_a_key_added_again_while_its_use_waits_is_decided_again(
     agent: Agent, askpass: FakeAskpass, fake_time: FakeTime
 ) -> None:
     """A key forgotten and added again (with other rules) while the user is asked about it
     is lent only as its new rules allow: not to a program they leave out."""
     add(agent, confirm=True)
-    driver = HeldWorkDriver(fake_time)
-    outcomes: list[tuple[object, errors.KeyagentError | None]] = []
-    driver.start(
-        agent.authorize_proxy(peer(CURL), HOST, None, None),
-        lambda result, error: outcomes.append((result, error)),
-    )
+    driver, outcomes = asking(agent, fake_time)
     run(agent, "forget", all=True)
     add(agent, allow_exe=[TOOL])
     driver.end(driver.held[0])  # the user says yes to the key as it was
@@ -630,12 +640,7 @@ def test_a_key_whose_holding_changed_while_asked_about_is_not_lent_on_that_answe
     not lent to this request (meant for the first account); the agent locked and unlocked,
     the question is put again."""
     add(agent, confirm=True)
-    driver = HeldWorkDriver(fake_time)
-    outcomes: list[tuple[object, errors.KeyagentError | None]] = []
-    driver.start(
-        agent.authorize_proxy(peer(CURL), HOST, None, None),
-        lambda result, error: outcomes.append((result, error)),
-    )
+    driver, outcomes = asking(agent, fake_time)
     if change == "another account":
         run(agent, "forget", all=True)
         run(agent, "add", host=HOST, user="else@example.com", key=SECRET, confirm=True)

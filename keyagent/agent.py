@@ -1283,9 +1283,18 @@ class Agent:
         return held.listing()
 
     def process_get(self, args: Mapping[str, Any], peer: Peer = UNKNOWN_PEER) -> Outcome:
-        held = self.held_keys.newest(
-            self.clock.monotonic(), args.get("host"), args.get("user"), args.get("key_id")
-        )
+        host, user, key_id = args.get("host"), args.get("user"), args.get("key_id")
+        op = "exec" if args.get("purpose") else "get"
+        now = self.clock.monotonic()
+        held = self.held_keys.newest(now, host, user, key_id)
+        if key_id is None and (held.restricted or not held.exportable):
+            # The newest key has rules: the key meant is the newest one this peer may take
+            # out, which may be an older one. The answer depends on who asks: a generator.
+            def usable(key: HeldKey) -> bool:
+                return self.may_use(key, peer, export=True)
+
+            chosen = self.held_keys.newest(now, host, user, usable=usable)
+            return self._get_checked(chosen, peer, op)
         if not held.exportable:  # the same answer for every client: may be remembered
             try:
                 self._check_export(held)
@@ -1295,7 +1304,7 @@ class Agent:
         if held.restricted:
             # The answer depends on who asks: a generator, whose reply the server never
             # remembers, so no other client is ever answered from it (see MEMOIZABLE).
-            return self._get_checked(held, peer, "exec" if args.get("purpose") else "get")
+            return self._get_checked(held, peer, op)
         log.debug("served key %s", held.key_id)
         return {"key": held.secret, "key_id": held.key_id}
 
@@ -1331,6 +1340,16 @@ class Agent:
         except KeyagentError as error:
             _about(error, held)
             raise
+
+    def may_use(self, held: HeldKey | Session, peer: Peer, *, export: bool) -> bool:
+        """Whether the rules of ``held`` (a key, or an account's session) let ``peer`` use
+        it (``export``: take the secret out) without a refusal; a confirmation aside,
+        which is part of the use (:meth:`_check_rules` asks). A request that names no key
+        is given the newest credential it may use, as ssh-agent offers a client only the
+        keys it may use: another program's key never hides an older key of the account."""
+        if export and isinstance(held, HeldKey) and not held.exportable:
+            return False
+        return not held.allowed_exes or (self.sees_executables and peer.exe in held.allowed_exes)
 
     def _check_rules(
         self, held: HeldKey | Session, peer: Peer, op: str, export: bool, confirmed: bool
@@ -2236,10 +2255,23 @@ class Agent:
         (user,) = accounts
         session = self.sessions.get((host, user))
         lendable = session is not None and session.live and not session.renewing
-        if session is not None and lendable and session.account.session_cookie():
+
+        def usable(key: HeldKey) -> bool:
+            return self.may_use(key, peer, export=False)
+
+        if (
+            session is not None
+            and lendable
+            and session.account.session_cookie()
+            # A session kept for other programs gives way to a key this one may use.
+            and (
+                self.may_use(session, peer, export=False)
+                or not any(map(usable, self.held_keys.matching(now, host, user)))
+            )
+        ):
             return (yield from self._lend_session(session, peer, confirmed))
         try:
-            held = self.held_keys.newest(now, host, user)
+            held = self.held_keys.newest(now, host, user, usable=usable)
         except NotFound:
             if session is not None and session.renewing:
                 raise Busy(
@@ -2342,7 +2374,14 @@ class Agent:
             raise Locked()
         others = self.held_keys.matching(self.clock.monotonic(), host, user)
         following = next(
-            (key for key in others if key.digest not in refused and not key.refused), None
+            (
+                key
+                for key in others
+                if key.digest not in refused
+                and not key.refused
+                and self.may_use(key, peer, export=False)
+            ),
+            None,
         )
         if following is None:
             return None

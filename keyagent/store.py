@@ -10,10 +10,11 @@ never outlives its lifetime even if the loop wakes late.
 from __future__ import annotations
 
 import heapq
+import itertools
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from keyagent.errors import Ambiguous, BadRequest, Locked, NotFound, NotLocked, TooMany
 from keyagent.protocol import KEY_ID_MAX, KEY_ID_SHOWN
@@ -305,11 +306,18 @@ class KeyStore:
         host: str | None = None,
         user: str | None = None,
         key_id: str | None = None,
+        *,
+        usable: Callable[[HeldKey], bool] | None = None,
     ) -> HeldKey:
-        """The one key a ``get`` means: the single one a key id names, else the newest match;
-        if the service refused that one (:attr:`HeldKey.refused`), the newest key of the same
-        account it has not refused, if any (never another account's: a get without a host
-        may be meant for that host)."""
+        """The one key a ``get`` means: the single one a key id names, else the newest match
+        that the asker may use (``usable``: any key if None) and the service has not refused
+        (:attr:`HeldKey.refused`).
+
+        Keys are passed over only within the account of the newest match (a get without a
+        host may be meant for that host), and only for another one: with no usable key
+        the service accepts, the newest usable one; with no usable one at all, the newest
+        match, whose own rules then refuse the asker.
+        """
         found = self.matching(now, host, user, key_id)
         first = next(found, None)
         if first is None:
@@ -321,13 +329,17 @@ class KeyStore:
                     f"to {KEY_ID_MAX}, see keyagent-ctl list --json for each key's fingerprint)"
                 )
             return first
-        if first.refused:
-            account = (first.host, first.user)
-            return next(
-                (held for held in found if not held.refused and (held.host, held.user) == account),
-                first,
-            )
-        return first
+        if not first.refused and (usable is None or usable(first)):
+            return first
+        fallback: HeldKey | None = None  # the newest usable key, though refused
+        account = (first.host, first.user)
+        for held in itertools.chain([first], found):
+            if (held.host, held.user) != account or not (usable is None or usable(held)):
+                continue
+            if not held.refused:
+                return held
+            fallback = fallback or held
+        return fallback or first
 
     def mark_refused(self, held: HeldKey, refused: bool) -> None:
         """Note what the service said of ``held`` when the agent checked it: refused (it is

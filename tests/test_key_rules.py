@@ -328,6 +328,71 @@ def test_a_get_of_a_restricted_key_is_answered_by_a_generator(agent: Agent) -> N
     restricted.close()
 
 
+# A get or proxied request naming no key gets the newest one the peer may use.
+
+
+def test_a_newer_key_for_other_programs_does_not_hide_an_older_one(agent: Agent) -> None:
+    """get without a key id: the allowed program gets the newer guarded key, another
+    program the older plain one (a generator: the answer depends on who asks). Named by
+    its id, the guarded key still refuses the other program."""
+    add(agent, "plain-S3CR3T")
+    add(agent, allow_exe=[CURL])
+    assert get_as(agent, peer(CURL))["key"] == SECRET
+    assert get_as(agent, peer(TOOL))["key"] == "plain-S3CR3T"
+    assert isinstance(agent.handle(request("get"), peer(TOOL)), GeneratorType)
+    assert type(get_fails_as(agent, peer(TOOL), key_id=key_id_for(SECRET))) is errors.Denied
+
+
+def test_a_newer_non_exportable_key_does_not_hide_an_older_exportable_one(
+    agent: Agent,
+) -> None:
+    """get and exec take out the newest exportable key; the non-exportable one is still
+    refused by its id, and alone it refuses as before."""
+    add(agent, "plain-S3CR3T")
+    add(agent, export=False)
+    assert get_as(agent, peer(TOOL))["key"] == "plain-S3CR3T"
+    assert get_as(agent, peer(TOOL), purpose="exec")["key"] == "plain-S3CR3T"
+    assert type(get_fails_as(agent, peer(TOOL), key_id=key_id_for(SECRET))) is errors.Forbidden
+    run(agent, "forget", key_id=key_id_for("plain-S3CR3T"))
+    assert type(get_fails_as(agent, peer(TOOL))) is errors.Forbidden
+
+
+def test_with_no_key_it_may_use_a_peer_is_refused_by_the_newest_keys_rule(
+    agent: Agent,
+) -> None:
+    """Two keys, each for another program: the refusal names the newest one."""
+    add(agent, "older-S3CR3T", allow_exe=[TOOL])
+    add(agent, allow_exe=[CURL])
+    error = get_fails_as(agent, peer("/usr/bin/wget"))
+    assert type(error) is errors.Denied
+    assert key_id_for(SECRET) in error.message
+    assert error.subject == (key_id_for(SECRET), HOST, USER)
+
+
+def test_keys_are_passed_over_only_within_the_newest_keys_account(agent: Agent) -> None:
+    """A get without a host is refused by the newest key's rule rather than given another
+    account's key, which the tool would use for the wrong account."""
+    run(agent, "add", host=HOST, user="bob@example.com", key="bobs-S3CR3T")
+    add(agent, allow_exe=[CURL])
+    assert type(get_fails_as(agent, peer(TOOL))) is errors.Denied
+    assert get_as(agent, peer(TOOL), user="bob@example.com")["key"] == "bobs-S3CR3T"
+
+
+def test_a_usable_key_the_service_refused_comes_before_one_the_peer_may_not_use(
+    agent: Agent,
+) -> None:
+    """Keys the service refused are passed over for others the peer may use; with none, the
+    newest usable key is still given, rather than a refusal by another key's rule."""
+    add(agent, "oldest-S3CR3T")
+    add(agent, "older-S3CR3T")
+    add(agent, allow_exe=[CURL])
+    refused = agent.held_keys.newest(agent.clock.monotonic(), key_id=key_id_for("older-S3CR3T"))
+    agent.held_keys.mark_refused(refused, True)
+    assert get_as(agent, peer(TOOL))["key"] == "oldest-S3CR3T"
+    run(agent, "forget", key_id=key_id_for("oldest-S3CR3T"))
+    assert get_as(agent, peer(TOOL))["key"] == "older-S3CR3T"
+
+
 def test_default_allowed_programs_apply_to_new_keys(fake_time: FakeTime) -> None:
     """The agent's allow_exe default binds a key added without its own list."""
     agent = Agent(clock=fake_time.clock(), default_allowed_exes=(TOOL,))
@@ -528,6 +593,33 @@ def test_a_session_with_allowed_programs_is_lent_only_to_them(
     assert "log in again with --allow-exe" in error.message
     assert error.subject == (None, HOST, USER)
     assert askpass.asked == []
+
+
+def test_a_session_for_other_programs_gives_way_to_a_key_this_one_may_use(
+    agent: Agent, askpass: FakeAskpass
+) -> None:
+    """login --allow-exe: the allowed program gets the session; another gets the
+    account's newest key it may use, passing over a newer key for other programs too."""
+    add(agent, "plain-S3CR3T")
+    add(agent, allow_exe=[CURL])
+    log_in(agent, allow_exe=[CURL])
+    assert proxy_as(agent, peer(CURL)).session is True
+    grant = proxy_as(agent, peer(TOOL))
+    assert (grant.session, grant.value) == (False, "Bearer plain-S3CR3T")
+    assert askpass.asked == []
+
+
+def test_a_confirmed_key_is_not_passed_over_a_question_is_part_of_its_use(
+    agent: Agent, askpass: FakeAskpass
+) -> None:
+    """--confirm does not make a key unusable: the newest key is asked about, and a
+    refusal denies the request rather than lend an older key unasked."""
+    add(agent, "plain-S3CR3T")
+    add(agent, confirm=True)
+    assert proxy_as(agent, peer(TOOL)).value == f"Bearer {SECRET}"
+    assert len(askpass.asked) == 1
+    askpass.answer = errors.Denied("refused at the prompt")
+    assert type(proxy_fails_as(agent, peer(TOOL))) is errors.Denied
 
 
 def test_a_confirmed_session_asks_and_is_remembered_by_its_login(

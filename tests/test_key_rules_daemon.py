@@ -87,6 +87,23 @@ def test_only_the_allowed_program_gets_the_key_and_no_reply_is_shared(
             assert other in reply["error"]["message"]
 
 
+def test_another_programs_newer_key_gives_way_to_an_older_one_for_each_peer(
+    agent_factory: AgentFactory, python_copy: str
+) -> None:
+    """A get naming no key gets the newest key the asking program may use: the allowed
+    program the newer guarded key, any other the older plain one, for the same request line
+    in any order (neither reply is served from the memo to the other peer)."""
+    agent = agent_factory(debug=False)
+    with agent.client() as client:
+        client.add(HOST, USER, PLAIN)
+        client.add(HOST, USER, GUARDED, allow_exe=[python_copy])
+    other = os.path.realpath(sys.executable)
+    order = [(other, PLAIN), (python_copy, GUARDED), (other, PLAIN), (other, PLAIN),
+             (python_copy, GUARDED), (python_copy, GUARDED)]  # fmt: skip
+    for program, wanted in order:
+        assert get_as(program, agent.socket_path)["result"]["key"] == wanted
+
+
 def test_a_plain_key_is_still_answered_from_the_memo_path(agent_factory: AgentFactory) -> None:
     """A key without rules is served to any program, repeatedly (the fast path is kept)."""
     agent = agent_factory(debug=False)

@@ -424,6 +424,26 @@ def test_a_revoked_key_falls_back_to_the_next_held_key(
     assert account.calls == []
 
 
+def test_a_revoked_key_falls_back_past_keys_kept_for_other_programs(
+    agent: Agent, accounts: dict[tuple[str, str], FakeAccount]
+) -> None:
+    """The next key lent after a refused one is the next the tool may use: a key allowed
+    only to another program is passed over, not lent to be denied."""
+    older, guarded, newer = (f"proxy-secret-key-{n:04d}-abcdefgh" for n in (5, 6, 7))
+    accounts[(HOST, USER)] = FakeAccount()
+    hold(agent, older)
+    settle(
+        agent,
+        agent.handle(
+            request("add", host=HOST, user=USER, key=guarded, allow_exe=["/usr/bin/curl"]), PEER
+        ),
+    )
+    hold(agent, newer)
+    renewed = key_refused(agent, newer)
+    assert renewed is not None
+    assert renewed.value == f"Bearer {older}"
+
+
 def test_a_401_with_a_live_session_is_passed_on_and_the_session_kept(
     agent: Agent, accounts: dict[tuple[str, str], FakeAccount]
 ) -> None:

@@ -91,6 +91,30 @@ def test_allowed_programs_are_checked_on_the_http_socket(
     assert emulator.requests == []
 
 
+def test_a_key_for_another_program_leaves_an_older_key_to_the_rest(
+    rules_agent: AgentProcess, emulator: Emulator, tmp_path: Path
+) -> None:
+    """The newest key is allowed only to a copy of curl: curl itself is lent the older
+    key, the copy the newer one; the audit log names the key each request used."""
+    assert CURL is not None
+    allowed = tmp_path / "allowed-curl"
+    shutil.copy2(os.path.realpath(CURL), allowed)
+    older, newer = emulator.add_key(USER), emulator.add_key(USER)
+    with rules_agent.client() as client:
+        client.add(emulator.host, USER, older)
+        client.add(emulator.host, USER, newer, allow_exe=[str(allowed)])
+    ((status, seen),) = curl(rules_agent, emulator, ECHO)
+    assert (status, seen["headers"]["authorization"]["key_id"]) == (200, key_id(older))
+    ((status, seen),) = curl(rules_agent, emulator, ECHO, program=str(allowed))
+    assert (status, seen["headers"]["authorization"]["key_id"]) == (200, key_id(newer))
+    with rules_agent.client() as client:
+        proxied = [entry for entry in client.log() if entry["op"] == "proxy"]
+    assert [(entry["key_id"], entry["exe"]) for entry in proxied] == [
+        (key_id_for(older), os.path.realpath(CURL)),
+        (key_id_for(newer), str(allowed)),
+    ]
+
+
 def test_a_confirmed_key_asks_once_per_connection(
     rules_agent: AgentProcess, emulator: Emulator, askpass_dir: Path
 ) -> None:

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
-import keyring.core
+import keyring
 import pytest
 from keyring.backends import fail, null
 from keyring.backends.chainer import ChainerBackend
@@ -791,11 +791,12 @@ class PlaintextKeyring(MemoryKeyring):
 
 @pytest.fixture
 def chosen(monkeypatch: pytest.MonkeyPatch) -> Callable[[object], None]:
-    """Make keyring.get_keyring() return a given backend for this test only."""
+    """Make keyring.get_keyring() return a given backend for this test only (its public
+    name, which KeyringStore calls; keyring's own choice is global, cached state)."""
     monkeypatch.delenv("PYTHON_KEYRING_BACKEND", raising=False)
 
     def choose(backend: object) -> None:
-        monkeypatch.setattr(keyring.core, "_keyring_backend", backend)
+        monkeypatch.setattr(keyring, "get_keyring", lambda: backend)
 
     return choose
 

@@ -32,7 +32,7 @@ import h11
 
 __all__ = [
     "BadAnswer", "ClientGone", "Head", "HttpConnection", "Malformed", "RequestHead",
-    "ServiceConnection",
+    "ServiceConnection", "Stalled",
 ]  # fmt: skip
 
 RECV: Final = 64 * 1024
@@ -95,6 +95,12 @@ def _reason(status: int) -> bytes:
 
 class ClientGone(Exception):
     """The tool closed the connection, reset it, or was too slow: nothing more is sent."""
+
+
+class Stalled(ClientGone):
+    """The tool stopped sending part way through a request, for longer than it may: it may
+    be waiting for an answer all the same (a body shorter than its Content-Length, say),
+    so it is told (408) when nothing was answered yet. The message is the agent's words."""
 
 
 class Malformed(Exception):
@@ -202,9 +208,9 @@ class HttpConnection:
             else:
                 timeout = deadline - time.monotonic()
                 if timeout <= 0:
-                    raise ClientGone("request head too slow")
+                    raise Stalled(self._slow_head)
             try:
-                data = self._recv(timeout)
+                data = self._recv(timeout, stalled=self._slow_head)
             except ClientGone:
                 if deadline is None:
                     return None  # idle between requests: an orderly end
@@ -239,7 +245,11 @@ class HttpConnection:
             elif isinstance(event, h11.EndOfMessage):
                 return
             elif event is h11.NEED_DATA:
-                data = self._recv(self.io_timeout)
+                data = self._recv(
+                    self.io_timeout,
+                    stalled=f"no more of the request's body came for {self.io_timeout:g} s; "
+                    "send all of the body its head announces",
+                )
                 if not data:
                     raise ClientGone("closed mid-body")
                 conn.receive_data(data)
@@ -259,12 +269,21 @@ class HttpConnection:
         except h11.RemoteProtocolError as error:
             raise Malformed(error.error_status_hint, _plain(error)) from None
 
-    def _recv(self, timeout: float) -> bytes:
+    @property
+    def _slow_head(self) -> str:
+        return (
+            f"the request's head did not arrive whole within {self.head_timeout:g} s; send "
+            "each request's head at once"
+        )
+
+    def _recv(self, timeout: float, *, stalled: str) -> bytes:
+        """What the tool sent next; :class:`Stalled` (saying ``stalled``) if nothing came
+        within ``timeout``."""
         self.sock.settimeout(max(timeout, 0.001))
         try:
             return self.sock.recv(RECV)
         except TimeoutError:
-            raise ClientGone("timed out") from None
+            raise Stalled(stalled) from None
         except OSError:
             raise ClientGone("connection lost") from None
 

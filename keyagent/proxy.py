@@ -32,6 +32,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Final, Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -44,8 +45,9 @@ from keyagent.errors import (
     KeyagentError,
     NotFound,
     RemoteError,
+    Timeout,
 )
-from keyagent.httpwire import ClientGone, Head, HttpConnection, Malformed
+from keyagent.httpwire import ClientGone, Head, HttpConnection, Malformed, Stalled
 from keyagent.log import get_logger
 from keyagent.rules import has_control_characters, host_problem, user_problem
 
@@ -430,6 +432,11 @@ class Proxy:
                 _, headers, body = error_answer(BadRequest(error.message))
                 with contextlib.suppress(ClientGone):
                     http.refuse(error.status, headers, body)
+        except Stalled as stalled:  # it may be waiting for an answer: it is told why not
+            if not http.answered:
+                _, headers, body = error_answer(Timeout(str(stalled)))
+                with contextlib.suppress(ClientGone):
+                    http.refuse(HTTPStatus.REQUEST_TIMEOUT, headers, body)
         except ClientGone:
             pass
         except Exception as error:  # noqa: BLE001  # a bug: logged, answered, the agent goes on
@@ -482,10 +489,10 @@ class Proxy:
             return self._refuse(http, head, error, body_read=replayable)
         try:
             return self._forward(http, flight, body, lent, replayable=replayable)
-        except ClientGone:
-            # The tool left mid-way (its request may have reached the service): the key
-            # was used all the same.
-            self._land(flight, "cut")
+        except ClientGone as gone:
+            # The tool left (or stalled) mid-way; its request may have reached the service:
+            # the key was used all the same.
+            self._land(flight, _outcome(gone))
             raise
         except Malformed:  # a streamed body went wrong mid-way: serve answers 400
             self._land(flight, BadRequest.code)
@@ -503,7 +510,7 @@ class Proxy:
         try:
             return b"".join(http.body())
         except (ClientGone, Malformed) as error:
-            outcome = "cut" if isinstance(error, ClientGone) else BadRequest.code
+            outcome = _outcome(error) if isinstance(error, ClientGone) else BadRequest.code
             with self._audits:
                 self.lender.audit(peer, outcome, **_fields(head, where, None, grant))
             raise
@@ -729,6 +736,12 @@ class Proxy:
             fields["key_id"], fields["host"], fields["user"] = error.subject
         with self._audits:
             self.lender.audit(peer, error.code, **fields)
+
+
+def _outcome(gone: ClientGone) -> str:
+    """A request's audit outcome when its tool went away mid-way: ``timeout`` if it stalled
+    (and was told so), else ``cut``."""
+    return Timeout.code if isinstance(gone, Stalled) else "cut"
 
 
 def _fields(

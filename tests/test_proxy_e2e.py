@@ -500,9 +500,26 @@ def test_a_tool_that_leaves_before_its_body_is_recorded(
     assert emulator.requests == []
 
 
-def test_a_slow_head_is_cut(conduce_agent: AgentProcess) -> None:
-    """A request head that does not arrive whole within --line-timeout ends the connection
-    without an answer, while other clients are served."""
+def read_to_close(sock: socket.socket) -> bytes:
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+def agent_error(answer: bytes) -> tuple[int, str, dict[str, Any]]:
+    """Status, X-Keyagent-Error and JSON body of one whole answer of the agent's own."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    assert headers["connection"] == "close"
+    assert int(headers["content-length"]) == len(body)
+    return int(lines[0].split()[1]), headers["x-keyagent-error"], json.loads(body)
+
+
+def test_a_slow_head_is_answered_408_and_cut(conduce_agent: AgentProcess) -> None:
+    """A request head that does not arrive whole within --line-timeout gets 408 timeout,
+    saying so, and the connection ends, while other clients are served."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as slow:
         slow.settimeout(20)
         connected = time.monotonic()  # before the agent can have started its clock
@@ -510,8 +527,56 @@ def test_a_slow_head_is_cut(conduce_agent: AgentProcess) -> None:
         slow.sendall(b"GET /conduce/api/v1/user/list-teams HTTP/1.1\r\n")
         with conduce_agent.client() as client:
             assert client.status()["locked"] is False
-        assert slow.recv(4096) == b""  # closed by the agent, not answered
+        status, code, body = agent_error(read_to_close(slow))
         assert time.monotonic() - connected >= 1.9  # not before --line-timeout (2 s)
+    assert (status, code, body["error"]["code"]) == (408, "timeout", "timeout")
+    assert "did not arrive whole within 2 s" in body["error"]["message"]
+
+
+def test_a_body_shorter_than_announced_is_answered_408(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """A tool that sends less body than its Content-Length and waits for the answer is
+    told, after the I/O timeout, why it gets none (408 timeout), rather than cut off in
+    silence; the request never reaches the service, and is recorded as timed out."""
+    login(conduce_agent, emulator)
+    emulator.clear_requests()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(http_path(conduce_agent))
+        sock.sendall(
+            f"POST /api/v2/data/x HTTP/1.1\r\nHost: {emulator.host}\r\n"
+            "Content-Length: 1000\r\n\r\nonly ten b".encode()
+        )
+        status, code, body = agent_error(read_to_close(sock))
+    assert (status, code) == (408, "timeout")
+    assert "no more of the request's body came" in body["error"]["message"]
+    with conduce_agent.client() as client:
+        entries = [e for e in client.log() if e["op"] == "proxy"]
+    assert [(e["outcome"], e["method"], e["path"]) for e in entries] == [
+        ("timeout", "POST", "/api/v2/data/x")
+    ]
+    assert emulator.requests == []
+
+
+def test_a_streamed_upload_that_stalls_is_answered_408(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """A chunked upload streams to the service as it comes; a tool that stops sending
+    mid-way gets 408 too, and the request is recorded as timed out."""
+    login(conduce_agent, emulator)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(http_path(conduce_agent))
+        sock.sendall(
+            f"PUT /api/v2/data/x HTTP/1.1\r\nHost: {emulator.host}\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n".encode()
+        )
+        status, code, _ = agent_error(read_to_close(sock))
+    assert (status, code) == (408, "timeout")
+    with conduce_agent.client() as client:
+        (entry,) = [e for e in client.log() if e["op"] == "proxy"]
+    assert (entry["outcome"], entry["method"]) == ("timeout", "PUT")
 
 
 def test_unreachable_service_is_a_502(agent_factory: AgentFactory, tmp_path: Path) -> None:

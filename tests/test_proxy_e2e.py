@@ -533,6 +533,21 @@ def test_a_slow_head_is_answered_408_and_cut(conduce_agent: AgentProcess) -> Non
     assert "did not arrive whole within 2 s" in body["error"]["message"]
 
 
+def stalled(agent: AgentProcess, emu: Emulator, head: str, body: str) -> dict[str, Any]:
+    """Send a request that stops part way and wait: its answer must be 408 timeout and a
+    close. Returns the answer's JSON and the request's one audit entry."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(http_path(agent))
+        sock.sendall(f"{head}\r\nHost: {emu.host}\r\n".encode() + body.encode())
+        status, code, answer = agent_error(read_to_close(sock))
+    assert (status, code) == (408, "timeout")
+    with agent.client() as client:
+        (entry,) = [e for e in client.log() if e["op"] == "proxy"]
+    assert entry["outcome"] == "timeout"
+    return {"message": answer["error"]["message"], "entry": entry}
+
+
 def test_a_body_shorter_than_announced_is_answered_408(
     conduce_agent: AgentProcess, emulator: Emulator
 ) -> None:
@@ -541,21 +556,12 @@ def test_a_body_shorter_than_announced_is_answered_408(
     silence; the request never reaches the service, and is recorded as timed out."""
     login(conduce_agent, emulator)
     emulator.clear_requests()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(30)
-        sock.connect(http_path(conduce_agent))
-        sock.sendall(
-            f"POST /api/v2/data/x HTTP/1.1\r\nHost: {emulator.host}\r\n"
-            "Content-Length: 1000\r\n\r\nonly ten b".encode()
-        )
-        status, code, body = agent_error(read_to_close(sock))
-    assert (status, code) == (408, "timeout")
-    assert "no more of the request's body came" in body["error"]["message"]
-    with conduce_agent.client() as client:
-        entries = [e for e in client.log() if e["op"] == "proxy"]
-    assert [(e["outcome"], e["method"], e["path"]) for e in entries] == [
-        ("timeout", "POST", "/api/v2/data/x")
-    ]
+    seen = stalled(
+        conduce_agent, emulator, "POST /api/v2/data/x HTTP/1.1",
+        "Content-Length: 1000\r\n\r\nonly ten b",
+    )  # fmt: skip
+    assert "no more of the request's body came" in seen["message"]
+    assert (seen["entry"]["method"], seen["entry"]["path"]) == ("POST", "/api/v2/data/x")
     assert emulator.requests == []
 
 
@@ -565,18 +571,11 @@ def test_a_streamed_upload_that_stalls_is_answered_408(
     """A chunked upload streams to the service as it comes; a tool that stops sending
     mid-way gets 408 too, and the request is recorded as timed out."""
     login(conduce_agent, emulator)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(30)
-        sock.connect(http_path(conduce_agent))
-        sock.sendall(
-            f"PUT /api/v2/data/x HTTP/1.1\r\nHost: {emulator.host}\r\n"
-            "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n".encode()
-        )
-        status, code, _ = agent_error(read_to_close(sock))
-    assert (status, code) == (408, "timeout")
-    with conduce_agent.client() as client:
-        (entry,) = [e for e in client.log() if e["op"] == "proxy"]
-    assert (entry["outcome"], entry["method"]) == ("timeout", "PUT")
+    seen = stalled(
+        conduce_agent, emulator, "PUT /api/v2/data/x HTTP/1.1",
+        "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )  # fmt: skip
+    assert seen["entry"]["method"] == "PUT"
 
 
 def test_unreachable_service_is_a_502(agent_factory: AgentFactory, tmp_path: Path) -> None:

@@ -232,13 +232,16 @@ MAX_EXE_PATH: Final = 4095
 """The longest executable path (Linux's PATH_MAX, 4096, less its NUL)."""
 MAX_ALLOWED_EXES: Final = 32
 """How many programs one key may name as allowed."""
+DELETED: Final = " (deleted)"
+"""What Linux appends to ``/proc/PID/exe`` when the program's file was deleted or replaced."""
 
 
 def exe_path_problem(path: object) -> str | None:
     """Why ``path`` cannot name a program allowed to use a key, or None if it can: absolute
     and normalised (no ``.``, ``..``, empty or trailing components: it is compared as text
     with ``/proc/PID/exe``, which is always in that form), at most :data:`MAX_EXE_PATH`
-    characters, without control characters (NUL included)."""
+    characters, without control characters (NUL included), and not ending in
+    :data:`DELETED`."""
     problem = path_problem(path)
     if problem is not None:
         return problem
@@ -251,6 +254,13 @@ def exe_path_problem(path: object) -> str | None:
         return (
             "a program's path is normalised: no '.', '..', doubled or trailing slashes "
             "(the client resolves it with realpath)"
+        )
+    if path.endswith(DELETED):
+        # /proc/PID/exe reads "PATH (deleted)" for a program whose file is gone: such a
+        # path would let a deleted (replaced) program pass for a real file of that name.
+        return (
+            f"a program's path may not end in '{DELETED}', which is how Linux shows a "
+            "program whose file was deleted; rename the program"
         )
     return None
 

@@ -343,6 +343,20 @@ def test_a_newer_key_for_other_programs_does_not_hide_an_older_one(agent: Agent)
     assert type(get_fails_as(agent, peer(TOOL), key_id=key_id_for(SECRET))) is errors.Denied
 
 
+def test_a_program_the_key_is_not_for_is_denied_before_it_is_told_how_to_use_it(
+    agent: Agent,
+) -> None:
+    """A non-exportable key kept for curl: curl's get is forbidden (use the HTTP socket),
+    another program's is denied, since the HTTP socket would refuse it too."""
+    add(agent, export=False, allow_exe=[CURL])
+    forbidden = get_fails_as(agent, peer(CURL))
+    assert type(forbidden) is errors.Forbidden
+    assert "KEYAGENT_HTTP_SOCK" in forbidden.message
+    denied = get_fails_as(agent, peer(TOOL), key_id=key_id_for(SECRET))
+    assert type(denied) is errors.Denied
+    assert "KEYAGENT_HTTP_SOCK" not in denied.message
+
+
 def test_a_newer_non_exportable_key_does_not_hide_an_older_exportable_one(
     agent: Agent,
 ) -> None:
@@ -955,7 +969,8 @@ def test_rules_survive_a_restart_through_the_keyring(fake_time: FakeTime) -> Non
         True,
         [CURL, TOOL],
     )
-    assert type(fails(second, "get")) is errors.Forbidden
+    assert type(get_fails_as(second, peer(CURL))) is errors.Forbidden
+    assert type(get_fails_as(second, peer("/usr/bin/wget"))) is errors.Denied
 
 
 def test_re_adding_a_persisted_key_saves_the_stricter_rules(fake_time: FakeTime) -> None:
@@ -1012,6 +1027,10 @@ def test_a_stricter_re_add_of_a_persisted_key_is_saved_too(fake_time: FakeTime) 
         ("/usr/bin/cu\x00rl", False),
         ("/usr/bin/cu\nrl", False),
         ("/" + "a" * 4095, False),
+        # How /proc/PID/exe names a deleted program: never an allowed path, or a deleted
+        # (replaced) program would pass for a real file of that name.
+        ("/usr/bin/curl (deleted)", False),
+        ("/opt/(deleted)/run", True),
     ],
 )
 def test_program_paths_must_be_absolute_and_normalised(path: str, fine: bool) -> None:

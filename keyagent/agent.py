@@ -1295,7 +1295,7 @@ class Agent:
 
             chosen = self.held_keys.newest(now, host, user, usable=usable)
             return self._get_checked(chosen, peer, op)
-        if not held.exportable:  # the same answer for every client: may be remembered
+        if not held.exportable and not held.allowed_exes:  # the same for every client
             try:
                 self._check_export(held)
             except KeyagentError as error:
@@ -1356,16 +1356,14 @@ class Agent:
     ) -> Steps:
         """Whether ``peer`` may use ``held`` for ``op``; returns None when allowed.
 
-        ``export``: the secret itself would leave the agent (``get``, ``exec``), which a key
-        added with ``--no-export`` refuses (:class:`~keyagent.errors.Forbidden`). A key (or
-        session) with allowed programs refuses any other peer executable
-        (:class:`~keyagent.errors.Denied`). One with ``--confirm`` then asks the user
+        A key (or session) with allowed programs refuses any other peer executable
+        (:class:`~keyagent.errors.Denied`). ``export``: the secret itself would leave the
+        agent (``get``, ``exec``), which a key added with ``--no-export`` then refuses
+        (:class:`~keyagent.errors.Forbidden`). One with ``--confirm`` then asks the user
         through the askpass program, on a queue of its own, unless ``confirmed`` (a proxied
         connection that was allowed already); no program, a failure, a refusal or no answer
         in time is ``Denied``.
         """
-        if export and isinstance(held, HeldKey):
-            self._check_export(held)
         name = _named(held)
         if held.allowed_exes and not self.sees_executables:
             raise Denied(f"{name} has allowed programs, and {NO_EXECUTABLES}")
@@ -1385,6 +1383,10 @@ class Agent:
                 f"{peer.exe or 'a program whose executable is unknown'} (pid {peer.pid}); run "
                 f"one of those, or {again}"
             )
+        # Only now: a program that may not use the key at all is told that, not a way to
+        # use it (the HTTP socket) that would refuse it too.
+        if export and isinstance(held, HeldKey):
+            self._check_export(held)
         if not held.confirm or confirmed:
             return None
         program = self.askpass
@@ -1520,6 +1522,10 @@ class Agent:
         result: Result = {"forgotten": forgotten}
         if deleting:  # only with ephemeral keys: the reply of other forgets is unchanged
             result["deleting"] = deleting
+        if targets is not None and len(dropped) == 1:
+            # Which key went, in full: the audit entry names it, not the prefix typed.
+            (held,) = dropped
+            result.update(key_id=held.key_id, host=held.host, user=held.user)
         return result
 
     def process_lock(self, args: Mapping[str, Any]) -> Steps:

@@ -462,23 +462,25 @@ def test_forget_by_key_id(agent: Agent) -> None:
     """forget with a key id drops that key only and reports one forgotten."""
     add(agent, "k1")
     add(agent, "k2")
-    assert result(agent, "forget", key_id=key_id_for("k1")) == {"forgotten": 1}
+    assert result(agent, "forget", key_id=key_id_for("k1"))["forgotten"] == 1
     with pytest.raises(NotFound):
         call(agent, "get", key_id=key_id_for("k1"))
     assert result(agent, "get")["key"] == "k2"
 
 
 def test_forget_by_key_id_prefix(agent: Agent) -> None:
-    """forget accepts a unique key id prefix."""
+    """forget accepts a unique key id prefix, and names the key it forgot in full."""
     add(agent, "k1")
-    assert result(agent, "forget", key_id=key_id_for("k1")[:4]) == {"forgotten": 1}
+    assert result(agent, "forget", key_id=key_id_for("k1")[:4]) == {
+        "forgotten": 1, "key_id": key_id_for("k1"), "host": HOST, "user": USER,
+    }  # fmt: skip
     assert len(agent.held_keys) == 0
 
 
 def test_forget_with_all_false_and_a_key_id(agent: Agent) -> None:
     """forget with all false and a key id forgets by key id."""
     add(agent, "k1")
-    assert result(agent, "forget", key_id=key_id_for("k1"), all=False) == {"forgotten": 1}
+    assert result(agent, "forget", key_id=key_id_for("k1"), all=False)["forgotten"] == 1
 
 
 def test_forget_all(agent: Agent) -> None:

@@ -317,9 +317,9 @@ def test_create_no_export_through_the_emulator(agent_factory: AgentFactory) -> N
             False,
             [os.path.realpath("/usr/bin/env")],
         )
-        got = run_ctl(agent.socket_path, "get")
+        got = run_ctl(agent.socket_path, "get")  # keyagent-ctl is not /usr/bin/env
         assert got.code == 1
-        assert "[forbidden]" in got.err
+        assert "[denied]" in got.err
         assert secret not in got.out + got.err
 
 

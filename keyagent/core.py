@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from keyagent.sessions import AccountFactory, RemoteAccount
+    from keyagent.sockets import FileIdentity
     from keyagent.tls import HttpSettings
 
 log = get_logger("keyagent")
@@ -253,13 +254,13 @@ def read_all(fd: int, timeout: float) -> tuple[bytes, bool]:
 def serve(
     settings: Mapping[str, Any],
     listener_path: str,
-    bound: tuple[int, int] | None,
+    bound: FileIdentity | None,
     listener: Any,
     on_ready: Callable[[], None],
     *,
     notifier: Notifier,
     private_dir: str | None = None,
-    http: tuple[str, tuple[int, int] | None, socket.socket] | None = None,
+    http: tuple[str, FileIdentity | None, socket.socket] | None = None,
     leftovers_path: str | None = None,
     foreground: bool = True,
 ) -> int:
@@ -323,7 +324,20 @@ def serve(
 
     server.on_ready = ready
 
+    removed = False
+
+    def remove_sockets() -> None:
+        nonlocal removed
+        if not removed:  # once: a socket at the path later on is another agent's
+            removed = True
+            remove_socket(listener_path, bound)
+            if http is not None:
+                remove_socket(http[0], http[1])
+
     def stopping() -> None:
+        # The listeners are closed: a new agent may start on the path while this one still
+        # deletes keys, and the socket it makes must not be taken for ours at exit.
+        remove_sockets()
         # Said as the agent begins to stop, not as it exits: deleting keys may take a while.
         notifier.stopping("stopping: deleting ephemeral keys on the service")
 
@@ -334,10 +348,9 @@ def serve(
         notifier.stopping("stopping")
         notifier.close()
         listener.close()
-        remove_socket(listener_path, bound)
         if http is not None:
             http[2].close()
-            remove_socket(http[0], http[1])
+        remove_sockets()
         if private_dir is not None:
             # The mkdtemp directory made for this agent alone (no XDG_RUNTIME_DIR): leave
             # nothing behind. rmdir removes it only if empty, i.e. only what we made.

@@ -45,6 +45,7 @@ from keyagent.config import ConfigError
 from keyagent.config import load as load_config
 from keyagent.handoff import Handoff, Settings
 from keyagent.sockets import (
+    FileIdentity,
     SocketSetupError,
     accepts_connections,
     bind_listener,
@@ -370,7 +371,7 @@ class HttpListener(NamedTuple):
     and listening socket."""
 
     path: str
-    bound: tuple[int, int] | None
+    bound: FileIdentity | None
     listener: socket.socket
 
 
@@ -469,7 +470,7 @@ MFD_NOEXEC_SEAL = 0x0008  # os.MFD_NOEXEC_SEAL from Python 3.12 on
 def exec_core(
     args: argparse.Namespace,
     path: str,
-    bound: tuple[int, int] | None,
+    bound: FileIdentity | None,
     listener: socket.socket,
     *,
     foreground: bool,

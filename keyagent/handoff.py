@@ -27,6 +27,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
+    from keyagent.sockets import FileIdentity
+
     Rule = Callable[[object], str | None]
 
 __all__ = ["Handoff", "HandoffError", "Settings"]
@@ -66,14 +68,14 @@ def _optional(rule: Rule) -> Rule:
 
 
 def _identity(value: object) -> str | None:
-    # (device, inode) of the socket file, as keyagent.sockets.file_identity returns it.
+    # (device, inode, ctime) of the socket file, as keyagent.sockets.file_identity has it.
     if (
         isinstance(value, list)
-        and len(value) == 2
+        and len(value) == 3
         and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value)
     ):
         return None
-    return "a [device, inode] pair"
+    return "a [device, inode, change time] triple"
 
 
 def _search_path(value: object) -> str | None:
@@ -278,7 +280,7 @@ class Handoff:
 
     sys_path: list[str]
     socket_path: str
-    bound: tuple[int, int] | None
+    bound: FileIdentity | None
     listener_fd: int
     foreground: bool
     debug: bool
@@ -288,7 +290,7 @@ class Handoff:
     announce: bytes
     ready_fd: int | None
     http_socket_path: str | None
-    http_bound: tuple[int, int] | None
+    http_bound: FileIdentity | None
     http_listener_fd: int | None
     settings: Settings
     leftovers_path: str | None
@@ -298,7 +300,7 @@ class Handoff:
         *,
         sys_path: list[str],
         socket_path: str,
-        bound: tuple[int, int] | None,
+        bound: FileIdentity | None,
         listener_fd: int,
         foreground: bool,
         debug: bool,
@@ -309,7 +311,7 @@ class Handoff:
         announce: bytes = b"",
         ready_fd: int | None = None,
         http_socket_path: str | None = None,
-        http_bound: tuple[int, int] | None = None,
+        http_bound: FileIdentity | None = None,
         http_listener_fd: int | None = None,
         leftovers_path: str | None = None,
     ) -> None:
@@ -360,9 +362,9 @@ class Handoff:
             raise HandoffError("the hand-off is not JSON") from None
         fields = _checked(document, _HANDOFF_RULES, "the hand-off")
         bound = fields["bound"]
-        fields["bound"] = (bound[0], bound[1]) if isinstance(bound, list) else None
+        fields["bound"] = (bound[0], bound[1], bound[2]) if isinstance(bound, list) else None
         bound = fields["http_bound"]
-        fields["http_bound"] = (bound[0], bound[1]) if isinstance(bound, list) else None
+        fields["http_bound"] = (bound[0], bound[1], bound[2]) if isinstance(bound, list) else None
         fields["announce"] = bytes.fromhex(str(fields["announce"]))
         fields["settings"] = Settings.from_dict(fields["settings"])
         # Every field has passed its rule above, so it has the type its parameter names.

@@ -1139,8 +1139,9 @@ class Server:
 
         The listening sockets are closed, not just left unwatched: a client that connects
         now is refused at once (no agent) instead of waiting in the backlog until the exit,
-        and a new agent may take the path meanwhile (only this agent's own socket file is
-        removed at exit). Connections already open are still answered while the agent waits.
+        and a new agent may take the path meanwhile (``on_stopping`` removes this agent's
+        socket files now, not at exit, when the files there may be the new agent's).
+        Connections already open are still answered while the agent waits.
         """
         if self._stop_deadline is not None:  # a second stop: the first one's deadlines hold
             return

@@ -133,7 +133,11 @@ def bind_listener(
     return listener
 
 
-def remove_socket(path: str, bound: tuple[int, int] | None) -> None:
+FileIdentity = tuple[int, int, int]
+"""A file's device, inode and change time in nanoseconds (:func:`file_identity`)."""
+
+
+def remove_socket(path: str, bound: FileIdentity | None) -> None:
     """Remove the socket file at ``path`` if it is still the one we bound (``bound``, from
     :func:`file_identity`): a newer agent may have replaced a socket it found unanswered."""
     if bound is None or file_identity(path) != bound:
@@ -146,13 +150,16 @@ def remove_socket(path: str, bound: tuple[int, int] | None) -> None:
         log.warning("could not remove the socket %s: %s", path, os.strerror(error.errno or 0))
 
 
-def file_identity(path: str) -> tuple[int, int] | None:
-    """(device, inode) of ``path``, to tell at exit whether the socket file is still ours."""
+def file_identity(path: str) -> FileIdentity | None:
+    """(device, inode, change time) of ``path``, to tell at exit whether the socket file is
+    still ours. The inode alone is not enough: a file system may give a new agent's socket
+    the inode of ours, freed when it replaced it; the two are not made in the same
+    nanosecond."""
     try:
         info = os.lstat(path)
     except OSError:
         return None
-    return info.st_dev, info.st_ino
+    return info.st_dev, info.st_ino, info.st_ctime_ns
 
 
 def sees_peer_executables() -> bool:

@@ -42,7 +42,7 @@ def handoff(**changes: object) -> Handoff:
     values: dict[str, object] = {
         "sys_path": ["/usr/lib/python3.11", str(ROOT)],
         "socket_path": "/run/user/1000/keyagent/agent.sock",
-        "bound": (2049, 1234567),
+        "bound": (2049, 1234567, 1_700_000_000_123_456_789),
         "listener_fd": 3,
         "foreground": False,
         "debug": False,
@@ -89,7 +89,7 @@ def test_what_the_daemon_writes_the_serving_process_reads_back(value: Handoff) -
     [
         ({"listener_fd": -1}, "'listener_fd' must be a descriptor number"),
         ({"listener_fd": True}, "'listener_fd' must be a descriptor number"),
-        ({"bound": [1]}, "'bound' must be a [device, inode] pair"),
+        ({"bound": [1, 2]}, "'bound' must be a [device, inode, change time] triple"),
         ({"announce": "not hex"}, "'announce' must be hex digits"),
         ({"foreground": "yes"}, "'foreground' must be true or false"),
         ({"sys_path": "/usr/lib"}, "'sys_path' must be a list of directories"),

@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from keyagent import errors
+from keyagent.sockets import file_identity, remove_socket
 from keyagent.store import digest_of, key_id_for
 from keyagent.testing.agent import AgentProcess
 from keyagent.testing.emulator import Fault
@@ -132,6 +135,50 @@ def test_a_hanging_service_delays_the_exit_by_stop_timeout_at_most_and_the_log_s
     (entry,) = audited_deletions(log)
     assert "outcome=timeout" in entry
     assert secret not in log
+
+
+def test_a_new_agent_on_the_path_keeps_its_sockets_when_the_stopping_one_exits(
+    agent_factory: AgentFactory, emulator: Emulator
+) -> None:
+    """While a stopping agent waits on a hung delete, a new agent starts on the same path
+    (the old one no longer listens). When the old one exits, the new one's sockets are
+    still there, and it is still reached through them."""
+    agent = start(agent_factory, emulator, "--stop-timeout", f"{STOP_TIMEOUT:g}")
+    create(agent, emulator, "--lifetime", "1h")
+    emulator.inject(Fault.hang(), path="apikeys/delete")
+    stopped = run_ctl(agent.socket_path, "stop")
+    assert "deletes 1 ephemeral key" in stopped.out, stopped.err
+    # Gone as the agent stops listening, not at its exit: nothing it removes later can be
+    # the new agent's (whose socket may even get the freed inode number).
+    assert agent.process is not None
+    assert agent.process.poll() is None  # still deleting
+    assert not os.path.exists(agent.socket_path)
+    assert not os.path.exists(os.path.join(os.path.dirname(agent.socket_path), "http.sock"))
+    successor = start(agent_factory, emulator)  # the same directory, so the same path
+    assert successor.socket_path == agent.socket_path
+    assert run_ctl(successor.socket_path, "status").code == 0
+    assert exited(agent, STOP_TIMEOUT + EXIT_MARGIN) == 0
+    assert os.path.exists(successor.socket_path)
+    assert os.path.exists(os.path.join(os.path.dirname(successor.socket_path), "http.sock"))
+    with successor.client() as client:
+        assert client.status()["pid"] == successor.pid
+
+
+def test_a_socket_file_with_our_inode_but_a_later_change_is_not_ours(tmp_path: Path) -> None:
+    """remove_socket removes the file it bound, and not one that merely has its device and
+    inode (a file system may give a freed inode number to the next file made): the change
+    time tells them apart. A chmod stands in for the new file here."""
+    path = str(tmp_path / "agent.sock")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        bound = file_identity(path)
+        assert bound is not None
+        os.chmod(path, 0o600)  # same inode, a later change time
+        assert os.stat(path).st_ctime_ns != bound[2]
+        remove_socket(path, bound)
+        assert os.path.exists(path)
+        remove_socket(path, file_identity(path))
+        assert not os.path.exists(path)
 
 
 def log_entries(agent: AgentProcess) -> list[dict[str, Any]]:

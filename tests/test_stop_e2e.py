@@ -150,10 +150,13 @@ def test_a_new_agent_on_the_path_keeps_its_sockets_when_the_stopping_one_exits(
     assert "deletes 1 ephemeral key" in stopped.out, stopped.err
     # Gone as the agent stops listening, not at its exit: nothing it removes later can be
     # the new agent's (whose socket may even get the freed inode number).
+    http_path = os.path.join(os.path.dirname(agent.socket_path), "http.sock")
+    wait_until(
+        lambda: not (os.path.exists(agent.socket_path) or os.path.exists(http_path)),
+        "the stopping agent's socket files removed",
+    )
     assert agent.process is not None
     assert agent.process.poll() is None  # still deleting
-    assert not os.path.exists(agent.socket_path)
-    assert not os.path.exists(os.path.join(os.path.dirname(agent.socket_path), "http.sock"))
     successor = start(agent_factory, emulator)  # the same directory, so the same path
     assert successor.socket_path == agent.socket_path
     assert run_ctl(successor.socket_path, "status").code == 0

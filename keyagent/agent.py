@@ -1675,20 +1675,34 @@ class Agent:
         finally:
             self._reserved -= 1
         created = iso(self.clock.wall())
+        persist = args.get("persist", self.default_persist)
+        # The agent began to stop while the service made the key: it cannot hold the key
+        # past its exit, and nobody else will have the secret (neither printed nor
+        # persisted). So the key dies at stop with the ephemeral ones, and the client is
+        # told that, not that the agent holds it.
+        orphan = self.at_stop is not None and not args.get("reveal") and not persist
         exportable, confirm, allowed_exes = self._rules(args)  # put merges with a held key
         held = self.held_keys.put(
             host=session.host, user=session.user, secret=secret,
             now=self.clock.monotonic(), wall=self.clock.wall(), lifetime=lifetime,
             description=description, created=created, source="created",
             exportable=exportable, confirm=confirm, allowed_exes=allowed_exes,
-            ephemeral=ephemeral,
+            ephemeral=ephemeral or orphan,
         )  # fmt: skip
+        if orphan:
+            stopping = Busy(
+                f"the agent began to stop while the service made key {held.key_id}, and "
+                "deletes that key on the service before it exits; start an agent again, then "
+                "retry"
+            )
+            _about(stopping, held)
+            raise stopping
         if rotate_every is not None:
             self._schedule_rotation(held, rotate_every)
         log.info("created key %s for %s on %s", held.key_id, session.user, session.host)
         if held.ephemeral:  # recorded before the reply: a crash after it cannot lose the key
             yield from self._record_leftovers()
-        if args.get("persist", self.default_persist):
+        if persist:
             # The key exists on the service and is held now; only its persistence can fail.
             record = self._record(
                 held.secret, host=held.host, user=held.user, description=description,

@@ -174,24 +174,31 @@ def test_a_create_under_way_at_stop_is_waited_for_and_its_key_deleted(
     agent: Agent, account: FakeAccount, time: FakeTime
 ) -> None:
     """A create the stop came in the middle of counts as work the stopping agent waits for,
-    and the ephemeral key it makes is deleted on the service, not left there; a create asked
-    for once the agent is stopping is refused (busy)."""
+    and the key it makes (ephemeral or not: nobody would hold it once the agent exits) is
+    deleted on the service, not left there, and the client told so (busy, naming the key)
+    rather than that the agent holds it; a create asked for once the agent is stopping is
+    refused (busy)."""
     run(agent, "login", **ACCOUNT, password="pw")
     driver_for(agent)
     held_work = HeldWorkDriver(time)
     ended: list[tuple[Any, errors.KeyagentError | None]] = []
-    held_work.start(
-        steps(agent, "create", **ACCOUNT, lifetime=3600),
-        lambda result, error: ended.append((result, error)),
-    )
-    (making,) = held_work.held
-    assert agent.begin_stop() == 1  # nothing to delete yet; the create under way
-    held_work.end(making)  # the service answers with the new key now
-    ((_result, error),) = ended
-    assert error is None
-    late = account.keys[-1]
+    for lifetime in ({"lifetime": 3600}, {}):
+        held_work.start(
+            steps(agent, "create", **ACCOUNT, **lifetime),
+            lambda result, error: ended.append((result, error)),
+        )
+    assert agent.begin_stop() == 2  # nothing to delete yet; the creates under way
+    for _ in range(2):  # one at a time: the account's calls wait in line
+        (making,) = held_work.held
+        held_work.end(making)  # the service answers with the new key now
+    late = account.keys[-2:]
+    assert [(result, type(error)) for result, error in ended] == [(None, errors.Busy)] * 2
+    for secret, (_, error) in zip(late, ended, strict=True):
+        assert error is not None
+        assert f"made key {key_id_for(secret)}" in error.message
+        assert "deletes that key on the service" in error.message
     assert agent.deletions_at_stop() == 0
-    assert late not in account.keys
+    assert not set(late) & set(account.keys)
     refused = fails(agent, "create", **ACCOUNT, lifetime=60)
     assert isinstance(refused, errors.Busy)
     assert "stopping" in refused.message

@@ -58,7 +58,9 @@ from keyagent.rules import (
 )
 from keyagent.tls import HttpSettings, is_certificate_failure
 
-__all__ = ["API_PREFIX", "MAX_ANSWER", "ConduceAccount", "HttpSettings", "RemoteKey"]
+__all__ = [
+    "API_PREFIX", "CREATE_UNSURE", "MAX_ANSWER", "ConduceAccount", "HttpSettings", "RemoteKey",
+]  # fmt: skip
 
 log = get_logger("keyagent.conduce")
 
@@ -68,6 +70,11 @@ API_PREFIX: Final = "/conduce/api/v1/"
 # read whole. The cap applies to the decoded body, so a compressed answer cannot slip past.
 MAX_ANSWER: Final = 1024 * 1024
 _READ_CHUNK: Final = 64 * 1024
+CREATE_UNSURE: Final = (
+    "the key may have been made all the same: keyagent-ctl list --remote shows it, and "
+    "keyagent-ctl prune deletes such a key (a create is never sent twice)"
+)
+"""The next step after a create that got no answer: retrying could make a second key."""
 
 # The listed-key object is documented only as "the key and its creation date": accept the
 # spellings a service is likely to use, in order of preference.
@@ -401,7 +408,7 @@ class ConduceAccount:
         auth = self._auth_for(api_key)
         response = self._request(
             "POST", "apikeys/create", auth=auth, api_key=api_key,
-            json_body={"description": description},
+            json_body={"description": description}, if_unsure=CREATE_UNSURE,
         )  # fmt: skip
         self._check(response, "create an API key", auth=auth)
         document = self._json(response)
@@ -465,16 +472,21 @@ class ConduceAccount:
         auth: _Auth,
         api_key: str | None = None,
         json_body: Mapping[str, object] | None = None,
+        if_unsure: str | None = None,
     ) -> _Answer:
         """Send a request and read its answer; raise the error a failure maps to.
 
         A GET is retried by the session's :class:`_SafeCallRetry` (connection failures and
-        502/503/504); any other method is sent once.
+        502/503/504); any other method is sent once. ``if_unsure``: the next step to name
+        when the request may have reached the service though no answer came (for a call
+        that must not simply be retried), instead of the failure's own.
         """
         outcome = self._send(method, path, auth=auth, api_key=api_key, json_body=json_body)
         if isinstance(outcome, _Failure):
             # Raised here, outside the except block that caught the requests exception, so
             # that it is neither the __cause__ nor the __context__ of what the caller sees.
+            if outcome.unsure is not None and if_unsure is not None:
+                raise type(outcome.error)(f"{outcome.unsure}; {if_unsure}") from None
             raise outcome.error from None
         return outcome
 
@@ -584,23 +596,17 @@ class ConduceAccount:
                 ),
             )
         if isinstance(error, requests.exceptions.Timeout):
+            late = f"{self.host} did not answer within {self.settings.read_timeout:g}s"
             return _Failure(
-                RemoteUnreachable(
-                    f"{self.host} did not answer within {self.settings.read_timeout:g}s; "
-                    "retry later or raise the read timeout"
-                )
+                RemoteUnreachable(f"{late}; retry later or raise the read timeout"), unsure=late
             )
         if isinstance(error, requests.exceptions.ConnectionError):
-            return _Failure(
-                RemoteUnreachable(
-                    f"{self.host} could not be reached or dropped the connection; "
-                    "check the host and network"
-                ),
-            )
+            # Refused, or dropped once the request was sent: the service may have acted.
+            lost = f"{self.host} could not be reached or dropped the connection"
+            return _Failure(RemoteUnreachable(f"{lost}; check the host and network"), unsure=lost)
         if isinstance(error, requests.exceptions.ChunkedEncodingError):
-            return _Failure(
-                RemoteUnreachable(f"{self.host} dropped the connection mid-answer; retry later")
-            )
+            cut = f"{self.host} dropped the connection mid-answer"
+            return _Failure(RemoteUnreachable(f"{cut}; retry later"), unsure=cut)
         return _Failure(
             RemoteError(
                 f"the request to {self.host} failed ({type(error).__name__}); "
@@ -679,6 +685,9 @@ class _Failure:
     """A transport failure already mapped to the error the caller will see."""
 
     error: KeyagentError
+    unsure: str | None = None
+    """What went wrong, when the request may have reached the service all the same (no
+    answer, or a cut one): a call that is not safe to repeat says so instead of "retry"."""
 
 
 def _read_capped(response: requests.Response) -> bytes | None:

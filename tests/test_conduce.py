@@ -15,7 +15,14 @@ import pytest
 import requests
 import responses
 
-from keyagent.conduce import API_PREFIX, MAX_ANSWER, ConduceAccount, HttpSettings, RemoteKey
+from keyagent.conduce import (
+    API_PREFIX,
+    CREATE_UNSURE,
+    MAX_ANSWER,
+    ConduceAccount,
+    HttpSettings,
+    RemoteKey,
+)
 from keyagent.errors import (
     BadCredentials,
     BadRequest,
@@ -652,6 +659,33 @@ def test_unknown_status_has_no_phrase(
     rsps.add(responses.POST, DELETE, status=599)
     with pytest.raises(RemoteError, match=r"answered 599 when"):
         account.delete_key(KEY)
+
+
+@pytest.mark.parametrize(
+    "exception",
+    [
+        requests.ReadTimeout("slow"),
+        requests.ConnectionError("reset"),
+        requests.exceptions.ChunkedEncodingError("cut"),
+    ],
+)
+def test_a_create_left_unanswered_says_the_key_may_exist_not_retry(
+    account: ConduceAccount, rsps: responses.RequestsMock, exception: Exception
+) -> None:
+    """A create the service may have carried out (no answer, or a cut one) must not be
+    retried blindly, which would make a second key: the message says where to look; a
+    failure before anything was sent (connect timeout) keeps its own advice."""
+    logged_in(account, rsps)
+    rsps.add(responses.POST, CREATE, body=exception)
+    with pytest.raises(RemoteUnreachable) as caught:
+        account.create_key("x")
+    assert caught.value.message.endswith(CREATE_UNSURE)
+    assert "retry" not in caught.value.message.replace("never sent twice", "")
+    rsps.add(responses.POST, CREATE, body=requests.ConnectTimeout("slow"))
+    with pytest.raises(RemoteUnreachable) as caught:
+        account.create_key("x")
+    assert "did not accept a connection" in caught.value.message
+    assert CREATE_UNSURE not in caught.value.message
 
 
 def test_redirects_are_not_followed(account: ConduceAccount, rsps: responses.RequestsMock) -> None:

@@ -858,10 +858,11 @@ class Agent:
         self._leftovers_changed()
         return count
 
-    def _resume_orphans(self, session: Session) -> None:
-        """The account has credentials again: resume its orphans that wait for them."""
+    def _resume_orphans(self, host: str, user: str) -> None:
+        """The account has credentials again (a login, or a key added): resume its orphans
+        that wait for them. One that is the key added is kept, and no longer pending."""
         for orphan in list(self.orphans.values()):  # a deletion may end (and pop) at once
-            if (orphan.host, orphan.user) == (session.host, session.user) and not orphan.running:
+            if (orphan.host, orphan.user) == (host, user) and not orphan.running:
                 self.in_background(self._delete_orphan(orphan))
 
     def _delete_orphan(self, orphan: OrphanDeletion) -> Steps:
@@ -899,6 +900,7 @@ class Agent:
                     if orphan.give_up_at is None:
                         orphan.give_up_at = self.clock.monotonic() + RETRY_DELETION_FOR
                     if self.clock.monotonic() >= orphan.give_up_at:
+                        self._orphan_ended(orphan, error.to_wire()["code"])
                         log.error(
                             "gave up deleting key %s, left by an earlier agent, on %s after %d "
                             "attempts (%s); delete it with keyagent-ctl remove --host %s "
@@ -920,6 +922,7 @@ class Agent:
                     "%s key %s, left by an earlier agent, on %s",
                     "deleted" if deleted else "did not find", key_id, orphan.host,
                 )  # fmt: skip
+                self._orphan_ended(orphan, "ok" if deleted else NotFound.code)
                 break
         except (LoginRequired, SessionExpired):
             orphan.waiting = True
@@ -934,6 +937,14 @@ class Agent:
         self.orphans.pop(orphan.digest, None)
         self._leftovers_changed()
         return {}
+
+    def _orphan_ended(self, orphan: OrphanDeletion, outcome: str) -> None:
+        """Record in the audit log how the deletion of a key an earlier agent left ended (op
+        ``delete``, the agent itself as the peer), as for the agent's own keys."""
+        self.audit(
+            "delete", SIGNAL_PEER, outcome=outcome, key_id=orphan.digest[:KEY_ID_SHOWN],
+            host=orphan.host, user=orphan.user,
+        )  # fmt: skip
 
     def _leftover_entries(self) -> tuple[Leftover, ...]:
         """What the leftovers file must hold now: each ephemeral key that only this agent's
@@ -1280,6 +1291,7 @@ class Agent:
             exportable=exportable, confirm=confirm, allowed_exes=allowed_exes,
         )  # fmt: skip
         log.info("added key %s for %s@%s", held.key_id, held.user, held.host)
+        self._resume_orphans(held.host, held.user)
         return held.listing()
 
     def process_get(self, args: Mapping[str, Any], peer: Peer = UNKNOWN_PEER) -> Outcome:
@@ -1616,7 +1628,7 @@ class Agent:
             self.clock.monotonic(), self.clock.wall(), confirm=confirm, allowed_exes=allowed_exes
         )
         log.info("logged in %s on %s", session.user, session.host)
-        self._resume_orphans(session)
+        self._resume_orphans(session.host, session.user)
         return {"host": session.host, "user": session.user, "session": True}
 
     def process_logout(self, args: Mapping[str, Any]) -> Outcome:

@@ -386,6 +386,9 @@ def test_a_leftover_is_retried_with_backoff_and_given_up_after_a_day(
     assert last.orphans == {}
     assert in_file(leftovers_path) == []
     assert third in account.keys
+    assert [
+        (entry.key_id, entry.outcome) for entry in last.audit_log.last() if entry.op == "delete"
+    ] == [(key_id_for(third), "remote_error")]
 
 
 def test_a_key_held_again_is_no_orphan(
@@ -586,10 +589,39 @@ def test_a_leftover_added_again_before_its_deletion_is_kept(
     again = restart(time, account, backend, leftovers_path)
     assert digest_of(secret) in again.orphans  # waits: no credentials for the account
     run(again, "add", **ACCOUNT, key=secret)
+    assert again.orphans == {}  # at once, not at the next login
+    assert run(again, "status")["pending_deletions"] == []
     login(again)
     assert secret in account.keys
     assert again.orphans == {}
     assert in_file(leftovers_path) == []
+
+
+def test_a_key_added_for_the_account_deletes_its_waiting_leftovers(
+    agent: Agent, time: FakeTime, account: FakeAccount, backend: MemoryKeyring,
+    leftovers_path: str,
+) -> None:  # fmt: skip
+    """A left-over key that waits for credentials is deleted as soon as the account has any:
+    a key added serves as well as a login. Each such deletion is in the audit log, as the
+    agent's own deletions are (op delete, no process)."""
+    secret = create(agent, lifetime=3600)
+    gone = create(agent, lifetime=3600)
+    account.keys.remove(gone)  # deleted on the service by someone meanwhile
+    again = restart(time, account, backend, leftovers_path)
+    assert set(again.orphans) == {digest_of(secret), digest_of(gone)}
+    run(again, "add", **ACCOUNT, key=KEPT)
+    assert secret not in account.keys
+    assert again.orphans == {}
+    assert in_file(leftovers_path) == []
+    deletions = {
+        (entry.key_id, entry.outcome, entry.host, entry.user, entry.pid)
+        for entry in again.audit_log.last()
+        if entry.op == "delete"
+    }
+    assert deletions == {
+        (key_id_for(secret), "ok", HOST, USER, None),
+        (key_id_for(gone), "not_found", HOST, USER, None),
+    }
 
 
 class FailingLeftovers(LeftoversFile):

@@ -123,7 +123,7 @@ def test_log_shows_each_use_and_change_as_a_table(agent: AgentProcess) -> None:
         ["get", "ok", key_id, HOST, USER],
         ["exec", "ok", key_id, HOST, USER],
         ["get", "not_found", "ffff", "-", "-"],
-        ["forget", "ok", key_id, "-", "-"],
+        ["forget", "ok", key_id, HOST, USER],  # the key forgotten, named in full
     ]
     assert rows[0][6:8] == [str(os.getpid()), str(os.getuid())]  # run_ctl runs in this process
     assert rows[2][6] != str(os.getpid())  # exec ran as its own process

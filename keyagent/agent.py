@@ -377,6 +377,9 @@ class Agent:
         """What the leftovers file was last asked to hold (None: not yet written)."""
         self._leftovers_retry: float | None = None
         """The wait before the next write after a failed one; None while no retry waits."""
+        self.leftovers_failing = False
+        """Whether the last write of the leftovers file failed (logged): until one succeeds,
+        a crash would leave this agent's ephemeral keys on the service unnamed."""
         self.held_keys = KeyStore(max_keys)
         self.audit_log = AuditLog(audit_entries)
         self._reserved = 0
@@ -1014,6 +1017,7 @@ class Agent:
         except KeyagentError as error:
             log.warning("the leftovers file was not written in time: %s", error.message)
             written = False
+        self.leftovers_failing = not written
         if not written:
             self._leftovers_written = None
             if self._leftovers_retry is None:
@@ -1034,6 +1038,7 @@ class Agent:
             except KeyagentError as error:
                 log.warning("the leftovers file was not written in time: %s", error.message)
                 written = False
+            self.leftovers_failing = not written
             if written:
                 break
             self._leftovers_written = None
@@ -1167,6 +1172,9 @@ class Agent:
             "sessions": [session.state() for session in self.sessions.values()],
             "pending_deletions": [pending.state() for pending in self.pending_deletions.values()]
             + [orphan.state() for orphan in self.orphans.values()],
+            "leftovers": None
+            if self.leftovers is None
+            else {"path": self.leftovers.path, "failing": self.leftovers_failing},
         }
 
     def _rules(self, args: Mapping[str, Any], secret: str | None = None) -> Rules:
@@ -1714,6 +1722,7 @@ class Agent:
         log.info("created key %s for %s on %s", held.key_id, session.user, session.host)
         if held.ephemeral:  # recorded before the reply: a crash after it cannot lose the key
             yield from self._record_leftovers()
+        unrecorded = held.ephemeral and self.leftovers is not None and self.leftovers_failing
         if persist:
             # The key exists on the service and is held now; only its persistence can fail.
             record = self._record(
@@ -1735,6 +1744,8 @@ class Agent:
             held.persisted = True
             self._leftovers_changed()  # the keyring holds it now
         listing = held.listing()
+        if unrecorded:  # the client says so: a crash now would leave the key on the service
+            listing["unrecorded"] = True
         if args.get("reveal"):
             self._check_export(held)  # merged with a held key that cannot be taken out
             listing["key"] = held.secret

@@ -16,6 +16,7 @@ Exit codes (stable, documented in the README):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -35,6 +36,10 @@ EXIT_OK, EXIT_AGENT_ERROR, EXIT_NO_AGENT, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 64,
 EXIT_BROKEN_PIPE = 141
 """128 + SIGPIPE: what the shell reports for a command the closed pipe killed."""
 DEFAULT_ENV_NAME = "CONDUCE_API_KEY"
+UNRECORDED = (
+    "the agent cannot record its ephemeral keys in its leftovers file (its log says why): "
+    "if it is killed, those keys stay on the service until keyagent-ctl prune deletes them"
+)
 
 
 class UsageError(Exception):
@@ -613,6 +618,9 @@ def cmd_status(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
             f"session {shown(session.get('user'))}@{shown(session.get('host'))}: {state}{since}"
             f"{ruled}\n"
         )
+    leftovers = status.get("leftovers")
+    if isinstance(leftovers, dict) and leftovers.get("failing") is True:
+        out.write(f"warning: {UNRECORDED} ({shown(leftovers.get('path'))})\n")
     for pending in status.get("pending_deletions") or []:
         note = ""
         if pending.get("left_over"):  # named by the leftovers file of a killed agent
@@ -910,6 +918,8 @@ def cmd_create(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
             f"created key {shown(created.get('key_id'))} for {shown(user)}@{shown(host)};"
             f" held by the agent{fate}\n"
         )
+    if created.get("unrecorded") is True:
+        sys.stderr.write(f"keyagent-ctl: warning: {UNRECORDED}\n")
     return EXIT_OK
 
 
@@ -1261,8 +1271,6 @@ def main(
             **{"command": "get", "key_id": None, "socket": None, "fast": True, **fast}
         )
     else:
-        import contextlib
-
         try:
             # argparse writes usage errors and help to sys.stdout/sys.stderr: send them to
             # the streams this call was given.
@@ -1273,7 +1281,8 @@ def main(
         except SystemExit as exit_:
             return int(exit_.code or 0)
     try:
-        with Client(getattr(args, "socket", None)) as client:
+        # A command's warnings go to sys.stderr: the stream this call was given.
+        with Client(getattr(args, "socket", None)) as client, contextlib.redirect_stderr(stderr):
             return HANDLERS[args.command](args, client, stdin, stdout)
     except UsageError as error:
         stderr.write(f"keyagent-ctl: {shown(error)}\n")

@@ -266,3 +266,34 @@ def test_an_untrusted_leftovers_file_is_reported_not_fatal(
     ctl(agent, emulator, "create", "--lifetime", "1h")
     (secret,) = emulator.api_keys(USER)
     assert fingerprints(leftovers) == [digest_of(secret)]
+
+
+def test_an_agent_that_cannot_record_its_keys_says_so_where_the_user_looks(
+    agent_factory: AgentFactory, emulator: Emulator
+) -> None:
+    """With the leftovers file's directory open to others (0755), the agent cannot record
+    its ephemeral keys for a crash. create --lifetime still makes and holds the key, and
+    exits 0, but warns on stderr, and status says so, until a write succeeds again."""
+    first = start(agent_factory, emulator)
+    leftovers = leftovers_of(first)
+    first.stop()
+    leftovers.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    leftovers.parent.chmod(0o755)
+    agent = start(agent_factory, emulator)
+    login(agent, emulator)
+    created = ctl(agent, emulator, "create", "--lifetime", "1h")
+    assert "keyagent-ctl: warning: the agent cannot record its ephemeral keys" in created.err
+    assert "held by the agent; deleted on the service when it expires" in created.out
+    assert agent_status(agent)["leftovers"] == {"path": str(leftovers), "failing": True}
+    status = run_ctl(agent.socket_path, "status")
+    assert "warning: the agent cannot record its ephemeral keys in its leftovers file" in (
+        status.out
+    )
+    assert str(leftovers) in status.out
+    kept = ctl(agent, emulator, "create")  # not ephemeral: nothing to record, no warning
+    assert "warning" not in kept.err
+    leftovers.parent.chmod(0o700)
+    ctl(agent, emulator, "create", "--lifetime", "1h")  # the next write succeeds
+    assert agent_status(agent)["leftovers"] == {"path": str(leftovers), "failing": False}
+    assert "warning" not in run_ctl(agent.socket_path, "status").out
+    assert len(fingerprints(leftovers)) == 2

@@ -34,7 +34,7 @@ from typing import Any, Final, Literal
 
 import requests
 from requests.cookies import RequestsCookieJar
-from urllib3.exceptions import ReadTimeoutError
+from urllib3.exceptions import NewConnectionError, ReadTimeoutError
 from urllib3.util import Retry
 
 from keyagent.errors import (
@@ -71,8 +71,9 @@ API_PREFIX: Final = "/conduce/api/v1/"
 MAX_ANSWER: Final = 1024 * 1024
 _READ_CHUNK: Final = 64 * 1024
 CREATE_UNSURE: Final = (
-    "the key may have been made all the same: keyagent-ctl list --remote shows it, and "
-    "keyagent-ctl prune deletes such a key (a create is never sent twice)"
+    "the key may have been made all the same (a create is never sent twice): see "
+    "keyagent-ctl list --remote, and delete it with keyagent-ctl remove KEY_ID (prune "
+    "deletes it too, unless it was made with --print or --keep)"
 )
 """The next step after a create that got no answer: retrying could make a second key."""
 
@@ -601,9 +602,13 @@ class ConduceAccount:
                 RemoteUnreachable(f"{late}; retry later or raise the read timeout"), unsure=late
             )
         if isinstance(error, requests.exceptions.ConnectionError):
-            # Refused, or dropped once the request was sent: the service may have acted.
+            # Refused (nothing sent), or dropped once the request was sent: the service may
+            # have acted on it.
             lost = f"{self.host} could not be reached or dropped the connection"
-            return _Failure(RemoteUnreachable(f"{lost}; check the host and network"), unsure=lost)
+            return _Failure(
+                RemoteUnreachable(f"{lost}; check the host and network"),
+                unsure=None if _never_sent(error) else lost,
+            )
         if isinstance(error, requests.exceptions.ChunkedEncodingError):
             cut = f"{self.host} dropped the connection mid-answer"
             return _Failure(RemoteUnreachable(f"{cut}; retry later"), unsure=cut)
@@ -678,6 +683,16 @@ class _Answer:
     status_code: int
     cookies: RequestsCookieJar = field(repr=False)
     body: bytes = field(repr=False)
+
+
+def _never_sent(error: requests.exceptions.ConnectionError) -> bool:
+    """Whether the request failed before it could leave: no connection was made (refused,
+    an unknown host, a proxy that failed), so the service cannot have acted on it."""
+    if isinstance(error, requests.exceptions.ProxyError):
+        return True
+    reason = error.args[0] if error.args else None
+    reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError wraps the cause
+    return isinstance(reason, NewConnectionError)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import requests
 import responses
+from urllib3.exceptions import MaxRetryError, NameResolutionError, NewConnectionError
 
 from keyagent.conduce import (
     API_PREFIX,
@@ -686,6 +687,26 @@ def test_a_create_left_unanswered_says_the_key_may_exist_not_retry(
         account.create_key("x")
     assert "did not accept a connection" in caught.value.message
     assert CREATE_UNSURE not in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "cause",
+    [
+        NewConnectionError(None, "refused"),  # type: ignore[arg-type]
+        NameResolutionError("app.conduce.example", None, OSError("no such name")),  # type: ignore[arg-type]
+    ],
+)
+def test_a_create_that_never_left_keeps_the_network_advice(
+    account: ConduceAccount, rsps: responses.RequestsMock, cause: Exception
+) -> None:
+    """A connection refused, or a host name that does not resolve: nothing reached the
+    service, so a create failing so says to check the host, not that a key may exist."""
+    logged_in(account, rsps)
+    refused = requests.ConnectionError(MaxRetryError(None, CREATE, cause))  # type: ignore[arg-type]
+    rsps.add(responses.POST, CREATE, body=refused)
+    with pytest.raises(RemoteUnreachable) as caught:
+        account.create_key("x")
+    assert caught.value.message.endswith("check the host and network")
 
 
 def test_redirects_are_not_followed(account: ConduceAccount, rsps: responses.RequestsMock) -> None:

@@ -1737,6 +1737,17 @@ class Agent:
             except KeyagentError as error:
                 if isinstance(error, Overdue):  # should the save complete after all: persisted
                     self.in_background(self._mark_persisted_when_saved(error.late, held))
+                elif self.at_stop is not None:
+                    # Stopping, and not persisted: nobody would hold the key once the agent
+                    # exits, with a lifetime or without. It dies at stop (see _saving).
+                    held.ephemeral = True
+                    stopping = Busy(
+                        f"the OS keyring did not take key {held.key_id} ({error.message}) "
+                        f"while the agent stops, so it deletes key {held.key_id} on the "
+                        "service before it exits; start an agent again, then retry"
+                    )
+                    _about(stopping, held)
+                    raise stopping from None
                 raise KeyringUnavailable(
                     f"created key {held.key_id} and the agent holds it, but it is not in the "
                     f"OS keyring: {error.message}"

@@ -153,8 +153,9 @@ def remove_socket(path: str, bound: FileIdentity | None) -> None:
 def file_identity(path: str) -> FileIdentity | None:
     """(device, inode, change time) of ``path``, to tell at exit whether the socket file is
     still ours. The inode alone is not enough: a file system may give a new agent's socket
-    the inode of ours, freed when it replaced it; the two are not made in the same
-    nanosecond."""
+    the inode of ours, freed when it replaced it; a socket made later has a later change
+    time (to the file system's clock, which may tick only every few milliseconds: the
+    stopping agent removes its files before a successor can start, see keyagent.core)."""
     try:
         info = os.lstat(path)
     except OSError:

@@ -279,13 +279,15 @@ def test_a_stopping_agent_starts_no_scheduled_rotation(
     assert [name for name, _ in account.calls].count("create") == 1
 
 
+@pytest.mark.parametrize("lifetime", [{"lifetime": 3600}, {}], ids=["ephemeral", "lasting"])
 @pytest.mark.parametrize("saved", [True, False], ids=["saved", "save-failed"])
 def test_a_key_being_persisted_at_stop_is_kept_if_saved_and_deleted_if_not(
-    agent: Agent, account: FakeAccount, time: FakeTime, saved: bool
+    agent: Agent, account: FakeAccount, time: FakeTime, saved: bool, lifetime: dict[str, int]
 ) -> None:
-    """An ephemeral key whose keyring save is under way when the stop comes is waited for:
+    """A created key whose keyring save is under way when the stop comes is waited for:
     saved, it is kept (it comes back at the next start); if the save fails, it is deleted on
-    the service like any ephemeral key that is not persisted."""
+    the service like any ephemeral key that is not persisted, a key without a lifetime too
+    (nobody would hold it once the agent exits), and the create says so (busy)."""
     run(agent, "login", **ACCOUNT, password="pw")
     driver_for(agent)
     assert agent.keyring is not None
@@ -294,8 +296,10 @@ def test_a_key_being_persisted_at_stop_is_kept_if_saved_and_deleted_if_not(
     if not saved:
         backend.fail_with = RuntimeError("the keyring went away")
     held_work = HeldWorkDriver(time)
+    ended: list[errors.KeyagentError | None] = []
     held_work.start(
-        steps(agent, "create", **ACCOUNT, lifetime=3600, persist=True), lambda r, e: None
+        steps(agent, "create", **ACCOUNT, **lifetime, persist=True),
+        lambda result, error: ended.append(error),
     )
     (making,) = held_work.held
     held_work.end(making)  # the service made the key; its keyring save waits now
@@ -306,3 +310,9 @@ def test_a_key_being_persisted_at_stop_is_kept_if_saved_and_deleted_if_not(
     held_work.end(saving)
     assert agent.deletions_at_stop() == 0
     assert (key in account.keys) is saved
+    (error,) = ended
+    if saved:
+        assert error is None
+    else:
+        assert isinstance(error, errors.Busy)
+        assert f"deletes key {key_id_for(key)} on the service" in error.message

@@ -419,9 +419,10 @@ class Proxy:
             while True:
                 try:
                     head = http.next_request()
-                except Malformed:  # no request to name: an entry all the same
+                except (Malformed, Stalled) as error:  # no request to name: an entry all the same
+                    code = Timeout.code if isinstance(error, Stalled) else BadRequest.code
                     with self._audits:
-                        self.lender.audit(peer, BadRequest.code, **_fields(None, None, None, None))
+                        self.lender.audit(peer, code, **_fields(None, None, None, None))
                     raise
                 if head is None or not self._exchange(http, head, peer, lent):
                     break

@@ -531,11 +531,14 @@ def test_a_slow_head_is_answered_408_and_cut(conduce_agent: AgentProcess) -> Non
         assert time.monotonic() - connected >= 1.9  # not before --line-timeout (2 s)
     assert (status, code, body["error"]["code"]) == (408, "timeout", "timeout")
     assert "did not arrive whole within 2 s" in body["error"]["message"]
+    with conduce_agent.client() as client:
+        (entry,) = [e for e in client.log() if e["op"] == "proxy"]
+    assert (entry["outcome"], entry["method"], entry["path"]) == ("timeout", None, None)
 
 
 def stalled(agent: AgentProcess, emu: Emulator, head: str, body: str) -> dict[str, Any]:
     """Send a request that stops part way and wait: its answer must be 408 timeout and a
-    close. Returns the answer's JSON and the request's one audit entry."""
+    close. Returns the answer's message and the request's one audit entry."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(30)
         sock.connect(http_path(agent))

@@ -1220,6 +1220,13 @@ class Agent:
         digest = digest_of(args["key"])
         if digest in self._adding:  # its keyring save is under way: nothing decided yet
             raise Busy("an add of this key is under way; retry once it has ended")
+        orphan = self.orphans.get(digest)
+        if orphan is not None and orphan.running:  # a waiting one is kept (_resume_orphans)
+            raise Busy(
+                f"key {digest[:KEY_ID_SHOWN]}, left by an earlier agent, is being deleted on "
+                "the service right now; keyagent-ctl status shows it until that ends, after "
+                "which the key no longer works if it was deleted"
+            )
         held = self.held_keys.holding(digest)
         if args.get("persist", self.default_persist) or (held is not None and held.persisted):
             # A persisted key's record is written again even without --persist: the rules

@@ -19,7 +19,7 @@ from keyagent.persist import KeyringStore, PersistedKey
 from keyagent.store import digest_of, key_id_for
 from keyagent.testing.memory_keyring import MemoryKeyring
 
-from .fakes import WALL, FakeAccount, FakeTime, driver_for, run
+from .fakes import WALL, FakeAccount, FakeTime, HeldWorkDriver, driver_for, fails, run
 
 HOST, USER = "app.conduce.com", "ada@example.com"
 ACCOUNT = {"host": HOST, "user": USER}
@@ -595,6 +595,31 @@ def test_a_leftover_added_again_before_its_deletion_is_kept(
     assert secret in account.keys
     assert again.orphans == {}
     assert in_file(leftovers_path) == []
+
+
+def test_a_leftover_being_deleted_cannot_be_added_meanwhile(
+    agent: Agent, time: FakeTime, account: FakeAccount, backend: MemoryKeyring,
+    leftovers_path: str,
+) -> None:  # fmt: skip
+    """While the deletion of a left-over key is under way on the service, adding that key
+    is busy (it may be gone in a moment), not held to be deleted under the user's feet."""
+    run(agent, "add", **ACCOUNT, key=KEPT, persist=True)
+    secret = create(agent, lifetime=3600)
+    again = make_agent(time, account, backend, leftovers_path)
+    background = HeldWorkDriver(time)
+    again.driven_by(background.start_background)
+    keys, _ = KeyringStore(backend).load_all(time.wall)
+    again.restore(keys)
+    assert again.leftovers is not None
+    again.adopt_leftovers(again.leftovers.read())
+    assert again.orphans[digest_of(secret)].running  # its calls wait in background.held
+    refused = fails(again, "add", **ACCOUNT, key=secret)
+    assert isinstance(refused, errors.Busy)
+    assert "is being deleted on the service right now" in refused.message
+    while background.held:
+        background.end(background.held[0])
+    assert secret not in account.keys
+    assert again.held_keys.holding(digest_of(secret)) is None
 
 
 def test_a_key_added_for_the_account_deletes_its_waiting_leftovers(

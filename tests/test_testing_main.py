@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from keyagent.testing.__main__ import INSTALL_HINT
 from keyagent.testing.agent import wait_for_exit
-
-INSTALL_HINT = "pip install 'keyagent[testing]'"
 
 # Runs ``python -m keyagent.testing ARGS`` in a Python where ``import trustme`` fails, as it
 # does after a plain ``pip install .``; cheaper than a throwaway venv, and the same failure.
@@ -105,6 +104,7 @@ def test_serve_help_names_the_extra() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "keyagent[testing]" in result.stdout
+    assert "not the PyPI project" in result.stdout
     assert "--background" in result.stdout
 
 

@@ -29,7 +29,8 @@ never printed.
 plus ``CONDUCE_EMULATOR_PID`` and a line saying how to stop it (``kill
 "$CONDUCE_EMULATOR_PID"``), in the syntax of ``sh``, ``bash`` and ``zsh``.
 
-The emulator needs ``trustme`` (``pip install 'keyagent[testing]'``); without it ``serve``
+The emulator needs ``trustme`` (the ``testing`` extra, from keyagent's source tree:
+``pip install '/path/to/keyagent[testing]'``); without it ``serve``
 says so in one line and exits with status 69 (``EX_UNAVAILABLE``).
 """
 
@@ -51,7 +52,10 @@ from keyagent.testing.emulator import ConduceEmulator
 
 DEMO_USER = "demo@example.com"
 DEMO_PASSWORD = "demo-password"  # noqa: S105  # documented demo-only password
-INSTALL_HINT = "pip install 'keyagent[testing]'"
+INSTALL_HINT = (
+    "pip install '/path/to/keyagent[testing]' (keyagent's source tree; not the PyPI "
+    "project of that name)"
+)
 EX_UNAVAILABLE = 69  # sysexits.h: a program the command needs is not there
 PROG = "python -m keyagent.testing"
 

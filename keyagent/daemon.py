@@ -546,6 +546,8 @@ def exec_core(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command[:1] == ["--"]:  # argparse keeps the "--" that ends the options: not CMD
+        args.command = args.command[1:]
     syntax = shell_syntax(args.syntax)
     if args.kill:
         return kill_agent(syntax, sys.stdout, sys.stderr)
@@ -637,6 +639,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f" directory of its own; clients find it only through {paths.SOCKET_ENV}"
                 ' (eval "$(keyagent)" sets it)\n'
             )
+        elif args.command and accepts_connections(default):
+            # An outer agent serves the default path: this one, whose command learns its
+            # socket from the variables it is given, takes a private one (as ssh-agent CMD
+            # always does) rather than refuse to start.
+            path = paths.private_socket_path()
+            args.private_dir = os.path.dirname(path)  # the serving process removes it at exit
         else:
             path = default
             if (
@@ -648,7 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sys.stdout.write(systemd_lines(syntax, path))
                 return EXIT_OK
         try:
-            if default is not None:
+            if path == default:
                 # The runtime directory itself (XDG: owned by the user, mode 0700) must be
                 # safe too, or whoever owns it could swap our directory inside it.
                 check_private_dir(os.path.dirname(os.path.dirname(path)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -185,6 +186,58 @@ def test_socket_paths_with_control_characters_or_too_long_are_refused(tmp_path: 
     assert too_long.returncode == 1
     assert "is longer than a Unix socket path may be (107 bytes)" in too_long.stderr
     assert not os.path.exists(long)
+
+
+def test_a_double_dash_ends_keyagents_options_before_the_command(tmp_path: Path) -> None:
+    """keyagent -- CMD runs CMD (the "--" is not the command), as keyagent-ctl exec -- does;
+    a second "--" is the command's own."""
+    sock = private_dir(tmp_path) / "agent.sock"
+    ran = subprocess.run(
+        [sys.executable, "-m", "keyagent.daemon", "-a", str(sock), "--", "sh", "-c", "exit 3"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert ran.returncode == 3, ran.stderr
+    echoed = subprocess.run(
+        [sys.executable, "-m", "keyagent.daemon", "-a", str(sock), "--", "echo", "--", "-x"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert (echoed.returncode, echoed.stdout) == (0, "-- -x\n"), echoed.stderr
+
+
+def test_command_mode_beside_an_outer_agent_on_the_default_socket(tmp_path: Path) -> None:
+    """With an agent on the default socket already, keyagent CMD does not refuse: its agent
+    takes a private socket, which CMD is told (the outer agent's variables replaced), and
+    removes when it exits; the outer agent goes on serving the default path."""
+    runtime = private_dir(tmp_path)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    env.pop("KEYAGENT_SOCK", None)
+    outer = subprocess.run(
+        [sys.executable, "-m", "keyagent.daemon"],
+        capture_output=True, text=True, timeout=60, check=True, env=env,
+    )  # fmt: skip
+    default = runtime / "keyagent" / "agent.sock"
+    assert f"KEYAGENT_SOCK={default};" in outer.stdout
+    outer_pid = int(outer.stdout.split("KEYAGENT_PID=")[1].split(";")[0])
+    try:
+        inner = subprocess.run(
+            [sys.executable, "-m", "keyagent.daemon", "sh", "-c",
+             f'echo "$KEYAGENT_SOCK"; {PY} -m keyagent status --json'],
+            capture_output=True, text=True, timeout=60, check=False,
+            env={**env, "KEYAGENT_SOCK": str(default)},
+        )  # fmt: skip
+        assert inner.returncode == 0, inner.stderr
+        private, status = inner.stdout.split("\n", 1)
+        assert private != str(default)
+        assert json.loads(status)["socket"] == private
+        wait_until(
+            lambda: not os.path.exists(os.path.dirname(private)),
+            "the private socket directory removed with the inner agent", 10, pause=0.01,
+        )  # fmt: skip
+        with Client(str(default)) as client:
+            assert client.status()["pid"] == outer_pid
+    finally:
+        os.kill(outer_pid, signal.SIGTERM)
+        assert wait_for_exit(outer_pid, 10)
 
 
 def test_command_not_found_in_command_mode(tmp_path: Path) -> None:

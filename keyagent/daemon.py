@@ -282,6 +282,27 @@ def _agent_pid(path: str) -> int | None:
     return None
 
 
+def _systemd_agent(path: str) -> int | None:
+    """The pid of the agent on ``path`` if the user manager runs it (as keyagent.service),
+    else None: an agent started by hand is not one, even with the units installed."""
+    if not paths.systemd_unit_installed():  # cheap, and nothing to connect to otherwise
+        return None
+    pid = _agent_pid(path)
+    return pid if pid is not None and _under_systemd(pid) else None
+
+
+def _under_systemd(pid: int) -> bool:
+    """Whether ``pid`` runs in keyagent.service's control group (``/proc/PID/cgroup``)."""
+    try:
+        with open(f"/proc/{pid}/cgroup", encoding="utf-8", errors="replace") as cgroups:
+            # One "ID:CONTROLLERS:PATH" line per hierarchy; cgroup v2 has just "0::PATH".
+            return any(
+                line.rstrip("\n").rpartition("/")[2] == paths.SYSTEMD_SERVICE for line in cgroups
+            )
+    except OSError:
+        return False
+
+
 def _parent_of(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat_file:
@@ -298,7 +319,7 @@ def kill_agent(syntax: str, out: TextIO, err: TextIO) -> int:
     raw = os.environ.get(paths.PID_ENV, "")
     path = paths.socket_path()
     if not raw:
-        if path and paths.systemd_unit_installed() and _agent_pid(path) is not None:
+        if path and _systemd_agent(path) is not None:
             err.write(
                 f"keyagent: the agent on {path} runs under systemd; stop it with {SYSTEMD_STOP}\n"
             )
@@ -326,8 +347,8 @@ def kill_agent(syntax: str, out: TextIO, err: TextIO) -> int:
         if agent != pid:
             found = "no agent answers there" if agent is None else f"the agent there is pid {agent}"
             hint = f"check {paths.PID_ENV} and {paths.SOCKET_ENV}"
-            if agent is not None and paths.systemd_unit_installed():
-                hint = f"if that agent runs under systemd, stop it with {SYSTEMD_STOP}"
+            if agent is not None and _under_systemd(agent):
+                hint = f"that agent runs under systemd: stop it with {SYSTEMD_STOP}"
             err.write(
                 f"keyagent: pid {pid} is not the agent on {path} ({found}); nothing was"
                 f" killed: {hint}\n"
@@ -647,12 +668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.private_dir = os.path.dirname(path)  # the serving process removes it at exit
         else:
             path = default
-            if (
-                not foreground
-                and not args.command
-                and paths.systemd_unit_installed()
-                and _agent_pid(path) is not None
-            ):
+            if not foreground and not args.command and _systemd_agent(path) is not None:
                 sys.stdout.write(systemd_lines(syntax, path))
                 return EXIT_OK
         try:

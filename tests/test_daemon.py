@@ -638,12 +638,14 @@ def systemd_home(tmp_path: Path) -> dict[str, str]:
     )
 
 
-def test_under_systemd_eval_and_kill_point_to_systemctl(systemd_home: dict[str, str]) -> None:
-    """With the unit installed and an agent on the default socket, eval "$(keyagent)" uses it
-    and names systemctl, keyagent -k names systemctl, and clients say how to check the unit."""
+def test_a_hand_started_agent_is_not_taken_for_the_units(systemd_home: dict[str, str]) -> None:
+    """With the unit installed but the agent on the default socket started by hand (not in
+    keyagent.service's control group), eval "$(keyagent)" and keyagent -k do not send the
+    user to systemctl, which would stop nothing: a second agent is refused as usual, and -k
+    asks for the agent's pid. Once it is gone, clients say how to check the unit.
+    (tests/test_systemd.py shows both naming systemctl for an agent the manager runs.)"""
     env = systemd_home
-    expected = Path(env["XDG_RUNTIME_DIR"]) / "keyagent" / "agent.sock"
-    # The unit's agent: in the foreground on the default path, as systemd runs it.
+    # In the foreground on the default path, as systemd would run it, but by hand.
     process = subprocess.Popen(
         [sys.executable, "-m", "keyagent.daemon", "-D"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -654,12 +656,13 @@ def test_under_systemd_eval_and_kill_point_to_systemctl(systemd_home: dict[str, 
         started = run_shell(
             f'eval "$({PY} -m keyagent.daemon -s)" && echo "sock=$KEYAGENT_SOCK"', env
         )
-        assert started.returncode == 0, started.stderr
-        assert "systemctl --user stop keyagent.service" in started.stdout
-        assert f"sock={expected}" in started.stdout
+        assert "an agent is already running on" in started.stderr
+        assert "sock=\n" in started.stdout  # the eval set nothing
+        assert "systemctl" not in started.stdout + started.stderr
         killed = kill_with(env)
         assert killed.returncode == 1
-        assert "systemctl --user stop keyagent.service" in killed.stderr
+        assert "KEYAGENT_PID is not set to an agent's pid" in killed.stderr
+        assert "systemctl" not in killed.stderr
         assert process.poll() is None  # neither command started or stopped an agent
     finally:
         process.terminate()

@@ -1157,6 +1157,10 @@ def test_socket_activated_notify_service_end_to_end(user_manager: UserManager) -
         echo "active=$(systemctl --user is-active keyagent.service)"
         echo "main_pid=$(systemctl --user show -p MainPID --value keyagent.service)"
         echo "status_text=$(systemctl --user show -p StatusText --value keyagent.service)"
+        # eval "$(keyagent)" and keyagent -k find the agent the manager runs, and say so.
+        env -u KEYAGENT_PID "$PYTHON" -m keyagent.daemon -s >"$OUT/eval.txt" 2>&1 || true
+        env -u KEYAGENT_PID KEYAGENT_SOCK="$XDG_RUNTIME_DIR/keyagent/agent.sock" \
+            "$PYTHON" -m keyagent.daemon -k >"$OUT/kill.txt" 2>&1 || true
         systemctl --user stop keyagent.service
         echo "result=$(systemctl --user show -p Result --value keyagent.service)"
         echo "exit=$(systemctl --user show -p ExecMainCode,ExecMainStatus --value keyagent.service \
@@ -1191,3 +1195,8 @@ def test_socket_activated_notify_service_end_to_end(user_manager: UserManager) -
         "final": "inactive",
     }, run.output
     assert second["pid"] != first["pid"]  # a new activation, on the socket systemd kept
+    evaluated = (run.out / "eval.txt").read_text()
+    assert "keyagent runs under systemd" in evaluated, evaluated
+    assert "unset KEYAGENT_PID;" in evaluated
+    killed = (run.out / "kill.txt").read_text()
+    assert "runs under systemd; stop it with systemctl --user stop keyagent.service" in killed

@@ -247,6 +247,15 @@ def systemctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str
     return result
 
 
+def _unreachable_manager() -> str | None:
+    """Why no systemd user manager answers ``systemctl --user`` here, or None if one does.
+    ServiceError if systemctl itself is missing or hangs."""
+    result = systemctl("show-environment", check=False)
+    if result.returncode == 0:
+        return None
+    return " ".join((result.stderr or result.stdout).split()) or f"status {result.returncode}"
+
+
 def _state(*args: str) -> str:
     """One word from ``systemctl --user is-enabled|is-active UNIT``, or why there is none."""
     try:
@@ -324,6 +333,13 @@ def install(out: TextIO, *, force: bool = False) -> None:
             "; ".join(refused) + ": nothing was changed; move it away, or run keyagent-ctl"
             " service install --force to replace it"
         )
+    unreachable = _unreachable_manager()
+    if unreachable is not None:  # units no manager loads would only mislead: write none
+        raise ServiceError(
+            f"no systemd user manager answers here ({unreachable}): nothing was written;"
+            " run this command in your own login session, where systemctl --user works"
+            " (keyagent-ctl service install --print shows the units)"
+        )
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -383,8 +399,19 @@ def uninstall(out: TextIO, *, force: bool = False) -> None:
         )
         raise ServiceError(f"{owners}: nothing was changed; {hint}")
     names = [unit.name for unit in removable]
-    systemctl("disable", "--now", *names)
-    out.write(f"ran systemctl --user disable --now {' '.join(names)}\n")
+    unreachable = _unreachable_manager()
+    if unreachable is None:
+        systemctl("disable", "--now", *names)
+        out.write(f"ran systemctl --user disable --now {' '.join(names)}\n")
+    else:
+        # No manager runs them here (an install that never reached one, say): the files
+        # and the link `enable` makes go all the same.
+        out.write(f"no systemd user manager answers here ({unreachable}): removing the files\n")
+        for name in names:
+            link = directory / "sockets.target.wants" / name
+            if link.is_symlink():
+                link.unlink()
+                out.write(f"removed {link}\n")
     for unit in removable:
         try:
             unit.path.unlink(missing_ok=True)
@@ -394,8 +421,14 @@ def uninstall(out: TextIO, *, force: bool = False) -> None:
                 " yourself, then run systemctl --user daemon-reload"
             ) from None
         out.write(f"removed {unit.path}\n")
-    systemctl("daemon-reload")
-    out.write("ran systemctl --user daemon-reload\n")
+    if unreachable is None:
+        systemctl("daemon-reload")
+        out.write("ran systemctl --user daemon-reload\n")
+    else:
+        out.write(
+            "if a user manager runs in your login session, run systemctl --user daemon-reload"
+            " there\n"
+        )
     # `enable` made this directory for its link, and `disable` emptied it: it goes too.
     wants = directory / "sockets.target.wants"
     try:

@@ -207,16 +207,34 @@ def test_install_refuses_a_unit_edited_since_it_wrote_it(config_home: Path) -> N
 
 
 @pytest.mark.skipif(shutil.which("systemctl") is None, reason="systemctl is not installed")
-def test_install_without_a_user_manager_names_the_next_step(config_home: Path) -> None:
-    """With no user manager to reach, install says which systemctl call failed and what to do."""
+def test_install_without_a_user_manager_writes_nothing_and_names_the_next_step(
+    config_home: Path,
+) -> None:
+    """With no user manager to reach, install writes no unit (one no manager loads would
+    only mislead, and leave files behind), says why and what to do."""
     status, out, err = run_ctl("service", "install")
     assert status == 1
-    assert "systemctl --user daemon-reload failed" in err
+    assert "no systemd user manager answers here" in err
+    assert "nothing was written" in err
     assert "in your own login session" in err
-    assert "wrote " in out  # the files are in place: running it again finishes the job
-    status, out, _ = run_ctl("service", "install")
-    assert status == 1
-    assert out.count("unchanged ") == 2
+    assert out == ""
+    assert not (config_home / "systemd" / "user").exists()
+
+
+@pytest.mark.skipif(shutil.which("systemctl") is None, reason="systemctl is not installed")
+def test_uninstall_without_a_user_manager_removes_its_own_files(config_home: Path) -> None:
+    """Units install wrote (and the link enable made), found where no user manager answers:
+    uninstall removes them all the same, says so, and names the reload to run elsewhere."""
+    unit_dir = config_home / "systemd" / "user"
+    (unit_dir / "sockets.target.wants").mkdir(parents=True)
+    for name, text in service.render_for_this_installation().items():
+        (unit_dir / name).write_text(text)
+    (unit_dir / "sockets.target.wants" / "keyagent.socket").symlink_to(unit_dir / "keyagent.socket")
+    status, out, err = run_ctl("service", "uninstall")
+    assert status == 0, err
+    assert "no systemd user manager answers here" in out
+    assert "run systemctl --user daemon-reload there" in out
+    assert list(unit_dir.iterdir()) == []
 
 
 def test_uninstall_leaves_units_it_did_not_write(config_home: Path) -> None:

@@ -220,38 +220,54 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def shell_syntax(explicit: str | None) -> str:
+    """``sh``, ``csh`` or ``fish``: the flag's, else the one ``$SHELL`` names (sh if none)."""
     if explicit:
         return explicit
-    return "csh" if os.environ.get("SHELL", "").endswith("csh") else "sh"
+    shell = os.path.basename(os.environ.get("SHELL", ""))
+    if shell.endswith("csh"):
+        return "csh"
+    return "fish" if shell == "fish" else "sh"
+
+
+def _quote(syntax: str, value: str) -> str:
+    if syntax == "fish":  # in fish's single quotes, backslash escapes ' and itself
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return shlex.quote(value)
+
+
+def _set(syntax: str, name: str, value: str) -> str:
+    """One line that sets and exports ``name`` (a plain name: never quoted)."""
+    quoted = _quote(syntax, value)
+    if syntax == "csh":
+        return f"setenv {name} {quoted};\n"
+    if syntax == "fish":
+        return f"set -gx {name} {quoted};\n"
+    return f"{name}={quoted}; export {name};\n"
+
+
+def _unset(syntax: str, name: str) -> str:
+    if syntax == "csh":
+        return f"unsetenv {name};\n"
+    if syntax == "fish":
+        return f"set -e {name};\n"
+    return f"unset {name};\n"
 
 
 def env_lines(syntax: str, socket_path: str, pid: int, http_path: str | None = None) -> str:
-    quoted = shlex.quote(socket_path)
-    http = "" if http_path is None else shlex.quote(http_path)
-    if syntax == "csh":
-        return (
-            f"setenv {paths.SOCKET_ENV} {quoted};\n"
-            f"setenv {paths.PID_ENV} {pid};\n"
-            + (f"setenv {paths.HTTP_SOCKET_ENV} {http};\n" if http else "")
-            + f"echo Agent pid {pid};\n"
-        )
     return (
-        f"{paths.SOCKET_ENV}={quoted}; export {paths.SOCKET_ENV};\n"
-        f"{paths.PID_ENV}={pid}; export {paths.PID_ENV};\n"
-        + (f"{paths.HTTP_SOCKET_ENV}={http}; export {paths.HTTP_SOCKET_ENV};\n" if http else "")
+        _set(syntax, paths.SOCKET_ENV, socket_path)
+        + _set(syntax, paths.PID_ENV, str(pid))
+        + (_set(syntax, paths.HTTP_SOCKET_ENV, http_path) if http_path is not None else "")
         + f"echo Agent pid {pid};\n"
     )
 
 
 def unset_lines(syntax: str, pid: int) -> str:
-    if syntax == "csh":
-        return (
-            f"unsetenv {paths.SOCKET_ENV};\nunsetenv {paths.HTTP_SOCKET_ENV};\n"
-            f"unsetenv {paths.PID_ENV};\necho Agent pid {pid} killed;\n"
-        )
     return (
-        f"unset {paths.SOCKET_ENV};\nunset {paths.HTTP_SOCKET_ENV};\nunset {paths.PID_ENV};\n"
-        f"echo Agent pid {pid} killed;\n"
+        _unset(syntax, paths.SOCKET_ENV)
+        + _unset(syntax, paths.HTTP_SOCKET_ENV)
+        + _unset(syntax, paths.PID_ENV)
+        + f"echo Agent pid {pid} killed;\n"
     )
 
 
@@ -372,18 +388,12 @@ def systemd_lines(syntax: str, socket_path: str) -> str:
     """For eval "$(keyagent)" when the agent on the default socket runs under systemd: use
     it (clients find it by default; the lines export the socket all the same, and clear a
     stale pid) and say how it is stopped."""
-    quoted = shlex.quote(socket_path)
-    http = shlex.quote(paths.http_socket_path(socket_path))
-    note = f"echo keyagent runs under systemd on {quoted}: stop it with {SYSTEMD_STOP};\n"
-    if syntax == "csh":
-        return (
-            f"setenv {paths.SOCKET_ENV} {quoted};\nsetenv {paths.HTTP_SOCKET_ENV} {http};\n"
-            f"unsetenv {paths.PID_ENV};\n{note}"
-        )
+    quoted = _quote(syntax, socket_path)
     return (
-        f"{paths.SOCKET_ENV}={quoted}; export {paths.SOCKET_ENV};\n"
-        f"{paths.HTTP_SOCKET_ENV}={http}; export {paths.HTTP_SOCKET_ENV};\n"
-        f"unset {paths.PID_ENV};\n{note}"
+        _set(syntax, paths.SOCKET_ENV, socket_path)
+        + _set(syntax, paths.HTTP_SOCKET_ENV, paths.http_socket_path(socket_path))
+        + _unset(syntax, paths.PID_ENV)
+        + f"echo keyagent runs under systemd on {quoted}: stop it with {SYSTEMD_STOP};\n"
     )
 
 

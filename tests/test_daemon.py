@@ -93,6 +93,51 @@ def test_shell_lines_export_the_http_socket() -> None:
     assert "unsetenv KEYAGENT_HTTP_SOCK;" in daemon.unset_lines("csh", 42)
 
 
+@pytest.mark.parametrize(
+    ("shell", "syntax"),
+    [("/usr/bin/fish", "fish"), ("/bin/tcsh", "csh"), ("/bin/csh", "csh"),
+     ("/bin/bash", "sh"), ("/usr/local/bin/zsh", "sh"), ("", "sh"), ("/opt/selfish", "sh")],
+)  # fmt: skip
+def test_the_syntax_follows_the_login_shell_unless_a_flag_says(
+    monkeypatch: pytest.MonkeyPatch, shell: str, syntax: str
+) -> None:
+    """$SHELL picks the lines' syntax (fish by its name, csh and tcsh by their ending);
+    -s or -c overrides it."""
+    monkeypatch.setenv("SHELL", shell)
+    assert daemon.shell_syntax(None) == syntax
+    assert daemon.shell_syntax("sh") == "sh"
+    assert daemon.shell_syntax("csh") == "csh"
+
+
+@pytest.mark.skipif(shutil.which("fish") is None, reason="fish is not installed")
+def test_fish_sources_the_lines_of_start_and_kill(tmp_path: Path) -> None:
+    """In fish (SHELL names it), keyagent | source exports the variables, quoted for fish
+    (a path with a space, a quote and a backslash), a client reaches the agent through them,
+    and keyagent -k | source stops it and erases them."""
+    directory = private_dir(tmp_path, "it's a \\ dir")
+    sock = directory / "agent.sock"
+    script = (
+        f"{PY} -m keyagent.daemon -a {shlex.quote(str(sock))} | source\n"
+        'echo "sock=$KEYAGENT_SOCK"\n'
+        f"{PY} -m keyagent status --json >/dev/null; and echo reached\n"
+        f"{PY} -m keyagent.daemon -k | source\n"
+        "set -q KEYAGENT_SOCK KEYAGENT_PID KEYAGENT_HTTP_SOCK; or echo erased\n"
+    )
+    env = {**os.environ, "SHELL": "/usr/bin/fish"}
+    for name in ("KEYAGENT_SOCK", "KEYAGENT_PID", "KEYAGENT_HTTP_SOCK"):
+        env.pop(name, None)
+    ran = subprocess.run(
+        ["fish", "--no-config", "-c", script],
+        capture_output=True, text=True, timeout=60, check=False, env=env,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    lines = ran.stdout.splitlines()
+    assert f"sock={sock}" in lines
+    assert "reached" in lines
+    assert "erased" in lines
+    wait_until(lambda: not sock.exists(), "the agent's socket removed", 10, pause=0.01)
+
+
 def test_the_http_socket_sits_beside_the_agent_socket() -> None:
     """http.sock beside agent.sock; beside any other name, that name with .http added."""
     assert paths.http_socket_path("/run/user/1/keyagent/agent.sock") == (

@@ -343,7 +343,10 @@ def kill_agent(syntax: str, out: TextIO, err: TextIO) -> int:
             err.write(f"keyagent: {paths.PID_ENV} is not set to an agent's pid; nothing to kill\n")
         return EXIT_FAILURE
     if not (raw.isascii() and raw.isdigit()) or int(raw) <= 1:
-        err.write(f"keyagent: {paths.PID_ENV} is not set to an agent's pid; nothing to kill\n")
+        err.write(
+            f"keyagent: {paths.PID_ENV} is set, but not to a process id (a number above 1);"
+            f' nothing was killed: set it to the agent\'s pid, as eval "$(keyagent)" does\n'
+        )
         return EXIT_FAILURE
     pid = int(raw)
     if not path:

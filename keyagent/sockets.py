@@ -110,7 +110,8 @@ def bind_listener(
             raise SocketSetupError(f"{path} exists and is not a socket; remove it or use -a")
         if (alive or agent_answers)(path):
             raise SocketSetupError(
-                f"an agent is already running on {path}; use it, or stop it with keyagent -k"
+                f"an agent is already running on {path}; use it, or stop it with"
+                ' eval "$(keyagent -k)"'
             )
         log.info("replacing stale socket %s", path)
         os.unlink(path)

@@ -1610,6 +1610,10 @@ class Agent:
         deleting = 0 if self.lock.locked else self.due_at_stop()
         if deleting:  # the reply goes first; the server then deletes them (begin_stop)
             result["deleting"] = deleting
+        # Creates, rotations and keyring saves under way decide a key's fate: waited for.
+        waiting = self._reserved + len(self._rotating) + len(self._persisting)
+        if waiting and not self.lock.locked:
+            result["waiting"] = waiting
         return Stop(result)
 
     # --- Conduce operations --------------------------------------------------------------

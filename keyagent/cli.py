@@ -752,13 +752,22 @@ def cmd_unlock(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
 
 
 def cmd_stop(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
-    deleting = _count(client.stop(), "deleting")
-    if deleting:
-        # The agent answered before deleting: this returns now, and says what it still does.
-        out.write(
-            f"agent stopping; it first deletes {deleting} ephemeral key(s) on the service"
-            " (its log names any it could not)\n"
+    result = client.stop()
+    deleting, waiting = _count(result, "deleting"), _count(result, "waiting")
+    # The agent answered before deleting or waiting: this returns now, and says what it
+    # still does.
+    steps = []
+    if waiting:
+        steps.append(
+            f"waits for {waiting} create(s) or rotation(s) under way (the key each makes is"
+            " deleted on the service)"
         )
+    if deleting:
+        steps.append(
+            f"deletes {deleting} ephemeral key(s) on the service (its log names any it could not)"
+        )
+    if steps:
+        out.write(f"agent stopping; it first {', and '.join(steps)}\n")
     else:
         out.write("agent stopped\n")
     return EXIT_OK

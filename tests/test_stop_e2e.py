@@ -8,6 +8,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -182,6 +184,38 @@ def test_a_socket_file_with_our_inode_but_a_later_change_is_not_ours(tmp_path: P
         assert os.path.exists(path)
         remove_socket(path, bound)
         assert not os.path.exists(path)
+
+
+def test_stop_says_it_waits_for_a_create_under_way_and_the_create_says_why_it_failed(
+    agent_factory: AgentFactory, emulator: Emulator
+) -> None:
+    """A create hangs on the service when keyagent-ctl stop comes: stop says the agent first
+    waits for it; once the service answers, the create exits 1 (busy) naming the key the
+    agent deletes, the key is gone from the service, and the agent exits 0."""
+    agent = start(agent_factory, emulator)
+    ctl(agent, emulator, "login", "--password-stdin", stdin=PASSWORD + "\n")
+    emulator.inject(Fault.hang(), path="apikeys/create", count=1)
+    creating = subprocess.Popen(
+        [sys.executable, "-m", "keyagent", "--socket", agent.socket_path, "--host",
+         emulator.host, "--user", USER, "create"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert emulator.wait_for_hung(1, timeout=20)
+        stopped = run_ctl(agent.socket_path, "stop")
+        assert stopped.code == 0, stopped.err
+        assert stopped.out == (
+            "agent stopping; it first waits for 1 create(s) or rotation(s) under way (the key"
+            " each makes is deleted on the service)\n"
+        )
+    finally:
+        emulator.release()
+        out, err = creating.communicate(timeout=30)
+    assert creating.returncode == 1, out + err
+    assert "[busy]" in err
+    assert "deletes that key on the service before it exits" in err
+    assert exited(agent, 20) == 0
+    assert emulator.api_keys(USER) == []
 
 
 def log_entries(agent: AgentProcess) -> list[dict[str, Any]]:

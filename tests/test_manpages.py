@@ -41,10 +41,11 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def wheel(venv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A wheel built by that venv's pip from a copy of the source (the tree stays clean)."""
     source = tmp_path_factory.mktemp("source")
-    for name in ("pyproject.toml", "setup.py", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE", "MANIFEST.in"):
         shutil.copy(ROOT / name, source)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(ROOT / "keyagent", source / "keyagent", ignore=ignore)
+    shutil.copytree(ROOT / "man", source / "man")  # the pages' extra sections
     shutil.copytree(ROOT / "contrib" / "bin", source / "contrib" / "bin")
     out = tmp_path_factory.mktemp("wheel")
     run(str(venv / "bin" / "pip"), "wheel", "--quiet", "--no-deps", "-w", str(out), str(source))
@@ -107,8 +108,21 @@ def test_keyagent_ctl_page_documents_every_command_option_and_exit_status(
 
 
 def test_keyagent_page_documents_the_daemon(installed: Path) -> None:
-    """keyagent(1) names the daemon's flags and how to start it."""
-    text = man("-l", str(installed / "share" / "man" / "man1" / "keyagent.1"))
+    """keyagent(1) names the daemon's flags and how to start it, and has the sections a
+    daemon's page is read for: its environment, files and exit status."""
+    page = installed / "share" / "man" / "man1" / "keyagent.1"
+    if shutil.which("groff") is not None:
+        warnings = subprocess.run(
+            ["groff", "-man", "-Tutf8", "-ww", "-z", str(page)],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stderr  # fmt: skip
+        assert warnings == ""
+    text = man("-l", str(page))
+    sections = [line for line in text.splitlines() if line[:1].isalpha() and line.isupper()]
+    for section in ("ENVIRONMENT", "FILES", "EXIT STATUS", "SEE ALSO"):
+        assert section in sections, section
+    for name in ("XDG_RUNTIME_DIR", "KEYAGENT_PID", "KEYAGENT_ASKPASS", "leftovers-*.json"):
+        assert name in text, name
     assert "keyagent - a credential agent for the Conduce REST API" in text
     for option in ("-D", "-a PATH", "--lifetime", "--no-keyring", "--ca-bundle FILE"):
         assert option in text, option

@@ -83,18 +83,22 @@ def test_man_finds_the_pages_of_an_installation_on_path(installed: Path) -> None
         assert man("-w", program, path=on_path).strip() == expected
 
 
+def groff_warnings(page: Path) -> str:
+    """What groff warns of while it renders ``page`` (skips the test without groff)."""
+    if shutil.which("groff") is None:
+        pytest.skip("groff is not installed (apt-get install groff-base)")
+    return subprocess.run(
+        ["groff", "-man", "-Tutf8", "-ww", "-z", str(page)],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stderr  # fmt: skip
+
+
 def test_keyagent_ctl_page_documents_every_command_option_and_exit_status(
     installed: Path,
 ) -> None:
     """keyagent-ctl(1) renders cleanly and names each command, each option and each exit status."""
     page = installed / "share" / "man" / "man1" / "keyagent-ctl.1"
-    if shutil.which("groff") is None:
-        pytest.skip("groff is not installed (apt-get install groff-base)")
-    warnings = subprocess.run(
-        ["groff", "-man", "-Tutf8", "-ww", "-z", str(page)],
-        capture_output=True, text=True, timeout=30, check=True,
-    ).stderr  # fmt: skip
-    assert warnings == ""
+    assert groff_warnings(page) == ""
     text = man("-l", str(page))
     assert "keyagent-ctl - talk to a running keyagent" in text
     assert f"keyagent {__version__}" in text
@@ -111,12 +115,7 @@ def test_keyagent_page_documents_the_daemon(installed: Path) -> None:
     """keyagent(1) names the daemon's flags and how to start it, and has the sections a
     daemon's page is read for: its environment, files and exit status."""
     page = installed / "share" / "man" / "man1" / "keyagent.1"
-    if shutil.which("groff") is not None:
-        warnings = subprocess.run(
-            ["groff", "-man", "-Tutf8", "-ww", "-z", str(page)],
-            capture_output=True, text=True, timeout=30, check=True,
-        ).stderr  # fmt: skip
-        assert warnings == ""
+    assert groff_warnings(page) == ""
     text = man("-l", str(page))
     sections = [line for line in text.splitlines() if line[:1].isalpha() and line.isupper()]
     for section in ("ENVIRONMENT", "FILES", "EXIT STATUS", "SEE ALSO"):

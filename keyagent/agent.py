@@ -384,6 +384,8 @@ class Agent:
         self.audit_log = AuditLog(audit_entries)
         self._reserved = 0
         """Places for keys that requests still waiting (create, add with persist) will fill."""
+        self._creating = 0
+        """How many creates are under way (a stop waits for them, and says so)."""
         self._rotations: list[tuple[float, str]] = []
         """Scheduled rotations (monotonic time, digest); see :meth:`rotate_due`."""
         self._rotation_delays: dict[str, float] = {}
@@ -728,7 +730,10 @@ class Agent:
     def due_at_stop(self) -> int:
         """How many keys :meth:`begin_stop` would delete on the service now."""
         now = self.clock.monotonic()
-        held = sum(_dies_at_stop(key) for key in self.held_keys.matching(now))
+        held = sum(
+            _dies_at_stop(key) and key.digest not in self._persisting  # a save decides those
+            for key in self.held_keys.matching(now)
+        )
         return held + len(self.pending_deletions)
 
     def begin_stop(self) -> int:
@@ -1610,8 +1615,8 @@ class Agent:
         deleting = 0 if self.lock.locked else self.due_at_stop()
         if deleting:  # the reply goes first; the server then deletes them (begin_stop)
             result["deleting"] = deleting
-        # Creates, rotations and keyring saves under way decide a key's fate: waited for.
-        waiting = self._reserved + len(self._rotating) + len(self._persisting)
+        # Creates and rotations under way (their keyring saves included) are waited for.
+        waiting = self._creating + len(self._rotating)
         if waiting and not self.lock.locked:
             result["waiting"] = waiting
         return Stop(result)
@@ -1680,6 +1685,13 @@ class Agent:
 
     def process_create(self, args: Mapping[str, Any]) -> Steps:
         self._check_not_stopping()
+        self._creating += 1
+        try:
+            return (yield from self._create(args))
+        finally:
+            self._creating -= 1
+
+    def _create(self, args: Mapping[str, Any]) -> Steps:
         session = self.session_for(args["host"], args["user"])
         description: str = args.get("description", "created by keyagent")
         lifetime = args.get("lifetime", self.default_lifetime)

@@ -758,10 +758,7 @@ def cmd_stop(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextI
     # still does.
     steps = []
     if waiting:
-        steps.append(
-            f"waits for {waiting} create(s) or rotation(s) under way (the key each makes is"
-            " deleted on the service)"
-        )
+        steps.append(f"waits for {waiting} create(s) or rotation(s) under way")
     if deleting:
         steps.append(
             f"deletes {deleting} ephemeral key(s) on the service (its log names any it could not)"

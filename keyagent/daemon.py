@@ -20,6 +20,7 @@ command itself with exit status 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import logging
 import os
@@ -45,6 +46,7 @@ from keyagent.config import ConfigError
 from keyagent.config import load as load_config
 from keyagent.handoff import Handoff, Settings
 from keyagent.sockets import (
+    AgentRunning,
     FileIdentity,
     SocketSetupError,
     accepts_connections,
@@ -241,7 +243,10 @@ def _set(syntax: str, name: str, value: str) -> str:
     if syntax == "csh":
         return f"setenv {name} {quoted};\n"
     if syntax == "fish":
-        return f"set -gx {name} {quoted};\n"
+        # Long options: a Bourne shell that evals these by mistake (a script of a fish
+        # user, without -s) refuses them and changes nothing ("set -e" would turn on
+        # errexit there, and "set -gx" replace the script's arguments).
+        return f"set --global --export {name} {quoted};\n"
     return f"{name}={quoted}; export {name};\n"
 
 
@@ -249,7 +254,7 @@ def _unset(syntax: str, name: str) -> str:
     if syntax == "csh":
         return f"unsetenv {name};\n"
     if syntax == "fish":
-        return f"set -e {name};\n"
+        return f"set --erase {name};\n"
     return f"unset {name};\n"
 
 
@@ -317,6 +322,15 @@ def _under_systemd(pid: int) -> bool:
             )
     except OSError:
         return False
+
+
+def _remove_private_dir(args: argparse.Namespace) -> None:
+    """Remove the directory made for this agent's socket alone (no runtime directory, or
+    beside an outer agent) when start-up fails; rmdir removes it only if it is empty."""
+    directory = getattr(args, "private_dir", None)
+    if directory:
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
 
 
 def _parent_of(pid: int) -> int | None:
@@ -673,12 +687,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f" directory of its own; clients find it only through {paths.SOCKET_ENV}"
                 ' (eval "$(keyagent)" sets it)\n'
             )
-        elif args.command and accepts_connections(default):
-            # An outer agent serves the default path: this one, whose command learns its
-            # socket from the variables it is given, takes a private one (as ssh-agent CMD
-            # always does) rather than refuse to start.
-            path = paths.private_socket_path()
-            args.private_dir = os.path.dirname(path)  # the serving process removes it at exit
         else:
             path = default
             if not foreground and not args.command and _systemd_agent(path) is not None:
@@ -689,8 +697,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # The runtime directory itself (XDG: owned by the user, mode 0700) must be
                 # safe too, or whoever owns it could swap our directory inside it.
                 check_private_dir(os.path.dirname(os.path.dirname(path)))
-            listener = bind_listener(path)
+            try:
+                listener = bind_listener(path)
+            except AgentRunning:
+                if not (args.command and path == default):
+                    raise
+                # An outer agent serves the default path: this one, whose command learns
+                # its socket from the variables it is given, takes a private one (as
+                # ssh-agent CMD always does) rather than refuse to start.
+                path = paths.private_socket_path()
+                args.private_dir = os.path.dirname(path)  # the serving process removes it
+                listener = bind_listener(path)
         except SocketSetupError as error:
+            _remove_private_dir(args)
             sys.stderr.write(f"keyagent: {error}\n")
             return EXIT_FAILURE
         bound = file_identity(path)
@@ -700,6 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SocketSetupError as error:
             listener.close()
             remove_socket(path, bound)
+            _remove_private_dir(args)
             sys.stderr.write(f"keyagent: the HTTP socket: {error}\n")
             return EXIT_FAILURE
         http = HttpListener(http_path, file_identity(http_path), http_listener)
@@ -714,6 +734,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             remove_socket(path, bound)
             if http is not None:
                 remove_socket(http.path, http.bound)
+            _remove_private_dir(args)
             sys.stderr.write(f"keyagent: could not start the agent: {error}\n")
             return EXIT_FAILURE
 
@@ -745,6 +766,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             remove_socket(path, bound)
             if http is not None:
                 remove_socket(http.path, http.bound)
+            _remove_private_dir(args)
             sys.stderr.write(
                 f"keyagent: could not start the agent: {type(error).__name__}: {error}\n"
             )
@@ -756,6 +778,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         http.listener.close()
     with os.fdopen(ready_r, "rb") as ready_pipe:
         if ready_pipe.read(1) != b"R":
+            _remove_private_dir(args)  # only if empty: the agent may still be on its way out
             sys.stderr.write("keyagent: the agent failed to start; run keyagent -d to see why\n")
             return EXIT_FAILURE
     if args.command:

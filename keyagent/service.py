@@ -410,7 +410,13 @@ def uninstall(out: TextIO, *, force: bool = False) -> None:
         for name in names:
             link = directory / "sockets.target.wants" / name
             if link.is_symlink():
-                link.unlink()
+                try:
+                    link.unlink()
+                except OSError as error:
+                    raise ServiceError(
+                        f"cannot remove {link}: {os.strerror(error.errno or 0)}; remove it"
+                        " yourself, then run this command again"
+                    ) from None
                 out.write(f"removed {link}\n")
     for unit in removable:
         try:
@@ -426,8 +432,9 @@ def uninstall(out: TextIO, *, force: bool = False) -> None:
         out.write("ran systemctl --user daemon-reload\n")
     else:
         out.write(
-            "if a user manager runs in your login session, run systemctl --user daemon-reload"
-            " there\n"
+            "if a user manager runs in your login session, keyagent may still run there: run"
+            " systemctl --user stop keyagent.socket keyagent.service, then systemctl --user"
+            " daemon-reload, there\n"
         )
     # `enable` made this directory for its link, and `disable` emptied it: it goes too.
     wants = directory / "sockets.target.wants"

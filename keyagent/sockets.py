@@ -26,6 +26,10 @@ class SocketSetupError(Exception):
     """The socket cannot be set up safely; the message says why and what to do."""
 
 
+class AgentRunning(SocketSetupError):
+    """An agent already answers on the path (:func:`bind_listener`)."""
+
+
 def check_private_dir(directory: str) -> None:
     """Create ``directory`` 0700 if missing; refuse one that is not ours alone."""
     try:
@@ -109,7 +113,7 @@ def bind_listener(
         if not stat.S_ISSOCK(info.st_mode):
             raise SocketSetupError(f"{path} exists and is not a socket; remove it or use -a")
         if (alive or agent_answers)(path):
-            raise SocketSetupError(
+            raise AgentRunning(
                 f"an agent is already running on {path}; use it, or stop it with"
                 ' eval "$(keyagent -k)"'
             )

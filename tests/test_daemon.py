@@ -109,6 +109,27 @@ def test_the_syntax_follows_the_login_shell_unless_a_flag_says(
     assert daemon.shell_syntax("csh") == "csh"
 
 
+@pytest.mark.parametrize("shell", ["sh", "bash"])
+def test_fish_lines_evaluated_by_a_bourne_shell_change_nothing(shell: str) -> None:
+    """A script of a fish user that evals the lines without -s gets fish's: its shell must
+    refuse them (bash goes on, dash stops the script), never turn on errexit or replace the
+    script's arguments and go on ("set -e X" and "set -gx X" would)."""
+    if shutil.which(shell) is None:
+        pytest.skip(f"{shell} is not installed")
+    lines = daemon.env_lines("fish", "/run/x/agent.sock", 42) + daemon.unset_lines("fish", 42)
+    script = f'set -- a b; eval {shlex.quote(lines)}; echo "flags=$- args=$*"'
+    ran = subprocess.run(
+        [shell, "-c", script], capture_output=True, text=True, timeout=30, check=False
+    )
+    went_on = [line for line in ran.stdout.splitlines() if line.startswith("flags=")]
+    if not went_on:
+        assert ran.returncode != 0  # the shell refused, and said so
+        return
+    flags, args = went_on[0].removeprefix("flags=").split(" args=")
+    assert "e" not in flags
+    assert args == "a b"
+
+
 @pytest.mark.skipif(shutil.which("fish") is None, reason="fish is not installed")
 def test_fish_sources_the_lines_of_start_and_kill(tmp_path: Path) -> None:
     """In fish (SHELL names it), keyagent | source exports the variables, quoted for fish
@@ -295,6 +316,18 @@ def test_command_mode_beside_an_outer_agent_on_the_default_socket(tmp_path: Path
         )  # fmt: skip
         with Client(str(default)) as client:
             assert client.status()["pid"] == outer_pid
+        # A private directory whose socket cannot be bound (the path too long): the start
+        # fails, saying why, and leaves no directory behind.
+        deep = tmp_path / ("d" * 90)
+        deep.mkdir(mode=0o700)
+        failed = subprocess.run(
+            [sys.executable, "-m", "keyagent.daemon", "true"],
+            capture_output=True, text=True, timeout=60, check=False,
+            env={**env, "TMPDIR": str(deep)},
+        )  # fmt: skip
+        assert failed.returncode == 1
+        assert "is longer than a Unix socket path may be" in failed.stderr
+        assert list(deep.iterdir()) == []
     finally:
         os.kill(outer_pid, signal.SIGTERM)
         assert wait_for_exit(outer_pid, 10)

@@ -233,7 +233,7 @@ def test_uninstall_without_a_user_manager_removes_its_own_files(config_home: Pat
     status, out, err = run_ctl("service", "uninstall")
     assert status == 0, err
     assert "no systemd user manager answers here" in out
-    assert "run systemctl --user daemon-reload there" in out
+    assert "systemctl --user stop keyagent.socket keyagent.service" in out
     assert list(unit_dir.iterdir()) == []
 
 

@@ -279,6 +279,35 @@ def test_a_stopping_agent_starts_no_scheduled_rotation(
     assert [name for name, _ in account.calls].count("create") == 1
 
 
+def test_the_stop_reply_counts_creates_under_way_once_and_adds_not_at_all(
+    agent: Agent, account: FakeAccount, time: FakeTime
+) -> None:
+    """stop's reply: a create whose keyring save is under way is one create waited for, not
+    also a key to delete (the save decides); an add --persist waiting on the keyring is
+    neither (it makes no key on the service)."""
+    run(agent, "login", **ACCOUNT, password="pw")
+    driver_for(agent)
+    held_work = HeldWorkDriver(time)
+    held_work.start(
+        steps(agent, "create", **ACCOUNT, lifetime=3600, persist=True), lambda r, e: None
+    )
+    (making,) = held_work.held
+    held_work.end(making)  # the service made the key; its keyring save waits now
+    stop = agent.process_stop({})
+    assert isinstance(stop, Stop)
+    assert stop.result == {"stopping": True, "waiting": 1}
+    (saving,) = held_work.held
+    held_work.end(saving)
+    held_work.start(
+        steps(agent, "add", **ACCOUNT, key="added-key-0000-abcdefgh", persist=True),
+        lambda r, e: None,
+    )
+    assert held_work.held  # the add's keyring save
+    stop = agent.process_stop({})
+    assert isinstance(stop, Stop)
+    assert stop.result == {"stopping": True}
+
+
 @pytest.mark.parametrize("lifetime", [{"lifetime": 3600}, {}], ids=["ephemeral", "lasting"])
 @pytest.mark.parametrize("saved", [True, False], ids=["saved", "save-failed"])
 def test_a_key_being_persisted_at_stop_is_kept_if_saved_and_deleted_if_not(

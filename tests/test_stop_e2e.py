@@ -205,8 +205,7 @@ def test_stop_says_it_waits_for_a_create_under_way_and_the_create_says_why_it_fa
         stopped = run_ctl(agent.socket_path, "stop")
         assert stopped.code == 0, stopped.err
         assert stopped.out == (
-            "agent stopping; it first waits for 1 create(s) or rotation(s) under way (the key"
-            " each makes is deleted on the service)\n"
+            "agent stopping; it first waits for 1 create(s) or rotation(s) under way\n"
         )
     finally:
         emulator.release()

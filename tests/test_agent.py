@@ -140,7 +140,8 @@ def test_agent_serves_the_core_ops_in_protocol_order(agent: Agent) -> None:
 FRESH_OUTCOMES: dict[str, set[str] | type[KeyagentError]] = {
     "hello": {"protocol", "version", "ops"},
     "status": {"pid", "socket", "http_socket", "http_workers", "http_workers_max", "version",
-               "uptime", "locked", "keys", "default_lifetime", "sessions", "pending_deletions"},
+               "uptime", "locked", "keys", "default_lifetime", "sessions", "pending_deletions",
+               "leftovers"},
     "add": {"key_id", "fingerprint", "host", "user", "description", "created", "added",
             "expires", "source", "persisted", "exportable", "confirm", "allowed_exes",
             "ephemeral", "rotate_every", "next_rotation", "refused"},
@@ -215,6 +216,7 @@ def test_status_fields(agent: Agent, time: FakeTime) -> None:
         "default_lifetime": None,
         "sessions": [],
         "pending_deletions": [],
+        "leftovers": None,  # an agent with no leftovers file records nothing for a crash
     }
 
 

@@ -1730,16 +1730,15 @@ class Agent:
             now=self.clock.monotonic(), wall=self.clock.wall(), lifetime=lifetime,
             description=description, created=created, source="created",
             exportable=exportable, confirm=confirm, allowed_exes=allowed_exes,
-            ephemeral=ephemeral or orphan,
+            ephemeral=ephemeral,
         )  # fmt: skip
         if orphan:
-            stopping = Busy(
+            raise _dies_at_stop_now(
+                held,
                 f"the agent began to stop while the service made key {held.key_id}, and "
                 "deletes that key on the service before it exits; start an agent again, then "
-                "retry"
+                "retry",
             )
-            _about(stopping, held)
-            raise stopping
         if rotate_every is not None:
             self._schedule_rotation(held, rotate_every)
         log.info("created key %s for %s on %s", held.key_id, session.user, session.host)
@@ -1762,15 +1761,13 @@ class Agent:
                     self.in_background(self._mark_persisted_when_saved(error.late, held))
                 elif self.at_stop is not None:
                     # Stopping, and not persisted: nobody would hold the key once the agent
-                    # exits, with a lifetime or without. It dies at stop (see _saving).
-                    held.ephemeral = True
-                    stopping = Busy(
+                    # exits, with a lifetime or without (see _saving).
+                    raise _dies_at_stop_now(
+                        held,
                         f"the OS keyring did not take key {held.key_id} ({error.message}) "
                         f"while the agent stops, so it deletes key {held.key_id} on the "
-                        "service before it exits; start an agent again, then retry"
-                    )
-                    _about(stopping, held)
-                    raise stopping from None
+                        "service before it exits; start an agent again, then retry",
+                    ) from None
                 raise KeyringUnavailable(
                     f"created key {held.key_id} and the agent holds it, but it is not in the "
                     f"OS keyring: {error.message}"
@@ -2614,6 +2611,16 @@ class Agent:
         elif result.session_expired:
             session.mark_expired()
         return result.value
+
+
+def _dies_at_stop_now(held: HeldKey, message: str) -> Busy:
+    """For a key made while the agent stops that nobody would hold once it exits: mark it
+    to die at stop with the ephemeral keys (the stop's next sweep deletes it on the
+    service), and return the refusal that tells the client so, naming the key."""
+    held.ephemeral = True
+    refusal = Busy(message)
+    _about(refusal, held)
+    return refusal
 
 
 def _dies_at_stop(held: HeldKey) -> bool:

@@ -208,9 +208,9 @@ class HttpConnection:
             else:
                 timeout = deadline - time.monotonic()
                 if timeout <= 0:
-                    raise Stalled(self._slow_head)
+                    raise Stalled(self._stalled(in_body=False))
             try:
-                data = self._recv(timeout, stalled=self._slow_head)
+                data = self._recv(timeout, in_body=False)
             except ClientGone:
                 if deadline is None:
                     return None  # idle between requests: an orderly end
@@ -245,11 +245,7 @@ class HttpConnection:
             elif isinstance(event, h11.EndOfMessage):
                 return
             elif event is h11.NEED_DATA:
-                data = self._recv(
-                    self.io_timeout,
-                    stalled=f"no more of the request's body came for {self.io_timeout:g} s; "
-                    "send all of the body its head announces",
-                )
+                data = self._recv(self.io_timeout, in_body=True)
                 if not data:
                     raise ClientGone("closed mid-body")
                 conn.receive_data(data)
@@ -269,21 +265,26 @@ class HttpConnection:
         except h11.RemoteProtocolError as error:
             raise Malformed(error.error_status_hint, _plain(error)) from None
 
-    @property
-    def _slow_head(self) -> str:
+    def _stalled(self, *, in_body: bool) -> str:
+        """What a tool that stopped sending its request's head, or its body, is told."""
+        if in_body:
+            return (
+                f"no more of the request's body came for {self.io_timeout:g} s; send all of "
+                "the body its head announces"
+            )
         return (
             f"the request's head did not arrive whole within {self.head_timeout:g} s; send "
             "each request's head at once"
         )
 
-    def _recv(self, timeout: float, *, stalled: str) -> bytes:
-        """What the tool sent next; :class:`Stalled` (saying ``stalled``) if nothing came
-        within ``timeout``."""
+    def _recv(self, timeout: float, *, in_body: bool) -> bytes:
+        """What the tool sent next (of a request's body, or of what precedes it);
+        :class:`Stalled` if nothing came within ``timeout``."""
         self.sock.settimeout(max(timeout, 0.001))
         try:
             return self.sock.recv(RECV)
         except TimeoutError:
-            raise Stalled(stalled) from None
+            raise Stalled(self._stalled(in_body=in_body)) from None
         except OSError:
             raise ClientGone("connection lost") from None
 

@@ -206,11 +206,7 @@ def test_kill_without_pid_variable_fails_clearly() -> None:
 def test_kill_with_a_pid_variable_that_is_no_pid_says_so(value: str) -> None:
     """keyagent -k with KEYAGENT_PID set to what is no process id (or init's) exits 1,
     says the variable is set but wrong, without echoing it, and kills nothing."""
-    env = {**os.environ, "KEYAGENT_PID": value}
-    result = subprocess.run(
-        [sys.executable, "-m", "keyagent.daemon", "-k"],
-        env=env, capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
+    result = kill_with({**os.environ, "KEYAGENT_PID": value})
     assert result.returncode == 1
     assert "KEYAGENT_PID is set, but not to a process id" in result.stderr
     assert "\x1b" not in result.stderr

@@ -681,12 +681,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             # a random name cannot; clients learn it only from KEYAGENT_SOCK.
             path = paths.private_socket_path()
             args.private_dir = os.path.dirname(path)  # the serving process removes it at exit
-            sys.stderr.write(
-                "keyagent: XDG_RUNTIME_DIR is not set (to an absolute path): listening on"
-                f" {path}, in a private"
-                f" directory of its own; clients find it only through {paths.SOCKET_ENV}"
-                ' (eval "$(keyagent)" sets it)\n'
-            )
         else:
             path = default
             if not foreground and not args.command and _systemd_agent(path) is not None:
@@ -710,8 +704,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 listener = bind_listener(path)
         except SocketSetupError as error:
             _remove_private_dir(args)
-            sys.stderr.write(f"keyagent: {error}\n")
+            where = ""
+            if getattr(args, "private_dir", None):
+                where = " (the private directory is made in $TMPDIR, else /tmp)"
+            sys.stderr.write(f"keyagent: {error}{where}\n")
             return EXIT_FAILURE
+        if default is None and not args.socket:
+            sys.stderr.write(
+                "keyagent: XDG_RUNTIME_DIR is not set (to an absolute path): listening on"
+                f" {path}, in a private"
+                f" directory of its own; clients find it only through {paths.SOCKET_ENV}"
+                ' (eval "$(keyagent)" sets it)\n'
+            )
         bound = file_identity(path)
         http_path = paths.http_socket_path(path)
         try:

@@ -62,6 +62,51 @@ def check_private_dir(directory: str) -> None:
         )
 
 
+def check_ancestors(directory: str) -> None:
+    """Refuse a socket directory that another user could move aside and replace.
+
+    Whoever may write to a directory's parent may rename the directory and put one of their
+    own in its place, socket and all: tools that do not check who answers (curl on the HTTP
+    socket) would then talk to them. So each directory above ``directory`` must be owned by
+    root or by us, and closed to writes by group and others unless sticky (as /tmp is: there
+    only an entry's owner may rename it); a symbolic link on the way must be root's or ours,
+    and the directories it leads to are checked as well. OpenSSH checks the path to a user's
+    keys alike.
+    """
+    lexical = os.path.abspath(directory)
+    for chain in (lexical, os.path.realpath(lexical)):
+        current = os.path.dirname(chain)
+        while True:
+            _check_ancestor(current, directory)
+            parent = os.path.dirname(current)
+            if parent == current:
+                break
+            current = parent
+
+
+def _check_ancestor(ancestor: str, directory: str) -> None:
+    me = os.geteuid()
+    try:
+        info = os.lstat(ancestor)
+    except OSError as error:
+        raise SocketSetupError(
+            f"cannot check {ancestor}: {os.strerror(error.errno or 0)}; use -a PATH in a"
+            " directory of your own"
+        ) from None
+    if info.st_uid not in (0, me):
+        problem = f"owned by uid {info.st_uid}"
+    elif stat.S_ISLNK(info.st_mode) or info.st_mode & stat.S_ISVTX:
+        return  # a link is changed through its directory, checked next; sticky: see above
+    elif info.st_mode & 0o022:
+        problem = f"writable by group or others (mode {stat.S_IMODE(info.st_mode):04o})"
+    else:
+        return
+    raise SocketSetupError(
+        f"{ancestor} is {problem}, so another user could replace {directory} and answer in"
+        " the agent's place; use -a PATH under directories only you and root can change"
+    )
+
+
 def agent_answers(path: str, timeout: float = 2.0) -> bool:
     """True if an agent answers ``hello`` on ``path``; False if the socket is dead."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -105,6 +150,7 @@ def bind_listener(
     """
     directory = os.path.dirname(os.path.abspath(path))
     check_private_dir(directory)
+    check_ancestors(directory)
     try:
         info = os.lstat(path)
     except FileNotFoundError:

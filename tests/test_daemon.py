@@ -377,6 +377,71 @@ def test_refuses_a_directory_owned_by_another_user(tmp_path: Path) -> None:
     assert "owned by uid 65534" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("mode", "owner", "problem"),
+    [
+        (0o777, 0, "writable by group or others (mode 0777)"),
+        (0o775, 0, "writable by group or others (mode 0775)"),
+        (0o755, 65534, "owned by uid 65534"),
+    ],
+)
+def test_refuses_a_directory_another_user_could_replace(
+    tmp_path: Path, mode: int, owner: int, problem: str
+) -> None:
+    """Whoever may write to a parent of the socket's directory could move the directory
+    aside and answer in the agent's place: such a parent, however far up, is refused. (A
+    sticky one such as /tmp is not: see the private-directory test below.)"""
+    above = tmp_path / "above"
+    above.mkdir()
+    directory = private_dir(above)
+    os.chmod(tmp_path, mode)
+    os.chown(tmp_path, owner, 0)
+    result = start_foreground(directory / "agent.sock")
+    assert result.returncode == 1
+    assert f"{tmp_path} is {problem}, so another user could replace {directory}" in result.stderr
+    assert not (directory / "agent.sock").exists()
+
+
+def test_refuses_a_link_another_user_could_change(tmp_path: Path) -> None:
+    """A symbolic link on the way to the socket belongs to whoever made it, who can point it
+    elsewhere at will; one of another user's is refused, one of ours is followed and the
+    directories it leads to checked too."""
+    target = tmp_path / "target"
+    target.mkdir()
+    directory = private_dir(target)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    os.lchown(link, 65534, 65534)
+    result = start_foreground(link / directory.name / "agent.sock")
+    assert result.returncode == 1
+    assert f"{link} is owned by uid 65534" in result.stderr
+    os.lchown(link, 0, 0)
+    os.chmod(target, 0o777)
+    result = start_foreground(link / directory.name / "agent.sock")
+    assert result.returncode == 1
+    assert f"{target} is writable by group or others" in result.stderr
+
+
+def test_a_private_directory_in_an_unsafe_tmpdir_is_refused_and_removed(tmp_path: Path) -> None:
+    """Without XDG_RUNTIME_DIR the agent makes its directory in $TMPDIR: one that another
+    user may write to, without the sticky bit, is refused, naming TMPDIR, and the directory
+    made there is removed."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    os.chmod(tmpdir, 0o777)
+    os.chown(tmpdir, 65534, 65534)
+    result = subprocess.run(
+        [sys.executable, "-m", "keyagent.daemon", "-D"],
+        env=daemon_env(XDG_RUNTIME_DIR=None, KEYAGENT_SOCK=None, TMPDIR=str(tmpdir)),
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert f"{tmpdir} is owned by uid 65534" in result.stderr
+    assert "$TMPDIR" in result.stderr
+    assert "listening on" not in result.stderr
+    assert list(tmpdir.iterdir()) == []
+
+
 @pytest.mark.parametrize("mode", [0o770, 0o707, 0o750])
 def test_refuses_a_directory_open_to_group_or_others(tmp_path: Path, mode: int) -> None:
     """A socket directory with any group or other permission is refused with the fix named."""

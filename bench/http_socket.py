@@ -162,7 +162,7 @@ def one_shot_curl(
     return statistics.median(ours), statistics.median(theirs)
 
 
-def _clients_rps(
+def clients_rps(
     mode: str, target: str, emu: EmulatorProcess, key_file: str, seconds: float
 ) -> float:
     half = CLIENTS // 2
@@ -188,8 +188,8 @@ def keep_alive_rps(
     sock: str, emu: EmulatorProcess, key_file: Path, seconds: float
 ) -> tuple[float, float]:
     """Requests per second of 64 keep-alive clients through the agent, and direct."""
-    ours = _clients_rps("unix", sock, emu, "", seconds)
-    theirs = _clients_rps("tls", "", emu, str(key_file), seconds)
+    ours = clients_rps("unix", sock, emu, "", seconds)
+    theirs = clients_rps("tls", "", emu, str(key_file), seconds)
     return ours, theirs
 
 

@@ -1755,7 +1755,7 @@ class Agent:
             )._replace(rotate_every=held.rotate_every)  # fmt: skip
             save = self._keyring(lambda keyring: keyring.save(record))
             try:
-                yield from self._saving(held, save)
+                yield from self._saving(held.digest, save)
             except KeyagentError as error:
                 if isinstance(error, Overdue):  # should the save complete after all: persisted
                     self.in_background(self._mark_persisted_when_saved(error.late, held))
@@ -1782,11 +1782,12 @@ class Agent:
             listing["key"] = held.secret
         return listing
 
-    def _saving(self, held: HeldKey, save: Work) -> Steps:
-        """``save``, the keyring save of a key held already. Meanwhile a stopping agent
-        neither deletes the key (it is about to be persisted: it comes back at the next
-        start) nor exits; should the save fail, the key dies at stop after all."""
-        self._persisting.add(held.digest)
+    def _saving(self, digest: str, save: Work) -> Steps:
+        """``save``, the keyring save of the key with ``digest`` (held already, or a
+        rotation's successor). Meanwhile a stopping agent neither deletes the key (it is
+        about to be persisted: it comes back at the next start) nor exits; should the save
+        fail, the key dies at stop after all."""
+        self._persisting.add(digest)
         try:
             yield save
         except KeyagentError:
@@ -1794,7 +1795,7 @@ class Agent:
                 self.at_stop.swept = -1  # look at the held keys again: this one dies at stop
             raise
         finally:
-            self._persisting.discard(held.digest)
+            self._persisting.discard(digest)
 
     def _create_on_service(
         self,
@@ -2100,11 +2101,18 @@ class Agent:
         """
         old_id, digest = held.key_id, held.digest
         session = self.session_for(held.host, held.user)
+        persisted = held.persisted and self.keyring is not None
+        created = iso(self.clock.wall())
         self._rotating.add(digest)
         try:
             secret: str = yield from self._create_on_service(
                 session, held.description, (held.exportable, held.confirm, held.allowed_exes)
             )
+            if persisted:
+                # The successor's record first, while the old key is still the one held and
+                # served: should the keyring refuse it, nothing changes, and a restart
+                # brings back a key the service still accepts.
+                yield from self._save_successor(held, secret, created)
         except KeyagentError as error:
             self.audit("rotate", peer, outcome=error.to_wire()["code"], key_id=old_id,
                        host=held.host, user=held.user)  # fmt: skip
@@ -2114,11 +2122,20 @@ class Agent:
         now, wall = self.clock.monotonic(), self.clock.wall()
         if self.held_keys.holding(digest) is not held or not held.alive(now):
             # Forgotten or expired while the service made its successor: nobody asked for
-            # a key of its own, so the new one goes too.
+            # a key of its own, so the new one goes too, and its record.
             self._delete_unheld(held, secret)
+            remains = ""
+            if persisted:
+                try:
+                    yield self._keyring(_deleter(digest_of(secret)))
+                except KeyagentError as error:
+                    remains = (
+                        f"; its entry in the OS keyring remains ({error.message}): run"
+                        f" keyagent-ctl forget --persist {digest_of(secret)}"
+                    )
             gone = NotFound(
                 f"key {old_id} was forgotten or expired while it was rotated; the new key is "
-                "deleted on the service"
+                f"deleted on the service{remains}"
             )
             self.audit("rotate", peer, outcome=gone.code, key_id=old_id, host=held.host,
                        user=held.user)  # fmt: skip
@@ -2137,10 +2154,11 @@ class Agent:
         self.held_keys.discard(digest)
         new = self.held_keys.put(
             host=held.host, user=held.user, secret=secret, now=now, wall=wall,
-            lifetime=lifetime, description=held.description, created=iso(wall),
+            lifetime=lifetime, description=held.description, created=created,
             source="created", exportable=held.exportable, confirm=held.confirm,
             allowed_exes=held.allowed_exes, ephemeral=held.ephemeral,
         )  # fmt: skip
+        new.persisted = persisted
         # From now on the old key is a pending deletion: not served, shown by status, tried
         # by a stopping agent, and named by the leftovers file until it is gone.
         pending = PendingDeletion(held, wall)
@@ -2151,20 +2169,14 @@ class Agent:
         log.info("rotated key %s to %s for %s on %s", old_id, new.key_id, held.user, held.host)
         self.audit("rotate", peer, key_id=new.key_id, host=new.host, user=new.user)
         self.audit("rotated", peer, key_id=old_id, host=held.host, user=held.user)
-        problems: list[str] = []
-        persisted = held.persisted and self.keyring is not None
-        if persisted:
-            # The new record first: until it is saved, a restart would bring back the old key.
-            problem = yield from self._save_rotated(new, lifetime)
-            if problem is not None:
-                problems.append(problem)
         # As for create, before the reply: a crash from here on loses neither key.
         yield from self._record_leftovers()
+        old_remains = None
         if persisted:
             try:
                 yield self._keyring(_deleter(digest))
             except KeyagentError as error:
-                problems.append(
+                old_remains = (
                     f"the entry of key {old_id} remains ({error.message}): run keyagent-ctl "
                     f"forget --persist {digest}"
                 )
@@ -2185,10 +2197,10 @@ class Agent:
         if old_deleted and self.pending_deletions.get(digest) is pending:
             del self.pending_deletions[digest]
             self._leftovers_changed()
-        if problems:
+        if old_remains is not None:
             raise KeyringUnavailable(
-                f"rotated key {old_id} to {new.key_id}, which the agent holds and serves, "
-                f"but in the OS keyring {'; '.join(problems)}"
+                f"rotated key {old_id} to {new.key_id}, which the agent holds, serves and"
+                f" keeps in the OS keyring; but there {old_remains}"
             )
         result = new.listing()
         result.update(
@@ -2197,21 +2209,28 @@ class Agent:
         )  # fmt: skip
         return result
 
-    def _save_rotated(self, new: HeldKey, lifetime: float | None) -> Steps:
-        """Save a rotation's new key to the OS keyring; returns what went wrong, or None."""
+    def _save_successor(self, held: HeldKey, secret: str, created: str | None) -> Steps:
+        """Save to the OS keyring the key made to replace ``held``, with ``held``'s account,
+        description, rules, lifetime and schedule. If the keyring does not take it, the
+        new key is deleted on the service and the rotation fails with nothing changed."""
+        lifetime = None if held.deadline is None else held.deadline - self.clock.monotonic()
         record = self._record(
-            new.secret, host=new.host, user=new.user, description=new.description,
-            created=new.created, lifetime=lifetime,
-            rules=(new.exportable, new.confirm, new.allowed_exes), ephemeral=new.ephemeral,
-        )._replace(rotate_every=new.rotate_every)  # fmt: skip
+            secret, host=held.host, user=held.user, description=held.description,
+            created=created, lifetime=lifetime,
+            rules=(held.exportable, held.confirm, held.allowed_exes), ephemeral=held.ephemeral,
+        )._replace(rotate_every=held.rotate_every)  # fmt: skip
+        new_digest = digest_of(secret)
         try:
-            yield from self._saving(new, self._keyring(lambda keyring: keyring.save(record)))
+            yield from self._saving(new_digest, self._keyring(lambda keyring: keyring.save(record)))
         except KeyagentError as error:
-            if isinstance(error, Overdue):  # should the save complete after all: persisted
-                self.in_background(self._mark_persisted_when_saved(error.late, new))
-            return f"key {new.key_id} is not in it ({error.message})"
-        new.persisted = True
-        return None
+            self._delete_unheld(held, secret)
+            if isinstance(error, Overdue):  # should the save complete after all: undo it
+                self.in_background(self._undo_late_save(error.late, new_digest))
+            raise KeyringUnavailable(
+                f"key {held.key_id} was not rotated: the OS keyring did not take the new key"
+                f" ({error.message}), so the agent deletes that on the service; key"
+                f" {held.key_id} stays as it was, held and in the keyring"
+            ) from None
 
     def _delete_unheld(self, held: HeldKey, secret: str) -> None:
         """Delete on the service, in the background, a key made for ``held``'s account that

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from keyring import errors as errors_keyring
 
 from keyagent import errors
 from keyagent.agent import FIRST_RETRY, LEFTOVERS_RETRY, RETRY_DELETION_FOR, Agent
@@ -539,6 +540,31 @@ def test_a_persisted_key_is_rotated_in_the_keyring_before_the_old_one_is_deleted
     new = account.keys[-1]
     assert digest_of(new) in seen[old]
     assert keyring_ids(backend) == {digest_of(new)}
+
+
+def test_a_persisted_key_the_keyring_cannot_rotate_stays_as_it_was(
+    time: FakeTime, backend: MemoryKeyring, leftovers_path: str
+) -> None:
+    """When the keyring refuses the new key's record, the rotation is undone: the old key
+    stays held, in the keyring and on the service, the new key is deleted there, and a
+    restart brings back the old key, which the service still accepts."""
+    account = FakeAccount()
+    agent = make_agent(time, account, backend, leftovers_path)
+    old = create(agent, persist=True)
+    login(agent)
+    backend.fail_with = errors_keyring.KeyringError("the keyring is read-only")
+    error = fails(agent, "rotate", key_id=key_id_for(old))
+    backend.fail_with = None
+    assert error.code == "keyring_unavailable"
+    assert f"key {key_id_for(old)} was not rotated" in error.message
+    assert account.keys == [old]  # the new key made, then deleted again
+    assert keyring_ids(backend) == {digest_of(old)}
+    assert [key["key_id"] for key in run(agent, "list")["keys"]] == [key_id_for(old)]
+    assert run(agent, "status")["pending_deletions"] == []
+    (entry,) = [e for e in run(agent, "log")["entries"] if e["op"] == "rotate"]
+    assert (entry["key_id"], entry["outcome"]) == (key_id_for(old), "keyring_unavailable")
+    again = restart(time, account, backend, leftovers_path)
+    assert again.held_keys.holding(digest_of(old)) is not None
 
 
 def test_forgetting_a_persisted_ephemeral_key_deletes_its_keyring_entry_too(

@@ -373,3 +373,30 @@ def test_a_key_forgotten_while_its_successor_is_made_is_not_replaced(
     assert run(agent, "list")["keys"] == []
     assert account.keys == [ADDED, old_secret]  # the successor deleted, the old key kept
     assert account.created == 2
+
+
+def test_a_persisted_key_forgotten_while_its_successor_is_saved_is_not_replaced(
+    agent: Agent, account: ScriptedAccount, time: FakeTime, backend: MemoryKeyring
+) -> None:
+    """A persisted key's successor is saved to the keyring before it replaces the key; if
+    the key is forgotten meanwhile, the successor goes from the keyring and the service."""
+    old = create(agent, keep=True, persist=True)
+    old_secret = account.keys[-1]
+    held_work = HeldWorkDriver(time)
+    ended: list[tuple[Any, errors.KeyagentError | None]] = []
+    held_work.start(
+        steps(agent, "rotate", key_id=old["key_id"]),
+        lambda result, error: ended.append((result, error)),
+    )
+    held_work.end(held_work.held[0])  # the service makes the successor
+    (saving,) = held_work.held  # its keyring record, before the old key is replaced
+    run(agent, "forget", key_id=old["key_id"], persist=True)
+    held_work.end(saving)
+    while held_work.held:  # the successor's record deleted again
+        held_work.end(held_work.held[0])
+    ((_result, error),) = ended
+    assert isinstance(error, errors.NotFound)
+    assert "forgotten or expired while it was rotated" in error.message
+    assert keyring_ids(backend) == set()
+    assert run(agent, "list")["keys"] == []
+    assert account.keys == [ADDED, old_secret]

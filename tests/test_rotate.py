@@ -351,6 +351,20 @@ def test_the_keyring_record_keeps_rotate_every_and_a_restart_keeps_the_schedule(
     assert restarted.rotate_due() == time.monotonic + 3600
 
 
+def rotating(
+    agent: Agent, time: FakeTime, key_id: str
+) -> tuple[HeldWorkDriver, list[tuple[Any, errors.KeyagentError | None]]]:
+    """A rotation started on a driver that holds its work until the test ends it; and where
+    its outcome goes."""
+    held_work = HeldWorkDriver(time)
+    ended: list[tuple[Any, errors.KeyagentError | None]] = []
+    held_work.start(
+        steps(agent, "rotate", key_id=key_id),
+        lambda result, error: ended.append((result, error)),
+    )
+    return held_work, ended
+
+
 def test_a_key_forgotten_while_its_successor_is_made_is_not_replaced(
     agent: Agent, account: ScriptedAccount, time: FakeTime
 ) -> None:
@@ -358,12 +372,7 @@ def test_a_key_forgotten_while_its_successor_is_made_is_not_replaced(
     with not_found, holds nothing, and deletes the successor on the service."""
     old = create(agent, keep=True)  # not ephemeral: forgetting it leaves it on the service
     old_secret = account.keys[-1]
-    held_work = HeldWorkDriver(time)
-    ended: list[tuple[Any, errors.KeyagentError | None]] = []
-    held_work.start(
-        steps(agent, "rotate", key_id=old["key_id"]),
-        lambda result, error: ended.append((result, error)),
-    )
+    held_work, ended = rotating(agent, time, old["key_id"])
     (making,) = held_work.held
     run(agent, "forget", key_id=old["key_id"])
     held_work.end(making)  # the service answers with the new key now
@@ -382,12 +391,7 @@ def test_a_persisted_key_forgotten_while_its_successor_is_saved_is_not_replaced(
     the key is forgotten meanwhile, the successor goes from the keyring and the service."""
     old = create(agent, keep=True, persist=True)
     old_secret = account.keys[-1]
-    held_work = HeldWorkDriver(time)
-    ended: list[tuple[Any, errors.KeyagentError | None]] = []
-    held_work.start(
-        steps(agent, "rotate", key_id=old["key_id"]),
-        lambda result, error: ended.append((result, error)),
-    )
+    held_work, ended = rotating(agent, time, old["key_id"])
     held_work.end(held_work.held[0])  # the service makes the successor
     (saving,) = held_work.held  # its keyring record, before the old key is replaced
     run(agent, "forget", key_id=old["key_id"], persist=True)

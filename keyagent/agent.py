@@ -1697,8 +1697,11 @@ class Agent:
         lifetime = args.get("lifetime", self.default_lifetime)
         keep = args.get("keep", self.keep_created_keys)
         ephemeral = lifetime is not None and not keep
-        # A key to outlive the agent says so on the service, so prune leaves it alone.
-        kept = not ephemeral and bool(keep or args.get("reveal"))
+        persist = args.get("persist", self.default_persist)
+        # A key to outlive the agent says so on the service, so prune leaves it alone: a
+        # persisted one too, as a prune where the keyring is out of reach (no D-Bus in an
+        # SSH login, say) cannot learn that the keyring keeps it.
+        kept = not ephemeral and bool(keep or args.get("reveal") or persist)
         rotate_every = self._rotate_every_of(args, lifetime)
         if args.get("reveal") and not args.get("export", self.default_export):
             raise BadRequest(
@@ -1718,7 +1721,6 @@ class Agent:
         finally:
             self._reserved -= 1
         created = iso(self.clock.wall())
-        persist = args.get("persist", self.default_persist)
         # The agent began to stop while the service made the key: it cannot hold the key
         # past its exit, and nobody else will have the secret (neither printed nor
         # persisted). So the key dies at stop with the ephemeral ones, and the client is
@@ -2105,8 +2107,11 @@ class Agent:
         created = iso(self.clock.wall())
         self._rotating.add(digest)
         try:
+            rules = (held.exportable, held.confirm, held.allowed_exes)
+            # Marked kept as create --persist marks such a key.
+            kept = persisted and not held.ephemeral
             secret: str = yield from self._create_on_service(
-                session, held.description, (held.exportable, held.confirm, held.allowed_exes)
+                session, held.description, rules, kept=kept
             )
             if persisted:
                 # The successor's record first, while the old key is still the one held and

@@ -410,3 +410,25 @@ def test_keys_created_to_outlive_the_agent_are_never_pruned(
     assert account.keys == [UNMARKED, kept, printed]
     remote = run(agent, "list", **ACCOUNT, remote=True)["remote"]
     assert [entry["keyagent"] for entry in remote] == [False, True, True]
+
+
+def test_persisted_keys_are_marked_kept_so_a_prune_without_the_keyring_spares_them(
+    time: FakeTime, account: OrphanAccount
+) -> None:
+    """create --persist, and the rotation of a persisted key, mark the key kept: an agent
+    whose keyring is out of reach (keyring falls back to its fail backend when the Secret
+    Service has no D-Bus, as in an SSH login) cannot see the key there, and its prune must
+    still leave it alone. A persisted ephemeral key is deleted when it expires anyway, and
+    keeps the plain mark."""
+    agent = keyring_agent(time, account, MemoryKeyring())
+    run(agent, "create", **ACCOUNT, description="persisted", persist=True)
+    run(agent, "create", **ACCOUNT, description="rotated", persist=True)
+    run(agent, "rotate", key_id=key_id_for(account.keys[-1]))
+    run(agent, "create", **ACCOUNT, description="brief", lifetime=3600, persist=True)
+    persisted, rotated, brief = account.keys[-3:]
+    assert account.descriptions[persisted] == "persisted" + KEPT_MARK
+    assert account.descriptions[rotated] == "rotated" + KEPT_MARK
+    assert account.descriptions[brief] == "brief" + KEYAGENT_MARK
+    elsewhere = keyring_agent(time, account, fail.Keyring())  # type: ignore[no-untyped-call]
+    result = run(elsewhere, "prune", **ACCOUNT)
+    assert orphan_ids(result) == [key_id_for(key) for key in (*ORPHANS, brief)]

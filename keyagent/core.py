@@ -31,12 +31,12 @@ import sys
 import time
 
 from keyagent.agent import NO_EXECUTABLES, NO_EXECUTABLES_DEFAULT, Agent
-from keyagent.errors import KeyagentError
+from keyagent.errors import KeyagentError, KeyringUnavailable
 from keyagent.handoff import Handoff, HandoffError
 from keyagent.hardening import harden
 from keyagent.leftovers import LeftoversFile
 from keyagent.log import DEBUG, INFO, WARNING, get_logger, to_stderr, to_syslog
-from keyagent.persist import KeyringStore, PersistedKey, UnreadableLock
+from keyagent.persist import KeyringStore, PersistedKey, UnreadableLock, is_absent
 from keyagent.proxy_pool import ProxyPool
 from keyagent.server import Limits, Server, log_internal
 from keyagent.sessions import LazyAccount
@@ -177,6 +177,8 @@ def restore_persisted(
                         send({"lock": [stored_lock[0].hex(), stored_lock[1].hex()]})
                 _, expired = keyring.load_all(time.time(), lambda key: send(key._asdict()))
                 send({"expired": len(expired)})
+            except KeyringUnavailable as error:
+                send({"error": error.message, "absent": is_absent(error)})
             except KeyagentError as error:
                 send({"error": error.message})
             except BaseException as error:  # noqa: BLE001  # reported to the parent, which logs it
@@ -200,7 +202,9 @@ def restore_persisted(
             if not isinstance(answer, dict):
                 raise TypeError("not an object")
             if "error" in answer:
-                log.info("persisted keys not restored: %s", answer["error"])
+                # No keyring at all is usual (a server); one that fails is worth a warning.
+                level = INFO if answer.get("absent") else WARNING
+                log.log(level, "persisted keys not restored: %s", answer["error"])
             elif "lock" in answer and answer["lock"] is None:
                 lock_unreadable = True
             elif "lock" in answer:

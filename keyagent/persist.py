@@ -143,6 +143,22 @@ _NEWER_INDEX = (
 )
 
 
+def _unreadable_index(service: str) -> str:
+    return (
+        f"the keyring index of service {service} is unreadable, so the keys persisted before"
+        " cannot be found, and keyagent neither reads nor writes the keyring until it is"
+        f" fixed: restore the entry index of service {service} from a backup, or delete it"
+        f" to start anew (keyring del {service} index); the keys' own entries (key:"
+        "FINGERPRINT) then stay behind: keyagent-ctl forget --persist FINGERPRINT deletes one"
+    )
+
+
+def is_absent(error: KeyringUnavailable) -> bool:
+    """Whether ``error`` says that there is no keyring to use at all (no backend, or the
+    null one), as on most servers, rather than that one failed."""
+    return error.message in (_NO_BACKEND, _DISABLED)
+
+
 class PersistedKey(
     namedtuple(
         "PersistedKey",
@@ -281,7 +297,7 @@ class KeyringStore:
             try:
                 backend = self._ready()
             except KeyringUnavailable as error:
-                if error.message in (_NO_BACKEND, _DISABLED):
+                if is_absent(error):
                     return frozenset()
                 raise
             index = self._read_index(backend)
@@ -375,6 +391,11 @@ class KeyringStore:
             targets += [i for i in (digest, digest[:KEY_ID_SHOWN]) if i in index.pending]
             if targets:
                 self._retire(backend, index, targets, [])
+            elif self._get(backend, ENTRY_PREFIX + digest, f"key {digest[:KEY_ID_SHOWN]}"):
+                # An entry no index names (left by an index that was lost): the user's to
+                # delete by its full fingerprint, as the unreadable-index message says.
+                self._delete_entry(backend, digest)
+                persisted = True
             return persisted
 
     def save_lock(self, salt: bytes, digest: bytes) -> None:
@@ -406,7 +427,7 @@ class KeyringStore:
             salt, digest = bytes.fromhex(document["salt"]), bytes.fromhex(document["digest"])
             if document["v"] != FORMAT or not 8 <= len(salt) <= 64 or len(digest) != 32:
                 raise ValueError
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
             raise UnreadableLock from None
         return salt, digest
 
@@ -455,7 +476,7 @@ class KeyringStore:
         try:
             import json  # loads with the keyring, never in an agent that does not use it
 
-            document = json.loads(raw)
+            document = json.loads(raw)  # RecursionError: nested too deeply
             version = document["v"]
             if not isinstance(version, int) or isinstance(version, bool):
                 raise TypeError
@@ -468,12 +489,10 @@ class KeyringStore:
             # This module never lists an id in both; should an edited index do so, ``keys``
             # wins, so that repairs never delete a key the reader was shown.
             return _Index(keys, [key_id for key_id in pending if key_id not in keys], stored=True)
-        except (ValueError, TypeError, KeyError, IndexError):
-            # Its keys stay in the keyring, unreachable; the next write replaces the index.
-            log.warning(
-                "the keyring index of service %s is unreadable; starting anew", self.service
-            )
-            return _Index([], [], stored=True)
+        except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+            # Read as empty, the next write would replace it, and the keys it names would
+            # stay in the keyring for good, secrets and all, out of every command's reach.
+            raise KeyringUnavailable(_unreadable_index(self.service)) from None
 
     def _store_index(self, backend: Backend, index: _Index) -> None:
         if index.keys or index.pending:
@@ -689,7 +708,7 @@ def _decode(stored_id: str, raw: str) -> PersistedKey | None:
         import json  # loads with the keyring, never in an agent that does not use it
 
         document = json.loads(raw, object_pairs_hook=unique_members)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply
         return None
     if not isinstance(document, dict):
         return None

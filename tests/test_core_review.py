@@ -3,12 +3,14 @@ and a keyring restore that runs out of time."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
 from pathlib import Path
 
 import pytest
+from keyring.backends import fail
 
 from keyagent import core, errors, hardening
 from keyagent.agent import Agent
@@ -104,6 +106,24 @@ def test_an_unreadable_lock_record_keeps_the_keys_out_of_memory(
     )  # fmt: skip
     assert store.delete_all() == 3
     assert backend.entries() == {}  # forget --all --persist leaves nothing, the lock included
+
+
+@pytest.mark.parametrize(("broken", "level"), [(False, logging.INFO), (True, logging.WARNING)])
+def test_a_keyring_that_fails_at_restore_is_a_warning_none_at_all_is_not(
+    broken: bool, level: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No keyring at all (a server) is usual and logged at info; a keyring that cannot be
+    read (here an index that does not parse) is a warning that says what to do."""
+    backend: object = fail.Keyring()  # type: ignore[no-untyped-call]  # keyring is untyped here
+    if broken:
+        memory = MemoryKeyring()
+        memory.put("keyagent", "index", "{")
+        backend = memory
+    agent = Agent()
+    with caplog.at_level(logging.INFO):
+        core.restore_persisted(agent, KeyringStore(backend), timeout=20.0)
+    (record,) = [r for r in caplog.records if "persisted keys not restored" in r.getMessage()]
+    assert record.levelno == level
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from keyring.errors import InitError, KeyringLocked, NoKeyringError, PasswordDel
 from keyring.testing.backend import BackendBasicTests
 
 from keyagent.errors import KeyringUnavailable
-from keyagent.persist import KeyringStore, PersistedKey
+from keyagent.persist import KeyringStore, PersistedKey, UnreadableLock
 from keyagent.store import digest_of
 from keyagent.testing.memory_keyring import MemoryKeyring
 
@@ -484,16 +484,63 @@ def test_an_index_from_a_newer_keyagent_makes_the_store_unavailable(
     assert memory.entries()[(SERVICE, "index")] == json.dumps({"v": 2, "sets": {}})
 
 
-@pytest.mark.parametrize("raw", ["{", "[1,2]", '{"v":1,"keys":"abc"}', '{"keys":[]}', "7"])
-def test_an_unreadable_index_reads_as_empty_and_is_replaced(
+@pytest.mark.parametrize(
+    "raw",
+    ["{", "[1,2]", '{"v":1,"keys":"abc"}', '{"keys":[]}', "7", "[" * 100_000 + "]" * 100_000],
+)
+def test_an_unreadable_index_is_kept_and_refused(
     store: KeyringStore, memory: MemoryKeyring, raw: str
 ) -> None:
-    """A corrupt index loads as no keys, and the next save writes a fresh one."""
+    """A corrupt index names keys the store can no longer find: replacing it would leave
+    their secrets in the keyring for good, out of every command's reach. So it is neither
+    read as empty nor overwritten; every use says what to do, until the user restores or
+    deletes it."""
+    lost = make_key(SECRETS[1])
+    store.save(lost)
     memory.put(SERVICE, "index", raw)
+    before = memory.entries()
+    uses = [
+        lambda: store.load_all(WALL),
+        lambda: store.save(make_key()),
+        lambda: store.delete(make_key().digest),
+        store.fingerprints,
+        store.delete_all,
+    ]
+    for use in uses:
+        with pytest.raises(KeyringUnavailable, match="index of service keyagent is unreadable"):
+            use()
+    assert memory.entries() == before
+    memory.delete_password(SERVICE, "index")  # what the message says to do, to start anew
     assert store.load_all(WALL) == ([], [])
+    assert store.delete(lost.digest)  # forget --persist FINGERPRINT of an entry left behind
+    assert (SERVICE, f"key:{lost.digest}") not in memory.entries()
     store.save(make_key())
     assert store.load_all(WALL) == ([make_key()], [])
-    assert_tidy(memory)
+
+
+def test_a_record_nested_too_deeply_is_skipped_and_the_others_load(
+    store: KeyringStore, memory: MemoryKeyring, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A keyring record that would exhaust the JSON parser's recursion is corrupt like any
+    other: skipped with a warning naming it, kept, and the records after it load."""
+    first, second = make_key(SECRETS[0]), make_key(SECRETS[1])
+    store.save(first)
+    store.save(second)
+    memory.put(SERVICE, f"key:{first.digest}", '{"v":1,"x":' + "[" * 100_000 + "]" * 100_000 + "}")
+    with caplog.at_level(logging.WARNING):
+        assert store.load_all(WALL) == ([second], [])
+    assert any(first.digest[:12] in m and "unreadable" in m for m in caplog.messages)
+    assert (SERVICE, f"key:{first.digest}") in memory.entries()
+
+
+def test_a_lock_record_nested_too_deeply_is_unreadable(
+    store: KeyringStore, memory: MemoryKeyring
+) -> None:
+    """The lock record is outside input too: nested past the parser's recursion, it is an
+    unreadable lock (the agent then starts locked), not a crash of the reader."""
+    memory.put(SERVICE, "lock", '{"v":1,"salt":' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(UnreadableLock):
+        store.load_lock()
 
 
 def test_malformed_ids_in_the_index_are_ignored(store: KeyringStore, memory: MemoryKeyring) -> None:

@@ -662,6 +662,13 @@ def _read(path: str, *, required: bool, how: str) -> _File | None:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise _toml_error(path, text, error) from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise ConfigError(
+            f"{path}: arrays or inline tables are nested too deeply to read; remove the"
+            " nesting (keyagent's settings are strings, numbers, booleans and lists of"
+            " strings)",
+            path=path,
+        ) from None
     return _File(path, text, document)
 
 

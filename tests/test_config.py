@@ -6,6 +6,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import cast
@@ -644,6 +646,24 @@ def test_invalid_toml_at_the_end_of_the_file(write: Writer) -> None:
     with pytest.raises(ConfigError) as caught:
         load(str(path), env={})
     assert str(caught.value).startswith(f"{path}:2: not valid TOML")
+
+
+@pytest.mark.parametrize(
+    "nested", ["x = " + "[" * 5000 + "]" * 5000, "x = " + "{a = " * 5000 + "1" + "}" * 5000]
+)
+def test_values_nested_too_deeply_are_a_config_error(write: Writer, nested: str) -> None:
+    """tomllib recurses into nested arrays and inline tables: a file nesting them thousands
+    deep is refused like any invalid file (exit 78 from the commands), never a traceback."""
+    path = write(nested + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply to read; remove the nesting"):
+        load(str(path), env={})
+    ctl = subprocess.run(
+        [sys.executable, "-m", "keyagent", "config"],
+        env={**os.environ, "KEYAGENT_CONFIG": str(path)},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert (ctl.returncode, "Traceback" in ctl.stderr) == (78, False)
+    assert "nested too deeply" in ctl.stderr
 
 
 def test_text_that_is_not_utf8(write: Writer) -> None:

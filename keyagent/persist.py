@@ -143,6 +143,13 @@ _NEWER_INDEX = (
 )
 
 
+BACKEND_ERRORS: Final = (Exception, SystemExit, KeyboardInterrupt)
+"""What a keyring backend's call may raise, all of it a failed call. A backend runs on a
+worker thread, where ``SystemExit`` or ``KeyboardInterrupt`` is no request to stop (signals
+reach the main thread only): let through, either would end the thread that every later
+keyring call waits on."""
+
+
 def _unreadable_index(service: str) -> str:
     return (
         f"the keyring index of service {service} is unreadable, so the keys persisted before"
@@ -515,7 +522,7 @@ class KeyringStore:
             return call()
         except KeyringUnavailable:
             raise
-        except Exception as exc:  # noqa: BLE001  third-party backends raise anything (D-Bus)
+        except BACKEND_ERRORS as exc:  # third-party backends raise anything (D-Bus)
             raise _unavailable(operation, subject, exc) from None
 
     def _get(self, backend: Backend, username: str, subject: str) -> str | None:
@@ -542,7 +549,7 @@ class KeyringStore:
             # Raised both for "no such entry" and "cannot delete": tell them apart by looking.
             if self._get(backend, username, subject) is not None:
                 raise _unavailable("delete", subject, exc) from None
-        except Exception as exc:  # noqa: BLE001  third-party backends raise anything (D-Bus)
+        except BACKEND_ERRORS as exc:  # third-party backends raise anything (D-Bus)
             raise _unavailable("delete", subject, exc) from None
 
     # --- choosing and vetting the backend -------------------------------------------------
@@ -562,7 +569,7 @@ class KeyringStore:
 
         try:
             chosen = keyring.get_keyring()
-        except Exception as exc:  # noqa: BLE001  a bad PYTHON_KEYRING_BACKEND raises anything
+        except BACKEND_ERRORS as exc:  # a bad PYTHON_KEYRING_BACKEND raises anything
             log.warning("keyring could not load a backend: %s", _dotted(type(exc)))
             raise KeyringUnavailable(
                 f"keyring could not load its backend ({_dotted(type(exc))}); "

@@ -757,13 +757,26 @@ class LockedException(Exception):
         (KeyringLocked(f"cannot unlock {SECRET}"), "unlock your keyring"),
         (NoKeyringError(f"no backend for {SECRET}"), "no OS keyring backend"),
         (InitError(f"Failed to create the collection: {SECRET}"), "could not be opened"),
+        # On the keyring's worker thread these would end the thread, and with it every
+        # later keyring call of the agent.
+        (SystemExit(f"exit {SECRET}"), "builtins.SystemExit"),
+        (KeyboardInterrupt(), "builtins.KeyboardInterrupt"),
     ],
-    ids=["dbus", "oserror", "secretstorage-locked", "locked", "no-keyring", "init-error"],
+    ids=[
+        "dbus",
+        "oserror",
+        "secretstorage-locked",
+        "locked",
+        "no-keyring",
+        "init-error",
+        "system-exit",
+        "keyboard-interrupt",
+    ],
 )
 def test_backend_exceptions_become_keyring_unavailable_without_secrets(
     store: KeyringStore,
     memory: MemoryKeyring,
-    exception: Exception,
+    exception: BaseException,
     expected: str,
 ) -> None:
     """Any exception from a backend becomes KeyringUnavailable, raised from None, secret-free."""

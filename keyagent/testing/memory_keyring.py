@@ -42,7 +42,7 @@ class MemoryKeyring(KeyringBackend):
         self._mutex = threading.Lock()
         self._entries: dict[tuple[str, str], str] = {}
         self.locked = False
-        self.fail_with: Exception | None = None
+        self.fail_with: BaseException | None = None
         self.block: threading.Event | None = None
         self.waiting = threading.Event()
         self.calls: list[tuple[str, str, str]] = []

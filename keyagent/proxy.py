@@ -325,6 +325,7 @@ def answer_headers(headers: list[tuple[str, str]], grant: Grant) -> list[tuple[s
     """The service's headers without credentials or connection headers (Content-Length is
     kept: it describes the body, which passes unchanged)."""
     secrets = grant.secrets()
+    in_names = [secret.lower() for secret in secrets]  # names are matched case-blind
     kept = []
     for name, raw in headers:
         lower, value = name.lower(), raw.strip(" \t")
@@ -332,7 +333,7 @@ def answer_headers(headers: list[tuple[str, str]], grant: Grant) -> list[tuple[s
             continue  # not something HTTP/1.1 lets us pass on
         if lower in ANSWER_CREDENTIALS or (lower in HOP_BY_HOP and lower != "content-length"):
             continue
-        if any(secret in value for secret in secrets):
+        if any(secret in value for secret in secrets) or any(s in lower for s in in_names):
             continue  # a service echoing the credential back must not hand it to the tool
         kept.append((name, value))
     return kept

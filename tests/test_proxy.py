@@ -240,7 +240,8 @@ def test_headers_named_by_connection_and_repeated_headers() -> None:
 
 
 def test_answers_lose_cookies_credentials_and_connection_headers() -> None:
-    """Set-Cookie, anything carrying the credential, and hop-by-hop headers are removed;
+    """Set-Cookie, anything carrying the credential (in its value or its name), and
+    hop-by-hop headers are removed;
     a cookie too short to be a credential (``seen=1``, ``flash=``) takes no header with it."""
     grant = Grant(
         HOST,
@@ -259,6 +260,8 @@ def test_answers_lose_cookies_credentials_and_connection_headers() -> None:
             ("Connection", "close"),
             ("X-Echo", "session is s3ss10n-t0k3n"),
             ("X-Other", "0th3r-t0k3n!"),
+            ("X-s3ss10n-t0k3n", "1"),  # in a name too, whatever its case
+            ("x-0TH3R-T0K3N-seen", "1"),
             ("X-Request-Id", "42 "),
             ("Bad Name", "x"),
             ("X-Ctl", "a\x07b"),

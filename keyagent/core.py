@@ -58,17 +58,18 @@ EXIT_OK, EXIT_FAILURE = 0, 1
 RESTORE_TIMEOUT = 5.0
 
 
-def configure_logging(*, debug: bool, foreground: bool) -> None:
-    """Foreground: stderr (``-d``: debug level). Background: warnings to syslog (authpriv)."""
+def configure_logging(*, debug: bool, foreground: bool, errors_to_stderr: bool = False) -> None:
+    """Foreground: stderr (``-d``: debug level). Background: warnings to syslog (authpriv),
+    and with ``errors_to_stderr`` errors to stderr as well."""
     if foreground:
         to_stderr(DEBUG if debug else INFO)
     else:
-        to_syslog(WARNING)
+        to_syslog(WARNING, errors_to_stderr=errors_to_stderr)
 
 
-def _detach_stdio() -> None:
+def _detach_stdio(*, keep_stderr: bool = False) -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
+    for fd in (0, 1) if keep_stderr else (0, 1, 2):
         os.dup2(devnull, fd)
     if devnull > 2:
         os.close(devnull)
@@ -377,7 +378,9 @@ def _adopt(fd: int) -> int:
 def run(handoff: Handoff) -> int:
     """Serve as the hand-off from :func:`keyagent.daemon.exec_core` describes."""
     foreground = handoff.foreground
-    configure_logging(debug=handoff.debug, foreground=foreground)
+    configure_logging(
+        debug=handoff.debug, foreground=foreground, errors_to_stderr=handoff.errors_to_stderr
+    )
     listener = socket.socket(fileno=_adopt(handoff.listener_fd))
     http = None
     if handoff.http_listener_fd is not None and handoff.http_socket_path is not None:
@@ -396,7 +399,7 @@ def run(handoff: Handoff) -> int:
         if ready_fd is not None:
             os.write(ready_fd, b"R")
             os.close(ready_fd)
-            _detach_stdio()
+            _detach_stdio(keep_stderr=handoff.errors_to_stderr)
 
     # "" rather than None: None would make the Notifier look in the environment itself.
     notifier = Notifier(handoff.notify or "", unset_environment=False)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import shlex
@@ -446,6 +447,69 @@ HTTP_FD_NAME = "http"
 # --- process set-up ------------------------------------------------------------------------
 
 
+def run_command(command: list[str], agent: int) -> int:
+    """``keyagent CMD``: run CMD, then stop the agent and wait for it; CMD's exit status.
+
+    The agent deletes its ephemeral keys on the service as it stops, and says on stderr
+    which it could not delete: returning before that would leave a CI job or a container
+    that ends with CMD to kill it half-way, keys left valid and nobody told. Meanwhile
+    this process stays as a shell stays with its foreground job: Ctrl-C and Ctrl-\\ at the
+    terminal are CMD's to act on, and a SIGTERM or SIGHUP sent here is passed on to it.
+    Once CMD has ended, any of these cuts the agent's wait short (its second signal)."""
+    import subprocess
+
+    started: list[subprocess.Popen[bytes]] = []
+    early: list[int] = []  # signals that came before CMD did
+
+    def pass_on(received: int, _frame: object) -> None:
+        if started:
+            started[0].send_signal(received)
+        else:
+            early.append(received)
+
+    # Handlers before CMD starts, so that no signal finds this process unprepared. Ctrl-C
+    # gets a handler that does nothing rather than SIG_IGN, which CMD would inherit.
+    for number in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(number, lambda _received, _frame: None)
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, pass_on)
+    try:
+        process = subprocess.Popen(command)  # the user's own command line
+    except OSError as error:
+        sys.stderr.write(f"keyagent: {command[0]}: {os.strerror(error.errno or 0)}\n")
+        _stop_and_wait(agent)
+        return 126 if error.errno == errno.EACCES else 127
+    started.append(process)
+    for received in early:
+        process.send_signal(received)
+    status = process.wait()
+    _stop_and_wait(agent)
+    if status < 0:  # ended by a signal: end by the same one, as a shell would report it
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # CMD's core dump is CMD's own
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL, SIGSTOP: no handler
+            signal.signal(-status, signal.SIG_DFL)
+        os.kill(os.getpid(), -status)
+        return 128 - status  # a signal this process could not die of (SIGCHLD, say)
+    return status
+
+
+def _stop_and_wait(agent: int) -> None:
+    """Stop the agent (our child) and wait for it to exit; a signal meanwhile tells it not
+    to wait for its deletions any longer."""
+    for number in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, lambda _received, _frame: _signal(agent, signal.SIGTERM))
+    _signal(agent, signal.SIGTERM)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(agent, 0)
+
+
+def _signal(pid: int, number: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, number)
+
+
 def die_with_parent(parent: int) -> None:
     """In command mode: get SIGTERM when the command (our parent) exits."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -576,6 +640,7 @@ def exec_core(
         http_bound=None if http is None else http.bound,
         http_listener_fd=None if http is None else http.listener.fileno(),
         leftovers_path=paths.leftovers_path(path),
+        errors_to_stderr=bool(args.command) and not foreground,
     )
     try:  # sealed non-executable where the kernel knows the flag (Linux 6.3+)
         memfd = os.memfd_create("keyagent-handoff", MFD_NOEXEC_SEAL)
@@ -792,12 +857,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ[paths.HTTP_SOCKET_ENV] = http.path
         else:  # an outer agent's HTTP socket is not this agent's
             os.environ.pop(paths.HTTP_SOCKET_ENV, None)
-        try:
-            os.execvp(args.command[0], args.command)
-        except OSError as error:
-            sys.stderr.write(f"keyagent: {args.command[0]}: {os.strerror(error.errno or 0)}\n")
-            os.kill(child, signal.SIGTERM)
-            return 127
+        return run_command(args.command, child)
     sys.stdout.write(env_lines(syntax, path, child, http and http.path))
     return EXIT_OK
 

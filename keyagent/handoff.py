@@ -259,6 +259,7 @@ _HANDOFF_RULES: Mapping[str, Rule] = {
     "http_listener_fd": _optional(_descriptor),
     "settings": lambda value: None,  # checked by Settings.from_dict
     "leftovers_path": _optional(_path),
+    "errors_to_stderr": _boolean,
 }
 
 
@@ -274,6 +275,8 @@ class Handoff:
     ``http_socket_path``, ``http_bound`` and ``http_listener_fd`` are the same for the HTTP
     socket (:mod:`keyagent.proxy`); all None when the agent has none. ``leftovers_path``:
     the leftovers file of this socket (:mod:`keyagent.leftovers`), None for none.
+    ``errors_to_stderr``: a background agent keeps its stderr and writes its errors there
+    too (``keyagent CMD``: a key it could not delete at stop is told where CMD ran).
     """
 
     __slots__ = tuple(_HANDOFF_RULES)
@@ -294,6 +297,7 @@ class Handoff:
     http_listener_fd: int | None
     settings: Settings
     leftovers_path: str | None
+    errors_to_stderr: bool
 
     def __init__(
         self,
@@ -314,6 +318,7 @@ class Handoff:
         http_bound: FileIdentity | None = None,
         http_listener_fd: int | None = None,
         leftovers_path: str | None = None,
+        errors_to_stderr: bool = False,
     ) -> None:
         self.sys_path = sys_path
         self.socket_path = socket_path
@@ -331,6 +336,7 @@ class Handoff:
         self.http_listener_fd = http_listener_fd
         self.settings = settings
         self.leftovers_path = leftovers_path
+        self.errors_to_stderr = errors_to_stderr
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)

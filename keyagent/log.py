@@ -71,8 +71,9 @@ def to_stderr(level: int) -> None:
     _sink = _Sink(level, emit, emit_many)
 
 
-def to_syslog(level: int) -> None:
-    """Send records at ``level`` and above to syslog (authpriv), as ``keyagent[PID]``."""
+def to_syslog(level: int, *, errors_to_stderr: bool = False) -> None:
+    """Send records at ``level`` and above to syslog (authpriv), as ``keyagent[PID]``; with
+    ``errors_to_stderr``, errors to stderr as well (``keyagent CMD``'s terminal)."""
     import syslog
 
     syslog.openlog("keyagent", syslog.LOG_PID, syslog.LOG_AUTHPRIV)
@@ -86,7 +87,12 @@ def to_syslog(level: int) -> None:
         safe = text.encode("utf-8", "backslashreplace").decode("utf-8")
         with contextlib.suppress(OSError, ValueError):  # logging must not stop the agent
             syslog.syslog(priorities.get(level, syslog.LOG_ERR), safe)
+        if errors_to_stderr and level >= ERROR:
+            with contextlib.suppress(OSError, ValueError):  # nor a closed terminal
+                sys.stderr.write(f"{prefix}{_LEVEL_NAMES.get(level, level)}: {text}\n")
+                sys.stderr.flush()
 
+    prefix = f"keyagent[{os.getpid()}]: "
     global _sink  # noqa: PLW0603  # one process-wide destination, set once at start-up
     _sink = _Sink(level, emit)
 

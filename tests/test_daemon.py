@@ -638,6 +638,22 @@ def test_agent_is_not_dumpable() -> None:
         shutil.rmtree(base)
 
 
+def test_a_command_that_cannot_be_executed_in_command_mode(tmp_path: Path) -> None:
+    """keyagent with a command it may not execute exits 126, as a shell does, and stops
+    the agent before it returns."""
+    sock = private_dir(tmp_path) / "agent.sock"
+    script = tmp_path / "not-executable"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o644)
+    result = subprocess.run(
+        [sys.executable, "-m", "keyagent.daemon", "-a", str(sock), str(script)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 126
+    assert f"{script}: Permission denied" in result.stderr
+    assert not sock.exists()
+
+
 def test_command_mode_agent_has_a_session_of_its_own(tmp_path: Path) -> None:
     """In command mode the agent leaves the command's process group, so a Ctrl-C at the
     terminal (sent to the foreground group) cannot stop it."""

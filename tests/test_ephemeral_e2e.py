@@ -4,10 +4,14 @@ Conduce emulator, retrying through injected 503s."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from keyagent.store import key_id_for
-from keyagent.testing.agent import AgentProcess
+from keyagent.testing.agent import AgentProcess, wait_for_exit
 from keyagent.testing.emulator import Fault
 from keyagent.testing.emulator_process import Emulator
 
@@ -138,3 +142,75 @@ def test_keep_created_keys_in_the_config_file_reaches_the_running_agent(
     assert asked.code == 0, asked.err
     listed = json.loads(ctl(agent, emulator, "list", "--json").out)["keys"]
     assert [key["ephemeral"] for key in listed] == [False, True]
+
+
+def command_mode(tmp_path: Path, emu: Emulator, script: str) -> subprocess.Popen[str]:
+    """``keyagent --ca-bundle CA -a SOCK sh -c SCRIPT``, on a socket of its own, with $PY,
+    $HOST, $USER and the account's $PASSWORD set for the script; stdout and stderr piped."""
+    directory = tmp_path / "run"
+    directory.mkdir(mode=0o700, parents=True)
+    env = {**os.environ, "PY": sys.executable, "HOST": emu.host, "USER": USER}
+    env["PASSWORD"] = PASSWORD  # the emulator's throw-away account
+    return subprocess.Popen(
+        [sys.executable, "-m", "keyagent.daemon", "--ca-bundle", emu.ca_path,
+         "--read-timeout", "5", "--stop-timeout", "5", "-a", str(directory / "agent.sock"),
+         "sh", "-c", script],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+CREATE_EPHEMERAL = (
+    'ctl() { $PY -m keyagent --host "$HOST" --user "$USER" "$@"; }\n'
+    'printf "%s\\n" "$PASSWORD" | ctl login --password-stdin >/dev/null || exit 9\n'
+    "ctl create --lifetime 1h >/dev/null || exit 9\n"
+    'echo "$KEYAGENT_PID"\n'
+)
+"""Part of a script for :func:`command_mode`: log in, create an ephemeral key, print the
+agent's pid."""
+
+
+def test_keyagent_cmd_returns_once_the_agent_has_deleted_its_keys(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    """keyagent CMD stops the agent when CMD ends and waits for it: by the time CMD's status
+    comes back, the agent has deleted its ephemeral keys on the service and exited (a CI
+    job that ends with CMD leaves nothing valid behind)."""
+    process = command_mode(tmp_path, emulator, CREATE_EPHEMERAL + "exit 3")
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 3, err
+    agent = int(out.split()[0])
+    assert emulator.api_keys(USER) == []
+    assert deletes(emulator) == [200]
+    assert wait_for_exit(agent, 0)
+    assert "ERROR" not in err
+
+
+def test_keyagent_cmd_says_on_stderr_which_key_it_could_not_delete(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    """A key the stopping agent could not delete is named on keyagent CMD's stderr, with the
+    command that deletes it (in the background it would reach only syslog)."""
+    emulator.inject(Fault.status(503), path="apikeys/delete")
+    process = command_mode(tmp_path, emulator, CREATE_EPHEMERAL)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    (secret,) = emulator.api_keys(USER)
+    assert f"ERROR: key {key_id_for(secret)} of {USER} on {emulator.host} was not deleted" in err
+    assert "keyagent-ctl remove" in err
+    assert secret not in err
+
+
+def test_keyagent_cmd_passes_sigterm_to_the_command_and_ends_as_it_does(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    """SIGTERM sent to keyagent CMD reaches CMD, whose status is returned; a CMD that dies
+    of a signal makes keyagent end by the same signal, as a shell reports it."""
+    script = 'trap "exit 42" TERM; echo ready; while :; do sleep 1; done'
+    with command_mode(tmp_path, emulator, script) as trapping:
+        assert trapping.stdout is not None
+        assert trapping.stdout.readline() == "ready\n"
+        trapping.send_signal(signal.SIGTERM)
+        assert trapping.wait(timeout=60) == 42
+    with command_mode(tmp_path / "again", emulator, "kill -KILL $$") as dying:
+        dying.communicate(timeout=60)
+        assert dying.returncode == -signal.SIGKILL

@@ -662,7 +662,9 @@ class ConduceAccount:
 
     def _json(self, response: _Answer) -> object:
         try:
-            document: object = json.loads(response.body, object_pairs_hook=unique_members)
+            document: object = json.loads(
+                response.body, object_pairs_hook=unique_members, parse_constant=_not_json
+            )
         except (ValueError, RecursionError):
             pass  # raised below, outside the except block, for a context-free exception
         else:
@@ -673,6 +675,11 @@ class ConduceAccount:
         return RemoteError(
             f"the service at {self.host} sent an unexpected answer; check the host, or retry later"
         )
+
+
+def _not_json(constant: str) -> object:
+    """``json``'s ``parse_constant``: NaN and Infinity are Python's extensions, not JSON."""
+    raise ValueError(f"{constant} is not JSON")
 
 
 @dataclass(frozen=True)

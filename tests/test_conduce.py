@@ -379,7 +379,16 @@ def test_list_keys_accepts_a_wrapped_list(
 
 @pytest.mark.parametrize(
     "body",
-    [b"<html>oops</html>", b'{"apikeys": 3}', b'"a string"', b"[" * 100_000, b"\xff\xfe\x00"],
+    [
+        b"<html>oops</html>",
+        b'{"apikeys": 3}',
+        b'"a string"',
+        b"[" * 100_000,
+        b"\xff\xfe\x00",
+        # Python's json takes these; JSON has no such values.
+        b'[{"apikey": "k-0123456789", "created": NaN}]',
+        b'[{"apikey": "k", "x": -Infinity}]',
+    ],
 )
 def test_list_keys_unexpected_answer(
     account: ConduceAccount, rsps: responses.RequestsMock, body: bytes

@@ -235,6 +235,8 @@ def shell_syntax(explicit: str | None) -> str:
 def _quote(syntax: str, value: str) -> str:
     if syntax == "fish":  # in fish's single quotes, backslash escapes ' and itself
         return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if syntax == "csh":  # csh expands history (!) even within single quotes
+        return shlex.quote(value).replace("!", "\\!")
     return shlex.quote(value)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from keyagent import protocol
 from keyagent.log import get_logger
-from keyagent.rules import shared_directory
+from keyagent.rules import path_problem, shared_directory
 
 log = get_logger("keyagent.sockets")
 
@@ -148,6 +148,12 @@ def bind_listener(
     A live agent at ``path`` is an error; a dead socket left by a crashed agent is replaced.
     The umask is set before ``bind`` so the socket never exists with looser permissions.
     """
+    problem = path_problem(path.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+    if problem is not None:  # the path goes into eval lines and onto terminals
+        raise SocketSetupError(
+            f"the socket path {path!a} is not usable: {problem} (it comes from -a, else"
+            " from XDG_RUNTIME_DIR, else from TMPDIR): use -a PATH with a plain path"
+        )
     directory = os.path.dirname(os.path.abspath(path))
     check_private_dir(directory)
     check_ancestors(directory)

@@ -93,6 +93,35 @@ def test_shell_lines_export_the_http_socket() -> None:
     assert "unsetenv KEYAGENT_HTTP_SOCK;" in daemon.unset_lines("csh", 42)
 
 
+@pytest.mark.skipif(shutil.which("tcsh") is None, reason="needs tcsh (.ci/run installs it)")
+def test_csh_lines_keep_a_path_with_quotes_and_exclamation_marks_whole() -> None:
+    """An interactive tcsh expands history (!) even within single quotes: the lines escape
+    it, and quotes, so that the path set is the path printed."""
+    path = "/tmp/it's!here/agent.sock"
+    lines = daemon.env_lines("csh", path, 42)
+    ran = subprocess.run(
+        ["tcsh", "-f", "-i"], input=lines + 'printf "[%s]\\n" "$KEYAGENT_SOCK"\n',
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert f"[{path}]" in ran.stdout, ran.stdout + ran.stderr
+
+
+def test_a_socket_path_with_a_control_character_is_refused(tmp_path: Path) -> None:
+    """A runtime directory (or TMPDIR) whose name holds a newline would break the printed
+    lines and write raw bytes to terminals: the agent refuses it, showing it escaped."""
+    runtime = tmp_path / "run\nx"
+    runtime.mkdir(mode=0o700)
+    result = subprocess.run(
+        [sys.executable, "-m", "keyagent.daemon", "-D"],
+        env=daemon_env(XDG_RUNTIME_DIR=str(runtime), KEYAGENT_SOCK=None),
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "a path has no control characters" in result.stderr
+    assert "run\\nx" in result.stderr
+    assert str(runtime) not in result.stderr  # never the raw newline
+
+
 @pytest.mark.parametrize(
     ("shell", "syntax"),
     [("/usr/bin/fish", "fish"), ("/bin/tcsh", "csh"), ("/bin/csh", "csh"),

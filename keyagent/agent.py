@@ -1540,6 +1540,15 @@ class Agent:
             dropped = [held for held in map(self.held_keys.discard, targets) if held is not None]
             forgotten = len(dropped)
         deleting = 0
+        # Keys the agent made that stay valid on the service with nobody to hold them (they
+        # are deleted neither now nor at a later start): the reply names them.
+        staying = [
+            held.key_id
+            for held in dropped
+            if held.source == "created"
+            and (local or not held.ephemeral)
+            and not (held.persisted and self.keyring is not None and not unpersisted)
+        ]
         if not local:
             for held in dropped:
                 if held.ephemeral:
@@ -1554,6 +1563,8 @@ class Agent:
         result: Result = {"forgotten": forgotten}
         if deleting:  # only with ephemeral keys: the reply of other forgets is unchanged
             result["deleting"] = deleting
+        if staying:
+            result["staying"] = staying
         if targets is not None and len(dropped) == 1:
             # Which key went, in full: the audit entry names it, not the prefix typed.
             (held,) = dropped
@@ -1619,6 +1630,14 @@ class Agent:
         waiting = self._creating + len(self._rotating)
         if waiting and not self.lock.locked:
             result["waiting"] = waiting
+        # Keys it made without a lifetime stay valid on the service, held by nobody.
+        staying = [
+            held.key_id
+            for held in self.held_keys.matching(self.clock.monotonic())
+            if held.source == "created" and not held.ephemeral and not held.persisted
+        ]
+        if staying and not self.lock.locked:
+            result["staying"] = staying
         return Stop(result)
 
     # --- Conduce operations --------------------------------------------------------------

@@ -115,6 +115,30 @@ def test_the_stop_reply_counts_the_keys_to_delete_before_any_is_deleted(
     assert agent.handle(request("stop"), PEER) == Stop({"stopping": True})
 
 
+def test_stop_and_forget_name_created_keys_that_stay_valid_with_nobody_holding_them(
+    agent: Agent, account: FakeAccount
+) -> None:
+    """A key the agent made without a lifetime is not deleted when the agent stops or
+    forgets it (a tool may use it), but nobody holds it afterwards: stop (unless locked)
+    and forget name it, so the user can remove it. Added, persisted and ephemeral keys are
+    not named; forget --local of an ephemeral key is (it stays valid too)."""
+    plain = create(agent, account)
+    ephemeral = create(agent, account, lifetime=3600)
+    create(agent, account, persist=True)
+    run(agent, "add", **ACCOUNT, key="existing-key-0000-abcdefgh")
+    outcome = agent.handle(request("stop"), PEER)
+    assert outcome == Stop({"stopping": True, "deleting": 1, "staying": [key_id_for(plain)]})
+    run(agent, "lock", passphrase="pass phrase")
+    assert agent.handle(request("stop"), PEER) == Stop({"stopping": True})  # says nothing
+    run(agent, "unlock", passphrase="pass phrase")
+    forgotten = run(agent, "forget", key_id=key_id_for(plain))
+    assert forgotten["staying"] == [key_id_for(plain)]
+    local = run(agent, "forget", key_id=key_id_for(ephemeral), local=True)
+    assert local["staying"] == [key_id_for(ephemeral)]
+    rest = run(agent, "forget", all=True)
+    assert "staying" not in rest
+
+
 def test_a_pending_deletion_waiting_to_retry_gets_an_attempt_at_stop_and_only_one(
     agent: Agent, account: FakeAccount, time: FakeTime
 ) -> None:

@@ -22,7 +22,7 @@ import os
 import sys
 
 from keyagent.client import Client
-from keyagent.errors import AgentUnreachable, BadConfig, BadRequest, KeyagentError
+from keyagent.errors import AgentUnreachable, BadConfig, BadRequest, KeyagentError, ProtocolError
 
 # argparse and getpass are imported where they are used: `keyagent-ctl get` runs in other
 # tools' hot paths and takes a fast path that needs neither.
@@ -480,6 +480,55 @@ def _table(rows: list[list[str]], out: TextIO) -> None:
         )
 
 
+# --- the shape of the agent's replies -----------------------------------------------------
+# A reply is data from another process (a buggy or different program of the same uid can
+# serve the socket): each member a command reads is checked where it reads it, and one of the
+# wrong shape is a bad_reply (exit 1), as a reply that is not an object is, never a traceback.
+# The message names the member, never its value (which may hold a key).
+
+
+def _bad_reply(what: str) -> ProtocolError:
+    return ProtocolError(
+        f"the agent sent a reply this client does not understand ({what}): check what"
+        " listens on the agent's socket, or upgrade keyagent"
+    )
+
+
+def _objects(value: object, member: str) -> list[dict[str, Any]]:
+    """A member that is a list of objects (``keys``, ``sessions``, ``entries``...); absent
+    or null is empty."""
+    if value is None:
+        return []
+    if isinstance(value, list) and all(isinstance(item, dict) for item in value):
+        return value
+    raise _bad_reply(f"{member!r} is not a list of objects")
+
+
+def _object(value: object, member: str) -> dict[str, Any]:
+    """A member that is an object (an ``error``); absent or null is empty."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return value
+    raise _bad_reply(f"{member!r} is not an object")
+
+
+def _number(value: object, member: str) -> float | None:
+    """A member that is a number of seconds, or null."""
+    if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
+        return value
+    raise _bad_reply(f"{member!r} is not a number")
+
+
+def _strings(value: object, member: str) -> list[str]:
+    """A member that is a list of strings (``allowed_exes``); absent or null is empty."""
+    if value is None:
+        return []
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    raise _bad_reply(f"{member!r} is not a list of strings")
+
+
 def _print_keys(keys: list[dict[str, Any]], out: TextIO) -> None:
     if not keys:
         out.write("no keys held\n")
@@ -512,7 +561,7 @@ def _print_keys(keys: list[dict[str, Any]], out: TextIO) -> None:
 
 def _rotates(key: dict[str, Any]) -> str:
     """When a key with a rotation schedule is next replaced, and how often; ``-`` for none."""
-    every = key.get("rotate_every")
+    every = _number(key.get("rotate_every"), "rotate_every")
     if not every:
         return "-"
     return f"{key.get('next_rotation')} (every {every:g}s)"
@@ -538,9 +587,9 @@ def _rules(key: dict[str, Any]) -> str:
         rules.append("no-export")
     if key.get("confirm"):
         rules.append("confirm")
-    programs = key.get("allowed_exes") or []
+    programs = _strings(key.get("allowed_exes"), "allowed_exes")
     if programs:
-        rules.append("only " + ",".join(str(program) for program in programs))
+        rules.append("only " + ",".join(programs))
     return " ".join(rules) or "-"
 
 
@@ -579,6 +628,8 @@ def cmd_hello(args: argparse.Namespace, client: Client, stdin: TextIO, out: Text
 
 def cmd_status(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
     status = client.status()
+    sessions = _objects(status.get("sessions"), "sessions")
+    pending_deletions = _objects(status.get("pending_deletions"), "pending_deletions")
     if args.json:
         _print_json(status, out)
         return EXIT_OK
@@ -600,7 +651,7 @@ def cmd_status(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
         out.write(f"HTTP workers: none running, at most {shown(most)}\n")
     if "keys" in status:  # a locked agent may not say
         out.write(f"keys held: {shown(status.get('keys'))}\n")
-    for session in status.get("sessions") or []:
+    for session in sessions:
         state = (
             "expired"
             if session.get("expired")
@@ -621,7 +672,7 @@ def cmd_status(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
     leftovers = status.get("leftovers")
     if isinstance(leftovers, dict) and leftovers.get("failing") is True:
         out.write(f"warning: {UNRECORDED} ({shown(leftovers.get('path'))})\n")
-    for pending in status.get("pending_deletions") or []:
+    for pending in pending_deletions:
         note = ""
         if pending.get("left_over"):  # named by the leftovers file of a killed agent
             waits = "; waits for keyagent-ctl login" if pending.get("waiting_for_login") else ""
@@ -677,17 +728,19 @@ def cmd_list(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextI
     if args.remote:
         account = _account(args)
         result = client.call("list", host=account[0], user=account[1], remote=True)
+        remote = _objects(result.get("remote"), "remote")
+        held = _objects(result.get("keys"), "keys")
         if args.json:
             _print_json(result, out)
             return EXIT_OK
-        _print_remote(list(result.get("remote", [])), out)
-        stale = [key for key in result.get("keys", []) if key.get("stale")]
+        _print_remote(remote, out)
+        stale = [key for key in held if key.get("stale")]
         if stale:
             out.write("\nheld here but no longer on the service (stale):\n")
             _print_keys(stale, out)
         return EXIT_OK
     host, user = _selectors(args)
-    keys = client.list(host, user)
+    keys = _objects(client.list(host, user), "keys")
     if args.json:
         _print_json({"keys": keys}, out)
     else:
@@ -933,8 +986,8 @@ def cmd_rotate(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
     if args.all:
         host, user = _account(args)
         result = client.rotate(all=True, host=host, user=user)
-        rotated = list(result.get("rotated", []))
-        failed = list(result.get("failed", []))
+        rotated = _objects(result.get("rotated"), "rotated")
+        failed = _objects(result.get("failed"), "failed")
     else:
         selected = _selectors(args)
         result = client.rotate(args.key_id, host=selected[0], user=selected[1])
@@ -947,7 +1000,7 @@ def cmd_rotate(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
         if args.all and not rotated and not failed:
             out.write(f"no created keys held for {shown(user)}@{shown(host)}\n")
         for failure in failed:
-            error = failure.get("error") or {}
+            error = _object(failure.get("error"), "error")
             out.flush()
             sys.stderr.write(
                 f"keyagent-ctl: could not rotate key {shown(failure.get('key_id'))}:"
@@ -1001,6 +1054,8 @@ def cmd_log(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO
             out.flush()
         # Until Ctrl-C (130) or a closed pipe (141); the agent may end it with an error.
         for entry in client.follow_log(10 if args.n is None else args.n):
+            if not isinstance(entry, dict):  # the entries the reply lists, before new ones
+                raise _bad_reply("'entries' is not a list of objects")
             out.write(
                 json.dumps(entry, sort_keys=True) + "\n"
                 if args.json
@@ -1008,7 +1063,7 @@ def cmd_log(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO
             )
             out.flush()
         return EXIT_OK
-    entries = client.log(args.n)
+    entries = _objects(client.log(args.n), "entries")
     if args.json:
         for entry in entries:
             out.write(json.dumps(entry, sort_keys=True) + "\n")
@@ -1079,7 +1134,7 @@ def _add_prune_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
 def cmd_prune(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:
     host, user = _account(args)
     result = client.prune(host, user, delete=args.yes or None)
-    orphans: list[dict[str, Any]] = list(result["orphans"])
+    orphans = _objects(result.get("orphans"), "orphans")
     failed = [orphan for orphan in orphans if args.yes and orphan.get("error")]
     status = EXIT_AGENT_ERROR if failed or (orphans and not args.yes) else EXIT_OK
     if args.json:
@@ -1121,7 +1176,7 @@ def _prune_result(orphan: dict[str, Any]) -> str:
         return "deleted"
     if orphan.get("held"):
         return "kept: held by this agent now"
-    error = orphan.get("error") or {}
+    error = _object(orphan.get("error"), "error")
     return f"failed: {error.get('message', '?')} [{error.get('code', '?')}]"
 
 

@@ -1,0 +1,210 @@
+"""keyagent-ctl against a process in the agent's place whose replies are objects with members
+of the wrong shape: a list of numbers where the protocol has a list of objects, a string
+where it has a number, no key where one was asked for.
+
+Each is refused as a reply that is not an object is: ``[bad_reply]`` on stderr with the next
+step, exit 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import run_ctl, run_ctl_process
+
+ACCOUNT = ("--host", "h.example", "--user", "u@example.com")
+KEY = {"key_id": "0123456789ab", "host": "h.example", "user": "u@example.com", "source": "add"}
+SESSION = {"host": "h.example", "user": "u@example.com", "logged_in": True}
+ORPHAN = {"key_id": "0123456789ab", "masked": "KA-1…9z", "created": "2026-01-01"}
+
+
+class OneReplyAgent:
+    """A Unix socket served by a thread: each connection's first request line gets
+    ``{"ok": true, "result": result}`` with its id, then the connection is closed.
+
+    Unlike test_cli_hostile's FakeAgent, which keeps a connection open for more requests,
+    this one also ends ``log --follow``: a follower that took a bad entry without a word
+    stops at the closed connection (no agent, exit 2) instead of waiting for entries.
+    """
+
+    def __init__(self, path: str, result: dict[str, Any]) -> None:
+        self.path = path
+        self.result = result
+        self.requests: list[dict[str, Any]] = []
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(8)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:  # the listener was closed: the test is over
+                return
+            with connection, connection.makefile("rb") as lines:
+                line = lines.readline()
+                if not line:
+                    continue
+                request = json.loads(line)
+                self.requests.append(request)
+                reply = {"id": request.get("id"), "ok": True, "result": self.result}
+                connection.sendall(json.dumps(reply).encode() + b"\n")
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "the fake agent did not stop"
+
+
+Serve = Callable[[dict[str, Any]], OneReplyAgent]
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Serve]:
+    """``serve(result)``: a fake agent answering with ``result``; closed at the end of the
+    test."""
+    started: list[OneReplyAgent] = []
+
+    def start(result: dict[str, Any]) -> OneReplyAgent:
+        directory = tmp_path / f"fake{len(started)}"
+        directory.mkdir(mode=0o700)
+        agent = OneReplyAgent(str(directory / "agent.sock"), result)
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.close()
+
+
+# (argv, the result every request gets): each a member of the wrong shape.
+MALFORMED: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "list: a key that is a number": (("list",), {"keys": [1]}),
+    "list: a key that is a string": (("list",), {"keys": ["0123456789ab"]}),
+    "list --json: a key that is a number": (("list", "--json"), {"keys": [1]}),
+    "list: rotate_every a string": (("list",), {"keys": [{**KEY, "rotate_every": "x"}]}),
+    "list: rotate_every a list": (("list",), {"keys": [{**KEY, "rotate_every": [60]}]}),
+    "list: rotate_every a boolean": (("list",), {"keys": [{**KEY, "rotate_every": True}]}),
+    "list: allowed_exes a number": (("list",), {"keys": [{**KEY, "allowed_exes": 3}]}),
+    "list: allowed_exes a string": (("list",), {"keys": [{**KEY, "allowed_exes": "/bin/sh"}]}),
+    "list: allowed_exes of numbers": (("list",), {"keys": [{**KEY, "allowed_exes": [1]}]}),
+    "list --remote: remote of numbers": ((*ACCOUNT, "list", "--remote"), {"remote": [1]}),
+    "list --remote: remote a string": ((*ACCOUNT, "list", "--remote"), {"remote": "abc"}),
+    "list --remote: remote a number": ((*ACCOUNT, "list", "--remote"), {"remote": 5}),
+    "list --remote: remote an object": ((*ACCOUNT, "list", "--remote"), {"remote": {"a": 1}}),
+    "list --remote: keys of strings": (
+        (*ACCOUNT, "list", "--remote"),
+        {"remote": [], "keys": ["x"]},
+    ),
+    "list-api-keys: remote of numbers": ((*ACCOUNT, "list-api-keys"), {"remote": [1]}),
+    "status: a session that is a number": (("status",), {"pid": 1, "sessions": [1]}),
+    "status: sessions a number": (("status",), {"pid": 1, "sessions": 5}),
+    "status --json: a session that is a string": (
+        ("status", "--json"),
+        {"pid": 1, "sessions": ["x"]},
+    ),
+    "status: a session's allowed_exes a number": (
+        ("status",),
+        {"pid": 1, "sessions": [{**SESSION, "allowed_exes": 7}]},
+    ),
+    "status: a pending deletion that is a string": (
+        ("status",),
+        {"pid": 1, "pending_deletions": ["0123456789ab"]},
+    ),
+    "log: an entry that is a number": (("log",), {"entries": [1]}),
+    "log --json: an entry that is a string": (("log", "--json"), {"entries": ["x"]}),
+    "log --follow: an entry that is a number": (("log", "--follow"), {"entries": [1]}),
+    "log --follow --json: an entry that is a list": (
+        ("log", "--follow", "--json"),
+        {"entries": [[1]]},
+    ),
+    "prune: an orphan that is a number": ((*ACCOUNT, "prune"), {"orphans": [1]}),
+    "prune --json: an orphan that is a string": ((*ACCOUNT, "prune", "--json"), {"orphans": ["x"]}),
+    "prune --yes: an orphan that is a string": ((*ACCOUNT, "prune", "--yes"), {"orphans": ["x"]}),
+    "prune --yes: an orphan's error a string": (
+        (*ACCOUNT, "prune", "--yes"),
+        {"orphans": [{**ORPHAN, "deleted": False, "error": "boom"}]},
+    ),
+    "rotate --all: a rotated key that is a number": (
+        (*ACCOUNT, "rotate", "--all"),
+        {"rotated": [1], "failed": []},
+    ),
+    "rotate --all: rotated a number": ((*ACCOUNT, "rotate", "--all"), {"rotated": 1}),
+    "rotate --all --json: a failure that is a string": (
+        (*ACCOUNT, "rotate", "--all", "--json"),
+        {"rotated": [], "failed": ["x"]},
+    ),
+    "rotate --all: a failure's error a string": (
+        (*ACCOUNT, "rotate", "--all"),
+        {"rotated": [], "failed": [{"key_id": "0123456789ab", "error": "boom"}]},
+    ),
+}
+
+
+@pytest.mark.parametrize(("argv", "result"), MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_member_of_the_wrong_shape_is_a_bad_reply(
+    serve: Serve, argv: tuple[str, ...], result: dict[str, Any]
+) -> None:
+    """Exit 1 with bad_reply and the next step on stderr; nothing the reply held is shown."""
+    agent = serve(result)
+    got = run_ctl(agent.path, *argv)
+    assert got.code == 1, (got.out, got.err)
+    assert "[bad_reply]" in got.err
+    assert "check what listens on the agent's socket" in got.err
+    assert "\x1b" not in got.out + got.err
+    assert "PWNED" not in got.out + got.err
+    assert agent.requests  # refused after the agent answered, not before asking
+
+
+# Replies whose members are odd but which every command shows safely (shown() turns any JSON
+# value into escaped text): these are no crash, so they print and exit 0 as before.
+TOLERATED: dict[str, tuple[tuple[str, ...], dict[str, Any], str]] = {
+    "hello": (("hello",), {"version": [1], "protocol": {"v": 1}}, ""),
+    "add": ((*ACCOUNT, "add"), {"key_id": [1], "expires": {"at": 1}}, "k3y\n"),
+    "forget": (("forget", "--all"), {"forgotten": "x", "deleting": [1]}, ""),
+    "lock": (("lock",), {"locked": "x"}, "passphrase\n"),
+    "unlock": (("unlock",), {"locked": [1]}, "passphrase\n"),
+    "login": ((*ACCOUNT, "login", "--password-stdin"), {"session": 1}, "pw\n"),
+    "logout": ((*ACCOUNT, "logout"), {"session": [1]}, ""),
+    "create": ((*ACCOUNT, "create"), {"key_id": [1], "rotate_every": "x", "ephemeral": 1}, ""),
+    "rotate one key": (("rotate", "0123456789ab"), {"key_id": 1, "old_key_id": [1]}, ""),
+    "remove": (("remove", "0123456789ab"), {"key_id": {"a": 1}}, ""),
+    "status, locked": (("status",), {"pid": [1], "http_workers": 3, "leftovers": "x"}, ""),
+    "list: no rotation": (("list",), {"keys": [{**KEY, "rotate_every": None}]}, ""),
+    "stop": (("stop",), {"deleting": "x", "waiting": [1]}, ""),
+}
+
+
+@pytest.mark.parametrize(("argv", "result", "stdin"), TOLERATED.values(), ids=TOLERATED.keys())
+def test_members_every_command_can_show_are_shown(
+    serve: Serve, argv: tuple[str, ...], result: dict[str, Any], stdin: str
+) -> None:
+    agent = serve(result)
+    got = run_ctl(agent.path, *argv, stdin=stdin)
+    assert got.code == 0, got.err
+    assert got.err == ""
+
+
+def test_a_user_sees_the_message_and_no_traceback(serve: Serve) -> None:
+    """As its own process (python -m keyagent): exit 1, one line on stderr, no traceback."""
+    agent = serve({"keys": [{**KEY, "rotate_every": "x"}]})
+    env = {**os.environ, "KEYAGENT_SOCK": agent.path}
+    result = run_ctl_process(["list"], env=env)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("keyagent-ctl: ")
+    assert result.stderr.count("\n") == 1
+    assert "[bad_reply]" in result.stderr
+    assert "'rotate_every'" in result.stderr  # names the member, never its value
+    assert result.stdout == ""

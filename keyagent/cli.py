@@ -967,7 +967,7 @@ def cmd_create(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
         rotate_every=args.rotate_every,
     )
     if args.reveal:
-        out.write(f"{created['key']}\n")  # exact, like get: the agent only holds valid keys
+        out.write(f"{_revealed_key(created)}\n")  # exact, like get
     else:
         fate = "; deleted on the service when it expires" if created.get("ephemeral") else ""
         every = created.get("rotate_every")
@@ -980,6 +980,18 @@ def cmd_create(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
     if created.get("unrecorded") is True:
         sys.stderr.write(f"keyagent-ctl: warning: {UNRECORDED}\n")
     return EXIT_OK
+
+
+def _revealed_key(created: dict[str, Any]) -> str:
+    """The key ``create --print`` prints as it is: one an API key could be, as Client.get
+    checks the key get prints (the agent holds no other; a process in its place might send
+    none, or one with a control character for the terminal)."""
+    key = created.get("key")
+    if not isinstance(key, str) or not key or not key.isprintable() or " " in key:
+        raise _bad_reply(
+            "'key' is absent, empty, or has a NUL, space or control character, which no API key has"
+        )
+    return key
 
 
 def cmd_rotate(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextIO) -> int:

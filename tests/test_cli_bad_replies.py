@@ -149,6 +149,13 @@ MALFORMED: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
         (*ACCOUNT, "rotate", "--all"),
         {"rotated": [], "failed": [{"key_id": "0123456789ab", "error": "boom"}]},
     ),
+    "create --print: no key": ((*ACCOUNT, "create", "--print"), {"key_id": "0123456789ab"}),
+    "create --print: a key that is a number": ((*ACCOUNT, "create", "--print"), {"key": 5}),
+    "create --print: an empty key": ((*ACCOUNT, "create", "--print"), {"key": ""}),
+    "create --print: a key with escapes": (
+        (*ACCOUNT, "create", "--print"),
+        {"key": "ab\x1b]0;PWNED\x07cd"},
+    ),
 }
 
 

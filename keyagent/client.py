@@ -16,7 +16,7 @@ import socket
 import sys
 
 from keyagent import paths, wire
-from keyagent.errors import AgentUnreachable, KeyagentError, ProtocolError
+from keyagent.errors import AgentUnreachable, Forbidden, KeyagentError, ProtocolError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -467,8 +467,12 @@ def get_key(
         return client.get(host, user, key_id)
 
 
-class AuthTargetRefused(ValueError):
-    """:class:`AgentAuth` was asked to authenticate a request it must not send a key with."""
+class AuthTargetRefused(Forbidden, ValueError):
+    """:class:`AgentAuth` was asked to authenticate a request it must not send a key with.
+
+    A :class:`~keyagent.errors.Forbidden` (code ``forbidden``, as the agent's HTTP socket
+    answers a call it will not make with its credentials), and a ``ValueError`` as well, as
+    it was first."""
 
 
 def _origin(url: str) -> tuple[str, str, int]:

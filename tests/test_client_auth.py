@@ -105,3 +105,14 @@ def test_without_a_host_the_request_host_selects_the_key(holding: AgentProcess) 
             requests.get("https://evil.example/api", auth=auth, timeout=5)
         assert KEY not in str(caught.value)
         assert len(mocked.calls) == 0
+
+
+def test_auth_target_refused_is_a_keyagent_error() -> None:
+    """AuthTargetRefused is under the one exception root, with the stable code forbidden,
+    and still a ValueError; the code still names Forbidden itself."""
+    refusal = AuthTargetRefused("no")
+    assert isinstance(refusal, errors.KeyagentError)
+    assert isinstance(refusal, errors.Forbidden)
+    assert isinstance(refusal, ValueError)
+    assert refusal.code == "forbidden"
+    assert type(errors.from_code("forbidden")) is errors.Forbidden

@@ -229,14 +229,14 @@ class Client:
         persist: bool | None = None,
         export: bool | None = None,
         confirm: bool | None = None,
-        allow_exe: Sequence[str] | None = None,
+        allow_exe: str | Sequence[str] | None = None,
     ) -> dict[str, Any]:
         """Hand a key to the agent; returns it as listed (without the secret).
 
         ``export``: False keeps the secret in the agent (None: the agent's default);
         ``confirm``: ask the user before each use; ``allow_exe``: the only programs that may
-        use it (made absolute, links resolved, here: the agent compares them with
-        ``/proc/PID/exe``).
+        use it, one path or several (made absolute, links resolved, here: the agent compares
+        them with ``/proc/PID/exe``).
         """
         return self.call(
             "add",
@@ -360,7 +360,7 @@ class Client:
         password: str,
         *,
         confirm: bool | None = None,
-        allow_exe: Sequence[str] | None = None,
+        allow_exe: str | Sequence[str] | None = None,
     ) -> dict[str, Any]:
         """Log the agent in; it keeps the session cookie, never ``password``. ``confirm``
         (ask before each use) and ``allow_exe`` (the only programs; None: the agent's
@@ -389,7 +389,7 @@ class Client:
         persist: bool | None = None,
         export: bool | None = None,
         confirm: bool | None = None,
-        allow_exe: Sequence[str] | None = None,
+        allow_exe: str | Sequence[str] | None = None,
         keep: bool | None = None,
         rotate_every: float | None = None,
     ) -> dict[str, Any]:
@@ -447,11 +447,14 @@ class Client:
         return self.call("rotate", key_id=key_id, all=all, host=host, user=user)
 
 
-def resolve_programs(paths: Sequence[str] | None) -> list[str] | None:
+def resolve_programs(paths: str | Sequence[str] | None) -> list[str] | None:
     """``paths`` as the agent compares them with ``/proc/PID/exe``: absolute, with symbolic
-    links resolved (``python3`` is often a link to ``python3.12``); None stays None."""
+    links resolved (``python3`` is often a link to ``python3.12``); None stays None. A
+    single string is one path (not a sequence of one-letter paths)."""
     if paths is None:
         return None
+    if isinstance(paths, str):
+        paths = [paths]
     return [os.path.realpath(path) for path in paths]
 
 

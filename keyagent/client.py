@@ -14,6 +14,10 @@ import os
 import select
 import socket
 import sys
+import threading
+import time
+import weakref
+from collections.abc import Generator
 
 from keyagent import paths, wire
 from keyagent.errors import AgentUnreachable, Forbidden, KeyagentError, ProtocolError
@@ -21,27 +25,110 @@ from keyagent.errors import AgentUnreachable, Forbidden, KeyagentError, Protocol
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import builtins
-    from collections.abc import Generator, Sequence
+    from collections.abc import Sequence
+    from types import TracebackType
     from typing import Any
 
 DEFAULT_TIMEOUT = 60.0
 """Seconds to wait for a reply: a login or a held-back unlock can take a while."""
 
+MAX_REPLY = 1 << 30
+"""The longest reply line a :class:`Client` reads (1 GiB), unless given ``max_reply``.
+
+The biggest replies are ``log`` of the whole audit ring (at most a million entries, a few
+hundred bytes each) and ``list`` of every held key (100,000 by default, about 500 bytes
+each): this leaves room for both, and stops a process answering in the agent's place from
+taking all the memory there is."""
+
+_CHUNK = 256 * 1024
+
+
+def _shown(text: str) -> str:
+    """``text`` (a socket path) fit for a message: control, format and separator characters
+    escaped (``\\x1b``, ``\\u202e``) rather than sent raw to a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(
+        char
+        if char.isprintable()
+        else f"\\x{ord(char):02x}"
+        if ord(char) <= 0xFF
+        else f"\\u{ord(char):04x}"
+        if ord(char) <= 0xFFFF
+        else f"\\U{ord(char):08x}"
+        for char in text
+    )
+
+
+def _checked_timeout(timeout: float | None) -> float | None:
+    """``timeout`` if it is None or a finite number of seconds above zero; else ValueError."""
+    if timeout is None:
+        return None
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not (0 < timeout < float("inf"))
+    ):
+        raise ValueError(
+            f"timeout must be a number of seconds above 0 and finite, or None to wait without"
+            f" limit, not {timeout!r}"
+        )
+    return float(timeout)
+
+
+class _Connection:
+    """One socket to the agent, what was read from it and not used yet, the last request id
+    sent on it, and the process that opened it (a forked child must open its own)."""
+
+    __slots__ = ("buffer", "next_id", "pid", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+        self.next_id = 0
+        self.pid = os.getpid()
+
+    def close(self) -> None:
+        # close(), never shutdown(): after a fork the parent still uses this connection.
+        self.sock.close()
+        self.buffer.clear()
+
 
 class Client:
-    """A connection to the agent. Reuse one for many requests; close it (or use ``with``)."""
+    """A connection to the agent. Reuse one for many requests; close it (or use ``with``).
 
-    def __init__(self, socket_path: str | None = None, *, timeout: float | None = DEFAULT_TIMEOUT):
+    ``timeout``: seconds to connect, and to receive the whole reply to one request (None:
+    no limit). ``max_reply``: the longest reply read (:data:`MAX_REPLY` by default).
+
+    One client may be shared by threads: each request and its reply are exchanged under a
+    lock, so requests from several threads take turns on the connection. After
+    ``os.fork()``, a client used in the child opens a connection of its own at its first
+    request (the inherited one stays the parent's). :meth:`follow_log` uses a connection of
+    its own too.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_reply: int = MAX_REPLY,
+    ):
         # "" when there is no socket to try (no KEYAGENT_SOCK, no runtime directory): the
         # first request says so. On the default path, failures may point to systemd.
         self._default_path = not (socket_path or os.environ.get(paths.SOCKET_ENV))
         self.socket_path = paths.socket_path(socket_path) or ""
-        self.timeout = timeout
+        self.timeout = _checked_timeout(timeout)
+        if isinstance(max_reply, bool) or not isinstance(max_reply, int) or max_reply < 1:
+            raise ValueError(
+                f"max_reply must be a whole number of bytes above 0, not {max_reply!r}"
+            )
+        self.max_reply = max_reply
         self.peer_pid: int | None = None
         """The pid of the process that listens on the socket (SO_PEERCRED), once connected."""
-        self._sock: socket.socket | None = None
-        self._buffer = b""
-        self._next_id = 0
+        self._connection: _Connection | None = None
+        self._lock = threading.Lock()
+        _clients.add(self)
 
     def __repr__(self) -> str:
         return f"Client({self.socket_path!r})"
@@ -53,10 +140,19 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        self._buffer = b""
+        """Close the connection (a later request opens a new one)."""
+        with self._lock:
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def _after_fork(self) -> None:
+        """In a forked child: a lock of its own (another thread of the parent may have held
+        this one as it forked, and nothing in the child would ever release it)."""
+        self._lock = threading.Lock()
 
     # --- transport -----------------------------------------------------------------------
 
@@ -72,6 +168,7 @@ class Client:
     def _connect(self) -> socket.socket:
         if not self.socket_path:
             raise AgentUnreachable(f"no agent: {paths.NO_SOCKET_HINT}")
+        shown = _shown(self.socket_path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
@@ -88,7 +185,7 @@ class Client:
                 )
             if error.errno == errno.EACCES:
                 hint = "the socket belongs to another user; set KEYAGENT_SOCK to your own agent"
-            raise AgentUnreachable(f"no agent at {self.socket_path} ({reason}); {hint}") from None
+            raise AgentUnreachable(f"no agent at {shown} ({reason}); {hint}") from None
         # The agent checks who connects; the client checks who listens, before it sends a
         # key or a password: a socket planted by another user (a predictable runtime path,
         # a wrong KEYAGENT_SOCK) must get nothing. struct ucred is pid, uid, gid.
@@ -101,87 +198,136 @@ class Client:
         if uid != os.geteuid():
             sock.close()
             raise AgentUnreachable(
-                f"the socket {self.socket_path} is served by uid {uid}, not by you; "
+                f"the socket {shown} is served by uid {uid}, not by you; "
                 "nothing was sent: set KEYAGENT_SOCK to your own agent"
             )
         return sock
 
-    def _live_socket(self) -> socket.socket:
-        """The open connection, or a new one if the agent closed the old one (idle timeout)."""
-        sock = self._sock
-        if sock is not None and not self._buffer:
+    def _live_connection(self) -> _Connection:
+        """The open connection, or a new one if the agent closed the old one (idle timeout),
+        or if it was opened by the parent of this (forked) process. Under the lock."""
+        connection = self._connection
+        if connection is not None and connection.pid != os.getpid():
+            # Inherited across fork(): the parent's. Closing this process's descriptor
+            # leaves the parent's connection as it is.
+            self._drop()
+            connection = None
+        if connection is not None and not connection.buffer:
             # Readable with nothing buffered can only mean EOF (or a stray byte): peek.
+            sock = connection.sock
             try:
                 readable, _, _ = select.select([sock], [], [], 0)
                 closed = bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
             except OSError:
                 closed = True
             if closed:
-                self.close()
-                sock = None
-        if sock is None:
-            sock = self._sock = self._connect()
-        return sock
+                self._drop()
+                connection = None
+        if connection is None:
+            connection = self._connection = _Connection(self._connect())
+        return connection
 
-    def _read_line(self, sock: socket.socket) -> bytes:
-        while b"\n" not in self._buffer:
+    def _discard(self, connection: _Connection) -> None:
+        """Close ``connection`` after a failure on it: what is left on it is unusable."""
+        connection.close()
+        if self._connection is connection:
+            self._connection = None
+
+    def _read_line(self, connection: _Connection, deadline: float | None) -> bytes:
+        """The next line from ``connection``, without its newline, received by ``deadline``
+        (``time.monotonic()``; None: no limit) and at most :attr:`max_reply` bytes long.
+
+        Only the newly received bytes are searched for the newline, so a long reply costs
+        time in proportion to its length."""
+        buffer = connection.buffer
+        sock = connection.sock
+        end = buffer.find(b"\n")
+        while end < 0:
+            if len(buffer) > self.max_reply:
+                self._discard(connection)
+                raise ProtocolError(
+                    f"the reply from {_shown(self.socket_path)} is longer than {self.max_reply}"
+                    " bytes: ask for less (log n=, list host=) or give Client a larger"
+                    " max_reply"
+                )
             try:
-                chunk = sock.recv(65536)
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    sock.settimeout(remaining)
+                chunk = sock.recv(_CHUNK)
             except TimeoutError:
-                self.close()
+                self._discard(connection)
                 raise AgentUnreachable(
-                    f"the agent at {self.socket_path} did not answer within {self.timeout:g}s;"
-                    " check it with keyagent-ctl status"
+                    f"the agent at {_shown(self.socket_path)} did not answer within"
+                    f" {self.timeout:g}s; check it with keyagent-ctl status"
                 ) from None
             except OSError as error:
-                self.close()
+                self._discard(connection)
                 raise AgentUnreachable(
-                    f"lost the connection to {self.socket_path} ({os.strerror(error.errno or 0)});"
-                    f" retry{self._systemd_hint()}"
+                    f"lost the connection to {_shown(self.socket_path)}"
+                    f" ({os.strerror(error.errno or 0)}); retry{self._systemd_hint()}"
                 ) from None
             if not chunk:
-                self.close()
+                self._discard(connection)
                 raise AgentUnreachable(
-                    f"the agent at {self.socket_path} closed the connection;"
+                    f"the agent at {_shown(self.socket_path)} closed the connection;"
                     f" retry{self._systemd_hint()}"
                 )
-            self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
+            start = len(buffer)
+            buffer += chunk
+            end = buffer.find(b"\n", start)
+        if end > self.max_reply:
+            self._discard(connection)
+            raise ProtocolError(
+                f"the reply from {_shown(self.socket_path)} is longer than {self.max_reply}"
+                " bytes: ask for less (log n=, list host=) or give Client a larger max_reply"
+            )
+        line = bytes(buffer[:end])
+        del buffer[: end + 1]
         return line
+
+    def _deadline(self) -> float | None:
+        """When the reply to a request sent now must have arrived (None: no limit)."""
+        return None if self.timeout is None else time.monotonic() + self.timeout
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         """Send one request and return its result; raise the agent's error as its leaf."""
-        request_id = self._send(op, args)
-        return self._reply_to(request_id)
+        with self._lock:
+            connection = self._live_connection()
+            request_id = self._send(connection, op, args)
+            return self._reply_to(connection, request_id)
 
-    def _send(self, op: str, args: dict[str, Any]) -> int:
-        """Send one request; its id."""
-        sock = self._live_socket()
-        self._next_id += 1
-        request_id = self._next_id
+    def _send(self, connection: _Connection, op: str, args: dict[str, Any]) -> int:
+        """Send one request on ``connection``; its id."""
+        connection.next_id += 1
+        request_id = connection.next_id
         message = wire.encode_request(
             op, request_id, {k: v for k, v in args.items() if v is not None}
         )
+        sock = connection.sock
         try:
+            sock.settimeout(self.timeout)
             sock.sendall(message)
         except OSError as error:
-            refusal = self._refusal_left(sock)
-            self.close()
+            refusal = self._refusal_left(connection)
+            self._discard(connection)
             if refusal is not None:
                 raise refusal from None
             raise AgentUnreachable(
-                f"could not send to {self.socket_path} ({os.strerror(error.errno or 0)});"
+                f"could not send to {_shown(self.socket_path)} ({os.strerror(error.errno or 0)});"
                 f" retry{self._systemd_hint()}"
             ) from None
         return request_id
 
-    def _refusal_left(self, sock: socket.socket) -> KeyagentError | None:
+    def _refusal_left(self, connection: _Connection) -> KeyagentError | None:
         """What the agent said before it closed a connection the request could not be sent
         on: a refusal (``busy`` when it is full, say) is a line with no id, sent as it
         accepted the connection; None if there is none to read."""
         try:
-            sock.setblocking(False)
-            data = self._buffer + sock.recv(65536)
+            connection.sock.setblocking(False)
+            data = bytes(connection.buffer) + connection.sock.recv(65536)
         except OSError:
             return None
         try:
@@ -190,21 +336,18 @@ class Client:
             return None
         return reply.error if reply.id is None else None
 
-    def _reply_to(self, request_id: int) -> dict[str, Any]:
+    def _reply_to(self, connection: _Connection, request_id: int) -> dict[str, Any]:
         """Read the reply to ``request_id``: its result, or the agent's error raised."""
-        sock = self._sock
-        assert sock is not None  # noqa: S101  # _send connected
         try:
-            reply = wire.parse_reply(self._read_line(sock))
+            reply = wire.parse_reply(self._read_line(connection, self._deadline()))
         except ValueError:
-            self.close()
+            self._discard(connection)
             raise ProtocolError() from None
         if reply.id != request_id:
             # A refusal (busy, forbidden, too_large) carries no id; anything else is a bug.
+            self._discard(connection)
             if reply.error is not None and reply.id is None:
-                self.close()
                 raise reply.error
-            self.close()
             raise ProtocolError()
         if reply.error is not None:
             raise reply.error
@@ -315,26 +458,34 @@ class Client:
         """The last ``n`` audit entries (all kept, without ``n``), then each new one as the
         agent records it, for as long as the caller iterates. The request is sent now, so no
         entry recorded after this call is missed, however late the first ``next()``. Waits
-        without a timeout; the connection is given to following, and closed when the
-        iteration ends.
+        for new entries without a timeout (the backlog comes within the client's timeout).
+
+        Following has a connection of its own, opened now and closed when the iteration
+        ends or the generator is closed (started or not): the client stays usable meanwhile,
+        and may follow several times at once.
 
         The agent ends following by an error, raised here: ``busy`` if this client fell too
         far behind (entries were dropped), ``locked`` when the agent is locked.
         """
-        request_id = self._send("log", {"n": n, "follow": True})
-        return self._following(request_id)
-
-    def _following(self, request_id: int) -> Generator[dict[str, Any], None, None]:
+        connection = _Connection(self._connect())
         try:
-            entries = self._reply_to(request_id).get("entries")
+            request_id = self._send(connection, "log", {"n": n, "follow": True})
+        except BaseException:
+            connection.close()
+            raise
+        return _Following(connection, self._following(connection, request_id))
+
+    def _following(
+        self, connection: _Connection, request_id: int
+    ) -> Generator[dict[str, Any], None, None]:
+        try:
+            entries = self._reply_to(connection, request_id).get("entries")
             if not isinstance(entries, list):
                 raise ProtocolError()
             yield from entries
-            sock = self._sock
-            assert sock is not None  # noqa: S101  # the reply came on it
-            sock.settimeout(None)  # entries come when something happens, however late
+            connection.sock.settimeout(None)  # entries come when something happens, however late
             while True:
-                line = self._read_line(sock)
+                line = self._read_line(connection, None)
                 try:
                     message = wire.decode(line)
                 except ValueError:
@@ -351,7 +502,7 @@ class Client:
                     raise ProtocolError() from None
                 raise reply.error or ProtocolError()
         finally:
-            self.close()
+            connection.close()
 
     def login(
         self,
@@ -445,6 +596,57 @@ class Client:
         created key held for the account; the reply lists ``rotated`` and ``failed`` keys.
         """
         return self.call("rotate", key_id=key_id, all=all, host=host, user=user)
+
+
+class _Following(Generator["dict[str, Any]", None, None]):
+    """What :meth:`Client.follow_log` returns: its generator of entries, and the connection
+    they come on, which :meth:`close` closes even before the first ``next()`` (when a plain
+    generator would run no code at all)."""
+
+    def __init__(
+        self, connection: _Connection, entries: Generator[dict[str, Any], None, None]
+    ) -> None:
+        self._connection = connection
+        self._entries = entries
+
+    def send(self, value: None) -> dict[str, Any]:
+        return self._entries.send(value)
+
+    def throw(
+        self,
+        typ: type[BaseException] | BaseException,
+        val: object = None,
+        tb: TracebackType | None = None,
+    ) -> dict[str, Any]:
+        if isinstance(typ, BaseException):
+            error = typ
+        elif isinstance(val, BaseException):
+            error = val
+        else:
+            error = typ() if val is None else typ(val)
+        return self._entries.throw(error)
+
+    def close(self) -> None:
+        try:
+            self._entries.close()
+        finally:
+            self._connection.close()
+
+    def __del__(self) -> None:
+        # As a generator closes itself when it is dropped unfinished.
+        self.close()
+
+
+_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+"""Every client of this process, for :func:`_after_fork`."""
+
+
+def _after_fork() -> None:
+    for client in list(_clients):
+        client._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def resolve_programs(paths: str | Sequence[str] | None) -> list[str] | None:

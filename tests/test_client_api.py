@@ -1,10 +1,174 @@
-"""The Python client library against a real agent (and small fakes of one)."""
+"""The Python client library against a real agent (and small fakes of one): sharing a
+Client between threads and across fork(), following the audit log, reply limits, and
+the agent's socket path in messages."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
+import pytest
+
+from keyagent import client as client_module
+from keyagent import errors
+from keyagent.client import Client
 from keyagent.testing.agent import AgentProcess
+
+HOSTS = [f"h{i}.example" for i in range(6)]
+FORKED = "forked.example"
+"""The host only the fork test asks about: the audit log says who asked."""
+
+
+def key_for(host: str) -> str:
+    return f"KA-{host}-0123456789"
+
+
+@pytest.fixture(scope="module")
+def module_agent(module_agent: AgentProcess) -> AgentProcess:
+    """The module's agent holds one key per host of HOSTS."""
+    with module_agent.client() as client:
+        for host in [*HOSTS, FORKED]:
+            client.add(host, "u@example.com", key_for(host))
+    return module_agent
+
+
+@pytest.fixture
+def holding(shared_agent: AgentProcess) -> AgentProcess:
+    return shared_agent
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+# --- fork ----------------------------------------------------------------------------------
+
+
+def in_child(
+    work: Callable[[], str], meanwhile: Callable[[], None] = lambda: None
+) -> tuple[int, str]:
+    """Fork; the child runs ``work`` and reports what it returns (or raised), while the
+    parent runs ``meanwhile``. The child's pid and its report, once it has exited."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never back into pytest
+        try:
+            os.close(read_end)
+            try:
+                report = work()
+            except BaseException as error:  # noqa: BLE001  # reported to the parent
+                report = f"child raised {error!r}"
+            os.write(write_end, report.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        meanwhile()
+    finally:
+        received = b""
+        while chunk := os.read(read_end, 65536):
+            received += chunk
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    return pid, received.decode()
+
+
+def test_a_forked_child_gets_a_connection_of_its_own(holding: AgentProcess) -> None:
+    """A Client used on both sides of a fork: the child's requests go on a connection the
+    child opened (the agent records the child as the asker), each side gets the key it asked
+    for, and the parent's connection goes on serving it."""
+    with holding.client() as client:
+        assert client.get(HOSTS[0]) == key_for(HOSTS[0])  # connected before the fork
+
+        def child() -> str:
+            keys = [client.get(FORKED) for _ in range(50)]
+            return json.dumps([key for key in keys if key != key_for(FORKED)])
+
+        parent_keys: list[str] = []
+
+        def parent() -> None:  # asking too while the child does
+            parent_keys.extend(client.get(HOSTS[0]) for _ in range(50))
+
+        pid, report = in_child(child, parent)
+        assert report == "[]"
+        assert set(parent_keys) == {key_for(HOSTS[0])}
+        asked = {(entry["host"], entry["pid"]) for entry in client.log(200) if entry["op"] == "get"}
+        assert (FORKED, pid) in asked
+        assert (FORKED, os.getpid()) not in asked
+        assert client.get(HOSTS[2]) == key_for(HOSTS[2])
+
+
+# --- threads -------------------------------------------------------------------------------
+
+
+def test_a_client_shared_by_threads_gives_each_its_own_key(holding: AgentProcess) -> None:
+    """Threads sharing one Client each get the key for the host they ask about, every time."""
+    results: dict[str, list[str]] = {host: [] for host in HOSTS}
+    start = threading.Barrier(len(HOSTS))
+    with holding.client() as client:
+
+        def ask(host: str) -> None:
+            start.wait()
+            for _ in range(40):
+                try:
+                    results[host].append(client.get(host))
+                except Exception as error:  # noqa: BLE001  # reported by the assert below
+                    results[host].append(repr(error))
+
+        threads = [threading.Thread(target=ask, args=(host,)) for host in HOSTS]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    wrong = {
+        host: [got for got in answers if got != key_for(host)] for host, answers in results.items()
+    }
+    assert wrong == {host: [] for host in HOSTS}
+
+
+# --- follow_log ----------------------------------------------------------------------------
+
+
+def test_following_leaves_the_client_usable(holding: AgentProcess) -> None:
+    """follow_log has a connection of its own: the client answers during and after it, and
+    two follows run at once."""
+    with holding.client() as client:
+        first = client.follow_log(n=1)
+        second = client.follow_log(n=1)
+        assert client.hello()["protocol"]
+        assert next(first)["op"]
+        assert next(second)["op"]
+        client.get(HOSTS[3])  # recorded, so each follower sees it
+        assert next(first) == next(second)
+        first.close()
+        assert client.hello()["protocol"]
+        second.close()
+        assert client.status()["locked"] is False
+
+
+def test_closing_an_unstarted_follow_closes_its_connection(holding: AgentProcess) -> None:
+    """A follow_log generator closed before its first next() closes its connection, and the
+    client goes on working."""
+    with holding.client() as client:
+        client.hello()
+        before = open_fds()
+        follow = client.follow_log(n=0)
+        assert len(open_fds() - before) == 1
+        follow.close()
+        assert open_fds() <= before
+        assert client.hello()["protocol"]
+        with pytest.raises(StopIteration):
+            next(follow)
+
+
+# --- arguments -----------------------------------------------------------------------------
 
 
 def test_allow_exe_given_one_path_as_a_string(agent: AgentProcess) -> None:
@@ -14,3 +178,133 @@ def test_allow_exe_given_one_path_as_a_string(agent: AgentProcess) -> None:
             "one.example", "u@example.com", "KA-one-0123456789", allow_exe="/usr/bin/env"
         )
     assert added["allowed_exes"] == [os.path.realpath("/usr/bin/env")]
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("inf"), float("nan"), True])
+def test_a_timeout_out_of_range_is_refused(timeout: float) -> None:
+    with pytest.raises(ValueError, match="above 0 and finite, or None"):
+        Client("/nonexistent/agent.sock", timeout=timeout)
+
+
+def test_an_unreachable_socket_path_is_shown_escaped(tmp_path: Path) -> None:
+    """A socket path with control characters (KEYAGENT_SOCK is anyone's to set) comes back in
+    the message escaped, not raw."""
+    path = str(tmp_path / "evil\x1b]0;owned\x07.sock")
+    with pytest.raises(errors.AgentUnreachable) as caught, Client(path) as client:
+        client.hello()
+    assert "\x1b" not in caught.value.message
+    assert "\x07" not in caught.value.message
+    assert "evil\\x1b]0;owned\\x07.sock" in caught.value.message
+
+
+# --- replies: size and deadline -------------------------------------------------------------
+
+
+class FakeAgent:
+    """A Unix socket that reads a request, then has ``answer(request_id, connection)`` answer
+    on the connection, which stays open until the test is over (or ``answer`` closes it)."""
+
+    def __init__(self, path: str, answer: Callable[[int, socket.socket], None]) -> None:
+        self.path = path
+        self.answer = answer
+        self.done = threading.Event()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(4)
+        self.thread = threading.Thread(target=self._serve)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        connection, _ = self.listener.accept()
+        with connection, contextlib.suppress(OSError):
+            data = b""
+            while b"\n" not in data:
+                data += connection.recv(65536)
+            request = json.loads(data.partition(b"\n")[0])
+            self.answer(request["id"], connection)
+            self.done.wait(30)  # until the test is over (a bound: never a hang)
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join()
+        self.listener.close()
+
+
+@pytest.fixture
+def fake_agent(tmp_path: Path) -> Iterator[Callable[..., FakeAgent]]:
+    started: list[FakeAgent] = []
+
+    def start(answer: Callable[[int, socket.socket], None]) -> FakeAgent:
+        directory = tmp_path / f"fake{len(started)}"
+        directory.mkdir(mode=0o700)
+        fake = FakeAgent(str(directory / "agent.sock"), answer)
+        started.append(fake)
+        return fake
+
+    yield start
+    for fake in started:
+        fake.close()
+
+
+def ok_line(request_id: int, result: dict[str, Any]) -> bytes:
+    return json.dumps({"id": request_id, "ok": True, "result": result}).encode() + b"\n"
+
+
+def test_a_reply_over_max_reply_is_refused(fake_agent: Callable[..., FakeAgent]) -> None:
+    """A reply longer than max_reply, whole or without its newline, raises bad_reply with
+    the way out, instead of growing without bound."""
+    line = ok_line(1, {"keys": [{"key_id": "0" * 12}] * 200})
+    whole = fake_agent(lambda request_id, connection: connection.sendall(line))
+    with (
+        Client(whole.path, max_reply=1000) as client,
+        pytest.raises(errors.ProtocolError, match="max_reply"),
+    ):
+        client.list()
+    endless = fake_agent(lambda request_id, connection: connection.sendall(b"x" * 5000))
+    with (
+        Client(endless.path, max_reply=1000) as client,
+        pytest.raises(errors.ProtocolError, match="max_reply"),
+    ):
+        client.list()
+
+
+def test_a_long_reply_in_many_pieces_is_read_whole(fake_agent: Callable[..., FakeAgent]) -> None:
+    """A reply of several megabytes, sent in small pieces, with the next line already behind
+    it, is read exactly."""
+    keys = [{"key_id": f"{i:012x}", "host": "h.example"} for i in range(40_000)]
+    line = ok_line(1, {"keys": keys})
+
+    def answer(request_id: int, connection: socket.socket) -> None:
+        for start in range(0, len(line), 1000):
+            connection.sendall(line[start : start + 1000])
+        connection.sendall(ok_line(2, {"protocol": 1}))
+
+    fake = fake_agent(answer)
+    with Client(fake.path) as client:
+        assert client.list() == keys
+        assert client.hello() == {"protocol": 1}
+
+
+def test_a_dripping_reply_is_cut_off_by_the_timeout(fake_agent: Callable[..., FakeAgent]) -> None:
+    """An answer that comes a byte at a time, each well within the timeout, is still cut off
+    when the whole of it has taken longer: the timeout bounds the reply, not each read."""
+
+    def drip(request_id: int, connection: socket.socket) -> None:
+        for byte in b'{"id": 1, "ok": true, "result": {"padding": "' + b"x" * 60:
+            connection.sendall(bytes([byte]))
+            time.sleep(0.1)  # the misbehaviour under test: a slow peer
+        connection.close()  # then: not "did not answer", whatever the client's reading
+
+    fake = fake_agent(drip)
+    with (
+        Client(fake.path, timeout=1) as client,
+        pytest.raises(errors.AgentUnreachable, match="did not answer within 1s"),
+    ):
+        client.hello()
+
+
+def test_the_default_reply_cap_holds_the_agents_biggest_replies() -> None:
+    """MAX_REPLY leaves room for the whole audit ring at its largest, a kilobyte an entry."""
+    from keyagent.rules import MAX_AUDIT_ENTRIES
+
+    assert client_module.MAX_REPLY >= MAX_AUDIT_ENTRIES * 1000

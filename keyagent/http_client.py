@@ -85,7 +85,7 @@ class _AgentAdapter(requests.adapters.HTTPAdapter):
     one)."""
 
     def __init__(
-        self, host: str, socket_path: str, timeout: float | None, choice: dict[str, str]
+        self, host: str, socket_path: str, timeout: float | None, choice: dict[str, bytes]
     ) -> None:
         super().__init__()
         self._host = host
@@ -112,7 +112,7 @@ class _AgentAdapter(requests.adapters.HTTPAdapter):
         # and the account choice are for the agent, never for the host a redirect names.
         request = request.copy()
         request.headers["Host"] = self._host
-        request.headers.update(self._choice)
+        request.headers.update(self._choice)  # type: ignore[arg-type]  # bytes go out as they are
         return super().send(request, *args, **kwargs)
 
     def close(self) -> None:
@@ -139,11 +139,12 @@ def http_session(
     if user is not None and user_problem(user) is not None:
         raise BadRequest(f"the user is not valid: {user_problem(user)}")
     path = socket_path or http_socket_path()
+    # As UTF-8 bytes, which the agent reads: requests would send a str as latin-1.
     choice = {}
     if user is not None:
-        choice["X-Keyagent-User"] = user
+        choice["X-Keyagent-User"] = user.encode()
     if key_id is not None:
-        choice["X-Keyagent-Key-Id"] = key_id
+        choice["X-Keyagent-Key-Id"] = key_id.encode()
     session = requests.Session()
     session.trust_env = False  # no proxy, no .netrc: this goes to a local socket
     adapter = _AgentAdapter(host, path, timeout, choice)

@@ -1,6 +1,6 @@
 """The Python client library against a real agent (and small fakes of one): sharing a
-Client between threads and across fork(), following the audit log, reply limits, and
-the agent's socket path in messages."""
+Client between threads and across fork(), following the audit log, reply limits and
+timeouts, messages, and keyagent.http_session."""
 
 from __future__ import annotations
 
@@ -16,11 +16,17 @@ from typing import Any
 
 import pytest
 
+import keyagent
 from keyagent import client as client_module
 from keyagent import errors
 from keyagent.client import Client
 from keyagent.testing.agent import AgentProcess
+from keyagent.testing.emulator_process import Emulator
 
+USER = "démo@example.com"
+"""A non-ASCII account: its name goes to the agent's HTTP socket as a header."""
+PASSWORD = "client-api-pa55word"
+TEAMS = "/conduce/api/v1/user/list-teams"
 HOSTS = [f"h{i}.example" for i in range(6)]
 FORKED = "forked.example"
 """The host only the fork test asks about: the audit log says who asked."""
@@ -308,3 +314,27 @@ def test_the_default_reply_cap_holds_the_agents_biggest_replies() -> None:
     from keyagent.rules import MAX_AUDIT_ENTRIES
 
     assert client_module.MAX_REPLY >= MAX_AUDIT_ENTRIES * 1000
+
+
+# --- http_session --------------------------------------------------------------------------
+
+
+def http_path(agent: AgentProcess) -> str:
+    return str(Path(agent.socket_path).with_name("http.sock"))
+
+
+@pytest.fixture
+def serving(conduce_agent: AgentProcess, emulator: Emulator) -> AgentProcess:
+    """An agent holding a key for USER (a non-ASCII name) on the emulator."""
+    with conduce_agent.client() as client:
+        client.add(emulator.host, USER, emulator.add_key(USER))
+    return conduce_agent
+
+
+def test_http_session_names_a_non_ascii_account(serving: AgentProcess, emulator: Emulator) -> None:
+    """http_session(user=) with a non-ASCII account: the agent gets the name (as UTF-8) and
+    answers for that account."""
+    with keyagent.http_session(emulator.host, USER, socket_path=http_path(serving)) as session:
+        answer = session.get(f"https://{emulator.host}{TEAMS}")
+    assert answer.status_code == 200, answer.text
+    assert [team["name"] for team in answer.json()] == [USER]

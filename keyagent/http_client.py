@@ -27,6 +27,7 @@ from urllib3.connection import HTTPConnection
 from urllib3.connectionpool import HTTPConnectionPool
 
 from keyagent import paths
+from keyagent.client import _checked_timeout, _shown
 from keyagent.errors import AgentUnreachable, BadRequest
 from keyagent.rules import host_problem, user_problem
 
@@ -61,7 +62,7 @@ class _UnixConnection(HTTPConnection):
             sock.close()
             reason = os.strerror(error.errno) if error.errno else type(error).__name__
             raise AgentUnreachable(
-                f"no agent HTTP socket at {self._socket_path} ({reason}); "
+                f"no agent HTTP socket at {_shown(self._socket_path)} ({reason}); "
                 'start an agent with eval "$(keyagent)" or set KEYAGENT_HTTP_SOCK'
             ) from None
         credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
@@ -69,7 +70,7 @@ class _UnixConnection(HTTPConnection):
         if uid != os.geteuid():
             sock.close()
             raise AgentUnreachable(
-                f"the socket {self._socket_path} is served by uid {uid}, not by you; "
+                f"the socket {_shown(self._socket_path)} is served by uid {uid}, not by you; "
                 "nothing was sent: set KEYAGENT_HTTP_SOCK to your own agent's"
             )
         self.sock = sock
@@ -82,7 +83,7 @@ class _UnixPool(HTTPConnectionPool):
 class _AgentAdapter(requests.adapters.HTTPAdapter):
     """Sends ``https://HOST/...`` as ``http`` over the agent's socket, Host: HOST, with the
     account and key asked for (only there: never to another host, nor after a redirect to
-    one)."""
+    one); ``timeout`` for each request that names none."""
 
     def __init__(
         self, host: str, socket_path: str, timeout: float | None, choice: dict[str, bytes]
@@ -90,9 +91,17 @@ class _AgentAdapter(requests.adapters.HTTPAdapter):
         super().__init__()
         self._host = host
         self._choice = choice
+        self._socket_path = socket_path
+        self._timeout = timeout
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> _UnixPool:
         # The pool's own host is never connected to (see _UnixConnection) nor sent (the Host
         # header is set per request below).
-        self._pool = _UnixPool("localhost", maxsize=4, socket_path=socket_path, timeout=timeout)
+        self._pid = os.getpid()
+        return _UnixPool(
+            "localhost", maxsize=4, socket_path=self._socket_path, timeout=self._timeout
+        )
 
     def get_connection_with_tls_context(
         self, request: requests.PreparedRequest, verify: Any, proxies: Any = None, cert: Any = None
@@ -113,6 +122,15 @@ class _AgentAdapter(requests.adapters.HTTPAdapter):
         request = request.copy()
         request.headers["Host"] = self._host
         request.headers.update(self._choice)  # type: ignore[arg-type]  # bytes go out as they are
+        if self._pid != os.getpid():
+            # Forked: the pooled connections are the parent's, which goes on using them.
+            # Closing them here closes this process's descriptors only (no shutdown()).
+            inherited, self._pool = self._pool, self._new_pool()
+            inherited.close()
+        # requests has no session-wide timeout: each request without one of its own (as
+        # Session.request passes it: a keyword, None when not given) gets the session's.
+        if kwargs.get("timeout") is None and len(args) < 2:
+            kwargs["timeout"] = self._timeout
         return super().send(request, *args, **kwargs)
 
     def close(self) -> None:
@@ -130,9 +148,13 @@ def http_session(
 ) -> requests.Session:
     """A ``requests.Session`` whose ``https://HOST/...`` calls the agent makes with its
     credentials for ``host`` (``user``'s, when the agent holds several accounts there;
-    ``key_id`` to pick a held key). ``timeout`` bounds connecting to and reading from the
-    agent, per call, as requests' own ``timeout=`` does.
+    ``key_id`` to pick a held key). ``timeout`` bounds connecting to and each read from the
+    agent (seconds, finite and above 0; None: no limit), as requests' own ``timeout=`` does,
+    for every call through the agent that passes no ``timeout=`` of its own.
+
+    The session may be used after ``os.fork()``: the child opens connections of its own.
     """
+    timeout = _checked_timeout(timeout)
     problem = host_problem(host)
     if problem is not None:
         raise BadRequest(f"the host is not valid: {problem}")

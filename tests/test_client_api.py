@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 import keyagent
 from keyagent import client as client_module
 from keyagent import errors
 from keyagent.client import Client
 from keyagent.testing.agent import AgentProcess
+from keyagent.testing.emulator import Fault
 from keyagent.testing.emulator_process import Emulator
 
 USER = "démo@example.com"
@@ -338,3 +340,74 @@ def test_http_session_names_a_non_ascii_account(serving: AgentProcess, emulator:
         answer = session.get(f"https://{emulator.host}{TEAMS}")
     assert answer.status_code == 200, answer.text
     assert [team["name"] for team in answer.json()] == [USER]
+
+
+def test_http_session_timeout_bounds_a_slow_answer(
+    serving: AgentProcess, emulator: Emulator
+) -> None:
+    """The session's timeout applies to a request that gives none: a service slower than it
+    (the agent itself would wait 5 s) raises requests' ReadTimeout."""
+    emulator.inject(Fault.delay(30), path="user/list-teams")
+    session = keyagent.http_session(emulator.host, socket_path=http_path(serving), timeout=1)
+    with session, pytest.raises(requests.exceptions.ReadTimeout):
+        session.get(f"https://{emulator.host}{TEAMS}")
+    emulator.clear_faults()
+
+
+def test_http_session_timeout_bounds_a_silent_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KEYAGENT_HTTP_SOCK naming a socket that accepts and never answers: the session's
+    timeout ends the wait."""
+    directory = tmp_path / "silent"
+    directory.mkdir(mode=0o700)
+    path = str(directory / "http.sock")
+    done = threading.Event()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(4)
+
+        def hold() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                done.wait(30)  # silent until the test is over (a bound: never a hang)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        monkeypatch.setenv("KEYAGENT_HTTP_SOCK", path)
+        try:
+            session = keyagent.http_session("app.conduce.example", timeout=1)
+            with session, pytest.raises(requests.exceptions.ReadTimeout):
+                session.get(f"https://app.conduce.example{TEAMS}")
+        finally:
+            done.set()
+            holder.join()
+
+
+def test_http_session_after_fork_uses_a_connection_of_its_own(
+    serving: AgentProcess, emulator: Emulator
+) -> None:
+    """A session that pooled a connection to the agent, used in a forked child: the child's
+    request goes on a connection of its own (the agent records the child as the asker),
+    and the parent's goes on working."""
+    url = f"https://{emulator.host}{TEAMS}"
+    with keyagent.http_session(emulator.host, socket_path=http_path(serving)) as session:
+        assert session.get(url).status_code == 200
+
+        def child() -> str:
+            return str(session.get(url).status_code)
+
+        pid, report = in_child(child)
+        assert report == "200"
+        assert session.get(url).status_code == 200
+    with serving.client() as client:
+        askers = [entry["pid"] for entry in client.log(20) if entry["op"] == "proxy"]
+    assert askers[-3:] == [os.getpid(), pid, os.getpid()]
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("inf"), float("nan"), True])
+def test_an_http_session_timeout_out_of_range_is_refused(timeout: float) -> None:
+    with pytest.raises(ValueError, match="above 0 and finite, or None"):
+        keyagent.http_session(
+            "app.conduce.com", socket_path="/nonexistent/http.sock", timeout=timeout
+        )

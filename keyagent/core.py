@@ -58,18 +58,18 @@ EXIT_OK, EXIT_FAILURE = 0, 1
 RESTORE_TIMEOUT = 5.0
 
 
-def configure_logging(*, debug: bool, foreground: bool, errors_to_stderr: bool = False) -> None:
+def configure_logging(*, debug: bool, foreground: bool, errors_fd: int | None = None) -> None:
     """Foreground: stderr (``-d``: debug level). Background: warnings to syslog (authpriv),
-    and with ``errors_to_stderr`` errors to stderr as well."""
+    and errors to ``errors_fd`` as well if given."""
     if foreground:
         to_stderr(DEBUG if debug else INFO)
     else:
-        to_syslog(WARNING, errors_to_stderr=errors_to_stderr)
+        to_syslog(WARNING, errors_fd=errors_fd)
 
 
-def _detach_stdio(*, keep_stderr: bool = False) -> None:
+def _detach_stdio() -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1) if keep_stderr else (0, 1, 2):
+    for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     if devnull > 2:
         os.close(devnull)
@@ -378,9 +378,10 @@ def _adopt(fd: int) -> int:
 def run(handoff: Handoff) -> int:
     """Serve as the hand-off from :func:`keyagent.daemon.exec_core` describes."""
     foreground = handoff.foreground
-    configure_logging(
-        debug=handoff.debug, foreground=foreground, errors_to_stderr=handoff.errors_to_stderr
-    )
+    # keyagent CMD: a copy of CMD's stderr for the errors alone (os.dup's copy is not
+    # inherited by the HTTP workers), so no thread's traceback or warning goes there.
+    errors_fd = os.dup(2) if handoff.errors_to_stderr and not foreground else None
+    configure_logging(debug=handoff.debug, foreground=foreground, errors_fd=errors_fd)
     listener = socket.socket(fileno=_adopt(handoff.listener_fd))
     http = None
     if handoff.http_listener_fd is not None and handoff.http_socket_path is not None:
@@ -399,7 +400,7 @@ def run(handoff: Handoff) -> int:
         if ready_fd is not None:
             os.write(ready_fd, b"R")
             os.close(ready_fd)
-            _detach_stdio(keep_stderr=handoff.errors_to_stderr)
+            _detach_stdio()
 
     # "" rather than None: None would make the Notifier look in the environment itself.
     notifier = Notifier(handoff.notify or "", unset_environment=False)

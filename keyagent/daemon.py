@@ -454,38 +454,51 @@ def run_command(command: list[str], agent: int) -> int:
 
     The agent deletes its ephemeral keys on the service as it stops, and says on stderr
     which it could not delete: returning before that would leave a CI job or a container
-    that ends with CMD to kill it half-way, keys left valid and nobody told. Meanwhile
-    this process stays as a shell stays with its foreground job: Ctrl-C and Ctrl-\\ at the
-    terminal are CMD's to act on, and a SIGTERM or SIGHUP sent here is passed on to it.
-    Once CMD has ended, any of these cuts the agent's wait short (its second signal)."""
+    that ends with CMD to kill it half-way, keys left valid and nobody told.
+
+    Meanwhile this process stays as a shell stays with its foreground job. CMD gets the
+    descriptors and ignored signals this process was given (a make jobserver, ``nohup``).
+    Ctrl-C and Ctrl-\\ at the terminal reach CMD's process group: they are CMD's to act on.
+    A SIGTERM or SIGHUP sent to this process is passed on to CMD. Once CMD has ended,
+    SIGINT, SIGQUIT or SIGTERM cuts the agent's wait short (its second signal); a SIGHUP
+    does not (a hang-up may come twice, from the shell and from the terminal)."""
     import subprocess
 
-    started: list[subprocess.Popen[bytes]] = []
-    early: list[int] = []  # signals that came before CMD did
+    watched = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
+    ignored = {number for number in watched if signal.getsignal(number) is signal.SIG_IGN}
+    running: list[subprocess.Popen[bytes]] = []
+    early: list[int] = []  # passed on once CMD has started
+    stopping = False
 
-    def pass_on(received: int, _frame: object) -> None:
-        if started:
-            started[0].send_signal(received)
-        else:
-            early.append(received)
+    def on_signal(received: int, _frame: object) -> None:
+        if stopping:
+            if received != signal.SIGHUP:
+                _signal(agent, signal.SIGTERM)
+        elif received in (signal.SIGTERM, signal.SIGHUP):
+            if running:
+                running[0].send_signal(received)
+            else:
+                early.append(received)
 
-    # Handlers before CMD starts, so that no signal finds this process unprepared. Ctrl-C
-    # gets a handler that does nothing rather than SIG_IGN, which CMD would inherit.
-    for number in (signal.SIGINT, signal.SIGQUIT):
-        signal.signal(number, lambda _received, _frame: None)
-    for number in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(number, pass_on)
+    # Handled before CMD starts, so that no signal finds this process unprepared. A handler
+    # (unlike SIG_IGN) does not pass on to CMD, which starts with the default.
+    for number in watched:
+        if number not in ignored:
+            signal.signal(number, on_signal)
     try:
-        process = subprocess.Popen(command)  # the user's own command line
+        process = subprocess.Popen(command, close_fds=False)  # the user's own command line
     except OSError as error:
         sys.stderr.write(f"keyagent: {command[0]}: {os.strerror(error.errno or 0)}\n")
-        _stop_and_wait(agent)
-        return 126 if error.errno == errno.EACCES else 127
-    started.append(process)
-    for received in early:
-        process.send_signal(received)
-    status = process.wait()
-    _stop_and_wait(agent)
+        status = 126 if error.errno == errno.EACCES else 127
+    else:
+        running.append(process)
+        for received in early:
+            process.send_signal(received)
+        status = process.wait()
+    stopping = True
+    _signal(agent, signal.SIGTERM)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(agent, 0)
     if status < 0:  # ended by a signal: end by the same one, as a shell would report it
         import resource
 
@@ -495,16 +508,6 @@ def run_command(command: list[str], agent: int) -> int:
         os.kill(os.getpid(), -status)
         return 128 - status  # a signal this process could not die of (SIGCHLD, say)
     return status
-
-
-def _stop_and_wait(agent: int) -> None:
-    """Stop the agent (our child) and wait for it to exit; a signal meanwhile tells it not
-    to wait for its deletions any longer."""
-    for number in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(number, lambda _received, _frame: _signal(agent, signal.SIGTERM))
-    _signal(agent, signal.SIGTERM)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(agent, 0)
 
 
 def _signal(pid: int, number: int) -> None:

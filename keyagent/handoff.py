@@ -275,8 +275,8 @@ class Handoff:
     ``http_socket_path``, ``http_bound`` and ``http_listener_fd`` are the same for the HTTP
     socket (:mod:`keyagent.proxy`); all None when the agent has none. ``leftovers_path``:
     the leftovers file of this socket (:mod:`keyagent.leftovers`), None for none.
-    ``errors_to_stderr``: a background agent keeps its stderr and writes its errors there
-    too (``keyagent CMD``: a key it could not delete at stop is told where CMD ran).
+    ``errors_to_stderr``: a background agent keeps a copy of its stderr for its errors
+    alone (``keyagent CMD``: a key it could not delete at stop is told where CMD ran).
     """
 
     __slots__ = tuple(_HANDOFF_RULES)

@@ -71,9 +71,10 @@ def to_stderr(level: int) -> None:
     _sink = _Sink(level, emit, emit_many)
 
 
-def to_syslog(level: int, *, errors_to_stderr: bool = False) -> None:
+def to_syslog(level: int, *, errors_fd: int | None = None) -> None:
     """Send records at ``level`` and above to syslog (authpriv), as ``keyagent[PID]``; with
-    ``errors_to_stderr``, errors to stderr as well (``keyagent CMD``'s terminal)."""
+    ``errors_fd``, errors to that descriptor as well (``keyagent CMD``'s stderr, kept for
+    this alone: nothing else the process writes reaches it)."""
     import syslog
 
     syslog.openlog("keyagent", syslog.LOG_PID, syslog.LOG_AUTHPRIV)
@@ -87,10 +88,10 @@ def to_syslog(level: int, *, errors_to_stderr: bool = False) -> None:
         safe = text.encode("utf-8", "backslashreplace").decode("utf-8")
         with contextlib.suppress(OSError, ValueError):  # logging must not stop the agent
             syslog.syslog(priorities.get(level, syslog.LOG_ERR), safe)
-        if errors_to_stderr and level >= ERROR:
-            with contextlib.suppress(OSError, ValueError):  # nor a closed terminal
-                sys.stderr.write(f"{prefix}{_LEVEL_NAMES.get(level, level)}: {text}\n")
-                sys.stderr.flush()
+        if errors_fd is not None and level >= ERROR:
+            line = f"{prefix}{_LEVEL_NAMES.get(level, level)}: {text}\n"
+            with contextlib.suppress(OSError):  # nor a closed terminal
+                os.write(errors_fd, line.encode("utf-8", "backslashreplace"))
 
     prefix = f"keyagent[{os.getpid()}]: "
     global _sink  # noqa: PLW0603  # one process-wide destination, set once at start-up

@@ -667,6 +667,27 @@ def test_agent_is_not_dumpable() -> None:
         shutil.rmtree(base)
 
 
+def test_command_mode_passes_descriptors_and_ignored_signals_to_the_command(
+    tmp_path: Path,
+) -> None:
+    """CMD gets what it would get run directly: the descriptors keyagent was given (a make
+    jobserver, ``3<file``) and the signals it was told to ignore (``nohup``). The agent
+    itself keeps none of CMD's stderr but a private copy for its errors: fd 2 is /dev/null."""
+    sock = private_dir(tmp_path) / "agent.sock"
+    given = tmp_path / "given"
+    given.write_text("through fd 3\n")
+    script = (
+        f"trap '' HUP; exec {PY} -m keyagent.daemon -a {shlex.quote(str(sock))} sh -c '"
+        'cat <&3; kill -HUP $$; echo "survived"; readlink /proc/$KEYAGENT_PID/fd/2'
+        "' 3<" + shlex.quote(str(given))
+    )
+    result = subprocess.run(
+        ["sh", "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["through fd 3", "survived", "/dev/null"]
+
+
 def test_a_command_that_cannot_be_executed_in_command_mode(tmp_path: Path) -> None:
     """keyagent with a command it may not execute exits 126, as a shell does, and stops
     the agent before it returns."""

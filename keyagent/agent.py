@@ -2132,6 +2132,12 @@ class Agent:
             secret: str = yield from self._create_on_service(
                 session, held.description, rules, kept=kept
             )
+            if self.held_keys.holding(digest_of(secret)) is not None:
+                # Before the keyring too: its record of the key held would be overwritten.
+                raise RemoteError(
+                    f"the service at {held.host} answered create with a key the agent holds "
+                    f"already; key {old_id} was not rotated: retry later"
+                )
             if persisted:
                 # The successor's record first, while the old key is still the one held and
                 # served: should the keyring refuse it, nothing changes, and a restart
@@ -2164,14 +2170,6 @@ class Agent:
             self.audit("rotate", peer, outcome=gone.code, key_id=old_id, host=held.host,
                        user=held.user)  # fmt: skip
             raise gone
-        if self.held_keys.holding(digest_of(secret)) is not None:
-            broken = RemoteError(
-                f"the service at {held.host} answered create with a key the agent holds "
-                f"already; key {old_id} was not rotated: retry later"
-            )
-            self.audit("rotate", peer, outcome=broken.code, key_id=old_id, host=held.host,
-                       user=held.user)  # fmt: skip
-            raise broken
         # The same step drops the old key and holds the new one: no request sees neither.
         # The new key needs no free place: it takes the old one's.
         lifetime = None if held.deadline is None else held.deadline - now

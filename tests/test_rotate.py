@@ -404,3 +404,23 @@ def test_a_persisted_key_forgotten_while_its_successor_is_saved_is_not_replaced(
     assert keyring_ids(backend) == set()
     assert run(agent, "list")["keys"] == []
     assert account.keys == [ADDED, old_secret]
+
+
+def test_a_successor_the_agent_holds_already_is_refused_before_the_keyring_sees_it(
+    agent: Agent, account: ScriptedAccount, backend: MemoryKeyring
+) -> None:
+    """A service that answers a persisted key's rotation with another key the agent holds
+    is broken or hostile: the rotation fails with remote_error and nothing changes, in
+    memory or in the keyring, where the other key's record (its rules) is not overwritten."""
+    old = create(agent, persist=True)
+    other = create(agent, persist=True, confirm=True)
+    other_secret = account.keys[-1]
+    records = dict(backend.entries())
+    account.issue = [other_secret]
+    error = fails(agent, "rotate", key_id=old["key_id"])
+    assert error.code == "remote_error"
+    assert "answered create with a key the agent holds already" in error.message
+    assert backend.entries() == records
+    listed = {key["key_id"]: key for key in run(agent, "list")["keys"]}
+    assert set(listed) == {old["key_id"], other["key_id"]}
+    assert listed[other["key_id"]]["confirm"] is True

@@ -1717,6 +1717,12 @@ class Agent:
         keep = args.get("keep", self.keep_created_keys)
         ephemeral = lifetime is not None and not keep
         persist = args.get("persist", self.default_persist)
+        if persist and self.keyring is None:  # before the service makes a key for nothing
+            raise KeyringUnavailable(
+                "this agent has no OS keyring configured (--no-keyring), so it cannot persist"
+                " a key; nothing was created: create without --persist, or start the agent"
+                " without --no-keyring"
+            )
         # A key to outlive the agent says so on the service, so prune leaves it alone: a
         # persisted one too, as a prune where the keyring is out of reach (no D-Bus in an
         # SSH login, say) cannot learn that the keyring keeps it.
@@ -1778,9 +1784,7 @@ class Agent:
             try:
                 yield from self._saving(held.digest, save)
             except KeyagentError as error:
-                if isinstance(error, Overdue):  # should the save complete after all: persisted
-                    self.in_background(self._mark_persisted_when_saved(error.late, held))
-                elif self.at_stop is not None:
+                if self.at_stop is not None and not isinstance(error, Overdue):
                     # Stopping, and not persisted: nobody would hold the key once the agent
                     # exits, with a lifetime or without (see _saving).
                     raise _dies_at_stop_now(
@@ -1789,9 +1793,17 @@ class Agent:
                         f"while the agent stops, so it deletes key {held.key_id} on the "
                         "service before it exits; start an agent again, then retry",
                     ) from None
+                # Undone: a key asked to outlive the agent that would not (and that its
+                # mark keeps out of prune's reach) is worse than none.
+                if isinstance(error, Overdue):  # should the save complete after all: undo it
+                    self.in_background(self._undo_late_save(error.late, held.digest))
+                if self.held_keys.holding(held.digest) is held:
+                    self.held_keys.discard(held.digest)
+                    self.delete_on_service(held)
                 raise KeyringUnavailable(
-                    f"created key {held.key_id} and the agent holds it, but it is not in the "
-                    f"OS keyring: {error.message}"
+                    f"the OS keyring did not take the new key {held.key_id} ({error.message}),"
+                    " so the agent deletes it on the service and holds nothing: fix the"
+                    " keyring, or create without --persist"
                 ) from None
             held.persisted = True
             self._leftovers_changed()  # the keyring holds it now
@@ -1847,13 +1859,6 @@ class Agent:
                 "for another account; the key was not taken: check the --host you use"
             )
         return secret
-
-    def _mark_persisted_when_saved(self, late: Late, held: HeldKey) -> Steps:
-        """Background: a created key's keyring save ended after its deadline, successfully."""
-        yield late
-        held.persisted = True
-        self._leftovers_changed()
-        return {}
 
     def _list_remote(self, args: Mapping[str, Any]) -> Steps:
         host, user = args.get("host"), args.get("user")

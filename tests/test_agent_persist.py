@@ -266,11 +266,12 @@ def test_remove_reports_a_keyring_entry_left_behind(
     assert account.keys == ["helper-key-0000000000"]
 
 
-def test_a_created_key_whose_save_ends_late_is_persisted(
+def test_a_created_key_whose_save_ends_late_is_undone(
     backend: MemoryKeyring, fake_time: FakeTime
 ) -> None:
-    """create --persist whose keyring save outlasts the deadline says the key is held but not
-    in the keyring; when the save does complete, the key lists as persisted."""
+    """create --persist whose keyring save outlasts the deadline fails, holding nothing, and
+    the key is deleted on the service; when the save does complete, its record goes too (a
+    restart must not bring back a key the service no longer knows)."""
     account = FakeAccount()
     agent = Agent(
         clock=fake_time.clock(), keyring=KeyringStore(backend), accounts=lambda host, user: account
@@ -284,17 +285,20 @@ def test_a_created_key_whose_save_ends_late_is_persisted(
     driver.end(driver.held[0])  # the remote call
     driver.pass_time(agent.keyring_timeout)
     assert isinstance(answers[0], errors.KeyringUnavailable)
-    assert "the agent holds it" in answers[0].message
-    assert [key["persisted"] for key in run(agent, "list")["keys"]] == [False]
-    driver.end(driver.held[0])  # the save completes after all
-    assert [key["persisted"] for key in run(agent, "list")["keys"]] == [True]
-    assert keyring_ids(backend) == {digest_of(account.keys[0])}
+    assert "deletes it on the service and holds nothing" in answers[0].message
+    assert run(agent, "list")["keys"] == []
+    while driver.held:  # the save completes after all; the deletion and the undo follow
+        driver.end(driver.held[0])
+    assert account.keys == []
+    assert keyring_ids(backend) == set()
 
 
-def test_create_with_persist_keeps_the_key_when_the_keyring_fails(
+def test_create_with_persist_holds_nothing_when_the_keyring_fails(
     backend: MemoryKeyring, fake_time: FakeTime
 ) -> None:
-    """A created key is held even if persisting it fails, and the error says so."""
+    """A key asked to be persisted that the keyring refuses is deleted on the service and not
+    held: kept on the service (its mark keeps prune away) and gone at stop, it would be
+    left valid with nobody to hold it. Without any keyring (--no-keyring) nothing is made."""
     account = FakeAccount()
     agent = Agent(
         clock=fake_time.clock(), keyring=KeyringStore(backend), accounts=lambda host, user: account
@@ -303,12 +307,18 @@ def test_create_with_persist_keeps_the_key_when_the_keyring_fails(
     backend.locked = True
     with pytest.raises(errors.KeyringUnavailable) as caught:
         run(agent, "create", host="h", user="u", persist=True)
-    assert "the agent holds it" in caught.value.message
-    assert run(agent, "get")["key"] == account.keys[0]
+    assert "deletes it on the service and holds nothing" in caught.value.message
+    assert run(agent, "list")["keys"] == []
+    assert account.keys == []
     backend.locked = False
+    unkept = Agent(clock=fake_time.clock(), keyring=None, accounts=lambda host, user: account)
+    run(unkept, "login", host="h", user="u", password="pw")
+    with pytest.raises(errors.KeyringUnavailable, match="nothing was created"):
+        run(unkept, "create", host="h", user="u", persist=True)
+    assert account.created == 1
     created = run(agent, "create", host="h", user="u", persist=True)
     assert created["persisted"] is True
-    assert digest_of(account.keys[1]) in keyring_ids(backend)
+    assert keyring_ids(backend) == {digest_of(account.keys[0])}
 
 
 # --- a lock that survives a restart ----------------------------------------------------------

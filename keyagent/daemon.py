@@ -55,6 +55,7 @@ from keyagent.sockets import (
     check_private_dir,
     file_identity,
     remove_socket,
+    socket_path_problem,
 )
 from keyagent.systemd import NOTIFY_ENV, ListenFdsError, listen_fds_with_names
 
@@ -449,6 +450,12 @@ HTTP_FD_NAME = "http"
 # --- process set-up ------------------------------------------------------------------------
 
 
+def _temporary_directory() -> str:
+    import tempfile
+
+    return tempfile.gettempdir()
+
+
 def run_command(command: list[str], agent: int) -> int:
     """``keyagent CMD``: run CMD, then stop the agent and wait for it; CMD's exit status.
 
@@ -743,6 +750,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         foreground = True  # a socket-activated service must not fork away from its manager
     else:
         default = None if args.socket else paths.default_socket_path()
+        # -a is checked as it is parsed; a path from the environment before anything is
+        # made there or printed (bind_listener checks again, whatever the source).
+        from_environment = default if default is not None else _temporary_directory()
+        if not args.socket and (problem := socket_path_problem(from_environment)) is not None:
+            sys.stderr.write(f"keyagent: {problem}\n")
+            return EXIT_FAILURE
         if args.socket:
             path = os.path.abspath(args.socket)
         elif default is None:

@@ -140,6 +140,18 @@ def accepts_connections(path: str) -> bool:
     return True
 
 
+def socket_path_problem(path: str) -> str | None:
+    """Why ``path`` (or the directory a socket path is made in) cannot be used, shown
+    escaped; None if it can. It goes into eval lines and onto terminals."""
+    problem = path_problem(path.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+    if problem is None:
+        return None
+    return (
+        f"the socket path {path!a} is not usable: {problem} (it comes from -a, else from"
+        " XDG_RUNTIME_DIR, else from TMPDIR): use -a PATH with a plain path"
+    )
+
+
 def bind_listener(
     path: str, backlog: int = 1024, *, alive: Callable[[str], bool] | None = None
 ) -> socket.socket:
@@ -148,12 +160,9 @@ def bind_listener(
     A live agent at ``path`` is an error; a dead socket left by a crashed agent is replaced.
     The umask is set before ``bind`` so the socket never exists with looser permissions.
     """
-    problem = path_problem(path.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
-    if problem is not None:  # the path goes into eval lines and onto terminals
-        raise SocketSetupError(
-            f"the socket path {path!a} is not usable: {problem} (it comes from -a, else"
-            " from XDG_RUNTIME_DIR, else from TMPDIR): use -a PATH with a plain path"
-        )
+    problem = socket_path_problem(path)
+    if problem is not None:
+        raise SocketSetupError(problem)
     directory = os.path.dirname(os.path.abspath(path))
     check_private_dir(directory)
     check_ancestors(directory)

@@ -108,9 +108,9 @@ def test_csh_lines_keep_a_path_with_quotes_and_exclamation_marks_whole() -> None
 
 def test_a_socket_path_with_a_control_character_is_refused(tmp_path: Path) -> None:
     """A runtime directory (or TMPDIR) whose name holds a newline would break the printed
-    lines and write raw bytes to terminals: the agent refuses it, showing it escaped."""
-    runtime = tmp_path / "run\nx"
-    runtime.mkdir(mode=0o700)
+    lines and write raw bytes to terminals: the agent refuses it, showing it escaped,
+    before it makes or checks anything there."""
+    runtime = tmp_path / "run\nx"  # not there: refused before anything is made in it
     result = subprocess.run(
         [sys.executable, "-m", "keyagent.daemon", "-D"],
         env=daemon_env(XDG_RUNTIME_DIR=str(runtime), KEYAGENT_SOCK=None),
@@ -120,6 +120,7 @@ def test_a_socket_path_with_a_control_character_is_refused(tmp_path: Path) -> No
     assert "a path has no control characters" in result.stderr
     assert "run\\nx" in result.stderr
     assert str(runtime) not in result.stderr  # never the raw newline
+    assert not runtime.exists()
 
 
 @pytest.mark.parametrize(

@@ -62,29 +62,62 @@ def check_private_dir(directory: str) -> None:
         )
 
 
+MAX_LINKS = 40
+"""Symbolic links followed on the way to a socket directory before giving up (Linux's own
+limit for one path)."""
+
+
 def check_ancestors(directory: str) -> None:
     """Refuse a socket directory that another user could move aside and replace.
 
     Whoever may write to a directory's parent may rename the directory and put one of their
     own in its place, socket and all: tools that do not check who answers (curl on the HTTP
-    socket) would then talk to them. So each directory above ``directory`` must be owned by
-    root or by us, and closed to writes by group and others unless sticky (as /tmp is: there
-    only an entry's owner may rename it); a symbolic link on the way must be root's or ours,
-    and the directories it leads to are checked as well. OpenSSH checks the path to a user's
-    keys alike.
+    socket) would then talk to them. So each directory on the way to ``directory`` must be
+    owned by root or by us, and closed to writes by group and others unless sticky (as /tmp
+    is: there only an entry's owner may rename it). The path is walked one name at a time as
+    the kernel resolves it: a symbolic link met must be root's or ours, and the path it
+    holds is walked in turn, so every directory any link leads through is checked too.
+    OpenSSH checks the path to a user's keys alike.
     """
-    lexical = os.path.abspath(directory)
-    for chain in (lexical, os.path.realpath(lexical)):
-        current = os.path.dirname(chain)
-        while True:
-            _check_ancestor(current, directory)
-            parent = os.path.dirname(current)
-            if parent == current:
-                break
-            current = parent
+    _check_ancestor("/", directory)
+    _walk(os.path.dirname(os.path.abspath(directory)), "/", directory, [0])
 
 
-def _check_ancestor(ancestor: str, directory: str) -> None:
+def _walk(path: str, start: str, directory: str, links: list[int]) -> str:
+    """Resolve ``path`` from the resolved directory ``start`` (checked), checking each name
+    met (:func:`_check_ancestor`) and following links; the resolved path."""
+    current = start
+    for name in path.split("/"):
+        if name in ("", "."):
+            continue
+        if name == "..":  # of a resolved directory: its real parent
+            current = os.path.dirname(current)
+            continue
+        here = os.path.join(current, name)
+        if not stat.S_ISLNK(_check_ancestor(here, directory).st_mode):
+            current = here
+            continue
+        links[0] += 1
+        if links[0] > MAX_LINKS:
+            raise SocketSetupError(
+                f"more than {MAX_LINKS} symbolic links lead to {directory}; use -a PATH"
+                " with a plain path"
+            )
+        try:
+            target = os.readlink(here)
+        except OSError as error:  # changed since it was checked
+            raise SocketSetupError(
+                f"cannot read the link {here}: {os.strerror(error.errno or 0)}; use -a PATH"
+                " with a plain path"
+            ) from None
+        current = _walk(target, "/" if target.startswith("/") else current, directory, links)
+    return current
+
+
+def _check_ancestor(ancestor: str, directory: str) -> os.stat_result:
+    """``ancestor``'s lstat, if neither it nor (for a directory) what it holds can be
+    changed by another user; a link is changed through its own directory, which the walk
+    checked before it."""
     me = os.geteuid()
     try:
         info = os.lstat(ancestor)
@@ -96,11 +129,11 @@ def _check_ancestor(ancestor: str, directory: str) -> None:
     if info.st_uid not in (0, me):
         problem = f"owned by uid {info.st_uid}"
     elif stat.S_ISLNK(info.st_mode) or info.st_mode & stat.S_ISVTX:
-        return  # a link is changed through its directory, checked next; sticky: see above
+        return info  # sticky: only an entry's owner may rename it (see check_ancestors)
     elif info.st_mode & 0o022:
         problem = f"writable by group or others (mode {stat.S_IMODE(info.st_mode):04o})"
     else:
-        return
+        return info
     raise SocketSetupError(
         f"{ancestor} is {problem}, so another user could replace {directory} and answer in"
         " the agent's place; use -a PATH under directories only you and root can change"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from keyagent import daemon, errors, paths
+from keyagent import daemon, errors, paths, sockets
 from keyagent.client import Client
 from keyagent.testing.agent import AgentProcess, read_line, wait_for_exit
 
@@ -990,3 +990,44 @@ def test_inherited_sockets_are_told_apart_by_name_else_by_order() -> None:
     finally:
         for sock in socks:
             sock.close()
+
+
+def test_every_directory_a_link_leads_through_is_checked(tmp_path: Path) -> None:
+    """A link's target is walked name by name as the kernel resolves it: a second link met
+    there, in a directory another user may write to, is refused too (that user could point
+    it elsewhere), though the final directories are all fine."""
+    safe = tmp_path / "safe"
+    (safe / "d").mkdir(parents=True)
+    open_to_all = tmp_path / "open"
+    open_to_all.mkdir()
+    os.chown(open_to_all, 65534, 65534)
+    os.chmod(open_to_all, 0o777)
+    (open_to_all / "l2").symlink_to(safe)
+    start = tmp_path / "start"
+    start.mkdir()
+    (start / "l1").symlink_to(open_to_all / "l2" / "d")
+    with pytest.raises(sockets.SocketSetupError, match=f"{open_to_all} is owned by uid 65534"):
+        sockets.check_ancestors(str(start / "l1" / "run"))
+    sockets.check_ancestors(str(safe / "d" / "run"))  # the same place, reached plainly
+
+
+@pytest.mark.parametrize(
+    ("mode", "owner", "refused"),
+    [(0o1777, 0, False), (0o1770, 0, False), (0o1777, 65534, True), (0o0777, 0, True)],
+)
+def test_a_sticky_parent_is_safe_only_when_it_is_roots_or_ours(
+    tmp_path: Path, mode: int, owner: int, refused: bool
+) -> None:
+    """In a sticky directory only an entry's owner (or the directory's) may rename it: such
+    a parent open to writes is fine if it is root's or ours, as /tmp is, and refused if it
+    belongs to someone else, who could rename anything in it."""
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    os.chown(parent, owner, 0)
+    os.chmod(parent, mode)
+    directory = str(parent / "run")
+    if refused:
+        with pytest.raises(sockets.SocketSetupError, match="another user could replace"):
+            sockets.check_ancestors(directory)
+    else:
+        sockets.check_ancestors(directory)

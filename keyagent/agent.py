@@ -1516,6 +1516,12 @@ class Agent:
             self.in_background(self._forget_when_done(overdue.late, targets, now, local))
             raise
         result = self._forget(targets, now, local, unpersisted=True)
+        if targets is not None and not unpersisted and not result["forgotten"]:
+            # A full key id that named no held key, nor any keyring entry.
+            raise NotFound(
+                f"no key {targets[0][:KEY_ID_SHOWN]} is held or kept in the OS keyring: check"
+                " the id with keyagent-ctl list"
+            )
         result["unpersisted"] = unpersisted
         return result
 
@@ -1543,7 +1549,7 @@ class Agent:
         # Keys the agent made that stay valid on the service with nobody to hold them (they
         # are deleted neither now nor at a later start): the reply names them.
         staying = [
-            held.key_id
+            {"key_id": held.key_id, "host": held.host, "user": held.user}
             for held in dropped
             if held.source == "created"
             and (local or not held.ephemeral)
@@ -1632,7 +1638,7 @@ class Agent:
             result["waiting"] = waiting
         # Keys it made without a lifetime stay valid on the service, held by nobody.
         staying = [
-            held.key_id
+            {"key_id": held.key_id, "host": held.host, "user": held.user}
             for held in self.held_keys.matching(self.clock.monotonic())
             if held.source == "created" and not held.ephemeral and not held.persisted
         ]

@@ -763,11 +763,26 @@ def cmd_forget(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
     )
     count = _count(result, "forgotten")
     line = f"forgot {count} key{'s' if count != 1 else ''}"  # ints: nothing to escape
+    unpersisted = _count(result, "unpersisted")
+    if unpersisted > count:  # entries of keys not held (ints: nothing to escape)
+        line += f"; deleted {unpersisted} OS keyring entr{'ies' if unpersisted != 1 else 'y'}"
     deleting = _count(result, "deleting")
     if deleting:
         line += f"; deleting {deleting} on the service (forget --local keeps keys there)"
     out.write(line + "\n")
+    _say_staying(result, out)
     return EXIT_OK
+
+
+def _say_staying(result: dict[str, Any], out: TextIO) -> None:
+    """Name the keys the agent made that stay valid on the service with nobody holding
+    them (``staying`` in forget's and stop's replies), and how to delete each."""
+    for key in _objects(result.get("staying"), "staying"):
+        key_id, host, user = (shown(key.get(name)) for name in ("key_id", "host", "user"))
+        out.write(
+            f"key {key_id} of {user} on {host} stays valid on the service, held by nobody:"
+            f" keyagent-ctl remove --host {host} --user {user} {key_id} deletes it there\n"
+        )
 
 
 def _count(result: dict[str, Any], member: str) -> int:
@@ -820,6 +835,7 @@ def cmd_stop(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextI
         out.write(f"agent stopping; it first {', and '.join(steps)}\n")
     else:
         out.write("agent stopped\n")
+    _say_staying(result, out)
     return EXIT_OK
 
 

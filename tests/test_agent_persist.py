@@ -110,6 +110,20 @@ def test_plain_forget_keeps_the_keyring_copy(agent: Agent, backend: MemoryKeyrin
     assert keyring_ids(backend) == set()
 
 
+def test_forget_with_persist_of_a_fingerprint_that_names_nothing_is_not_found(
+    agent: Agent, backend: MemoryKeyring
+) -> None:
+    """A full fingerprint that is neither held nor kept in the keyring is not_found (the
+    user mistyped it), where one with only a keyring entry deletes the entry."""
+    with pytest.raises(errors.NotFound, match="no key abababababab is held or kept in the OS"):
+        run(agent, "forget", key_id="ab" * 32, persist=True)
+    run(agent, "add", host="h", user="u", key=SECRET, persist=True)
+    run(agent, "forget", key_id=key_id_for(SECRET))  # from memory only: the keyring keeps it
+    result = run(agent, "forget", key_id=digest_of(SECRET), persist=True)
+    assert (result["forgotten"], result["unpersisted"]) == (0, 1)
+    assert keyring_ids(backend) == set()
+
+
 def test_forget_all_with_persist_empties_the_keyring(agent: Agent, backend: MemoryKeyring) -> None:
     """forget all with persist removes every persisted key from the keyring."""
     for n in range(3):

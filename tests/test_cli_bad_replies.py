@@ -99,6 +99,8 @@ MALFORMED: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "list: allowed_exes a number": (("list",), {"keys": [{**KEY, "allowed_exes": 3}]}),
     "list: allowed_exes a string": (("list",), {"keys": [{**KEY, "allowed_exes": "/bin/sh"}]}),
     "list: allowed_exes of numbers": (("list",), {"keys": [{**KEY, "allowed_exes": [1]}]}),
+    "forget: staying of strings": (("forget", "--all"), {"forgotten": 1, "staying": ["x"]}),
+    "stop: staying an object": (("stop",), {"stopping": True, "staying": {"key_id": "x"}}),
     "list --remote: remote of numbers": ((*ACCOUNT, "list", "--remote"), {"remote": [1]}),
     "list --remote: remote a string": ((*ACCOUNT, "list", "--remote"), {"remote": "abc"}),
     "list --remote: remote a number": ((*ACCOUNT, "list", "--remote"), {"remote": 5}),
@@ -215,3 +217,17 @@ def test_a_user_sees_the_message_and_no_traceback(serve: Serve) -> None:
     assert "[bad_reply]" in result.stderr
     assert "'rotate_every'" in result.stderr  # names the member, never its value
     assert result.stdout == ""
+
+
+def test_forget_says_how_many_keyring_entries_of_keys_not_held_it_deleted(serve: Serve) -> None:
+    """forget --persist FINGERPRINT of a record no held key has (one an unreadable index
+    left behind) says it deleted the entry, not only "forgot 0 keys"; escapes what it shows
+    of a staying key."""
+    agent = serve(
+        {"forgotten": 0, "unpersisted": 1, "staying": [{"key_id": "ab\x1b[2J", "host": "h"}]}
+    )
+    got = run_ctl(agent.path, "forget", "--persist", "ab" * 32)
+    assert got.code == 0, got.err
+    first, second = got.out.splitlines()
+    assert first == "forgot 0 keys; deleted 1 OS keyring entry"
+    assert second.startswith("key ab\\x1b[2J of None on h stays valid on the service")

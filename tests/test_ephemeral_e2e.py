@@ -214,3 +214,28 @@ def test_keyagent_cmd_passes_sigterm_to_the_command_and_ends_as_it_does(
     with command_mode(tmp_path / "again", emulator, "kill -KILL $$") as dying:
         dying.communicate(timeout=60)
         assert dying.returncode == -signal.SIGKILL
+
+
+def test_forget_and_stop_name_created_keys_left_valid_with_nobody_holding_them(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """keyagent-ctl forget and stop say which keys the agent made stay valid on the service
+    with nobody holding them (made without a lifetime), and how to delete each."""
+    assert (
+        ctl(conduce_agent, emulator, "login", "--password-stdin", stdin=PASSWORD + "\n").code == 0
+    )
+    assert ctl(conduce_agent, emulator, "create", "-C", "first").code == 0
+    assert ctl(conduce_agent, emulator, "create", "-C", "second").code == 0
+    first, second = emulator.api_keys(USER)
+    forgot = run_ctl(conduce_agent.socket_path, "forget", key_id_for(first))
+    assert forgot.code == 0, forgot.err
+    assert forgot.out.splitlines() == [
+        "forgot 1 key",
+        f"key {key_id_for(first)} of {USER} on {emulator.host} stays valid on the service,"
+        f" held by nobody: keyagent-ctl remove --host {emulator.host} --user {USER}"
+        f" {key_id_for(first)} deletes it there",
+    ]
+    stopped = run_ctl(conduce_agent.socket_path, "stop")
+    assert stopped.code == 0, stopped.err
+    assert f"key {key_id_for(second)} of {USER} on {emulator.host} stays valid" in stopped.out
+    assert emulator.api_keys(USER) == [first, second]

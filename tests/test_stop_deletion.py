@@ -127,14 +127,15 @@ def test_stop_and_forget_name_created_keys_that_stay_valid_with_nobody_holding_t
     create(agent, account, persist=True)
     run(agent, "add", **ACCOUNT, key="existing-key-0000-abcdefgh")
     outcome = agent.handle(request("stop"), PEER)
-    assert outcome == Stop({"stopping": True, "deleting": 1, "staying": [key_id_for(plain)]})
+    staying = {"key_id": key_id_for(plain), "host": HOST, "user": USER}
+    assert outcome == Stop({"stopping": True, "deleting": 1, "staying": [staying]})
     run(agent, "lock", passphrase="pass phrase")
     assert agent.handle(request("stop"), PEER) == Stop({"stopping": True})  # says nothing
     run(agent, "unlock", passphrase="pass phrase")
     forgotten = run(agent, "forget", key_id=key_id_for(plain))
-    assert forgotten["staying"] == [key_id_for(plain)]
+    assert forgotten["staying"] == [staying]
     local = run(agent, "forget", key_id=key_id_for(ephemeral), local=True)
-    assert local["staying"] == [key_id_for(ephemeral)]
+    assert [key["key_id"] for key in local["staying"]] == [key_id_for(ephemeral)]
     rest = run(agent, "forget", all=True)
     assert "staying" not in rest
 

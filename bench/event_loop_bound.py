@@ -10,7 +10,9 @@ drop the tool's credential headers and the service's ``Set-Cookie``, and keep on
 connection to the emulator per tool connection. It leaves out what keyagent adds on top:
 asking the agent for credentials, the audit entry, the rules, the deadlines. Then it runs
 bench/http_socket.py's keep-alive clients through it and directly, alternating, and prints
-the ratio of each repetition.
+the ratio of each repetition. It serves one request at a time per connection (no
+pipelining, which those clients do not do) and connects to the emulator, blocking its
+loop, as each client connects, before the measured window opens.
 
 The gap between this ratio and the agent's row (bench/run.py --http-only) is what the
 thread-per-connection design costs; docs/performance.md reports both.

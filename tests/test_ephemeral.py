@@ -282,7 +282,8 @@ def test_forget_all_deletes_every_ephemeral_key(agent: Agent, account: TimedAcco
     create(agent, lifetime=3600, keep=True)
     kept = created_secret(account)
     driver_for(agent)
-    assert run(agent, "forget", all=True) == {"forgotten": 3, "deleting": 2}
+    staying = [{"key_id": key_id_for(kept), "host": HOST, "user": USER}]  # kept: not deleted
+    assert run(agent, "forget", all=True) == {"forgotten": 3, "deleting": 2, "staying": staying}
     assert first not in account.keys
     assert second not in account.keys
     assert kept in account.keys

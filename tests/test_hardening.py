@@ -805,8 +805,9 @@ def test_keyring_write_finishing_after_its_deadline_leaves_a_consistent_state(
         # Keyring calls run one at a time, in order: two no-op keyring requests in a row
         # guarantee that the late write, and anything the agent queues when it learns of it,
         # are done.
-        for _ in range(2):
-            client.forget("0123456789ab" * 5 + "cdef", persist=True)
+        for _ in range(2):  # not_found, once its keyring call has been made
+            with pytest.raises(errors.NotFound):
+                client.forget("0123456789ab" * 5 + "cdef", persist=True)
         held = {k["key_id"] for k in client.list()}
     assert digest_of(secret) not in keyring_ids(backend)
     assert key_id_for(secret) not in held

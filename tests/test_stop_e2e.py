@@ -233,7 +233,8 @@ def test_forget_prints_how_many_keys_it_deletes_and_the_deletion_is_audited(
     local = create(agent, emulator, "--lifetime", "1h")
     deleted = create(agent, emulator, "--lifetime", "1h")
     forgot = run_ctl(agent.socket_path, "forget", "--local", key_id_for(local))
-    assert forgot.out == "forgot 1 key\n"
+    assert forgot.out.splitlines()[0] == "forgot 1 key"
+    assert f"key {key_id_for(local)} of {USER} on {emulator.host} stays valid" in forgot.out
     forgot = run_ctl(agent.socket_path, "forget", key_id_for(deleted))
     assert (
         forgot.out == "forgot 1 key; deleting 1 on the service (forget --local keeps keys there)\n"

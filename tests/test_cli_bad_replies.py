@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -221,13 +222,18 @@ def test_a_user_sees_the_message_and_no_traceback(serve: Serve) -> None:
 
 def test_forget_says_how_many_keyring_entries_of_keys_not_held_it_deleted(serve: Serve) -> None:
     """forget --persist FINGERPRINT of a record no held key has (one an unreadable index
-    left behind) says it deleted the entry, not only "forgot 0 keys"; escapes what it shows
-    of a staying key."""
-    agent = serve(
-        {"forgotten": 0, "unpersisted": 1, "staying": [{"key_id": "ab\x1b[2J", "host": "h"}]}
-    )
+    left behind) says it deleted the entry, not only "forgot 0 keys"; what it shows of a
+    staying key is escaped, and its remove command quoted for a shell."""
+    user = "o'brien$(touch x)@example.com"  # what the account grammar allows
+    staying = {"key_id": "ab\x1b[2J", "host": "[::1]:8443", "user": user}
+    agent = serve({"forgotten": 0, "unpersisted": 1, "staying": [staying]})
     got = run_ctl(agent.path, "forget", "--persist", "ab" * 32)
     assert got.code == 0, got.err
     first, second = got.out.splitlines()
     assert first == "forgot 0 keys; deleted 1 OS keyring entry"
-    assert second.startswith("key ab\\x1b[2J of None on h stays valid on the service")
+    assert second.startswith(f"key ab\\x1b[2J of {user} on [::1]:8443 stays valid")
+    # The command is quoted for a shell: pasted, it runs nothing else.
+    command = shlex.split(second.rpartition("then run: ")[2])
+    assert command == [
+        "keyagent-ctl", "remove", "--host", "[::1]:8443", "--user", user, "ab\\x1b[2J"
+    ]  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -217,7 +218,7 @@ def test_keyagent_cmd_passes_sigterm_to_the_command_and_ends_as_it_does(
 
 
 def test_forget_and_stop_name_created_keys_left_valid_with_nobody_holding_them(
-    conduce_agent: AgentProcess, emulator: Emulator
+    conduce_agent: AgentProcess, emulator: Emulator, agent_factory: AgentFactory
 ) -> None:
     """keyagent-ctl forget and stop say which keys the agent made stay valid on the service
     with nobody holding them (made without a lifetime), and how to delete each."""
@@ -229,13 +230,22 @@ def test_forget_and_stop_name_created_keys_left_valid_with_nobody_holding_them(
     first, second = emulator.api_keys(USER)
     forgot = run_ctl(conduce_agent.socket_path, "forget", key_id_for(first))
     assert forgot.code == 0, forgot.err
-    assert forgot.out.splitlines() == [
-        "forgot 1 key",
+    said, advice = forgot.out.splitlines()
+    assert said == "forgot 1 key"
+    assert advice.startswith(
         f"key {key_id_for(first)} of {USER} on {emulator.host} stays valid on the service,"
-        f" held by nobody: keyagent-ctl remove --host {emulator.host} --user {USER}"
-        f" {key_id_for(first)} deletes it there",
-    ]
+        " held by nobody; to delete it, log in to the account with an agent, then run: "
+    )
     stopped = run_ctl(conduce_agent.socket_path, "stop")
     assert stopped.code == 0, stopped.err
     assert f"key {key_id_for(second)} of {USER} on {emulator.host} stays valid" in stopped.out
     assert emulator.api_keys(USER) == [first, second]
+    # The advice works as printed: with an agent logged in to the account, the line deletes
+    # the key on the service.
+    command = shlex.split(advice.rpartition("then run: ")[2])
+    assert command[:2] == ["keyagent-ctl", "remove"]
+    again = agent_factory("--ca-bundle", emulator.ca_path)
+    assert ctl(again, emulator, "login", "--password-stdin", stdin=PASSWORD + "\n").code == 0
+    removed = run_ctl(again.socket_path, *command[1:])
+    assert removed.code == 0, removed.err
+    assert emulator.api_keys(USER) == [second]

@@ -804,13 +804,22 @@ class Agent:
         stop = self.at_stop
         if stop is None:
             return 0
-        making = self._reserved + len(self._rotating) + len(self._persisting)
+        making = self._reserved + len(self._rotating)
         if making:
             log.error(
                 "%d request(s) making keys on the service had not ended when the agent exited "
-                "(%s); keys the service made for them are held by no agent: find them with "
-                "keyagent-ctl prune", making, why,
+                "(%s); keys the service made for them are held by no agent: keyagent-ctl list "
+                "--remote shows them, keyagent-ctl remove deletes one", making, why,
             )  # fmt: skip
+        now = self.clock.monotonic()
+        for held in self.held_keys.matching(now):
+            if held.digest in self._persisting:  # kept on the service: prune leaves it
+                log.error(
+                    "key %s of %s on %s was being saved to the OS keyring when the agent "
+                    "exited (%s), and stays valid on the service; if the next agent does not "
+                    "hold it, delete it with keyagent-ctl remove --host %s --user %s %s",
+                    held.key_id, held.user, held.host, why, held.host, held.user, held.digest,
+                )  # fmt: skip
         not_deleted = list(stop.failed)
         for pending in stop.under_way.values():
             not_deleted.append((pending, why))
@@ -1640,7 +1649,10 @@ class Agent:
         staying = [
             {"key_id": held.key_id, "host": held.host, "user": held.user}
             for held in self.held_keys.matching(self.clock.monotonic())
-            if held.source == "created" and not held.ephemeral and not held.persisted
+            if held.source == "created"
+            and not held.ephemeral
+            and not held.persisted
+            and held.digest not in self._persisting  # waited for: its save decides
         ]
         if staying and not self.lock.locked:
             result["staying"] = staying
@@ -1726,8 +1738,9 @@ class Agent:
         if persist and self.keyring is None:  # before the service makes a key for nothing
             raise KeyringUnavailable(
                 "this agent has no OS keyring configured (--no-keyring), so it cannot persist"
-                " a key; nothing was created: create without --persist, or start the agent"
-                " without --no-keyring"
+                " a key (asked by --persist, or by persist = true in the config file); nothing"
+                " was created: create with --no-persist, or start the agent without"
+                " --no-keyring"
             )
         # A key to outlive the agent says so on the service, so prune leaves it alone: a
         # persisted one too, as a prune where the keyring is out of reach (no D-Bus in an
@@ -1863,6 +1876,14 @@ class Agent:
             raise RemoteError(
                 f"the service at {session.host} answered create with a key the agent holds "
                 "for another account; the key was not taken: check the --host you use"
+            )
+        if already is not None:
+            # The same account's: a broken service. Taken as new, the key would be merged
+            # into the one held (its rules, lifetime, keyring record), and a failure after
+            # would delete the user's key.
+            raise RemoteError(
+                f"the service at {session.host} answered create with a key the agent holds "
+                "already; nothing was created: retry later"
             )
         return secret
 
@@ -2143,12 +2164,6 @@ class Agent:
             secret: str = yield from self._create_on_service(
                 session, held.description, rules, kept=kept
             )
-            if self.held_keys.holding(digest_of(secret)) is not None:
-                # Before the keyring too: its record of the key held would be overwritten.
-                raise RemoteError(
-                    f"the service at {held.host} answered create with a key the agent holds "
-                    f"already; key {old_id} was not rotated: retry later"
-                )
             if persisted:
                 # The successor's record first, while the old key is still the one held and
                 # served: should the keyring refuse it, nothing changes, and a restart

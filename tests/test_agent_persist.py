@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
 
 from keyagent import errors
-from keyagent.agent import Agent
+from keyagent.agent import Agent, Stop
 from keyagent.effects import Work
 from keyagent.persist import KeyringStore
 from keyagent.store import digest_of, key_id_for
 from keyagent.testing.memory_keyring import MemoryKeyring
 
-from .fakes import FakeAccount, FakeTime, HeldWorkDriver, driver_for, run, steps
+from .fakes import PEER, FakeAccount, FakeTime, HeldWorkDriver, driver_for, request, run, steps
 
 SECRET = "persisted-S3CR3T-0000"
 
@@ -417,3 +418,31 @@ def test_an_add_waiting_on_the_keyring_holds_off_other_adds_and_lengthens_nothin
     held = agent.held_keys.holding(digest_of(SECRET))
     assert held is not None
     assert held.deadline == pytest.approx(deadline)
+
+
+def test_a_create_still_saving_at_stop_is_waited_for_and_named_if_the_agent_exits_first(
+    backend: MemoryKeyring, fake_time: FakeTime, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A create --persist whose keyring save is under way when stop comes is counted in
+    "waiting", not named as staying (its save decides whether it comes back). If the agent
+    exits before the save ends, the key (kept on the service: prune leaves it) is named in
+    the log with the command that deletes it."""
+    account = FakeAccount()
+    agent = Agent(
+        clock=fake_time.clock(), keyring=KeyringStore(backend), accounts=lambda host, user: account
+    )
+    driver = HeldWorkDriver(fake_time)
+    agent.driven_by(driver.start_background)
+    start(driver, agent, "login", host="h", user="u", password="pw")
+    driver.end(driver.held[0])
+    start(driver, agent, "create", host="h", user="u", persist=True)
+    driver.end(driver.held[0])  # the service made the key; its save is held
+    (secret,) = account.keys
+    stopping = agent.handle(request("stop"), PEER)
+    assert stopping == Stop({"stopping": True, "waiting": 1})
+    agent.begin_stop()
+    with caplog.at_level(logging.ERROR):
+        agent.end_stop("not done within stop_timeout, 10 s")
+    (line,) = [r.getMessage() for r in caplog.records if key_id_for(secret) in r.getMessage()]
+    assert "was being saved to the OS keyring when the agent exited" in line
+    assert f"keyagent-ctl remove --host h --user u {digest_of(secret)}" in line

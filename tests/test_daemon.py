@@ -354,6 +354,18 @@ def test_command_mode_beside_an_outer_agent_on_the_default_socket(tmp_path: Path
         assert failed.returncode == 1
         assert "is longer than a Unix socket path may be" in failed.stderr
         assert list(deep.iterdir()) == []
+        # One in a TMPDIR with a control character in its name: refused before anything
+        # is made there.
+        odd = tmp_path / "tmp\nodd"
+        odd.mkdir(mode=0o700)
+        refused = subprocess.run(
+            [sys.executable, "-m", "keyagent.daemon", "true"],
+            capture_output=True, text=True, timeout=60, check=False,
+            env={**env, "TMPDIR": str(odd)},
+        )  # fmt: skip
+        assert refused.returncode == 1
+        assert "a path has no control characters" in refused.stderr
+        assert list(odd.iterdir()) == []
     finally:
         os.kill(outer_pid, signal.SIGTERM)
         assert wait_for_exit(outer_pid, 10)

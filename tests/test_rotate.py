@@ -424,3 +424,23 @@ def test_a_successor_the_agent_holds_already_is_refused_before_the_keyring_sees_
     listed = {key["key_id"]: key for key in run(agent, "list")["keys"]}
     assert set(listed) == {old["key_id"], other["key_id"]}
     assert listed[other["key_id"]]["confirm"] is True
+
+
+def test_a_create_answered_with_a_key_the_agent_holds_changes_nothing(
+    agent: Agent, account: ScriptedAccount, backend: MemoryKeyring
+) -> None:
+    """create answered with a key the agent holds for the same account is remote_error:
+    taken as new, the key would be merged into the held one (its rules), and a keyring
+    failure after would delete the user's key on the service."""
+    held = create(agent, persist=True, confirm=True)
+    held_secret = account.keys[-1]
+    account.issue = [held_secret]
+    backend.locked = True  # the save that would fail, and undo the create
+    error = fails(agent, "create", **ACCOUNT, persist=True)
+    backend.locked = False
+    assert error.code == "remote_error"
+    assert "answered create with a key the agent holds already" in error.message
+    (listed,) = run(agent, "list")["keys"]
+    assert (listed["key_id"], listed["confirm"]) == (held["key_id"], True)
+    assert held_secret in account.keys  # not deleted on the service
+    assert keyring_ids(backend) == {digest_of(held_secret)}

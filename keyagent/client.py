@@ -9,6 +9,7 @@ dead agent is :class:`~keyagent.errors.AgentUnreachable`, with the path and the 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
@@ -80,13 +81,23 @@ class _Connection:
     """One socket to the agent, what was read from it and not used yet, the last request id
     sent on it, and the process that opened it (a forked child must open its own)."""
 
-    __slots__ = ("buffer", "next_id", "pid", "sock")
+    __slots__ = ("buffer", "closing", "next_id", "pid", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buffer = bytearray()
         self.next_id = 0
         self.pid = os.getpid()
+        self.closing = False
+
+    def end(self) -> None:
+        """Wake a read in progress in another thread (it then sees the end of the stream),
+        if this process opened the connection: a forked child's shutdown() would end the
+        parent's connection too."""
+        self.closing = True
+        if self.pid == os.getpid():
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         # close(), never shutdown(): after a fork the parent still uses this connection.
@@ -140,7 +151,11 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        """Close the connection (a later request opens a new one)."""
+        """Close the connection (a later request opens a new one). A request another thread
+        is waiting on meanwhile ends with :class:`AgentUnreachable`."""
+        connection = self._connection
+        if connection is not None:
+            connection.end()  # else close() would wait for that request's reply
         with self._lock:
             self._drop()
 
@@ -480,7 +495,7 @@ class Client:
     ) -> Generator[dict[str, Any], None, None]:
         try:
             entries = self._reply_to(connection, request_id).get("entries")
-            if not isinstance(entries, list):
+            if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
                 raise ProtocolError()
             yield from entries
             connection.sock.settimeout(None)  # entries come when something happens, however late
@@ -501,6 +516,10 @@ class Client:
                 except ValueError:
                     raise ProtocolError() from None
                 raise reply.error or ProtocolError()
+        except AgentUnreachable:
+            if connection.closing:  # closed from another thread: the end, quietly
+                return
+            raise
         finally:
             connection.close()
 
@@ -627,8 +646,13 @@ class _Following(Generator["dict[str, Any]", None, None]):
         return self._entries.throw(error)
 
     def close(self) -> None:
+        """End following; from another thread too, where a ``next()`` waiting for an entry
+        then ends the iteration."""
+        self._connection.end()
         try:
             self._entries.close()
+        except ValueError:  # "generator already executing": in another thread, now ending
+            pass
         finally:
             self._connection.close()
 

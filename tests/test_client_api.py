@@ -258,6 +258,58 @@ def ok_line(request_id: int, result: dict[str, Any]) -> bytes:
     return json.dumps({"id": request_id, "ok": True, "result": result}).encode() + b"\n"
 
 
+def test_close_from_another_thread_ends_a_request_in_flight(
+    fake_agent: Callable[..., FakeAgent],
+) -> None:
+    """A request waiting on an agent that does not answer (a confirm question, say) ends
+    with AgentUnreachable when another thread closes the client, which does not wait for
+    the reply it would never get."""
+    asked = threading.Event()
+    fake = fake_agent(lambda _request_id, _connection: asked.set())
+    client = Client(fake.path, timeout=None)
+    outcome: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            client.hello()
+        except BaseException as error:  # noqa: BLE001  # what the test looks at
+            outcome.append(error)
+
+    waiting = threading.Thread(target=ask)
+    waiting.start()
+    assert asked.wait(30)
+    client.close()
+    waiting.join(30)
+    assert not waiting.is_alive()
+    assert [type(error) for error in outcome] == [errors.AgentUnreachable]
+
+
+def test_a_follow_closed_from_another_thread_ends_quietly(holding: AgentProcess) -> None:
+    """The thread iterating a follow_log stops, without an error, when another thread closes
+    the generator, whether it is waiting for an entry at that moment or about to."""
+    with holding.client() as client:
+        follow = client.follow_log(n=0)
+        started = threading.Event()
+        outcome: list[object] = []
+
+        def read() -> None:
+            started.set()
+            try:
+                for entry in follow:
+                    outcome.append(entry)
+            except BaseException as error:  # noqa: BLE001  # what the test looks at
+                outcome.append(error)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert started.wait(30)
+        follow.close()
+        reader.join(30)
+        assert not reader.is_alive()
+        assert outcome == []
+        assert client.hello()["protocol"]
+
+
 def test_a_reply_over_max_reply_is_refused(fake_agent: Callable[..., FakeAgent]) -> None:
     """A reply longer than max_reply, whole or without its newline, raises bad_reply with
     the way out, instead of growing without bound."""

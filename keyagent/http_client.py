@@ -150,7 +150,9 @@ def http_session(
     credentials for ``host`` (``user``'s, when the agent holds several accounts there;
     ``key_id`` to pick a held key). ``timeout`` bounds connecting to and each read from the
     agent (seconds, finite and above 0; None: no limit), as requests' own ``timeout=`` does,
-    for every call through the agent that passes no ``timeout=`` of its own.
+    for every call through the agent that passes no ``timeout=`` of its own. (requests
+    cannot tell ``timeout=None`` from no ``timeout=``: a call that must wait without limit
+    on a session with a timeout passes ``timeout=(None, None)``.)
 
     The session may be used after ``os.fork()``: the child opens connections of its own.
     """

@@ -496,7 +496,11 @@ class Client:
         try:
             entries = self._reply_to(connection, request_id).get("entries")
             if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-                raise ProtocolError()
+                raise ProtocolError(
+                    "the agent sent a reply this client does not understand ('entries' is not"
+                    " a list of objects): check what listens on the agent's socket, or"
+                    " upgrade keyagent"
+                )
             yield from entries
             connection.sock.settimeout(None)  # entries come when something happens, however late
             while True:

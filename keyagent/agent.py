@@ -58,6 +58,7 @@ from keyagent.protocol import (
     OPS,
     PROTOCOL_VERSION,
     Request,
+    remove_command,
 )
 from keyagent.sessions import Plan, RemoteResult, Session, run_remote
 from keyagent.store import (
@@ -686,9 +687,9 @@ class Agent:
                     if self.clock.monotonic() >= give_up_at:  # tried for a day at least
                         log.error(
                             "gave up deleting key %s on %s after %d attempts (%s); delete it "
-                            "with keyagent-ctl remove --host %s --user %s %s",
+                            "with %s",
                             key_id, pending.host, pending.attempts, error.message,
-                            pending.host, pending.user, pending.digest,
+                            remove_command(pending.host, pending.user, pending.digest),
                         )  # fmt: skip
                         self._deletion_ended(pending, error.to_wire()["code"])
                         return {}
@@ -817,8 +818,19 @@ class Agent:
                 log.error(
                     "key %s of %s on %s was being saved to the OS keyring when the agent "
                     "exited (%s), and stays valid on the service; if the next agent does not "
-                    "hold it, delete it with keyagent-ctl remove --host %s --user %s %s",
-                    held.key_id, held.user, held.host, why, held.host, held.user, held.digest,
+                    "hold it, delete it with %s",
+                    held.key_id, held.user, held.host, why,
+                    remove_command(held.host, held.user, held.digest),
+                )  # fmt: skip
+            elif held.source == "created" and not held.ephemeral and not held.persisted:
+                # Made without a lifetime: not deleted at stop (a tool may use it), but
+                # nobody will hold it: say so where the agent's errors go (keyagent CMD's
+                # stderr too).
+                log.error(
+                    "key %s of %s on %s, made by this agent without a lifetime, stays valid "
+                    "on the service, held by nobody; delete it with %s",
+                    held.key_id, held.user, held.host,
+                    remove_command(held.host, held.user, held.digest),
                 )  # fmt: skip
         not_deleted = list(stop.failed)
         for pending in stop.under_way.values():
@@ -831,9 +843,9 @@ class Agent:
         for pending, reason in not_deleted:
             log.error(
                 "key %s of %s on %s was not deleted on the service (%s) and stays valid there; "
-                "delete it with keyagent-ctl remove --host %s --user %s %s",
+                "delete it with %s",
                 pending.digest[:KEY_ID_SHOWN], pending.user, pending.host, reason,
-                pending.host, pending.user, pending.digest,
+                remove_command(pending.host, pending.user, pending.digest),
             )  # fmt: skip
         return len(not_deleted)
 
@@ -920,10 +932,9 @@ class Agent:
                         self._orphan_ended(orphan, error.to_wire()["code"])
                         log.error(
                             "gave up deleting key %s, left by an earlier agent, on %s after %d "
-                            "attempts (%s); delete it with keyagent-ctl remove --host %s "
-                            "--user %s %s",
+                            "attempts (%s); delete it with %s",
                             key_id, orphan.host, orphan.attempts, error.message,
-                            orphan.host, orphan.user, orphan.digest,
+                            remove_command(orphan.host, orphan.user, orphan.digest),
                         )  # fmt: skip
                         break
                     wait = self._jitter(delay)

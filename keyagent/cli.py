@@ -777,12 +777,12 @@ def cmd_forget(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
 def _say_staying(result: dict[str, Any], out: TextIO) -> None:
     """Name the keys the agent made that stay valid on the service with nobody holding
     them (``staying`` in forget's and stop's replies), and how to delete each."""
-    import shlex
+    from keyagent.protocol import remove_command
 
     for key in _objects(result.get("staying"), "staying"):
         key_id, host, user = (shown(key.get(name)) for name in ("key_id", "host", "user"))
         # Quoted: the line is there to be pasted, and an account name may hold $( or '.
-        command = shlex.join(["keyagent-ctl", "remove", "--host", host, "--user", user, key_id])
+        command = remove_command(host, user, key_id)
         out.write(
             f"key {key_id} of {user} on {host} stays valid on the service, held by nobody;"
             f" to delete it, log in to the account with an agent, then run: {command}\n"

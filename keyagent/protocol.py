@@ -118,6 +118,15 @@ KEY_ID_SHOWN = 12
 KEY_ID_MIN, KEY_ID_MAX = 4, 64
 
 
+def remove_command(host: str, user: str, key: str) -> str:
+    """The ``keyagent-ctl remove`` line that deletes ``key`` (an id, or a fingerprint) of
+    ``user`` on ``host`` on the service: what logs and advice name, quoted for a POSIX shell,
+    with ``--opt=value`` so that a value starting with "-" stays a value."""
+    import shlex  # only when a key needs naming: the serving process does not load it
+
+    return shlex.join(["keyagent-ctl", "remove", f"--host={host}", f"--user={user}", key])
+
+
 def is_key_id_prefix(text: str) -> bool:
     """4 to 64 hex digits, either case: a prefix of a key's SHA-256, as ``get`` and
     ``remove`` take. 12 are shown by default; more tell apart keys whose 12 agree."""

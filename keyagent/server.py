@@ -393,7 +393,7 @@ class Server:
         for conn in list(self.connections.values()):
             self._close(conn)
         if self._deletions_until is not None and self.agent.end_stop(
-            "a second signal told the agent not to wait"
+            "a signal cut the wait short"
             if self._cut_short
             else f"not done within stop_timeout, {self.limits.stop_timeout:g} s"
         ):

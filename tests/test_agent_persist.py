@@ -445,4 +445,4 @@ def test_a_create_still_saving_at_stop_is_waited_for_and_named_if_the_agent_exit
         agent.end_stop("not done within stop_timeout, 10 s")
     (line,) = [r.getMessage() for r in caplog.records if key_id_for(secret) in r.getMessage()]
     assert "was being saved to the OS keyring when the agent exited" in line
-    assert f"keyagent-ctl remove --host h --user u {digest_of(secret)}" in line
+    assert f"keyagent-ctl remove --host=h --user=u {digest_of(secret)}" in line

@@ -235,5 +235,5 @@ def test_forget_says_how_many_keyring_entries_of_keys_not_held_it_deleted(serve:
     # The command is quoted for a shell: pasted, it runs nothing else.
     command = shlex.split(second.rpartition("then run: ")[2])
     assert command == [
-        "keyagent-ctl", "remove", "--host", "[::1]:8443", "--user", user, "ab\\x1b[2J"
+        "keyagent-ctl", "remove", "--host=[::1]:8443", f"--user={user}", "ab\\x1b[2J"
     ]  # fmt: skip

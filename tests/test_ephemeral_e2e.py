@@ -249,3 +249,19 @@ def test_forget_and_stop_name_created_keys_left_valid_with_nobody_holding_them(
     removed = run_ctl(again.socket_path, *command[1:])
     assert removed.code == 0, removed.err
     assert emulator.api_keys(USER) == [second]
+
+
+def test_keyagent_cmd_names_a_key_made_without_a_lifetime_that_stays_valid(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    """A key CMD made without a lifetime is not deleted when the agent stops (a tool may
+    use it), but nobody holds it after: keyagent CMD names it on stderr, with the command
+    that deletes it."""
+    script = CREATE_EPHEMERAL.replace("create --lifetime 1h", "create")
+    process = command_mode(tmp_path, emulator, script)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    (secret,) = emulator.api_keys(USER)
+    assert f"key {key_id_for(secret)} of {USER} on {emulator.host}, made by this agent" in err
+    assert f"keyagent-ctl remove --host={emulator.host} --user={USER}" in err
+    assert secret not in err

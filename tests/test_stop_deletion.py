@@ -18,6 +18,7 @@ from keyagent.agent import Agent, Stop
 from keyagent.config import Config, ConfigError, load
 from keyagent.duration import parse_duration
 from keyagent.persist import KeyringStore
+from keyagent.protocol import remove_command
 from keyagent.server import Limits
 from keyagent.store import digest_of, key_id_for
 from keyagent.testing.memory_keyring import MemoryKeyring
@@ -140,6 +141,27 @@ def test_stop_and_forget_name_created_keys_that_stay_valid_with_nobody_holding_t
     assert "staying" not in rest
 
 
+def test_an_exiting_agent_names_the_created_keys_it_leaves_valid(
+    agent: Agent, account: FakeAccount, caplog: pytest.LogCaptureFixture
+) -> None:
+    """However the agent is stopped (a signal, keyagent CMD's end: no stop reply to tell
+    anyone), it names among its errors each key it made without a lifetime, which stays
+    valid on the service held by nobody, with the command that deletes it; a user name
+    starting with "-" stays a value of --user there."""
+    plain = create(agent, account)
+    run(agent, "add", **ACCOUNT, key="existing-key-0000-abcdefgh")
+    agent.begin_stop()
+    with caplog.at_level(logging.ERROR, logger="keyagent.agent"):
+        agent.end_stop("stopped")
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert f"key {key_id_for(plain)} of {USER} on {HOST}, made by this agent" in line
+    assert f"keyagent-ctl remove --host={HOST} --user={USER} {digest_of(plain)}" in line
+    assert plain not in line
+    assert remove_command("h", "-x@example.com", "ab") == (
+        "keyagent-ctl remove --host=h --user=-x@example.com ab"
+    )
+
+
 def test_a_pending_deletion_waiting_to_retry_gets_an_attempt_at_stop_and_only_one(
     agent: Agent, account: FakeAccount, time: FakeTime
 ) -> None:
@@ -183,7 +205,7 @@ def test_keys_not_deleted_at_stop_are_logged_with_the_command_and_audited(
     assert len(lines) == 2
     for secret, line in zip((failing, hanging), lines, strict=True):
         assert key_id_for(secret) in line
-        assert f"keyagent-ctl remove --host {HOST} --user {USER} {digest_of(secret)}" in line
+        assert f"keyagent-ctl remove --host={HOST} --user={USER} {digest_of(secret)}" in line
         assert secret not in line
     assert "could not reach app.conduce.com" in lines[0]
     assert "not done within stop_timeout, 10 s" in lines[1]

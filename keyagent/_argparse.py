@@ -89,9 +89,9 @@ def duration_type(
             raise argparse.ArgumentTypeError(str(error)) from None
         problem = duration_problem(seconds)
         if problem is TOO_LONG or (max_seconds is not None and seconds > max_seconds):
-            raise argparse.ArgumentTypeError(f"'{text}' is longer than {too_long}")
+            raise argparse.ArgumentTypeError(f"{text!a} is longer than {too_long}")
         if problem is not None:  # parse_duration refuses these first; the rule has the last word
-            raise argparse.ArgumentTypeError(f"'{text}' must be {problem}")
+            raise argparse.ArgumentTypeError(f"{text!a} must be {problem}")
         return seconds
 
     return parse
@@ -130,9 +130,9 @@ def _whole_number(text: str, problem: Callable[[object], str | None], what: str)
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not {what}") from None
+        raise argparse.ArgumentTypeError(f"{text!a} is not {what}") from None
     if problem(value) is not None:
-        raise argparse.ArgumentTypeError(f"'{text}' is not {what}")
+        raise argparse.ArgumentTypeError(f"{text!a} is not {what}")
     return value
 
 

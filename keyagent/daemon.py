@@ -495,7 +495,8 @@ def run_command(command: list[str], agent: int) -> int:
     try:
         process = subprocess.Popen(command, close_fds=False)  # the user's own command line
     except OSError as error:
-        sys.stderr.write(f"keyagent: {command[0]}: {os.strerror(error.errno or 0)}\n")
+        name = command[0] if command[0].isprintable() else ascii(command[0])
+        sys.stderr.write(f"keyagent: {name}: {os.strerror(error.errno or 0)}\n")
         status = 126 if error.errno == errno.EACCES else 127
     else:
         running.append(process)
@@ -773,7 +774,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if path == default:
                 # The runtime directory itself (XDG: owned by the user, mode 0700) must be
                 # safe too, or whoever owns it could swap our directory inside it.
-                check_private_dir(os.path.dirname(os.path.dirname(path)))
+                # Followed if it is a link (the walk of check_ancestors checks the link).
+                check_private_dir(os.path.realpath(os.path.dirname(os.path.dirname(path))))
             try:
                 listener = bind_listener(path)
             except AgentRunning:

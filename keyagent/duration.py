@@ -33,14 +33,14 @@ def parse_duration(text: str) -> float:
             smaller = _NEXT_SMALLER.get(previous_unit)
             hint = f"; did you mean {cleaned}{smaller}?" if smaller else ""
             raise ValueError(
-                f"'{text}' is ambiguous: give the number after '{previous_unit}' a unit of its"
+                f"{text!a} is ambiguous: give the number after '{previous_unit}' a unit of its"
                 f" own{hint}"
             )
         total += float(match[1]) * _UNITS[unit]
         previous_unit = unit
         position = match.end()
     if not cleaned or position != len(cleaned) or not total < math.inf:
-        raise ValueError(f"'{text}' is not a duration; {_EXAMPLES}")
+        raise ValueError(f"{text!a} is not a duration; {_EXAMPLES}")
     if total <= 0:
-        raise ValueError(f"'{text}' must be positive; {_EXAMPLES}")
+        raise ValueError(f"{text!a} must be positive; {_EXAMPLES}")
     return total

@@ -43,6 +43,11 @@ def check_private_dir(directory: str) -> None:
         ) from None
     info = os.lstat(directory)
     if not stat.S_ISDIR(info.st_mode):
+        if stat.S_ISLNK(info.st_mode):  # its target may be swapped: name the real one
+            raise SocketSetupError(
+                f"{directory} is a symbolic link, and the socket's directory must be one"
+                f" itself: use -a with the path it leads to, {os.path.realpath(directory)}"
+            )
         raise SocketSetupError(f"{directory} is not a directory; remove it or use -a PATH")
     if shared_directory(info):  # /tmp, say: never to be removed or closed, whoever owns it
         raise SocketSetupError(

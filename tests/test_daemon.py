@@ -1043,3 +1043,44 @@ def test_a_sticky_parent_is_safe_only_when_it_is_roots_or_ours(
             sockets.check_ancestors(directory)
     else:
         sockets.check_ancestors(directory)
+
+
+def test_a_runtime_directory_reached_through_a_link_is_followed(tmp_path: Path) -> None:
+    """XDG_RUNTIME_DIR may be a symbolic link (root's or ours) to a private directory: it is
+    followed, the link checked as any on the way is. A socket directory that is itself a
+    link is refused, naming the directory it leads to."""
+    real = private_dir(tmp_path, "real")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    started = subprocess.run(
+        [sys.executable, "-m", "keyagent.daemon", "-s", "sh", "-c", 'echo "$KEYAGENT_SOCK"'],
+        env=daemon_env(XDG_RUNTIME_DIR=str(link), KEYAGENT_SOCK=None),
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.strip() == str(link / "keyagent" / "agent.sock")
+    refused = start_foreground(link / "agent.sock")
+    assert refused.returncode == 1
+    assert f"{link} is a symbolic link" in refused.stderr
+    assert f"use -a with the path it leads to, {real}" in refused.stderr
+
+
+def test_a_command_name_with_control_characters_is_shown_escaped(tmp_path: Path) -> None:
+    """keyagent CMD with a command that is not found says so without writing the name's
+    control characters (a terminal title sequence, say) raw; nor does a bad -t value."""
+    sock = private_dir(tmp_path) / "agent.sock"
+    name = "x\x1b]0;pwn\x07y"
+    result = subprocess.run(
+        [sys.executable, "-m", "keyagent.daemon", "-a", str(sock), name],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 127
+    assert "x\\x1b]0;pwn\\x07y" in result.stderr
+    assert "\x1b" not in result.stderr
+    bad_lifetime = subprocess.run(
+        [sys.executable, "-m", "keyagent.daemon", "-t", "1h\x1b[2J"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert bad_lifetime.returncode == 64
+    assert "\x1b" not in bad_lifetime.stderr
+    assert "1h\\x1b[2J" in bad_lifetime.stderr

@@ -823,12 +823,13 @@ class Agent:
                     remove_command(held.host, held.user, held.digest),
                 )  # fmt: skip
             elif held.source == "created" and not held.ephemeral and not held.persisted:
-                # Made without a lifetime: not deleted at stop (a tool may use it), but
+                # Made to outlive the agent: not deleted at stop (a tool may use it), but
                 # nobody will hold it: say so where the agent's errors go (keyagent CMD's
                 # stderr too).
                 log.error(
-                    "key %s of %s on %s, made by this agent without a lifetime, stays valid "
-                    "on the service, held by nobody; delete it with %s",
+                    "key %s of %s on %s, made by this agent to outlive it (no lifetime, or "
+                    "--keep, or --print), stays valid on the service, held by nobody; delete "
+                    "it with %s",
                     held.key_id, held.user, held.host,
                     remove_command(held.host, held.user, held.digest),
                 )  # fmt: skip

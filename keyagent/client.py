@@ -17,7 +17,6 @@ import socket
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Generator
 
 from keyagent import paths, wire
@@ -139,7 +138,7 @@ class Client:
         """The pid of the process that listens on the socket (SO_PEERCRED), once connected."""
         self._connection: _Connection | None = None
         self._lock = threading.Lock()
-        _clients.add(self)
+        self._lock_pid = os.getpid()
 
     def __repr__(self) -> str:
         return f"Client({self.socket_path!r})"
@@ -156,7 +155,7 @@ class Client:
         connection = self._connection
         if connection is not None:
             connection.end()  # else close() would wait for that request's reply
-        with self._lock:
+        with self._locked():
             self._drop()
 
     def _drop(self) -> None:
@@ -164,10 +163,13 @@ class Client:
             self._connection.close()
             self._connection = None
 
-    def _after_fork(self) -> None:
-        """In a forked child: a lock of its own (another thread of the parent may have held
-        this one as it forked, and nothing in the child would ever release it)."""
-        self._lock = threading.Lock()
+    def _locked(self) -> threading.Lock:
+        """The lock one request and its reply are exchanged under. In a forked child, a new
+        one: another thread of the parent may have held the inherited one as it forked, and
+        nothing in the child would ever release it."""
+        if self._lock_pid != os.getpid():
+            self._lock, self._lock_pid = threading.Lock(), os.getpid()
+        return self._lock
 
     # --- transport -----------------------------------------------------------------------
 
@@ -309,7 +311,7 @@ class Client:
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         """Send one request and return its result; raise the agent's error as its leaf."""
-        with self._lock:
+        with self._locked():
             connection = self._live_connection()
             request_id = self._send(connection, op, args)
             return self._reply_to(connection, request_id)
@@ -663,18 +665,6 @@ class _Following(Generator["dict[str, Any]", None, None]):
     def __del__(self) -> None:
         # As a generator closes itself when it is dropped unfinished.
         self.close()
-
-
-_clients: weakref.WeakSet[Client] = weakref.WeakSet()
-"""Every client of this process, for :func:`_after_fork`."""
-
-
-def _after_fork() -> None:
-    for client in list(_clients):
-        client._after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork)
 
 
 def resolve_programs(paths: str | Sequence[str] | None) -> list[str] | None:

@@ -8,11 +8,8 @@ step, exit 1, never a traceback.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
-import socket
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,7 @@ from typing import Any
 import pytest
 
 from .conftest import run_ctl, run_ctl_process
+from .test_cli_hostile import FakeAgent, ok
 
 ACCOUNT = ("--host", "h.example", "--user", "u@example.com")
 KEY = {"key_id": "0123456789ab", "host": "h.example", "user": "u@example.com", "source": "add"}
@@ -27,60 +25,19 @@ SESSION = {"host": "h.example", "user": "u@example.com", "logged_in": True}
 ORPHAN = {"key_id": "0123456789ab", "masked": "KA-1…9z", "created": "2026-01-01"}
 
 
-class OneReplyAgent:
-    """A Unix socket served by a thread: each connection's first request line gets
-    ``{"ok": true, "result": result}`` with its id, then the connection is closed.
-
-    Unlike test_cli_hostile's FakeAgent, which keeps a connection open for more requests,
-    this one also ends ``log --follow``: a follower that took a bad entry without a word
-    stops at the closed connection (no agent, exit 2) instead of waiting for entries.
-    """
-
-    def __init__(self, path: str, result: dict[str, Any]) -> None:
-        self.path = path
-        self.result = result
-        self.requests: list[dict[str, Any]] = []
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen(8)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                connection, _ = self.listener.accept()
-            except OSError:  # the listener was closed: the test is over
-                return
-            with connection, connection.makefile("rb") as lines:
-                line = lines.readline()
-                if not line:
-                    continue
-                request = json.loads(line)
-                self.requests.append(request)
-                reply = {"id": request.get("id"), "ok": True, "result": self.result}
-                connection.sendall(json.dumps(reply).encode() + b"\n")
-
-    def close(self) -> None:
-        self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        self.thread.join(10)
-        assert not self.thread.is_alive(), "the fake agent did not stop"
-
-
-Serve = Callable[[dict[str, Any]], OneReplyAgent]
+Serve = Callable[[dict[str, Any]], FakeAgent]
 
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Serve]:
     """``serve(result)``: a fake agent answering with ``result``; closed at the end of the
     test."""
-    started: list[OneReplyAgent] = []
+    started: list[FakeAgent] = []
 
-    def start(result: dict[str, Any]) -> OneReplyAgent:
+    def start(result: dict[str, Any]) -> FakeAgent:
         directory = tmp_path / f"fake{len(started)}"
         directory.mkdir(mode=0o700)
-        agent = OneReplyAgent(str(directory / "agent.sock"), result)
+        agent = FakeAgent(str(directory / "agent.sock"), ok(result), one_reply=True)
         started.append(agent)
         return agent
 

@@ -39,11 +39,15 @@ Answer = Callable[[dict[str, Any]], dict[str, Any]]
 
 class FakeAgent:
     """A Unix socket server in a thread: each request line gets ``answer(request)`` back,
-    with the request's id, until the test ends."""
+    with the request's id, until the test ends. With ``one_reply`` each connection is closed
+    after its first reply: that also ends a ``log --follow`` that would otherwise wait for
+    entries (a follower that took a bad entry without a word then stops at the closed
+    connection instead)."""
 
-    def __init__(self, path: str, answer: Answer) -> None:
+    def __init__(self, path: str, answer: Answer, *, one_reply: bool = False) -> None:
         self.path = path
         self.answer = answer
+        self.one_reply = one_reply
         self.requests: list[dict[str, Any]] = []
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
@@ -59,17 +63,19 @@ class FakeAgent:
                 return
             with connection:
                 buffer = b""
-                while True:
+                replied = False
+                while not (replied and self.one_reply):
                     chunk = connection.recv(65536)
                     if not chunk:
                         break
                     buffer += chunk
-                    while b"\n" in buffer:
+                    while b"\n" in buffer and not (replied and self.one_reply):
                         line, _, buffer = buffer.partition(b"\n")
                         request = json.loads(line)
                         self.requests.append(request)
                         reply = {"id": request.get("id"), **self.answer(request)}
                         connection.sendall(json.dumps(reply).encode() + b"\n")
+                        replied = True
 
     def close(self) -> None:
         self.listener.shutdown(socket.SHUT_RDWR)

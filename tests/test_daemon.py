@@ -342,30 +342,23 @@ def test_command_mode_beside_an_outer_agent_on_the_default_socket(tmp_path: Path
         )  # fmt: skip
         with Client(str(default)) as client:
             assert client.status()["pid"] == outer_pid
-        # A private directory whose socket cannot be bound (the path too long): the start
-        # fails, saying why, and leaves no directory behind.
-        deep = tmp_path / ("d" * 90)
-        deep.mkdir(mode=0o700)
-        failed = subprocess.run(
-            [sys.executable, "-m", "keyagent.daemon", "true"],
-            capture_output=True, text=True, timeout=60, check=False,
-            env={**env, "TMPDIR": str(deep)},
-        )  # fmt: skip
-        assert failed.returncode == 1
-        assert "is longer than a Unix socket path may be" in failed.stderr
-        assert list(deep.iterdir()) == []
-        # One in a TMPDIR with a control character in its name: refused before anything
-        # is made there.
-        odd = tmp_path / "tmp\nodd"
-        odd.mkdir(mode=0o700)
-        refused = subprocess.run(
-            [sys.executable, "-m", "keyagent.daemon", "true"],
-            capture_output=True, text=True, timeout=60, check=False,
-            env={**env, "TMPDIR": str(odd)},
-        )  # fmt: skip
-        assert refused.returncode == 1
-        assert "a path has no control characters" in refused.stderr
-        assert list(odd.iterdir()) == []
+        # A private directory whose socket cannot be bound (the path too long), or in a
+        # TMPDIR with a control character in its name: the start fails, saying why, and
+        # leaves nothing behind.
+        deep, odd = tmp_path / ("d" * 90), tmp_path / "tmp\nodd"
+        for tmpdir, why in (
+            (deep, "is longer than a Unix socket path may be"),
+            (odd, "a path has no control characters"),
+        ):
+            tmpdir.mkdir(mode=0o700)
+            failed = subprocess.run(
+                [sys.executable, "-m", "keyagent.daemon", "true"],
+                capture_output=True, text=True, timeout=60, check=False,
+                env={**env, "TMPDIR": str(tmpdir)},
+            )  # fmt: skip
+            assert failed.returncode == 1
+            assert why in failed.stderr
+            assert list(tmpdir.iterdir()) == []
     finally:
         os.kill(outer_pid, signal.SIGTERM)
         assert wait_for_exit(outer_pid, 10)

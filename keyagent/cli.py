@@ -21,7 +21,7 @@ import json
 import os
 import sys
 
-from keyagent.client import Client
+from keyagent.client import Client, shown
 from keyagent.errors import AgentUnreachable, BadConfig, BadRequest, KeyagentError, ProtocolError
 
 # argparse and getpass are imported where they are used: `keyagent-ctl get` runs in other
@@ -44,31 +44,6 @@ UNRECORDED = (
 
 class UsageError(Exception):
     """The command line is wrong; exit 64 with the message."""
-
-
-def shown(value: object) -> str:
-    """``value`` as text safe to put on a terminal: every character of Unicode category C*
-    or Z* other than the space (controls such as ESC, bidi overrides, line separators) is
-    written as a Python escape (``\\x1b``, ``\\u202e``), never raw.
-
-    Every human-readable line this command prints goes through here, stderr included: a
-    description, a date or a masked key from the Conduce service, or a message from the
-    agent, must not be able to clear the screen, set the window title or reorder what the
-    user reads. ``--json`` output is exact (JSON escapes these characters itself).
-    """
-    text = str(value)
-    if text.isprintable():  # the common case, in C: nothing to escape
-        return text
-    return "".join(char if char.isprintable() else _escape(char) for char in text)
-
-
-def _escape(char: str) -> str:
-    code = ord(char)
-    if code <= 0xFF:
-        return f"\\x{code:02x}"
-    if code <= 0xFFFF:
-        return f"\\u{code:04x}"
-    return f"\\U{code:08x}"
 
 
 EXIT_STATUSES = (

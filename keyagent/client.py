@@ -43,21 +43,29 @@ taking all the memory there is."""
 _CHUNK = 256 * 1024
 
 
-def _shown(text: str) -> str:
-    """``text`` (a socket path) fit for a message: control, format and separator characters
-    escaped (``\\x1b``, ``\\u202e``) rather than sent raw to a terminal."""
-    if text.isprintable():
+def shown(value: object) -> str:
+    """``value`` as text safe to put on a terminal: every character of Unicode category C*
+    or Z* other than the space (controls such as ESC, bidi overrides, line separators) is
+    written as a Python escape (``\\x1b``, ``\\u202e``), never raw.
+
+    Every human-readable line keyagent-ctl prints goes through here, and the socket paths
+    this module names in its errors: a description, a date or a masked key from the Conduce
+    service, a message from the agent, or a path from the environment must not be able to
+    clear the screen, set the window title or reorder what the user reads.
+    """
+    text = str(value)
+    if text.isprintable():  # the common case, in C: nothing to escape
         return text
-    return "".join(
-        char
-        if char.isprintable()
-        else f"\\x{ord(char):02x}"
-        if ord(char) <= 0xFF
-        else f"\\u{ord(char):04x}"
-        if ord(char) <= 0xFFFF
-        else f"\\U{ord(char):08x}"
-        for char in text
-    )
+    return "".join(char if char.isprintable() else _escape(char) for char in text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
 
 
 def _checked_timeout(timeout: float | None) -> float | None:
@@ -185,7 +193,7 @@ class Client:
     def _connect(self) -> socket.socket:
         if not self.socket_path:
             raise AgentUnreachable(f"no agent: {paths.NO_SOCKET_HINT}")
-        shown = _shown(self.socket_path)
+        where = shown(self.socket_path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
@@ -202,7 +210,7 @@ class Client:
                 )
             if error.errno == errno.EACCES:
                 hint = "the socket belongs to another user; set KEYAGENT_SOCK to your own agent"
-            raise AgentUnreachable(f"no agent at {shown} ({reason}); {hint}") from None
+            raise AgentUnreachable(f"no agent at {where} ({reason}); {hint}") from None
         # The agent checks who connects; the client checks who listens, before it sends a
         # key or a password: a socket planted by another user (a predictable runtime path,
         # a wrong KEYAGENT_SOCK) must get nothing. struct ucred is pid, uid, gid.
@@ -263,7 +271,7 @@ class Client:
             if len(buffer) > self.max_reply:
                 self._discard(connection)
                 raise ProtocolError(
-                    f"the reply from {_shown(self.socket_path)} is longer than {self.max_reply}"
+                    f"the reply from {shown(self.socket_path)} is longer than {self.max_reply}"
                     " bytes: ask for less (log n=, list host=) or give Client a larger"
                     " max_reply"
                 )
@@ -277,19 +285,19 @@ class Client:
             except TimeoutError:
                 self._discard(connection)
                 raise AgentUnreachable(
-                    f"the agent at {_shown(self.socket_path)} did not answer within"
+                    f"the agent at {shown(self.socket_path)} did not answer within"
                     f" {self.timeout:g}s; check it with keyagent-ctl status"
                 ) from None
             except OSError as error:
                 self._discard(connection)
                 raise AgentUnreachable(
-                    f"lost the connection to {_shown(self.socket_path)}"
+                    f"lost the connection to {shown(self.socket_path)}"
                     f" ({os.strerror(error.errno or 0)}); retry{self._systemd_hint()}"
                 ) from None
             if not chunk:
                 self._discard(connection)
                 raise AgentUnreachable(
-                    f"the agent at {_shown(self.socket_path)} closed the connection;"
+                    f"the agent at {shown(self.socket_path)} closed the connection;"
                     f" retry{self._systemd_hint()}"
                 )
             start = len(buffer)
@@ -298,7 +306,7 @@ class Client:
         if end > self.max_reply:
             self._discard(connection)
             raise ProtocolError(
-                f"the reply from {_shown(self.socket_path)} is longer than {self.max_reply}"
+                f"the reply from {shown(self.socket_path)} is longer than {self.max_reply}"
                 " bytes: ask for less (log n=, list host=) or give Client a larger max_reply"
             )
         line = bytes(buffer[:end])
@@ -333,7 +341,7 @@ class Client:
             if refusal is not None:
                 raise refusal from None
             raise AgentUnreachable(
-                f"could not send to {_shown(self.socket_path)} ({os.strerror(error.errno or 0)});"
+                f"could not send to {shown(self.socket_path)} ({os.strerror(error.errno or 0)});"
                 f" retry{self._systemd_hint()}"
             ) from None
         return request_id

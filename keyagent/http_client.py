@@ -27,7 +27,7 @@ from urllib3.connection import HTTPConnection
 from urllib3.connectionpool import HTTPConnectionPool
 
 from keyagent import paths
-from keyagent.client import _checked_timeout, _shown
+from keyagent.client import _checked_timeout, shown
 from keyagent.errors import AgentUnreachable, BadRequest
 from keyagent.rules import host_problem, user_problem
 
@@ -62,7 +62,7 @@ class _UnixConnection(HTTPConnection):
             sock.close()
             reason = os.strerror(error.errno) if error.errno else type(error).__name__
             raise AgentUnreachable(
-                f"no agent HTTP socket at {_shown(self._socket_path)} ({reason}); "
+                f"no agent HTTP socket at {shown(self._socket_path)} ({reason}); "
                 'start an agent with eval "$(keyagent)" or set KEYAGENT_HTTP_SOCK'
             ) from None
         credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
@@ -70,7 +70,7 @@ class _UnixConnection(HTTPConnection):
         if uid != os.geteuid():
             sock.close()
             raise AgentUnreachable(
-                f"the socket {_shown(self._socket_path)} is served by uid {uid}, not by you; "
+                f"the socket {shown(self._socket_path)} is served by uid {uid}, not by you; "
                 "nothing was sent: set KEYAGENT_HTTP_SOCK to your own agent's"
             )
         self.sock = sock

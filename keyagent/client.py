@@ -17,7 +17,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 
 from keyagent import paths, wire
 from keyagent.errors import AgentUnreachable, Forbidden, KeyagentError, ProtocolError
@@ -634,16 +634,25 @@ class Client:
 class _Following(Generator["dict[str, Any]", None, None]):
     """What :meth:`Client.follow_log` returns: its generator of entries, and the connection
     they come on, which :meth:`close` closes even before the first ``next()`` (when a plain
-    generator would run no code at all)."""
+    generator would run no code at all).
+
+    :meth:`close` may come from another thread while one is inside ``next()``. It then only
+    wakes that thread, which finishes the generator and closes the socket itself, once done
+    with them: a generator must not be closed while it runs in another thread (CPython 3.11
+    can crash), nor its socket closed under a ``recv()`` (the descriptor's number could be
+    reused by an unrelated file meanwhile)."""
 
     def __init__(
         self, connection: _Connection, entries: Generator[dict[str, Any], None, None]
     ) -> None:
         self._connection = connection
         self._entries = entries
+        self._lock = threading.Lock()
+        self._running = False  # a thread is inside the generator, or finishing it
+        self._closed = False
 
     def send(self, value: None) -> dict[str, Any]:
-        return self._entries.send(value)
+        return self._step(self._entries.send, value)
 
     def throw(
         self,
@@ -657,18 +666,43 @@ class _Following(Generator["dict[str, Any]", None, None]):
             error = val
         else:
             error = typ() if val is None else typ(val)
-        return self._entries.throw(error)
+        return self._step(self._entries.throw, error)
+
+    def _step(self, step: Callable[[Any], dict[str, Any]], argument: Any) -> dict[str, Any]:
+        self._start_step()
+        try:
+            return step(argument)
+        finally:
+            with self._lock:
+                self._running = False
+                closed = self._closed
+            if closed:  # by another thread meanwhile, which left the finishing to this one
+                self._finish()
+
+    def _start_step(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise StopIteration
+            if self._running:
+                raise ValueError("generator already executing")
+            self._running = True
 
     def close(self) -> None:
         """End following; from another thread too, where a ``next()`` waiting for an entry
         then ends the iteration."""
-        self._connection.end()
-        try:
-            self._entries.close()
-        except ValueError:  # "generator already executing": in another thread, now ending
-            pass
-        finally:
-            self._connection.close()
+        with self._lock:
+            first = not self._closed
+            self._closed = True
+            finish_now = first and not self._running
+            self._running = True  # no step from now on, and no second finish
+        if first:
+            self._connection.end()
+        if finish_now:
+            self._finish()
+
+    def _finish(self) -> None:
+        self._entries.close()
+        self._connection.close()
 
     def __del__(self) -> None:
         # As a generator closes itself when it is dropped unfinished.

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import builtins
     from collections.abc import Sequence
     from types import TracebackType
-    from typing import Any
+    from typing import Any, Final
 
 DEFAULT_TIMEOUT = 60.0
 """Seconds to wait for a reply: a login or a held-back unlock can take a while."""
@@ -82,6 +82,18 @@ def _checked_timeout(timeout: float | None) -> float | None:
             f" limit, not {timeout!r}"
         )
     return float(timeout)
+
+
+_LOST_ANSWER: Final = {
+    op: (
+        f"the agent may have {made} on the service before it went, and a key no agent holds"
+        " stays valid there: look with keyagent-ctl list --remote, and delete it with"
+        " keyagent-ctl remove (not a retry, which could make another)"
+    )
+    for op, made in (("create", "made the key"), ("rotate", "made the new key"))
+}
+"""What to do when the connection is lost before the answer to a request that makes keys
+on the service: not retry it (a second create makes a second key)."""
 
 
 class _Connection:
@@ -181,6 +193,9 @@ class Client:
 
     # --- transport -----------------------------------------------------------------------
 
+    def _retry(self) -> str:
+        return f"retry{self._systemd_hint()}"
+
     def _systemd_hint(self) -> str:
         """On the default path with a keyagent unit installed: how to look at the service.
 
@@ -258,9 +273,12 @@ class Client:
         if self._connection is connection:
             self._connection = None
 
-    def _read_line(self, connection: _Connection, deadline: float | None) -> bytes:
+    def _read_line(
+        self, connection: _Connection, deadline: float | None, lost: str | None = None
+    ) -> bytes:
         """The next line from ``connection``, without its newline, received by ``deadline``
         (``time.monotonic()``; None: no limit) and at most :attr:`max_reply` bytes long.
+        ``lost``: what to do if the connection is lost meanwhile (by default, retry).
 
         Only the newly received bytes are searched for the newline, so a long reply costs
         time in proportion to its length."""
@@ -292,13 +310,13 @@ class Client:
                 self._discard(connection)
                 raise AgentUnreachable(
                     f"lost the connection to {shown(self.socket_path)}"
-                    f" ({os.strerror(error.errno or 0)}); retry{self._systemd_hint()}"
+                    f" ({os.strerror(error.errno or 0)}); {lost or self._retry()}"
                 ) from None
             if not chunk:
                 self._discard(connection)
                 raise AgentUnreachable(
                     f"the agent at {shown(self.socket_path)} closed the connection;"
-                    f" retry{self._systemd_hint()}"
+                    f" {lost or self._retry()}"
                 )
             start = len(buffer)
             buffer += chunk
@@ -322,7 +340,7 @@ class Client:
         with self._locked():
             connection = self._live_connection()
             request_id = self._send(connection, op, args)
-            return self._reply_to(connection, request_id)
+            return self._reply_to(connection, request_id, _LOST_ANSWER.get(op))
 
     def _send(self, connection: _Connection, op: str, args: dict[str, Any]) -> int:
         """Send one request on ``connection``; its id."""
@@ -361,10 +379,12 @@ class Client:
             return None
         return reply.error if reply.id is None else None
 
-    def _reply_to(self, connection: _Connection, request_id: int) -> dict[str, Any]:
+    def _reply_to(
+        self, connection: _Connection, request_id: int, lost: str | None = None
+    ) -> dict[str, Any]:
         """Read the reply to ``request_id``: its result, or the agent's error raised."""
         try:
-            reply = wire.parse_reply(self._read_line(connection, self._deadline()))
+            reply = wire.parse_reply(self._read_line(connection, self._deadline(), lost))
         except ValueError:
             self._discard(connection)
             raise ProtocolError() from None

@@ -19,12 +19,14 @@ import pytest
 import requests
 
 import keyagent
+from keyagent import cli, errors
 from keyagent import client as client_module
-from keyagent import errors
 from keyagent.client import Client
 from keyagent.testing.agent import AgentProcess
 from keyagent.testing.emulator import Fault
 from keyagent.testing.emulator_process import Emulator
+
+from .conftest import run_ctl
 
 USER = "démo@example.com"
 """A non-ASCII account: its name goes to the agent's HTTP socket as a header."""
@@ -369,6 +371,52 @@ def test_the_default_reply_cap_holds_the_agents_biggest_replies() -> None:
     from keyagent.rules import MAX_AUDIT_ENTRIES
 
     assert client_module.MAX_REPLY >= MAX_AUDIT_ENTRIES * 1000
+
+
+# --- a connection lost before the answer ---------------------------------------------------
+
+
+def hang_up(_request_id: int, connection: socket.socket) -> None:
+    connection.close()
+
+
+@pytest.mark.parametrize(
+    ("call", "made"),
+    [
+        (lambda client: client.create("h.example", "u@example.com"), "made the key"),
+        (lambda client: client.rotate("0123456789ab"), "made the new key"),
+    ],
+    ids=["create", "rotate"],
+)
+def test_a_key_maker_cut_off_says_to_look_not_to_retry(
+    fake_agent: Callable[..., FakeAgent], call: Callable[[Client], object], made: str
+) -> None:
+    """An agent that goes between a create (or rotate) and its answer may have made the key
+    on the service: the error says to look and delete it, never to retry, which could make
+    a second key (the README says so too)."""
+    fake = fake_agent(hang_up)
+    with pytest.raises(errors.AgentUnreachable) as caught, Client(fake.path) as client:
+        call(client)
+    message = caught.value.message
+    assert f"may have {made}" in message
+    assert "keyagent-ctl list --remote" in message
+    assert "keyagent-ctl remove" in message
+    assert "; retry" not in message
+
+
+def test_keyagent_ctl_create_cut_off_says_to_look(fake_agent: Callable[..., FakeAgent]) -> None:
+    fake = fake_agent(hang_up)
+    result = run_ctl(fake.path, "create", "--host", "h.example", "--user", "u@example.com")
+    assert result.code == cli.EXIT_NO_AGENT
+    assert "may have made the key" in result.err
+    assert "retry" not in result.err.replace("not a retry", "")
+
+
+def test_other_requests_cut_off_say_retry(fake_agent: Callable[..., FakeAgent]) -> None:
+    fake = fake_agent(hang_up)
+    with pytest.raises(errors.AgentUnreachable) as caught, Client(fake.path) as client:
+        client.list()
+    assert caught.value.message.endswith("closed the connection; retry")
 
 
 # --- http_session --------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import select
+import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -114,6 +115,51 @@ def test_a_forked_child_gets_a_connection_of_its_own(holding: AgentProcess) -> N
         assert (FORKED, pid) in asked
         assert (FORKED, os.getpid()) not in asked
         assert client.get(HOSTS[2]) == key_for(HOSTS[2])
+
+
+def test_a_forked_child_is_not_stuck_behind_a_parent_request(tmp_path: Path) -> None:
+    """Forked while another thread of the parent waits for a reply (holding the client's
+    lock), the child still gets its own requests through: the inherited lock, which
+    nothing in the child would release, is not the child's."""
+    path = str(tmp_path / "agent.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)
+    first_asked = threading.Event()
+
+    def serve() -> None:  # the first connection is never answered; later ones are
+        with contextlib.suppress(OSError):
+            silent, _ = listener.accept()
+            silent.recv(65536)
+            first_asked.set()
+            answered, _ = listener.accept()
+            with silent, answered:
+                request = json.loads(answered.recv(65536).partition(b"\n")[0])
+                answered.sendall(ok_line(request["id"], {"protocol": 1}))
+                answered.recv(1)  # until the child hangs up
+
+    server = threading.Thread(target=serve)
+    server.start()
+    client = Client(path, timeout=None)
+    waiting, outcome = in_thread(client.hello)
+    try:
+        assert first_asked.wait(30)
+
+        def child() -> str:
+            signal.alarm(10)  # stuck on the parent's lock: killed, and reports nothing
+            return str(client.hello()["protocol"])
+
+        _, report = in_child(child)
+        assert report == "1"
+    finally:
+        client.close()
+        waiting.join(30)
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes an accept() still waiting
+        listener.close()
+        server.join(30)
+    assert not server.is_alive()
+    assert [type(error) for error in outcome] == [errors.AgentUnreachable]
 
 
 # --- threads -------------------------------------------------------------------------------

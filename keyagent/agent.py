@@ -1649,6 +1649,8 @@ class Agent:
     def process_stop(self, args: Mapping[str, Any]) -> Stop:
         log.info("stop requested")
         result: Result = {"stopping": True}
+        if self.lock.locked:  # says nothing status does not: why the counts are missing
+            result["locked"] = True
         # Not while locked: a locked agent says nothing of what it holds (see status).
         deleting = 0 if self.lock.locked else self.due_at_stop()
         if deleting:  # the reply goes first; the server then deletes them (begin_stop)

@@ -812,6 +812,11 @@ def cmd_stop(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextI
         )
     if steps:
         out.write(f"agent stopping; it first {', and '.join(steps)}\n")
+    elif result.get("locked") is True:
+        out.write(
+            "agent stopping; it is locked, so it does not say what it does first (it may"
+            " delete ephemeral keys on the service: its log names any it could not)\n"
+        )
     else:
         out.write("agent stopped\n")
     _say_staying(result, out)

@@ -627,7 +627,7 @@ def test_locked_get_refuses_even_a_missing_key(locked: Agent) -> None:
 
 def test_stop_while_locked_stops(locked: Agent) -> None:
     """stop is served while locked: stopping reveals nothing (ssh-agent can be killed too)."""
-    assert call(locked, "stop") == Stop({"stopping": True})
+    assert call(locked, "stop") == Stop({"stopping": True, "locked": True})
 
 
 def test_status_while_locked_tells_nothing_about_keys_or_sessions(locked: Agent) -> None:

@@ -237,6 +237,17 @@ def test_stop_command(agent: AgentProcess) -> None:
     assert agent.process.wait(10) == 0
 
 
+def test_a_locked_stop_does_not_claim_the_agent_has_stopped(agent: AgentProcess) -> None:
+    """A locked agent does not count what it still does before it exits (ephemeral keys to
+    delete, creates to wait for), so the reply cannot say it has stopped already."""
+    assert run_ctl(agent.socket_path, "lock", stdin="pass phrase\n").code == 0
+    stopped = run_ctl(agent.socket_path, "stop")
+    assert stopped.code == 0
+    assert stopped.out.startswith("agent stopping; it is locked, so it does not say")
+    assert agent.process is not None
+    assert agent.process.wait(10) == 0
+
+
 def test_fast_path_reads_only_plain_get_invocations() -> None:
     """get's argparse-free fast path accepts exactly the plain forms and defers the rest."""
     from keyagent.cli import fast_get_args

@@ -110,7 +110,7 @@ def test_the_stop_reply_counts_the_keys_to_delete_before_any_is_deleted(
     assert secret in account.keys
     assert agent.at_stop is None
     run(agent, "lock", passphrase="pass phrase")
-    assert agent.handle(request("stop"), PEER) == Stop({"stopping": True})  # says nothing
+    assert agent.handle(request("stop"), PEER) == Stop({"stopping": True, "locked": True})
     run(agent, "unlock", passphrase="pass phrase")
     run(agent, "forget", all=True, local=True)
     assert agent.handle(request("stop"), PEER) == Stop({"stopping": True})
@@ -131,7 +131,7 @@ def test_stop_and_forget_name_created_keys_that_stay_valid_with_nobody_holding_t
     staying = {"key_id": key_id_for(plain), "host": HOST, "user": USER}
     assert outcome == Stop({"stopping": True, "deleting": 1, "staying": [staying]})
     run(agent, "lock", passphrase="pass phrase")
-    assert agent.handle(request("stop"), PEER) == Stop({"stopping": True})  # says nothing
+    assert agent.handle(request("stop"), PEER) == Stop({"stopping": True, "locked": True})
     run(agent, "unlock", passphrase="pass phrase")
     forgotten = run(agent, "forget", key_id=key_id_for(plain))
     assert forgotten["staying"] == [staying]

@@ -17,6 +17,7 @@ Exit codes (stable, documented in the README):
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import sys
@@ -1356,7 +1357,14 @@ def main(
     try:
         # A command's warnings go to sys.stderr: the stream this call was given.
         with Client(getattr(args, "socket", None)) as client, contextlib.redirect_stderr(stderr):
-            return HANDLERS[args.command](args, client, stdin, stdout)
+            if args.command == "log" and args.follow:  # entries as they come
+                return HANDLERS[args.command](args, client, stdin, stdout)
+            # The rest is written whole, once every member of the reply has been checked: a
+            # malformed one fails the command before any line of it is printed.
+            output = io.StringIO()
+            code = HANDLERS[args.command](args, client, stdin, output)
+            stdout.write(output.getvalue())
+            return code
     except UsageError as error:
         stderr.write(f"keyagent-ctl: {shown(error)}\n")
         return EXIT_USAGE

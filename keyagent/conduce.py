@@ -22,7 +22,7 @@ Security rules this module keeps:
 
 from __future__ import annotations
 
-import http
+import http.client
 import json
 import ssl
 import time
@@ -34,7 +34,12 @@ from typing import Any, Final, Literal
 
 import requests
 from requests.cookies import RequestsCookieJar
-from urllib3.exceptions import NewConnectionError, ReadTimeoutError
+from urllib3.exceptions import (
+    InvalidChunkLength,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+)
 from urllib3.util import Retry
 
 from keyagent.errors import (
@@ -601,6 +606,12 @@ class ConduceAccount:
             return _Failure(
                 RemoteUnreachable(f"{late}; retry later or raise the read timeout"), unsure=late
             )
+        if _not_http(error):
+            bad = f"{self.host} sent an answer that breaks HTTP's rules"
+            return _Failure(
+                RemoteError(f"{bad}; check the host (something other than Conduce may answer)"),
+                unsure=bad,
+            )
         if isinstance(error, requests.exceptions.ConnectionError):
             # Refused (nothing sent), or dropped once the request was sent: the service may
             # have acted on it.
@@ -700,6 +711,23 @@ def _never_sent(error: requests.exceptions.ConnectionError) -> bool:
     reason = error.args[0] if error.args else None
     reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError wraps the cause
     return isinstance(reason, NewConnectionError)
+
+
+def _not_http(error: requests.exceptions.RequestException) -> bool:
+    """Whether the service answered, but not in HTTP: too many headers, a line too long, a
+    status line or a chunk size that does not parse. requests reports these as a lost
+    connection (ConnectionError) or a cut body (ChunkedEncodingError), which they are not:
+    the request was sent, and something answered."""
+    cause = error.args[0] if error.args else None
+    cause = getattr(cause, "reason", cause)  # urllib3's MaxRetryError wraps the cause
+    if isinstance(cause, ProtocolError) and len(cause.args) > 1:
+        cause = cause.args[1]  # ("Connection aborted.", what http.client raised)
+    if isinstance(cause, InvalidChunkLength):  # an IncompleteRead, yet not a cut
+        return True
+    # A connection closed early is an HTTPException too (RemoteDisconnected, IncompleteRead).
+    return isinstance(cause, http.client.HTTPException) and not isinstance(
+        cause, ConnectionError | http.client.IncompleteRead
+    )
 
 
 @dataclass(frozen=True)

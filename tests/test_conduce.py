@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import gzip
+import http.client
 import json
 import logging
 import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import requests
 import responses
-from urllib3.exceptions import MaxRetryError, NameResolutionError, NewConnectionError
+from urllib3.exceptions import (
+    InvalidChunkLength,
+    MaxRetryError,
+    NameResolutionError,
+    NewConnectionError,
+    ProtocolError,
+)
 
 from keyagent.conduce import (
     API_PREFIX,
@@ -726,6 +733,20 @@ def test_redirects_are_not_followed(account: ConduceAccount, rsps: responses.Req
     assert len(rsps.calls) == 1
 
 
+def aborted(cause: Exception) -> requests.exceptions.ConnectionError:
+    """The ConnectionError requests raises when http.client fails to read an answer."""
+    return requests.exceptions.ConnectionError(ProtocolError("Connection aborted.", cause))
+
+
+class Cut:
+    """As much of urllib3's HTTPResponse as InvalidChunkLength reads."""
+
+    length_remaining = None
+
+    def tell(self) -> int:
+        return 0
+
+
 @pytest.mark.parametrize(
     ("exception", "expected", "match"),
     [
@@ -742,6 +763,26 @@ def test_redirects_are_not_followed(account: ConduceAccount, rsps: responses.Req
         ),
         (requests.exceptions.ChunkedEncodingError("cut"), RemoteUnreachable, "mid-answer"),
         (requests.exceptions.InvalidHeader("bad"), RemoteError, "InvalidHeader"),
+        # What requests raises when something answers, but not in HTTP: not a lost connection.
+        (aborted(http.client.HTTPException("got more than 100 headers")), RemoteError, "rules"),
+        (aborted(http.client.LineTooLong("header line")), RemoteError, "rules"),
+        (aborted(http.client.BadStatusLine("FOO BAR")), RemoteError, "rules"),
+        (
+            requests.exceptions.ChunkedEncodingError(
+                ProtocolError("Connection broken", InvalidChunkLength(cast(Any, Cut()), b"zz"))
+            ),
+            RemoteError,
+            "breaks HTTP's rules; the key may have been made",
+        ),
+        # ... and what it raises when the connection is lost, which stays that.
+        (aborted(http.client.RemoteDisconnected("closed")), RemoteUnreachable, "dropped"),
+        (
+            requests.exceptions.ChunkedEncodingError(
+                ProtocolError("Connection broken", http.client.IncompleteRead(b"", 5))
+            ),
+            RemoteUnreachable,
+            "mid-answer",
+        ),
     ],
 )
 def test_transport_failures_map_to_keyagent_errors(

@@ -68,6 +68,13 @@ ACCOUNT_COMMANDS = frozenset(
 )
 """The commands that act on one account, and so take --host and --user."""
 
+CONFIG_COMMANDS = frozenset(
+    {"add", "create", "create-api-key", "list", "ls", "list-api-keys", "login", "logout"}
+    | {"prune", "rotate", "config"}
+)
+"""The commands that may read the configuration file (for the account, when --host, --user
+and the environment leave it open), and so take --config."""
+
 SHELLS = ("bash", "zsh", "fish")
 """The shells `keyagent-ctl completion` writes a script for (through shtab)."""
 
@@ -104,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="account e-mail (default: $KEYAGENT_USER, else the configuration file)",
     )
 
+    configured = _Parser(add_help=False)
+    configured.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="configuration file the default host and user come from (default:"
+        " $KEYAGENT_CONFIG, else ~/.config/keyagent/config.toml)",
+    )
+
     exit_statuses = "\n".join(f"  {code:<5}{meaning}" for code, meaning in EXIT_STATUSES)
     parser: argparse.ArgumentParser = _Parser(
         prog="keyagent-ctl",
@@ -112,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         # --host/--user before the command, for the commands that take them (main refuses
         # them before any other command).
-        parents=[connection, selectors],
+        parents=[connection, selectors, configured],
     )
     parser.add_argument("--version", action="version", version=f"keyagent-ctl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -120,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, help: str, *aliases: str) -> argparse.ArgumentParser:
         parents = [connection, selectors] if name in ACCOUNT_COMMANDS else [connection]
+        if name in CONFIG_COMMANDS:
+            parents.append(configured)
         return sub.add_parser(
             name, help=help, aliases=list(aliases), parents=parents, description=help
         )
@@ -397,7 +415,7 @@ def _account(args: argparse.Namespace) -> tuple[str, str]:
         # exec never need it.
         from keyagent.config import load
 
-        config = load()
+        config = load(getattr(args, "config", None))
         host, user = host or config.host, user or config.user
     if host is None or user is None:
         missing = " and ".join(n for n, v in (("--host", host), ("--user", user)) if v is None)
@@ -828,7 +846,7 @@ def cmd_config(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
     from keyagent.config import load, render
 
     flags = {name: getattr(args, name, None) for name in ("host", "user")}
-    out.write(render(load(flags=flags)))
+    out.write(render(load(getattr(args, "config", None), flags=flags)))
     return EXIT_OK
 
 
@@ -1314,8 +1332,14 @@ def fast_get_args(argv: Sequence[str]) -> dict[str, str] | None:
 
 
 def _refuse_unused_selectors(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--host/--user before a command that acts on no account is a usage error (exit 64):
-    the parser takes them there for the commands that do."""
+    """--host/--user before a command that acts on no account is a usage error (exit 64),
+    as is --config before one that reads no configuration file: the parser takes them there
+    for the commands that do."""
+    if hasattr(args, "config") and args.command not in CONFIG_COMMANDS:
+        parser.error(
+            f"{args.command} reads no configuration file, so --config means nothing to it:"
+            " leave it out"
+        )
     if args.command in ACCOUNT_COMMANDS:
         return
     for name in ("host", "user"):

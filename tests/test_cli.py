@@ -562,3 +562,62 @@ def test_a_closed_output_pipe_ends_quietly(shared_agent: AgentProcess) -> None:
         os.close(write_end)
     assert result.returncode == 141, result.stderr
     assert result.stderr == ""
+
+
+# --- --config ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A configuration file naming an account; the environment names none."""
+    for name in ("KEYAGENT_HOST", "KEYAGENT_USER"):
+        monkeypatch.delenv(name, raising=False)
+    path = tmp_path / "other.toml"
+    path.write_text('host = "cfg.example"\nuser = "cfg@example.com"\n')
+    return path
+
+
+@pytest.mark.parametrize("before", [True, False], ids=["before", "after"])
+def test_config_shows_the_file_given_with_config(config_file: Path, before: bool) -> None:
+    """keyagent-ctl --config FILE config (or config --config FILE) reads FILE, as keyagent
+    --config does, instead of $KEYAGENT_CONFIG (here /dev/null)."""
+    argv = ["--config", str(config_file), "config"]
+    shown = run_ctl(None, *(argv if before else argv[::-1][:1] + argv[:2]))
+    assert shown.code == 0, shown.err
+    lines = {line.split()[0]: line.split()[1:] for line in shown.out.splitlines()}
+    assert lines["config"] == [str(config_file), "argument"]
+    assert lines["host"][0] == "cfg.example"
+    assert lines["user"][0] == "cfg@example.com"
+
+
+def test_the_account_comes_from_the_file_given_with_config(
+    config_file: Path, tmp_path: Path
+) -> None:
+    """A command that needs an account and is not told it takes it from --config's file."""
+    from .test_cli_hostile import FakeAgent, ok
+
+    (tmp_path / "fake").mkdir(mode=0o700)
+    fake = FakeAgent(str(tmp_path / "fake" / "agent.sock"), ok({"remote": [], "keys": []}))
+    try:
+        listed = run_ctl(fake.path, "--config", str(config_file), "list", "--remote")
+    finally:
+        fake.close()
+    assert listed.code == 0, listed.err
+    assert [(r["host"], r["user"]) for r in fake.requests] == [("cfg.example", "cfg@example.com")]
+
+
+@pytest.mark.parametrize("command", ["status", "get", "stop"])
+def test_config_before_a_command_that_reads_no_file_is_a_usage_error(
+    config_file: Path, command: str
+) -> None:
+    refused = run_ctl(None, "--config", str(config_file), command)
+    assert refused.code == 64
+    assert f"{command} reads no configuration file, so --config means nothing" in refused.err
+
+
+def test_an_unusable_file_given_with_config_exits_78(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("host = [\n")
+    result = run_ctl(None, "--config", str(path), "config")
+    assert result.code == 78
+    assert str(path) in result.err

@@ -68,6 +68,9 @@ ACCOUNT_COMMANDS = frozenset(
 )
 """The commands that act on one account, and so take --host and --user."""
 
+LOCAL_COMMANDS = frozenset({"config", "completion", "service"})
+"""The commands that talk to no agent, and so take no --socket."""
+
 CONFIG_COMMANDS = frozenset(
     {"add", "create", "create-api-key", "list", "ls", "list-api-keys", "login", "logout"}
     | {"prune", "rotate", "config"}
@@ -135,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     def command(name: str, help: str, *aliases: str) -> argparse.ArgumentParser:
-        parents = [connection, selectors] if name in ACCOUNT_COMMANDS else [connection]
+        parents = [] if name in LOCAL_COMMANDS else [connection]
+        if name in ACCOUNT_COMMANDS:
+            parents.append(selectors)
         if name in CONFIG_COMMANDS:
             parents.append(configured)
         return sub.add_parser(
@@ -1333,8 +1338,12 @@ def fast_get_args(argv: Sequence[str]) -> dict[str, str] | None:
 
 def _refuse_unused_selectors(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """--host/--user before a command that acts on no account is a usage error (exit 64),
-    as is --config before one that reads no configuration file: the parser takes them there
-    for the commands that do."""
+    as is --config before one that reads no configuration file, and --socket before one
+    that talks to no agent: the parser takes them there for the commands that do."""
+    if hasattr(args, "socket") and args.command in LOCAL_COMMANDS:
+        parser.error(
+            f"{args.command} talks to no agent, so --socket means nothing to it: leave it out"
+        )
     if hasattr(args, "config") and args.command not in CONFIG_COMMANDS:
         parser.error(
             f"{args.command} reads no configuration file, so --config means nothing to it:"

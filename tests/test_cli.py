@@ -621,3 +621,24 @@ def test_an_unusable_file_given_with_config_exits_78(tmp_path: Path) -> None:
     result = run_ctl(None, "--config", str(path), "config")
     assert result.code == 78
     assert str(path) in result.err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("--socket", "/tmp/x.sock", "config"),
+        ("--socket", "/tmp/x.sock", "service", "status"),
+        ("--socket", "/tmp/x.sock", "completion", "bash"),
+        ("completion", "bash", "--socket", "/tmp/x.sock"),
+        ("config", "--socket", "/tmp/x.sock"),
+    ],
+)
+def test_socket_for_a_command_that_talks_to_no_agent_is_a_usage_error(
+    argv: tuple[str, ...],
+) -> None:
+    """config, completion and service never contact an agent: a --socket given them would
+    be silently ignored, so it is refused."""
+    refused = run_ctl(None, *argv)
+    assert refused.code == 64
+    assert refused.out == ""
+    assert "--socket" in refused.err

@@ -47,16 +47,21 @@ def test_version_prints_the_package_version() -> None:
 
 
 def test_each_command_offers_only_the_options_it_uses() -> None:
-    """--host/--user appear in the help of the commands that act on an account, and no other."""
+    """--host/--user appear in the help of the commands that act on an account, --config
+    in that of the commands that read the configuration file, --socket in that of the
+    commands that talk to an agent; and in no other."""
     commands = subparsers(cli.build_parser())
     for name in NO_ACCOUNT:
         assert not {"--host", "--user"} & option_strings(commands[name]), name
         help_text = run_ctl(None, name, "--help").out
         assert "--host" not in help_text, name
-        assert "--socket" in help_text or name == "completion", name
     for name in cli.ACCOUNT_COMMANDS:
-        assert {"--host", "--user", "--socket"} <= option_strings(commands[name]), name
-    assert set(commands) >= set(NO_ACCOUNT) | cli.ACCOUNT_COMMANDS
+        assert {"--host", "--user"} <= option_strings(commands[name]), name
+    for name, command in commands.items():
+        options = option_strings(command)
+        assert ("--socket" in options) is (name not in cli.LOCAL_COMMANDS), name
+        assert ("--config" in options) is (name in cli.CONFIG_COMMANDS), name
+    assert set(commands) >= set(NO_ACCOUNT) | cli.ACCOUNT_COMMANDS | cli.LOCAL_COMMANDS
 
 
 def test_host_given_to_a_command_without_an_account_is_a_usage_error() -> None:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from typing import Any, TextIO
 
 EXIT_OK, EXIT_AGENT_ERROR, EXIT_NO_AGENT, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 64, 78
+EXIT_NOT_READY = 3  # as systemctl is-active (and LSB status) for a unit not running
 EXIT_BROKEN_PIPE = 141
 """128 + SIGPIPE: what the shell reports for a command the closed pipe killed."""
 DEFAULT_ENV_NAME = "CONDUCE_API_KEY"
@@ -51,6 +52,7 @@ EXIT_STATUSES = (
     (EXIT_OK, "success"),
     (EXIT_AGENT_ERROR, "the agent refused (nothing found, locked, bad passphrase, ...)"),
     (EXIT_NO_AGENT, "no agent reachable (as ssh-add)"),
+    (EXIT_NOT_READY, "service status: keyagent.socket is not installed, enabled and active"),
     (EXIT_USAGE, "usage error (EX_USAGE; argparse's own 2 would collide with no agent)"),
     (EXIT_CONFIG, "the configuration file is invalid (EX_CONFIG)"),
     (126, "exec: the command could not be run"),
@@ -1261,8 +1263,8 @@ def cmd_service(args: argparse.Namespace, client: Client, stdin: TextIO, out: Te
             service.install(out, force=args.force)
         elif args.action == "uninstall":
             service.uninstall(out, force=args.force)
-        else:
-            service.status(out)
+        elif not service.status(out):
+            return EXIT_NOT_READY
     except service.ServiceError as error:
         out.flush()
         sys.stderr.write(f"keyagent-ctl: service {args.action}: {shown(error)}\n")

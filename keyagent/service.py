@@ -453,8 +453,9 @@ def _exec_start(text: str) -> str | None:
     return found.group(1).strip() if found else None
 
 
-def status(out: TextIO) -> None:
-    """Whether the units are installed (and by whom), enabled, active; what they run."""
+def status(out: TextIO) -> bool:
+    """Whether the units are installed (and by whom), enabled, active; what they run. True
+    if keyagent.socket is installed, enabled and active: the first client starts the agent."""
     directory = unit_dir()
     described = {
         None: "not installed",
@@ -463,14 +464,18 @@ def status(out: TextIO) -> None:
         "foreign": "installed, not by keyagent-ctl service install",
     }
     out.write(f"unit directory: {directory}\n")
+    ready = False
     for unit in _read_units(directory):
         states = [described[unit.owner]]
         if unit.name == SOCKET_UNIT:
             states.append(_state("is-enabled", SOCKET_UNIT))
         states.append(_state("is-active", unit.name))
         out.write(f"{unit.name}: {', '.join(states)}\n")
+        if unit.name == SOCKET_UNIT:
+            ready = unit.owner is not None and states[1:] == ["enabled", "active"]
         if unit.name == SERVICE_UNIT and unit.text is not None:
             out.write(f"runs: {_describe_command(_exec_start(unit.text))}\n")
+    return ready
 
 
 def _describe_command(command: str | None) -> str:

@@ -273,9 +273,10 @@ def test_options_that_mean_nothing_are_usage_errors(
 
 
 def test_status_without_units_says_not_installed(config_home: Path) -> None:
-    """status names the unit directory and says each unit is not installed."""
+    """status names the unit directory and says each unit is not installed; it exits 3
+    (as systemctl is-active does for a unit not running): no agent would start."""
     status, out, _ = run_ctl("service", "status")
-    assert status == 0
+    assert status == 3
     assert f"unit directory: {config_home / 'systemd' / 'user'}\n" in out
     assert re.search(r"(?m)^keyagent\.socket: not installed, ", out), out
     assert re.search(r"(?m)^keyagent\.service: not installed, ", out), out
@@ -341,9 +342,10 @@ def test_install_from_a_venv_starts_at_first_use_and_uninstall_leaves_nothing(
         pid=$(systemctl --user show -p MainPID --value keyagent.service)
         echo "main_pid=$pid"
         echo "cmdline=$(tr '\\0' ' ' <"/proc/$pid/cmdline")"
-        "$ctl" service status >"$OUT/status.txt"
+        "$ctl" service status >"$OUT/status.txt"; echo "status_exit=$?"
         "$ctl" service install >"$OUT/again.txt"
         "$ctl" service uninstall >"$OUT/uninstall.txt"
+        rc=0; "$ctl" service status >/dev/null || rc=$?; echo "status_exit_after=$rc"
         echo "socket_after=$(systemctl --user is-active keyagent.socket || true)"
         echo "service_after=$(systemctl --user is-active keyagent.service || true)"
         echo "unit_files=$(systemctl --user list-unit-files --no-legend 'keyagent*' | wc -l)"
@@ -369,6 +371,8 @@ def test_install_from_a_venv_starts_at_first_use_and_uninstall_leaves_nothing(
         "enabled": "enabled",
         "socket": "active",
         "service_before": "inactive",  # nothing ran until the first client connected
+        "status_exit": "0",  # the socket installed, enabled and active
+        "status_exit_after": "3",
         "socket_after": "inactive",
         "service_after": "inactive",
         "unit_files": "0",

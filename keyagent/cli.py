@@ -1392,7 +1392,8 @@ def main(
     try:
         # A command's warnings go to sys.stderr: the stream this call was given.
         with Client(getattr(args, "socket", None)) as client, contextlib.redirect_stderr(stderr):
-            if args.command == "log" and args.follow:  # entries as they come
+            # Entries as they come; the steps of service install as they are taken.
+            if (args.command == "log" and args.follow) or args.command == "service":
                 return HANDLERS[args.command](args, client, stdin, stdout)
             # The rest is written whole, once every member of the reply has been checked: a
             # malformed one fails the command before any line of it is printed.

@@ -710,6 +710,13 @@ class _Following(Generator["dict[str, Any]", None, None]):
     def close(self) -> None:
         """End following; from another thread too, where a ``next()`` waiting for an entry
         then ends the iteration."""
+        if self._connection.pid != os.getpid():
+            # In a forked child: the parent's thread inside next(), if any, was not copied,
+            # and may have held the lock as it forked. Close this process's descriptor only
+            # (the parent's connection goes on); the generator is the parent's to finish.
+            self._closed = True
+            self._connection.close()
+            return
         with self._lock:
             first = not self._closed
             self._closed = True

@@ -14,7 +14,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import requests
@@ -27,7 +27,7 @@ from keyagent.testing.agent import AgentProcess
 from keyagent.testing.emulator import Fault
 from keyagent.testing.emulator_process import Emulator
 
-from .conftest import run_ctl
+from .conftest import run_ctl, wait_until
 
 USER = "démo@example.com"
 """A non-ASCII account: its name goes to the agent's HTTP socket as a header."""
@@ -160,6 +160,36 @@ def test_a_forked_child_is_not_stuck_behind_a_parent_request(tmp_path: Path) -> 
         server.join(30)
     assert not server.is_alive()
     assert [type(error) for error in outcome] == [errors.AgentUnreachable]
+
+
+def test_a_forked_child_closing_an_inherited_follow_closes_its_own_descriptor(
+    holding: AgentProcess,
+) -> None:
+    """Forked while a parent thread waits in a follow_log's next(), the child's close()
+    closes the child's copy of the socket (it does not wait for a thread it does not
+    have), and the parent's following goes on until the parent closes it."""
+    with holding.client() as client:
+        follow = client.follow_log(n=0)
+        reader, outcome = in_thread(functools.partial(list, follow))
+        inside = cast(Any, follow)  # the generator's state, which nothing public shows
+        wait_until(lambda: inside._running, "the reader is inside next()", pause=0.01)
+        descriptor = inside._connection.sock.fileno()
+
+        def child() -> str:
+            signal.alarm(10)  # stuck on the parent's lock: killed, and reports nothing
+            follow.close()
+            try:
+                os.fstat(descriptor)
+            except OSError:
+                return "closed"
+            return "still open"
+
+        _, report = in_child(child)
+        assert report == "closed"
+        assert reader.is_alive()  # the parent still follows
+        follow.close()
+        reader.join(30)
+        assert outcome == [[]]
 
 
 # --- threads -------------------------------------------------------------------------------

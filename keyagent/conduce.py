@@ -722,8 +722,8 @@ def _not_http(error: requests.exceptions.RequestException) -> bool:
     cause = getattr(cause, "reason", cause)  # urllib3's MaxRetryError wraps the cause
     if isinstance(cause, ProtocolError) and len(cause.args) > 1:
         cause = cause.args[1]  # ("Connection aborted.", what http.client raised)
-    if isinstance(cause, InvalidChunkLength):  # an IncompleteRead, yet not a cut
-        return True
+    if isinstance(cause, InvalidChunkLength):  # an IncompleteRead, yet not a cut...
+        return bool(cause.length)  # ...unless empty: urllib3 1.26's word for a cut there
     # A connection closed early is an HTTPException too (RemoteDisconnected, IncompleteRead).
     return isinstance(cause, http.client.HTTPException) and not isinstance(
         cause, ConnectionError | http.client.IncompleteRead

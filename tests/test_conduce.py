@@ -774,7 +774,15 @@ class Cut:
             RemoteError,
             "breaks HTTP's rules; the key may have been made",
         ),
-        # ... and what it raises when the connection is lost, which stays that.
+        # ... and what it raises when the connection is lost, which stays that (urllib3 1.26
+        # says an empty chunk size when the connection ends between chunks).
+        (
+            requests.exceptions.ChunkedEncodingError(
+                ProtocolError("Connection broken", InvalidChunkLength(cast(Any, Cut()), b""))
+            ),
+            RemoteUnreachable,
+            "mid-answer",
+        ),
         (aborted(http.client.RemoteDisconnected("closed")), RemoteUnreachable, "dropped"),
         (
             requests.exceptions.ChunkedEncodingError(

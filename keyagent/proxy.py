@@ -26,6 +26,7 @@ state goes through a :class:`Lender`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import re
 import socket
@@ -64,6 +65,11 @@ log = get_logger("keyagent.proxy")
 METHODS: Final = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
 BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 """Methods whose request is sent with a Content-Length even when the tool sent no body."""
+NO_BODY_METHODS: Final = frozenset({"GET", "HEAD"})
+"""Methods whose request may not carry a body here. A body means nothing to them (RFC 9110,
+9.3.1-2), so a service may leave it unread and take it for the next request on the pooled
+connection: the next request the agent sends there, with its credential, would then become
+the body or the headers of one the tool wrote (request smuggling)."""
 FORBIDDEN_IN_TARGET: Final = frozenset("# \t")
 ONCE_ONLY: Final = frozenset({"x-keyagent-user", "x-keyagent-key-id", "expect"})
 """Headers a request may carry once: the agent does not guess which of two was meant."""
@@ -107,8 +113,31 @@ HOP_BY_HOP: Final = frozenset(
 """Headers about one connection, not the message: each side sets its own."""
 TOOL_CREDENTIALS: Final = frozenset({"authorization", "cookie", "proxy-authorization"})
 """Dropped from every request: the only credentials sent are the agent's."""
+REROUTING: Final = frozenset(
+    {
+        "x-original-url",
+        "x-rewrite-url",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-server",
+        "x-original-host",
+        "x-host",
+        "x-real-ip",
+    }
+)
+"""Dropped from every request: front ends that honour them route a request by them rather
+than by its line (IIS's URL Rewrite, some frameworks' method overrides), which would let a
+tool reach a credential endpoint the path check refused, with the agent's credential."""
 ANSWER_CREDENTIALS: Final = frozenset(
     {"set-cookie", "set-cookie2", "authorization", "proxy-authorization", "www-authenticate"}
+    | {"proxy-authenticate", "authentication-info", "proxy-authentication-info"}
 )
 """Dropped from every answer: a tool must not learn a session from the service either."""
 CREDENTIAL_ENDPOINTS: Final = {
@@ -122,6 +151,11 @@ CREDENTIAL_ENDPOINTS: Final = {
 
 _TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 """An HTTP header name (RFC 9110's token)."""
+_BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})|%25(?:2[eEfF]|5[cC]|25)")
+"""A % that starts no escape, or an escaped % that escapes a dot, a slash, a backslash or a
+% again."""
+_BARE: Final = re.compile(r"\.[^.]*$|[. ]+$")
+"""What some servers ignore at the end of a path segment: a ".format" suffix, dots, spaces."""
 
 
 class OutsideApi(NotFound):
@@ -207,6 +241,11 @@ def route(head: Head) -> Route:
     expect = head.get("expect")
     if expect is not None and expect.strip().lower() != "100-continue":
         raise UnmetExpectation("Expect: 100-continue is the only expectation met here")
+    if head.method in NO_BODY_METHODS and (head.chunked or head.content_length):
+        raise BadRequest(
+            f"a {head.method} request may not have a body here (a service may leave it"
+            " unread, and take it for the next request); send it without one"
+        )
     host = host_header.lower()
     problem = host_problem(host)
     if problem is not None:
@@ -234,7 +273,14 @@ def route(head: Head) -> Route:
 def _check_path(path: str) -> None:
     if not path.startswith("/"):
         raise OutsideApi("only paths under /conduce/api/ and /api/ are forwarded")
-    decoded = unquote(path)
+    if _BAD_ESCAPE.search(path):
+        # A % not followed by two hex digits, or an escaped %, ., / or \ escaped again:
+        # servers differ on what they make of these, so none is guessed at.
+        raise BadRequest("the path holds a bad or doubly escaped %; escape it once, as %XX")
+    try:
+        decoded = unquote(path, errors="strict")
+    except UnicodeDecodeError:  # overlong forms of "." and "/" among them
+        raise BadRequest("the path's escapes are not UTF-8; escape UTF-8 bytes") from None
     if has_control_characters(decoded) or "\\" in decoded:
         raise BadRequest("the path holds control characters or a backslash")
     # Compare as a server would resolve it: empty segments (the client's //api/v2/...)
@@ -244,21 +290,30 @@ def _check_path(path: str) -> None:
     if any(segment in (".", "..") for segment in segments):
         raise OutsideApi("paths with . or .. segments are not forwarded")
     if segments[:2] == ["conduce", "api"] and len(segments) > 2:
-        candidates = [segments[2:], segments[3:]]  # with and without the version segment
+        rest = segments[2:]
     elif segments[:1] == ["api"] and len(segments) > 1:
-        candidates = [segments[1:], segments[2:]]
+        rest = segments[1:]
     else:
         raise OutsideApi(
             "only paths under /conduce/api/ and /api/ are forwarded; this is not a Conduce API path"
         )
-    for rest in candidates:
-        pair = (rest[0], rest[1]) if len(rest) >= 2 else None
-        if rest[:1] == ["apikeys"] or pair in CREDENTIAL_ENDPOINTS:
-            command = CREDENTIAL_ENDPOINTS.get(pair, "keyagent-ctl") if pair else "keyagent-ctl"
-            raise Forbidden(
-                "credentials are the agent's business and this endpoint is not forwarded; "
-                f"use {command} instead"
-            )
+    # Some servers also take "login.json" for "login" (a format suffix) and ignore trailing
+    # dots and spaces; some route past a segment they do not know (a second version, say).
+    # So each segment is compared as the first would, and an endpoint anywhere after the
+    # prefix is refused.
+    rest = [_BARE.sub("", segment) for segment in rest]
+    for pair in itertools.pairwise(rest):
+        if pair in CREDENTIAL_ENDPOINTS:
+            raise _credential_endpoint(CREDENTIAL_ENDPOINTS[pair])
+    if "apikeys" in rest:
+        raise _credential_endpoint("keyagent-ctl")
+
+
+def _credential_endpoint(command: str) -> Forbidden:
+    return Forbidden(
+        "credentials are the agent's business and this endpoint is not forwarded; "
+        f"use {command} instead"
+    )
 
 
 def _audited_path(target: str) -> str | None:
@@ -309,6 +364,7 @@ def request_headers(head: Head, grant: Grant) -> list[tuple[str, str]]:
         if name not in HOP_BY_HOP
         and name not in TOOL_CREDENTIALS
         and name not in named
+        and name not in REROUTING
         and not name.startswith("x-keyagent-")
     ]
     headers.append(("Host", grant.host))
@@ -323,9 +379,15 @@ def request_headers(head: Head, grant: Grant) -> list[tuple[str, str]]:
 
 def answer_headers(headers: list[tuple[str, str]], grant: Grant) -> list[tuple[str, str]]:
     """The service's headers without credentials or connection headers (Content-Length is
-    kept: it describes the body, which passes unchanged)."""
-    secrets = grant.secrets()
-    in_names = [secret.lower() for secret in secrets]  # names are matched case-blind
+    kept: it describes the body, which passes unchanged), nor ``X-Keyagent-*``: only the
+    agent's own errors carry those, so a tool can tell them from the service's answers."""
+    secrets = [secret.lower() for secret in grant.secrets()]  # matched case-blind
+    named = {  # headers the service's Connection header names are about that connection
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
     kept = []
     for name, raw in headers:
         lower, value = name.lower(), raw.strip(" \t")
@@ -333,7 +395,9 @@ def answer_headers(headers: list[tuple[str, str]], grant: Grant) -> list[tuple[s
             continue  # not something HTTP/1.1 lets us pass on
         if lower in ANSWER_CREDENTIALS or (lower in HOP_BY_HOP and lower != "content-length"):
             continue
-        if any(secret in value for secret in secrets) or any(s in lower for s in in_names):
+        if (lower in named and lower != "content-length") or lower.startswith("x-keyagent-"):
+            continue
+        if any(secret in value.lower() or secret in lower for secret in secrets):
             continue  # a service echoing the credential back must not hand it to the tool
         kept.append((name, value))
     return kept

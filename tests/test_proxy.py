@@ -24,7 +24,7 @@ from keyagent.errors import (
 )
 from keyagent.grant import Grant
 from keyagent.httpwire import Head
-from keyagent.proxy import answer_headers, error_answer, request_headers, route
+from keyagent.proxy import REROUTING, answer_headers, error_answer, request_headers, route
 from keyagent.store import digest_of, key_id_for
 
 from .fakes import PEER, FakeAccount, FakeTime, driver_for, request, run, settle
@@ -87,6 +87,17 @@ def test_api_paths_are_forwarded_unchanged(target: str) -> None:
         ("/api/v1/apikeys/list", "keyagent-ctl list --remote"),
         ("/conduce/api/v1/apikeys/rotate", "keyagent-ctl"),
         ("//conduce/api/v1/user/login", "keyagent-ctl login"),
+        # What some servers route to the same endpoint: a format suffix, trailing dots or
+        # spaces, a segment skipped (a second version).
+        ("/conduce/api/v1/user/login.json", "keyagent-ctl login"),
+        ("/conduce/api/v1/user/login.", "keyagent-ctl login"),
+        ("/conduce/api/v1/user/login%20", "keyagent-ctl login"),
+        ("/conduce/api/v1/user./logout", "keyagent-ctl logout"),
+        ("/conduce/api/v1/apikeys./create", "keyagent-ctl"),
+        ("/conduce/api/v1/apikeys.json/create", "keyagent-ctl"),
+        ("/conduce/api/v2/v1/apikeys/create", "keyagent-ctl create"),
+        ("/api/v2/data/v1/user/login", "keyagent-ctl login"),
+        ("/conduce/api/v1/x/y/apikeys", "keyagent-ctl"),
     ],
 )
 def test_credential_endpoints_are_refused_however_spelled(target: str, command: str) -> None:
@@ -130,6 +141,13 @@ def test_paths_outside_the_api_are_not_found(target: str) -> None:
         ("/conduce/api/v1/user/logout#x", {}),
         ("http://[/conduce/api/v1/x", {}),
         (f"http://a:pw@{HOST}/conduce/api/v1/x", {}),
+        # Escapes servers differ on: none is guessed at.
+        ("/conduce/api/v1/user/login%", {}),
+        ("/conduce/api/v1/user/login%zz", {}),
+        ("/conduce/api/v1/user/%252e%252e/apikeys/create", {}),
+        ("/conduce/api/v1/a%252fb", {}),
+        ("/conduce/api/v1/a%25255c", {}),
+        ("/conduce/api/v1/user/%C0%AE%C0%AE/apikeys/create", {}),  # overlong "..": not UTF-8
     ],
 )
 def test_bad_hosts_users_key_ids_and_paths_are_bad_requests(
@@ -138,6 +156,47 @@ def test_bad_hosts_users_key_ids_and_paths_are_bad_requests(
     """What names the account or the path is checked by the agent's own rules."""
     with pytest.raises(BadRequest):
         route(head(target, **headers))
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/api/v2/data/caf%C3%A9", "/api/v2/data/a%2fb", "/api/v2/data/100%25", "/api/v2/login.json"],
+)
+def test_escapes_made_once_pass(target: str) -> None:
+    """UTF-8 escapes, an escaped slash, an escaped % followed by nothing it could make an
+    escape of, and a format suffix outside the credential endpoints are forwarded."""
+    assert route(head(target)).target == target
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize(
+    "framing", [{"content_length": "5"}, {"transfer_encoding": "chunked"}], ids=["cl", "chunked"]
+)
+def test_a_get_or_head_with_a_body_is_refused(method: str, framing: dict[str, str]) -> None:
+    """A body on a GET or HEAD means nothing to the service, which may leave it unread and
+    take it for the next request on the connection: the agent's next request, with its
+    credential, would become part of one the tool wrote. So none is forwarded."""
+    with pytest.raises(BadRequest, match=f"a {method} request may not have a body"):
+        route(head("/api/v2/data/x", method, **framing))
+
+
+def test_bodies_go_where_they_mean_something() -> None:
+    """An empty GET body said outright is no body; other methods keep theirs."""
+    route(head("/api/v2/data/x", "GET", content_length="0"))
+    for method in ("POST", "PUT", "PATCH", "DELETE"):
+        route(head("/api/v2/data/x", method, content_length="5"))
+
+
+def test_headers_that_reroute_a_request_never_go_out() -> None:
+    """Front ends that route by X-Original-URL (and the like) or override the method by a
+    header would let a tool reach an endpoint the path check refused: those are dropped."""
+    grant = Grant(HOST, USER, header="Authorization", value=f"Bearer {SECRET}")
+    rerouting = {name.replace("-", "_"): "/conduce/api/v1/apikeys/create" for name in REROUTING}
+    sent = request_headers(head("/api/v2/data/x", "GET", **rerouting, x_kept="1"), grant)
+    names = {name.lower() for name, _ in sent}
+    assert not names & REROUTING
+    assert {"x-original-url", "x-http-method-override", "forwarded"} <= REROUTING
+    assert "x-kept" in names
 
 
 def test_the_path_checked_is_the_target_sent() -> None:
@@ -265,6 +324,12 @@ def test_answers_lose_cookies_credentials_and_connection_headers() -> None:
             ("X-Request-Id", "42 "),
             ("Bad Name", "x"),
             ("X-Ctl", "a\x07b"),
+            ("X-Upper", "S3SS10N-T0K3N"),  # an echo in another case is an echo
+            ("Proxy-Authenticate", "Basic"),
+            ("Authentication-Info", "x"),
+            ("X-Keyagent-Error", "locked"),  # only the agent's own errors say so
+            ("Connection", "X-Hop"),
+            ("X-Hop", "about the service's connection only"),
         ],
         grant,
     )

@@ -418,6 +418,24 @@ def test_malformed_http_gets_400_and_a_close(conduce_agent: AgentProcess) -> Non
     assert smuggled.startswith(b"HTTP/1.1 400 ")
 
 
+def test_a_get_with_a_body_is_refused_and_never_reaches_the_service(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """The body of a GET could be left unread by a service and taken for the next request
+    on the agent's pooled connection (smuggling one past the agent's checks, with its
+    credential): such a request is answered 400 and closed, and nothing is sent."""
+    emulator.clear_requests()
+    answer = exchange(
+        http_path(conduce_agent),
+        f"GET /api/v2/data/x HTTP/1.1\r\nHost: {emulator.host}\r\nContent-Length: 5\r\n"
+        "\r\nhello".encode(),
+    )
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"X-Keyagent-Error: bad_request" in answer
+    assert b"may not have a body" in answer
+    assert emulator.requests == []
+
+
 def test_what_is_not_http_is_answered_in_the_agents_words_and_recorded(
     conduce_agent: AgentProcess, emulator: Emulator
 ) -> None:
@@ -689,12 +707,14 @@ def test_every_method_query_and_body_pass_unchanged(
     conduce_agent: AgentProcess, emulator: Emulator, method: str
 ) -> None:
     """Method, path, query string, body and the tool's other headers reach the service as
-    the tool sent them, authenticated with the agent's key and no credential of the tool."""
+    the tool sent them, authenticated with the agent's key and no credential of the tool.
+    (A GET goes without a body: one is refused, see the test below.)"""
     secret = add_key(conduce_agent, emulator)
-    body = b'{"query": "x&y=1"}'
+    body = b'{"query": "x&y=1"}' if method != "GET" else b""
+    sent = ["--data-binary", body.decode()] if body else []
     seen = echo(
         conduce_agent, emulator, "/conduce/api/v2/resources/search?a=1&b=%20two",
-        "-X", method, "--data-binary", body.decode(), "-H", "Content-Type: application/json",
+        "-X", method, *sent, "-H", "Content-Type: application/json",
         "-H", "Authorization: Bearer tool-held-key", "-H", "Cookie: session=forged",
         "-H", "X-Tool: kept",
     )  # fmt: skip

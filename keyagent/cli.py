@@ -52,7 +52,11 @@ EXIT_STATUSES = (
     (EXIT_OK, "success"),
     (EXIT_AGENT_ERROR, "the agent refused (nothing found, locked, bad passphrase, ...)"),
     (EXIT_NO_AGENT, "no agent reachable (as ssh-add)"),
-    (EXIT_NOT_READY, "service status: keyagent.socket is not installed, enabled and active"),
+    (
+        EXIT_NOT_READY,
+        "service status: no agent would start at first use (units missing, or"
+        " the socket not enabled and active)",
+    ),
     (EXIT_USAGE, "usage error (EX_USAGE; argparse's own 2 would collide with no agent)"),
     (EXIT_CONFIG, "the configuration file is invalid (EX_CONFIG)"),
     (126, "exec: the command could not be run"),
@@ -1360,6 +1364,20 @@ def _refuse_unused_selectors(parser: argparse.ArgumentParser, args: argparse.Nam
             )
 
 
+def _read_named_config(args: argparse.Namespace) -> None:
+    """A file named with --config is read, and refused if unusable (exit 78), even by a
+    command that turns out not to need the account from it: nothing given on the command
+    line is ignored without a word."""
+    path = getattr(args, "config", None)
+    if path == "":
+        raise UsageError("--config needs a file name")
+    if path is None or args.command == "config":  # config reads and shows it anyway
+        return
+    from keyagent.config import load
+
+    load(path)
+
+
 def main(
     argv: Sequence[str] | None = None,
     *,
@@ -1392,6 +1410,7 @@ def main(
     try:
         # A command's warnings go to sys.stderr: the stream this call was given.
         with Client(getattr(args, "socket", None)) as client, contextlib.redirect_stderr(stderr):
+            _read_named_config(args)
             # Entries as they come; the steps of service install as they are taken.
             if (args.command == "log" and args.follow) or args.command == "service":
                 return HANDLERS[args.command](args, client, stdin, stdout)

@@ -455,7 +455,8 @@ def _exec_start(text: str) -> str | None:
 
 def status(out: TextIO) -> bool:
     """Whether the units are installed (and by whom), enabled, active; what they run. True
-    if keyagent.socket is installed, enabled and active: the first client starts the agent."""
+    if both are installed and keyagent.socket is enabled and active: the first client then
+    starts the agent."""
     directory = unit_dir()
     described = {
         None: "not installed",
@@ -464,7 +465,7 @@ def status(out: TextIO) -> bool:
         "foreign": "installed, not by keyagent-ctl service install",
     }
     out.write(f"unit directory: {directory}\n")
-    ready = False
+    socket_ready = service_installed = False
     for unit in _read_units(directory):
         states = [described[unit.owner]]
         if unit.name == SOCKET_UNIT:
@@ -472,10 +473,11 @@ def status(out: TextIO) -> bool:
         states.append(_state("is-active", unit.name))
         out.write(f"{unit.name}: {', '.join(states)}\n")
         if unit.name == SOCKET_UNIT:
-            ready = unit.owner is not None and states[1:] == ["enabled", "active"]
+            socket_ready = unit.owner is not None and states[1:] == ["enabled", "active"]
         if unit.name == SERVICE_UNIT and unit.text is not None:
+            service_installed = True
             out.write(f"runs: {_describe_command(_exec_start(unit.text))}\n")
-    return ready
+    return socket_ready and service_installed
 
 
 def _describe_command(command: str | None) -> str:

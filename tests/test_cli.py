@@ -642,3 +642,26 @@ def test_socket_for_a_command_that_talks_to_no_agent_is_a_usage_error(
     assert refused.code == 64
     assert refused.out == ""
     assert "--socket" in refused.err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [("list",), ("rotate", "0123abcd"), ("list", "--remote", "--host", "h.example", "--user", "u")],
+)
+def test_an_unusable_config_file_is_refused_even_when_not_needed(
+    tmp_path: Path, argv: tuple[str, ...]
+) -> None:
+    """A file named with --config is read and refused if unusable (exit 78), even by a
+    command that needs no account from it: nothing given on the command line is ignored."""
+    path = tmp_path / "bad.toml"
+    path.write_text("host = [\n")
+    for line in (("--config", str(path), *argv), (*argv, "--config", str(tmp_path / "none"))):
+        result = run_ctl(str(tmp_path / "no-agent.sock"), *line)
+        assert result.code == 78, (line, result.err)
+
+
+def test_an_empty_config_name_is_a_usage_error() -> None:
+    for argv in (("--config", "", "list"), ("config", "--config", "")):
+        result = run_ctl(None, *argv)
+        assert result.code == 64
+        assert "--config needs a file name" in result.err

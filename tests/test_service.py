@@ -344,6 +344,10 @@ def test_install_from_a_venv_starts_at_first_use_and_uninstall_leaves_nothing(
         echo "cmdline=$(tr '\\0' ' ' <"/proc/$pid/cmdline")"
         "$ctl" service status >"$OUT/status.txt"; echo "status_exit=$?"
         "$ctl" service install >"$OUT/again.txt"
+        units=$HOME/.config/systemd/user
+        mv "$units/keyagent.service" "$OUT/keyagent.service"  # the socket alone starts nothing
+        rc=0; "$ctl" service status >/dev/null || rc=$?; echo "status_exit_no_service=$rc"
+        mv "$OUT/keyagent.service" "$units/keyagent.service"
         "$ctl" service uninstall >"$OUT/uninstall.txt"
         rc=0; "$ctl" service status >/dev/null || rc=$?; echo "status_exit_after=$rc"
         echo "socket_after=$(systemctl --user is-active keyagent.socket || true)"
@@ -372,6 +376,7 @@ def test_install_from_a_venv_starts_at_first_use_and_uninstall_leaves_nothing(
         "socket": "active",
         "service_before": "inactive",  # nothing ran until the first client connected
         "status_exit": "0",  # the socket installed, enabled and active
+        "status_exit_no_service": "3",
         "status_exit_after": "3",
         "socket_after": "inactive",
         "service_after": "inactive",

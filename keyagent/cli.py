@@ -1364,6 +1364,44 @@ def _refuse_unused_selectors(parser: argparse.ArgumentParser, args: argparse.Nam
             )
 
 
+class _HeldOutput:
+    """A command's output, held until the command has checked its whole reply, and its
+    messages (stderr) that come after some output, held with it so that the two are written
+    in the order they came. A message before any output goes out at once (a prompt, say)."""
+
+    def __init__(self, stdout: TextIO, stderr: TextIO) -> None:
+        self._stderr = stderr
+        self._held: list[tuple[TextIO, str]] = []
+        self.out = _Held(self, stdout)
+        self.err = _Held(self, stderr)
+
+    def write(self, stream: TextIO, text: str) -> None:
+        if stream is self._stderr and not self._held:
+            stream.write(text)
+        else:
+            self._held.append((stream, text))
+
+    def release(self, *, output: bool) -> None:
+        """Write what is held, in order; without ``output``, the messages only (the command
+        failed: none of its output is shown)."""
+        held, self._held = self._held, []
+        for stream, text in held:
+            if output or stream is self._stderr:
+                stream.write(text)
+
+
+class _Held(io.StringIO):
+    """One stream of a :class:`_HeldOutput`: what is written goes to the holder."""
+
+    def __init__(self, holder: _HeldOutput, stream: TextIO) -> None:
+        super().__init__()
+        self._holder, self._stream = holder, stream
+
+    def write(self, text: str) -> int:
+        self._holder.write(self._stream, text)
+        return len(text)
+
+
 def _read_named_config(args: argparse.Namespace) -> None:
     """A file named with --config is read, and refused if unusable (exit 78), even by a
     command that turns out not to need the account from it: nothing given on the command
@@ -1416,9 +1454,14 @@ def main(
                 return HANDLERS[args.command](args, client, stdin, stdout)
             # The rest is written whole, once every member of the reply has been checked: a
             # malformed one fails the command before any line of it is printed.
-            output = io.StringIO()
-            code = HANDLERS[args.command](args, client, stdin, output)
-            stdout.write(output.getvalue())
+            held = _HeldOutput(stdout, stderr)
+            try:
+                with contextlib.redirect_stderr(held.err):
+                    code = HANDLERS[args.command](args, client, stdin, held.out)
+            except BaseException:
+                held.release(output=False)
+                raise
+            held.release(output=True)
             return code
     except UsageError as error:
         stderr.write(f"keyagent-ctl: {shown(error)}\n")

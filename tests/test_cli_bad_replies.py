@@ -8,6 +8,7 @@ step, exit 1, never a traceback.
 
 from __future__ import annotations
 
+import io
 import os
 import shlex
 from collections.abc import Callable, Iterator
@@ -16,10 +17,13 @@ from typing import Any
 
 import pytest
 
+from keyagent import cli
+
 from .conftest import run_ctl, run_ctl_process
 from .test_cli_hostile import FakeAgent, ok
 
 ACCOUNT = ("--host", "h.example", "--user", "u@example.com")
+ACCOUNT_FIELDS = {"host": "h.example", "user": "u@example.com"}
 KEY = {"key_id": "0123456789ab", "host": "h.example", "user": "u@example.com", "source": "add"}
 SESSION = {"host": "h.example", "user": "u@example.com", "logged_in": True}
 ORPHAN = {"key_id": "0123456789ab", "masked": "KA-1…9z", "created": "2026-01-01"}
@@ -196,3 +200,20 @@ def test_forget_says_how_many_keyring_entries_of_keys_not_held_it_deleted(serve:
     assert command == [
         "keyagent-ctl", "remove", "--host=[::1]:8443", f"--user={user}", "ab\\x1b[2J"
     ]  # fmt: skip
+
+
+def test_output_and_messages_come_out_in_the_order_written(serve: Serve) -> None:
+    """keyagent-ctl holds a command's output until its reply is checked, and its messages
+    (stderr) after some output with it: on one terminal they read in the order written,
+    the rotated keys before the failures."""
+    rotated = {"key_id": "0123456789ab", "old_key_id": "ba9876543210", **ACCOUNT_FIELDS}
+    failed = {"key_id": "cccccccccccc", "error": {"code": "remote_error", "message": "boom"}}
+    agent = serve({"rotated": [rotated], "failed": [failed]})
+    both = io.StringIO()
+    code = cli.main(["--socket", agent.path, *ACCOUNT, "rotate", "--all"], stdout=both, stderr=both)
+    assert code == 1
+    lines = both.getvalue().splitlines()
+    assert [line.split()[:2] for line in lines] == [
+        ["rotated", "key"],
+        ["keyagent-ctl:", "could"],
+    ], lines

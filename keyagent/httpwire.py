@@ -5,9 +5,10 @@ connection (:class:`HttpConnection`, h11 as the server) it turns bytes into requ
 and body chunks, and responses into bytes; on a connection to the service
 (:class:`ServiceConnection`, h11 as the client, over the TLS socket
 :mod:`keyagent.forward` made) the reverse. It knows nothing of Conduce or credentials (that
-is :mod:`keyagent.proxy`). h11 does the parsing, which is
-where hand-written HTTP goes wrong (request smuggling through conflicting lengths, header
-folding, oversized heads); this module adds the deadlines a slow or idle tool is cut by:
+is :mod:`keyagent.proxy`). h11 does the parsing, which is where hand-written HTTP goes
+wrong (request smuggling through conflicting lengths, header folding, which h11 joins into
+one value as RFC 9112 allows, oversized heads); the heads passed on are written anew, never
+as received. This module adds the deadlines a slow or idle tool is cut by:
 
 * a request head must arrive whole within ``head_timeout`` of its first byte;
 * between requests a keep-alive connection may idle for ``idle_timeout``;
@@ -57,7 +58,7 @@ _PLAIN: Final = (
         " spaces: escape them)",
     ),
     ("illegal header line", "a header line is not NAME: VALUE"),
-    ("continuation line", "a header line starts with a space (header folding is refused)"),
+    ("continuation line", "the first header line starts with a space; remove it"),
     ("illegal chunk header", "a chunk of the request body is malformed"),
     ("conflicting Content-Length", "the request has Content-Length headers that disagree"),
     ("Content-Length", "the Content-Length header is not one decimal number"),

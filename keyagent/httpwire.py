@@ -69,6 +69,8 @@ header line with its credential, say), which are never echoed back or logged. An
 listed here (another h11 version's words) gets a general message."""
 
 
+MAX_INTERIM: Final = 16
+"""Interim (1xx) answers taken before the final one; past them, the answer is refused."""
 MAX_EMPTY_LINES: Final = 64
 """Bytes of empty lines (CR, LF) ignored before a request line; past them, a 400."""
 TOO_LARGE_HEAD: Final = (
@@ -503,9 +505,10 @@ class ServiceConnection:
         return True
 
     def read_head(self) -> tuple[int, list[tuple[str, str]]]:
-        """The answer's status and headers (names as sent), after any 1xx; an answer cut
-        before its head ends is ConnectionResetError, as the socket would say."""
-        while True:
+        """The answer's status and headers (names as sent), after any 1xx (at most
+        :data:`MAX_INTERIM` of them); an answer cut before its head ends is
+        ConnectionResetError, as the socket would say."""
+        for _ in range(MAX_INTERIM + 1):
             event: object = self._early or self._next_event()
             self._early = None
             if isinstance(event, h11.Response):
@@ -526,6 +529,9 @@ class ServiceConnection:
                 raise ConnectionResetError("closed before a whole answer head")
             if not isinstance(event, h11.InformationalResponse):
                 raise BadAnswer("something other than an answer")
+        # A service that sends interim answers without end would hold the tool (and this
+        # thread) for as long as it keeps on, each one arriving within the read timeout.
+        raise BadAnswer(f"more than {MAX_INTERIM} interim (1xx) answers")
 
     def read_body(self) -> Iterator[bytes]:
         """The answer's body, a chunk at a time as it arrives; BadAnswer if it ends before

@@ -15,7 +15,9 @@ import h11
 import pytest
 
 from keyagent.httpwire import (
+    MAX_INTERIM,
     RECV,
+    BadAnswer,
     ClientGone,
     HttpConnection,
     Malformed,
@@ -252,6 +254,32 @@ def test_an_answer_body_marks_each_wait_with_an_empty_chunk(
     assert next(body) == b""  # nothing of the body here yet: the reader may send its part
     server.send(b"late")
     assert list(body) == [b"late"]
+
+
+def test_interim_answers_are_passed_over_but_not_without_end(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """1xx answers before the final one are skipped; a service that sends them without end
+    is refused rather than followed for as long as it keeps on."""
+    ours, server = pair
+    wire = service(ours)
+    wire.send_head(RequestHead.make("GET", "/x", [("Host", "h")], chunked=False), hold=True)
+    wire.end_request()
+    writes(server)
+    server.send(b"HTTP/1.1 102 Processing\r\n\r\n" * MAX_INTERIM)
+    server.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert wire.read_head() == (200, [("Content-Length", "2")])
+
+    endless_ours, endless = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with endless_ours, endless:
+        endless.setblocking(False)
+        wire = service(endless_ours)
+        wire.send_head(RequestHead.make("GET", "/x", [("Host", "h")], chunked=False), hold=True)
+        wire.end_request()
+        writes(endless)
+        endless.sendall(b"HTTP/1.1 102 Processing\r\n\r\n" * (MAX_INTERIM + 1))
+        with pytest.raises(BadAnswer, match="interim"):
+            wire.read_head()
 
 
 def test_a_streamed_bodys_head_leaves_at_once(pair: tuple[socket.socket, socket.socket]) -> None:

@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
     Done = Callable[[Any, KeyagentError | None], None]
 
-__all__ = ["ProxyPool"]
+__all__ = ["BadMessage", "ProxyPool", "audit_fields"]
 
 log = get_logger("keyagent.proxy")
 
@@ -79,6 +79,25 @@ WORKER_SCRIPT: Final = os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 
 class BadMessage(Exception):
     """A worker sent what no worker sends: a bug, or a worker no longer to be trusted."""
+
+
+def audit_fields(message: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+    """A worker's ``audit`` message as the agent records it: its fields (each a string or
+    None, cut to :data:`AUDIT_FIELDS`' lengths) and the service's status; BadMessage if it
+    is not what a worker sends."""
+    fields: dict[str, Any] = {}
+    for name, longest in AUDIT_FIELDS.items():
+        value = message.get(name)
+        if value is not None and not isinstance(value, str):
+            raise BadMessage(f"audit field {name}")
+        # Longer than any the worker means to send: recorded cut, not refused.
+        fields[name] = value[:longest] if value is not None else None
+    status = message.get("status")
+    if status is not None and (type(status) is not int or not 100 <= status <= 999):
+        raise BadMessage("audit status")
+    if fields["outcome"] is None:
+        raise BadMessage("audit outcome")
+    return fields, status
 
 
 class _Worker:
@@ -357,18 +376,7 @@ class ProxyPool:
                 self._refuse(sock)
 
     def _audit(self, peer: Peer, message: dict[str, Any]) -> None:
-        fields: dict[str, Any] = {}
-        for name, longest in AUDIT_FIELDS.items():
-            value = message.get(name)
-            if value is not None and not isinstance(value, str):
-                raise BadMessage(f"audit field {name}")
-            # Longer than any the worker means to send: recorded cut, not refused.
-            fields[name] = value[:longest] if value is not None else None
-        status = message.get("status")
-        if status is not None and (type(status) is not int or not 100 <= status <= 999):
-            raise BadMessage("audit status")
-        if fields["outcome"] is None:
-            raise BadMessage("audit outcome")
+        fields, status = audit_fields(message)
         self.agent.audit("proxy", peer, status=status, **fields)
 
     def _question(self, worker: _Worker, conn: int, kind: str, message: dict[str, Any]) -> None:

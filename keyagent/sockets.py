@@ -293,10 +293,26 @@ def peer_exe(pid: int) -> str | None:
     only after the peer exited, and by then its connection is closed. A path ending in
     ``" (deleted)"`` means the file was replaced or removed after the program started; it is
     kept as it is, so it never equals an allowed program's path.
+
+    The name is the one the peer sees, in its own mount namespace: a process of the user can
+    bind-mount any program over an allowed path in a namespace of its own (``unshare -Urm``).
+    So the name counts only if it names, here, the very file the process runs (the same
+    device and inode); else the executable is unknown (None), as it is when the name was
+    renamed over since the program started.
     """
     if pid <= 0:
         return None
     try:
-        return os.readlink(f"/proc/{pid}/exe")
+        path = os.readlink(f"/proc/{pid}/exe")
+        running = os.stat(f"/proc/{pid}/exe")  # the file itself, whatever its name
     except (OSError, ValueError):
         return None
+    if path.endswith(" (deleted)"):
+        return path
+    try:
+        named = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    if (named.st_dev, named.st_ino) != (running.st_dev, running.st_ino):
+        return None
+    return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ from keyagent import errors
 from keyagent.askpass import printable, run_askpass
 from keyagent.sockets import peer_exe
 from keyagent.testing.agent import wait_for_exit
+
+from .conftest import wait_until
 
 
 def script(directory: Path, name: str, body: str) -> str:
@@ -81,6 +84,38 @@ def test_peer_exe_names_a_running_program_and_none_once_it_exited() -> None:
     child.wait()
     assert peer_exe(child.pid) is None
     assert peer_exe(0) is None
+
+
+@pytest.mark.skipif(
+    shutil.which("unshare") is None or os.geteuid() != 0, reason="needs unshare, as root"
+)
+def test_peer_exe_of_a_program_mounted_over_an_allowed_path_is_unknown(tmp_path: Path) -> None:
+    """A process in a mount namespace of its own, running one program bind-mounted over
+    another's path, names that path in /proc/PID/exe: peer_exe checks it is the same file
+    here, and says unknown when it is not (so --allow-exe refuses it)."""
+    target = tmp_path / "allowed"
+    target.write_bytes(b"#!/bin/sh\n")
+    python = os.path.realpath(sys.executable)
+    script = "import sys; sys.stdin.read()"
+    mounted = f'mount --bind "$1" "$2" && exec "$2" -c "{script}"'
+    child = subprocess.Popen(
+        ["unshare", "-m", "sh", "-c", mounted, "sh", python, str(target)], stdin=subprocess.PIPE
+    )
+    try:
+        wait_until(lambda: _readlink(child.pid) == str(target), "the child runs", pause=0.01)
+        assert peer_exe(child.pid) is None
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait()
+    assert child.returncode == 0  # the mount worked: the check above saw what it was for
+
+
+def _readlink(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
 
 
 def test_peer_exe_of_a_replaced_program_never_equals_its_path(tmp_path: Path) -> None:

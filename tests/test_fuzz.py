@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import re
+import selectors
 import shutil
 import socket
 import subprocess
@@ -261,19 +262,39 @@ def exchange(agent: AgentProcess, lines: list[bytes], *, terminated: bool = True
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(REPLY_TIMEOUT)
         sock.connect(agent.socket_path)
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            sock.sendall(data)  # after too_large the agent stops reading
-            sock.shutdown(socket.SHUT_WR)
+        # Replies are read while the lines are sent, as a well-behaved client does: the
+        # agent stops reading a client that leaves a megabyte of replies unread (a log of
+        # the whole audit ring is more), and a client that only sent would wait for ever.
+        sock.setblocking(False)
+        sending = memoryview(data)
         deadline = time.monotonic() + REPLY_TIMEOUT
-        while True:
-            assert time.monotonic() < deadline, "the agent neither replied nor closed"
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            received += chunk
+        closed = False
+        with selectors.DefaultSelector() as selector:
+            selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+            while not closed:
+                left = deadline - time.monotonic()
+                assert left > 0, "the agent neither replied nor closed"
+                for _, events in selector.select(left):
+                    if events & selectors.EVENT_WRITE:
+                        try:
+                            sending = sending[sock.send(sending[:65536]) :]
+                        except BlockingIOError:
+                            pass
+                        except (BrokenPipeError, ConnectionResetError):
+                            sending = sending[:0]  # after too_large the agent stops reading
+                        if not sending:
+                            with contextlib.suppress(OSError):
+                                sock.shutdown(socket.SHUT_WR)
+                            selector.modify(sock, selectors.EVENT_READ)
+                    if events & selectors.EVENT_READ:
+                        try:
+                            chunk = sock.recv(65536)
+                        except BlockingIOError:
+                            continue
+                        except ConnectionResetError:
+                            chunk = b""
+                        received += chunk
+                        closed = not chunk
     *replies, tail = bytes(received).split(b"\n")
     assert tail == b"", "a reply without its newline"
     assert len(replies) == len(expected), (replies, expected)

@@ -1450,10 +1450,29 @@ class Agent:
             )
         question = self._question(held, peer, op)
         timeout = self.confirm_timeout
-        confirmer = self._confirmer
+        confirmer, monotonic, expired = (
+            self._confirmer,
+            self.clock.monotonic,
+            self._confirm_timed_out,
+        )
+        deadline = monotonic() + timeout
+
+        def ask() -> None:
+            # Questions take turns: one whose turn comes after its request was refused
+            # (its deadline passed in line) asks nobody, and the rest ask for the time left.
+            remaining = deadline - monotonic()
+            if remaining <= 0:
+                raise expired()
+            try:
+                confirmer(program, question, remaining)
+            except Denied:
+                if monotonic() >= deadline:  # the program timed out: said as the agent says it
+                    raise expired() from None
+                raise
+
         try:
             yield Work(
-                lambda: confirmer(program, question, timeout),
+                ask,
                 queue="confirm",
                 timeout=timeout,
                 timeout_error=self._confirm_timed_out,

@@ -537,6 +537,34 @@ def test_no_answer_within_the_timeout_is_denied(fake_time: FakeTime) -> None:
     assert "7 s" in error.message
 
 
+def test_a_question_whose_turn_comes_too_late_is_never_asked(fake_time: FakeTime) -> None:
+    """Questions take turns. One that waited in line past its deadline was refused already:
+    it is not shown when its turn comes (a "yes" would do nothing, and a flood of them
+    would keep the dialog busy for half an hour); the others ask for the time they have
+    left."""
+    askpass = FakeAskpass()
+    agent = Agent(clock=fake_time.clock(), askpass=ASKPASS, confirm_timeout=7.0, confirmer=askpass)
+    add(agent, confirm=True)
+    driver = HeldWorkDriver(fake_time)
+    agent.driven_by(driver.start_background)
+    outcomes: list[errors.KeyagentError | None] = []
+    for _ in range(2):
+        driver.start(
+            agent.handle(request("get"), peer(CURL)),  # type: ignore[arg-type]
+            lambda result, error: outcomes.append(error),
+        )
+        driver.pass_time(1.0)
+    (first,) = driver.held  # the second waits for the first to end
+    driver.pass_time(3.0)  # t=5: the first is answered with 2 s of its 7 left
+    driver.end(first)
+    assert [timeout for _, _, timeout in askpass.asked] == [pytest.approx(2.0)]
+    (second,) = driver.held
+    driver.pass_time(4.0)  # t=9: past the second's deadline (t=8)
+    assert [type(error) for error in outcomes] == [type(None), errors.Denied]
+    driver.end(second)  # its turn, too late
+    assert len(askpass.asked) == 1
+
+
 def test_a_key_forgotten_while_its_use_waits_is_not_served(fake_time: FakeTime) -> None:
     """A key forgotten while the prompt shows is not handed out when the answer comes."""
     agent = Agent(clock=fake_time.clock(), askpass=ASKPASS, confirmer=FakeAskpass())

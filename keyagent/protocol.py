@@ -97,6 +97,12 @@ def _not_token(value: str) -> bool:
     return not is_token(value)
 
 
+def _not_key(value: str) -> bool:
+    # A key goes out in an HTTP header (Authorization: Bearer KEY), which carries ASCII: one
+    # with another character could be held, but never sent.
+    return not value.isascii() or not is_token(value)
+
+
 def _has_nul(value: str) -> bool:
     # A password may hold any character but NUL (which no C string carries) or a lone
     # surrogate (which no UTF-8 body carries).
@@ -142,7 +148,12 @@ def _text(
         if not min_len <= len(value) <= max_len:
             raise BadRequest(f"argument '{name}' must be {min_len} to {max_len} characters long")
         if forbid(value):
-            what = "spaces or control characters" if forbid is _not_token else "control characters"
+            if forbid is _not_key:
+                what = "spaces, control characters or characters other than ASCII"
+            elif forbid is _not_token:
+                what = "spaces or control characters"
+            else:
+                what = "control characters"
             raise BadRequest(f"argument '{name}' must not contain {what}")
         return value
 
@@ -229,7 +240,7 @@ def _exe_list(name: str, value: object) -> object:
 
 HOST = _by_rule("host", host_problem)
 USER = _by_rule("user", user_problem)
-KEY = _text(8192, forbid=_not_token)
+KEY = _text(8192, forbid=_not_key)
 DESCRIPTION_MAX: Final = 1024
 """The longest description of a key, in characters."""
 DESCRIPTION = _text(DESCRIPTION_MAX, min_len=0)

@@ -470,7 +470,16 @@ def test_create_key_posts_the_description_and_returns_the_key(
 
 
 @pytest.mark.parametrize(
-    "key", ["", "k" * 8 + "\x1b[2J", "kkkk kkkk", "kkkk\r\nX-Evil: 1", "k\u2028k", "k" * 8193]
+    "key",
+    [
+        "",
+        "k" * 8 + "\x1b[2J",
+        "kkkk kkkk",
+        "kkkk\r\nX-Evil: 1",
+        "k\u2028k",
+        "k" * 8193,
+        "ключ-ключ",
+    ],
 )
 def test_create_key_refuses_a_key_add_would_refuse(
     account: ConduceAccount, rsps: responses.RequestsMock, key: str

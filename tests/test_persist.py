@@ -28,7 +28,7 @@ from keyagent.testing.memory_keyring import MemoryKeyring
 SERVICE = "keyagent"
 WALL = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 SECRET = "zebra-quokka-7781-S3CR3T"
-SECRETS = (SECRET, "okapi-narwhal-0042-S3CR3T", "ключ-🔑-S3CR3T")
+SECRETS = (SECRET, "okapi-narwhal-0042-S3CR3T", "quokka-zebra-0043-S3CR3T")  # keys are ASCII
 
 
 def make_key(

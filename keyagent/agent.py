@@ -1918,6 +1918,13 @@ class Agent:
                 f"the service at {session.host} answered create with a key the agent holds "
                 "already; nothing was created: retry later"
             )
+        digest = digest_of(secret)
+        if digest in self.pending_deletions or digest in self.orphans:
+            # Held again, it would be handed out until the deletion under way revoked it.
+            raise RemoteError(
+                f"the service at {session.host} answered create with a key the agent is "
+                "deleting; nothing was taken: retry later"
+            )
         return secret
 
     def _list_remote(self, args: Mapping[str, Any]) -> Steps:

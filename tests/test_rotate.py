@@ -444,3 +444,20 @@ def test_a_create_answered_with_a_key_the_agent_holds_changes_nothing(
     assert (listed["key_id"], listed["confirm"]) == (held["key_id"], True)
     assert held_secret in account.keys  # not deleted on the service
     assert keyring_ids(backend) == {digest_of(held_secret)}
+
+
+def test_a_create_answered_with_a_key_the_agent_is_deleting_is_refused(
+    agent: Agent, account: ScriptedAccount
+) -> None:
+    """A key forgotten with its deletion on the service still pending must not come back
+    as a new key: the background deletion would revoke it later, while get hands it out."""
+    made = create(agent, lifetime=3600)
+    secret = account.keys[-1]
+    account.delete_errors = [down()]
+    run(agent, "forget", key_id=made["key_id"])
+    assert secret in account.keys  # its deletion failed: pending, retried later
+    account.issue = [secret]
+    error = fails(agent, "create", **ACCOUNT)
+    assert error.code == "remote_error"
+    assert "a key the agent is deleting" in error.message
+    assert run(agent, "list")["keys"] == []

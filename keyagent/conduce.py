@@ -28,7 +28,7 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from http.cookiejar import Cookie, DefaultCookiePolicy
+from http.cookiejar import Cookie, CookieJar, DefaultCookiePolicy
 from types import MappingProxyType, TracebackType
 from typing import Any, Final, Literal
 
@@ -342,6 +342,12 @@ class ConduceAccount:
                 f"the service at {self.host} accepted the login but sent no session cookie; "
                 "check the host"
             )
+        if not _cookies_fit(cookies):
+            raise RemoteError(
+                f"the service at {self.host} answered the login with more cookies than a "
+                f"session can carry (over {MAX_COOKIES} or {MAX_COOKIE_BYTES // 1024} KiB); "
+                "check the host"
+            )
         self._cookies = cookies
 
     def logout(self) -> None:
@@ -570,8 +576,17 @@ class ConduceAccount:
             )
         if auth == "cookie" and len(response.cookies) > 0:
             # The service may refresh or rotate the session cookie on any call; the
-            # Session's own jar refuses it (see _RefuseAllCookies), so keep it here.
-            self._cookies.update(response.cookies)
+            # Session's own jar refuses it (see _RefuseAllCookies), so keep it here, unless
+            # the session would grow past what it can carry.
+            merged = self._cookies.copy()
+            merged.update(response.cookies)
+            if _cookies_fit(merged):
+                self._cookies = merged
+            else:
+                log.warning(
+                    "%s set cookies past %d or %d KiB in all: not kept",
+                    self.host, MAX_COOKIES, MAX_COOKIE_BYTES // 1024,
+                )  # fmt: skip
         log.debug(
             "%s %s%s to %s: %d in %.3fs",
             method, API_PREFIX, path, self.host, response.status_code,
@@ -711,6 +726,20 @@ def _never_sent(error: requests.exceptions.ConnectionError) -> bool:
     reason = error.args[0] if error.args else None
     reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError wraps the cause
     return isinstance(reason, NewConnectionError)
+
+
+MAX_COOKIES: Final = 50
+MAX_COOKIE_BYTES: Final = 16 * 1024
+"""The most cookies, and bytes of them, a session keeps: a hostile service could otherwise
+grow the agent's memory and every request's Cookie header call by call, and a session too
+large to lend would fail the HTTP socket's requests (front ends refuse a Cookie header of
+more than 8 to 16 KiB anyway)."""
+
+
+def _cookies_fit(jar: CookieJar) -> bool:
+    cookies = list(jar)
+    size = sum(len(cookie.name) + len(cookie.value or "") + 2 for cookie in cookies)
+    return len(cookies) <= MAX_COOKIES and size <= MAX_COOKIE_BYTES
 
 
 def _not_http(error: requests.exceptions.RequestException) -> bool:

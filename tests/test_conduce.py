@@ -27,6 +27,7 @@ from keyagent.conduce import (
     API_PREFIX,
     CREATE_UNSURE,
     MAX_ANSWER,
+    MAX_COOKIES,
     ConduceAccount,
     HttpSettings,
     RemoteKey,
@@ -211,6 +212,39 @@ def test_a_rotated_session_cookie_is_kept(
     account.list_keys()
     account.list_keys()
     assert rsps.calls[2].request.headers["Cookie"] == "conduce_session=rotated"
+
+
+def many_cookies(count: int, size: int, name: str = "c") -> list[tuple[str, str]]:
+    return [("Set-Cookie", f"{name}{n}={'v' * size}; Path=/; Secure") for n in range(count)]
+
+
+@pytest.mark.parametrize(("count", "size"), [(MAX_COOKIES + 1, 10), (20, 1024)])
+def test_a_login_with_more_cookies_than_a_session_carries_is_refused(
+    account: ConduceAccount, rsps: responses.RequestsMock, count: int, size: int
+) -> None:
+    """Cookies past MAX_COOKIES, or MAX_COOKIE_BYTES in all, are no session: a hostile
+    service would grow the agent, and every Cookie header sent, without bound."""
+    rsps.add(responses.POST, LOGIN, json={"email": USER}, headers=many_cookies(count, size))
+    with pytest.raises(RemoteError, match="more cookies than a session can carry"):
+        account.login(PASSWORD)
+    assert not account.has_session
+
+
+def test_cookies_that_would_grow_a_session_past_its_bounds_are_not_kept(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """A call that sets cookies past the bounds leaves the session as it was."""
+    logged_in(account, rsps)
+    for name in ("c", "d"):  # 10 KiB kept, then 10 KiB more, which would pass the bound
+        rsps.add(responses.GET, LIST, json=[], headers=many_cookies(10, 1024, name))
+    rsps.add(responses.GET, LIST, json=[])
+    for _ in range(3):
+        account.list_keys()
+    sent = rsps.calls[3].request.headers["Cookie"]
+    assert f"conduce_session={COOKIE}" in sent
+    assert "c9=" in sent
+    assert "d0=" not in sent
+    assert sent == account.session_cookie()
 
 
 def test_cookies_set_on_api_key_calls_are_ignored(

@@ -94,6 +94,11 @@ _LOST_ANSWER: Final = {
 }
 """What to do when the connection is lost before the answer to a request that makes keys
 on the service: not retry it (a second create makes a second key)."""
+_LATE_ANSWER: Final = (
+    "the agent may still make the key, and then holds it (keyagent-ctl list shows it): do"
+    " not retry, which could make another"
+)
+"""What to do when a request that makes keys is not answered in time: the agent goes on."""
 
 
 class _Connection:
@@ -302,9 +307,11 @@ class Client:
                 chunk = sock.recv(_CHUNK)
             except TimeoutError:
                 self._discard(connection)
+                # A request that makes keys may still make one: the agent goes on with it.
+                then = _LATE_ANSWER if lost else "check it with keyagent-ctl status"
                 raise AgentUnreachable(
                     f"the agent at {shown(self.socket_path)} did not answer within"
-                    f" {self.timeout:g}s; check it with keyagent-ctl status"
+                    f" {self.timeout:g}s; {then}"
                 ) from None
             except OSError as error:
                 self._discard(connection)

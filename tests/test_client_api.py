@@ -488,6 +488,19 @@ def test_keyagent_ctl_create_cut_off_says_to_look(fake_agent: Callable[..., Fake
     assert "retry" not in result.err.replace("not a retry", "")
 
 
+def test_a_key_maker_not_answered_in_time_says_not_to_retry(
+    fake_agent: Callable[..., FakeAgent],
+) -> None:
+    """A create the agent does not answer within the client's timeout may still make the
+    key: the error says so, and not to retry."""
+    fake = fake_agent(lambda _request_id, _connection: None)  # reads, never answers
+    with pytest.raises(errors.AgentUnreachable) as caught, Client(fake.path, timeout=0.2) as c:
+        c.create("h.example", "u@example.com")
+    assert "did not answer within 0.2s" in caught.value.message
+    assert "may still make the key" in caught.value.message
+    assert "do not retry" in caught.value.message
+
+
 def test_other_requests_cut_off_say_retry(fake_agent: Callable[..., FakeAgent]) -> None:
     fake = fake_agent(hang_up)
     with pytest.raises(errors.AgentUnreachable) as caught, Client(fake.path) as client:

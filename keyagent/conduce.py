@@ -22,9 +22,12 @@ Security rules this module keeps:
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +37,8 @@ from typing import Any, Final, Literal
 
 import requests
 from requests.cookies import RequestsCookieJar
+from urllib3.connection import HTTPSConnection
+from urllib3.connectionpool import HTTPSConnectionPool
 from urllib3.exceptions import (
     InvalidChunkLength,
     NewConnectionError,
@@ -188,7 +193,97 @@ class _SafeCallRetry(Retry):
         self._pause(self.get_backoff_time())
 
 
-class _PinnedTLSAdapter(requests.adapters.HTTPAdapter):
+_CALL = threading.local()
+"""The :class:`_Watch` of the call this thread is making, if any."""
+
+
+class _Watch:
+    """A whole call's deadline. ``--read-timeout`` bounds each wait for the service's next
+    bytes, so a service that sends its answer a byte at a time (or interim answers without
+    end) would hold a call for as long as it kept on; when this deadline passes, the call's
+    socket is shut down, which ends any read or write under way on it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Watch:
+        _CALL.watch = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._timer.cancel()
+        _CALL.watch = None
+
+    def watch(self, sock: socket.socket) -> None:
+        """``sock`` carries the call now (a new connection, or a pooled one reused)."""
+        with self._lock:
+            self._sock = sock
+            if self.expired:
+                _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            if self._sock is not None:
+                _shut(self._sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    # The plain socket's shutdown, not SSLSocket's: that one also drops the TLS state, under
+    # the feet of the thread still reading it.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+def _watched(sock: socket.socket | None) -> None:
+    watch: _Watch | None = getattr(_CALL, "watch", None)
+    if watch is not None and sock is not None:
+        watch.watch(sock)
+
+
+class _WatchedConnection(HTTPSConnection):
+    """An HTTPS connection that tells the call's :class:`_Watch` which socket it uses."""
+
+    def connect(self) -> None:
+        super().connect()
+        _watched(self.sock)
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _watched(self.sock)  # a pooled connection's (None before a new one connects)
+        super().request(*args, **kwargs)
+
+
+class _WatchedPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedConnection
+
+
+class _WatchedAdapter(requests.adapters.HTTPAdapter):
+    """An adapter whose HTTPS connections, direct or through ``HTTPS_PROXY``, are
+    :class:`_WatchedConnection`."""
+
+    def init_poolmanager(
+        self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
+    ) -> None:
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
+        _watch_pools(self.poolmanager)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        _watch_pools(manager)
+        return manager
+
+
+def _watch_pools(manager: Any) -> None:
+    manager.pool_classes_by_scheme = {**manager.pool_classes_by_scheme, "https": _WatchedPool}
+
+
+class _PinnedTLSAdapter(_WatchedAdapter):
     """An adapter whose every TLS connection, direct or through ``HTTPS_PROXY``, verifies
     the server against one loaded :class:`ssl.SSLContext`, and nothing else.
 
@@ -298,7 +393,7 @@ class ConduceAccount:
         if settings.ssl_context is not None:
             self._session.mount("https://", _PinnedTLSAdapter(settings.ssl_context, retry))
         else:
-            self._session.mount("https://", requests.adapters.HTTPAdapter(max_retries=retry))
+            self._session.mount("https://", _WatchedAdapter(max_retries=retry))
         self._session.verify = settings.effective_verify
         self._session.auth = _NoAuth()
         self._session.cookies = RequestsCookieJar(policy=_RefuseAllCookies())
@@ -527,31 +622,39 @@ class ConduceAccount:
                 method, API_PREFIX, path, self.host,
             )  # fmt: skip
         started = time.monotonic()
+        settings = self.settings
+        watch = _Watch(settings.connect_timeout + 2 * settings.read_timeout)
         try:
-            response = self._session.request(
-                method,
-                self._base + path,
-                headers=headers,
-                cookies=cookies,
-                json=json_body,
-                timeout=(self.settings.connect_timeout, self.settings.read_timeout),
-                # Explicit on every request, see __init__: --insecure beats REQUESTS_CA_BUNDLE.
-                verify=self.settings.effective_verify,
-                # A redirect could carry the Authorization header or the login body to a
-                # place the user never named; the API documents none, so none is followed.
-                allow_redirects=False,
-                # Streamed, so that _read_capped decides how much of the body is read.
-                stream=True,
-            )
-            body = _read_capped(response)
+            with watch:
+                response = self._session.request(
+                    method,
+                    self._base + path,
+                    headers=headers,
+                    cookies=cookies,
+                    json=json_body,
+                    timeout=(settings.connect_timeout, settings.read_timeout),
+                    # Explicit on every request, see __init__: --insecure beats
+                    # REQUESTS_CA_BUNDLE.
+                    verify=settings.effective_verify,
+                    # A redirect could carry the Authorization header or the login body to a
+                    # place the user never named; the API documents none, so none is
+                    # followed.
+                    allow_redirects=False,
+                    # Streamed, so that _read_capped decides how much of the body is read.
+                    stream=True,
+                )
+                body = _read_capped(response)
         except requests.exceptions.RequestException as error:
             # Only the exception's class is logged: its text names URLs and pools, and
             # its attributes hold the request with headers and body.
             log.warning(
                 "%s %s%s to %s failed after %.3fs: %s",
                 method, API_PREFIX, path, self.host, time.monotonic() - started,
-                type(error).__name__,
+                "its deadline passed" if watch.expired else type(error).__name__,
             )  # fmt: skip
+            if watch.expired:
+                late = f"{self.host} did not finish answering within {watch.seconds:g}s"
+                return _Failure(RemoteUnreachable(f"{late}; retry later"), unsure=late)
             return self._transport_failure(error)
         except OSError as error:
             # requests raises a bare OSError, outside its own hierarchy, when the CA

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import threading
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 
 from keyagent import errors
 from keyagent.client import Client
+from keyagent.conduce import ConduceAccount, HttpSettings
 from keyagent.store import key_id_for
 from keyagent.testing.agent import AgentProcess
 from keyagent.testing.emulator import Fault
@@ -246,8 +249,6 @@ def test_remote_listing_marks_unheld_and_stale_keys(
     assert ctl(conduce_agent, emulator, "create", "-C", "mine").code == 0
     mine = held_secret(conduce_agent)
     # Revoke "mine" behind the agent's back, with the other key.
-    from keyagent.conduce import ConduceAccount, HttpSettings
-
     with ConduceAccount(emulator.host, USER, HttpSettings(verify=emulator.ca_path)) as account:
         account.delete_key(mine, api_key=other)
     result = json.loads(ctl(conduce_agent, emulator, "list", "--remote", "--json").out)
@@ -446,3 +447,61 @@ def test_password_never_in_argv_of_ctl(conduce_agent: AgentProcess, emulator: Em
         assert client.status()["sessions"][0]["logged_in"] is True
     with Client(conduce_agent.socket_path) as client, pytest.raises(errors.LoginRequired):
         client.create("other.example", USER)
+
+
+class DrippingService:
+    """A TLS server that answers its first request with a head, then its body one byte every
+    0.2 s (each byte well within any read timeout), until closed."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        import ssl
+
+        import trustme
+
+        authority = trustme.CA()
+        self.ca_path = tmp_path / "drip-ca.pem"
+        authority.cert_pem.write_to_path(str(self.ca_path))
+        self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        authority.issue_cert("127.0.0.1").configure_cert(self._context)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.host = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            raw, _ = self._listener.accept()
+            with self._context.wrap_socket(raw, server_side=True) as tls:
+                tls.recv(65536)
+                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                while not self._stop.wait(0.2):
+                    tls.sendall(b" ")
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._thread.join(10)
+        assert not self._thread.is_alive()
+
+
+def test_a_service_that_drips_its_answer_is_cut_at_the_calls_deadline(tmp_path: Path) -> None:
+    """--read-timeout bounds each wait for the next bytes: a service that sends its answer a
+    byte at a time would hold the call for hours (this one: 100,000 bytes at five a second).
+    The whole call has a deadline, connect_timeout + 2 x read_timeout, at which it ends as a
+    call with no answer does (a create: the key may have been made)."""
+    service = DrippingService(tmp_path)
+    try:
+        settings = HttpSettings(verify=str(service.ca_path), connect_timeout=1, read_timeout=1)
+        with (
+            ConduceAccount(service.host, USER, settings) as account,
+            pytest.raises(errors.RemoteUnreachable) as caught,
+        ):
+            account.create_key("dripped", api_key="k" * 16)
+    finally:
+        service.close()
+    message = caught.value.message
+    assert f"{service.host} did not finish answering within 3s" in message
+    assert "the key may have been made" in message

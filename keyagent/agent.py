@@ -1450,11 +1450,8 @@ class Agent:
             )
         question = self._question(held, peer, op)
         timeout = self.confirm_timeout
-        confirmer, monotonic, expired = (
-            self._confirmer,
-            self.clock.monotonic,
-            self._confirm_timed_out,
-        )
+        confirmer, expired = self._confirmer, self._confirm_timed_out
+        monotonic = self.clock.monotonic
         deadline = monotonic() + timeout
 
         def ask() -> None:
@@ -1902,7 +1899,8 @@ class Agent:
             self._plan(session, making=making, printing=printing),
             lambda api_key: account.create_key(on_service, api_key=api_key),
         )
-        already = self.held_keys.holding(digest_of(secret))
+        digest = digest_of(secret)
+        already = self.held_keys.holding(digest)
         if already is not None and (already.host, already.user) != (session.host, session.user):
             # A service that answers with a key the agent holds for another account is
             # hostile or broken: holding it here would send that key to this host.
@@ -1918,7 +1916,6 @@ class Agent:
                 f"the service at {session.host} answered create with a key the agent holds "
                 "already; nothing was created: retry later"
             )
-        digest = digest_of(secret)
         if digest in self.pending_deletions or digest in self.orphans:
             # Held again, it would be handed out until the deletion under way revoked it.
             raise RemoteError(

@@ -826,9 +826,14 @@ def _never_sent(error: requests.exceptions.ConnectionError) -> bool:
     an unknown host, a proxy that failed), so the service cannot have acted on it."""
     if isinstance(error, requests.exceptions.ProxyError):
         return True
-    reason = error.args[0] if error.args else None
-    reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError wraps the cause
-    return isinstance(reason, NewConnectionError)
+    return isinstance(_urllib3_cause(error), NewConnectionError)
+
+
+def _urllib3_cause(error: requests.exceptions.RequestException) -> object:
+    """What urllib3 raised under a requests exception (its first argument), unwrapped from
+    the MaxRetryError that carries it after retries; None if there is none."""
+    cause = error.args[0] if error.args else None
+    return getattr(cause, "reason", cause)
 
 
 MAX_COOKIES: Final = 50
@@ -850,8 +855,7 @@ def _not_http(error: requests.exceptions.RequestException) -> bool:
     status line or a chunk size that does not parse. requests reports these as a lost
     connection (ConnectionError) or a cut body (ChunkedEncodingError), which they are not:
     the request was sent, and something answered."""
-    cause = error.args[0] if error.args else None
-    cause = getattr(cause, "reason", cause)  # urllib3's MaxRetryError wraps the cause
+    cause = _urllib3_cause(error)
     if isinstance(cause, ProtocolError) and len(cause.args) > 1:
         cause = cause.args[1]  # ("Connection aborted.", what http.client raised)
     if isinstance(cause, InvalidChunkLength):  # an IncompleteRead, yet not a cut...

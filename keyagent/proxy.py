@@ -349,15 +349,20 @@ def error_answer(error: KeyagentError) -> tuple[int, list[tuple[str, str]], byte
     return status, headers, body
 
 
-def request_headers(head: Head, grant: Grant) -> list[tuple[str, str]]:
-    """The tool's headers without its credentials or connection headers, plus the grant's."""
-    # Headers the tool's Connection header names are about that connection only, too.
-    named = {
+def _named_by_connection(headers: list[tuple[str, str]]) -> set[str]:
+    """The headers a ``Connection`` header names, lower-case: like it, they are about that
+    connection only (RFC 9110, 7.6.1), and go no further."""
+    return {
         token.strip().lower()
-        for name, value in head.headers
-        if name == "connection"
+        for name, value in headers
+        if name.lower() == "connection"
         for token in value.split(",")
     }
+
+
+def request_headers(head: Head, grant: Grant) -> list[tuple[str, str]]:
+    """The tool's headers without its credentials or connection headers, plus the grant's."""
+    named = _named_by_connection(head.headers)
     headers = [
         (name, value)
         for name, value in head.headers
@@ -382,12 +387,7 @@ def answer_headers(headers: list[tuple[str, str]], grant: Grant) -> list[tuple[s
     kept: it describes the body, which passes unchanged), nor ``X-Keyagent-*``: only the
     agent's own errors carry those, so a tool can tell them from the service's answers."""
     secrets = [secret.lower() for secret in grant.secrets()]  # matched case-blind
-    named = {  # headers the service's Connection header names are about that connection
-        token.strip().lower()
-        for name, value in headers
-        if name.lower() == "connection"
-        for token in value.split(",")
-    }
+    named = _named_by_connection(headers)
     kept = []
     for name, raw in headers:
         lower, value = name.lower(), raw.strip(" \t")
@@ -397,7 +397,8 @@ def answer_headers(headers: list[tuple[str, str]], grant: Grant) -> list[tuple[s
             continue
         if (lower in named and lower != "content-length") or lower.startswith("x-keyagent-"):
             continue
-        if any(secret in value.lower() or secret in lower for secret in secrets):
+        folded = value.lower()
+        if any(secret in folded or secret in lower for secret in secrets):
             continue  # a service echoing the credential back must not hand it to the tool
         kept.append((name, value))
     return kept

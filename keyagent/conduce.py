@@ -209,6 +209,7 @@ class _Watch:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._timer = threading.Timer(seconds, self._expire)
+        self._timer.name = "keyagent-call-deadline"
         self._timer.daemon = True
 
     def __enter__(self) -> _Watch:
@@ -218,6 +219,7 @@ class _Watch:
 
     def __exit__(self, *exc_info: object) -> None:
         self._timer.cancel()
+        self._timer.join()  # at once, once cancelled: no thread outlives the call
         _CALL.watch = None
 
     def watch(self, sock: socket.socket) -> None:

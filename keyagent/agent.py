@@ -22,7 +22,7 @@ from collections import namedtuple
 from collections.abc import Callable, Iterable, Mapping
 
 from keyagent import __version__
-from keyagent.askpass import printable, run_askpass
+from keyagent.askpass import Dialogs, printable
 from keyagent.audit import DEFAULT_AUDIT_ENTRIES, AuditEntry, AuditLog
 from keyagent.effects import Late, Overdue, Sleep, Work
 from keyagent.errors import (
@@ -337,7 +337,7 @@ class Agent:
         sees_executables: bool = True,
         askpass: str | None = None,
         confirm_timeout: float = 30.0,
-        confirmer: Callable[[str, str, float], None] = run_askpass,
+        confirmer: Callable[[str, str, float], None] | None = None,
         audit_entries: int = DEFAULT_AUDIT_ENTRIES,
         keep_created_keys: bool = False,
         jitter: Callable[[float], float] = jittered,
@@ -416,7 +416,9 @@ class Agent:
         self.askpass = askpass
         """The program that asks the user to confirm a use (checked at start-up), or None."""
         self.confirm_timeout = confirm_timeout
-        self._confirmer = confirmer
+        self.dialogs = Dialogs()
+        """The askpass programs running, ended when the agent stops."""
+        self._confirmer = self.dialogs.ask if confirmer is None else confirmer
         """Runs the askpass program: ``(program, question, timeout)``, raises Denied."""
         self._handlers: dict[str, Callable[[Mapping[str, Any]], Outcome]] = {
             "hello": self.process_hello,
@@ -742,6 +744,7 @@ class Agent:
         them on the service, with the pending deletions; how many are under way."""
         if self.at_stop is None:
             self.at_stop = StopDeletions()
+            self.dialogs.close()  # a question left open now is answered by nobody
             due = self.due_at_stop()
             if due:
                 log.info("stopping: deleting %d ephemeral key(s) on the service", due)

@@ -4,15 +4,19 @@ The agent runs the askpass program (``$KEYAGENT_ASKPASS`` or config ``askpass``,
 fixed at start-up) with one argument, the question; exit status 0 means "allow". It runs on
 a worker thread of its own (the ``confirm`` queue), never on the event loop, in a session
 and process group of its own, so that a program left unanswered is killed whole when the
-time is up. Its standard input is ``/dev/null``; nothing secret is in its argument or its
-environment (a short list of the agent's variables a dialog needs, see :data:`PASSED_ENV`).
+time is up or the agent stops (:class:`Dialogs`). Its standard input is ``/dev/null``;
+nothing secret is in its argument or its environment (a short list of the agent's
+variables a dialog needs, see :data:`PASSED_ENV`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
+import threading
+import time
 
 from keyagent.errors import Denied
 from keyagent.log import get_logger
@@ -21,7 +25,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Final
 
-__all__ = ["MAX_QUESTION", "PASSED_ENV", "printable", "run_askpass"]
+__all__ = ["MAX_QUESTION", "PASSED_ENV", "STOPPING", "Dialogs", "printable"]
 
 log = get_logger("keyagent.askpass")
 
@@ -43,54 +47,113 @@ def printable(text: str, limit: int = 256) -> str:
     return kept if len(kept) <= limit else kept[: limit - 3] + "..."
 
 
-def run_askpass(program: str, question: str, timeout: float) -> None:
-    """Ask ``question`` through ``program``; return if it exits 0, else raise
-    :class:`~keyagent.errors.Denied` saying why (refused, failed, no answer in time).
+class Dialogs:
+    """The askpass programs one agent has running: each started, waited for and ended here,
+    and every one still running ended at once when the agent stops (:meth:`close`), so no
+    dialog stays on the user's screen asking about a key the agent no longer serves.
 
-    Blocks for up to ``timeout`` seconds: call it on a worker thread.
+    A program's process group is killed before its leader is reaped, never after: until it
+    is reaped, its pid (the group's id) cannot name another process or group.
     """
-    import subprocess  # loads with the first confirmation, never in an agent without one
 
-    environment = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
-    environment["SSH_ASKPASS_PROMPT"] = "confirm"  # ssh-askpass shows yes/no, not a text field
+    def __init__(self) -> None:
+        self._running: set[int] = set()
+        """Process group ids (the leaders' pids) of programs started and not yet reaped."""
+        self._guard = threading.Lock()
+        self._closed = threading.Event()
+
+    def ask(self, program: str, question: str, timeout: float) -> None:
+        """Ask ``question`` through ``program``; return if it exits 0, else raise
+        :class:`~keyagent.errors.Denied` saying why (refused, failed, no answer in time, the
+        agent stopping).
+
+        Blocks for up to ``timeout`` seconds: call it on a worker thread.
+        """
+        import subprocess  # loads with the first confirmation, never in an agent without one
+
+        environment = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
+        environment["SSH_ASKPASS_PROMPT"] = "confirm"  # ssh-askpass: yes/no, not a text field
+        with self._guard:
+            if self._closed.is_set():
+                raise Denied(STOPPING)
+            try:
+                process = subprocess.Popen(
+                    [program, question[:MAX_QUESTION]],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    env=environment,
+                    close_fds=True,
+                    start_new_session=True,  # its own process group: ended whole
+                )
+            except OSError as error:
+                log.warning("the askpass program %s could not be run: %s", program, error.strerror)
+                raise Denied(
+                    f"the askpass program {program} could not be run "
+                    f"({os.strerror(error.errno or 0)}); fix it or set another with "
+                    "KEYAGENT_ASKPASS or config askpass, then retry"
+                ) from None
+            self._running.add(process.pid)
+        try:
+            answered = _exited_within(process.pid, timeout)
+        finally:
+            # Answered or not (or this thread interrupted): the group goes, helpers it left
+            # behind included, and only then is the leader reaped.
+            with self._guard:
+                _kill_group(process.pid)
+                self._running.discard(process.pid)
+                closed = self._closed.is_set()
+            status = process.wait()
+        if not answered:
+            raise Denied(
+                STOPPING
+                if closed
+                else f"no answer to the confirmation within {timeout:g} s; answer the askpass "
+                "dialog when it shows, or raise confirm_timeout in the agent's config"
+            )
+        if status != 0:
+            raise Denied(
+                STOPPING
+                if closed and status == -signal.SIGKILL
+                else "refused at the confirmation prompt; the next use asks again"
+                if status > 0
+                else f"the askpass program was killed by signal {-status}, so the use was "
+                "refused; the next use asks again"
+            )
+
+    def close(self) -> None:
+        """The agent is stopping: end every program still running, and start no more."""
+        with self._guard:
+            self._closed.set()
+            for pgid in self._running:
+                _kill_group(pgid)
+
+
+STOPPING: Final = "the agent is stopping, so the use was not confirmed and was refused"
+
+
+def _exited_within(pid: int, timeout: float) -> bool:
+    """Whether child ``pid`` exits within ``timeout`` seconds; it is left unreaped."""
     try:
-        process = subprocess.Popen(
-            [program, question[:MAX_QUESTION]],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=environment,
-            close_fds=True,
-            start_new_session=True,  # its own process group: killed whole on timeout
-        )
-    except OSError as error:
-        log.warning("the askpass program %s could not be run: %s", program, error.strerror)
-        raise Denied(
-            f"the askpass program {program} could not be run "
-            f"({os.strerror(error.errno or 0)}); fix it or set another with KEYAGENT_ASKPASS "
-            "or config askpass, then retry"
-        ) from None
+        handle = os.pidfd_open(pid)
+    except OSError:  # no pidfd_open (Linux before 5.3): wait without reaping, by polling
+        return _polled_exit(pid, timeout)
     try:
-        status = process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(process.pid)
-        process.wait()
-        raise Denied(
-            f"no answer to the confirmation within {timeout:g} s; answer the askpass dialog "
-            "when it shows, or raise confirm_timeout in the agent's config"
-        ) from None
+        readable, _, _ = select.select([handle], [], [], max(timeout, 0.0))
+        return bool(readable)
     finally:
-        if process.returncode is None:  # interrupted otherwise: leave nothing behind
-            _kill_group(process.pid)
-            process.wait()
-    _kill_group(process.pid)  # helpers it left behind in its group
-    if status != 0:
-        raise Denied(
-            "refused at the confirmation prompt; the next use asks again"
-            if status > 0
-            else f"the askpass program was killed by signal {-status}, so the use was refused;"
-            " the next use asks again"
-        )
+        os.close(handle)
+
+
+def _polled_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(left, 0.05))
 
 
 def _kill_group(pgid: int) -> None:

@@ -6,12 +6,13 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from keyagent import errors
-from keyagent.askpass import printable, run_askpass
+from keyagent.askpass import STOPPING, Dialogs, _polled_exit, printable
 from keyagent.sockets import peer_exe
 from keyagent.testing.agent import wait_for_exit
 
@@ -36,7 +37,7 @@ def test_exit_status_zero_allows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         f"cat >> {record}\nenv >> {record}\nexit 0\n",
     )
     monkeypatch.setenv("KEYAGENT_TEST_UNRELATED", "leak")
-    run_askpass(program, "Allow /usr/bin/curl (pid 1)?", 10.0)
+    Dialogs().ask(program, "Allow /usr/bin/curl (pid 1)?", 10.0)
     text = record.read_text()
     assert text.startswith("1|Allow /usr/bin/curl (pid 1)?|confirm|")
     assert "KEYAGENT_TEST_UNRELATED" not in text
@@ -45,7 +46,7 @@ def test_exit_status_zero_allows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_a_non_zero_exit_is_a_refusal(tmp_path: Path) -> None:
     """Exit status 1 (ssh-askpass's "no") is denied as a refusal."""
     with pytest.raises(errors.Denied) as caught:
-        run_askpass(script(tmp_path, "no", "exit 1\n"), "q", 10.0)
+        Dialogs().ask(script(tmp_path, "no", "exit 1\n"), "q", 10.0)
     assert "refused" in caught.value.message
 
 
@@ -53,7 +54,7 @@ def test_a_program_that_cannot_run_is_denied_naming_it(tmp_path: Path) -> None:
     """A missing program is denied with its path and how to set another."""
     missing = str(tmp_path / "missing")
     with pytest.raises(errors.Denied) as caught:
-        run_askpass(missing, "q", 10.0)
+        Dialogs().ask(missing, "q", 10.0)
     assert missing in caught.value.message
     assert "KEYAGENT_ASKPASS" in caught.value.message
 
@@ -63,10 +64,71 @@ def test_no_answer_in_time_kills_the_whole_process_group(tmp_path: Path) -> None
     pids = tmp_path / "pids"
     program = script(tmp_path, "hang", f"sleep 300 &\necho $$ $! > {pids}\nwait\n")
     with pytest.raises(errors.Denied) as caught:
-        run_askpass(program, "q", 1.0)
+        Dialogs().ask(program, "q", 1.0)
     assert "within 1 s" in caught.value.message
     for pid in map(int, pids.read_text().split()):
         assert wait_for_exit(pid, 10)
+
+
+def test_helpers_an_allowing_program_leaves_behind_are_killed(tmp_path: Path) -> None:
+    """A program that allows but leaves a process running in its group: that process is
+    killed, not left to outlive the question."""
+    pids = tmp_path / "pids"
+    program = script(tmp_path, "left", f"sleep 300 &\necho $! > {pids}\nexit 0\n")
+    Dialogs().ask(program, "q", 10.0)
+    assert wait_for_exit(int(pids.read_text()), 10)
+
+
+def test_closing_ends_open_dialogs_whole_and_refuses_new_ones(tmp_path: Path) -> None:
+    """close() (the agent stopping) kills a program still asking, with its children; its
+    question is refused as the agent stopping, and a later one is refused without running
+    the program."""
+    pids = tmp_path / "pids"
+    program = script(tmp_path, "hang", f"sleep 300 &\necho $$ $! > {pids}.new\n"
+                     f"mv {pids}.new {pids}\nwait\n")  # fmt: skip
+    dialogs = Dialogs()
+    outcome: list[BaseException | None] = []
+
+    def ask() -> None:
+        try:
+            dialogs.ask(program, "q", 300.0)
+            outcome.append(None)
+        except BaseException as error:  # noqa: BLE001  # handed to the test thread
+            outcome.append(error)
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    try:
+        wait_until(pids.exists, "the program asks", pause=0.01)
+        dialogs.close()
+    finally:
+        thread.join(30)
+    (error,) = outcome
+    assert isinstance(error, errors.Denied)
+    assert error.message == STOPPING
+    for pid in map(int, pids.read_text().split()):
+        assert wait_for_exit(pid, 10)
+    pids.unlink()
+    with pytest.raises(errors.Denied) as caught:
+        dialogs.ask(program, "q", 300.0)
+    assert caught.value.message == STOPPING
+    assert not pids.exists()
+
+
+def test_an_exit_is_seen_by_polling_where_pidfd_open_is_missing() -> None:
+    """The fallback for kernels without pidfd_open: it times out on a running child, sees
+    its exit, and leaves it unreaped (its pid still names it) for the caller to reap."""
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)  # fmt: skip
+    try:
+        assert not _polled_exit(child.pid, 0.1)
+        assert child.stdin is not None
+        child.stdin.close()
+        assert _polled_exit(child.pid, 30.0)
+        assert Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1][0] == "Z"
+    finally:
+        child.wait()
+    assert child.returncode == 0
 
 
 def test_printable_drops_control_and_format_characters() -> None:

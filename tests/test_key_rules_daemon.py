@@ -228,32 +228,39 @@ def test_confirmation_allows_or_refuses_as_the_askpass_program_answers(
     assert GUARDED not in "".join(questions)
 
 
+def _get_guarded(agent: AgentProcess, outcome: list[BaseException | str]) -> None:
+    """Get the --confirm key; what it gave (or raised) goes into ``outcome``."""
+    try:
+        with agent.client() as client:
+            outcome.append(client.get(key_id=key_id_for(GUARDED)))
+    except BaseException as error:  # noqa: BLE001  # handed to the test thread
+        outcome.append(error)
+
+
+def _hang_askpass(thread: threading.Thread, askpass_dir: Path) -> int:
+    """Set the askpass program to hang, start ``thread`` (a get that asks it), and return
+    the program's pid once it hangs."""
+    (askpass_dir / "mode").write_text("hang")
+    thread.start()
+    # The script writes its pid into the FIFO once it hangs: wait for it, with a deadline.
+    fifo = os.open(askpass_dir / "hanging", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        readable, _, _ = select.select([fifo], [], [], 20)
+        assert readable, "the askpass program never started"
+        return int(os.read(fifo, 64).split()[0])
+    finally:
+        os.close(fifo)
+
+
 def test_an_unanswered_confirmation_times_out_while_others_are_served(
     confirming_agent: AgentProcess, askpass_dir: Path
 ) -> None:
     """While the askpass program hangs, another client's get of a plain key is answered; the
     waiting get is denied after confirm_timeout and the program is killed."""
-    (askpass_dir / "mode").write_text("hang")
     outcome: list[BaseException | str] = []
-
-    def waiting_get() -> None:
-        try:
-            with confirming_agent.client() as client:
-                outcome.append(client.get(key_id=key_id_for(GUARDED)))
-        except BaseException as error:  # noqa: BLE001  # handed to the test thread
-            outcome.append(error)
-
-    thread = threading.Thread(target=waiting_get)
-    thread.start()
+    thread = threading.Thread(target=_get_guarded, args=(confirming_agent, outcome))
     try:
-        # The script writes its pid into the FIFO once it hangs: wait for it, with a deadline.
-        fifo = os.open(askpass_dir / "hanging", os.O_RDONLY | os.O_NONBLOCK)
-        try:
-            readable, _, _ = select.select([fifo], [], [], 20)
-            assert readable, "the askpass program never started"
-            hanging_pid = int(os.read(fifo, 64).split()[0])
-        finally:
-            os.close(fifo)
+        hanging_pid = _hang_askpass(thread, askpass_dir)
         assert thread.is_alive()  # its question times out 5 s after it was put: far off
         with confirming_agent.client(timeout=5) as other:
             assert other.get(key_id=key_id_for(PLAIN)) == PLAIN
@@ -343,3 +350,24 @@ def test_a_non_exportable_key_cannot_mint_a_printable_one(agent_factory: AgentFa
         made = run_ctl(agent.socket_path, *base, "create", "--no-export")
         assert made.code == 0, made.err
         assert len(emulator.api_keys(user)) == 2
+
+
+def test_a_stopping_agent_ends_the_askpass_dialog_it_opened(
+    confirming_agent: AgentProcess, askpass_dir: Path
+) -> None:
+    """A confirmation still open when the agent stops is killed with it, whole: no dialog is
+    left on the user's screen asking about a key the agent no longer holds."""
+    outcome: list[BaseException | str] = []
+    thread = threading.Thread(target=_get_guarded, args=(confirming_agent, outcome))
+    try:
+        hanging_pid = _hang_askpass(thread, askpass_dir)
+        stopped = run_ctl(confirming_agent.socket_path, "stop")
+        assert stopped.code == 0, stopped.err
+        assert confirming_agent.process is not None
+        confirming_agent.process.wait(10)
+    finally:
+        thread.join(30)
+    (error,) = outcome
+    # Refused as the agent stops, or cut by its exit, whichever reaches the client first.
+    assert isinstance(error, (errors.Denied, errors.AgentUnreachable)), error
+    assert wait_for_exit(hanging_pid, 5)

@@ -261,7 +261,7 @@ class Driver:
             # Whatever blocks this queue (a keyring that never answers) must not make every
             # later request cost memory for ever: refuse instead of queueing.
             job.answered = True
-            self.resume(job.task, None, work.timeout_error() if work.timeout_error else Busy())
+            self.resume(job.task, None, _queue_full(work.queue))
             return
         waiting.append(job)
         if len(waiting) == 1:
@@ -356,6 +356,16 @@ class InlineDriver(Driver):
         if error is not None:
             raise error
         return result
+
+
+def _queue_full(queue: str) -> Busy:
+    """The refusal of work whose queue already holds :data:`MAX_QUEUED`: it says that, not
+    what the work itself would have failed with (a confirmation was never shown, so it did
+    not time out), and names the queue (``account\0HOST\0USER`` reads ``account HOST USER``)."""
+    return Busy(
+        f"{MAX_QUEUED} requests already wait their turn for the same work "
+        f"({' '.join(queue.split(chr(0)))}), so this one was refused; retry once they have ended"
+    )
 
 
 def log_internal(error: BaseException) -> None:

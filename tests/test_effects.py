@@ -1,0 +1,49 @@
+"""The effects driver: queues of work, and what a request is told when its queue is full."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+from keyagent import errors
+from keyagent.effects import MAX_QUEUED, Work
+
+from .fakes import FakeTime, HeldWorkDriver
+
+
+def _waits_on(queue: str) -> Generator[Work, Any, Any]:
+    value = yield Work(lambda: "done", queue=queue, timeout=30.0,
+                       timeout_error=lambda: errors.Denied("no answer in time"))  # fmt: skip
+    return value
+
+
+def test_a_full_queue_refuses_more_as_busy_naming_the_queue() -> None:
+    """With MAX_QUEUED works waiting on one queue, the next is refused at once as busy, with
+    a message naming the queue and not the work's own timeout error; other queues still
+    take work, and once the queue drains it takes work again."""
+    driver = HeldWorkDriver(FakeTime())
+    ended: list[tuple[Any, errors.KeyagentError | None]] = []
+
+    def done(result: Any, error: errors.KeyagentError | None) -> None:
+        ended.append((result, error))
+
+    queue = "account\0app.conduce.com\0me@example.com"
+    for _ in range(MAX_QUEUED):
+        driver.start(_waits_on(queue), done)
+    assert ended == []
+    driver.start(_waits_on(queue), done)
+    ((result, error),) = ended
+    assert result is None
+    assert isinstance(error, errors.Busy)
+    assert error.message == (
+        f"{MAX_QUEUED} requests already wait their turn for the same work (account "
+        "app.conduce.com me@example.com), so this one was refused; retry once they have ended"
+    )
+    driver.start(_waits_on("keyring"), done)  # another queue: not refused
+    assert len(ended) == 1
+    while driver.held:
+        driver.end(driver.held[0])
+    assert ended[1:] == [("done", None)] * (MAX_QUEUED + 1)
+    driver.start(_waits_on(queue), done)
+    driver.end(driver.held[0])
+    assert ended[-1] == ("done", None)

@@ -206,6 +206,9 @@ class _Watch:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.expired = False
+        self.connecting = False
+        """Whether the call is making a connection (TCP, any proxy's tunnel, the TLS
+        handshake) and has not made it: a failure now sent nothing."""
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._timer = threading.Timer(seconds, self._expire)
@@ -226,6 +229,7 @@ class _Watch:
         """``sock`` carries the call now (a new connection, or a pooled one reused)."""
         with self._lock:
             self._sock = sock
+            self.connecting = False
             if self.expired:
                 _shut(sock)
 
@@ -253,6 +257,9 @@ class _WatchedConnection(HTTPSConnection):
     """An HTTPS connection that tells the call's :class:`_Watch` which socket it uses."""
 
     def connect(self) -> None:
+        watch: _Watch | None = getattr(_CALL, "watch", None)
+        if watch is not None:
+            watch.connecting = True
         super().connect()
         _watched(self.sock)
 
@@ -657,7 +664,7 @@ class ConduceAccount:
             if watch.expired:
                 late = f"{self.host} did not finish answering within {watch.seconds:g}s"
                 return _Failure(RemoteUnreachable(f"{late}; retry later"), unsure=late)
-            return self._transport_failure(error)
+            return self._transport_failure(error, connecting=watch.connecting)
         except OSError as error:
             # requests raises a bare OSError, outside its own hierarchy, when the CA
             # bundle it would read (REQUESTS_CA_BUNDLE, say) does not exist.
@@ -699,7 +706,11 @@ class ConduceAccount:
         )  # fmt: skip
         return _Answer(response.status_code, response.cookies, body)
 
-    def _transport_failure(self, error: requests.exceptions.RequestException) -> _Failure:
+    def _transport_failure(
+        self, error: requests.exceptions.RequestException, *, connecting: bool = False
+    ) -> _Failure:
+        """The keyagent error for a call that got no answer; ``connecting``: it failed while
+        making its connection (see :attr:`_Watch.connecting`), so nothing was sent."""
         # SSLError is a ConnectionError subclass, so it is tested first.
         if isinstance(error, requests.exceptions.SSLError):
             if is_certificate_failure(error):
@@ -719,6 +730,16 @@ class ConduceAccount:
                 RemoteUnreachable(
                     f"{self.host} did not accept a connection within "
                     f"{self.settings.connect_timeout:g}s; check the host and network"
+                ),
+            )
+        if isinstance(error, requests.exceptions.Timeout) and connecting:
+            # The TCP connection was made, but the TLS handshake (which urllib3 reports as a
+            # read timeout) or a proxy's tunnel did not end in time: nothing was sent.
+            return _Failure(
+                RemoteUnreachable(
+                    f"{self.host} accepted a connection but did not complete the TLS "
+                    f"handshake within {self.settings.connect_timeout:g}s; check that the "
+                    "host serves HTTPS on that port, and the network"
                 ),
             )
         if isinstance(error, requests.exceptions.Timeout):

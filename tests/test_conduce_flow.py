@@ -505,3 +505,29 @@ def test_a_service_that_drips_its_answer_is_cut_at_the_calls_deadline(tmp_path: 
     message = caught.value.message
     assert f"{service.host} did not finish answering within 3s" in message
     assert "the key may have been made" in message
+
+
+def test_a_tls_handshake_that_never_ends_is_not_a_key_that_may_exist(tmp_path: Path) -> None:
+    """A host that accepts the TCP connection and never says a word of TLS: urllib3 reports
+    the handshake's timeout as a read timeout, but nothing was sent, so a create says the
+    handshake did not end within the connect timeout, not that a key may have been made or
+    that the host did not answer within the read timeout."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    host = f"127.0.0.1:{listener.getsockname()[1]}"
+    settings = HttpSettings(connect_timeout=1, read_timeout=3)
+    try:
+        with (
+            ConduceAccount(host, USER, settings) as account,
+            pytest.raises(errors.RemoteUnreachable) as caught,
+        ):
+            account.create_key("never-sent", api_key="k" * 16)
+        accepted, _ = listener.accept()  # the connection was made, and is in the backlog
+        accepted.settimeout(5)
+        assert accepted.recv(65536)[:1] == b"\x16"  # a TLS ClientHello: no request followed
+        accepted.close()
+    finally:
+        listener.close()
+    assert caught.value.message == (
+        f"{host} accepted a connection but did not complete the TLS handshake within 1s; "
+        "check that the host serves HTTPS on that port, and the network"
+    )

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import re
 import socket
 import ssl
 import threading
@@ -439,12 +440,11 @@ class ConduceAccount:
         body = {"email": self.user, "password": password, "keep": False}
         response = self._request("POST", "user/login", auth="password", json_body=body)
         self._check(response, "log in", auth="password")
-        cookies = RequestsCookieJar()
-        cookies.update(response.cookies)
+        cookies = self._sendable(response.cookies)
         if not cookies:
             raise RemoteError(
-                f"the service at {self.host} accepted the login but sent no session cookie; "
-                "check the host"
+                f"the service at {self.host} accepted the login but sent no session cookie "
+                "(none, or none that can be sent back); check the host"
             )
         if not _cookies_fit(cookies):
             raise RemoteError(
@@ -467,10 +467,35 @@ class ConduceAccount:
         return len(self._cookies) > 0
 
     def session_cookie(self) -> str | None:
-        """The session as a ``Cookie`` header value, for a request the agent makes for a tool
-        through its HTTP socket (:mod:`keyagent.proxy`); None without a session."""
-        pairs = [f"{cookie.name}={cookie.value}" for cookie in self._cookies]
+        """The session as a ``Cookie`` header value, for the agent's own calls and for a
+        request it makes for a tool through its HTTP socket (:mod:`keyagent.proxy`); None
+        without a session.
+
+        Every cookie the service set on the session goes with every call, whatever its
+        ``Path`` or ``Domain``: the agent talks to this one host's API only, and a cookie
+        that cookie matching left off would make a login that seems to work and a session
+        that is never sent."""
+        pairs = [
+            cookie.name if cookie.value is None else f"{cookie.name}={cookie.value}"
+            for cookie in self._cookies
+        ]
         return "; ".join(pairs) or None
+
+    def _sendable(self, jar: CookieJar) -> RequestsCookieJar:
+        """The cookies of ``jar`` that can go back in a ``Cookie`` header: a name of visible
+        ASCII without ``=`` or ``;``, a value of printable ASCII without ``;``. Others (a
+        control character would break the header, or be refused by the HTTP socket's framing)
+        are dropped, and logged without their value."""
+        kept = RequestsCookieJar()
+        for cookie in jar:
+            if _COOKIE_NAME.fullmatch(cookie.name) and _COOKIE_VALUE.fullmatch(cookie.value or ""):
+                kept.set_cookie(cookie)
+            else:
+                log.warning(
+                    "%s set a cookie that cannot be sent back (characters a Cookie header "
+                    "cannot carry): not kept", self.host,
+                )  # fmt: skip
+        return kept
 
     def validate(self) -> bool:
         """Whether the session is still alive: True on 200, False on 401 (session dropped).
@@ -618,11 +643,12 @@ class ConduceAccount:
         """Send one request and read its answer (up to :data:`MAX_ANSWER` bytes); return it,
         or the keyagent error a failure maps to."""
         headers: dict[str, str] = {}
-        cookies: RequestsCookieJar | None = None
         if auth == "bearer":
             headers["Authorization"] = f"Bearer {api_key}"
         elif auth == "cookie":
-            cookies = self._cookies
+            session = self.session_cookie()
+            if session is not None:  # else the service answers 401, as for an expired one
+                headers["Cookie"] = session
         if self.settings.insecure:
             # On every request, not once: a log reader must see that this very call was
             # open to interception.
@@ -639,7 +665,6 @@ class ConduceAccount:
                     method,
                     self._base + path,
                     headers=headers,
-                    cookies=cookies,
                     json=json_body,
                     timeout=(settings.connect_timeout, settings.read_timeout),
                     # Explicit on every request, see __init__: --insecure beats
@@ -691,7 +716,7 @@ class ConduceAccount:
             # Session's own jar refuses it (see _RefuseAllCookies), so keep it here, unless
             # the session would grow past what it can carry.
             merged = self._cookies.copy()
-            merged.update(response.cookies)
+            merged.update(self._sendable(response.cookies))
             if _cookies_fit(merged):
                 self._cookies = merged
             else:
@@ -859,6 +884,12 @@ def _urllib3_cause(error: requests.exceptions.RequestException) -> object:
     return getattr(cause, "reason", cause)
 
 
+_COOKIE_NAME: Final = re.compile(r"[!#-'*+\-.0-9A-Z^-z|~]+")
+"""A cookie name: an HTTP token (RFC 9110), so no ``=``, ``;``, space or control character."""
+_COOKIE_VALUE: Final = re.compile(r"[ -:<-~]*")
+"""A cookie value the agent sends back: printable ASCII without ``;``. Wider than RFC 6265's
+cookie-octet (services do set spaces, commas and quotes), narrower than what a
+``Set-Cookie`` line can hold."""
 MAX_COOKIES: Final = 50
 MAX_COOKIE_BYTES: Final = 16 * 1024
 """The most cookies, and bytes of them, a session keeps: a hostile service could otherwise

@@ -214,6 +214,55 @@ def test_a_rotated_session_cookie_is_kept(
     assert rsps.calls[2].request.headers["Cookie"] == "conduce_session=rotated"
 
 
+def test_every_session_cookie_is_sent_whatever_its_path_or_domain(
+    account: ConduceAccount, rsps: responses.RequestsMock
+) -> None:
+    """Cookies the login set for another path, or the parent domain, still carry the
+    session's calls (cookie matching would leave them off, and the login would seem to work
+    while its session was never sent); a cookie without a value goes as its name."""
+    rsps.add(
+        responses.POST,
+        LOGIN,
+        json={"email": USER},
+        headers=[
+            ("Set-Cookie", "sid=s1; Path=/elsewhere; Secure"),
+            ("Set-Cookie", f"wide=w2; Domain=.{HOST.split('.', 1)[1]}; Path=/; Secure"),
+            ("Set-Cookie", "flag; Path=/"),
+        ],
+    )
+    account.login(PASSWORD)
+    rsps.add(responses.GET, LIST, json=[])
+    account.list_keys()
+    sent = rsps.calls[1].request.headers["Cookie"]
+    assert sorted(sent.split("; ")) == ["flag", "sid=s1", "wide=w2"]
+    assert sent == account.session_cookie()
+
+
+@pytest.mark.parametrize("value", ["a\x01b", "a\x7fb", "caf\u00e9"])
+def test_cookies_a_cookie_header_cannot_carry_are_not_kept(
+    account: ConduceAccount,
+    rsps: responses.RequestsMock,
+    value: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A cookie value with a control or non-ASCII character is dropped: sent back, it
+    would break the Cookie header (the HTTP socket's framing refuses it). A login that sets
+    only such a cookie has no session; a later one is not kept, and the value is not logged."""
+    bad = ("Set-Cookie", f"sid={value}; Path=/")
+    rsps.add(responses.POST, LOGIN, json={"email": USER}, headers=[bad])
+    with pytest.raises(RemoteError, match="no session cookie"):
+        account.login(PASSWORD)
+    assert not account.has_session
+    logged_in(account, rsps)
+    rsps.add(responses.GET, LIST, json=[], headers=[("Set-Cookie", f"other={value}; Path=/")])
+    rsps.add(responses.GET, LIST, json=[])
+    account.list_keys()
+    account.list_keys()
+    assert rsps.calls[-1].request.headers["Cookie"] == f"conduce_session={COOKIE}"
+    assert "cannot be sent back" in caplog.text
+    assert value not in caplog.text
+
+
 def many_cookies(count: int, size: int, name: str = "c") -> list[tuple[str, str]]:
     return [("Set-Cookie", f"{name}{n}={'v' * size}; Path=/; Secure") for n in range(count)]
 

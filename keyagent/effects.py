@@ -63,7 +63,8 @@ if TYPE_CHECKING:
 log = get_logger("keyagent.effects")
 
 MAX_QUEUED: Final = 64
-"""Works waiting on one queue (an account, the keyring, the lock) before more are refused."""
+"""Works that clients wait for, waiting on one queue (an account, the keyring, the lock),
+before more are refused."""
 
 
 class Work:
@@ -185,6 +186,11 @@ class Driver:
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
         self._queues: dict[str, collections.deque[Job]] = {}
+        self._asked: dict[str, int] = {}
+        """Works in each queue that a client waits for: at most :data:`MAX_QUEUED`. The
+        agent's own (background) work is not counted or refused: it is bounded by what the
+        agent holds (a deletion per key at stop, say), and refusing it would leave keys
+        undeleted on the service."""
 
     # --- what a subclass provides ----------------------------------------------------------
 
@@ -257,12 +263,17 @@ class Driver:
             self._begin(job)
             return
         waiting = self._queues.setdefault(work.queue, collections.deque())
-        if len(waiting) >= MAX_QUEUED:
-            # Whatever blocks this queue (a keyring that never answers) must not make every
-            # later request cost memory for ever: refuse instead of queueing.
-            job.answered = True
-            self.resume(job.task, None, _queue_full(work.queue))
-            return
+        if job.task.done is not None:  # a client waits for it
+            asked = self._asked.get(work.queue, 0)
+            if asked >= MAX_QUEUED:
+                # Whatever blocks this queue (a keyring that never answers) must not make
+                # every later request cost memory for ever: refuse instead of queueing.
+                job.answered = True
+                if not waiting:
+                    del self._queues[work.queue]
+                self.resume(job.task, None, _queue_full(work.queue))
+                return
+            self._asked[work.queue] = asked + 1
         waiting.append(job)
         if len(waiting) == 1:
             self._begin(job)
@@ -299,6 +310,12 @@ class Driver:
         if queue is not None:
             waiting = self._queues[queue]
             waiting.popleft()
+            if job.task.done is not None:
+                asked = self._asked[queue] - 1
+                if asked:
+                    self._asked[queue] = asked
+                else:
+                    del self._asked[queue]
             if waiting:
                 self._begin(waiting[0])
             else:

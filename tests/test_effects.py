@@ -47,3 +47,34 @@ def test_a_full_queue_refuses_more_as_busy_naming_the_queue() -> None:
     driver.start(_waits_on(queue), done)
     driver.end(driver.held[0])
     assert ended[-1] == ("done", None)
+
+
+def test_the_agents_own_work_is_never_refused_nor_counted_against_clients() -> None:
+    """Background work (the agent's deletions at stop, say) is queued however much of it
+    there is, all of it is done, and it takes none of the places clients' work has: with
+    100 background works waiting, clients may still queue MAX_QUEUED."""
+    driver = HeldWorkDriver(FakeTime())
+    ended: list[tuple[Any, errors.KeyagentError | None]] = []
+
+    def done(result: Any, error: errors.KeyagentError | None) -> None:
+        ended.append((result, error))
+
+    background = 100
+    for _ in range(background):
+        driver.start_background(_waits_on("keyring"))
+    for _ in range(MAX_QUEUED):
+        driver.start(_waits_on("keyring"), done)
+    assert ended == []
+    driver.start(_waits_on("keyring"), done)
+    ((_, refused),) = ended
+    assert isinstance(refused, errors.Busy)
+    ran = 0
+    while driver.held:
+        driver.end(driver.held[0])
+        ran += 1
+    assert ran == background + MAX_QUEUED
+    assert ended[1:] == [("done", None)] * MAX_QUEUED
+    for _ in range(MAX_QUEUED):  # the places were given back
+        driver.start(_waits_on("keyring"), done)
+    assert len(driver.held) == 1
+    assert ended[-1] == ("done", None)

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from keyagent import errors
+from keyagent.effects import MAX_QUEUED
 from keyagent.sockets import file_identity, remove_socket
 from keyagent.store import digest_of, key_id_for
 from keyagent.testing.agent import AgentProcess
@@ -89,6 +90,27 @@ def test_keyagent_ctl_stop_deletes_ephemeral_keys_but_not_persisted_ones_then_ex
     assert "outcome=ok" in entry
     assert f"key_id={key_id_for(ephemeral)}" in entry
     assert ephemeral not in agent.log()
+
+
+def test_stop_deletes_more_ephemeral_keys_of_one_account_than_a_queue_takes_requests(
+    agent_factory: AgentFactory, emulator: Emulator
+) -> None:
+    """The deletions at stop wait in the account's queue, one call at a time: more of them
+    than the queue takes from clients (MAX_QUEUED) are all made, none refused as busy."""
+    agent = start(agent_factory, emulator)
+    count = MAX_QUEUED + 6
+    with agent.client() as client:
+        client.login(emulator.host, USER, PASSWORD)
+        for _ in range(count):
+            client.create(emulator.host, USER, lifetime=3600)
+    assert len(emulator.api_keys(USER)) == count
+    stopped = run_ctl(agent.socket_path, "stop")
+    assert stopped.code == 0, stopped.err
+    assert exited(agent, 60) == 0
+    assert emulator.api_keys(USER) == []
+    deletions = audited_deletions(agent.log())
+    assert len(deletions) == count
+    assert all("outcome=ok" in entry for entry in deletions), deletions
 
 
 def test_sigterm_deletes_ephemeral_keys_before_the_agent_exits(

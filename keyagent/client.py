@@ -243,7 +243,7 @@ class Client:
         if uid != os.geteuid():
             sock.close()
             raise AgentUnreachable(
-                f"the socket {shown} is served by uid {uid}, not by you; "
+                f"the socket {where} is served by uid {uid}, not by you; "
                 "nothing was sent: set KEYAGENT_SOCK to your own agent"
             )
         return sock

@@ -9,8 +9,10 @@ import functools
 import json
 import os
 import select
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -601,3 +603,58 @@ def test_an_http_session_timeout_out_of_range_is_refused(timeout: float) -> None
         keyagent.http_session(
             "app.conduce.com", socket_path="/nonexistent/http.sock", timeout=timeout
         )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="listening as another user needs root")
+@pytest.mark.parametrize("tool", ["client", "keyagent-ctl"])
+def test_a_socket_another_user_listens_on_gets_nothing(tool: str) -> None:
+    """A socket served by another uid (a planted path, a wrong KEYAGENT_SOCK) is refused
+    before anything is sent, with a message naming the socket and that uid."""
+    from .conftest import NOBODY
+
+    # Outside tmp_path, which is root's alone: the other user must reach the directory.
+    directory = Path(tempfile.mkdtemp(prefix="ka-planted-"))
+    os.chmod(directory, 0o755)
+    os.chown(directory, NOBODY, NOBODY)
+    path = directory / "agent.sock"
+    ready_read, ready_write = os.pipe()
+    got_read, got_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the other user: listen, accept one connection, report what it sent
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(str(path))
+            listener.listen(1)
+            os.write(ready_write, b"1")
+            peer, _ = listener.accept()
+            peer.settimeout(10)
+            received = b""
+            with contextlib.suppress(OSError):
+                while chunk := peer.recv(4096):
+                    received += chunk
+            os.write(got_write, b"got:" + received)
+        finally:
+            os._exit(0)
+    os.close(ready_write)
+    os.close(got_write)
+    try:
+        assert os.read(ready_read, 1) == b"1"
+        if tool == "client":
+            with pytest.raises(errors.AgentUnreachable) as caught, Client(str(path)) as client:
+                client.status()
+            message = caught.value.message
+        else:
+            result = run_ctl(str(path), "status")
+            assert result.code == 2
+            message = result.err
+        with os.fdopen(got_read, "rb") as got:
+            sent = got.read()
+    finally:
+        os.waitpid(pid, 0)
+        os.close(ready_read)
+        shutil.rmtree(directory, ignore_errors=True)
+    assert sent == b"got:"
+    assert f"the socket {path} is served by uid {NOBODY}, not by you" in message

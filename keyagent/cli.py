@@ -31,7 +31,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable, Sequence
-    from typing import Any, TextIO
+    from typing import Any, Final, TextIO
 
 EXIT_OK, EXIT_AGENT_ERROR, EXIT_NO_AGENT, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 64, 78
 EXIT_NOT_READY = 3  # as systemctl is-active (and LSB status) for a unit not running
@@ -453,11 +453,12 @@ def _check_description(description: str | None) -> None:
 def read_secret(prompt: str, stdin: TextIO, *, whole: bool = False, prompt_tty: bool = True) -> str:
     """A secret from a pipe (first line, or all of it), or typed without echo at a terminal."""
     if prompt_tty and stdin.isatty():
-        import getpass
-
-        value = getpass.getpass(prompt)
+        value = _prompt(prompt)
     else:
-        value = stdin.read() if whole else stdin.readline()
+        try:
+            value = stdin.read() if whole else stdin.readline()
+        except UnicodeDecodeError:  # a strict UTF-8 locale: said without the bytes read
+            raise _not_text(prompt) from None
         value = value.strip() if whole else value.rstrip("\r\n")
     if not value:
         raise UsageError(f"empty input for: {prompt.strip().rstrip(':')}")
@@ -467,7 +468,17 @@ def read_secret(prompt: str, stdin: TextIO, *, whole: bool = False, prompt_tty: 
 def _prompt(prompt: str) -> str:
     import getpass
 
-    return getpass.getpass(prompt)
+    try:
+        return getpass.getpass(prompt)
+    except UnicodeDecodeError:
+        raise _not_text(prompt) from None
+
+
+def _not_text(prompt: str) -> UsageError:
+    return UsageError(
+        f"the input for {prompt.strip().rstrip(':')} is not text in this locale's encoding; "
+        "enter it again"
+    )
 
 
 def _print_json(value: Any, out: TextIO) -> None:
@@ -941,6 +952,11 @@ def cmd_exec(args: argparse.Namespace, client: Client, stdin: TextIO, out: TextI
     environment = dict(os.environ)
     environment[args.env] = key
     out.flush()
+    limits = getattr(args, "core_limits", None)
+    if limits is not None:  # the command's core dumps are as the user set them
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, limits)
     # exec, not spawn: the command takes over this process, so signals reach it directly
     # and its exit status is ours, with no wrapper holding the key in between.
     try:
@@ -1416,6 +1432,27 @@ def _read_named_config(args: argparse.Namespace) -> None:
     load(path)
 
 
+SECRET_COMMANDS: Final = frozenset(
+    {"add", "create", "exec", "get", "lock", "login", "remove", "unlock"}
+)
+"""The commands that may hold a key, a password or a passphrase in memory."""
+
+
+def _without_core_dumps() -> tuple[int, int] | None:
+    """Stop this process from leaving a core dump, which would hold what it read (Ctrl-\\
+    while an unlock is held back, say): the soft ``RLIMIT_CORE`` to 0, as the agent's. The
+    limits before, for ``exec`` to give back to its command; None if they could not be
+    changed."""
+    import resource
+
+    try:
+        before = resource.getrlimit(resource.RLIMIT_CORE)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, before[1]))
+    except (OSError, ValueError):
+        return None
+    return before
+
+
 def main(
     argv: Sequence[str] | None = None,
     *,
@@ -1445,6 +1482,8 @@ def main(
                 _refuse_unused_selectors(parser, args)
         except SystemExit as exit_:
             return int(exit_.code or 0)
+    if args.command in SECRET_COMMANDS:
+        args.core_limits = _without_core_dumps()
     try:
         # A command's warnings go to sys.stderr: the stream this call was given.
         with Client(getattr(args, "socket", None)) as client, contextlib.redirect_stderr(stderr):

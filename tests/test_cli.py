@@ -19,10 +19,11 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from keyagent import cli
 from keyagent.store import key_id_for
 from keyagent.testing.agent import AgentProcess, read_line
 
-from .conftest import run_ctl, run_ctl_process
+from .conftest import run_ctl, run_ctl_process, wait_until
 
 SECRET = "ctl-S3CR3T-0123456789"
 
@@ -124,6 +125,77 @@ def test_lock_and_unlock_read_the_passphrase_from_stdin(agent: AgentProcess) -> 
     assert "[bad_passphrase]" in wrong.err
     assert run_ctl(agent.socket_path, "unlock", stdin="pass phrase\n").code == 0
     assert run_ctl(agent.socket_path, "get").out == SECRET + "\n"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["lock"],
+        ["unlock"],
+        ["--host", "h", "--user", "u", "add"],
+        ["--host", "h", "--user", "u", "login", "--password-stdin"],
+        ["remove", "-"],
+    ],
+)
+def test_a_secret_that_is_not_text_in_a_strict_locale_is_a_usage_error(
+    agent: AgentProcess, argv: list[str]
+) -> None:
+    """Under a UTF-8 locale stdin decodes strictly: bytes that are not UTF-8 are a usage
+    error (exit 64) naming what was read, never a traceback, and nothing reaches the agent."""
+    stdin = io.TextIOWrapper(io.BytesIO(b"pass\xffword\n"), encoding="utf-8", errors="strict")
+    out, err = io.StringIO(), io.StringIO()
+    args = ["--socket", agent.socket_path, *argv]
+    assert cli.main(args, stdin=stdin, stdout=out, stderr=err) == 64
+    assert "is not text in this locale's encoding; enter it again" in err.getvalue()
+    assert "Traceback" not in err.getvalue()
+    assert out.getvalue() == ""
+    status = run_ctl(agent.socket_path, "status", "--json")
+    assert json.loads(status.out)["locked"] is False
+
+
+def _core_limit(pid: int) -> str | None:
+    """The soft core file size limit of process ``pid``, as /proc shows it."""
+    try:
+        lines = Path(f"/proc/{pid}/limits").read_text().splitlines()
+    except OSError:
+        return None
+    (line,) = [line for line in lines if line.startswith("Max core file size")]
+    return line.split()[4]
+
+
+def test_a_command_reading_a_secret_leaves_no_core_dump_and_exec_gives_the_limit_back(
+    agent: AgentProcess,
+) -> None:
+    """keyagent-ctl lowers its soft core limit to 0 before it reads a password (a core
+    dumped at Ctrl-\\ would hold it), as the agent does; exec gives the command the limit
+    the user had. Run with core dumps allowed (soft limit unlimited)."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+    allowed = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    if allowed == "0":
+        pytest.skip("core dumps are off for this process; nothing to lower")
+    # keyagent-ctl, started with core dumps allowed: the soft limit raised to the hard one.
+    ctl = ["sh", "-c", 'ulimit -S -c "$0" && exec "$@"', allowed, sys.executable, "-m",
+           "keyagent"]  # fmt: skip
+    env = {**os.environ, "KEYAGENT_SOCK": agent.socket_path}
+    login = subprocess.Popen(
+        [*ctl, "--host", "h.example", "--user", "u", "login", "--password-stdin"],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    try:
+        # It waits for the password on stdin: by then its limit is lowered.
+        wait_until(lambda: _core_limit(login.pid) == "0", "the limit is lowered", pause=0.01)
+    finally:
+        assert login.stdin is not None
+        login.stdin.close()
+        login.wait(30)
+    run_ctl(agent.socket_path, "--host", "h", "--user", "u", "add", stdin=SECRET)
+    shown_limit = subprocess.run(
+        [*ctl, "exec", "--", "sh", "-c", "ulimit -S -c"],
+        capture_output=True, text=True, env=env, timeout=30, check=True,
+    )  # fmt: skip
+    assert shown_limit.stdout.strip() == allowed
 
 
 def test_exit_codes(agent: AgentProcess, tmp_path: Path) -> None:

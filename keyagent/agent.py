@@ -1075,11 +1075,21 @@ class Agent:
         self._leftovers_retry = None
         return {}
 
-    def restore(self, keys: Iterable[PersistedKey], lock: tuple[bytes, bytes] | None = None) -> int:
+    def restore(
+        self,
+        keys: Iterable[PersistedKey],
+        lock: tuple[bytes, bytes] | None = None,
+        *,
+        read_through: bool = True,
+    ) -> int:
         """Hold keys read back from the OS keyring (at start-up); returns how many.
 
         ``lock``: the salt and hash of the lock the agent had when it stopped; the agent
         starts locked if any key came back, so a restart does not unlock persisted keys.
+        ``read_through``: every key was read (no failure, no deadline); only then does a
+        lock with no key behind it count as stale, and is its record deleted. A read that
+        failed or was cut short says nothing of the keys still there, which the next
+        start, reading them all, must find locked.
         """
         now, wall = self.clock.monotonic(), self.clock.wall()
         count = 0
@@ -1110,8 +1120,14 @@ class Agent:
             if count:
                 self.lock.engage(*lock)
                 log.info("the agent was locked when it stopped: it starts locked")
-            else:  # nothing to protect: a stale record must not lock an empty agent
+            elif read_through:  # nothing to protect: a stale record must not lock an empty agent
                 self._forget_stored_lock()
+            else:
+                log.warning(
+                    "the agent was locked when it stopped, and no persisted key could be read:"
+                    " the lock stays in the OS keyring, so a later start that reads them"
+                    " starts locked"
+                )
         return count
 
     # --- the OS keyring ------------------------------------------------------------------

@@ -196,6 +196,7 @@ def restore_persisted(
     keys: list[PersistedKey] = []
     lock: tuple[bytes, bytes] | None = None
     lock_unreadable = False
+    read_through = False  # the reader's last line came: every key was read
     lines = data.split(b"\n")
     for line in lines[:-1]:  # the last piece is empty, or a line cut short by the deadline
         try:
@@ -211,11 +212,13 @@ def restore_persisted(
             elif "lock" in answer:
                 lock = bytes.fromhex(answer["lock"][0]), bytes.fromhex(answer["lock"][1])
             elif "expired" in answer:
+                read_through = True
                 if answer["expired"]:
                     log.info("deleted %d expired key(s) from the OS keyring", answer["expired"])
             else:
                 keys.append(PersistedKey(**answer))
         except (ValueError, TypeError, KeyError):
+            read_through = False  # a key was lost on the way
             log.warning("a persisted key was not restored: the keyring reader failed")
     if not complete:
         log.warning(
@@ -234,7 +237,7 @@ def restore_persisted(
             len(keys),
         )
         keys = []
-    agent.restore(keys, lock)
+    agent.restore(keys, lock, read_through=read_through)
 
 
 def read_all(fd: int, timeout: float) -> tuple[bytes, bool]:

@@ -19,6 +19,8 @@ from keyagent.store import digest_of
 from keyagent.testing.agent import AgentProcess, wait_for_exit
 from keyagent.testing.memory_keyring import MemoryKeyring
 
+from .fakes import driver_for
+
 SECRETS = ["first-S3CR3T-key", "second-S3CR3T-key", "third-S3CR3T-key"]
 
 
@@ -84,6 +86,53 @@ def test_the_restore_reader_brings_back_the_lock_with_the_keys() -> None:
     assert len(agent.held_keys) == 3
     assert agent.lock.locked
     assert agent.lock.salt == b"s" * 16
+
+
+def test_a_stored_lock_with_no_key_behind_it_is_deleted() -> None:
+    """Every key read, none there: the lock guards nothing, so the agent starts unlocked and
+    deletes the stale record (it would otherwise lock keys added later)."""
+    backend = MemoryKeyring()
+    store = KeyringStore(backend)
+    store.save_lock(b"s" * 16, b"d" * 32)
+    agent = Agent(keyring=store)
+    core.restore_persisted(agent, store, timeout=20.0)
+    driver_for(agent)  # runs the background work the restore started
+    assert not agent.lock.locked
+    assert backend.get_password("keyagent", "lock") is None
+
+
+@pytest.mark.parametrize("failure", ["index", "hang"])
+def test_a_lock_whose_keys_could_not_be_read_is_kept_for_the_next_start(
+    failure: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restore that read no key because the keyring failed (an index that does not parse)
+    or hung before the first key says nothing of the keys still stored: the lock record
+    stays, so the start that reads them comes back locked, not unlocked."""
+    backend = HangingKeyring(hang_on=f"key:{digest_of(SECRETS[0])}")
+    store = KeyringStore(backend)
+    for secret in SECRETS:
+        store.save(persisted(secret))
+    store.save_lock(b"s" * 16, b"d" * 32)
+    index = backend.get_password("keyagent", "index")
+    if failure == "index":
+        backend.put("keyagent", "index", "{")
+    else:
+        backend.armed = True
+    agent = Agent(keyring=store)
+    # The lock is read first; with a hang the deadline is waited out whole.
+    core.restore_persisted(agent, store, timeout=5.0)
+    driver_for(agent)
+    assert len(agent.held_keys) == 0
+    assert not agent.lock.locked  # nothing in memory to guard
+    assert backend.get_password("keyagent", "lock") is not None
+    assert "the lock stays in the OS keyring" in caplog.text
+    backend.armed = False
+    assert index is not None
+    backend.put("keyagent", "index", index)  # the keyring works again
+    again = Agent(keyring=store)
+    core.restore_persisted(again, store, timeout=20.0)
+    assert len(again.held_keys) == 3
+    assert again.lock.locked
 
 
 @pytest.mark.parametrize("record", ['{"v":1,"salt":"zz","hash":5}', "not json", '{"v":1}'])

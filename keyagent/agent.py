@@ -1641,14 +1641,21 @@ class Agent:
         digest = yield Work(lambda: derive(passphrase, salt), queue="lock")
         self.lock.engage(salt, digest)  # Locked if another lock engaged meanwhile
         log.info("agent locked")
-        if self.keyring is not None and any(
-            held.persisted for held in self.held_keys.matching(self.clock.monotonic())
-        ):
+        persisted = sum(held.persisted for held in self.held_keys.matching(self.clock.monotonic()))
+        if self.keyring is not None and persisted:
             # Persisted keys come back after a restart: so does the lock, as its salted hash
-            # in the keyring. Best effort, with no client waiting: the lock in memory holds
-            # whatever the keyring does.
+            # in the keyring. The lock in memory holds already; the reply waits for the
+            # keyring, so that a client (a screen-lock hook) learns when a restart would
+            # serve those keys unlocked.
             self.lock_in_keyring = True
-            self.in_background(self._keyring_chore(lambda keyring: keyring.save_lock(salt, digest)))
+            try:
+                yield self._keyring(lambda keyring: keyring.save_lock(salt, digest))
+            except (KeyringUnavailable, Overdue) as error:  # Overdue: it may still land
+                raise KeyringUnavailable(
+                    f"the agent is locked, but the OS keyring has not taken the lock, so a "
+                    f"restart could serve the {persisted} persisted key(s) unlocked "
+                    f"({error.message}); fix the keyring, then unlock and lock again"
+                ) from None
         return {"locked": True}
 
     def process_unlock(self, args: Mapping[str, Any]) -> Steps:

@@ -350,6 +350,32 @@ def restart(backend: MemoryKeyring, fake_time: FakeTime) -> Agent:
     return agent
 
 
+def test_a_lock_the_keyring_does_not_take_is_locked_but_says_so(
+    agent: Agent, backend: MemoryKeyring, fake_time: FakeTime
+) -> None:
+    """With persisted keys, lock saves the lock in the keyring before it answers. If the
+    keyring refuses, the agent is locked all the same, and the reply is keyring_unavailable
+    saying a restart could serve the keys unlocked, and what to do; unlock and lock again
+    once the keyring works saves it."""
+    run(agent, "add", host="h.example", user="u", key=SECRET, persist=True)
+    backend.locked = True
+    with pytest.raises(errors.KeyringUnavailable) as caught:
+        run(agent, "lock", passphrase=PASSPHRASE)
+    assert caught.value.message.startswith(
+        "the agent is locked, but the OS keyring has not taken the lock, so a restart could "
+        "serve the 1 persisted key(s) unlocked ("
+    )
+    assert caught.value.message.endswith("); fix the keyring, then unlock and lock again")
+    assert agent.lock.locked
+    with pytest.raises(errors.Locked):
+        run(agent, "get", host="h.example")
+    backend.locked = False
+    assert backend.get_password("keyagent", "lock") is None
+    assert run(agent, "unlock", passphrase=PASSPHRASE) == {"locked": False}
+    assert run(agent, "lock", passphrase=PASSPHRASE) == {"locked": True}
+    assert restart(backend, fake_time).lock.locked
+
+
 def test_a_lock_over_persisted_keys_survives_a_restart(
     agent: Agent, backend: MemoryKeyring, fake_time: FakeTime
 ) -> None:

@@ -1959,6 +1959,11 @@ class Agent:
         listed_keys = yield from self._remote(
             session, self._plan(session), lambda api_key: account.list_keys(api_key=api_key)
         )
+        if self.lock.locked:  # locked while the service answered: a locked agent lists nothing
+            raise Locked(
+                "the agent was locked while the service listed the keys; run keyagent-ctl "
+                "unlock, then list again"
+            )
         on_service = {digest_of(listed.key): listed for listed in listed_keys}
         mine = list(self.held_keys.matching(self.clock.monotonic(), host, user))
         held_digests = {held.digest for held in mine}

@@ -125,6 +125,28 @@ def test_expired_session_is_marked_and_reported(agent: Agent, account: FakeAccou
     assert agent.sessions[(HOST, USER)].expired is True
 
 
+def test_a_remote_list_answered_after_a_lock_lists_nothing(
+    agent: Agent, account: FakeAccount, fake_time: FakeTime
+) -> None:
+    """A list --remote whose answer comes once the agent is locked is refused as locked: a
+    locked agent says nothing of the keys it holds, even to a request made before."""
+    account.keys = ["on-service-only-000000"]
+    run(agent, "login", host=HOST, user=USER, password="pw")
+    run(agent, "add", host=HOST, user=USER, key="held-and-listed-00000")
+    driver = HeldWorkDriver(fake_time)
+    ended: list[tuple[object, errors.KeyagentError | None]] = []
+    driver.start(
+        steps(agent, "list", host=HOST, user=USER, remote=True),
+        lambda result, error: ended.append((result, error)),
+    )
+    run(agent, "lock", passphrase="a passphrase")
+    driver.end(driver.held[0])
+    ((result, error),) = ended
+    assert result is None
+    assert isinstance(error, errors.Locked)
+    assert "unlock" in error.message
+
+
 def test_idle_session_is_validated_after_the_interval(
     agent: Agent, account: FakeAccount, fake_time: FakeTime
 ) -> None:

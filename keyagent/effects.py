@@ -170,7 +170,11 @@ def perform(work: Work) -> tuple[Any, KeyagentError | None]:
         return work.fn(), None
     except KeyagentError as error:
         return None, error
-    except Exception as error:  # noqa: BLE001  # reported as internal, never raised
+    except KeyboardInterrupt:  # reaches the main thread only: inline work, where it means stop
+        raise
+    except BaseException as error:  # noqa: BLE001  # reported as internal, never raised
+        # SystemExit or asyncio.CancelledError from a library, say: on a worker thread, let
+        # through, it would end the thread and leave its queue waiting for ever.
         log_internal(error)
         return None, Internal()
 

@@ -143,11 +143,11 @@ _NEWER_INDEX = (
 )
 
 
-BACKEND_ERRORS: Final = (Exception, SystemExit, KeyboardInterrupt)
+BACKEND_ERRORS: Final = (BaseException,)
 """What a keyring backend's call may raise, all of it a failed call. A backend runs on a
-worker thread, where ``SystemExit`` or ``KeyboardInterrupt`` is no request to stop (signals
-reach the main thread only): let through, either would end the thread that every later
-keyring call waits on."""
+worker thread, where ``SystemExit``, ``KeyboardInterrupt`` or an ``asyncio.CancelledError``
+(a backend built on asyncio) is no request to stop (signals reach the main thread only):
+let through, any of them would end the thread that every later keyring call waits on."""
 
 
 def _unreadable_index(service: str) -> str:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Generator
 from typing import Any
 
+import pytest
+
 from keyagent import errors
-from keyagent.effects import MAX_QUEUED, Work
+from keyagent.effects import MAX_QUEUED, Work, perform
 
 from .fakes import FakeTime, HeldWorkDriver
 
@@ -78,3 +81,33 @@ def test_the_agents_own_work_is_never_refused_nor_counted_against_clients() -> N
         driver.start(_waits_on("keyring"), done)
     assert len(driver.held) == 1
     assert ended[-1] == ("done", None)
+
+
+@pytest.mark.parametrize("raised", [SystemExit(3), asyncio.CancelledError(), GeneratorExit()])
+def test_work_that_raises_past_exception_ends_as_internal_and_frees_its_queue(
+    raised: BaseException,
+) -> None:
+    """Work raising what is not an Exception (SystemExit, asyncio's CancelledError) ends as
+    internal, logged; it does not escape, which on a worker thread would end the thread and
+    leave the queue's next work waiting for ever."""
+    value, error = perform(Work(lambda: _raise(raised)))
+    assert value is None
+    assert isinstance(error, errors.Internal)
+    driver = HeldWorkDriver(FakeTime())
+    ended: list[tuple[Any, errors.KeyagentError | None]] = []
+
+    def done(result: Any, error: errors.KeyagentError | None) -> None:
+        ended.append((result, error))
+
+    def failing() -> Generator[Work, Any, Any]:
+        return (yield Work(lambda: _raise(raised), queue="keyring"))
+
+    driver.start(failing(), done)
+    driver.start(_waits_on("keyring"), done)
+    driver.end(driver.held[0])
+    driver.end(driver.held[0])
+    assert [type(error) for _, error in ended] == [errors.Internal, type(None)]
+
+
+def _raise(error: BaseException) -> None:
+    raise error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import subprocess
@@ -761,6 +762,8 @@ class LockedException(Exception):
         # later keyring call of the agent.
         (SystemExit(f"exit {SECRET}"), "builtins.SystemExit"),
         (KeyboardInterrupt(), "builtins.KeyboardInterrupt"),
+        (asyncio.CancelledError(), "asyncio.exceptions.CancelledError"),
+        (GeneratorExit(), "builtins.GeneratorExit"),
     ],
     ids=[
         "dbus",
@@ -771,6 +774,8 @@ class LockedException(Exception):
         "init-error",
         "system-exit",
         "keyboard-interrupt",
+        "cancelled",
+        "generator-exit",
     ],
 )
 def test_backend_exceptions_become_keyring_unavailable_without_secrets(

@@ -43,6 +43,7 @@ from keyagent._argparse import (
     path_type,
     worker_count_type,
 )
+from keyagent.client import shown
 from keyagent.config import ConfigError
 from keyagent.config import load as load_config
 from keyagent.handoff import Handoff, Settings
@@ -346,6 +347,13 @@ def _parent_of(pid: int) -> int | None:
         return None
 
 
+def _fail(message: str, err: TextIO | None = None) -> None:
+    """Write ``keyagent: MESSAGE`` to stderr (or ``err``), escaped: messages name paths and
+    values from the environment and the command line (KEYAGENT_SOCK, KEYAGENT_CONFIG), and a
+    control character in one must not reach the terminal raw."""
+    (sys.stderr if err is None else err).write(f"keyagent: {shown(message)}\n")
+
+
 def kill_agent(syntax: str, out: TextIO, err: TextIO) -> int:
     """``keyagent -k``: SIGTERM to ``$KEYAGENT_PID``, but only if that pid is the process
     listening on ``$KEYAGENT_SOCK``: a stale or forged variable must not kill something else.
@@ -354,30 +362,30 @@ def kill_agent(syntax: str, out: TextIO, err: TextIO) -> int:
     path = paths.socket_path()
     if not raw:
         if path and _systemd_agent(path) is not None:
-            err.write(
-                f"keyagent: the agent on {path} runs under systemd; stop it with {SYSTEMD_STOP}\n"
-            )
+            _fail(f"the agent on {path} runs under systemd; stop it with {SYSTEMD_STOP}", err)
         else:
-            err.write(f"keyagent: {paths.PID_ENV} is not set to an agent's pid; nothing to kill\n")
+            _fail(f"{paths.PID_ENV} is not set to an agent's pid; nothing to kill", err)
         return EXIT_FAILURE
     if not (raw.isascii() and raw.isdigit()) or int(raw) <= 1:
-        err.write(
-            f"keyagent: {paths.PID_ENV} is set, but not to a process id (a number above 1);"
-            f' nothing was killed: set it to the agent\'s pid, as eval "$(keyagent)" does\n'
+        _fail(
+            f"{paths.PID_ENV} is set, but not to a process id (a number above 1);"
+            f' nothing was killed: set it to the agent\'s pid, as eval "$(keyagent)" does',
+            err,
         )
         return EXIT_FAILURE
     pid = int(raw)
     if not path:
-        err.write(
-            f"keyagent: {paths.SOCKET_ENV} is not set, so nothing shows that pid {pid} is an"
-            f" agent; nothing was killed: set {paths.SOCKET_ENV} to its socket\n"
+        _fail(
+            f"{paths.SOCKET_ENV} is not set, so nothing shows that pid {pid} is an"
+            f" agent; nothing was killed: set {paths.SOCKET_ENV} to its socket",
+            err,
         )
         return EXIT_FAILURE
     # A pidfd pins the process: the pid cannot be reused between the check and the signal.
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
-        err.write(f"keyagent: no process {pid}; the agent is already gone\n")
+        _fail(f"no process {pid}; the agent is already gone", err)
         return EXIT_FAILURE
     try:
         agent = _agent_pid(path)
@@ -386,18 +394,17 @@ def kill_agent(syntax: str, out: TextIO, err: TextIO) -> int:
             hint = f"check {paths.PID_ENV} and {paths.SOCKET_ENV}"
             if agent is not None and _under_systemd(agent):
                 hint = f"that agent runs under systemd: stop it with {SYSTEMD_STOP}"
-            err.write(
-                f"keyagent: pid {pid} is not the agent on {path} ({found}); nothing was"
-                f" killed: {hint}\n"
+            _fail(
+                f"pid {pid} is not the agent on {path} ({found}); nothing was killed: {hint}", err
             )
             return EXIT_FAILURE
         try:
             signal.pidfd_send_signal(pidfd, signal.SIGTERM)
         except ProcessLookupError:
-            err.write(f"keyagent: no process {pid}; the agent is already gone\n")
+            _fail(f"no process {pid}; the agent is already gone", err)
             return EXIT_FAILURE
         except PermissionError:
-            err.write(f"keyagent: process {pid} is not yours; check {paths.PID_ENV}\n")
+            _fail(f"process {pid} is not yours; check {paths.PID_ENV}", err)
             return EXIT_FAILURE
     finally:
         os.close(pidfd)
@@ -495,8 +502,7 @@ def run_command(command: list[str], agent: int) -> int:
     try:
         process = subprocess.Popen(command, close_fds=False)  # the user's own command line
     except OSError as error:
-        name = command[0] if command[0].isprintable() else ascii(command[0])
-        sys.stderr.write(f"keyagent: {name}: {os.strerror(error.errno or 0)}\n")
+        _fail(f"{command[0]}: {os.strerror(error.errno or 0)}")
         status = 126 if error.errno == errno.EACCES else 127
     else:
         running.append(process)
@@ -679,16 +685,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return kill_agent(syntax, sys.stdout, sys.stderr)
     foreground = args.foreground or args.debug
     if foreground and args.command:
-        sys.stderr.write("keyagent: -D/-d and a command exclude each other\n")
+        _fail("-D/-d and a command exclude each other")
         return EXIT_USAGE
     configure_logging(debug=args.debug)
     if args.ca_bundle and args.insecure:
-        sys.stderr.write("keyagent: --ca-bundle and --insecure exclude each other\n")
+        _fail("--ca-bundle and --insecure exclude each other")
         return EXIT_USAGE
     try:
         apply_config(args)
     except ConfigError as error:
-        sys.stderr.write(f"keyagent: {error.message}\n")
+        _fail(error.message)
         return EXIT_CONFIG
     named_by = "CA bundle"
     if not args.ca_bundle and not args.insecure:
@@ -708,14 +714,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Read once, here: the serving process gets this text, never the path to re-read.
             args.ca_certificates = read_ca_bundle(args.ca_bundle)
         except UntrustedFile as error:
-            sys.stderr.write(f"keyagent: {named_by} {error.message}\n")
+            _fail(f"{named_by} {error.message}")
             return EXIT_CONFIG
     if args.askpass:
         # Whoever can replace the askpass program answers every confirmation: held to the
         # rules of the CA bundle (keyagent.trust), and checked once, here, before serving.
         problem = askpass_problem(args.askpass)
         if problem is not None:
-            sys.stderr.write(f"keyagent: {problem}\n")
+            _fail(f"{problem}")
             return EXIT_CONFIG
         args.askpass = os.path.abspath(args.askpass)  # the daemon changes directory
     # systemd's NOTIFY_SOCKET, taken out of the environment before anything can inherit it;
@@ -724,7 +730,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         inherited = listen_fds_with_names()
     except ListenFdsError as error:
-        sys.stderr.write(f"keyagent: {error}\n")
+        _fail(f"{error}")
         return EXIT_FAILURE
     http: HttpListener | None = None
     if inherited:
@@ -732,7 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # we serve it as given. The peer-uid check still applies to every connection.
         agent_socks, http_socks = split_inherited(inherited)
         if not agent_socks:
-            sys.stderr.write("keyagent: socket activation passed no agent socket; fix the unit\n")
+            _fail("socket activation passed no agent socket; fix the unit")
             return EXIT_FAILURE
         listener: socket.socket = agent_socks[0]
         for sock in agent_socks[1:] + http_socks[1:]:
@@ -755,7 +761,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # made there or printed (bind_listener checks again, whatever the source).
         from_environment = default if default is not None else _temporary_directory()
         if not args.socket and (problem := socket_path_problem(from_environment)) is not None:
-            sys.stderr.write(f"keyagent: {problem}\n")
+            _fail(f"{problem}")
             return EXIT_FAILURE
         if args.socket:
             path = os.path.abspath(args.socket)
@@ -792,14 +798,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             where = ""
             if getattr(args, "private_dir", None):
                 where = " (the private directory is made in $TMPDIR, else /tmp)"
-            sys.stderr.write(f"keyagent: {error}{where}\n")
+            _fail(f"{error}{where}")
             return EXIT_FAILURE
         if default is None and not args.socket:
-            sys.stderr.write(
-                "keyagent: XDG_RUNTIME_DIR is not set (to an absolute path): listening on"
+            _fail(
+                "XDG_RUNTIME_DIR is not set (to an absolute path): listening on"
                 f" {path}, in a private"
                 f" directory of its own; clients find it only through {paths.SOCKET_ENV}"
-                ' (eval "$(keyagent)" sets it)\n'
+                ' (eval "$(keyagent)" sets it)'
             )
         bound = file_identity(path)
         http_path = paths.http_socket_path(path)
@@ -809,7 +815,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             listener.close()
             remove_socket(path, bound)
             _remove_private_dir(args)
-            sys.stderr.write(f"keyagent: the HTTP socket: {error}\n")
+            _fail(f"the HTTP socket: {error}")
             return EXIT_FAILURE
         http = HttpListener(http_path, file_identity(http_path), http_listener)
 
@@ -824,7 +830,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if http is not None:
                 remove_socket(http.path, http.bound)
             _remove_private_dir(args)
-            sys.stderr.write(f"keyagent: could not start the agent: {error}\n")
+            _fail(f"could not start the agent: {error}")
             return EXIT_FAILURE
 
     # Background: the child tells the parent through a pipe once it handles signals, so the
@@ -856,9 +862,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if http is not None:
                 remove_socket(http.path, http.bound)
             _remove_private_dir(args)
-            sys.stderr.write(
-                f"keyagent: could not start the agent: {type(error).__name__}: {error}\n"
-            )
+            _fail(f"could not start the agent: {type(error).__name__}: {error}")
         os._exit(EXIT_FAILURE)
 
     os.close(ready_w)
@@ -868,7 +872,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with os.fdopen(ready_r, "rb") as ready_pipe:
         if ready_pipe.read(1) != b"R":
             _remove_private_dir(args)  # only if empty: the agent may still be on its way out
-            sys.stderr.write("keyagent: the agent failed to start; run keyagent -d to see why\n")
+            _fail("the agent failed to start; run keyagent -d to see why")
             return EXIT_FAILURE
     if args.command:
         os.environ[paths.SOCKET_ENV] = path

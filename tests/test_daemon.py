@@ -243,6 +243,40 @@ def test_kill_with_a_pid_variable_that_is_no_pid_says_so(value: str) -> None:
     assert result.stdout == ""
 
 
+ESCAPES = "/tmp/x\x1b]0;PWNED\x07\x1b[2J"
+"""A path with an OSC title-set and a screen clear in it."""
+
+
+def test_kill_names_a_socket_variable_with_escapes_escaped(tmp_path: Path) -> None:
+    """keyagent -k names $KEYAGENT_SOCK in its refusal; control characters in it are
+    written escaped, never raw to the terminal."""
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        result = kill_with(daemon_env(KEYAGENT_PID=str(sleeper.pid), KEYAGENT_SOCK=ESCAPES))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert result.returncode == 1
+    assert f"pid {sleeper.pid} is not the agent on /tmp/x\\x1b]0;PWNED\\x07\\x1b[2J" in (
+        result.stderr
+    )
+    assert "\x1b" not in result.stderr
+    assert "\x07" not in result.stderr
+
+
+def test_a_configuration_error_escapes_the_file_name() -> None:
+    """A KEYAGENT_CONFIG naming no file is exit 78, naming it escaped."""
+    result = subprocess.run(
+        [sys.executable, "-m", "keyagent.daemon", "-s"],
+        env=daemon_env(KEYAGENT_CONFIG=ESCAPES), capture_output=True, text=True, timeout=30,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 78
+    assert "/tmp/x\\x1b]0;PWNED\\x07\\x1b[2J" in result.stderr
+    assert "\x1b" not in result.stderr
+    assert result.stdout == ""
+
+
 def test_command_mode_runs_the_command_and_stops_with_it(tmp_path: Path) -> None:
     """keyagent CMD runs CMD with the variables set (the HTTP socket's too, over one an
     outer agent set), returns its status, and the agent exits."""

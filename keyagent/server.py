@@ -290,12 +290,15 @@ class Server:
         """Called once when the agent begins to stop (systemd's STOPPING=1)."""
         self._reserve_fd: int | None = None
         self.on_ready: Callable[[], None] | None = None
+        self._wakes_on_signals = False
+        """Signals write to the wake-up pipe (install_signal_handlers): undone at exit."""
 
     # --- life cycle ----------------------------------------------------------------------
 
     def install_signal_handlers(self) -> None:
         """TERM, INT and HUP stop the agent cleanly; USR1 forgets every key."""
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        self._wakes_on_signals = True
         for signum in _SIGNAL_NAMES:
             signal.signal(signum, self._on_signal)
 
@@ -407,6 +410,12 @@ class Server:
         self._epoll.close()
         if self._reserve_fd is not None:
             os.close(self._reserve_fd)
+        if self._wakes_on_signals:
+            # Before the pipe closes: a signal after it (a second SIGTERM sent to the whole
+            # process group) would otherwise be written to a closed descriptor, or to
+            # whatever file reuses its number, and Python prints a traceback for it.
+            signal.set_wakeup_fd(-1)
+            self._wakes_on_signals = False
         self._wake_r.close()
         self._wake_w.close()
         log.info("stopped")

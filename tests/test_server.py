@@ -7,6 +7,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -623,3 +625,30 @@ def test_failed_unlock_delay_holds_across_parallel_connections(
         assert error_code(decode(guesser.line())) == "bad_passphrase"
     # Without the agent-wide pacing, both would be answered after about 0.8 s.
     assert time.monotonic() - started >= 0.4 + 0.8 + 0.8
+
+
+def test_a_stopped_server_leaves_no_signal_wakeup_on_its_closed_pipe(tmp_path: Path) -> None:
+    """Signals write to the loop's wake-up pipe; once the server has stopped (the pipe
+    closed) none is installed, so a second SIGTERM to the process group during the exit
+    writes to no closed (or reused) descriptor, and prints no traceback."""
+    probe = f"""
+import os, signal, socket, sys
+from keyagent.agent import Agent
+from keyagent.server import Server
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind({str(tmp_path / "a.sock")!r})
+listener.listen()
+server = Server(Agent(), listener)
+server.install_signal_handlers()
+server.call_at(server.clock(), lambda: os.kill(os.getpid(), signal.SIGTERM))
+server.serve_forever()
+print("wakeup fd after stop:", signal.set_wakeup_fd(-1))
+os.kill(os.getpid(), signal.SIGTERM)  # a late one: handled, written nowhere
+print("late signal taken")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["wakeup fd after stop: -1", "late signal taken"]
+    assert "Traceback" not in result.stderr

@@ -47,6 +47,7 @@ from keyagent.client import shown
 from keyagent.config import ConfigError
 from keyagent.config import load as load_config
 from keyagent.handoff import Handoff, Settings
+from keyagent.rules import path_problem
 from keyagent.sockets import (
     AgentRunning,
     FileIdentity,
@@ -695,6 +696,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         apply_config(args)
     except ConfigError as error:
         _fail(error.message)
+        return EXIT_CONFIG
+    # Where the leftovers file goes: checked before anything is bound, as the serving
+    # process would refuse it only once the sockets exist.
+    state = paths.state_dir()
+    if (problem := path_problem(state)) is not None:
+        _fail(
+            f"the state directory {state} is not usable: {problem}; it comes from "
+            "XDG_STATE_HOME (else ~/.local/state): set XDG_STATE_HOME to a plain path"
+        )
         return EXIT_CONFIG
     named_by = "CA bundle"
     if not args.ca_bundle and not args.insecure:

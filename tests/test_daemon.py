@@ -277,6 +277,23 @@ def test_a_configuration_error_escapes_the_file_name() -> None:
     assert result.stdout == ""
 
 
+def test_a_state_directory_with_a_control_character_is_refused_before_binding(
+    tmp_path: Path,
+) -> None:
+    """XDG_STATE_HOME (where the leftovers file goes) with a control character is exit 78
+    naming the variable, before any socket is made."""
+    run = private_dir(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "keyagent.daemon", "-s", "-a", str(run / "a.sock")],
+        env=daemon_env(XDG_STATE_HOME=str(tmp_path / "st\x1bx"), KEYAGENT_CONFIG=os.devnull),
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 78, result.stderr
+    assert "set XDG_STATE_HOME to a plain path" in result.stderr
+    assert "\x1b" not in result.stderr
+    assert list(run.iterdir()) == []
+
+
 def test_command_mode_runs_the_command_and_stops_with_it(tmp_path: Path) -> None:
     """keyagent CMD runs CMD with the variables set (the HTTP socket's too, over one an
     outer agent set), returns its status, and the agent exits."""

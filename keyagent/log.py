@@ -22,7 +22,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from logging import Logger as StdLogger
 
-__all__ = ["DEBUG", "ERROR", "INFO", "WARNING", "Logger", "get_logger", "to_stderr", "to_syslog"]
+__all__ = [
+    "DEBUG", "ERROR", "INFO", "WARNING", "Logger", "get_logger", "one_line", "to_stderr",
+    "to_syslog",
+]  # fmt: skip
 
 DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
 _LEVEL_NAMES = {DEBUG: "DEBUG", INFO: "INFO", WARNING: "WARNING", ERROR: "ERROR"}
@@ -50,6 +53,19 @@ class _Sink:
 
 
 _sink: _Sink | None = None
+
+
+def one_line(text: str) -> str:
+    """``text`` with every character that is not printable written as its Python escape
+    (``\\n``, ``\\x1b``, ``\\u202e``): a record is one line, and a value in it (a
+    program's path, which any local user can choose) must not start a forged line of the
+    agent's own in the journal, or rewrite a terminal."""
+    if text.isprintable():  # the common case, in C
+        return text
+    return "".join(
+        char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+        for char in text
+    )
 
 
 def to_stderr(level: int) -> None:
@@ -140,7 +156,7 @@ class Logger:
                 text = msg % args if args else msg
             except (TypeError, ValueError):
                 text = f"{msg} (unformattable arguments)"
-            sink.emit(level, text)
+            sink.emit(level, one_line(text))
 
     def log_many(self, level: int, texts: list[str]) -> None:
         """Several records of one level, already formatted, written together."""
@@ -149,7 +165,7 @@ class Logger:
             for text in texts:
                 self.log(level, "%s", text)
         elif level >= sink.level or (self.floor is not None and level >= self.floor):
-            sink.emit_many(level, texts)
+            sink.emit_many(level, [one_line(text) for text in texts])
 
     def debug(self, msg: str, *args: object) -> None:
         self.log(DEBUG, msg, *args)

@@ -87,6 +87,26 @@ def test_only_the_allowed_program_gets_the_key_and_no_reply_is_shared(
             assert other in reply["error"]["message"]
 
 
+def test_a_program_path_with_a_newline_forges_no_line_of_the_agents_log(
+    agent_factory: AgentFactory, python_copy: str, tmp_path: Path
+) -> None:
+    """Any local user can name a program with a newline in its path; denied a key, its path
+    is in the agent's warning, written escaped on the one line, not as a line of its own
+    that would read as the agent's (here a forged audit entry)."""
+    agent = agent_factory(debug=False)
+    with agent.client() as client:
+        client.add(HOST, USER, GUARDED, allow_exe=[python_copy])
+    forged = "keyagent[1]: INFO: audit op=get outcome=ok"
+    program = tmp_path / f"evil\n{forged}"
+    shutil.copyfile(os.path.realpath(sys.executable), program)
+    program.chmod(0o700)
+    reply = get_as(str(program), agent.socket_path)
+    assert reply["error"]["code"] == "denied"
+    log = agent.log()
+    assert "evil\\nkeyagent[1]: INFO: audit op=get outcome=ok" in log
+    assert not any(line.startswith(forged) for line in log.splitlines())
+
+
 def test_another_programs_newer_key_gives_way_to_an_older_one_for_each_peer(
     agent_factory: AgentFactory, python_copy: str
 ) -> None:

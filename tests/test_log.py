@@ -44,6 +44,29 @@ def test_stderr_sink_formats_and_filters(
     assert lines[0].endswith("]: WARNING: refused connection from uid 1001")
 
 
+def test_a_record_is_one_line_whatever_its_values_hold(
+    restore_sink: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A value with a newline (a program path any local user can choose), an escape or a
+    bidi override is written escaped: it cannot start a forged line of the agent's in the
+    journal, nor rewrite a terminal. Records written together (audit lines) are too."""
+    log.to_stderr(log.INFO)
+    logger = log.get_logger("keyagent.test")
+    forged = "/tmp/x\nkeyagent[1]: INFO: audit op=get outcome=ok\x1b[2J\u202e"
+    logger.warning("denied get to pid 7 (%s)", forged)
+    logger.log_many(log.INFO, [f"audit exe={forged}", "audit plain"])
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3
+    assert lines[0].endswith(
+        "WARNING: denied get to pid 7 (/tmp/x\\nkeyagent[1]: INFO: audit op=get "
+        "outcome=ok\\x1b[2J\\u202e)"
+    )
+    assert lines[1].endswith("INFO: audit exe=/tmp/x\\nkeyagent[1]: INFO: audit op=get "
+                             "outcome=ok\\x1b[2J\\u202e")  # fmt: skip
+    assert lines[2].endswith("INFO: audit plain")
+    assert log.one_line("caf\u00e9 \u00e0 l'heure") == "caf\u00e9 \u00e0 l'heure"
+
+
 def test_sink_survives_bad_format_arguments(
     restore_sink: None, capsys: pytest.CaptureFixture[str]
 ) -> None:

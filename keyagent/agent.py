@@ -2613,7 +2613,12 @@ class Agent:
             return (
                 yield from self.authorize_proxy(peer, session.host, session.user, None, confirmed)
             )
-        log.debug("lending the session of %s to pid %d (proxied request)", session.user, peer.pid)
+        # At info, written at once: the audit entry comes when a request ends, and a SIGKILL
+        # of the agent meanwhile (its workers end with it) would leave no trace of the lending.
+        log.info(
+            "lending the session of %s on %s to pid %d (%s) for proxied requests",
+            session.user, session.host, peer.pid, peer.exe or "unknown executable",
+        )  # fmt: skip
         return Grant(
             session.host, session.user, header="Cookie", value=cookie, mark=mark,
             confirmed=session.confirm, token=self.credentials_token(),
@@ -2632,7 +2637,10 @@ class Agent:
             # Added again, or the agent locked and unlocked, while the user was asked: the
             # rules and the question were another holding's. Decided (and asked) again.
             return (yield from self._lend(now, peer, confirmed))
-        log.debug("lending key %s to pid %d for a proxied request", held.key_id, peer.pid)
+        log.info(  # at info, written at once: see _lend_session
+            "lending key %s of %s on %s to pid %d (%s) for proxied requests",
+            held.key_id, held.user, held.host, peer.pid, peer.exe or "unknown executable",
+        )  # fmt: skip
         return Grant.of_key(
             held, confirmed=held.confirm, token=self.credentials_token(), mark=mark
         )  # fmt: skip

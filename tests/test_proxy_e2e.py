@@ -196,6 +196,34 @@ def test_a_held_key_authenticates_and_the_tools_own_credentials_are_dropped(
     assert (record.auth, record.sent_cookie, record.user) == ("bearer", False, USER)
 
 
+def test_each_lending_is_in_the_agents_log_before_the_request_leaves(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """The agent logs what it lends, to whom, at info, as it lends it (once per connection):
+    a request's audit entry comes when it ends, and an agent killed meanwhile would leave no
+    other trace of a use. The session and a key each."""
+    login(conduce_agent, emulator)
+    secret = add_key(conduce_agent, emulator)
+    python = os.path.realpath(sys.executable)
+    with keyagent.http_session(emulator.host, socket_path=http_path(conduce_agent)) as session:
+        assert session.get(f"https://{emulator.host}{VALIDATE}").status_code == 200
+    with conduce_agent.client() as client:
+        client.logout(emulator.host, USER)
+    with keyagent.http_session(emulator.host, socket_path=http_path(conduce_agent)) as session:
+        assert session.get(f"https://{emulator.host}{VALIDATE}").status_code == 200
+    lent = [
+        line.split("INFO: ", 1)[1]
+        for line in conduce_agent.log().splitlines()
+        if "INFO: lending " in line
+    ]
+    me = f"to pid {os.getpid()} ({python}) for proxied requests"
+    assert lent == [
+        f"lending the session of {USER} on {emulator.host} {me}",
+        f"lending key {key_id_for(secret)} of {USER} on {emulator.host} {me}",
+    ]
+    assert secret not in conduce_agent.log()
+
+
 @needs_curl
 def test_credential_endpoints_never_reach_the_service(
     conduce_agent: AgentProcess, emulator: Emulator

@@ -48,7 +48,7 @@ from keyagent.errors import (
 )
 from keyagent.grant import Grant
 from keyagent.leftovers import Leftover
-from keyagent.log import get_logger
+from keyagent.log import INFO, get_logger
 from keyagent.persist import KeyringStore, PersistedKey
 from keyagent.protocol import (
     DESCRIPTION_MAX,
@@ -86,6 +86,10 @@ if TYPE_CHECKING:
     """A key's (exportable, confirm, allowed_exes)."""
 
 log = get_logger("keyagent.agent")
+lending_log = get_logger("keyagent.lending", floor=INFO)
+"""What the agent lends for the HTTP socket: at info whatever the log level, as the audit
+log is (a background agent logs warnings only), since it is the trace of a use a SIGKILL
+leaves (see _lend_session)."""
 
 
 class Stop(namedtuple("Stop", ["result"])):
@@ -1650,7 +1654,7 @@ class Agent:
             self.lock_in_keyring = True
             try:
                 yield self._keyring(lambda keyring: keyring.save_lock(salt, digest))
-            except (KeyringUnavailable, Overdue) as error:  # Overdue: it may still land
+            except KeyagentError as error:  # an Overdue may still land; busy: never tried
                 raise KeyringUnavailable(
                     f"the agent is locked, but the OS keyring has not taken the lock, so a "
                     f"restart could serve the {persisted} persisted key(s) unlocked "
@@ -2615,7 +2619,7 @@ class Agent:
             )
         # At info, written at once: the audit entry comes when a request ends, and a SIGKILL
         # of the agent meanwhile (its workers end with it) would leave no trace of the lending.
-        log.info(
+        lending_log.info(
             "lending the session of %s on %s to pid %d (%s) for proxied requests",
             session.user, session.host, peer.pid, peer.exe or "unknown executable",
         )  # fmt: skip
@@ -2637,7 +2641,7 @@ class Agent:
             # Added again, or the agent locked and unlocked, while the user was asked: the
             # rules and the question were another holding's. Decided (and asked) again.
             return (yield from self._lend(now, peer, confirmed))
-        log.info(  # at info, written at once: see _lend_session
+        lending_log.info(  # at info, written at once: see _lend_session
             "lending key %s of %s on %s to pid %d (%s) for proxied requests",
             held.key_id, held.user, held.host, peer.pid, peer.exe or "unknown executable",
         )  # fmt: skip

@@ -9,7 +9,7 @@ import pytest
 
 from keyagent import errors
 from keyagent.agent import Agent, Stop
-from keyagent.effects import Work
+from keyagent.effects import MAX_QUEUED, Work
 from keyagent.persist import KeyringStore
 from keyagent.store import digest_of, key_id_for
 from keyagent.testing.memory_keyring import MemoryKeyring
@@ -374,6 +374,25 @@ def test_a_lock_the_keyring_does_not_take_is_locked_but_says_so(
     assert run(agent, "unlock", passphrase=PASSPHRASE) == {"locked": False}
     assert run(agent, "lock", passphrase=PASSPHRASE) == {"locked": True}
     assert restart(backend, fake_time).lock.locked
+
+
+def test_a_lock_whose_save_cannot_even_wait_in_line_says_the_agent_is_locked(
+    agent: Agent, held_work: HeldWorkDriver
+) -> None:
+    """With the keyring's queue full (a keyring that hangs, 64 requests waiting), the lock's
+    save is refused before it is tried: the reply still says the agent is locked and that
+    the keyring has not taken the lock, never a bare busy."""
+    run(agent, "add", host="h.example", user="u", key=SECRET, persist=True)
+    for n in range(MAX_QUEUED):
+        start(held_work, agent, "add", host="h.example", user="u", key=f"k-{n:02d}-S3CR3T",
+              persist=True)  # fmt: skip
+    answers = start(held_work, agent, "lock", passphrase=PASSPHRASE)
+    while not answers:  # the key derivation is work too: let it run
+        held_work.end(held_work.held[-1])
+    (error,) = answers
+    assert isinstance(error, errors.KeyringUnavailable)
+    assert error.message.startswith("the agent is locked, but the OS keyring has not taken")
+    assert agent.lock.locked
 
 
 def test_a_lock_over_persisted_keys_survives_a_restart(

@@ -105,3 +105,14 @@ def test_a_logger_with_a_floor_reaches_a_sink_set_higher(
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1
     assert lines[0].endswith("]: INFO: audit op=get")
+
+
+def test_the_lending_log_is_at_info_whatever_the_agents_level(restore_sink: None) -> None:
+    """A background agent logs warnings only; what it lends for the HTTP socket is still
+    logged (at info), as the audit log is: it names a use an agent's SIGKILL leaves."""
+    from keyagent.agent import lending_log
+    from keyagent.agent import log as agent_log
+
+    log.to_stderr(log.WARNING)
+    assert not agent_log.isEnabledFor(log.INFO)
+    assert lending_log.isEnabledFor(log.INFO)

@@ -139,8 +139,10 @@ def _exited_within(pid: int, timeout: float) -> bool:
     except OSError:  # no pidfd_open (Linux before 5.3): wait without reaping, by polling
         return _polled_exit(pid, timeout)
     try:
-        readable, _, _ = select.select([handle], [], [], max(timeout, 0.0))
-        return bool(readable)
+        # poll, not select: a busy agent has descriptors past select's limit of 1024.
+        poller = select.poll()
+        poller.register(handle, select.POLLIN)
+        return bool(poller.poll(max(timeout, 0.0) * 1000))
     finally:
         os.close(handle)
 

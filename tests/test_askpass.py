@@ -195,3 +195,28 @@ def test_peer_exe_of_a_replaced_program_never_equals_its_path(tmp_path: Path) ->
         assert child.stdin is not None
         child.stdin.close()
         child.wait()
+
+
+def test_a_question_is_asked_with_more_descriptors_open_than_select_takes() -> None:
+    """A busy agent has over 1,024 descriptors open (max_connections is 1024): waiting for
+    the askpass program must not use select(), which refuses a descriptor past 1023."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard descriptor limit ({hard}) is below what the test needs")
+    probe = (
+        "import os, resource, sys\n"
+        "from keyagent.askpass import Dialogs\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (1200, resource.getrlimit("
+        "resource.RLIMIT_NOFILE)[1]))\n"
+        "held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]\n"
+        "assert max(held) > 1024\n"
+        "Dialogs().ask('/bin/true', 'q', 30.0)\n"
+        "print('allowed')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "allowed\n"

@@ -1433,9 +1433,11 @@ def _read_named_config(args: argparse.Namespace) -> None:
 
 
 SECRET_COMMANDS: Final = frozenset(
-    {"add", "create", "exec", "get", "lock", "login", "remove", "unlock"}
-)
-"""The commands that may hold a key, a password or a passphrase in memory."""
+    {"add", "create", "create-api-key", "exec", "get", "lock", "login", "remove",
+     "remove-api-key", "unlock"}
+)  # fmt: skip
+"""The commands that may hold a key, a password or a passphrase in memory (aliases too:
+argparse names a command as it was typed)."""
 
 
 def _without_core_dumps() -> tuple[int, int] | None:

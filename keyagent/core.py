@@ -197,6 +197,7 @@ def restore_persisted(
     lock: tuple[bytes, bytes] | None = None
     lock_unreadable = False
     read_through = False  # the reader's last line came: every key was read
+    lost = False  # a line the reader sent could not be taken
     lines = data.split(b"\n")
     for line in lines[:-1]:  # the last piece is empty, or a line cut short by the deadline
         try:
@@ -218,7 +219,7 @@ def restore_persisted(
             else:
                 keys.append(PersistedKey(**answer))
         except (ValueError, TypeError, KeyError):
-            read_through = False  # a key was lost on the way
+            lost = True  # a key was lost on the way
             log.warning("a persisted key was not restored: the keyring reader failed")
     if not complete:
         log.warning(
@@ -237,7 +238,7 @@ def restore_persisted(
             len(keys),
         )
         keys = []
-    agent.restore(keys, lock, read_through=read_through)
+    agent.restore(keys, lock, read_through=read_through and not lost)
 
 
 def read_all(fd: int, timeout: float) -> tuple[bytes, bool]:

@@ -48,6 +48,7 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
+import threading
 
 from keyagent.errors import Busy, Internal, KeyagentError
 from keyagent.log import get_logger
@@ -170,9 +171,12 @@ def perform(work: Work) -> tuple[Any, KeyagentError | None]:
         return work.fn(), None
     except KeyagentError as error:
         return None, error
-    except KeyboardInterrupt:  # reaches the main thread only: inline work, where it means stop
-        raise
-    except BaseException as error:  # noqa: BLE001  # reported as internal, never raised
+    except BaseException as error:  # reported as internal, never raised
+        if (
+            isinstance(error, KeyboardInterrupt)
+            and threading.current_thread() is threading.main_thread()
+        ):
+            raise  # inline work, where Ctrl-C means stop
         # SystemExit or asyncio.CancelledError from a library, say: on a worker thread, let
         # through, it would end the thread and leave its queue waiting for ever.
         log_internal(error)

@@ -198,6 +198,21 @@ def test_a_command_reading_a_secret_leaves_no_core_dump_and_exec_gives_the_limit
     assert shown_limit.stdout.strip() == allowed
 
 
+def test_every_name_of_a_command_that_holds_a_secret_lowers_the_core_limit() -> None:
+    """argparse names a command as typed: each alias of a command that may hold a secret
+    (create-api-key, remove-api-key) is in SECRET_COMMANDS with it."""
+    parser = cli.build_parser()
+    (commands,) = [
+        action for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+    ]
+    names: dict[int, set[str]] = {}
+    for name, sub in commands.choices.items():
+        names.setdefault(id(sub), set()).add(name)
+    for aliases in names.values():
+        if aliases & cli.SECRET_COMMANDS:
+            assert aliases <= cli.SECRET_COMMANDS, aliases
+
+
 def test_exit_codes(agent: AgentProcess, tmp_path: Path) -> None:
     """0 success, 1 agent error, 2 no agent, 64 usage error."""
     assert run_ctl(agent.socket_path, "status").code == 0

@@ -1276,6 +1276,14 @@ class Agent:
                 "the service right now; keyagent-ctl status shows it until that ends, after "
                 "which the key no longer works if it was deleted"
             )
+        if digest in self.pending_deletions:
+            # Its deletion was decided (forgotten, expired, rotated out) and goes on in the
+            # background: held again, it would be served until that deletion revoked it.
+            raise Busy(
+                f"key {digest[:KEY_ID_SHOWN]} is being deleted on the service (it was forgotten,"
+                " expired or replaced by a rotation), so it is not held again: it stops working"
+                " once deleted; keyagent-ctl status shows the deletion until it ends"
+            )
         held = self.held_keys.holding(digest)
         if args.get("persist", self.default_persist) or (held is not None and held.persisted):
             # A persisted key's record is written again even without --persist: the rules

@@ -248,6 +248,25 @@ def test_an_added_key_is_never_ephemeral(
     assert account.delete_times == []
 
 
+def test_a_key_whose_deletion_is_pending_is_not_held_again(
+    agent: Agent, account: TimedAccount, time: FakeTime
+) -> None:
+    """Adding a key again while its deletion is retried is busy: held, it would be served
+    until the deletion revoked it on the service. Once deleted, the add is refused no more."""
+    create(agent, lifetime=60)
+    secret = created_secret(account)
+    account.failures = [errors.RemoteError("the service answered 503")]
+    driver = expire(agent, time, 60)
+    refused = fails(agent, "add", host=HOST, user=USER, key=secret)
+    assert isinstance(refused, errors.Busy)
+    assert refused.message.startswith(f"key {key_id_for(secret)} is being deleted on the service")
+    assert isinstance(fails(agent, "get"), errors.NotFound)
+    driver.pass_time(10)
+    assert secret not in account.keys
+    assert agent.pending_deletions == {}
+    assert run(agent, "add", host=HOST, user=USER, key=secret)["key_id"] == key_id_for(secret)
+
+
 def test_forget_deletes_an_ephemeral_key_on_the_service(
     agent: Agent, account: TimedAccount
 ) -> None:

@@ -2017,7 +2017,7 @@ class Agent:
         plan = self._plan(session, avoid=held.digest if held else None)
         account = session.account
 
-        def delete(api_key: str | None) -> str:  # on a worker: one remote call, or two
+        def delete(api_key: str | None) -> tuple[str, bool]:  # on a worker: one or two calls
             target = secret
             if target is None:  # a key id the agent does not hold: find it on the service
                 matches = [
@@ -2035,10 +2035,17 @@ class Agent:
                         f"key id {key_id} matches several keys on the service; give more of it"
                     )
                 target = matches[0]
-            account.delete_key(target, api_key=api_key)
-            return digest_of(target)
+                account.delete_key(target, api_key=api_key)
+                return digest_of(target), False
+            try:
+                account.delete_key(target, api_key=api_key)
+            except NotFound:  # deleted elsewhere (the console, another agent): gone all the same
+                return digest_of(target), True
+            return digest_of(target), False
 
-        digest: str = yield from self._remote(session, plan, delete)
+        digest, gone = yield from self._remote(session, plan, delete)
+        if gone:
+            log.info("key %s was already gone from %s", digest[:KEY_ID_SHOWN], session.host)
         removed = self.held_keys.discard(digest)
         log.info("removed key %s on %s", digest[:KEY_ID_SHOWN], session.host)
         self._leftovers_changed()
@@ -2059,6 +2066,7 @@ class Agent:
             "user": session.user,
             "removed": True,
             "forgotten": 1 if removed else 0,
+            "already_gone": gone,
         }
 
     # --- orphans: keyagent's keys on the service that this agent does not hold ------------

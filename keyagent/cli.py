@@ -1155,7 +1155,12 @@ def cmd_remove(args: argparse.Namespace, client: Client, stdin: TextIO, out: Tex
         result = client.remove(key=read_secret("API key to remove: ", stdin), host=host, user=user)
     else:
         result = client.remove(key_id=target, host=host, user=user)
-    out.write(f"removed key {shown(result.get('key_id'))} on the service and forgot it\n")
+    key_id = shown(result.get("key_id"))
+    if result.get("already_gone") is True:
+        said = f"key {key_id} was already gone from the service"
+    else:
+        said = f"removed key {key_id} on the service"
+    out.write(f"{said}{' and forgot it' if result.get('forgotten') else ''}\n")
     return EXIT_OK
 
 

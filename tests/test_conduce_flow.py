@@ -270,6 +270,31 @@ def test_remove_a_key_the_agent_does_not_hold_by_its_id(
     assert emulator.api_keys(USER) == []
 
 
+def test_remove_of_a_held_key_gone_from_the_service_forgets_it(
+    conduce_agent: AgentProcess, emulator: Emulator
+) -> None:
+    """A held key deleted elsewhere (the console, another agent): remove takes the service's
+    "no such key" as deleted, forgets it and says it was already gone; remove of a key the
+    agent does not hold says nothing of forgetting."""
+    login(conduce_agent, emulator)
+    assert ctl(conduce_agent, emulator, "create").code == 0
+    secret = held_secret(conduce_agent)
+    # Deleted elsewhere: another client of the service, with the key itself.
+    settings = HttpSettings(verify=emulator.ca_path)
+    with ConduceAccount(emulator.host, USER, settings) as elsewhere:
+        elsewhere.delete_key(secret, api_key=secret)
+    assert emulator.api_keys(USER) == []
+    result = ctl(conduce_agent, emulator, "remove", key_id_for(secret))
+    assert result.code == 0, result.err
+    assert (
+        result.out == f"key {key_id_for(secret)} was already gone from the service and forgot it\n"
+    )
+    assert run_ctl(conduce_agent.socket_path, "get").code == 1
+    stranger = emulator.add_key(USER, "old")
+    result = ctl(conduce_agent, emulator, "remove", key_id_for(stranger))
+    assert result.out == f"removed key {key_id_for(stranger)} on the service\n"
+
+
 def test_failed_remote_delete_keeps_the_local_key(
     conduce_agent: AgentProcess, emulator: Emulator
 ) -> None:

@@ -2264,6 +2264,21 @@ class Agent:
         finally:
             self._rotating.discard(digest)
         now, wall = self.clock.monotonic(), self.clock.wall()
+        if self.at_stop is not None and not persisted:
+            # The agent began to stop while the service made the successor: held, it would
+            # outlive the agent with nobody holding it, unnamed by the stop's reply. So the
+            # rotation is not made (as a create then is not): the new key is deleted with the
+            # ephemeral ones, and the old one is left to the stop like any other.
+            self._delete_unheld(held, secret)
+            stopped = Busy(
+                f"the agent began to stop while the service made the key to replace key "
+                f"{old_id}, so the rotation is not made: the new key is deleted on the "
+                f"service, and key {old_id} is kept or deleted as the stop does with it; "
+                "start an agent again, then retry"
+            )
+            self.audit("rotate", peer, outcome=stopped.code, key_id=old_id, host=held.host,
+                       user=held.user)  # fmt: skip
+            raise stopped
         if self.held_keys.holding(digest) is not held or not held.alive(now):
             # Forgotten or expired while the service made its successor: nobody asked for
             # a key of its own, so the new one goes too, and its record.

@@ -384,6 +384,31 @@ def test_a_key_forgotten_while_its_successor_is_made_is_not_replaced(
     assert account.created == 2
 
 
+@pytest.mark.parametrize("lifetime", [None, 3600])
+def test_a_rotation_the_stop_comes_in_the_middle_of_is_not_made(
+    agent: Agent, account: ScriptedAccount, time: FakeTime, lifetime: float | None
+) -> None:
+    """The agent begins to stop while the service makes the successor: the rotation is
+    busy, saying so; the successor is deleted on the service with the stop's deletions,
+    and the old key is left to the stop (a key that stays stays; an ephemeral one goes)."""
+    old = create(agent, keep=True) if lifetime is None else create(agent, lifetime=lifetime)
+    old_secret = account.keys[-1]
+    held_work, ended = rotating(agent, time, old["key_id"])
+    (making,) = held_work.held
+    driver_for(agent)  # the stop's deletions run inline
+    agent.begin_stop()
+    held_work.end(making)
+    ((_result, error),) = ended
+    assert isinstance(error, errors.Busy)
+    assert error.message.startswith("the agent began to stop while the service made the key")
+    assert agent.deletions_at_stop() == 0
+    expected = [ADDED, old_secret] if lifetime is None else [ADDED]
+    assert account.keys == expected
+    assert account.created == 2
+    entries = [(e.op, e.outcome, e.key_id) for e in agent.audit_log.last(None)]
+    assert ("rotate", "busy", old["key_id"]) in entries
+
+
 def test_a_persisted_key_forgotten_while_its_successor_is_saved_is_not_replaced(
     agent: Agent, account: ScriptedAccount, time: FakeTime, backend: MemoryKeyring
 ) -> None:

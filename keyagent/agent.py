@@ -2093,6 +2093,11 @@ class Agent:
             session, self._plan(session), lambda api_key: account.list_keys(api_key=api_key)
         )
         kept = yield from self._kept_in_keyring()
+        if self.lock.locked:  # locked meanwhile: neither list nor delete, as list --remote
+            raise Locked(
+                "the agent was locked while the service listed the keys, so nothing was "
+                "pruned; run keyagent-ctl unlock, then prune again"
+            )
         # Judged on the loop once the list is back: what the agent holds now.
         orphans = {
             digest_of(listed.key): listed

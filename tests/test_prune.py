@@ -280,6 +280,21 @@ def test_a_key_held_again_while_others_are_deleted_is_kept(
     assert account.keys == [UNMARKED, ORPHANS[1]]
 
 
+def test_a_prune_whose_list_comes_back_after_a_lock_prunes_nothing(
+    agent: Agent, account: OrphanAccount
+) -> None:
+    """Locked while the service listed the keys: prune --yes neither lists nor deletes
+    anything, and says to unlock and prune again."""
+    pruning = steps(agent, "prune", **ACCOUNT, delete=True)
+    listing = work(next(pruning))
+    keyring = work(pruning.send(listing.fn()))
+    run(agent, "lock", passphrase="a passphrase")
+    with pytest.raises(errors.Locked) as caught:
+        pruning.send(keyring.fn())
+    assert "prune again" in caught.value.message
+    assert account.keys == [UNMARKED, *ORPHANS]
+
+
 def test_prune_uses_a_held_key_when_there_is_no_session(
     agent: Agent, account: OrphanAccount
 ) -> None:

@@ -292,6 +292,9 @@ class Server:
         self.on_ready: Callable[[], None] | None = None
         self._wakes_on_signals = False
         """Signals write to the wake-up pipe (install_signal_handlers): undone at exit."""
+        self._under_way = 0
+        """Requests being driven (a client's, or an HTTP worker's question): a stopping agent
+        waits for them as for its deletions, up to ``stop_timeout``."""
 
     # --- life cycle ----------------------------------------------------------------------
 
@@ -512,7 +515,13 @@ class Server:
             done(None, Internal())
         else:
             if isinstance(outcome, GeneratorType):
-                self._driver.start(outcome, done)
+                self._under_way += 1
+
+                def ended(value: Any, error: KeyagentError | None) -> None:
+                    self._under_way -= 1
+                    done(value, error)
+
+                self._driver.start(outcome, ended)
             else:
                 done(outcome, None)
 
@@ -865,10 +874,12 @@ class Server:
         like a quick one, and :meth:`_process` goes on with the next line, never re-entered.
         """
         ended = False
+        self._under_way += 1
 
         def answer(result: dict[str, Any] | Stop | None, error: KeyagentError | None) -> None:
             nonlocal ended
             ended = True
+            self._under_way -= 1
             self._answer(conn, request_id, result, error)
 
         self._driver.start(steps, answer)
@@ -1180,7 +1191,11 @@ class Server:
         until = self._deletions_until
         if until is None:
             return True
-        return self.clock() >= until or not self.agent.deletions_at_stop()
+        if self.clock() >= until:
+            return True
+        # Requests under way end first (a remove, a login, a confirmation the stop refused):
+        # each is answered and recorded in the audit log, not cut off unrecorded.
+        return not self.agent.deletions_at_stop() and self._under_way == 0
 
 
 def _peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:

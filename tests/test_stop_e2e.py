@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,39 @@ def test_stop_deletes_more_ephemeral_keys_of_one_account_than_a_queue_takes_requ
     deletions = audited_deletions(agent.log())
     assert len(deletions) == count
     assert all("outcome=ok" in entry for entry in deletions), deletions
+
+
+def test_a_request_under_way_at_stop_is_answered_and_recorded_before_the_exit(
+    agent_factory: AgentFactory, emulator: Emulator
+) -> None:
+    """A remove the service is still carrying out when stop comes: the agent waits for it
+    (as for its deletions, up to stop_timeout), so its client gets its answer and the audit
+    log records it, rather than a closed connection and no trace of a key deleted."""
+    agent = start(agent_factory, emulator)
+    secret = create(agent, emulator)  # no lifetime: not deleted at stop
+    emulator.inject(Fault.delay(1.5), path="apikeys/delete", count=1)
+    outcome: list[CtlResult] = []
+    remover = threading.Thread(
+        target=lambda: outcome.append(run_ctl(agent.socket_path, "remove", key_id_for(secret)))
+    )
+    remover.start()
+    try:
+        wait_until(
+            lambda: any(r.path == "apikeys/delete" for r in emulator.requests),
+            "the delete reaches the service",
+            pause=0.01,
+        )
+        stopped = run_ctl(agent.socket_path, "stop")
+        assert stopped.code == 0, stopped.err
+    finally:
+        remover.join(30)
+    (removed,) = outcome
+    assert removed.code == 0, removed.err
+    assert removed.out == f"removed key {key_id_for(secret)} on the service and forgot it\n"
+    assert exited(agent, 20) == 0
+    assert emulator.api_keys(USER) == []
+    log = agent.log()
+    assert any("op=remove" in line and "outcome=ok" in line for line in log.splitlines()), log
 
 
 def test_sigterm_deletes_ephemeral_keys_before_the_agent_exits(

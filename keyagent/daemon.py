@@ -476,7 +476,8 @@ def run_command(command: list[str], agent: int) -> int:
     Ctrl-C and Ctrl-\\ at the terminal reach CMD's process group: they are CMD's to act on.
     A SIGTERM or SIGHUP sent to this process is passed on to CMD. Once CMD has ended,
     SIGINT, SIGQUIT or SIGTERM cuts the agent's wait short (its second signal); a SIGHUP
-    does not (a hang-up may come twice, from the shell and from the terminal)."""
+    does not (a hang-up may come twice, from the shell and from the terminal). A SIGUSR1
+    is passed on to the agent, which forgets every key."""
     import subprocess
 
     watched = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
@@ -500,6 +501,11 @@ def run_command(command: list[str], agent: int) -> int:
     for number in watched:
         if number not in ignored:
             signal.signal(number, on_signal)
+    if signal.getsignal(signal.SIGUSR1) is not signal.SIG_IGN:
+        # "Forget every key" is the agent's: a screen-lock hook's pkill -USR1 -x keyagent
+        # reaches this process too (same name), which SIGUSR1 would otherwise kill,
+        # leaving CMD without its agent.
+        signal.signal(signal.SIGUSR1, lambda _number, _frame: _signal(agent, signal.SIGUSR1))
     try:
         process = subprocess.Popen(command, close_fds=False)  # the user's own command line
     except OSError as error:

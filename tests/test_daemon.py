@@ -324,6 +324,27 @@ def test_command_mode_runs_the_command_and_stops_with_it(tmp_path: Path) -> None
     assert not sock.exists()
 
 
+def test_command_mode_passes_sigusr1_to_the_agent_and_lives_on(tmp_path: Path) -> None:
+    """SIGUSR1 to keyagent CMD (pkill -USR1 -x keyagent, from a screen-lock hook) makes the
+    agent forget its keys; the wrapper is not killed by it, so CMD keeps its agent and its
+    exit status is returned."""
+    sock = private_dir(tmp_path) / "agent.sock"
+    script = (
+        f"printf 'k-S3CR3T-usr1\\n' | {PY} -m keyagent --host h --user u add >/dev/null "
+        "|| exit 9; kill -USR1 $PPID; "
+        f"for i in $(seq 100); do {PY} -m keyagent get >/dev/null 2>&1 || break; "
+        "sleep 0.1; done; "
+        f"{PY} -m keyagent get >/dev/null 2>&1 && exit 6; "  # forgotten: the agent got it
+        f"{PY} -m keyagent status --json >/dev/null || exit 8; exit 7"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "keyagent.daemon", "-a", str(sock), "sh", "-c", script],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 7, result.stderr
+    assert not sock.exists()
+
+
 def test_socket_paths_with_control_characters_or_too_long_are_refused(tmp_path: Path) -> None:
     """-a with a control character is a usage error (exit 64); a path longer than a Unix
     socket may have says so (bind itself says only 'path too long', or 'Success')."""

@@ -396,8 +396,8 @@ class Server:
         return min(MAX_POLL_WAIT, max(0.0, min(candidates) - now))
 
     def _shutdown(self) -> None:
-        for conn in list(self.connections.values()):
-            self._close(conn)
+        # What is recorded now (deletions that did not end, requests the workers had under
+        # way) reaches the followers of the audit log before their connections close.
         if self._deletions_until is not None and self.agent.end_stop(
             "a signal cut the wait short"
             if self._cut_short
@@ -406,6 +406,8 @@ class Server:
             log.warning("exiting with keys not deleted on the service (see above)")
         if self.proxy_pool is not None:
             self.proxy_pool.close()  # first: it records the workers' last audit entries
+        for conn in list(self.connections.values()):
+            self._close(conn)
         self.agent.audit_log.flush()
         for workers in (self._workers, self._local_workers):
             if workers is not None:

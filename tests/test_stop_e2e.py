@@ -4,6 +4,7 @@ stop_timeout when the service hangs, and says which keys it could not delete."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -173,6 +174,7 @@ def test_a_hanging_service_delays_the_exit_by_stop_timeout_at_most_and_the_log_s
     agent = start(agent_factory, emulator, "--stop-timeout", f"{STOP_TIMEOUT:g}")
     secret = create(agent, emulator, "--lifetime", "1h")
     emulator.inject(Fault.hang(), path="apikeys/delete")
+    follower = agent.client(timeout=5).follow_log(0)  # sent now: sees what comes after
     with agent.client() as open_before:
         assert open_before.get(key_id=key_id_for(secret)) == secret
         began = time.monotonic()
@@ -182,6 +184,12 @@ def test_a_hanging_service_delays_the_exit_by_stop_timeout_at_most_and_the_log_s
         with pytest.raises(errors.AgentUnreachable):
             agent.client(timeout=5).hello()
         assert exited(agent, STOP_TIMEOUT + EXIT_MARGIN) == 0
+    # The follower saw the deletion the stop gave up on, recorded as the agent exited.
+    seen: list[tuple[str, str]] = []
+    with contextlib.suppress(errors.AgentUnreachable):
+        for followed in follower:
+            seen.append((followed["op"], followed["outcome"]))
+    assert ("delete", "timeout") in seen, seen
     took = time.monotonic() - began
     assert STOP_TIMEOUT - 0.5 <= took < STOP_TIMEOUT + EXIT_MARGIN
     assert emulator.api_keys(USER) == [secret]  # the hung delete never reached the store

@@ -73,29 +73,32 @@ class Dialogs:
 
         environment = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
         environment["SSH_ASKPASS_PROMPT"] = "confirm"  # ssh-askpass: yes/no, not a text field
-        with self._guard:
-            if self._closed.is_set():
-                raise Denied(STOPPING)
-            try:
-                process = subprocess.Popen(
-                    [program, question[:MAX_QUESTION]],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    env=environment,
-                    close_fds=True,
-                    start_new_session=True,  # its own process group: ended whole
-                )
-            except OSError as error:
-                log.warning("the askpass program %s could not be run: %s", program, error.strerror)
-                raise Denied(
-                    f"the askpass program {program} could not be run "
-                    f"({os.strerror(error.errno or 0)}); fix it or set another with "
-                    "KEYAGENT_ASKPASS or config askpass, then retry"
-                ) from None
-            self._running.add(process.pid)
+        if self._closed.is_set():
+            raise Denied(STOPPING)
         try:
-            answered = _exited_within(process.pid, timeout)
+            # Started outside the lock: close(), on the event loop, must never wait for an
+            # exec (a program on a hung network mount, say).
+            process = subprocess.Popen(
+                [program, question[:MAX_QUESTION]],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=environment,
+                close_fds=True,
+                start_new_session=True,  # its own process group: ended whole
+            )
+        except OSError as error:
+            log.warning("the askpass program %s could not be run: %s", program, error.strerror)
+            raise Denied(
+                f"the askpass program {program} could not be run "
+                f"({os.strerror(error.errno or 0)}); fix it or set another with "
+                "KEYAGENT_ASKPASS or config askpass, then retry"
+            ) from None
+        with self._guard:
+            self._running.add(process.pid)
+            closing = self._closed.is_set()  # close() ran while it started: it ends now
+        try:
+            answered = not closing and _exited_within(process.pid, timeout)
         finally:
             # Answered or not (or this thread interrupted): the group goes, helpers it left
             # behind included, and only then is the leader reaped.

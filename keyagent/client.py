@@ -21,6 +21,7 @@ from collections.abc import Callable, Generator
 
 from keyagent import paths, wire
 from keyagent.errors import AgentUnreachable, Forbidden, KeyagentError, ProtocolError
+from keyagent.log import one_line
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -44,28 +45,14 @@ _CHUNK = 256 * 1024
 
 
 def shown(value: object) -> str:
-    """``value`` as text safe to put on a terminal: every character of Unicode category C*
-    or Z* other than the space (controls such as ESC, bidi overrides, line separators) is
-    written as a Python escape (``\\x1b``, ``\\u202e``), never raw.
+    """``value`` as text safe to put on a terminal (:func:`keyagent.log.one_line`).
 
     Every human-readable line keyagent-ctl prints goes through here, and the socket paths
     this module names in its errors: a description, a date or a masked key from the Conduce
     service, a message from the agent, or a path from the environment must not be able to
     clear the screen, set the window title or reorder what the user reads.
     """
-    text = str(value)
-    if text.isprintable():  # the common case, in C: nothing to escape
-        return text
-    return "".join(char if char.isprintable() else _escape(char) for char in text)
-
-
-def _escape(char: str) -> str:
-    code = ord(char)
-    if code <= 0xFF:
-        return f"\\x{code:02x}"
-    if code <= 0xFFFF:
-        return f"\\u{code:04x}"
-    return f"\\U{code:08x}"
+    return one_line(str(value))
 
 
 def _checked_timeout(timeout: float | None) -> float | None:

@@ -43,10 +43,10 @@ from keyagent._argparse import (
     path_type,
     worker_count_type,
 )
-from keyagent.client import shown
 from keyagent.config import ConfigError
 from keyagent.config import load as load_config
 from keyagent.handoff import Handoff, Settings
+from keyagent.log import one_line
 from keyagent.rules import path_problem
 from keyagent.sockets import (
     AgentRunning,
@@ -65,9 +65,9 @@ log = logging.getLogger("keyagent")
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 EXIT_CONFIG = 78
+"""EX_CONFIG: the configuration (file, environment, CA bundle) is unusable, as keyagent-ctl."""
 CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 """What requests honours for its trust store, in its order of precedence."""
-"""EX_CONFIG: the configuration (file, environment, CA bundle) is unusable, as keyagent-ctl."""
 
 PR_SET_PDEATHSIG = 1
 LISTEN_BACKLOG = 1024
@@ -352,7 +352,7 @@ def _fail(message: str, err: TextIO | None = None) -> None:
     """Write ``keyagent: MESSAGE`` to stderr (or ``err``), escaped: messages name paths and
     values from the environment and the command line (KEYAGENT_SOCK, KEYAGENT_CONFIG), and a
     control character in one must not reach the terminal raw."""
-    (sys.stderr if err is None else err).write(f"keyagent: {shown(message)}\n")
+    (sys.stderr if err is None else err).write(f"keyagent: {one_line(message)}\n")
 
 
 def kill_agent(syntax: str, out: TextIO, err: TextIO) -> int:
@@ -737,7 +737,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # rules of the CA bundle (keyagent.trust), and checked once, here, before serving.
         problem = askpass_problem(args.askpass)
         if problem is not None:
-            _fail(f"{problem}")
+            _fail(problem)
             return EXIT_CONFIG
         args.askpass = os.path.abspath(args.askpass)  # the daemon changes directory
     # systemd's NOTIFY_SOCKET, taken out of the environment before anything can inherit it;
@@ -746,7 +746,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         inherited = listen_fds_with_names()
     except ListenFdsError as error:
-        _fail(f"{error}")
+        _fail(str(error))
         return EXIT_FAILURE
     http: HttpListener | None = None
     if inherited:
@@ -777,7 +777,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # made there or printed (bind_listener checks again, whatever the source).
         from_environment = default if default is not None else _temporary_directory()
         if not args.socket and (problem := socket_path_problem(from_environment)) is not None:
-            _fail(f"{problem}")
+            _fail(problem)
             return EXIT_FAILURE
         if args.socket:
             path = os.path.abspath(args.socket)

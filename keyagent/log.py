@@ -56,16 +56,28 @@ _sink: _Sink | None = None
 
 
 def one_line(text: str) -> str:
-    """``text`` with every character that is not printable written as its Python escape
-    (``\\n``, ``\\x1b``, ``\\u202e``): a record is one line, and a value in it (a
-    program's path, which any local user can choose) must not start a forged line of the
-    agent's own in the journal, or rewrite a terminal."""
-    if text.isprintable():  # the common case, in C
+    """``text`` with every character of Unicode category C* or Z* other than the space
+    (controls such as a newline or ESC, bidi overrides, line separators) written as a Python
+    escape (``\\x0a``, ``\\x1b``, ``\\u202e``), never raw.
+
+    A log record is one line: a value in it (a program's path, which any local user can
+    choose) must not start a forged line of the agent's own in the journal. Every line
+    keyagent-ctl and keyagent print goes through here too (:func:`keyagent.client.shown`),
+    so that nothing can clear the screen, set the window title or reorder what the user
+    reads.
+    """
+    if text.isprintable():  # the common case, in C: nothing to escape
         return text
-    return "".join(
-        char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
-        for char in text
-    )
+    return "".join(char if char.isprintable() else _escape(char) for char in text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
 
 
 def to_stderr(level: int) -> None:

@@ -103,7 +103,7 @@ def test_a_program_path_with_a_newline_forges_no_line_of_the_agents_log(
     reply = get_as(str(program), agent.socket_path)
     assert reply["error"]["code"] == "denied"
     log = agent.log()
-    assert "evil\\nkeyagent[1]: INFO: audit op=get outcome=ok" in log
+    assert "evil\\x0akeyagent[1]: INFO: audit op=get outcome=ok" in log
     assert not any(line.startswith(forged) for line in log.splitlines())
 
 

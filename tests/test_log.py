@@ -58,10 +58,10 @@ def test_a_record_is_one_line_whatever_its_values_hold(
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 3
     assert lines[0].endswith(
-        "WARNING: denied get to pid 7 (/tmp/x\\nkeyagent[1]: INFO: audit op=get "
+        "WARNING: denied get to pid 7 (/tmp/x\\x0akeyagent[1]: INFO: audit op=get "
         "outcome=ok\\x1b[2J\\u202e)"
     )
-    assert lines[1].endswith("INFO: audit exe=/tmp/x\\nkeyagent[1]: INFO: audit op=get "
+    assert lines[1].endswith("INFO: audit exe=/tmp/x\\x0akeyagent[1]: INFO: audit op=get "
                              "outcome=ok\\x1b[2J\\u202e")  # fmt: skip
     assert lines[2].endswith("INFO: audit plain")
     assert log.one_line("caf\u00e9 \u00e0 l'heure") == "caf\u00e9 \u00e0 l'heure"
